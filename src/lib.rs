@@ -1,0 +1,20 @@
+//! magnetar: a BitTorrent metadata cache.
+//!
+//! Layout, in the order a request's data flows:
+//! - `limits`   every cap, named, with the reason for its value
+//! - `config`   settings of `magnetar serve` (defaults, data dir)
+//! - `wire`     sans-IO codec: handshake, frames, BEP 10 extension handshake, BEP 9 ut_metadata, bencode caps
+//! - `magnet`   magnet link parsing and formatting (btih, btmh, dn, tr, x.pe)
+//! - `metainfo` .torrent / info dict validation and info-hash computation (SHA-1 v1, SHA-256 v2)
+//! - `store`    append-only mmap segments, record format, index, recovery
+//! - `import`   `magnetar import`: .torrent files into the store
+//! - `server`   thread-per-core monoio runtime, listeners, peer sessions, zero-copy block sends
+
+pub mod config;
+pub mod import;
+pub mod limits;
+pub mod magnet;
+pub mod metainfo;
+pub mod server;
+pub mod store;
+pub mod wire;

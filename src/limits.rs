@@ -1,0 +1,79 @@
+//! Every cap magnetar enforces, named with its unit last, with the reason for its value.
+//!
+//! Protocol caps (codec) are constants: they protect the decoder and are not operator
+//! policy. Operator policy (connection counts, timeouts) has a default here and a CLI flag
+//! in `config`.
+
+/// BEP 9 metadata pieces are 16 KiB; only the last may be shorter.
+pub const METADATA_PIECE_BYTES: usize = 16 * 1024;
+
+/// Largest info dict magnetar stores or serves. libtorrent caps received metadata at
+/// 30 MiB, rqbit at 32 MiB, anacrolix at 16 MiB (DESIGN.md point 10); users complain
+/// about 14–24 MB dicts being refused, so we accept up to 64 MiB ourselves and let each
+/// client apply its own cap.
+pub const METADATA_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Number of 16 KiB pieces in the largest metadata: 64 MiB / 16 KiB.
+pub const METADATA_PIECES_MAX: usize = METADATA_BYTES_MAX / METADATA_PIECE_BYTES;
+
+/// Largest frame (length prefix value) we decode. The biggest legitimate frame we ever
+/// receive is a BEP 9 data message: 16 KiB payload + a small bencoded header; a BEP 3
+/// `piece` message carries 16 KiB blocks. A bitfield for a huge torrent can be larger
+/// (1 bit per piece), so allow 128 KiB: a 1M-piece torrent's bitfield. Anything larger is
+/// a hostile or broken peer and the connection is closed.
+pub const FRAME_BYTES_MAX: usize = 128 * 1024;
+
+/// Bencode nesting depth cap. The deepest legitimate structure on the wire is the
+/// extension handshake (`d1:md...ee`: depth 2); info dicts nest `file tree` one level per
+/// directory plus a few, so 64 leaves room for deep directory trees while a bomb of
+/// `llllll…` cannot recurse without bound.
+pub const BENCODE_DEPTH_MAX: usize = 64;
+
+/// Largest BEP 10 extension handshake payload. Real ones are 100–400 bytes; libtorrent
+/// caps its own at 16 KiB.
+pub const EXT_HANDSHAKE_BYTES_MAX: usize = 16 * 1024;
+
+/// Largest ut_metadata message without its data: the bencoded header is ~50 bytes.
+pub const UT_METADATA_HEADER_BYTES_MAX: usize = 256;
+
+/// Largest ut_pex message we look at (BEP 11 caps added peers at 50 per message).
+pub const UT_PEX_BYTES_MAX: usize = 8 * 1024;
+
+/// Requests we answer per connection in one batch (one read's worth). We advertise this
+/// as `reqq`; requests past it in the same batch are rejected (msg_type 2), which is the
+/// flood protection: a peer cannot make one connection hold more than this many blocks
+/// (4 MiB of iovecs into the mmap) in flight.
+pub const REQUESTS_QUEUED_MAX: usize = 250;
+
+/// Default cap on open connections over all cores. Each idle session costs a few KiB
+/// (read buffer + task), so 100k is ~0.5 GiB; operators raise it with `--connections-max`.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 100_000;
+
+/// Default cap on open connections from one IP address. A metadata fetch needs one
+/// connection; NAT gateways carry many users, so allow some, but one host cannot take
+/// the whole table.
+pub const CONNECTIONS_PER_IP_MAX_DEFAULT: usize = 64;
+
+/// Time a peer has to send the 48 bytes that name the info-hash after connecting.
+pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+
+/// A connection that sends nothing for this long is closed. Clients drop us right after
+/// they have the metadata; one that lingers silently holds a slot for nothing.
+pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 120_000;
+
+/// We send a keep-alive after this much silence on our side: well under libtorrent's
+/// 120 s peer timeout (DESIGN.md point 9).
+pub const KEEPALIVE_INTERVAL_MS_DEFAULT: u64 = 30_000;
+
+/// Per-connection read buffer: one full frame of the largest size plus slack, allocated
+/// lazily as frames grow; starts small because most connections only ever carry a
+/// handshake and a few requests.
+pub const READ_BUFFER_BYTES_INITIAL: usize = 4 * 1024;
+
+/// Default size of one segment file. Records never span segments; a record larger than
+/// this gets a segment of its own size. 64 MiB keeps the number of mappings small (16 per
+/// GiB) while eviction (segment-wise) stays fine-grained.
+pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+
+/// iovecs in one writev: the kernel's IOV_MAX is 1024; a block needs two (header, data).
+pub const IOVECS_PER_WRITE_MAX: usize = 1024;
