@@ -1,1 +1,500 @@
-//! (placeholder)
+//! The store: verified info dicts in append-only, memory-mapped segment files, and the index
+//! that finds them by info-hash.
+//!
+//! Layout of a data directory `D`:
+//! - `D/LOCK` — flock'ed by the one process that has the store open (`lock`).
+//! - `D/segments/seg-<shard>-<seq>.mseg` — records, appended at the end only (`segment`,
+//!   `record`). Any segment may hold any info-hash; the shard in the name only says which writer
+//!   created it.
+//!
+//! Write path (`Store::append`): validate and hash the dict (`metainfo`), build header + payload,
+//! `pwrite` it at the end of the shard's active segment, sync per `SyncPolicy`, read the header
+//! back through the mapping, and only then publish it in the index. Read path
+//! (`Store::lookup`): one striped read lock, a clone of a `RecordRef` whose `info()` is a slice
+//! of the mapping — the bytes the server writes to sockets, never copied.
+//!
+//! # Durability
+//! - `SyncPolicy::Always` (the server): every append is fdatasync'ed before the index publishes
+//!   it, so a record a client or an admin was told about survives power loss, and no reader ever
+//!   sees a record that a crash could take back.
+//! - `SyncPolicy::Batch` (import): records are published as soon as they are written; data is
+//!   fdatasync'ed when a writer moves to a new segment, on `Store::sync`, and when the store is
+//!   dropped. A crash loses (part of) the unsynced tail, which recovery then cuts off.
+//! - New segment files fsync their directory before their first record is written; a recovery
+//!   truncation is fdatasync'ed before the store opens. Records larger than `segment_bytes` get
+//!   a segment of their own, synced at once under either policy.
+//!
+//! Recovery at open (`recovery`) re-hashes every record; whatever fails is never served.
+
+mod index;
+mod lock;
+mod record;
+mod recovery;
+mod segment;
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::limits::{METADATA_BYTES_MAX, SEGMENT_BYTES_DEFAULT};
+use crate::metainfo::{v2_handshake_key, validate_info, InfoHashes, MetainfoError};
+
+use index::Index;
+use lock::DirLock;
+pub use record::RecordRef;
+use record::{record_bytes, Header, HEADER_BYTES};
+pub use segment::Segment;
+use segment::SEGMENTS_DIR;
+
+/// Smallest segment we create: a segment must hold at least one small record, and tiny segments
+/// only make sense in tests.
+const SEGMENT_BYTES_MIN: u64 = 4096;
+
+#[derive(thiserror::Error, Debug)]
+pub enum StoreError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}", lock::locked_message(dir, pid))]
+    Locked { dir: PathBuf, pid: Option<u32> },
+    #[error("invalid info dict: {0}")]
+    Invalid(#[from] MetainfoError),
+    #[error("info dict is {len} bytes, more than the {max} byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error(
+        "{} offset {offset}: record format version {version}, this magnetar reads version {}; \
+         refusing to open (upgrade magnetar)",
+        path.display(),
+        record::FORMAT_VERSION
+    )]
+    UnsupportedFormat {
+        path: PathBuf,
+        offset: u64,
+        version: u8,
+    },
+    #[error("{} offset {offset}: record header read back differs from the one written", path.display())]
+    ReadBack { path: PathBuf, offset: u64 },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// When appended records are made durable (see the module doc).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// fdatasync every record before it is published. For the server.
+    #[default]
+    Always,
+    /// fdatasync on segment switch, `Store::sync` and drop. For bulk import.
+    Batch,
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Number of writers (one active segment each). The server uses one per core.
+    pub shards: usize,
+    /// Size a segment may grow to before its writer starts the next one.
+    pub segment_bytes: u64,
+    pub sync: SyncPolicy,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            shards: available_cores(),
+            segment_bytes: SEGMENT_BYTES_DEFAULT,
+            sync: SyncPolicy::Always,
+        }
+    }
+}
+
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AppendOptions {
+    /// Writer to use; `None` means `shard_of(primary key)`, which keeps all appends of one
+    /// info-hash on one writer (so concurrent appends of the same dict write it once).
+    pub shard: Option<usize>,
+}
+
+#[derive(Clone, Debug)]
+pub enum AppendOutcome {
+    Stored(RecordRef),
+    AlreadyPresent(RecordRef),
+}
+
+impl AppendOutcome {
+    pub fn record(&self) -> &RecordRef {
+        match self {
+            AppendOutcome::Stored(r) | AppendOutcome::AlreadyPresent(r) => r,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Distinct records in the index (a hybrid counts once).
+    pub records: u64,
+    /// Sum of their info dict sizes.
+    pub bytes: u64,
+    pub segments: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    /// Verified records now in the index (duplicates not counted).
+    pub records: usize,
+    /// Info dict bytes of those records.
+    pub bytes: u64,
+    pub torn_tails_truncated: usize,
+    pub bytes_truncated: u64,
+    /// Records (or damaged stretches) between good records that failed verification.
+    pub corrupt_records_skipped: usize,
+    pub corrupt_bytes_skipped: u64,
+    /// Verified records whose info-hash was already indexed from an earlier record.
+    pub duplicates: usize,
+    pub elapsed: Duration,
+}
+
+impl fmt::Display for RecoveryReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mb = self.bytes as f64 / 1e6;
+        let secs = self.elapsed.as_secs_f64();
+        write!(
+            f,
+            "{} records ({mb:.1} MB) in {} segments, verified in {:.0} ms ({:.0} MB/s)",
+            self.records,
+            self.segments,
+            secs * 1e3,
+            if secs > 0.0 { mb / secs } else { 0.0 }
+        )?;
+        if self.torn_tails_truncated > 0 {
+            write!(
+                f,
+                "; {} torn tails truncated ({} bytes)",
+                self.torn_tails_truncated, self.bytes_truncated
+            )?;
+        }
+        if self.corrupt_records_skipped > 0 {
+            write!(
+                f,
+                "; {} corrupt records skipped ({} bytes)",
+                self.corrupt_records_skipped, self.corrupt_bytes_skipped
+            )?;
+        }
+        if self.duplicates > 0 {
+            write!(f, "; {} duplicates", self.duplicates)?;
+        }
+        Ok(())
+    }
+}
+
+/// The segment a writer appends to, and where its durable data ends.
+struct Active {
+    segment: Arc<Segment>,
+    end: u64,
+}
+
+struct Writer {
+    shard: usize,
+    next_seq: u64,
+    active: Option<Active>,
+    /// Batch policy: the active segment has unsynced appends.
+    dirty: bool,
+}
+
+pub struct Store {
+    segments_dir: PathBuf,
+    opts: StoreOptions,
+    index: Index,
+    writers: Box<[Mutex<Writer>]>,
+    records: AtomicU64,
+    bytes: AtomicU64,
+    segments: AtomicUsize,
+    _lock: DirLock,
+}
+
+/// The writer shard of an info-hash key: its first 8 bytes mod `shards` (an info-hash is
+/// already uniformly distributed, so no further hashing is needed).
+pub fn shard_of(key: &[u8; 20], shards: usize) -> usize {
+    let word = u64::from_le_bytes(key[..8].try_into().expect("8 bytes"));
+    (word % shards.max(1) as u64) as usize
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Store {
+    /// Open (creating if needed) the store in `dir`: lock it, recover every segment in parallel,
+    /// build the index.
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<(Store, RecoveryReport), StoreError> {
+        let started = Instant::now();
+        let opts = StoreOptions {
+            shards: opts.shards.max(1),
+            segment_bytes: opts.segment_bytes.max(SEGMENT_BYTES_MIN),
+            sync: opts.sync,
+        };
+        std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let lock = lock::lock_dir(dir)?;
+        let segments_dir = dir.join(SEGMENTS_DIR);
+        if !segments_dir.is_dir() {
+            std::fs::create_dir_all(&segments_dir).map_err(io_at(&segments_dir))?;
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_at(dir))?;
+        }
+        let reserved = usize::try_from(opts.segment_bytes).unwrap_or(usize::MAX);
+        let scanned = recovery::scan_all(&segments_dir, reserved, available_cores())?;
+
+        let index = Index::new();
+        let mut report = RecoveryReport {
+            segments: scanned.len(),
+            ..RecoveryReport::default()
+        };
+        let mut writers: Vec<Writer> = (0..opts.shards)
+            .map(|shard| Writer {
+                shard,
+                next_seq: 0,
+                active: None,
+                dirty: false,
+            })
+            .collect();
+        for s in &scanned {
+            if s.bytes_truncated > 0 {
+                report.torn_tails_truncated += 1;
+                report.bytes_truncated += s.bytes_truncated;
+            }
+            report.corrupt_records_skipped += s.corrupt_records;
+            report.corrupt_bytes_skipped += s.corrupt_bytes;
+            for (offset, header) in &s.records {
+                let record = RecordRef::new(s.segment.clone(), *offset, header);
+                if index.publish(&header.hashes(), &record).is_ok() {
+                    report.records += 1;
+                    report.bytes += u64::from(header.info_len);
+                } else {
+                    report.duplicates += 1;
+                }
+            }
+            // Sorted by (shard, seq): the last segment seen for a shard is its newest, where
+            // that shard's writer resumes.
+            if let Some(w) = writers.get_mut(s.segment.shard()) {
+                w.next_seq = s.segment.seq() + 1;
+                w.active = Some(Active {
+                    segment: s.segment.clone(),
+                    end: s.end,
+                });
+            }
+        }
+        report.elapsed = started.elapsed();
+        let store = Store {
+            segments_dir,
+            opts,
+            index,
+            writers: writers.into_iter().map(Mutex::new).collect(),
+            records: AtomicU64::new(report.records as u64),
+            bytes: AtomicU64::new(report.bytes),
+            segments: AtomicUsize::new(report.segments),
+            _lock: lock,
+        };
+        Ok((store, report))
+    }
+
+    /// The record for a 20-byte handshake key (v1 info-hash, or a v2 info-hash's first 20 bytes).
+    pub fn lookup(&self, key: &[u8; 20]) -> Option<RecordRef> {
+        self.index.get(key)
+    }
+
+    /// The record for a full v2 info-hash.
+    pub fn lookup_v2(&self, key: &[u8; 32]) -> Option<RecordRef> {
+        self.index
+            .get(&v2_handshake_key(key))
+            .filter(|r| r.hashes().v2.as_ref() == Some(key))
+    }
+
+    /// The record filed under any of these hashes.
+    pub fn lookup_hashes(&self, hashes: &InfoHashes) -> Option<RecordRef> {
+        self.index.get_any(hashes)
+    }
+
+    /// Validate `info` (computing its hashes ourselves), and store it unless one of its keys is
+    /// already present. The returned record is durable per the sync policy and published.
+    pub fn append(&self, info: &[u8], opts: AppendOptions) -> Result<AppendOutcome, StoreError> {
+        if info.len() > METADATA_BYTES_MAX {
+            return Err(StoreError::TooLarge {
+                len: info.len(),
+                max: METADATA_BYTES_MAX,
+            });
+        }
+        // Hashing is the expensive part; it runs before any lock is taken.
+        let summary = validate_info(info)?;
+        let hashes = summary.hashes;
+        if let Some(existing) = self.index.get_any(&hashes) {
+            return Ok(AppendOutcome::AlreadyPresent(existing));
+        }
+        let key = hashes.primary_key().expect("a validated dict has v1 or v2");
+        let shard = opts
+            .shard
+            .unwrap_or_else(|| shard_of(&key, self.opts.shards))
+            % self.opts.shards;
+
+        let header = Header::for_info(&hashes, summary.private, info.len(), unix_now());
+        let mut buf = Vec::with_capacity(header.record_bytes());
+        buf.extend_from_slice(&header.encode());
+        buf.extend_from_slice(info);
+        buf.resize(header.record_bytes(), 0);
+        debug_assert!(crate::metainfo::verify_info(
+            &buf[HEADER_BYTES..][..info.len()],
+            &hashes
+        ));
+
+        let mut writer = self.writer(shard);
+        // A racing append of the same dict on this writer may have won while we hashed.
+        if let Some(existing) = self.index.get_any(&hashes) {
+            return Ok(AppendOutcome::AlreadyPresent(existing));
+        }
+        let (segment, at) = self.write_record(&mut writer, &buf)?;
+        // Paired assertion: what the mapping now shows is the header we meant to write.
+        let payload_at = at + HEADER_BYTES;
+        if Header::decode(segment.bytes(at, HEADER_BYTES)) != Ok(header) {
+            return Err(StoreError::ReadBack {
+                path: segment.path().to_path_buf(),
+                offset: at as u64,
+            });
+        }
+        let record = RecordRef::new(segment, payload_at, &header);
+        match self.index.publish(&hashes, &record) {
+            Ok(()) => {
+                self.records.fetch_add(1, Ordering::Relaxed);
+                self.bytes.fetch_add(info.len() as u64, Ordering::Relaxed);
+                Ok(AppendOutcome::Stored(record))
+            }
+            // Another writer (caller-chosen shard) published the same dict first; ours stays on
+            // disk as a duplicate that recovery will count and skip.
+            Err(existing) => Ok(AppendOutcome::AlreadyPresent(existing)),
+        }
+    }
+
+    fn writer(&self, shard: usize) -> MutexGuard<'_, Writer> {
+        // A panic mid-append leaves `end` at the last completed record; the next append
+        // overwrites whatever was partially written, so the state is still usable.
+        self.writers[shard]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Write one encoded record for `w`'s shard; returns its segment and header offset.
+    fn write_record(
+        &self,
+        w: &mut Writer,
+        buf: &[u8],
+    ) -> Result<(Arc<Segment>, usize), StoreError> {
+        let need = buf.len() as u64;
+        debug_assert_eq!(buf.len(), record_bytes(buf.len() - HEADER_BYTES));
+        if need > self.opts.segment_bytes {
+            // A segment of its own, synced now: it never becomes anyone's active segment.
+            let segment = self.new_segment(w, buf.len())?;
+            segment
+                .write_all_at(buf, 0)
+                .map_err(io_at(segment.path()))?;
+            segment.sync_data().map_err(io_at(segment.path()))?;
+            return Ok((segment, 0));
+        }
+        let has_room = w
+            .active
+            .as_ref()
+            .is_some_and(|a| a.end + need <= a.segment.reserved_bytes() as u64);
+        if !has_room {
+            if let Some(old) = &w.active {
+                if w.dirty {
+                    old.segment.sync_data().map_err(io_at(old.segment.path()))?;
+                    w.dirty = false;
+                }
+            }
+            let reserved = usize::try_from(self.opts.segment_bytes).unwrap_or(usize::MAX);
+            let segment = self.new_segment(w, reserved)?;
+            w.active = Some(Active { segment, end: 0 });
+        }
+        let active = w.active.as_mut().expect("rolled above");
+        let at = active.end;
+        if let Err(e) = active.segment.write_all_at(buf, at) {
+            // Do not leave a partial record for the next append to sit behind.
+            let _ = active.segment.set_len(at);
+            return Err(io_at(active.segment.path())(e));
+        }
+        match self.opts.sync {
+            SyncPolicy::Always => {
+                if let Err(e) = active.segment.sync_data() {
+                    // The bytes may or may not be durable; do not publish them, and cut them so
+                    // the next append does not land behind an unacknowledged record.
+                    let _ = active.segment.set_len(at);
+                    return Err(io_at(active.segment.path())(e));
+                }
+            }
+            SyncPolicy::Batch => w.dirty = true,
+        }
+        active.end = at + need;
+        Ok((active.segment.clone(), at as usize))
+    }
+
+    fn new_segment(&self, w: &mut Writer, reserved: usize) -> Result<Arc<Segment>, StoreError> {
+        let seq = w.next_seq;
+        let segment = Segment::create(&self.segments_dir, w.shard, seq, reserved)
+            .map_err(io_at(&self.segments_dir))?;
+        w.next_seq += 1;
+        self.segments.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(segment))
+    }
+
+    /// Make every appended record durable (a no-op under `SyncPolicy::Always`).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        for shard in 0..self.writers.len() {
+            let mut w = self.writer(shard);
+            if w.dirty {
+                if let Some(a) = &w.active {
+                    a.segment.sync_data().map_err(io_at(a.segment.path()))?;
+                }
+                w.dirty = false;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            records: self.records.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            segments: self.segments.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.opts
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Err(e) = self.sync() {
+            tracing::warn!("store sync at close failed: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

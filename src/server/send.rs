@@ -1,0 +1,148 @@
+//! Zero-copy replies: one vectored write per batch of pipelined requests.
+//!
+//! A batch is a list of parts in wire order. Small bytes we encode (handshake, extension
+//! handshake, the 4-byte length + bencoded header of each ut_metadata data message,
+//! rejects, keep-alives) go into one per-connection `head` buffer; the 16 KiB metadata
+//! blocks are never copied: their iovecs point straight into the store's read-only mmap.
+//! The batch holds a `RecordRef`, which keeps the segment mapping alive until the kernel
+//! has taken the bytes.
+
+use std::ops::Range;
+
+use monoio::buf::IoVecBuf;
+
+use crate::limits;
+use crate::store::RecordRef;
+
+enum Part {
+    /// A range of `head`.
+    Head(Range<usize>),
+    /// A range of the record's info dict, in the mmap.
+    Payload(Range<usize>),
+}
+
+/// Reused across batches of one connection, so steady-state serving allocates nothing.
+pub struct OutBatch {
+    head: Vec<u8>,
+    /// Start of the `head` bytes not yet covered by a `Part::Head`.
+    head_mark: usize,
+    parts: Vec<Part>,
+    iov: Vec<libc::iovec>,
+    record: Option<RecordRef>,
+    blocks: usize,
+    payload_bytes: usize,
+}
+
+impl Default for OutBatch {
+    fn default() -> Self {
+        OutBatch::new()
+    }
+}
+
+impl OutBatch {
+    pub fn new() -> OutBatch {
+        OutBatch {
+            head: Vec::with_capacity(512),
+            head_mark: 0,
+            parts: Vec::new(),
+            iov: Vec::new(),
+            record: None,
+            blocks: 0,
+            payload_bytes: 0,
+        }
+    }
+
+    /// The buffer for small encoded messages; whatever is appended is sent in order with
+    /// the payloads pushed around it.
+    pub fn head(&mut self) -> &mut Vec<u8> {
+        &mut self.head
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.head.len() == self.head_mark && self.parts.is_empty()
+    }
+
+    /// Data blocks in this batch.
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    pub fn payload_bytes(&self) -> usize {
+        self.payload_bytes
+    }
+
+    fn close_head(&mut self) {
+        if self.head.len() > self.head_mark {
+            self.parts.push(Part::Head(self.head_mark..self.head.len()));
+            self.head_mark = self.head.len();
+        }
+    }
+
+    /// Queue `record.info()[range]` to follow the head bytes written so far. No byte of
+    /// the payload is touched here.
+    pub fn push_payload(&mut self, record: &RecordRef, range: Range<usize>) {
+        debug_assert!(range.end <= record.info().len());
+        self.close_head();
+        match &self.record {
+            Some(r) => debug_assert!(std::ptr::eq(r.info().as_ptr(), record.info().as_ptr())),
+            None => self.record = Some(record.clone()),
+        }
+        self.blocks += 1;
+        self.payload_bytes += range.len();
+        self.parts.push(Part::Payload(range));
+    }
+
+    /// Builds the iovec array; after this the batch is handed to the kernel as is.
+    pub fn seal(&mut self) {
+        self.close_head();
+        self.iov.clear();
+        let info = self.record.as_ref().map(|r| r.info());
+        for part in &self.parts {
+            let bytes: &[u8] = match part {
+                Part::Head(r) => &self.head[r.clone()],
+                Part::Payload(r) => &info.expect("payload part implies a record")[r.clone()],
+            };
+            self.iov.push(libc::iovec {
+                iov_base: bytes.as_ptr() as *mut libc::c_void,
+                iov_len: bytes.len(),
+            });
+        }
+        assert!(
+            self.iov.len() <= limits::IOVECS_PER_WRITE_MAX,
+            "batch exceeds IOV_MAX"
+        );
+    }
+
+    /// Total bytes the sealed batch sends.
+    pub fn len(&self) -> usize {
+        self.iov.iter().map(|v| v.iov_len).sum()
+    }
+
+    /// The sealed iovecs (tests check where they point).
+    pub fn iovecs(&self) -> &[libc::iovec] {
+        &self.iov
+    }
+
+    /// Empties the batch, keeping its allocations.
+    pub fn clear(&mut self) {
+        self.head.clear();
+        self.head_mark = 0;
+        self.parts.clear();
+        self.iov.clear();
+        self.record = None;
+        self.blocks = 0;
+        self.payload_bytes = 0;
+    }
+}
+
+// SAFETY: `seal` builds `iov` from `head` (a Vec we do not touch while the runtime owns
+// the batch) and from the record's mmap (kept mapped by the `RecordRef` we hold). Neither
+// moves while the batch is owned by the write operation.
+unsafe impl IoVecBuf for OutBatch {
+    fn read_iovec_ptr(&self) -> *const libc::iovec {
+        self.iov.as_ptr()
+    }
+    fn read_iovec_len(&self) -> usize {
+        self.iov.len()
+    }
+}

@@ -1,0 +1,96 @@
+//! Per-core counters. Each worker owns one `CoreStats` and is its only writer, so an
+//! increment is a plain load + store (no locked instruction, no shared cache line on the
+//! hot path); readers (logs now, the admin plane later) sum all cores at scrape time.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A counter with exactly one writing thread.
+#[derive(Default, Debug)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        // Single writer: no read-modify-write race is possible, so skip `fetch_add`.
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1)
+    }
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+macro_rules! core_stats {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// One worker's counters; padded so two cores never share a cache line.
+        #[derive(Default, Debug)]
+        #[repr(align(128))]
+        pub struct CoreStats { $($(#[$doc])* pub $name: Counter,)* }
+
+        /// A plain-number sum over cores.
+        #[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+        pub struct StatsSnapshot { $(pub $name: u64,)* }
+
+        impl StatsSnapshot {
+            pub fn sum<'a>(cores: impl IntoIterator<Item = &'a CoreStats>) -> StatsSnapshot {
+                let mut s = StatsSnapshot::default();
+                for c in cores { $(s.$name += c.$name.get();)* }
+                s
+            }
+            /// `name value` pairs in declaration order, for logs and metrics.
+            pub fn fields(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name),)*]
+            }
+        }
+    };
+}
+
+core_stats! {
+    /// TCP connections accepted and admitted.
+    connections_accepted,
+    /// Connections closed because `connections_max` was reached.
+    connections_refused_global,
+    /// Connections closed because one IP had `connections_per_ip_max` open.
+    connections_refused_per_ip,
+    /// accept(2) failures (EMFILE, ENOBUFS, ...), each followed by a back-off.
+    accept_errors,
+    /// Connections whose session has ended, for any reason.
+    connections_closed,
+    /// Valid BitTorrent handshakes received.
+    handshakes,
+    /// Bytes that were not a BitTorrent handshake.
+    handshakes_invalid,
+    /// Handshakes for an info-hash in the store.
+    hits,
+    /// Handshakes for an unknown info-hash (closed until the miss path exists).
+    misses,
+    /// Peers without the BEP 10 bit: they cannot ask for metadata, so we close.
+    peers_without_extensions,
+    /// ut_metadata data messages sent.
+    blocks_served,
+    /// Metadata payload bytes sent (from the mmap).
+    bytes_served,
+    /// Reject messages for pieces out of range.
+    rejects_out_of_range,
+    /// Reject messages for requests past `requests_queued_max` in one batch.
+    rejects_flood,
+    /// ut_metadata requests that arrived before the peer told us its id.
+    requests_without_peer_id,
+    /// Frames or extension messages that broke the protocol (connection closed).
+    protocol_errors,
+    /// Sessions closed by the handshake timeout.
+    timeouts_handshake,
+    /// Sessions closed by the idle timeout.
+    timeouts_idle,
+    /// Keep-alives we sent.
+    keepalives_sent,
+    /// writev calls that sent blocks (one per pipelined batch).
+    block_writes,
+}

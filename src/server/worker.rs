@@ -1,0 +1,175 @@
+//! One worker thread: builds its monoio runtime (io_uring, or epoll where io_uring is
+//! missing or `--driver epoll`), then accepts on its listeners and runs a task per
+//! session. Nothing here is shared with other workers except the store (read-only mmap
+//! plus an index read lock per handshake) and the connection limiter.
+
+use std::rc::Rc;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
+
+use monoio::net::TcpListener;
+use monoio::{FusionDriver, IoUringDriver, LegacyDriver, RuntimeBuilder};
+
+use crate::config::{DriverChoice, ServeConfig};
+use crate::server::limiter::{ConnectionLimiter, Refusal};
+use crate::server::session::{self, WorkerCtx};
+use crate::server::stats::CoreStats;
+use crate::store::Store;
+
+pub struct WorkerSpec {
+    pub index: usize,
+    pub cfg: Arc<ServeConfig>,
+    pub store: Arc<Store>,
+    pub stats: Arc<CoreStats>,
+    pub limiter: Arc<ConnectionLimiter>,
+    pub listeners: Vec<std::net::TcpListener>,
+}
+
+type Runtime = monoio::FusionRuntime<
+    monoio::time::TimeDriver<IoUringDriver>,
+    monoio::time::TimeDriver<LegacyDriver>,
+>;
+
+/// io_uring queue depth: room for every in-flight accept, read, write and timer of a
+/// busy core without the submission queue filling between polls.
+const URING_ENTRIES: u32 = 4096;
+
+fn build_runtime(choice: DriverChoice) -> anyhow::Result<(Runtime, &'static str)> {
+    let rt: Runtime = match choice {
+        DriverChoice::Auto => RuntimeBuilder::<FusionDriver>::new()
+            .with_entries(URING_ENTRIES)
+            .enable_timer()
+            .build()?,
+        DriverChoice::IoUring => RuntimeBuilder::<IoUringDriver>::new()
+            .with_entries(URING_ENTRIES)
+            .enable_timer()
+            .build()?
+            .into(),
+        DriverChoice::Epoll => RuntimeBuilder::<LegacyDriver>::new()
+            .enable_timer()
+            .build()?
+            .into(),
+    };
+    let name = match rt {
+        monoio::FusionRuntime::Uring(_) => "io_uring",
+        monoio::FusionRuntime::Legacy(_) => "epoll",
+    };
+    Ok((rt, name))
+}
+
+fn pin_to_cpu(index: usize) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(index % cpus, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::warn!(
+                worker = index,
+                "could not pin to a CPU: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
+    if spec.cfg.pin_cores {
+        pin_to_cpu(spec.index);
+    }
+    let (mut rt, driver) = match build_runtime(spec.cfg.driver) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = ready.send(Err(
+                e.context(format!("worker {}: building the runtime", spec.index))
+            ));
+            return;
+        }
+    };
+    tracing::debug!(worker = spec.index, driver, "worker started");
+    let WorkerSpec {
+        index,
+        cfg,
+        store,
+        stats,
+        limiter,
+        listeners,
+    } = spec;
+    rt.block_on(async move {
+        let mut monoio_listeners = Vec::new();
+        for l in listeners {
+            match TcpListener::from_std(l) {
+                Ok(l) => monoio_listeners.push(l),
+                Err(e) => {
+                    let _ = ready.send(Err(anyhow::anyhow!("worker {index}: listener: {e}")));
+                    return;
+                }
+            }
+        }
+        let mut peer_id = *b"-MG0100-000000000000";
+        // Distinct peer ids per worker and process; clients only compare them for equality.
+        let salt = (std::process::id() as u64) << 8 | index as u64;
+        for (i, b) in peer_id[8..].iter_mut().enumerate() {
+            *b = b'0' + ((salt >> (i * 3)) % 10) as u8;
+        }
+        let ctx = Rc::new(WorkerCtx {
+            store,
+            cfg,
+            stats,
+            peer_id,
+        });
+        let mut accepts = Vec::new();
+        for listener in monoio_listeners {
+            accepts.push(monoio::spawn(accept_loop(
+                listener,
+                ctx.clone(),
+                limiter.clone(),
+            )));
+        }
+        let _ = ready.send(Ok(driver));
+        for a in accepts {
+            a.await;
+        }
+    });
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Rc<WorkerCtx>, limiter: Arc<ConnectionLimiter>) {
+    // Back off when accept fails (EMFILE, ENFILE, ENOBUFS): retrying at once would spin the
+    // core while nothing frees up; doubling up to 1 s recovers quickly once fds free.
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => {
+                backoff = Duration::from_millis(5);
+                s
+            }
+            Err(e) => {
+                ctx.stats.accept_errors.inc();
+                tracing::warn!("accept failed: {e}; retrying in {backoff:?}");
+                monoio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let permit = match limiter.try_admit(peer.ip()) {
+            Ok(p) => p,
+            Err(Refusal::Global) => {
+                ctx.stats.connections_refused_global.inc();
+                continue;
+            }
+            Err(Refusal::PerIp) => {
+                ctx.stats.connections_refused_per_ip.inc();
+                continue;
+            }
+        };
+        ctx.stats.connections_accepted.inc();
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        monoio::spawn(async move {
+            let _end = session::run(stream, peer, ctx.clone()).await;
+            ctx.stats.connections_closed.inc();
+            drop(permit);
+        });
+    }
+}

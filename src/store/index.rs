@@ -1,0 +1,88 @@
+//! In-memory index: 20-byte handshake key -> record.
+//!
+//! Keys are the v1 SHA-1 and/or the first 20 bytes of the v2 SHA-256 (what a peer sends in its
+//! handshake); a hybrid record sits under both. Full v2 lookups go through the prefix and compare
+//! the whole hash in the record header. The map is split into `INDEX_SHARDS` locks by key, so a
+//! writer publishing one record blocks only the readers of its one or two shards.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use crate::metainfo::InfoHashes;
+
+use super::record::RecordRef;
+
+/// Lock stripes. More than any core count we run on, so two readers rarely share a stripe with a
+/// writer; few enough that the empty maps cost nothing.
+const INDEX_SHARDS: usize = 64;
+
+type Stripe = RwLock<HashMap<[u8; 20], RecordRef>>;
+
+pub(crate) struct Index {
+    shards: Box<[Stripe]>,
+}
+
+/// The stripe of a key. Uses bytes 8..16, not the 0..8 that `Store::shard_of` uses, so the
+/// stripes a writer shard touches are spread over all of them.
+fn stripe_of(key: &[u8; 20]) -> usize {
+    let word = u64::from_le_bytes(key[8..16].try_into().expect("8 bytes"));
+    (word % INDEX_SHARDS as u64) as usize
+}
+
+impl Index {
+    pub fn new() -> Self {
+        Index {
+            shards: (0..INDEX_SHARDS)
+                .map(|_| RwLock::new(HashMap::new()))
+                .collect(),
+        }
+    }
+
+    pub fn get(&self, key: &[u8; 20]) -> Option<RecordRef> {
+        let shard = self.shards[stripe_of(key)]
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        shard.get(key).cloned()
+    }
+
+    /// The record already filed under any of these hashes' keys.
+    pub fn get_any(&self, hashes: &InfoHashes) -> Option<RecordRef> {
+        hashes.handshake_keys().find_map(|k| self.get(&k))
+    }
+
+    /// File `record` under all its keys, unless one of them is taken: then nothing is filed and
+    /// the holder is returned (first wins). All affected stripes are locked together, in stripe
+    /// order, so a hybrid record is never visible under one key only.
+    pub fn publish(&self, hashes: &InfoHashes, record: &RecordRef) -> Result<(), RecordRef> {
+        let mut keys: Vec<[u8; 20]> = hashes.handshake_keys().collect();
+        debug_assert!(!keys.is_empty());
+        keys.sort_by_key(stripe_of);
+        let mut stripes: Vec<usize> = keys.iter().map(stripe_of).collect();
+        stripes.dedup();
+        let mut guards: Vec<_> = stripes
+            .iter()
+            .map(|&s| {
+                (
+                    s,
+                    self.shards[s]
+                        .write()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                )
+            })
+            .collect();
+        let guard_of = |guards: &[(usize, _)], s: usize| {
+            guards.iter().position(|(g, _)| *g == s).expect("locked")
+        };
+        for key in &keys {
+            let i = guard_of(&guards, stripe_of(key));
+            if let Some(existing) = guards[i].1.get(key) {
+                return Err(existing.clone());
+            }
+        }
+        for key in &keys {
+            let i = guard_of(&guards, stripe_of(key));
+            guards[i].1.insert(*key, record.clone());
+        }
+        Ok(())
+    }
+}

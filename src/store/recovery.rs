@@ -1,0 +1,205 @@
+//! Start-up recovery: scan every segment, re-verify every record, cut torn tails.
+//!
+//! Segments are scanned in parallel (one thread per core, each taking whole segments from a
+//! shared counter, so one huge segment does not hold up the rest), and merged into the index in
+//! (shard, seq) order so "first wins" for duplicates is deterministic.
+//!
+//! Per segment, walking records from offset 0:
+//! - valid header, payload hashes to the header's info-hashes, zero padding: keep it;
+//! - valid header, payload fails: skip that one record (the header CRC vouches for its length);
+//! - invalid header: probe every 8 bytes for the next valid header and resume there;
+//! - whatever follows the last good record (a torn append: partial header, partial payload, a
+//!   payload never written, garbage) is truncated away, so the next append starts clean.
+//!
+//! Bad stretches between good records are left on disk (rewriting a segment to drop them is
+//! eviction's job) and are counted again at every start.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::metainfo::verify_info;
+
+use super::record::{Header, HeaderError, HEADER_BYTES, MAGIC, RECORD_ALIGN};
+use super::segment::{parse_segment_file_name, Segment};
+use super::StoreError;
+
+pub(crate) struct ScannedSegment {
+    pub segment: Arc<Segment>,
+    /// (payload offset, header) of every verified record, in file order.
+    pub records: Vec<(usize, Header)>,
+    /// End of the last good record: the file length after recovery.
+    pub end: u64,
+    pub bytes_truncated: u64,
+    pub corrupt_records: usize,
+    pub corrupt_bytes: u64,
+}
+
+/// The segment files in `dir`, sorted by (shard, seq).
+fn list_segments(dir: &Path) -> Result<Vec<(usize, u64, PathBuf)>, StoreError> {
+    let io_err = |source| StoreError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err)? {
+        let entry = entry.map_err(io_err)?;
+        let name = entry.file_name();
+        match name.to_str().and_then(parse_segment_file_name) {
+            Some((shard, seq)) => found.push((shard, seq, entry.path())),
+            None => tracing::warn!(file = %entry.path().display(), "not a segment file; ignored"),
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Open and scan every segment in `dir` on up to `threads` threads. `reserved` is the mapping
+/// size for segments that may still grow.
+pub(crate) fn scan_all(
+    dir: &Path,
+    reserved: usize,
+    threads: usize,
+) -> Result<Vec<ScannedSegment>, StoreError> {
+    let files = list_segments(dir)?;
+    let threads = threads.clamp(1, files.len().max(1));
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, Result<ScannedSegment, StoreError>)>> =
+        Mutex::new(Vec::with_capacity(files.len()));
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((shard, seq, path)) = files.get(i) else {
+                    break;
+                };
+                let scanned = scan_file(path.clone(), *shard, *seq, reserved);
+                results
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((i, scanned));
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+fn scan_file(
+    path: PathBuf,
+    shard: usize,
+    seq: u64,
+    reserved: usize,
+) -> Result<ScannedSegment, StoreError> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    let (segment, file_len) =
+        Segment::open(path.clone(), shard, seq, reserved).map_err(io_err(&path))?;
+    segment.advise_sequential_read(file_len as usize);
+    let mut scanned = scan_segment(Arc::new(segment), file_len)?;
+    scanned.segment.advise_random_access();
+    if scanned.bytes_truncated > 0 {
+        let seg = &scanned.segment;
+        tracing::warn!(
+            file = %path.display(),
+            offset = scanned.end,
+            bytes_dropped = scanned.bytes_truncated,
+            "torn or unverifiable tail truncated"
+        );
+        seg.set_len(scanned.end).map_err(io_err(&path))?;
+        seg.sync_data().map_err(io_err(&path))?;
+    }
+    scanned.records.shrink_to_fit();
+    Ok(scanned)
+}
+
+/// Walk one segment of `file_len` bytes. Does not modify the file: the caller truncates to
+/// `end` when `bytes_truncated > 0`.
+pub(crate) fn scan_segment(
+    segment: Arc<Segment>,
+    file_len: u64,
+) -> Result<ScannedSegment, StoreError> {
+    let len = usize::try_from(file_len).expect("segment length was mapped, so it fits");
+    assert!(len <= segment.reserved_bytes());
+    let mut records = Vec::new();
+    let (mut pos, mut good_end) = (0usize, 0usize);
+    let (mut corrupt_records, mut corrupt_bytes) = (0usize, 0u64);
+    // Bad records since the last good one: corrupt if a good one follows, torn tail otherwise.
+    let (mut pending_records, mut pending_bytes) = (0usize, 0u64);
+    while len - pos >= HEADER_BYTES {
+        match Header::decode(segment.bytes(pos, HEADER_BYTES)) {
+            Ok(header) => {
+                let end = pos + header.record_bytes();
+                if end > len {
+                    break; // payload cut short: a torn append
+                }
+                let payload_at = pos + HEADER_BYTES;
+                let info_len = header.info_len as usize;
+                let payload = segment.bytes(payload_at, info_len);
+                let padding = segment.bytes(payload_at + info_len, end - payload_at - info_len);
+                if padding.iter().all(|&b| b == 0) && verify_info(payload, &header.hashes()) {
+                    records.push((payload_at, header));
+                    corrupt_records += pending_records;
+                    corrupt_bytes += pending_bytes;
+                    (pending_records, pending_bytes) = (0, 0);
+                    good_end = end;
+                } else {
+                    tracing::warn!(
+                        file = %segment.path().display(),
+                        offset = pos,
+                        "record payload does not match its info-hash; skipped"
+                    );
+                    pending_records += 1;
+                    pending_bytes += (end - pos) as u64;
+                }
+                pos = end;
+            }
+            Err(HeaderError::Version(v)) => {
+                return Err(StoreError::UnsupportedFormat {
+                    path: segment.path().to_path_buf(),
+                    offset: pos as u64,
+                    version: v,
+                });
+            }
+            Err(_) => match find_next_header(&segment, pos + RECORD_ALIGN, len) {
+                Some(next) => {
+                    tracing::warn!(
+                        file = %segment.path().display(),
+                        offset = pos,
+                        bytes_skipped = next - pos,
+                        "damaged record header; resynchronised at the next valid header"
+                    );
+                    pending_records += 1;
+                    pending_bytes += (next - pos) as u64;
+                    pos = next;
+                }
+                None => break,
+            },
+        }
+    }
+    Ok(ScannedSegment {
+        segment,
+        records,
+        end: good_end as u64,
+        bytes_truncated: (len - good_end) as u64,
+        corrupt_records,
+        corrupt_bytes,
+    })
+}
+
+/// First offset >= `from` (8-aligned) holding a valid header, if any.
+fn find_next_header(segment: &Segment, from: usize, len: usize) -> Option<usize> {
+    debug_assert_eq!(from % RECORD_ALIGN, 0);
+    let mut p = from;
+    while len.saturating_sub(p) >= HEADER_BYTES {
+        let bytes = segment.bytes(p, HEADER_BYTES);
+        if bytes[..4] == MAGIC && Header::decode(bytes).is_ok() {
+            return Some(p);
+        }
+        p += RECORD_ALIGN;
+    }
+    None
+}

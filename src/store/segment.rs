@@ -1,0 +1,190 @@
+//! One segment file and its mapping.
+//!
+//! A segment is `segments/seg-<shard:03>-<seq:08>.mseg`, written only by appends at its end.
+//! It is mapped once, read-only and shared, at its reserved size (the size it may grow to),
+//! not its current length: Linux allows a mapping to extend past EOF, and those pages become
+//! readable as the file grows (LMDB relies on the same). So the mapping never moves, and a slice
+//! handed out for a published record stays valid for as long as the `Segment` lives. We never
+//! touch mapped bytes past the durable, published end (that would be SIGBUS).
+//!
+//! What the kernel cannot protect against: another process truncating or rewriting the file
+//! under us. The `LOCK` file keeps other magnetar processes out; nothing keeps `truncate(1)` out.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+pub(crate) const SEGMENTS_DIR: &str = "segments";
+
+pub(crate) fn segment_file_name(shard: usize, seq: u64) -> String {
+    format!("seg-{shard:03}-{seq:08}.mseg")
+}
+
+/// `(shard, seq)` of a segment file name; `None` for anything else in the directory.
+pub(crate) fn parse_segment_file_name(name: &str) -> Option<(usize, u64)> {
+    let rest = name.strip_prefix("seg-")?.strip_suffix(".mseg")?;
+    let (shard, seq) = rest.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+    if !digits(shard) || !digits(seq) {
+        return None;
+    }
+    Some((shard.parse().ok()?, seq.parse().ok()?))
+}
+
+pub struct Segment {
+    path: PathBuf,
+    shard: usize,
+    seq: u64,
+    file: File,
+    map: MmapRaw,
+}
+
+impl Segment {
+    /// Create a new, empty segment file (fails if it exists) and fsync its directory so the
+    /// file itself survives a crash.
+    pub(crate) fn create(dir: &Path, shard: usize, seq: u64, reserved: usize) -> io::Result<Self> {
+        let path = dir.join(segment_file_name(shard, seq));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        File::open(dir)?.sync_all()?;
+        Self::map(path, shard, seq, file, reserved)
+    }
+
+    /// Open an existing segment for recovery and further appends. Returns it with its current
+    /// file length; the mapping reserves at least `reserved` and at least the file length.
+    pub(crate) fn open(
+        path: PathBuf,
+        shard: usize,
+        seq: u64,
+        reserved: usize,
+    ) -> io::Result<(Self, u64)> {
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        let len = file.metadata()?.len();
+        let len_usize = usize::try_from(len).map_err(|_| io::Error::other("segment too large"))?;
+        let seg = Self::map(path, shard, seq, file, reserved.max(len_usize))?;
+        Ok((seg, len))
+    }
+
+    fn map(path: PathBuf, shard: usize, seq: u64, file: File, reserved: usize) -> io::Result<Self> {
+        // A zero-length mapping is an error; a segment always reserves room for something.
+        let reserved = reserved.max(1);
+        let map = MmapOptions::new().len(reserved).map_raw_read_only(&file)?;
+        Ok(Segment {
+            path,
+            shard,
+            seq,
+            file,
+            map,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Bytes of address space reserved for this segment: the most it may ever hold.
+    pub fn reserved_bytes(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Address range of the mapping (base..base+reserved), e.g. for a test to prove that the
+    /// bytes a connection sends come from here and were not copied.
+    pub fn mapping_range(&self) -> Range<usize> {
+        let base = self.map.as_ptr() as usize;
+        base..base + self.map.len()
+    }
+
+    /// `len` bytes at `offset` of the mapping. Callers only ask for bytes below the durable,
+    /// published end (recovery: below the file length it saw).
+    pub(crate) fn bytes(&self, offset: usize, len: usize) -> &[u8] {
+        let end = offset.checked_add(len).expect("offset + len overflows");
+        assert!(end <= self.map.len(), "read past the segment reservation");
+        // SAFETY: the range lies inside our mapping, which lives as long as `self`. Bytes below
+        // the published end are never written again (append-only), so no `&mut` aliasing
+        // exists; they are backed by the file, which is at least that long.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(offset), len) }
+    }
+
+    /// Hint that `[0, len)` is about to be read front to back (recovery): the kernel reads
+    /// ahead and maps in large batches instead of faulting page by page.
+    pub(crate) fn advise_sequential_read(&self, len: usize) {
+        let len = len.min(self.map.len());
+        if len > 0 {
+            // Only a hint: failure changes speed, not results.
+            let _ = self.map.advise_range(memmap2::Advice::Sequential, 0, len);
+            let _ = self.map.advise_range(memmap2::Advice::WillNeed, 0, len);
+        }
+    }
+
+    /// Back to the default access pattern after recovery: serving reads are random, and
+    /// `Sequential` would let the kernel drop pages right behind a read.
+    pub(crate) fn advise_random_access(&self) {
+        let _ = self.map.advise(memmap2::Advice::Normal);
+    }
+
+    pub(crate) fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    pub(crate) fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    /// fdatasync: the data and the file length, not the timestamps.
+    pub(crate) fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        assert_eq!(segment_file_name(3, 42), "seg-003-00000042.mseg");
+        assert_eq!(
+            parse_segment_file_name("seg-003-00000042.mseg"),
+            Some((3, 42))
+        );
+        assert_eq!(
+            parse_segment_file_name("seg-1234-123456789.mseg"),
+            Some((1234, 123456789))
+        );
+        for bad in [
+            "seg-003-x.mseg",
+            "seg--1.mseg",
+            "seg-1-2.tmp",
+            "LOCK",
+            "seg-+1-2.mseg",
+        ] {
+            assert_eq!(parse_segment_file_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn mapping_past_eof_sees_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = Segment::create(dir.path(), 0, 0, 1 << 20).unwrap();
+        assert_eq!(seg.reserved_bytes(), 1 << 20);
+        seg.write_all_at(b"hello", 0).unwrap();
+        assert_eq!(seg.bytes(0, 5), b"hello");
+        seg.write_all_at(b"world", 8192).unwrap();
+        assert_eq!(seg.bytes(8192, 5), b"world");
+    }
+}

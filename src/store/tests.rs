@@ -1,0 +1,370 @@
+use std::fs::OpenOptions;
+use std::io::Write;
+
+use super::*;
+use crate::metainfo::tests::{fixture_info, synthetic_v1};
+
+fn opts(shards: usize, segment_bytes: u64) -> StoreOptions {
+    StoreOptions {
+        shards,
+        segment_bytes,
+        sync: SyncPolicy::Always,
+    }
+}
+
+fn open(dir: &Path, o: StoreOptions) -> (Store, RecoveryReport) {
+    Store::open(dir, o).unwrap()
+}
+
+fn stored(outcome: AppendOutcome) -> RecordRef {
+    match outcome {
+        AppendOutcome::Stored(r) => r,
+        AppendOutcome::AlreadyPresent(_) => panic!("expected a new record"),
+    }
+}
+
+fn v1_key(info: &[u8]) -> [u8; 20] {
+    validate_info(info).unwrap().hashes.v1.unwrap()
+}
+
+fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir.join(SEGMENTS_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn append_lookup_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let dicts: Vec<_> = (0..5)
+        .map(|i| synthetic_v1(i, 500 + 300 * i as usize))
+        .collect();
+    {
+        let (store, report) = open(dir.path(), opts(2, 1 << 20));
+        assert_eq!(report.records, 0);
+        for d in &dicts {
+            let r = stored(store.append(d, AppendOptions::default()).unwrap());
+            assert_eq!(r.info(), &d[..]);
+            assert!(r.stored_at() > 1_600_000_000);
+        }
+        let again = store.append(&dicts[0], AppendOptions::default()).unwrap();
+        assert!(matches!(again, AppendOutcome::AlreadyPresent(_)));
+        assert_eq!(store.stats().records, 5);
+        assert_eq!(
+            store.stats().bytes,
+            dicts.iter().map(|d| d.len() as u64).sum::<u64>()
+        );
+    }
+    let (store, report) = open(dir.path(), opts(2, 1 << 20));
+    assert_eq!(report.records, 5);
+    assert_eq!(
+        report.torn_tails_truncated + report.corrupt_records_skipped + report.duplicates,
+        0
+    );
+    for d in &dicts {
+        let r = store.lookup(&v1_key(d)).unwrap();
+        assert_eq!(r.info(), &d[..]);
+        assert!(r.has_v1() && !r.has_v2() && !r.is_private());
+    }
+    assert!(store.lookup(&[9; 20]).is_none());
+    assert!(format!("{report}").starts_with("5 records"));
+}
+
+#[test]
+fn hybrid_is_found_under_both_keys_and_v2_only_by_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hybrid, h) = fixture_info("hybrid_multi");
+    let (v2, h2) = fixture_info("v2_multi");
+    let (private, _) = fixture_info("v1_multi");
+    for reopen in [false, true] {
+        let (store, _) = open(dir.path(), opts(3, 1 << 20));
+        if !reopen {
+            stored(store.append(&hybrid, AppendOptions::default()).unwrap());
+            stored(store.append(&v2, AppendOptions { shard: Some(7) }).unwrap());
+            stored(store.append(&private, AppendOptions::default()).unwrap());
+        }
+        let by_v1 = store.lookup(&h.v1.unwrap()).unwrap();
+        let by_v2 = store.lookup(&v2_handshake_key(&h.v2.unwrap())).unwrap();
+        assert!(by_v1.same_record(&by_v2));
+        assert_eq!(by_v1.hashes(), h);
+        assert!(by_v1.has_v1() && by_v1.has_v2());
+        assert!(store.lookup_v2(&h.v2.unwrap()).unwrap().same_record(&by_v1));
+        let mut wrong = h.v2.unwrap();
+        wrong[31] ^= 1;
+        assert!(
+            store.lookup_v2(&wrong).is_none(),
+            "prefix match alone is not enough"
+        );
+        let r = store.lookup_v2(&h2.v2.unwrap()).unwrap();
+        assert!(!r.has_v1() && r.has_v2());
+        assert_eq!(r.info(), &v2[..]);
+        let p = store.lookup(&v1_key(&private)).unwrap();
+        assert!(p.is_private());
+        assert_eq!(store.stats().records, 3);
+    }
+}
+
+#[test]
+fn invalid_dicts_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), opts(1, 1 << 20));
+    let err = store
+        .append(b"d4:name1:ae", AppendOptions::default())
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+    assert_eq!(store.stats().records, 0);
+}
+
+#[test]
+fn info_points_into_the_segment_mapping() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), opts(1, 1 << 20));
+    let d = synthetic_v1(42, 3000);
+    let r = stored(store.append(&d, AppendOptions::default()).unwrap());
+    let looked_up = store.lookup(&v1_key(&d)).unwrap();
+    for rec in [&r, &looked_up] {
+        let range = rec.segment().mapping_range();
+        let p = rec.info().as_ptr() as usize;
+        assert!(range.contains(&p) && p + rec.len() <= range.end);
+    }
+    assert_eq!(r.info().as_ptr(), looked_up.info().as_ptr());
+}
+
+#[test]
+fn second_open_is_locked_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), opts(1, 1 << 20));
+    let err = Store::open(dir.path(), opts(1, 1 << 20))
+        .err()
+        .expect("locked");
+    assert!(
+        matches!(err, StoreError::Locked { pid: Some(_), .. }),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("another magnetar process") && text.contains("magnetar serve"),
+        "{text}"
+    );
+    drop(store);
+    open(dir.path(), opts(1, 1 << 20));
+}
+
+#[test]
+fn torn_tail_is_truncated_and_appends_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let dicts: Vec<_> = (0..4).map(|i| synthetic_v1(100 + i, 2000)).collect();
+    {
+        let (store, _) = open(dir.path(), opts(1, 1 << 20));
+        for d in &dicts[..3] {
+            store.append(d, AppendOptions::default()).unwrap();
+        }
+    }
+    let seg = &segment_files(dir.path())[0];
+    let len = std::fs::metadata(seg).unwrap().len();
+    // Cut the last record in the middle of its payload, then append junk after it.
+    let cut = len - 1000;
+    let f = OpenOptions::new().write(true).open(seg).unwrap();
+    f.set_len(cut).unwrap();
+    let mut f = OpenOptions::new().append(true).open(seg).unwrap();
+    f.write_all(&[0xAB; 333]).unwrap();
+    drop(f);
+    let rec_len = len / 3; // synthetic dicts of one size make equal records
+    {
+        let (store, report) = open(dir.path(), opts(1, 1 << 20));
+        assert_eq!(report.records, 2);
+        assert_eq!(report.torn_tails_truncated, 1);
+        assert_eq!(report.bytes_truncated, cut + 333 - 2 * rec_len);
+        assert_eq!(std::fs::metadata(seg).unwrap().len(), 2 * rec_len);
+        assert!(store.lookup(&v1_key(&dicts[2])).is_none());
+        stored(store.append(&dicts[3], AppendOptions::default()).unwrap());
+        stored(store.append(&dicts[2], AppendOptions::default()).unwrap());
+    }
+    let (store, report) = open(dir.path(), opts(1, 1 << 20));
+    assert_eq!(report.records, 4);
+    assert_eq!(report.torn_tails_truncated, 0);
+    for d in &dicts {
+        assert_eq!(store.lookup(&v1_key(d)).unwrap().info(), &d[..]);
+    }
+}
+
+#[test]
+fn header_only_tail_and_partial_header_are_torn() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = synthetic_v1(7, 1500);
+    {
+        let (store, _) = open(dir.path(), opts(1, 1 << 20));
+        store.append(&d, AppendOptions::default()).unwrap();
+    }
+    let seg = &segment_files(dir.path())[0];
+    let len = std::fs::metadata(seg).unwrap().len();
+    for extra in [40u64, 80, 200] {
+        // A copy of the header (valid CRC) with the payload missing or partial.
+        let bytes = std::fs::read(seg).unwrap();
+        let mut f = OpenOptions::new().append(true).open(seg).unwrap();
+        f.write_all(&bytes[..extra as usize]).unwrap();
+        drop(f);
+        let (store, report) = open(dir.path(), opts(1, 1 << 20));
+        assert_eq!(
+            (report.records, report.torn_tails_truncated),
+            (1, 1),
+            "extra {extra}"
+        );
+        assert_eq!(report.bytes_truncated, extra);
+        assert_eq!(std::fs::metadata(seg).unwrap().len(), len);
+        drop(store);
+    }
+}
+
+fn three_records(dir: &Path) -> (Vec<Vec<u8>>, PathBuf, u64) {
+    let dicts: Vec<_> = (0..3).map(|i| synthetic_v1(200 + i, 4000)).collect();
+    let (store, _) = open(dir, opts(1, 1 << 20));
+    for d in &dicts {
+        store.append(d, AppendOptions::default()).unwrap();
+    }
+    drop(store);
+    let seg = segment_files(dir).remove(0);
+    let rec = std::fs::metadata(&seg).unwrap().len() / 3;
+    (dicts, seg, rec)
+}
+
+fn flip(path: &Path, at: u64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at as usize] ^= 0x01;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn flipped_payload_byte_drops_only_that_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dicts, seg, rec) = three_records(dir.path());
+    flip(&seg, rec + HEADER_BYTES as u64 + 100);
+    for _ in 0..2 {
+        let (store, report) = open(dir.path(), opts(1, 1 << 20));
+        assert_eq!(report.records, 2);
+        assert_eq!(report.corrupt_records_skipped, 1);
+        assert_eq!(report.corrupt_bytes_skipped, rec);
+        assert_eq!(report.torn_tails_truncated, 0);
+        assert!(store.lookup(&v1_key(&dicts[0])).is_some());
+        assert!(
+            store.lookup(&v1_key(&dicts[1])).is_none(),
+            "never serve a failed record"
+        );
+        assert!(store.lookup(&v1_key(&dicts[2])).is_some());
+    }
+    // The bad bytes stay on disk (not truncated) but the writer appends after them.
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), 3 * rec);
+}
+
+#[test]
+fn flipped_header_byte_resynchronises_at_the_next_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dicts, seg, rec) = three_records(dir.path());
+    flip(&seg, rec + 9); // info_len of the middle record
+    let (store, report) = open(dir.path(), opts(1, 1 << 20));
+    assert_eq!(report.records, 2);
+    assert_eq!(report.corrupt_records_skipped, 1);
+    assert_eq!(report.corrupt_bytes_skipped, rec);
+    assert!(store.lookup(&v1_key(&dicts[0])).is_some());
+    assert!(store.lookup(&v1_key(&dicts[1])).is_none());
+    assert!(store.lookup(&v1_key(&dicts[2])).is_some());
+    drop(store);
+    // Now also damage the last record's header: nothing valid follows the first record, so
+    // both bad records are the torn tail.
+    flip(&seg, 2 * rec + 1);
+    let (_, report) = open(dir.path(), opts(1, 1 << 20));
+    assert_eq!(report.records, 1);
+    assert_eq!(report.corrupt_records_skipped, 0);
+    assert_eq!(
+        (report.torn_tails_truncated, report.bytes_truncated),
+        (1, 2 * rec)
+    );
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), rec);
+}
+
+#[test]
+fn newer_format_version_is_refused_not_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, seg, rec) = three_records(dir.path());
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = 2 * rec as usize;
+    let mut h: [u8; HEADER_BYTES] = bytes[at..at + HEADER_BYTES].try_into().unwrap();
+    h[4] = 2;
+    h[72..76].fill(0);
+    let crc = crc32fast::hash(&h);
+    h[72..76].copy_from_slice(&crc.to_le_bytes());
+    bytes[at..at + HEADER_BYTES].copy_from_slice(&h);
+    std::fs::write(&seg, &bytes).unwrap();
+    let err = Store::open(dir.path(), opts(1, 1 << 20)).err().unwrap();
+    assert!(
+        matches!(err, StoreError::UnsupportedFormat { version: 2, .. }),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&seg).unwrap(), bytes);
+}
+
+#[test]
+fn parallel_recovery_over_many_segments_rebuilds_the_same_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let dicts: Vec<_> = (0..300u64)
+        .map(|i| synthetic_v1(1000 + i, 300 + (i as usize * 37) % 5000))
+        .collect();
+    let big = synthetic_v1(99_999, 40_000); // larger than a segment: gets its own
+    let mut sync = opts(4, 16 * 1024);
+    sync.sync = SyncPolicy::Batch;
+    {
+        let (store, _) = open(dir.path(), sync.clone());
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let store = &store;
+                let dicts = &dicts;
+                s.spawn(move || {
+                    for d in dicts.iter().skip(t).step_by(4) {
+                        stored(store.append(d, AppendOptions::default()).unwrap());
+                    }
+                });
+            }
+        });
+        let r = stored(
+            store
+                .append(&big, AppendOptions { shard: Some(1) })
+                .unwrap(),
+        );
+        assert_eq!(r.segment().reserved_bytes(), record_bytes(big.len()));
+        store.sync().unwrap();
+        assert!(store.stats().segments > 8);
+    }
+    let files = segment_files(dir.path());
+    assert!(files.len() > 8, "{}", files.len());
+    let (store, report) = open(dir.path(), sync.clone());
+    assert_eq!(report.segments, files.len());
+    assert_eq!(report.records, 301);
+    assert_eq!(
+        report.torn_tails_truncated + report.corrupt_records_skipped + report.duplicates,
+        0
+    );
+    for d in dicts.iter().chain([&big]) {
+        assert_eq!(store.lookup(&v1_key(d)).unwrap().info(), &d[..]);
+    }
+    drop(store);
+    // A copy of a segment under a new name: every record in it is a duplicate, first wins.
+    let copy = dir.path().join(SEGMENTS_DIR).join("seg-999-00000000.mseg");
+    std::fs::copy(&files[0], &copy).unwrap();
+    let (store, report2) = open(dir.path(), sync);
+    assert_eq!(report2.records, 301);
+    assert!(report2.duplicates > 0);
+    let first = store.lookup(&v1_key(&dicts[0])).unwrap();
+    assert_ne!(first.segment().path(), copy.as_path());
+}
+
+#[test]
+fn shard_of_is_the_first_eight_bytes() {
+    let mut key = [0u8; 20];
+    key[0] = 5;
+    assert_eq!(shard_of(&key, 4), 1);
+    assert_eq!(shard_of(&key, 1), 0);
+    assert_eq!(shard_of(&key, 0), 0);
+}

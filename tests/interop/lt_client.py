@@ -1,0 +1,138 @@
+#!/usr/bin/python3
+"""libtorrent (Debian's python3-libtorrent) as a real client for magnetar's interop tests.
+
+  make-torrents OUTDIR   create v1 / v2 / hybrid torrents, small (1 metadata piece) and
+                         large (5+ metadata pieces), and OUTDIR/manifest.json describing them
+  fetch MAGNET OUT       fetch the metadata of MAGNET (give it x.pe=magnetar) and write the
+                         raw info dict libtorrent received to OUT; exit 1 on timeout
+
+Run with /usr/bin/python3: the pyenv python on PATH does not see Debian's libtorrent.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+
+import libtorrent as lt
+
+METADATA_PIECE = 16 * 1024
+
+
+def _generate(content_root, name, flags, piece_size):
+    fs = lt.file_storage()
+    lt.add_files(fs, os.path.join(content_root, name))
+    ct = lt.create_torrent(fs, piece_size, flags)
+    ct.set_creator("magnetar interop")
+    lt.set_piece_hashes(ct, content_root)
+    return lt.bencode(ct.generate())
+
+
+def make_torrents(outdir):
+    os.makedirs(outdir, exist_ok=True)
+    content = os.path.join(outdir, "content")
+    os.makedirs(content, exist_ok=True)
+    # One small file: the info dict fits in one 16 KiB metadata piece.
+    with open(os.path.join(content, "small.bin"), "wb") as f:
+        f.write(os.urandom(100_000))
+    # v1 large: 96 MiB in 16 KiB pieces -> 6144 SHA-1s = 120 KiB of `pieces` = 8 metadata pieces.
+    # The file is sparse; hashing zeros is as good as hashing data for metadata purposes.
+    with open(os.path.join(content, "large.bin"), "wb") as f:
+        f.truncate(96 * 1024 * 1024)
+    # v2 / hybrid large: the info dict grows with the file tree, so use many files.
+    many = os.path.join(content, "many")
+    os.makedirs(many, exist_ok=True)
+    for i in range(1500):
+        with open(os.path.join(many, "file-with-a-longish-name-%05d.dat" % i), "wb") as f:
+            f.write(i.to_bytes(4, "little") * 8)
+
+    specs = [
+        ("v1-small", "small.bin", lt.create_torrent.v1_only, 0),
+        ("v1-large", "large.bin", lt.create_torrent.v1_only, 16 * 1024),
+        ("v2-small", "small.bin", lt.create_torrent.v2_only, 0),
+        ("v2-large", "many", lt.create_torrent.v2_only, 0),
+        ("hybrid-small", "small.bin", 0, 0),
+        ("hybrid-large", "many", 0, 0),
+    ]
+    manifest = {}
+    for label, name, flags, piece_size in specs:
+        data = _generate(content, name, flags, piece_size)
+        path = os.path.join(outdir, label + ".torrent")
+        with open(path, "wb") as f:
+            f.write(data)
+        ti = lt.torrent_info(path)
+        info = bytes(ti.info_section())
+        hashes = ti.info_hashes()
+        entry = {
+            "torrent": path,
+            "info_len": len(info),
+            "metadata_pieces": (len(info) + METADATA_PIECE - 1) // METADATA_PIECE,
+            "info_sha256": hashlib.sha256(info).hexdigest(),
+        }
+        if hashes.has_v1():
+            entry["v1"] = str(hashes.v1)
+        if hashes.has_v2():
+            entry["v2"] = str(hashes.v2)
+        manifest[label] = entry
+    with open(os.path.join(outdir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    print(json.dumps(manifest))
+
+
+def fetch(magnet, out, timeout):
+    settings = {
+        "listen_interfaces": "127.0.0.1:0",
+        "enable_dht": False,
+        "enable_lsd": False,
+        "enable_upnp": False,
+        "enable_natpmp": False,
+        "enable_incoming_utp": False,
+        "enable_outgoing_utp": False,
+        "alert_mask": lt.alert.category_t.status_notification
+        | lt.alert.category_t.error_notification
+        | lt.alert.category_t.peer_notification,
+    }
+    ses = lt.session(settings)
+    params = lt.parse_magnet_uri(magnet)
+    params.save_path = tempfile.mkdtemp(prefix="lt-fetch-")
+    handle = ses.add_torrent(params)
+    start = time.monotonic()
+    log = []
+    while time.monotonic() - start < timeout:
+        ses.wait_for_alert(200)
+        for a in ses.pop_alerts():
+            log.append("%s: %s" % (type(a).__name__, a.message()))
+            if isinstance(a, lt.metadata_received_alert):
+                info = bytes(handle.torrent_file().info_section())
+                with open(out, "wb") as f:
+                    f.write(info)
+                print(json.dumps({"ok": True, "info_len": len(info),
+                                  "seconds": round(time.monotonic() - start, 3)}))
+                return 0
+            if isinstance(a, lt.metadata_failed_alert):
+                print("metadata_failed: " + a.message(), file=sys.stderr)
+    print("timed out after %ss waiting for metadata; alerts:\n  %s" % (timeout, "\n  ".join(log[-30:])),
+          file=sys.stderr)
+    return 1
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make-torrents")
+    m.add_argument("outdir")
+    f = sub.add_parser("fetch")
+    f.add_argument("magnet")
+    f.add_argument("out")
+    f.add_argument("--timeout", type=float, default=30.0)
+    args = ap.parse_args()
+    if args.cmd == "make-torrents":
+        make_torrents(args.outdir)
+        return 0
+    return fetch(args.magnet, args.out, args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
