@@ -56,7 +56,17 @@ fn lt_fetch(magnet: &str, out: &std::path::Path) -> Vec<u8> {
 }
 
 #[test]
-fn libtorrent_fetches_v1_v2_hybrid_metadata_from_the_store() {
+fn libtorrent_fetches_v1_v2_hybrid_metadata_from_the_store_io_uring() {
+    fetch_everything_with_libtorrent("io-uring");
+}
+
+/// The epoll fallback serves the same bytes (it is what runs where io_uring is forbidden).
+#[test]
+fn libtorrent_fetches_v1_v2_hybrid_metadata_from_the_store_epoll() {
+    fetch_everything_with_libtorrent("epoll");
+}
+
+fn fetch_everything_with_libtorrent(driver: &str) {
     require_libtorrent();
     let tmp = tempfile::tempdir().unwrap();
     let torrents = make_torrents(&tmp.path().join("torrents"));
@@ -94,7 +104,8 @@ fn libtorrent_fetches_v1_v2_hybrid_metadata_from_the_store() {
     );
     assert!(cli_magnet.contains("x.pe=127.0.0.1:1"), "{cli_magnet}");
 
-    let server = ServerProc::start(&data, &["--threads", "2"]);
+    let server = ServerProc::start(&data, &["--threads", "2", "--driver", driver]);
+    assert_eq!(server.driver, driver.replace('-', "_"));
     let xpe = format!("x.pe={}", server.addr);
 
     let mut fetched = 0;

@@ -483,6 +483,11 @@ impl Store {
         }
     }
 
+    /// Same as the free function `shard_of`, for callers that think of it as the store's rule.
+    pub fn shard_of(key: &[u8; 20], shards: usize) -> usize {
+        shard_of(key, shards)
+    }
+
     pub fn options(&self) -> &StoreOptions {
         &self.opts
     }
