@@ -90,6 +90,9 @@ struct ServeArgs {
     /// Requests answered per connection per batch (advertised as reqq); more are rejected.
     #[arg(long, default_value_t = limits::REQUESTS_QUEUED_MAX)]
     requests_queued_max: usize,
+    /// Log the summed per-core counters this often (0: never).
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    stats_interval_s: u64,
 }
 
 #[derive(Args, Debug)]
@@ -172,8 +175,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let store = Arc::new(open_store(&cfg.data_dir, SyncPolicy::Always)?);
     let server = magnetar::server::start(cfg, store)?;
-    server.join();
-    Ok(())
+    if args.stats_interval_s == 0 {
+        server.join();
+        return Ok(());
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(args.stats_interval_s));
+        let fields: Vec<String> = server
+            .snapshot()
+            .fields()
+            .into_iter()
+            .filter(|&(_, v)| v != 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        tracing::info!("counters: {}", fields.join(" "));
+    }
 }
 
 fn import(args: ImportArgs) -> anyhow::Result<()> {

@@ -764,6 +764,62 @@ pub(crate) mod tests {
         }
     }
 
+    /// A v2 info dict with `files` files spread over directories of 100, keys in sorted order
+    /// (so every decoder accepts it).
+    fn synthetic_v2(files: usize) -> Vec<u8> {
+        let mut out = b"d9:file treed".to_vec();
+        for dir in 0..files.div_ceil(100) {
+            put_bytes(&mut out, format!("dir{dir:04}").as_bytes());
+            out.push(b'd');
+            for f in dir * 100..files.min(dir * 100 + 100) {
+                put_bytes(&mut out, format!("file{f:06}.bin").as_bytes());
+                out.extend_from_slice(b"d0:d6:lengthi");
+                out.extend_from_slice((100_000 + f).to_string().as_bytes());
+                out.extend_from_slice(b"e11:pieces root32:");
+                out.extend_from_slice(&[f as u8; 32]);
+                out.extend_from_slice(b"ee");
+            }
+            out.push(b'e');
+        }
+        out.extend_from_slice(b"e12:meta versioni2e4:name2:v212:piece lengthi16384ee");
+        out
+    }
+
+    /// `cargo test --release --lib -- --ignored --nocapture validate_info_speed`: median of 5
+    /// runs. A rough number for a before/after comparison, not a benchmark.
+    #[test]
+    #[ignore]
+    fn validate_info_speed() {
+        let v1 = synthetic_v1(7, 50_000 * 20 + 80);
+        let v2 = synthetic_v2(1500);
+        let median_of_5 = |f: &dyn Fn()| {
+            let mut times: Vec<_> = (0..5)
+                .map(|_| {
+                    let started = std::time::Instant::now();
+                    f();
+                    started.elapsed()
+                })
+                .collect();
+            times.sort();
+            times[2]
+        };
+        for (what, dict, files) in [("v1 50k pieces", &v1, 1), ("v2 1500 files", &v2, 1500)] {
+            let s = validate_info(dict).unwrap();
+            assert_eq!(s.files, files);
+            let total = median_of_5(&|| {
+                std::hint::black_box(validate_info(std::hint::black_box(dict)).unwrap());
+            });
+            // Baseline in the same run: the hashing every version of the parser has to do.
+            let hashing = median_of_5(&|| {
+                std::hint::black_box(verify_info(std::hint::black_box(dict), &s.hashes));
+            });
+            eprintln!(
+                "{what}: {} bytes, validate_info median {total:?}, of which hashing {hashing:?}",
+                dict.len()
+            );
+        }
+    }
+
     #[test]
     fn synthetic_dicts_are_valid() {
         for (seed, size) in [(1, 1000), (2, 20_000), (3, 10)] {

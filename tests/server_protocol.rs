@@ -1,0 +1,1273 @@
+//! The real `magnetar serve` binary, driven over loopback TCP by a blocking client built
+//! on the crate's own sans-IO codec, follows DESIGN.md's "Protocol facts that decide
+//! interoperability": handshake bits and echo, extension handshake first, HaveNone only
+//! with the Fast bit, ut_metadata ids, piece sizes, rejects, the flood cap, hostile input,
+//! timeouts, keep-alives and connection caps.
+//!
+//! Every read has a deadline and every loop a bound, so no test can hang.
+
+mod common;
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use magnetar::limits;
+use magnetar::wire::{
+    decode_frame, decode_metadata, encode_handshake, encode_keepalive, encode_metadata_request,
+    metadata_piece_count, Decoded, ExtHandshake, Frame, MetadataMsg, Reserved, HANDSHAKE_LEN,
+};
+use sha1::{Digest, Sha1};
+use sha2::Sha256;
+
+/// Upper bound for anything the server should do "at once".
+const PROMPT: Duration = Duration::from_secs(5);
+const PIECE: usize = limits::METADATA_PIECE_BYTES;
+
+// ---------------------------------------------------------------------------------------
+// Test torrents, bencoded by hand (keys sorted), imported with `magnetar import`.
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone)]
+struct Torrent {
+    info: Vec<u8>,
+    /// The 20 bytes a client puts in its handshake (SHA-1, or SHA-256 truncated).
+    key: [u8; 20],
+}
+
+impl Torrent {
+    fn pieces(&self) -> usize {
+        metadata_piece_count(self.info.len())
+    }
+}
+
+fn filler(seed: &str, len: usize) -> Vec<u8> {
+    let s: usize = seed.bytes().map(usize::from).sum();
+    (0..len).map(|i| ((i * 31 + s * 7) % 251) as u8).collect()
+}
+
+fn bstr(s: &str) -> String {
+    format!("{}:{}", s.len(), s)
+}
+
+/// v1 single-file info dict with `k` piece hashes (so ~20*k bytes).
+fn v1_info(name: &str, k: usize) -> Vec<u8> {
+    let mut v = format!(
+        "d6:lengthi{}e4:name{}12:piece lengthi16384e6:pieces{}:",
+        k * 16384,
+        bstr(name),
+        k * 20
+    )
+    .into_bytes();
+    v.extend(filler(name, k * 20));
+    v.push(b'e');
+    v
+}
+
+fn file_tree(name: &str, len: u64) -> Vec<u8> {
+    let mut v = format!(
+        "9:file treed{}d0:d6:lengthi{len}e11:pieces root32:",
+        bstr(name)
+    )
+    .into_bytes();
+    v.extend(filler(name, 32));
+    v.extend_from_slice(b"eee");
+    v
+}
+
+/// v2-only single-file info dict.
+fn v2_info(name: &str) -> Vec<u8> {
+    let mut v = b"d".to_vec();
+    v.extend(file_tree(name, 1_000_000));
+    v.extend(
+        format!(
+            "12:meta versioni2e4:name{}12:piece lengthi16384ee",
+            bstr(name)
+        )
+        .bytes(),
+    );
+    v
+}
+
+/// Hybrid (v1 + v2) single-file info dict.
+fn hybrid_info(name: &str) -> Vec<u8> {
+    let len = 3 * 16384u64;
+    let mut v = b"d".to_vec();
+    v.extend(file_tree(name, len));
+    v.extend(
+        format!(
+            "6:lengthi{len}e12:meta versioni2e4:name{}12:piece lengthi16384e6:pieces60:",
+            bstr(name)
+        )
+        .bytes(),
+    );
+    v.extend(filler(name, 60));
+    v.push(b'e');
+    v
+}
+
+fn sha1_key(info: &[u8]) -> [u8; 20] {
+    Sha1::digest(info).into()
+}
+
+fn sha256_key(info: &[u8]) -> [u8; 20] {
+    let full: [u8; 32] = Sha256::digest(info).into();
+    full[..20].try_into().unwrap()
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    data: PathBuf,
+    /// v1, one metadata piece.
+    small: Torrent,
+    /// v1, five metadata pieces (> 64 KiB).
+    large: Torrent,
+    /// v2 only.
+    v2: Torrent,
+    /// v1 + v2: handshake by either key.
+    hybrid: Torrent,
+    hybrid_v2_key: [u8; 20],
+}
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let torrents = tmp.path().join("torrents");
+    std::fs::create_dir_all(&torrents).unwrap();
+    let small = v1_info("small.bin", 500);
+    let large = v1_info("large.bin", 4000);
+    let v2 = v2_info("v2only.bin");
+    let hybrid = hybrid_info("hybrid.bin");
+    for (name, info) in [
+        ("small", &small),
+        ("large", &large),
+        ("v2", &v2),
+        ("hybrid", &hybrid),
+    ] {
+        let mut t = b"d4:info".to_vec();
+        t.extend_from_slice(info);
+        t.push(b'e');
+        std::fs::write(torrents.join(format!("{name}.torrent")), t).unwrap();
+    }
+    let data = tmp.path().join("data");
+    run_ok(
+        Command::new(magnetar_bin())
+            .args(["--log", "warn", "import", "--data-dir"])
+            .arg(&data)
+            .arg(&torrents),
+    );
+    let fx = Fixture {
+        small: Torrent {
+            key: sha1_key(&small),
+            info: small,
+        },
+        large: Torrent {
+            key: sha1_key(&large),
+            info: large,
+        },
+        v2: Torrent {
+            key: sha256_key(&v2),
+            info: v2,
+        },
+        hybrid_v2_key: sha256_key(&hybrid),
+        hybrid: Torrent {
+            key: sha1_key(&hybrid),
+            info: hybrid,
+        },
+        data,
+        _tmp: tmp,
+    };
+    assert_eq!(fx.small.pieces(), 1);
+    assert_eq!(fx.large.pieces(), 5);
+    assert!(fx.large.info.len() > 4 * PIECE);
+    assert_eq!(fx.v2.pieces(), 1);
+    fx
+}
+
+fn serve(fx: &Fixture, flags: &[&str]) -> ServerProc {
+    let mut args = vec!["--log", "warn", "--threads", "2"];
+    args.extend_from_slice(flags);
+    ServerProc::start(&fx.data, &args)
+}
+
+// ---------------------------------------------------------------------------------------
+// Client side: bytes we send, built with the crate's encoders.
+// ---------------------------------------------------------------------------------------
+
+const CLIENT_PEER_ID: [u8; 20] = *b"-TS0001-abcdefghijkl";
+
+/// BEP 10 (+ Fast if asked); never the v2 bit.
+fn reserved(fast: bool) -> Reserved {
+    Reserved::ours(fast, false, false)
+}
+
+/// The 68-byte handshake.
+fn handshake(reserved: Reserved, key: &[u8; 20]) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_handshake(&mut out, reserved, key, &CLIENT_PEER_ID);
+    assert_eq!(out.len(), HANDSHAKE_LEN);
+    out
+}
+
+/// Our extension handshake; `ut_metadata` is the id the server must use towards us.
+fn ext_handshake(ut_metadata: Option<u8>) -> Vec<u8> {
+    let mut out = Vec::new();
+    ExtHandshake {
+        ut_metadata,
+        client: Some(b"server_protocol test"),
+        reqq: Some(500),
+        ..Default::default()
+    }
+    .encode(&mut out);
+    out
+}
+
+/// A ut_metadata request addressed with the server's id.
+fn request(server_id: u8, piece: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_metadata_request(&mut out, server_id, piece);
+    out
+}
+
+fn requests(server_id: u8, pieces: impl IntoIterator<Item = u32>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in pieces {
+        encode_metadata_request(&mut out, server_id, p);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Client side: a blocking connection with deadlines.
+// ---------------------------------------------------------------------------------------
+
+/// One whole frame as received (length prefix included).
+struct Msg(Vec<u8>);
+
+impl Msg {
+    fn frame(&self) -> Frame<'_> {
+        match decode_frame(&self.0) {
+            Ok(Decoded::Done(f, n)) if n == self.0.len() => f,
+            other => panic!("Msg holds a whole frame: {other:?}"),
+        }
+    }
+
+    /// (extended id, ut_metadata message, block) or a panic naming what came instead.
+    fn metadata(&self) -> (u8, MetadataMsg, Vec<u8>) {
+        match self.frame() {
+            Frame::Extended { id, payload } if id != 0 => {
+                let (msg, block) = decode_metadata(payload)
+                    .unwrap_or_else(|e| panic!("bad ut_metadata message from server: {e}"));
+                (id, msg, block.to_vec())
+            }
+            other => panic!("expected a ut_metadata message, got {other:?}"),
+        }
+    }
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.frame() {
+            Frame::Extended { id, payload } => write!(
+                f,
+                "Extended {{ id: {id}, payload: {:?} }}",
+                String::from_utf8_lossy(&payload[..payload.len().min(80)])
+            ),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Recv {
+    Msg(Msg),
+    /// EOF or reset.
+    Closed,
+    Timeout,
+}
+
+struct Peer {
+    s: TcpStream,
+    /// Received, not yet consumed.
+    buf: Vec<u8>,
+    /// Set once a read returned EOF or a reset.
+    closed: bool,
+}
+
+impl Peer {
+    fn connect(addr: SocketAddr) -> Peer {
+        let s = TcpStream::connect_timeout(&addr, PROMPT).expect("connect");
+        Peer::wrap(s)
+    }
+
+    /// Connects from a chosen loopback source address (any 127.x works on Linux).
+    fn connect_from(src: Ipv4Addr, addr: SocketAddr) -> Peer {
+        use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        sock.bind(&SockAddr::from(SocketAddr::new(IpAddr::V4(src), 0)))
+            .unwrap_or_else(|e| panic!("bind {src}: {e}"));
+        sock.connect_timeout(&SockAddr::from(addr), PROMPT)
+            .unwrap_or_else(|e| panic!("connect from {src}: {e}"));
+        Peer::wrap(sock.into())
+    }
+
+    fn wrap(s: TcpStream) -> Peer {
+        s.set_nodelay(true).unwrap();
+        s.set_write_timeout(Some(PROMPT)).unwrap();
+        Peer {
+            s,
+            buf: Vec::new(),
+            closed: false,
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).expect("send to server");
+    }
+
+    /// One read into `buf` before `deadline`: Ok(true) = got bytes, Ok(false) = EOF/reset,
+    /// Err = deadline passed.
+    fn fill(&mut self, deadline: Instant) -> Result<bool, ()> {
+        if self.closed {
+            return Ok(false);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(());
+        }
+        let wait = (deadline - now).max(Duration::from_millis(1));
+        self.s.set_read_timeout(Some(wait)).unwrap();
+        let mut chunk = [0u8; 64 * 1024];
+        match self.s.read(&mut chunk) {
+            Ok(0) => {
+                self.closed = true;
+                Ok(false)
+            }
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                Ok(true)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
+            Err(_) => {
+                // ECONNRESET and friends: the server closed on us.
+                self.closed = true;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Exactly `n` bytes, or a panic saying why not.
+    fn read_exact(&mut self, n: usize, within: Duration, what: &str) -> Vec<u8> {
+        let deadline = Instant::now() + within;
+        while self.buf.len() < n {
+            match self.fill(deadline) {
+                Ok(true) => {}
+                Ok(false) => panic!(
+                    "{what}: connection closed after {} of {n} bytes",
+                    self.buf.len()
+                ),
+                Err(()) => panic!(
+                    "{what}: only {} of {n} bytes within {within:?}",
+                    self.buf.len()
+                ),
+            }
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    fn recv(&mut self, within: Duration) -> Recv {
+        let deadline = Instant::now() + within;
+        loop {
+            match decode_frame(&self.buf) {
+                Ok(Decoded::Done(_, n)) => return Recv::Msg(Msg(self.buf.drain(..n).collect())),
+                Ok(Decoded::NeedMore(_)) => {}
+                Err(e) => panic!("server sent an undecodable frame: {e}"),
+            }
+            match self.fill(deadline) {
+                Ok(true) => {}
+                Ok(false) => return Recv::Closed,
+                Err(()) => return Recv::Timeout,
+            }
+        }
+    }
+
+    /// The next message; panics on close or timeout.
+    fn msg(&mut self, what: &str) -> Msg {
+        match self.recv(PROMPT) {
+            Recv::Msg(m) => m,
+            other => panic!("{what}: expected a message, got {other:?}"),
+        }
+    }
+
+    /// The next message that is not a keep-alive.
+    fn msg_skipping_keepalives(&mut self, what: &str) -> Msg {
+        for _ in 0..1000 {
+            let m = self.msg(what);
+            if !matches!(m.frame(), Frame::KeepAlive) {
+                return m;
+            }
+        }
+        panic!("{what}: only keep-alives");
+    }
+
+    /// Waits for the server to close. Returns the bytes that arrived first and how long it
+    /// took; panics if still open after `within`.
+    fn closed_within(&mut self, within: Duration, what: &str) -> (Vec<u8>, Duration) {
+        let start = Instant::now();
+        let deadline = start + within;
+        loop {
+            match self.fill(deadline) {
+                Ok(true) => {}
+                Ok(false) => return (std::mem::take(&mut self.buf), start.elapsed()),
+                Err(()) => panic!(
+                    "{what}: still open after {within:?} ({} bytes received)",
+                    self.buf.len()
+                ),
+            }
+        }
+    }
+
+    /// Asserts nothing but keep-alives arrives for `quiet` and the connection stays open.
+    fn assert_quiet(&mut self, quiet: Duration, what: &str) {
+        let deadline = Instant::now() + quiet;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            match self.recv(deadline - now) {
+                Recv::Timeout => return,
+                Recv::Closed => panic!("{what}: server closed the connection"),
+                Recv::Msg(m) => assert!(
+                    matches!(m.frame(), Frame::KeepAlive),
+                    "{what}: unexpected message {m:?}"
+                ),
+            }
+        }
+    }
+}
+
+/// What the server answered to our handshake.
+struct Opened {
+    peer: Peer,
+    handshake: Vec<u8>,
+    ext_payload: Vec<u8>,
+    /// The server's ut_metadata id (requests go out with it).
+    server_id: u8,
+}
+
+impl Opened {
+    fn ext(&self) -> ExtHandshake<'_> {
+        ExtHandshake::decode(&self.ext_payload).expect("server's extension handshake decodes")
+    }
+}
+
+/// Sends `first` (a handshake, maybe more), reads the 68-byte handshake and the first
+/// message, which must be the extension handshake.
+fn open_with(mut peer: Peer, first: &[u8]) -> Opened {
+    peer.send(first);
+    let handshake = peer.read_exact(HANDSHAKE_LEN, PROMPT, "server handshake");
+    let m = peer.msg("extension handshake");
+    let ext_payload = match m.frame() {
+        Frame::Extended { id: 0, payload } => payload.to_vec(),
+        other => panic!(
+            "first message after the handshake must be the extension handshake, got {other:?}"
+        ),
+    };
+    let server_id = ExtHandshake::decode(&ext_payload)
+        .expect("server's extension handshake decodes")
+        .ut_metadata
+        .expect("server advertises ut_metadata");
+    assert_ne!(server_id, 0, "server's ut_metadata id must be nonzero");
+    Opened {
+        peer,
+        handshake,
+        ext_payload,
+        server_id,
+    }
+}
+
+/// Full handshake + our extension handshake (ut_metadata = `our_id`), no Fast bit.
+fn open(addr: SocketAddr, key: &[u8; 20], our_id: u8) -> Opened {
+    let mut first = handshake(reserved(false), key);
+    first.extend(ext_handshake(Some(our_id)));
+    open_with(Peer::connect(addr), &first)
+}
+
+/// Requests `pieces` in one write and checks each answer is the right data message with
+/// `our_id`; returns the blocks in order.
+fn fetch(o: &mut Opened, t: &Torrent, our_id: u8, pieces: &[u32]) -> Vec<Vec<u8>> {
+    let wire = requests(o.server_id, pieces.iter().copied());
+    o.peer.send(&wire);
+    let mut blocks = Vec::new();
+    for &piece in pieces {
+        let m = o.peer.msg_skipping_keepalives("data message");
+        let (id, msg, block) = m.metadata();
+        assert_eq!(id, our_id, "data must carry OUR ut_metadata id ({m:?})");
+        assert_eq!(
+            msg,
+            MetadataMsg::Data {
+                piece,
+                total_size: t.info.len() as u64
+            },
+            "{m:?}"
+        );
+        let start = piece as usize * PIECE;
+        let end = t.info.len().min(start + PIECE);
+        assert_eq!(block.len(), end - start, "piece {piece} block length");
+        if (piece as usize) + 1 < t.pieces() {
+            assert_eq!(block.len(), PIECE, "only the last piece may be short");
+        }
+        assert!(block == t.info[start..end], "piece {piece} bytes differ");
+        blocks.push(block);
+    }
+    blocks
+}
+
+fn fetch_all(o: &mut Opened, t: &Torrent, our_id: u8) {
+    let pieces: Vec<u32> = (0..t.pieces() as u32).collect();
+    let got: Vec<u8> = fetch(o, t, our_id, &pieces).concat();
+    assert_eq!(got.len(), t.info.len());
+    assert!(got == t.info, "reassembled metadata differs");
+    let want: [u8; 20] = Sha1::digest(&t.info).into();
+    let have: [u8; 20] = Sha1::digest(&got).into();
+    assert_eq!(have, want);
+}
+
+/// Bounded retry for "the server has noticed a close and freed the slot".
+fn admitted_eventually(mut connect: impl FnMut() -> Peer, key: &[u8; 20], what: &str) -> Opened {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut p = connect();
+        let mut first = handshake(reserved(false), key);
+        first.extend(ext_handshake(Some(1)));
+        p.send(&first);
+        let d = Instant::now() + Duration::from_secs(2);
+        while p.buf.len() < HANDSHAKE_LEN && p.fill(d) == Ok(true) {}
+        if p.buf.len() >= HANDSHAKE_LEN {
+            let handshake = p.read_exact(HANDSHAKE_LEN, PROMPT, what);
+            let m = p.msg(what);
+            let Frame::Extended { id: 0, payload } = m.frame() else {
+                panic!("{what}: {m:?}")
+            };
+            let ext_payload = payload.to_vec();
+            let server_id = ExtHandshake::decode(&ext_payload)
+                .unwrap()
+                .ut_metadata
+                .unwrap();
+            return Opened {
+                peer: p,
+                handshake,
+                ext_payload,
+                server_id,
+            };
+        }
+        assert!(Instant::now() < deadline, "{what}: never admitted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 1 + 2 + 3: handshake, extension handshake, HaveNone.
+// ---------------------------------------------------------------------------------------
+
+/// We send only the 48-byte head (no peer id); the server answers at once.
+fn open_head_only(addr: SocketAddr, key: &[u8; 20], fast: bool) -> Opened {
+    let head = handshake(reserved(fast), key)[..48].to_vec();
+    let start = Instant::now();
+    let o = open_with(Peer::connect(addr), &head);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "answer to a 48-byte head took {:?}",
+        start.elapsed()
+    );
+    o
+}
+
+fn check_handshake(o: &Opened, key: &[u8; 20], v2_bit: bool, what: &str) {
+    let h = &o.handshake;
+    assert_eq!(h[0], 19, "{what}");
+    assert_eq!(&h[1..20], b"BitTorrent protocol", "{what}");
+    assert_eq!(&h[28..48], key, "{what}: must echo exactly our 20 bytes");
+    assert_eq!(h[25] & 0x10, 0x10, "{what}: BEP 10 bit (byte 5 0x10)");
+    assert_eq!(h[27] & 0x04, 0x04, "{what}: Fast bit (byte 7 0x04)");
+    assert_eq!(
+        h[27] & 0x10 != 0,
+        v2_bit,
+        "{what}: v2 upgrade bit (byte 7 0x10) must be set iff the torrent has v2, reserved {:02x?}",
+        &h[20..28]
+    );
+    assert_ne!(
+        &h[48..68],
+        &CLIENT_PEER_ID,
+        "{what}: server has its own peer id"
+    );
+}
+
+fn check_ext_handshake(o: &Opened, t: &Torrent, reqq: u32, what: &str) {
+    let ext = o.ext();
+    assert!(matches!(ext.ut_metadata, Some(id) if id != 0), "{what}");
+    assert_eq!(ext.metadata_size, Some(t.info.len() as u64), "{what}");
+    let v = ext.client.unwrap_or_else(|| panic!("{what}: no `v`"));
+    assert!(
+        String::from_utf8_lossy(v).starts_with("magnetar"),
+        "{what}: v = {:?}",
+        String::from_utf8_lossy(v)
+    );
+    assert_eq!(ext.reqq, Some(reqq), "{what}");
+    assert_eq!(ext.yourip, Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), "{what}");
+    let raw = b"6:yourip4:\x7f\x00\x00\x01";
+    assert!(
+        o.ext_payload.windows(raw.len()).any(|w| w == raw),
+        "{what}: yourip must be 4 raw bytes: {:?}",
+        String::from_utf8_lossy(&o.ext_payload)
+    );
+}
+
+#[test]
+fn handshake_answers_the_head_at_once_with_the_right_bits_and_extension_handshake() {
+    let fx = fixture();
+    let server = serve(&fx, &[]);
+    let reqq = limits::REQUESTS_QUEUED_MAX as u32;
+    let cases: [(&str, &Torrent, [u8; 20], bool); 5] = [
+        ("v1 small", &fx.small, fx.small.key, false),
+        ("v1 large", &fx.large, fx.large.key, false),
+        ("v2 only", &fx.v2, fx.v2.key, true),
+        ("hybrid by v1 key", &fx.hybrid, fx.hybrid.key, true),
+        ("hybrid by v2 key", &fx.hybrid, fx.hybrid_v2_key, true),
+    ];
+    for (what, t, key, v2_bit) in cases {
+        for fast in [false, true] {
+            let what = format!("{what}, fast={fast}");
+            let mut o = open_head_only(server.addr, &key, fast);
+            check_handshake(&o, &key, v2_bit, &what);
+            check_ext_handshake(&o, t, reqq, &what);
+            if fast {
+                let m = o.peer.msg(&what);
+                assert!(
+                    matches!(m.frame(), Frame::HaveNone),
+                    "{what}: HaveNone must follow the extension handshake, got {m:?}"
+                );
+            }
+            // Our peer id arrives late, then our extension handshake and a request: the
+            // next frame is the data message (no bitfield, no HaveNone without Fast).
+            std::thread::sleep(Duration::from_millis(20));
+            o.peer.send(&CLIENT_PEER_ID);
+            let mut wire = ext_handshake(Some(7));
+            wire.extend(request(o.server_id, 0));
+            o.peer.send(&wire);
+            let m = o.peer.msg(&what);
+            let (id, msg, _) = m.metadata();
+            assert_eq!(id, 7, "{what}");
+            assert_eq!(
+                msg,
+                MetadataMsg::Data {
+                    piece: 0,
+                    total_size: t.info.len() as u64
+                },
+                "{what}"
+            );
+        }
+    }
+}
+
+#[test]
+fn have_none_only_with_fast_bit_and_never_a_bitfield() {
+    let fx = fixture();
+    let server = serve(&fx, &[]);
+    for fast in [false, true] {
+        let what = format!("fast={fast}");
+        let mut first = handshake(reserved(fast), &fx.large.key);
+        first.extend(ext_handshake(Some(3)));
+        let mut o = open_with(Peer::connect(server.addr), &first);
+        if fast {
+            let m = o.peer.msg(&what);
+            assert!(matches!(m.frame(), Frame::HaveNone), "{what}: {m:?}");
+        }
+        // Whatever comes next must be the answer to our request, nothing in between.
+        o.peer.send(&request(o.server_id, 1));
+        let m = o.peer.msg(&what);
+        let (id, msg, block) = m.metadata();
+        assert_eq!(id, 3, "{what}");
+        assert_eq!(
+            msg,
+            MetadataMsg::Data {
+                piece: 1,
+                total_size: fx.large.info.len() as u64
+            },
+            "{what}"
+        );
+        assert!(block == fx.large.info[PIECE..2 * PIECE], "{what}");
+        o.peer
+            .assert_quiet(Duration::from_millis(200), &format!("{what}: after data"));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 4: pipelined fetch with any ut_metadata id, and a stream split into tiny chunks.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn pipelined_fetch_with_any_peer_ut_metadata_id() {
+    let fx = fixture();
+    let server = serve(&fx, &[]);
+    for t in [&fx.small, &fx.large, &fx.v2, &fx.hybrid] {
+        for our_id in [1u8, 2, 3, 42, 255] {
+            let mut o = open(server.addr, &t.key, our_id);
+            fetch_all(&mut o, t, our_id);
+        }
+    }
+    // Nothing unrequested follows a complete fetch.
+    let mut o = open(server.addr, &fx.large.key, 9);
+    fetch_all(&mut o, &fx.large, 9);
+    o.peer
+        .assert_quiet(Duration::from_millis(300), "after a complete fetch");
+}
+
+#[test]
+fn stream_split_into_odd_chunks_and_late_peer_id() {
+    let fx = fixture();
+    let server = serve(&fx, &[]);
+    let t = &fx.large;
+
+    // The server's id is what its extension handshake says; learn it once.
+    let server_id = open(server.addr, &t.key, 1).server_id;
+
+    // Everything a client sends, dribbled 1..7 bytes at a time.
+    let mut stream = handshake(reserved(true), &t.key);
+    stream.extend(ext_handshake(Some(42)));
+    stream.extend(requests(server_id, 0..t.pieces() as u32));
+    let mut peer = Peer::connect(server.addr);
+    let mut at = 0;
+    let mut size = 1;
+    while at < stream.len() {
+        let end = stream.len().min(at + size);
+        peer.send(&stream[at..end]);
+        at = end;
+        size = size % 7 + 1;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let hs = peer.read_exact(HANDSHAKE_LEN, PROMPT, "handshake (dribbled)");
+    assert_eq!(&hs[28..48], &t.key);
+    let m = peer.msg("ext handshake (dribbled)");
+    assert!(matches!(m.frame(), Frame::Extended { id: 0, .. }), "{m:?}");
+    let m = peer.msg("HaveNone (dribbled)");
+    assert!(matches!(m.frame(), Frame::HaveNone), "{m:?}");
+    let mut o = Opened {
+        peer,
+        handshake: hs,
+        ext_payload: Vec::new(),
+        server_id,
+    };
+    let mut got = Vec::new();
+    for piece in 0..t.pieces() as u32 {
+        let (id, msg, block) = o.peer.msg_skipping_keepalives("dribbled data").metadata();
+        assert_eq!(id, 42);
+        assert_eq!(
+            msg,
+            MetadataMsg::Data {
+                piece,
+                total_size: t.info.len() as u64
+            }
+        );
+        got.extend(block);
+    }
+    assert!(got == t.info);
+
+    // The peer id arrives well after the server answered the head, itself split.
+    let head = handshake(reserved(false), &t.key)[..48].to_vec();
+    let mut o = open_with(Peer::connect(server.addr), &head);
+    std::thread::sleep(Duration::from_millis(100));
+    o.peer.send(&CLIENT_PEER_ID[..5]);
+    std::thread::sleep(Duration::from_millis(30));
+    let mut rest = CLIENT_PEER_ID[5..].to_vec();
+    rest.extend(ext_handshake(Some(255)));
+    o.peer.send(&rest);
+    fetch_all(&mut o, t, 255);
+}
+
+// ---------------------------------------------------------------------------------------
+// 5: out-of-range pieces are rejected; the connection stays usable.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn out_of_range_pieces_are_rejected_with_the_same_piece() {
+    let fx = fixture();
+    let server = serve(&fx, &[]);
+    for t in [&fx.small, &fx.large] {
+        let count = t.pieces() as u32;
+        let mut o = open(server.addr, &t.key, 5);
+        for bad in [count, 1 << 31, u32::MAX] {
+            o.peer.send(&request(o.server_id, bad));
+            let (id, msg, _) = o.peer.msg_skipping_keepalives("reject").metadata();
+            assert_eq!(id, 5);
+            assert_eq!(msg, MetadataMsg::Reject { piece: bad });
+        }
+        // A mix in one write is answered in order.
+        o.peer.send(&requests(o.server_id, [count, 0, 1 << 31]));
+        let answers: Vec<_> = (0..3)
+            .map(|_| o.peer.msg_skipping_keepalives("mixed").metadata().1)
+            .collect();
+        assert_eq!(answers[0], MetadataMsg::Reject { piece: count });
+        assert_eq!(
+            answers[1],
+            MetadataMsg::Data {
+                piece: 0,
+                total_size: t.info.len() as u64
+            }
+        );
+        assert_eq!(answers[2], MetadataMsg::Reject { piece: 1 << 31 });
+        // Still usable.
+        fetch_all(&mut o, t, 5);
+    }
+
+    // BEP 9: a msg_type we do not know is ignored, the connection kept.
+    let mut o = open(server.addr, &fx.small.key, 5);
+    let body = b"d8:msg_typei3e5:piecei0ee";
+    let mut unknown = Vec::new();
+    magnetar::wire::encode_extended_header(&mut unknown, o.server_id, body.len());
+    unknown.extend_from_slice(body);
+    o.peer.send(&unknown);
+    o.peer
+        .assert_quiet(Duration::from_millis(200), "after unknown msg_type");
+    fetch_all(&mut o, &fx.small, 5);
+}
+
+// ---------------------------------------------------------------------------------------
+// 6: flood protection.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn flood_of_requests_beyond_reqq_is_rejected() {
+    let fx = fixture();
+    let server = serve(&fx, &["--requests-queued-max", "8"]);
+    let t = &fx.large;
+    let mut o = open(server.addr, &t.key, 4);
+    assert_eq!(
+        o.ext().reqq,
+        Some(8),
+        "reqq advertises --requests-queued-max"
+    );
+
+    const N: usize = 1000;
+    o.peer
+        .send(&requests(o.server_id, std::iter::repeat_n(0u32, N)));
+    let (mut data, mut rejects, mut order) = (0usize, 0usize, String::new());
+    for i in 0..N {
+        let m = match o.peer.recv(Duration::from_secs(10)) {
+            Recv::Msg(m) => m,
+            other => panic!("answer {i} of {N}: {other:?} (data {data}, rejects {rejects})"),
+        };
+        if matches!(m.frame(), Frame::KeepAlive) {
+            continue;
+        }
+        let (id, msg, block) = m.metadata();
+        assert_eq!(id, 4);
+        match msg {
+            MetadataMsg::Data {
+                piece: 0,
+                total_size,
+            } => {
+                assert_eq!(total_size, t.info.len() as u64);
+                assert!(block == t.info[..PIECE]);
+                data += 1;
+                order.push('D');
+            }
+            MetadataMsg::Reject { piece: 0 } => {
+                rejects += 1;
+                order.push('r');
+            }
+            other => panic!("answer {i}: {other:?}"),
+        }
+    }
+    let runs = compress_runs(&order);
+    assert_eq!(
+        (data, rejects),
+        (8, N - 8),
+        "1000 requests in one write with reqq 8: exactly the first 8 answered with data; \
+         answer pattern (run-length): {runs}"
+    );
+    assert!(order.starts_with("DDDDDDDD"), "{runs}");
+    o.peer
+        .assert_quiet(Duration::from_millis(200), "after the flood's answers");
+    // The connection still serves.
+    fetch_all(&mut o, t, 4);
+}
+
+/// Same with the default cap (250): 2000 requests for piece 0 in one 62 KB write (one
+/// loopback segment) must not become 2000 blocks (32 MiB) of replies.
+#[test]
+fn flood_beyond_the_default_reqq_is_rejected() {
+    let fx = fixture();
+    let server = serve(&fx, &[]);
+    let t = &fx.large;
+    let mut o = open(server.addr, &t.key, 4);
+    let reqq = limits::REQUESTS_QUEUED_MAX;
+    assert_eq!(o.ext().reqq, Some(reqq as u32));
+
+    const N: usize = 2000;
+    o.peer
+        .send(&requests(o.server_id, std::iter::repeat_n(0u32, N)));
+    let (mut data, mut rejects, mut order) = (0usize, 0usize, String::new());
+    for i in 0..N {
+        let m = match o.peer.recv(Duration::from_secs(10)) {
+            Recv::Msg(m) => m,
+            other => panic!("answer {i} of {N}: {other:?} (data {data}, rejects {rejects})"),
+        };
+        if matches!(m.frame(), Frame::KeepAlive) {
+            continue;
+        }
+        match m.metadata().1 {
+            MetadataMsg::Data { piece: 0, .. } => {
+                data += 1;
+                order.push('D');
+            }
+            MetadataMsg::Reject { piece: 0 } => {
+                rejects += 1;
+                order.push('r');
+            }
+            other => panic!("answer {i}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        (data, rejects),
+        (reqq, N - reqq),
+        "{N} requests in one write with the default reqq {reqq}; answer pattern \
+         (run-length): {}",
+        compress_runs(&order)
+    );
+}
+
+fn compress_runs(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        let mut n = 1;
+        while chars.peek() == Some(&c) {
+            chars.next();
+            n += 1;
+        }
+        out.push_str(&format!("{n}{c} "));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// 7-10: peers the server must drop.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn unknown_info_hash_is_closed_without_a_handshake() {
+    let fx = fixture();
+    let server = serve(&fx, &[]);
+    for len in [48, 68] {
+        let mut p = Peer::connect(server.addr);
+        p.send(&handshake(reserved(true), &[0xab; 20])[..len]);
+        let (got, _) = p.closed_within(PROMPT, "unknown info-hash");
+        assert!(
+            got.is_empty(),
+            "nothing may be sent for an unknown info-hash, got {got:?}"
+        );
+    }
+    // The server is fine afterwards.
+    let mut o = open(server.addr, &fx.small.key, 1);
+    fetch_all(&mut o, &fx.small, 1);
+}
+
+#[test]
+fn peer_without_extension_protocol_is_closed() {
+    let fx = fixture();
+    let server = serve(&fx, &[]);
+    for reserved in [[0u8; 8], [0, 0, 0, 0, 0, 0, 0, 0x05]] {
+        let mut p = Peer::connect(server.addr);
+        p.send(&handshake(Reserved(reserved), &fx.small.key));
+        let (got, _) = p.closed_within(PROMPT, "peer without BEP 10");
+        assert!(
+            got.is_empty() || got.len() == HANDSHAKE_LEN,
+            "at most our handshake, no extension messages: {} bytes {got:?}",
+            got.len()
+        );
+        if got.len() == HANDSHAKE_LEN {
+            assert_eq!(&got[28..48], &fx.small.key);
+        }
+    }
+}
+
+#[test]
+fn garbage_instead_of_a_handshake_is_closed_at_once() {
+    let fx = fixture();
+    // Default handshake timeout (10 s): a close within 2 s is the parser, not the timer.
+    let server = serve(&fx, &[]);
+    for garbage in [
+        &b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"[..],
+        b"GET ",
+        b"\x13BitTorrent protocoX",
+        // An MSE (encrypted) start: 96 random-looking bytes.
+        &[0x8f; 96][..],
+    ] {
+        let mut p = Peer::connect(server.addr);
+        p.send(garbage);
+        let (got, took) = p.closed_within(Duration::from_secs(2), "garbage");
+        assert!(got.is_empty(), "{garbage:?}: got {got:?}");
+        assert!(took < Duration::from_secs(2), "{garbage:?}: {took:?}");
+    }
+}
+
+#[test]
+fn huge_length_prefix_closes_only_that_connection() {
+    let fx = fixture();
+    let server = serve(&fx, &[]);
+    let too_big = (limits::FRAME_BYTES_MAX + 1) as u32;
+    for prefix in [u32::MAX, 1 << 31, too_big] {
+        let mut o = open(server.addr, &fx.large.key, 1);
+        o.peer.send(&prefix.to_be_bytes());
+        let (got, took) = o.peer.closed_within(PROMPT, "huge length prefix");
+        assert!(got.is_empty(), "prefix {prefix}: got {got:?}");
+        assert!(took < Duration::from_secs(3), "prefix {prefix}: {took:?}");
+        // A normal client on a new connection is still served.
+        let mut o = open(server.addr, &fx.large.key, 2);
+        fetch_all(&mut o, &fx.large, 2);
+    }
+    // A request behind the bad prefix in the same write is never answered.
+    let mut o = open(server.addr, &fx.large.key, 3);
+    let mut wire = u32::MAX.to_be_bytes().to_vec();
+    wire.extend(request(o.server_id, 0));
+    o.peer.send(&wire);
+    let (got, _) = o.peer.closed_within(PROMPT, "huge prefix before a request");
+    assert!(
+        got.is_empty(),
+        "no reply for requests after a bad frame: {got:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 11: timeouts and keep-alives.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn handshake_timeout_idle_timeout_and_keepalives() {
+    let fx = fixture();
+    let server = serve(
+        &fx,
+        &[
+            "--handshake-timeout-ms",
+            "300",
+            "--keepalive-interval-ms",
+            "200",
+            "--idle-timeout-ms",
+            "1500",
+        ],
+    );
+    let addr = server.addr;
+
+    // Run the three slow cases side by side.
+    let silent = std::thread::spawn(move || {
+        // Connect and send nothing; then send 47 of the 48 head bytes and stop.
+        let mut p = Peer::connect(addr);
+        let (got, took) = p.closed_within(Duration::from_secs(5), "silent connection");
+        assert!(got.is_empty());
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_secs(3),
+            "handshake timeout 300 ms, closed after {took:?}"
+        );
+    });
+    let key = fx.small.key;
+    let partial = std::thread::spawn(move || {
+        let mut p = Peer::connect(addr);
+        p.send(&handshake(reserved(false), &key)[..47]);
+        let (got, took) = p.closed_within(Duration::from_secs(5), "partial head");
+        assert!(got.is_empty());
+        assert!(
+            took >= Duration::from_millis(150) && took < Duration::from_secs(3),
+            "partial head: closed after {took:?}"
+        );
+    });
+
+    // After the handshake we stay silent: keep-alives, then the idle close.
+    let key = fx.small.key;
+    let idle = std::thread::spawn(move || {
+        let mut o = open(addr, &key, 1);
+        let start = Instant::now();
+        let mut keepalives = Vec::new();
+        let closed_at = loop {
+            match o.peer.recv(Duration::from_secs(6)) {
+                Recv::Msg(m) => {
+                    assert!(matches!(m.frame(), Frame::KeepAlive), "{m:?}");
+                    keepalives.push(start.elapsed());
+                }
+                Recv::Closed => break start.elapsed(),
+                Recv::Timeout => panic!("not closed by the 1.5 s idle timeout within 6 s"),
+            }
+            assert!(keepalives.len() < 1000);
+        };
+        assert!(
+            !keepalives.is_empty(),
+            "at least one keep-alive before the idle close"
+        );
+        assert!(
+            keepalives[0] >= Duration::from_millis(100),
+            "{keepalives:?}"
+        );
+        assert!(keepalives.iter().all(|&k| k <= closed_at));
+        assert!(
+            closed_at >= Duration::from_millis(1200) && closed_at < Duration::from_secs(5),
+            "idle timeout 1.5 s, closed after {closed_at:?} (keep-alives at {keepalives:?})"
+        );
+    });
+
+    // A peer that keeps talking (its own keep-alives every 300 ms) is not idle.
+    let key = fx.small.key;
+    let chatty = std::thread::spawn(move || {
+        let mut o = open(addr, &key, 1);
+        let mut ka = Vec::new();
+        encode_keepalive(&mut ka);
+        let start = Instant::now();
+        for _ in 0..100 {
+            if start.elapsed() >= Duration::from_millis(2600) {
+                break;
+            }
+            o.peer.send(&ka);
+            o.peer
+                .assert_quiet(Duration::from_millis(300), "peer sending keep-alives");
+        }
+        o.peer.send(&request(o.server_id, 0));
+        let (id, msg, _) = o.peer.msg_skipping_keepalives("after 2.6 s").metadata();
+        assert_eq!(id, 1);
+        assert!(matches!(msg, MetadataMsg::Data { piece: 0, .. }));
+    });
+
+    silent.join().expect("silent connection");
+    partial.join().expect("partial head");
+    idle.join().expect("idle timeout");
+    chatty.join().expect("chatty peer");
+}
+
+// ---------------------------------------------------------------------------------------
+// 12: connection caps.
+// ---------------------------------------------------------------------------------------
+
+fn from(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, last)
+}
+
+#[test]
+fn per_ip_connection_cap() {
+    let fx = fixture();
+    let server = serve(&fx, &["--connections-per-ip-max", "3"]);
+    let addr = server.addr;
+    let t = &fx.small;
+    let mut held: Vec<Opened> = (0..3).map(|_| open(addr, &t.key, 1)).collect();
+
+    // The 4th from 127.0.0.1 is closed at once, without a byte.
+    let mut fourth = Peer::connect(addr);
+    let (got, took) = fourth.closed_within(Duration::from_secs(3), "4th connection");
+    assert!(got.is_empty(), "{got:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+
+    // The first three are still served.
+    for o in &mut held {
+        fetch_all(o, t, 1);
+    }
+
+    // Another address is not affected.
+    let mut first = handshake(reserved(false), &t.key);
+    first.extend(ext_handshake(Some(1)));
+    let mut other = open_with(Peer::connect_from(from(2), addr), &first);
+    fetch_all(&mut other, t, 1);
+    assert_eq!(other.ext().yourip, Some(IpAddr::V4(from(2))));
+
+    // Closing one frees its slot.
+    drop(held.remove(0));
+    let mut again = admitted_eventually(|| Peer::connect(addr), &t.key, "after a close");
+    fetch_all(&mut again, t, 1);
+}
+
+#[test]
+fn global_connection_cap() {
+    let fx = fixture();
+    let server = serve(&fx, &["--connections-max", "2"]);
+    let addr = server.addr;
+    let t = &fx.small;
+    let mut first = handshake(reserved(false), &t.key);
+    first.extend(ext_handshake(Some(1)));
+    let mut a = open_with(Peer::connect_from(from(1), addr), &first);
+    let b = open_with(Peer::connect_from(from(2), addr), &first);
+
+    let mut third = Peer::connect_from(from(3), addr);
+    let (got, took) = third.closed_within(Duration::from_secs(3), "3rd connection, cap 2");
+    assert!(got.is_empty(), "{got:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+
+    fetch_all(&mut a, t, 1);
+    drop(b);
+    let mut c = admitted_eventually(
+        || Peer::connect_from(from(3), addr),
+        &t.key,
+        "after a close, cap 2",
+    );
+    fetch_all(&mut c, t, 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// 13: a later extension handshake changes or disables our id.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn later_extension_handshake_changes_or_disables_our_id() {
+    let fx = fixture();
+    let server = serve(&fx, &[]);
+    let t = &fx.large;
+    let mut o = open(server.addr, &t.key, 7);
+    fetch(&mut o, t, 7, &[0]);
+
+    // New id: answers use it.
+    o.peer.send(&ext_handshake(Some(99)));
+    fetch(&mut o, t, 99, &[1, 2]);
+
+    // New id and requests in the same write: the handshake applies to what follows it.
+    let mut wire = ext_handshake(Some(200));
+    wire.extend(request(o.server_id, 3));
+    o.peer.send(&wire);
+    let (id, msg, _) = o.peer.msg_skipping_keepalives("id 200").metadata();
+    assert_eq!(
+        (id, msg),
+        (
+            200,
+            MetadataMsg::Data {
+                piece: 3,
+                total_size: t.info.len() as u64
+            }
+        )
+    );
+
+    // ut_metadata 0 disables: requests get no reply, the connection stays open.
+    o.peer.send(&ext_handshake(Some(0)));
+    o.peer.send(&requests(o.server_id, [0, 1, 99]));
+    o.peer
+        .assert_quiet(Duration::from_millis(400), "requests after ut_metadata 0");
+
+    // A later handshake that omits ut_metadata from `m` also disables it (the full `m`
+    // is repeated every time, DESIGN.md point 5).
+    o.peer.send(&ext_handshake(Some(11)));
+    fetch(&mut o, t, 11, &[4]);
+    o.peer.send(&ext_handshake(None));
+    o.peer.send(&request(o.server_id, 0));
+    o.peer.assert_quiet(
+        Duration::from_millis(300),
+        "requests after m without ut_metadata",
+    );
+
+    // Re-enabled: served again on the same connection.
+    o.peer.send(&ext_handshake(Some(1)));
+    fetch_all(&mut o, t, 1);
+}
