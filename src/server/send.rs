@@ -28,6 +28,8 @@ pub struct OutBatch {
     head_mark: usize,
     parts: Vec<Part>,
     iov: Vec<libc::iovec>,
+    /// iovecs before this index have been written (see `consume`).
+    iov_sent: usize,
     record: Option<RecordRef>,
     blocks: usize,
     payload_bytes: usize,
@@ -46,6 +48,7 @@ impl OutBatch {
             head_mark: 0,
             parts: Vec::new(),
             iov: Vec::new(),
+            iov_sent: 0,
             record: None,
             blocks: 0,
             payload_bytes: 0,
@@ -96,6 +99,7 @@ impl OutBatch {
     pub fn seal(&mut self) {
         self.close_head();
         self.iov.clear();
+        self.iov_sent = 0;
         let info = self.record.as_ref().map(|r| r.info());
         for part in &self.parts {
             let bytes: &[u8] = match part {
@@ -113,9 +117,32 @@ impl OutBatch {
         );
     }
 
-    /// Total bytes the sealed batch sends.
+    /// Bytes of the sealed batch not written yet.
     pub fn len(&self) -> usize {
-        self.iov.iter().map(|v| v.iov_len).sum()
+        self.iov[self.iov_sent..].iter().map(|v| v.iov_len).sum()
+    }
+
+    /// True once every sealed byte has been written.
+    pub fn is_sent(&self) -> bool {
+        self.iov_sent == self.iov.len()
+    }
+
+    /// Marks `n` more bytes as written after a short writev: whole iovecs are skipped and
+    /// a partly written one is advanced in place. (monoio 0.2.4's own
+    /// `write_vectored_all` computes the advanced pointer but never stores it, so a short
+    /// write would resend bytes and then panic; we keep our own loop.)
+    pub fn consume(&mut self, mut n: usize) {
+        while n > 0 {
+            let v = &mut self.iov[self.iov_sent];
+            if n < v.iov_len {
+                // SAFETY: n < iov_len, so the new base stays inside the same buffer.
+                v.iov_base = unsafe { (v.iov_base as *mut u8).add(n) } as *mut libc::c_void;
+                v.iov_len -= n;
+                return;
+            }
+            n -= v.iov_len;
+            self.iov_sent += 1;
+        }
     }
 
     /// The sealed iovecs (tests check where they point).
@@ -129,6 +156,7 @@ impl OutBatch {
         self.head_mark = 0;
         self.parts.clear();
         self.iov.clear();
+        self.iov_sent = 0;
         self.record = None;
         self.blocks = 0;
         self.payload_bytes = 0;
@@ -140,10 +168,10 @@ impl OutBatch {
 // moves while the batch is owned by the write operation.
 unsafe impl IoVecBuf for OutBatch {
     fn read_iovec_ptr(&self) -> *const libc::iovec {
-        self.iov.as_ptr()
+        self.iov[self.iov_sent..].as_ptr()
     }
     fn read_iovec_len(&self) -> usize {
-        self.iov.len()
+        self.iov.len() - self.iov_sent
     }
 }
 
@@ -238,6 +266,23 @@ mod tests {
             }
         }
         assert_eq!(rebuilt, info);
+
+        // A short write resumes at the right byte, across and inside iovecs.
+        let total = batch.len();
+        let mut resumed = Vec::new();
+        let mut step = 1;
+        while !batch.is_sent() {
+            let v = batch.iovecs()[batch.iov_sent];
+            let n = step.min(v.iov_len);
+            // SAFETY: as above.
+            resumed.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(v.iov_base as *const u8, n)
+            });
+            batch.consume(n);
+            step = step * 3 % 20_011 + 1;
+        }
+        assert_eq!(resumed.len(), total);
+        assert_eq!(resumed, wire);
 
         batch.clear();
         assert!(batch.is_empty());

@@ -17,7 +17,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use monoio::buf::IoBufMut;
-use monoio::io::{CancelableAsyncReadRent, CancelableAsyncWriteRentExt, Canceller};
+use monoio::io::{CancelableAsyncReadRent, CancelableAsyncWriteRent, Canceller};
 use monoio::net::TcpStream;
 use monoio::time::Instant;
 
@@ -35,6 +35,13 @@ use crate::wire::{
 
 /// The id peers must use for ut_metadata messages they send us (the same as libtorrent's).
 pub const OUR_UT_METADATA_ID: u8 = 2;
+
+/// Free room for each ordinary read: enough for a handshake plus a few requests.
+const READ_SPARE_MIN: usize = limits::READ_BUFFER_BYTES_INITIAL / 2;
+
+/// The smallest ut_metadata request frame: length (4) + id 20 + ext id +
+/// `d8:msg_typei0e5:piecei0ee` (25).
+const REQUEST_FRAME_BYTES_MIN: usize = 31;
 
 /// `v` in our extension handshake.
 pub const CLIENT_VERSION: &str = concat!("magnetar ", env!("CARGO_PKG_VERSION"));
@@ -61,7 +68,11 @@ pub enum SessionEnd {
 }
 
 enum ReadOutcome {
-    Data,
+    /// Bytes arrived; `filled` = they filled all the spare room, so more may be queued in
+    /// the socket (the peer's burst goes on).
+    Data {
+        filled: bool,
+    },
     Eof,
     Deadline,
     Failed,
@@ -69,12 +80,18 @@ enum ReadOutcome {
 
 /// Reads more bytes into the spare capacity of `buf` unless `deadline` passes first.
 /// Uses a cancelable read so that bytes which race with the deadline are kept, never lost.
-async fn read_before(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instant) -> ReadOutcome {
+async fn read_before(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+    spare_min: usize,
+) -> ReadOutcome {
     let mut owned = std::mem::take(buf);
-    if owned.capacity() - owned.len() < limits::READ_BUFFER_BYTES_INITIAL / 2 {
-        owned.reserve(limits::READ_BUFFER_BYTES_INITIAL);
+    if owned.capacity() - owned.len() < spare_min {
+        owned.reserve(spare_min);
     }
     let len = owned.len();
+    let spare = owned.capacity() - len;
     let canceller = Canceller::new();
     let mut read = pin!(stream.cancelable_read(owned.slice_mut(len..), canceller.handle()));
     let first = monoio::select! {
@@ -91,43 +108,55 @@ async fn read_before(stream: &mut TcpStream, buf: &mut Vec<u8>, deadline: Instan
     *buf = slice.into_inner();
     match res {
         Ok(0) => ReadOutcome::Eof,
-        Ok(_) => ReadOutcome::Data,
+        Ok(n) => ReadOutcome::Data { filled: n == spare },
         Err(_) if timed_out => ReadOutcome::Deadline,
         Err(_) => ReadOutcome::Failed,
     }
 }
 
-/// Writes the whole sealed batch unless `deadline` passes first (a peer that stops
-/// reading cannot hold the session forever). Returns the batch for reuse.
+/// Writes the whole batch unless `deadline` passes first (a peer that stops reading
+/// cannot hold the session forever). Short writes resume where they stopped. Returns the
+/// batch, cleared, for reuse.
 async fn write_before(
     stream: &mut TcpStream,
     mut batch: OutBatch,
     deadline: Instant,
 ) -> (io::Result<()>, OutBatch) {
     batch.seal();
-    let canceller = Canceller::new();
-    let mut write = pin!(CancelableAsyncWriteRentExt::write_vectored_all(
-        stream,
-        batch,
-        canceller.handle()
-    ));
-    let first = monoio::select! {
-        r = &mut write => Some(r),
-        _ = monoio::time::sleep_until(deadline) => None,
-    };
-    let (res, mut batch) = match first {
-        Some(r) => r,
-        None => {
-            let _ = canceller.cancel();
-            let (_, b) = write.await;
-            (
-                Err(io::Error::new(io::ErrorKind::TimedOut, "write deadline")),
-                b,
-            )
+    while !batch.is_sent() {
+        let canceller = Canceller::new();
+        let mut write = pin!(stream.cancelable_writev(batch, canceller.handle()));
+        let first = monoio::select! {
+            r = &mut write => Some(r),
+            _ = monoio::time::sleep_until(deadline) => None,
+        };
+        let (res, b) = match first {
+            Some(r) => r,
+            None => {
+                let _ = canceller.cancel();
+                let (_, b) = write.await;
+                (
+                    Err(io::Error::new(io::ErrorKind::TimedOut, "write deadline")),
+                    b,
+                )
+            }
+        };
+        batch = b;
+        match res {
+            Ok(0) => {
+                batch.clear();
+                return (Err(io::ErrorKind::WriteZero.into()), batch);
+            }
+            Ok(n) => batch.consume(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                batch.clear();
+                return (Err(e), batch);
+            }
         }
-    };
+    }
     batch.clear();
-    (res.map(|_| ()), batch)
+    (Ok(()), batch)
 }
 
 /// Per-connection protocol state after the handshake.
@@ -136,6 +165,12 @@ struct Conn<'a> {
     record: RecordRef,
     /// The peer's id for ut_metadata (from its extension handshake); None = cannot send.
     peer_ut_metadata: Option<u8>,
+    /// Requests in the peer's current pipelined burst: the requests of consecutive reads
+    /// that each filled the read buffer (more was waiting in the socket), i.e. sent
+    /// without waiting for our answers. Past `requests_queued_max` (our advertised reqq)
+    /// they are rejected. Counting per read instead would let a burst through in
+    /// buffer-sized slices and make the cap meaningless.
+    burst_requests: usize,
 }
 
 impl Conn<'_> {
@@ -144,7 +179,6 @@ impl Conn<'_> {
     fn handle_frames(&mut self, buf: &[u8], out: &mut OutBatch) -> Result<usize, SessionEnd> {
         let stats = &self.ctx.stats;
         let mut pos = 0;
-        let mut requests = 0usize;
         loop {
             let (frame, n) = match decode_frame(&buf[pos..]) {
                 Ok(Decoded::Done(frame, n)) => (frame, n),
@@ -170,8 +204,8 @@ impl Conn<'_> {
                 } => {
                     match decode_metadata(payload) {
                         Ok((MetadataMsg::Request { piece }, _)) => {
-                            requests += 1;
-                            self.answer_request(piece, requests, out);
+                            self.burst_requests += 1;
+                            self.answer_request(piece, out);
                         }
                         // Data or reject sent to a seeder-only peer: nothing to do.
                         Ok(_) => {}
@@ -189,7 +223,7 @@ impl Conn<'_> {
         }
     }
 
-    fn answer_request(&mut self, piece: u32, nth: usize, out: &mut OutBatch) {
+    fn answer_request(&mut self, piece: u32, out: &mut OutBatch) {
         let stats = &self.ctx.stats;
         let Some(peer_id) = self.peer_ut_metadata else {
             // We cannot address a reply without the peer's id; it broke BEP 10 ordering.
@@ -197,7 +231,7 @@ impl Conn<'_> {
             return;
         };
         let total = self.record.len();
-        if nth > self.ctx.cfg.requests_queued_max {
+        if self.burst_requests > self.ctx.cfg.requests_queued_max {
             stats.rejects_flood.inc();
             encode_metadata_reject(out.head(), peer_id, piece);
             return;
@@ -232,8 +266,8 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<WorkerCtx>) ->
                 return SessionEnd::HandshakeInvalid;
             }
         }
-        match read_before(&mut stream, &mut rbuf, handshake_deadline).await {
-            ReadOutcome::Data => {}
+        match read_before(&mut stream, &mut rbuf, handshake_deadline, READ_SPARE_MIN).await {
+            ReadOutcome::Data { .. } => {}
             ReadOutcome::Eof => return SessionEnd::PeerClosed,
             ReadOutcome::Failed => return SessionEnd::IoError,
             ReadOutcome::Deadline => {
@@ -287,8 +321,15 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<WorkerCtx>) ->
         ctx: &ctx,
         record,
         peer_ut_metadata: None,
+        burst_requests: 0,
     };
+    // Whether the last read filled the buffer (the peer's burst may go on).
+    let mut burst_goes_on = false;
+    let burst_spare = (cfg.requests_queued_max + 1) * REQUEST_FRAME_BYTES_MIN;
     loop {
+        if !burst_goes_on {
+            conn.burst_requests = 0;
+        }
         let skip = peer_id_left.min(rbuf.len());
         peer_id_left -= skip;
         let consumed = match conn.handle_frames(&rbuf[skip..], &mut out) {
@@ -322,15 +363,18 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<WorkerCtx>) ->
         loop {
             let idle_deadline = last_rx + cfg.idle_timeout;
             let keepalive_deadline = last_tx + cfg.keepalive_interval;
-            match read_before(
-                &mut stream,
-                &mut rbuf,
-                idle_deadline.min(keepalive_deadline),
-            )
-            .await
-            {
-                ReadOutcome::Data => {
+            // While a burst goes on, make room for a whole reqq of requests at once, so
+            // the cap sees the burst in as few reads as the socket allows.
+            let spare_min = if burst_goes_on {
+                burst_spare
+            } else {
+                READ_SPARE_MIN
+            };
+            let deadline = idle_deadline.min(keepalive_deadline);
+            match read_before(&mut stream, &mut rbuf, deadline, spare_min).await {
+                ReadOutcome::Data { filled } => {
                     last_rx = Instant::now();
+                    burst_goes_on = filled;
                     break;
                 }
                 ReadOutcome::Eof => return SessionEnd::PeerClosed,

@@ -91,6 +91,8 @@ core_stats! {
     timeouts_idle,
     /// Keep-alives we sent.
     keepalives_sent,
-    /// writev calls that sent blocks (one per pipelined batch).
+    /// writev batches that carried blocks (one per pipelined batch).
     block_writes,
+    /// Sessions that panicked (a bug): closed, the worker goes on.
+    session_panics,
 }

@@ -3,9 +3,13 @@
 //! session. Nothing here is shared with other workers except the store (read-only mmap
 //! plus an index read lock per handshake) and the connection limiter.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use monoio::net::TcpListener;
@@ -167,9 +171,34 @@ async fn accept_loop(listener: TcpListener, ctx: Rc<WorkerCtx>, limiter: Arc<Con
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         monoio::spawn(async move {
-            let _end = session::run(stream, peer, ctx.clone()).await;
+            // A bug in one session must not take the core down with it: catch the panic,
+            // count it, and close only that connection (the stream drops with the future).
+            if CatchUnwind(session::run(stream, peer, ctx.clone()))
+                .await
+                .is_err()
+            {
+                ctx.stats.session_panics.inc();
+                tracing::error!(%peer, "session panicked; connection closed, worker goes on");
+            }
             ctx.stats.connections_closed.inc();
             drop(permit);
         });
+    }
+}
+
+/// Polls a future inside `catch_unwind`; a panic ends the future with `Err`.
+struct CatchUnwind<F>(F);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // SAFETY: structural pinning of the only field; it is never moved out.
+        let inner = unsafe { self.map_unchecked_mut(|s| &mut s.0) };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_) => Poll::Ready(Err(())),
+        }
     }
 }
