@@ -218,7 +218,11 @@ fn parse_info_hash(s: &str) -> anyhow::Result<Vec<u8>> {
 
 fn magnet(args: MagnetArgs) -> anyhow::Result<()> {
     let key = parse_info_hash(&args.info_hash)?;
-    let store = open_store(&args.data_dir.resolve(), SyncPolicy::Batch)?;
+    let dir = args.data_dir.resolve();
+    // Read-only: no lock, so this works beside a running `magnetar serve`.
+    let (store, report) = Store::open_read_only(&dir)
+        .with_context(|| format!("opening the store in {} (read-only)", dir.display()))?;
+    tracing::info!(dir = %dir.display(), "store read: {report}");
     let record = if key.len() == 32 {
         store.lookup_v2(&key.try_into().expect("32 bytes"))
     } else {

@@ -5,18 +5,21 @@
 //! given; nothing here ever re-encodes an info dict, because a single changed byte changes the
 //! info-hash.
 //!
-//! Parsing is bendy's strict decoder with our depth cap. bendy insists on canonical bencode:
-//! dict keys sorted and unique, no leading zeros. Every torrent maker we know of emits that, and
-//! a dict that is not canonical is ambiguous (two `name` keys) or was hand-edited; we refuse it.
+//! Parsing is `wire::bencode`, the depth-capped scanner that also reads peer messages, not
+//! bendy: bendy refuses dicts with unsorted keys, which real .torrent files have and libtorrent
+//! accepts (the info-hash is over the raw bytes, so they are valid torrents); one scanner serves
+//! wire and store. What we do refuse is a key repeated in a dict we interpret (two `name`s, two
+//! files of one name in a directory, two `info`s in a .torrent): which one a client would use
+//! is ambiguous.
 
 use std::fmt;
 use std::ops::Range;
 
-use bendy::decoding::{Decoder, DictDecoder, ListDecoder, Object};
 use sha1::{Digest, Sha1};
 use sha2::Sha256;
 
-use crate::limits::{BENCODE_DEPTH_MAX, METADATA_BYTES_MAX};
+use crate::limits::METADATA_BYTES_MAX;
+use crate::wire::bencode::{self, BencodeError, Cursor, Dict, Value};
 
 /// BEP 52: v2 piece length is a power of two, at least 16 KiB.
 const V2_PIECE_LENGTH_MIN: u64 = 16 * 1024;
@@ -117,41 +120,87 @@ pub enum MetainfoError {
     NoVersion,
     #[error("no `info` dictionary in the .torrent")]
     NoInfo,
+    #[error("`{dict}` has the key `{key}` more than once")]
+    DuplicateKey { dict: &'static str, key: String },
 }
 
-impl From<bendy::decoding::Error> for MetainfoError {
-    fn from(e: bendy::decoding::Error) -> Self {
-        // bendy's Display may add a multi-line context; one line is enough for a log or a reply.
-        let text = e.to_string();
-        let first = text.lines().next().unwrap_or("");
-        MetainfoError::Bencode(first.to_owned())
+impl From<BencodeError> for MetainfoError {
+    fn from(e: BencodeError) -> Self {
+        MetainfoError::Bencode(e.to_string())
     }
 }
 
 type Result<T> = std::result::Result<T, MetainfoError>;
 
-fn decoder(bytes: &[u8]) -> Decoder<'_> {
-    Decoder::new(bytes).with_max_depth(BENCODE_DEPTH_MAX)
-}
+/// At most this many bytes of a key or an integer are quoted in an error: the input may be
+/// megabytes long, an error message need not be.
+const QUOTE_BYTES_MAX: usize = 40;
 
-fn as_bytes<'ser>(obj: Object<'_, 'ser>, field: &'static str) -> Result<&'ser [u8]> {
-    match obj {
-        Object::Bytes(b) => Ok(b),
-        _ => Err(MetainfoError::WrongType(field)),
+fn quote(bytes: &[u8]) -> String {
+    let cut = &bytes[..bytes.len().min(QUOTE_BYTES_MAX)];
+    let mut text = String::from_utf8_lossy(cut).into_owned();
+    if cut.len() < bytes.len() {
+        text.push('…');
     }
+    text
 }
 
-fn as_int(obj: Object<'_, '_>, field: &'static str) -> Result<i64> {
-    match obj {
-        Object::Integer(s) => s.parse().map_err(|_| MetainfoError::BadInteger(field)),
-        _ => Err(MetainfoError::WrongType(field)),
-    }
+fn as_bytes<'a>(value: Value<'a>, field: &'static str) -> Result<&'a [u8]> {
+    value.as_bytes().ok_or(MetainfoError::WrongType(field))
 }
 
-/// A non-negative integer (lengths, sizes).
-fn as_u64(obj: Object<'_, '_>, field: &'static str) -> Result<u64> {
-    let n = as_int(obj, field)?;
+fn as_int(value: Value<'_>, field: &'static str) -> Result<i64> {
+    let int = value.as_int().ok_or(MetainfoError::WrongType(field))?;
+    int.to_i64().ok_or(MetainfoError::BadInteger(field))
+}
+
+/// A non-negative integer that fits an i64 (lengths, sizes; libtorrent's are signed 64-bit).
+fn as_u64(value: Value<'_>, field: &'static str) -> Result<u64> {
+    let n = as_int(value, field)?;
     u64::try_from(n).map_err(|_| MetainfoError::BadInteger(field))
+}
+
+/// The keys of the dicts being read, innermost last, to refuse a key repeated in any of them.
+/// A dict's keys sit above those of the dicts it is nested in, so one vector serves a whole
+/// walk, however deep. Canonical bencode sorts keys, so closing a dict is almost always one
+/// comparison per key; only a dict with keys out of order is sorted to find repeats. (No
+/// second pass over the dict: that would scan its children again.)
+#[derive(Default)]
+struct KeyStack<'a> {
+    keys: Vec<&'a [u8]>,
+}
+
+impl<'a> KeyStack<'a> {
+    /// Starts a dict; pass the result to `close`.
+    fn open(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn push(&mut self, key: &'a [u8]) {
+        self.keys.push(key);
+    }
+
+    fn close(&mut self, opened: usize, what: &'static str) -> Result<()> {
+        let keys = &mut self.keys[opened..];
+        if !keys.windows(2).all(|pair| pair[0] < pair[1]) {
+            keys.sort_unstable();
+            if let Some(pair) = keys.windows(2).find(|pair| pair[0] == pair[1]) {
+                return Err(MetainfoError::DuplicateKey {
+                    dict: what,
+                    key: quote(pair[0]),
+                });
+            }
+        }
+        self.keys.truncate(opened);
+        Ok(())
+    }
+}
+
+/// The value after a key the cursor just read.
+fn value_of<'a>(cur: &mut Cursor<'a>, key: &[u8]) -> Result<Value<'a>> {
+    // Unreachable: the scanner refuses a dict with a key but no value.
+    cur.next_value()
+        .ok_or_else(|| MetainfoError::Bencode(format!("no value for `{}`", quote(key))))
 }
 
 /// Parse, check and hash a raw bencoded info dict. The bytes must be exactly one dictionary.
@@ -162,39 +211,20 @@ pub fn validate_info(info: &[u8]) -> Result<InfoSummary> {
             max: METADATA_BYTES_MAX,
         });
     }
-    let mut dec = decoder(info);
-    let fields = {
-        let dict = match dec.next_object()? {
-            None => return Err(MetainfoError::Empty),
-            Some(Object::Dict(d)) => d,
-            Some(_) => return Err(MetainfoError::NotADict("info")),
-        };
-        read_info_fields(dict)?
-    };
-    // The dict consumed its closing `e`; anything after it is not part of the info dict and
-    // would make "the bytes we hash" differ from "the dict we parsed".
-    let consumed = match dec.next_object() {
-        Ok(None) => None,
-        // `Ok(Some(_))` or an error both mean more bytes; report how many.
-        _ => Some(()),
-    };
-    if consumed.is_some() {
-        let end = dict_end(info)?;
+    if info.is_empty() {
+        return Err(MetainfoError::Empty);
+    }
+    // Validates all of it (syntax, depth cap, string lengths) before anything is read.
+    let (value, len) = bencode::parse_prefix(info)?;
+    let dict = value.as_dict().ok_or(MetainfoError::NotADict("info"))?;
+    // Anything after the dict is not part of it and would make "the bytes we hash" differ
+    // from "the dict we parsed".
+    if len < info.len() {
         return Err(MetainfoError::TrailingBytes {
-            count: info.len() - end,
+            count: info.len() - len,
         });
     }
-    fields.into_summary(info)
-}
-
-/// Length of the first complete dict in `bytes` (used only to word a trailing-bytes error).
-fn dict_end(bytes: &[u8]) -> Result<usize> {
-    let mut dec = decoder(bytes);
-    let len = match dec.next_object()? {
-        Some(Object::Dict(d)) => d.into_raw()?.len(),
-        _ => return Err(MetainfoError::NotADict("info")),
-    };
-    Ok(len)
+    read_info_fields(&mut dict.cursor(), &mut KeyStack::default())?.into_summary(info)
 }
 
 #[derive(Default)]
@@ -212,64 +242,81 @@ struct InfoFields<'a> {
     private: bool,
 }
 
-fn read_info_fields<'ser>(mut dict: DictDecoder<'_, 'ser>) -> Result<InfoFields<'ser>> {
+/// Reads the info dict the cursor is in, to its end. `files` and `file tree` are stepped into
+/// rather than taken whole, so each byte is read once however deep the tree.
+fn read_info_fields<'a>(cur: &mut Cursor<'a>, keys: &mut KeyStack<'a>) -> Result<InfoFields<'a>> {
     let mut f = InfoFields::default();
-    while let Some((key, value)) = dict.next_pair()? {
+    let opened = keys.open();
+    while let Some(key) = cur.next_key() {
+        keys.push(key);
+        match key {
+            b"files" => {
+                if !cur.enter_list() {
+                    return Err(MetainfoError::WrongType("files"));
+                }
+                f.files = Some(read_v1_files(cur, keys)?);
+                continue;
+            }
+            b"file tree" => {
+                if !cur.enter_dict() {
+                    return Err(MetainfoError::WrongType("file tree"));
+                }
+                let mut acc = (0u64, 0u64);
+                walk_file_tree(cur, keys, &mut acc, true)?;
+                f.file_tree = Some(acc);
+                continue;
+            }
+            _ => {}
+        }
+        let value = value_of(cur, key)?;
         match key {
             b"name" => f.name = Some(as_bytes(value, "name")?),
             b"name.utf-8" => f.name_utf8 = Some(as_bytes(value, "name.utf-8")?),
             b"piece length" => f.piece_length = Some(as_int(value, "piece length")?),
             b"pieces" => f.pieces = Some(as_bytes(value, "pieces")?),
             b"length" => f.length = Some(as_u64(value, "length")?),
-            b"files" => match value {
-                Object::List(list) => f.files = Some(read_v1_files(list)?),
-                _ => return Err(MetainfoError::WrongType("files")),
-            },
             b"meta version" => {
-                f.meta_version = Some(match value {
-                    Object::Integer(s) => s
-                        .parse()
-                        .map_err(|_| MetainfoError::UnsupportedMetaVersion(s.to_owned()))?,
-                    _ => return Err(MetainfoError::WrongType("meta version")),
-                })
+                let int = value
+                    .as_int()
+                    .ok_or(MetainfoError::WrongType("meta version"))?;
+                let version = int
+                    .to_i64()
+                    .ok_or_else(|| MetainfoError::UnsupportedMetaVersion(quote(int.digits())))?;
+                f.meta_version = Some(version);
             }
-            b"file tree" => match value {
-                Object::Dict(tree) => {
-                    let mut acc = (0u64, 0u64);
-                    walk_file_tree(tree, &mut acc, true)?;
-                    f.file_tree = Some(acc);
-                }
-                _ => return Err(MetainfoError::WrongType("file tree")),
-            },
             // Anything other than the integer 1 is "not private" (BEP 27 only defines 1).
-            b"private" => f.private = matches!(value, Object::Integer("1")),
-            // Unknown keys are part of the hashed bytes; dropping the value skips it (bendy
-            // still checks its structure and depth).
+            b"private" => f.private = value.as_int().and_then(|i| i.to_i64()) == Some(1),
+            // Unknown keys are part of the hashed bytes; the scanner has already checked their
+            // structure and depth.
             _ => {}
         }
     }
+    // Any repeated key, known to us or not: some client would use the other value.
+    keys.close(opened, "info")?;
     Ok(f)
 }
 
-/// BEP 3 `files`: a list of `{length, path: [bytes...]}`. BEP 47 pad files (`attr` containing
-/// `p`) count towards the piece layout but are not content.
-fn read_v1_files(mut list: ListDecoder<'_, '_>) -> Result<(u64, u64, u64)> {
+/// BEP 3 `files` (the cursor is in the list): `{length, path: [bytes...]}` entries. BEP 47
+/// pad files (`attr` containing `p`) count towards the piece layout but are not content.
+fn read_v1_files<'a>(cur: &mut Cursor<'a>, keys: &mut KeyStack<'a>) -> Result<(u64, u64, u64)> {
     let (mut total, mut real_total, mut real_files, mut entries) = (0u64, 0u64, 0u64, 0u64);
-    while let Some(item) = list.next_object()? {
-        let mut entry = match item {
-            Object::Dict(d) => d,
-            _ => return Err(MetainfoError::NotADict("files entry")),
-        };
+    // An entry is small and flat, so it is read as a view: that scans it a fixed number of
+    // times, not once per level of anything.
+    while let Some(item) = cur.next_value() {
+        let entry = item
+            .as_dict()
+            .ok_or(MetainfoError::NotADict("files entry"))?;
         let (mut length, mut has_path, mut pad) = (None, false, false);
-        while let Some((key, value)) = entry.next_pair()? {
+        let opened = keys.open();
+        for (key, value) in entry {
+            keys.push(key);
             match key {
                 b"length" => length = Some(as_u64(value, "files.length")?),
                 b"path" => {
-                    let mut path = match value {
-                        Object::List(p) => p,
-                        _ => return Err(MetainfoError::WrongType("files.path")),
-                    };
-                    while let Some(component) = path.next_object()? {
+                    let path = value
+                        .as_list()
+                        .ok_or(MetainfoError::WrongType("files.path"))?;
+                    for component in path {
                         as_bytes(component, "files.path")?;
                     }
                     has_path = true;
@@ -278,6 +325,7 @@ fn read_v1_files(mut list: ListDecoder<'_, '_>) -> Result<(u64, u64, u64)> {
                 _ => {}
             }
         }
+        keys.close(opened, "files entry")?;
         let length = length.ok_or(MetainfoError::Missing("files.length"))?;
         if !has_path {
             return Err(MetainfoError::Missing("files.path"));
@@ -299,56 +347,71 @@ fn read_v1_files(mut list: ListDecoder<'_, '_>) -> Result<(u64, u64, u64)> {
     Ok((total, real_total, real_files))
 }
 
-/// BEP 52 `file tree`: a node is a dict; a file node's only key is "" mapping to
-/// `{length, pieces root}`, any other node is a directory of name -> node. Keys are sorted, so
-/// a file's "" key is always the first. Recursion is bounded by the decoder's depth cap.
-fn walk_file_tree(mut node: DictDecoder<'_, '_>, acc: &mut (u64, u64), root: bool) -> Result<()> {
-    let mut children = 0usize;
-    loop {
-        let file_length = {
-            let Some((name, value)) = node.next_pair()? else {
-                break;
-            };
-            let Object::Dict(value) = value else {
-                return Err(MetainfoError::BadFileTree("node is not a dictionary"));
-            };
-            if name.is_empty() {
-                if root {
-                    return Err(MetainfoError::BadFileTree("file at the root"));
-                }
-                debug_assert_eq!(children, 0, "sorted keys put \"\" first");
-                read_v2_file(value)?
-            } else {
-                walk_file_tree(value, acc, false)?;
-                children += 1;
-                continue;
+/// BEP 52 `file tree` (the cursor is in a node): a node is a dict; a file node's only key is
+/// "" mapping to `{length, pieces root}`, any other node is a directory of name -> node. Keys
+/// may come in any order, so "" is not necessarily first. Recursion is bounded by the
+/// scanner's depth cap, which `validate_info` checked before any walk starts.
+fn walk_file_tree<'a>(
+    cur: &mut Cursor<'a>,
+    keys: &mut KeyStack<'a>,
+    acc: &mut (u64, u64),
+    root: bool,
+) -> Result<()> {
+    let (mut file, mut children) = (None, 0usize);
+    let opened = keys.open();
+    while let Some(name) = cur.next_key() {
+        keys.push(name);
+        if name.is_empty() {
+            if root {
+                return Err(MetainfoError::BadFileTree("file at the root"));
             }
-        };
-        if node.next_pair()?.is_some() {
-            return Err(MetainfoError::BadFileTree("file node has other keys"));
+            if children > 0 {
+                return Err(MetainfoError::BadFileTree("file node has other keys"));
+            }
+            let props = value_of(cur, name)?
+                .as_dict()
+                .ok_or(MetainfoError::BadFileTree("node is not a dictionary"))?;
+            file = Some(props);
+        } else {
+            if file.is_some() {
+                return Err(MetainfoError::BadFileTree("file node has other keys"));
+            }
+            if !cur.enter_dict() {
+                return Err(MetainfoError::BadFileTree("node is not a dictionary"));
+            }
+            walk_file_tree(cur, keys, acc, false)?;
+            children += 1;
         }
-        acc.0 = acc
-            .0
-            .checked_add(file_length)
-            .ok_or(MetainfoError::SizeOverflow)?;
-        acc.1 += 1;
-        return Ok(());
     }
-    if children == 0 {
-        return Err(MetainfoError::BadFileTree("empty directory"));
+    // Two files or directories of one name: clients would disagree on the file list.
+    keys.close(opened, "file tree")?;
+    match file {
+        Some(props) => {
+            let length = read_v2_file(props, keys)?;
+            acc.0 = acc
+                .0
+                .checked_add(length)
+                .ok_or(MetainfoError::SizeOverflow)?;
+            acc.1 += 1;
+            Ok(())
+        }
+        None if children == 0 => Err(MetainfoError::BadFileTree("empty directory")),
+        None => Ok(()),
     }
-    Ok(())
 }
 
-fn read_v2_file(mut props: DictDecoder<'_, '_>) -> Result<u64> {
+fn read_v2_file<'a>(props: Dict<'a>, keys: &mut KeyStack<'a>) -> Result<u64> {
     let (mut length, mut root) = (None, None);
-    while let Some((key, value)) = props.next_pair()? {
+    let opened = keys.open();
+    for (key, value) in props {
+        keys.push(key);
         match key {
             b"length" => length = Some(as_u64(value, "file tree length")?),
             b"pieces root" => root = Some(as_bytes(value, "pieces root")?),
             _ => {}
         }
     }
+    keys.close(opened, "file tree file")?;
     let length = length.ok_or(MetainfoError::BadFileTree("file without length"))?;
     match root {
         Some(r) if r.len() != 32 => Err(MetainfoError::BadFileTree("pieces root is not 32 bytes")),
@@ -445,27 +508,33 @@ pub fn verify_info(info: &[u8], expected: &InfoHashes) -> bool {
 }
 
 /// Byte range of the raw `info` value inside a .torrent file (a top-level dict). The range is
-/// found by the decoder's own span, so the bytes are exactly what was hashed by the torrent's
-/// creator. Keys after `info` are not looked at (they do not affect the info-hash).
+/// the scanner's own span of the value, so the bytes are exactly what the torrent's creator
+/// hashed, whatever the key order. The whole .torrent is validated (a truncated file is
+/// refused, as libtorrent does); bytes after the top-level dict are ignored. Two `info` keys
+/// are refused: which one is the torrent would be ambiguous.
 pub fn info_span(torrent: &[u8]) -> Result<Range<usize>> {
-    let mut dec = decoder(torrent);
-    let mut top = match dec.next_object()? {
-        Some(Object::Dict(d)) => d,
-        None => return Err(MetainfoError::Empty),
-        Some(_) => return Err(MetainfoError::NotADict("torrent")),
-    };
-    while let Some((key, value)) = top.next_pair()? {
+    if torrent.is_empty() {
+        return Err(MetainfoError::Empty);
+    }
+    let (top, _) = bencode::parse_prefix(torrent)?;
+    let top = top.as_dict().ok_or(MetainfoError::NotADict("torrent"))?;
+    let mut info = None;
+    for (key, value) in top {
         if key == b"info" {
-            let Object::Dict(info) = value else {
-                return Err(MetainfoError::NotADict("info"));
-            };
-            let raw = info.into_raw()?;
-            // `raw` is a subslice of `torrent`; its offset is the pointer difference.
-            let start = raw.as_ptr() as usize - torrent.as_ptr() as usize;
-            return Ok(start..start + raw.len());
+            let dict = value.as_dict().ok_or(MetainfoError::NotADict("info"))?;
+            if info.replace(dict.raw()).is_some() {
+                return Err(MetainfoError::DuplicateKey {
+                    dict: "torrent",
+                    key: "info".to_owned(),
+                });
+            }
         }
     }
-    Err(MetainfoError::NoInfo)
+    let raw = info.ok_or(MetainfoError::NoInfo)?;
+    // `raw` is a subslice of `torrent`; its offset is the pointer difference.
+    let start = raw.as_ptr() as usize - torrent.as_ptr() as usize;
+    debug_assert!(start + raw.len() <= torrent.len());
+    Ok(start..start + raw.len())
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -501,6 +570,8 @@ pub fn build_torrent(info: &[u8], trackers: &[String]) -> Vec<u8> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::limits::BENCODE_DEPTH_MAX;
+    use crate::wire::test_rng::XorShift;
     use std::path::PathBuf;
 
     fn fixture(name: &str) -> (Vec<u8>, InfoHashes) {
@@ -609,15 +680,14 @@ pub(crate) mod tests {
         let (info, h) = fixture_info("hybrid_multi");
         let trackers = vec!["http://a/announce".to_owned(), "udp://b:1".to_owned()];
         let t = build_torrent(&info, &trackers);
-        // Canonical (bendy is strict about sorted keys), and the info bytes are untouched.
+        // One value, keys in canonical order, and the info bytes are untouched.
         let span = info_span(&t).unwrap();
         assert_eq!(&t[span.clone()], &info[..]);
         assert_eq!(validate_info(&t[span]).unwrap().hashes, h);
-        let mut d = decoder(&t);
-        let Some(Object::Dict(top)) = d.next_object().unwrap() else {
-            panic!()
-        };
-        assert_eq!(top.into_raw().unwrap().len(), t.len());
+        let (top, len) = bencode::parse_prefix(&t).unwrap();
+        assert_eq!(len, t.len());
+        let keys: Vec<_> = top.as_dict().unwrap().map(|(k, _)| k).collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
         assert!(t.starts_with(b"d8:announce17:http://a/announce13:announce-listll17:http"));
         let bare = build_torrent(&info, &[]);
         assert_eq!(info_span(&bare).unwrap(), 7..7 + info.len());
@@ -676,10 +746,10 @@ pub(crate) mod tests {
         );
         assert!(validate_info(b"le").is_err());
         assert!(validate_info(b"").is_err());
-        // Unsorted keys are not canonical bencode: refused (see module doc).
+        // Unsorted keys are accepted (see module doc); repeated ones are not.
         let unsorted =
             b"d4:name1:a6:lengthi5e12:piece lengthi16384e6:pieces20:aaaaaaaaaaaaaaaaaaaae";
-        assert!(validate_info(unsorted).is_err());
+        assert!(validate_info(unsorted).is_ok());
         // v2 without a pieces root for a non-empty file.
         let v2 =
             b"d9:file treed1:ad0:d6:lengthi5eeee12:meta versioni2e4:name1:a12:piece lengthi16384ee";
@@ -702,9 +772,22 @@ pub(crate) mod tests {
             bomb.extend(std::iter::repeat_n(b'l', depth));
             bomb.extend(std::iter::repeat_n(b'e', depth));
             bomb.push(b'e');
-            assert!(validate_info(&bomb).is_err());
-            assert!(info_span(&bomb).is_err());
+            let too_deep =
+                |r: Result<_>| matches!(r, Err(MetainfoError::Bencode(m)) if m.contains("deeper"));
+            assert!(too_deep(validate_info(&bomb).map(|_| ())), "{depth}");
+            let mut torrent = b"d4:info".to_vec();
+            torrent.extend_from_slice(&bomb);
+            torrent.push(b'e');
+            assert!(too_deep(info_span(&torrent).map(|_| ())), "{depth}");
         }
+        // Exactly at the cap (the info dict is level 1): accepted as an unknown key.
+        let mut at_cap = b"d1:x".to_vec();
+        at_cap.extend(std::iter::repeat_n(b'l', BENCODE_DEPTH_MAX - 1));
+        at_cap.extend(std::iter::repeat_n(b'e', BENCODE_DEPTH_MAX - 1));
+        at_cap.extend_from_slice(b"6:lengthi5e4:name1:a12:piece lengthi16384e6:pieces20:");
+        at_cap.extend_from_slice(&[0; 20]);
+        at_cap.push(b'e');
+        assert!(validate_info(&at_cap).is_ok());
         // A deep but legal v2 directory tree is fine.
         let mut deep = b"d9:file tree".to_vec();
         let levels = 20;
@@ -732,36 +815,238 @@ pub(crate) mod tests {
     fn random_and_mutated_bytes_never_panic() {
         let (info, _) = fixture_info("hybrid_multi");
         let (torrent, _) = fixture("hybrid_multi");
-        let mut x = 0x1234_5678_9abc_def1u64;
-        let mut rnd = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let unsorted = reversed_keys(&info);
+        let mut rng = XorShift::new(0x03e7_a1f0);
+        let mut accepted = 0;
         for _ in 0..20_000 {
-            let len = (rnd() % 300) as usize;
-            let bytes: Vec<u8> = (0..len).map(|_| rnd() as u8).collect();
+            let bytes = rng.bytes_below(300);
             let _ = validate_info(&bytes);
             let _ = info_span(&bytes);
             // Mutations of real input reach deeper into the parser than noise does.
-            for base in [&info, &torrent] {
-                let mut m = base.to_vec();
-                for _ in 0..1 + rnd() % 4 {
-                    let i = (rnd() as usize) % m.len();
-                    m[i] = rnd() as u8;
-                }
-                if rnd() % 4 == 0 {
-                    m.truncate((rnd() as usize) % m.len());
-                }
-                if validate_info(&m).is_ok() {
-                    let _ = verify_info(&m, &InfoHashes::default());
+            for base in [&info, &unsorted, &torrent] {
+                let m = rng.mutate(base);
+                if let Ok(s) = validate_info(&m) {
+                    // Whatever is accepted is hashed over exactly the bytes given.
+                    assert!(verify_info(&m, &s.hashes));
+                    accepted += 1;
                 }
                 if let Ok(r) = info_span(&m) {
+                    assert!(r.end <= m.len() && m[r.start] == b'd' && m[r.end - 1] == b'e');
                     let _ = validate_info(&m[r]);
                 }
             }
         }
+        assert!(
+            accepted > 100,
+            "mutations should sometimes stay valid: {accepted}"
+        );
+    }
+
+    /// The raw `key value` entries of a dict, in wire order.
+    fn raw_entries(dict: &[u8]) -> Vec<&[u8]> {
+        assert_eq!(dict[0], b'd');
+        let (mut entries, mut pos) = (Vec::new(), 1);
+        while dict[pos] != b'e' {
+            let key = bencode::value_len(&dict[pos..]).unwrap();
+            let value = bencode::value_len(&dict[pos + key..]).unwrap();
+            entries.push(&dict[pos..pos + key + value]);
+            pos += key + value;
+        }
+        entries
+    }
+
+    /// The same dict with its top-level entries in reverse order.
+    fn reversed_keys(dict: &[u8]) -> Vec<u8> {
+        let mut out = b"d".to_vec();
+        for entry in raw_entries(dict).into_iter().rev() {
+            out.extend_from_slice(entry);
+        }
+        out.push(b'e');
+        assert_eq!(out.len(), dict.len());
+        out
+    }
+
+    #[test]
+    fn unsorted_info_dict_validates_and_hashes_the_raw_bytes() {
+        for name in ["v1_multi", "v2_multi", "hybrid_multi"] {
+            let (info, _) = fixture_info(name);
+            let unsorted = reversed_keys(&info);
+            assert_ne!(unsorted, info);
+            let sorted = validate_info(&info).unwrap();
+            let s = validate_info(&unsorted).unwrap_or_else(|e| panic!("{name}: {e}"));
+            // The hash is over the bytes as given, not over a re-sorted encoding.
+            assert_eq!(s.hashes.v1.is_some(), sorted.hashes.v1.is_some(), "{name}");
+            assert_eq!(s.hashes.v2.is_some(), sorted.hashes.v2.is_some(), "{name}");
+            assert!(
+                s.hashes.v1.is_none_or(|h| h == sha1_of(&unsorted)),
+                "{name}"
+            );
+            assert!(
+                s.hashes.v2.is_none_or(|h| h == sha256_of(&unsorted)),
+                "{name}"
+            );
+            assert_ne!(s.hashes, sorted.hashes, "{name}");
+            let same_but_hashes = InfoSummary {
+                hashes: sorted.hashes,
+                ..s
+            };
+            assert_eq!(same_but_hashes, sorted, "{name}");
+        }
+        // Unsorted inside: a directory listed b before a, a file's properties reversed, and a
+        // file node whose "" key is not the first key of its directory's entry.
+        let v2 = b"d9:file treed1:bd0:d11:pieces root32:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\
+            6:lengthi7eee1:ad0:d6:lengthi0eeee12:meta versioni2e4:name1:x12:piece lengthi16384ee";
+        let s = validate_info(v2).unwrap();
+        assert_eq!((s.files, s.total_size), (2, 7));
+        assert_eq!(s.hashes.v2, Some(sha256_of(v2)));
+        // v1 `files` entries with `path` before `length`.
+        let v1 = b"d5:filesld4:pathl1:ae6:lengthi3eed4:pathl1:be6:lengthi4eee\
+            4:name1:x12:piece lengthi16384e6:pieces20:aaaaaaaaaaaaaaaaaaaae";
+        let s = validate_info(v1).unwrap();
+        assert_eq!((s.files, s.total_size), (2, 7));
+    }
+
+    #[test]
+    fn repeated_keys_are_refused() {
+        let dup = |dict: &'static str, key: &str| {
+            Err(MetainfoError::DuplicateKey {
+                dict,
+                key: key.to_owned(),
+            })
+        };
+        let pieces = "6:pieces20:aaaaaaaaaaaaaaaaaaaa";
+        let v1 = |keys: &str| format!("d{keys}12:piece lengthi16384e{pieces}e").into_bytes();
+        // Adjacent (sorted order otherwise) and apart (unsorted), known keys and unknown ones.
+        for (keys, key) in [
+            ("6:lengthi5e4:name1:a4:name1:b", "name"),
+            ("4:name1:a6:lengthi5e4:name1:a", "name"),
+            ("4:name1:a6:lengthi5e6:lengthi5e", "length"),
+            ("1:xi1e6:lengthi5e4:name1:a1:xi2e", "x"),
+        ] {
+            assert_eq!(
+                validate_info(&v1(keys)).map(|_| ()),
+                dup("info", key),
+                "{keys}"
+            );
+        }
+        let files = v1("5:filesld6:lengthi3e4:pathl1:ae6:lengthi9eee4:name1:a");
+        assert_eq!(
+            validate_info(&files).map(|_| ()),
+            dup("files entry", "length")
+        );
+        let tree = |inner: &str| {
+            format!("d9:file treed{inner}e12:meta versioni2e4:name1:x12:piece lengthi16384ee")
+                .into_bytes()
+        };
+        let empty_file = "d0:d6:lengthi0eee";
+        for (inner, dict, key) in [
+            (
+                format!("1:b{empty_file}1:a{empty_file}1:b{empty_file}"),
+                "file tree",
+                "b",
+            ),
+            (format!("1:a{empty_file}1:a{empty_file}"), "file tree", "a"),
+            (
+                "1:ad0:d6:lengthi0e6:lengthi0eee".to_owned(),
+                "file tree file",
+                "length",
+            ),
+        ] {
+            assert_eq!(
+                validate_info(&tree(&inner)).map(|_| ()),
+                dup(dict, key),
+                "{inner}"
+            );
+        }
+        // "" twice in one node is a file node with another key.
+        assert!(validate_info(&tree("1:ad0:d6:lengthi0ee0:d6:lengthi0eee")).is_err());
+        // A file node with a directory beside it, whichever comes first.
+        for inner in [
+            "1:ad0:d6:lengthi0ee1:bd0:d6:lengthi0eeee",
+            "1:ad1:bd0:d6:lengthi0eee0:d6:lengthi0eee",
+        ] {
+            assert_eq!(
+                validate_info(&tree(inner)).map(|_| ()),
+                Err(MetainfoError::BadFileTree("file node has other keys")),
+                "{inner}"
+            );
+        }
+        // A long repeated key is quoted, not copied whole, into the error.
+        let long = "k".repeat(1000);
+        let long_dup = v1(&format!("1000:{long}i1e6:lengthi5e4:name1:a1000:{long}i1e"));
+        let Err(MetainfoError::DuplicateKey { key, .. }) = validate_info(&long_dup) else {
+            panic!()
+        };
+        assert!(key.len() < 50 && key.ends_with('…'), "{key}");
+
+        // Two `info` dicts in one .torrent, in either order.
+        let (info, _) = fixture_info("v1_single");
+        let mut two = b"d4:info".to_vec();
+        two.extend_from_slice(&info);
+        two.extend_from_slice(b"8:announce3:x:14:info");
+        two.extend_from_slice(&info);
+        two.push(b'e');
+        assert_eq!(info_span(&two).map(|_| ()), dup("torrent", "info"));
+    }
+
+    #[test]
+    fn info_span_of_a_torrent_with_unsorted_keys() {
+        let (info, h) = fixture_info("hybrid_multi");
+        let unsorted_info = reversed_keys(&info);
+        // `info` first, then keys that sort before it, one with an unsorted dict inside.
+        let mut t = b"d4:info".to_vec();
+        t.extend_from_slice(&unsorted_info);
+        let after = b"8:announce9:udp://x:113:creation datei1e7:commentd1:zi1e1:ai2eee";
+        t.extend_from_slice(after);
+        let span = info_span(&t).unwrap();
+        assert_eq!(span, 7..7 + unsorted_info.len());
+        assert_eq!(&t[span.clone()], &unsorted_info[..]);
+        let s = validate_info(&t[span]).unwrap();
+        assert_eq!(s.hashes.v1, Some(sha1_of(&unsorted_info)));
+        assert_ne!(s.hashes, h);
+        // `info` last, after keys that sort after it.
+        let mut t = b"d7:privatei1e4:name1:x4:info".to_vec();
+        t.extend_from_slice(&info);
+        t.push(b'e');
+        let span = info_span(&t).unwrap();
+        assert_eq!(&t[span.clone()], &info[..]);
+        assert_eq!(validate_info(&t[span]).unwrap().hashes, h);
+    }
+
+    #[test]
+    fn huge_string_lengths_are_errors() {
+        for len in [
+            "99999999999",
+            "18446744073709551615",
+            "999999999999999999999999999",
+        ] {
+            let info = format!("d4:name{len}:abce");
+            assert!(
+                matches!(
+                    validate_info(info.as_bytes()),
+                    Err(MetainfoError::Bencode(_))
+                ),
+                "{len}"
+            );
+            let torrent = format!("d4:infod4:name{len}:abcee");
+            assert!(
+                matches!(
+                    info_span(torrent.as_bytes()),
+                    Err(MetainfoError::Bencode(_))
+                ),
+                "{len}"
+            );
+        }
+        // The declared length of `pieces` must be there, not promised.
+        let (info, _) = fixture_info("v1_single");
+        let at = info.windows(7).position(|w| w == b"pieces6").unwrap() + 6;
+        let mut lying = info[..at].to_vec();
+        lying.extend_from_slice(b"9999999");
+        lying.extend_from_slice(&info[info[at..].iter().position(|&b| b == b':').unwrap() + at..]);
+        assert!(matches!(
+            validate_info(&lying),
+            Err(MetainfoError::Bencode(_))
+        ));
     }
 
     /// A v2 info dict with `files` files spread over directories of 100, keys in sorted order
@@ -785,13 +1070,31 @@ pub(crate) mod tests {
         out
     }
 
+    /// A v2 info dict whose files all sit `depth` directories down: the shape that made
+    /// nested views scan the same bytes once per level.
+    fn deep_v2(depth: usize, files: usize) -> Vec<u8> {
+        let mut out = b"d9:file treed".to_vec();
+        for _ in 0..depth {
+            out.extend_from_slice(b"1:ad");
+        }
+        for f in 0..files {
+            put_bytes(&mut out, format!("{f:06}").as_bytes());
+            out.extend_from_slice(b"d0:d6:lengthi0eee");
+        }
+        out.extend(std::iter::repeat_n(b'e', depth));
+        out.extend_from_slice(b"e12:meta versioni2e4:name1:x12:piece lengthi16384ee");
+        out
+    }
+
     /// `cargo test --release --lib -- --ignored --nocapture validate_info_speed`: median of 5
-    /// runs. A rough number for a before/after comparison, not a benchmark.
+    /// runs, with two baselines from the same run: the hashing every parser has to do, and
+    /// one validating scan (`value_len`). A rough number for a before/after comparison.
     #[test]
     #[ignore]
     fn validate_info_speed() {
         let v1 = synthetic_v1(7, 50_000 * 20 + 80);
         let v2 = synthetic_v2(1500);
+        let deep = deep_v2(BENCODE_DEPTH_MAX - 4, 20_000);
         let median_of_5 = |f: &dyn Fn()| {
             let mut times: Vec<_> = (0..5)
                 .map(|_| {
@@ -803,18 +1106,25 @@ pub(crate) mod tests {
             times.sort();
             times[2]
         };
-        for (what, dict, files) in [("v1 50k pieces", &v1, 1), ("v2 1500 files", &v2, 1500)] {
+        for (what, dict, files) in [
+            ("v1 50k pieces", &v1, 1),
+            ("v2 1500 files", &v2, 1500),
+            ("v2 20k files 60 dirs deep", &deep, 20_000),
+        ] {
             let s = validate_info(dict).unwrap();
             assert_eq!(s.files, files);
             let total = median_of_5(&|| {
                 std::hint::black_box(validate_info(std::hint::black_box(dict)).unwrap());
             });
-            // Baseline in the same run: the hashing every version of the parser has to do.
             let hashing = median_of_5(&|| {
                 std::hint::black_box(verify_info(std::hint::black_box(dict), &s.hashes));
             });
+            let scan = median_of_5(&|| {
+                std::hint::black_box(bencode::value_len(std::hint::black_box(dict)).unwrap());
+            });
             eprintln!(
-                "{what}: {} bytes, validate_info median {total:?}, of which hashing {hashing:?}",
+                "{what}: {} bytes, validate_info median {total:?} \
+                 (hashing {hashing:?}, one scan {scan:?})",
                 dict.len()
             );
         }

@@ -2,7 +2,9 @@
 //! that finds them by info-hash.
 //!
 //! Layout of a data directory `D`:
-//! - `D/LOCK` — flock'ed by the one process that has the store open (`lock`).
+//! - `D/LOCK` — flock'ed by the one process that has the store open for writing (`lock`).
+//!   `Store::open_read_only` (tools run beside the server, e.g. `magnetar magnet`) takes no
+//!   lock and writes nothing: it sees the records that were complete when it scanned.
 //! - `D/segments/seg-<shard>-<seq>.mseg` — records, appended at the end only (`segment`,
 //!   `record`). Any segment may hold any info-hash; the shard in the name only says which writer
 //!   created it.
@@ -24,7 +26,9 @@
 //!   truncation is fdatasync'ed before the store opens. Records larger than `segment_bytes` get
 //!   a segment of their own, synced at once under either policy.
 //!
-//! Recovery at open (`recovery`) re-hashes every record; whatever fails is never served.
+//! Recovery at open (`recovery`) re-hashes every record; whatever fails is never served. A
+//! read-write open cuts a torn tail off; a read-only one skips it (beside a running server it
+//! is usually an append in progress) and counts it.
 
 mod index;
 mod lock;
@@ -80,6 +84,17 @@ pub enum StoreError {
     },
     #[error("{} offset {offset}: record header read back differs from the one written", path.display())]
     ReadBack { path: PathBuf, offset: u64 },
+    #[error("the store is open read-only; only the process holding its lock appends")]
+    ReadOnly,
+}
+
+/// How a store is opened. One open and recovery path serves both; this flag is what differs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Lock the directory, create what is missing, cut torn tails, append.
+    ReadWrite,
+    /// No lock, no file opened for writing, nothing created, truncated or synced.
+    ReadOnly,
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -161,6 +176,10 @@ pub struct RecoveryReport {
     pub bytes: u64,
     pub torn_tails_truncated: usize,
     pub bytes_truncated: u64,
+    /// Read-only open: segments whose tail was not a verified record (damage, or an append in
+    /// progress in the server), left as they are.
+    pub torn_tails_skipped: usize,
+    pub tail_bytes_skipped: u64,
     /// Records (or damaged stretches) between good records that failed verification.
     pub corrupt_records_skipped: usize,
     pub corrupt_bytes_skipped: u64,
@@ -186,6 +205,13 @@ impl fmt::Display for RecoveryReport {
                 f,
                 "; {} torn tails truncated ({} bytes)",
                 self.torn_tails_truncated, self.bytes_truncated
+            )?;
+        }
+        if self.torn_tails_skipped > 0 {
+            write!(
+                f,
+                "; {} partial tails skipped, not truncated (read-only; {} bytes)",
+                self.torn_tails_skipped, self.tail_bytes_skipped
             )?;
         }
         if self.corrupt_records_skipped > 0 {
@@ -224,7 +250,9 @@ pub struct Store {
     records: AtomicU64,
     bytes: AtomicU64,
     segments: AtomicUsize,
-    _lock: DirLock,
+    access: Access,
+    /// `None` when read-only.
+    _lock: Option<DirLock>,
 }
 
 /// The writer shard of an info-hash key: its first 8 bytes mod `shards` (an info-hash is
@@ -244,23 +272,54 @@ impl Store {
     /// Open (creating if needed) the store in `dir`: lock it, recover every segment in parallel,
     /// build the index.
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<(Store, RecoveryReport), StoreError> {
+        Self::open_with(dir, opts, Access::ReadWrite)
+    }
+
+    /// Open the existing store in `dir` for lookups only, beside the process that holds its
+    /// lock (or none): no lock is taken and nothing is written, created or truncated. Records
+    /// are verified as by `open`; a torn tail or bad record is skipped and counted. It sees the
+    /// records that were complete when it scanned, not later appends. `append` returns
+    /// `StoreError::ReadOnly`.
+    ///
+    /// The writer never changes bytes below a record it has finished writing, with one
+    /// exception: when writing or syncing a record fails, it cuts that record off again. A
+    /// reader that verified the record in between would fault (SIGBUS) reading it, so keep
+    /// read-only stores short-lived (a CLI command), not open for the life of a process.
+    pub fn open_read_only(dir: &Path) -> Result<(Store, RecoveryReport), StoreError> {
+        Self::open_with(dir, StoreOptions::default(), Access::ReadOnly)
+    }
+
+    fn open_with(
+        dir: &Path,
+        opts: StoreOptions,
+        access: Access,
+    ) -> Result<(Store, RecoveryReport), StoreError> {
         let started = Instant::now();
         let opts = StoreOptions {
             shards: opts.shards.max(1),
             segment_bytes: opts.segment_bytes.max(SEGMENT_BYTES_MIN),
             sync: opts.sync,
         };
-        std::fs::create_dir_all(dir).map_err(io_at(dir))?;
-        let lock = lock::lock_dir(dir)?;
         let segments_dir = dir.join(SEGMENTS_DIR);
-        if !segments_dir.is_dir() {
-            std::fs::create_dir_all(&segments_dir).map_err(io_at(&segments_dir))?;
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_at(dir))?;
-        }
-        let reserved = usize::try_from(opts.segment_bytes).unwrap_or(usize::MAX);
-        let scanned = recovery::scan_all(&segments_dir, reserved, available_cores())?;
+        let (lock, reserved) = match access {
+            Access::ReadWrite => {
+                std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+                let lock = lock::lock_dir(dir)?;
+                if !segments_dir.is_dir() {
+                    std::fs::create_dir_all(&segments_dir).map_err(io_at(&segments_dir))?;
+                    std::fs::File::open(dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(io_at(dir))?;
+                }
+                let reserved = usize::try_from(opts.segment_bytes).unwrap_or(usize::MAX);
+                (Some(lock), reserved)
+            }
+            // Nothing will be appended, so each segment is mapped at its current length. A
+            // missing `segments` directory is an error (reading it), not an empty store: it is
+            // more likely a wrong --data-dir than a store that never stored anything.
+            Access::ReadOnly => (None, 0),
+        };
+        let scanned = recovery::scan_all(&segments_dir, reserved, available_cores(), access)?;
 
         let index = Index::new();
         let mut report = RecoveryReport {
@@ -276,9 +335,17 @@ impl Store {
             })
             .collect();
         for s in &scanned {
-            if s.bytes_truncated > 0 {
-                report.torn_tails_truncated += 1;
-                report.bytes_truncated += s.bytes_truncated;
+            if s.tail_bytes > 0 {
+                match access {
+                    Access::ReadWrite => {
+                        report.torn_tails_truncated += 1;
+                        report.bytes_truncated += s.tail_bytes;
+                    }
+                    Access::ReadOnly => {
+                        report.torn_tails_skipped += 1;
+                        report.tail_bytes_skipped += s.tail_bytes;
+                    }
+                }
             }
             report.corrupt_records_skipped += s.corrupt_records;
             report.corrupt_bytes_skipped += s.corrupt_bytes;
@@ -310,6 +377,7 @@ impl Store {
             records: AtomicU64::new(report.records as u64),
             bytes: AtomicU64::new(report.bytes),
             segments: AtomicUsize::new(report.segments),
+            access,
             _lock: lock,
         };
         Ok((store, report))
@@ -335,6 +403,9 @@ impl Store {
     /// Validate `info` (computing its hashes ourselves), and store it unless one of its keys is
     /// already present. The returned record is durable per the sync policy and published.
     pub fn append(&self, info: &[u8], opts: AppendOptions) -> Result<AppendOutcome, StoreError> {
+        if self.access == Access::ReadOnly {
+            return Err(StoreError::ReadOnly);
+        }
         if info.len() > METADATA_BYTES_MAX {
             return Err(StoreError::TooLarge {
                 len: info.len(),

@@ -9,7 +9,9 @@
 //! - valid header, payload fails: skip that one record (the header CRC vouches for its length);
 //! - invalid header: probe every 8 bytes for the next valid header and resume there;
 //! - whatever follows the last good record (a torn append: partial header, partial payload, a
-//!   payload never written, garbage) is truncated away, so the next append starts clean.
+//!   payload never written, garbage) is truncated away, so the next append starts clean; a
+//!   read-only open (`Access::ReadOnly`) leaves it, since beside a running server it is
+//!   usually an append in progress, and opens no file for writing.
 //!
 //! Bad stretches between good records are left on disk (rewriting a segment to drop them is
 //! eviction's job) and are counted again at every start.
@@ -22,15 +24,17 @@ use crate::metainfo::verify_info;
 
 use super::record::{Header, HeaderError, HEADER_BYTES, MAGIC, RECORD_ALIGN};
 use super::segment::{parse_segment_file_name, Segment};
-use super::StoreError;
+use super::{Access, StoreError};
 
 pub(crate) struct ScannedSegment {
     pub segment: Arc<Segment>,
     /// (payload offset, header) of every verified record, in file order.
     pub records: Vec<(usize, Header)>,
-    /// End of the last good record: the file length after recovery.
+    /// End of the last good record: the file length after a read-write recovery.
     pub end: u64,
-    pub bytes_truncated: u64,
+    /// Bytes after the last good record: truncated by a read-write open, skipped by a
+    /// read-only one.
+    pub tail_bytes: u64,
     pub corrupt_records: usize,
     pub corrupt_bytes: u64,
 }
@@ -60,6 +64,7 @@ pub(crate) fn scan_all(
     dir: &Path,
     reserved: usize,
     threads: usize,
+    access: Access,
 ) -> Result<Vec<ScannedSegment>, StoreError> {
     let files = list_segments(dir)?;
     let threads = threads.clamp(1, files.len().max(1));
@@ -73,7 +78,7 @@ pub(crate) fn scan_all(
                 let Some((shard, seq, path)) = files.get(i) else {
                     break;
                 };
-                let scanned = scan_file(path.clone(), *shard, *seq, reserved);
+                let scanned = scan_file(path.clone(), *shard, *seq, reserved, access);
                 results
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -91,33 +96,44 @@ fn scan_file(
     shard: usize,
     seq: u64,
     reserved: usize,
+    access: Access,
 ) -> Result<ScannedSegment, StoreError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| StoreError::Io { path, source }
     };
     let (segment, file_len) =
-        Segment::open(path.clone(), shard, seq, reserved).map_err(io_err(&path))?;
+        Segment::open(path.clone(), shard, seq, reserved, access).map_err(io_err(&path))?;
     segment.advise_sequential_read(file_len as usize);
     let mut scanned = scan_segment(Arc::new(segment), file_len)?;
     scanned.segment.advise_random_access();
-    if scanned.bytes_truncated > 0 {
+    if scanned.tail_bytes > 0 {
         let seg = &scanned.segment;
-        tracing::warn!(
-            file = %path.display(),
-            offset = scanned.end,
-            bytes_dropped = scanned.bytes_truncated,
-            "torn or unverifiable tail truncated"
-        );
-        seg.set_len(scanned.end).map_err(io_err(&path))?;
-        seg.sync_data().map_err(io_err(&path))?;
+        match access {
+            Access::ReadWrite => {
+                tracing::warn!(
+                    file = %path.display(),
+                    offset = scanned.end,
+                    bytes_dropped = scanned.tail_bytes,
+                    "torn or unverifiable tail truncated"
+                );
+                seg.set_len(scanned.end).map_err(io_err(&path))?;
+                seg.sync_data().map_err(io_err(&path))?;
+            }
+            Access::ReadOnly => tracing::info!(
+                file = %path.display(),
+                offset = scanned.end,
+                bytes_skipped = scanned.tail_bytes,
+                "partial or unverifiable tail skipped (read-only; maybe an append in progress)"
+            ),
+        }
     }
     scanned.records.shrink_to_fit();
     Ok(scanned)
 }
 
-/// Walk one segment of `file_len` bytes. Does not modify the file: the caller truncates to
-/// `end` when `bytes_truncated > 0`.
+/// Walk one segment of `file_len` bytes. Does not modify the file: a read-write caller
+/// truncates to `end` when `tail_bytes > 0`.
 pub(crate) fn scan_segment(
     segment: Arc<Segment>,
     file_len: u64,
@@ -184,7 +200,7 @@ pub(crate) fn scan_segment(
         segment,
         records,
         end: good_end as u64,
-        bytes_truncated: (len - good_end) as u64,
+        tail_bytes: (len - good_end) as u64,
         corrupt_records,
         corrupt_bytes,
     })

@@ -8,7 +8,8 @@
 //! touch mapped bytes past the durable, published end (that would be SIGBUS).
 //!
 //! What the kernel cannot protect against: another process truncating or rewriting the file
-//! under us. The `LOCK` file keeps other magnetar processes out; nothing keeps `truncate(1)` out.
+//! under us. The `LOCK` file keeps other magnetar writers out; nothing keeps `truncate(1)` out.
+//! A read-only store (no lock) opens its files read-only, so it cannot write either.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -17,6 +18,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use memmap2::{MmapOptions, MmapRaw};
+
+use super::Access;
 
 pub(crate) const SEGMENTS_DIR: &str = "segments";
 
@@ -57,15 +60,20 @@ impl Segment {
         Self::map(path, shard, seq, file, reserved)
     }
 
-    /// Open an existing segment for recovery and further appends. Returns it with its current
-    /// file length; the mapping reserves at least `reserved` and at least the file length.
+    /// Open an existing segment for recovery and, read-write, further appends. Returns it with
+    /// its current file length; the mapping reserves at least `reserved` and at least the file
+    /// length. Read-only, the file is opened without write access, so no path can write to it.
     pub(crate) fn open(
         path: PathBuf,
         shard: usize,
         seq: u64,
         reserved: usize,
+        access: Access,
     ) -> io::Result<(Self, u64)> {
-        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(access == Access::ReadWrite)
+            .open(&path)?;
         let len = file.metadata()?.len();
         let len_usize = usize::try_from(len).map_err(|_| io::Error::other("segment too large"))?;
         let seg = Self::map(path, shard, seq, file, reserved.max(len_usize))?;

@@ -1,5 +1,6 @@
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::time::SystemTime;
 
 use super::*;
 use crate::metainfo::tests::{fixture_info, synthetic_v1};
@@ -151,6 +152,120 @@ fn second_open_is_locked_out() {
     );
     drop(store);
     open(dir.path(), opts(1, 1 << 20));
+}
+
+/// Every file under `dir` with its length, a CRC of its bytes and its modification time.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, u64, u32, SystemTime)> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::metadata(&path).unwrap();
+            if meta.is_dir() {
+                dirs.push(path);
+            } else {
+                let crc = crc32fast::hash(&std::fs::read(&path).unwrap());
+                out.push((path, meta.len(), crc, meta.modified().unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn read_only_open_beside_the_lock_holder_sees_records_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let dicts: Vec<_> = (0..4).map(|i| synthetic_v1(200 + i, 1500)).collect();
+    let (hybrid, h) = fixture_info("hybrid_multi");
+    let (writer, _) = open(dir.path(), opts(2, 1 << 20));
+    for d in dicts.iter().take(3).chain([&hybrid]) {
+        stored(writer.append(d, AppendOptions::default()).unwrap());
+    }
+    // An append in progress, as a reader may catch it: the header of a record whose payload
+    // is not there yet, at the end of one of the writer's segments.
+    let segs = segment_files(dir.path());
+    let header = std::fs::read(&segs[0]).unwrap()[..HEADER_BYTES].to_vec();
+    let mut f = OpenOptions::new().append(true).open(&segs[0]).unwrap();
+    f.write_all(&header).unwrap();
+    drop(f);
+    let before = snapshot(dir.path());
+    assert!(matches!(
+        Store::open(dir.path(), opts(1, 1 << 20)),
+        Err(StoreError::Locked { .. })
+    ));
+
+    let (reader, report) = Store::open_read_only(dir.path()).unwrap();
+    assert_eq!(report.records, 4);
+    assert_eq!(report.segments, segs.len());
+    assert_eq!(
+        (report.torn_tails_skipped, report.tail_bytes_skipped),
+        (1, HEADER_BYTES as u64)
+    );
+    assert_eq!(
+        (report.torn_tails_truncated, report.bytes_truncated),
+        (0, 0)
+    );
+    assert!(
+        report.to_string().contains("1 partial tails skipped"),
+        "{report}"
+    );
+    for d in &dicts[..3] {
+        assert_eq!(reader.lookup(&v1_key(d)).unwrap().info(), &d[..]);
+    }
+    assert_eq!(
+        reader.lookup_v2(&h.v2.unwrap()).unwrap().info(),
+        &hybrid[..]
+    );
+    assert!(matches!(
+        reader.append(&dicts[3], AppendOptions::default()),
+        Err(StoreError::ReadOnly)
+    ));
+    assert!(reader.lookup(&v1_key(&dicts[3])).is_none());
+    // A second reader at the same time, and a sync, change nothing either.
+    let (second, _) = Store::open_read_only(dir.path()).unwrap();
+    reader.sync().unwrap();
+    drop((reader, second));
+    assert_eq!(
+        snapshot(dir.path()),
+        before,
+        "read-only open changed a file"
+    );
+
+    // The writer is unaffected; its own recovery later cuts the tail the readers left.
+    drop(writer);
+    let (_, report) = open(dir.path(), opts(2, 1 << 20));
+    assert_eq!(report.records, 4);
+    assert_eq!(report.torn_tails_truncated, 1);
+}
+
+#[test]
+fn read_only_open_skips_bad_records_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dicts, seg, rec) = three_records(dir.path());
+    flip(&seg, rec + HEADER_BYTES as u64 + 10); // the second record's payload
+    std::fs::remove_file(dir.path().join(lock::LOCK_FILE)).unwrap();
+    let before = snapshot(dir.path());
+    let (store, report) = Store::open_read_only(dir.path()).unwrap();
+    assert_eq!(report.records, 2);
+    assert_eq!(report.corrupt_records_skipped, 1);
+    assert!(store.lookup(&v1_key(&dicts[1])).is_none());
+    assert!(store.lookup(&v1_key(&dicts[2])).is_some());
+    drop(store);
+    assert_eq!(
+        snapshot(dir.path()),
+        before,
+        "no LOCK file, nothing truncated"
+    );
+
+    // Not a store: an error, and no directory is created.
+    let missing = dir.path().join("typo");
+    assert!(matches!(
+        Store::open_read_only(&missing),
+        Err(StoreError::Io { .. })
+    ));
+    assert!(!missing.exists());
 }
 
 #[test]

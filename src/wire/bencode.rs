@@ -1,13 +1,16 @@
-//! Bencode (BEP 3) for peer messages: a validating, allocation-free scanner with the
-//! `BENCODE_DEPTH_MAX` cap, read access to the scanned value, and the few writers the
-//! encoders need (integers with a small itoa, byte strings).
+//! Bencode (BEP 3), the crate's only decoder: a validating, allocation-free scanner with
+//! the `BENCODE_DEPTH_MAX` cap, read access to the scanned value (`Value` views, and a
+//! one-pass `Cursor` for walking trees), and the few writers the encoders need (integers
+//! with a small itoa, byte strings). Peer messages (`wire`) and info dicts and .torrent
+//! files (`metainfo`) are both read through it.
 //!
-//! Why not bendy here (it is used for info dicts elsewhere): its `Decoder` rejects dicts
-//! whose keys are unsorted, which libtorrent, anacrolix and Transmission all accept from
-//! peers — refusing them would cost interop for nothing, since we never hash these
-//! messages — and every `Decoder::new` allocates a 2048-entry state stack (~180 KB), which
-//! would sit on the hot path of every ut_metadata request. The tests below check this
-//! scanner against bendy on random inputs.
+//! Why not bendy: its `Decoder` rejects dicts whose keys are unsorted, which libtorrent,
+//! anacrolix and Transmission all accept (in peer messages and in .torrent files alike),
+//! and every `Decoder::new` allocates a 2048-entry state stack (~180 KB), which would sit
+//! on the hot path of every ut_metadata request. This scanner accepts any key order and
+//! keeps duplicate keys (a `Dict` yields them all); callers that must refuse duplicates
+//! check for them. The tests below check it against bendy (a dev-dependency only) on
+//! random inputs.
 
 use crate::limits::BENCODE_DEPTH_MAX;
 
@@ -155,12 +158,16 @@ pub struct Int<'a>(&'a [u8]);
 /// A validated list: iterate for its items.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct List<'a> {
+    raw: &'a [u8],
+    /// The items not yet iterated, up to and including the list's closing `e`.
     items: &'a [u8],
 }
 
 /// A validated dict: iterate for (key, value) in wire order, duplicates included.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dict<'a> {
+    raw: &'a [u8],
+    /// The entries not yet iterated, up to and including the dict's closing `e`.
     items: &'a [u8],
 }
 
@@ -169,8 +176,14 @@ impl<'a> Value<'a> {
     fn of_validated(v: &'a [u8]) -> Value<'a> {
         match v.first() {
             Some(b'i') => Value::Int(Int(&v[1..v.len() - 1])),
-            Some(b'l') => Value::List(List { items: &v[1..] }),
-            Some(b'd') => Value::Dict(Dict { items: &v[1..] }),
+            Some(b'l') => Value::List(List {
+                raw: v,
+                items: &v[1..],
+            }),
+            Some(b'd') => Value::Dict(Dict {
+                raw: v,
+                items: &v[1..],
+            }),
             _ => {
                 let colon = v.iter().position(|&b| b == b':').unwrap_or(v.len() - 1);
                 Value::Bytes(&v[colon + 1..])
@@ -207,7 +220,13 @@ impl<'a> Value<'a> {
     }
 }
 
-impl Int<'_> {
+impl<'a> Int<'a> {
+    /// The digits as they appear in the input (`-` included), e.g. to quote a value that
+    /// does not fit in an error message.
+    pub fn digits(self) -> &'a [u8] {
+        self.0
+    }
+
     /// The value, or None if it does not fit an i64.
     pub fn to_i64(self) -> Option<i64> {
         let (negative, digits) = match self.0.split_first() {
@@ -269,10 +288,108 @@ impl<'a> Iterator for Dict<'a> {
     }
 }
 
+impl<'a> List<'a> {
+    /// The whole list as it appears in the input, `l` to `e`, however far it was iterated.
+    pub fn raw(&self) -> &'a [u8] {
+        self.raw
+    }
+
+    /// A cursor at the items not yet iterated.
+    pub fn cursor(self) -> Cursor<'a> {
+        Cursor {
+            buf: self.items,
+            pos: 0,
+        }
+    }
+}
+
 impl<'a> Dict<'a> {
     /// The first value under `key`.
     pub fn get(self, key: &[u8]) -> Option<Value<'a>> {
         self.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    /// The whole dict as it appears in the input, `d` to `e`, however far it was iterated:
+    /// the exact bytes a hash over this value must cover (an info dict's info-hash).
+    pub fn raw(&self) -> &'a [u8] {
+        self.raw
+    }
+
+    /// A cursor at the entries not yet iterated.
+    pub fn cursor(self) -> Cursor<'a> {
+        Cursor {
+            buf: self.items,
+            pos: 0,
+        }
+    }
+}
+
+/// One pass through a validated dict or list, for walking trees. Iterating a [`Dict`] or
+/// [`List`] scans each item to find where it ends, so walking a tree N levels deep with them
+/// scans its leaves N times (a bomb of deep directories costs N× a scan). A cursor instead
+/// steps *into* a child container ([`Cursor::enter_dict`], [`Cursor::enter_list`]) and, once
+/// the child's items are read to their end, is past it. Values it does not step into are
+/// taken whole as views ([`Cursor::next_value`]).
+///
+/// It only moves through bytes that were validated as one value, so it has no errors: asked
+/// for something that is not there (a key in a list, a value past the end) it answers `None`
+/// or `false` and does not move.
+#[derive(Clone, Copy, Debug)]
+pub struct Cursor<'a> {
+    /// The container's items from where the cursor started, up to and including its `e`
+    /// (nested containers the cursor enters are inside this).
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    /// The next key of the dict the cursor is in, or `None` at the dict's end (after which
+    /// the cursor is past its `e`, back in the enclosing container).
+    pub fn next_key(&mut self) -> Option<&'a [u8]> {
+        match self.buf.get(self.pos)? {
+            b'e' => {
+                self.pos += 1;
+                None
+            }
+            b'0'..=b'9' => self.take()?.as_bytes(),
+            _ => None,
+        }
+    }
+
+    /// The next item of a list, or the value after a `next_key`, taken whole; `None` at the
+    /// container's end (after which the cursor is past its `e`).
+    pub fn next_value(&mut self) -> Option<Value<'a>> {
+        if self.buf.get(self.pos) == Some(&b'e') {
+            self.pos += 1;
+            return None;
+        }
+        self.take()
+    }
+
+    /// If the next value is a dict, steps into it: its entries are what `next_key` reads
+    /// next. Otherwise does not move and returns false.
+    pub fn enter_dict(&mut self) -> bool {
+        self.enter(b'd')
+    }
+
+    /// If the next value is a list, steps into it: its items are what `next_value` reads
+    /// next. Otherwise does not move and returns false.
+    pub fn enter_list(&mut self) -> bool {
+        self.enter(b'l')
+    }
+
+    fn enter(&mut self, kind: u8) -> bool {
+        let here = self.buf.get(self.pos) == Some(&kind);
+        self.pos += usize::from(here);
+        here
+    }
+
+    fn take(&mut self) -> Option<Value<'a>> {
+        let rest = self.buf.get(self.pos..)?;
+        // Validated already, so this cannot fail; not moving is the safe answer if it did.
+        let len = value_len(rest).ok()?;
+        self.pos += len;
+        Some(Value::of_validated(&rest[..len]))
     }
 }
 
@@ -438,6 +555,172 @@ mod tests {
         assert_eq!(l[0].as_bytes(), Some(&b"x"[..]));
         assert_eq!(l[1].as_int().unwrap().to_u64(), Some(2));
         assert_eq!(d.get(b"zz"), None);
+    }
+
+    #[test]
+    fn raw_spans_are_the_input_bytes() {
+        let input = b"d1:bli1ee4:infod1:zi1e1:a0:e1:ai2eeXX";
+        let (v, len) = parse_prefix(input).unwrap();
+        assert_eq!(len, input.len() - 2);
+        let mut top = v.as_dict().unwrap();
+        assert_eq!(top.raw(), &input[..len]);
+        let (k, list) = top.next().unwrap();
+        assert_eq!(k, b"b");
+        let mut list = list.as_list().unwrap();
+        assert_eq!(list.raw(), b"li1ee");
+        assert!(list.next().is_some() && list.next().is_none());
+        assert_eq!(list.raw(), b"li1ee", "iterating does not shrink the span");
+        // Unsorted keys inside: the span is still exactly the wire bytes.
+        let info = top.get(b"info").unwrap().as_dict().unwrap();
+        assert_eq!(info.raw(), b"d1:zi1e1:a0:e");
+        let offset = info.raw().as_ptr() as usize - input.as_ptr() as usize;
+        assert_eq!(offset, 15);
+        assert_eq!(
+            top.raw(),
+            &input[..len],
+            "still the whole dict after next()"
+        );
+        assert_eq!(
+            parse_prefix(b"i-12e").unwrap().0.as_int().unwrap().digits(),
+            b"-12"
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_are_kept_in_wire_order() {
+        let (v, _) = parse_prefix(b"d1:ai1e1:bi2e1:ai3ee").unwrap();
+        let d = v.as_dict().unwrap();
+        let values: Vec<_> = d
+            .filter(|(k, _)| *k == b"a")
+            .map(|(_, v)| v.as_int().unwrap().to_i64().unwrap())
+            .collect();
+        assert_eq!(values, [1, 3]);
+        assert_eq!(d.get(b"a").unwrap().as_int().unwrap().to_i64(), Some(1));
+    }
+
+    /// Reads `v` with a cursor, stepping into every container, and writes it back.
+    fn rewrite_by_cursor(cur: &mut Cursor<'_>, in_dict: bool, out: &mut Vec<u8>) {
+        loop {
+            if in_dict {
+                match cur.next_key() {
+                    Some(k) => push_bytes(out, k),
+                    None => break,
+                }
+            }
+            if cur.enter_dict() {
+                out.push(b'd');
+                rewrite_by_cursor(cur, true, out);
+            } else if cur.enter_list() {
+                out.push(b'l');
+                rewrite_by_cursor(cur, false, out);
+            } else {
+                match cur.next_value() {
+                    Some(Value::Bytes(b)) => push_bytes(out, b),
+                    Some(Value::Int(i)) => {
+                        out.push(b'i');
+                        out.extend_from_slice(i.digits());
+                        out.push(b'e');
+                    }
+                    Some(_) => panic!("containers are entered above"),
+                    None => break,
+                }
+            }
+        }
+        out.push(b'e');
+    }
+
+    #[test]
+    fn cursor_walks_every_value_once_and_ends_past_it() {
+        let input = b"d1:zli1ed1:bi2e1:alee0:e1:a3:xyz4:deeplllllleeeeee0:i-5ee";
+        let (v, len) = parse_prefix(input).unwrap();
+        let mut cur = v.as_dict().unwrap().cursor();
+        let mut out = b"d".to_vec();
+        rewrite_by_cursor(&mut cur, true, &mut out);
+        assert_eq!(&out[..], &input[..len]);
+        // Past the end: nothing, and no movement.
+        assert_eq!(cur.next_key(), None);
+        assert_eq!(cur.next_value(), None);
+        assert!(!cur.enter_dict() && !cur.enter_list());
+
+        // Mixing: take one value whole, step into the next.
+        let (v, _) = parse_prefix(b"d1:ali1ei2ee1:bd1:ci3eee").unwrap();
+        let mut cur = v.as_dict().unwrap().cursor();
+        assert_eq!(cur.next_key(), Some(&b"a"[..]));
+        assert_eq!(cur.next_value().unwrap().as_list().unwrap().count(), 2);
+        assert_eq!(cur.next_key(), Some(&b"b"[..]));
+        assert!(!cur.enter_list(), "b is a dict");
+        assert!(cur.enter_dict());
+        assert_eq!(cur.next_key(), Some(&b"c"[..]));
+        assert_eq!(
+            cur.next_value().unwrap().as_int().unwrap().to_i64(),
+            Some(3)
+        );
+        assert_eq!(cur.next_key(), None, "end of b");
+        assert_eq!(cur.next_key(), None, "end of the top dict");
+
+        // A list's cursor, after some items were iterated.
+        let (v, _) = parse_prefix(b"li1e1:xle3:yyye").unwrap();
+        let mut list = v.as_list().unwrap();
+        list.next();
+        let mut cur = list.cursor();
+        assert_eq!(
+            cur.next_key(),
+            Some(&b"x"[..]),
+            "misuse: a string item reads as a key"
+        );
+        assert!(cur.enter_list());
+        assert_eq!(cur.next_value(), None);
+        assert_eq!(cur.next_value().unwrap().as_bytes(), Some(&b"yyy"[..]));
+        assert_eq!(cur.next_value(), None);
+    }
+
+    #[test]
+    fn cursor_never_panics_and_agrees_with_the_views() {
+        let mut rng = XorShift::new(0xc0de);
+        let alphabet = b"dlie0123456789:-ab";
+        let mut walked = 0;
+        for _ in 0..100_000 {
+            let input: Vec<u8> = (0..rng.below(40))
+                .map(|_| alphabet[rng.below(alphabet.len())])
+                .collect();
+            let Ok((v, len)) = parse_prefix(&input) else {
+                continue;
+            };
+            let mut out = Vec::new();
+            match v {
+                Value::Dict(d) => {
+                    out.push(b'd');
+                    rewrite_by_cursor(&mut d.cursor(), true, &mut out);
+                }
+                Value::List(l) => {
+                    out.push(b'l');
+                    rewrite_by_cursor(&mut l.cursor(), false, &mut out);
+                }
+                _ => continue,
+            }
+            assert_eq!(
+                &out[..],
+                &input[..len],
+                "{:?}",
+                String::from_utf8_lossy(&input)
+            );
+            walked += 1;
+            // Random calls in random order never panic and always end.
+            let mut cur = match v {
+                Value::Dict(d) => d.cursor(),
+                Value::List(l) => l.cursor(),
+                _ => unreachable!(),
+            };
+            for _ in 0..50 {
+                match rng.below(4) {
+                    0 => drop(cur.next_key()),
+                    1 => drop(cur.next_value()),
+                    2 => drop(cur.enter_dict()),
+                    _ => drop(cur.enter_list()),
+                }
+            }
+        }
+        assert!(walked > 200, "{walked}");
     }
 
     #[test]
