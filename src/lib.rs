@@ -17,4 +17,5 @@ pub mod magnet;
 pub mod metainfo;
 pub mod server;
 pub mod store;
+pub mod upstream;
 pub mod wire;

@@ -1,0 +1,98 @@
+//! Settings of the miss path (`[upstream]` in the config file, flags on `serve`/`fetch`).
+//! Every bound on upstream work is here, named with its unit, with its reason.
+
+use serde::Deserialize;
+
+/// How misses are filled and how much upstream work they may cause.
+#[derive(clap::Args, Deserialize, Clone, Debug, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct UpstreamConfig {
+    /// Tracker to ask for peers on a miss (http://, https:// is not supported, udp://); repeatable.
+    #[arg(long = "tracker", value_name = "URL")]
+    pub trackers: Vec<String>,
+
+    /// Do not run a Mainline DHT node (no DHT lookups, no announces).
+    #[arg(long)]
+    pub no_dht: bool,
+
+    /// DHT bootstrap node; repeatable. Default: the public routers (router.bittorrent.com:6881, ...).
+    #[arg(long = "dht-bootstrap", value_name = "HOST:PORT")]
+    pub dht_bootstrap: Vec<String>,
+
+    /// UDP port of our DHT node (0: any free port).
+    #[arg(long, default_value_t = 0, value_name = "PORT")]
+    pub dht_port: u16,
+
+    /// Parent magnetar node asked first on a miss; repeatable.
+    #[arg(long = "parent", value_name = "HOST:PORT")]
+    pub parents: Vec<String>,
+
+    /// How long a client's extension handshake is held while its miss is fetched. Crawlers
+    /// (rqbit, magnetico, bitmagnet) need metadata_size in the first one and give up
+    /// after ~5 s, so stay well under that.
+    #[arg(long, default_value_t = 1500, value_name = "MS")]
+    pub handshake_hold_ms: u64,
+
+    /// A fetch that has not completed in this time fails.
+    #[arg(long, default_value_t = 60_000, value_name = "MS")]
+    pub fetch_timeout_ms: u64,
+
+    /// After a failed fetch, the info-hash is not fetched again for this long.
+    #[arg(long, default_value_t = 600_000, value_name = "MS")]
+    pub negative_cache_ms: u64,
+
+    /// Concurrent upstream fetches per shard (core).
+    #[arg(long, default_value_t = 64)]
+    pub fetches_per_shard_max: usize,
+
+    /// Peers one fetch talks to at once.
+    #[arg(long, default_value_t = 8)]
+    pub peers_per_fetch_max: usize,
+
+    /// DHT lookups started per second, over all shards.
+    #[arg(long, default_value_t = 20)]
+    pub dht_queries_per_second_max: u32,
+
+    /// Misses (new upstream fetches) one client IP may cause per minute.
+    #[arg(long, default_value_t = 30)]
+    pub misses_per_ip_per_minute_max: u32,
+
+    /// Misses (new upstream fetches) per second over all clients.
+    #[arg(long, default_value_t = 100)]
+    pub misses_per_second_max: u32,
+
+    /// Largest metadata a fetch accepts (bytes); at most 64 MiB (limits::METADATA_BYTES_MAX).
+    #[arg(long, default_value_t = crate::limits::METADATA_BYTES_MAX)]
+    pub metadata_bytes_max: usize,
+
+    /// Do not announce stored (non-private) info-hashes to the DHT.
+    #[arg(long)]
+    pub no_dht_announce: bool,
+
+    /// DHT announces per second (stored info-hashes are announced round-robin).
+    #[arg(long, default_value_t = 2)]
+    pub dht_announces_per_second_max: u32,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            trackers: Vec::new(),
+            no_dht: false,
+            dht_bootstrap: Vec::new(),
+            dht_port: 0,
+            parents: Vec::new(),
+            handshake_hold_ms: 1500,
+            fetch_timeout_ms: 60_000,
+            negative_cache_ms: 600_000,
+            fetches_per_shard_max: 64,
+            peers_per_fetch_max: 8,
+            dht_queries_per_second_max: 20,
+            misses_per_ip_per_minute_max: 30,
+            misses_per_second_max: 100,
+            metadata_bytes_max: crate::limits::METADATA_BYTES_MAX,
+            no_dht_announce: false,
+            dht_announces_per_second_max: 2,
+        }
+    }
+}
