@@ -38,6 +38,8 @@ enum Command {
     Import(ImportArgs),
     /// Print a magnet link for a stored torrent.
     Magnet(MagnetArgs),
+    /// Fetch a torrent's metadata from the swarm (trackers, DHT, x.pe) and write a .torrent.
+    Fetch(magnetar::upstream::cli::FetchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -90,6 +92,8 @@ struct ServeArgs {
     /// Requests answered per connection per batch (advertised as reqq); more are rejected.
     #[arg(long, default_value_t = limits::REQUESTS_QUEUED_MAX)]
     requests_queued_max: usize,
+    #[command(flatten)]
+    upstream: magnetar::upstream::config::UpstreamConfig,
     /// Log the summed per-core counters this often (0: never).
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     stats_interval_s: u64,
@@ -122,6 +126,7 @@ fn main() {
         Command::Serve(args) => serve(args),
         Command::Import(args) => import(args),
         Command::Magnet(args) => magnet(args),
+        Command::Fetch(args) => magnetar::upstream::cli::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -175,7 +180,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     cfg.requests_queued_max = args.requests_queued_max;
 
     let store = Arc::new(open_store(&cfg.data_dir, SyncPolicy::Always)?);
-    let server = magnetar::server::start(cfg, store)?;
+    let (upstream, shard_mailboxes) =
+        magnetar::upstream::shard::Upstream::new(args.upstream, store.clone(), cfg.threads);
+    let server = magnetar::server::start(cfg, store, upstream, shard_mailboxes)?;
     if args.stats_interval_s == 0 {
         server.join();
         return Ok(());

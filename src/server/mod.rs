@@ -25,6 +25,7 @@ use anyhow::Context;
 
 use crate::config::ServeConfig;
 use crate::store::Store;
+use crate::upstream::shard::{ShardCmd, Upstream};
 use stats::{CoreStats, StatsSnapshot};
 
 /// A running server: its bound addresses and per-core counters.
@@ -51,7 +52,12 @@ impl Server {
 /// Binds every listener, starts one worker per thread, and returns once all workers are
 /// accepting. Prints `ready listen=ADDR[,ADDR] driver=NAME` on stdout as the readiness
 /// signal tests and scripts wait on.
-pub fn start(cfg: ServeConfig, store: Arc<Store>) -> anyhow::Result<Server> {
+pub fn start(
+    cfg: ServeConfig,
+    store: Arc<Store>,
+    upstream: Arc<Upstream>,
+    shard_mailboxes: Vec<flume::Receiver<ShardCmd>>,
+) -> anyhow::Result<Server> {
     let cfg = Arc::new(cfg);
     assert!(
         cfg.requests_queued_max * 2 + 4 <= crate::limits::IOVECS_PER_WRITE_MAX,
@@ -65,7 +71,17 @@ pub fn start(cfg: ServeConfig, store: Arc<Store>) -> anyhow::Result<Server> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<&'static str>>();
     let mut threads = Vec::new();
     let mut stats = Vec::new();
-    for (index, listeners) in sockets.per_worker.into_iter().enumerate() {
+    assert_eq!(
+        shard_mailboxes.len(),
+        sockets.per_worker.len(),
+        "one shard per worker"
+    );
+    for (index, (listeners, shard_mailbox)) in sockets
+        .per_worker
+        .into_iter()
+        .zip(shard_mailboxes)
+        .enumerate()
+    {
         let core_stats = Arc::new(CoreStats::default());
         stats.push(core_stats.clone());
         let spec = worker::WorkerSpec {
@@ -75,6 +91,8 @@ pub fn start(cfg: ServeConfig, store: Arc<Store>) -> anyhow::Result<Server> {
             stats: core_stats,
             limiter: limiter.clone(),
             listeners,
+            upstream: upstream.clone(),
+            shard_mailbox,
         };
         let ready = ready_tx.clone();
         threads.push(

@@ -52,6 +52,7 @@ pub struct WorkerCtx {
     pub cfg: Arc<ServeConfig>,
     pub stats: Arc<CoreStats>,
     pub peer_id: [u8; 20],
+    pub upstream: Arc<crate::upstream::shard::Upstream>,
 }
 
 /// Why a session ended (counted by the caller where it matters).

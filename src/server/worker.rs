@@ -20,6 +20,7 @@ use crate::server::limiter::{ConnectionLimiter, Refusal};
 use crate::server::session::{self, WorkerCtx};
 use crate::server::stats::CoreStats;
 use crate::store::Store;
+use crate::upstream::shard::{self, ShardCmd, Upstream};
 
 pub struct WorkerSpec {
     pub index: usize,
@@ -28,6 +29,9 @@ pub struct WorkerSpec {
     pub stats: Arc<CoreStats>,
     pub limiter: Arc<ConnectionLimiter>,
     pub listeners: Vec<std::net::TcpListener>,
+    pub upstream: Arc<Upstream>,
+    /// This worker's shard of the miss path.
+    pub shard_mailbox: flume::Receiver<ShardCmd>,
 }
 
 type Runtime = monoio::FusionRuntime<
@@ -99,6 +103,8 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         stats,
         limiter,
         listeners,
+        upstream,
+        shard_mailbox,
     } = spec;
     rt.block_on(async move {
         let mut monoio_listeners = Vec::new();
@@ -117,11 +123,13 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         for (i, b) in peer_id[8..].iter_mut().enumerate() {
             *b = b'0' + ((salt >> (i * 3)) % 10) as u8;
         }
+        monoio::spawn(shard::run_shard(index, shard_mailbox, upstream.clone()));
         let ctx = Rc::new(WorkerCtx {
             store,
             cfg,
             stats,
             peer_id,
+            upstream,
         });
         let mut accepts = Vec::new();
         for listener in monoio_listeners {

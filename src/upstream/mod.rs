@@ -1,5 +1,56 @@
 //! The miss path: find peers for an unknown info-hash (the connecting client, PEX,
 //! trackers, the DHT, magnet hints, parent nodes), fetch the metadata from several of them
 //! at once over BEP 9, verify it against the info-hash, store it, wake the waiting clients.
+//!
+//! - `config`   every knob and bound of the miss path
+//! - `shard`    per-core fetch table: one fetch per info-hash in its owning shard, waiters
+//! - `cli`      `magnetar fetch <magnet>`
 
+pub mod cli;
 pub mod config;
+pub mod shard;
+
+use std::net::SocketAddr;
+
+/// Where a peer address came from. BEP 27: a private torrent's metadata is never taken
+/// from peers found through the DHT or PEX.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PeerSource {
+    /// The client connected to us (its own connection, or its listen port).
+    Client,
+    /// A ut_pex message from a connected client.
+    Pex,
+    /// A tracker's announce response.
+    Tracker,
+    /// A Mainline DHT get_peers lookup.
+    Dht,
+    /// `x.pe` of a submitted magnet.
+    Magnet,
+    /// A configured parent magnetar node.
+    Parent,
+}
+
+impl PeerSource {
+    /// May metadata of a private torrent come from a peer found this way (BEP 27)?
+    pub fn allowed_for_private(self) -> bool {
+        !matches!(self, PeerSource::Pex | PeerSource::Dht)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerSource::Client => "client",
+            PeerSource::Pex => "pex",
+            PeerSource::Tracker => "tracker",
+            PeerSource::Dht => "dht",
+            PeerSource::Magnet => "magnet",
+            PeerSource::Parent => "parent",
+        }
+    }
+}
+
+/// A peer worth trying for a fetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerCandidate {
+    pub addr: SocketAddr,
+    pub source: PeerSource,
+}
