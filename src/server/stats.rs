@@ -28,11 +28,11 @@ impl Counter {
 }
 
 macro_rules! core_stats {
-    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+    ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
         /// One worker's counters; padded so two cores never share a cache line.
         #[derive(Default, Debug)]
         #[repr(align(128))]
-        pub struct CoreStats { $($(#[$doc])* pub $name: Counter,)* }
+        pub struct CoreStats { $($(#[doc = $doc])* pub $name: Counter,)* }
 
         /// A plain-number sum over cores.
         #[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,11 +44,19 @@ macro_rules! core_stats {
                 for c in cores { $(s.$name += c.$name.get();)* }
                 s
             }
+            /// One core's figures.
+            pub fn of(core: &CoreStats) -> StatsSnapshot {
+                StatsSnapshot::sum(std::iter::once(core))
+            }
             /// `name value` pairs in declaration order, for logs and metrics.
             pub fn fields(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name),)*]
             }
         }
+
+        /// `(name, doc comment)` of every counter, in declaration order: the metric help
+        /// texts come from the same doc comments as the code's.
+        pub const COUNTER_DOCS: &[(&str, &str)] = &[$((stringify!($name), concat!($($doc),*)),)*];
     };
 }
 
@@ -95,4 +103,24 @@ core_stats! {
     block_writes,
     /// Sessions that panicked (a bug): closed, the worker goes on.
     session_panics,
+    /// Misses closed at once: the client IP used up `misses_per_ip_per_minute_max`.
+    misses_refused_per_ip,
+    /// Waiting clients closed because their fetch failed or was refused.
+    misses_failed,
+    /// Extension handshakes we sent (first or later).
+    ext_handshakes_sent,
+    /// Misses whose hold expired: a handshake without metadata_size went out first.
+    ext_handshakes_held_out,
+    /// Second, full extension handshakes sent once a miss was filled.
+    second_ext_handshakes,
+    /// Fetches from the connecting client itself (it announced metadata_size).
+    client_fills_started,
+    /// Client-announced metadata refused before fetching (size over the cap).
+    client_fills_refused,
+    /// Client fetches that failed (bad piece, wrong hash).
+    client_fills_failed,
+    /// Client fetches verified and stored.
+    client_fills_stored,
+    /// Peers received in ut_pex messages from waiting clients.
+    pex_peers_received,
 }
