@@ -85,4 +85,32 @@ impl Index {
         }
         Ok(())
     }
+
+    /// Take every key of `hashes` out of the index where it still names `record` (a key
+    /// refiled since names another record and stays). Returns whether anything was removed.
+    pub fn remove(&self, hashes: &InfoHashes, record: &RecordRef) -> bool {
+        let mut removed = false;
+        for key in hashes.handshake_keys() {
+            let mut stripe = self.shards[stripe_of(&key)]
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if stripe.get(&key).is_some_and(|r| r.same_record(record)) {
+                stripe.remove(&key);
+                removed = true;
+            }
+        }
+        removed
+    }
+
+    /// Calls `f` once per (key, record) pair, one stripe at a time (a stripe's read lock is
+    /// held while `f` runs on its entries, so keep `f` short). A hybrid record is seen under
+    /// both its keys.
+    pub fn for_each(&self, mut f: impl FnMut(&[u8; 20], &RecordRef)) {
+        for stripe in self.shards.iter() {
+            let stripe = stripe.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (k, r) in stripe.iter() {
+                f(k, r);
+            }
+        }
+    }
 }

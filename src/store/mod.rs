@@ -8,6 +8,13 @@
 //! - `D/segments/seg-<shard>-<seq>.mseg` — records, appended at the end only (`segment`,
 //!   `record`). Any segment may hold any info-hash; the shard in the name only says which writer
 //!   created it.
+//! - `D/blocklist` — info-hashes never stored, served or fetched (`blocklist`; text, one hash a
+//!   line, editable by hand, reloaded by `Store::reload_blocklist`).
+//!
+//! Deleting (`Store::delete`): the hash goes on the blocklist (durable first), then a tombstone
+//! record is appended and synced, then the record leaves the index. Either alone keeps it
+//! deleted across a restart; together, removing the hash from the blocklist later does not
+//! bring the old bytes back (only storing the dict again does).
 //!
 //! Write path (`Store::append`): validate and hash the dict (`metainfo`), build header + payload,
 //! `pwrite` it at the end of the shard's active segment, sync per `SyncPolicy`, read the header
@@ -30,6 +37,7 @@
 //! read-write open cuts a torn tail off; a read-only one skips it (beside a running server it
 //! is usually an append in progress) and counts it.
 
+mod blocklist;
 mod index;
 mod lock;
 mod record;
@@ -39,6 +47,7 @@ mod segment;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -46,6 +55,8 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::limits::{METADATA_BYTES_MAX, SEGMENT_BYTES_DEFAULT};
 use crate::metainfo::{v2_handshake_key, validate_info, InfoHashes, MetainfoError};
 
+pub use blocklist::{parse_hash_key, BadLine};
+use blocklist::Blocklist;
 use index::Index;
 use lock::DirLock;
 pub use record::RecordRef;
@@ -86,6 +97,8 @@ pub enum StoreError {
     ReadBack { path: PathBuf, offset: u64 },
     #[error("the store is open read-only; only the process holding its lock appends")]
     ReadOnly,
+    #[error("info-hash {0} is on the blocklist")]
+    Blocked(String),
 }
 
 /// How a store is opened. One open and recovery path serves both; this flag is what differs.
@@ -185,6 +198,14 @@ pub struct RecoveryReport {
     pub corrupt_bytes_skipped: u64,
     /// Verified records whose info-hash was already indexed from an earlier record.
     pub duplicates: usize,
+    /// Tombstones read (deleted records).
+    pub tombstones: usize,
+    /// Records not indexed because a tombstone deleted them.
+    pub deleted_skipped: usize,
+    /// Records not indexed because their hash is on the blocklist.
+    pub blocked_skipped: usize,
+    /// Blocklist lines that are not info-hashes (ignored).
+    pub blocklist_bad_lines: Vec<BadLine>,
     pub elapsed: Duration,
 }
 
@@ -224,6 +245,23 @@ impl fmt::Display for RecoveryReport {
         if self.duplicates > 0 {
             write!(f, "; {} duplicates", self.duplicates)?;
         }
+        if self.deleted_skipped > 0 || self.tombstones > 0 {
+            write!(
+                f,
+                "; {} tombstones, {} deleted records skipped",
+                self.tombstones, self.deleted_skipped
+            )?;
+        }
+        if self.blocked_skipped > 0 {
+            write!(f, "; {} blocked records skipped", self.blocked_skipped)?;
+        }
+        if !self.blocklist_bad_lines.is_empty() {
+            write!(
+                f,
+                "; {} blocklist lines ignored (not info-hashes)",
+                self.blocklist_bad_lines.len()
+            )?;
+        }
         Ok(())
     }
 }
@@ -251,8 +289,30 @@ pub struct Store {
     bytes: AtomicU64,
     segments: AtomicUsize,
     access: Access,
+    blocklist: Blocklist,
+    /// Handshake key -> `stored_at` of its newest tombstone: a dict stored again is stamped
+    /// later than that, so recovery keeps it.
+    tombstones: Mutex<HashMap<[u8; 20], u64>>,
     /// `None` when read-only.
     _lock: Option<DirLock>,
+}
+
+/// What `Store::delete` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeleteOutcome {
+    /// The hashes of the record taken out of the store; `None` if none was stored.
+    pub removed: Option<InfoHashes>,
+    /// The blocklist entries written (hex).
+    pub blocked: Vec<String>,
+}
+
+/// What a blocklist reload did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlocklistReload {
+    pub entries: usize,
+    /// Stored records that the new list blocks, taken out of the index.
+    pub unpublished: usize,
+    pub bad_lines: Vec<BadLine>,
 }
 
 /// The writer shard of an info-hash key: its first 8 bytes mod `shards` (an info-hash is
@@ -319,13 +379,29 @@ impl Store {
             // more likely a wrong --data-dir than a store that never stored anything.
             Access::ReadOnly => (None, 0),
         };
+        let (blocklist, bad_lines) = Blocklist::load(dir).map_err(io_at(dir))?;
+        for b in &bad_lines {
+            tracing::warn!(line = b.line, text = %b.text, "blocklist line is not an info-hash; ignored");
+        }
         let scanned = recovery::scan_all(&segments_dir, reserved, available_cores(), access)?;
 
         let index = Index::new();
         let mut report = RecoveryReport {
             segments: scanned.len(),
+            blocklist_bad_lines: bad_lines,
             ..RecoveryReport::default()
         };
+        // Tombstones first: they may lie in any segment, before or after what they delete.
+        let mut tombstones: HashMap<[u8; 20], u64> = HashMap::new();
+        for s in &scanned {
+            for (_, header) in s.records.iter().filter(|(_, h)| h.is_tombstone()) {
+                report.tombstones += 1;
+                for key in header.hashes().handshake_keys() {
+                    let t = tombstones.entry(key).or_insert(0);
+                    *t = (*t).max(header.stored_at);
+                }
+            }
+        }
         let mut writers: Vec<Writer> = (0..opts.shards)
             .map(|shard| Writer {
                 shard,
@@ -350,6 +426,21 @@ impl Store {
             report.corrupt_records_skipped += s.corrupt_records;
             report.corrupt_bytes_skipped += s.corrupt_bytes;
             for (offset, header) in &s.records {
+                if header.is_tombstone() {
+                    continue;
+                }
+                let hashes = header.hashes();
+                let deleted = hashes
+                    .handshake_keys()
+                    .any(|k| tombstones.get(&k).is_some_and(|&t| t >= header.stored_at));
+                if deleted {
+                    report.deleted_skipped += 1;
+                    continue;
+                }
+                if hashes.handshake_keys().any(|k| blocklist.contains(&k)) {
+                    report.blocked_skipped += 1;
+                    continue;
+                }
                 let record = RecordRef::new(s.segment.clone(), *offset, header);
                 if index.publish(&header.hashes(), &record).is_ok() {
                     report.records += 1;
@@ -378,6 +469,8 @@ impl Store {
             bytes: AtomicU64::new(report.bytes),
             segments: AtomicUsize::new(report.segments),
             access,
+            blocklist,
+            tombstones: Mutex::new(tombstones),
             _lock: lock,
         };
         Ok((store, report))
@@ -415,6 +508,9 @@ impl Store {
         // Hashing is the expensive part; it runs before any lock is taken.
         let summary = validate_info(info)?;
         let hashes = summary.hashes;
+        if let Some(key) = hashes.handshake_keys().find(|k| self.blocklist.contains(k)) {
+            return Err(StoreError::Blocked(hex::encode(key)));
+        }
         if let Some(existing) = self.index.get_any(&hashes) {
             return Ok(AppendOutcome::AlreadyPresent(existing));
         }
@@ -424,7 +520,12 @@ impl Store {
             .unwrap_or_else(|| shard_of(&key, self.opts.shards))
             % self.opts.shards;
 
-        let header = Header::for_info(&hashes, summary.private, info.len(), unix_now());
+        let header = Header::for_info(
+            &hashes,
+            summary.private,
+            info.len(),
+            self.stamp_after_tombstones(&hashes),
+        );
         let mut buf = Vec::with_capacity(header.record_bytes());
         buf.extend_from_slice(&header.encode());
         buf.extend_from_slice(info);
@@ -459,6 +560,157 @@ impl Store {
             // disk as a duplicate that recovery will count and skip.
             Err(existing) => Ok(AppendOutcome::AlreadyPresent(existing)),
         }
+    }
+
+    /// Now, or just after the newest tombstone of these hashes if that is later (the clock may
+    /// have gone back, or the delete was this second): recovery keeps only records stored
+    /// after their tombstone.
+    fn stamp_after_tombstones(&self, hashes: &InfoHashes) -> u64 {
+        let tombs = self.tombstones.lock().unwrap_or_else(|p| p.into_inner());
+        hashes
+            .handshake_keys()
+            .filter_map(|k| tombs.get(&k).map(|t| t + 1))
+            .fold(unix_now(), u64::max)
+    }
+
+    /// Whether a 20-byte handshake key (v1 info-hash or v2 prefix) is blocked: never to be
+    /// fetched, stored or served. A read lock on a hash set; meant for the miss path (a hit
+    /// cannot be blocked: blocking takes the record out of the index).
+    pub fn is_blocked(&self, key: &[u8; 20]) -> bool {
+        self.blocklist.contains(key)
+    }
+
+    /// Entries on the blocklist.
+    pub fn blocklist_len(&self) -> usize {
+        self.blocklist.len()
+    }
+
+    /// Delete the record under `key` (a handshake key) if there is one, and block `key` and
+    /// the record's other hashes. Durable when it returns: blocklist file and tombstone are
+    /// both synced. `v2_full` is the full v2 hash when the caller knows it (written to the
+    /// blocklist in place of the prefix, for the operator reading the file).
+    pub fn delete(
+        &self,
+        key: &[u8; 20],
+        v2_full: Option<&[u8; 32]>,
+        reason: &str,
+    ) -> Result<DeleteOutcome, StoreError> {
+        if self.access == Access::ReadOnly {
+            return Err(StoreError::ReadOnly);
+        }
+        let record = self.index.get(key);
+        let hashes = record.as_ref().map(|r| r.hashes());
+        let mut entries: Vec<(String, [u8; 20])> = Vec::new();
+        match &hashes {
+            Some(h) => {
+                if let Some(v1) = h.v1 {
+                    entries.push((hex::encode(v1), v1));
+                }
+                if let Some(v2) = h.v2 {
+                    entries.push((hex::encode(v2), v2_handshake_key(&v2)));
+                }
+            }
+            None => match v2_full {
+                Some(v2) => entries.push((hex::encode(v2), *key)),
+                None => entries.push((hex::encode(key), *key)),
+            },
+        }
+        entries.retain(|(_, k)| !self.blocklist.contains(k));
+        if !entries.is_empty() {
+            let path = self.blocklist.path().to_path_buf();
+            let comment = format!("{reason} at unix {}", unix_now());
+            self.blocklist
+                .add(&entries, comment.trim())
+                .map_err(io_at(&path))?;
+        }
+        let blocked = entries.into_iter().map(|(hex, _)| hex).collect();
+        let (Some(record), Some(hashes)) = (record, hashes) else {
+            return Ok(DeleteOutcome {
+                removed: None,
+                blocked,
+            });
+        };
+        let deleted_at = unix_now().max(record.stored_at());
+        let tomb = Header::tombstone(&hashes, deleted_at);
+        let key = hashes.primary_key().expect("a stored record has a key");
+        let mut writer = self.writer(shard_of(&key, self.opts.shards));
+        let (segment, at) = self.write_record(&mut writer, &tomb.encode())?;
+        if self.opts.sync == SyncPolicy::Batch {
+            // A delete is acknowledged to an operator: durable now whatever the policy.
+            segment.sync_data().map_err(io_at(segment.path()))?;
+            writer.dirty = false;
+        }
+        if Header::decode(segment.bytes(at, HEADER_BYTES)) != Ok(tomb) {
+            return Err(StoreError::ReadBack {
+                path: segment.path().to_path_buf(),
+                offset: at as u64,
+            });
+        }
+        drop(writer);
+        {
+            let mut tombs = self.tombstones.lock().unwrap_or_else(|p| p.into_inner());
+            for k in hashes.handshake_keys() {
+                let t = tombs.entry(k).or_insert(0);
+                *t = (*t).max(deleted_at);
+            }
+        }
+        if self.index.remove(&hashes, &record) {
+            self.records.fetch_sub(1, Ordering::Relaxed);
+            self.bytes.fetch_sub(record.len() as u64, Ordering::Relaxed);
+        }
+        Ok(DeleteOutcome {
+            removed: Some(hashes),
+            blocked,
+        })
+    }
+
+    /// Take `keys` off the blocklist (the hashes may then be fetched and stored again; a
+    /// deleted record's old bytes stay deleted).
+    pub fn unblock(&self, keys: &[[u8; 20]]) -> Result<usize, StoreError> {
+        let path = self.blocklist.path().to_path_buf();
+        self.blocklist.remove(keys).map_err(io_at(&path))
+    }
+
+    /// Re-read the blocklist file (after a hand edit) and take every stored record it now
+    /// blocks out of the index (not deleted: unblocking and restarting brings it back).
+    pub fn reload_blocklist(&self) -> Result<BlocklistReload, StoreError> {
+        let path = self.blocklist.path().to_path_buf();
+        let bad_lines = self.blocklist.reload().map_err(io_at(&path))?;
+        let mut blocked = Vec::new();
+        self.index.for_each(|k, r| {
+            if self.blocklist.contains(k) {
+                blocked.push(r.clone());
+            }
+        });
+        let mut unpublished = 0;
+        for r in blocked {
+            if self.index.remove(&r.hashes(), &r) {
+                unpublished += 1;
+                self.records.fetch_sub(1, Ordering::Relaxed);
+                self.bytes.fetch_sub(r.len() as u64, Ordering::Relaxed);
+            }
+        }
+        Ok(BlocklistReload {
+            entries: self.blocklist.len(),
+            unpublished,
+            bad_lines,
+        })
+    }
+
+    /// Every stored record once (a hybrid is filed under two keys but visited once), in no
+    /// particular order. Walks the whole index: for the admin plane, not the serving path.
+    pub fn for_each_record(&self, mut f: impl FnMut(&RecordRef)) {
+        self.index.for_each(|k, r| {
+            // Visit a record under its primary key only: v1 if present, else the v2 prefix.
+            let primary = if r.has_v1() {
+                k == &r.hashes().v1.unwrap_or_default()
+            } else {
+                true
+            };
+            if primary {
+                f(r);
+            }
+        });
     }
 
     fn writer(&self, shard: usize) -> MutexGuard<'_, Writer> {

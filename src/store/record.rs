@@ -7,7 +7,7 @@
 //! |--------|-------|--------------------------------------------------------|
 //! | 0      | 4     | magic `MGR1`                                           |
 //! | 4      | 1     | format version (1)                                     |
-//! | 5      | 1     | kind (1 = info dict; other values reserved, e.g. tombstones) |
+//! | 5      | 1     | kind: 1 info dict, 2 tombstone (see below); others reserved |
 //! | 6      | 1     | flags: bit0 v1 present, bit1 v2 present, bit2 private  |
 //! | 7      | 1     | reserved, 0                                            |
 //! | 8      | 4     | info_len                                               |
@@ -16,6 +16,13 @@
 //! | 64     | 8     | stored_at, unix seconds                                |
 //! | 72     | 4     | header_crc: CRC-32 of these 80 bytes with this field 0 |
 //! | 76     | 4     | reserved, 0                                            |
+//!
+//! A tombstone (kind 2) is a header alone (`info_len` 0, no payload): the hashes of a deleted
+//! record, and in `stored_at` when it was deleted. Recovery drops every info record under
+//! one of those hashes whose `stored_at` is not later than the tombstone's, wherever it lies
+//! (segments are not in time order across shards, and the shard count may change between
+//! runs); `Store::append` stamps a record stored again after a delete later than the
+//! tombstone, so it survives.
 //!
 //! The header CRC only tells "this is a header we wrote" (so recovery can find record
 //! boundaries and resynchronise after damage); the payload is checked by re-hashing it against
@@ -33,6 +40,7 @@ pub(crate) const HEADER_BYTES: usize = 80;
 pub(crate) const MAGIC: [u8; 4] = *b"MGR1";
 pub(crate) const FORMAT_VERSION: u8 = 1;
 pub(crate) const KIND_INFO: u8 = 1;
+pub(crate) const KIND_TOMBSTONE: u8 = 2;
 /// Records start on 8-byte boundaries, so recovery can resynchronise by probing every 8 bytes.
 pub(crate) const RECORD_ALIGN: usize = 8;
 
@@ -91,6 +99,17 @@ impl Header {
         }
     }
 
+    /// A tombstone for the record under `hashes`, deleted at `deleted_at`.
+    pub fn tombstone(hashes: &InfoHashes, deleted_at: u64) -> Self {
+        let mut h = Header::for_info(hashes, false, 0, deleted_at);
+        h.kind = KIND_TOMBSTONE;
+        h
+    }
+
+    pub fn is_tombstone(&self) -> bool {
+        self.kind == KIND_TOMBSTONE
+    }
+
     pub fn hashes(&self) -> InfoHashes {
         InfoHashes {
             v1: (self.flags & FLAG_V1 != 0).then_some(self.v1),
@@ -146,7 +165,8 @@ impl Header {
             v2: b[32..64].try_into().expect("32 bytes"),
             stored_at: u64::from_le_bytes(b[64..72].try_into().expect("8 bytes")),
         };
-        let fields_ok = h.kind == KIND_INFO
+        let kind_ok = h.kind == KIND_INFO || (h.kind == KIND_TOMBSTONE && h.info_len == 0);
+        let fields_ok = kind_ok
             && h.flags & !FLAGS_KNOWN == 0
             && h.flags & (FLAG_V1 | FLAG_V2) != 0
             && (h.flags & FLAG_V1 != 0 || h.v1 == [0; 20])
@@ -281,5 +301,14 @@ mod tests {
             0,
         );
         assert_eq!(Header::decode(&v2_only.encode()).unwrap().hashes().v1, None);
+        let tomb = Header::tombstone(&hashes, 1_700_000_001);
+        let decoded = Header::decode(&tomb.encode()).unwrap();
+        assert!(decoded.is_tombstone());
+        assert_eq!(decoded.hashes(), hashes);
+        assert_eq!(decoded.record_bytes(), HEADER_BYTES);
+        // A tombstone never carries a payload.
+        let mut bad = tomb;
+        bad.info_len = 8;
+        assert_eq!(Header::decode(&bad.encode()), Err(HeaderError::Fields));
     }
 }

@@ -5,7 +5,8 @@
 //! (shard, seq) order so "first wins" for duplicates is deterministic.
 //!
 //! Per segment, walking records from offset 0:
-//! - valid header, payload hashes to the header's info-hashes, zero padding: keep it;
+//! - valid header, payload hashes to the header's info-hashes, zero padding: keep it (a
+//!   tombstone has no payload: its header CRC is all there is to check);
 //! - valid header, payload fails: skip that one record (the header CRC vouches for its length);
 //! - invalid header: probe every 8 bytes for the next valid header and resume there;
 //! - whatever follows the last good record (a torn append: partial header, partial payload, a
@@ -28,7 +29,7 @@ use super::{Access, StoreError};
 
 pub(crate) struct ScannedSegment {
     pub segment: Arc<Segment>,
-    /// (payload offset, header) of every verified record, in file order.
+    /// (payload offset, header) of every verified record and tombstone, in file order.
     pub records: Vec<(usize, Header)>,
     /// End of the last good record: the file length after a read-write recovery.
     pub end: u64,
@@ -156,7 +157,8 @@ pub(crate) fn scan_segment(
                 let info_len = header.info_len as usize;
                 let payload = segment.bytes(payload_at, info_len);
                 let padding = segment.bytes(payload_at + info_len, end - payload_at - info_len);
-                if padding.iter().all(|&b| b == 0) && verify_info(payload, &header.hashes()) {
+                let payload_ok = header.is_tombstone() || verify_info(payload, &header.hashes());
+                if padding.iter().all(|&b| b == 0) && payload_ok {
                     records.push((payload_at, header));
                     corrupt_records += pending_records;
                     corrupt_bytes += pending_bytes;

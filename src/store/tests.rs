@@ -483,3 +483,72 @@ fn shard_of_is_the_first_eight_bytes() {
     assert_eq!(shard_of(&key, 1), 0);
     assert_eq!(shard_of(&key, 0), 0);
 }
+
+#[test]
+fn delete_writes_a_tombstone_and_blocks_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hybrid, hashes) = fixture_info("hybrid_single");
+    let keep = synthetic_v1(1, 600);
+    {
+        let (store, _) = open(dir.path(), opts(2, 1 << 20));
+        stored(store.append(&hybrid, AppendOptions::default()).unwrap());
+        stored(store.append(&keep, AppendOptions::default()).unwrap());
+        let v2_key = v2_handshake_key(&hashes.v2.unwrap());
+        let out = store.delete(&v2_key, None, "test").unwrap();
+        assert_eq!(out.removed, Some(hashes));
+        assert_eq!(out.blocked.len(), 2, "both hashes of a hybrid are blocked");
+        assert!(store.lookup(&hashes.v1.unwrap()).is_none());
+        assert!(store.lookup(&v2_key).is_none());
+        assert!(store.is_blocked(&hashes.v1.unwrap()) && store.is_blocked(&v2_key));
+        assert_eq!(store.stats().records, 1);
+        assert!(matches!(
+            store.append(&hybrid, AppendOptions::default()),
+            Err(StoreError::Blocked(_))
+        ));
+        let mut seen = 0;
+        store.for_each_record(|_| seen += 1);
+        assert_eq!(seen, 1);
+    }
+    // The tombstone alone keeps it deleted: drop the blocklist file too.
+    std::fs::remove_file(dir.path().join("blocklist")).unwrap();
+    let (store, report) = open(dir.path(), opts(3, 1 << 20));
+    assert_eq!(report.tombstones, 1);
+    assert_eq!(report.deleted_skipped, 1);
+    assert_eq!(report.records, 1);
+    assert!(store.lookup(&hashes.v1.unwrap()).is_none());
+    assert!(store.lookup(&v1_key(&keep)).is_some());
+    // Stored again after the delete (same second, even): stamped after the tombstone, so
+    // it survives the next restart.
+    stored(store.append(&hybrid, AppendOptions::default()).unwrap());
+    drop(store);
+    let (store, report) = open(dir.path(), opts(1, 1 << 20));
+    assert_eq!(report.records, 2);
+    assert!(store.lookup(&hashes.v1.unwrap()).is_some());
+}
+
+#[test]
+fn blocklist_edit_and_reload_unpublishes_and_recovery_skips() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = synthetic_v1(7, 700);
+    let key = v1_key(&a);
+    {
+        let (store, _) = open(dir.path(), opts(1, 1 << 20));
+        stored(store.append(&a, AppendOptions::default()).unwrap());
+        std::fs::write(
+            dir.path().join("blocklist"),
+            format!("# by hand\n{}\nnonsense\n", hex::encode(key)),
+        )
+        .unwrap();
+        let r = store.reload_blocklist().unwrap();
+        assert_eq!((r.entries, r.unpublished, r.bad_lines.len()), (1, 1, 1));
+        assert!(store.lookup(&key).is_none());
+        assert_eq!(store.stats().records, 0);
+    }
+    let (store, report) = open(dir.path(), opts(1, 1 << 20));
+    assert_eq!((report.records, report.blocked_skipped), (0, 1));
+    // Unblocked (not deleted): the record comes back at the next start.
+    assert_eq!(store.unblock(&[key]).unwrap(), 1);
+    drop(store);
+    let (store, _) = open(dir.path(), opts(1, 1 << 20));
+    assert!(store.lookup(&key).is_some());
+}
