@@ -3,12 +3,22 @@
 //! at once over BEP 9, verify it against the info-hash, store it, wake the waiting clients.
 //!
 //! - `config`   every knob and bound of the miss path
+//! - `ratelimit` token bucket and bounded per-key windows (DHT lookups/s, misses per IP)
 //! - `shard`    per-core fetch table: one fetch per info-hash in its owning shard, waiters
+//! - `tracker`  announce types, dispatch by scheme, all trackers of a fetch at once
+//! - `tracker_http` BEP 3/23/7 HTTP announce (ureq) and response parsing
+//! - `tracker_udp`  BEP 15 UDP announce: connect, connection-id cache, retransmission
+//! - `dht`      Mainline DHT node (BEP 5): rate-limited get_peers lookups, announces
 //! - `cli`      `magnetar fetch <magnet>`
 
 pub mod cli;
 pub mod config;
+pub mod dht;
+pub mod ratelimit;
 pub mod shard;
+pub mod tracker;
+pub mod tracker_http;
+pub mod tracker_udp;
 
 use std::net::SocketAddr;
 
