@@ -1,14 +1,30 @@
-//! Settings of `magnetar serve`, their defaults, and where the data dir lives when none
-//! is given.
+//! Settings of `magnetar serve`: one definition for flags, config file, defaults and docs.
+//!
+//! `ServeSettings` is both a clap `Args` and a serde `Deserialize` struct, so every setting is
+//! a flag (`--connections-max`) and a TOML key (`connections-max`) with the same name, and
+//! `[upstream]` is the miss path's `UpstreamConfig` (same scheme). The clap attributes are the
+//! single source of truth: `ServeSettings::default()` parses an empty command line, and
+//! `print-config` writes every key with its flag's doc comment and default.
+//!
+//! Precedence: explicit flags (and their environment variables) > config file > defaults.
+//! To know which flags were given explicitly, the command line is parsed a second time by a
+//! copy of the command without defaults (`explicit_only`); only what that parse finds
+//! overwrites the file's values.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::{bail, Context};
+use clap::{ArgAction, Args, FromArgMatches};
+use serde::Deserialize;
+
 use crate::limits;
+use crate::upstream::config::UpstreamConfig;
 
 /// Which io driver each worker runtime uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum DriverChoice {
     /// io_uring when the kernel offers the operations monoio needs, else epoll.
     Auto,
@@ -18,7 +34,384 @@ pub enum DriverChoice {
     Epoll,
 }
 
-/// Everything a running server needs to know; built by the CLI.
+/// The default admin address: loopback only.
+pub const ADMIN_DEFAULT: &str = "127.0.0.1:7881";
+
+/// Every setting of `magnetar serve`, as flags and as the config file's keys.
+#[derive(Args, Deserialize, Clone, Debug, PartialEq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServeSettings {
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive list
+    /// (e.g. "info,magnetar::upstream=debug"). The flag is `--log` (env MAGNETAR_LOG);
+    /// SIGHUP re-reads it from the config file.
+    #[arg(skip)]
+    pub log: Option<String>,
+
+    /// Where the store lives; created if missing. Default: $STATE_DIRECTORY, else
+    /// $XDG_DATA_HOME/magnetar, else ~/.local/share/magnetar.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Address to accept peers on; repeat for several. Ignored when systemd passes listening
+    /// sockets (socket activation, LISTEN_FDS).
+    #[arg(long, value_name = "ADDR:PORT", default_values = ["0.0.0.0:6881", "[::]:6881"])]
+    pub listen: Vec<SocketAddr>,
+
+    /// Listen backlog passed to listen(2) (the kernel caps it at net.core.somaxconn).
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub listen_backlog: i32,
+
+    /// Worker threads (one io runtime each). Default: one per CPU.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+
+    /// io driver: auto (io_uring if the kernel allows it, else epoll), io-uring, epoll.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub driver: DriverChoice,
+
+    /// Pin worker i to CPU i.
+    #[arg(long)]
+    pub pin_cores: bool,
+
+    /// Most open peer connections over all workers.
+    #[arg(long, default_value_t = limits::CONNECTIONS_MAX_DEFAULT, value_name = "N")]
+    pub connections_max: usize,
+
+    /// Most open connections from one IP address.
+    #[arg(long, default_value_t = limits::CONNECTIONS_PER_IP_MAX_DEFAULT, value_name = "N")]
+    pub connections_per_ip_max: usize,
+
+    /// Time a new connection has to send its handshake.
+    #[arg(long, default_value_t = limits::HANDSHAKE_TIMEOUT_MS_DEFAULT, value_name = "MS")]
+    pub handshake_timeout_ms: u64,
+
+    /// Close a connection after this long without a byte from the peer.
+    #[arg(long, default_value_t = limits::IDLE_TIMEOUT_MS_DEFAULT, value_name = "MS")]
+    pub idle_timeout_ms: u64,
+
+    /// Send a keep-alive after this long without sending anything.
+    #[arg(long, default_value_t = limits::KEEPALIVE_INTERVAL_MS_DEFAULT, value_name = "MS")]
+    pub keepalive_interval_ms: u64,
+
+    /// Requests answered per connection per batch (advertised as reqq); more are rejected.
+    #[arg(long, default_value_t = limits::REQUESTS_QUEUED_MAX, value_name = "N")]
+    pub requests_queued_max: usize,
+
+    /// On SIGTERM/SIGINT: stop accepting, then give open sessions this long to finish
+    /// before closing them and exiting.
+    #[arg(long, default_value_t = 5_000, value_name = "MS")]
+    pub shutdown_grace_ms: u64,
+
+    /// Log the summed per-core counters this often (0: never).
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub stats_interval_s: u64,
+
+    /// Admin HTTP address (metrics, health, .torrent in/out, delete), or "off".
+    /// Loopback only unless admin-allow-remote is set.
+    #[arg(long, default_value = ADMIN_DEFAULT, value_name = "ADDR:PORT|off")]
+    pub admin: String,
+
+    /// Allow the admin plane on a non-loopback address (put it behind TLS and a firewall).
+    #[arg(long)]
+    pub admin_allow_remote: bool,
+
+    /// File holding the bearer token that mutating admin requests (upload, delete, fetch)
+    /// must present. Without a token, mutating endpoints are disabled.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// The bearer token itself (prefer admin-token-file: a flag shows in `ps`).
+    #[arg(long, env = "MAGNETAR_ADMIN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    pub admin_token: Option<String>,
+
+    /// The address clients reach this server at (e.g. 203.0.113.5:6881), put into the
+    /// magnets the admin plane hands out as x.pe.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub public_addr: Option<String>,
+
+    /// The miss path (`[upstream]` in the config file).
+    #[command(flatten)]
+    pub upstream: UpstreamConfig,
+}
+
+impl Default for ServeSettings {
+    /// The clap defaults: the one place defaults are written down.
+    fn default() -> Self {
+        let cmd = ServeSettings::augment_args(clap::Command::new("serve"));
+        let matches = cmd
+            .try_get_matches_from(["serve"])
+            .expect("defaults parse");
+        let mut s = ServeSettings::from_arg_matches(&matches).expect("defaults are valid");
+        // An environment variable is not a default.
+        s.admin_token = None;
+        s
+    }
+}
+
+/// Admin plane settings, resolved.
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// `None`: mutating endpoints answer 403.
+    pub token: Option<String>,
+    pub public_addr: Option<String>,
+    /// Put into served .torrent files as announce-list.
+    pub trackers: Vec<String>,
+}
+
+impl ServeSettings {
+    /// Read a config file: TOML, unknown keys are an error naming the key.
+    pub fn from_file(path: &Path) -> anyhow::Result<ServeSettings> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("config file {}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> anyhow::Result<ServeSettings> {
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))
+    }
+
+    /// Overwrite with what `matches` (from `explicit_only`) holds: flags given on the command
+    /// line or through their environment variables.
+    pub fn apply_explicit(&mut self, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+        self.update_from_arg_matches(matches)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+
+    pub fn log_filter(&self) -> &str {
+        self.log.as_deref().unwrap_or("info")
+    }
+
+    /// The server's settings, checked.
+    pub fn serve_config(&self) -> anyhow::Result<ServeConfig> {
+        let mut cfg = ServeConfig::new(self.data_dir());
+        cfg.listen = self.listen.clone();
+        if let Some(t) = self.threads {
+            if t == 0 {
+                bail!("threads must be at least 1");
+            }
+            cfg.threads = t;
+        }
+        cfg.driver = self.driver;
+        cfg.pin_cores = self.pin_cores;
+        cfg.connections_max = self.connections_max;
+        cfg.connections_per_ip_max = self.connections_per_ip_max;
+        cfg.handshake_timeout = Duration::from_millis(self.handshake_timeout_ms);
+        cfg.idle_timeout = Duration::from_millis(self.idle_timeout_ms);
+        cfg.keepalive_interval = Duration::from_millis(self.keepalive_interval_ms);
+        let reqq_max = (limits::IOVECS_PER_WRITE_MAX - 4) / 2;
+        if self.requests_queued_max == 0 || self.requests_queued_max > reqq_max {
+            bail!("requests-queued-max must be between 1 and {reqq_max} (one writev per batch)");
+        }
+        cfg.requests_queued_max = self.requests_queued_max;
+        if self.listen_backlog < 1 {
+            bail!("listen-backlog must be at least 1");
+        }
+        cfg.listen_backlog = self.listen_backlog;
+        cfg.shutdown_grace = Duration::from_millis(self.shutdown_grace_ms);
+        Ok(cfg)
+    }
+
+    /// The admin plane's settings, or `None` when it is off. Reads the token file.
+    pub fn admin_config(&self) -> anyhow::Result<Option<AdminConfig>> {
+        if self.admin.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        let listen: SocketAddr = self
+            .admin
+            .parse()
+            .map_err(|e| anyhow::anyhow!("admin '{}': {e} (want ADDR:PORT or off)", self.admin))?;
+        if !is_loopback(listen.ip()) && !self.admin_allow_remote {
+            bail!(
+                "admin {listen} is not a loopback address; set admin-allow-remote to expose the \
+                 admin plane beyond this host"
+            );
+        }
+        let token = match (&self.admin_token_file, &self.admin_token) {
+            (Some(path), _) => {
+                let t = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading admin-token-file {}", path.display()))?;
+                Some(t.trim().to_owned())
+            }
+            (None, Some(t)) => Some(t.trim().to_owned()),
+            (None, None) => None,
+        };
+        if token.as_deref() == Some("") {
+            bail!("the admin token is empty");
+        }
+        if let Some(addr) = &self.public_addr {
+            addr.parse::<crate::magnet::PeerAddr>()
+                .map_err(|e| anyhow::anyhow!("public-addr '{addr}': {e}"))?;
+        }
+        Ok(Some(AdminConfig {
+            listen,
+            token,
+            public_addr: self.public_addr.clone(),
+            trackers: self.upstream.trackers.clone(),
+        }))
+    }
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+    }
+}
+
+/// A copy of `cmd` whose arguments have no defaults, so that parsing with it yields only what
+/// the user gave (flags and environment variables). Boolean switches get a "set to true when
+/// present" action in place of SetTrue (which always holds a value, false by default).
+pub fn explicit_only(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| {
+        let a = a.default_value(None::<&'static str>);
+        if matches!(a.get_action(), ArgAction::SetTrue) {
+            a.action(ArgAction::Set)
+                .num_args(0)
+                .default_missing_value("true")
+                .value_parser(clap::value_parser!(bool))
+        } else {
+            a
+        }
+    })
+}
+
+/// `explicit_only` applied to subcommand `name` of `cmd`.
+pub fn explicit_only_subcommand(cmd: clap::Command, name: &str) -> clap::Command {
+    cmd.mut_subcommand(name, explicit_only)
+}
+
+/// The default config, as TOML: every key with its doc comment and default value. Keys
+/// without a default are written commented out.
+pub fn default_config_toml() -> String {
+    let serve = ServeSettings::augment_args(clap::Command::new("serve"));
+    let upstream_ids: Vec<String> = UpstreamConfig::augment_args(clap::Command::new("u"))
+        .get_arguments()
+        .map(|a| a.get_id().to_string())
+        .collect();
+    let mut top = String::new();
+    let mut up = String::new();
+    top.push_str(
+        "# magnetar configuration (TOML), as written by `magnetar print-config`.\n\
+         # Use it with `magnetar serve --config FILE`. Every key is also a flag of `serve`\n\
+         # (key `connections-max` is `--connections-max`); flags override this file.\n\
+         # Unknown keys are an error.\n\n",
+    );
+    // `log` is a global flag, not one of serve's, but a key of the file all the same.
+    let log_help = "Log filter: error, warn, info, debug, trace, or a tracing directive list\n\
+                    (e.g. \"info,magnetar::upstream=debug\"). Flag: --log (env MAGNETAR_LOG).\n\
+                    SIGHUP re-reads it from this file.";
+    push_comment(&mut top, log_help);
+    top.push_str("log = \"info\"\n\n");
+    for arg in serve.get_arguments() {
+        let id = arg.get_id().as_str();
+        if arg.is_hide_set() || id == "upstream" {
+            continue;
+        }
+        let key = id.replace('_', "-");
+        let in_upstream = upstream_ids.iter().any(|u| u == id);
+        let out = if in_upstream { &mut up } else { &mut top };
+        let help = arg
+            .get_long_help()
+            .or(arg.get_help())
+            .map(|h| h.to_string())
+            .unwrap_or_default();
+        push_comment(out, &help);
+        let flag = match (arg.get_long(), arg.get_value_names()) {
+            (Some(l), Some(names)) if arg.get_action().takes_values() => {
+                format!("--{l} <{}>", names[0])
+            }
+            (Some(l), _) => format!("--{l}"),
+            _ => String::new(),
+        };
+        if let Some(env) = arg.get_env() {
+            out.push_str(&format!(
+                "# Flag: {flag} (env {})\n",
+                env.to_string_lossy()
+            ));
+        } else {
+            out.push_str(&format!("# Flag: {flag}\n"));
+        }
+        let defaults: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|d| d.to_string_lossy().into_owned())
+            .collect();
+        let value = if matches!(arg.get_action(), ArgAction::SetTrue) {
+            Some("false".to_owned())
+        } else if matches!(arg.get_action(), ArgAction::Append) {
+            let items: Vec<String> = defaults.iter().map(|d| toml_scalar(d)).collect();
+            Some(format!("[{}]", items.join(", ")))
+        } else {
+            defaults.first().map(|d| {
+                let typed = d.parse::<i64>().is_ok() && {
+                    let probe = if in_upstream {
+                        format!("[upstream]\n{key} = {d}\n")
+                    } else {
+                        format!("{key} = {d}\n")
+                    };
+                    ServeSettings::from_toml(&probe).is_ok()
+                };
+                if typed {
+                    d.clone()
+                } else {
+                    toml_scalar(d)
+                }
+            })
+        };
+        match value {
+            Some(v) => out.push_str(&format!("{key} = {v}\n\n")),
+            None => {
+                let name = arg
+                    .get_value_names()
+                    .and_then(|n| n.first())
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "VALUE".into());
+                out.push_str(&format!("# {key} = <{name}>   (unset by default)\n\n"));
+            }
+        }
+    }
+    top.push_str("[upstream]\n");
+    top.push_str(&up);
+    top.trim_end().to_owned() + "\n"
+}
+
+/// A default value as TOML: numbers stay numbers only where the key takes a number, which
+/// the caller decides; this quotes strings.
+fn toml_scalar(s: &str) -> String {
+    if s.parse::<i64>().is_ok() {
+        return s.to_owned();
+    }
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+fn push_comment(out: &mut String, text: &str) {
+    for para in text.trim().lines() {
+        if para.trim().is_empty() {
+            out.push_str("#\n");
+            continue;
+        }
+        // Wrap at 90 columns: clap joins a doc comment's lines into one.
+        let mut line = String::from("#");
+        for word in para.split_whitespace() {
+            if line.len() + 1 + word.len() > 90 && line.len() > 1 {
+                out.push_str(&line);
+                out.push('\n');
+                line = String::from("#");
+            }
+            line.push(' ');
+            line.push_str(word);
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+}
+
+/// Everything a running server needs to know; built from `ServeSettings`.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
@@ -37,6 +430,8 @@ pub struct ServeConfig {
     pub requests_queued_max: usize,
     /// Listen backlog passed to listen(2).
     pub listen_backlog: i32,
+    /// How long open sessions may run on after a shutdown request.
+    pub shutdown_grace: Duration,
 }
 
 impl ServeConfig {
@@ -55,16 +450,14 @@ impl ServeConfig {
             keepalive_interval: Duration::from_millis(limits::KEEPALIVE_INTERVAL_MS_DEFAULT),
             requests_queued_max: limits::REQUESTS_QUEUED_MAX,
             listen_backlog: 4096,
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }
 
 /// `0.0.0.0:6881` and `[::]:6881` (the v6 socket is v6-only, so both can bind).
 pub fn default_listen() -> Vec<SocketAddr> {
-    vec![
-        "0.0.0.0:6881".parse().expect("literal"),
-        "[::]:6881".parse().expect("literal"),
-    ]
+    ServeSettings::default().listen
 }
 
 pub fn default_threads() -> usize {
@@ -94,4 +487,55 @@ pub fn default_data_dir() -> PathBuf {
         return PathBuf::from(home).join(".local/share/magnetar");
     }
     PathBuf::from("magnetar-data")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_defaults_parse_back_to_the_defaults() {
+        let text = default_config_toml();
+        let parsed = ServeSettings::from_toml(&text).unwrap();
+        let expected = ServeSettings {
+            log: Some("info".into()),
+            ..ServeSettings::default()
+        };
+        assert_eq!(parsed, expected, "{text}");
+        assert!(text.contains("[upstream]"));
+        assert!(text.contains("# Most open peer connections over all workers\n"));
+    }
+
+    #[test]
+    fn upstream_defaults_agree_with_its_flags() {
+        // UpstreamConfig writes its defaults twice (clap and Default); they must agree.
+        assert_eq!(ServeSettings::default().upstream, UpstreamConfig::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = ServeSettings::from_toml("conections-max = 5\n").unwrap_err();
+        assert!(err.to_string().contains("conections-max"), "{err}");
+        let err = ServeSettings::from_toml("[upstream]\nno-dhtt = true\n").unwrap_err();
+        assert!(err.to_string().contains("no-dhtt"), "{err}");
+    }
+
+    #[test]
+    fn explicit_flags_override_the_file_and_nothing_else_does() {
+        let mut s = ServeSettings::from_toml(
+            "connections-max = 7\nidle-timeout-ms = 9\npin-cores = true\n\
+             [upstream]\nno-dht = true\ntrackers = [\"udp://a:1\"]\n",
+        )
+        .unwrap();
+        let cmd = explicit_only(ServeSettings::augment_args(clap::Command::new("serve")));
+        let m = cmd
+            .try_get_matches_from(["serve", "--connections-max", "8", "--tracker", "udp://b:2"])
+            .unwrap();
+        s.apply_explicit(&m).unwrap();
+        assert_eq!(s.connections_max, 8);
+        assert_eq!(s.idle_timeout_ms, 9);
+        assert!(s.pin_cores, "a switch absent from the command line keeps the file's value");
+        assert!(s.upstream.no_dht);
+        assert_eq!(s.upstream.trackers, vec!["udp://b:2".to_string()]);
+    }
 }

@@ -9,7 +9,10 @@
 //! - `store`    append-only mmap segments, record format, index, recovery
 //! - `import`   `magnetar import`: .torrent files into the store
 //! - `server`   thread-per-core monoio runtime, listeners, peer sessions, zero-copy block sends
+//! - `upstream` the miss path: fetch unknown info dicts from the swarm
+//! - `admin`    HTTP plane on its own thread: metrics, health, .torrent in/out, delete/block
 
+pub mod admin;
 pub mod config;
 pub mod import;
 pub mod limits;

@@ -1,17 +1,19 @@
 //! The `magnetar` command line: parse arguments, build the config, run.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use magnetar::config::{self, DriverChoice, ServeConfig};
+use magnetar::admin::Admin;
+use magnetar::config::{self, ServeSettings};
 use magnetar::magnet::{Magnet, PeerAddr};
 use magnetar::store::{Store, StoreOptions, SyncPolicy};
-use magnetar::{limits, metainfo};
+use magnetar::metainfo;
+
+use magnetar::server::lifecycle;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -24,16 +26,20 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(version, propagate_version = true)]
 struct Cli {
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
-    #[arg(long, global = true, default_value = "info", env = "MAGNETAR_LOG")]
-    log: String,
+    /// Default: info (or `log` in serve's config file).
+    #[arg(long, global = true, env = "MAGNETAR_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once
 enum Command {
     /// Serve stored metadata to BitTorrent clients.
     Serve(ServeArgs),
+    /// Print the default config file (every setting of `serve`, documented) to stdout.
+    PrintConfig,
     /// Add .torrent files (or directories of them) to the store.
     Import(ImportArgs),
     /// Print a magnet link for a stored torrent.
@@ -60,43 +66,11 @@ impl DataDirArg {
 
 #[derive(Args, Debug)]
 struct ServeArgs {
+    /// TOML config file (see `magnetar print-config`); flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(flatten)]
-    data_dir: DataDirArg,
-    /// Address to accept peers on; repeat for several. Default: 0.0.0.0:6881 and [::]:6881.
-    #[arg(long, value_name = "ADDR:PORT")]
-    listen: Vec<SocketAddr>,
-    /// Worker threads (one io runtime each). Default: one per CPU.
-    #[arg(long, value_name = "N")]
-    threads: Option<usize>,
-    /// io driver: auto (io_uring if the kernel allows it, else epoll), io-uring, epoll.
-    #[arg(long, value_enum, default_value = "auto")]
-    driver: DriverChoice,
-    /// Pin worker i to CPU i.
-    #[arg(long)]
-    pin_cores: bool,
-    /// Most open peer connections over all workers.
-    #[arg(long, default_value_t = limits::CONNECTIONS_MAX_DEFAULT)]
-    connections_max: usize,
-    /// Most open connections from one IP address.
-    #[arg(long, default_value_t = limits::CONNECTIONS_PER_IP_MAX_DEFAULT)]
-    connections_per_ip_max: usize,
-    /// Time a new connection has to send its handshake.
-    #[arg(long, default_value_t = limits::HANDSHAKE_TIMEOUT_MS_DEFAULT, value_name = "MS")]
-    handshake_timeout_ms: u64,
-    /// Close a connection after this long without a byte from the peer.
-    #[arg(long, default_value_t = limits::IDLE_TIMEOUT_MS_DEFAULT, value_name = "MS")]
-    idle_timeout_ms: u64,
-    /// Send a keep-alive after this long without sending anything.
-    #[arg(long, default_value_t = limits::KEEPALIVE_INTERVAL_MS_DEFAULT, value_name = "MS")]
-    keepalive_interval_ms: u64,
-    /// Requests answered per connection per batch (advertised as reqq); more are rejected.
-    #[arg(long, default_value_t = limits::REQUESTS_QUEUED_MAX)]
-    requests_queued_max: usize,
-    #[command(flatten)]
-    upstream: magnetar::upstream::config::UpstreamConfig,
-    /// Log the summed per-core counters this often (0: never).
-    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
-    stats_interval_s: u64,
+    settings: ServeSettings,
 }
 
 #[derive(Args, Debug)]
@@ -121,12 +95,24 @@ struct MagnetArgs {
 
 fn main() {
     let cli = Cli::parse();
-    init_logging(&cli.log);
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
-        Command::Import(args) => import(args),
-        Command::Magnet(args) => magnet(args),
-        Command::Fetch(args) => magnetar::upstream::cli::run(args),
+        Command::Serve(args) => serve(args, cli.log),
+        Command::PrintConfig => {
+            print!("{}", config::default_config_toml());
+            Ok(())
+        }
+        Command::Import(args) => {
+            init_logging(cli.log.as_deref().unwrap_or("info"));
+            import(args)
+        }
+        Command::Magnet(args) => {
+            init_logging(cli.log.as_deref().unwrap_or("info"));
+            magnet(args)
+        }
+        Command::Fetch(args) => {
+            init_logging(cli.log.as_deref().unwrap_or("info"));
+            magnetar::upstream::cli::run(args)
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -134,17 +120,37 @@ fn main() {
     }
 }
 
-fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+type LogReload = tracing_subscriber::reload::Handle<
+    tracing_subscriber::EnvFilter,
+    tracing_subscriber::Registry,
+>;
+
+fn parse_filter(filter: &str) -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("warning: log filter '{filter}' is invalid ({e}); using info");
+        tracing_subscriber::EnvFilter::new("info")
+    })
 }
 
-fn open_store(dir: &std::path::Path, sync: SyncPolicy) -> anyhow::Result<Store> {
+/// Installs the stderr logger; the returned handle swaps the filter (SIGHUP).
+fn init_logging(filter: &str) -> LogReload {
+    use tracing_subscriber::prelude::*;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(parse_filter(filter));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .init();
+    handle
+}
+
+fn open_store(
+    dir: &std::path::Path,
+    sync: SyncPolicy,
+) -> anyhow::Result<(Store, magnetar::store::RecoveryReport)> {
     let opts = StoreOptions {
         sync,
         ..StoreOptions::default()
@@ -152,57 +158,158 @@ fn open_store(dir: &std::path::Path, sync: SyncPolicy) -> anyhow::Result<Store> 
     let (store, report) = Store::open(dir, opts)
         .with_context(|| format!("opening the store in {}", dir.display()))?;
     tracing::info!(dir = %dir.display(), "store recovered: {report}");
-    Ok(store)
+    Ok((store, report))
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut cfg = ServeConfig::new(args.data_dir.resolve());
-    if !args.listen.is_empty() {
-        cfg.listen = args.listen;
+/// Settings: the config file (if any) under the flags actually given.
+fn resolve_settings(
+    args: &ServeArgs,
+    cli_log: Option<String>,
+) -> anyhow::Result<(ServeSettings, bool)> {
+    let mut settings = match &args.config {
+        Some(path) => ServeSettings::from_file(path)?,
+        None => ServeSettings::default(),
+    };
+    // Parse the command line again without defaults: only what the user gave overrides.
+    let explicit = config::explicit_only_subcommand(Cli::command(), "serve")
+        .try_get_matches_from(std::env::args_os())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(m) = explicit.subcommand_matches("serve") {
+        settings.apply_explicit(m)?;
     }
-    if let Some(t) = args.threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
-        }
-        cfg.threads = t;
+    let log_pinned = cli_log.is_some();
+    if let Some(log) = cli_log {
+        settings.log = Some(log);
     }
-    cfg.driver = args.driver;
-    cfg.pin_cores = args.pin_cores;
-    cfg.connections_max = args.connections_max;
-    cfg.connections_per_ip_max = args.connections_per_ip_max;
-    cfg.handshake_timeout = Duration::from_millis(args.handshake_timeout_ms);
-    cfg.idle_timeout = Duration::from_millis(args.idle_timeout_ms);
-    cfg.keepalive_interval = Duration::from_millis(args.keepalive_interval_ms);
-    let reqq_max = (limits::IOVECS_PER_WRITE_MAX - 4) / 2;
-    if args.requests_queued_max == 0 || args.requests_queued_max > reqq_max {
-        bail!("--requests-queued-max must be between 1 and {reqq_max} (one writev per batch)");
-    }
-    cfg.requests_queued_max = args.requests_queued_max;
+    Ok((settings, log_pinned))
+}
 
-    let store = Arc::new(open_store(&cfg.data_dir, SyncPolicy::Always)?);
-    let (upstream, shard_mailboxes) =
-        magnetar::upstream::shard::Upstream::new(args.upstream, store.clone(), cfg.threads);
-    let server = magnetar::server::start(cfg, store, upstream, shard_mailboxes)?;
-    if args.stats_interval_s == 0 {
-        server.join();
-        return Ok(());
+fn serve(args: ServeArgs, cli_log: Option<String>) -> anyhow::Result<()> {
+    // Before any thread exists, so every thread inherits the mask and the signals wait for
+    // the main thread's sigwait (no async-signal-safety puzzles in handlers).
+    let signals = lifecycle::block_signals();
+    let (settings, log_pinned) = resolve_settings(&args, cli_log)?;
+    let log = init_logging(settings.log_filter());
+    let cfg = settings.serve_config()?;
+    let admin_cfg = settings.admin_config()?;
+    let inherited = magnetar::server::listener::inherited_from_systemd()
+        .context("reading the sockets passed by systemd (LISTEN_FDS)")?;
+    if !inherited.is_empty() {
+        tracing::info!(
+            sockets = inherited.len(),
+            "socket activation: serving on the sockets systemd passed; listen is ignored"
+        );
     }
+
+    let (store, recovery) = open_store(&cfg.data_dir, SyncPolicy::Always)?;
+    let store = Arc::new(store);
+    let admin = match admin_cfg {
+        Some(a) => Some(Admin::start(a, store.clone(), recovery)?),
+        None => None,
+    };
+    let (upstream, shard_mailboxes) =
+        magnetar::upstream::shard::Upstream::new(settings.upstream.clone(), store.clone(), cfg.threads);
+    let grace = cfg.shutdown_grace;
+    let server =
+        magnetar::server::start(cfg, store.clone(), upstream, shard_mailboxes, inherited)?;
+    let mut ready_line = format!("ready {}", server.describe());
+    if let Some(a) = &admin {
+        a.state.set_cores(server.stats.clone());
+        a.state.set_ready();
+        ready_line.push_str(&format!(" admin={}", a.local_addr));
+    }
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{ready_line}");
+        let _ = stdout.flush();
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    lifecycle::start_watchdog(server.stats.clone());
+
+    let stats_every = (settings.stats_interval_s > 0)
+        .then(|| Duration::from_secs(settings.stats_interval_s));
+    let mut next_stats = stats_every.map(|d| std::time::Instant::now() + d);
     loop {
-        std::thread::sleep(Duration::from_secs(args.stats_interval_s));
-        let fields: Vec<String> = server
-            .snapshot()
-            .fields()
-            .into_iter()
-            .filter(|&(_, v)| v != 0)
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        tracing::info!("counters: {}", fields.join(" "));
+        let wait = next_stats.map(|t| t.saturating_duration_since(std::time::Instant::now()));
+        match signals.wait(wait) {
+            Some(lifecycle::Signal::Reload) => {
+                reload(&args, &store, &log, log_pinned);
+            }
+            Some(lifecycle::Signal::Stop(name)) => {
+                tracing::info!("{name}: stopping (grace {grace:?})");
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                if let Some(a) = &admin {
+                    a.state.set_stopping();
+                }
+                let report = server.shutdown(grace);
+                tracing::info!(
+                    sessions_cut = report.sessions_cut,
+                    workers_stuck = report.workers_stuck,
+                    "workers stopped in {:?}",
+                    report.elapsed
+                );
+                if let Some(a) = admin {
+                    a.shutdown(Duration::from_secs(10));
+                }
+                store.sync().context("flushing the store")?;
+                drop(store);
+                tracing::info!("stopped");
+                return Ok(());
+            }
+            None => {}
+        }
+        if let (Some(t), Some(every)) = (next_stats, stats_every) {
+            if std::time::Instant::now() >= t {
+                log_counters(&server);
+                next_stats = Some(t + every);
+            }
+        }
+    }
+}
+
+fn log_counters(server: &magnetar::server::Server) {
+    let fields: Vec<String> = server
+        .snapshot()
+        .fields()
+        .into_iter()
+        .filter(|&(k, v)| v != 0 && k != "heartbeats")
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    tracing::info!("counters: {}", fields.join(" "));
+}
+
+/// SIGHUP: re-read the blocklist, and the log level from the config file (unless `--log`
+/// or MAGNETAR_LOG pinned it).
+fn reload(args: &ServeArgs, store: &Store, log: &LogReload, log_pinned: bool) {
+    match store.reload_blocklist() {
+        Ok(r) => tracing::info!(
+            entries = r.entries,
+            unpublished = r.unpublished,
+            bad_lines = r.bad_lines.len(),
+            "SIGHUP: blocklist reloaded"
+        ),
+        Err(e) => tracing::error!("SIGHUP: blocklist reload failed: {e}"),
+    }
+    if log_pinned {
+        return;
+    }
+    let Some(path) = &args.config else { return };
+    match ServeSettings::from_file(path) {
+        Ok(s) => {
+            let filter = s.log_filter().to_owned();
+            match log.reload(parse_filter(&filter)) {
+                Ok(()) => tracing::info!(log = %filter, "SIGHUP: log filter reloaded"),
+                Err(e) => tracing::error!("SIGHUP: log filter reload failed: {e}"),
+            }
+        }
+        Err(e) => tracing::error!("SIGHUP: config file not reloaded: {e:#}"),
     }
 }
 
 fn import(args: ImportArgs) -> anyhow::Result<()> {
     let dir = args.data_dir.resolve();
-    let store = open_store(&dir, SyncPolicy::Batch)?;
+    let (store, _) = open_store(&dir, SyncPolicy::Batch)?;
     let report = magnetar::import::import_paths(&store, &args.paths, true);
     eprintln!("{report}");
     if report.failed > 0 && report.imported + report.already_present == 0 {

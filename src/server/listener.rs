@@ -1,9 +1,18 @@
 //! Listening sockets, bound on the main thread before any worker starts so that a bad
 //! address fails start-up with a clear error, and `:0` resolves to one port shared by
 //! all workers.
+//!
+//! Socket activation (`LISTEN_FDS`, e.g. `magnetar.socket`): systemd binds each address
+//! once, so there is one socket and one accept queue per address, not one per worker. Each
+//! worker gets a `dup` of it (a runtime registers its own fd) and all accept loops share the
+//! queue: whichever core is free takes the next connection. That loses SO_REUSEPORT's
+//! hashing of connections over cores (and, under epoll, every idle worker wakes per
+//! connection), which is why binding our own sockets stays the default; socket activation
+//! buys binding privileged ports without privileges and restarts that keep the queue.
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::FromRawFd;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -47,6 +56,51 @@ pub fn bind_all(addrs: &[SocketAddr], workers: usize, backlog: i32) -> io::Resul
                 })?,
             );
         }
+    }
+    Ok(BoundSockets {
+        local_addrs,
+        per_worker,
+    })
+}
+
+/// The listening sockets systemd passed (`LISTEN_FDS`, checked against `LISTEN_PID`), or none.
+/// Call once, before threads start: the descriptors are taken over (and set close-on-exec).
+pub fn inherited_from_systemd() -> io::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::new();
+    for fd in sd_notify::listen_fds()? {
+        // SAFETY: systemd hands these descriptors to this process (LISTEN_PID matched) and
+        // nothing else in the process owns them; we take ownership exactly once.
+        let socket = unsafe { Socket::from_raw_fd(fd) };
+        let is_tcp_listener = socket.r#type().ok() == Some(Type::STREAM)
+            && socket.is_listener().unwrap_or(false)
+            && socket.local_addr().ok().and_then(|a| a.as_socket()).is_some();
+        if !is_tcp_listener {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("fd {fd} from systemd is not a listening TCP socket (check ListenStream= in magnetar.socket)"),
+            ));
+        }
+        socket.set_nonblocking(true)?;
+        out.push(socket.into());
+    }
+    Ok(out)
+}
+
+/// One `dup` of every inherited listener per worker (see the module doc for why shared).
+pub fn share_inherited(
+    listeners: Vec<std::net::TcpListener>,
+    workers: usize,
+) -> io::Result<BoundSockets> {
+    let workers = workers.max(1);
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
+        (0..workers).map(|_| Vec::new()).collect();
+    let mut local_addrs = Vec::new();
+    for l in listeners {
+        local_addrs.push(l.local_addr()?);
+        for listeners in per_worker.iter_mut().skip(1) {
+            listeners.push(l.try_clone()?);
+        }
+        per_worker[0].push(l);
     }
     Ok(BoundSockets {
         local_addrs,

@@ -3,13 +3,16 @@
 //! own sessions and counters. Connections stay on the core that accepted them; every core
 //! reads any record straight from the store's shared mmap.
 //!
-//! - `listener`: sockets (SO_REUSEPORT, v6-only, backlog) bound before workers start
+//! - `listener`: sockets (SO_REUSEPORT, v6-only, backlog) bound before workers start, or
+//!   inherited from systemd (socket activation)
 //! - `worker`:   the runtime (io_uring or epoll) and the accept loop
 //! - `session`:  one peer connection, handshake to close
 //! - `send`:     zero-copy vectored replies (headers + mmap slices)
 //! - `limiter`:  global and per-IP connection caps
 //! - `stats`:    per-core counters, summed by readers
+//! - `lifecycle`: signals (stop, reload), the systemd watchdog
 
+pub mod lifecycle;
 pub mod limiter;
 pub mod listener;
 pub mod send;
@@ -17,9 +20,9 @@ pub mod session;
 pub mod stats;
 pub mod worker;
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
@@ -33,7 +36,23 @@ pub struct Server {
     pub local_addrs: Vec<SocketAddr>,
     pub stats: Vec<Arc<CoreStats>>,
     pub drivers: Vec<&'static str>,
+    /// Whether the listeners came from systemd (socket activation).
+    pub socket_activated: bool,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Dropping a worker's sender is its shutdown signal: every receiver (each accept loop,
+    /// the drain) wakes with `Disconnected` at once, without a message per receiver.
+    stop: Vec<flume::Sender<()>>,
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Sessions still open when the grace time ran out, closed by force.
+    pub sessions_cut: u64,
+    /// Workers that had not exited within grace + a margin (they are left to die with the
+    /// process).
+    pub workers_stuck: usize,
+    pub elapsed: Duration,
 }
 
 impl Server {
@@ -41,36 +60,76 @@ impl Server {
         StatsSnapshot::sum(self.stats.iter().map(|s| &**s))
     }
 
-    /// Blocks until every worker has exited (they run until the process ends).
+    /// Blocks until every worker has exited (they run until `shutdown`).
     pub fn join(self) {
         for t in self.threads {
             let _ = t.join();
         }
     }
+
+    /// Stop accepting on every core at once, let open sessions run for the configured grace
+    /// time, close what is left, and wait for the workers to exit.
+    pub fn shutdown(mut self, grace: Duration) -> ShutdownReport {
+        let started = Instant::now();
+        let cut_before = self.snapshot().sessions_cut_at_shutdown;
+        self.stop.clear();
+        // Workers exit by themselves at the deadline; the margin covers closing sockets.
+        let give_up = started + grace + Duration::from_secs(5);
+        let mut workers_stuck = 0;
+        for t in std::mem::take(&mut self.threads) {
+            while !t.is_finished() && Instant::now() < give_up {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                workers_stuck += 1;
+            }
+        }
+        ShutdownReport {
+            sessions_cut: self.snapshot().sessions_cut_at_shutdown - cut_before,
+            workers_stuck,
+            elapsed: started.elapsed(),
+        }
+    }
+
+    /// `listen=ADDR[,ADDR] driver=NAME`: the body of the `ready` line.
+    pub fn describe(&self) -> String {
+        let addrs: Vec<String> = self.local_addrs.iter().map(|a| a.to_string()).collect();
+        format!("listen={} driver={}", addrs.join(","), self.drivers[0])
+    }
 }
 
-/// Binds every listener, starts one worker per thread, and returns once all workers are
-/// accepting. Prints `ready listen=ADDR[,ADDR] driver=NAME` on stdout as the readiness
-/// signal tests and scripts wait on.
+/// Binds every listener (or takes the ones systemd passed: `inherited`, non-empty), starts
+/// one worker per thread, and returns once all workers are accepting. The caller prints the
+/// `ready` line (`Server::describe`) once the rest of the process is up too.
 pub fn start(
     cfg: ServeConfig,
     store: Arc<Store>,
     upstream: Arc<Upstream>,
     shard_mailboxes: Vec<flume::Receiver<ShardCmd>>,
+    inherited: Vec<std::net::TcpListener>,
 ) -> anyhow::Result<Server> {
     let cfg = Arc::new(cfg);
     assert!(
         cfg.requests_queued_max * 2 + 4 <= crate::limits::IOVECS_PER_WRITE_MAX,
         "requests_queued_max too large for one writev"
     );
-    let sockets = listener::bind_all(&cfg.listen, cfg.threads, cfg.listen_backlog)
-        .context("binding listeners")?;
+    let socket_activated = !inherited.is_empty();
+    let sockets = if socket_activated {
+        listener::share_inherited(inherited, cfg.threads)
+            .context("using the listening sockets passed by systemd")?
+    } else {
+        listener::bind_all(&cfg.listen, cfg.threads, cfg.listen_backlog)
+            .context("binding listeners")?
+    };
     let local_addrs = sockets.local_addrs.clone();
     let limiter = limiter::ConnectionLimiter::new(cfg.connections_max, cfg.connections_per_ip_max);
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<&'static str>>();
     let mut threads = Vec::new();
     let mut stats = Vec::new();
+    let mut stop = Vec::new();
     assert_eq!(
         shard_mailboxes.len(),
         sockets.per_worker.len(),
@@ -84,6 +143,8 @@ pub fn start(
     {
         let core_stats = Arc::new(CoreStats::default());
         stats.push(core_stats.clone());
+        let (stop_tx, stop_rx) = flume::bounded::<()>(1);
+        stop.push(stop_tx);
         let spec = worker::WorkerSpec {
             index,
             cfg: cfg.clone(),
@@ -93,6 +154,7 @@ pub fn start(
             listeners,
             upstream: upstream.clone(),
             shard_mailbox,
+            stop: stop_rx,
         };
         let ready = ready_tx.clone();
         threads.push(
@@ -115,21 +177,16 @@ pub fn start(
         listen = %addrs.join(","),
         workers = threads.len(),
         driver = drivers[0],
+        socket_activated,
         records = store.stats().records,
         "serving"
     );
-    let mut stdout = std::io::stdout().lock();
-    let _ = writeln!(
-        stdout,
-        "ready listen={} driver={}",
-        addrs.join(","),
-        drivers[0]
-    );
-    let _ = stdout.flush();
     Ok(Server {
         local_addrs,
         stats,
         drivers,
+        socket_activated,
         threads,
+        stop,
     })
 }

@@ -123,4 +123,9 @@ core_stats! {
     client_fills_stored,
     /// Peers received in ut_pex messages from waiting clients.
     pex_peers_received,
+    /// Connections still open when the shutdown grace time ran out (closed by force).
+    sessions_cut_at_shutdown,
+    /// Ticks of the worker's 1 s heartbeat timer; the systemd watchdog is only fed while
+    /// every worker's heartbeat advances.
+    heartbeats,
 }

@@ -2,10 +2,16 @@
 //! missing or `--driver epoll`), then accepts on its listeners and runs a task per
 //! session. Nothing here is shared with other workers except the store (read-only mmap
 //! plus an index read lock per handshake) and the connection limiter.
+//!
+//! Shutdown: the server drops this worker's `stop` sender. Each accept loop waits on that
+//! alongside `accept` (one future made once per loop, so an accept costs nothing extra) and
+//! ends, closing its listener; the worker then waits until its open sessions have ended or
+//! the grace time has passed, and returns, which drops whatever sessions are left.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -32,6 +38,8 @@ pub struct WorkerSpec {
     pub upstream: Arc<Upstream>,
     /// This worker's shard of the miss path.
     pub shard_mailbox: flume::Receiver<ShardCmd>,
+    /// Disconnected when the server shuts down.
+    pub stop: flume::Receiver<()>,
 }
 
 type Runtime = monoio::FusionRuntime<
@@ -105,6 +113,7 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         listeners,
         upstream,
         shard_mailbox,
+        stop,
     } = spec;
     rt.block_on(async move {
         let mut monoio_listeners = Vec::new();
@@ -131,27 +140,80 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
             peer_id,
             upstream,
         });
+        let grace = ctx.cfg.shutdown_grace;
+        let stats = ctx.stats.clone();
+        let open = Rc::new(Cell::new(0usize));
         let mut accepts = Vec::new();
         for listener in monoio_listeners {
             accepts.push(monoio::spawn(accept_loop(
                 listener,
                 ctx.clone(),
                 limiter.clone(),
+                stop.clone(),
+                open.clone(),
             )));
         }
+        monoio::spawn(heartbeat(stats.clone()));
         let _ = ready.send(Ok(driver));
+        let _ = stop.recv_async().await;
         for a in accepts {
             a.await;
         }
+        let deadline = monoio::time::Instant::now() + grace;
+        while open.get() > 0 && monoio::time::Instant::now() < deadline {
+            monoio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = open.get();
+        stats.sessions_cut_at_shutdown.add(left as u64);
+        tracing::debug!(worker = index, sessions_cut = left, "worker stopped");
+        // Returning drops the runtime and with it every session still open.
     });
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Rc<WorkerCtx>, limiter: Arc<ConnectionLimiter>) {
+/// Proof of life for the systemd watchdog: a worker whose runtime is stuck stops ticking.
+async fn heartbeat(stats: Arc<CoreStats>) {
+    loop {
+        monoio::time::sleep(Duration::from_secs(1)).await;
+        stats.heartbeats.inc();
+    }
+}
+
+/// Counts a session as open while it lives (also when its task is dropped at shutdown).
+struct OpenSession(Rc<Cell<usize>>);
+
+impl OpenSession {
+    fn new(open: Rc<Cell<usize>>) -> Self {
+        open.set(open.get() + 1);
+        OpenSession(open)
+    }
+}
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Rc<WorkerCtx>,
+    limiter: Arc<ConnectionLimiter>,
+    stop: flume::Receiver<()>,
+    open: Rc<Cell<usize>>,
+) {
     // Back off when accept fails (EMFILE, ENFILE, ENOBUFS): retrying at once would spin the
     // core while nothing frees up; doubling up to 1 s recovers quickly once fds free.
     let mut backoff = Duration::from_millis(5);
+    let mut stopped = pin!(stop.recv_async());
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = monoio::select! {
+            r = listener.accept() => Some(r),
+            _ = &mut stopped => None,
+        };
+        let Some(accepted) = accepted else {
+            return; // shutdown: the listener closes here
+        };
+        let (stream, peer) = match accepted {
             Ok(s) => {
                 backoff = Duration::from_millis(5);
                 s
@@ -159,7 +221,10 @@ async fn accept_loop(listener: TcpListener, ctx: Rc<WorkerCtx>, limiter: Arc<Con
             Err(e) => {
                 ctx.stats.accept_errors.inc();
                 tracing::warn!("accept failed: {e}; retrying in {backoff:?}");
-                monoio::time::sleep(backoff).await;
+                monoio::select! {
+                    _ = monoio::time::sleep(backoff) => {},
+                    _ = &mut stopped => return,
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
@@ -178,7 +243,9 @@ async fn accept_loop(listener: TcpListener, ctx: Rc<WorkerCtx>, limiter: Arc<Con
         ctx.stats.connections_accepted.inc();
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
+        let open = OpenSession::new(open.clone());
         monoio::spawn(async move {
+            let _open = open;
             // A bug in one session must not take the core down with it: catch the panic,
             // count it, and close only that connection (the stream drops with the future).
             if CatchUnwind(session::run(stream, peer, ctx.clone()))
