@@ -10,10 +10,16 @@
 //! - `tracker_udp`  BEP 15 UDP announce: connect, connection-id cache, retransmission
 //! - `dht`      Mainline DHT node (BEP 5): rate-limited get_peers lookups, announces
 //! - `cli`      `magnetar fetch <magnet>`
+//! - `fetch`    one fetch: up to N peers at once, first verified dict wins, liars banned
+//! - `peer`     one upstream peer connection: handshakes, pipelined BEP 9 requests
+//! - `assemble` sans-IO: pieces from one peer into the info dict, checked against the key
 
+pub mod assemble;
 pub mod cli;
 pub mod config;
 pub mod dht;
+pub mod fetch;
+pub mod peer;
 pub mod ratelimit;
 pub mod shard;
 pub mod tracker;

@@ -5,6 +5,12 @@
                          large (5+ metadata pieces), and OUTDIR/manifest.json describing them
   fetch MAGNET OUT       fetch the metadata of MAGNET (give it x.pe=magnetar) and write the
                          raw info dict libtorrent received to OUT; exit 1 on timeout
+  seed TORRENT... CONTENT_DIR [--port N] [--tracker URL] [--dht-bootstrap H:P,...]
+       [--connect-peer H:P]
+                         seed TORRENT(s) (content under CONTENT_DIR, seed_mode: no check)
+                         on 127.0.0.1:N (0 = any); prints `listening PORT` when ready, then
+                         runs until killed. With --dht-bootstrap it runs a DHT node that
+                         bootstraps from those nodes and announces the torrents to it.
 
 Run with /usr/bin/python3: the pyenv python on PATH does not see Debian's libtorrent.
 """
@@ -118,6 +124,73 @@ def fetch(magnet, out, timeout):
     return 1
 
 
+def seed(torrents, content_dir, port, trackers, dht_bootstrap, connect_peers):
+    dht = bool(dht_bootstrap)
+    settings = {
+        "listen_interfaces": "127.0.0.1:%d" % port,
+        "enable_dht": dht,
+        "enable_lsd": False,
+        "enable_upnp": False,
+        "enable_natpmp": False,
+        "enable_incoming_utp": False,
+        "enable_outgoing_utp": False,
+        # Tests connect many times from 127.0.0.1 (and through magnetar).
+        "allow_multiple_connections_per_ip": True,
+        "announce_to_all_trackers": True,
+        "announce_to_all_tiers": True,
+        # SSRF mitigation refuses tracker URLs on localhost whose path is not /announce.
+        "ssrf_mitigation": False,
+        "alert_mask": lt.alert.category_t.status_notification
+        | lt.alert.category_t.error_notification
+        | lt.alert.category_t.tracker_notification
+        | lt.alert.category_t.dht_notification,
+    }
+    if dht:
+        settings.update({
+            "dht_bootstrap_nodes": dht_bootstrap,
+            # A DHT on loopback: every node is 127.0.0.1, which these filters refuse.
+            "dht_restrict_routing_ips": False,
+            "dht_restrict_search_ips": False,
+            "dht_ignore_dark_internet": False,
+            "dht_prefer_verified_node_ids": False,
+        })
+    ses = lt.session(settings)
+    handles = []
+    for path in torrents:
+        params = lt.add_torrent_params()
+        params.ti = lt.torrent_info(path)
+        params.save_path = content_dir
+        params.flags |= lt.torrent_flags.seed_mode
+        params.flags &= ~lt.torrent_flags.auto_managed
+        params.flags &= ~lt.torrent_flags.paused
+        # Assign, do not append: the binding hands out a copy of the list.
+        params.trackers = list(trackers)
+        handles.append(ses.add_torrent(params))
+    for h in handles:
+        for p in connect_peers:
+            host, _, pport = p.rpartition(":")
+            h.connect_peer((host.strip("[]"), int(pport)))
+    # Ready means ready to serve: every torrent seeding (seed_mode skips the check).
+    give_up = time.monotonic() + 30
+    while time.monotonic() < give_up and not all(
+            h.status().state == lt.torrent_status.seeding for h in handles):
+        ses.wait_for_alert(100)
+        for a in ses.pop_alerts():
+            print("alert %s: %s" % (type(a).__name__, a.message()), file=sys.stderr, flush=True)
+    print("listening %d" % ses.listen_port(), flush=True)
+    last_dht_announce = 0.0
+    while True:
+        ses.wait_for_alert(1000)
+        for a in ses.pop_alerts():
+            print("alert %s: %s" % (type(a).__name__, a.message()), file=sys.stderr, flush=True)
+        # The first DHT announce waits for the routing table; on a tiny loopback DHT
+        # repeat it so a lookup started later finds the seed.
+        if dht and time.monotonic() - last_dht_announce > 5:
+            last_dht_announce = time.monotonic()
+            for h in handles:
+                h.force_dht_announce()
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -127,10 +200,21 @@ def main():
     f.add_argument("magnet")
     f.add_argument("out")
     f.add_argument("--timeout", type=float, default=30.0)
+    s = sub.add_parser("seed")
+    s.add_argument("paths", nargs="+", metavar="TORRENT... CONTENT_DIR")
+    s.add_argument("--port", type=int, default=0)
+    s.add_argument("--tracker", action="append", default=[])
+    s.add_argument("--dht-bootstrap", default="")
+    s.add_argument("--connect-peer", action="append", default=[])
     args = ap.parse_args()
     if args.cmd == "make-torrents":
         make_torrents(args.outdir)
         return 0
+    if args.cmd == "seed":
+        if len(args.paths) < 2:
+            ap.error("seed needs at least one TORRENT and the CONTENT_DIR")
+        return seed(args.paths[:-1], args.paths[-1], args.port, args.tracker,
+                    args.dht_bootstrap, args.connect_peer)
     return fetch(args.magnet, args.out, args.timeout)
 
 

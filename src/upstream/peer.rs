@@ -1,0 +1,750 @@
+//! One upstream peer connection on the miss path: we are the client. Connect, send our
+//! handshake (echoing the key) and our extension handshake in one write, read the peer's
+//! handshake and wait for its extension handshake (`ut_metadata` id and `metadata_size`),
+//! request the pieces pipelined, assemble and verify them (`assemble`).
+//!
+//! The protocol logic is the sans-IO [`Exchange`]; `fetch_from_peer` only moves bytes.
+//! Every step has a deadline: `connect_timeout` for the TCP connect, `peer_timeout` for
+//! the whole exchange (connect included). Nothing we receive can make us buffer more than
+//! one frame (`limits::FRAME_BYTES_MAX`, checked by the codec) or allocate more than the
+//! `metadata_size` we accepted (`metadata_bytes_max`).
+//!
+//! We answer nothing: no bitfield, no have, no reply to the peer's requests — a
+//! metadata-only client has nothing to say, and the exchange is short (no keep-alive).
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use monoio::time::Instant;
+
+use crate::limits::{FRAME_BYTES_MAX, REQUESTS_QUEUED_MAX};
+use crate::upstream::assemble::{AssembleError, MetadataAssembler, Progress};
+use crate::wire::{
+    decode_frame, decode_handshake_head, decode_metadata, encode_handshake,
+    encode_metadata_request, Decoded, ExtHandshake, Frame, MetadataMsg, Reserved, WireError,
+    HANDSHAKE_LEN,
+};
+
+/// The id the peer must use for ut_metadata messages it sends us (libtorrent's value).
+pub const OUR_UT_METADATA_ID: u8 = 2;
+
+/// `v` in our extension handshake.
+const CLIENT_VERSION: &str = concat!("magnetar ", env!("CARGO_PKG_VERSION"));
+
+/// Requests in flight when the peer advertises no `reqq`. Our own server takes 250 per
+/// burst (`limits::REQUESTS_QUEUED_MAX`); libtorrent's default is far higher.
+const REQUESTS_IN_FLIGHT_DEFAULT: usize = REQUESTS_QUEUED_MAX;
+
+/// Each read asks for at least this much room: a 16 KiB data message plus its header.
+const READ_SPARE_MIN: usize = 32 * 1024;
+
+/// How to talk to upstream peers for one info-hash.
+#[derive(Clone, Debug)]
+pub struct PeerFetchConfig {
+    /// The 20-byte handshake key: v1 SHA-1, or a v2 SHA-256 truncated (BEP 52).
+    pub key: [u8; 20],
+    pub peer_id: [u8; 20],
+    /// Largest `metadata_size` accepted (capped again by `limits::METADATA_BYTES_MAX`).
+    pub metadata_bytes_max: usize,
+    pub connect_timeout: Duration,
+    /// The whole exchange, connect included.
+    pub peer_timeout: Duration,
+    /// Set the BEP 52 upgrade bit in our handshake. Leave it off unless the torrent is
+    /// known to be v2 or hybrid: libtorrent disconnects a peer that claims it for a v1-only
+    /// torrent (DESIGN.md point 1), and a v2 key is accepted without it.
+    pub v2_bit: bool,
+}
+
+/// Why one peer did not give us the metadata.
+#[derive(thiserror::Error, Debug)]
+pub enum PeerFetchError {
+    #[error("connect: {0}")]
+    Connect(io::Error),
+    #[error("handshake: {0}")]
+    Handshake(&'static str),
+    #[error("peer does not offer ut_metadata")]
+    NoMetadataSupport,
+    #[error("peer sent no metadata_size")]
+    NoMetadataSize,
+    /// `metadata_size` is 0 or over the cap, or changed after we began requesting, or a
+    /// data message's `total_size` differs from it.
+    #[error("metadata size: {0}")]
+    Size(AssembleError),
+    #[error("peer rejected metadata piece {piece}")]
+    Rejected { piece: u32 },
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// Every piece arrived with the right sizes, but the bytes do not hash to the key.
+    #[error("metadata does not hash to the info-hash")]
+    HashMismatch,
+    #[error("peer timed out")]
+    Timeout,
+    #[error("i/o: {0}")]
+    Io(io::Error),
+}
+
+impl PeerFetchError {
+    /// A short stable name for counting.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PeerFetchError::Connect(_) => "connect",
+            PeerFetchError::Handshake(_) => "handshake",
+            PeerFetchError::NoMetadataSupport => "no_metadata",
+            PeerFetchError::NoMetadataSize | PeerFetchError::Size(_) => "size",
+            PeerFetchError::Rejected { .. } => "rejected",
+            PeerFetchError::Protocol(_) => "protocol",
+            PeerFetchError::HashMismatch => "hash_mismatch",
+            PeerFetchError::Timeout => "timeout",
+            PeerFetchError::Io(_) => "io",
+        }
+    }
+}
+
+impl From<AssembleError> for PeerFetchError {
+    fn from(e: AssembleError) -> Self {
+        match e {
+            AssembleError::HashMismatch => PeerFetchError::HashMismatch,
+            AssembleError::Empty
+            | AssembleError::TooLarge { .. }
+            | AssembleError::SizeChanged { .. } => PeerFetchError::Size(e),
+            _ => PeerFetchError::Protocol(e.to_string()),
+        }
+    }
+}
+
+impl From<WireError> for PeerFetchError {
+    fn from(e: WireError) -> Self {
+        PeerFetchError::Protocol(e.to_string())
+    }
+}
+
+/// What happened so far on one connection, for progress display and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerProgress {
+    /// TCP connected; handshakes sent.
+    Connected,
+    /// The peer's extension handshake gave its size; requests go out now.
+    MetadataSize(u64),
+    /// A piece arrived: `received` of `total`.
+    Piece { received: usize, total: usize },
+}
+
+/// The client side of one BEP 9 exchange after the TCP connect, without I/O: feed it
+/// what the peer sends (`on_bytes`), send what it appends to `out`.
+pub struct Exchange {
+    key: [u8; 20],
+    metadata_bytes_max: usize,
+    /// The peer's 68-byte handshake has been read.
+    handshake_done: bool,
+    /// An extension handshake has arrived (so a missing size is the peer's answer).
+    ext_seen: bool,
+    peer_ut_metadata: Option<u8>,
+    announced_size: Option<u64>,
+    /// How many requests may be in flight (the peer's `reqq`, capped).
+    window: usize,
+    /// Exists once requests have started: its size is then fixed.
+    asm: Option<MetadataAssembler>,
+    /// Pieces `0..next_piece` have been requested.
+    next_piece: u32,
+    in_flight: usize,
+}
+
+/// What a batch of bytes led to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Bytes consumed from the front of the buffer; send `out` and read more.
+    Consumed(usize),
+    /// The verified info dict.
+    Done(Vec<u8>),
+}
+
+impl Exchange {
+    pub fn new(key: [u8; 20], metadata_bytes_max: usize) -> Self {
+        Exchange {
+            key,
+            metadata_bytes_max,
+            handshake_done: false,
+            ext_seen: false,
+            peer_ut_metadata: None,
+            announced_size: None,
+            window: REQUESTS_IN_FLIGHT_DEFAULT,
+            asm: None,
+            next_piece: 0,
+            in_flight: 0,
+        }
+    }
+
+    /// Our opening: handshake and extension handshake, sent together before the peer's
+    /// handshake arrives (the extension handshake is the first message, DESIGN.md 3).
+    pub fn opening(&self, peer_id: &[u8; 20], v2_bit: bool, out: &mut Vec<u8>) {
+        encode_handshake(out, Reserved::ours(true, false, v2_bit), &self.key, peer_id);
+        ExtHandshake {
+            ut_metadata: Some(OUR_UT_METADATA_ID),
+            client: Some(CLIENT_VERSION.as_bytes()),
+            reqq: Some(REQUESTS_QUEUED_MAX as u32),
+            ..ExtHandshake::default()
+        }
+        .encode(out);
+    }
+
+    /// The error that explains the peer going quiet or away at this point.
+    pub fn on_silence(&self, timed_out: bool) -> PeerFetchError {
+        if !self.handshake_done {
+            // libtorrent closes at once on an info-hash it does not have.
+            if timed_out {
+                PeerFetchError::Timeout
+            } else {
+                PeerFetchError::Handshake("closed before its handshake")
+            }
+        } else if self.ext_seen && self.announced_size.is_none() {
+            PeerFetchError::NoMetadataSize
+        } else if timed_out {
+            PeerFetchError::Timeout
+        } else {
+            PeerFetchError::Io(io::ErrorKind::UnexpectedEof.into())
+        }
+    }
+
+    /// Handles every complete message at the front of `buf`; replies go to `out`.
+    pub fn on_bytes(
+        &mut self,
+        buf: &[u8],
+        out: &mut Vec<u8>,
+        progress: &mut dyn FnMut(PeerProgress),
+    ) -> Result<Step, PeerFetchError> {
+        let mut pos = 0;
+        if !self.handshake_done {
+            match decode_handshake_head(buf) {
+                Ok(Decoded::Done(head, _)) => {
+                    if head.info_hash != self.key {
+                        return Err(PeerFetchError::Handshake("info-hash not echoed"));
+                    }
+                    if !head.reserved.extension_protocol() {
+                        return Err(PeerFetchError::NoMetadataSupport);
+                    }
+                }
+                Ok(Decoded::NeedMore(_)) => return Ok(Step::Consumed(0)),
+                Err(_) => return Err(PeerFetchError::Handshake("not a BitTorrent handshake")),
+            }
+            if buf.len() < HANDSHAKE_LEN {
+                return Ok(Step::Consumed(0));
+            }
+            self.handshake_done = true;
+            pos = HANDSHAKE_LEN;
+        }
+        while let Decoded::Done(frame, n) = decode_frame(&buf[pos..])? {
+            pos += n;
+            if let Some(info) = self.on_frame(frame, progress)? {
+                return Ok(Step::Done(info));
+            }
+        }
+        self.request_more(out);
+        Ok(Step::Consumed(pos))
+    }
+
+    /// The peer's `reqq`-bounded window of requests; sent after each batch of bytes.
+    fn request_more(&mut self, out: &mut Vec<u8>) {
+        let (Some(asm), Some(id)) = (&self.asm, self.peer_ut_metadata) else {
+            return;
+        };
+        let count = asm.piece_count() as u32;
+        while self.in_flight < self.window && self.next_piece < count {
+            encode_metadata_request(out, id, self.next_piece);
+            self.next_piece += 1;
+            self.in_flight += 1;
+        }
+    }
+
+    fn on_frame(
+        &mut self,
+        frame: Frame<'_>,
+        progress: &mut dyn FnMut(PeerProgress),
+    ) -> Result<Option<Vec<u8>>, PeerFetchError> {
+        match frame {
+            Frame::Extended { id: 0, payload } => {
+                self.on_ext_handshake(ExtHandshake::decode(payload)?, progress)?;
+                Ok(None)
+            }
+            Frame::Extended {
+                id: OUR_UT_METADATA_ID,
+                payload,
+            } => match decode_metadata(payload) {
+                Ok((MetadataMsg::Data { piece, total_size }, block)) => {
+                    self.on_data(piece, total_size, block, progress)
+                }
+                Ok((MetadataMsg::Reject { piece }, _)) => Err(PeerFetchError::Rejected { piece }),
+                // It asks us for metadata we do not have; we never said we had it.
+                Ok((MetadataMsg::Request { .. }, _)) => Ok(None),
+                Err(WireError::UnknownMetadataType(_)) => Ok(None),
+                Err(e) => Err(e.into()),
+            },
+            // Other extensions, BEP 3 / BEP 6 messages (bitfield, have, unchoke, ...): the
+            // codec has capped their size; a metadata-only client ignores them.
+            _ => Ok(None),
+        }
+    }
+
+    fn on_ext_handshake(
+        &mut self,
+        hs: ExtHandshake<'_>,
+        progress: &mut dyn FnMut(PeerProgress),
+    ) -> Result<(), PeerFetchError> {
+        self.ext_seen = true;
+        // A later handshake replaces the ids of an earlier one; 0 or absent disables.
+        self.peer_ut_metadata = hs.ut_metadata.filter(|&id| id != 0);
+        if self.peer_ut_metadata.is_none() {
+            return Err(PeerFetchError::NoMetadataSupport);
+        }
+        if let Some(reqq) = hs.reqq {
+            self.window = (reqq as usize).clamp(1, REQUESTS_QUEUED_MAX);
+        }
+        match (&self.asm, hs.metadata_size) {
+            (Some(asm), Some(size)) if size != asm.metadata_size() => {
+                Err(PeerFetchError::Size(AssembleError::SizeChanged {
+                    expected: asm.metadata_size(),
+                    got: size,
+                }))
+            }
+            (Some(_), _) => Ok(()),
+            (None, Some(size)) => {
+                // A magnetar parent holds back the size while it fetches, and sends it in
+                // a second handshake (DESIGN.md 6): requests begin with the first size.
+                self.announced_size = Some(size);
+                self.asm = Some(MetadataAssembler::new(
+                    self.key,
+                    size,
+                    self.metadata_bytes_max,
+                )?);
+                progress(PeerProgress::MetadataSize(size));
+                Ok(())
+            }
+            (None, None) => Ok(()),
+        }
+    }
+
+    fn on_data(
+        &mut self,
+        piece: u32,
+        total_size: u64,
+        block: &[u8],
+        progress: &mut dyn FnMut(PeerProgress),
+    ) -> Result<Option<Vec<u8>>, PeerFetchError> {
+        let Some(asm) = self.asm.as_mut() else {
+            return Err(PeerFetchError::Protocol(format!(
+                "data for piece {piece} before any request"
+            )));
+        };
+        if piece >= self.next_piece {
+            return Err(PeerFetchError::Protocol(format!(
+                "piece {piece} was not requested"
+            )));
+        }
+        let left = asm.on_data(piece, total_size, block)?;
+        self.in_flight -= 1;
+        let total = asm.piece_count();
+        progress(PeerProgress::Piece {
+            received: total - asm.missing(),
+            total,
+        });
+        match left {
+            Progress::Need(_) => Ok(None),
+            Progress::Complete => {
+                let asm = self.asm.take().expect("checked above");
+                Ok(Some(asm.finish()?))
+            }
+        }
+    }
+}
+
+/// Fetches the info dict of `cfg.key` from the peer at `addr`.
+pub async fn fetch_from_peer(
+    addr: SocketAddr,
+    cfg: &PeerFetchConfig,
+) -> Result<Vec<u8>, PeerFetchError> {
+    fetch_from_peer_with(addr, cfg, &mut |_| {}).await
+}
+
+/// `fetch_from_peer`, reporting progress as it goes.
+pub async fn fetch_from_peer_with(
+    addr: SocketAddr,
+    cfg: &PeerFetchConfig,
+    progress: &mut dyn FnMut(PeerProgress),
+) -> Result<Vec<u8>, PeerFetchError> {
+    let deadline = Instant::now() + cfg.peer_timeout;
+    let connect_deadline = deadline.min(Instant::now() + cfg.connect_timeout);
+    let mut stream =
+        match monoio::time::timeout_at(connect_deadline, TcpStream::connect_addr(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(PeerFetchError::Connect(e)),
+            Err(_) => {
+                return Err(PeerFetchError::Connect(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connect timed out",
+                )))
+            }
+        };
+    // Requests are small and answered at once; do not let Nagle hold them back.
+    let _ = stream.set_nodelay(true);
+    progress(PeerProgress::Connected);
+
+    let mut ex = Exchange::new(cfg.key, cfg.metadata_bytes_max);
+    let mut out = Vec::with_capacity(256);
+    ex.opening(&cfg.peer_id, cfg.v2_bit, &mut out);
+    let mut rbuf: Vec<u8> = Vec::with_capacity(READ_SPARE_MIN);
+    loop {
+        if !out.is_empty() {
+            out = write_before(&mut stream, out, deadline).await?;
+        }
+        match read_before(&mut stream, rbuf, deadline).await {
+            Ok(buf) => rbuf = buf,
+            Err(ReadEnd::Eof) => return Err(ex.on_silence(false)),
+            Err(ReadEnd::Deadline) => return Err(ex.on_silence(true)),
+            Err(ReadEnd::Failed(e)) => return Err(PeerFetchError::Io(e)),
+        }
+        match ex.on_bytes(&rbuf, &mut out, progress)? {
+            Step::Done(info) => return Ok(info),
+            Step::Consumed(n) => {
+                rbuf.drain(..n);
+            }
+        }
+        // The codec refuses frames over FRAME_BYTES_MAX, so what is left is a partial
+        // frame at most that large.
+        debug_assert!(rbuf.len() <= FRAME_BYTES_MAX + 4 + READ_SPARE_MIN);
+    }
+}
+
+enum ReadEnd {
+    Eof,
+    Deadline,
+    Failed(io::Error),
+}
+
+/// One read into the spare room of `buf`. On the deadline the in-flight read is dropped
+/// (monoio cancels it) together with its buffer: the connection is abandoned anyway.
+async fn read_before(
+    stream: &mut TcpStream,
+    mut buf: Vec<u8>,
+    deadline: Instant,
+) -> Result<Vec<u8>, ReadEnd> {
+    if buf.capacity() - buf.len() < READ_SPARE_MIN {
+        buf.reserve(READ_SPARE_MIN);
+    }
+    let len = buf.len();
+    let read = stream.read(buf.slice_mut(len..));
+    match monoio::time::timeout_at(deadline, read).await {
+        Err(_) => Err(ReadEnd::Deadline),
+        Ok((Ok(0), _)) => Err(ReadEnd::Eof),
+        Ok((Ok(_), slice)) => Ok(slice.into_inner()),
+        Ok((Err(e), _)) => Err(ReadEnd::Failed(e)),
+    }
+}
+
+/// Writes all of `out` (a plain buffer: monoio's `write_all` is correct for those) and
+/// returns it cleared for reuse.
+async fn write_before(
+    stream: &mut TcpStream,
+    out: Vec<u8>,
+    deadline: Instant,
+) -> Result<Vec<u8>, PeerFetchError> {
+    match monoio::time::timeout_at(deadline, stream.write_all(out)).await {
+        Err(_) => Err(PeerFetchError::Timeout),
+        Ok((Err(e), _)) => Err(PeerFetchError::Io(e)),
+        Ok((Ok(_), mut out)) => {
+            out.clear();
+            Ok(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::METADATA_PIECE_BYTES;
+    use crate::wire::test_rng::XorShift;
+    use crate::wire::{
+        encode_frame, encode_metadata_data_header, encode_metadata_reject, metadata_piece_range,
+    };
+    use sha1::{Digest, Sha1};
+
+    const THEIR_ID: u8 = 42;
+
+    fn their_handshake(key: &[u8; 20], reserved: Reserved) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_handshake(&mut out, reserved, key, &[5; 20]);
+        out
+    }
+
+    fn ext(size: Option<u64>, id: Option<u8>, reqq: Option<u32>) -> Vec<u8> {
+        let mut out = Vec::new();
+        ExtHandshake {
+            ut_metadata: id,
+            metadata_size: size,
+            reqq,
+            ..ExtHandshake::default()
+        }
+        .encode(&mut out);
+        out
+    }
+
+    fn data(info: &[u8], piece: u32, total: u64) -> Vec<u8> {
+        let range = metadata_piece_range(info.len(), piece).unwrap();
+        let mut out = Vec::new();
+        encode_metadata_data_header(&mut out, OUR_UT_METADATA_ID, piece, total, range.len());
+        out.extend_from_slice(&info[range]);
+        out
+    }
+
+    /// Pieces requested in `out` (frames addressed to the peer's id).
+    fn requested(out: &[u8]) -> Vec<u32> {
+        let mut pieces = Vec::new();
+        let mut pos = 0;
+        while let Ok(Decoded::Done(f, n)) = decode_frame(&out[pos..]) {
+            pos += n;
+            if let Frame::Extended { id, payload } = f {
+                assert_eq!(id, THEIR_ID);
+                if let Ok((MetadataMsg::Request { piece }, _)) = decode_metadata(payload) {
+                    pieces.push(piece);
+                }
+            }
+        }
+        assert_eq!(pos, out.len());
+        pieces
+    }
+
+    fn run(ex: &mut Exchange, bytes: &[u8], out: &mut Vec<u8>) -> Result<Step, PeerFetchError> {
+        ex.on_bytes(bytes, out, &mut |_| {})
+    }
+
+    fn setup(info: &[u8]) -> (Exchange, [u8; 20]) {
+        let key: [u8; 20] = Sha1::digest(info).into();
+        (Exchange::new(key, 1 << 20), key)
+    }
+
+    #[test]
+    fn opening_is_handshake_then_ext_handshake_without_size() {
+        let ex = Exchange::new([3; 20], 1000);
+        let mut out = Vec::new();
+        ex.opening(&[4; 20], false, &mut out);
+        let Ok(Decoded::Done(head, _)) = decode_handshake_head(&out) else {
+            panic!()
+        };
+        assert_eq!(head.info_hash, [3; 20]);
+        assert!(head.reserved.fast() && head.reserved.extension_protocol());
+        assert!(!head.reserved.v2_upgrade() && !head.reserved.dht());
+        let Ok(Decoded::Done(Frame::Extended { id: 0, payload }, n)) =
+            decode_frame(&out[HANDSHAKE_LEN..])
+        else {
+            panic!()
+        };
+        assert_eq!(HANDSHAKE_LEN + n, out.len());
+        let hs = ExtHandshake::decode(payload).unwrap();
+        assert_eq!(hs.ut_metadata, Some(OUR_UT_METADATA_ID));
+        assert_eq!(hs.metadata_size, None);
+        assert!(hs.client.is_some() && hs.reqq.is_some());
+    }
+
+    #[test]
+    fn whole_exchange_byte_by_byte_and_at_once() {
+        let mut rng = XorShift::new(5);
+        let info = rng.bytes(3 * METADATA_PIECE_BYTES + 100);
+        let total = info.len() as u64;
+        for at_once in [true, false] {
+            let (mut ex, key) = setup(&info);
+            let mut stream = their_handshake(&key, Reserved::ours(true, true, false));
+            let mut noise = Vec::new();
+            encode_frame(&mut noise, &Frame::Bitfield(&[0xff; 30]));
+            encode_frame(&mut noise, &Frame::Unchoke);
+            encode_frame(&mut noise, &Frame::HaveAll);
+            stream.extend_from_slice(&noise);
+            stream.extend_from_slice(&ext(Some(total), Some(THEIR_ID), Some(2)));
+            let mut out = Vec::new();
+            let mut buf = Vec::new();
+            let mut fed = 0;
+            // Feed the opening until requests go out.
+            while out.is_empty() {
+                let step = if at_once { stream.len() } else { 1 };
+                buf.extend_from_slice(&stream[fed..fed + step]);
+                fed += step;
+                let Step::Consumed(n) = run(&mut ex, &buf, &mut out).unwrap() else {
+                    panic!()
+                };
+                buf.drain(..n);
+            }
+            assert_eq!(fed, stream.len());
+            assert_eq!(requested(&out), vec![0, 1], "reqq 2 bounds the window");
+            // Answer in reverse order within the window; the window slides.
+            let mut got = None;
+            for answer in [1u32, 0, 3, 2] {
+                out.clear();
+                let msg = data(&info, answer, total);
+                let chunks: Vec<&[u8]> = if at_once {
+                    vec![&msg]
+                } else {
+                    msg.chunks(1000).collect()
+                };
+                for c in chunks {
+                    buf.extend_from_slice(c);
+                    match run(&mut ex, &buf, &mut out).unwrap() {
+                        Step::Consumed(n) => {
+                            buf.drain(..n);
+                        }
+                        Step::Done(v) => got = Some(v),
+                    }
+                }
+                // Each answer frees a slot in the window: the next piece goes out.
+                match answer {
+                    1 => assert_eq!(requested(&out), vec![2]),
+                    0 => assert_eq!(requested(&out), vec![3]),
+                    _ => assert!(out.is_empty()),
+                }
+            }
+            assert_eq!(got.unwrap(), info);
+        }
+    }
+
+    #[test]
+    fn hostile_peers() {
+        let info = vec![b'i'; 2 * METADATA_PIECE_BYTES];
+        let total = info.len() as u64;
+        let (_, key) = setup(&info);
+        let good_hs = their_handshake(&key, Reserved::ours(true, false, false));
+        let opening = |extra: &[&[u8]]| {
+            let mut v = good_hs.clone();
+            for e in extra {
+                v.extend_from_slice(e);
+            }
+            v
+        };
+        // Feeds each batch as one read; the last must fail.
+        let reason = |batches: &[&[u8]]| {
+            let (mut ex, _) = setup(&info);
+            let mut out = Vec::new();
+            let mut buf = Vec::new();
+            for b in batches {
+                buf.extend_from_slice(b);
+                match run(&mut ex, &buf, &mut out) {
+                    Err(e) => return e.reason(),
+                    Ok(Step::Consumed(n)) => {
+                        buf.drain(..n);
+                    }
+                    Ok(Step::Done(_)) => panic!("done"),
+                }
+            }
+            panic!("no error")
+        };
+        let wrong_key = their_handshake(&[0; 20], Reserved::ours(true, false, false));
+        assert_eq!(reason(&[&wrong_key]), "handshake");
+        assert_eq!(reason(&[b"GET / HTTP/1.1\r\n\r\n"]), "handshake");
+        assert_eq!(
+            reason(&[&their_handshake(&key, Reserved([0; 8]))]),
+            "no_metadata"
+        );
+        assert_eq!(
+            reason(&[&good_hs, &ext(Some(total), None, None)]),
+            "no_metadata"
+        );
+        assert_eq!(
+            reason(&[&good_hs, &ext(Some(total), Some(0), None)]),
+            "no_metadata"
+        );
+        assert_eq!(
+            reason(&[&good_hs, &ext(Some(0), Some(THEIR_ID), None)]),
+            "size"
+        );
+        let huge = ext(Some(4 << 30), Some(THEIR_ID), None);
+        assert_eq!(reason(&[&good_hs, &huge]), "size");
+        let ok_ext = opening(&[&ext(Some(total), Some(THEIR_ID), None)]);
+        // Size changes in a later handshake, after requests began.
+        let changed = ext(Some(total + 1), Some(THEIR_ID), None);
+        assert_eq!(reason(&[&ok_ext, &changed]), "size");
+        // A later handshake that drops ut_metadata.
+        assert_eq!(reason(&[&ok_ext, &ext(None, None, None)]), "no_metadata");
+        // Data the peer was not asked for: before any request (even in the same read as
+        // its handshake: it cannot have seen our requests), and past the window.
+        assert_eq!(reason(&[&good_hs, &data(&info, 0, total)]), "protocol");
+        let same_read = opening(&[
+            &ext(Some(total), Some(THEIR_ID), None),
+            &data(&info, 0, total),
+        ]);
+        assert_eq!(reason(&[&same_read]), "protocol");
+        let narrow = opening(&[&ext(Some(total), Some(THEIR_ID), Some(1))]);
+        assert_eq!(reason(&[&narrow, &data(&info, 1, total)]), "protocol");
+        // Duplicate piece.
+        let dup = data(&info, 0, total);
+        assert_eq!(reason(&[&ok_ext, &dup, &dup]), "protocol");
+        // Wrong piece size: a short block.
+        let mut short = Vec::new();
+        encode_metadata_data_header(&mut short, OUR_UT_METADATA_ID, 0, total, 10);
+        short.extend_from_slice(&[0; 10]);
+        assert_eq!(reason(&[&ok_ext, &short]), "protocol");
+        // total_size lies mid-way.
+        assert_eq!(reason(&[&ok_ext, &dup, &data(&info, 1, total + 5)]), "size");
+        // Reject.
+        let mut reject = Vec::new();
+        encode_metadata_reject(&mut reject, OUR_UT_METADATA_ID, 0);
+        assert_eq!(reason(&[&ok_ext, &reject]), "rejected");
+        // Oversized frame.
+        assert_eq!(reason(&[&good_hs, &u32::MAX.to_be_bytes()]), "protocol");
+        // Wrong bytes of the right sizes.
+        let lie = vec![b'j'; info.len()];
+        let lies = [data(&lie, 0, total), data(&lie, 1, total)].concat();
+        assert_eq!(reason(&[&ok_ext, &lies]), "hash_mismatch");
+    }
+
+    #[test]
+    fn size_may_come_in_a_later_handshake_and_silence_is_explained() {
+        let info = b"d4:name1:xe".to_vec();
+        let total = info.len() as u64;
+        let (mut ex, key) = setup(&info);
+        let mut out = Vec::new();
+        assert_eq!(ex.on_silence(false).reason(), "handshake");
+        assert_eq!(ex.on_silence(true).reason(), "timeout");
+        let mut bytes = their_handshake(&key, Reserved::ours(false, false, false));
+        bytes.extend_from_slice(&ext(None, Some(THEIR_ID), None));
+        assert_eq!(
+            run(&mut ex, &bytes, &mut out).unwrap(),
+            Step::Consumed(bytes.len())
+        );
+        assert!(out.is_empty());
+        assert_eq!(ex.on_silence(true).reason(), "size");
+        let later = ext(Some(total), Some(7), None);
+        run(&mut ex, &later, &mut out).unwrap();
+        let mut pos = 0;
+        let Ok(Decoded::Done(Frame::Extended { id: 7, .. }, n)) = decode_frame(&out[pos..]) else {
+            panic!("request goes to the id of the later handshake")
+        };
+        pos += n;
+        assert_eq!(pos, out.len());
+        assert_eq!(ex.on_silence(true).reason(), "timeout");
+        let step = run(&mut ex, &data(&info, 0, total), &mut out).unwrap();
+        assert_eq!(step, Step::Done(info));
+    }
+
+    #[test]
+    fn random_inputs_never_panic() {
+        let info = vec![b'q'; METADATA_PIECE_BYTES + 3];
+        let total = info.len() as u64;
+        let (_, key) = setup(&info);
+        let mut valid = their_handshake(&key, Reserved::ours(true, false, false));
+        valid.extend_from_slice(&ext(Some(total), Some(THEIR_ID), None));
+        valid.extend_from_slice(&data(&info, 0, total));
+        valid.extend_from_slice(&data(&info, 1, total));
+        let mut rng = XorShift::new(77);
+        for i in 0..3_000 {
+            let input = if i % 3 == 0 {
+                rng.bytes_below(300)
+            } else {
+                rng.mutate(&valid)
+            };
+            let (mut ex, _) = setup(&info);
+            let mut out = Vec::new();
+            if let Ok(Step::Consumed(n)) = run(&mut ex, &input, &mut out) {
+                assert!(n <= input.len());
+            }
+        }
+    }
+}

@@ -1,0 +1,685 @@
+//! The miss path's client side against real peers on loopback: a libtorrent seed (v1,
+//! v2, hybrid; 1 to 10 metadata pieces), and hostile peers written here with the wire
+//! codec (liars, size games, unrequested and short pieces, silence). Each test is bounded
+//! by the fetch deadlines it sets, and the libtorrent seed's start by a 60 s readiness wait.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use magnetar::upstream::fetch::{fetch, FetchError, FetchEvent, FetchSpec, PRIVATE_VIA_DHT_OR_PEX};
+use magnetar::upstream::peer::{fetch_from_peer, PeerFetchConfig};
+use magnetar::upstream::{PeerCandidate, PeerSource};
+use magnetar::wire::{
+    decode_frame, decode_metadata, encode_handshake, encode_metadata_data_header,
+    encode_metadata_reject, metadata_piece_range, Decoded, ExtHandshake, Frame, MetadataMsg,
+    Reserved, HANDSHAKE_LEN,
+};
+use sha1::{Digest, Sha1};
+
+/// Records the largest single allocation, to show that a peer announcing a huge
+/// `metadata_size` does not make us allocate it.
+struct LargestAlloc;
+
+static LARGEST_ALLOC_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for LargestAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST_ALLOC_BYTES.fetch_max(layout.size(), Ordering::Relaxed);
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LARGEST_ALLOC_BYTES.fetch_max(layout.size(), Ordering::Relaxed);
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LARGEST_ALLOC_BYTES.fetch_max(new_size, Ordering::Relaxed);
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static ALLOC: LargestAlloc = LargestAlloc;
+
+/// Runs `f`'s future on io_uring (when the kernel allows it) and on the epoll fallback.
+fn on_both_drivers<F, Fut>(f: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    if monoio::utils::detect_uring() {
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap()
+            .block_on(f());
+    }
+    monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .unwrap()
+        .block_on(f());
+}
+
+fn block_on<Fut: Future>(fut: Fut) -> Fut::Output {
+    monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+        .unwrap()
+        .block_on(fut)
+}
+
+/// Inside the runtime that ran the fetch (so its tasks could still be alive): waits up
+/// to 5 s for the test peer to see our side of a connection close.
+async fn closed_within(peer: &TestPeer, since: Instant) -> Option<Duration> {
+    while since.elapsed() < Duration::from_secs(5) {
+        if let Ok(at) = peer.closed.try_recv() {
+            return Some(at.duration_since(since));
+        }
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+fn v1_key(info: &[u8]) -> [u8; 20] {
+    Sha1::digest(info).into()
+}
+
+fn hex20(s: &str) -> [u8; 20] {
+    let v = hex::decode(s).unwrap();
+    v[..20].try_into().unwrap()
+}
+
+fn peer_cfg(key: [u8; 20], peer_timeout: Duration) -> PeerFetchConfig {
+    PeerFetchConfig {
+        key,
+        peer_id: *b"-MG0100-upstreamtest",
+        metadata_bytes_max: magnetar::limits::METADATA_BYTES_MAX,
+        connect_timeout: Duration::from_secs(5),
+        peer_timeout,
+        v2_bit: false,
+    }
+}
+
+fn spec(key: [u8; 20], peers_max: usize, within: Duration) -> FetchSpec {
+    FetchSpec {
+        key,
+        peer_id: *b"-MG0100-upstreamtest",
+        metadata_bytes_max: magnetar::limits::METADATA_BYTES_MAX,
+        peers_max,
+        connect_timeout: Duration::from_secs(5),
+        peer_timeout: Duration::from_secs(10),
+        deadline: Instant::now() + within,
+    }
+}
+
+fn candidates(list: &[(SocketAddr, PeerSource)], close: bool) -> flume::Receiver<PeerCandidate> {
+    let (tx, rx) = flume::unbounded();
+    for &(addr, source) in list {
+        tx.send(PeerCandidate { addr, source }).unwrap();
+    }
+    if !close {
+        // Keep the channel open (a source still searching) for the whole test.
+        std::mem::forget(tx);
+    }
+    rx
+}
+
+// ---------------------------------------------------------------------------------------
+// libtorrent
+
+struct LtTorrent {
+    info: Vec<u8>,
+    v1: Option<[u8; 20]>,
+    /// Truncated to the 20-byte handshake key.
+    v2: Option<[u8; 20]>,
+    metadata_pieces: u64,
+}
+
+fn make_torrents(dir: &Path) -> BTreeMap<String, LtTorrent> {
+    run_ok(
+        Command::new(PYTHON)
+            .arg(repo_path("tests/interop/lt_client.py"))
+            .arg("make-torrents")
+            .arg(dir),
+    );
+    let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    let parsed: BTreeMap<String, serde_json::Value> = serde_json::from_str(&manifest).unwrap();
+    parsed
+        .into_iter()
+        .map(|(label, f)| {
+            let text = |k: &str| f.get(k).and_then(|v| v.as_str()).map(str::to_string);
+            let bytes = std::fs::read(text("torrent").unwrap()).unwrap();
+            let span = magnetar::metainfo::info_span(&bytes).unwrap();
+            let t = LtTorrent {
+                info: bytes[span].to_vec(),
+                v1: text("v1").map(|h| hex20(&h)),
+                v2: text("v2").map(|h| hex20(&h)),
+                metadata_pieces: f["metadata_pieces"].as_u64().unwrap(),
+            };
+            (label, t)
+        })
+        .collect()
+}
+
+/// `lt_client.py seed`, killed on drop.
+struct LtSeed {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl LtSeed {
+    fn start(dir: &Path, labels: &[&str]) -> LtSeed {
+        let log = std::fs::File::create(dir.join("seed.log")).unwrap();
+        let mut cmd = Command::new(PYTHON);
+        cmd.arg(repo_path("tests/interop/lt_client.py")).arg("seed");
+        for l in labels {
+            cmd.arg(dir.join(format!("{l}.torrent")));
+        }
+        let mut child = cmd
+            .arg(dir.join("content"))
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawning lt_client.py seed");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(port) = line.strip_prefix("listening ") {
+                    let _ = tx.send(port.trim().parse::<u16>().unwrap());
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("libtorrent seed did not print `listening PORT` within 60 s");
+        LtSeed {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+}
+
+impl Drop for LtSeed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn fetch_from_peer_gets_v1_v2_hybrid_metadata_from_libtorrent() {
+    require_libtorrent();
+    let tmp = tempfile::tempdir().unwrap();
+    let torrents = make_torrents(tmp.path());
+    let labels = ["v1-small", "v1-large", "v2-large", "hybrid-large"];
+    let seed = LtSeed::start(tmp.path(), &labels);
+    assert_eq!(torrents["v1-small"].metadata_pieces, 1);
+    assert!(torrents["v1-large"].metadata_pieces >= 5);
+    // (label, key): every torrent by each of its handshake keys.
+    let mut cases = Vec::new();
+    for l in labels {
+        let t = &torrents[l];
+        cases.extend(t.v1.map(|k| (l, k)));
+        cases.extend(t.v2.map(|k| (l, k)));
+    }
+    assert_eq!(cases.len(), 5);
+    on_both_drivers(|| async {
+        for &(label, key) in &cases {
+            let cfg = peer_cfg(key, Duration::from_secs(20));
+            let info = fetch_from_peer(seed.addr, &cfg)
+                .await
+                .unwrap_or_else(|e| panic!("{label} by {}: {e}", hex::encode(key)));
+            assert!(info == torrents[label].info, "{label}: bytes differ");
+        }
+    });
+}
+
+#[test]
+fn a_liar_next_to_a_libtorrent_seed_is_banned_and_the_seed_wins() {
+    require_libtorrent();
+    let tmp = tempfile::tempdir().unwrap();
+    let torrents = make_torrents(tmp.path());
+    let seed = LtSeed::start(tmp.path(), &["v1-large"]);
+    let t = &torrents["v1-large"];
+    let key = t.v1.unwrap();
+    let liar = TestPeer::spawn(t.info.clone(), key, Behaviour::Liar);
+    // One peer at a time, liar first: it is certainly tried to the end.
+    let rx = candidates(
+        &[
+            (liar.addr, PeerSource::Tracker),
+            (seed.addr, PeerSource::Dht),
+            (liar.addr, PeerSource::Pex),
+        ],
+        true,
+    );
+    let (ev_tx, ev_rx) = flume::unbounded();
+    let ok = block_on(fetch(
+        spec(key, 1, Duration::from_secs(30)),
+        rx,
+        Some(ev_tx),
+    ))
+    .unwrap();
+    assert!(ok.info == t.info);
+    assert_eq!(ok.from.addr, seed.addr);
+    assert_eq!(ok.banned, vec![liar.addr]);
+    assert_eq!(
+        ok.peers_tried, 2,
+        "the duplicate address is not tried again"
+    );
+    assert!(!ok.summary.private);
+    let events: Vec<FetchEvent> = ev_rx.drain().collect();
+    assert!(events.contains(&FetchEvent::Banned(liar.addr)));
+    assert!(events.contains(&FetchEvent::Connected(seed.addr)));
+    let found = events
+        .iter()
+        .filter(|e| matches!(e, FetchEvent::PeerFound(_)))
+        .count();
+    assert_eq!(found, 2);
+    assert!(events.iter().any(|e| matches!(
+        e,
+        FetchEvent::Piece { addr, received: 8, total: 8 } if *addr == seed.addr
+    )));
+}
+
+// ---------------------------------------------------------------------------------------
+// Test peers: the server side of BEP 9, behaving well or not.
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Behaviour {
+    Honest,
+    /// Right sizes, wrong bytes.
+    Liar,
+    /// Announces 4 GiB.
+    HugeSize,
+    /// Announces the real size, then another in a second handshake once asked.
+    SizeChangesAfterRequests,
+    /// Sends piece 0 right after its extension handshake, before being asked.
+    DataBeforeRequest,
+    /// Answers with a block one byte short.
+    ShortPiece,
+    /// Rejects every request.
+    Rejects,
+    /// Handshakes, then an extension handshake without metadata_size, then nothing.
+    NoSize,
+    /// Accepts the connection and never says a word.
+    Silent,
+}
+
+const TEST_PEER_UT_METADATA: u8 = 3;
+
+struct TestPeer {
+    addr: SocketAddr,
+    /// When each connection's peer (us) went away.
+    closed: mpsc::Receiver<Instant>,
+}
+
+impl TestPeer {
+    fn spawn(info: Vec<u8>, key: [u8; 20], behaviour: Behaviour) -> TestPeer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, closed) = mpsc::channel();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { break };
+                let (info, tx) = (info.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(conn, &info, key, behaviour);
+                    let _ = tx.send(Instant::now());
+                });
+            }
+        });
+        TestPeer { addr, closed }
+    }
+}
+
+/// Serves one connection; returns when the other side closes (or after 60 s).
+fn serve(mut conn: TcpStream, info: &[u8], key: [u8; 20], b: Behaviour) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut hs = [0u8; HANDSHAKE_LEN];
+    conn.read_exact(&mut hs)?;
+    assert_eq!(&hs[28..48], &key, "the fetcher sends the key it wants");
+    if b == Behaviour::Silent {
+        return drain(&mut conn);
+    }
+    let lie: Vec<u8> = info.iter().map(|x| x ^ 0x5a).collect();
+    let served = if b == Behaviour::Liar { &lie[..] } else { info };
+    let size = match b {
+        Behaviour::HugeSize => Some(4u64 << 30),
+        Behaviour::NoSize => None,
+        _ => Some(info.len() as u64),
+    };
+    let mut out = Vec::new();
+    encode_handshake(&mut out, Reserved::ours(true, false, false), &key, &[7; 20]);
+    ext_handshake(&mut out, size);
+    if b == Behaviour::DataBeforeRequest {
+        data(&mut out, served, 0);
+    }
+    conn.write_all(&out)?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    let mut size_changed = false;
+    loop {
+        let n = conn.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut pos = 0;
+        let mut out = Vec::new();
+        while let Ok(Decoded::Done(frame, used)) = decode_frame(&buf[pos..]) {
+            pos += used;
+            let Frame::Extended { id, payload } = frame else {
+                continue;
+            };
+            if id != TEST_PEER_UT_METADATA {
+                continue;
+            }
+            let Ok((MetadataMsg::Request { piece }, _)) = decode_metadata(payload) else {
+                continue;
+            };
+            match b {
+                Behaviour::SizeChangesAfterRequests if !size_changed => {
+                    size_changed = true;
+                    ext_handshake(&mut out, Some(info.len() as u64 + 16 * 1024));
+                }
+                Behaviour::SizeChangesAfterRequests => {}
+                Behaviour::Rejects => {
+                    encode_metadata_reject(&mut out, 2, piece);
+                }
+                Behaviour::ShortPiece => {
+                    let range = metadata_piece_range(info.len(), piece).unwrap();
+                    let short = &info[range.start..range.end - 1];
+                    encode_metadata_data_header(&mut out, 2, piece, info.len() as u64, short.len());
+                    out.extend_from_slice(short);
+                }
+                _ => data(&mut out, served, piece),
+            }
+        }
+        buf.drain(..pos);
+        conn.write_all(&out)?;
+    }
+}
+
+fn drain(conn: &mut TcpStream) -> std::io::Result<()> {
+    let mut chunk = [0u8; 4096];
+    while conn.read(&mut chunk)? > 0 {}
+    Ok(())
+}
+
+fn ext_handshake(out: &mut Vec<u8>, size: Option<u64>) {
+    ExtHandshake {
+        ut_metadata: Some(TEST_PEER_UT_METADATA),
+        metadata_size: size,
+        client: Some(b"test peer"),
+        reqq: Some(500),
+        ..ExtHandshake::default()
+    }
+    .encode(out);
+}
+
+/// A data message for `piece` (the fetcher's ut_metadata id is 2, like libtorrent's).
+fn data(out: &mut Vec<u8>, info: &[u8], piece: u32) {
+    let range = metadata_piece_range(info.len(), piece).unwrap();
+    encode_metadata_data_header(out, 2, piece, info.len() as u64, range.len());
+    out.extend_from_slice(&info[range]);
+}
+
+/// A valid v1 info dict of 3+ metadata pieces (the `pieces` string carries the bulk).
+fn sample_info(private: bool) -> Vec<u8> {
+    let pieces = 2_500u64;
+    let piece_length = 16 * 1024u64;
+    let mut info = Vec::new();
+    info.extend_from_slice(format!("d6:lengthi{}e", pieces * piece_length).as_bytes());
+    info.extend_from_slice(b"4:name8:test.bin");
+    info.extend_from_slice(format!("12:piece lengthi{piece_length}e").as_bytes());
+    info.extend_from_slice(format!("6:pieces{}:", pieces * 20).as_bytes());
+    for i in 0..pieces {
+        info.extend_from_slice(&Sha1::digest(i.to_be_bytes()));
+    }
+    if private {
+        info.extend_from_slice(b"7:privatei1e");
+    }
+    info.push(b'e');
+    let summary = magnetar::metainfo::validate_info(&info).unwrap();
+    assert_eq!(summary.private, private);
+    info
+}
+
+#[test]
+fn hostile_peers_fail_with_their_reason_and_bounded_memory() {
+    let info = sample_info(false);
+    assert!(info.len() > 2 * 16 * 1024);
+    let key = v1_key(&info);
+    let cases = [
+        (Behaviour::Honest, None),
+        (Behaviour::Liar, Some("hash_mismatch")),
+        (Behaviour::HugeSize, Some("size")),
+        (Behaviour::SizeChangesAfterRequests, Some("size")),
+        (Behaviour::DataBeforeRequest, Some("protocol")),
+        (Behaviour::ShortPiece, Some("protocol")),
+        (Behaviour::Rejects, Some("rejected")),
+        (Behaviour::NoSize, Some("size")),
+        (Behaviour::Silent, Some("timeout")),
+    ];
+    let peers: Vec<(Behaviour, Option<&str>, TestPeer)> = cases
+        .iter()
+        .map(|&(b, r)| (b, r, TestPeer::spawn(info.clone(), key, b)))
+        .collect();
+    on_both_drivers(|| async {
+        for (b, reason, peer) in &peers {
+            let cfg = peer_cfg(key, Duration::from_millis(1500));
+            let started = Instant::now();
+            let got = fetch_from_peer(peer.addr, &cfg).await;
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{b:?} took too long"
+            );
+            match (got, reason) {
+                (Ok(bytes), None) => assert!(bytes == info),
+                (Err(e), Some(r)) => assert_eq!(e.reason(), *r, "{b:?}: {e}"),
+                (got, _) => panic!("{b:?}: {:?}", got.map(|v| v.len())),
+            }
+        }
+    });
+    let largest = LARGEST_ALLOC_BYTES.load(Ordering::Relaxed);
+    assert!(largest < 256 << 20, "largest allocation {largest} bytes");
+    // Our side of every connection was closed when fetch_from_peer returned.
+    for (b, _, peer) in &peers {
+        peer.closed
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("{b:?}: connection left open"));
+    }
+}
+
+#[test]
+fn only_liars_end_in_no_peers_or_deadline() {
+    let info = sample_info(false);
+    let key = v1_key(&info);
+    let liar = TestPeer::spawn(info.clone(), key, Behaviour::Liar);
+    let huge = TestPeer::spawn(info.clone(), key, Behaviour::HugeSize);
+    let silent = TestPeer::spawn(info.clone(), key, Behaviour::Silent);
+    let unreachable = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+        // Dropped: connecting is refused.
+    };
+    let list = [
+        (liar.addr, PeerSource::Tracker),
+        (huge.addr, PeerSource::Dht),
+        (unreachable, PeerSource::Magnet),
+        (liar.addr, PeerSource::Tracker),
+    ];
+
+    // The sources are done: NoPeers once all have failed.
+    let mut s = spec(key, 8, Duration::from_secs(20));
+    s.peer_timeout = Duration::from_secs(2);
+    let started = Instant::now();
+    match block_on(fetch(s, candidates(&list, true), None)) {
+        Err(FetchError::NoPeers { tried, banned }) => {
+            assert_eq!(tried, 3);
+            assert_eq!(banned, vec![liar.addr]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // Sources still searching: the deadline ends it, the silent peer included.
+    let mut with_silent = list.to_vec();
+    with_silent.push((silent.addr, PeerSource::Client));
+    let mut s = spec(key, 8, Duration::from_millis(1500));
+    s.peer_timeout = Duration::from_secs(30);
+    let started = Instant::now();
+    let (ev_tx, ev_rx) = flume::unbounded();
+    let (result, elapsed, closed) = block_on(async {
+        let r = fetch(s, candidates(&with_silent, false), Some(ev_tx)).await;
+        let elapsed = started.elapsed();
+        (r, elapsed, closed_within(&silent, started).await)
+    });
+    match result {
+        Err(e @ FetchError::Deadline { .. }) => {
+            assert_eq!(e.reason(), "deadline");
+            let FetchError::Deadline { tried, banned } = e else {
+                unreachable!()
+            };
+            assert_eq!((tried, banned), (4, vec![liar.addr]));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(elapsed >= Duration::from_millis(1400) && elapsed < Duration::from_secs(4));
+    let closed = closed.expect("the silent peer's connection outlived the fetch");
+    assert!(
+        closed < elapsed + Duration::from_secs(1),
+        "closed after {closed:?}"
+    );
+    let failed: Vec<&'static str> = ev_rx
+        .drain()
+        .filter_map(|e| match e {
+            FetchEvent::PeerFailed(_, r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        failed.contains(&"size") && failed.contains(&"connect"),
+        "{failed:?}"
+    );
+}
+
+#[test]
+fn the_first_verified_peer_wins_and_the_others_are_abandoned() {
+    let info = sample_info(false);
+    let key = v1_key(&info);
+    let silent = TestPeer::spawn(info.clone(), key, Behaviour::Silent);
+    let honest = TestPeer::spawn(info.clone(), key, Behaviour::Honest);
+    let mut s = spec(key, 4, Duration::from_secs(20));
+    s.peer_timeout = Duration::from_secs(30);
+    let rx = candidates(
+        &[
+            (silent.addr, PeerSource::Client),
+            (honest.addr, PeerSource::Client),
+        ],
+        false,
+    );
+    let started = Instant::now();
+    let (ok, elapsed, closed) = block_on(async {
+        let ok = fetch(s, rx, None).await.unwrap();
+        let elapsed = started.elapsed();
+        (ok, elapsed, closed_within(&silent, started).await)
+    });
+    assert!(ok.info == info);
+    assert_eq!(ok.from.addr, honest.addr);
+    assert_eq!(ok.peers_tried, 2);
+    assert!(ok.banned.is_empty());
+    let closed = closed.expect("the losing peer's connection outlived the fetch");
+    assert!(
+        closed < elapsed + Duration::from_secs(1),
+        "closed after {closed:?}"
+    );
+}
+
+/// BEP 27: a private dict is never taken from a peer found through the DHT or PEX.
+#[test]
+fn private_metadata_only_from_sources_that_allow_it() {
+    let info = sample_info(true);
+    let key = v1_key(&info);
+    let via_dht = TestPeer::spawn(info.clone(), key, Behaviour::Honest);
+    let via_pex = TestPeer::spawn(info.clone(), key, Behaviour::Honest);
+    let via_tracker = TestPeer::spawn(info.clone(), key, Behaviour::Honest);
+
+    let rx = candidates(
+        &[
+            (via_dht.addr, PeerSource::Dht),
+            (via_pex.addr, PeerSource::Pex),
+        ],
+        true,
+    );
+    let (ev_tx, ev_rx) = flume::unbounded();
+    match block_on(fetch(
+        spec(key, 1, Duration::from_secs(20)),
+        rx,
+        Some(ev_tx),
+    )) {
+        Err(FetchError::NoPeers { tried, banned }) => {
+            // The PEX peer is not even connected once the dict is known to be private.
+            assert_eq!(tried, 1);
+            assert!(banned.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
+    let failed: Vec<FetchEvent> = ev_rx
+        .drain()
+        .filter(|e| matches!(e, FetchEvent::PeerFailed(..)))
+        .collect();
+    assert_eq!(
+        failed,
+        vec![
+            FetchEvent::PeerFailed(via_dht.addr, PRIVATE_VIA_DHT_OR_PEX),
+            FetchEvent::PeerFailed(via_pex.addr, PRIVATE_VIA_DHT_OR_PEX),
+        ]
+    );
+
+    let rx = candidates(
+        &[
+            (via_dht.addr, PeerSource::Dht),
+            (via_tracker.addr, PeerSource::Tracker),
+        ],
+        true,
+    );
+    let ok = block_on(fetch(spec(key, 1, Duration::from_secs(20)), rx, None)).unwrap();
+    assert!(ok.info == info);
+    assert!(ok.summary.private);
+    assert_eq!(ok.from.addr, via_tracker.addr);
+    assert_eq!(ok.from.source, PeerSource::Tracker);
+}
+
+#[test]
+fn no_candidates_at_all() {
+    let rx = candidates(&[], true);
+    match block_on(fetch(spec([1; 20], 4, Duration::from_secs(5)), rx, None)) {
+        Err(e @ FetchError::NoPeers { tried: 0, .. }) => assert_eq!(e.reason(), "no_peers"),
+        other => panic!("{other:?}"),
+    }
+    // A deadline already past ends the fetch at once.
+    let rx = candidates(&[], false);
+    let mut s = spec([1; 20], 4, Duration::ZERO);
+    s.deadline = Instant::now();
+    assert!(matches!(
+        block_on(fetch(s, rx, None)),
+        Err(FetchError::Deadline { tried: 0, .. })
+    ));
+}
