@@ -371,7 +371,7 @@ pub fn default_config_toml() -> String {
                     .and_then(|n| n.first())
                     .map(|n| n.to_string())
                     .unwrap_or_else(|| "VALUE".into());
-                out.push_str(&format!("# {key} = <{name}>   (unset by default)\n\n"));
+                out.push_str(&format!("# Unset by default:\n# {key} = <{name}>\n\n"));
             }
         }
     }
