@@ -980,19 +980,52 @@ fn compress_runs(s: &str) -> String {
 // 7-10: peers the server must drop.
 // ---------------------------------------------------------------------------------------
 
+/// A miss with no upstream source: the handshake is answered at once (echoing the
+/// hash), the extension handshake is held for `--handshake-hold-ms` and then sent without
+/// `metadata_size`, and when the fetch fails (`--fetch-timeout-ms`) the client is closed.
 #[test]
-fn unknown_info_hash_is_closed_without_a_handshake() {
+fn unknown_info_hash_is_held_then_closed_when_the_fetch_fails() {
     let fx = fixture();
-    let server = serve(&fx, &[]);
-    for len in [48, 68] {
-        let mut p = Peer::connect(server.addr);
-        p.send(&handshake(reserved(true), &[0xab; 20])[..len]);
-        let (got, _) = p.closed_within(PROMPT, "unknown info-hash");
-        assert!(
-            got.is_empty(),
-            "nothing may be sent for an unknown info-hash, got {got:?}"
-        );
+    let server = serve(
+        &fx,
+        &["--handshake-hold-ms", "300", "--fetch-timeout-ms", "1500"],
+    );
+    let key = [0xab; 20];
+    let mut p = Peer::connect(server.addr);
+    let started = Instant::now();
+    p.send(&handshake(reserved(true), &key));
+    let (got, _) = p.closed_within(Duration::from_secs(10), "miss without sources");
+    let elapsed = started.elapsed();
+    assert!(got.len() >= HANDSHAKE_LEN, "our handshake first: {got:?}");
+    assert_eq!(&got[28..48], &key, "the 20 bytes are echoed");
+    // Then exactly one extension handshake, without metadata_size (and HaveNone).
+    let mut rest = &got[HANDSHAKE_LEN..];
+    let mut ext = Vec::new();
+    while let Ok(Decoded::Done(frame, n)) = decode_frame(rest) {
+        if let Frame::Extended { id: 0, payload } = frame {
+            ext.push(ExtHandshake::decode(payload).unwrap().metadata_size);
+        }
+        rest = &rest[n..];
     }
+    assert_eq!(
+        ext,
+        vec![None],
+        "one held-out extension handshake without metadata_size"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(1400),
+        "closed only when the fetch failed: {elapsed:?}"
+    );
+    // The hash is now in the negative cache: the next client is closed without waiting.
+    let mut p = Peer::connect(server.addr);
+    let started = Instant::now();
+    p.send(&handshake(reserved(true), &key));
+    p.closed_within(Duration::from_secs(5), "negative-cached miss");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     // The server is fine afterwards.
     let mut o = open(server.addr, &fx.small.key, 1);
     fetch_all(&mut o, &fx.small, 1);

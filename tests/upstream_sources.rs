@@ -3,10 +3,10 @@
 //! peers, peers6, garbage, huge bodies, wrong transaction ids, silence, error actions), and
 //! a `mainline` testnet for the DHT. Every wait is bounded.
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,13 +19,14 @@ use magnetar::upstream::tracker::{
 };
 use magnetar::upstream::{PeerCandidate, PeerSource};
 
+use common::opentracker;
+
 const H1: [u8; 20] =
     *b"\x01\x23\x45\x67\x89\xab\xcd\xef\x01\x23\x45\x67\x89\xab\xcd\xef\x01\x23\x45\x67";
 const H2: [u8; 20] = *b"magnetar-test-hash-2";
 const H3: [u8; 20] = *b"magnetar-test-hash-3";
 const UNLISTED: [u8; 20] = *b"not-in-the-whitelist";
 /// In every whitelist: announced until opentracker has loaded its whitelist.
-const PROBE: [u8; 20] = *b"magnetar-probe-hash!";
 
 fn req(info_hash: [u8; 20], peer_id: &[u8; 20], port: u16) -> AnnounceRequest {
     AnnounceRequest {
@@ -45,117 +46,6 @@ fn addr(s: &str) -> SocketAddr {
 // opentracker
 
 /// A running opentracker, killed on drop.
-struct Opentracker {
-    child: Child,
-    http: SocketAddr,
-    udp: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Opentracker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Opentracker {
-    fn http_url(&self) -> String {
-        format!("http://{}/announce", self.http)
-    }
-
-    fn udp_url(&self) -> String {
-        format!("udp://{}/announce", self.udp)
-    }
-}
-
-fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts opentracker on loopback, tracking only `whitelist` (Debian's build only tracks
-/// whitelisted hashes), and waits until it is ready: its TCP port accepts, and its
-/// whitelist is loaded (a thread of its own loads it after start-up; until then every hash
-/// is "not authorized").
-fn opentracker(whitelist: &[[u8; 20]]) -> Opentracker {
-    let bin = Path::new("/usr/bin/opentracker");
-    assert!(
-        bin.exists(),
-        "opentracker is not installed (scripts/test.sh installs it: apt-get install opentracker)"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let list: String = whitelist
-        .iter()
-        .chain([&PROBE])
-        .map(|h| hex::encode(h) + "\n")
-        .collect();
-    std::fs::write(dir.path().join("whitelist"), list).unwrap();
-    // When run as root, opentracker chroots into -d and drops to user nobody.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    // As root, opentracker chroots into -d before it reads the whitelist: its path must be
-    // relative to that directory.
-    // The ports are free when picked but may be taken before opentracker binds them: retry.
-    for _ in 0..5 {
-        let (tcp, udp) = (free_tcp_port(), free_udp_port());
-        let mut child = Command::new(bin)
-            .current_dir(dir.path())
-            .args([
-                "-i",
-                "127.0.0.1",
-                "-p",
-                &tcp.to_string(),
-                "-P",
-                &udp.to_string(),
-            ])
-            .args(["-w", "whitelist", "-d"])
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn opentracker");
-        let http = SocketAddr::from(([127, 0, 0, 1], tcp));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            if TcpStream::connect_timeout(&http, Duration::from_millis(100)).is_ok() {
-                let url = format!("http://{http}/announce");
-                let probe = req(PROBE, b"-PR0001-probeprobepr", 1);
-                if announce(&url, &probe, Duration::from_secs(1)).is_ok() {
-                    return Opentracker {
-                        child,
-                        http,
-                        udp: SocketAddr::from(([127, 0, 0, 1], udp)),
-                        _dir: dir,
-                    };
-                }
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    panic!("opentracker did not start");
-}
-
 #[test]
 fn http_announce_to_opentracker_finds_the_other_peer() {
     let ot = opentracker(&[H1]);
@@ -401,7 +291,7 @@ fn http_silent_tracker_times_out_within_the_deadline() {
 
 #[test]
 fn http_closed_port_is_an_io_error() {
-    let url = format!("http://127.0.0.1:{}/announce", free_tcp_port());
+    let url = format!("http://127.0.0.1:{}/announce", common::free_port());
     let r = announce(
         &url,
         &req(H1, b"-MG0001-abcdefghijkl", 6881),
@@ -708,4 +598,12 @@ fn dht_lookups_beyond_the_rate_are_refused() {
 fn dht_start_refuses_a_bootstrap_list_that_does_not_resolve() {
     let cfg = dht_config(&["no-such-host.invalid:6881".to_string()]);
     assert!(dht::start(&cfg).is_err());
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

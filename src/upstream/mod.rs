@@ -22,6 +22,7 @@ pub mod fetch;
 pub mod peer;
 pub mod ratelimit;
 pub mod shard;
+pub mod stats;
 pub mod tracker;
 pub mod tracker_http;
 pub mod tracker_udp;

@@ -1,12 +1,37 @@
 //! Per-core fetch tables. The shard that owns an info-hash (`store::shard_of(key,
 //! workers)`) runs its one fetch, however many clients on however many cores wait for it.
-//! Sessions reach the owner through its mailbox (one cross-core message per miss).
+//! Sessions reach the owner through its mailbox: one cross-core message per miss, one
+//! back with the outcome. Everything else about a fetch (its sources, its peer
+//! connections, its bookkeeping) stays on the owning core.
 
-use std::sync::Arc;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
-use crate::store::{RecordRef, Store};
+use crate::store::{AppendOutcome, RecordRef, Store, StoreError};
 use crate::upstream::config::UpstreamConfig;
-use crate::upstream::PeerCandidate;
+use crate::upstream::dht::DhtNode;
+use crate::upstream::fetch::{self, FetchEvent, FetchSpec};
+use crate::upstream::ratelimit::{PerKeyWindow, TokenBucket};
+use crate::upstream::stats::UpstreamStats;
+use crate::upstream::tracker::{self, AnnounceRequest};
+use crate::upstream::{PeerCandidate, PeerSource};
+
+/// Peer candidates queued for one fetch before more are dropped: a tracker or DHT
+/// answering with thousands of peers must not grow memory; the fetch only ever talks to
+/// `peers_per_fetch_max` at once and dedupes.
+const CANDIDATES_QUEUED_MAX: usize = 1024;
+
+/// Distinct client IPs tracked by the per-IP miss limiter; past it the oldest are
+/// forgotten (so spoofed-source floods cannot grow it without bound).
+const MISS_LIMITER_IPS_MAX: usize = 65_536;
+
+/// Negative-cache entries per shard; past it the table is swept of expired entries and,
+/// if still full, new failures are not cached (the global miss rate still bounds work).
+const NEGATIVE_ENTRIES_MAX: usize = 100_000;
 
 /// Why a fetch did not produce metadata.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,7 +56,7 @@ pub enum ShardCmd {
     /// Start (or join) the fetch of `key`; the outcome is sent to `waiter`.
     Join {
         key: [u8; 20],
-        hints: Vec<PeerCandidate>,
+        hints: Hints,
         waiter: flume::Sender<FetchOutcome>,
     },
     /// More peers for a running fetch (PEX from a waiting client).
@@ -39,6 +64,15 @@ pub enum ShardCmd {
         key: [u8; 20],
         peers: Vec<PeerCandidate>,
     },
+    /// Someone else (a client that had the metadata) stored `key`: finish its fetch.
+    Stored { key: [u8; 20], record: RecordRef },
+}
+
+/// Extra peer sources that come with a request (a magnet's `x.pe` and `tr`).
+#[derive(Clone, Debug, Default)]
+pub struct Hints {
+    pub peers: Vec<PeerCandidate>,
+    pub trackers: Vec<String>,
 }
 
 /// Shared by all workers: the mailboxes of every shard and what fetches need.
@@ -46,6 +80,14 @@ pub struct Upstream {
     pub cfg: UpstreamConfig,
     pub store: Arc<Store>,
     mailboxes: Vec<flume::Sender<ShardCmd>>,
+    /// Per-shard counters; shard `i` is their only writer.
+    pub stats: Vec<Arc<UpstreamStats>>,
+    misses_global: TokenBucket,
+    misses_per_ip: PerKeyWindow<IpAddr>,
+    dht: OnceLock<Option<Arc<DhtNode>>>,
+    /// The port peers reach us at (announced to trackers and the DHT).
+    listen_port: OnceLock<u16>,
+    peer_id: [u8; 20],
 }
 
 impl Upstream {
@@ -56,14 +98,55 @@ impl Upstream {
         workers: usize,
     ) -> (Arc<Upstream>, Vec<flume::Receiver<ShardCmd>>) {
         let (tx, rx): (Vec<_>, Vec<_>) = (0..workers.max(1)).map(|_| flume::unbounded()).unzip();
-        (
-            Arc::new(Upstream {
-                cfg,
-                store,
-                mailboxes: tx,
-            }),
-            rx,
-        )
+        let mut peer_id = *b"-MG0100-000000000000";
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ (std::process::id() as u64) << 32;
+        for (i, b) in peer_id[8..].iter_mut().enumerate() {
+            *b = b'0' + ((seed >> (i * 5)) % 10) as u8;
+        }
+        let upstream = Upstream {
+            misses_global: TokenBucket::new(
+                cfg.misses_per_second_max,
+                cfg.misses_per_second_max.max(1),
+            ),
+            misses_per_ip: PerKeyWindow::new(
+                cfg.misses_per_ip_per_minute_max,
+                Duration::from_secs(60),
+                MISS_LIMITER_IPS_MAX,
+            ),
+            stats: (0..tx.len())
+                .map(|_| Arc::new(UpstreamStats::default()))
+                .collect(),
+            cfg,
+            store,
+            mailboxes: tx,
+            dht: OnceLock::new(),
+            listen_port: OnceLock::new(),
+            peer_id,
+        };
+        (Arc::new(upstream), rx)
+    }
+
+    /// Starts the DHT node (unless disabled). Called once by the server or the CLI.
+    pub fn start_dht(&self) -> std::io::Result<()> {
+        let node = if self.cfg.no_dht {
+            None
+        } else {
+            Some(Arc::new(crate::upstream::dht::start(&self.cfg)?))
+        };
+        let _ = self.dht.set(node);
+        Ok(())
+    }
+
+    pub fn dht(&self) -> Option<&Arc<DhtNode>> {
+        self.dht.get().and_then(|d| d.as_ref())
+    }
+
+    /// The TCP port we accept peers on, for announces.
+    pub fn set_listen_port(&self, port: u16) {
+        let _ = self.listen_port.set(port);
     }
 
     pub fn owner(&self, key: &[u8; 20]) -> usize {
@@ -75,16 +158,322 @@ impl Upstream {
         // sender dropped and closes.
         let _ = self.mailboxes[self.owner(key)].send(cmd);
     }
-}
 
-/// The owning side of one shard; runs on worker `index`'s runtime until shutdown.
-pub async fn run_shard(index: usize, rx: flume::Receiver<ShardCmd>, upstream: Arc<Upstream>) {
-    let _ = (index, &upstream);
-    while let Ok(cmd) = rx.recv_async().await {
-        if let ShardCmd::Join { waiter, .. } = cmd {
-            let _ = waiter.send(FetchOutcome::Failed(FetchFailure::Refused(
-                "miss path not built yet",
-            )));
+    /// Per-IP miss budget: false when `ip` caused too many misses this minute.
+    pub fn admit_miss_from(&self, ip: IpAddr) -> bool {
+        self.misses_per_ip.try_hit(&ip)
+    }
+
+    /// Starts or joins the fetch of `key`; the receiver yields the outcome once.
+    pub fn submit(&self, key: [u8; 20], hints: Hints) -> flume::Receiver<FetchOutcome> {
+        let (tx, rx) = flume::bounded(1);
+        self.send(
+            &key,
+            ShardCmd::Join {
+                key,
+                hints,
+                waiter: tx,
+            },
+        );
+        rx
+    }
+
+    /// Validates, stores and syncs `info` off the calling core (fdatasync takes
+    /// milliseconds; a serving core must not sleep in it).
+    pub async fn store_off_core(&self, info: Vec<u8>) -> Result<RecordRef, StoreError> {
+        let (tx, rx) = flume::bounded(1);
+        let store = self.store.clone();
+        std::thread::Builder::new()
+            .name("magnetar-append".into())
+            .spawn(move || {
+                let _ = tx.send(store.append(&info, Default::default()));
+            })
+            .map_err(|e| StoreError::Io {
+                path: "append thread".into(),
+                source: e,
+            })?;
+        match rx.recv_async().await {
+            Ok(Ok(AppendOutcome::Stored(r) | AppendOutcome::AlreadyPresent(r))) => Ok(r),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StoreError::Io {
+                path: "append thread".into(),
+                source: std::io::Error::other("append thread ended without an answer"),
+            }),
         }
     }
+}
+
+/// One running fetch on the owning shard.
+struct ActiveFetch {
+    waiters: Vec<flume::Sender<FetchOutcome>>,
+    candidates: flume::Sender<PeerCandidate>,
+    /// Dropping this ends the fetch task early (the metadata arrived another way).
+    _cancel: flume::Sender<()>,
+}
+
+#[derive(Default)]
+struct ShardState {
+    active: HashMap<[u8; 20], ActiveFetch>,
+    negative: HashMap<[u8; 20], Instant>,
+}
+
+impl ShardState {
+    fn finish(&mut self, key: &[u8; 20], outcome: FetchOutcome) {
+        if let Some(fetch) = self.active.remove(key) {
+            for w in fetch.waiters {
+                let _ = w.try_send(outcome.clone());
+            }
+        }
+    }
+
+    fn remember_failure(&mut self, key: [u8; 20], until: Instant) {
+        if self.negative.len() >= NEGATIVE_ENTRIES_MAX {
+            let now = Instant::now();
+            self.negative.retain(|_, t| *t > now);
+        }
+        if self.negative.len() < NEGATIVE_ENTRIES_MAX {
+            self.negative.insert(key, until);
+        }
+    }
+}
+
+fn offer(tx: &flume::Sender<PeerCandidate>, peers: impl IntoIterator<Item = PeerCandidate>) {
+    for p in peers {
+        // Full queue: drop the rest; the fetch has more than it can try already.
+        if tx.try_send(p).is_err() {
+            break;
+        }
+    }
+}
+
+/// The owning side of one shard; runs on worker `index`'s runtime until its mailbox
+/// closes.
+pub async fn run_shard(index: usize, rx: flume::Receiver<ShardCmd>, upstream: Arc<Upstream>) {
+    let state = Rc::new(RefCell::new(ShardState::default()));
+    let stats = upstream.stats[index].clone();
+    while let Ok(cmd) = rx.recv_async().await {
+        match cmd {
+            ShardCmd::Join { key, hints, waiter } => {
+                if let Some(record) = upstream.store.lookup(&key) {
+                    let _ = waiter.try_send(FetchOutcome::Ready(record));
+                    continue;
+                }
+                let mut st = state.borrow_mut();
+                if let Some(fetch) = st.active.get_mut(&key) {
+                    stats.joins.inc();
+                    offer(&fetch.candidates, hints.peers);
+                    fetch.waiters.push(waiter);
+                    // Extra trackers of a later magnet: announce to them too.
+                    if !hints.trackers.is_empty() {
+                        spawn_trackers(&upstream, key, hints.trackers, fetch.candidates.clone());
+                    }
+                    continue;
+                }
+                if let Some(&until) = st.negative.get(&key) {
+                    if until > Instant::now() {
+                        stats.refused_negative_cache.inc();
+                        let _ = waiter.try_send(FetchOutcome::Failed(FetchFailure::NegativeCached));
+                        continue;
+                    }
+                    st.negative.remove(&key);
+                }
+                if st.active.len() >= upstream.cfg.fetches_per_shard_max {
+                    stats.refused_fetches_per_shard.inc();
+                    let _ = waiter.try_send(FetchOutcome::Failed(FetchFailure::Refused(
+                        "fetches_per_shard_max",
+                    )));
+                    continue;
+                }
+                if !upstream.misses_global.try_take() {
+                    stats.refused_misses_per_second.inc();
+                    let _ = waiter.try_send(FetchOutcome::Failed(FetchFailure::Refused(
+                        "misses_per_second_max",
+                    )));
+                    continue;
+                }
+                let (cand_tx, cand_rx) = flume::bounded(CANDIDATES_QUEUED_MAX);
+                let (cancel_tx, cancel_rx) = flume::bounded::<()>(1);
+                offer(&cand_tx, hints.peers);
+                st.active.insert(
+                    key,
+                    ActiveFetch {
+                        waiters: vec![waiter],
+                        candidates: cand_tx.clone(),
+                        _cancel: cancel_tx,
+                    },
+                );
+                drop(st);
+                stats.fetches_started.inc();
+                start_sources(&upstream, key, hints.trackers, cand_tx);
+                monoio::spawn(run_fetch(
+                    key,
+                    cand_rx,
+                    cancel_rx,
+                    upstream.clone(),
+                    state.clone(),
+                    stats.clone(),
+                ));
+            }
+            ShardCmd::Peers { key, peers } => {
+                if let Some(fetch) = state.borrow().active.get(&key) {
+                    offer(&fetch.candidates, peers);
+                }
+            }
+            ShardCmd::Stored { key, record } => {
+                if state.borrow().active.contains_key(&key) {
+                    stats.fetches_filled_by_client.inc();
+                }
+                state.borrow_mut().finish(&key, FetchOutcome::Ready(record));
+            }
+        }
+    }
+}
+
+fn announce_request(upstream: &Upstream, key: [u8; 20]) -> AnnounceRequest {
+    AnnounceRequest {
+        info_hash: key,
+        peer_id: upstream.peer_id,
+        port: upstream.listen_port.get().copied().unwrap_or(6881),
+        // We have nothing yet; `left` > 0 makes trackers return seeds.
+        left: 1,
+        numwant: 50,
+    }
+}
+
+fn spawn_trackers(
+    upstream: &Arc<Upstream>,
+    key: [u8; 20],
+    urls: Vec<String>,
+    tx: flume::Sender<PeerCandidate>,
+) {
+    if urls.is_empty() {
+        return;
+    }
+    let timeout = Duration::from_millis(upstream.cfg.fetch_timeout_ms).min(Duration::from_secs(15));
+    let stats = upstream.stats[upstream.owner(&key)].clone();
+    stats.tracker_announces.add(urls.len() as u64);
+    if let Err(e) = tracker::spawn_announces(urls, announce_request(upstream, key), timeout, tx) {
+        tracing::warn!("tracker announces not started: {e}");
+    }
+}
+
+/// Parents, trackers and the DHT, all at once; each streams peers into `tx`.
+fn start_sources(
+    upstream: &Arc<Upstream>,
+    key: [u8; 20],
+    extra_trackers: Vec<String>,
+    tx: flume::Sender<PeerCandidate>,
+) {
+    let mut parents = Vec::new();
+    for p in &upstream.cfg.parents {
+        match std::net::ToSocketAddrs::to_socket_addrs(p.as_str()) {
+            Ok(addrs) => parents.extend(addrs.map(|addr| PeerCandidate {
+                addr,
+                source: PeerSource::Parent,
+            })),
+            Err(e) => tracing::warn!(parent = %p, "cannot resolve parent node: {e}"),
+        }
+    }
+    offer(&tx, parents);
+
+    let mut urls = upstream.cfg.trackers.clone();
+    for t in extra_trackers {
+        if !urls.contains(&t) {
+            urls.push(t);
+        }
+    }
+    spawn_trackers(upstream, key, urls, tx.clone());
+
+    if let Some(dht) = upstream.dht() {
+        let stats = &upstream.stats[upstream.owner(&key)];
+        let deadline = Instant::now() + Duration::from_millis(upstream.cfg.fetch_timeout_ms);
+        match dht.get_peers(key, tx, deadline) {
+            Ok(()) => stats.dht_lookups.inc(),
+            Err(_) => stats.dht_lookups_refused.inc(),
+        }
+    }
+}
+
+async fn run_fetch(
+    key: [u8; 20],
+    candidates: flume::Receiver<PeerCandidate>,
+    cancel: flume::Receiver<()>,
+    upstream: Arc<Upstream>,
+    state: Rc<RefCell<ShardState>>,
+    stats: Arc<UpstreamStats>,
+) {
+    let started = Instant::now();
+    let cfg = &upstream.cfg;
+    let spec = FetchSpec {
+        key,
+        peer_id: upstream.peer_id,
+        metadata_bytes_max: cfg
+            .metadata_bytes_max
+            .min(crate::limits::METADATA_BYTES_MAX),
+        peers_max: cfg.peers_per_fetch_max.max(1),
+        connect_timeout: Duration::from_secs(5),
+        peer_timeout: Duration::from_secs(20),
+        deadline: started + Duration::from_millis(cfg.fetch_timeout_ms),
+    };
+    let (events_tx, events_rx) = flume::unbounded::<FetchEvent>();
+    // Count upstream connections and bans as they happen (for metrics and the note).
+    let event_stats = stats.clone();
+    monoio::spawn(async move {
+        while let Ok(ev) = events_rx.recv_async().await {
+            match ev {
+                FetchEvent::Connected(_) => event_stats.peer_connections.inc(),
+                FetchEvent::Banned(_) => event_stats.peers_banned.inc(),
+                _ => {}
+            }
+        }
+    });
+    let fetch = fetch::fetch(spec, candidates, Some(events_tx));
+    let result = monoio::select! {
+        r = fetch => Some(r),
+        _ = cancel.recv_async() => None,
+    };
+    // Ended because the metadata came another way (`ShardCmd::Stored` answered the
+    // waiters and dropped the fetch's channels): nothing to record.
+    let Some(result) = result.filter(|_| state.borrow().active.contains_key(&key)) else {
+        return;
+    };
+    let outcome = match result {
+        Ok(success) => match upstream.store_off_core(success.info).await {
+            Ok(record) => {
+                stats.fetches_succeeded.inc();
+                stats.fetch_latency.record(started.elapsed());
+                tracing::info!(
+                    info_hash = %hex::encode(key),
+                    from = %success.from.addr,
+                    source = success.from.source.name(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "miss filled"
+                );
+                FetchOutcome::Ready(record)
+            }
+            Err(e) => {
+                stats.fetches_failed_store.inc();
+                tracing::warn!(info_hash = %hex::encode(key), "fetched metadata not stored: {e}");
+                FetchOutcome::Failed(FetchFailure::Failed(format!("store: {e}")))
+            }
+        },
+        Err(e) => {
+            stats.count_failure(&e);
+            tracing::info!(info_hash = %hex::encode(key), "miss not filled: {e}");
+            FetchOutcome::Failed(FetchFailure::Failed(e.to_string()))
+        }
+    };
+    let mut st = state.borrow_mut();
+    if let FetchOutcome::Failed(FetchFailure::Failed(_)) = &outcome {
+        st.remember_failure(
+            key,
+            Instant::now() + Duration::from_millis(upstream.cfg.negative_cache_ms),
+        );
+    }
+    st.finish(&key, outcome);
+}
+
+/// A peer address as an x.pe / parent hint.
+pub fn hint(addr: SocketAddr, source: PeerSource) -> PeerCandidate {
+    PeerCandidate { addr, source }
 }

@@ -1,6 +1,8 @@
 //! Shared by integration tests: run the real `magnetar` binary and real clients.
 #![allow(dead_code)]
 
+pub mod bep9;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -62,6 +64,18 @@ impl ServerProc {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0"])
+            // Tests never reach the public DHT: no DHT unless a test brings its own.
+            .args(if extra.contains(&"--dht-bootstrap") {
+                &[][..]
+            } else {
+                &["--no-dht"][..]
+            })
+            // Many servers run at once: the admin plane on a port of the OS's choosing.
+            .args(if extra.contains(&"--admin") {
+                &[][..]
+            } else {
+                &["--admin", "127.0.0.1:0"][..]
+            })
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -103,4 +117,237 @@ impl Drop for ServerProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Debian's opentracker on 127.0.0.1, tracking only the whitelisted hashes (Debian's
+/// build tracks nothing else); killed on drop.
+pub struct Opentracker {
+    child: Child,
+    pub http: SocketAddr,
+    pub udp: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Opentracker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Opentracker {
+    pub fn http_url(&self) -> String {
+        format!("http://{}/announce", self.http)
+    }
+
+    pub fn udp_url(&self) -> String {
+        format!("udp://{}/announce", self.udp)
+    }
+}
+
+/// Added to every whitelist: announcing it tells when opentracker has loaded its list.
+pub const OPENTRACKER_PROBE: [u8; 20] = *b"magnetar-probe-hash!";
+
+/// Starts opentracker on loopback and waits until it is ready: its TCP port accepts, and
+/// its whitelist is loaded (a thread of its own loads it after start-up; until then every
+/// hash is "not authorized").
+pub fn opentracker(whitelist: &[[u8; 20]]) -> Opentracker {
+    use magnetar::upstream::tracker::{announce, AnnounceRequest};
+    let bin = Path::new("/usr/bin/opentracker");
+    assert!(
+        bin.exists(),
+        "opentracker is not installed (scripts/test.sh installs it)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let list: String = whitelist
+        .iter()
+        .chain([&OPENTRACKER_PROBE])
+        .map(|h| hex::encode(h) + "\n")
+        .collect();
+    std::fs::write(dir.path().join("whitelist"), list).unwrap();
+    // When run as root, opentracker chroots into -d and drops to user nobody, and reads
+    // the whitelist after the chroot: its path must be relative to that directory.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // The ports are free when picked but may be taken before opentracker binds them: retry.
+    for _ in 0..5 {
+        let tcp = free_port();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = Command::new(bin)
+            .current_dir(dir.path())
+            .args([
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &tcp.to_string(),
+                "-P",
+                &udp.to_string(),
+            ])
+            .args(["-w", "whitelist", "-d"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn opentracker");
+        let http = SocketAddr::from(([127, 0, 0, 1], tcp));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if std::net::TcpStream::connect_timeout(&http, Duration::from_millis(100)).is_ok() {
+                let url = format!("http://{http}/announce");
+                let probe = AnnounceRequest {
+                    info_hash: OPENTRACKER_PROBE,
+                    peer_id: *b"-PR0001-probeprobepr",
+                    port: 1,
+                    left: 1,
+                    numwant: 1,
+                };
+                if announce(&url, &probe, Duration::from_secs(1)).is_ok() {
+                    return Opentracker {
+                        child,
+                        http,
+                        udp: SocketAddr::from(([127, 0, 0, 1], udp)),
+                        _dir: dir,
+                    };
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("opentracker did not start");
+}
+
+/// A libtorrent seed (tests/interop/lt_client.py seed) on 127.0.0.1; killed on drop.
+pub struct LtSeed {
+    child: Child,
+    pub port: u16,
+}
+
+impl LtSeed {
+    pub fn start(torrent: &Path, content: &Path, extra: &[String]) -> LtSeed {
+        let mut child = Command::new(PYTHON)
+            .arg(repo_path("tests/interop/lt_client.py"))
+            .arg("seed")
+            .arg(torrent)
+            .arg(content)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning the libtorrent seed");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(p) = line.strip_prefix("listening ") {
+                    let _ = tx.send(p.trim().parse::<u16>().unwrap());
+                }
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("seed did not start listening");
+        LtSeed { child, port }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+impl Drop for LtSeed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Torrents made by libtorrent (lt_client.py make-torrents): label -> (torrent path, raw
+/// info dict, v1 hex, v2 hex). Content files are in `dir/content`.
+pub struct LtTorrent {
+    pub path: PathBuf,
+    pub info: Vec<u8>,
+    pub v1: Option<String>,
+    pub v2: Option<String>,
+}
+
+impl LtTorrent {
+    /// The 20 bytes a client puts in its handshake.
+    pub fn key(&self) -> [u8; 20] {
+        let hex = self
+            .v1
+            .clone()
+            .unwrap_or_else(|| self.v2.clone().unwrap()[..40].to_string());
+        hex::decode(hex).unwrap().try_into().unwrap()
+    }
+
+    pub fn magnet(&self, xpe: SocketAddr) -> String {
+        match (&self.v1, &self.v2) {
+            (Some(v1), _) => format!("magnet:?xt=urn:btih:{v1}&x.pe={xpe}"),
+            (None, Some(v2)) => format!("magnet:?xt=urn:btmh:1220{v2}&x.pe={xpe}"),
+            _ => unreachable!(),
+        }
+    }
+}
+
+pub fn make_lt_torrents(dir: &Path) -> std::collections::BTreeMap<String, LtTorrent> {
+    run_ok(
+        Command::new(PYTHON)
+            .arg(repo_path("tests/interop/lt_client.py"))
+            .arg("make-torrents")
+            .arg(dir),
+    );
+    let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
+    let parsed: std::collections::BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(&manifest).unwrap();
+    parsed
+        .into_iter()
+        .map(|(label, f)| {
+            let text = |k: &str| f.get(k).and_then(|v| v.as_str()).map(str::to_string);
+            let path = PathBuf::from(text("torrent").unwrap());
+            let bytes = std::fs::read(&path).unwrap();
+            let span = magnetar::metainfo::info_span(&bytes).unwrap();
+            let t = LtTorrent {
+                path,
+                info: bytes[span].to_vec(),
+                v1: text("v1"),
+                v2: text("v2"),
+            };
+            (label, t)
+        })
+        .collect()
+}
+
+/// libtorrent as a client: fetch `magnet`'s metadata, return the raw info dict.
+pub fn lt_fetch(magnet: &str, out: &Path, timeout_s: u32) -> Vec<u8> {
+    run_ok(
+        Command::new(PYTHON)
+            .arg(repo_path("tests/interop/lt_client.py"))
+            .arg("fetch")
+            .arg(magnet)
+            .arg(out)
+            .args(["--timeout", &timeout_s.to_string()]),
+    );
+    std::fs::read(out).unwrap()
 }

@@ -1,0 +1,266 @@
+//! The miss path with real parts on loopback: an info-hash magnetar lacks is fetched from
+//! the swarm (opentracker over HTTP and UDP, a local Mainline DHT, the connecting client
+//! itself), verified, stored and served; a lying peer is banned; a crowd of clients
+//! waiting on one miss causes one upstream fetch.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::bep9::{fetch_metadata, FakeSeed, SeedBehaviour};
+use common::*;
+use sha1::{Digest, Sha1};
+
+/// Flags for a server that must not reach any real network.
+const OFFLINE: [&str; 2] = ["--threads", "2"];
+
+fn content_dir(torrents_dir: &std::path::Path) -> std::path::PathBuf {
+    torrents_dir.join("content")
+}
+
+/// Waits (bounded) until the tracker lists `port` for the hash, so the test does not race
+/// the seed's first announce.
+fn wait_announced(tracker_url: &str, key: [u8; 20], port: u16) {
+    use magnetar::upstream::tracker::{announce, AnnounceRequest};
+    let req = AnnounceRequest {
+        info_hash: key,
+        peer_id: *b"-TS0001-waitannounce",
+        port: 1,
+        left: 1,
+        numwant: 50,
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(resp) = announce(tracker_url, &req, Duration::from_secs(5)) {
+            if resp.peers.iter().any(|p| p.port() == port) {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the seed never showed up on the tracker"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn tracker_miss(label: &str, udp: bool) {
+    require_libtorrent();
+    let tmp = tempfile::tempdir().unwrap();
+    let tdir = tmp.path().join("torrents");
+    let torrents = make_lt_torrents(&tdir);
+    let t = &torrents[label];
+    let key = t.key();
+    let tracker = opentracker(&[key]);
+    let url = if udp {
+        tracker.udp_url()
+    } else {
+        tracker.http_url()
+    };
+    let seed = LtSeed::start(
+        &t.path,
+        &content_dir(&tdir),
+        &["--tracker".into(), tracker.http_url()],
+    );
+    wait_announced(&tracker.http_url(), key, seed.port);
+
+    let data = tmp.path().join("data");
+    let server = ServerProc::start(&data, &[&OFFLINE[..], &["--tracker", &url]].concat());
+    let got = lt_fetch(&t.magnet(server.addr), &tmp.path().join("first.info"), 30);
+    assert!(got == t.info, "{label}: first client got wrong bytes");
+
+    // Everything upstream goes away: the second client can only be served from the store.
+    drop(seed);
+    drop(tracker);
+    let got = lt_fetch(&t.magnet(server.addr), &tmp.path().join("second.info"), 30);
+    assert!(got == t.info, "{label}: second client got wrong bytes");
+}
+
+#[test]
+fn miss_filled_through_http_tracker_then_served_from_store() {
+    tracker_miss("v1-large", false);
+}
+
+#[test]
+fn miss_filled_through_udp_tracker_then_served_from_store() {
+    tracker_miss("hybrid-large", true);
+}
+
+/// A local DHT (mainline's testnet); the seed's address is announced into it; magnetar,
+/// bootstrapped to it, finds and fetches.
+#[test]
+fn miss_filled_through_local_dht() {
+    require_libtorrent();
+    let tmp = tempfile::tempdir().unwrap();
+    let tdir = tmp.path().join("torrents");
+    let torrents = make_lt_torrents(&tdir);
+    let t = &torrents["v1-small"];
+    let key = t.key();
+    let seed = LtSeed::start(&t.path, &content_dir(&tdir), &[]);
+
+    let testnet = mainline::Testnet::builder(8).build().unwrap();
+    let announcer = mainline::Dht::builder()
+        .bootstrap(&testnet.bootstrap)
+        .build()
+        .unwrap();
+    announcer
+        .announce_peer(mainline::Id::from_bytes(key).unwrap(), Some(seed.port))
+        .expect("announcing the seed into the testnet");
+
+    let data = tmp.path().join("data");
+    let mut flags: Vec<String> = vec!["--threads".into(), "2".into()];
+    for b in &testnet.bootstrap {
+        flags.push("--dht-bootstrap".into());
+        flags.push(b.clone());
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = ServerProc::start(&data, &flags);
+    let got = lt_fetch(&t.magnet(server.addr), &tmp.path().join("dht.info"), 45);
+    assert!(got == t.info, "wrong bytes through the DHT");
+}
+
+/// A libtorrent seed that is itself pointed at magnetar (it connects to us for a hash we
+/// lack): magnetar takes the metadata from that connection, and then serves others.
+#[test]
+fn connecting_seed_fills_the_miss_itself() {
+    require_libtorrent();
+    let tmp = tempfile::tempdir().unwrap();
+    let tdir = tmp.path().join("torrents");
+    let torrents = make_lt_torrents(&tdir);
+    let t = &torrents["v2-large"];
+    let data = tmp.path().join("data");
+    let server = ServerProc::start(&data, &OFFLINE);
+    let _seed = LtSeed::start(
+        &t.path,
+        &content_dir(&tdir),
+        &["--connect-peer".into(), server.addr.to_string()],
+    );
+    // No tracker, no DHT: only the seed's own connection can fill this miss.
+    let got = lt_fetch(
+        &t.magnet(server.addr),
+        &tmp.path().join("opportunistic.info"),
+        30,
+    );
+    assert!(got == t.info, "wrong bytes from the opportunistic fill");
+}
+
+fn v1_info(name: &str, k: usize) -> Vec<u8> {
+    let mut v = format!(
+        "d6:lengthi{}e4:name{}:{name}12:piece lengthi16384e6:pieces{}:",
+        k * 16384,
+        name.len(),
+        k * 20
+    )
+    .into_bytes();
+    v.extend((0..k * 20).map(|i| (i * 13 % 251) as u8));
+    v.push(b'e');
+    v
+}
+
+/// A liar (as a parent node, tried first) and an honest seed (via the tracker): the
+/// clients get the right bytes, and the liar is asked once and never again.
+#[test]
+fn lying_peer_is_banned_and_the_fetch_completes() {
+    let info = v1_info("poisoned", 4000); // 5 metadata pieces
+    let key: [u8; 20] = Sha1::digest(&info).into();
+    let liar = FakeSeed::start(info.clone(), key, SeedBehaviour::Liar);
+    let honest = FakeSeed::start(
+        info.clone(),
+        key,
+        SeedBehaviour::Honest {
+            delay: Duration::from_millis(300),
+        },
+    );
+    let tracker = opentracker(&[key]);
+    // Put the honest seed on the tracker (announce on its behalf, with its port).
+    {
+        use magnetar::upstream::tracker::{announce, AnnounceRequest};
+        let req = AnnounceRequest {
+            info_hash: key,
+            peer_id: *b"-TS0001-honestseed00",
+            port: honest.addr.port(),
+            left: 0,
+            numwant: 0,
+        };
+        announce(&tracker.http_url(), &req, Duration::from_secs(5)).unwrap();
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(
+        &tmp.path().join("data"),
+        &[
+            &OFFLINE[..],
+            &[
+                "--tracker",
+                &tracker.http_url(),
+                "--parent",
+                &liar.addr.to_string(),
+            ],
+        ]
+        .concat(),
+    );
+    let got =
+        fetch_metadata(server.addr, &key, Duration::from_secs(30)).expect("fetch through magnetar");
+    assert!(got == info);
+    let again = fetch_metadata(server.addr, &key, Duration::from_secs(10)).unwrap();
+    assert!(again == info);
+    assert_eq!(
+        liar.connections(),
+        1,
+        "the liar is banned after its first bad answer"
+    );
+    assert_eq!(honest.connections(), 1);
+}
+
+/// 100 clients wait on one miss at once: exactly one upstream connection is made, and
+/// every client gets the metadata.
+#[test]
+fn hundred_waiting_clients_cause_one_upstream_fetch() {
+    let info = v1_info("crowd", 900); // 2 metadata pieces
+    let key: [u8; 20] = Sha1::digest(&info).into();
+    // Slow enough that all clients arrive while the fetch runs.
+    let upstream = FakeSeed::start(
+        info.clone(),
+        key,
+        SeedBehaviour::Honest {
+            delay: Duration::from_millis(1500),
+        },
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(
+        &tmp.path().join("data"),
+        &[
+            &OFFLINE[..],
+            &[
+                "--parent",
+                &upstream.addr.to_string(),
+                "--connections-per-ip-max",
+                "1000",
+                "--misses-per-ip-per-minute-max",
+                "1000",
+            ],
+        ]
+        .concat(),
+    );
+    let addr: SocketAddr = server.addr;
+    let info = Arc::new(info);
+    let clients: Vec<_> = (0..100)
+        .map(|_| {
+            let info = info.clone();
+            std::thread::spawn(move || {
+                let got =
+                    fetch_metadata(addr, &key, Duration::from_secs(30)).expect("client fetch");
+                assert!(got == *info);
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert_eq!(
+        upstream.connections(),
+        1,
+        "one miss, one upstream connection"
+    );
+}
