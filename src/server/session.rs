@@ -510,6 +510,11 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<WorkerCtx>) ->
     }
 
     let key = head.info_hash;
+    if ctx.store.is_blocked(&key) {
+        // Deleted by an operator: never served, never fetched.
+        stats.blocked.inc();
+        return SessionEnd::MissRefused;
+    }
     let record = ctx.store.lookup(&key);
     let mut waiter = None;
     match &record {

@@ -123,6 +123,8 @@ core_stats! {
     client_fills_stored,
     /// Peers received in ut_pex messages from waiting clients.
     pex_peers_received,
+    /// Handshakes for a blocked (operator-deleted) info-hash: closed, never fetched.
+    blocked,
     /// Connections still open when the shutdown grace time ran out (closed by force).
     sessions_cut_at_shutdown,
     /// Ticks of the worker's 1 s heartbeat timer; the systemd watchdog is only fed while

@@ -129,13 +129,20 @@ impl Upstream {
         (Arc::new(upstream), rx)
     }
 
-    /// Starts the DHT node (unless disabled). Called once by the server or the CLI.
-    pub fn start_dht(&self) -> std::io::Result<()> {
+    /// Starts the DHT node (unless disabled) and the announcer of stored info-hashes
+    /// (unless `no_dht_announce`). Called once by the server.
+    pub fn start_dht(self: &Arc<Self>) -> std::io::Result<()> {
         let node = if self.cfg.no_dht {
             None
         } else {
             Some(Arc::new(crate::upstream::dht::start(&self.cfg)?))
         };
+        if let (Some(node), false) = (&node, self.cfg.no_dht_announce) {
+            let (node, upstream) = (node.clone(), Arc::downgrade(self));
+            std::thread::Builder::new()
+                .name("magnetar-dht-announce".into())
+                .spawn(move || announce_stored(node, upstream))?;
+        }
         let _ = self.dht.set(node);
         Ok(())
     }
@@ -203,6 +210,45 @@ impl Upstream {
     }
 }
 
+/// A DHT announce lasts ~30 minutes on the nodes that store it; go round the store
+/// again after this long so announced hashes stay findable.
+const DHT_REANNOUNCE_INTERVAL: Duration = Duration::from_secs(15 * 60);
+
+/// Announces every stored, non-private info-hash (v1, and the v2 prefix: BEP 52) to the
+/// DHT, round-robin, at most `dht_announces_per_second_max` a second (the node's own
+/// bucket). BEP 27: private torrents are never announced. Ends with the server.
+fn announce_stored(node: Arc<DhtNode>, upstream: std::sync::Weak<Upstream>) {
+    let rate = upstream
+        .upgrade()
+        .map_or(1, |u| u.cfg.dht_announces_per_second_max.max(1));
+    let per_announce = Duration::from_secs_f64(1.0 / f64::from(rate));
+    loop {
+        let cycle = Instant::now();
+        let Some(u) = upstream.upgrade() else { return };
+        let mut keys = Vec::new();
+        u.store.for_each_record(|r| {
+            if !r.is_private() {
+                keys.extend(r.hashes().handshake_keys());
+            }
+        });
+        let port = u.listen_port.get().copied();
+        drop(u);
+        let Some(port) = port else {
+            std::thread::sleep(Duration::from_secs(1));
+            continue;
+        };
+        for key in keys {
+            if upstream.strong_count() == 0 {
+                return;
+            }
+            let _ = node.announce(key, port);
+            std::thread::sleep(per_announce);
+        }
+        let rest = DHT_REANNOUNCE_INTERVAL.saturating_sub(cycle.elapsed());
+        std::thread::sleep(rest.max(Duration::from_secs(1)));
+    }
+}
+
 /// One running fetch on the owning shard.
 struct ActiveFetch {
     waiters: Vec<flume::Sender<FetchOutcome>>,
@@ -254,6 +300,11 @@ pub async fn run_shard(index: usize, rx: flume::Receiver<ShardCmd>, upstream: Ar
     while let Ok(cmd) = rx.recv_async().await {
         match cmd {
             ShardCmd::Join { key, hints, waiter } => {
+                if upstream.store.is_blocked(&key) {
+                    let blocked = FetchFailure::Refused("blocked");
+                    let _ = waiter.try_send(FetchOutcome::Failed(blocked));
+                    continue;
+                }
                 if let Some(record) = upstream.store.lookup(&key) {
                     let _ = waiter.try_send(FetchOutcome::Ready(record));
                     continue;
