@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# End-to-end comparison, one command: the same K synthetic torrents served by
+#   floor      benches/floor/floor.c: one epoll thread, precomputed bytes, no parsing
+#   uring      magnetar serve --driver io-uring --threads 1
+#   epoll      magnetar serve --driver epoll --threads 1
+#   libtorrent python3-libtorrent seeding them (benches/lt_seed.py, limits raised)
+# each pinned to CPU 0, loaded by magnetar-loadgen pinned to CPU 1, in churn mode (full
+# fetches/s: connect, handshakes, all pieces, close) and keepalive mode (blocks/s on open
+# connections). Runs are interleaved (run 1 of every server, then run 2, ...) so that
+# noise from other users of the machine lands on all of them alike; before each measured
+# run the script waits until the machine is quiet. Results: OUT/results.jsonl (one line per
+# run), OUT/summary.md (medians and ratios), OUT/compare.svg (chart).
+#
+# Usage: benches/compare.sh [-k K] [-d SECONDS] [-r RUNS] [-c CONNECTIONS] [-o OUT]
+#                           [-s "floor uring epoll libtorrent"] [-q]
+#   -q  quick check: K=50, 2 s runs, 1 run, no waiting for a quiet machine
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+K=1000 DURATION=10 RUNS=3 CONNS=64 OUT=target/compare QUICK=0
+SERVERS="floor uring epoll libtorrent"
+while getopts "k:d:r:c:o:s:q" opt; do
+  case $opt in
+    k) K=$OPTARG ;; d) DURATION=$OPTARG ;; r) RUNS=$OPTARG ;; c) CONNS=$OPTARG ;;
+    o) OUT=$OPTARG ;; s) SERVERS=$OPTARG ;; q) QUICK=1 ;;
+    *) sed -n '2,20p' "$0"; exit 2 ;;
+  esac
+done
+if [ "$QUICK" = 1 ]; then K=50 DURATION=2 RUNS=1; fi
+# A machine busier than this (share of all CPUs, sampled over 2 s) is waited for.
+BUSY_MAX=${BUSY_MAX:-0.25}
+WAIT_MAX_S=${WAIT_MAX_S:-1800}
+SERVER_CPU=${SERVER_CPU:-0}
+LOADGEN_CPU=${LOADGEN_CPU:-1}
+PY=/usr/bin/python3
+
+ulimit -n "$(ulimit -Hn)"
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+
+echo "== build"
+cargo build --release -q -p magnetar -p magnetar-loadgen
+M=$ROOT/target/release/magnetar
+L=$ROOT/target/release/magnetar-loadgen
+cc -O2 -o "$OUT/floor" benches/floor/floor.c
+$PY -c 'import libtorrent' 2>/dev/null || { echo "python3-libtorrent missing (bash scripts/test.sh installs it)"; exit 1; }
+
+DATA=$OUT/data-k$K
+if [ ! -f "$DATA/done" ]; then
+  echo "== generating $K synthetic torrents (1-8 metadata pieces) in $DATA"
+  rm -rf "$DATA"; mkdir -p "$DATA"
+  $L gen-store --count "$K" --data-dir "$DATA/store" --hashes "$DATA/hashes.txt" \
+     --torrents "$DATA/torrents" --floor "$DATA/floor.bin"
+  touch "$DATA/done"
+fi
+
+# Share of all CPUs busy over 2 s (everything: other users and anything left of ours).
+busy() {
+  local a b
+  a=($(head -1 /proc/stat)); sleep 2; b=($(head -1 /proc/stat))
+  local idle=$(( (b[4] + b[5]) - (a[4] + a[5]) )) total=0 i
+  for i in 1 2 3 4 5 6 7 8; do total=$(( total + b[i] - a[i] )); done
+  awk -v i="$idle" -v t="$total" 'BEGIN { printf "%.2f", (t > 0) ? 1 - i / t : 0 }'
+}
+
+wait_quiet() {
+  [ "$QUICK" = 1 ] && return 0
+  local waited=0 b
+  while :; do
+    b=$(busy)
+    if awk -v b="$b" -v m="$BUSY_MAX" 'BEGIN { exit !(b <= m) }'; then return 0; fi
+    if [ "$waited" -ge "$WAIT_MAX_S" ]; then
+      echo "   machine still busy ($b) after ${waited}s; measuring anyway (flagged)"; return 1
+    fi
+    echo "   machine busy ($b of all CPUs; loadavg $(cut -d' ' -f1-3 /proc/loadavg)); waiting 60 s"
+    sleep 60; waited=$((waited + 60))
+  done
+}
+
+SERVER_PID=""
+PORT=""
+start_server() {
+  local which=$1 log=$OUT/server-$1.log
+  case $which in
+    floor) taskset -c "$SERVER_CPU" "$OUT/floor" "$DATA/floor.bin" 127.0.0.1 0 >"$log" 2>&1 & ;;
+    uring|epoll)
+      local driver=io-uring; [ "$which" = epoll ] && driver=epoll
+      taskset -c "$SERVER_CPU" "$M" serve --data-dir "$DATA/store" --listen 127.0.0.1:0 \
+        --threads 1 --driver "$driver" --connections-max 1000000 \
+        --connections-per-ip-max 1000000 >"$log" 2>&1 & ;;
+    libtorrent)
+      local port=$((20000 + RANDOM % 20000))
+      taskset -c "$SERVER_CPU" $PY benches/lt_seed.py "$DATA/torrents" 127.0.0.1 "$port" >"$log" 2>&1 & ;;
+  esac
+  SERVER_PID=$!
+  for _ in $(seq 600); do
+    if grep -q '^ready ' "$log"; then
+      PORT=$(grep '^ready ' "$log" | sed -E 's/.*listen=[^ ]*:([0-9]+).*/\1/')
+      return 0
+    fi
+    kill -0 "$SERVER_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "server $which did not start:"; cat "$log"; exit 1
+}
+
+stop_server() {
+  kill "$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=""
+}
+trap stop_server EXIT
+
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+rss_kb() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
+hwm_kb() { awk '/^VmHWM/ { print $2 }' "/proc/$1/status"; }
+TCK=$(getconf CLK_TCK)
+
+# measure SERVER MODE RUN: one loadgen run; appends a JSON line to results.jsonl.
+measure() {
+  local which=$1 mode=$2 run=$3 flagged=0
+  wait_quiet || flagged=1
+  local load; load=$(cut -d' ' -f1 /proc/loadavg)
+  local t0 c0 out
+  t0=$(date +%s.%N); c0=$(cpu_ticks "$SERVER_PID")
+  out=$(taskset -c "$LOADGEN_CPU" "$L" --target "127.0.0.1:$PORT" --hashes "$DATA/hashes.txt" \
+        --mode "$mode" --connections "$CONNS" --duration "$DURATION" --threads 1 --json \
+        --plot "$OUT/plot-$which-$mode-$run.svg" | tail -1)
+  local c1 t1; c1=$(cpu_ticks "$SERVER_PID"); t1=$(date +%s.%N)
+  local cpu; cpu=$(awk -v a="$c0" -v b="$c1" -v s="$t0" -v e="$t1" -v t="$TCK" \
+                   'BEGIN { printf "%.3f", (b - a) / t / (e - s) }')
+  local rss hwm; rss=$(rss_kb "$SERVER_PID"); hwm=$(hwm_kb "$SERVER_PID")
+  echo "$out" | $PY -c "
+import json, sys
+r = json.load(sys.stdin)
+r.update(server='$which', run=$run, server_cpu=$cpu, server_rss_kb=$rss, server_hwm_kb=$hwm,
+         loadavg1=$load, busy_flagged=bool($flagged), k=$K, duration_s=$DURATION)
+print(json.dumps(r, sort_keys=True))" | tee -a "$OUT/results.jsonl" | $PY -c "
+import json, sys
+r = json.load(sys.stdin)
+print('   %-10s %-9s run %d: %9.0f fetches/s %9.0f blocks/s  p50 %6d us  p99 %6d us  cpu %.2f  rss %d MB  errors %d' % (
+    r['server'], r['mode'], r['run'], r['fetches_per_sec'], r['blocks_per_sec'], r['p50_us'],
+    r['p99_us'], r['server_cpu'], r['server_rss_kb'] // 1024, r['errors']))"
+}
+
+: >"$OUT/results.jsonl"
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo ?)"
+  echo "kernel: $(uname -r)"
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) CPUs"
+  echo "libtorrent: $($PY -c 'import libtorrent; print(libtorrent.__version__)')"
+  echo "k=$K duration=${DURATION}s runs=$RUNS connections=$CONNS server_cpu=$SERVER_CPU loadgen_cpu=$LOADGEN_CPU"
+} >"$OUT/machine.txt"
+cat "$OUT/machine.txt"
+
+for run in $(seq "$RUNS"); do
+  for which in $SERVERS; do
+    echo "== run $run: $which"
+    start_server "$which"
+    # Warm-up (not recorded): first connections, page cache, libtorrent's lazy set-up.
+    taskset -c "$LOADGEN_CPU" "$L" --target "127.0.0.1:$PORT" --hashes "$DATA/hashes.txt" \
+      --connections "$CONNS" --duration 1 --threads 1 >/dev/null
+    measure "$which" churn "$run"
+    measure "$which" keepalive "$run"
+    stop_server
+  done
+done
+
+$PY benches/summarize.py "$OUT"

@@ -1,0 +1,80 @@
+#!/usr/bin/python3
+"""libtorrent (Debian's python3-libtorrent) seeding K torrents' metadata, for benches/compare.sh.
+
+  lt_seed.py TORRENT_DIR HOST PORT
+
+Adds every .torrent in TORRENT_DIR in seed mode (libtorrent trusts that the content is
+there and reads nothing until a block is requested; serving metadata (BEP 9) needs only
+the info dict), prints "ready listen=HOST:PORT driver=libtorrent torrents=K" once all are
+added and listening, and runs until killed. Limits that would make the comparison unfair
+are raised: connection count, unchoke slots, peer list size, many connections per IP,
+no DHT/LSD/UPnP/NAT-PMP, no rate limits, no connection-rate throttles.
+
+Run with /usr/bin/python3: the pyenv python on PATH does not see Debian's libtorrent.
+"""
+import os
+import sys
+import tempfile
+import time
+
+import libtorrent as lt
+
+
+def main():
+    tdir, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    settings = {
+        "listen_interfaces": "%s:%d" % (host, port),
+        "enable_dht": False,
+        "enable_lsd": False,
+        "enable_upnp": False,
+        "enable_natpmp": False,
+        "enable_outgoing_utp": False,
+        "enable_incoming_utp": False,
+        "connections_limit": 200000,
+        "unchoke_slots_limit": -1,
+        "max_peerlist_size": 200000,
+        "max_paused_peerlist_size": 200000,
+        "allow_multiple_connections_per_ip": True,
+        "active_downloads": -1,
+        "active_seeds": -1,
+        "active_limit": -1,
+        "dont_count_slow_torrents": True,
+        "upload_rate_limit": 0,
+        "download_rate_limit": 0,
+        "alert_mask": 0,
+        "connection_speed": 1000,
+        "listen_queue_size": 4096,
+        "max_allowed_in_request_queue": 2000,
+        "max_out_request_queue": 2000,
+        "peer_timeout": 120,
+        "inactivity_timeout": 600,
+        "handshake_timeout": 10,
+        "close_redundant_connections": False,
+        "anonymous_mode": False,
+    }
+    ses = lt.session(settings)
+    save = tempfile.mkdtemp(prefix="lt-seed-")
+    names = sorted(n for n in os.listdir(tdir) if n.endswith(".torrent"))
+    for name in names:
+        ti = lt.torrent_info(os.path.join(tdir, name))
+        p = lt.add_torrent_params()
+        p.ti = ti
+        p.save_path = save
+        p.flags = (p.flags | lt.torrent_flags.seed_mode) & ~lt.torrent_flags.auto_managed \
+            & ~lt.torrent_flags.paused
+        p.max_connections = 200000
+        p.max_uploads = -1
+        ses.async_add_torrent(p)
+    deadline = time.time() + 120
+    while len(ses.get_torrents()) < len(names) and time.time() < deadline:
+        time.sleep(0.05)
+    while not ses.is_listening() and time.time() < deadline:
+        time.sleep(0.05)
+    print("ready listen=%s:%d driver=libtorrent torrents=%d" % (host, ses.listen_port(), len(names)),
+          flush=True)
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()
