@@ -121,7 +121,12 @@ pub struct ServeSettings {
     pub admin_token_file: Option<PathBuf>,
 
     /// The bearer token itself (prefer admin-token-file: a flag shows in `ps`).
-    #[arg(long, env = "MAGNETAR_ADMIN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    #[arg(
+        long,
+        env = "MAGNETAR_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
     pub admin_token: Option<String>,
 
     /// The address clients reach this server at (e.g. 203.0.113.5:6881), put into the
@@ -138,9 +143,7 @@ impl Default for ServeSettings {
     /// The clap defaults: the one place defaults are written down.
     fn default() -> Self {
         let cmd = ServeSettings::augment_args(clap::Command::new("serve"));
-        let matches = cmd
-            .try_get_matches_from(["serve"])
-            .expect("defaults parse");
+        let matches = cmd.try_get_matches_from(["serve"]).expect("defaults parse");
         let mut s = ServeSettings::from_arg_matches(&matches).expect("defaults are valid");
         // An environment variable is not a default.
         s.admin_token = None;
@@ -259,7 +262,9 @@ impl ServeSettings {
 fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
@@ -329,10 +334,7 @@ pub fn default_config_toml() -> String {
             _ => String::new(),
         };
         if let Some(env) = arg.get_env() {
-            out.push_str(&format!(
-                "# Flag: {flag} (env {})\n",
-                env.to_string_lossy()
-            ));
+            out.push_str(&format!("# Flag: {flag} (env {})\n", env.to_string_lossy()));
         } else {
             out.push_str(&format!("# Flag: {flag}\n"));
         }
@@ -534,7 +536,10 @@ mod tests {
         s.apply_explicit(&m).unwrap();
         assert_eq!(s.connections_max, 8);
         assert_eq!(s.idle_timeout_ms, 9);
-        assert!(s.pin_cores, "a switch absent from the command line keeps the file's value");
+        assert!(
+            s.pin_cores,
+            "a switch absent from the command line keeps the file's value"
+        );
         assert!(s.upstream.no_dht);
         assert_eq!(s.upstream.trackers, vec!["udp://b:2".to_string()]);
     }

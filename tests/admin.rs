@@ -26,7 +26,11 @@ fn health_readiness_and_metrics_need_no_token() {
     assert_eq!(upload(&s, "v1_single.torrent").status, 201);
     let m = get(&s.url("/metrics"));
     assert_eq!(m.status, 200);
-    assert!(m.content_type.starts_with("text/plain; version=0.0.4"), "{}", m.content_type);
+    assert!(
+        m.content_type.starts_with("text/plain; version=0.0.4"),
+        "{}",
+        m.content_type
+    );
     let text = m.text();
     for needle in [
         "magnetar_store_records 1\n",
@@ -42,7 +46,10 @@ fn health_readiness_and_metrics_need_no_token() {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }
     // Well-formed exposition: every sample is `name[{labels}] number`, every name has a TYPE.
-    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let (name, value) = line.rsplit_once(' ').unwrap();
         assert!(value.parse::<f64>().is_ok(), "{line}");
         let base = name.split('{').next().unwrap();
@@ -61,7 +68,10 @@ fn health_readiness_and_metrics_need_no_token() {
 #[test]
 fn upload_then_torrent_json_and_magnet_by_every_hash_form() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::start(&dir.path().join("d"), &["--public-addr", "203.0.113.5:6881"]);
+    let s = Served::start(
+        &dir.path().join("d"),
+        &["--public-addr", "203.0.113.5:6881"],
+    );
     let (v1, v2) = fixture_hashes("hybrid_multi");
     let (v1, v2) = (v1.unwrap(), v2.unwrap());
     let r = upload(&s, "hybrid_multi.torrent");
@@ -72,11 +82,17 @@ fn upload_then_torrent_json_and_magnet_by_every_hash_form() {
     assert_eq!(j["v2"], v2.as_str());
     let magnet = j["magnet"].as_str().unwrap();
     assert!(magnet.contains(&format!("xt=urn:btih:{v1}")), "{magnet}");
-    assert!(magnet.contains(&format!("xt=urn:btmh:1220{v2}")), "{magnet}");
+    assert!(
+        magnet.contains(&format!("xt=urn:btmh:1220{v2}")),
+        "{magnet}"
+    );
     assert!(magnet.contains("x.pe=203.0.113.5:6881"), "{magnet}");
     // Same dict again: 200, not a second record.
     let again = upload(&s, "hybrid_multi.torrent");
-    assert_eq!((again.status, again.json()["status"].as_str()), (200, Some("already_present")));
+    assert_eq!(
+        (again.status, again.json()["status"].as_str()),
+        (200, Some("already_present"))
+    );
 
     let original = fixture("hybrid_multi.torrent");
     let info = &original[metainfo::info_span(&original).unwrap()];
@@ -86,7 +102,10 @@ fn upload_then_torrent_json_and_magnet_by_every_hash_form() {
         assert_eq!(t.status, 200, "{h}: {}", t.text());
         assert_eq!(t.content_type, "application/x-bittorrent");
         let span = metainfo::info_span(&t.body).unwrap();
-        assert_eq!(&t.body[span], info, "the served info dict is the stored bytes");
+        assert_eq!(
+            &t.body[span], info,
+            "the served info dict is the stored bytes"
+        );
 
         let j = get(&s.url(&format!("/torrents/{h}"))).json();
         assert_eq!(j["name"], "content");
@@ -103,9 +122,18 @@ fn upload_then_torrent_json_and_magnet_by_every_hash_form() {
         assert_eq!(m.status, 200);
         assert_eq!(m.text().trim(), magnet);
     }
-    assert_eq!(get(&s.url(&format!("/torrents/{}.torrent", "0".repeat(40)))).status, 404);
-    assert_eq!(get(&s.url(&format!("/torrents/{}", "1".repeat(64)))).status, 404);
-    assert_eq!(get(&s.url(&format!("/magnet/{}", "2".repeat(40)))).status, 404);
+    assert_eq!(
+        get(&s.url(&format!("/torrents/{}.torrent", "0".repeat(40)))).status,
+        404
+    );
+    assert_eq!(
+        get(&s.url(&format!("/torrents/{}", "1".repeat(64)))).status,
+        404
+    );
+    assert_eq!(
+        get(&s.url(&format!("/magnet/{}", "2".repeat(40)))).status,
+        404
+    );
     assert_eq!(get(&s.url("/torrents/xyz.torrent")).status, 400);
     // The status page's form: a magnet or hash redirects to the .torrent.
     let l = get(&s.url(&format!("/lookup?q=magnet:?xt=urn:btih:{v1}")));
@@ -141,12 +169,19 @@ fn served_torrent_files_load_in_libtorrent() {
             .arg(&path)
             .output()
             .expect("python3 (run `bash scripts/test.sh`, which installs python3-libtorrent)");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8(out.stdout).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], v1.as_deref().unwrap_or("-"), "{stem}");
         assert_eq!(lines[1], v2.as_deref().unwrap_or("-"), "{stem}");
-        assert_eq!(lines[2], "udp://tracker.example:6969/announce", "known trackers go in");
+        assert_eq!(
+            lines[2], "udp://tracker.example:6969/announce",
+            "known trackers go in"
+        );
     }
 }
 
@@ -160,21 +195,40 @@ fn mutating_endpoints_refuse_a_missing_or_wrong_token() {
     for token in [None, Some("wrong"), Some("")] {
         let r = post(&s.url("/torrents"), token, &torrent);
         assert_eq!(r.status, 401, "{token:?}: {}", r.text());
-        assert_eq!(delete(&s.url(&format!("/torrents/{v1}")), token).status, 401);
         assert_eq!(
-            post(&s.url("/fetch"), token, format!("magnet:?xt=urn:btih:{v1}").as_bytes()).status,
+            delete(&s.url(&format!("/torrents/{v1}")), token).status,
+            401
+        );
+        assert_eq!(
+            post(
+                &s.url("/fetch"),
+                token,
+                format!("magnet:?xt=urn:btih:{v1}").as_bytes()
+            )
+            .status,
             401
         );
     }
-    assert_eq!(get(&s.url(&format!("/torrents/{v1}"))).status, 404, "nothing was stored");
+    assert_eq!(
+        get(&s.url(&format!("/torrents/{v1}"))).status,
+        404,
+        "nothing was stored"
+    );
     let m = get(&s.url("/metrics")).text();
     assert!(m.contains("magnetar_admin_auth_refused_total 9\n"), "{m}");
 
     // Without any token configured, mutations are off altogether.
     let mut cmd = Command::new(magnetar_bin());
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--no-dht"])
-        .arg("--data-dir")
-        .arg(dir.path().join("e"));
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--no-dht",
+    ])
+    .arg("--data-dir")
+    .arg(dir.path().join("e"));
     let open = Served::spawn(cmd);
     let r = post(&open.url("/torrents"), Some(TOKEN), &torrent);
     assert_eq!(r.status, 403);
@@ -188,9 +242,21 @@ fn bad_uploads_are_refused_with_a_reason() {
     let good = fixture("v1_single.torrent");
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("empty", Vec::new(), "empty"),
-        ("not bencode", b"<html>hello</html>".to_vec(), "not a valid .torrent"),
-        ("truncated", good[..good.len() / 2].to_vec(), "not a valid .torrent"),
-        ("no info", b"d8:announce3:urle".to_vec(), "not a valid .torrent"),
+        (
+            "not bencode",
+            b"<html>hello</html>".to_vec(),
+            "not a valid .torrent",
+        ),
+        (
+            "truncated",
+            good[..good.len() / 2].to_vec(),
+            "not a valid .torrent",
+        ),
+        (
+            "no info",
+            b"d8:announce3:urle".to_vec(),
+            "not a valid .torrent",
+        ),
         (
             "info without pieces",
             b"d4:infod6:lengthi5e4:name1:a12:piece lengthi16384eee".to_vec(),
@@ -218,7 +284,12 @@ fn fetch_is_501_until_the_miss_path_is_wired_and_checks_its_input() {
         Some(TOKEN),
         format!("magnet:?xt=urn:btih:{}", "ab".repeat(20)).as_bytes(),
     );
-    assert!(r.status == 501 || r.status == 202, "{} {}", r.status, r.text());
+    assert!(
+        r.status == 501 || r.status == 202,
+        "{} {}",
+        r.status,
+        r.text()
+    );
     // A stored hash needs no fetch.
     assert_eq!(upload(&s, "v1_single.torrent").status, 201);
     let (v1, _) = fixture_hashes("v1_single");
@@ -227,7 +298,10 @@ fn fetch_is_501_until_the_miss_path_is_wired_and_checks_its_input() {
         Some(TOKEN),
         format!("magnet:?xt=urn:btih:{}", v1.unwrap()).as_bytes(),
     );
-    assert_eq!((r.status, r.json()["status"].as_str()), (200, Some("already_present")));
+    assert_eq!(
+        (r.status, r.json()["status"].as_str()),
+        (200, Some("already_present"))
+    );
 }
 
 #[test]
@@ -251,22 +325,45 @@ fn delete_removes_and_blocks_across_a_restart() {
             assert_eq!(get(&s.url(&format!("/torrents/{h}.torrent"))).status, 404);
         }
         let again = upload(&s, "hybrid_single.torrent");
-        assert_eq!(again.status, 403, "a blocked hash is not stored again: {}", again.text());
+        assert_eq!(
+            again.status,
+            403,
+            "a blocked hash is not stored again: {}",
+            again.text()
+        );
         // Deleting a hash that was never stored still blocks it.
         let never = "cd".repeat(20);
         let r = delete(&s.url(&format!("/torrents/{never}")), Some(TOKEN));
-        assert_eq!((r.status, r.json()["removed"].as_bool()), (200, Some(false)));
-        let r = post(&s.url("/fetch"), Some(TOKEN), format!("magnet:?xt=urn:btih:{never}").as_bytes());
-        assert_eq!(r.status, 403, "a blocked hash is never fetched: {}", r.text());
+        assert_eq!(
+            (r.status, r.json()["removed"].as_bool()),
+            (200, Some(false))
+        );
+        let r = post(
+            &s.url("/fetch"),
+            Some(TOKEN),
+            format!("magnet:?xt=urn:btih:{never}").as_bytes(),
+        );
+        assert_eq!(
+            r.status,
+            403,
+            "a blocked hash is never fetched: {}",
+            r.text()
+        );
         assert!(s.terminate(Duration::from_secs(20)).success());
     }
     let blocklist = std::fs::read_to_string(data.join("blocklist")).unwrap();
-    assert!(blocklist.contains(&v1) && blocklist.contains(&v2), "{blocklist}");
+    assert!(
+        blocklist.contains(&v1) && blocklist.contains(&v2),
+        "{blocklist}"
+    );
     let s = Served::start(&data, &[]);
     assert_eq!(get(&s.url(&format!("/torrents/{v1}.torrent"))).status, 404);
     assert_eq!(upload(&s, "hybrid_single.torrent").status, 403);
     let (other, _) = fixture_hashes("v1_single");
-    assert_eq!(get(&s.url(&format!("/torrents/{}", other.unwrap()))).status, 200);
+    assert_eq!(
+        get(&s.url(&format!("/torrents/{}", other.unwrap()))).status,
+        200
+    );
     let m = get(&s.url("/metrics")).text();
     assert!(m.contains("magnetar_recovery_tombstones 1\n"), "{m}");
     assert!(m.contains("magnetar_blocklist_entries 3\n"), "{m}");

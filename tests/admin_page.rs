@@ -57,7 +57,12 @@ fn status_page_renders_in_chromium() {
     let dir = tempfile::tempdir().unwrap();
     let s = Served::start(&dir.path().join("d"), &[]);
     assert_eq!(
-        post(&s.url("/torrents"), Some(TOKEN), &fixture("hybrid_multi.torrent")).status,
+        post(
+            &s.url("/torrents"),
+            Some(TOKEN),
+            &fixture("hybrid_multi.torrent")
+        )
+        .status,
         201
     );
     let (v1, _) = fixture_hashes("hybrid_multi");
@@ -73,7 +78,10 @@ fn status_page_renders_in_chromium() {
         "name=\"q\"",
         ">content</a>",
     ] {
-        assert!(dom.contains(needle), "{needle:?} missing from the DOM:\n{dom}");
+        assert!(
+            dom.contains(needle),
+            "{needle:?} missing from the DOM:\n{dom}"
+        );
     }
     assert!(
         dom.contains(&format!("href=\"/torrents/{}.torrent\"", v1.unwrap())),

@@ -8,7 +8,10 @@ use std::process::Command;
 use admin_support::*;
 
 fn print_config() -> String {
-    let out = Command::new(magnetar_bin()).arg("print-config").output().unwrap();
+    let out = Command::new(magnetar_bin())
+        .arg("print-config")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap()
 }
@@ -17,17 +20,26 @@ fn print_config() -> String {
 fn print_config_documents_every_setting_and_parses_back() {
     let text = print_config();
     let parsed = magnetar::config::ServeSettings::from_toml(&text).unwrap();
-    assert_eq!(parsed.connections_max, magnetar::limits::CONNECTIONS_MAX_DEFAULT);
+    assert_eq!(
+        parsed.connections_max,
+        magnetar::limits::CONNECTIONS_MAX_DEFAULT
+    );
     assert_eq!(parsed.admin, "127.0.0.1:7881");
     // Every serve flag is a key (or a commented-out key) with its doc comment.
-    let help = Command::new(magnetar_bin()).args(["serve", "--help"]).output().unwrap();
+    let help = Command::new(magnetar_bin())
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     let help = String::from_utf8(help.stdout).unwrap();
     for flag in help.split_whitespace().filter_map(|w| w.strip_prefix("--")) {
         let flag = flag.trim_end_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-');
         if ["help", "version", "config", "log"].contains(&flag) || flag.is_empty() {
             continue;
         }
-        assert!(text.contains(&format!("Flag: --{flag}")), "--{flag} not in print-config:\n{text}");
+        assert!(
+            text.contains(&format!("Flag: --{flag}")),
+            "--{flag} not in print-config:\n{text}"
+        );
     }
     assert!(text.contains("[upstream]\n"));
     assert!(text.contains("# Most open peer connections over all workers\n# Flag: --connections-max <N>\nconnections-max = 100000\n"));
@@ -38,7 +50,10 @@ fn serve_runs_from_the_printed_config_and_flags_override_it() {
     let dir = tempfile::tempdir().unwrap();
     // The printed defaults, with a few values changed as an operator would.
     let text = print_config()
-        .replace("listen = [\"0.0.0.0:6881\", \"[::]:6881\"]", "listen = [\"127.0.0.1:0\"]")
+        .replace(
+            "listen = [\"0.0.0.0:6881\", \"[::]:6881\"]",
+            "listen = [\"127.0.0.1:0\"]",
+        )
         .replace("admin = \"127.0.0.1:7881\"", "admin = \"off\"")
         .replace("# admin-token = <TOKEN>", "admin-token = \"from-the-file\"")
         .replace("no-dht = false", "no-dht = true")
@@ -60,7 +75,9 @@ fn serve_runs_from_the_printed_config_and_flags_override_it() {
     let r = post(&s.url("/torrents"), Some("from-the-file"), &torrent);
     assert_eq!(r.status, 201, "the file's token is in force: {}", r.text());
     assert!(
-        get(&s.url("/metrics")).text().contains("magnetar_workers 1\n"),
+        get(&s.url("/metrics"))
+            .text()
+            .contains("magnetar_workers 1\n"),
         "threads = 1 from the file"
     );
 }
@@ -76,13 +93,20 @@ fn serve_fails(args: &[&str], config: Option<&str>) -> String {
         cmd.arg("--config").arg(path);
     }
     let out = cmd.args(args).output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "should fail: {args:?} {config:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "should fail: {args:?} {config:?}"
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
 fn unknown_keys_and_bad_values_are_errors_naming_them() {
-    let err = serve_fails(&[], Some("connections-max = 10\nconections-per-ip-max = 3\n"));
+    let err = serve_fails(
+        &[],
+        Some("connections-max = 10\nconections-per-ip-max = 3\n"),
+    );
     assert!(err.contains("conections-per-ip-max"), "{err}");
     let err = serve_fails(&[], Some("[upstream]\nfetch-timeout = 5\n"));
     assert!(err.contains("fetch-timeout"), "{err}");
@@ -103,7 +127,14 @@ fn admin_stays_on_loopback_unless_allowed() {
     cmd.arg("serve")
         .arg("--data-dir")
         .arg(dir.path().join("d"))
-        .args(["--listen", "127.0.0.1:0", "--admin", "0.0.0.0:0", "--admin-allow-remote", "--no-dht"]);
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "0.0.0.0:0",
+            "--admin-allow-remote",
+            "--no-dht",
+        ]);
     let s = Served::spawn(cmd);
     assert!(s.ready_line.contains("admin=0.0.0.0:"), "{}", s.ready_line);
 }

@@ -40,10 +40,17 @@ fn units_pass_systemd_analyze_verify() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "systemd-analyze verify failed:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{stderr}"
+    );
     // verify warns (exit 0) about unknown settings and syscall groups: none allowed.
     let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("magnetar.")).collect();
-    assert!(ours.is_empty(), "warnings about our units:\n{}", ours.join("\n"));
+    assert!(
+        ours.is_empty(),
+        "warnings about our units:\n{}",
+        ours.join("\n")
+    );
 }
 
 #[test]
@@ -55,14 +62,20 @@ fn service_exposure_score_is_at_most_2() {
         .arg(&svc)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let score: f64 = text
         .lines()
-        .find_map(|l| l.split("Overall exposure level for magnetar.service:").nth(1))
+        .find_map(|l| {
+            l.split("Overall exposure level for magnetar.service:")
+                .nth(1)
+        })
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no score in:\n{text}"));
     eprintln!("systemd-analyze security: {score}");
-    assert!(score <= EXPOSURE_MAX, "exposure {score} > {EXPOSURE_MAX}:\n{text}");
+    assert!(
+        score <= EXPOSURE_MAX,
+        "exposure {score} > {EXPOSURE_MAX}:\n{text}"
+    );
 }

@@ -20,7 +20,9 @@ use sha1::{Digest, Sha1};
 fn synthetic_torrent(n: u64) -> (Vec<u8>, String) {
     let name = format!("lifecycle-{n:08}.bin");
     let mut info = Vec::new();
-    info.extend_from_slice(format!("d6:lengthi{}e4:name{}:{name}", 1000 + n % 5000, name.len()).as_bytes());
+    info.extend_from_slice(
+        format!("d6:lengthi{}e4:name{}:{name}", 1000 + n % 5000, name.len()).as_bytes(),
+    );
     info.extend_from_slice(b"12:piece lengthi16384e6:pieces20:");
     info.extend_from_slice(&Sha1::digest(name.as_bytes()));
     info.push(b'e');
@@ -72,7 +74,9 @@ fn sigterm_during_uploads_loses_no_acknowledged_record() {
         }));
     }
     // Peer connections too, so sessions are open when the signal lands.
-    let peers: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(s.listen).unwrap()).collect();
+    let peers: Vec<TcpStream> = (0..8)
+        .map(|_| TcpStream::connect(s.listen).unwrap())
+        .collect();
     let until = Instant::now() + Duration::from_secs(10);
     while acked.lock().unwrap().len() < 50 && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(10));
@@ -99,11 +103,21 @@ fn sigterm_during_uploads_loses_no_acknowledged_record() {
         let t = get(&s.url(&format!("/torrents/{hash}.torrent")));
         assert_eq!(t.status, 200, "acknowledged record {hash} lost");
         let span = magnetar::metainfo::info_span(&t.body).unwrap();
-        assert_eq!(&hex::encode(Sha1::digest(&t.body[span])), hash, "record verifies");
+        assert_eq!(
+            &hex::encode(Sha1::digest(&t.body[span])),
+            hash,
+            "record verifies"
+        );
     }
     let m = get(&s.url("/metrics")).text();
-    assert!(m.contains("magnetar_recovery_corrupt_records_skipped 0\n"), "{m}");
-    eprintln!("{} acknowledged uploads, all present after restart", acked.len());
+    assert!(
+        m.contains("magnetar_recovery_corrupt_records_skipped 0\n"),
+        "{m}"
+    );
+    eprintln!(
+        "{} acknowledged uploads, all present after restart",
+        acked.len()
+    );
 }
 
 #[test]
@@ -115,7 +129,10 @@ fn sigterm_stops_accepting_and_cuts_idle_sessions_after_the_grace_time() {
     let mut idle = TcpStream::connect(s.listen).unwrap();
     // Make sure the worker has accepted it before the signal.
     let until = Instant::now() + Duration::from_secs(10);
-    while !get(&s.url("/metrics")).text().contains("magnetar_connections_open 1\n") {
+    while !get(&s.url("/metrics"))
+        .text()
+        .contains("magnetar_connections_open 1\n")
+    {
         assert!(Instant::now() < until, "connection never counted as open");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -134,7 +151,10 @@ fn sigterm_stops_accepting_and_cuts_idle_sessions_after_the_grace_time() {
     let status = wait_timeout(&mut s.child, Duration::from_secs(10)).expect("did not exit");
     let took = started.elapsed();
     assert!(status.success(), "{status:?}");
-    assert!(took >= Duration::from_millis(600), "idle session was not given its grace: {took:?}");
+    assert!(
+        took >= Duration::from_millis(600),
+        "idle session was not given its grace: {took:?}"
+    );
     assert!(took < Duration::from_secs(6), "grace not bounded: {took:?}");
     // The idle session was closed by the server.
     idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -158,14 +178,19 @@ fn sighup_reloads_a_hand_edited_blocklist() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(post(&s.url("/torrents"), Some(TOKEN), &torrent).status, 403);
-    assert_eq!(get(&s.url("/healthz")).status, 200, "still running after SIGHUP");
+    assert_eq!(
+        get(&s.url("/healthz")).status,
+        200,
+        "still running after SIGHUP"
+    );
 }
 
 /// A datagram socket standing in for systemd's NOTIFY_SOCKET.
 fn notify_socket(dir: &std::path::Path) -> (UnixDatagram, std::path::PathBuf) {
     let path = dir.join("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     (sock, path)
 }
 
@@ -173,7 +198,9 @@ fn recv_until(sock: &UnixDatagram, want: &str) -> Vec<String> {
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        let n = sock.recv(&mut buf).unwrap_or_else(|e| panic!("waiting for {want}: {e}; got {seen:?}"));
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("waiting for {want}: {e}; got {seen:?}"));
         let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
         let done = msg.lines().any(|l| l == want);
         seen.push(msg);
@@ -191,7 +218,13 @@ fn sd_notify_ready_watchdog_and_stopping() {
     cmd.arg("serve")
         .arg("--data-dir")
         .arg(dir.path().join("d"))
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--no-dht"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--no-dht",
+        ])
         .env("NOTIFY_SOCKET", &path)
         .env("WATCHDOG_USEC", "600000");
     let mut s = Served::spawn(cmd);
@@ -201,7 +234,9 @@ fn sd_notify_ready_watchdog_and_stopping() {
     recv_until(&sock, "WATCHDOG=1");
     signal(&s.child, libc::SIGTERM);
     recv_until(&sock, "STOPPING=1");
-    assert!(wait_timeout(&mut s.child, Duration::from_secs(20)).unwrap().success());
+    assert!(wait_timeout(&mut s.child, Duration::from_secs(20))
+        .unwrap()
+        .success());
 }
 
 #[test]
@@ -226,10 +261,16 @@ fn socket_activation_serves_on_the_inherited_socket() {
         .args(["--listen", "127.0.0.1:1"])
         .arg("--admin-token-file")
         .arg(&token_file);
-    // SAFETY: dup2 is async-signal-safe; runs in the forked child before exec.
+    // SAFETY: dup2 and fcntl are async-signal-safe; runs in the forked child before exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            // dup2 onto itself would keep close-on-exec set: clear it instead.
+            let rc = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

@@ -95,7 +95,11 @@ pub fn write_histogram(
     bucket_counts: &[u64],
     sum: f64,
 ) {
-    assert_eq!(bucket_counts.len(), upper_bounds.len() + 1, "one +Inf bucket");
+    assert_eq!(
+        bucket_counts.len(),
+        upper_bounds.len() + 1,
+        "one +Inf bucket"
+    );
     write_help_type(out, name, "histogram", help);
     let mut cumulative = 0;
     for (bound, count) in upper_bounds.iter().zip(bucket_counts) {
@@ -183,7 +187,12 @@ pub fn render(s: &Scrape<'_>) -> String {
         if FAMILIES.iter().any(|(p, ..)| name.starts_with(p)) {
             continue;
         }
-        write_counter(&mut out, &format!("magnetar_{name}_total"), doc_of(name), *value);
+        write_counter(
+            &mut out,
+            &format!("magnetar_{name}_total"),
+            doc_of(name),
+            *value,
+        );
     }
 
     write_help_type(
@@ -241,8 +250,16 @@ pub fn render(s: &Scrape<'_>) -> String {
 
     let r = s.recovery;
     let recovery: [(&str, &str, u64); 10] = [
-        ("segments", "Segments scanned at start-up.", r.segments as u64),
-        ("records", "Verified records indexed at start-up.", r.records as u64),
+        (
+            "segments",
+            "Segments scanned at start-up.",
+            r.segments as u64,
+        ),
+        (
+            "records",
+            "Verified records indexed at start-up.",
+            r.records as u64,
+        ),
         ("bytes", "Info dict bytes verified at start-up.", r.bytes),
         (
             "torn_tails_truncated",
@@ -264,7 +281,11 @@ pub fn render(s: &Scrape<'_>) -> String {
             "Verified records whose info-hash was already indexed.",
             r.duplicates as u64,
         ),
-        ("tombstones", "Tombstones (deletions) read.", r.tombstones as u64),
+        (
+            "tombstones",
+            "Tombstones (deletions) read.",
+            r.tombstones as u64,
+        ),
         (
             "deleted_skipped",
             "Records not indexed because a tombstone deleted them.",
@@ -277,7 +298,12 @@ pub fn render(s: &Scrape<'_>) -> String {
         ),
     ];
     for (name, help, v) in recovery {
-        write_gauge(&mut out, &format!("magnetar_recovery_{name}"), help, v as f64);
+        write_gauge(
+            &mut out,
+            &format!("magnetar_recovery_{name}"),
+            help,
+            v as f64,
+        );
     }
     write_gauge(
         &mut out,
@@ -325,7 +351,9 @@ mod tests {
         assert!(text.contains("magnetar_core_hits_total{core=\"1\"} 4\n"));
         assert!(text.contains("magnetar_connections_refused_total{reason=\"per_ip\"} 1\n"));
         assert!(text.contains("magnetar_connections_open 1\n"));
-        assert!(text.contains("# HELP magnetar_hits_total Handshakes for an info-hash in the store."));
+        assert!(
+            text.contains("# HELP magnetar_hits_total Handshakes for an info-hash in the store.")
+        );
         assert!(text.contains("x_seconds_bucket{le=\"1\"} 3\nx_seconds_bucket{le=\"+Inf\"} 6\n"));
         // Every sample line is `name{labels} value` with a numeric value.
         for line in text.lines().filter(|l| !l.starts_with('#')) {

@@ -255,11 +255,7 @@ impl AdminState {
                 get(&c.torrents_served),
             ),
         ];
-        let hooks = self
-            .hooks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let hooks = self.hooks.lock().unwrap_or_else(|p| p.into_inner()).clone();
         metrics::render(&metrics::Scrape {
             cores: self.cores(),
             store: self.store.stats(),
@@ -531,13 +527,17 @@ async fn post_torrent(State(state): St, headers: HeaderMap, body: Bytes) -> Resp
     };
     let span = match metainfo::info_span(&body) {
         Ok(s) => s,
-        Err(e) => return reject(StatusCode::BAD_REQUEST, format!("not a valid .torrent: {e}")),
+        Err(e) => {
+            return reject(
+                StatusCode::BAD_REQUEST,
+                format!("not a valid .torrent: {e}"),
+            )
+        }
     };
     let store = state.store.clone();
-    let stored = tokio::task::spawn_blocking(move || {
-        store.append(&body[span], AppendOptions::default())
-    })
-    .await;
+    let stored =
+        tokio::task::spawn_blocking(move || store.append(&body[span], AppendOptions::default()))
+            .await;
     let outcome = match stored {
         Ok(Ok(o)) => o,
         Ok(Err(StoreError::Invalid(e))) => {
@@ -565,7 +565,10 @@ async fn post_torrent(State(state): St, headers: HeaderMap, body: Bytes) -> Resp
     // is durable before this 2xx leaves.
     let (status, label) = match &outcome {
         AppendOutcome::Stored(_) => {
-            state.counters.uploads_stored.fetch_add(1, Ordering::Relaxed);
+            state
+                .counters
+                .uploads_stored
+                .fetch_add(1, Ordering::Relaxed);
             (StatusCode::CREATED, "stored")
         }
         AppendOutcome::AlreadyPresent(_) => {
@@ -586,7 +589,11 @@ async fn post_torrent(State(state): St, headers: HeaderMap, body: Bytes) -> Resp
     (status, Json(json)).into_response()
 }
 
-async fn delete_torrent(State(state): St, headers: HeaderMap, Path(name): Path<String>) -> Response {
+async fn delete_torrent(
+    State(state): St,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
     if let Err(r) = authorize(&state, &headers) {
         return r;
     }
@@ -614,8 +621,14 @@ async fn delete_torrent(State(state): St, headers: HeaderMap, Path(name): Path<S
             }))
             .into_response()
         }
-        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("delete failed: {e}")),
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("delete failed: {e}")),
+        Ok(Err(e)) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("delete failed: {e}"),
+        ),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("delete failed: {e}"),
+        ),
     }
 }
 
@@ -677,7 +690,10 @@ async fn post_fetch(
             Json(json).into_response()
         }
         Ok(Ok(Err(msg))) => text(StatusCode::BAD_GATEWAY, format!("fetch failed: {msg}")),
-        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("fetch failed: {e}")),
+        Ok(Err(e)) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("fetch failed: {e}"),
+        ),
         Err(_) => (
             StatusCode::ACCEPTED,
             Json(serde_json::json!({"status": "still_running", "key": hex::encode(key)})),
@@ -702,7 +718,10 @@ async fn lookup(State(state): St, Query(p): Query<LookupParams>) -> Response {
                 v2: if m.btih.is_none() { m.btmh } else { None },
             }),
             Err(e) => {
-                return page::message_page(StatusCode::BAD_REQUEST, &format!("Not a magnet link: {e}"))
+                return page::message_page(
+                    StatusCode::BAD_REQUEST,
+                    &format!("Not a magnet link: {e}"),
+                )
             }
         }
     } else {

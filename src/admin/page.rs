@@ -142,7 +142,11 @@ pub(super) async fn status_page(State(state): State<Arc<AdminState>>) -> Respons
          <tr><th>Blocklist</th><td>{} entries</td></tr>\
          </table>\n",
         env!("CARGO_PKG_VERSION"),
-        if state.is_ready() { "Ready" } else { "Not ready" },
+        if state.is_ready() {
+            "Ready"
+        } else {
+            "Not ready"
+        },
         human_duration(state.started.elapsed().as_secs()),
         total.handshakes,
         total.hits,
@@ -205,7 +209,10 @@ mod tests {
 
     #[test]
     fn escapes_markup_and_formats_sizes() {
-        assert_eq!(escape("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(
+            escape("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_duration(3725), "1h 2m 5s");

@@ -73,7 +73,11 @@ pub fn inherited_from_systemd() -> io::Result<Vec<std::net::TcpListener>> {
         let socket = unsafe { Socket::from_raw_fd(fd) };
         let is_tcp_listener = socket.r#type().ok() == Some(Type::STREAM)
             && socket.is_listener().unwrap_or(false)
-            && socket.local_addr().ok().and_then(|a| a.as_socket()).is_some();
+            && socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .is_some();
         if !is_tcp_listener {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,

@@ -198,7 +198,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (bl, _) = Blocklist::load(dir.path()).unwrap();
         assert!(!bl.contains(&[1; 20]));
-        bl.add(&[(hex::encode([1u8; 20]), [1; 20])], "test").unwrap();
+        bl.add(&[(hex::encode([1u8; 20]), [1; 20])], "test")
+            .unwrap();
         assert!(bl.contains(&[1; 20]));
         let (again, bad) = Blocklist::load(dir.path()).unwrap();
         assert!(again.contains(&[1; 20]) && bad.is_empty());

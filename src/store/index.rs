@@ -107,7 +107,9 @@ impl Index {
     /// both its keys.
     pub fn for_each(&self, mut f: impl FnMut(&[u8; 20], &RecordRef)) {
         for stripe in self.shards.iter() {
-            let stripe = stripe.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let stripe = stripe
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             for (k, r) in stripe.iter() {
                 f(k, r);
             }

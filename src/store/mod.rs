@@ -44,10 +44,10 @@ mod record;
 mod recovery;
 mod segment;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -55,8 +55,8 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::limits::{METADATA_BYTES_MAX, SEGMENT_BYTES_DEFAULT};
 use crate::metainfo::{v2_handshake_key, validate_info, InfoHashes, MetainfoError};
 
-pub use blocklist::{parse_hash_key, BadLine};
 use blocklist::Blocklist;
+pub use blocklist::{parse_hash_key, BadLine};
 use index::Index;
 use lock::DirLock;
 pub use record::RecordRef;

@@ -28,7 +28,9 @@ pub fn fixture(name: &str) -> Vec<u8> {
 /// `(v1 hex or None, v2 hex or None)` of a fixture, from its `.hashes` file.
 pub fn fixture_hashes(stem: &str) -> (Option<String>, Option<String>) {
     let text = String::from_utf8(fixture(&format!("{stem}.hashes"))).unwrap();
-    let mut parts = text.split_whitespace().map(|s| (s != "-").then(|| s.to_string()));
+    let mut parts = text
+        .split_whitespace()
+        .map(|s| (s != "-").then(|| s.to_string()));
     (parts.next().flatten(), parts.next().flatten())
 }
 
@@ -49,7 +51,13 @@ impl Served {
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--no-dht"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--no-dht",
+            ])
             .arg("--admin-token-file")
             .arg(&token_file)
             .args(["--threads", "2"])
