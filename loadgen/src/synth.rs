@@ -124,6 +124,7 @@ pub fn torrent_file(info: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[allow(unused_imports)] // unused where benches/ include this file
     use super::*;
 
     #[test]
@@ -143,14 +144,15 @@ mod tests {
     fn dicts_are_close_to_their_size_and_deterministic() {
         for size in [130, 300, 1024, 16 * 1024, 16 * 1024 + 1, 128 * 1024] {
             let d = info_dict(7, size);
-            assert!(d.len() <= size && d.len() + 40 >= size, "{size}: {}", d.len());
+            assert!(
+                d.len() <= size && d.len() + 40 >= size,
+                "{size}: {}",
+                d.len()
+            );
             assert_eq!(d, info_dict(7, size));
             assert_ne!(d, info_dict(8, size));
         }
-        assert_eq!(
-            nth_dict(1, SizeMix::Real, 5),
-            nth_dict(1, SizeMix::Real, 5)
-        );
+        assert_eq!(nth_dict(1, SizeMix::Real, 5), nth_dict(1, SizeMix::Real, 5));
         assert!(nth_dict(1, SizeMix::Real, 5).len() <= 8 * METADATA_PIECE_BYTES);
     }
 }
