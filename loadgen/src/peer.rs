@@ -302,7 +302,7 @@ mod tests {
     use super::*;
     use crate::synth;
     use magnetar::metainfo::validate_info;
-    use magnetar::wire::{encode_handshake, encode_metadata_data_header, encode_have_none};
+    use magnetar::wire::{encode_handshake, encode_have_none, encode_metadata_data_header};
 
     /// The peer's answer to our opening: handshake, (HaveNone), extension handshake.
     fn opening(key: [u8; 20], size: Option<u64>) -> Vec<u8> {
@@ -349,7 +349,12 @@ mod tests {
                 events.push(e);
             }
         }
-        assert_eq!(events[0], Event::Ready { metadata_size: info.len() as u64 });
+        assert_eq!(
+            events[0],
+            Event::Ready {
+                metadata_size: info.len() as u64
+            }
+        );
         assert!(matches!(events.last(), Some(Event::RoundDone { .. })));
         // Three requests, for the peer's id 42.
         assert_eq!(c.out.iter().filter(|&&b| b == 42).count(), 3);
@@ -360,7 +365,13 @@ mod tests {
         for p in [2, 0, 1] {
             again.extend(data(&info, p));
         }
-        assert_eq!(c.feed(&again), Ok(Event::RoundDone { blocks: 3, bytes: info.len() as u64 }));
+        assert_eq!(
+            c.feed(&again),
+            Ok(Event::RoundDone {
+                blocks: 3,
+                bytes: info.len() as u64
+            })
+        );
     }
 
     #[test]
@@ -377,7 +388,10 @@ mod tests {
     #[test]
     fn wrong_answers_are_errors() {
         let (info, key, mut c) = setup(20_000, 8);
-        assert_eq!(c.feed(&opening([0; 20], None)), Err(FetchError::BadHandshake));
+        assert_eq!(
+            c.feed(&opening([0; 20], None)),
+            Err(FetchError::BadHandshake)
+        );
 
         let (_, _, mut c) = setup(20_000, 8);
         assert_eq!(c.feed(&opening(key, None)), Ok(Event::NoMetadataYet));

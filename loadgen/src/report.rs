@@ -33,7 +33,13 @@ fn per_sec(n: u64, d: Duration) -> f64 {
 /// The final JSON line (one object, `--json`).
 pub fn json(r: &RunResult, mode: &str, connections: usize, threads: usize) -> serde_json::Value {
     let f = &r.hists.fetch;
-    let q = |h: &Histogram<u64>, p: f64| if h.is_empty() { 0 } else { h.value_at_quantile(p) };
+    let q = |h: &Histogram<u64>, p: f64| {
+        if h.is_empty() {
+            0
+        } else {
+            h.value_at_quantile(p)
+        }
+    };
     let errors: serde_json::Map<String, serde_json::Value> = FetchError::ALL
         .iter()
         .filter(|e| r.errors[**e as usize] > 0)
@@ -233,7 +239,9 @@ pub fn plot_svg(r: &RunResult, title: &str) -> String {
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 #[cfg(test)]

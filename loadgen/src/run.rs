@@ -103,7 +103,9 @@ impl Hists {
 
     pub fn merge(&mut self, other: &Hists) {
         self.connect.add(&other.connect).expect("same bounds");
-        self.first_block.add(&other.first_block).expect("same bounds");
+        self.first_block
+            .add(&other.first_block)
+            .expect("same bounds");
         self.fetch.add(&other.fetch).expect("same bounds");
     }
 }
@@ -538,9 +540,10 @@ fn thread_main(
             }));
             let result = local.clone();
             let fut = async move {
-                let per_slot = shared.cfg.rate.map(|r| {
-                    Duration::from_secs_f64(shared.cfg.connections as f64 / r.max(1e-3))
-                });
+                let per_slot = shared
+                    .cfg
+                    .rate
+                    .map(|r| Duration::from_secs_f64(shared.cfg.connections as f64 / r.max(1e-3)));
                 let mut handles = Vec::with_capacity(slots.len());
                 for &slot in &slots {
                     let task = Task {
@@ -636,12 +639,10 @@ pub fn run(
         );
     }
     let sum = |lives: &[Arc<Live>]| {
-        lives
-            .iter()
-            .fold([0u64; 6], |acc, l| {
-                let v = l.add(&Live::default());
-                std::array::from_fn(|i| acc[i] + v[i])
-            })
+        lives.iter().fold([0u64; 6], |acc, l| {
+            let v = l.add(&Live::default());
+            std::array::from_fn(|i| acc[i] + v[i])
+        })
     };
     let mut next_tick = start + Duration::from_secs(1);
     while handles.iter().any(|h| !h.is_finished()) {

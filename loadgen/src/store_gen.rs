@@ -51,28 +51,30 @@ pub fn gen_store(o: &GenOptions) -> anyhow::Result<(u64, u64, Duration)> {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let store = store.as_ref();
-                scope.spawn(move || -> anyhow::Result<Vec<(u64, [u8; 20], Option<Vec<u8>>)>> {
-                    let mut out = Vec::new();
-                    let mut i = t;
-                    while i < o.count {
-                        let info = synth::nth_dict(o.seed, o.mix, i);
-                        let key = match store {
-                            Some(store) => {
-                                let rec = store.append(&info, AppendOptions::default())?;
-                                rec.record().hashes().primary_key().expect("v1 dict")
+                scope.spawn(
+                    move || -> anyhow::Result<Vec<(u64, [u8; 20], Option<Vec<u8>>)>> {
+                        let mut out = Vec::new();
+                        let mut i = t;
+                        while i < o.count {
+                            let info = synth::nth_dict(o.seed, o.mix, i);
+                            let key = match store {
+                                Some(store) => {
+                                    let rec = store.append(&info, AppendOptions::default())?;
+                                    rec.record().hashes().primary_key().expect("v1 dict")
+                                }
+                                None => validate_info(&info)?.hashes.v1.expect("v1 dict"),
+                            };
+                            if let Some(dir) = &o.torrents {
+                                let path = dir.join(format!("{}.torrent", hex::encode(key)));
+                                std::fs::write(&path, synth::torrent_file(&info))
+                                    .with_context(|| format!("writing {path:?}"))?;
                             }
-                            None => validate_info(&info)?.hashes.v1.expect("v1 dict"),
-                        };
-                        if let Some(dir) = &o.torrents {
-                            let path = dir.join(format!("{}.torrent", hex::encode(key)));
-                            std::fs::write(&path, synth::torrent_file(&info))
-                                .with_context(|| format!("writing {path:?}"))?;
+                            out.push((i, key, keep_dicts.then_some(info)));
+                            i += threads;
                         }
-                        out.push((i, key, keep_dicts.then_some(info)));
-                        i += threads;
-                    }
-                    Ok(out)
-                })
+                        Ok(out)
+                    },
+                )
             })
             .collect();
         handles
@@ -160,7 +162,9 @@ mod tests {
         sorted.sort_unstable();
         from_store.sort_unstable();
         assert_eq!(from_store, sorted);
-        let torrents = std::fs::read_dir(o.torrents.as_ref().unwrap()).unwrap().count();
+        let torrents = std::fs::read_dir(o.torrents.as_ref().unwrap())
+            .unwrap()
+            .count();
         assert_eq!(torrents, 50);
         let floor = std::fs::read(o.floor.as_ref().unwrap()).unwrap();
         assert_eq!(floor.len() as u64, bytes + 50 * 24);

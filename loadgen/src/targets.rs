@@ -118,7 +118,9 @@ impl Picker {
             rng.below(self.keys.len() as u64) as usize
         } else {
             let u = rng.unit();
-            self.cdf.partition_point(|&c| c < u).min(self.keys.len() - 1)
+            self.cdf
+                .partition_point(|&c| c < u)
+                .min(self.keys.len() - 1)
         };
         Pick {
             key: self.keys[i],

@@ -107,24 +107,58 @@ fn fetches_from_a_real_magnetar() {
     let hashes = hashes.to_str().unwrap();
 
     let churn = run_json(&[
-        "--target", &target, "--hashes", hashes, "--connections", "8", "--fetches", "300",
-        "--duration", "20", "--verify", "--zipf", "1.0",
+        "--target",
+        &target,
+        "--hashes",
+        hashes,
+        "--connections",
+        "8",
+        "--fetches",
+        "300",
+        "--duration",
+        "20",
+        "--verify",
+        "--zipf",
+        "1.0",
     ]);
     assert_eq!(churn["fetches"], 300, "{churn}");
     assert_eq!(churn["errors"], 0, "{churn}");
     assert!(churn["blocks"].as_u64().unwrap() >= 300);
 
     let keepalive = run_json(&[
-        "--target", &target, "--from-store", store.to_str().unwrap(), "--mode", "keepalive",
-        "--connections", "4", "--fetches", "200", "--duration", "20", "--verify",
+        "--target",
+        &target,
+        "--from-store",
+        store.to_str().unwrap(),
+        "--mode",
+        "keepalive",
+        "--connections",
+        "4",
+        "--fetches",
+        "200",
+        "--duration",
+        "20",
+        "--verify",
     ]);
     assert!(keepalive["fetches"].as_u64().unwrap() >= 200, "{keepalive}");
     assert_eq!(keepalive["errors"], 0, "{keepalive}");
 
     // Unknown hashes are misses, not errors.
     let misses = run_json(&[
-        "--target", &target, "--hashes", hashes, "--connections", "4", "--fetches", "40",
-        "--duration", "20", "--miss-ratio", "0.5", "--timeout", "5",
+        "--target",
+        &target,
+        "--hashes",
+        hashes,
+        "--connections",
+        "4",
+        "--fetches",
+        "40",
+        "--duration",
+        "20",
+        "--miss-ratio",
+        "0.5",
+        "--timeout",
+        "5",
     ]);
     assert_eq!(misses["errors"], 0, "{misses}");
     assert!(misses["misses"].as_u64().unwrap() > 0, "{misses}");
