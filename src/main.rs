@@ -10,8 +10,8 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use magnetar::admin::Admin;
 use magnetar::config::{self, ServeSettings};
 use magnetar::magnet::{Magnet, PeerAddr};
-use magnetar::store::{Store, StoreOptions, SyncPolicy};
 use magnetar::metainfo;
+use magnetar::store::{Store, StoreOptions, SyncPolicy};
 
 use magnetar::server::lifecycle;
 
@@ -120,10 +120,8 @@ fn main() {
     }
 }
 
-type LogReload = tracing_subscriber::reload::Handle<
-    tracing_subscriber::EnvFilter,
-    tracing_subscriber::Registry,
->;
+type LogReload =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
 
 fn parse_filter(filter: &str) -> tracing_subscriber::EnvFilter {
     tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
@@ -207,13 +205,30 @@ fn serve(args: ServeArgs, cli_log: Option<String>) -> anyhow::Result<()> {
         Some(a) => Some(Admin::start(a, store.clone(), recovery)?),
         None => None,
     };
-    let (upstream, shard_mailboxes) =
-        magnetar::upstream::shard::Upstream::new(settings.upstream.clone(), store.clone(), cfg.threads);
+    let (upstream, shard_mailboxes) = magnetar::upstream::shard::Upstream::new(
+        settings.upstream.clone(),
+        store.clone(),
+        cfg.threads,
+    );
     let grace = cfg.shutdown_grace;
-    let server =
-        magnetar::server::start(cfg, store.clone(), upstream, shard_mailboxes, inherited)?;
+    upstream.start_dht().context("starting the DHT node")?;
+    let server = magnetar::server::start(
+        cfg,
+        store.clone(),
+        upstream.clone(),
+        shard_mailboxes,
+        inherited,
+    )?;
+    if let Some(addr) = server.local_addrs.first() {
+        upstream.set_listen_port(addr.port());
+    }
     let mut ready_line = format!("ready {}", server.describe());
     if let Some(a) = &admin {
+        let (u, m) = (upstream.clone(), upstream.clone());
+        a.state
+            .add_metrics_hook(Arc::new(move |out: &mut String| u.write_metrics(out)));
+        a.state
+            .set_fetch_hook(Arc::new(move |magnet| Box::pin(m.fetch_magnet(&magnet))));
         a.state.set_cores(server.stats.clone());
         a.state.set_ready();
         ready_line.push_str(&format!(" admin={}", a.local_addr));
@@ -227,8 +242,8 @@ fn serve(args: ServeArgs, cli_log: Option<String>) -> anyhow::Result<()> {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     lifecycle::start_watchdog(server.stats.clone());
 
-    let stats_every = (settings.stats_interval_s > 0)
-        .then(|| Duration::from_secs(settings.stats_interval_s));
+    let stats_every =
+        (settings.stats_interval_s > 0).then(|| Duration::from_secs(settings.stats_interval_s));
     let mut next_stats = stats_every.map(|d| std::time::Instant::now() + d);
     loop {
         let wait = next_stats.map(|t| t.saturating_duration_since(std::time::Instant::now()));

@@ -3,6 +3,8 @@
 //! itself), verified, stored and served; a lying peer is banned; a crowd of clients
 //! waiting on one miss causes one upstream fetch.
 
+#![allow(deprecated)] // mainline's blocking API is deprecated in favour of async; fine in tests.
+
 mod common;
 
 use std::net::SocketAddr;
@@ -263,4 +265,46 @@ fn hundred_waiting_clients_cause_one_upstream_fetch() {
         1,
         "one miss, one upstream connection"
     );
+}
+
+/// The admin plane's `POST /fetch?wait=true` with a magnet whose `x.pe` is the only source:
+/// the torrent is fetched, stored, and then served to peers.
+#[test]
+fn admin_fetch_uses_the_magnet_hints() {
+    let info = v1_info("prefetched", 1200); // 2 metadata pieces
+    let key: [u8; 20] = Sha1::digest(&info).into();
+    let seed = FakeSeed::start(
+        info.clone(),
+        key,
+        SeedBehaviour::Honest {
+            delay: Duration::ZERO,
+        },
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let server = ServerProc::start(
+        &tmp.path().join("data"),
+        &[
+            &OFFLINE[..],
+            &["--admin-token-file", token.to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    let admin = server.admin.expect("admin address in the ready line");
+    let magnet = format!(
+        "magnet:?xt=urn:btih:{}&x.pe={}",
+        hex::encode(key),
+        seed.addr
+    );
+    let mut resp = ureq::post(&format!("http://{admin}/fetch?wait=true"))
+        .header("Authorization", "Bearer s3cret")
+        .send(magnet.as_bytes())
+        .expect("POST /fetch");
+    let body = resp.body_mut().read_to_string().unwrap();
+    assert_eq!(resp.status(), 200, "{body}");
+    assert!(body.contains(&hex::encode(key)), "{body}");
+    assert_eq!(seed.connections(), 1);
+    let got = fetch_metadata(server.addr, &key, Duration::from_secs(10)).unwrap();
+    assert!(got == info);
 }

@@ -528,3 +528,105 @@ async fn run_fetch(
 pub fn hint(addr: SocketAddr, source: PeerSource) -> PeerCandidate {
     PeerCandidate { addr, source }
 }
+
+impl Upstream {
+    /// The admin plane's `POST /fetch`: start (or join) the fetch of a magnet's torrent
+    /// with its `x.pe` and `tr` as extra sources; resolves when it is stored or failed.
+    pub fn fetch_magnet(
+        self: &Arc<Self>,
+        magnet: &crate::magnet::Magnet,
+    ) -> impl std::future::Future<Output = Result<RecordRef, String>> + Send + 'static {
+        let hints = Hints {
+            peers: crate::upstream::cli::magnet_peers(magnet),
+            trackers: magnet.trackers.clone(),
+        };
+        let rx = self.submit(magnet.handshake_key(), hints);
+        async move {
+            match rx.recv_async().await {
+                Ok(FetchOutcome::Ready(record)) => Ok(record),
+                Ok(FetchOutcome::Failed(FetchFailure::NegativeCached)) => {
+                    Err("this info-hash failed recently; not retried until its negative cache entry expires".into())
+                }
+                Ok(FetchOutcome::Failed(FetchFailure::Refused(limit))) => {
+                    Err(format!("refused by the upstream limit {limit}"))
+                }
+                Ok(FetchOutcome::Failed(FetchFailure::Failed(why))) => Err(why),
+                Err(_) => Err("the server is shutting down".into()),
+            }
+        }
+    }
+
+    /// Prometheus text for the miss path: per-shard counters summed, the fetch latency
+    /// histogram, DHT figures.
+    pub fn write_metrics(&self, out: &mut String) {
+        use crate::admin::metrics::{write_counter, write_gauge, write_histogram};
+        for (name, value) in UpstreamStats::sum_fields(self.stats.iter().map(|s| &**s)) {
+            write_counter(out, &format!("magnetar_upstream_{name}_total"), name, value);
+        }
+        let mut buckets = vec![0u64; crate::upstream::stats::LATENCY_BUCKETS_MS.len() + 1];
+        let mut sum_ms = 0u64;
+        for s in &self.stats {
+            for (b, c) in buckets.iter_mut().zip(&s.fetch_latency.buckets) {
+                *b += c.get();
+            }
+            sum_ms += s.fetch_latency.sum_ms.get();
+        }
+        let bounds: Vec<f64> = crate::upstream::stats::LATENCY_BUCKETS_MS
+            .iter()
+            .map(|&ms| ms as f64 / 1000.0)
+            .collect();
+        write_histogram(
+            out,
+            "magnetar_upstream_fetch_seconds",
+            "Time from a miss to verified, stored metadata.",
+            &bounds,
+            &buckets,
+            sum_ms as f64 / 1000.0,
+        );
+        if let Some(dht) = self.dht() {
+            use std::sync::atomic::Ordering::Relaxed;
+            let c = &dht.counters;
+            for (name, help, v) in [
+                (
+                    "lookups_started",
+                    "DHT get_peers lookups started.",
+                    &c.lookups_started,
+                ),
+                (
+                    "lookups_rate_limited",
+                    "DHT lookups refused by dht_queries_per_second_max.",
+                    &c.lookups_rate_limited,
+                ),
+                (
+                    "lookups_refused_busy",
+                    "DHT lookups refused: too many running.",
+                    &c.lookups_refused_busy,
+                ),
+                ("peers_found", "Peers the DHT returned.", &c.peers_found),
+                (
+                    "announces_started",
+                    "announce_peer calls for stored info-hashes.",
+                    &c.announces_started,
+                ),
+                (
+                    "announces_rate_limited",
+                    "Announces refused by dht_announces_per_second_max.",
+                    &c.announces_rate_limited,
+                ),
+            ] {
+                write_counter(
+                    out,
+                    &format!("magnetar_dht_{name}_total"),
+                    help,
+                    v.load(Relaxed),
+                );
+            }
+            write_gauge(
+                out,
+                "magnetar_dht_lookups_running",
+                "DHT lookups whose thread is still running.",
+                dht.lookups_running() as f64,
+            );
+        }
+    }
+}

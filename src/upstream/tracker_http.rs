@@ -12,9 +12,12 @@ use crate::upstream::tracker::{
 };
 use crate::wire::bencode;
 
-/// Idle keep-alive connections kept to trackers over the process: a handful of trackers is
-/// asked again and again, so reusing their connections saves a handshake each time.
-const IDLE_TRACKER_CONNECTIONS_MAX: usize = 32;
+/// Idle keep-alive connections kept to trackers: none. Trackers (opentracker among them)
+/// close idle connections on their own schedule, and ureq does not retry a GET that fails
+/// on a pooled connection the tracker already closed: announces then failed with
+/// "connection reset" (seen against opentracker at 40 announces in a row). An announce
+/// per miss can afford its TCP handshake.
+const IDLE_TRACKER_CONNECTIONS_MAX: usize = 0;
 
 /// Response headers read; real tracker headers are a few hundred bytes.
 const RESPONSE_HEADER_BYTES_MAX: usize = 16 * 1024;
@@ -32,7 +35,7 @@ fn agent() -> &'static ureq::Agent {
             .proxy(None)
             .user_agent(concat!("magnetar/", env!("CARGO_PKG_VERSION")))
             .max_idle_connections(IDLE_TRACKER_CONNECTIONS_MAX)
-            .max_idle_connections_per_host(2)
+            .max_idle_connections_per_host(IDLE_TRACKER_CONNECTIONS_MAX)
             .max_response_header_size(RESPONSE_HEADER_BYTES_MAX)
             .build()
             .into()

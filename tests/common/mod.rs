@@ -54,6 +54,8 @@ pub struct ServerProc {
     pub child: Child,
     pub addr: SocketAddr,
     pub driver: String,
+    /// The admin plane's address, from the ready line.
+    pub admin: Option<SocketAddr>,
 }
 
 impl ServerProc {
@@ -96,7 +98,11 @@ impl ServerProc {
             .expect("magnetar serve did not print its ready line within 60 s");
         let mut addr = None;
         let mut driver = String::new();
+        let mut admin = None;
         for field in line.split_whitespace() {
+            if let Some(v) = field.strip_prefix("admin=") {
+                admin = v.parse().ok();
+            }
             if let Some(v) = field.strip_prefix("listen=") {
                 addr = Some(v.split(',').next().unwrap().parse().expect("listen addr"));
             }
@@ -108,6 +114,7 @@ impl ServerProc {
             child,
             addr: addr.expect("listen= in ready line"),
             driver,
+            admin,
         }
     }
 }
