@@ -308,3 +308,60 @@ fn admin_fetch_uses_the_magnet_hints() {
     let got = fetch_metadata(server.addr, &key, Duration::from_secs(10)).unwrap();
     assert!(got == info);
 }
+
+/// `magnetar fetch` as a one-shot command: sources from the magnet (x.pe to a liar and to
+/// an honest seed), progress on stderr, a .torrent out, and the record stored.
+#[test]
+fn fetch_command_writes_a_torrent_and_stores_it() {
+    let info = v1_info("one-shot", 3000); // 4 metadata pieces
+    let key: [u8; 20] = Sha1::digest(&info).into();
+    let liar = FakeSeed::start(info.clone(), key, SeedBehaviour::Liar);
+    let honest = FakeSeed::start(
+        info.clone(),
+        key,
+        SeedBehaviour::Honest {
+            delay: Duration::from_millis(200),
+        },
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("got.torrent");
+    let data = tmp.path().join("data");
+    let magnet = format!(
+        "magnet:?xt=urn:btih:{}&dn=one-shot&x.pe={}&x.pe={}&x.pe=not-an-address",
+        hex::encode(key),
+        liar.addr,
+        honest.addr
+    );
+    let res = run_ok(
+        std::process::Command::new(magnetar_bin())
+            .args([
+                "fetch",
+                &magnet,
+                "--no-dht",
+                "--fetch-timeout-ms",
+                "20000",
+                "--out",
+            ])
+            .arg(&out)
+            .arg("--data-dir")
+            .arg(&data),
+    );
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(stderr.contains("peers found"), "progress lines: {stderr}");
+    assert!(
+        stderr.contains("warning"),
+        "the bad x.pe is reported: {stderr}"
+    );
+    let torrent = std::fs::read(&out).unwrap();
+    let span = magnetar::metainfo::info_span(&torrent).unwrap();
+    assert!(torrent[span] == info[..]);
+    assert_eq!(liar.connections(), 1);
+    // Stored: the magnet command finds it in the data dir.
+    let m = run_ok(
+        std::process::Command::new(magnetar_bin())
+            .args(["magnet", "--data-dir"])
+            .arg(&data)
+            .arg(hex::encode(key)),
+    );
+    assert!(String::from_utf8_lossy(&m.stdout).contains("dn=one-shot"));
+}

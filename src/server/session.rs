@@ -456,8 +456,8 @@ impl Conn<'_> {
         match metadata_piece_range(total, piece) {
             Some(range) => {
                 encode_metadata_data_header(out.head(), peer_id, piece, total as u64, range.len());
-                let record = record.clone();
-                out.push_payload(&record, range);
+                // No refcount traffic per block: the batch clones the RecordRef once.
+                out.push_payload(record, range);
             }
             None => {
                 stats.rejects_out_of_range.inc();
