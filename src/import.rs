@@ -231,6 +231,7 @@ mod tests {
             shards: 2,
             segment_bytes: 1 << 20,
             sync: SyncPolicy::Batch,
+            ..StoreOptions::default()
         };
         let (store, _) = Store::open(data.path(), opts.clone()).unwrap();
         let paths = vec![

@@ -148,9 +148,11 @@ fn init_logging(filter: &str) -> LogReload {
 fn open_store(
     dir: &std::path::Path,
     sync: SyncPolicy,
+    capacity_bytes: u64,
 ) -> anyhow::Result<(Store, magnetar::store::RecoveryReport)> {
     let opts = StoreOptions {
         sync,
+        capacity_bytes,
         ..StoreOptions::default()
     };
     let (store, report) = Store::open(dir, opts)
@@ -199,7 +201,7 @@ fn serve(args: ServeArgs, cli_log: Option<String>) -> anyhow::Result<()> {
         );
     }
 
-    let (store, recovery) = open_store(&cfg.data_dir, SyncPolicy::Always)?;
+    let (store, recovery) = open_store(&cfg.data_dir, SyncPolicy::Always, settings.store_capacity)?;
     let store = Arc::new(store);
     let admin = match admin_cfg {
         Some(a) => Some(Admin::start(a, store.clone(), recovery)?),
@@ -324,7 +326,7 @@ fn reload(args: &ServeArgs, store: &Store, log: &LogReload, log_pinned: bool) {
 
 fn import(args: ImportArgs) -> anyhow::Result<()> {
     let dir = args.data_dir.resolve();
-    let (store, _) = open_store(&dir, SyncPolicy::Batch)?;
+    let (store, _) = open_store(&dir, SyncPolicy::Batch, 0)?;
     let report = magnetar::import::import_paths(&store, &args.paths, true);
     eprintln!("{report}");
     if report.failed > 0 && report.imported + report.already_present == 0 {

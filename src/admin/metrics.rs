@@ -243,6 +243,47 @@ pub fn render(s: &Scrape<'_>) -> String {
     );
     write_gauge(
         &mut out,
+        "magnetar_store_disk_bytes",
+        "Bytes of segment files (what store-capacity bounds).",
+        s.store.disk_bytes as f64,
+    );
+    write_gauge(
+        &mut out,
+        "magnetar_store_capacity_bytes",
+        "The store-capacity setting (0: unbounded).",
+        s.store.capacity_bytes as f64,
+    );
+    for (name, help, v) in [
+        (
+            "magnetar_store_segments_evicted_total",
+            "Segments deleted to stay within store-capacity.",
+            s.store.segments_evicted,
+        ),
+        (
+            "magnetar_store_records_reappended_total",
+            "Records served recently, copied out of a segment being evicted.",
+            s.store.records_reappended,
+        ),
+        (
+            "magnetar_store_records_evicted_total",
+            "Records dropped with their evicted segment (refetched on their next miss).",
+            s.store.records_evicted,
+        ),
+        (
+            "magnetar_store_append_errors_total",
+            "Appends and deletes that failed writing or syncing (nothing was stored).",
+            s.store.append_errors,
+        ),
+        (
+            "magnetar_store_append_errors_no_space_total",
+            "Of those, failures for lack of space on the device (ENOSPC).",
+            s.store.append_errors_no_space,
+        ),
+    ] {
+        write_counter(&mut out, name, help, v);
+    }
+    write_gauge(
+        &mut out,
         "magnetar_blocklist_entries",
         "Info-hashes on the blocklist.",
         s.blocklist_entries as f64,

@@ -86,6 +86,40 @@ impl Index {
         Ok(())
     }
 
+    /// Refile `new` (a copy of `old` that eviction moved to another segment) under every key
+    /// of `hashes` still naming `old`, all stripes locked together like `publish`. Returns
+    /// false, and changes nothing, when no key names `old` any more (deleted or blocked
+    /// meanwhile).
+    pub fn replace(&self, hashes: &InfoHashes, old: &RecordRef, new: &RecordRef) -> bool {
+        let mut keys: Vec<[u8; 20]> = hashes.handshake_keys().collect();
+        keys.sort_by_key(stripe_of);
+        let mut stripes: Vec<usize> = keys.iter().map(stripe_of).collect();
+        stripes.dedup();
+        let mut guards: Vec<_> = stripes
+            .iter()
+            .map(|&s| {
+                (
+                    s,
+                    self.shards[s]
+                        .write()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                )
+            })
+            .collect();
+        let mut replaced = false;
+        for key in &keys {
+            let s = stripe_of(key);
+            let (_, guard) = guards.iter_mut().find(|(g, _)| *g == s).expect("locked");
+            if let Some(slot) = guard.get_mut(key) {
+                if slot.same_record(old) {
+                    *slot = new.clone();
+                    replaced = true;
+                }
+            }
+        }
+        replaced
+    }
+
     /// Take every key of `hashes` out of the index where it still names `record` (a key
     /// refiled since names another record and stays). Returns whether anything was removed.
     pub fn remove(&self, hashes: &InfoHashes, record: &RecordRef) -> bool {

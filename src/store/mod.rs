@@ -36,6 +36,36 @@
 //! Recovery at open (`recovery`) re-hashes every record; whatever fails is never served. A
 //! read-write open cuts a torn tail off; a read-only one skips it (beside a running server it
 //! is usually an append in progress) and counts it.
+//!
+//! # Bounded capacity: eviction
+//! With `StoreOptions::capacity_bytes` (`--store-capacity`) the sum of segment file lengths
+//! stays within the cap. An append (or delete) that would cross it first evicts whole sealed
+//! segments, oldest first (creation order: segment sequence numbers are global, so the order
+//! survives a restart), on the appending thread while it holds its writer: for each record
+//! the index still names, if it was served since it was written, it is copied to the end of
+//! that writer's active segment (the copies are synced once, then republished in place of the
+//! originals); if not, it leaves the index, and its next request is a miss that refetches
+//! it. The newest tombstone of a hash is copied as well. Then the file is unlinked; sessions
+//! still sending from it hold its `Arc<Segment>`, and the last one unmaps it. Between appends
+//! the files sum to at most the cap; during an eviction pass the copies are written before
+//! the victim is unlinked, so at most one segment more.
+//!
+//! Segments are sized to at most `capacity / (4 × shards)`: the active segments (one per
+//! writer, not evictable) then hold at most a quarter of the cap, and one eviction frees a
+//! small step. A record over a quarter of the cap is refused.
+//!
+//! The policy is CLOCK with the FIFO of segments as the clock: one "referenced" bit per
+//! record (`Segment::mark_referenced`), set by `Store::lookup` on every hit with a relaxed
+//! load and, only when unset, an atomic OR; the evictor reads it, and a copied record starts
+//! with a clear bit (its second chance has been used until it is served again). Why CLOCK
+//! and not S3-FIFO: eviction here moves whole segments, not single objects, so the queue's
+//! unit is already coarse and insertion order is fixed by the append log; CLOCK needs
+//! nothing but the bit on the hit path and no per-record queue links or ghost table.
+//! S3-FIFO's advantage, dropping one-hit wonders quickly through a small probationary
+//! queue, would need a second append stream per writer (probation segments) and a ghost
+//! set of evicted hashes; worth it if the miss path's random-hash fills turn out to flush
+//! the hot set, which the capacity test's Zipf workload (`tests/store_capacity.rs`) does not
+//! show. The bits are not persisted: after a restart every record starts unreferenced.
 
 mod blocklist;
 mod index;
@@ -44,7 +74,7 @@ mod record;
 mod recovery;
 mod segment;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -60,7 +90,7 @@ pub use blocklist::{parse_hash_key, BadLine};
 use index::Index;
 use lock::DirLock;
 pub use record::RecordRef;
-use record::{record_bytes, Header, HEADER_BYTES};
+use record::{record_bytes, Header, HEADER_BYTES, RECORD_ALIGN};
 pub use segment::Segment;
 use segment::SEGMENTS_DIR;
 
@@ -99,6 +129,20 @@ pub enum StoreError {
     ReadOnly,
     #[error("info-hash {0} is on the blocklist")]
     Blocked(String),
+    #[error(
+        "no space left on the device holding {}: the record was not stored (serving goes on; \
+         free space, or bound the store with --store-capacity)",
+        path.display()
+    )]
+    NoSpace { path: PathBuf },
+    /// The record does not fit in the capacity: it is larger than a quarter of it, or every
+    /// byte left is in segments still being appended to.
+    #[error(
+        "store capacity of {capacity} bytes: no room for this record ({used} bytes in \
+         segments that cannot be evicted, or a record over a quarter of the capacity); \
+         raise --store-capacity"
+    )]
+    CapacityExhausted { capacity: u64, used: u64 },
 }
 
 /// How a store is opened. One open and recovery path serves both; this flag is what differs.
@@ -111,9 +155,17 @@ pub(crate) enum Access {
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_path_buf(),
-        source,
+    move |source| {
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            StoreError::NoSpace {
+                path: path.to_path_buf(),
+            }
+        } else {
+            StoreError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
     }
 }
 
@@ -134,6 +186,11 @@ pub struct StoreOptions {
     /// Size a segment may grow to before its writer starts the next one.
     pub segment_bytes: u64,
     pub sync: SyncPolicy,
+    /// Most bytes of segment files the store keeps (0: unbounded). Past it, appends evict
+    /// whole segments, oldest first (see the module doc). With a capacity, segments are at
+    /// most `capacity_bytes / (4 × shards)` so that eviction has sealed segments to choose
+    /// from and frees space in small steps.
+    pub capacity_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -142,6 +199,7 @@ impl Default for StoreOptions {
             shards: available_cores(),
             segment_bytes: SEGMENT_BYTES_DEFAULT,
             sync: SyncPolicy::Always,
+            capacity_bytes: 0,
         }
     }
 }
@@ -178,6 +236,30 @@ pub struct StoreStats {
     /// Sum of their info dict sizes.
     pub bytes: u64,
     pub segments: usize,
+    /// Sum of the segment files' lengths (what `capacity_bytes` bounds).
+    pub disk_bytes: u64,
+    /// `StoreOptions::capacity_bytes` (0: unbounded).
+    pub capacity_bytes: u64,
+    /// Segments deleted by eviction.
+    pub segments_evicted: u64,
+    /// Records served since the last eviction round, copied out of an evicted segment.
+    pub records_reappended: u64,
+    /// Records evicted: taken out of the index with their segment (a later miss refetches).
+    pub records_evicted: u64,
+    /// Appends (and deletes) that failed writing or syncing; the record was not stored.
+    pub append_errors: u64,
+    /// Of those, failures for lack of space on the device (ENOSPC).
+    pub append_errors_no_space: u64,
+}
+
+/// Eviction and write-failure counters (atomics: any writer thread bumps them).
+#[derive(Default)]
+struct Counters {
+    segments_evicted: AtomicU64,
+    records_reappended: AtomicU64,
+    records_evicted: AtomicU64,
+    append_errors: AtomicU64,
+    append_errors_no_space: AtomicU64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -274,10 +356,15 @@ struct Active {
 
 struct Writer {
     shard: usize,
-    next_seq: u64,
     active: Option<Active>,
     /// Batch policy: the active segment has unsynced appends.
     dirty: bool,
+}
+
+/// A segment no writer appends to any more, and its final length.
+struct Sealed {
+    segment: Arc<Segment>,
+    len: u64,
 }
 
 pub struct Store {
@@ -288,6 +375,17 @@ pub struct Store {
     records: AtomicU64,
     bytes: AtomicU64,
     segments: AtomicUsize,
+    /// Sum of segment file lengths (durable appends included, evicted segments not).
+    disk_bytes: AtomicU64,
+    /// Sequence number of the next new segment, over all shards, so that (seq, shard) orders
+    /// segments by creation: eviction's FIFO order, which survives a restart.
+    next_seq: AtomicU64,
+    /// Sealed segments by (seq, shard): the eviction queue, oldest first.
+    sealed: Mutex<BTreeMap<(u64, usize), Sealed>>,
+    /// One eviction at a time (taken while holding the evicting writer's lock, never the
+    /// other way round).
+    evicting: Mutex<()>,
+    counters: Counters,
     access: Access,
     blocklist: Blocklist,
     /// Handshake key -> `stored_at` of its newest tombstone: a dict stored again is stamped
@@ -355,11 +453,20 @@ impl Store {
         access: Access,
     ) -> Result<(Store, RecoveryReport), StoreError> {
         let started = Instant::now();
+        let shards = opts.shards.max(1);
+        let mut segment_bytes = opts.segment_bytes;
+        if opts.capacity_bytes > 0 {
+            // Active segments (one per shard) cannot be evicted: keep them to a quarter of the
+            // capacity, so most of it is always in sealed segments eviction can choose from.
+            segment_bytes = segment_bytes.min(opts.capacity_bytes / (4 * shards as u64));
+        }
         let opts = StoreOptions {
-            shards: opts.shards.max(1),
-            segment_bytes: opts.segment_bytes.max(SEGMENT_BYTES_MIN),
+            shards,
+            segment_bytes: segment_bytes.max(SEGMENT_BYTES_MIN),
             sync: opts.sync,
+            capacity_bytes: opts.capacity_bytes,
         };
+        let track_refs = opts.capacity_bytes > 0 && access == Access::ReadWrite;
         let segments_dir = dir.join(SEGMENTS_DIR);
         let (lock, reserved) = match access {
             Access::ReadWrite => {
@@ -383,7 +490,13 @@ impl Store {
         for b in &bad_lines {
             tracing::warn!(line = b.line, text = %b.text, "blocklist line is not an info-hash; ignored");
         }
-        let scanned = recovery::scan_all(&segments_dir, reserved, available_cores(), access)?;
+        let scanned = recovery::scan_all(
+            &segments_dir,
+            reserved,
+            available_cores(),
+            access,
+            track_refs,
+        )?;
 
         let index = Index::new();
         let mut report = RecoveryReport {
@@ -405,12 +518,16 @@ impl Store {
         let mut writers: Vec<Writer> = (0..opts.shards)
             .map(|shard| Writer {
                 shard,
-                next_seq: 0,
                 active: None,
                 dirty: false,
             })
             .collect();
+        let mut sealed = BTreeMap::new();
+        let mut disk_bytes = 0;
+        let mut next_seq = 0;
         for s in &scanned {
+            disk_bytes += s.end;
+            next_seq = next_seq.max(s.segment.seq() + 1);
             if s.tail_bytes > 0 {
                 match access {
                     Access::ReadWrite => {
@@ -450,13 +567,23 @@ impl Store {
                 }
             }
             // Sorted by (shard, seq): the last segment seen for a shard is its newest, where
-            // that shard's writer resumes.
-            if let Some(w) = writers.get_mut(s.segment.shard()) {
-                w.next_seq = s.segment.seq() + 1;
-                w.active = Some(Active {
-                    segment: s.segment.clone(),
-                    end: s.end,
-                });
+            // that shard's writer resumes; the ones before it are sealed. (A shard beyond
+            // today's shard count has no writer: all its segments are sealed.)
+            let seal = |seg: &Arc<Segment>, len: u64, sealed: &mut BTreeMap<_, _>| {
+                let segment = seg.clone();
+                sealed.insert((seg.seq(), seg.shard()), Sealed { segment, len });
+            };
+            match writers.get_mut(s.segment.shard()) {
+                Some(w) => {
+                    let resumed = Active {
+                        segment: s.segment.clone(),
+                        end: s.end,
+                    };
+                    if let Some(prev) = w.active.replace(resumed) {
+                        seal(&prev.segment, prev.end, &mut sealed);
+                    }
+                }
+                None => seal(&s.segment, s.end, &mut sealed),
             }
         }
         report.elapsed = started.elapsed();
@@ -468,6 +595,11 @@ impl Store {
             records: AtomicU64::new(report.records as u64),
             bytes: AtomicU64::new(report.bytes),
             segments: AtomicUsize::new(report.segments),
+            disk_bytes: AtomicU64::new(disk_bytes),
+            next_seq: AtomicU64::new(next_seq),
+            sealed: Mutex::new(sealed),
+            evicting: Mutex::new(()),
+            counters: Counters::default(),
             access,
             blocklist,
             tombstones: Mutex::new(tombstones),
@@ -477,15 +609,21 @@ impl Store {
     }
 
     /// The record for a 20-byte handshake key (v1 info-hash, or a v2 info-hash's first 20 bytes).
+    /// Marks the record referenced for the eviction policy (a relaxed load, usually).
     pub fn lookup(&self, key: &[u8; 20]) -> Option<RecordRef> {
-        self.index.get(key)
+        let record = self.index.get(key)?;
+        record.touch();
+        Some(record)
     }
 
     /// The record for a full v2 info-hash.
     pub fn lookup_v2(&self, key: &[u8; 32]) -> Option<RecordRef> {
-        self.index
+        let record = self
+            .index
             .get(&v2_handshake_key(key))
-            .filter(|r| r.hashes().v2.as_ref() == Some(key))
+            .filter(|r| r.hashes().v2.as_ref() == Some(key))?;
+        record.touch();
+        Some(record)
     }
 
     /// The record filed under any of these hashes.
@@ -540,7 +678,8 @@ impl Store {
         if let Some(existing) = self.index.get_any(&hashes) {
             return Ok(AppendOutcome::AlreadyPresent(existing));
         }
-        let (segment, at) = self.write_record(&mut writer, &buf)?;
+        self.make_room(&mut writer, buf.len() as u64)?;
+        let (segment, at) = self.write_record(&mut writer, &buf, self.opts.sync)?;
         // Paired assertion: what the mapping now shows is the header we meant to write.
         let payload_at = at + HEADER_BYTES;
         if Header::decode(segment.bytes(at, HEADER_BYTES)) != Ok(header) {
@@ -634,7 +773,8 @@ impl Store {
         let tomb = Header::tombstone(&hashes, deleted_at);
         let key = hashes.primary_key().expect("a stored record has a key");
         let mut writer = self.writer(shard_of(&key, self.opts.shards));
-        let (segment, at) = self.write_record(&mut writer, &tomb.encode())?;
+        self.make_room(&mut writer, HEADER_BYTES as u64)?;
+        let (segment, at) = self.write_record(&mut writer, &tomb.encode(), self.opts.sync)?;
         if self.opts.sync == SyncPolicy::Batch {
             // A delete is acknowledged to an operator: durable now whatever the policy.
             segment.sync_data().map_err(io_at(segment.path()))?;
@@ -722,20 +862,47 @@ impl Store {
     }
 
     /// Write one encoded record for `w`'s shard; returns its segment and header offset.
+    /// `sync`: `Always` fdatasyncs it before returning; `Batch` leaves the writer dirty (a
+    /// roll to a new segment, `Store::sync` or an eviction pass syncs it).
     fn write_record(
         &self,
         w: &mut Writer,
         buf: &[u8],
+        sync: SyncPolicy,
+    ) -> Result<(Arc<Segment>, usize), StoreError> {
+        let result = self.write_record_inner(w, buf, sync);
+        if let Err(e) = &result {
+            self.counters.append_errors.fetch_add(1, Ordering::Relaxed);
+            if matches!(e, StoreError::NoSpace { .. }) {
+                self.counters
+                    .append_errors_no_space
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+
+    fn write_record_inner(
+        &self,
+        w: &mut Writer,
+        buf: &[u8],
+        sync: SyncPolicy,
     ) -> Result<(Arc<Segment>, usize), StoreError> {
         let need = buf.len() as u64;
         debug_assert_eq!(buf.len(), record_bytes(buf.len() - HEADER_BYTES));
         if need > self.opts.segment_bytes {
             // A segment of its own, synced now: it never becomes anyone's active segment.
             let segment = self.new_segment(w, buf.len())?;
-            segment
+            let written = segment
                 .write_all_at(buf, 0)
-                .map_err(io_at(segment.path()))?;
-            segment.sync_data().map_err(io_at(segment.path()))?;
+                .and_then(|()| segment.sync_data());
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(segment.path());
+                self.segments.fetch_sub(1, Ordering::Relaxed);
+                return Err(io_at(segment.path())(e));
+            }
+            self.disk_bytes.fetch_add(need, Ordering::Relaxed);
+            self.seal(&segment, need);
             return Ok((segment, 0));
         }
         let has_room = w
@@ -751,7 +918,9 @@ impl Store {
             }
             let reserved = usize::try_from(self.opts.segment_bytes).unwrap_or(usize::MAX);
             let segment = self.new_segment(w, reserved)?;
-            w.active = Some(Active { segment, end: 0 });
+            if let Some(old) = w.active.replace(Active { segment, end: 0 }) {
+                self.seal(&old.segment, old.end);
+            }
         }
         let active = w.active.as_mut().expect("rolled above");
         let at = active.end;
@@ -760,7 +929,7 @@ impl Store {
             let _ = active.segment.set_len(at);
             return Err(io_at(active.segment.path())(e));
         }
-        match self.opts.sync {
+        match sync {
             SyncPolicy::Always => {
                 if let Err(e) = active.segment.sync_data() {
                     // The bytes may or may not be durable; do not publish them, and cut them so
@@ -772,16 +941,215 @@ impl Store {
             SyncPolicy::Batch => w.dirty = true,
         }
         active.end = at + need;
+        self.disk_bytes.fetch_add(need, Ordering::Relaxed);
         Ok((active.segment.clone(), at as usize))
     }
 
     fn new_segment(&self, w: &mut Writer, reserved: usize) -> Result<Arc<Segment>, StoreError> {
-        let seq = w.next_seq;
-        let segment = Segment::create(&self.segments_dir, w.shard, seq, reserved)
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let track_refs = self.opts.capacity_bytes > 0;
+        let segment = Segment::create(&self.segments_dir, w.shard, seq, reserved, track_refs)
             .map_err(io_at(&self.segments_dir))?;
-        w.next_seq += 1;
         self.segments.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(segment))
+    }
+
+    /// Queue a segment no writer will append to again for eviction.
+    fn seal(&self, segment: &Arc<Segment>, len: u64) {
+        let mut sealed = self.sealed.lock().unwrap_or_else(|p| p.into_inner());
+        sealed.insert(
+            (segment.seq(), segment.shard()),
+            Sealed {
+                segment: segment.clone(),
+                len,
+            },
+        );
+    }
+
+    /// With a capacity: evict sealed segments, oldest first, until `need` more bytes fit.
+    /// Runs on the appending thread, holding its writer (survivors are re-appended there).
+    fn make_room(&self, w: &mut Writer, need: u64) -> Result<(), StoreError> {
+        let capacity = self.opts.capacity_bytes;
+        if capacity == 0 {
+            return Ok(());
+        }
+        if need > capacity / 4 {
+            // Making room for it would throw out much of the cache for one record.
+            return Err(StoreError::CapacityExhausted {
+                capacity,
+                used: need,
+            });
+        }
+        if self.disk_bytes.load(Ordering::Relaxed) + need <= capacity {
+            return Ok(());
+        }
+        let _one_at_a_time = self.evicting.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let used = self.disk_bytes.load(Ordering::Relaxed);
+            if used + need <= capacity {
+                return Ok(());
+            }
+            let victim = {
+                let mut sealed = self.sealed.lock().unwrap_or_else(|p| p.into_inner());
+                sealed.pop_first().map(|(_, v)| v)
+            };
+            let Some(victim) = victim else {
+                return Err(StoreError::CapacityExhausted { capacity, used });
+            };
+            self.evict(w, victim);
+        }
+    }
+
+    /// Delete one sealed segment. Records in it that the index still names are either
+    /// copied to `w`'s active segment (served since the segment was written: CLOCK's second
+    /// chance, with a fresh, clear bit) or taken out of the index. The newest tombstone of a
+    /// hash is copied too, so a delete stays a delete. Never fails: if a copy cannot be
+    /// written (disk full), the records left are dropped instead, so space is still freed.
+    fn evict(&self, w: &mut Writer, victim: Sealed) {
+        let Sealed { segment, len } = victim;
+        let len = usize::try_from(len).expect("a mapped length fits");
+        let mut keep: Vec<(RecordRef, Vec<u8>)> = Vec::new();
+        let mut drop_refs: Vec<RecordRef> = Vec::new();
+        let mut tombs: Vec<Header> = Vec::new();
+        {
+            let newest_tomb = self.tombstones.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pos = 0;
+            while len.saturating_sub(pos) >= HEADER_BYTES {
+                let header = match Header::decode(segment.bytes(pos, HEADER_BYTES)) {
+                    Ok(h) => h,
+                    // A stretch recovery skipped as damaged: find the next record.
+                    Err(_) => match recovery::find_next_header(&segment, pos + RECORD_ALIGN, len) {
+                        Some(next) => {
+                            pos = next;
+                            continue;
+                        }
+                        None => break,
+                    },
+                };
+                let end = pos + header.record_bytes();
+                if end > len {
+                    break;
+                }
+                let hashes = header.hashes();
+                if header.is_tombstone() {
+                    let newest = hashes
+                        .handshake_keys()
+                        .any(|k| newest_tomb.get(&k) == Some(&header.stored_at));
+                    if newest {
+                        tombs.push(header);
+                    }
+                } else if let Some(r) = hashes
+                    .primary_key()
+                    .and_then(|k| self.index.get(&k))
+                    .filter(|r| Arc::ptr_eq(r.segment(), &segment) && r.header_offset() == pos)
+                {
+                    let payload = r.info();
+                    // Copy only what still verifies: a page that rotted since recovery must
+                    // not be carried into a new segment.
+                    if segment.is_referenced(pos) && crate::metainfo::verify_info(payload, &hashes)
+                    {
+                        let mut buf = Vec::with_capacity(header.record_bytes());
+                        buf.extend_from_slice(&header.encode());
+                        buf.extend_from_slice(payload);
+                        buf.resize(header.record_bytes(), 0);
+                        keep.push((r, buf));
+                    } else {
+                        drop_refs.push(r);
+                    }
+                }
+                pos = end;
+            }
+        }
+
+        // Copies first, synced once, then published: a copy is durable before it is served.
+        let mut copies: Vec<(RecordRef, RecordRef)> = Vec::with_capacity(keep.len());
+        let mut failed = false;
+        let mut keep = keep.into_iter();
+        for (old, buf) in keep.by_ref() {
+            match self.write_record(w, &buf, SyncPolicy::Batch) {
+                Ok((seg, at)) => {
+                    let header = old.header();
+                    copies.push((old, RecordRef::new(seg, at + HEADER_BYTES, &header)));
+                }
+                Err(e) => {
+                    tracing::warn!("eviction: copying a served record failed, dropping it: {e}");
+                    drop_refs.push(old);
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        drop_refs.extend(keep.map(|(old, _)| old));
+        if !failed {
+            for tomb in &tombs {
+                if let Err(e) = self.write_record(w, &tomb.encode(), SyncPolicy::Batch) {
+                    tracing::warn!("eviction: copying a tombstone failed: {e}");
+                    break;
+                }
+            }
+        }
+        if self.opts.sync == SyncPolicy::Always && w.dirty {
+            let synced = w.active.as_ref().map_or(Ok(()), |a| {
+                a.segment.sync_data().map_err(io_at(a.segment.path()))
+            });
+            match synced {
+                Ok(()) => w.dirty = false,
+                Err(e) => {
+                    // Not durable: serve none of the copies (the originals go with the segment).
+                    tracing::warn!("eviction: syncing copies failed, dropping them: {e}");
+                    drop_refs.extend(copies.drain(..).map(|(old, _)| old));
+                }
+            }
+        }
+        let mut moved = 0u64;
+        for (old, new) in copies {
+            let hashes = new.hashes();
+            if !self.index.replace(&hashes, &old, &new) {
+                continue; // deleted or blocked meanwhile; the copy stays unindexed
+            }
+            // A delete or blocklist reload that raced with us: it blocks first, then looks
+            // the record up, so either it found the copy or we see the block here.
+            if hashes.handshake_keys().any(|k| self.blocklist.contains(&k))
+                && self.index.remove(&hashes, &new)
+            {
+                self.records.fetch_sub(1, Ordering::Relaxed);
+                self.bytes.fetch_sub(new.len() as u64, Ordering::Relaxed);
+                continue;
+            }
+            moved += 1;
+        }
+        let mut dropped = 0u64;
+        for r in drop_refs {
+            if self.index.remove(&r.hashes(), &r) {
+                dropped += 1;
+                self.records.fetch_sub(1, Ordering::Relaxed);
+                self.bytes.fetch_sub(r.len() as u64, Ordering::Relaxed);
+            }
+        }
+        // In-flight sessions may still hold RecordRefs into it: unlinking a mapped file is
+        // fine on Linux, the last RecordRef unmaps it and the blocks are freed then.
+        if let Err(e) = std::fs::remove_file(segment.path()) {
+            tracing::warn!(file = %segment.path().display(), "eviction: unlink failed: {e}");
+        }
+        self.disk_bytes.fetch_sub(len as u64, Ordering::Relaxed);
+        self.segments.fetch_sub(1, Ordering::Relaxed);
+        self.counters
+            .segments_evicted
+            .fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .records_reappended
+            .fetch_add(moved, Ordering::Relaxed);
+        self.counters
+            .records_evicted
+            .fetch_add(dropped, Ordering::Relaxed);
+        tracing::debug!(
+            file = %segment.path().display(),
+            bytes = len,
+            records_kept = moved,
+            records_evicted = dropped,
+            tombstones_kept = tombs.len(),
+            "segment evicted"
+        );
     }
 
     /// Make every appended record durable (a no-op under `SyncPolicy::Always`).
@@ -799,10 +1167,19 @@ impl Store {
     }
 
     pub fn stats(&self) -> StoreStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StoreStats {
-            records: self.records.load(Ordering::Relaxed),
-            bytes: self.bytes.load(Ordering::Relaxed),
+            records: get(&self.records),
+            bytes: get(&self.bytes),
             segments: self.segments.load(Ordering::Relaxed),
+            disk_bytes: get(&self.disk_bytes),
+            capacity_bytes: self.opts.capacity_bytes,
+            segments_evicted: get(&c.segments_evicted),
+            records_reappended: get(&c.records_reappended),
+            records_evicted: get(&c.records_evicted),
+            append_errors: get(&c.append_errors),
+            append_errors_no_space: get(&c.append_errors_no_space),
         }
     }
 

@@ -220,7 +220,7 @@ impl RecordRef {
         self.len == 0
     }
 
-    fn header(&self) -> Header {
+    pub(crate) fn header(&self) -> Header {
         let bytes = self.segment.bytes(self.offset - HEADER_BYTES, HEADER_BYTES);
         // The header was decoded before this RecordRef existed and the mapping is immutable
         // below the published end, so this cannot fail short of memory corruption.
@@ -247,6 +247,19 @@ impl RecordRef {
     /// When the record was written, unix seconds.
     pub fn stored_at(&self) -> u64 {
         self.header().stored_at
+    }
+
+    /// Note that this record was served, for the eviction policy (CLOCK's referenced bit;
+    /// see `Segment::mark_referenced` for why this is cheap enough for every hit).
+    /// `Store::lookup` calls it.
+    #[inline]
+    pub fn touch(&self) {
+        self.segment.mark_referenced(self.header_offset());
+    }
+
+    /// Offset of the record's header in its segment.
+    pub(crate) fn header_offset(&self) -> usize {
+        self.offset - HEADER_BYTES
     }
 
     pub fn segment(&self) -> &Arc<Segment> {

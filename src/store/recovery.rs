@@ -14,8 +14,8 @@
 //!   read-only open (`Access::ReadOnly`) leaves it, since beside a running server it is
 //!   usually an append in progress, and opens no file for writing.
 //!
-//! Bad stretches between good records are left on disk (rewriting a segment to drop them is
-//! eviction's job) and are counted again at every start.
+//! Bad stretches between good records are left on disk and counted again at every start,
+//! until eviction (with a capacity set) deletes their segment.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -66,6 +66,7 @@ pub(crate) fn scan_all(
     reserved: usize,
     threads: usize,
     access: Access,
+    track_refs: bool,
 ) -> Result<Vec<ScannedSegment>, StoreError> {
     let files = list_segments(dir)?;
     let threads = threads.clamp(1, files.len().max(1));
@@ -79,7 +80,7 @@ pub(crate) fn scan_all(
                 let Some((shard, seq, path)) = files.get(i) else {
                     break;
                 };
-                let scanned = scan_file(path.clone(), *shard, *seq, reserved, access);
+                let scanned = scan_file(path.clone(), *shard, *seq, reserved, access, track_refs);
                 results
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -89,7 +90,20 @@ pub(crate) fn scan_all(
     });
     let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
     results.sort_by_key(|(i, _)| *i);
-    results.into_iter().map(|(_, r)| r).collect()
+    results
+        .into_iter()
+        .filter_map(|(_, r)| match r {
+            // Read-only beside a server whose eviction deleted the segment after we listed
+            // the directory: its records are gone (or copied into a newer segment) anyway.
+            Err(StoreError::Io { source, path })
+                if access == Access::ReadOnly && source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                tracing::info!(file = %path.display(), "segment deleted while scanning; skipped");
+                None
+            }
+            r => Some(r),
+        })
+        .collect()
 }
 
 fn scan_file(
@@ -98,13 +112,14 @@ fn scan_file(
     seq: u64,
     reserved: usize,
     access: Access,
+    track_refs: bool,
 ) -> Result<ScannedSegment, StoreError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| StoreError::Io { path, source }
     };
-    let (segment, file_len) =
-        Segment::open(path.clone(), shard, seq, reserved, access).map_err(io_err(&path))?;
+    let (segment, file_len) = Segment::open(path.clone(), shard, seq, reserved, access, track_refs)
+        .map_err(io_err(&path))?;
     segment.advise_sequential_read(file_len as usize);
     let mut scanned = scan_segment(Arc::new(segment), file_len)?;
     scanned.segment.advise_random_access();
@@ -209,7 +224,7 @@ pub(crate) fn scan_segment(
 }
 
 /// First offset >= `from` (8-aligned) holding a valid header, if any.
-fn find_next_header(segment: &Segment, from: usize, len: usize) -> Option<usize> {
+pub(crate) fn find_next_header(segment: &Segment, from: usize, len: usize) -> Option<usize> {
     debug_assert_eq!(from % RECORD_ALIGN, 0);
     let mut p = from;
     while len.saturating_sub(p) >= HEADER_BYTES {

@@ -7,6 +7,12 @@
 //! handed out for a published record stays valid for as long as the `Segment` lives. We never
 //! touch mapped bytes past the durable, published end (that would be SIGBUS).
 //!
+//! With a capacity (`StoreOptions::capacity_bytes`), each segment also carries the eviction
+//! policy's "referenced" bits: one bit per possible record start (`header offset / 80`:
+//! records are at least one 80-byte header long, so no two share a slot), set on the hit
+//! path by `RecordRef::touch` and read when the segment is evicted (see the store module doc).
+//! Without a capacity the bitset is empty and marking is one bounds check.
+//!
 //! What the kernel cannot protect against: another process truncating or rewriting the file
 //! under us. The `LOCK` file keeps other magnetar writers out; nothing keeps `truncate(1)` out.
 //! A read-only store (no lock) opens its files read-only, so it cannot write either.
@@ -16,9 +22,11 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
+use super::record::HEADER_BYTES;
 use super::Access;
 
 pub(crate) const SEGMENTS_DIR: &str = "segments";
@@ -44,12 +52,21 @@ pub struct Segment {
     seq: u64,
     file: File,
     map: MmapRaw,
+    /// Eviction's "referenced" bits, one per `HEADER_BYTES` of reservation; empty when the
+    /// store has no capacity bound.
+    referenced: Box<[AtomicU64]>,
 }
 
 impl Segment {
     /// Create a new, empty segment file (fails if it exists) and fsync its directory so the
     /// file itself survives a crash.
-    pub(crate) fn create(dir: &Path, shard: usize, seq: u64, reserved: usize) -> io::Result<Self> {
+    pub(crate) fn create(
+        dir: &Path,
+        shard: usize,
+        seq: u64,
+        reserved: usize,
+        track_refs: bool,
+    ) -> io::Result<Self> {
         let path = dir.join(segment_file_name(shard, seq));
         let file = OpenOptions::new()
             .read(true)
@@ -57,7 +74,7 @@ impl Segment {
             .create_new(true)
             .open(&path)?;
         File::open(dir)?.sync_all()?;
-        Self::map(path, shard, seq, file, reserved)
+        Self::map(path, shard, seq, file, reserved, track_refs)
     }
 
     /// Open an existing segment for recovery and, read-write, further appends. Returns it with
@@ -69,6 +86,7 @@ impl Segment {
         seq: u64,
         reserved: usize,
         access: Access,
+        track_refs: bool,
     ) -> io::Result<(Self, u64)> {
         let file = OpenOptions::new()
             .read(true)
@@ -76,21 +94,61 @@ impl Segment {
             .open(&path)?;
         let len = file.metadata()?.len();
         let len_usize = usize::try_from(len).map_err(|_| io::Error::other("segment too large"))?;
-        let seg = Self::map(path, shard, seq, file, reserved.max(len_usize))?;
+        let seg = Self::map(path, shard, seq, file, reserved.max(len_usize), track_refs)?;
         Ok((seg, len))
     }
 
-    fn map(path: PathBuf, shard: usize, seq: u64, file: File, reserved: usize) -> io::Result<Self> {
+    fn map(
+        path: PathBuf,
+        shard: usize,
+        seq: u64,
+        file: File,
+        reserved: usize,
+        track_refs: bool,
+    ) -> io::Result<Self> {
         // A zero-length mapping is an error; a segment always reserves room for something.
         let reserved = reserved.max(1);
         let map = MmapOptions::new().len(reserved).map_raw_read_only(&file)?;
+        let words = if track_refs {
+            (reserved / HEADER_BYTES).div_ceil(64)
+        } else {
+            0
+        };
         Ok(Segment {
             path,
             shard,
             seq,
             file,
             map,
+            referenced: (0..words).map(|_| AtomicU64::new(0)).collect(),
         })
+    }
+
+    /// Mark the record whose header is at `header_at` as served since its segment was last
+    /// considered for eviction.
+    ///
+    /// On the hit path, so: a relaxed load first, and the atomic OR only when the bit is not
+    /// yet set. A hot record's bit is almost always set already, so its cache line stays
+    /// shared and read-only across cores (no ping-pong); the OR runs once per record per
+    /// eviction round. Relaxed is enough: the bit is a hint that orders nothing else, and the
+    /// evictor reading a stale 0 costs at worst one record refetched later.
+    #[inline]
+    pub(crate) fn mark_referenced(&self, header_at: usize) {
+        let slot = header_at / HEADER_BYTES;
+        if let Some(word) = self.referenced.get(slot / 64) {
+            let bit = 1u64 << (slot % 64);
+            if word.load(Ordering::Relaxed) & bit == 0 {
+                word.fetch_or(bit, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether the record at `header_at` was marked since the segment was created.
+    pub(crate) fn is_referenced(&self, header_at: usize) -> bool {
+        let slot = header_at / HEADER_BYTES;
+        self.referenced
+            .get(slot / 64)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1u64 << (slot % 64)) != 0)
     }
 
     pub fn path(&self) -> &Path {
@@ -188,11 +246,29 @@ mod tests {
     #[test]
     fn mapping_past_eof_sees_appends() {
         let dir = tempfile::tempdir().unwrap();
-        let seg = Segment::create(dir.path(), 0, 0, 1 << 20).unwrap();
+        let seg = Segment::create(dir.path(), 0, 0, 1 << 20, false).unwrap();
         assert_eq!(seg.reserved_bytes(), 1 << 20);
         seg.write_all_at(b"hello", 0).unwrap();
         assert_eq!(seg.bytes(0, 5), b"hello");
         seg.write_all_at(b"world", 8192).unwrap();
         assert_eq!(seg.bytes(8192, 5), b"world");
+    }
+
+    #[test]
+    fn referenced_bits_are_per_record_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = Segment::create(dir.path(), 0, 0, 1 << 16, true).unwrap();
+        // Records at 0, 80 and 5200 (all possible starts: >= 80 bytes apart).
+        for at in [0, 80, 5200] {
+            assert!(!seg.is_referenced(at));
+        }
+        seg.mark_referenced(80);
+        seg.mark_referenced(80);
+        assert!(seg.is_referenced(80));
+        assert!(!seg.is_referenced(0) && !seg.is_referenced(5200));
+        // Untracked segments ignore marks.
+        let plain = Segment::create(dir.path(), 0, 1, 1 << 16, false).unwrap();
+        plain.mark_referenced(80);
+        assert!(!plain.is_referenced(80));
     }
 }

@@ -10,6 +10,7 @@ fn opts(shards: usize, segment_bytes: u64) -> StoreOptions {
         shards,
         segment_bytes,
         sync: SyncPolicy::Always,
+        capacity_bytes: 0,
     }
 }
 
@@ -551,4 +552,150 @@ fn blocklist_edit_and_reload_unpublishes_and_recovery_skips() {
     drop(store);
     let (store, _) = open(dir.path(), opts(1, 1 << 20));
     assert!(store.lookup(&key).is_some());
+}
+
+fn capped(shards: usize, capacity_bytes: u64) -> StoreOptions {
+    StoreOptions {
+        capacity_bytes,
+        ..opts(shards, SEGMENT_BYTES_DEFAULT)
+    }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    segment_files(dir)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum()
+}
+
+#[test]
+fn capacity_sizes_segments_and_eviction_keeps_what_was_served() {
+    const CAP: u64 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let dicts: Vec<_> = (0..200).map(|i| synthetic_v1(i, 900)).collect();
+    let (store, _) = open(dir.path(), capped(1, CAP));
+    assert_eq!(
+        store.options().segment_bytes,
+        CAP / 4,
+        "a quarter of the cap per shard"
+    );
+    for d in &dicts[..20] {
+        stored(store.append(d, AppendOptions::default()).unwrap());
+    }
+    // Served: records 0..5. Held across eviction: record 10 (an in-flight session).
+    for d in &dicts[..5] {
+        store.lookup(&v1_key(d)).unwrap();
+    }
+    let held = store.index.get(&v1_key(&dicts[10])).unwrap();
+    let first_segment = held.segment().path().to_path_buf();
+    for d in &dicts[20..] {
+        stored(store.append(d, AppendOptions::default()).unwrap());
+        // Keep 0..5 hot, as clients asking for them would.
+        for hot in &dicts[..5] {
+            store.lookup(&v1_key(hot)).unwrap();
+        }
+        assert!(store.stats().disk_bytes <= CAP);
+        assert_eq!(store.stats().disk_bytes, dir_bytes(dir.path()));
+    }
+    let st = store.stats();
+    assert!(st.segments_evicted >= 5, "{st:?}");
+    assert!(
+        st.records_reappended >= 5 && st.records_evicted > 0,
+        "{st:?}"
+    );
+    assert!(!first_segment.exists(), "the first segment was evicted");
+    for d in &dicts[..5] {
+        let r = store.lookup(&v1_key(d)).expect("served records stay");
+        assert_eq!(r.info(), &d[..]);
+    }
+    assert!(
+        store.lookup(&v1_key(&dicts[10])).is_none(),
+        "never served: evicted"
+    );
+    // Its segment is unlinked but still mapped for whoever holds a ref.
+    assert_eq!(held.info(), &dicts[10][..]);
+    assert_eq!(
+        st.records as usize,
+        (0..200)
+            .filter(|&i| store.lookup(&v1_key(&dicts[i])).is_some())
+            .count()
+    );
+    let present: Vec<usize> = (0..200)
+        .filter(|&i| store.index.get(&v1_key(&dicts[i])).is_some())
+        .collect();
+    drop(store);
+    drop(held);
+
+    // A restart sees exactly what was indexed, within the cap, nothing damaged or doubled.
+    let (store, report) = open(dir.path(), capped(1, CAP));
+    assert_eq!(report.records, present.len());
+    assert_eq!(
+        report.corrupt_records_skipped + report.torn_tails_truncated + report.duplicates,
+        0,
+        "{report}"
+    );
+    assert!(dir_bytes(dir.path()) <= CAP);
+    for i in present {
+        assert_eq!(
+            store.lookup(&v1_key(&dicts[i])).unwrap().info(),
+            &dicts[i][..]
+        );
+    }
+}
+
+#[test]
+fn a_tombstone_outlives_the_eviction_of_its_segment() {
+    const CAP: u64 = 32 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let victim = synthetic_v1(1000, 900);
+    let key = v1_key(&victim);
+    {
+        let (store, _) = open(dir.path(), capped(1, CAP));
+        stored(store.append(&victim, AppendOptions::default()).unwrap());
+        // Kept served, so its record outlives several evictions...
+        for i in 0..40 {
+            store.lookup(&key).unwrap();
+            stored(
+                store
+                    .append(&synthetic_v1(i, 900), AppendOptions::default())
+                    .unwrap(),
+            );
+        }
+        // ...then deleted; the tombstone's segment is evicted in turn.
+        store.delete(&key, None, "test").unwrap();
+        let evicted = store.stats().segments_evicted;
+        for i in 40..120 {
+            stored(
+                store
+                    .append(&synthetic_v1(i, 900), AppendOptions::default())
+                    .unwrap(),
+            );
+        }
+        assert!(store.stats().segments_evicted >= evicted + 4);
+        assert!(store.lookup(&key).is_none());
+    }
+    std::fs::remove_file(dir.path().join("blocklist")).unwrap();
+    let (store, report) = open(dir.path(), capped(1, CAP));
+    assert!(report.tombstones >= 1, "{report}");
+    assert!(store.lookup(&key).is_none(), "deleted stays deleted");
+}
+
+#[test]
+fn a_record_over_a_quarter_of_the_capacity_is_refused_not_evicting_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), capped(1, 64 * 1024));
+    for i in 0..40 {
+        stored(
+            store
+                .append(&synthetic_v1(i, 900), AppendOptions::default())
+                .unwrap(),
+        );
+    }
+    let before = store.stats();
+    let big = synthetic_v1(99, 20_000);
+    assert!(matches!(
+        store.append(&big, AppendOptions::default()),
+        Err(StoreError::CapacityExhausted { .. })
+    ));
+    assert_eq!(store.stats().records, before.records);
 }
