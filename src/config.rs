@@ -135,8 +135,8 @@ pub struct ServeSettings {
     pub public_addr: Option<String>,
 
     /// Most bytes the store's segment files may take (0: unbounded). Past it, an append
-    /// evicts the oldest segment first, copying out the records served since it was
-    /// written (CLOCK); evicted records are fetched again on their next miss. Segments are
+    /// evicts the oldest segment first, copying out the records served recently
+    /// (CLOCK); evicted records are fetched again on their next miss. Segments are
     /// sized to at most 1/(4 × threads) of it.
     #[arg(long, default_value_t = 0, value_name = "BYTES")]
     pub store_capacity: u64,

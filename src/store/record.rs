@@ -249,7 +249,7 @@ impl RecordRef {
         self.header().stored_at
     }
 
-    /// Note that this record was served, for the eviction policy (CLOCK's referenced bit;
+    /// Note that this record was served, for the eviction policy (its CLOCK use count;
     /// see `Segment::mark_referenced` for why this is cheap enough for every hit).
     /// `Store::lookup` calls it.
     #[inline]

@@ -8,10 +8,11 @@
 //! touch mapped bytes past the durable, published end (that would be SIGBUS).
 //!
 //! With a capacity (`StoreOptions::capacity_bytes`), each segment also carries the eviction
-//! policy's "referenced" bits: one bit per possible record start (`header offset / 80`:
-//! records are at least one 80-byte header long, so no two share a slot), set on the hit
-//! path by `RecordRef::touch` and read when the segment is evicted (see the store module doc).
-//! Without a capacity the bitset is empty and marking is one bounds check.
+//! policy's use counts: 2 bits per possible record start (`header offset / 80`: records are
+//! at least one 80-byte header long, so no two share a slot), counted up on the hit path by
+//! `RecordRef::touch` and read when the segment is evicted (see the store module doc): 2 bits
+//! per 80 bytes of reservation, 0.3% of the segment size in memory. Without a capacity the
+//! table is empty and marking is one bounds check.
 //!
 //! What the kernel cannot protect against: another process truncating or rewriting the file
 //! under us. The `LOCK` file keeps other magnetar writers out; nothing keeps `truncate(1)` out.
@@ -30,6 +31,11 @@ use super::record::HEADER_BYTES;
 use super::Access;
 
 pub(crate) const SEGMENTS_DIR: &str = "segments";
+
+/// A record's use count saturates here (2 bits): served that often in one eviction round,
+/// it survives up to this many rounds without another request.
+pub(crate) const USES_MAX: u64 = 3;
+const USES_PER_WORD: usize = 32;
 
 pub(crate) fn segment_file_name(shard: usize, seq: u64) -> String {
     format!("seg-{shard:03}-{seq:08}.mseg")
@@ -52,9 +58,9 @@ pub struct Segment {
     seq: u64,
     file: File,
     map: MmapRaw,
-    /// Eviction's "referenced" bits, one per `HEADER_BYTES` of reservation; empty when the
-    /// store has no capacity bound.
-    referenced: Box<[AtomicU64]>,
+    /// Eviction's use counts, 2 bits per `HEADER_BYTES` of reservation; empty when the store
+    /// has no capacity bound.
+    uses: Box<[AtomicU64]>,
 }
 
 impl Segment {
@@ -110,7 +116,7 @@ impl Segment {
         let reserved = reserved.max(1);
         let map = MmapOptions::new().len(reserved).map_raw_read_only(&file)?;
         let words = if track_refs {
-            (reserved / HEADER_BYTES).div_ceil(64)
+            (reserved / HEADER_BYTES).div_ceil(USES_PER_WORD)
         } else {
             0
         };
@@ -120,35 +126,58 @@ impl Segment {
             seq,
             file,
             map,
-            referenced: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            uses: (0..words).map(|_| AtomicU64::new(0)).collect(),
         })
     }
 
-    /// Mark the record whose header is at `header_at` as served since its segment was last
-    /// considered for eviction.
+    /// Note that the record whose header is at `header_at` was served: its 2-bit use count
+    /// goes up by one, saturating at `USES_MAX`.
     ///
-    /// On the hit path, so: a relaxed load first, and the atomic OR only when the bit is not
-    /// yet set. A hot record's bit is almost always set already, so its cache line stays
-    /// shared and read-only across cores (no ping-pong); the OR runs once per record per
-    /// eviction round. Relaxed is enough: the bit is a hint that orders nothing else, and the
-    /// evictor reading a stale 0 costs at worst one record refetched later.
+    /// On the hit path, so: a relaxed load first, and an atomic compare-exchange only while
+    /// the count is below the maximum. A hot record's count is almost always saturated, so
+    /// its cache line stays shared and read-only across cores (no ping-pong); the RMW runs at
+    /// most `USES_MAX` times per record per eviction round. Relaxed is enough: the count is a
+    /// hint that orders nothing else, and the evictor reading a stale value costs at worst
+    /// one record refetched later, or kept one round longer.
     #[inline]
     pub(crate) fn mark_referenced(&self, header_at: usize) {
         let slot = header_at / HEADER_BYTES;
-        if let Some(word) = self.referenced.get(slot / 64) {
-            let bit = 1u64 << (slot % 64);
-            if word.load(Ordering::Relaxed) & bit == 0 {
-                word.fetch_or(bit, Ordering::Relaxed);
+        let Some(word) = self.uses.get(slot / USES_PER_WORD) else {
+            return;
+        };
+        let shift = (slot % USES_PER_WORD) * 2;
+        let mut cur = word.load(Ordering::Relaxed);
+        while (cur >> shift) & 3 < USES_MAX {
+            match word.compare_exchange_weak(
+                cur,
+                cur + (1 << shift),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(now) => cur = now,
             }
         }
     }
 
-    /// Whether the record at `header_at` was marked since the segment was created.
-    pub(crate) fn is_referenced(&self, header_at: usize) -> bool {
+    /// The use count of the record at `header_at` (0 ..= `USES_MAX`).
+    pub(crate) fn uses(&self, header_at: usize) -> u8 {
         let slot = header_at / HEADER_BYTES;
-        self.referenced
-            .get(slot / 64)
-            .is_some_and(|w| w.load(Ordering::Relaxed) & (1u64 << (slot % 64)) != 0)
+        self.uses.get(slot / USES_PER_WORD).map_or(0, |w| {
+            ((w.load(Ordering::Relaxed) >> ((slot % USES_PER_WORD) * 2)) & 3) as u8
+        })
+    }
+
+    /// Start the record at `header_at` (a copy, not yet published) with `n` uses.
+    pub(crate) fn set_uses(&self, header_at: usize, n: u8) {
+        let slot = header_at / HEADER_BYTES;
+        if let Some(word) = self.uses.get(slot / USES_PER_WORD) {
+            let shift = (slot % USES_PER_WORD) * 2;
+            let n = u64::from(n.min(USES_MAX as u8));
+            // Other slots of the word may be marked concurrently: only OR into our (zero) bits.
+            word.fetch_and(!(3 << shift), Ordering::Relaxed);
+            word.fetch_or(n << shift, Ordering::Relaxed);
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -255,20 +284,24 @@ mod tests {
     }
 
     #[test]
-    fn referenced_bits_are_per_record_slot() {
+    fn use_counts_are_per_record_slot_and_saturate() {
         let dir = tempfile::tempdir().unwrap();
         let seg = Segment::create(dir.path(), 0, 0, 1 << 16, true).unwrap();
         // Records at 0, 80 and 5200 (all possible starts: >= 80 bytes apart).
         for at in [0, 80, 5200] {
-            assert!(!seg.is_referenced(at));
+            assert_eq!(seg.uses(at), 0);
         }
-        seg.mark_referenced(80);
-        seg.mark_referenced(80);
-        assert!(seg.is_referenced(80));
-        assert!(!seg.is_referenced(0) && !seg.is_referenced(5200));
+        for _ in 0..10 {
+            seg.mark_referenced(80);
+        }
+        seg.mark_referenced(5200);
+        assert_eq!(seg.uses(80), USES_MAX as u8);
+        assert_eq!((seg.uses(0), seg.uses(160), seg.uses(5200)), (0, 0, 1));
+        seg.set_uses(0, 2);
+        assert_eq!((seg.uses(0), seg.uses(80)), (2, 3));
         // Untracked segments ignore marks.
         let plain = Segment::create(dir.path(), 0, 1, 1 << 16, false).unwrap();
         plain.mark_referenced(80);
-        assert!(!plain.is_referenced(80));
+        assert_eq!(plain.uses(80), 0);
     }
 }
