@@ -365,3 +365,75 @@ fn fetch_command_writes_a_torrent_and_stores_it() {
     );
     assert!(String::from_utf8_lossy(&m.stdout).contains("dn=one-shot"));
 }
+
+/// Stored, non-private torrents are announced to the DHT, so a swarm finds magnetar
+/// without x.pe; a private one is never announced (BEP 27).
+#[test]
+fn stored_hashes_are_announced_to_the_dht_but_private_ones_are_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let fixtures = repo_path("tests/fixtures/torrents");
+    run_ok(
+        std::process::Command::new(magnetar_bin())
+            .args(["import", "--data-dir"])
+            .arg(&data)
+            .arg(fixtures.join("v1_single.torrent"))
+            .arg(fixtures.join("v1_multi.torrent")),
+    );
+    let hash = |name: &str| -> [u8; 20] {
+        let text = std::fs::read_to_string(fixtures.join(format!("{name}.hashes"))).unwrap();
+        hex::decode(text.split_whitespace().next().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap()
+    };
+    let (public, private) = (hash("v1_single"), hash("v1_multi"));
+
+    let testnet = mainline::Testnet::builder(8).build().unwrap();
+    let mut flags: Vec<String> = ["--threads", "2", "--dht-announces-per-second-max", "50"]
+        .map(String::from)
+        .to_vec();
+    for b in &testnet.bootstrap {
+        flags.extend(["--dht-bootstrap".into(), b.clone()]);
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = ServerProc::start(&data, &flags);
+    let port = server.addr.port();
+
+    let client = mainline::Dht::builder()
+        .bootstrap(&testnet.bootstrap)
+        .build()
+        .unwrap();
+    let finds = |key: [u8; 20]| {
+        client
+            .get_peers(mainline::Id::from_bytes(key).unwrap())
+            .flatten()
+            .any(|p| p.port() == port)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !finds(public) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "magnetar never showed up in the DHT"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // The announcer goes round every stored record once, then sleeps for the re-announce
+    // interval: give it time to reach the private one too, then count what it announced.
+    std::thread::sleep(Duration::from_secs(3));
+    let metrics = ureq::get(&format!("http://{}/metrics", server.admin.unwrap()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let announced: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("magnetar_dht_announces_started_total "))
+        .expect("announce counter in /metrics")
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(announced, 1, "only the public torrent's key is announced");
+    assert!(!finds(private), "a private torrent was announced");
+}
