@@ -218,6 +218,9 @@ fn next_rand(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// An acknowledged insert: info-hash, info dict, and whether it was an upload (else a fill).
+type Acked = ([u8; 20], Vec<u8>, bool);
+
 const KILL_CYCLES: usize = 10;
 const UPLOADERS: u64 = 2;
 const FILLERS: usize = 2;
@@ -288,7 +291,7 @@ fn sigkill_during_uploads_and_fills_loses_no_acknowledged_record() {
         }
 
         let stop = Arc::new(AtomicBool::new(false));
-        let got: Arc<Mutex<Vec<([u8; 20], Vec<u8>, bool)>>> = Arc::default();
+        let got: Arc<Mutex<Vec<Acked>>> = Arc::default();
         let mut threads = Vec::new();
         for u in 0..UPLOADERS {
             let (stop, got, admin) = (stop.clone(), got.clone(), s.admin);
