@@ -42,15 +42,9 @@ use crate::wire::{
     decode_frame, decode_handshake_head, decode_metadata, encode_handshake, encode_have_none,
     encode_keepalive, encode_metadata_data_header, encode_metadata_reject, encode_metadata_request,
     metadata_piece_count, metadata_piece_range, Decoded, ExtHandshake, Frame, MetadataMsg, Pex,
-    Reserved, WireError, HANDSHAKE_HEAD_LEN, HANDSHAKE_LEN,
+    Reserved, WireError, CLIENT_VERSION, HANDSHAKE_HEAD_LEN, HANDSHAKE_LEN, OUR_UT_METADATA_ID,
+    OUR_UT_PEX_ID,
 };
-
-/// The id peers must use for ut_metadata messages they send us (the same as libtorrent's).
-pub const OUR_UT_METADATA_ID: u8 = 2;
-
-/// The id peers must use for ut_pex messages they send us; offered only while we wait
-/// for a miss, where the peers a client knows can help the fetch.
-pub const OUR_UT_PEX_ID: u8 = 1;
 
 /// Peers taken from one ut_pex message (BEP 11 caps a message at 50 added peers).
 const PEX_PEERS_PER_MESSAGE_MAX: usize = 50;
@@ -61,9 +55,6 @@ const READ_SPARE_MIN: usize = limits::READ_BUFFER_BYTES_INITIAL / 2;
 /// The smallest ut_metadata request frame: length (4) + id 20 + ext id +
 /// `d8:msg_typei0e5:piecei0ee` (25).
 const REQUEST_FRAME_BYTES_MIN: usize = 31;
-
-/// `v` in our extension handshake.
-pub const CLIENT_VERSION: &str = concat!("magnetar ", env!("CARGO_PKG_VERSION"));
 
 /// What every session on one worker shares.
 pub struct WorkerCtx {

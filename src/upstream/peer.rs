@@ -29,11 +29,9 @@ use crate::wire::{
     HANDSHAKE_LEN,
 };
 
-/// The id the peer must use for ut_metadata messages it sends us (libtorrent's value).
-pub const OUR_UT_METADATA_ID: u8 = 2;
+pub use crate::wire::OUR_UT_METADATA_ID;
 
-/// `v` in our extension handshake.
-const CLIENT_VERSION: &str = concat!("magnetar ", env!("CARGO_PKG_VERSION"));
+use crate::wire::CLIENT_VERSION;
 
 /// Requests in flight when the peer advertises no `reqq`. Our own server takes 250 per
 /// burst (`limits::REQUESTS_QUEUED_MAX`); libtorrent's default is far higher.

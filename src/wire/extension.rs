@@ -17,6 +17,16 @@ use crate::limits::EXT_HANDSHAKE_BYTES_MAX;
 /// Extended message id of the extension handshake itself.
 pub const EXT_HANDSHAKE_ID: u8 = 0;
 
+/// The id magnetar asks peers to use for ut_metadata messages they send it, as server and
+/// as fetcher (the same as libtorrent's; any 1–255 works, DESIGN.md point 4).
+pub const OUR_UT_METADATA_ID: u8 = 2;
+
+/// The id magnetar asks peers to use for ut_pex; offered only while a miss is fetched.
+pub const OUR_UT_PEX_ID: u8 = 1;
+
+/// `v` in every extension handshake magnetar sends.
+pub const CLIENT_VERSION: &str = concat!("magnetar ", env!("CARGO_PKG_VERSION"));
+
 /// The fields of an extension handshake that magnetar uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExtHandshake<'a> {

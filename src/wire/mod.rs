@@ -28,7 +28,7 @@ pub mod pex;
 mod golden_tests;
 
 pub use bencode::BencodeError;
-pub use extension::ExtHandshake;
+pub use extension::{ExtHandshake, CLIENT_VERSION, OUR_UT_METADATA_ID, OUR_UT_PEX_ID};
 pub use frame::{
     decode_frame, encode_cancel, encode_choke, encode_extended_header, encode_frame, encode_have,
     encode_have_all, encode_have_none, encode_interested, encode_keepalive, encode_not_interested,
