@@ -11,6 +11,19 @@ use std::sync::{Arc, Mutex};
 
 const IP_SHARDS: usize = 64;
 
+/// The address a per-IP budget is charged to: an IPv4 address, or the /64 of an IPv6
+/// one (what one host or subscriber usually controls: charging each of its 2^64
+/// addresses separately would give it unlimited budgets). v4-mapped v6 counts as v4.
+pub fn budget_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// `connections_max` reached.
@@ -56,6 +69,7 @@ impl ConnectionLimiter {
     }
 
     pub fn try_admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, Refusal> {
+        let ip = budget_key(ip);
         // Reserve a global slot first; give it back if the per-IP check fails.
         if self.open.fetch_add(1, Ordering::Relaxed) >= self.connections_max {
             self.open.fetch_sub(1, Ordering::Relaxed);
@@ -112,5 +126,19 @@ mod tests {
         drop(p1);
         assert_eq!(l.open(), 2);
         let _p4 = l.try_admit(a).unwrap();
+    }
+
+    #[test]
+    fn ipv6_hosts_are_charged_per_64() {
+        let l = ConnectionLimiter::new(100, 2);
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:2:abcd::7".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _p = (l.try_admit(a).unwrap(), l.try_admit(b).unwrap());
+        assert_eq!(l.try_admit(c).err(), Some(Refusal::PerIp), "same /64");
+        let _q = l.try_admit(other).unwrap();
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(budget_key(mapped), "127.0.0.1".parse::<IpAddr>().unwrap());
     }
 }

@@ -49,6 +49,12 @@ use crate::wire::{
 /// Peers taken from one ut_pex message (BEP 11 caps a message at 50 added peers).
 const PEX_PEERS_PER_MESSAGE_MAX: usize = 50;
 
+/// Peers taken from one connection's ut_pex messages over its life. PEX lets a client
+/// choose whom magnetar connects to; a real client sends one or two messages while it
+/// waits, so past this the messages are ignored (without it, one connection could point
+/// a fetch at its full 4096-candidate cap).
+const PEX_PEERS_PER_CONNECTION_MAX: usize = 100;
+
 /// Free room for each ordinary read: enough for a handshake plus a few requests.
 const READ_SPARE_MIN: usize = limits::READ_BUFFER_BYTES_INITIAL / 2;
 
@@ -231,6 +237,8 @@ struct Conn<'a> {
     assembler: Option<MetadataAssembler>,
     /// Metadata assembled from this peer and verified, waiting to be stored.
     assembled: Option<Vec<u8>>,
+    /// ut_pex peers taken from this connection so far.
+    pex_peers_taken: usize,
 }
 
 impl Conn<'_> {
@@ -395,7 +403,8 @@ impl Conn<'_> {
     }
 
     fn on_pex(&mut self, payload: &[u8]) {
-        if self.record.is_some() {
+        let budget = PEX_PEERS_PER_CONNECTION_MAX.saturating_sub(self.pex_peers_taken);
+        if self.record.is_some() || budget == 0 {
             return;
         }
         let Ok(pex) = Pex::decode(payload) else {
@@ -403,13 +412,14 @@ impl Conn<'_> {
         };
         let peers: Vec<PeerCandidate> = pex
             .added()
-            .take(PEX_PEERS_PER_MESSAGE_MAX)
+            .take(PEX_PEERS_PER_MESSAGE_MAX.min(budget))
             .map(|(addr, _flags)| PeerCandidate {
                 addr,
                 source: PeerSource::Pex,
             })
             .collect();
         if !peers.is_empty() {
+            self.pex_peers_taken += peers.len();
             self.ctx.stats.pex_peers_received.add(peers.len() as u64);
             self.ctx.upstream.send(
                 &self.key,
@@ -539,6 +549,7 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<WorkerCtx>) ->
         held: Vec::new(),
         assembler: None,
         assembled: None,
+        pex_peers_taken: 0,
     };
     if let Some(record) = record {
         conn.become_ready(record, &mut out);
@@ -571,6 +582,9 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<WorkerCtx>) ->
             Err(end) => return end,
         };
         rbuf.drain(..consumed);
+        if consumed > 0 {
+            last_rx = Instant::now();
+        }
 
         if let Some(info) = conn.assembled.take() {
             // The client gave us the metadata and it verified: store it (off this core),
@@ -629,7 +643,8 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<WorkerCtx>) ->
                 read_or_wake(&mut stream, &mut rbuf, deadline, spare_min, waiter.as_ref()).await;
             match wake {
                 Wake::Read(ReadOutcome::Data { filled }) => {
-                    last_rx = Instant::now();
+                    // `last_rx` moves only when a whole frame arrives (above): a peer
+                    // trickling one byte of a frame per idle period is idle.
                     burst_goes_on = filled;
                     break;
                 }

@@ -168,7 +168,8 @@ impl Upstream {
 
     /// Per-IP miss budget: false when `ip` caused too many misses this minute.
     pub fn admit_miss_from(&self, ip: IpAddr) -> bool {
-        self.misses_per_ip.try_hit(&ip)
+        self.misses_per_ip
+            .try_hit(&crate::server::limiter::budget_key(ip))
     }
 
     /// Starts or joins the fetch of `key`; the receiver yields the outcome once.
