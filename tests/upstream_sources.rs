@@ -26,7 +26,6 @@ const H1: [u8; 20] =
 const H2: [u8; 20] = *b"magnetar-test-hash-2";
 const H3: [u8; 20] = *b"magnetar-test-hash-3";
 const UNLISTED: [u8; 20] = *b"not-in-the-whitelist";
-/// In every whitelist: announced until opentracker has loaded its whitelist.
 
 fn req(info_hash: [u8; 20], peer_id: &[u8; 20], port: u16) -> AnnounceRequest {
     AnnounceRequest {
