@@ -26,13 +26,22 @@ fn ext_handshake() -> Vec<u8> {
 fn codec(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode");
     let mut hs = Vec::new();
-    encode_handshake(&mut hs, Reserved::ours(true, false, false), &[7; 20], &[9; 20]);
-    g.bench_function("handshake_head", |b| b.iter(|| decode_handshake_head(black_box(&hs))));
+    encode_handshake(
+        &mut hs,
+        Reserved::ours(true, false, false),
+        &[7; 20],
+        &[9; 20],
+    );
+    g.bench_function("handshake_head", |b| {
+        b.iter(|| decode_handshake_head(black_box(&hs)))
+    });
     let ext = ext_handshake();
     g.bench_function("frame+ext_handshake", |b| {
         b.iter(|| {
-            let Ok(magnetar::wire::Decoded::Done(magnetar::wire::Frame::Extended { payload, .. }, _)) =
-                decode_frame(black_box(&ext))
+            let Ok(magnetar::wire::Decoded::Done(
+                magnetar::wire::Frame::Extended { payload, .. },
+                _,
+            )) = decode_frame(black_box(&ext))
             else {
                 unreachable!()
             };
@@ -43,8 +52,10 @@ fn codec(c: &mut Criterion) {
     encode_metadata_request(&mut req, 3, 5);
     g.bench_function("frame+metadata_request", |b| {
         b.iter(|| {
-            let Ok(magnetar::wire::Decoded::Done(magnetar::wire::Frame::Extended { payload, .. }, _)) =
-                decode_frame(black_box(&req))
+            let Ok(magnetar::wire::Decoded::Done(
+                magnetar::wire::Frame::Extended { payload, .. },
+                _,
+            )) = decode_frame(black_box(&req))
             else {
                 unreachable!()
             };
@@ -56,8 +67,10 @@ fn codec(c: &mut Criterion) {
     data.extend(vec![0u8; 16384]);
     g.bench_function("frame+metadata_data_16k", |b| {
         b.iter(|| {
-            let Ok(magnetar::wire::Decoded::Done(magnetar::wire::Frame::Extended { payload, .. }, _)) =
-                decode_frame(black_box(&data))
+            let Ok(magnetar::wire::Decoded::Done(
+                magnetar::wire::Frame::Extended { payload, .. },
+                _,
+            )) = decode_frame(black_box(&data))
             else {
                 unreachable!()
             };
@@ -71,7 +84,12 @@ fn codec(c: &mut Criterion) {
     g.bench_function("handshake", |b| {
         b.iter(|| {
             out.clear();
-            encode_handshake(&mut out, Reserved::ours(true, false, false), black_box(&[7; 20]), &[9; 20])
+            encode_handshake(
+                &mut out,
+                Reserved::ours(true, false, false),
+                black_box(&[7; 20]),
+                &[9; 20],
+            )
         })
     });
     g.bench_function("ext_handshake", |b| {

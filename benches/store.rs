@@ -46,12 +46,16 @@ fn store(c: &mut Criterion) {
         let info = synth::info_dict(3, size);
         let hashes = validate_info(&info).unwrap().hashes;
         g.throughput(Throughput::Bytes(info.len() as u64));
-        g.bench_with_input(BenchmarkId::new("validate_info", info.len()), &info, |b, info| {
-            b.iter(|| validate_info(black_box(info)).unwrap())
-        });
-        g.bench_with_input(BenchmarkId::new("verify_info", info.len()), &info, |b, info| {
-            b.iter(|| verify_info(black_box(info), &hashes))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("validate_info", info.len()),
+            &info,
+            |b, info| b.iter(|| validate_info(black_box(info)).unwrap()),
+        );
+        g.bench_with_input(
+            BenchmarkId::new("verify_info", info.len()),
+            &info,
+            |b, info| b.iter(|| verify_info(black_box(info), &hashes)),
+        );
     }
     g.finish();
 }
