@@ -14,6 +14,8 @@
 
 pub mod admin;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzz_entry;
 pub mod import;
 pub mod limits;
 pub mod magnet;
