@@ -712,7 +712,7 @@ impl Store {
         let tombs = self.tombstones.lock().unwrap_or_else(|p| p.into_inner());
         hashes
             .handshake_keys()
-            .filter_map(|k| tombs.get(&k).map(|t| t + 1))
+            .filter_map(|k| tombs.get(&k).map(|t| t.saturating_add(1)))
             .fold(unix_now(), u64::max)
     }
 
