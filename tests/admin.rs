@@ -368,3 +368,30 @@ fn delete_removes_and_blocks_across_a_restart() {
     assert!(m.contains("magnetar_recovery_tombstones 1\n"), "{m}");
     assert!(m.contains("magnetar_blocklist_entries 3\n"), "{m}");
 }
+
+#[path = "common/bep9.rs"]
+#[allow(dead_code)]
+mod bep9;
+
+/// Times served: every connection handed a record counts once, under whichever key the
+/// client used (a hybrid's v1 and v2 keys add up), summed over cores; the status page
+/// lists the most served.
+#[test]
+fn times_served_counts_connections_per_torrent() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Served::start(&dir.path().join("d"), &[]);
+    assert_eq!(upload(&s, "hybrid_single.torrent").status, 201);
+    let (v1, v2) = fixture_hashes("hybrid_single");
+    let (v1, v2) = (v1.unwrap(), v2.unwrap());
+    let key1: [u8; 20] = hex::decode(&v1).unwrap().try_into().unwrap();
+    let key2: [u8; 20] = hex::decode(&v2[..40]).unwrap().try_into().unwrap();
+    for key in [key1, key1, key2] {
+        bep9::fetch_metadata(s.listen, &key, Duration::from_secs(10)).unwrap();
+    }
+    let j = get(&s.url(&format!("/torrents/{v2}"))).json();
+    assert_eq!(j["times_served"], 3, "{j}");
+    let page = get(&s.url("/")).text();
+    let top = &page[page.find("id=\"top\"").expect("top served table")..];
+    let top = &top[..top.find("</table>").unwrap()];
+    assert!(top.contains(&v1) && top.contains("<td>3</td>"), "{top}");
+}

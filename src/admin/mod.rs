@@ -424,6 +424,10 @@ fn hashes_json(h: &InfoHashes) -> (serde_json::Value, serde_json::Value) {
 fn torrent_json(state: &AdminState, record: &RecordRef) -> serde_json::Value {
     let summary = metainfo::validate_info(record.info());
     let hashes = record.hashes();
+    let times_served: u64 = hashes
+        .handshake_keys()
+        .map(|k| state.cores().iter().map(|c| c.served.get(&k)).sum::<u64>())
+        .sum();
     let (v1, v2) = hashes_json(&hashes);
     let (name, total, files, piece_length, private) = match &summary {
         Ok(s) => (
@@ -446,9 +450,8 @@ fn torrent_json(state: &AdminState, record: &RecordRef) -> serde_json::Value {
         "private": private,
         "metadata_size": record.len(),
         "stored_at": record.stored_at(),
-        // Not tracked per record: a per-record counter would be state shared by every
-        // core on the hit path. Per-core totals are in /metrics.
-        "times_served": serde_json::Value::Null,
+        // Connections that were handed this record, summed over cores and over its keys.
+        "times_served": times_served,
         "magnet": magnet,
     })
 }

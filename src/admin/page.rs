@@ -93,6 +93,32 @@ pub(super) fn message_page(status: StatusCode, msg: &str) -> Response {
     html(status, page("magnetar", &body))
 }
 
+/// The most served stored torrents: the cores' per-hash counts merged, a hybrid's two
+/// keys added up.
+fn top_served(state: &AdminState) -> Vec<(RecordRef, u64)> {
+    let mut counts = std::collections::HashMap::new();
+    for core in state.cores() {
+        core.served.merge_into(&mut counts);
+    }
+    let mut per_record: Vec<(RecordRef, u64)> = Vec::new();
+    for (key, count) in counts {
+        let Some(r) = state.store.lookup(&key) else {
+            continue;
+        };
+        match per_record.iter_mut().find(|(x, _)| x.same_record(&r)) {
+            Some((_, c)) => *c += count,
+            None => per_record.push((r, count)),
+        }
+        if per_record.len() > 4 * RECENT_MAX {
+            per_record.sort_by(|a, b| b.1.cmp(&a.1));
+            per_record.truncate(2 * RECENT_MAX);
+        }
+    }
+    per_record.sort_by(|a, b| b.1.cmp(&a.1));
+    per_record.truncate(RECENT_MAX);
+    per_record
+}
+
 fn recent_records(state: &AdminState) -> Vec<RecordRef> {
     // Min-heap of (stored_at, n) keeps the newest RECENT_MAX in one pass over the index.
     let mut heap: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
@@ -178,7 +204,25 @@ pub(super) async fn status_page(State(state): State<Arc<AdminState>>) -> Respons
         );
     }
     b.push_str("</table>\n");
-    b.push_str("<h2>Recently stored</h2>\n<p>Times served are not counted per torrent (that would be state shared by every core on the hit path); see <a href=\"/metrics\">/metrics</a> for totals.</p>\n<table id=\"recent\"><tr><th>Name</th><th>Size</th><th>Stored</th><th>Info-hash</th></tr>");
+    b.push_str("<h2>Top served</h2>\n<table id=\"top\"><tr><th>Name</th><th>Times served</th><th>Info-hash</th></tr>");
+    for (r, count) in top_served(&state) {
+        let hashes = r.hashes();
+        let hex = hashes
+            .v1
+            .map(hex::encode)
+            .or(hashes.v2.map(hex::encode))
+            .unwrap_or_default();
+        let name = metainfo::validate_info(r.info())
+            .map(|s| s.name)
+            .unwrap_or_else(|_| "?".into());
+        let _ = write!(
+            b,
+            "<tr><td><a href=\"/torrents/{hex}.torrent\">{}</a></td><td>{count}</td><td><code>{hex}</code></td></tr>",
+            escape(&name)
+        );
+    }
+    b.push_str("</table>\n");
+    b.push_str("<h2>Recently stored</h2>\n<table id=\"recent\"><tr><th>Name</th><th>Size</th><th>Stored</th><th>Info-hash</th></tr>");
     let now = unix_now();
     for r in recent_records(&state) {
         let hashes = r.hashes();

@@ -274,6 +274,7 @@ impl Conn<'_> {
     /// The metadata is here: announce it (first or second extension handshake) and
     /// answer every held request.
     fn become_ready(&mut self, record: RecordRef, out: &mut OutBatch) {
+        self.ctx.stats.served.bump(&self.key);
         self.record = Some(record);
         self.assembler = None;
         let first = !self.ext_sent;

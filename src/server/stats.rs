@@ -27,12 +27,55 @@ impl Counter {
     }
 }
 
+/// Distinct info-hashes one core counts served connections for; past it new hashes are
+/// not counted (the counts are for the status page and the JSON, not for billing), so an
+/// attacker cycling stored hashes cannot grow the table: ~40 B an entry, 4 MB a core.
+pub const SERVED_KEYS_PER_CORE_MAX: usize = 100_000;
+
+/// Connections served per info-hash (handshake key) on one core. Only its core writes,
+/// under an uncontended lock taken once per served connection (not per block); the admin
+/// plane merges the cores at read time. Per-core, so no cache line is shared between cores
+/// on the hit path.
+#[derive(Default, Debug)]
+pub struct ServedCounts(std::sync::Mutex<std::collections::HashMap<[u8; 20], u64>>);
+
+impl ServedCounts {
+    fn table(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<[u8; 20], u64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn bump(&self, key: &[u8; 20]) {
+        let mut t = self.table();
+        let full = t.len() >= SERVED_KEYS_PER_CORE_MAX;
+        if let Some(c) = t.get_mut(key) {
+            *c += 1;
+        } else if !full {
+            t.insert(*key, 1);
+        }
+    }
+
+    pub fn get(&self, key: &[u8; 20]) -> u64 {
+        self.table().get(key).copied().unwrap_or(0)
+    }
+
+    /// Adds this core's counts into `into`.
+    pub fn merge_into(&self, into: &mut std::collections::HashMap<[u8; 20], u64>) {
+        for (k, c) in self.table().iter() {
+            *into.entry(*k).or_insert(0) += c;
+        }
+    }
+}
+
 macro_rules! core_stats {
     ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
         /// One worker's counters; padded so two cores never share a cache line.
         #[derive(Default, Debug)]
         #[repr(align(128))]
-        pub struct CoreStats { $($(#[doc = $doc])* pub $name: Counter,)* }
+        pub struct CoreStats {
+            $($(#[doc = $doc])* pub $name: Counter,)*
+            /// Connections served per info-hash on this core.
+            pub served: ServedCounts,
+        }
 
         /// A plain-number sum over cores.
         #[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
