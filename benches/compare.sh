@@ -110,6 +110,23 @@ start_server() {
   echo "server $which did not start:"; cat "$log"; exit 1
 }
 
+# A server is "ready" when it answers: libtorrent prints its port long before it has
+# added a thousand torrents, so fetch the last-added hashes until they all succeed
+# (bounded: READY_MAX_S, default 300 s), before the warm-up and the measured runs.
+wait_serving() {
+  local which=$1 deadline=$(( $(date +%s) + ${READY_MAX_S:-300} ))
+  tail -n 8 "$DATA/hashes.txt" > "$DATA/probe.txt"
+  while [ "$(date +%s)" -lt "$deadline" ]; do
+    local errors
+    errors=$(taskset -c "$LOADGEN_CPU" "$L" --target "127.0.0.1:$PORT" --hashes "$DATA/probe.txt" \
+      --connections 8 --fetches 16 --timeout 10 --threads 1 --json 2>/dev/null | tail -1 |
+      $PY -c 'import json,sys; print(json.load(sys.stdin)["errors"])' 2>/dev/null || echo 1)
+    [ "$errors" = 0 ] && return 0
+    sleep 2
+  done
+  echo "   $which never answered the probe within ${READY_MAX_S:-300} s; measuring anyway"
+}
+
 stop_server() {
   kill "$SERVER_PID" 2>/dev/null || true
   wait "$SERVER_PID" 2>/dev/null || true
@@ -164,6 +181,7 @@ for run in $(seq "$RUNS"); do
   for which in $SERVERS; do
     echo "== run $run: $which"
     start_server "$which"
+    wait_serving "$which"
     # Warm-up (not recorded): first connections, page cache, and libtorrent's lazy set-up
     # (its first answers after start-up take seconds, longer with more torrents).
     taskset -c "$LOADGEN_CPU" "$L" --target "127.0.0.1:$PORT" --hashes "$DATA/hashes.txt" \
