@@ -62,7 +62,7 @@ fn tracker_miss(label: &str, udp: bool) {
         tracker.http_url()
     };
     let seed = LtSeed::start(
-        &t.path,
+        &[&t.path],
         &content_dir(&tdir),
         &["--tracker".into(), tracker.http_url()],
     );
@@ -100,7 +100,7 @@ fn miss_filled_through_local_dht() {
     let torrents = make_lt_torrents(&tdir);
     let t = &torrents["v1-small"];
     let key = t.key();
-    let seed = LtSeed::start(&t.path, &content_dir(&tdir), &[]);
+    let seed = LtSeed::start(&[&t.path], &content_dir(&tdir), &[]);
 
     let testnet = mainline::Testnet::builder(8).build().unwrap();
     let announcer = mainline::Dht::builder()
@@ -135,7 +135,7 @@ fn connecting_seed_fills_the_miss_itself() {
     let data = tmp.path().join("data");
     let server = ServerProc::start(&data, &OFFLINE);
     let _seed = LtSeed::start(
-        &t.path,
+        &[&t.path],
         &content_dir(&tdir),
         &["--connect-peer".into(), server.addr.to_string()],
     );

@@ -6,12 +6,10 @@
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::BTreeMap;
 use std::future::Future;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -98,11 +96,6 @@ fn v1_key(info: &[u8]) -> [u8; 20] {
     Sha1::digest(info).into()
 }
 
-fn hex20(s: &str) -> [u8; 20] {
-    let v = hex::decode(s).unwrap();
-    v[..20].try_into().unwrap()
-}
-
 fn peer_cfg(key: [u8; 20], peer_timeout: Duration) -> PeerFetchConfig {
     PeerFetchConfig {
         key,
@@ -141,108 +134,28 @@ fn candidates(list: &[(SocketAddr, PeerSource)], close: bool) -> flume::Receiver
 // ---------------------------------------------------------------------------------------
 // libtorrent
 
-struct LtTorrent {
-    info: Vec<u8>,
-    v1: Option<[u8; 20]>,
-    /// Truncated to the 20-byte handshake key.
-    v2: Option<[u8; 20]>,
-    metadata_pieces: u64,
-}
-
-fn make_torrents(dir: &Path) -> BTreeMap<String, LtTorrent> {
-    run_ok(
-        Command::new(PYTHON)
-            .arg(repo_path("tests/interop/lt_client.py"))
-            .arg("make-torrents")
-            .arg(dir),
-    );
-    let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
-    let parsed: BTreeMap<String, serde_json::Value> = serde_json::from_str(&manifest).unwrap();
-    parsed
-        .into_iter()
-        .map(|(label, f)| {
-            let text = |k: &str| f.get(k).and_then(|v| v.as_str()).map(str::to_string);
-            let bytes = std::fs::read(text("torrent").unwrap()).unwrap();
-            let span = magnetar::metainfo::info_span(&bytes).unwrap();
-            let t = LtTorrent {
-                info: bytes[span].to_vec(),
-                v1: text("v1").map(|h| hex20(&h)),
-                v2: text("v2").map(|h| hex20(&h)),
-                metadata_pieces: f["metadata_pieces"].as_u64().unwrap(),
-            };
-            (label, t)
-        })
-        .collect()
-}
-
-/// `lt_client.py seed`, killed on drop.
-struct LtSeed {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl LtSeed {
-    fn start(dir: &Path, labels: &[&str]) -> LtSeed {
-        let log = std::fs::File::create(dir.join("seed.log")).unwrap();
-        let mut cmd = Command::new(PYTHON);
-        cmd.arg(repo_path("tests/interop/lt_client.py")).arg("seed");
-        for l in labels {
-            cmd.arg(dir.join(format!("{l}.torrent")));
-        }
-        let mut child = cmd
-            .arg(dir.join("content"))
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawning lt_client.py seed");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(port) = line.strip_prefix("listening ") {
-                    let _ = tx.send(port.trim().parse::<u16>().unwrap());
-                }
-            }
-        });
-        let port = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("libtorrent seed did not print `listening PORT` within 60 s");
-        LtSeed {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        }
-    }
-}
-
-impl Drop for LtSeed {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn fetch_from_peer_gets_v1_v2_hybrid_metadata_from_libtorrent() {
     require_libtorrent();
     let tmp = tempfile::tempdir().unwrap();
-    let torrents = make_torrents(tmp.path());
+    let torrents = make_lt_torrents(tmp.path());
     let labels = ["v1-small", "v1-large", "v2-large", "hybrid-large"];
-    let seed = LtSeed::start(tmp.path(), &labels);
+    let paths: Vec<&Path> = labels.iter().map(|l| torrents[*l].path.as_path()).collect();
+    let seed = LtSeed::start(&paths, &tmp.path().join("content"), &[]);
     assert_eq!(torrents["v1-small"].metadata_pieces, 1);
     assert!(torrents["v1-large"].metadata_pieces >= 5);
     // (label, key): every torrent by each of its handshake keys.
     let mut cases = Vec::new();
     for l in labels {
         let t = &torrents[l];
-        cases.extend(t.v1.map(|k| (l, k)));
-        cases.extend(t.v2.map(|k| (l, k)));
+        cases.extend(t.v1_key().map(|k| (l, k)));
+        cases.extend(t.v2_key().map(|k| (l, k)));
     }
     assert_eq!(cases.len(), 5);
     on_both_drivers(|| async {
         for &(label, key) in &cases {
             let cfg = peer_cfg(key, Duration::from_secs(20));
-            let info = fetch_from_peer(seed.addr, &cfg)
+            let info = fetch_from_peer(seed.addr(), &cfg)
                 .await
                 .unwrap_or_else(|e| panic!("{label} by {}: {e}", hex::encode(key)));
             assert!(info == torrents[label].info, "{label}: bytes differ");
@@ -254,16 +167,20 @@ fn fetch_from_peer_gets_v1_v2_hybrid_metadata_from_libtorrent() {
 fn a_liar_next_to_a_libtorrent_seed_is_banned_and_the_seed_wins() {
     require_libtorrent();
     let tmp = tempfile::tempdir().unwrap();
-    let torrents = make_torrents(tmp.path());
-    let seed = LtSeed::start(tmp.path(), &["v1-large"]);
+    let torrents = make_lt_torrents(tmp.path());
+    let seed = LtSeed::start(
+        &[&torrents["v1-large"].path],
+        &tmp.path().join("content"),
+        &[],
+    );
     let t = &torrents["v1-large"];
-    let key = t.v1.unwrap();
+    let key = t.v1_key().unwrap();
     let liar = TestPeer::spawn(t.info.clone(), key, Behaviour::Liar);
     // One peer at a time, liar first: it is certainly tried to the end.
     let rx = candidates(
         &[
             (liar.addr, PeerSource::Tracker),
-            (seed.addr, PeerSource::Dht),
+            (seed.addr(), PeerSource::Dht),
             (liar.addr, PeerSource::Pex),
         ],
         true,
@@ -276,7 +193,7 @@ fn a_liar_next_to_a_libtorrent_seed_is_banned_and_the_seed_wins() {
     ))
     .unwrap();
     assert!(ok.info == t.info);
-    assert_eq!(ok.from.addr, seed.addr);
+    assert_eq!(ok.from.addr, seed.addr());
     assert_eq!(ok.banned, vec![liar.addr]);
     assert_eq!(
         ok.peers_tried, 2,
@@ -285,7 +202,7 @@ fn a_liar_next_to_a_libtorrent_seed_is_banned_and_the_seed_wins() {
     assert!(!ok.summary.private);
     let events: Vec<FetchEvent> = ev_rx.drain().collect();
     assert!(events.contains(&FetchEvent::Banned(liar.addr)));
-    assert!(events.contains(&FetchEvent::Connected(seed.addr)));
+    assert!(events.contains(&FetchEvent::Connected(seed.addr())));
     let found = events
         .iter()
         .filter(|e| matches!(e, FetchEvent::PeerFound(_)))
@@ -293,7 +210,7 @@ fn a_liar_next_to_a_libtorrent_seed_is_banned_and_the_seed_wins() {
     assert_eq!(found, 2);
     assert!(events.iter().any(|e| matches!(
         e,
-        FetchEvent::Piece { addr, received: 8, total: 8 } if *addr == seed.addr
+        FetchEvent::Piece { addr, received: 8, total: 8 } if *addr == seed.addr()
     )));
 }
 

@@ -251,11 +251,13 @@ pub struct LtSeed {
 }
 
 impl LtSeed {
-    pub fn start(torrent: &Path, content: &Path, extra: &[String]) -> LtSeed {
+    /// Seeds every torrent in `torrents` (content under `content`); `extra` are
+    /// lt_client.py seed flags (--tracker, --connect-peer, ...).
+    pub fn start(torrents: &[&Path], content: &Path, extra: &[String]) -> LtSeed {
         let mut child = Command::new(PYTHON)
             .arg(repo_path("tests/interop/lt_client.py"))
             .arg("seed")
-            .arg(torrent)
+            .args(torrents)
             .arg(content)
             .args(extra)
             .stdout(Stdio::piped())
@@ -297,9 +299,24 @@ pub struct LtTorrent {
     pub info: Vec<u8>,
     pub v1: Option<String>,
     pub v2: Option<String>,
+    pub metadata_pieces: u64,
 }
 
 impl LtTorrent {
+    /// The v1 info-hash as a handshake key.
+    pub fn v1_key(&self) -> Option<[u8; 20]> {
+        self.v1
+            .as_ref()
+            .map(|h| hex::decode(h).unwrap().try_into().unwrap())
+    }
+
+    /// The v2 info-hash truncated to the 20-byte handshake key.
+    pub fn v2_key(&self) -> Option<[u8; 20]> {
+        self.v2
+            .as_ref()
+            .map(|h| hex::decode(&h[..40]).unwrap().try_into().unwrap())
+    }
+
     /// The 20 bytes a client puts in its handshake.
     pub fn key(&self) -> [u8; 20] {
         let hex = self
@@ -340,6 +357,7 @@ pub fn make_lt_torrents(dir: &Path) -> std::collections::BTreeMap<String, LtTorr
                 info: bytes[span].to_vec(),
                 v1: text("v1"),
                 v2: text("v2"),
+                metadata_pieces: f["metadata_pieces"].as_u64().unwrap(),
             };
             (label, t)
         })
