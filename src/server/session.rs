@@ -114,6 +114,7 @@ async fn read_or_wake(
     deadline: Instant,
     spare_min: usize,
     waiter: Option<&flume::Receiver<FetchOutcome>>,
+    canceller: &mut Canceller,
 ) -> Wake {
     let mut owned = std::mem::take(buf);
     if owned.capacity() - owned.len() < spare_min {
@@ -121,7 +122,6 @@ async fn read_or_wake(
     }
     let len = owned.len();
     let spare = owned.capacity() - len;
-    let canceller = Canceller::new();
     let mut read = pin!(stream.cancelable_read(owned.slice_mut(len..), canceller.handle()));
     let fetch = async {
         match waiter {
@@ -142,11 +142,11 @@ async fn read_or_wake(
     let (cancelled, (res, slice), fetched) = match first {
         First::Read(r) => (false, r, None),
         First::Deadline => {
-            let _ = canceller.cancel();
+            *canceller = std::mem::take(canceller).cancel();
             (true, read.await, None)
         }
         First::Fetch(f) => {
-            let _ = canceller.cancel();
+            *canceller = std::mem::take(canceller).cancel();
             (true, read.await, Some(f))
         }
     };
@@ -172,10 +172,10 @@ async fn write_before(
     stream: &mut TcpStream,
     mut batch: OutBatch,
     deadline: Instant,
+    canceller: &mut Canceller,
 ) -> (io::Result<()>, OutBatch) {
     batch.seal();
     while !batch.is_sent() {
-        let canceller = Canceller::new();
         let mut write = pin!(stream.cancelable_writev(batch, canceller.handle()));
         let first = monoio::select! {
             r = &mut write => Some(r),
@@ -184,7 +184,7 @@ async fn write_before(
         let (res, b) = match first {
             Some(r) => r,
             None => {
-                let _ = canceller.cancel();
+                *canceller = std::mem::take(canceller).cancel();
                 let (_, b) = write.await;
                 (
                     Err(io::Error::new(io::ErrorKind::TimedOut, "write deadline")),
@@ -474,6 +474,10 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<WorkerCtx>) ->
     let cfg = &ctx.cfg;
     let stats = &ctx.stats;
     let mut rbuf: Vec<u8> = Vec::with_capacity(limits::READ_BUFFER_BYTES_INITIAL);
+    // One canceller for the session's whole life: reads and writes register with it and
+    // deregister when they complete, so no allocation per read; only a cancelled one
+    // (deadline, fetch outcome) is replaced.
+    let mut canceller = Canceller::new();
 
     // Phase 1: the 48 bytes that name the info-hash.
     let handshake_deadline = Instant::now() + cfg.handshake_timeout;
@@ -492,6 +496,7 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<WorkerCtx>) ->
             handshake_deadline,
             READ_SPARE_MIN,
             None,
+            &mut canceller,
         )
         .await
         {
@@ -555,7 +560,13 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<WorkerCtx>) ->
     if let Some(record) = record {
         conn.become_ready(record, &mut out);
     }
-    let (res, batch) = write_before(&mut stream, out, Instant::now() + cfg.idle_timeout).await;
+    let (res, batch) = write_before(
+        &mut stream,
+        out,
+        Instant::now() + cfg.idle_timeout,
+        &mut canceller,
+    )
+    .await;
     out = batch;
     if res.is_err() {
         return SessionEnd::IoError;
@@ -610,8 +621,13 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<WorkerCtx>) ->
         if !out.is_empty() {
             let blocks = out.blocks();
             let bytes = out.payload_bytes();
-            let (res, batch) =
-                write_before(&mut stream, out, Instant::now() + cfg.idle_timeout).await;
+            let (res, batch) = write_before(
+                &mut stream,
+                out,
+                Instant::now() + cfg.idle_timeout,
+                &mut canceller,
+            )
+            .await;
             out = batch;
             if res.is_err() {
                 return SessionEnd::IoError;
@@ -640,8 +656,15 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<WorkerCtx>) ->
             } else {
                 READ_SPARE_MIN
             };
-            let wake =
-                read_or_wake(&mut stream, &mut rbuf, deadline, spare_min, waiter.as_ref()).await;
+            let wake = read_or_wake(
+                &mut stream,
+                &mut rbuf,
+                deadline,
+                spare_min,
+                waiter.as_ref(),
+                &mut canceller,
+            )
+            .await;
             match wake {
                 Wake::Read(ReadOutcome::Data { filled }) => {
                     // `last_rx` moves only when a whole frame arrives (above): a peer
@@ -683,7 +706,8 @@ pub async fn run(mut stream: TcpStream, peer: SocketAddr, ctx: Rc<WorkerCtx>) ->
                     }
                     if !out.is_empty() {
                         let (res, batch) =
-                            write_before(&mut stream, out, now + cfg.idle_timeout).await;
+                            write_before(&mut stream, out, now + cfg.idle_timeout, &mut canceller)
+                                .await;
                         out = batch;
                         if res.is_err() {
                             return SessionEnd::IoError;
