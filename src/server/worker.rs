@@ -126,12 +126,7 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
                 }
             }
         }
-        let mut peer_id = *b"-MG0100-000000000000";
-        // Distinct peer ids per worker and process; clients only compare them for equality.
-        let salt = (std::process::id() as u64) << 8 | index as u64;
-        for (i, b) in peer_id[8..].iter_mut().enumerate() {
-            *b = b'0' + ((salt >> (i * 3)) % 10) as u8;
-        }
+        let peer_id = crate::upstream::peer_id(index as u64);
         monoio::spawn(shard::run_shard(index, shard_mailbox, upstream.clone()));
         let ctx = Rc::new(WorkerCtx {
             store,

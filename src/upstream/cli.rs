@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use crate::magnet::{Magnet, PeerAddr};
 use crate::metainfo;
 use crate::upstream::config::UpstreamConfig;
-use crate::upstream::fetch::{self, FetchEvent, FetchSpec};
+use crate::upstream::fetch::{self, FetchEvent};
 use crate::upstream::tracker::{self, AnnounceRequest};
 use crate::upstream::{PeerCandidate, PeerSource};
 
@@ -61,13 +61,7 @@ pub fn run(args: FetchArgs) -> anyhow::Result<()> {
     let cfg = args.upstream;
     let started = Instant::now();
     let deadline = started + Duration::from_millis(cfg.fetch_timeout_ms);
-    let mut peer_id = *b"-MG0100-000000000000";
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    for (i, b) in peer_id[8..].iter_mut().enumerate() {
-        *b = b'0' + ((nanos >> (i * 5)) % 10) as u8;
-    }
+    let peer_id = crate::upstream::peer_id(0);
 
     // Sources: x.pe, parents, trackers (magnet tr + --tracker), the DHT.
     let (tx, rx) = flume::bounded::<PeerCandidate>(1024);
@@ -101,7 +95,7 @@ pub fn run(args: FetchArgs) -> anyhow::Result<()> {
             numwant: 50,
         };
         if let Err(e) =
-            tracker::spawn_announces(trackers.clone(), req, Duration::from_secs(15), tx.clone())
+            tracker::spawn_announces(trackers.clone(), req, cfg.tracker_timeout(), tx.clone())
         {
             eprintln!("warning: tracker announces not started: {e}");
         }
@@ -117,17 +111,7 @@ pub fn run(args: FetchArgs) -> anyhow::Result<()> {
     };
     drop(tx);
 
-    let spec = FetchSpec {
-        key,
-        peer_id,
-        metadata_bytes_max: cfg
-            .metadata_bytes_max
-            .min(crate::limits::METADATA_BYTES_MAX),
-        peers_max: cfg.peers_per_fetch_max.max(1),
-        connect_timeout: Duration::from_secs(5),
-        peer_timeout: Duration::from_secs(20),
-        deadline,
-    };
+    let spec = cfg.fetch_spec(key, peer_id, deadline);
     let (ev_tx, ev_rx) = flume::unbounded::<FetchEvent>();
     let printer = std::thread::spawn(move || {
         let (mut found, mut connected, mut failed) = (0usize, 0usize, 0usize);

@@ -1,6 +1,8 @@
 //! Settings of the miss path (`[upstream]` in the config file, flags on `serve`/`fetch`).
 //! Every bound on upstream work is here, named with its unit, with its reason.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
 /// How misses are filled and how much upstream work they may cause.
@@ -94,5 +96,45 @@ impl Default for UpstreamConfig {
             no_dht_announce: false,
             dht_announces_per_second_max: 2,
         }
+    }
+}
+
+/// Time to establish a TCP connection to an upstream peer: loopback and LAN peers answer in
+/// milliseconds, distant ones in hundreds; a peer that takes longer is not worth waiting
+/// for while other candidates queue.
+pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One upstream peer's whole exchange (connect, handshakes, every piece). Metadata is a few
+/// hundred KiB at most in practice; a peer slower than this is dropped for the next one.
+pub const PEER_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Longest a tracker announce may take within a fetch (BEP 15's retry schedule reaches
+/// 15 s after 3 sends); never longer than the fetch itself.
+pub const TRACKER_ANNOUNCE_TIMEOUT_MAX: Duration = Duration::from_secs(15);
+
+impl UpstreamConfig {
+    /// The fetch of `key` these settings describe, ending at `deadline`.
+    pub fn fetch_spec(
+        &self,
+        key: [u8; 20],
+        peer_id: [u8; 20],
+        deadline: std::time::Instant,
+    ) -> crate::upstream::fetch::FetchSpec {
+        crate::upstream::fetch::FetchSpec {
+            key,
+            peer_id,
+            metadata_bytes_max: self
+                .metadata_bytes_max
+                .min(crate::limits::METADATA_BYTES_MAX),
+            peers_max: self.peers_per_fetch_max.max(1),
+            connect_timeout: PEER_CONNECT_TIMEOUT,
+            peer_timeout: PEER_EXCHANGE_TIMEOUT,
+            deadline,
+        }
+    }
+
+    /// How long one tracker announce may take.
+    pub fn tracker_timeout(&self) -> Duration {
+        Duration::from_millis(self.fetch_timeout_ms).min(TRACKER_ANNOUNCE_TIMEOUT_MAX)
     }
 }

@@ -65,6 +65,21 @@ impl PeerSource {
     }
 }
 
+/// A BEP 20 peer id, `-MG0100-` and 12 digits that differ per process and per `salt`
+/// (a worker index): peers only compare ids for equality, so they need not be random.
+pub fn peer_id(salt: u64) -> [u8; 20] {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let seed =
+        nanos ^ (u64::from(std::process::id()) << 32) ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut id = *b"-MG0100-000000000000";
+    for (i, b) in id[8..].iter_mut().enumerate() {
+        *b = b'0' + ((seed >> (i * 5)) % 10) as u8;
+    }
+    id
+}
+
 /// A peer worth trying for a fetch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PeerCandidate {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::store::{AppendOutcome, RecordRef, Store, StoreError};
 use crate::upstream::config::UpstreamConfig;
 use crate::upstream::dht::DhtNode;
-use crate::upstream::fetch::{self, FetchEvent, FetchSpec};
+use crate::upstream::fetch::{self, FetchEvent};
 use crate::upstream::ratelimit::{PerKeyWindow, TokenBucket};
 use crate::upstream::stats::UpstreamStats;
 use crate::upstream::tracker::{self, AnnounceRequest};
@@ -98,14 +98,6 @@ impl Upstream {
         workers: usize,
     ) -> (Arc<Upstream>, Vec<flume::Receiver<ShardCmd>>) {
         let (tx, rx): (Vec<_>, Vec<_>) = (0..workers.max(1)).map(|_| flume::unbounded()).unzip();
-        let mut peer_id = *b"-MG0100-000000000000";
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-            ^ (std::process::id() as u64) << 32;
-        for (i, b) in peer_id[8..].iter_mut().enumerate() {
-            *b = b'0' + ((seed >> (i * 5)) % 10) as u8;
-        }
         let upstream = Upstream {
             misses_global: TokenBucket::new(
                 cfg.misses_per_second_max,
@@ -124,7 +116,7 @@ impl Upstream {
             mailboxes: tx,
             dht: OnceLock::new(),
             listen_port: OnceLock::new(),
-            peer_id,
+            peer_id: crate::upstream::peer_id(u64::MAX),
         };
         (Arc::new(upstream), rx)
     }
@@ -401,7 +393,7 @@ fn spawn_trackers(
     if urls.is_empty() {
         return;
     }
-    let timeout = Duration::from_millis(upstream.cfg.fetch_timeout_ms).min(Duration::from_secs(15));
+    let timeout = upstream.cfg.tracker_timeout();
     let stats = upstream.stats[upstream.owner(&key)].clone();
     stats.tracker_announces.add(urls.len() as u64);
     if let Err(e) = tracker::spawn_announces(urls, announce_request(upstream, key), timeout, tx) {
@@ -456,17 +448,8 @@ async fn run_fetch(
 ) {
     let started = Instant::now();
     let cfg = &upstream.cfg;
-    let spec = FetchSpec {
-        key,
-        peer_id: upstream.peer_id,
-        metadata_bytes_max: cfg
-            .metadata_bytes_max
-            .min(crate::limits::METADATA_BYTES_MAX),
-        peers_max: cfg.peers_per_fetch_max.max(1),
-        connect_timeout: Duration::from_secs(5),
-        peer_timeout: Duration::from_secs(20),
-        deadline: started + Duration::from_millis(cfg.fetch_timeout_ms),
-    };
+    let deadline = started + Duration::from_millis(cfg.fetch_timeout_ms);
+    let spec = cfg.fetch_spec(key, upstream.peer_id, deadline);
     let (events_tx, events_rx) = flume::unbounded::<FetchEvent>();
     // Count upstream connections and bans as they happen (for metrics and the note).
     let event_stats = stats.clone();
