@@ -34,6 +34,14 @@ pub enum DriverChoice {
     Epoll,
 }
 
+/// A feature that is on or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Switch {
+    On,
+    Off,
+}
+
 /// The default admin address: loopback only.
 pub const ADMIN_DEFAULT: &str = "127.0.0.1:7881";
 
@@ -60,6 +68,22 @@ pub struct ServeSettings {
     /// Listen backlog passed to listen(2) (the kernel caps it at net.core.somaxconn).
     #[arg(long, default_value_t = 4096, value_name = "N")]
     pub listen_backlog: i32,
+
+    /// Serve uTP (BEP 29) on UDP at the same port numbers as TCP: on or off. libtorrent
+    /// (qBittorrent, Deluge) dials uTP first and waits ~4 s before trying TCP, so turn it
+    /// off only where UDP must stay closed.
+    #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
+    pub utp: Switch,
+
+    /// uTP payload bytes per packet (MTU-sized: 1400 fits a 1500-byte MTU with IPv6, UDP
+    /// and uTP headers).
+    #[arg(long, default_value_t = crate::utp::PAYLOAD_BYTES_DEFAULT, value_name = "BYTES")]
+    pub utp_payload_bytes: usize,
+
+    /// uTP connections per core that have not finished the uTP handshake; SYNs past it are
+    /// dropped unanswered (SYN floods).
+    #[arg(long, default_value_t = limits::UTP_HALF_OPEN_PER_CORE_MAX_DEFAULT, value_name = "N")]
+    pub utp_half_open_per_core_max: usize,
 
     /// Worker threads (one io runtime each). Default: one per CPU.
     #[arg(long, value_name = "N")]
@@ -222,6 +246,20 @@ impl ServeSettings {
             bail!("listen-backlog must be at least 1");
         }
         cfg.listen_backlog = self.listen_backlog;
+        cfg.utp = self.utp == Switch::On;
+        let payload = crate::utp::PAYLOAD_BYTES_MIN..=crate::utp::PAYLOAD_BYTES_MAX;
+        if !payload.contains(&self.utp_payload_bytes) {
+            bail!(
+                "utp-payload-bytes must be between {} and {}",
+                payload.start(),
+                payload.end()
+            );
+        }
+        cfg.utp_payload_bytes = self.utp_payload_bytes;
+        if self.utp_half_open_per_core_max == 0 {
+            bail!("utp-half-open-per-core-max must be at least 1");
+        }
+        cfg.utp_half_open_per_core_max = self.utp_half_open_per_core_max;
         cfg.shutdown_grace = Duration::from_millis(self.shutdown_grace_ms);
         Ok(cfg)
     }
@@ -439,6 +477,10 @@ pub struct ServeConfig {
     pub requests_queued_max: usize,
     /// Listen backlog passed to listen(2).
     pub listen_backlog: i32,
+    /// Serve uTP on UDP at the listen addresses.
+    pub utp: bool,
+    pub utp_payload_bytes: usize,
+    pub utp_half_open_per_core_max: usize,
     /// How long open sessions may run on after a shutdown request.
     pub shutdown_grace: Duration,
 }
@@ -459,6 +501,9 @@ impl ServeConfig {
             keepalive_interval: Duration::from_millis(limits::KEEPALIVE_INTERVAL_MS_DEFAULT),
             requests_queued_max: limits::REQUESTS_QUEUED_MAX,
             listen_backlog: 4096,
+            utp: true,
+            utp_payload_bytes: crate::utp::PAYLOAD_BYTES_DEFAULT,
+            utp_half_open_per_core_max: limits::UTP_HALF_OPEN_PER_CORE_MAX_DEFAULT,
             shutdown_grace: Duration::from_secs(5),
         }
     }

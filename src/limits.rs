@@ -77,3 +77,15 @@ pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 
 /// iovecs in one writev: the kernel's IOV_MAX is 1024; a block needs two (header, data).
 pub const IOVECS_PER_WRITE_MAX: usize = 1024;
+
+/// Bytes a uTP session may have written but not yet seen acked before its next write
+/// waits: one full request burst (`REQUESTS_QUEUED_MAX` blocks of 16 KiB). The queue holds
+/// iovecs into the mmap, not copies, so this bounds work in flight, not memory.
+pub const UTP_SEND_BACKLOG_BYTES_MAX: usize = REQUESTS_QUEUED_MAX * METADATA_PIECE_BYTES;
+
+/// Default cap on uTP connections per core that have not finished the uTP handshake (the
+/// peer has not acked our SYN-ACK). uTP has no SYN cookie: each SYN costs a connection
+/// entry until `connect_timeout`, so this bounds a SYN flood from many (spoofed) sources;
+/// past it SYNs are dropped unanswered. A real client finishes the handshake in one RTT,
+/// so 4096 half-open entries a core absorb thousands of new connections a second.
+pub const UTP_HALF_OPEN_PER_CORE_MAX_DEFAULT: usize = 4096;

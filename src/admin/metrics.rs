@@ -19,7 +19,7 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
-use crate::server::stats::{CoreStats, StatsSnapshot, COUNTER_DOCS};
+use crate::server::stats::{CoreStats, StatsSnapshot, COUNTER_DOCS, RTT_BUCKETS_US};
 use crate::store::{RecoveryReport, StoreStats};
 
 /// Appends lines in the Prometheus text format to the scrape (called on the admin thread at
@@ -170,9 +170,7 @@ pub fn render(s: &Scrape<'_>) -> String {
         &mut out,
         "magnetar_connections_open",
         "Peer connections open now (accepted minus closed).",
-        total
-            .connections_accepted
-            .saturating_sub(total.connections_closed) as f64,
+        total.sessions_open() as f64,
     );
 
     for (prefix, metric, label, help) in FAMILIES {
@@ -202,7 +200,7 @@ pub fn render(s: &Scrape<'_>) -> String {
         "Peer connections open now, per core.",
     );
     for (i, c) in per_core.iter().enumerate() {
-        let open = c.connections_accepted.saturating_sub(c.connections_closed);
+        let open = c.sessions_open();
         let _ = writeln!(out, "magnetar_core_connections_open{{core=\"{i}\"}} {open}");
     }
     for name in PER_CORE {
@@ -222,6 +220,24 @@ pub fn render(s: &Scrape<'_>) -> String {
             let _ = writeln!(out, "{metric}{{core=\"{i}\"}} {v}");
         }
     }
+
+    let mut rtt_buckets = [0u64; RTT_BUCKETS_US.len() + 1];
+    let mut rtt_sum_us = 0;
+    for c in s.cores {
+        for (sum, b) in rtt_buckets.iter_mut().zip(&c.utp_rtt.buckets) {
+            *sum += b.get();
+        }
+        rtt_sum_us += c.utp_rtt.sum_us.get();
+    }
+    let bounds: Vec<f64> = RTT_BUCKETS_US.iter().map(|&us| us as f64 / 1e6).collect();
+    write_histogram(
+        &mut out,
+        "magnetar_utp_rtt_seconds",
+        "Smoothed round-trip time of uTP connections, recorded when each closes.",
+        &bounds,
+        &rtt_buckets,
+        rtt_sum_us as f64 / 1e6,
+    );
 
     write_gauge(
         &mut out,

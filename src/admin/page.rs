@@ -151,9 +151,7 @@ pub(super) async fn status_page(State(state): State<Arc<AdminState>>) -> Respons
     } else {
         "n/a (no lookups yet)".to_owned()
     };
-    let open = total
-        .connections_accepted
-        .saturating_sub(total.connections_closed);
+    let open = total.sessions_open();
     let mut b = String::new();
     let _ = write!(
         b,
@@ -197,7 +195,7 @@ pub(super) async fn status_page(State(state): State<Arc<AdminState>>) -> Respons
             b,
             "<tr><td>{i}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             s.connections_accepted,
-            s.connections_accepted.saturating_sub(s.connections_closed),
+            s.sessions_open(),
             s.hits,
             s.misses,
             human_bytes(s.bytes_served)

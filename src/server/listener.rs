@@ -21,6 +21,34 @@ pub struct BoundSockets {
     pub local_addrs: Vec<SocketAddr>,
     /// For each worker, one listener per address.
     pub per_worker: Vec<Vec<std::net::TcpListener>>,
+    /// For each worker, one uTP (UDP) socket per address, on the same port number as the
+    /// TCP listener (clients dial uTP and TCP at the same `x.pe` address); empty with
+    /// `--utp off`.
+    pub udp_per_worker: Vec<Vec<std::net::UdpSocket>>,
+}
+
+/// How often `bind_all` picks a new port for a `:0` address whose TCP port turned out to be
+/// taken for UDP (the kernel chose the TCP port without looking at UDP).
+const EPHEMERAL_PORT_ATTEMPTS_MAX: usize = 16;
+
+/// One worker's UDP socket for uTP. SO_REUSEPORT on a datagram socket: the kernel picks
+/// the socket by a hash of the 4-tuple, so every datagram of one peer address reaches the
+/// same worker, and a uTP connection never moves between cores (docs/transports.md).
+fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// One UDP socket per worker on exactly `addr` (its port already chosen).
+fn bind_udp_group(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::UdpSocket>> {
+    (0..workers).map(|_| bind_udp(addr)).collect()
 }
 
 fn bind_one(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
@@ -38,17 +66,48 @@ fn bind_one(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener>
     Ok(socket.into())
 }
 
-pub fn bind_all(addrs: &[SocketAddr], workers: usize, backlog: i32) -> io::Result<BoundSockets> {
+pub fn bind_all(
+    addrs: &[SocketAddr],
+    workers: usize,
+    backlog: i32,
+    utp: bool,
+) -> io::Result<BoundSockets> {
     let workers = workers.max(1);
     let mut per_worker: Vec<Vec<std::net::TcpListener>> =
         (0..workers).map(|_| Vec::new()).collect();
+    let mut udp_per_worker: Vec<Vec<std::net::UdpSocket>> =
+        (0..workers).map(|_| Vec::new()).collect();
     let mut local_addrs = Vec::new();
     for &addr in addrs {
-        let first = bind_one(addr, backlog)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        let cannot = |e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"));
+        let mut attempts = 0;
+        let (first, udp) = loop {
+            let first = bind_one(addr, backlog).map_err(cannot)?;
+            if !utp {
+                break (first, Vec::new());
+            }
+            let bound = first.local_addr()?;
+            match bind_udp_group(bound, workers) {
+                Ok(udp) => break (first, udp),
+                // `:0`: the port the kernel gave TCP is taken for UDP; try another.
+                Err(e) if addr.port() == 0 && attempts < EPHEMERAL_PORT_ATTEMPTS_MAX => {
+                    attempts += 1;
+                    tracing::debug!(%bound, "UDP port taken ({e}); choosing another port");
+                }
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("cannot listen for uTP on udp {bound}: {e} (--utp off serves TCP only)"),
+                    ))
+                }
+            }
+        };
         let bound = first.local_addr()?;
         local_addrs.push(bound);
         per_worker[0].push(first);
+        for (worker, socket) in udp.into_iter().enumerate() {
+            udp_per_worker[worker].push(socket);
+        }
         for listeners in per_worker.iter_mut().skip(1) {
             listeners.push(
                 bind_one(bound, backlog).map_err(|e| {
@@ -60,6 +119,7 @@ pub fn bind_all(addrs: &[SocketAddr], workers: usize, backlog: i32) -> io::Resul
     Ok(BoundSockets {
         local_addrs,
         per_worker,
+        udp_per_worker,
     })
 }
 
@@ -91,16 +151,37 @@ pub fn inherited_from_systemd() -> io::Result<Vec<std::net::TcpListener>> {
 }
 
 /// One `dup` of every inherited listener per worker (see the module doc for why shared).
+///
+/// uTP: the UDP sockets are bound here on the same addresses, one per worker with
+/// SO_REUSEPORT as without socket activation. A UDP socket from systemd (`ListenDatagram=`)
+/// would be one socket shared by all workers, and a uTP connection's datagrams would land
+/// on any core; its state lives on one. A privileged port needs CAP_NET_BIND_SERVICE for
+/// our own bind, or `--utp off`.
 pub fn share_inherited(
     listeners: Vec<std::net::TcpListener>,
     workers: usize,
+    utp: bool,
 ) -> io::Result<BoundSockets> {
     let workers = workers.max(1);
     let mut per_worker: Vec<Vec<std::net::TcpListener>> =
         (0..workers).map(|_| Vec::new()).collect();
+    let mut udp_per_worker: Vec<Vec<std::net::UdpSocket>> =
+        (0..workers).map(|_| Vec::new()).collect();
     let mut local_addrs = Vec::new();
     for l in listeners {
-        local_addrs.push(l.local_addr()?);
+        let addr = l.local_addr()?;
+        local_addrs.push(addr);
+        if utp {
+            let udp = bind_udp_group(addr, workers).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen for uTP on udp {addr}: {e} (--utp off serves TCP only)"),
+                )
+            })?;
+            for (worker, socket) in udp.into_iter().enumerate() {
+                udp_per_worker[worker].push(socket);
+            }
+        }
         for listeners in per_worker.iter_mut().skip(1) {
             listeners.push(l.try_clone()?);
         }
@@ -109,5 +190,6 @@ pub fn share_inherited(
     Ok(BoundSockets {
         local_addrs,
         per_worker,
+        udp_per_worker,
     })
 }

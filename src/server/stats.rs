@@ -66,6 +66,33 @@ impl ServedCounts {
     }
 }
 
+/// Upper bounds (µs) of the uTP RTT buckets: loopback is tens of µs, a LAN a few hundred,
+/// the Internet tens to hundreds of ms.
+pub const RTT_BUCKETS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
+/// RTT as per-bucket counts plus a sum (single writer, like `Counter`).
+#[derive(Default, Debug)]
+pub struct RttHistogram {
+    /// `buckets[i]` counts RTTs <= RTT_BUCKETS_US[i] and above the previous bound; the
+    /// last slot counts the rest.
+    pub buckets: [Counter; RTT_BUCKETS_US.len() + 1],
+    pub sum_us: Counter,
+}
+
+impl RttHistogram {
+    pub fn record(&self, rtt: std::time::Duration) {
+        let us = rtt.as_micros() as u64;
+        let i = RTT_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(RTT_BUCKETS_US.len());
+        self.buckets[i].inc();
+        self.sum_us.add(us);
+    }
+}
+
 macro_rules! core_stats {
     ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
         /// One worker's counters; padded so two cores never share a cache line.
@@ -75,6 +102,8 @@ macro_rules! core_stats {
             $($(#[doc = $doc])* pub $name: Counter,)*
             /// Connections served per info-hash on this core.
             pub served: ServedCounts,
+            /// Smoothed RTT of uTP connections, recorded when each closes.
+            pub utp_rtt: RttHistogram,
         }
 
         /// A plain-number sum over cores.
@@ -103,8 +132,17 @@ macro_rules! core_stats {
     };
 }
 
+impl StatsSnapshot {
+    /// Sessions open now, over both transports (every session end counts in
+    /// `connections_closed`).
+    pub fn sessions_open(&self) -> u64 {
+        (self.connections_accepted + self.utp_connections_established)
+            .saturating_sub(self.connections_closed)
+    }
+}
+
 core_stats! {
-    /// TCP connections accepted and admitted.
+    /// TCP connections accepted and admitted (uTP: `utp_connections_established`).
     connections_accepted,
     /// Connections closed because `connections_max` was reached.
     connections_refused_global,
@@ -173,4 +211,37 @@ core_stats! {
     /// Ticks of the worker's 1 s heartbeat timer; the systemd watchdog is only fed while
     /// every worker's heartbeat advances.
     heartbeats,
+    /// uTP: datagrams received on the serving port.
+    utp_datagrams_received,
+    /// uTP: datagrams that were not uTP (ignored).
+    utp_datagrams_invalid,
+    /// uTP: datagrams sent.
+    utp_datagrams_sent,
+    /// uTP: sendmsg failures (socket buffer full: the datagram is lost and retransmitted).
+    utp_send_errors,
+    /// uTP: recvfrom failures.
+    utp_recv_errors,
+    /// uTP: SYNs that opened a connection.
+    utp_syns_accepted,
+    /// uTP: SYNs dropped unanswered because `utp_half_open_per_core_max` connections were
+    /// half-open on the core (SYN flood).
+    utp_syns_refused_half_open,
+    /// uTP: connections whose peer acked our SYN-ACK (a session started).
+    utp_connections_established,
+    /// uTP: connections that never finished the uTP handshake.
+    utp_connect_timeouts,
+    /// uTP: connections gone from the table (any reason).
+    utp_connections_closed,
+    /// uTP: RESETs sent for packets of unknown connections and refused SYNs.
+    utp_resets_sent,
+    /// uTP: packets sent by closed connections (DATA, STATE, FIN, retransmissions).
+    utp_packets_sent,
+    /// uTP: packets received by closed connections.
+    utp_packets_received,
+    /// uTP: packets sent again after a timeout or loss (closed connections).
+    utp_retransmits,
+    /// uTP: payload bytes sent, retransmissions included (closed connections).
+    utp_payload_bytes_sent,
+    /// uTP: payload bytes received (closed connections).
+    utp_payload_bytes_received,
 }

@@ -1,0 +1,579 @@
+//! uTP (BEP 29) on the serving port: the per-core datagram driver.
+//!
+//! Each worker owns one UDP socket per listen address, bound with SO_REUSEPORT on the same
+//! port number as the TCP listener; the kernel picks the socket by a hash of the 4-tuple,
+//! so all datagrams of one peer address reach one core, where its connection state lives
+//! (docs/transports.md). On that core an `Endpoint`:
+//!
+//! - `recv_loop`: reads datagrams, demultiplexes them by (peer address, connection id) to
+//!   a `utp::Connection` (sans-IO), and answers what the connection wants sent at once;
+//!   a SYN for a new connection is admitted against the same per-IP and global budgets as
+//!   TCP plus a per-core cap on connections not yet established (SYN floods);
+//! - `timer_loop`: one timer for all connections of the endpoint (retransmissions,
+//!   delayed acks, connect and FIN timeouts), a heap of deadlines;
+//! - a session task per established connection runs the same BEP 3/10/9 session as TCP
+//!   (`session::run`) over `UtpTransport`, which only moves bytes: stream bytes in from
+//!   the connection's reassembly, `OutBatch`es out into the connection's send queue.
+//!
+//! Zero copy: a sealed `OutBatch` (headers + iovecs into the store's mmap) is handed to the
+//! connection as a whole and kept until the peer acks its last byte; each DATA packet is
+//! one `sendmsg` of [uTP header, slices of the batch], and a retransmission points at the
+//! same slices again. No metadata byte is copied in user space.
+//!
+//! Sends are synchronous `sendmsg` calls on the non-blocking socket: a datagram either
+//! goes into the socket buffer at once or is dropped (EAGAIN, counted), which uTP treats
+//! as loss. Nothing on this path waits for the kernel.
+
+use std::cell::{Cell, RefCell};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::Instant;
+
+use crate::limits;
+use crate::server::limiter::{ConnectionLimiter, ConnectionPermit, Refusal};
+use crate::server::send::OutBatch;
+use crate::server::session::{ReadOutcome, Transport, Wake, WorkerCtx};
+use crate::server::worker::{spawn_session, OpenSession};
+use crate::upstream::shard::FetchOutcome;
+use crate::utp::{self, Connection, PacketType};
+
+/// A datagram buffer that holds any UDP datagram: a truncated one would be read as a
+/// shorter payload (uTP has no length field), so never read into less.
+const DATAGRAM_BYTES_MAX: usize = 64 * 1024;
+
+/// A peer's address and the connection id its packets carry for us.
+type ConnKey = (SocketAddr, u16);
+
+impl utp::Chunk for OutBatch {
+    fn len(&self) -> usize {
+        self.sealed_len()
+    }
+    fn contiguous_at(&self, offset: usize) -> &[u8] {
+        OutBatch::contiguous_at(self, offset)
+    }
+}
+
+/// Where a connection's session is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum SessionState {
+    /// Not established yet (the peer has not acked our SYN-ACK): no task, no buffers.
+    NotStarted,
+    Running,
+    /// The session has ended; the connection finishes its FIN exchange and goes.
+    Gone,
+}
+
+/// One uTP connection, shared by the endpoint's loops and its session task (all on one
+/// thread; no borrow is held across an await).
+struct Shared {
+    key: ConnKey,
+    conn: RefCell<Connection<OutBatch>>,
+    /// The peer's address in the form sendmsg wants, made once.
+    to: socket2::SockAddr,
+    /// The session task waiting on this connection (bytes, acks, close).
+    waker: Cell<Option<Waker>>,
+    /// The deadline this connection has in the endpoint's timer heap (entries with any
+    /// other deadline are stale and skipped).
+    scheduled: Cell<Option<Instant>>,
+    session: Cell<SessionState>,
+    /// Its slot in the global and per-IP budgets, given back when the entry goes.
+    _permit: ConnectionPermit,
+}
+
+impl Shared {
+    fn wake_session(&self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// Wakes the timer loop when a deadline earlier than the one it sleeps on is scheduled.
+#[derive(Default)]
+struct Notify {
+    set: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Notify {
+    fn notify(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    async fn notified(&self) {
+        poll_fn(|cx| {
+            if self.set.replace(false) {
+                Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// Everything uTP on one core needs besides the socket.
+pub struct UtpSettings {
+    pub utp: utp::Config,
+    /// Connections on this core that have not finished the uTP handshake.
+    pub half_open_per_core_max: usize,
+}
+
+/// One core's uTP endpoint on one listen address.
+pub struct Endpoint {
+    socket: monoio::net::UdpSocket,
+    fd: RawFd,
+    ctx: Rc<WorkerCtx>,
+    limiter: Arc<ConnectionLimiter>,
+    settings: UtpSettings,
+    /// Sessions open on this worker (TCP and uTP): shutdown waits for them.
+    open: Rc<Cell<usize>>,
+    conns: RefCell<HashMap<ConnKey, Rc<Shared>>>,
+    timers: RefCell<BinaryHeap<Reverse<(Instant, ConnKey)>>>,
+    timer_changed: Notify,
+    half_open: Cell<usize>,
+    /// False once the server shuts down: no new connections.
+    accepting: Cell<bool>,
+    /// Our initial sequence numbers: unpredictable enough that an off-path sender cannot
+    /// guess the ack that establishes a connection from a spoofed SYN.
+    rng: Cell<u64>,
+}
+
+impl Endpoint {
+    pub fn new(
+        socket: std::net::UdpSocket,
+        ctx: Rc<WorkerCtx>,
+        limiter: Arc<ConnectionLimiter>,
+        settings: UtpSettings,
+        open: Rc<Cell<usize>>,
+        seed: u64,
+    ) -> io::Result<Rc<Endpoint>> {
+        let fd = socket.as_raw_fd();
+        let socket = monoio::net::UdpSocket::from_std(socket)?;
+        Ok(Rc::new(Endpoint {
+            socket,
+            fd,
+            ctx,
+            limiter,
+            settings,
+            open,
+            conns: RefCell::new(HashMap::new()),
+            timers: RefCell::new(BinaryHeap::new()),
+            timer_changed: Notify::default(),
+            half_open: Cell::new(0),
+            accepting: Cell::new(true),
+            rng: Cell::new(seed | 1),
+        }))
+    }
+
+    fn random_u16(&self) -> u16 {
+        // xorshift64*: per-core, no syscall per connection.
+        let mut x = self.rng.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng.set(x);
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 48) as u16
+    }
+
+    /// Reads datagrams for as long as the runtime runs.
+    async fn recv_loop(self: Rc<Self>) {
+        let mut buf = Vec::with_capacity(DATAGRAM_BYTES_MAX);
+        loop {
+            let (res, b) = self.socket.recv_from(buf).await;
+            buf = b;
+            match res {
+                Ok((n, from)) => self.on_datagram(&buf[..n], from),
+                Err(e) => {
+                    // ICMP errors (ECONNREFUSED for a peer that went away) surface here
+                    // on some kernels; they concern one peer, not the socket.
+                    self.ctx.stats.utp_recv_errors.inc();
+                    tracing::debug!("uTP recv: {e}");
+                }
+            }
+            buf.clear();
+        }
+    }
+
+    /// Services connection timers for as long as the runtime runs.
+    async fn timer_loop(self: Rc<Self>) {
+        loop {
+            let now = Instant::now();
+            let next = self.timers.borrow().peek().map(|Reverse((t, _))| *t);
+            match next {
+                Some(t) if t <= now => {
+                    let Some(Reverse((t, key))) = self.timers.borrow_mut().pop() else {
+                        continue;
+                    };
+                    let shared = self.conns.borrow().get(&key).cloned();
+                    if let Some(sh) = shared {
+                        if sh.scheduled.get() == Some(t) {
+                            sh.scheduled.set(None);
+                            // The connection's own deadline may have moved later since
+                            // this entry was pushed (an ack re-armed the RTO).
+                            let due = sh.conn.borrow().next_timeout().is_some_and(|d| d <= now);
+                            if due {
+                                sh.conn.borrow_mut().on_timeout(now);
+                            }
+                            self.after_event(&sh, now);
+                        }
+                    }
+                }
+                Some(t) => {
+                    let sleep = monoio::time::sleep_until(monoio::time::Instant::from_std(t));
+                    monoio::select! {
+                        _ = sleep => {},
+                        _ = self.timer_changed.notified() => {},
+                    }
+                }
+                None => self.timer_changed.notified().await,
+            }
+        }
+    }
+
+    fn on_datagram(self: &Rc<Self>, bytes: &[u8], from: SocketAddr) {
+        let stats = &self.ctx.stats;
+        stats.utp_datagrams_received.inc();
+        let now = Instant::now();
+        let pkt = match utp::decode(bytes) {
+            Ok(p) => p,
+            Err(_) => {
+                // Not uTP (a DHT query sent to the wrong port, noise): ignore silently.
+                stats.utp_datagrams_invalid.inc();
+                return;
+            }
+        };
+        let id = pkt.header.connection_id;
+        let existing = self.conns.borrow().get(&(from, id)).cloned();
+        if let Some(sh) = existing {
+            sh.conn.borrow_mut().on_packet(&pkt, now);
+            self.after_event(&sh, now);
+            return;
+        }
+        match pkt.header.ty {
+            PacketType::Syn => {
+                // A retransmitted SYN for a connection we have (our SYN-ACK was lost) is
+                // filed under the id we receive on: the SYN's id + 1.
+                let key = (from, id.wrapping_add(1));
+                let existing = self.conns.borrow().get(&key).cloned();
+                match existing {
+                    Some(sh) => {
+                        sh.conn.borrow_mut().on_packet(&pkt, now);
+                        self.after_event(&sh, now);
+                    }
+                    None => self.accept(&pkt, key, now),
+                }
+            }
+            // Nothing to reset.
+            PacketType::Reset => {}
+            _ => {
+                // A packet for a connection we do not know (we restarted, or it timed
+                // out): a RESET tells the peer at once instead of after its timeouts. It
+                // is 20 bytes, never more than the packet that asked for it.
+                stats.utp_resets_sent.inc();
+                let mut reset = [0u8; 20];
+                utp::reset_for(&pkt.header, &mut reset);
+                self.send_bytes(&socket2::SockAddr::from(from), &reset);
+            }
+        }
+    }
+
+    fn accept(self: &Rc<Self>, syn: &utp::Packet<'_>, key: ConnKey, now: Instant) {
+        let stats = &self.ctx.stats;
+        if !self.accepting.get() {
+            return; // shutting down
+        }
+        if self.half_open.get() >= self.settings.half_open_per_core_max {
+            // A SYN flood (likely spoofed): no answer at all, so nothing is reflected.
+            stats.utp_syns_refused_half_open.inc();
+            return;
+        }
+        let permit = match self.limiter.try_admit(key.0.ip()) {
+            Ok(p) => p,
+            Err(refusal) => {
+                match refusal {
+                    Refusal::Global => stats.connections_refused_global.inc(),
+                    Refusal::PerIp => stats.connections_refused_per_ip.inc(),
+                }
+                let mut reset = [0u8; 20];
+                utp::reset_for(&syn.header, &mut reset);
+                self.send_bytes(&socket2::SockAddr::from(key.0), &reset);
+                return;
+            }
+        };
+        let conn = Connection::accept(self.settings.utp.clone(), syn, self.random_u16(), now);
+        debug_assert_eq!(conn.recv_id(), key.1);
+        let sh = Rc::new(Shared {
+            key,
+            conn: RefCell::new(conn),
+            to: socket2::SockAddr::from(key.0),
+            waker: Cell::new(None),
+            scheduled: Cell::new(None),
+            session: Cell::new(SessionState::NotStarted),
+            _permit: permit,
+        });
+        self.conns.borrow_mut().insert(key, sh.clone());
+        self.half_open.set(self.half_open.get() + 1);
+        stats.utp_syns_accepted.inc();
+        self.after_event(&sh, now);
+    }
+
+    /// After anything happened to a connection: send what it wants sent, start its
+    /// session once established, wake its session, re-arm its timer, or let it go.
+    fn after_event(self: &Rc<Self>, sh: &Rc<Shared>, now: Instant) {
+        self.flush(sh, now);
+        let (established, closed, next) = {
+            let c = sh.conn.borrow();
+            (c.is_established(), c.is_closed(), c.next_timeout())
+        };
+        if sh.session.get() == SessionState::NotStarted && established && !closed {
+            self.half_open.set(self.half_open.get() - 1);
+            sh.session.set(SessionState::Running);
+            self.ctx.stats.utp_connections_established.inc();
+            spawn_session(
+                UtpTransport {
+                    ep: self.clone(),
+                    sh: sh.clone(),
+                },
+                sh.key.0,
+                self.ctx.clone(),
+                OpenSession::new(self.open.clone()),
+                (),
+            );
+        }
+        sh.wake_session();
+        if closed && sh.session.get() != SessionState::Running {
+            self.remove(sh);
+            return;
+        }
+        if let Some(t) = next {
+            if sh.scheduled.get().is_none_or(|s| t < s) {
+                sh.scheduled.set(Some(t));
+                let earliest = self.timers.borrow().peek().map(|Reverse((e, _))| *e);
+                self.timers.borrow_mut().push(Reverse((t, sh.key)));
+                if earliest.is_none_or(|e| t < e) {
+                    self.timer_changed.notify();
+                }
+            }
+        }
+    }
+
+    fn remove(&self, sh: &Rc<Shared>) {
+        if self.conns.borrow_mut().remove(&sh.key).is_none() {
+            return;
+        }
+        if sh.session.get() == SessionState::NotStarted {
+            self.half_open.set(self.half_open.get() - 1);
+            self.ctx.stats.utp_connect_timeouts.inc();
+        }
+        let c = sh.conn.borrow();
+        let s = c.stats();
+        let stats = &self.ctx.stats;
+        stats.utp_packets_sent.add(s.packets_sent);
+        stats.utp_packets_received.add(s.packets_received);
+        stats.utp_retransmits.add(s.retransmits);
+        stats.utp_payload_bytes_sent.add(s.payload_bytes_sent);
+        stats.utp_payload_bytes_received.add(s.payload_bytes_received);
+        if let Some(rtt) = s.rtt {
+            stats.utp_rtt.record(rtt);
+        }
+        stats.utp_connections_closed.inc();
+        // Its timer-heap entries are stale now and skipped when they come up.
+    }
+
+    /// Sends every datagram the connection has ready.
+    fn flush(&self, sh: &Shared, now: Instant) {
+        let mut conn = sh.conn.borrow_mut();
+        while let Some(t) = conn.poll_transmit(now) {
+            let mut iov = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; 1 + utp::PACKET_SLICES_MAX];
+            iov[0] = libc::iovec {
+                iov_base: t.header.as_ptr() as *mut libc::c_void,
+                iov_len: t.header_len,
+            };
+            for (v, s) in iov[1..].iter_mut().zip(&t.payload[..t.payload_slices]) {
+                *v = libc::iovec {
+                    iov_base: s.as_ptr() as *mut libc::c_void,
+                    iov_len: s.len(),
+                };
+            }
+            self.sendmsg(&sh.to, &iov[..1 + t.payload_slices]);
+        }
+    }
+
+    fn send_bytes(&self, to: &socket2::SockAddr, bytes: &[u8]) {
+        let iov = [libc::iovec {
+            iov_base: bytes.as_ptr() as *mut libc::c_void,
+            iov_len: bytes.len(),
+        }];
+        self.sendmsg(to, &iov);
+    }
+
+    /// One datagram, gathered from `iov`. Failures are counted and the datagram is lost
+    /// (uTP retransmits); the socket is non-blocking, so this never waits.
+    fn sendmsg(&self, to: &socket2::SockAddr, iov: &[libc::iovec]) {
+        // SAFETY: an all-zero msghdr is a valid empty one; every pointer set below stays
+        // valid for the duration of the call (borrowed from `to` and `iov`).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = to.as_ptr() as *mut libc::c_void;
+        msg.msg_namelen = to.len();
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len() as _;
+        // SAFETY: `msg` describes live buffers; the kernel only reads them.
+        let n = unsafe { libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT) };
+        if n < 0 {
+            self.ctx.stats.utp_send_errors.inc();
+            tracing::trace!("uTP sendmsg: {}", io::Error::last_os_error());
+        } else {
+            self.ctx.stats.utp_datagrams_sent.inc();
+        }
+    }
+}
+
+/// The session's view of one uTP connection: a byte stream.
+pub struct UtpTransport {
+    ep: Rc<Endpoint>,
+    sh: Rc<Shared>,
+}
+
+impl UtpTransport {
+    fn closed_error(&self) -> io::Error {
+        let state = self.sh.conn.borrow().state();
+        io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            format!("uTP connection closed: {state:?}"),
+        )
+    }
+}
+
+impl Transport for UtpTransport {
+    async fn read_or_wake(
+        &mut self,
+        buf: &mut Vec<u8>,
+        deadline: monoio::time::Instant,
+        spare_min: usize,
+        waiter: Option<&flume::Receiver<FetchOutcome>>,
+    ) -> Wake {
+        let sh = self.sh.clone();
+        let readable = poll_fn(|cx| {
+            let mut conn = sh.conn.borrow_mut();
+            let avail = conn.readable();
+            if !avail.is_empty() {
+                if buf.capacity() - buf.len() < spare_min {
+                    buf.reserve(spare_min);
+                }
+                let n = avail.len().min(buf.capacity() - buf.len());
+                buf.extend_from_slice(&avail[..n]);
+                conn.consume(n);
+                // More stream bytes than room: the peer's burst goes on (the session's
+                // request cap counts a burst over such reads, as on TCP).
+                let filled = !conn.readable().is_empty();
+                return Poll::Ready(ReadOutcome::Data { filled });
+            }
+            if conn.is_read_closed() {
+                return Poll::Ready(ReadOutcome::Eof);
+            }
+            if conn.is_closed() {
+                return Poll::Ready(ReadOutcome::Failed(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    format!("uTP connection closed: {:?}", conn.state()),
+                )));
+            }
+            sh.waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        });
+        let fetch = async {
+            match waiter {
+                Some(w) => w.recv_async().await.ok(),
+                None => std::future::pending().await,
+            }
+        };
+        let wake = monoio::select! {
+            r = readable => Wake::Read(r),
+            _ = monoio::time::sleep_until(deadline) => Wake::Read(ReadOutcome::Deadline),
+            f = fetch => Wake::Fetch(f),
+        };
+        self.sh.waker.set(None);
+        if matches!(wake, Wake::Read(ReadOutcome::Data { .. })) {
+            // Reading freed receive window: the connection may want to say so.
+            self.ep.after_event(&self.sh, Instant::now());
+        }
+        wake
+    }
+
+    async fn write_before(
+        &mut self,
+        mut batch: OutBatch,
+        deadline: monoio::time::Instant,
+    ) -> (io::Result<()>, OutBatch) {
+        batch.seal();
+        if batch.sealed_len() == 0 {
+            batch.clear();
+            return (Ok(()), batch);
+        }
+        if self.sh.conn.borrow().is_closed() {
+            batch.clear();
+            return (Err(self.closed_error()), batch);
+        }
+        // The batch goes into the send queue as it is (its iovecs point into the mmap)
+        // and stays there until acked; the session gets a fresh one.
+        self.sh.conn.borrow_mut().write(batch);
+        self.ep.after_event(&self.sh, Instant::now());
+        let sh = self.sh.clone();
+        let drained = poll_fn(|cx| {
+            let conn = sh.conn.borrow();
+            if conn.is_closed() {
+                return Poll::Ready(false);
+            }
+            if conn.send_backlog_bytes() <= limits::UTP_SEND_BACKLOG_BYTES_MAX {
+                return Poll::Ready(true);
+            }
+            sh.waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        });
+        let res = monoio::select! {
+            ok = drained => if ok { Ok(()) } else { Err(self.closed_error()) },
+            _ = monoio::time::sleep_until(deadline) => {
+                Err(io::Error::new(io::ErrorKind::TimedOut, "uTP write deadline"))
+            }
+        };
+        self.sh.waker.set(None);
+        (res, OutBatch::new())
+    }
+}
+
+impl Drop for UtpTransport {
+    fn drop(&mut self) {
+        // The session is over: FIN after whatever is still queued; the endpoint keeps the
+        // connection until the FIN is acked or its retransmissions run out.
+        self.sh.session.set(SessionState::Gone);
+        let now = Instant::now();
+        self.sh.conn.borrow_mut().close(now);
+        self.ep.after_event(&self.sh, now);
+    }
+}
+
+/// Spawns the endpoint's loops on the current runtime. They run as long as the runtime:
+/// during the shutdown grace time open connections still need their acks and
+/// retransmissions; `stop` only ends the admission of new connections.
+pub fn spawn_endpoint(ep: Rc<Endpoint>, stop: flume::Receiver<()>) {
+    monoio::spawn(ep.clone().recv_loop());
+    monoio::spawn(ep.clone().timer_loop());
+    monoio::spawn(async move {
+        let _ = stop.recv_async().await;
+        ep.accepting.set(false);
+    });
+}
