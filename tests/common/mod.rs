@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod bep9;
+pub mod kit;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -1,0 +1,195 @@
+//! The hostile-input fixture: stored torrents, a server on them, and what tests observe
+//! of it (/metrics, RSS, core heartbeats, a normal client's latency). Shared by
+//! `hostile.rs` (TCP) and `hostile_utp.rs`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use sha1::{Digest, Sha1};
+
+use super::{bep9, magnetar_bin, run_ok, ServerProc};
+
+/// What "normal latency" means for a stored torrent on loopback.
+pub const NORMAL_LATENCY: Duration = Duration::from_secs(1);
+/// Upper bound for anything the server should do "at once".
+pub const PROMPT: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+pub struct Torrent {
+    pub info: Vec<u8>,
+    pub key: [u8; 20],
+}
+
+/// v1 single-file info dict with `k` piece hashes (~20·k bytes).
+pub fn v1_info(name: &str, k: usize) -> Vec<u8> {
+    let mut v = format!(
+        "d6:lengthi{}e4:name{}:{}12:piece lengthi16384e6:pieces{}:",
+        k * 16384,
+        name.len(),
+        name,
+        k * 20
+    )
+    .into_bytes();
+    v.extend((0..k * 20).map(|i| (i * 31 + name.len() * 7) as u8));
+    v.push(b'e');
+    v
+}
+
+pub struct Fixture {
+    pub _tmp: tempfile::TempDir,
+    pub data: PathBuf,
+    /// One metadata piece.
+    pub small: Torrent,
+    /// Three metadata pieces: what the health check fetches.
+    pub normal: Torrent,
+}
+
+pub fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let torrents = tmp.path().join("torrents");
+    std::fs::create_dir_all(&torrents).unwrap();
+    let mut made = Vec::new();
+    for (name, k) in [("small.bin", 100), ("normal.bin", 2000)] {
+        let info = v1_info(name, k);
+        let mut t = b"d4:info".to_vec();
+        t.extend_from_slice(&info);
+        t.push(b'e');
+        std::fs::write(torrents.join(format!("{name}.torrent")), t).unwrap();
+        made.push(Torrent {
+            key: Sha1::digest(&info).into(),
+            info,
+        });
+    }
+    let data = tmp.path().join("data");
+    run_ok(
+        Command::new(magnetar_bin())
+            .args(["--log", "warn", "import", "--data-dir"])
+            .arg(&data)
+            .arg(&torrents),
+    );
+    let normal = made.pop().unwrap();
+    let small = made.pop().unwrap();
+    assert_eq!(magnetar::wire::metadata_piece_count(normal.info.len()), 3);
+    Fixture {
+        _tmp: tmp,
+        data,
+        small,
+        normal,
+    }
+}
+
+pub fn serve(fx: &Fixture, flags: &[&str]) -> ServerProc {
+    let mut args = vec!["--log", "error", "--threads", "2"];
+    args.extend_from_slice(flags);
+    ServerProc::start(&fx.data, &args)
+}
+
+pub type Metrics = HashMap<String, f64>;
+
+pub fn metrics(server: &ServerProc) -> Metrics {
+    let admin = server.admin.expect("admin address in the ready line");
+    let mut resp = ureq::get(&format!("http://{admin}/metrics"))
+        .call()
+        .unwrap_or_else(|e| panic!("GET /metrics: {e}"));
+    let text = resp.body_mut().read_to_string().expect("metrics body");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+pub fn get(m: &Metrics, name: &str) -> u64 {
+    *m.get(name)
+        .unwrap_or_else(|| panic!("metric {name} missing from /metrics")) as u64
+}
+
+pub fn core_heartbeats(m: &Metrics) -> Vec<u64> {
+    let workers = get(m, "magnetar_workers");
+    (0..workers)
+        .map(|i| {
+            get(
+                m,
+                &format!("magnetar_core_heartbeats_total{{core=\"{i}\"}}"),
+            )
+        })
+        .collect()
+}
+
+/// Polls /metrics until `done` holds or `within` passes; returns the last scrape.
+pub fn metrics_until(
+    server: &ServerProc,
+    within: Duration,
+    mut done: impl FnMut(&Metrics) -> bool,
+) -> (Metrics, bool) {
+    let deadline = Instant::now() + within;
+    loop {
+        let m = metrics(server);
+        if done(&m) {
+            return (m, true);
+        }
+        if Instant::now() >= deadline {
+            return (m, false);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn rss_kib(server: &ServerProc) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id()))
+        .expect("server /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// One normal client fetch of `t`; returns how long it took. Panics if it fails, returns
+/// wrong bytes, or is slower than `NORMAL_LATENCY`.
+pub fn normal_fetch(server: &ServerProc, t: &Torrent, what: &str) -> Duration {
+    let start = Instant::now();
+    let info = bep9::fetch_metadata(server.addr, &t.key, PROMPT)
+        .unwrap_or_else(|e| panic!("{what}: normal client not served: {e}"));
+    let took = start.elapsed();
+    assert!(info == t.info, "{what}: normal client got wrong bytes");
+    assert!(
+        took < NORMAL_LATENCY,
+        "{what}: normal client took {took:?} (> {NORMAL_LATENCY:?})"
+    );
+    took
+}
+
+/// The server survived: the process is alive, no session panicked, every core's
+/// heartbeat advances past `before` (no core stuck or gone), and a normal client is
+/// served at normal latency.
+pub fn assert_healthy(server: &mut ServerProc, before: &Metrics, t: &Torrent, what: &str) {
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "{what}: the server process exited"
+    );
+    normal_fetch(server, t, what);
+    let old = core_heartbeats(before);
+    let (m, advanced) = metrics_until(server, Duration::from_secs(3), |m| {
+        core_heartbeats(m)
+            .iter()
+            .zip(&old)
+            .all(|(new, old)| new > old)
+    });
+    assert!(
+        advanced,
+        "{what}: a core's heartbeat stopped: {old:?} -> {:?}",
+        core_heartbeats(&m)
+    );
+    assert_eq!(
+        get(&m, "magnetar_session_panics_total"),
+        0,
+        "{what}: a session panicked"
+    );
+    assert_eq!(get(&m, "magnetar_workers"), old.len() as u64);
+}
+

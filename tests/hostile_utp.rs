@@ -1,0 +1,385 @@
+//! Hostile uTP input against the real `magnetar serve` on loopback. The peer here is written
+//! by hand from BEP 29 (20-byte headers on a std UDP socket), not with `magnetar::utp`, so
+//! it checks the server against the spec rather than against itself.
+//!
+//! Each test states what the server must do (ignore, reset, bound, drop) and then checks
+//! it is healthy: alive, no session panicked, every core's heartbeat advancing, and a
+//! normal client served at normal latency (`common::kit::assert_healthy`). Every loop is
+//! bounded in count and time; every address is in 127.0.0.0/8.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::kit::*;
+use common::ServerProc;
+use magnetar::wire::{encode_handshake, encode_metadata_request, ExtHandshake, Reserved};
+
+const ST_DATA: u8 = 0;
+const ST_FIN: u8 = 1;
+const ST_STATE: u8 = 2;
+const ST_RESET: u8 = 3;
+const ST_SYN: u8 = 4;
+
+/// A uTP header as BEP 29 lays it out (big-endian), plus an optional extension chain.
+#[derive(Clone, Copy, Debug)]
+struct Hdr {
+    ty: u8,
+    conn_id: u16,
+    wnd: u32,
+    seq: u16,
+    ack: u16,
+}
+
+fn packet(h: Hdr, ext: Option<(u8, &[u8])>, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(20 + payload.len());
+    v.push(h.ty << 4 | 1);
+    v.push(ext.map_or(0, |(t, _)| t));
+    v.extend_from_slice(&h.conn_id.to_be_bytes());
+    v.extend_from_slice(&1_000u32.to_be_bytes()); // timestamp
+    v.extend_from_slice(&0u32.to_be_bytes()); // timestamp difference
+    v.extend_from_slice(&h.wnd.to_be_bytes());
+    v.extend_from_slice(&h.seq.to_be_bytes());
+    v.extend_from_slice(&h.ack.to_be_bytes());
+    if let Some((_, body)) = ext {
+        v.push(0); // no further extension
+        v.push(body.len() as u8);
+        v.extend_from_slice(body);
+    }
+    v.extend_from_slice(payload);
+    v
+}
+
+fn parse(d: &[u8]) -> Option<(Hdr, &[u8])> {
+    if d.len() < 20 || d[0] & 0x0f != 1 {
+        return None;
+    }
+    let h = Hdr {
+        ty: d[0] >> 4,
+        conn_id: u16::from_be_bytes([d[2], d[3]]),
+        wnd: u32::from_be_bytes([d[12], d[13], d[14], d[15]]),
+        seq: u16::from_be_bytes([d[16], d[17]]),
+        ack: u16::from_be_bytes([d[18], d[19]]),
+    };
+    // Skip extensions.
+    let mut next = d[1];
+    let mut pos = 20;
+    while next != 0 {
+        if pos + 2 > d.len() {
+            return None;
+        }
+        next = d[pos];
+        pos += 2 + d[pos + 1] as usize;
+    }
+    Some((h, d.get(pos..)?))
+}
+
+fn socket_from(source: Ipv4Addr) -> UdpSocket {
+    let s = UdpSocket::bind((source, 0)).expect("bind a loopback source");
+    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    s
+}
+
+/// Every datagram that arrives within `within` (bounded count).
+fn drain(s: &UdpSocket, within: Duration) -> Vec<Vec<u8>> {
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    while Instant::now() < deadline && got.len() < 10_000 {
+        match s.recv_from(&mut buf) {
+            Ok((n, _)) => got.push(buf[..n].to_vec()),
+            Err(_) => continue,
+        }
+    }
+    got
+}
+
+fn src(c: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 3, c)
+}
+
+/// The BitTorrent opening of a metadata client: handshake + extension handshake +
+/// requests for `pieces` pieces (addressed to the server's id 1..: we do not wait for its
+/// extension handshake, so use the id magnetar always assigns).
+fn bt_opening(key: &[u8; 20], pieces: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_handshake(
+        &mut out,
+        Reserved::ours(true, false, false),
+        key,
+        b"-HU0001-hostile-utp-",
+    );
+    ExtHandshake {
+        ut_metadata: Some(9),
+        ..ExtHandshake::default()
+    }
+    .encode(&mut out);
+    for p in 0..pieces {
+        encode_metadata_request(&mut out, magnetar::wire::OUR_UT_METADATA_ID, p);
+    }
+    out
+}
+
+/// A connection as far as libtorrent takes it: SYN, the SYN-ACK, then our first DATA
+/// acking it. Returns the socket, our send id, our next seq and the server's first seq.
+fn open(server: SocketAddr, source: Ipv4Addr, recv_id: u16) -> (UdpSocket, u16, u16, u16) {
+    let s = socket_from(source);
+    let syn = Hdr {
+        ty: ST_SYN,
+        conn_id: recv_id,
+        wnd: 1 << 20,
+        seq: 100,
+        ack: 0,
+    };
+    s.send_to(&packet(syn, None, &[]), server).unwrap();
+    let got = drain(&s, Duration::from_millis(500));
+    let (ack, _) = got
+        .iter()
+        .filter_map(|d| parse(d))
+        .find(|(h, _)| h.ty == ST_STATE)
+        .expect("a SYN-ACK (ST_STATE) for our SYN");
+    assert_eq!(ack.conn_id, recv_id, "SYN-ACK carries the id we receive on");
+    assert_eq!(ack.ack, 100, "SYN-ACK acks our SYN's seq_nr");
+    (s, recv_id.wrapping_add(1), 101, ack.seq)
+}
+
+fn serve_utp(fx: &Fixture, extra: &[&str]) -> ServerProc {
+    let mut flags = vec!["--threads", "2"];
+    flags.extend_from_slice(extra);
+    let mut args = vec!["--log", "error"];
+    args.extend_from_slice(&flags);
+    ServerProc::start(&fx.data, &args)
+}
+
+#[test]
+fn garbage_datagrams_and_unknown_connection_ids_get_at_most_a_reset() {
+    let fx = fixture();
+    let mut server = serve_utp(&fx, &[]);
+    let before = metrics(&server);
+    let s = socket_from(src(1));
+    let mut sent_bytes = 0;
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    for i in 0..2_000u32 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let len = (rng % 200) as usize;
+        let mut d: Vec<u8> = (0..len).map(|j| (rng >> (j % 56)) as u8).collect();
+        if i % 2 == 0 && d.len() >= 20 {
+            // Valid version nibble and type: reaches the demultiplexer, unknown id.
+            d[0] = ((i % 4) as u8) << 4 | 1;
+        }
+        sent_bytes += d.len();
+        s.send_to(&d, server.addr).unwrap();
+    }
+    let answers = drain(&s, Duration::from_millis(500));
+    let answered: usize = answers.iter().map(|d| d.len()).sum();
+    assert!(
+        answers.iter().all(|d| parse(d).is_some_and(|(h, _)| h.ty == ST_RESET)),
+        "only RESETs answer packets of unknown connections"
+    );
+    assert!(
+        answered <= sent_bytes,
+        "answered {answered} bytes to {sent_bytes}: an amplifier"
+    );
+    let m = metrics(&server);
+    assert!(get(&m, "magnetar_utp_datagrams_invalid_total") > 0);
+    assert_eq!(get(&m, "magnetar_utp_connections_established_total"), 0);
+    assert_healthy(&mut server, &before, &fx.normal, "garbage uTP datagrams");
+}
+
+#[test]
+fn seq_and_ack_far_outside_the_window_and_sack_past_it_are_ignored() {
+    let fx = fixture();
+    let mut server = serve_utp(&fx, &[]);
+    let before = metrics(&server);
+    let (s, send_id, mut seq, their_seq) = open(server.addr, src(2), 4000);
+    let ack0 = their_seq.wrapping_sub(1);
+    // Acks for packets the server never sent, data far ahead of the window, and a SACK
+    // bitmask covering 256 packets past anything sent.
+    for (i, ack) in [their_seq.wrapping_add(30_000), their_seq.wrapping_add(40_000)]
+        .into_iter()
+        .enumerate()
+    {
+        let h = Hdr {
+            ty: ST_STATE,
+            conn_id: send_id,
+            wnd: 1 << 20,
+            seq,
+            ack,
+        };
+        s.send_to(&packet(h, None, &[]), server.addr).unwrap();
+        let far = Hdr {
+            ty: ST_DATA,
+            conn_id: send_id,
+            wnd: 1 << 20,
+            seq: seq.wrapping_add(20_000 + i as u16),
+            ack: ack0,
+        };
+        s.send_to(&packet(far, None, &[0xAB; 1000]), server.addr)
+            .unwrap();
+    }
+    let sack = Hdr {
+        ty: ST_STATE,
+        conn_id: send_id,
+        wnd: 1 << 20,
+        seq,
+        ack: ack0,
+    };
+    s.send_to(&packet(sack, Some((1, &[0xff; 32])), &[]), server.addr)
+        .unwrap();
+    // The connection still works: our opening in order, and the metadata comes back.
+    let opening = bt_opening(&fx.small.key, 1);
+    let h = Hdr {
+        ty: ST_DATA,
+        conn_id: send_id,
+        wnd: 1 << 20,
+        seq,
+        ack: ack0,
+    };
+    seq = seq.wrapping_add(1);
+    let _ = seq;
+    s.send_to(&packet(h, None, &opening), server.addr).unwrap();
+    let got = drain(&s, Duration::from_millis(800));
+    let stream: Vec<u8> = got
+        .iter()
+        .filter_map(|d| parse(d))
+        .filter(|(h, _)| h.ty == ST_DATA)
+        .flat_map(|(_, p)| p.to_vec())
+        .collect();
+    assert!(
+        stream
+            .windows(fx.small.info.len().min(64))
+            .any(|w| w == &fx.small.info[..fx.small.info.len().min(64)]),
+        "the connection survived the out-of-window packets and served the metadata"
+    );
+    assert_healthy(&mut server, &before, &fx.normal, "out-of-window seq/ack/SACK");
+}
+
+#[test]
+fn a_syn_flood_from_many_sources_is_bounded_and_reflects_no_more_than_it_receives() {
+    let fx = fixture();
+    let mut server = serve_utp(&fx, &["--utp-half-open-per-core-max", "50"]);
+    let before = metrics(&server);
+    let mut received = 0usize;
+    let mut syns = 0usize;
+    let mut sockets = Vec::new();
+    for c in 1..=40u8 {
+        let s = socket_from(Ipv4Addr::new(127, 0, 4, c));
+        for i in 0..20u16 {
+            let syn = Hdr {
+                ty: ST_SYN,
+                conn_id: i * 7 + 1,
+                wnd: 1 << 20,
+                seq: i,
+                ack: 0,
+            };
+            s.send_to(&packet(syn, None, &[]), server.addr).unwrap();
+            syns += 1;
+        }
+        sockets.push(s);
+    }
+    for s in &sockets {
+        received += drain(s, Duration::from_millis(50))
+            .iter()
+            .map(|d| d.len())
+            .sum::<usize>();
+    }
+    assert!(
+        received <= syns * 20,
+        "{received} bytes answered {syns} 20-byte SYNs"
+    );
+    let (m, capped) = metrics_until(&server, PROMPT, |m| {
+        get(m, "magnetar_utp_syns_refused_half_open_total") > 0
+    });
+    assert!(capped, "the half-open cap refused part of the flood");
+    assert!(get(&m, "magnetar_utp_syns_accepted_total") <= 2 * 50);
+    assert_eq!(get(&m, "magnetar_utp_connections_established_total"), 0);
+    // A real client is still served over uTP while the half-open entries time out.
+    assert_healthy(&mut server, &before, &fx.normal, "SYN flood");
+}
+
+#[test]
+fn a_peer_that_never_acks_gets_bounded_retransmissions_then_is_dropped() {
+    let fx = fixture();
+    let server = serve_utp(&fx, &[]);
+    let (s, send_id, seq, their_seq) = open(server.addr, src(3), 7000);
+    // Ask for all three pieces of the normal torrent, then go silent: never ack.
+    let h = Hdr {
+        ty: ST_DATA,
+        conn_id: send_id,
+        wnd: 1 << 20,
+        seq,
+        ack: their_seq.wrapping_sub(1),
+    };
+    s.send_to(&packet(h, None, &bt_opening(&fx.normal.key, 3)), server.addr)
+        .unwrap();
+    let started = Instant::now();
+    let mut data_packets = 0usize;
+    let mut distinct = std::collections::HashSet::new();
+    let mut gone = false;
+    while started.elapsed() < Duration::from_secs(40) {
+        for d in drain(&s, Duration::from_millis(500)) {
+            if let Some((h, _)) = parse(&d) {
+                if h.ty == ST_DATA {
+                    data_packets += 1;
+                    distinct.insert(h.seq);
+                }
+                if h.ty == ST_RESET || h.ty == ST_FIN {
+                    gone = true;
+                }
+            }
+        }
+        let m = metrics(&server);
+        if get(&m, "magnetar_utp_connections_closed_total") >= 1 {
+            gone = true;
+        }
+        if gone {
+            break;
+        }
+    }
+    assert!(gone, "the connection was not dropped within 40 s");
+    let retransmitted = data_packets - distinct.len();
+    println!(
+        "never-acking peer: {} distinct DATA packets, {retransmitted} retransmissions, dropped after {:?}",
+        distinct.len(),
+        started.elapsed()
+    );
+    assert!(
+        retransmitted <= distinct.len() * 10,
+        "retransmissions are bounded: {retransmitted} for {} packets",
+        distinct.len()
+    );
+    let m = metrics(&server);
+    assert_eq!(get(&m, "magnetar_session_panics_total"), 0);
+    assert_eq!(
+        get(&m, "magnetar_connections_open"),
+        0,
+        "the session and its memory are gone"
+    );
+}
+
+#[test]
+fn utp_off_opens_no_udp_socket() {
+    let fx = fixture();
+    let server = serve_utp(&fx, &["--utp", "off"]);
+    let s = socket_from(src(5));
+    let syn = Hdr {
+        ty: ST_SYN,
+        conn_id: 1,
+        wnd: 1 << 20,
+        seq: 1,
+        ack: 0,
+    };
+    s.send_to(&packet(syn, None, &[]), server.addr).unwrap();
+    assert!(
+        drain(&s, Duration::from_millis(300)).is_empty(),
+        "no answer on UDP with --utp off"
+    );
+    // TCP still serves.
+    let info =
+        common::bep9::fetch_metadata(server.addr, &fx.small.key, PROMPT).expect("TCP serves");
+    assert_eq!(info, fx.small.info);
+    let _ = (ST_FIN, ST_STATE);
+}
