@@ -49,7 +49,7 @@ fn imported(
 
 /// Fetches `t` through `xpe` with a fresh libtorrent on `transport`; checks the bytes.
 fn fetch(t: &LtTorrent, xpe: SocketAddr, transport: Transport, out: &Path) -> LtFetch {
-    let got = lt_fetch_report(&t.magnet(xpe), out, FETCH_TIMEOUT_S, transport);
+    let got = lt_fetch_with(&t.magnet(xpe), out, FETCH_TIMEOUT_S, transport);
     assert!(
         got.info == t.info,
         "{}: libtorrent ({transport:?}) received {} bytes that differ from the {} imported",

@@ -27,7 +27,7 @@ fn five_percent_loss_20ms() -> Impairment {
 const LOSS_SEED: u64 = 29; // BEP 29
 const METADATA_PIECES: u32 = 15;
 /// Each end-to-end fetch through the relay must finish within this.
-const FETCH_TIMEOUT_S: u32 = 60;
+const FETCH_TIMEOUT_S: u32 = 30;
 
 // ---------------------------------------------------------------------------------------
 // The relay itself, in front of a UDP echo target.
@@ -100,7 +100,7 @@ fn echo_through(relay: &LossyRelay, n: u32, window: u64) -> Vec<u32> {
     });
     let mut got = Vec::new();
     // Takes arrivals until `enough` says stop; bounded in time.
-    let mut collect = |got: &mut Vec<u32>, enough: &dyn Fn(&[u32]) -> bool| {
+    let collect = |got: &mut Vec<u32>, enough: &dyn Fn(&[u32]) -> bool| {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !enough(got) {
             assert!(
@@ -295,7 +295,7 @@ fn lossy_relay_carries_utp_between_two_libtorrents() {
         seed.addr(),
         RelayConfig::symmetric(five_percent_loss_20ms(), LOSS_SEED),
     );
-    let got = lt_fetch_report(
+    let got = lt_fetch_with(
         &t.magnet(relay.addr),
         &tmp.path().join("got.info"),
         FETCH_TIMEOUT_S,
@@ -334,7 +334,7 @@ fn magnetar_serves_15_pieces_over_lossy_utp() {
         server.addr,
         RelayConfig::symmetric(five_percent_loss_20ms(), LOSS_SEED),
     );
-    let got = lt_fetch_report(
+    let got = lt_fetch_with(
         &t.magnet(relay.addr),
         &tmp.path().join("got.info"),
         FETCH_TIMEOUT_S,

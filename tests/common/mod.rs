@@ -429,8 +429,10 @@ impl LtFetch {
     }
 }
 
-/// libtorrent as a client (a fresh process): fetch `magnet`'s metadata into `out`.
-pub fn lt_fetch_report(magnet: &str, out: &Path, timeout_s: u32, transport: Transport) -> LtFetch {
+/// libtorrent as a client (a fresh process) on `transport`: fetch `magnet`'s metadata into
+/// `out`; the report has the info dict, the seconds from add_torrent to metadata, and the
+/// transport of each connection.
+pub fn lt_fetch_with(magnet: &str, out: &Path, timeout_s: u32, transport: Transport) -> LtFetch {
     let res = run_ok(
         Command::new(PYTHON)
             .arg(repo_path("tests/interop/lt_client.py"))
@@ -464,16 +466,10 @@ pub fn lt_fetch_report(magnet: &str, out: &Path, timeout_s: u32, transport: Tran
     }
 }
 
-/// libtorrent as a client on `transport`: returns the seconds from add_torrent to
-/// metadata (the info dict is in `out`).
-pub fn lt_fetch_with(magnet: &str, out: &Path, timeout_s: u32, transport: Transport) -> f64 {
-    lt_fetch_report(magnet, out, timeout_s, transport).seconds
-}
-
 /// libtorrent as a client on its default settings: fetch `magnet`'s metadata, return the
 /// raw info dict.
 pub fn lt_fetch(magnet: &str, out: &Path, timeout_s: u32) -> Vec<u8> {
-    lt_fetch_report(magnet, out, timeout_s, Transport::Default).info
+    lt_fetch_with(magnet, out, timeout_s, Transport::Default).info
 }
 
 /// The median of a non-empty sample.
