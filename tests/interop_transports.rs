@@ -204,3 +204,40 @@ fn default_libtorrent_seed_dialing_magnetar_fills_the_miss_over_utp() {
         got.seconds
     );
 }
+
+/// The harness's own switches, between two libtorrents (no magnetar): `--transport utp`
+/// and `--transport tcp` really leave one transport, and the defaults use uTP.
+#[test]
+fn transport_switches_hold_between_two_libtorrents() {
+    require_libtorrent();
+    let tmp = tempfile::tempdir().unwrap();
+    let torrents = make_lt_torrents(&tmp.path().join("torrents"));
+    let t = &torrents["v1-large"];
+    let content = tmp.path().join("torrents/content");
+    let default_seed = LtSeed::start(&[&t.path], &content, &[]);
+    let utp_seed = LtSeed::start(&[&t.path], &content, &["--transport".into(), "utp".into()]);
+    let cases = [
+        (&default_seed, Transport::Default, "utp"),
+        (&default_seed, Transport::Tcp, "tcp"),
+        (&default_seed, Transport::Utp, "utp"),
+        (&utp_seed, Transport::Default, "utp"),
+    ];
+    for (i, (seed, transport, want)) in cases.into_iter().enumerate() {
+        let got = fetch(
+            t,
+            seed.addr(),
+            transport,
+            &tmp.path().join(format!("{i}.info")),
+        );
+        println!(
+            "case {i}: fetch {transport:?} -> {:?} in {:.3} s",
+            got.peers, got.seconds
+        );
+        assert_eq!(
+            got.transport_to(seed.addr()),
+            Some(want),
+            "case {i}: {:?}",
+            got.peers
+        );
+    }
+}
