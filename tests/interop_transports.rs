@@ -85,44 +85,25 @@ fn libtorrent_defaults_fetch_v1_v2_hybrid_from_magnetar_over_utp() {
     }
 }
 
-#[test]
-fn libtorrent_with_tcp_off_is_served_over_utp() {
+/// magnetar serves a libtorrent that has one transport switched off, over the other.
+fn served_with_one_transport(label: &str, transport: Transport, want: &str) {
     require_libtorrent();
     let tmp = tempfile::tempdir().unwrap();
     let (torrents, data) = imported(tmp.path());
     let server = ServerProc::start(&data, &["--threads", "2"]);
-    let got = fetch(
-        &torrents["v1-large"],
-        server.addr,
-        Transport::Utp,
-        &tmp.path().join("utp.info"),
-    );
-    assert_eq!(
-        got.transport_to(server.addr),
-        Some("utp"),
-        "{:?}",
-        got.peers
-    );
+    let out = tmp.path().join("got.info");
+    let got = fetch(&torrents[label], server.addr, transport, &out);
+    assert_eq!(got.transport_to(server.addr), Some(want), "{:?}", got.peers);
+}
+
+#[test]
+fn libtorrent_with_tcp_off_is_served_over_utp() {
+    served_with_one_transport("v1-large", Transport::Utp, "utp");
 }
 
 #[test]
 fn libtorrent_with_utp_off_is_served_over_tcp() {
-    require_libtorrent();
-    let tmp = tempfile::tempdir().unwrap();
-    let (torrents, data) = imported(tmp.path());
-    let server = ServerProc::start(&data, &["--threads", "2"]);
-    let got = fetch(
-        &torrents["hybrid-large"],
-        server.addr,
-        Transport::Tcp,
-        &tmp.path().join("tcp.info"),
-    );
-    assert_eq!(
-        got.transport_to(server.addr),
-        Some("tcp"),
-        "{:?}",
-        got.peers
-    );
+    served_with_one_transport("hybrid-large", Transport::Tcp, "tcp");
 }
 
 /// Time to metadata (libtorrent's add_torrent to metadata_received_alert, fresh process on

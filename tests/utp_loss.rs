@@ -11,6 +11,7 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,9 +20,16 @@ use std::time::{Duration, Instant};
 use common::relay::{Impairment, LossyRelay, RelayConfig, RelayStats};
 use common::*;
 
-/// The impairment of the loss tests, each way.
-fn five_percent_loss_20ms() -> Impairment {
-    Impairment::lossy(0.05, Duration::from_millis(20), Duration::from_millis(10))
+/// The relay of the loss tests: 5 % loss and 20 ± 10 ms delay, each way, in front of
+/// `target` (a uTP peer: UDP on its TCP port number).
+fn lossy_relay_to(target: SocketAddr) -> LossyRelay {
+    let imp = Impairment::lossy(0.05, Duration::from_millis(20), Duration::from_millis(10));
+    LossyRelay::start(target, RelayConfig::symmetric(imp, LOSS_SEED))
+}
+
+/// The 15-metadata-piece torrent, in `tmp/t` (content in `tmp/t/content`).
+fn fifteen_piece_torrent(tmp: &Path) -> LtTorrent {
+    make_lt_torrent_with_metadata_pieces(&tmp.join("t"), METADATA_PIECES)
 }
 
 const LOSS_SEED: u64 = 29; // BEP 29
@@ -289,12 +297,9 @@ fn relay_memory_is_bounded_and_shedding_is_counted() {
 fn lossy_relay_carries_utp_between_two_libtorrents() {
     require_libtorrent();
     let tmp = tempfile::tempdir().unwrap();
-    let t = make_lt_torrent_with_metadata_pieces(&tmp.path().join("t"), METADATA_PIECES);
+    let t = fifteen_piece_torrent(tmp.path());
     let seed = LtSeed::start(&[&t.path], &tmp.path().join("t/content"), &[]);
-    let relay = LossyRelay::start(
-        seed.addr(),
-        RelayConfig::symmetric(five_percent_loss_20ms(), LOSS_SEED),
-    );
+    let relay = lossy_relay_to(seed.addr());
     let got = lt_fetch_with(
         &t.magnet(relay.addr),
         &tmp.path().join("got.info"),
@@ -320,7 +325,7 @@ fn lossy_relay_carries_utp_between_two_libtorrents() {
 fn magnetar_serves_15_pieces_over_lossy_utp() {
     require_libtorrent();
     let tmp = tempfile::tempdir().unwrap();
-    let t = make_lt_torrent_with_metadata_pieces(&tmp.path().join("t"), METADATA_PIECES);
+    let t = fifteen_piece_torrent(tmp.path());
     let data = tmp.path().join("data");
     run_ok(
         Command::new(magnetar_bin())
@@ -330,10 +335,7 @@ fn magnetar_serves_15_pieces_over_lossy_utp() {
     );
     let server = ServerProc::start(&data, &["--threads", "2"]);
     // uTP shares the TCP port number.
-    let relay = LossyRelay::start(
-        server.addr,
-        RelayConfig::symmetric(five_percent_loss_20ms(), LOSS_SEED),
-    );
+    let relay = lossy_relay_to(server.addr);
     let got = lt_fetch_with(
         &t.magnet(relay.addr),
         &tmp.path().join("got.info"),
@@ -357,12 +359,9 @@ fn magnetar_serves_15_pieces_over_lossy_utp() {
 fn magnetar_fetches_15_pieces_over_lossy_utp() {
     require_libtorrent();
     let tmp = tempfile::tempdir().unwrap();
-    let t = make_lt_torrent_with_metadata_pieces(&tmp.path().join("t"), METADATA_PIECES);
+    let t = fifteen_piece_torrent(tmp.path());
     let seed = LtSeed::start(&[&t.path], &tmp.path().join("t/content"), &[]);
-    let relay = LossyRelay::start(
-        seed.addr(),
-        RelayConfig::symmetric(five_percent_loss_20ms(), LOSS_SEED),
-    );
+    let relay = lossy_relay_to(seed.addr());
     let out = tmp.path().join("got.torrent");
     let started = Instant::now();
     let res = Command::new(magnetar_bin())
