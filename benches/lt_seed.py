@@ -28,8 +28,8 @@ def main():
         "enable_lsd": False,
         "enable_upnp": False,
         "enable_natpmp": False,
-        "enable_outgoing_utp": False,
-        "enable_incoming_utp": False,
+        "enable_outgoing_utp": False,  # default-off: loadgen dials TCP only; as measured in BENCHMARKS.md
+        "enable_incoming_utp": False,  # default-off: loadgen dials TCP only; as measured in BENCHMARKS.md
         "connections_limit": 200000,
         "unchoke_slots_limit": -1,
         "max_peerlist_size": 200000,

@@ -3,6 +3,7 @@
 
 pub mod bep9;
 pub mod kit;
+pub mod relay;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -343,6 +344,27 @@ pub fn make_lt_torrents(dir: &Path) -> std::collections::BTreeMap<String, LtTorr
             .arg("make-torrents")
             .arg(dir),
     );
+    read_lt_manifest(dir)
+}
+
+/// One v1 torrent (label `v1-pN`) whose info dict is exactly `pieces` metadata pieces long;
+/// content in `dir/content`.
+pub fn make_lt_torrent_with_metadata_pieces(dir: &Path, pieces: u32) -> LtTorrent {
+    run_ok(
+        Command::new(PYTHON)
+            .arg(repo_path("tests/interop/lt_client.py"))
+            .arg("make-torrents")
+            .arg(dir)
+            .args(["--v1-metadata-pieces", &pieces.to_string()]),
+    );
+    let t = read_lt_manifest(dir)
+        .remove(&format!("v1-p{pieces}"))
+        .expect("the torrent in the manifest");
+    assert_eq!(t.metadata_pieces, u64::from(pieces));
+    t
+}
+
+fn read_lt_manifest(dir: &Path) -> std::collections::BTreeMap<String, LtTorrent> {
     let manifest = std::fs::read_to_string(dir.join("manifest.json")).unwrap();
     let parsed: std::collections::BTreeMap<String, serde_json::Value> =
         serde_json::from_str(&manifest).unwrap();
@@ -365,15 +387,100 @@ pub fn make_lt_torrents(dir: &Path) -> std::collections::BTreeMap<String, LtTorr
         .collect()
 }
 
-/// libtorrent as a client: fetch `magnet`'s metadata, return the raw info dict.
-pub fn lt_fetch(magnet: &str, out: &Path, timeout_s: u32) -> Vec<u8> {
-    run_ok(
+/// Which transports a libtorrent process may use (lt_client.py --transport).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// libtorrent's defaults: uTP and TCP, uTP dialled first.
+    Default,
+    /// uTP off both ways.
+    Tcp,
+    /// TCP off both ways.
+    Utp,
+}
+
+impl Transport {
+    pub fn arg(self) -> &'static str {
+        match self {
+            Transport::Default => "default",
+            Transport::Tcp => "tcp",
+            Transport::Utp => "utp",
+        }
+    }
+}
+
+/// What one libtorrent fetch reported.
+#[derive(Debug)]
+pub struct LtFetch {
+    /// The raw info dict libtorrent received.
+    pub info: Vec<u8>,
+    /// From add_torrent to metadata_received_alert.
+    pub seconds: f64,
+    /// The peers it was connected to when the metadata arrived, with their transport
+    /// ("utp" or "tcp").
+    pub peers: Vec<(SocketAddr, String)>,
+}
+
+impl LtFetch {
+    /// The transport of the connection to `addr`, if libtorrent had one.
+    pub fn transport_to(&self, addr: SocketAddr) -> Option<&str> {
+        self.peers
+            .iter()
+            .find(|(a, _)| *a == addr)
+            .map(|(_, t)| t.as_str())
+    }
+}
+
+/// libtorrent as a client (a fresh process) on `transport`: fetch `magnet`'s metadata into
+/// `out`; the report has the info dict, the seconds from add_torrent to metadata, and the
+/// transport of each connection.
+pub fn lt_fetch_with(magnet: &str, out: &Path, timeout_s: u32, transport: Transport) -> LtFetch {
+    let res = run_ok(
         Command::new(PYTHON)
             .arg(repo_path("tests/interop/lt_client.py"))
             .arg("fetch")
             .arg(magnet)
             .arg(out)
-            .args(["--timeout", &timeout_s.to_string()]),
+            .args(["--timeout", &timeout_s.to_string()])
+            .args(["--transport", transport.arg()]),
     );
-    std::fs::read(out).unwrap()
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    let line = stdout
+        .lines()
+        .rfind(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line from lt_client.py fetch: {stdout}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let peers = v["peers"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    let addr = p["addr"].as_str().unwrap().parse().unwrap();
+                    (addr, p["transport"].as_str().unwrap().to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    LtFetch {
+        info: std::fs::read(out).unwrap(),
+        seconds: v["seconds"].as_f64().expect("seconds in the fetch report"),
+        peers,
+    }
+}
+
+/// libtorrent as a client on its default settings: fetch `magnet`'s metadata, return the
+/// raw info dict.
+pub fn lt_fetch(magnet: &str, out: &Path, timeout_s: u32) -> Vec<u8> {
+    lt_fetch_with(magnet, out, timeout_s, Transport::Default).info
+}
+
+/// The median of a non-empty sample.
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }

@@ -14,6 +14,10 @@ after replying with a handshake (BEP 10 + Fast bits) and the extension handshake
   d1:md11:ut_metadatai3ee13:metadata_sizei20000ee
 It never answers the request: the capture ends once the request(s) arrived.
 
+libtorrent runs on its default transports, as users run it: it dials uTP first, gets no
+answer from this TCP-only server, and falls back to TCP a few seconds later (DESIGN.md
+point 13), so each capture takes about 6 s. The bytes on TCP are the same either way.
+
 Run (system python: python3-libtorrent is a Debian package, not in pyenv):
     /usr/bin/python3 tests/interop/capture_golden.py [out_dir]   # default tests/golden
 """
@@ -127,8 +131,7 @@ def capture(prefix, magnet_template, out_dir):
             "enable_lsd": False,
             "enable_upnp": False,
             "enable_natpmp": False,
-            "enable_incoming_utp": False,
-            "enable_outgoing_utp": False,
+            # Transports stay at libtorrent's defaults (uTP first, then TCP).
             "alert_mask": 0,
         }
     )

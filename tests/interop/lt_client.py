@@ -3,14 +3,28 @@
 
   make-torrents OUTDIR   create v1 / v2 / hybrid torrents, small (1 metadata piece) and
                          large (5+ metadata pieces), and OUTDIR/manifest.json describing them
-  fetch MAGNET OUT       fetch the metadata of MAGNET (give it x.pe=magnetar) and write the
-                         raw info dict libtorrent received to OUT; exit 1 on timeout
+  make-torrents OUTDIR --v1-metadata-pieces N
+                         only one torrent, `v1-pN`: a v1 torrent whose info dict is exactly
+                         N metadata pieces long (for transport tests with many round trips)
+  fetch MAGNET OUT [--timeout S] [--transport T]
+                         fetch the metadata of MAGNET (give it x.pe=magnetar) and write the
+                         raw info dict libtorrent received to OUT; prints one JSON line:
+                         seconds (add_torrent to metadata_received_alert) and the peers it
+                         was connected to, each with its transport (utp/tcp); exit 1 on
+                         timeout
   seed TORRENT... CONTENT_DIR [--port N] [--tracker URL] [--dht-bootstrap H:P,...]
-       [--connect-peer H:P]
+       [--connect-peer H:P] [--transport T]
                          seed TORRENT(s) (content under CONTENT_DIR, seed_mode: no check)
                          on 127.0.0.1:N (0 = any); prints `listening PORT` when ready, then
-                         runs until killed. With --dht-bootstrap it runs a DHT node that
-                         bootstraps from those nodes and announces the torrents to it.
+                         runs until killed; each accepted connection is logged to stderr as
+                         `incoming utp|tcp ADDR`. With --dht-bootstrap it runs a DHT node
+                         that bootstraps from those nodes and announces the torrents to it.
+
+Transports: real clients run with their defaults, and so does this script: libtorrent 2.0
+listens on TCP and uTP on one port and dials uTP first (DESIGN.md point 13). --transport
+tcp switches uTP off both ways, --transport utp switches TCP off both ways; `default` (the
+default) changes nothing. Settings that only keep traffic on this machine (DHT, LSD, UPnP,
+NAT-PMP off) are not transport settings.
 
 Run with /usr/bin/python3: the pyenv python on PATH does not see Debian's libtorrent.
 """
@@ -34,6 +48,49 @@ def _generate(content_root, name, flags, piece_size):
     ct.set_creator("magnetar interop")
     lt.set_piece_hashes(ct, content_root)
     return lt.bencode(ct.generate())
+
+
+def _describe(path):
+    ti = lt.torrent_info(path)
+    info = bytes(ti.info_section())
+    hashes = ti.info_hashes()
+    entry = {
+        "torrent": path,
+        "info_len": len(info),
+        "metadata_pieces": (len(info) + METADATA_PIECE - 1) // METADATA_PIECE,
+        "info_sha256": hashlib.sha256(info).hexdigest(),
+    }
+    if hashes.has_v1():
+        entry["v1"] = str(hashes.v1)
+    if hashes.has_v2():
+        entry["v2"] = str(hashes.v2)
+    return entry
+
+
+def _write_manifest(outdir, manifest):
+    with open(os.path.join(outdir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    print(json.dumps(manifest))
+
+
+def make_v1_with_metadata_pieces(outdir, pieces):
+    """One v1 torrent, `v1-pN`, whose info dict is exactly N metadata pieces long: its
+    `pieces` string (20 bytes per 16 KiB piece of a sparse file) is sized so the info dict
+    ends half-way into metadata piece N; the rest of the dict is well under 8 KiB."""
+    content = os.path.join(outdir, "content")
+    os.makedirs(content, exist_ok=True)
+    target_len = (pieces - 1) * METADATA_PIECE + METADATA_PIECE // 2
+    piece_count = target_len // 20
+    name = "p%d.bin" % pieces
+    with open(os.path.join(content, name), "wb") as f:
+        f.truncate(piece_count * 16 * 1024)
+    label = "v1-p%d" % pieces
+    path = os.path.join(outdir, label + ".torrent")
+    with open(path, "wb") as f:
+        f.write(_generate(content, name, lt.create_torrent.v1_only, 16 * 1024))
+    entry = _describe(path)
+    assert entry["metadata_pieces"] == pieces, entry
+    _write_manifest(outdir, {label: entry})
 
 
 def make_torrents(outdir):
@@ -68,54 +125,75 @@ def make_torrents(outdir):
         path = os.path.join(outdir, label + ".torrent")
         with open(path, "wb") as f:
             f.write(data)
-        ti = lt.torrent_info(path)
-        info = bytes(ti.info_section())
-        hashes = ti.info_hashes()
-        entry = {
-            "torrent": path,
-            "info_len": len(info),
-            "metadata_pieces": (len(info) + METADATA_PIECE - 1) // METADATA_PIECE,
-            "info_sha256": hashlib.sha256(info).hexdigest(),
+        manifest[label] = _describe(path)
+    _write_manifest(outdir, manifest)
+
+
+TRANSPORTS = ("default", "tcp", "utp")
+
+# peer_info::utp_socket (libtorrent 2.0 peer_info.hpp: bit 17 of flags); the Python
+# binding does not name it.
+PEER_FLAG_UTP_SOCKET = 1 << 17
+
+
+def transport_settings(transport):
+    """The settings for --transport: nothing for `default`, one transport off both ways
+    otherwise."""
+    if transport == "tcp":
+        return {
+            "enable_incoming_utp": False,  # default-off: --transport tcp asks for TCP only
+            "enable_outgoing_utp": False,  # default-off: --transport tcp asks for TCP only
         }
-        if hashes.has_v1():
-            entry["v1"] = str(hashes.v1)
-        if hashes.has_v2():
-            entry["v2"] = str(hashes.v2)
-        manifest[label] = entry
-    with open(os.path.join(outdir, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
-    print(json.dumps(manifest))
+    if transport == "utp":
+        return {
+            "enable_incoming_tcp": False,  # default-off: --transport utp asks for uTP only
+            "enable_outgoing_tcp": False,  # default-off: --transport utp asks for uTP only
+        }
+    assert transport == "default", transport
+    return {}
 
 
-def fetch(magnet, out, timeout):
-    settings = {
-        "listen_interfaces": "127.0.0.1:0",
+def local_only():
+    """Keeps a session's traffic on this machine: no DHT, LSD, UPnP or NAT-PMP."""
+    return {
         "enable_dht": False,
         "enable_lsd": False,
         "enable_upnp": False,
         "enable_natpmp": False,
-        "enable_incoming_utp": False,
-        "enable_outgoing_utp": False,
+    }
+
+
+def fetch(magnet, out, timeout, transport):
+    settings = {
+        "listen_interfaces": "127.0.0.1:0",
+        **local_only(),
+        **transport_settings(transport),
         "alert_mask": lt.alert.category_t.status_notification
         | lt.alert.category_t.error_notification
-        | lt.alert.category_t.peer_notification,
+        | lt.alert.category_t.peer_notification
+        | lt.alert.category_t.connect_notification,
     }
     ses = lt.session(settings)
     params = lt.parse_magnet_uri(magnet)
     params.save_path = tempfile.mkdtemp(prefix="lt-fetch-")
-    handle = ses.add_torrent(params)
+    # Time to metadata: from add_torrent to metadata_received_alert.
     start = time.monotonic()
+    handle = ses.add_torrent(params)
     log = []
     while time.monotonic() - start < timeout:
         ses.wait_for_alert(200)
         for a in ses.pop_alerts():
-            log.append("%s: %s" % (type(a).__name__, a.message()))
+            log.append("%.3f %s: %s" % (time.monotonic() - start, type(a).__name__, a.message()))
             if isinstance(a, lt.metadata_received_alert):
+                seconds = time.monotonic() - start
                 info = bytes(handle.torrent_file().info_section())
                 with open(out, "wb") as f:
                     f.write(info)
+                peers = [{"addr": "%s:%d" % tuple(p.ip),
+                          "transport": "utp" if p.flags & PEER_FLAG_UTP_SOCKET else "tcp"}
+                         for p in handle.get_peer_info()]
                 print(json.dumps({"ok": True, "info_len": len(info),
-                                  "seconds": round(time.monotonic() - start, 3)}))
+                                  "seconds": round(seconds, 3), "peers": peers}))
                 return 0
             if isinstance(a, lt.metadata_failed_alert):
                 print("metadata_failed: " + a.message(), file=sys.stderr)
@@ -124,16 +202,23 @@ def fetch(magnet, out, timeout):
     return 1
 
 
-def seed(torrents, content_dir, port, trackers, dht_bootstrap, connect_peers):
+def log_seed_alert(a):
+    """Every alert to stderr; an accepted connection as `incoming utp|tcp ADDR`, so a test
+    (or a person) sees which transport a client came in on."""
+    if isinstance(a, lt.incoming_connection_alert):
+        kind = "utp" if a.socket_type in (lt.socket_type_t.utp, lt.socket_type_t.utp_ssl) else "tcp"
+        print("incoming %s %s:%d" % ((kind,) + tuple(a.endpoint)), file=sys.stderr, flush=True)
+    else:
+        print("alert %s: %s" % (type(a).__name__, a.message()), file=sys.stderr, flush=True)
+
+
+def seed(torrents, content_dir, port, trackers, dht_bootstrap, connect_peers, transport):
     dht = bool(dht_bootstrap)
     settings = {
         "listen_interfaces": "127.0.0.1:%d" % port,
+        **local_only(),
         "enable_dht": dht,
-        "enable_lsd": False,
-        "enable_upnp": False,
-        "enable_natpmp": False,
-        "enable_incoming_utp": False,
-        "enable_outgoing_utp": False,
+        **transport_settings(transport),
         # Tests connect many times from 127.0.0.1 (and through magnetar).
         "allow_multiple_connections_per_ip": True,
         "announce_to_all_trackers": True,
@@ -143,7 +228,8 @@ def seed(torrents, content_dir, port, trackers, dht_bootstrap, connect_peers):
         "alert_mask": lt.alert.category_t.status_notification
         | lt.alert.category_t.error_notification
         | lt.alert.category_t.tracker_notification
-        | lt.alert.category_t.dht_notification,
+        | lt.alert.category_t.dht_notification
+        | lt.alert.category_t.peer_notification,
     }
     if dht:
         settings.update({
@@ -176,13 +262,13 @@ def seed(torrents, content_dir, port, trackers, dht_bootstrap, connect_peers):
             h.status().state == lt.torrent_status.seeding for h in handles):
         ses.wait_for_alert(100)
         for a in ses.pop_alerts():
-            print("alert %s: %s" % (type(a).__name__, a.message()), file=sys.stderr, flush=True)
+            log_seed_alert(a)
     print("listening %d" % ses.listen_port(), flush=True)
     last_dht_announce = 0.0
     while True:
         ses.wait_for_alert(1000)
         for a in ses.pop_alerts():
-            print("alert %s: %s" % (type(a).__name__, a.message()), file=sys.stderr, flush=True)
+            log_seed_alert(a)
         # The first DHT announce waits for the routing table; on a tiny loopback DHT
         # repeat it so a lookup started later finds the seed.
         if dht and time.monotonic() - last_dht_announce > 5:
@@ -196,26 +282,32 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("make-torrents")
     m.add_argument("outdir")
+    m.add_argument("--v1-metadata-pieces", type=int, default=0)
     f = sub.add_parser("fetch")
     f.add_argument("magnet")
     f.add_argument("out")
     f.add_argument("--timeout", type=float, default=30.0)
+    f.add_argument("--transport", choices=TRANSPORTS, default="default")
     s = sub.add_parser("seed")
     s.add_argument("paths", nargs="+", metavar="TORRENT... CONTENT_DIR")
     s.add_argument("--port", type=int, default=0)
     s.add_argument("--tracker", action="append", default=[])
     s.add_argument("--dht-bootstrap", default="")
     s.add_argument("--connect-peer", action="append", default=[])
+    s.add_argument("--transport", choices=TRANSPORTS, default="default")
     args = ap.parse_args()
     if args.cmd == "make-torrents":
-        make_torrents(args.outdir)
+        if args.v1_metadata_pieces:
+            make_v1_with_metadata_pieces(args.outdir, args.v1_metadata_pieces)
+        else:
+            make_torrents(args.outdir)
         return 0
     if args.cmd == "seed":
         if len(args.paths) < 2:
             ap.error("seed needs at least one TORRENT and the CONTENT_DIR")
         return seed(args.paths[:-1], args.paths[-1], args.port, args.tracker,
-                    args.dht_bootstrap, args.connect_peer)
-    return fetch(args.magnet, args.out, args.timeout)
+                    args.dht_bootstrap, args.connect_peer, args.transport)
+    return fetch(args.magnet, args.out, args.timeout, args.transport)
 
 
 if __name__ == "__main__":
