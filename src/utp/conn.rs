@@ -407,6 +407,11 @@ impl<C: Chunk> Connection<C> {
         self.written += len;
     }
 
+    /// Our FIN was acked: the peer has everything we wrote.
+    pub fn is_fin_acked(&self) -> bool {
+        self.fin_acked_at.is_some()
+    }
+
     /// Written bytes not yet acked.
     pub fn send_backlog_bytes(&self) -> usize {
         (self.written - self.acked_offset) as usize

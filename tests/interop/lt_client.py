@@ -6,11 +6,12 @@
   fetch MAGNET OUT       fetch the metadata of MAGNET (give it x.pe=magnetar) and write the
                          raw info dict libtorrent received to OUT; exit 1 on timeout
   seed TORRENT... CONTENT_DIR [--port N] [--tracker URL] [--dht-bootstrap H:P,...]
-       [--connect-peer H:P]
+       [--connect-peer H:P] [--no-tcp]
                          seed TORRENT(s) (content under CONTENT_DIR, seed_mode: no check)
                          on 127.0.0.1:N (0 = any); prints `listening PORT` when ready, then
                          runs until killed. With --dht-bootstrap it runs a DHT node that
                          bootstraps from those nodes and announces the torrents to it.
+                         With --no-tcp it takes peers over uTP only (TCP incoming off).
 
 Run with /usr/bin/python3: the pyenv python on PATH does not see Debian's libtorrent.
 """
@@ -124,7 +125,7 @@ def fetch(magnet, out, timeout):
     return 1
 
 
-def seed(torrents, content_dir, port, trackers, dht_bootstrap, connect_peers):
+def seed(torrents, content_dir, port, trackers, dht_bootstrap, connect_peers, no_tcp=False):
     dht = bool(dht_bootstrap)
     settings = {
         "listen_interfaces": "127.0.0.1:%d" % port,
@@ -145,6 +146,8 @@ def seed(torrents, content_dir, port, trackers, dht_bootstrap, connect_peers):
         | lt.alert.category_t.tracker_notification
         | lt.alert.category_t.dht_notification,
     }
+    if no_tcp:
+        settings.update({"enable_incoming_utp": True, "enable_incoming_tcp": False})  # default-off: uTP-only peer for the uTP fetch test
     if dht:
         settings.update({
             "dht_bootstrap_nodes": dht_bootstrap,
@@ -206,6 +209,7 @@ def main():
     s.add_argument("--tracker", action="append", default=[])
     s.add_argument("--dht-bootstrap", default="")
     s.add_argument("--connect-peer", action="append", default=[])
+    s.add_argument("--no-tcp", action="store_true")
     args = ap.parse_args()
     if args.cmd == "make-torrents":
         make_torrents(args.outdir)
@@ -214,7 +218,7 @@ def main():
         if len(args.paths) < 2:
             ap.error("seed needs at least one TORRENT and the CONTENT_DIR")
         return seed(args.paths[:-1], args.paths[-1], args.port, args.tracker,
-                    args.dht_bootstrap, args.connect_peer)
+                    args.dht_bootstrap, args.connect_peer, args.no_tcp)
     return fetch(args.magnet, args.out, args.timeout)
 
 
