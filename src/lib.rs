@@ -9,6 +9,7 @@
 //! - `store`    append-only mmap segments, record format, index, recovery
 //! - `import`   `magnetar import`: .torrent files into the store
 //! - `server`   thread-per-core monoio runtime, listeners, peer sessions, zero-copy block sends
+//! - `utp`      sans-IO uTP (BEP 29): packet codec, connection state machine, LEDBAT
 //! - `upstream` the miss path: fetch unknown info dicts from the swarm
 //! - `admin`    HTTP plane on its own thread: metrics, health, .torrent in/out, delete/block
 
@@ -23,4 +24,5 @@ pub mod metainfo;
 pub mod server;
 pub mod store;
 pub mod upstream;
+pub mod utp;
 pub mod wire;

@@ -12,6 +12,7 @@
 //! - `cli`      `magnetar fetch <magnet>`
 //! - `fetch`    one fetch: up to N peers at once, first verified dict wins, liars banned
 //! - `peer`     one upstream peer connection: handshakes, pipelined BEP 9 requests
+//! - `utp_stream` an outgoing uTP connection (monoio UDP socket + `utp::Connection`)
 //! - `assemble` sans-IO: pieces from one peer into the info dict, checked against the key
 
 pub mod assemble;
@@ -26,6 +27,7 @@ pub mod stats;
 pub mod tracker;
 pub mod tracker_http;
 pub mod tracker_udp;
+pub mod utp_stream;
 
 use std::net::SocketAddr;
 

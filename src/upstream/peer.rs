@@ -3,9 +3,13 @@
 //! handshake and wait for its extension handshake (`ut_metadata` id and `metadata_size`),
 //! request the pieces pipelined, assemble and verify them (`assemble`).
 //!
-//! The protocol logic is the sans-IO [`Exchange`]; `fetch_from_peer` only moves bytes.
-//! Every step has a deadline: `connect_timeout` for the TCP connect, `peer_timeout` for
-//! the whole exchange (connect included). Nothing we receive can make us buffer more than
+//! The protocol logic is the sans-IO [`Exchange`]; `fetch_from_peer` only moves bytes,
+//! over TCP or uTP (`utp_stream`): TCP first, uTP when TCP is refused, has not connected
+//! within `UTP_HEAD_START` (250 ms, then both race and the first connected wins), or was
+//! accepted and closed before the peer said a byte (a libtorrent with incoming TCP off
+//! does that; DESIGN.md 13: libtorrent itself dials uTP first). Every step has a
+//! deadline: `connect_timeout` for the connect, `peer_timeout` for the whole exchange
+//! (connect included). Nothing we receive can make us buffer more than
 //! one frame (`limits::FRAME_BYTES_MAX`, checked by the codec) or allocate more than the
 //! `metadata_size` we accepted (`metadata_bytes_max`).
 //!
@@ -23,6 +27,7 @@ use monoio::time::Instant;
 
 use crate::limits::{FRAME_BYTES_MAX, REQUESTS_QUEUED_MAX};
 use crate::upstream::assemble::{AssembleError, MetadataAssembler, Progress};
+use crate::upstream::utp_stream::UtpStream;
 use crate::wire::{
     decode_frame, decode_handshake_head, decode_metadata, encode_handshake,
     encode_metadata_request, Decoded, ExtHandshake, Frame, MetadataMsg, Reserved, WireError,
@@ -367,6 +372,11 @@ pub async fn fetch_from_peer(
 }
 
 /// `fetch_from_peer`, reporting progress as it goes.
+///
+/// Transport: TCP first; uTP when TCP is refused, has not connected within
+/// `UTP_HEAD_START`, or connected but the peer closed it before sending a byte (what a
+/// libtorrent with incoming TCP off does: it accepts and closes at once). The first
+/// transport to connect carries the exchange; the other attempt is dropped.
 pub async fn fetch_from_peer_with(
     addr: SocketAddr,
     cfg: &PeerFetchConfig,
@@ -374,37 +384,135 @@ pub async fn fetch_from_peer_with(
 ) -> Result<Vec<u8>, PeerFetchError> {
     let deadline = Instant::now() + cfg.peer_timeout;
     let connect_deadline = deadline.min(Instant::now() + cfg.connect_timeout);
-    let mut stream =
-        match monoio::time::timeout_at(connect_deadline, TcpStream::connect_addr(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(PeerFetchError::Connect(e)),
-            Err(_) => {
-                return Err(PeerFetchError::Connect(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "connect timed out",
-                )))
+    let stream = connect_any(addr, connect_deadline).await?;
+    let was_tcp = matches!(stream, PeerStream::Tcp(_));
+    match exchange_over(stream, cfg, deadline, progress).await {
+        Err(ExchangeEnd::Silent(e)) if was_tcp && Instant::now() < deadline => {
+            // TCP was taken and closed without a word: the peer may speak uTP only.
+            let connect_deadline = deadline.min(Instant::now() + cfg.connect_timeout);
+            let utp = UtpStream::connect(addr, connect_deadline)
+                .await
+                .map_err(|_| e)?;
+            match exchange_over(PeerStream::Utp(Box::new(utp)), cfg, deadline, progress).await {
+                Ok(info) => Ok(info),
+                Err(ExchangeEnd::Silent(e) | ExchangeEnd::Failed(e)) => Err(e),
             }
-        };
-    // Requests are small and answered at once; do not let Nagle hold them back.
-    let _ = stream.set_nodelay(true);
-    progress(PeerProgress::Connected);
+        }
+        Ok(info) => Ok(info),
+        Err(ExchangeEnd::Silent(e) | ExchangeEnd::Failed(e)) => Err(e),
+    }
+}
 
+/// How long TCP has alone before uTP is tried alongside it: RFC 8305's connection
+/// attempt delay (250 ms), longer than a TCP connect to most peers takes.
+pub const UTP_HEAD_START: Duration = Duration::from_millis(250);
+
+/// The transport a peer connection ended up on.
+enum PeerStream {
+    Tcp(TcpStream),
+    // Boxed: a uTP connection holds its buffers inline; one per fetch attempt.
+    Utp(Box<UtpStream>),
+}
+
+/// Why an exchange ended without the info dict.
+enum ExchangeEnd {
+    /// The peer closed (or reset) before sending a single byte.
+    Silent(PeerFetchError),
+    Failed(PeerFetchError),
+}
+
+fn connect_timed_out() -> PeerFetchError {
+    PeerFetchError::Connect(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+}
+
+/// TCP and, after `UTP_HEAD_START` or a TCP failure, uTP: the first connected wins.
+async fn connect_any(addr: SocketAddr, deadline: Instant) -> Result<PeerStream, PeerFetchError> {
+    let tcp = monoio::time::timeout_at(deadline, TcpStream::connect_addr(addr));
+    let mut tcp = std::pin::pin!(tcp);
+    let head_start = deadline.min(Instant::now() + UTP_HEAD_START);
+    let tcp_error = monoio::select! {
+        r = &mut tcp => match r {
+            Ok(Ok(s)) => return Ok(PeerStream::Tcp(s)),
+            Ok(Err(e)) => Some(e),
+            Err(_) => return Err(connect_timed_out()),
+        },
+        _ = monoio::time::sleep_until(head_start) => None,
+    };
+    let utp = std::pin::pin!(UtpStream::connect(addr, deadline));
+    let mut utp = utp;
+    let Some(tcp_error) = tcp_error else {
+        // Both race.
+        let first = monoio::select! {
+            r = &mut tcp => Err(r),
+            r = &mut utp => Ok(r),
+        };
+        return match first {
+            Err(Ok(Ok(s))) => Ok(PeerStream::Tcp(s)),
+            Ok(Ok(s)) => Ok(PeerStream::Utp(Box::new(s))),
+            // One failed: the other may still connect.
+            Err(_) => utp
+                .await
+                .map(|s| PeerStream::Utp(Box::new(s)))
+                .map_err(PeerFetchError::Connect),
+            Ok(Err(utp_error)) => match tcp.await {
+                Ok(Ok(s)) => Ok(PeerStream::Tcp(s)),
+                Ok(Err(_)) | Err(_) => Err(PeerFetchError::Connect(utp_error)),
+            },
+        };
+    };
+    utp.await
+        .map(|s| PeerStream::Utp(Box::new(s)))
+        .map_err(|utp_error| {
+            PeerFetchError::Connect(io::Error::new(
+                tcp_error.kind(),
+                format!("tcp: {tcp_error}; utp: {utp_error}"),
+            ))
+        })
+}
+
+/// Runs the `Exchange` over a connected stream.
+async fn exchange_over(
+    mut stream: PeerStream,
+    cfg: &PeerFetchConfig,
+    deadline: Instant,
+    progress: &mut dyn FnMut(PeerProgress),
+) -> Result<Vec<u8>, ExchangeEnd> {
+    if let PeerStream::Tcp(s) = &mut stream {
+        // Requests are small and answered at once; do not let Nagle hold them back.
+        let _ = s.set_nodelay(true);
+    }
+    progress(PeerProgress::Connected);
     let mut ex = Exchange::new(cfg.key, cfg.metadata_bytes_max);
     let mut out = Vec::with_capacity(256);
     ex.opening(&cfg.peer_id, cfg.v2_bit, &mut out);
     let mut rbuf: Vec<u8> = Vec::with_capacity(READ_SPARE_MIN);
+    let mut heard = false;
+    let failed = ExchangeEnd::Failed;
     loop {
         if !out.is_empty() {
-            out = write_before(&mut stream, out, deadline).await?;
+            out = write_before(&mut stream, out, deadline)
+                .await
+                .map_err(failed)?;
         }
         match read_before(&mut stream, rbuf, deadline).await {
             Ok(buf) => rbuf = buf,
-            Err(ReadEnd::Eof) => return Err(ex.on_silence(false)),
-            Err(ReadEnd::Deadline) => return Err(ex.on_silence(true)),
-            Err(ReadEnd::Failed(e)) => return Err(PeerFetchError::Io(e)),
+            Err(ReadEnd::Eof) if !heard => return Err(ExchangeEnd::Silent(ex.on_silence(false))),
+            Err(ReadEnd::Eof) => return Err(failed(ex.on_silence(false))),
+            Err(ReadEnd::Deadline) => return Err(failed(ex.on_silence(true))),
+            Err(ReadEnd::Failed(e)) if !heard && e.kind() == io::ErrorKind::ConnectionReset => {
+                return Err(ExchangeEnd::Silent(PeerFetchError::Io(e)))
+            }
+            Err(ReadEnd::Failed(e)) => return Err(failed(PeerFetchError::Io(e))),
         }
-        match ex.on_bytes(&rbuf, &mut out, progress)? {
-            Step::Done(info) => return Ok(info),
+        heard = true;
+        match ex.on_bytes(&rbuf, &mut out, progress).map_err(failed)? {
+            Step::Done(info) => {
+                if let PeerStream::Utp(s) = stream {
+                    // FIN in the background: the caller has what it came for.
+                    monoio::spawn((*s).close());
+                }
+                return Ok(info);
+            }
             Step::Consumed(n) => {
                 rbuf.drain(..n);
             }
@@ -424,10 +532,23 @@ enum ReadEnd {
 /// One read into the spare room of `buf`. On the deadline the in-flight read is dropped
 /// (monoio cancels it) together with its buffer: the connection is abandoned anyway.
 async fn read_before(
-    stream: &mut TcpStream,
+    stream: &mut PeerStream,
     mut buf: Vec<u8>,
     deadline: Instant,
 ) -> Result<Vec<u8>, ReadEnd> {
+    let stream = match stream {
+        PeerStream::Tcp(s) => s,
+        PeerStream::Utp(s) => {
+            return match s.read(&mut buf, deadline).await {
+                Ok(0) => Err(ReadEnd::Eof),
+                Ok(_) => Ok(buf),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut && Instant::now() >= deadline => {
+                    Err(ReadEnd::Deadline)
+                }
+                Err(e) => Err(ReadEnd::Failed(e)),
+            }
+        }
+    };
     if buf.capacity() - buf.len() < READ_SPARE_MIN {
         buf.reserve(READ_SPARE_MIN);
     }
@@ -444,10 +565,21 @@ async fn read_before(
 /// Writes all of `out` (a plain buffer: monoio's `write_all` is correct for those) and
 /// returns it cleared for reuse.
 async fn write_before(
-    stream: &mut TcpStream,
-    out: Vec<u8>,
+    stream: &mut PeerStream,
+    mut out: Vec<u8>,
     deadline: Instant,
 ) -> Result<Vec<u8>, PeerFetchError> {
+    let stream = match stream {
+        PeerStream::Tcp(s) => s,
+        PeerStream::Utp(s) => {
+            let bytes = std::mem::replace(&mut out, Vec::with_capacity(256));
+            return match s.write_all(bytes, deadline).await {
+                Ok(()) => Ok(out),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(PeerFetchError::Timeout),
+                Err(e) => Err(PeerFetchError::Io(e)),
+            };
+        }
+    };
     match monoio::time::timeout_at(deadline, stream.write_all(out)).await {
         Err(_) => Err(PeerFetchError::Timeout),
         Ok((Err(e), _)) => Err(PeerFetchError::Io(e)),

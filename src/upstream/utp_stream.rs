@@ -1,0 +1,205 @@
+//! An outgoing uTP connection on monoio: one UDP socket per connection (an ephemeral
+//! port of the peer's family, `connect`ed to the peer, so the kernel filters other
+//! sources and reports ICMP port-unreachable as `ConnectionRefused`), driving a sans-IO
+//! [`Connection`]. Used by the miss path (`peer::fetch_from_peer`), the load generator and
+//! tests; the server's accept side has its own per-core driver.
+//!
+//! Every async method services the connection while it waits: received datagrams go to
+//! the connection, its retransmission timer fires, and whatever it wants sent is sent
+//! (copied into one buffer: the client side is not the zero-copy path). Nothing runs
+//! between calls, which is fine for a client that only waits inside them.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use monoio::net::udp::UdpSocket;
+use monoio::time::Instant;
+
+use crate::utp::{decode, CloseReason, Config, Connection, State};
+
+/// One datagram: our 1400-byte payload plus headers, or anything an MTU-sized peer sends
+/// (libtorrent probes up to its path MTU, at most 1500 minus IP/UDP headers).
+const DATAGRAM_BYTES_MAX: usize = 2048;
+
+/// `write_all` returns once no more than this is written but unacked: bounds the
+/// memory a fast writer can pin behind a slow peer (a full receive window of ours).
+pub const SEND_BACKLOG_BYTES_MAX: usize = 256 * 1024;
+
+/// `close` waits this long for the FIN to be acked before dropping the socket.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+pub struct UtpStream {
+    sock: UdpSocket,
+    conn: Connection<Vec<u8>>,
+    /// Receive buffer; replaced when a timer wins over a pending receive.
+    rbuf: Vec<u8>,
+}
+
+enum Event {
+    Datagram(io::Result<usize>, Vec<u8>),
+    Timer,
+}
+
+/// A random u64 from the standard library's per-process hasher keys (no RNG crate).
+fn random_u64() -> u64 {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish()
+}
+
+fn closed_error(reason: CloseReason) -> io::Error {
+    match reason {
+        CloseReason::ResetByPeer => io::ErrorKind::ConnectionReset.into(),
+        CloseReason::TimedOut | CloseReason::ConnectTimeout => {
+            io::Error::new(io::ErrorKind::TimedOut, "uTP peer stopped answering")
+        }
+        CloseReason::Aborted => io::ErrorKind::ConnectionAborted.into(),
+        CloseReason::Graceful => io::ErrorKind::NotConnected.into(),
+    }
+}
+
+impl UtpStream {
+    /// Sends a SYN to `addr` and waits for the SYN-ACK (SYN retransmissions included).
+    pub async fn connect(addr: SocketAddr, deadline: Instant) -> io::Result<UtpStream> {
+        let local: SocketAddr = if addr.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = UdpSocket::bind(local)?;
+        sock.connect(addr).await?;
+        let r = random_u64();
+        let conn = Connection::connect(
+            Config::default(),
+            r as u16,
+            (r >> 16) as u16,
+            Instant::now().into_std(),
+        );
+        let mut s = UtpStream {
+            sock,
+            conn,
+            rbuf: Vec::with_capacity(DATAGRAM_BYTES_MAX),
+        };
+        while s.conn.state() == State::SynSent {
+            s.step(deadline).await?;
+        }
+        if let State::Closed(reason) = s.conn.state() {
+            return Err(match reason {
+                CloseReason::TimedOut => io::Error::new(io::ErrorKind::TimedOut, "no uTP SYN-ACK"),
+                CloseReason::ResetByPeer => io::ErrorKind::ConnectionRefused.into(),
+                r => closed_error(r),
+            });
+        }
+        Ok(s)
+    }
+
+    pub fn stats(&self) -> &crate::utp::ConnStats {
+        self.conn.stats()
+    }
+
+    /// Appends what arrived to `buf`; 0 = the peer closed its side (FIN).
+    pub async fn read(&mut self, buf: &mut Vec<u8>, deadline: Instant) -> io::Result<usize> {
+        loop {
+            let r = self.conn.readable();
+            if !r.is_empty() {
+                buf.extend_from_slice(r);
+                let n = r.len();
+                self.conn.consume(n);
+                // Consuming may reopen our window: say so now.
+                self.flush().await?;
+                return Ok(n);
+            }
+            if self.conn.is_read_closed() {
+                return Ok(0);
+            }
+            if let State::Closed(reason) = self.conn.state() {
+                return Err(closed_error(reason));
+            }
+            self.step(deadline).await?;
+        }
+    }
+
+    /// Queues `bytes`; returns once at most `SEND_BACKLOG_BYTES_MAX` is unacked.
+    pub async fn write_all(&mut self, bytes: Vec<u8>, deadline: Instant) -> io::Result<()> {
+        if let State::Closed(reason) = self.conn.state() {
+            return Err(closed_error(reason));
+        }
+        self.conn.write(bytes);
+        self.flush().await?;
+        while self.conn.send_backlog_bytes() > SEND_BACKLOG_BYTES_MAX {
+            if let State::Closed(reason) = self.conn.state() {
+                return Err(closed_error(reason));
+            }
+            self.step(deadline).await?;
+        }
+        Ok(())
+    }
+
+    /// FIN after everything written; waits up to `CLOSE_LINGER` for it to be acked.
+    pub async fn close(mut self) {
+        self.conn.close(Instant::now().into_std());
+        let linger = Instant::now() + CLOSE_LINGER;
+        while !self.conn.is_closed() && !self.conn.is_fin_acked() {
+            if self.step(linger).await.is_err() {
+                break;
+            }
+        }
+        let _ = self.flush().await;
+    }
+
+    /// Sends everything the connection has to send.
+    async fn flush(&mut self) -> io::Result<()> {
+        loop {
+            let now = Instant::now().into_std();
+            let Some(t) = self.conn.poll_transmit(now) else {
+                return Ok(());
+            };
+            let dgram = t.to_vec();
+            let (res, _) = self.sock.send(dgram).await;
+            match res {
+                Ok(_) => {}
+                // The kernel's send buffer is full: the datagram is lost, which the
+                // connection recovers from like any loss.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends what is due, then waits for one datagram or the next timer (or `deadline`).
+    async fn step(&mut self, deadline: Instant) -> io::Result<()> {
+        self.flush().await?;
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "uTP deadline"));
+        }
+        let wake = match self.conn.next_timeout() {
+            Some(t) => Instant::from_std(t).min(deadline),
+            None => deadline,
+        };
+        let mut buf = std::mem::take(&mut self.rbuf);
+        buf.clear();
+        if buf.capacity() < DATAGRAM_BYTES_MAX {
+            buf.reserve(DATAGRAM_BYTES_MAX);
+        }
+        let event = monoio::select! {
+            (res, buf) = self.sock.recv(buf) => Event::Datagram(res, buf),
+            _ = monoio::time::sleep_until(wake) => Event::Timer,
+        };
+        let now = Instant::now().into_std();
+        match event {
+            Event::Datagram(res, buf) => {
+                let n = res?;
+                if let Ok(pkt) = decode(&buf[..n]) {
+                    self.conn.on_packet(&pkt, now);
+                }
+                self.rbuf = buf;
+            }
+            // The pending receive was dropped with its buffer (monoio cancels it).
+            Event::Timer => self.conn.on_timeout(now),
+        }
+        self.flush().await
+    }
+}
