@@ -110,11 +110,10 @@ pub fn start(
     shard_mailboxes: Vec<flume::Receiver<ShardCmd>>,
     inherited: Vec<std::net::TcpListener>,
 ) -> anyhow::Result<Server> {
+    // `requests_queued_max` <= `limits::REQUESTS_QUEUED_MAX_LIMIT` (config refuses more),
+    // and limits.rs checks at compile time that the worst-case batch fits one writev.
+    debug_assert!(cfg.requests_queued_max <= crate::limits::REQUESTS_QUEUED_MAX_LIMIT);
     let cfg = Arc::new(cfg);
-    assert!(
-        cfg.requests_queued_max * 2 + 4 <= crate::limits::IOVECS_PER_WRITE_MAX,
-        "requests_queued_max too large for one writev"
-    );
     let socket_activated = !inherited.is_empty();
     let sockets = if socket_activated {
         listener::share_inherited(inherited, cfg.threads)
