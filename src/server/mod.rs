@@ -6,18 +6,22 @@
 //! - `listener`: sockets (SO_REUSEPORT, v6-only, backlog) bound before workers start, or
 //!   inherited from systemd (socket activation)
 //! - `worker`:   the runtime (io_uring or epoll) and the accept loop
-//! - `session`:  one peer connection, handshake to close
+//! - `session`:  drives one peer connection over a `Transport`: read → conn → write
+//! - `conn`:     the peer protocol (handshake, BEP 10, BEP 9) as a sans-IO state machine
+//! - `tcp`:      the TCP `Transport` (cancelable reads, the writev loop)
 //! - `send`:     zero-copy vectored replies (headers + mmap slices)
 //! - `limiter`:  global and per-IP connection caps
 //! - `stats`:    per-core counters, summed by readers
 //! - `lifecycle`: signals (stop, reload), the systemd watchdog
 
+pub mod conn;
 pub mod lifecycle;
 pub mod limiter;
 pub mod listener;
 pub mod send;
 pub mod session;
 pub mod stats;
+pub mod tcp;
 pub mod worker;
 
 use std::net::SocketAddr;
