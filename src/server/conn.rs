@@ -186,7 +186,10 @@ pub struct Conn<'a> {
     /// The keep-alive clock: the last time a write completed.
     last_tx: Instant,
     effects: VecDeque<Effect>,
+    /// Set once; every event after it is ignored.
     end: Option<SessionEnd>,
+    /// `Effect::Close` has been handed out (once).
+    end_polled: bool,
 }
 
 impl<'a> Conn<'a> {
@@ -210,6 +213,7 @@ impl<'a> Conn<'a> {
             last_tx: now,
             effects: VecDeque::new(),
             end: None,
+            end_polled: false,
         }
     }
 
@@ -260,12 +264,17 @@ impl<'a> Conn<'a> {
         }
     }
 
-    /// The next thing the driver must do, in order; `Close` ends the connection.
+    /// The next thing the driver must do, in order; `Close` (handed out once) ends the
+    /// connection, and nothing follows it.
     pub fn poll_effect(&mut self) -> Option<Effect> {
         if let Some(effect) = self.effects.pop_front() {
             return Some(effect);
         }
         if let Some(end) = self.end {
+            if self.end_polled {
+                return None;
+            }
+            self.end_polled = true;
             return Some(Effect::Close(end));
         }
         match &mut self.phase {
@@ -728,5 +737,668 @@ impl<'a> Conn<'a> {
                 encode_metadata_reject(out.head(), peer_id, piece);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The protocol without sockets: each test feeds a `Conn` what a client would send
+    //! and reads the batch it fills, byte for byte where the wire format is pinned.
+
+    use super::*;
+    use crate::store::{AppendOptions, StoreOptions};
+    use crate::upstream::config::UpstreamConfig;
+    use crate::upstream::shard::FetchFailure;
+
+    const PEER_ID: [u8; 20] = *b"-MG0001-unittestpeer";
+    /// The client's ut_metadata id: what our messages must carry (any 1–255 works).
+    const CLIENT_UT: u8 = 42;
+    const PEER: &str = "192.0.2.7:51413";
+
+    struct Kit {
+        ctx: WorkerCtx,
+        _mailboxes: Vec<flume::Receiver<ShardCmd>>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn kit(reqq: usize, hold_ms: u64) -> Kit {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let store = Arc::new(store);
+        let mut cfg = ServeConfig::new(dir.path().to_path_buf());
+        cfg.requests_queued_max = reqq;
+        cfg.handshake_timeout = Duration::from_secs(10);
+        cfg.idle_timeout = Duration::from_secs(120);
+        cfg.keepalive_interval = Duration::from_secs(30);
+        let upstream_cfg = UpstreamConfig {
+            handshake_hold_ms: hold_ms,
+            ..UpstreamConfig::default()
+        };
+        let (upstream, mailboxes) = Upstream::new(upstream_cfg, store.clone(), 1);
+        let ctx = WorkerCtx {
+            store,
+            cfg: Arc::new(cfg),
+            stats: Arc::new(CoreStats::default()),
+            peer_id: PEER_ID,
+            upstream,
+        };
+        Kit {
+            ctx,
+            _mailboxes: mailboxes,
+            _dir: dir,
+        }
+    }
+
+    /// A valid v1 info dict of `pieces * 20` piece-hash bytes (3 metadata pieces for 2000).
+    fn info_dict(pieces: usize) -> Vec<u8> {
+        let mut v = format!(
+            "d6:lengthi{}e4:name4:test12:piece lengthi16384e6:pieces",
+            pieces * 16384
+        )
+        .into_bytes();
+        v.extend_from_slice(format!("{}:", pieces * 20).as_bytes());
+        v.extend((0..pieces * 20).map(|i| (i * 7 % 251) as u8));
+        v.push(b'e');
+        v
+    }
+
+    fn store(kit: &Kit, info: &[u8]) -> RecordRef {
+        let appended = kit.ctx.store.append(info, AppendOptions::default());
+        appended.unwrap().record().clone()
+    }
+
+    fn key_of(info: &[u8]) -> [u8; 20] {
+        use sha1::{Digest, Sha1};
+        Sha1::digest(info).into()
+    }
+
+    fn client_handshake(key: &[u8; 20], reserved: Reserved) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode_handshake(&mut v, reserved, key, b"-XX0001-clientpeerid");
+        v
+    }
+
+    fn client_ext(ut_metadata: u8, metadata_size: Option<u64>) -> Vec<u8> {
+        let mut v = Vec::new();
+        ExtHandshake {
+            ut_metadata: Some(ut_metadata),
+            metadata_size,
+            ..ExtHandshake::default()
+        }
+        .encode(&mut v);
+        v
+    }
+
+    fn requests(pieces: impl IntoIterator<Item = u32>) -> Vec<u8> {
+        let mut v = Vec::new();
+        for piece in pieces {
+            encode_metadata_request(&mut v, OUR_UT_METADATA_ID, piece);
+        }
+        v
+    }
+
+    fn extended(id: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = ((payload.len() + 2) as u32).to_be_bytes().to_vec();
+        v.extend([20, id]);
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// What the driver does with a buffer: hand it in until nothing more is consumed.
+    fn pump(conn: &mut Conn<'_>, buf: &[u8], now: Instant, out: &mut OutBatch) -> usize {
+        let mut pos = 0;
+        loop {
+            let n = conn.on_bytes(&buf[pos..], now, out);
+            pos += n;
+            if n == 0 {
+                return pos;
+            }
+        }
+    }
+
+    fn effects(conn: &mut Conn<'_>) -> Vec<Effect> {
+        std::iter::from_fn(|| conn.poll_effect()).collect()
+    }
+
+    /// The sealed batch as the peer would receive it; the batch is cleared for reuse.
+    fn wire(out: &mut OutBatch) -> Vec<u8> {
+        out.seal();
+        let mut bytes = Vec::new();
+        while bytes.len() < out.sealed_len() {
+            bytes.extend_from_slice(out.contiguous_at(bytes.len()));
+        }
+        out.clear();
+        bytes
+    }
+
+    /// Our messages, decoded.
+    #[derive(Debug, PartialEq)]
+    enum Msg {
+        KeepAlive,
+        HaveNone,
+        Ext {
+            ut_metadata: Option<u8>,
+            ut_pex: Option<u8>,
+            metadata_size: Option<u64>,
+            reqq: Option<u32>,
+        },
+        /// ut_metadata data (the block is checked against the dict).
+        Data(u32),
+        Reject(u32),
+        Request(u32),
+    }
+
+    fn messages(mut bytes: &[u8], info: Option<&[u8]>) -> Vec<Msg> {
+        let mut msgs = Vec::new();
+        while !bytes.is_empty() {
+            let Ok(Decoded::Done(frame, n)) = decode_frame(bytes) else {
+                panic!("not whole frames: {bytes:?}");
+            };
+            msgs.push(match frame {
+                Frame::KeepAlive => Msg::KeepAlive,
+                Frame::HaveNone => Msg::HaveNone,
+                Frame::Extended { id: 0, payload } => {
+                    let hs = ExtHandshake::decode(payload).unwrap();
+                    Msg::Ext {
+                        ut_metadata: hs.ut_metadata,
+                        ut_pex: hs.ut_pex,
+                        metadata_size: hs.metadata_size,
+                        reqq: hs.reqq,
+                    }
+                }
+                Frame::Extended { id, payload } => {
+                    assert_eq!(id, CLIENT_UT, "messages we send carry the client's id");
+                    match decode_metadata(payload).unwrap() {
+                        (MetadataMsg::Data { piece, total_size }, block) => {
+                            let info = info.expect("data only with a dict");
+                            assert_eq!(total_size, info.len() as u64);
+                            let range = metadata_piece_range(info.len(), piece).unwrap();
+                            assert!(block == &info[range], "piece {piece} bytes");
+                            Msg::Data(piece)
+                        }
+                        (MetadataMsg::Reject { piece }, _) => Msg::Reject(piece),
+                        (MetadataMsg::Request { piece }, _) => Msg::Request(piece),
+                    }
+                }
+                other => panic!("unexpected {other:?}"),
+            });
+            bytes = &bytes[n..];
+        }
+        msgs
+    }
+
+    /// Hands in the handshake and checks the 68-byte answer; returns the rest of the batch.
+    fn open(conn: &mut Conn<'_>, key: &[u8; 20], fast: bool, now: Instant) -> Vec<u8> {
+        let mut out = OutBatch::new();
+        let hs = client_handshake(key, Reserved::ours(fast, false, false));
+        assert_eq!(pump(conn, &hs[..HANDSHAKE_HEAD_LEN], now, &mut out), 48);
+        let got = wire(&mut out);
+        let mut ours = Vec::new();
+        encode_handshake(&mut ours, Reserved::ours(true, false, false), key, &PEER_ID);
+        assert_eq!(
+            &got[..HANDSHAKE_LEN],
+            &ours[..],
+            "our handshake echoes the key"
+        );
+        // The peer id comes later, in any split; it is skipped, never waited for.
+        assert_eq!(pump(conn, &hs[HANDSHAKE_HEAD_LEN..], now, &mut out), 20);
+        assert!(out.is_empty());
+        got[HANDSHAKE_LEN..].to_vec()
+    }
+
+    fn ext(ut_pex: bool, metadata_size: Option<usize>, reqq: usize) -> Msg {
+        Msg::Ext {
+            ut_metadata: Some(OUR_UT_METADATA_ID),
+            ut_pex: ut_pex.then_some(OUR_UT_PEX_ID),
+            metadata_size: metadata_size.map(|s| s as u64),
+            reqq: Some(reqq as u32),
+        }
+    }
+
+    #[test]
+    fn request_frame_bytes_min_is_the_encoded_request_for_piece_zero() {
+        assert_eq!(requests([0]).len(), REQUEST_FRAME_BYTES_MIN);
+        assert_eq!(REQUEST_FRAME_BYTES_MIN, 31);
+    }
+
+    #[test]
+    fn hit_echoes_the_key_sends_the_extension_handshake_first_and_have_none_only_with_fast() {
+        let kit = kit(250, 1500);
+        let info = info_dict(2000);
+        store(&kit, &info);
+        let key = key_of(&info);
+        for fast in [true, false] {
+            let now = Instant::now();
+            let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), now);
+            let rest = open(&mut conn, &key, fast, now);
+            let mut expected = vec![ext(false, Some(info.len()), 250)];
+            if fast {
+                expected.push(Msg::HaveNone);
+            }
+            assert_eq!(messages(&rest, None), expected, "fast {fast}");
+            assert!(effects(&mut conn).is_empty(), "a hit fetches nothing");
+            assert!(!conn.awaits_fetch());
+
+            let mut out = OutBatch::new();
+            let mut wire_in = client_ext(CLIENT_UT, None);
+            wire_in.extend(requests([2, 0, 9, 1]));
+            assert_eq!(pump(&mut conn, &wire_in, now, &mut out), wire_in.len());
+            assert_eq!(out.blocks(), 3);
+            let got = messages(&wire(&mut out), Some(&info));
+            use Msg::{Data, Reject};
+            assert_eq!(got, [Data(2), Data(0), Reject(9), Data(1)]);
+        }
+        assert_eq!(kit.ctx.stats.hits.get(), 2);
+        assert_eq!(kit.ctx.stats.rejects_out_of_range.get(), 2);
+    }
+
+    #[test]
+    fn miss_hold_expires_then_a_second_full_handshake_answers_the_held_requests() {
+        let kit = kit(250, 200);
+        let info = info_dict(2000);
+        let key = key_of(&info);
+        let t0 = Instant::now();
+        let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), t0);
+        // A miss: our handshake alone, the fetch starts, the extension handshake is held.
+        assert!(open(&mut conn, &key, true, t0).is_empty());
+        let effects_now = effects(&mut conn);
+        assert!(matches!(effects_now[..], [Effect::Fetch(k)] if k == key));
+        conn.on_sent(t0, 0, 0);
+        assert_eq!(
+            conn.deadline(),
+            t0 + Duration::from_millis(200),
+            "hold first"
+        );
+
+        // Requests meanwhile are held: no reject, no answer.
+        let mut out = OutBatch::new();
+        let mut wire_in = client_ext(CLIENT_UT, None);
+        wire_in.extend(requests([1, 0]));
+        conn.on_read(false);
+        assert_eq!(pump(&mut conn, &wire_in, t0, &mut out), wire_in.len());
+        assert!(out.is_empty());
+
+        // The hold passes: a handshake without metadata_size (ut_pex offered), HaveNone.
+        let t1 = t0 + Duration::from_millis(200);
+        conn.on_deadline(t1, &mut out);
+        assert_eq!(
+            messages(&wire(&mut out), None),
+            [ext(true, None, 250), Msg::HaveNone]
+        );
+        conn.on_sent(t1, 0, 0);
+        assert_eq!(kit.ctx.stats.ext_handshakes_held_out.get(), 1);
+        assert_eq!(
+            conn.deadline(),
+            t1 + Duration::from_secs(30),
+            "keep-alive next"
+        );
+
+        // The fetch lands: a second, full handshake (the whole `m` again, now with the
+        // size; no second HaveNone), then the held requests in their order.
+        let record = store(&kit, &info);
+        conn.on_fetch(Some(FetchOutcome::Ready(record)), &mut out);
+        assert_eq!(
+            messages(&wire(&mut out), Some(&info)),
+            [ext(true, Some(info.len()), 250), Msg::Data(1), Msg::Data(0)]
+        );
+        assert!(!conn.awaits_fetch());
+        assert_eq!(kit.ctx.stats.second_ext_handshakes.get(), 1);
+        assert!(effects(&mut conn).is_empty());
+    }
+
+    #[test]
+    fn miss_filled_within_the_hold_sends_one_handshake_with_the_size() {
+        let kit = kit(250, 1500);
+        let info = info_dict(2000);
+        let key = key_of(&info);
+        let t0 = Instant::now();
+        let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), t0);
+        assert!(open(&mut conn, &key, false, t0).is_empty());
+        let mut out = OutBatch::new();
+        let mut wire_in = client_ext(CLIENT_UT, None);
+        wire_in.extend(requests([2]));
+        pump(&mut conn, &wire_in, t0, &mut out);
+        assert!(out.is_empty());
+        conn.on_fetch(Some(FetchOutcome::Ready(store(&kit, &info))), &mut out);
+        assert_eq!(
+            messages(&wire(&mut out), Some(&info)),
+            [ext(false, Some(info.len()), 250), Msg::Data(2)]
+        );
+        assert_eq!(kit.ctx.stats.second_ext_handshakes.get(), 0);
+    }
+
+    #[test]
+    fn failed_or_lost_fetch_closes() {
+        let kit = kit(250, 1500);
+        let failures = [
+            Some(FetchOutcome::Failed(FetchFailure::NegativeCached)),
+            None,
+        ];
+        for (i, outcome) in failures.into_iter().enumerate() {
+            let now = Instant::now();
+            let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), now);
+            open(&mut conn, &[i as u8 + 1; 20], true, now);
+            effects(&mut conn);
+            let mut out = OutBatch::new();
+            conn.on_fetch(outcome, &mut out);
+            assert!(matches!(
+                effects(&mut conn)[..],
+                [Effect::Close(SessionEnd::MissFailed)]
+            ));
+        }
+        assert_eq!(kit.ctx.stats.misses_failed.get(), 1, "only a real failure");
+    }
+
+    #[test]
+    fn burst_cap_rejects_past_reqq_within_a_burst_and_resets_after_a_read_that_did_not_fill() {
+        let reqq = 4;
+        let kit = kit(reqq, 1500);
+        let info = info_dict(2000);
+        store(&kit, &info);
+        let now = Instant::now();
+        let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), now);
+        open(&mut conn, &key_of(&info), false, now);
+        let mut out = OutBatch::new();
+        pump(&mut conn, &client_ext(CLIENT_UT, None), now, &mut out);
+        wire(&mut out);
+        use Msg::{Data, Reject};
+
+        // A read that filled the buffer: 6 requests, the first reqq answered.
+        conn.on_read(true);
+        assert_eq!(conn.read_spare_min(), (reqq + 1) * REQUEST_FRAME_BYTES_MIN);
+        pump(&mut conn, &requests([0, 1, 2, 0, 1, 2]), now, &mut out);
+        let got = messages(&wire(&mut out), Some(&info));
+        assert_eq!(
+            got,
+            [Data(0), Data(1), Data(2), Data(0), Reject(1), Reject(2)]
+        );
+        // The burst goes on (that read filled too): still past the cap.
+        conn.on_read(true);
+        pump(&mut conn, &requests([0]), now, &mut out);
+        assert_eq!(messages(&wire(&mut out), Some(&info)), [Reject(0)]);
+        // A read that did not fill: the peer waited for us, a new burst begins.
+        conn.on_read(false);
+        assert_eq!(conn.read_spare_min(), READ_SPARE_MIN);
+        pump(&mut conn, &requests([2, 1]), now, &mut out);
+        assert_eq!(messages(&wire(&mut out), Some(&info)), [Data(2), Data(1)]);
+        assert_eq!(kit.ctx.stats.rejects_flood.get(), 3);
+    }
+
+    /// The worst case `limits::REQUESTS_QUEUED_MAX_LIMIT` is sized for, at the largest
+    /// allowed reqq: a full set of held requests answered in the same batch as a full
+    /// burst that came with the fetch outcome, plus a trailing reject. One writev.
+    #[test]
+    fn held_requests_and_a_full_burst_fit_one_writev_at_the_largest_reqq() {
+        let reqq = limits::REQUESTS_QUEUED_MAX_LIMIT;
+        let kit = kit(reqq, 1500);
+        let info = info_dict(2000);
+        let now = Instant::now();
+        let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), now);
+        open(&mut conn, &key_of(&info), false, now);
+        effects(&mut conn);
+        let mut out = OutBatch::new();
+        pump(&mut conn, &client_ext(CLIENT_UT, None), now, &mut out);
+        let all_pieces = (0..3u32).cycle();
+
+        // reqq requests held while the fetch runs.
+        conn.on_read(false);
+        pump(
+            &mut conn,
+            &requests(all_pieces.clone().take(reqq)),
+            now,
+            &mut out,
+        );
+        assert!(out.is_empty());
+        // The outcome lands with another full burst (and one request too many) behind it.
+        let burst = requests(all_pieces.take(reqq + 1));
+        conn.on_fetch(Some(FetchOutcome::Ready(store(&kit, &info))), &mut out);
+        assert_eq!(pump(&mut conn, &burst, now, &mut out), burst.len());
+
+        assert_eq!(out.blocks(), 2 * reqq);
+        out.seal();
+        let iovecs = out.iovecs().len();
+        assert_eq!(
+            iovecs,
+            2 * reqq * limits::IOVECS_PER_DATA_MESSAGE + limits::IOVECS_PER_BATCH_FIXED
+        );
+        assert!(iovecs <= limits::IOVECS_PER_WRITE_MAX, "{iovecs} iovecs");
+        let got = messages(&wire(&mut out), Some(&info));
+        assert_eq!(got.len(), 1 + 2 * reqq + 1);
+        assert_eq!(got.last(), Some(&Msg::Reject(reqq as u32 % 3)));
+    }
+
+    #[test]
+    fn protocol_errors_close_without_the_replies_decided_before() {
+        let kit = kit(250, 1500);
+        let info = info_dict(2000);
+        store(&kit, &info);
+        let cases: [(&str, Vec<u8>); 3] = [
+            ("huge length prefix", u32::MAX.to_be_bytes().to_vec()),
+            ("bad extension handshake", extended(0, b"d1:md")),
+            (
+                "bad ut_metadata message",
+                extended(OUR_UT_METADATA_ID, b"i1e"),
+            ),
+        ];
+        for (what, bad) in cases {
+            let now = Instant::now();
+            let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), now);
+            open(&mut conn, &key_of(&info), false, now);
+            let mut out = OutBatch::new();
+            let mut wire_in = client_ext(CLIENT_UT, None);
+            wire_in.extend(requests([0]));
+            wire_in.extend(bad);
+            wire_in.extend(requests([1]));
+            pump(&mut conn, &wire_in, now, &mut out);
+            assert!(
+                matches!(
+                    effects(&mut conn)[..],
+                    [Effect::Close(SessionEnd::ProtocolError)]
+                ),
+                "{what}"
+            );
+            assert_eq!(
+                out.blocks(),
+                1,
+                "{what}: nothing answered after the bad frame"
+            );
+            // Closed: nothing more is handled.
+            assert_eq!(conn.on_bytes(&requests([0]), now, &mut out), 0, "{what}");
+        }
+        assert_eq!(kit.ctx.stats.protocol_errors.get(), 3);
+    }
+
+    #[test]
+    fn bad_handshakes_close_at_once() {
+        let kit = kit(250, 1500);
+        let now = Instant::now();
+        let mut out = OutBatch::new();
+
+        let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), now);
+        pump(
+            &mut conn,
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            now,
+            &mut out,
+        );
+        assert!(matches!(
+            effects(&mut conn)[..],
+            [Effect::Close(SessionEnd::HandshakeInvalid)]
+        ));
+
+        let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), now);
+        let no_bep10 = client_handshake(&[7; 20], Reserved([0; 8]));
+        pump(&mut conn, &no_bep10, now, &mut out);
+        assert!(matches!(
+            effects(&mut conn)[..],
+            [Effect::Close(SessionEnd::NoExtensions)]
+        ));
+        assert!(out.is_empty(), "no handshake for a peer that cannot ask");
+    }
+
+    #[test]
+    fn handshake_timeout_idle_close_and_keepalives_follow_the_clock() {
+        let kit = kit(250, 1500);
+        let info = info_dict(2000);
+        store(&kit, &info);
+        let key = key_of(&info);
+        let s = Duration::from_secs;
+        let t0 = Instant::now();
+
+        // No handshake within the timeout.
+        let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), t0);
+        let mut out = OutBatch::new();
+        pump(
+            &mut conn,
+            &client_handshake(&key, Reserved::ours(false, false, false))[..47],
+            t0,
+            &mut out,
+        );
+        assert_eq!(conn.deadline(), t0 + s(10));
+        conn.on_deadline(t0 + s(10), &mut out);
+        assert!(matches!(
+            effects(&mut conn)[..],
+            [Effect::Close(SessionEnd::HandshakeTimeout)]
+        ));
+
+        let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), t0);
+        open(&mut conn, &key, false, t0);
+        conn.on_sent(t0, 0, 0);
+        // Our silence: a keep-alive every keepalive_interval.
+        assert_eq!(conn.deadline(), t0 + s(30));
+        conn.on_deadline(t0 + s(30), &mut out);
+        assert_eq!(messages(&wire(&mut out), None), [Msg::KeepAlive]);
+        conn.on_sent(t0 + s(30), 0, 0);
+        assert_eq!(conn.deadline(), t0 + s(60));
+
+        // A partial frame is not a frame: the idle clock stands still (slowloris).
+        let req = requests([0]);
+        assert_eq!(pump(&mut conn, &req[..10], t0 + s(50), &mut out), 0);
+        conn.on_sent(t0 + s(100), 0, 0);
+        assert_eq!(conn.deadline(), t0 + s(120), "idle close first");
+        // A whole frame moves it.
+        let mut whole = client_ext(CLIENT_UT, None);
+        whole.extend(&req[..10]);
+        assert_eq!(
+            pump(&mut conn, &whole, t0 + s(110), &mut out),
+            whole.len() - 10
+        );
+        assert_eq!(conn.deadline(), t0 + s(130), "keep-alive first again");
+        conn.on_deadline(t0 + s(130), &mut out);
+        assert_eq!(messages(&wire(&mut out), None), [Msg::KeepAlive]);
+        conn.on_sent(t0 + s(130), 0, 0);
+        assert_eq!(conn.deadline(), t0 + s(160));
+        conn.on_sent(t0 + s(225), 0, 0);
+        assert_eq!(conn.deadline(), t0 + s(230));
+        conn.on_deadline(t0 + s(230), &mut out);
+        assert!(matches!(
+            effects(&mut conn)[..],
+            [Effect::Close(SessionEnd::IdleTimeout)]
+        ));
+        assert_eq!(kit.ctx.stats.timeouts_idle.get(), 1);
+        assert_eq!(kit.ctx.stats.keepalives_sent.get(), 2);
+    }
+
+    #[test]
+    fn metadata_from_the_client_is_fetched_stored_and_then_served() {
+        let kit = kit(250, 1500);
+        let info = info_dict(2000);
+        let key = key_of(&info);
+        let now = Instant::now();
+        let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), now);
+        open(&mut conn, &key, false, now);
+        effects(&mut conn);
+
+        // The client announces the size: our handshake goes out at once (it needs our
+        // id), without the size, followed by a request for every piece.
+        let mut out = OutBatch::new();
+        pump(
+            &mut conn,
+            &client_ext(CLIENT_UT, Some(info.len() as u64)),
+            now,
+            &mut out,
+        );
+        use Msg::Request;
+        assert_eq!(
+            messages(&wire(&mut out), None),
+            [ext(true, None, 250), Request(0), Request(1), Request(2)]
+        );
+        let mut data = requests([1]); // the client asks too: held
+        for piece in 0..3 {
+            let range = metadata_piece_range(info.len(), piece).unwrap();
+            let mut msg = Vec::new();
+            encode_metadata_data_header(
+                &mut msg,
+                OUR_UT_METADATA_ID,
+                piece,
+                info.len() as u64,
+                range.len(),
+            );
+            msg.extend_from_slice(&info[range]);
+            data.extend(msg);
+        }
+        pump(&mut conn, &data, now, &mut out);
+        assert!(out.is_empty());
+        let Some(Effect::Store(got)) = conn.poll_effect() else {
+            panic!("the verified dict goes to the store");
+        };
+        assert_eq!(got, info);
+        assert!(conn.poll_effect().is_none());
+
+        let record = kit
+            .ctx
+            .store
+            .append(&got, AppendOptions::default())
+            .map(|a| a.record().clone());
+        conn.on_stored(record, &mut out);
+        assert!(matches!(
+            effects(&mut conn)[..],
+            [Effect::Shard(ShardCmd::Stored { key: k, .. })] if k == key
+        ));
+        assert_eq!(
+            messages(&wire(&mut out), Some(&info)),
+            [ext(true, Some(info.len()), 250), Msg::Data(1)]
+        );
+        assert_eq!(kit.ctx.stats.client_fills_stored.get(), 1);
+    }
+
+    #[test]
+    fn pex_from_a_waiting_client_goes_to_the_fetch_within_its_caps() {
+        let kit = kit(250, 0);
+        let now = Instant::now();
+        let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), now);
+        open(&mut conn, &[9; 20], false, now);
+        effects(&mut conn);
+        let mut out = OutBatch::new();
+        let mut added = Vec::new();
+        for i in 0..60u8 {
+            added.extend([10, 0, 0, i, 0x1a, 0xe1]);
+        }
+        let mut payload = format!("d5:added{}:", added.len()).into_bytes();
+        payload.extend(&added);
+        payload.push(b'e');
+        let pex = extended(OUR_UT_PEX_ID, &payload);
+
+        // Before our extension handshake offered ut_pex, PEX is ignored.
+        pump(&mut conn, &pex, now, &mut out);
+        assert!(effects(&mut conn).is_empty());
+        conn.on_deadline(now, &mut out); // hold 0: the handshake without size goes out
+        let mut taken = Vec::new();
+        for _ in 0..3 {
+            pump(&mut conn, &pex, now, &mut out);
+            for effect in effects(&mut conn) {
+                match effect {
+                    Effect::Shard(ShardCmd::Peers { key, peers }) => {
+                        assert_eq!(key, [9; 20]);
+                        taken.push(peers.len());
+                    }
+                    _ => panic!("only PEX peers"),
+                }
+            }
+        }
+        assert_eq!(
+            taken,
+            [PEX_PEERS_PER_MESSAGE_MAX, PEX_PEERS_PER_CONNECTION_MAX - 50]
+        );
     }
 }
