@@ -117,7 +117,8 @@ pub struct ServeSettings {
     #[arg(long, default_value_t = limits::KEEPALIVE_INTERVAL_MS_DEFAULT, value_name = "MS")]
     pub keepalive_interval_ms: u64,
 
-    /// Requests answered per connection per batch (advertised as reqq); more are rejected.
+    /// Requests answered per connection per burst (advertised as reqq); more are rejected.
+    /// At most 255: held requests and a full burst must fit one writev (1024 iovecs).
     #[arg(long, default_value_t = limits::REQUESTS_QUEUED_MAX, value_name = "N")]
     pub requests_queued_max: usize,
 
@@ -237,9 +238,13 @@ impl ServeSettings {
         cfg.handshake_timeout = Duration::from_millis(self.handshake_timeout_ms);
         cfg.idle_timeout = Duration::from_millis(self.idle_timeout_ms);
         cfg.keepalive_interval = Duration::from_millis(self.keepalive_interval_ms);
-        let reqq_max = (limits::IOVECS_PER_WRITE_MAX - 4) / 2;
+        let reqq_max = limits::REQUESTS_QUEUED_MAX_LIMIT;
         if self.requests_queued_max == 0 || self.requests_queued_max > reqq_max {
-            bail!("requests-queued-max must be between 1 and {reqq_max} (one writev per batch)");
+            bail!(
+                "requests-queued-max must be between 1 and {reqq_max}: held requests and a \
+                 full burst are answered in one writev of at most {} iovecs",
+                limits::IOVECS_PER_WRITE_MAX
+            );
         }
         cfg.requests_queued_max = self.requests_queued_max;
         if self.listen_backlog < 1 {
@@ -564,6 +569,23 @@ mod tests {
     fn upstream_defaults_agree_with_its_flags() {
         // UpstreamConfig writes its defaults twice (clap and Default); they must agree.
         assert_eq!(ServeSettings::default().upstream, UpstreamConfig::default());
+    }
+
+    #[test]
+    fn requests_queued_max_is_capped_by_one_writev() {
+        let with = |n: usize| ServeSettings {
+            requests_queued_max: n,
+            ..ServeSettings::default()
+        };
+        let max = limits::REQUESTS_QUEUED_MAX_LIMIT;
+        assert_eq!(with(max).serve_config().unwrap().requests_queued_max, max);
+        for bad in [0, max + 1, 510] {
+            let err = with(bad).serve_config().unwrap_err().to_string();
+            assert!(
+                err.contains("requests-queued-max") && err.contains(&max.to_string()),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -42,7 +42,8 @@ pub const UT_PEX_BYTES_MAX: usize = 8 * 1024;
 /// Requests we answer per connection in one batch (one read's worth). We advertise this
 /// as `reqq`; requests past it in the same batch are rejected (msg_type 2), which is the
 /// flood protection: a peer cannot make one connection hold more than this many blocks
-/// (4 MiB of iovecs into the mmap) in flight.
+/// (4 MiB of iovecs into the mmap) in flight. The default of `--requests-queued-max`,
+/// which may not exceed `REQUESTS_QUEUED_MAX_LIMIT`.
 pub const REQUESTS_QUEUED_MAX: usize = 250;
 
 /// Default cap on open connections over all cores. Each idle session costs a few KiB
@@ -75,8 +76,38 @@ pub const READ_BUFFER_BYTES_INITIAL: usize = 4 * 1024;
 /// GiB) while eviction (segment-wise) stays fine-grained.
 pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 
-/// iovecs in one writev: the kernel's IOV_MAX is 1024; a block needs two (header, data).
+/// iovecs in one writev: the kernel's IOV_MAX is 1024. A batch that needs more cannot be
+/// sent in one call, so the settings that size a batch are capped below
+/// (`REQUESTS_QUEUED_MAX_LIMIT`).
 pub const IOVECS_PER_WRITE_MAX: usize = 1024;
+
+/// iovecs one ut_metadata data message takes in a batch: its header in the batch's small
+/// `head` buffer, its block in the mmap (`server/send.rs`). Rejects, handshakes and
+/// keep-alives are head bytes: they share the iovec of the next header.
+pub const IOVECS_PER_DATA_MESSAGE: usize = 2;
+
+/// iovecs a batch needs besides its data messages: the head bytes after the last block
+/// (rejects, keep-alive, an extension handshake).
+pub const IOVECS_PER_BATCH_FIXED: usize = 1;
+
+/// Data messages one batch can carry, in units of reqq. Worst case: a miss's held
+/// requests (at most reqq, `server/conn.rs`) are answered when the fetch lands, in the
+/// same batch as a full burst (at most reqq) that arrived with the outcome.
+pub const DATA_MESSAGES_PER_BATCH_PER_REQQ: usize = 2;
+
+/// Largest `--requests-queued-max`: the worst-case batch (`DATA_MESSAGES_PER_BATCH_PER_REQQ`
+/// × reqq data messages plus the fixed parts) must fit one writev. (1024 - 1) / 4 = 255.
+pub const REQUESTS_QUEUED_MAX_LIMIT: usize = (IOVECS_PER_WRITE_MAX - IOVECS_PER_BATCH_FIXED)
+    / (DATA_MESSAGES_PER_BATCH_PER_REQQ * IOVECS_PER_DATA_MESSAGE);
+
+// The relation `OutBatch::seal` asserts at run time, checked here for every allowed reqq
+// (`config` refuses a larger one), so the run-time assertion cannot fire.
+const _: () = assert!(
+    REQUESTS_QUEUED_MAX_LIMIT * DATA_MESSAGES_PER_BATCH_PER_REQQ * IOVECS_PER_DATA_MESSAGE
+        + IOVECS_PER_BATCH_FIXED
+        <= IOVECS_PER_WRITE_MAX
+);
+const _: () = assert!(REQUESTS_QUEUED_MAX >= 1 && REQUESTS_QUEUED_MAX <= REQUESTS_QUEUED_MAX_LIMIT);
 
 /// Bytes a uTP session may have written but not yet seen acked before its next write
 /// waits: one full request burst (`REQUESTS_QUEUED_MAX` blocks of 16 KiB). The queue holds

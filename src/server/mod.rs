@@ -6,18 +6,22 @@
 //! - `listener`: sockets (SO_REUSEPORT, v6-only, backlog) bound before workers start, or
 //!   inherited from systemd (socket activation)
 //! - `worker`:   the runtime (io_uring or epoll) and the accept loop
-//! - `session`:  one peer connection, handshake to close
+//! - `session`:  drives one peer connection over a `Transport`: read → conn → write
+//! - `conn`:     the peer protocol (handshake, BEP 10, BEP 9) as a sans-IO state machine
+//! - `tcp`:      the TCP `Transport` (cancelable reads, the writev loop)
 //! - `send`:     zero-copy vectored replies (headers + mmap slices)
 //! - `limiter`:  global and per-IP connection caps
 //! - `stats`:    per-core counters, summed by readers
 //! - `lifecycle`: signals (stop, reload), the systemd watchdog
 
+pub mod conn;
 pub mod lifecycle;
 pub mod limiter;
 pub mod listener;
 pub mod send;
 pub mod session;
 pub mod stats;
+pub mod tcp;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -110,11 +114,10 @@ pub fn start(
     shard_mailboxes: Vec<flume::Receiver<ShardCmd>>,
     inherited: Vec<std::net::TcpListener>,
 ) -> anyhow::Result<Server> {
+    // `requests_queued_max` <= `limits::REQUESTS_QUEUED_MAX_LIMIT` (config refuses more),
+    // and limits.rs checks at compile time that the worst-case batch fits one writev.
+    debug_assert!(cfg.requests_queued_max <= crate::limits::REQUESTS_QUEUED_MAX_LIMIT);
     let cfg = Arc::new(cfg);
-    assert!(
-        cfg.requests_queued_max * 2 + 4 <= crate::limits::IOVECS_PER_WRITE_MAX,
-        "requests_queued_max too large for one writev"
-    );
     let socket_activated = !inherited.is_empty();
     let sockets = if socket_activated {
         listener::share_inherited(inherited, cfg.threads)

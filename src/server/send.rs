@@ -28,6 +28,14 @@ pub struct OutBatch {
     head_mark: usize,
     parts: Vec<Part>,
     iov: Vec<libc::iovec>,
+    /// Byte offset of each sealed iovec in the batch (same index as `parts` minus
+    /// empty ones), so a datagram transport finds the part that holds a byte offset by
+    /// binary search (`contiguous_at`) instead of walking the list per packet.
+    iov_starts: Vec<usize>,
+    /// Index into `parts` of each sealed iovec.
+    iov_parts: Vec<usize>,
+    /// Bytes in the sealed batch.
+    sealed_len: usize,
     /// iovecs before this index have been written (see `consume`).
     iov_sent: usize,
     record: Option<RecordRef>,
@@ -48,6 +56,9 @@ impl OutBatch {
             head_mark: 0,
             parts: Vec::new(),
             iov: Vec::new(),
+            iov_starts: Vec::new(),
+            iov_parts: Vec::new(),
+            sealed_len: 0,
             iov_sent: 0,
             record: None,
             blocks: 0,
@@ -99,13 +110,19 @@ impl OutBatch {
     pub fn seal(&mut self) {
         self.close_head();
         self.iov.clear();
+        self.iov_starts.clear();
+        self.iov_parts.clear();
         self.iov_sent = 0;
-        let info = self.record.as_ref().map(|r| r.info());
-        for part in &self.parts {
-            let bytes: &[u8] = match part {
-                Part::Head(r) => &self.head[r.clone()],
-                Part::Payload(r) => &info.expect("payload part implies a record")[r.clone()],
-            };
+        self.sealed_len = 0;
+        for (index, part) in self.parts.iter().enumerate() {
+            let bytes = part_bytes(&self.head, self.record.as_ref(), part);
+            if bytes.is_empty() {
+                // An empty iovec would make two parts start at one offset.
+                continue;
+            }
+            self.iov_starts.push(self.sealed_len);
+            self.iov_parts.push(index);
+            self.sealed_len += bytes.len();
             self.iov.push(libc::iovec {
                 iov_base: bytes.as_ptr() as *mut libc::c_void,
                 iov_len: bytes.len(),
@@ -115,6 +132,26 @@ impl OutBatch {
             self.iov.len() <= limits::IOVECS_PER_WRITE_MAX,
             "batch exceeds IOV_MAX"
         );
+    }
+
+    /// Bytes in the batch as sealed (what `len` was right after `seal`).
+    pub fn sealed_len(&self) -> usize {
+        self.sealed_len
+    }
+
+    /// The longest run of the sealed batch that is contiguous in memory and starts at byte
+    /// `offset`: the rest of the part (head bytes or mmap block) holding that byte; empty
+    /// at or past the end. A datagram transport points packets into it without copying.
+    /// Independent of `consume`, which only moves the writev cursor.
+    pub fn contiguous_at(&self, offset: usize) -> &[u8] {
+        if offset >= self.sealed_len {
+            return &[];
+        }
+        // The last iovec starting at or before `offset`; index 0 starts at 0 <= offset.
+        let i = self.iov_starts.partition_point(|&start| start <= offset) - 1;
+        let part = &self.parts[self.iov_parts[i]];
+        let bytes = part_bytes(&self.head, self.record.as_ref(), part);
+        &bytes[offset - self.iov_starts[i]..]
     }
 
     /// Bytes of the sealed batch not written yet.
@@ -156,10 +193,20 @@ impl OutBatch {
         self.head_mark = 0;
         self.parts.clear();
         self.iov.clear();
+        self.iov_starts.clear();
+        self.iov_parts.clear();
+        self.sealed_len = 0;
         self.iov_sent = 0;
         self.record = None;
         self.blocks = 0;
         self.payload_bytes = 0;
+    }
+}
+
+fn part_bytes<'a>(head: &'a [u8], record: Option<&'a RecordRef>, part: &Part) -> &'a [u8] {
+    match part {
+        Part::Head(r) => &head[r.clone()],
+        Part::Payload(r) => &record.expect("payload part implies a record").info()[r.clone()],
     }
 }
 
@@ -286,5 +333,80 @@ mod tests {
 
         batch.clear();
         assert!(batch.is_empty());
+    }
+
+    /// `contiguous_at` walks the sealed batch like a datagram transport would: from any
+    /// offset, runs that end where a part ends, that together are the flattened bytes, and
+    /// that point into the mmap for blocks (no copy).
+    #[test]
+    fn contiguous_at_yields_the_flattened_bytes_from_any_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let info = info_dict(2000); // 40 KB: 3 pieces, the last one short
+        let record = store
+            .append(&info, AppendOptions::default())
+            .unwrap()
+            .record()
+            .clone();
+        let mut batch = OutBatch::new();
+        batch.head().extend_from_slice(b"handshake and friends");
+        for piece in [0u32, 2, 1] {
+            let range = metadata_piece_range(record.len(), piece).unwrap();
+            encode_metadata_data_header(batch.head(), 7, piece, record.len() as u64, range.len());
+            batch.push_payload(&record, range);
+        }
+        batch.head().extend_from_slice(b"trailing reject");
+        batch.seal();
+
+        let mut flat = Vec::new();
+        for v in batch.iovecs() {
+            // SAFETY: the iovecs point at live memory owned by `batch` and `record`.
+            flat.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+            });
+        }
+        assert_eq!(batch.sealed_len(), flat.len());
+        assert_eq!(batch.sealed_len(), batch.len());
+
+        // Every offset: the run is a prefix of the rest, and ends at a part boundary.
+        let ends: Vec<usize> = batch
+            .iovecs()
+            .iter()
+            .scan(0, |end, v| {
+                *end += v.iov_len;
+                Some(*end)
+            })
+            .collect();
+        for offset in 0..flat.len() {
+            let run = batch.contiguous_at(offset);
+            assert!(!run.is_empty(), "offset {offset}");
+            assert_eq!(run, &flat[offset..offset + run.len()], "offset {offset}");
+            assert!(ends.contains(&(offset + run.len())), "offset {offset}");
+        }
+        assert!(batch.contiguous_at(flat.len()).is_empty());
+        assert!(batch.contiguous_at(flat.len() + 100).is_empty());
+
+        // Walking run by run rebuilds the batch; blocks come straight from the mmap.
+        let mapping = record.segment().mapping_range();
+        let (mut offset, mut walked, mut from_mmap) = (0, Vec::new(), 0);
+        while offset < batch.sealed_len() {
+            let run = batch.contiguous_at(offset);
+            if mapping.contains(&(run.as_ptr() as usize)) {
+                from_mmap += run.len();
+            }
+            walked.extend_from_slice(run);
+            offset += run.len();
+        }
+        assert_eq!(walked, flat);
+        assert_eq!(from_mmap, info.len());
+
+        // A short writev moves the write cursor, not the sealed view.
+        batch.consume(5);
+        assert_eq!(batch.contiguous_at(0), &flat[..ends[0]]);
+        assert_eq!(batch.sealed_len(), flat.len());
+        assert_eq!(batch.len(), flat.len() - 5);
+        batch.clear();
+        assert_eq!(batch.sealed_len(), 0);
+        assert!(batch.contiguous_at(0).is_empty());
     }
 }

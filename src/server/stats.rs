@@ -206,6 +206,24 @@ core_stats! {
     pex_peers_received,
     /// Handshakes for a blocked (operator-deleted) info-hash: closed, never fetched.
     blocked,
+    /// Sessions that ended because the peer closed the connection (after a fetch: success).
+    session_ends_peer_closed,
+    /// Sessions that ended on a read or write error, or a write past its deadline.
+    session_ends_io_error,
+    /// Sessions that ended because the first bytes were not a BitTorrent handshake.
+    session_ends_handshake_invalid,
+    /// Sessions that ended without a handshake within the handshake timeout.
+    session_ends_handshake_timeout,
+    /// Sessions that ended at the handshake: per-IP miss budget used up, or a blocked key.
+    session_ends_miss_refused,
+    /// Sessions that ended because the fetch of their miss failed or was refused.
+    session_ends_miss_failed,
+    /// Sessions that ended because the peer lacks the BEP 10 extension protocol.
+    session_ends_no_extensions,
+    /// Sessions that ended on a frame or message that broke the protocol.
+    session_ends_protocol_error,
+    /// Sessions that ended after the idle timeout without a whole frame from the peer.
+    session_ends_idle_timeout,
     /// Connections still open when the shutdown grace time ran out (closed by force).
     sessions_cut_at_shutdown,
     /// Ticks of the worker's 1 s heartbeat timer; the systemd watchdog is only fed while

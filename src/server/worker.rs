@@ -25,6 +25,7 @@ use crate::config::{DriverChoice, ServeConfig};
 use crate::server::limiter::{ConnectionLimiter, Refusal};
 use crate::server::session::{self, WorkerCtx};
 use crate::server::stats::CoreStats;
+use crate::server::tcp::TcpTransport;
 use crate::store::Store;
 use crate::upstream::shard::{self, ShardCmd, Upstream};
 
@@ -243,10 +244,9 @@ async fn accept_loop(
             let _open = open;
             // A bug in one session must not take the core down with it: catch the panic,
             // count it, and close only that connection (the stream drops with the future).
-            if CatchUnwind(session::run(stream, peer, ctx.clone()))
-                .await
-                .is_err()
-            {
+            // The end reason is counted by `session::run` (`session_ends_*`).
+            let session = session::run(TcpTransport::new(stream), peer, ctx.clone());
+            if CatchUnwind(session).await.is_err() {
                 ctx.stats.session_panics.inc();
                 tracing::error!(%peer, "session panicked; connection closed, worker goes on");
             }
