@@ -77,7 +77,8 @@ fn parse(d: &[u8]) -> Option<(Hdr, &[u8])> {
 
 fn socket_from(source: Ipv4Addr) -> UdpSocket {
     let s = UdpSocket::bind((source, 0)).expect("bind a loopback source");
-    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     s
 }
 
@@ -176,7 +177,9 @@ fn garbage_datagrams_and_unknown_connection_ids_get_at_most_a_reset() {
     let answers = drain(&s, Duration::from_millis(500));
     let answered: usize = answers.iter().map(|d| d.len()).sum();
     assert!(
-        answers.iter().all(|d| parse(d).is_some_and(|(h, _)| h.ty == ST_RESET)),
+        answers
+            .iter()
+            .all(|d| parse(d).is_some_and(|(h, _)| h.ty == ST_RESET)),
         "only RESETs answer packets of unknown connections"
     );
     assert!(
@@ -198,9 +201,12 @@ fn seq_and_ack_far_outside_the_window_and_sack_past_it_are_ignored() {
     let ack0 = their_seq.wrapping_sub(1);
     // Acks for packets the server never sent, data far ahead of the window, and a SACK
     // bitmask covering 256 packets past anything sent.
-    for (i, ack) in [their_seq.wrapping_add(30_000), their_seq.wrapping_add(40_000)]
-        .into_iter()
-        .enumerate()
+    for (i, ack) in [
+        their_seq.wrapping_add(30_000),
+        their_seq.wrapping_add(40_000),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let h = Hdr {
             ty: ST_STATE,
@@ -254,7 +260,12 @@ fn seq_and_ack_far_outside_the_window_and_sack_past_it_are_ignored() {
             .any(|w| w == &fx.small.info[..fx.small.info.len().min(64)]),
         "the connection survived the out-of-window packets and served the metadata"
     );
-    assert_healthy(&mut server, &before, &fx.normal, "out-of-window seq/ack/SACK");
+    assert_healthy(
+        &mut server,
+        &before,
+        &fx.normal,
+        "out-of-window seq/ack/SACK",
+    );
 }
 
 #[test]
@@ -313,8 +324,11 @@ fn a_peer_that_never_acks_gets_bounded_retransmissions_then_is_dropped() {
         seq,
         ack: their_seq.wrapping_sub(1),
     };
-    s.send_to(&packet(h, None, &bt_opening(&fx.normal.key, 3)), server.addr)
-        .unwrap();
+    s.send_to(
+        &packet(h, None, &bt_opening(&fx.normal.key, 3)),
+        server.addr,
+    )
+    .unwrap();
     let started = Instant::now();
     let mut data_packets = 0usize;
     let mut distinct = std::collections::HashSet::new();

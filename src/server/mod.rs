@@ -9,6 +9,8 @@
 //! - `session`:  drives one peer connection over a `Transport`: read → conn → write
 //! - `conn`:     the peer protocol (handshake, BEP 10, BEP 9) as a sans-IO state machine
 //! - `tcp`:      the TCP `Transport` (cancelable reads, the writev loop)
+//! - `udp`:      uTP on the same port: per-core datagram demultiplexing, timers, and the
+//!   uTP `Transport` (docs/transports.md)
 //! - `send`:     zero-copy vectored replies (headers + mmap slices)
 //! - `limiter`:  global and per-IP connection caps
 //! - `stats`:    per-core counters, summed by readers
@@ -22,6 +24,7 @@ pub mod send;
 pub mod session;
 pub mod stats;
 pub mod tcp;
+pub mod udp;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -120,10 +123,10 @@ pub fn start(
     let cfg = Arc::new(cfg);
     let socket_activated = !inherited.is_empty();
     let sockets = if socket_activated {
-        listener::share_inherited(inherited, cfg.threads)
+        listener::share_inherited(inherited, cfg.threads, cfg.utp)
             .context("using the listening sockets passed by systemd")?
     } else {
-        listener::bind_all(&cfg.listen, cfg.threads, cfg.listen_backlog)
+        listener::bind_all(&cfg.listen, cfg.threads, cfg.listen_backlog, cfg.utp)
             .context("binding listeners")?
     };
     let local_addrs = sockets.local_addrs.clone();
@@ -138,9 +141,10 @@ pub fn start(
         sockets.per_worker.len(),
         "one shard per worker"
     );
-    for (index, (listeners, shard_mailbox)) in sockets
+    for (index, ((listeners, udp), shard_mailbox)) in sockets
         .per_worker
         .into_iter()
+        .zip(sockets.udp_per_worker)
         .zip(shard_mailboxes)
         .enumerate()
     {
@@ -155,6 +159,7 @@ pub fn start(
             stats: core_stats,
             limiter: limiter.clone(),
             listeners,
+            udp,
             upstream: upstream.clone(),
             shard_mailbox,
             stop: stop_rx,

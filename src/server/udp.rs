@@ -132,7 +132,7 @@ pub struct UtpSettings {
 
 /// One core's uTP endpoint on one listen address.
 pub struct Endpoint {
-    socket: monoio::net::UdpSocket,
+    socket: monoio::net::udp::UdpSocket,
     fd: RawFd,
     ctx: Rc<WorkerCtx>,
     limiter: Arc<ConnectionLimiter>,
@@ -160,7 +160,7 @@ impl Endpoint {
         seed: u64,
     ) -> io::Result<Rc<Endpoint>> {
         let fd = socket.as_raw_fd();
-        let socket = monoio::net::UdpSocket::from_std(socket)?;
+        let socket = monoio::net::udp::UdpSocket::from_std(socket)?;
         Ok(Rc::new(Endpoint {
             socket,
             fd,
@@ -384,7 +384,9 @@ impl Endpoint {
         stats.utp_packets_received.add(s.packets_received);
         stats.utp_retransmits.add(s.retransmits);
         stats.utp_payload_bytes_sent.add(s.payload_bytes_sent);
-        stats.utp_payload_bytes_received.add(s.payload_bytes_received);
+        stats
+            .utp_payload_bytes_received
+            .add(s.payload_bytes_received);
         if let Some(rtt) = s.rtt {
             stats.utp_rtt.record(rtt);
         }

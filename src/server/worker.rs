@@ -10,6 +10,7 @@
 
 use std::cell::Cell;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::{pin, Pin};
 use std::rc::Rc;
@@ -23,9 +24,10 @@ use monoio::{FusionDriver, IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 use crate::config::{DriverChoice, ServeConfig};
 use crate::server::limiter::{ConnectionLimiter, Refusal};
-use crate::server::session::{self, WorkerCtx};
+use crate::server::session::{self, Transport, WorkerCtx};
 use crate::server::stats::CoreStats;
 use crate::server::tcp::TcpTransport;
+use crate::server::udp;
 use crate::store::Store;
 use crate::upstream::shard::{self, ShardCmd, Upstream};
 
@@ -36,6 +38,8 @@ pub struct WorkerSpec {
     pub stats: Arc<CoreStats>,
     pub limiter: Arc<ConnectionLimiter>,
     pub listeners: Vec<std::net::TcpListener>,
+    /// uTP sockets, one per listen address (empty with `--utp off`).
+    pub udp: Vec<std::net::UdpSocket>,
     pub upstream: Arc<Upstream>,
     /// This worker's shard of the miss path.
     pub shard_mailbox: flume::Receiver<ShardCmd>,
@@ -112,6 +116,7 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         stats,
         limiter,
         listeners,
+        udp,
         upstream,
         shard_mailbox,
         stop,
@@ -149,6 +154,31 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
                 open.clone(),
             )));
         }
+        for (i, socket) in udp.into_iter().enumerate() {
+            let settings = udp::UtpSettings {
+                utp: crate::utp::Config {
+                    payload_bytes_max: ctx.cfg.utp_payload_bytes,
+                    ..crate::utp::Config::default()
+                },
+                half_open_per_core_max: ctx.cfg.utp_half_open_per_core_max,
+            };
+            let seed = crate::upstream::peer_id((index * 64 + i) as u64);
+            let seed = u64::from_le_bytes(seed[12..20].try_into().expect("8 bytes"));
+            match udp::Endpoint::new(
+                socket,
+                ctx.clone(),
+                limiter.clone(),
+                settings,
+                open.clone(),
+                seed,
+            ) {
+                Ok(ep) => udp::spawn_endpoint(ep, stop.clone()),
+                Err(e) => {
+                    let _ = ready.send(Err(anyhow::anyhow!("worker {index}: uTP socket: {e}")));
+                    return;
+                }
+            }
+        }
         monoio::spawn(heartbeat(stats.clone()));
         let _ = ready.send(Ok(driver));
         let _ = stop.recv_async().await;
@@ -175,10 +205,10 @@ async fn heartbeat(stats: Arc<CoreStats>) {
 }
 
 /// Counts a session as open while it lives (also when its task is dropped at shutdown).
-struct OpenSession(Rc<Cell<usize>>);
+pub(crate) struct OpenSession(Rc<Cell<usize>>);
 
 impl OpenSession {
-    fn new(open: Rc<Cell<usize>>) -> Self {
+    pub(crate) fn new(open: Rc<Cell<usize>>) -> Self {
         open.set(open.get() + 1);
         OpenSession(open)
     }
@@ -238,22 +268,39 @@ async fn accept_loop(
         };
         ctx.stats.connections_accepted.inc();
         let _ = stream.set_nodelay(true);
-        let ctx = ctx.clone();
-        let open = OpenSession::new(open.clone());
-        monoio::spawn(async move {
-            let _open = open;
-            // A bug in one session must not take the core down with it: catch the panic,
-            // count it, and close only that connection (the stream drops with the future).
-            // The end reason is counted by `session::run` (`session_ends_*`).
-            let session = session::run(TcpTransport::new(stream), peer, ctx.clone());
-            if CatchUnwind(session).await.is_err() {
-                ctx.stats.session_panics.inc();
-                tracing::error!(%peer, "session panicked; connection closed, worker goes on");
-            }
-            ctx.stats.connections_closed.inc();
-            drop(permit);
-        });
+        spawn_session(
+            TcpTransport::new(stream),
+            peer,
+            ctx.clone(),
+            OpenSession::new(open.clone()),
+            permit,
+        );
     }
+}
+
+/// Runs one session (either transport) as a task of its own. `guard` lives as long as the
+/// session (TCP: its connection permit; uTP keeps the permit with the connection entry,
+/// which outlives the session by its FIN exchange).
+pub(crate) fn spawn_session<T: Transport + 'static, G: 'static>(
+    transport: T,
+    peer: SocketAddr,
+    ctx: Rc<WorkerCtx>,
+    open: OpenSession,
+    guard: G,
+) {
+    monoio::spawn(async move {
+        let _open = open;
+        // A bug in one session must not take the core down with it: catch the panic,
+        // count it, and close only that connection (the transport drops with the future).
+        // The end reason is counted by `session::run` (`session_ends_*`).
+        let session = session::run(transport, peer, ctx.clone());
+        if CatchUnwind(session).await.is_err() {
+            ctx.stats.session_panics.inc();
+            tracing::error!(%peer, "session panicked; connection closed, worker goes on");
+        }
+        ctx.stats.connections_closed.inc();
+        drop(guard);
+    });
 }
 
 /// Polls a future inside `catch_unwind`; a panic ends the future with `Err`.

@@ -46,8 +46,7 @@ const DUP_ACK_LIMIT: u32 = 3;
 /// Settings of one connection. Every cap has its reason beside its default.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Largest payload in one packet: 1400 + 20 (uTP) + 30 (SACK) + 8 (UDP) + 40 (IPv6)
-    /// = 1498 bytes, one 1500-byte Ethernet MTU.
+    /// Largest payload in one packet (`PAYLOAD_BYTES_DEFAULT`: one Ethernet MTU).
     pub payload_bytes_max: usize,
     /// Unacked packets we keep; bounds what one connection holds (packet records, chunks
     /// pinned) and the burst after an ack. 192 stays under our own reorder window
@@ -76,7 +75,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            payload_bytes_max: 1400,
+            payload_bytes_max: super::PAYLOAD_BYTES_DEFAULT,
             packets_in_flight_max: 192,
             reassembly_bytes_max: 256 * 1024,
             retransmits_max: 4,

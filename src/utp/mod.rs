@@ -32,6 +32,17 @@ pub use packet::{
     HEADER_BYTES_MAX, HEADER_LEN, SACK_BYTES_MAX,
 };
 
+/// Default payload bytes per packet: 1400 + 20 (uTP) + 30 (SACK) + 8 (UDP) + 40 (IPv6)
+/// = 1498, one 1500-byte Ethernet MTU.
+pub const PAYLOAD_BYTES_DEFAULT: usize = 1400;
+
+/// Smallest payload an operator may set: below it the 20–50 header bytes dominate every
+/// packet. (IPv6's minimum MTU of 1280 leaves ~1180.)
+pub const PAYLOAD_BYTES_MIN: usize = 256;
+
+/// Largest payload an operator may set: jumbo frames (9000-byte MTU) and loopback.
+pub const PAYLOAD_BYTES_MAX: usize = 8 * 1024;
+
 /// Payload slices in one packet; a packet ends early rather than exceed it (a `sendmsg`
 /// iovec array of header + 8 stays small and on the stack).
 pub const PACKET_SLICES_MAX: usize = 8;

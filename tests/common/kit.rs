@@ -192,4 +192,3 @@ pub fn assert_healthy(server: &mut ServerProc, before: &Metrics, t: &Torrent, wh
     );
     assert_eq!(get(&m, "magnetar_workers"), old.len() as u64);
 }
-
