@@ -557,6 +557,10 @@ impl<C: Chunk> Connection<C> {
         }
         let mut ack_nr = h.ack_nr;
         let last_sent = self.seq_nr.wrapping_sub(1);
+        if h.ty == PacketType::Reset && ack_nr == self.seq_nr && self.state != State::SynSent {
+            // A RESET answering one of our ST_STATEs acks its `seq_nr`, our next number.
+            ack_nr = last_sent;
+        }
         if let Side::Accept { syn_ack_seq } = self.side {
             if !self.established {
                 // BEP 29's diagram has the initiator ack the SYN-ACK's own number; libtorrent

@@ -170,8 +170,10 @@ pub fn decode(datagram: &[u8]) -> Result<Packet<'_>, PacketError> {
 /// any other packet we assume the peer initiated the connection (on a listening socket
 /// that is the only way it can know us), so it receives on the id it sends with minus 1
 /// (libtorrent: `recv_id = send_id - 1` for outgoing connections). `ack_nr` names the
-/// packet we answer; `seq_nr` is the one after the last the peer had from us, inside
-/// libtorrent's reorder window (it drops a RESET whose `seq_nr` is far ahead).
+/// last packet the peer sent (an ST_STATE's `seq_nr` is its *next* number, so one less:
+/// libtorrent ignores a RESET acking a number it has not sent); `seq_nr` is the one
+/// after the last the peer had from us, inside libtorrent's reorder window (it drops a
+/// RESET whose `seq_nr` is far ahead).
 pub fn reset_for(pkt: &Header, out: &mut [u8; 20]) {
     let connection_id = if pkt.ty == PacketType::Syn {
         pkt.connection_id
@@ -185,7 +187,11 @@ pub fn reset_for(pkt: &Header, out: &mut [u8; 20]) {
         timestamp_diff_us: 0,
         wnd_size: 0,
         seq_nr: pkt.ack_nr.wrapping_add(1),
-        ack_nr: pkt.seq_nr,
+        ack_nr: if pkt.ty == PacketType::State {
+            pkt.seq_nr.wrapping_sub(1)
+        } else {
+            pkt.seq_nr
+        },
     }
     .encode(EXT_NONE, out);
 }
@@ -279,6 +285,12 @@ pub(crate) mod tests {
         reset_for(&data, &mut out);
         let r = decode(&out).unwrap().header;
         assert_eq!((r.connection_id, r.ack_nr, r.seq_nr), (0x2116, 7, 0));
+        let state = Header {
+            ty: PacketType::State,
+            ..data
+        };
+        reset_for(&state, &mut out);
+        assert_eq!(decode(&out).unwrap().header.ack_nr, 6);
     }
 
     #[test]

@@ -695,13 +695,22 @@ fn fin_and_reset() {
     );
     assert_eq!(c.state(), State::Closed(CloseReason::Graceful));
 
-    // RESET from the peer.
+    // RESET from the peer, acking our last packet or the `seq_nr` of our last STATE.
+    for ack in [6999, 7000] {
+        let mut c = accepted(Config::default(), now);
+        c.on_packet(
+            &pkt(&dgram(hdr(PacketType::Reset, 101, 501, ack), None, &[])),
+            now,
+        );
+        assert_eq!(c.state(), State::Closed(CloseReason::ResetByPeer));
+    }
+    // A RESET acking what we never sent is forged.
     let mut c = accepted(Config::default(), now);
     c.on_packet(
-        &pkt(&dgram(hdr(PacketType::Reset, 101, 501, 6999), None, &[])),
+        &pkt(&dgram(hdr(PacketType::Reset, 101, 501, 7100), None, &[])),
         now,
     );
-    assert_eq!(c.state(), State::Closed(CloseReason::ResetByPeer));
+    assert_eq!(c.state(), State::Connected);
     // abort(): one RESET, then closed.
     let mut c = accepted(Config::default(), now);
     c.abort();
