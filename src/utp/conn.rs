@@ -173,7 +173,7 @@ enum Side {
 }
 
 /// What `poll_transmit` decided to send.
-enum Send {
+enum Emit {
     Reset,
     State,
     SynAck,
@@ -556,6 +556,10 @@ impl<C: Chunk> Connection<C> {
         }
         let mut ack_nr = h.ack_nr;
         let last_sent = self.seq_nr.wrapping_sub(1);
+        if h.ty == PacketType::Reset && ack_nr == self.seq_nr && self.state != State::SynSent {
+            // A RESET answering one of our ST_STATEs acks its `seq_nr`, our next number.
+            ack_nr = last_sent;
+        }
         if let Side::Accept { syn_ack_seq } = self.side {
             if !self.established {
                 // BEP 29's diagram has the initiator ack the SYN-ACK's own number; libtorrent
@@ -904,15 +908,15 @@ impl<C: Chunk> Connection<C> {
         Some(self.build(send, now))
     }
 
-    fn next_send(&mut self, now: Instant) -> Option<Send> {
+    fn next_send(&mut self, now: Instant) -> Option<Emit> {
         if self.reset_pending {
             self.reset_pending = false;
             self.close_with(CloseReason::Aborted);
-            return Some(Send::Reset);
+            return Some(Emit::Reset);
         }
         if let State::Closed(reason) = self.state {
             // A last ack (e.g. of the peer's FIN) after our FIN was acked.
-            return (reason == CloseReason::Graceful && self.ack_pending).then_some(Send::State);
+            return (reason == CloseReason::Graceful && self.ack_pending).then_some(Emit::State);
         }
         let sack_len = if self.ooo.is_empty() {
             0
@@ -924,7 +928,7 @@ impl<C: Chunk> Connection<C> {
                 return None;
             }
             self.syn_ack_pending = false;
-            return Some(Send::SynAck);
+            return Some(Emit::SynAck);
         }
         if self.state == State::SynReceived {
             return None; // nothing but SYN-ACKs before the peer proves its address
@@ -945,7 +949,7 @@ impl<C: Chunk> Connection<C> {
                 || self.in_flight_bytes + len <= wnd;
             if fits && self.may_send(HEADER_LEN + sack_len + len) {
                 self.probe_allowed = false;
-                return Some(Send::Tracked(idx));
+                return Some(Emit::Tracked(idx));
             }
             if !fits && !o.resend_now {
                 return self.ack_only();
@@ -976,7 +980,7 @@ impl<C: Chunk> Connection<C> {
                     start,
                     len: len as u32,
                 });
-                return Some(Send::Tracked(self.out.len() - 1));
+                return Some(Emit::Tracked(self.out.len() - 1));
             }
             if self.in_flight_bytes == 0 && self.rto_deadline.is_none() {
                 // Zero peer window: probe after a timeout.
@@ -990,18 +994,18 @@ impl<C: Chunk> Connection<C> {
         {
             self.fin_queued = true;
             self.push_out(Kind::Fin);
-            return Some(Send::Tracked(self.out.len() - 1));
+            return Some(Emit::Tracked(self.out.len() - 1));
         }
         self.ack_only()
     }
 
-    fn ack_only(&mut self) -> Option<Send> {
+    fn ack_only(&mut self) -> Option<Emit> {
         let sack_len = if self.ooo.is_empty() {
             0
         } else {
             2 + SACK_BYTES_MAX
         };
-        (self.ack_pending && self.may_send(HEADER_LEN + sack_len)).then_some(Send::State)
+        (self.ack_pending && self.may_send(HEADER_LEN + sack_len)).then_some(Emit::State)
     }
 
     fn push_out(&mut self, kind: Kind) {
@@ -1017,7 +1021,7 @@ impl<C: Chunk> Connection<C> {
         self.seq_nr = self.seq_nr.wrapping_add(1);
     }
 
-    fn build(&mut self, send: Send, now: Instant) -> Transmit<'_> {
+    fn build(&mut self, send: Emit, now: Instant) -> Transmit<'_> {
         let wnd = self.wnd_free();
         let mut header = Header {
             ty: PacketType::State,
@@ -1031,16 +1035,16 @@ impl<C: Chunk> Connection<C> {
         let mut data: Option<(u64, usize)> = None;
         let mut with_sack = true;
         match send {
-            Send::Reset => {
+            Emit::Reset => {
                 header.ty = PacketType::Reset;
                 with_sack = false;
             }
-            Send::State => {}
-            Send::SynAck => {
+            Emit::State => {}
+            Emit::SynAck => {
                 // The SYN-ACK is exactly 20 bytes (anti-amplification counts on it).
                 with_sack = false;
             }
-            Send::Tracked(idx) => {
+            Emit::Tracked(idx) => {
                 let seq = self.acked_seq_nr.wrapping_add(1 + idx as u16);
                 let o = &mut self.out[idx];
                 header.seq_nr = seq;

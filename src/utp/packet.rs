@@ -170,8 +170,10 @@ pub fn decode(datagram: &[u8]) -> Result<Packet<'_>, PacketError> {
 /// any other packet we assume the peer initiated the connection (on a listening socket
 /// that is the only way it can know us), so it receives on the id it sends with minus 1
 /// (libtorrent: `recv_id = send_id - 1` for outgoing connections). `ack_nr` names the
-/// packet we answer; `seq_nr` is the one after the last the peer had from us, inside
-/// libtorrent's reorder window (it drops a RESET whose `seq_nr` is far ahead).
+/// last packet the peer sent (an ST_STATE's `seq_nr` is its *next* number, so one less:
+/// libtorrent ignores a RESET acking a number it has not sent); `seq_nr` is the one
+/// after the last the peer had from us, inside libtorrent's reorder window (it drops a
+/// RESET whose `seq_nr` is far ahead).
 pub fn reset_for(pkt: &Header, out: &mut [u8; 20]) {
     let connection_id = if pkt.ty == PacketType::Syn {
         pkt.connection_id
@@ -185,7 +187,11 @@ pub fn reset_for(pkt: &Header, out: &mut [u8; 20]) {
         timestamp_diff_us: 0,
         wnd_size: 0,
         seq_nr: pkt.ack_nr.wrapping_add(1),
-        ack_nr: pkt.seq_nr,
+        ack_nr: if pkt.ty == PacketType::State {
+            pkt.seq_nr.wrapping_sub(1)
+        } else {
+            pkt.seq_nr
+        },
     }
     .encode(EXT_NONE, out);
 }
@@ -212,19 +218,26 @@ pub fn seq_less(a: u16, b: u16) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::wire::test_rng::XorShift;
 
-    /// A SYN as libtorrent 2.0 sends it (`utp_socket_impl::send_syn`): type 4 version 1,
-    /// no extension, `connection_id` = its receive id, `wnd_size` 0, a random `seq_nr`,
-    /// `ack_nr` 0, `timestamp_difference` 0 (no sample yet). Bytes laid out per BEP 29.
-    const LIBTORRENT_SYN: [u8; 20] = [
-        0x41, 0x00, 0x9c, 0x1f, // ST_SYN v1, no ext, connection_id 0x9c1f
-        0x3b, 0x9a, 0xca, 0x07, // timestamp_microseconds
-        0x00, 0x00, 0x00, 0x00, // timestamp_difference_microseconds
-        0x00, 0x00, 0x00, 0x00, // wnd_size 0
-        0x5a, 0x11, 0x00, 0x00, // seq_nr 0x5a11, ack_nr 0
+    /// A SYN captured from libtorrent 2.0.8 (`connect_peer` to a UDP socket of ours):
+    /// type 4 version 1, no extension, `connection_id` = its receive id (0x2116), a
+    /// timestamp, `timestamp_difference` 0 (no sample yet), `wnd_size` 0, a random
+    /// `seq_nr` (0x6fe9), `ack_nr` 0.
+    pub(crate) const LIBTORRENT_SYN: [u8; 20] = [
+        0x41, 0x00, 0x21, 0x16, 0xe1, 0x13, 0xc9, 0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x6f, 0xe9, 0x00, 0x00,
+    ];
+
+    /// The header of libtorrent 2.0.8's first DATA after our SYN-ACK (ST_STATE, seq_nr
+    /// 4242 = 0x1092): it sends with id + 1 (0x2117), its SYN's number + 1 (0x6fea), acks
+    /// 0x1091 = the SYN-ACK's number - 1, and advertises a 1 MiB window. (Its payload was
+    /// 505 bytes of an MSE handshake.)
+    pub(crate) const LIBTORRENT_FIRST_DATA_HEADER: [u8; 20] = [
+        0x01, 0x00, 0x21, 0x17, 0xe1, 0x13, 0xcf, 0xf0, 0xe1, 0x13, 0xc8, 0xc9, 0x00, 0x10, 0x00,
+        0x00, 0x6f, 0xea, 0x10, 0x91,
     ];
 
     #[test]
@@ -234,11 +247,11 @@ mod tests {
             p.header,
             Header {
                 ty: PacketType::Syn,
-                connection_id: 0x9c1f,
-                timestamp_us: 0x3b9a_ca07,
+                connection_id: 0x2116,
+                timestamp_us: 0xe113_c903,
                 timestamp_diff_us: 0,
                 wnd_size: 0,
-                seq_nr: 0x5a11,
+                seq_nr: 0x6fe9,
                 ack_nr: 0,
             }
         );
@@ -246,6 +259,11 @@ mod tests {
         let mut out = [0u8; 20];
         p.header.encode(0, &mut out);
         assert_eq!(out, LIBTORRENT_SYN);
+        let d = decode(&LIBTORRENT_FIRST_DATA_HEADER).unwrap().header;
+        assert_eq!(
+            (d.ty, d.connection_id, d.seq_nr, d.ack_nr, d.wnd_size),
+            (PacketType::Data, 0x2117, 0x6fea, 0x1091, 1 << 20)
+        );
     }
 
     #[test]
@@ -255,18 +273,24 @@ mod tests {
         reset_for(&syn, &mut out);
         let r = decode(&out).unwrap().header;
         assert_eq!(r.ty, PacketType::Reset);
-        assert_eq!(r.connection_id, 0x9c1f);
-        assert_eq!(r.ack_nr, 0x5a11);
+        assert_eq!(r.connection_id, 0x2116);
+        assert_eq!(r.ack_nr, 0x6fe9);
         let data = Header {
             ty: PacketType::Data,
-            connection_id: 0x9c20,
+            connection_id: 0x2117,
             seq_nr: 7,
             ack_nr: 0xffff,
             ..syn
         };
         reset_for(&data, &mut out);
         let r = decode(&out).unwrap().header;
-        assert_eq!((r.connection_id, r.ack_nr, r.seq_nr), (0x9c1f, 7, 0));
+        assert_eq!((r.connection_id, r.ack_nr, r.seq_nr), (0x2116, 7, 0));
+        let state = Header {
+            ty: PacketType::State,
+            ..data
+        };
+        reset_for(&state, &mut out);
+        assert_eq!(decode(&out).unwrap().header.ack_nr, 6);
     }
 
     #[test]

@@ -695,13 +695,22 @@ fn fin_and_reset() {
     );
     assert_eq!(c.state(), State::Closed(CloseReason::Graceful));
 
-    // RESET from the peer.
+    // RESET from the peer, acking our last packet or the `seq_nr` of our last STATE.
+    for ack in [6999, 7000] {
+        let mut c = accepted(Config::default(), now);
+        c.on_packet(
+            &pkt(&dgram(hdr(PacketType::Reset, 101, 501, ack), None, &[])),
+            now,
+        );
+        assert_eq!(c.state(), State::Closed(CloseReason::ResetByPeer));
+    }
+    // A RESET acking what we never sent is forged.
     let mut c = accepted(Config::default(), now);
     c.on_packet(
-        &pkt(&dgram(hdr(PacketType::Reset, 101, 501, 6999), None, &[])),
+        &pkt(&dgram(hdr(PacketType::Reset, 101, 501, 7100), None, &[])),
         now,
     );
-    assert_eq!(c.state(), State::Closed(CloseReason::ResetByPeer));
+    assert_eq!(c.state(), State::Connected);
     // abort(): one RESET, then closed.
     let mut c = accepted(Config::default(), now);
     c.abort();
@@ -761,4 +770,26 @@ fn random_packets_on_a_live_connection_never_panic() {
             c.consume(n);
         }
     }
+}
+
+#[test]
+fn accepts_libtorrents_captured_syn_and_first_data() {
+    use super::packet::tests::{LIBTORRENT_FIRST_DATA_HEADER, LIBTORRENT_SYN};
+    let now = t0();
+    let mut c = Conn::accept(Config::default(), &pkt(&LIBTORRENT_SYN), 0x1092, now);
+    assert_eq!(c.recv_id(), 0x2117);
+    let out = all_out(&mut c, now);
+    assert_eq!(out.len(), 1);
+    let sa = pkt(&out[0]).header;
+    assert_eq!(
+        (sa.ty, sa.connection_id, sa.seq_nr, sa.ack_nr),
+        (PacketType::State, 0x2116, 0x1092, 0x6fe9)
+    );
+    let mut data = LIBTORRENT_FIRST_DATA_HEADER.to_vec();
+    data.extend_from_slice(&[0xd0; 505]);
+    c.on_packet(&pkt(&data), now);
+    assert!(c.is_established());
+    assert_eq!(c.readable().len(), 505);
+    let out = all_out(&mut c, now);
+    assert_eq!(pkt(&out[0]).header.ack_nr, 0x6fea);
 }
