@@ -27,6 +27,9 @@ const TTM_SLACK_S: f64 = 0.1;
 /// Below libtorrent's uTP give-up (~4.5 s on loopback, then TCP): a fill that took longer
 /// than this went over TCP after a failed uTP attempt.
 const BEFORE_UTP_GIVE_UP_S: f64 = 4.0;
+/// libtorrent (default `out_enc_policy`) opens an outgoing connection with MSE and, when
+/// that is refused, retries in plaintext about 3 s later (seen on the wire, 2.0.8).
+const MSE_PLAINTEXT_RETRY_S: f64 = 3.0;
 
 /// libtorrent's torrents, imported into a data dir for magnetar.
 fn imported(
@@ -179,8 +182,17 @@ fn default_libtorrent_seed_dialing_magnetar_fills_the_miss_over_utp() {
         "{:?}",
         got.peers
     );
+    // The seed's own dial to magnetar went over uTP too: both connections (seed and
+    // fetcher) are uTP sessions. (The seed opens with an MSE handshake, which magnetar
+    // does not speak yet (issue 10), and retries in plaintext ~3 s later: that retry, not
+    // uTP, is what the fill waits for; the bound allows for it.)
+    let m = common::kit::metrics(&server);
     assert!(
-        got.seconds < BEFORE_UTP_GIVE_UP_S,
+        common::kit::get(&m, "magnetar_utp_connections_established_total") >= 2,
+        "the seed reached magnetar over uTP"
+    );
+    assert!(
+        got.seconds < BEFORE_UTP_GIVE_UP_S + MSE_PLAINTEXT_RETRY_S,
         "the fill took {:.3} s: the seed's uTP dial to magnetar went unanswered",
         got.seconds
     );
