@@ -1,5 +1,5 @@
 //! Magnet links: parsing and formatting of `xt` (BEP 9 `urn:btih:`, BEP 52 `urn:btmh:`),
-//! `dn`, `tr` and `x.pe` (DESIGN.md point 11).
+//! `dn`, `tr` and `x.pe` (docs/protocol-facts.md §11).
 //!
 //! Parsing is lenient where one bad part must not void the link: a malformed `tr` or
 //! `x.pe`, an `xt` of another namespace or a multihash other than sha2-256 is skipped

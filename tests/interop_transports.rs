@@ -1,4 +1,4 @@
-//! Transports as clients ship them (DESIGN.md point 13): libtorrent on its default settings
+//! Transports as clients ship them (docs/protocol-facts.md §13): libtorrent on its default settings
 //! dials uTP first, so magnetar must answer uTP (BEP 29, UDP on its TCP port number) and
 //! TCP. Every client here is a fresh libtorrent process (tests/interop/lt_client.py) on its
 //! defaults unless the test is about one transport (`--transport tcp|utp`).

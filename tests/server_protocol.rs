@@ -1,6 +1,5 @@
 //! The real `magnetar serve` binary, driven over loopback TCP by a blocking client built
-//! on the crate's own sans-IO codec, follows DESIGN.md's "Protocol facts that decide
-//! interoperability": handshake bits and echo, extension handshake first, HaveNone only
+//! on the crate's own sans-IO codec, follows docs/protocol-facts.md: handshake bits and echo, extension handshake first, HaveNone only
 //! with the Fast bit, ut_metadata ids, piece sizes, rejects, the flood cap, hostile input,
 //! timeouts, keep-alives and connection caps.
 //!
@@ -1304,7 +1303,7 @@ fn later_extension_handshake_changes_or_disables_our_id() {
         .assert_quiet(Duration::from_millis(400), "requests after ut_metadata 0");
 
     // A later handshake that omits ut_metadata from `m` also disables it (the full `m`
-    // is repeated every time, DESIGN.md point 5).
+    // is repeated every time, docs/protocol-facts.md §5).
     o.peer.send(&ext_handshake(Some(11)));
     fetch(&mut o, t, 11, &[4]);
     o.peer.send(&ext_handshake(None));

@@ -12,7 +12,7 @@ use magnetar::wire::{
 
 /// Our ut_metadata id in our extension handshake: peers put it in the messages they send us.
 pub const OUR_UT_METADATA: u8 = 3;
-/// Largest info dict we accept, as libtorrent (DESIGN.md point 10).
+/// Largest info dict we accept, as libtorrent (docs/protocol-facts.md §10).
 const METADATA_BYTES_MAX: u64 = 30 * 1024 * 1024;
 
 /// Why a fetch failed. Each kind is counted separately in the report.

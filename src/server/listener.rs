@@ -82,28 +82,29 @@ pub fn bind_all(
         let cannot =
             |e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"));
         let mut attempts = 0;
-        let (first, udp) =
-            loop {
-                let first = bind_one(addr, backlog).map_err(cannot)?;
-                if !utp {
-                    break (first, Vec::new());
+        let (first, udp) = loop {
+            let first = bind_one(addr, backlog).map_err(cannot)?;
+            if !utp {
+                break (first, Vec::new());
+            }
+            let bound = first.local_addr()?;
+            match bind_udp_group(bound, workers) {
+                Ok(udp) => break (first, udp),
+                // `:0`: the port the kernel gave TCP is taken for UDP; try another.
+                Err(e) if addr.port() == 0 && attempts < EPHEMERAL_PORT_ATTEMPTS_MAX => {
+                    attempts += 1;
+                    tracing::debug!(%bound, "UDP port taken ({e}); choosing another port");
                 }
-                let bound = first.local_addr()?;
-                match bind_udp_group(bound, workers) {
-                    Ok(udp) => break (first, udp),
-                    // `:0`: the port the kernel gave TCP is taken for UDP; try another.
-                    Err(e) if addr.port() == 0 && attempts < EPHEMERAL_PORT_ATTEMPTS_MAX => {
-                        attempts += 1;
-                        tracing::debug!(%bound, "UDP port taken ({e}); choosing another port");
-                    }
-                    Err(e) => return Err(io::Error::new(
+                Err(e) => {
+                    return Err(io::Error::new(
                         e.kind(),
                         format!(
                             "cannot listen for uTP on udp {bound}: {e} (--utp off serves TCP only)"
                         ),
-                    )),
+                    ))
                 }
-            };
+            }
+        };
         let bound = first.local_addr()?;
         local_addrs.push(bound);
         per_worker[0].push(first);

@@ -7,7 +7,7 @@
 //! over TCP or uTP (`utp_stream`): TCP first, uTP when TCP is refused, has not connected
 //! within `UTP_HEAD_START` (250 ms, then both race and the first connected wins), or was
 //! accepted and closed before the peer said a byte (a libtorrent with incoming TCP off
-//! does that; DESIGN.md 13: libtorrent itself dials uTP first). Every step has a
+//! does that; docs/protocol-facts.md §13: libtorrent itself dials uTP first). Every step has a
 //! deadline: `connect_timeout` for the connect, `peer_timeout` for the whole exchange
 //! (connect included). Nothing we receive can make us buffer more than
 //! one frame (`limits::FRAME_BYTES_MAX`, checked by the codec) or allocate more than the
@@ -58,7 +58,7 @@ pub struct PeerFetchConfig {
     pub peer_timeout: Duration,
     /// Set the BEP 52 upgrade bit in our handshake. Leave it off unless the torrent is
     /// known to be v2 or hybrid: libtorrent disconnects a peer that claims it for a v1-only
-    /// torrent (DESIGN.md point 1), and a v2 key is accepted without it.
+    /// torrent (docs/protocol-facts.md §1), and a v2 key is accepted without it.
     pub v2_bit: bool,
 }
 
@@ -182,7 +182,7 @@ impl Exchange {
     }
 
     /// Our opening: handshake and extension handshake, sent together before the peer's
-    /// handshake arrives (the extension handshake is the first message, DESIGN.md 3).
+    /// handshake arrives (the extension handshake is the first message, docs/protocol-facts.md §3).
     pub fn opening(&self, peer_id: &[u8; 20], v2_bit: bool, out: &mut Vec<u8>) {
         encode_handshake(out, Reserved::ours(true, false, v2_bit), &self.key, peer_id);
         ExtHandshake {
@@ -315,7 +315,7 @@ impl Exchange {
             (Some(_), _) => Ok(()),
             (None, Some(size)) => {
                 // A magnetar parent holds back the size while it fetches, and sends it in
-                // a second handshake (DESIGN.md 6): requests begin with the first size.
+                // a second handshake (docs/protocol-facts.md §6): requests begin with the first size.
                 self.announced_size = Some(size);
                 self.asm = Some(MetadataAssembler::new(
                     self.key,

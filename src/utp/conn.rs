@@ -66,7 +66,7 @@ pub struct Config {
     pub syn_retransmits_max: u32,
     /// Accept side: the peer must ack our SYN-ACK within this, else
     /// `Closed(ConnectTimeout)`. libtorrent sends its SYN once and gives up after ~3–4 s
-    /// (DESIGN.md 13), so an unconfirmed connection older than that is dead or spoofed.
+    /// (docs/protocol-facts.md §13), so an unconfirmed connection older than that is dead or spoofed.
     pub connect_timeout: Duration,
     /// LEDBAT target queuing delay (BEP 29, libtorrent's `utp_target_delay`): 100 ms.
     pub target_delay: Duration,

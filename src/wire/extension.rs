@@ -18,7 +18,7 @@ use crate::limits::EXT_HANDSHAKE_BYTES_MAX;
 pub const EXT_HANDSHAKE_ID: u8 = 0;
 
 /// The id magnetar asks peers to use for ut_metadata messages they send it, as server and
-/// as fetcher (the same as libtorrent's; any 1–255 works, DESIGN.md point 4).
+/// as fetcher (the same as libtorrent's; any 1–255 works, docs/protocol-facts.md §4).
 pub const OUR_UT_METADATA_ID: u8 = 2;
 
 /// The id magnetar asks peers to use for ut_pex; offered only while a miss is fetched.
@@ -113,7 +113,7 @@ impl<'a> ExtHandshake<'a> {
     /// Appends the whole frame: length, id 20, extended id 0, and the dict with sorted
     /// keys: `m` (always present, with `ut_metadata` / `ut_pex` when Some), then
     /// `metadata_size`, `p`, `reqq`, `v`, `yourip` when Some. A later handshake must
-    /// repeat the full `m` (DESIGN.md point 5), so callers always pass all of it.
+    /// repeat the full `m` (docs/protocol-facts.md §5), so callers always pass all of it.
     pub fn encode(&self, out: &mut Vec<u8>) -> usize {
         let start = out.len();
         out.extend_from_slice(&[0, 0, 0, 0, EXTENDED_ID, EXT_HANDSHAKE_ID]);

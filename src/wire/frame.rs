@@ -233,13 +233,13 @@ pub fn encode_not_interested(out: &mut Vec<u8>) -> usize {
     encode_bare(out, NOT_INTERESTED)
 }
 
-/// BEP 6: only when both handshakes set the Fast bit (DESIGN.md point 8).
+/// BEP 6: only when both handshakes set the Fast bit (docs/protocol-facts.md §8).
 pub fn encode_have_all(out: &mut Vec<u8>) -> usize {
     encode_bare(out, HAVE_ALL)
 }
 
 /// BEP 6: only when both handshakes set the Fast bit; libtorrent disconnects otherwise
-/// (DESIGN.md point 8).
+/// (docs/protocol-facts.md §8).
 pub fn encode_have_none(out: &mut Vec<u8>) -> usize {
     encode_bare(out, HAVE_NONE)
 }

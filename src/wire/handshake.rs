@@ -4,7 +4,7 @@
 //!
 //! The head (first 48 bytes, up to the info-hash) is decoded separately from the peer id
 //! because we must answer as soon as we know the info-hash: some crawlers wait for our
-//! handshake before sending their peer id (DESIGN.md point 2).
+//! handshake before sending their peer id (docs/protocol-facts.md §2).
 
 use super::{Decoded, WireError};
 
@@ -36,7 +36,7 @@ impl Reserved {
 
     /// BEP 52 upgrade: byte 7, 0x10. libtorrent 2.0.8 sets it only when it handshakes
     /// with the v1 hash of a hybrid torrent (golden capture), and disconnects a peer that
-    /// claims it for a v1-only torrent (DESIGN.md point 1).
+    /// claims it for a v1-only torrent (docs/protocol-facts.md §1).
     pub fn v2_upgrade(&self) -> bool {
         self.0[7] & 0x10 != 0
     }

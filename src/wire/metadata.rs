@@ -3,11 +3,11 @@
 //!
 //! The data message is written in two parts: `encode_metadata_data_header` writes the
 //! frame length, ids and bencoded header into a small buffer, and the caller sends the
-//! block itself straight from the store's mmap in the same vectored write (DESIGN.md
+//! block itself straight from the store's mmap in the same vectored write (docs/architecture.md
 //! "Zero-copy serving"), so no metadata byte is copied here.
 //!
 //! Ids: messages we send carry the *peer's* ut_metadata id, messages we receive carry
-//! ours (DESIGN.md point 4); any id 1–255 works.
+//! ours (docs/protocol-facts.md §4); any id 1–255 works.
 
 use std::ops::Range;
 

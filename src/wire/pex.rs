@@ -1,6 +1,6 @@
 //! BEP 11 ut_pex: peers a connected client tells us about, as compact addresses
 //! (`added`: 6 bytes IPv4 + port, `added6`: 18 bytes IPv6 + port; `dropped`, `dropped6`
-//! likewise), a source of peers on the metadata miss path (DESIGN.md "Miss path").
+//! likewise), a source of peers on the metadata miss path (docs/architecture.md "Request path (miss)").
 //!
 //! Decoding keeps borrowed slices and hands out iterators: nothing is allocated per
 //! message. A compact string whose length is not a multiple of the entry size has its

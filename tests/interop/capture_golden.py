@@ -15,8 +15,7 @@ after replying with a handshake (BEP 10 + Fast bits) and the extension handshake
 It never answers the request: the capture ends once the request(s) arrived.
 
 libtorrent runs on its default transports, as users run it: it dials uTP first, gets no
-answer from this TCP-only server, and falls back to TCP a few seconds later (DESIGN.md
-point 13), so each capture takes about 6 s. The bytes on TCP are the same either way.
+answer from this TCP-only server, and falls back to TCP a few seconds later (docs/transports.md), so each capture takes about 6 s. The bytes on TCP are the same either way.
 
 Run (system python: python3-libtorrent is a Debian package, not in pyenv):
     /usr/bin/python3 tests/interop/capture_golden.py [out_dir]   # default tests/golden

@@ -21,7 +21,7 @@
                          that bootstraps from those nodes and announces the torrents to it.
 
 Transports: real clients run with their defaults, and so does this script: libtorrent 2.0
-listens on TCP and uTP on one port and dials uTP first (DESIGN.md point 13). --transport
+listens on TCP and uTP on one port and dials uTP first (docs/protocol-facts.md §13). --transport
 tcp switches uTP off both ways, --transport utp switches TCP off both ways; `default` (the
 default) changes nothing. Settings that only keep traffic on this machine (DHT, LSD, UPnP,
 NAT-PMP off) are not transport settings.
