@@ -8,9 +8,9 @@
 pub const METADATA_PIECE_BYTES: usize = 16 * 1024;
 
 /// Largest info dict magnetar stores or serves. libtorrent caps received metadata at
-/// 30 MiB, rqbit at 32 MiB, anacrolix at 16 MiB (DESIGN.md point 10); users complain
-/// about 14–24 MB dicts being refused, so we accept up to 64 MiB ourselves and let each
-/// client apply its own cap.
+/// 30 MiB, rqbit at 32 MiB, anacrolix at 16 MiB; users complain about 14–24 MB dicts
+/// being refused, so we accept up to 64 MiB ourselves and let each client apply its own
+/// cap.
 pub const METADATA_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Number of 16 KiB pieces in the largest metadata: 64 MiB / 16 KiB.
@@ -63,7 +63,7 @@ pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 120_000;
 
 /// We send a keep-alive after this much silence on our side: well under libtorrent's
-/// 120 s peer timeout (DESIGN.md point 9).
+/// 120 s peer timeout.
 pub const KEEPALIVE_INTERVAL_MS_DEFAULT: u64 = 30_000;
 
 /// Per-connection read buffer: one full frame of the largest size plus slack, allocated
