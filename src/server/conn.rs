@@ -140,8 +140,9 @@ struct Waiting {
     /// `None` once one without it went out (hold expired, or the client's own metadata is
     /// being fetched, which needs our ids).
     hold_until: Option<Instant>,
-    /// Requests received meanwhile, answered once the metadata arrives (DESIGN point 6 in
-    /// docs/architecture.md: never reject them for a running fetch).
+    /// Requests received meanwhile, answered once the metadata arrives. Never rejected
+    /// for a running fetch: after a reject libtorrent waits a minute, crawlers give up and
+    /// anacrolix never asks that connection again.
     held: Vec<u32>,
     fill: Fill,
 }

@@ -65,7 +65,7 @@ pub trait Transport {
 pub async fn run<T: Transport>(transport: T, peer: SocketAddr, ctx: Rc<WorkerCtx>) -> SessionEnd {
     let end = drive(transport, peer, &ctx).await;
     end.counter(&ctx.stats).inc();
-    tracing::trace!(%peer, ?end, "session ended");
+    tracing::debug!(%peer, ?end, "session ended");
     end
 }
 
