@@ -374,6 +374,58 @@ fn a_peer_that_never_acks_gets_bounded_retransmissions_then_is_dropped() {
     );
 }
 
+/// uTP on an IPv6 listen address (the default listens on `[::]` too): the whole fetch of
+/// a one-piece torrent over ::1, by the hand-written peer.
+#[test]
+fn utp_serves_on_ipv6() {
+    let fx = fixture();
+    let server = serve_utp(&fx, &["--listen", "[::1]:0"]);
+    let v6 = *server
+        .addrs
+        .iter()
+        .find(|a| a.is_ipv6())
+        .expect("an IPv6 listen address");
+    let s = UdpSocket::bind("[::1]:0").expect("bind ::1");
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let syn = Hdr {
+        ty: ST_SYN,
+        conn_id: 300,
+        wnd: 1 << 20,
+        seq: 100,
+        ack: 0,
+    };
+    s.send_to(&packet(syn, None, &[]), v6).unwrap();
+    let got = drain(&s, Duration::from_millis(500));
+    let (ack, _) = got
+        .iter()
+        .filter_map(|d| parse(d))
+        .find(|(h, _)| h.ty == ST_STATE)
+        .expect("a SYN-ACK over IPv6");
+    let h = Hdr {
+        ty: ST_DATA,
+        conn_id: 301,
+        wnd: 1 << 20,
+        seq: 101,
+        ack: ack.seq.wrapping_sub(1),
+    };
+    s.send_to(&packet(h, None, &bt_opening(&fx.small.key, 1)), v6)
+        .unwrap();
+    // DATA packets in sequence order, each once (unacked, some may come again).
+    let packets: std::collections::BTreeMap<u16, Vec<u8>> = drain(&s, Duration::from_millis(800))
+        .iter()
+        .filter_map(|d| parse(d).map(|(h, p)| (h, p.to_vec())))
+        .filter(|(h, _)| h.ty == ST_DATA)
+        .map(|(h, p)| (h.seq.wrapping_sub(ack.seq), p))
+        .collect();
+    let stream: Vec<u8> = packets.into_values().flatten().collect();
+    assert!(
+        stream.ends_with(&fx.small.info),
+        "the info dict ends the stream served over IPv6 ({} bytes)",
+        stream.len()
+    );
+}
+
 #[test]
 fn utp_off_opens_no_udp_socket() {
     let fx = fixture();

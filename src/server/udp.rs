@@ -579,3 +579,123 @@ pub fn spawn_endpoint(ep: Rc<Endpoint>, stop: flume::Receiver<()>) {
         ep.accepting.set(false);
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{AppendOptions, Store, StoreOptions, SyncPolicy};
+    use crate::utp::{Header, Packet};
+    use crate::wire::{encode_metadata_data_header, metadata_piece_count, metadata_piece_range};
+
+    fn syn() -> Vec<u8> {
+        let mut v = vec![0u8; utp::HEADER_LEN];
+        Header {
+            ty: PacketType::Syn,
+            connection_id: 100,
+            timestamp_us: 1,
+            timestamp_diff_us: 0,
+            wnd_size: 1 << 20,
+            seq_nr: 500,
+            ack_nr: 0,
+        }
+        .encode(0, &mut v);
+        v
+    }
+
+    fn established(now: Instant) -> Connection<OutBatch> {
+        let syn = syn();
+        let syn: Packet<'_> = utp::decode(&syn).unwrap();
+        let mut c = Connection::accept(utp::Config::default(), &syn, 7000, now);
+        while c.poll_transmit(now).is_some() {}
+        let mut ack = vec![0u8; utp::HEADER_LEN];
+        Header {
+            ty: PacketType::State,
+            connection_id: 101,
+            timestamp_us: 2,
+            timestamp_diff_us: 0,
+            wnd_size: 1 << 20,
+            seq_nr: 501,
+            ack_nr: 6999,
+        }
+        .encode(0, &mut ack);
+        c.on_packet(&utp::decode(&ack).unwrap(), now);
+        assert!(c.is_established());
+        c
+    }
+
+    /// The zero-copy claim over uTP: a DATA packet's payload slices point into the
+    /// segment's mapping (the BEP 9 header is the only user-space byte range), and the
+    /// retransmission after a timeout points at exactly the same bytes again.
+    #[test]
+    fn utp_packets_point_into_the_mmap_and_retransmissions_point_there_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            sync: SyncPolicy::Batch,
+            ..StoreOptions::default()
+        };
+        let (store, _) = Store::open(dir.path(), opts).unwrap();
+        let mut info = b"d6:lengthi32768000e4:name4:test12:piece lengthi16384e6:pieces".to_vec();
+        info.extend_from_slice(b"40000:");
+        info.extend((0..40_000).map(|i| (i * 7 % 251) as u8));
+        info.push(b'e');
+        let record = store
+            .append(&info, AppendOptions::default())
+            .unwrap()
+            .record()
+            .clone();
+        let mapping = record.segment().mapping_range();
+        let mut batch = OutBatch::new();
+        for piece in 0..metadata_piece_count(record.len()) as u32 {
+            let range = metadata_piece_range(record.len(), piece).unwrap();
+            encode_metadata_data_header(batch.head(), 3, piece, record.len() as u64, range.len());
+            batch.push_payload(&record, range);
+        }
+        batch.seal();
+        let total = batch.sealed_len();
+
+        let now = Instant::now();
+        let mut c = established(now);
+        c.write(batch);
+        let mut first = Vec::new();
+        let mut in_mmap = 0usize;
+        while let Some(t) = c.poll_transmit(now) {
+            let seq = u16::from_be_bytes([t.header[16], t.header[17]]);
+            let slices: Vec<(usize, usize)> = t
+                .payload()
+                .iter()
+                .map(|s| (s.as_ptr() as usize, s.len()))
+                .collect();
+            for &(base, len) in &slices {
+                if mapping.contains(&base) {
+                    assert!(base + len <= mapping.end);
+                    in_mmap += len;
+                } else {
+                    assert!(len < 64, "only BEP 9 headers live outside the mmap");
+                }
+            }
+            first.push((seq, slices));
+        }
+        assert!(!first.is_empty() && in_mmap > 0);
+        assert!(in_mmap <= info.len() && total > info.len());
+
+        // No ack: the first packet goes again after the RTO, from the same addresses.
+        let later = c.next_timeout().expect("an RTO is armed");
+        c.on_timeout(later);
+        let t = c.poll_transmit(later).expect("a retransmission");
+        let seq = u16::from_be_bytes([t.header[16], t.header[17]]);
+        let slices: Vec<(usize, usize)> = t
+            .payload()
+            .iter()
+            .map(|s| (s.as_ptr() as usize, s.len()))
+            .collect();
+        let original = first
+            .iter()
+            .find(|(s, _)| *s == seq)
+            .expect("the retransmission repeats a sent packet");
+        assert_eq!(
+            &original.1, &slices,
+            "same iovecs as the first transmission"
+        );
+        assert!(c.stats().retransmits >= 1);
+    }
+}

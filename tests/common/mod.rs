@@ -55,6 +55,8 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 pub struct ServerProc {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Every listen address of the ready line (`addr` is the first).
+    pub addrs: Vec<SocketAddr>,
     pub driver: String,
     /// The admin plane's address, from the ready line.
     pub admin: Option<SocketAddr>,
@@ -98,7 +100,7 @@ impl ServerProc {
         let line = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("magnetar serve did not print its ready line within 60 s");
-        let mut addr = None;
+        let mut addrs = Vec::new();
         let mut driver = String::new();
         let mut admin = None;
         for field in line.split_whitespace() {
@@ -106,7 +108,10 @@ impl ServerProc {
                 admin = v.parse().ok();
             }
             if let Some(v) = field.strip_prefix("listen=") {
-                addr = Some(v.split(',').next().unwrap().parse().expect("listen addr"));
+                addrs = v
+                    .split(',')
+                    .map(|a| a.parse().expect("listen addr"))
+                    .collect();
             }
             if let Some(v) = field.strip_prefix("driver=") {
                 driver = v.to_string();
@@ -114,7 +119,8 @@ impl ServerProc {
         }
         ServerProc {
             child,
-            addr: addr.expect("listen= in ready line"),
+            addr: *addrs.first().expect("listen= in ready line"),
+            addrs,
             driver,
             admin,
         }
