@@ -20,10 +20,15 @@ use std::time::{Duration, Instant};
 use common::relay::{Impairment, LossyRelay, RelayConfig, RelayStats};
 use common::*;
 
-/// The relay of the loss tests: 5 % loss and 20 ± 10 ms delay, each way, in front of
-/// `target` (a uTP peer: UDP on its TCP port number).
+/// The relay of the loss tests: 5 % loss and 20 ± 10 ms delay, each way, plus 1 %
+/// duplicated and 2 % reordered packets, in front of `target` (a uTP peer: UDP on its TCP
+/// port number).
 fn lossy_relay_to(target: SocketAddr) -> LossyRelay {
-    let imp = Impairment::lossy(0.05, Duration::from_millis(20), Duration::from_millis(10));
+    let imp = Impairment {
+        duplicate: 0.01,
+        reorder: 0.02,
+        ..Impairment::lossy(0.05, Duration::from_millis(20), Duration::from_millis(10))
+    };
     LossyRelay::start(target, RelayConfig::symmetric(imp, LOSS_SEED))
 }
 
