@@ -48,6 +48,12 @@ const FAMILIES: &[(&str, &str, &str, &str)] = &[
         "Sessions closed by a timeout, by the phase they were in.",
     ),
     (
+        "session_ends_",
+        "magnetar_session_ends_total",
+        "reason",
+        "Sessions ended, by reason (both transports).",
+    ),
+    (
         "client_fills_",
         "magnetar_client_fills_total",
         "result",
