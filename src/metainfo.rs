@@ -567,6 +567,21 @@ pub fn build_torrent(info: &[u8], trackers: &[String]) -> Vec<u8> {
     out
 }
 
+/// A valid single-file v1 info dict with `pieces` piece hashes (`pieces * 20` bytes of
+/// `pieces`): the unit tests' stand-in for a real torrent (2000 pieces: 3 metadata pieces).
+#[cfg(test)]
+pub(crate) fn synthetic_v1_info(pieces: usize) -> Vec<u8> {
+    let mut v = format!(
+        "d6:lengthi{}e4:name4:test12:piece lengthi16384e6:pieces",
+        pieces * 16384
+    )
+    .into_bytes();
+    v.extend_from_slice(format!("{}:", pieces * 20).as_bytes());
+    v.extend((0..pieces * 20).map(|i| (i * 7 % 251) as u8));
+    v.push(b'e');
+    v
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

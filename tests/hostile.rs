@@ -22,18 +22,15 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::kit::*;
-use common::{bep9, magnetar_bin, run_ok, ServerProc};
+use common::ServerProc;
 use magnetar::wire::{
     decode_frame, encode_extended_header, encode_handshake, encode_metadata_request, Decoded,
     ExtHandshake, Frame, MetadataMsg, Reserved, HANDSHAKE_LEN,

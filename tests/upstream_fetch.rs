@@ -52,26 +52,6 @@ unsafe impl GlobalAlloc for LargestAlloc {
 #[global_allocator]
 static ALLOC: LargestAlloc = LargestAlloc;
 
-/// Runs `f`'s future on io_uring (when the kernel allows it) and on the epoll fallback.
-fn on_both_drivers<F, Fut>(f: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = ()>,
-{
-    if monoio::utils::detect_uring() {
-        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap()
-            .block_on(f());
-    }
-    monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-        .enable_timer()
-        .build()
-        .unwrap()
-        .block_on(f());
-}
-
 fn block_on<Fut: Future>(fut: Fut) -> Fut::Output {
     monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .enable_timer()

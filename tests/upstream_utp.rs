@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
@@ -12,26 +11,6 @@ use magnetar::upstream::peer::{fetch_from_peer, PeerFetchConfig};
 use magnetar::upstream::utp_stream::UtpStream;
 use magnetar::wire::{decode_handshake_head, encode_handshake, Decoded, Reserved, HANDSHAKE_LEN};
 use monoio::time::Instant;
-
-/// Runs `f`'s future on io_uring (when the kernel allows it) and on the epoll fallback.
-fn on_both_drivers<F, Fut>(f: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = ()>,
-{
-    if monoio::utils::detect_uring() {
-        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap()
-            .block_on(f());
-    }
-    monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-        .enable_timer()
-        .build()
-        .unwrap()
-        .block_on(f());
-}
 
 fn peer_cfg(key: [u8; 20]) -> PeerFetchConfig {
     PeerFetchConfig {

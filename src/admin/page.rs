@@ -110,11 +110,11 @@ fn top_served(state: &AdminState) -> Vec<(RecordRef, u64)> {
             None => per_record.push((r, count)),
         }
         if per_record.len() > 4 * RECENT_MAX {
-            per_record.sort_by(|a, b| b.1.cmp(&a.1));
+            per_record.sort_by_key(|b| std::cmp::Reverse(b.1));
             per_record.truncate(2 * RECENT_MAX);
         }
     }
-    per_record.sort_by(|a, b| b.1.cmp(&a.1));
+    per_record.sort_by_key(|b| std::cmp::Reverse(b.1));
     per_record.truncate(RECENT_MAX);
     per_record
 }

@@ -790,19 +790,6 @@ mod tests {
         }
     }
 
-    /// A valid v1 info dict of `pieces * 20` piece-hash bytes (3 metadata pieces for 2000).
-    fn info_dict(pieces: usize) -> Vec<u8> {
-        let mut v = format!(
-            "d6:lengthi{}e4:name4:test12:piece lengthi16384e6:pieces",
-            pieces * 16384
-        )
-        .into_bytes();
-        v.extend_from_slice(format!("{}:", pieces * 20).as_bytes());
-        v.extend((0..pieces * 20).map(|i| (i * 7 % 251) as u8));
-        v.push(b'e');
-        v
-    }
-
     fn store(kit: &Kit, info: &[u8]) -> RecordRef {
         let appended = kit.ctx.store.append(info, AppendOptions::default());
         appended.unwrap().record().clone()
@@ -965,7 +952,7 @@ mod tests {
     #[test]
     fn hit_echoes_the_key_sends_the_extension_handshake_first_and_have_none_only_with_fast() {
         let kit = kit(250, 1500);
-        let info = info_dict(2000);
+        let info = crate::metainfo::synthetic_v1_info(2000);
         store(&kit, &info);
         let key = key_of(&info);
         for fast in [true, false] {
@@ -996,7 +983,7 @@ mod tests {
     #[test]
     fn miss_hold_expires_then_a_second_full_handshake_answers_the_held_requests() {
         let kit = kit(250, 200);
-        let info = info_dict(2000);
+        let info = crate::metainfo::synthetic_v1_info(2000);
         let key = key_of(&info);
         let t0 = Instant::now();
         let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), t0);
@@ -1050,7 +1037,7 @@ mod tests {
     #[test]
     fn miss_filled_within_the_hold_sends_one_handshake_with_the_size() {
         let kit = kit(250, 1500);
-        let info = info_dict(2000);
+        let info = crate::metainfo::synthetic_v1_info(2000);
         let key = key_of(&info);
         let t0 = Instant::now();
         let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), t0);
@@ -1094,7 +1081,7 @@ mod tests {
     fn burst_cap_rejects_past_reqq_within_a_burst_and_resets_after_a_read_that_did_not_fill() {
         let reqq = 4;
         let kit = kit(reqq, 1500);
-        let info = info_dict(2000);
+        let info = crate::metainfo::synthetic_v1_info(2000);
         store(&kit, &info);
         let now = Instant::now();
         let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), now);
@@ -1132,7 +1119,7 @@ mod tests {
     fn held_requests_and_a_full_burst_fit_one_writev_at_the_largest_reqq() {
         let reqq = limits::REQUESTS_QUEUED_MAX_LIMIT;
         let kit = kit(reqq, 1500);
-        let info = info_dict(2000);
+        let info = crate::metainfo::synthetic_v1_info(2000);
         let now = Instant::now();
         let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), now);
         open(&mut conn, &key_of(&info), false, now);
@@ -1171,7 +1158,7 @@ mod tests {
     #[test]
     fn protocol_errors_close_without_the_replies_decided_before() {
         let kit = kit(250, 1500);
-        let info = info_dict(2000);
+        let info = crate::metainfo::synthetic_v1_info(2000);
         store(&kit, &info);
         let cases: [(&str, Vec<u8>); 3] = [
             ("huge length prefix", u32::MAX.to_be_bytes().to_vec()),
@@ -1240,7 +1227,7 @@ mod tests {
     #[test]
     fn handshake_timeout_idle_close_and_keepalives_follow_the_clock() {
         let kit = kit(250, 1500);
-        let info = info_dict(2000);
+        let info = crate::metainfo::synthetic_v1_info(2000);
         store(&kit, &info);
         let key = key_of(&info);
         let s = Duration::from_secs;
@@ -1303,7 +1290,7 @@ mod tests {
     #[test]
     fn metadata_from_the_client_is_fetched_stored_and_then_served() {
         let kit = kit(250, 1500);
-        let info = info_dict(2000);
+        let info = crate::metainfo::synthetic_v1_info(2000);
         let key = key_of(&info);
         let now = Instant::now();
         let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), now);

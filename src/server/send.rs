@@ -228,19 +228,6 @@ mod tests {
     use crate::store::{AppendOptions, Store, StoreOptions, SyncPolicy};
     use crate::wire::{encode_metadata_data_header, metadata_piece_count, metadata_piece_range};
 
-    /// A valid v1 info dict of about `pieces * 20` bytes.
-    fn info_dict(pieces: usize) -> Vec<u8> {
-        let mut v = format!(
-            "d6:lengthi{}e4:name4:test12:piece lengthi16384e6:pieces",
-            pieces * 16384
-        )
-        .into_bytes();
-        v.extend_from_slice(format!("{}:", pieces * 20).as_bytes());
-        v.extend((0..pieces * 20).map(|i| (i * 7 % 251) as u8));
-        v.push(b'e');
-        v
-    }
-
     /// The zero-copy claim, checked on the iovecs handed to writev: every payload iovec
     /// points into the segment's mapping at the record's own bytes (so the kernel reads
     /// the block from the mmap), and the only user-space bytes are the small headers.
@@ -252,7 +239,7 @@ mod tests {
             ..StoreOptions::default()
         };
         let (store, _) = Store::open(dir.path(), opts).unwrap();
-        let info = info_dict(4000); // 80 KB: 5 metadata pieces
+        let info = crate::metainfo::synthetic_v1_info(4000); // 80 KB: 5 metadata pieces
         let record = store
             .append(&info, AppendOptions::default())
             .unwrap()
@@ -342,7 +329,7 @@ mod tests {
     fn contiguous_at_yields_the_flattened_bytes_from_any_offset() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path(), StoreOptions::default()).unwrap();
-        let info = info_dict(2000); // 40 KB: 3 pieces, the last one short
+        let info = crate::metainfo::synthetic_v1_info(2000); // 40 KB: 3 pieces, the last one short
         let record = store
             .append(&info, AppendOptions::default())
             .unwrap()

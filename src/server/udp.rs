@@ -634,10 +634,7 @@ mod tests {
             ..StoreOptions::default()
         };
         let (store, _) = Store::open(dir.path(), opts).unwrap();
-        let mut info = b"d6:lengthi32768000e4:name4:test12:piece lengthi16384e6:pieces".to_vec();
-        info.extend_from_slice(b"40000:");
-        info.extend((0..40_000).map(|i| (i * 7 % 251) as u8));
-        info.push(b'e');
+        let info = crate::metainfo::synthetic_v1_info(2000);
         let record = store
             .append(&info, AppendOptions::default())
             .unwrap()
