@@ -3,7 +3,7 @@
 //! per-thread histograms (merged at the end). Each connection is TCP or uTP (`Transport`);
 //! only `Stream` knows which: the conversation and the fetch loop are the same for both.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
@@ -525,12 +525,32 @@ impl Stream {
 
     /// Closes without waiting: TCP's FIN is the kernel's business; uTP's FIN (and its
     /// retransmissions until acked, at most `CLOSE_LINGER`) is sent by a detached task,
-    /// so a churning connection starts its next fetch at once, as with TCP.
+    /// so a churning connection starts its next fetch at once, as with TCP. The thread
+    /// waits for those tasks before its runtime ends (`wait_closing`).
     fn close(self) {
         match self {
             Stream::Tcp(s) => drop(s),
-            Stream::Utp(s) => drop(monoio::spawn(s.close())),
+            Stream::Utp(s) => {
+                CLOSING.with(|c| c.set(c.get() + 1));
+                drop(monoio::spawn(async move {
+                    s.close().await;
+                    CLOSING.with(|c| c.set(c.get() - 1));
+                }));
+            }
         }
+    }
+}
+
+thread_local! {
+    /// uTP closes still sending their FIN on this thread.
+    static CLOSING: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Lets the detached uTP closes finish (each is bounded by `CLOSE_LINGER`), so the peer
+/// is not left holding connections whose FIN was never sent.
+async fn wait_closing() {
+    while CLOSING.with(Cell::get) > 0 {
+        monoio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -656,6 +676,7 @@ fn thread_main(
                 for h in handles {
                     h.await;
                 }
+                wait_closing().await;
             };
             (fut, result)
         }
