@@ -226,7 +226,7 @@ impl Task {
                 let s = UtpStream::connect(self.target(), deadline)
                     .await
                     .map_err(|_| FetchError::Connect)?;
-                Stream::Utp(s)
+                Stream::Utp(Box::new(s))
             }
         };
         self.local
@@ -482,7 +482,8 @@ impl Task {
 /// One connection's byte stream: all the fetch loop needs of a transport.
 enum Stream {
     Tcp(TcpStream),
-    Utp(UtpStream),
+    /// Boxed: the connection state is several hundred bytes.
+    Utp(Box<UtpStream>),
 }
 
 /// uTP operations are bounded by the callers' timeouts (per fetch, per idle read); the
