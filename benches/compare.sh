@@ -4,6 +4,8 @@
 #   uring      magnetar serve --driver io-uring --threads 1
 #   epoll      magnetar serve --driver epoll --threads 1
 #   libtorrent python3-libtorrent seeding them (benches/lt_seed.py, limits raised)
+#   uring-utp       magnetar io_uring again, loaded over uTP (magnetar-loadgen --transport utp)
+#   libtorrent-utp  the libtorrent seed again, loaded over uTP
 # each pinned to CPU 0, loaded by magnetar-loadgen pinned to CPU 1, in churn mode (full
 # fetches/s: connect, handshakes, all pieces, close) and keepalive mode (blocks/s on open
 # connections). Runs are interleaved (run 1 of every server, then run 2, ...) so that
@@ -12,19 +14,19 @@
 # run), OUT/summary.md (medians and ratios), OUT/compare.svg (chart).
 #
 # Usage: benches/compare.sh [-k K] [-d SECONDS] [-r RUNS] [-c CONNECTIONS] [-o OUT]
-#                           [-s "floor uring epoll libtorrent"] [-q]
+#                           [-s "floor uring epoll libtorrent uring-utp libtorrent-utp"] [-q]
 #   -q  quick check: K=50, 2 s runs, 1 run, no waiting for a quiet machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 K=1000 DURATION=10 RUNS=3 CONNS=64 OUT=target/compare QUICK=0
-SERVERS="floor uring epoll libtorrent"
+SERVERS="floor uring epoll libtorrent uring-utp libtorrent-utp"
 while getopts "k:d:r:c:o:s:q" opt; do
   case $opt in
     k) K=$OPTARG ;; d) DURATION=$OPTARG ;; r) RUNS=$OPTARG ;; c) CONNS=$OPTARG ;;
     o) OUT=$OPTARG ;; s) SERVERS=$OPTARG ;; q) QUICK=1 ;;
-    *) sed -n '2,20p' "$0"; exit 2 ;;
+    *) sed -n '2,22p' "$0"; exit 2 ;;
   esac
 done
 if [ "$QUICK" = 1 ]; then K=50 DURATION=2 RUNS=1; fi
@@ -83,18 +85,21 @@ wait_quiet() {
   done
 }
 
+# The loadgen's transport for a row: the -utp rows dial uTP, the others TCP.
+transport() { case $1 in *-utp) echo utp ;; *) echo tcp ;; esac; }
+
 SERVER_PID=""
 PORT=""
 start_server() {
   local which=$1 log=$OUT/server-$1.log
   case $which in
     floor) taskset -c "$SERVER_CPU" "$OUT/floor" "$DATA/floor.bin" 127.0.0.1 0 >"$log" 2>&1 & ;;
-    uring|epoll)
+    uring|epoll|uring-utp)
       local driver=io-uring; [ "$which" = epoll ] && driver=epoll
       taskset -c "$SERVER_CPU" "$M" serve --data-dir "$DATA/store" --listen 127.0.0.1:0 \
         --threads 1 --driver "$driver" --connections-max 1000000 \
         --connections-per-ip-max 1000000 >"$log" 2>&1 & ;;
-    libtorrent)
+    libtorrent|libtorrent-utp)
       local port=$((20000 + RANDOM % 20000))
       taskset -c "$SERVER_CPU" $PY benches/lt_seed.py "$DATA/torrents" 127.0.0.1 "$port" >"$log" 2>&1 & ;;
   esac
@@ -119,7 +124,7 @@ wait_serving() {
   while [ "$(date +%s)" -lt "$deadline" ]; do
     local errors
     errors=$(taskset -c "$LOADGEN_CPU" "$L" --target "127.0.0.1:$PORT" --hashes "$DATA/probe.txt" \
-      --connections 8 --fetches 16 --timeout 10 --threads 1 --json 2>/dev/null | tail -1 |
+      --transport "$(transport "$which")" --connections 8 --fetches 16 --timeout 10 --threads 1 --json 2>/dev/null | tail -1 |
       $PY -c 'import json,sys; print(json.load(sys.stdin)["errors"])' 2>/dev/null || echo 1)
     [ "$errors" = 0 ] && return 0
     sleep 2
@@ -147,7 +152,7 @@ measure() {
   local t0 c0 out
   t0=$(date +%s.%N); c0=$(cpu_ticks "$SERVER_PID")
   out=$(taskset -c "$LOADGEN_CPU" "$L" --target "127.0.0.1:$PORT" --hashes "$DATA/hashes.txt" \
-        --mode "$mode" --connections "$CONNS" --duration "$DURATION" --threads 1 --json \
+        --mode "$mode" --transport "$(transport "$which")" --connections "$CONNS" --duration "$DURATION" --threads 1 --json \
         --plot "$OUT/plot-$which-$mode-$run.svg" | tail -1)
   local c1 t1; c1=$(cpu_ticks "$SERVER_PID"); t1=$(date +%s.%N)
   local cpu; cpu=$(awk -v a="$c0" -v b="$c1" -v s="$t0" -v e="$t1" -v t="$TCK" \
@@ -161,7 +166,7 @@ r.update(server='$which', run=$run, server_cpu=$cpu, server_rss_kb=$rss, server_
 print(json.dumps(r, sort_keys=True))" | tee -a "$OUT/results.jsonl" | $PY -c "
 import json, sys
 r = json.load(sys.stdin)
-print('   %-10s %-9s run %d: %9.0f fetches/s %9.0f blocks/s  p50 %6d us  p99 %6d us  cpu %.2f  rss %d MB  errors %d' % (
+print('   %-14s %-9s run %d: %9.0f fetches/s %9.0f blocks/s  p50 %6d us  p99 %6d us  cpu %.2f  rss %d MB  errors %d' % (
     r['server'], r['mode'], r['run'], r['fetches_per_sec'], r['blocks_per_sec'], r['p50_us'],
     r['p99_us'], r['server_cpu'], r['server_rss_kb'] // 1024, r['errors']))"
 }
@@ -185,7 +190,7 @@ for run in $(seq "$RUNS"); do
     # Warm-up (not recorded): first connections, page cache, and libtorrent's lazy set-up
     # (its first answers after start-up take seconds, longer with more torrents).
     taskset -c "$LOADGEN_CPU" "$L" --target "127.0.0.1:$PORT" --hashes "$DATA/hashes.txt" \
-      --connections "$CONNS" --duration "$WARMUP_S" --timeout 30 --threads 1 >/dev/null
+      --transport "$(transport "$which")" --connections "$CONNS" --duration "$WARMUP_S" --timeout 30 --threads 1 >/dev/null
     measure "$which" churn "$run"
     measure "$which" keepalive "$run"
     stop_server
