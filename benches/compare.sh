@@ -143,6 +143,12 @@ cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 rss_kb() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM/ { print $2 }' "/proc/$1/status"; }
 TCK=$(getconf CLK_TCK)
+# Datagrams the kernel dropped on the server's UDP sockets at $PORT (receive buffer full):
+# the drops column of /proc/net/udp{,6}. uTP rows only; 0 for TCP.
+udp_drops() {
+  awk -v p="$(printf '%04X' "$PORT")" 'FNR > 1 { split($2, a, ":"); if (a[2] == p) s += $NF }
+       END { print s + 0 }' /proc/net/udp /proc/net/udp6 2>/dev/null
+}
 
 # measure SERVER MODE RUN: one loadgen run; appends a JSON line to results.jsonl.
 measure() {
@@ -150,6 +156,7 @@ measure() {
   wait_quiet || flagged=1
   local load busy_at; load=$(cut -d' ' -f1 /proc/loadavg); busy_at=$(busy)
   local t0 c0 out
+  local d0; d0=$(udp_drops)
   t0=$(date +%s.%N); c0=$(cpu_ticks "$SERVER_PID")
   out=$(taskset -c "$LOADGEN_CPU" "$L" --target "127.0.0.1:$PORT" --hashes "$DATA/hashes.txt" \
         --mode "$mode" --transport "$(transport "$which")" --connections "$CONNS" --duration "$DURATION" --threads 1 --json \
@@ -158,17 +165,19 @@ measure() {
   local cpu; cpu=$(awk -v a="$c0" -v b="$c1" -v s="$t0" -v e="$t1" -v t="$TCK" \
                    'BEGIN { printf "%.3f", (b - a) / t / (e - s) }')
   local rss hwm; rss=$(rss_kb "$SERVER_PID"); hwm=$(hwm_kb "$SERVER_PID")
+  local drops; drops=$(( $(udp_drops) - d0 ))
   echo "$out" | $PY -c "
 import json, sys
 r = json.load(sys.stdin)
-r.update(server='$which', run=$run, server_cpu=$cpu, server_rss_kb=$rss, server_hwm_kb=$hwm,
+r.update(server='$which', run=$run, server_cpu=$cpu, server_udp_drops=$drops, server_rss_kb=$rss, server_hwm_kb=$hwm,
          loadavg1=$load, busy=$busy_at, busy_flagged=bool($flagged), k=$K, duration_s=$DURATION)
 print(json.dumps(r, sort_keys=True))" | tee -a "$OUT/results.jsonl" | $PY -c "
 import json, sys
 r = json.load(sys.stdin)
 print('   %-14s %-9s run %d: %9.0f fetches/s %9.0f blocks/s  p50 %6d us  p99 %6d us  cpu %.2f  rss %d MB  errors %d' % (
     r['server'], r['mode'], r['run'], r['fetches_per_sec'], r['blocks_per_sec'], r['p50_us'],
-    r['p99_us'], r['server_cpu'], r['server_rss_kb'] // 1024, r['errors']))"
+    r['p99_us'], r['server_cpu'], r['server_rss_kb'] // 1024, r['errors'])
+    + ('  udp drops %d' % r['server_udp_drops'] if r['server_udp_drops'] else ''))"
 }
 
 : >"$OUT/results.jsonl"
@@ -193,6 +202,12 @@ for run in $(seq "$RUNS"); do
       --transport "$(transport "$which")" --connections "$CONNS" --duration "$WARMUP_S" --timeout 30 --threads 1 >/dev/null
     measure "$which" churn "$run"
     measure "$which" keepalive "$run"
+    # magnetar's uTP counters after the run (admin address from its ready line).
+    admin=$(grep -o 'admin=[^ ]*' "$OUT/server-$which.log" | head -1 | cut -d= -f2 || true)
+    if [ -n "$admin" ] && [ "$admin" != off ]; then
+      curl -s "http://$admin/metrics" | grep -E '^magnetar_utp_[a-z_]+_total ' \
+        >"$OUT/metrics-$which-run$run.txt" || true
+    fi
     stop_server
   done
 done
