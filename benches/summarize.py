@@ -95,6 +95,13 @@ def summary(out):
                     lines.append("%s ratio %s / %s per run: %s (median %.2f)" % (
                         what, a, b, ", ".join("%.2f" % v for v in per_run),
                         statistics.median(per_run)))
+    drops = [(s, sum(r.get("server_udp_drops", 0) for r in rows if r["server"] == s))
+             for s in servers if s.endswith("-utp")
+             and any("server_udp_drops" in r for r in rows if r["server"] == s)]
+    if drops:
+        lines.append("")
+        lines.append("Datagrams dropped on the server's UDP socket (receive buffer full), all runs: "
+                     + ", ".join("%s %d" % d for d in drops) + ".")
     flagged = [r for r in rows if r.get("busy_flagged")]
     if flagged:
         lines.append("")
