@@ -4,6 +4,8 @@
 #   uring      magnetar serve --driver io-uring --threads 1
 #   epoll      magnetar serve --driver epoll --threads 1
 #   libtorrent python3-libtorrent seeding them (benches/lt_seed.py, limits raised)
+#   uring-utp       magnetar io_uring again, loaded over uTP (magnetar-loadgen --transport utp)
+#   libtorrent-utp  the libtorrent seed again, loaded over uTP
 # each pinned to CPU 0, loaded by magnetar-loadgen pinned to CPU 1, in churn mode (full
 # fetches/s: connect, handshakes, all pieces, close) and keepalive mode (blocks/s on open
 # connections). Runs are interleaved (run 1 of every server, then run 2, ...) so that
@@ -12,19 +14,19 @@
 # run), OUT/summary.md (medians and ratios), OUT/compare.svg (chart).
 #
 # Usage: benches/compare.sh [-k K] [-d SECONDS] [-r RUNS] [-c CONNECTIONS] [-o OUT]
-#                           [-s "floor uring epoll libtorrent"] [-q]
+#                           [-s "floor uring epoll libtorrent uring-utp libtorrent-utp"] [-q]
 #   -q  quick check: K=50, 2 s runs, 1 run, no waiting for a quiet machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 K=1000 DURATION=10 RUNS=3 CONNS=64 OUT=target/compare QUICK=0
-SERVERS="floor uring epoll libtorrent"
+SERVERS="floor uring epoll libtorrent uring-utp libtorrent-utp"
 while getopts "k:d:r:c:o:s:q" opt; do
   case $opt in
     k) K=$OPTARG ;; d) DURATION=$OPTARG ;; r) RUNS=$OPTARG ;; c) CONNS=$OPTARG ;;
     o) OUT=$OPTARG ;; s) SERVERS=$OPTARG ;; q) QUICK=1 ;;
-    *) sed -n '2,20p' "$0"; exit 2 ;;
+    *) sed -n '2,22p' "$0"; exit 2 ;;
   esac
 done
 if [ "$QUICK" = 1 ]; then K=50 DURATION=2 RUNS=1; fi
@@ -83,18 +85,21 @@ wait_quiet() {
   done
 }
 
+# The loadgen's transport for a row: the -utp rows dial uTP, the others TCP.
+transport() { case $1 in *-utp) echo utp ;; *) echo tcp ;; esac; }
+
 SERVER_PID=""
 PORT=""
 start_server() {
   local which=$1 log=$OUT/server-$1.log
   case $which in
     floor) taskset -c "$SERVER_CPU" "$OUT/floor" "$DATA/floor.bin" 127.0.0.1 0 >"$log" 2>&1 & ;;
-    uring|epoll)
+    uring|epoll|uring-utp)
       local driver=io-uring; [ "$which" = epoll ] && driver=epoll
       taskset -c "$SERVER_CPU" "$M" serve --data-dir "$DATA/store" --listen 127.0.0.1:0 \
         --threads 1 --driver "$driver" --connections-max 1000000 \
         --connections-per-ip-max 1000000 >"$log" 2>&1 & ;;
-    libtorrent)
+    libtorrent|libtorrent-utp)
       local port=$((20000 + RANDOM % 20000))
       taskset -c "$SERVER_CPU" $PY benches/lt_seed.py "$DATA/torrents" 127.0.0.1 "$port" >"$log" 2>&1 & ;;
   esac
@@ -119,7 +124,7 @@ wait_serving() {
   while [ "$(date +%s)" -lt "$deadline" ]; do
     local errors
     errors=$(taskset -c "$LOADGEN_CPU" "$L" --target "127.0.0.1:$PORT" --hashes "$DATA/probe.txt" \
-      --connections 8 --fetches 16 --timeout 10 --threads 1 --json 2>/dev/null | tail -1 |
+      --transport "$(transport "$which")" --connections 8 --fetches 16 --timeout 10 --threads 1 --json 2>/dev/null | tail -1 |
       $PY -c 'import json,sys; print(json.load(sys.stdin)["errors"])' 2>/dev/null || echo 1)
     [ "$errors" = 0 ] && return 0
     sleep 2
@@ -138,6 +143,12 @@ cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 rss_kb() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM/ { print $2 }' "/proc/$1/status"; }
 TCK=$(getconf CLK_TCK)
+# Datagrams the kernel dropped on the server's UDP sockets at $PORT (receive buffer full):
+# the drops column of /proc/net/udp{,6}. uTP rows only; 0 for TCP.
+udp_drops() {
+  awk -v p="$(printf '%04X' "$PORT")" 'FNR > 1 { split($2, a, ":"); if (a[2] == p) s += $NF }
+       END { print s + 0 }' /proc/net/udp /proc/net/udp6 2>/dev/null
+}
 
 # measure SERVER MODE RUN: one loadgen run; appends a JSON line to results.jsonl.
 measure() {
@@ -145,25 +156,28 @@ measure() {
   wait_quiet || flagged=1
   local load busy_at; load=$(cut -d' ' -f1 /proc/loadavg); busy_at=$(busy)
   local t0 c0 out
+  local d0; d0=$(udp_drops)
   t0=$(date +%s.%N); c0=$(cpu_ticks "$SERVER_PID")
   out=$(taskset -c "$LOADGEN_CPU" "$L" --target "127.0.0.1:$PORT" --hashes "$DATA/hashes.txt" \
-        --mode "$mode" --connections "$CONNS" --duration "$DURATION" --threads 1 --json \
+        --mode "$mode" --transport "$(transport "$which")" --connections "$CONNS" --duration "$DURATION" --threads 1 --json \
         --plot "$OUT/plot-$which-$mode-$run.svg" | tail -1)
   local c1 t1; c1=$(cpu_ticks "$SERVER_PID"); t1=$(date +%s.%N)
   local cpu; cpu=$(awk -v a="$c0" -v b="$c1" -v s="$t0" -v e="$t1" -v t="$TCK" \
                    'BEGIN { printf "%.3f", (b - a) / t / (e - s) }')
   local rss hwm; rss=$(rss_kb "$SERVER_PID"); hwm=$(hwm_kb "$SERVER_PID")
+  local drops; drops=$(( $(udp_drops) - d0 ))
   echo "$out" | $PY -c "
 import json, sys
 r = json.load(sys.stdin)
-r.update(server='$which', run=$run, server_cpu=$cpu, server_rss_kb=$rss, server_hwm_kb=$hwm,
+r.update(server='$which', run=$run, server_cpu=$cpu, server_udp_drops=$drops, server_rss_kb=$rss, server_hwm_kb=$hwm,
          loadavg1=$load, busy=$busy_at, busy_flagged=bool($flagged), k=$K, duration_s=$DURATION)
 print(json.dumps(r, sort_keys=True))" | tee -a "$OUT/results.jsonl" | $PY -c "
 import json, sys
 r = json.load(sys.stdin)
-print('   %-10s %-9s run %d: %9.0f fetches/s %9.0f blocks/s  p50 %6d us  p99 %6d us  cpu %.2f  rss %d MB  errors %d' % (
+print('   %-14s %-9s run %d: %9.0f fetches/s %9.0f blocks/s  p50 %6d us  p99 %6d us  cpu %.2f  rss %d MB  errors %d' % (
     r['server'], r['mode'], r['run'], r['fetches_per_sec'], r['blocks_per_sec'], r['p50_us'],
-    r['p99_us'], r['server_cpu'], r['server_rss_kb'] // 1024, r['errors']))"
+    r['p99_us'], r['server_cpu'], r['server_rss_kb'] // 1024, r['errors'])
+    + ('  udp drops %d' % r['server_udp_drops'] if r['server_udp_drops'] else ''))"
 }
 
 : >"$OUT/results.jsonl"
@@ -185,9 +199,15 @@ for run in $(seq "$RUNS"); do
     # Warm-up (not recorded): first connections, page cache, and libtorrent's lazy set-up
     # (its first answers after start-up take seconds, longer with more torrents).
     taskset -c "$LOADGEN_CPU" "$L" --target "127.0.0.1:$PORT" --hashes "$DATA/hashes.txt" \
-      --connections "$CONNS" --duration "$WARMUP_S" --timeout 30 --threads 1 >/dev/null
+      --transport "$(transport "$which")" --connections "$CONNS" --duration "$WARMUP_S" --timeout 30 --threads 1 >/dev/null
     measure "$which" churn "$run"
     measure "$which" keepalive "$run"
+    # magnetar's uTP counters after the run (admin address from its ready line).
+    admin=$(grep -o 'admin=[^ ]*' "$OUT/server-$which.log" | head -1 | cut -d= -f2 || true)
+    if [ -n "$admin" ] && [ "$admin" != off ]; then
+      curl -s "http://$admin/metrics" | grep -E '^magnetar_utp_[a-z_]+_total ' \
+        >"$OUT/metrics-$which-run$run.txt" || true
+    fi
     stop_server
   done
 done

@@ -8,13 +8,20 @@ import os
 import statistics
 import sys
 
-ORDER = ["floor", "uring", "epoll", "libtorrent"]
+ORDER = ["floor", "uring", "epoll", "libtorrent", "uring-utp", "libtorrent-utp"]
 LABEL = {
     "floor": "kernel floor (C, epoll)",
     "uring": "magnetar io_uring",
     "epoll": "magnetar epoll",
     "libtorrent": "libtorrent 2.0 (python)",
+    "uring-utp": "magnetar io_uring, uTP",
+    "libtorrent-utp": "libtorrent 2.0 (python), uTP",
 }
+# Ratio rows: (numerator, denominator); each is printed when both servers ran.
+RATIOS = [
+    ("uring", "floor"), ("uring", "libtorrent"), ("uring", "epoll"),
+    ("uring-utp", "libtorrent-utp"), ("uring-utp", "uring"),
+]
 
 
 def load(out):
@@ -52,6 +59,7 @@ def summary(out):
             "err": sum(r["errors"] for r in c + k),
         }
         m["fpc"] = ratio(m["fps"], m["ccpu"])
+        m["bpc"] = ratio(m["bps"], m["kcpu"])
         med_of[s] = m
         lines.append("| %s | %.0f | %.0f | %.0f | %.2f | %.0f | %.0f | %.0f | %.0f | %.2f | %.1f | %d |" % (
             LABEL[s], m["fps"], m["c50"], m["c99"], m["ccpu"], m["fpc"], m["bps"], m["k50"],
@@ -60,29 +68,40 @@ def summary(out):
     lines.append("Medians of %d run(s) each. CPU = server CPU time / wall time (1.00 = its one "
                  "core busy); RSS = peak (VmHWM) over the runs." % runs)
     lines.append("")
-    u = med_of.get("uring")
-    if u:
-        lines.append("| ratio | churn fetches/s | fetches per CPU-s | keepalive blocks/s | churn p99 |")
-        lines.append("|---|---:|---:|---:|---:|")
-        for other in ["floor", "libtorrent", "epoll"]:
-            o = med_of.get(other)
-            if not o:
-                continue
-            lines.append("| magnetar io_uring / %s | %.2f | %.2f | %.2f | %.2f |" % (
-                LABEL[other], ratio(u["fps"], o["fps"]), ratio(u["fpc"], o["fpc"]),
-                ratio(u["bps"], o["bps"]), ratio(u["c99"], o["c99"])))
+    pairs = [(a, b) for a, b in RATIOS if a in med_of and b in med_of]
+    if pairs:
+        lines.append("| ratio | churn fetches/s | fetches per CPU-s | keepalive blocks/s "
+                     "| blocks per CPU-s | churn p99 |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
+        for a, b in pairs:
+            u, o = med_of[a], med_of[b]
+            lines.append("| %s / %s | %.2f | %.2f | %.2f | %.2f | %.2f |" % (
+                LABEL[a], LABEL[b], ratio(u["fps"], o["fps"]), ratio(u["fpc"], o["fpc"]),
+                ratio(u["bps"], o["bps"]), ratio(u["bpc"], o["bpc"]), ratio(u["c99"], o["c99"])))
         # Per-run ratios, so the spread is visible next to the medians.
-        for other in ["floor", "libtorrent", "epoll"]:
-            per_run = []
-            for run in range(1, runs + 1):
-                a = [r for r in by.get(("uring", "churn"), []) if r["run"] == run]
-                b = [r for r in by.get((other, "churn"), []) if r["run"] == run]
-                if a and b:
-                    per_run.append(ratio(a[0]["fetches_per_sec"], b[0]["fetches_per_sec"]))
-            if per_run:
-                lines.append("")
-                lines.append("Churn ratio io_uring / %s per run: %s (median %.2f)" % (
-                    other, ", ".join("%.2f" % x for x in per_run), statistics.median(per_run)))
+        for a, b in pairs:
+            for mode, key, what in [("churn", "fetches_per_sec", "Churn fetches/s"),
+                                    ("keepalive", "blocks_per_sec", "Keepalive blocks/s")]:
+                if mode == "keepalive" and not a.endswith("-utp"):
+                    continue  # the TCP rows keep their historical per-run line (churn only)
+                per_run = []
+                for run in range(1, runs + 1):
+                    x = [r for r in by.get((a, mode), []) if r["run"] == run]
+                    y = [r for r in by.get((b, mode), []) if r["run"] == run]
+                    if x and y:
+                        per_run.append(ratio(x[0][key], y[0][key]))
+                if per_run:
+                    lines.append("")
+                    lines.append("%s ratio %s / %s per run: %s (median %.2f)" % (
+                        what, a, b, ", ".join("%.2f" % v for v in per_run),
+                        statistics.median(per_run)))
+    drops = [(s, sum(r.get("server_udp_drops", 0) for r in rows if r["server"] == s))
+             for s in servers if s.endswith("-utp")
+             and any("server_udp_drops" in r for r in rows if r["server"] == s)]
+    if drops:
+        lines.append("")
+        lines.append("Datagrams dropped on the server's UDP socket (receive buffer full), all runs: "
+                     + ", ".join("%s %d" % d for d in drops) + ".")
     flagged = [r for r in rows if r.get("busy_flagged")]
     if flagged:
         lines.append("")
@@ -94,7 +113,8 @@ def summary(out):
 def svg(servers, med_of):
     w, h, left, top, bottom = 820, 360, 60, 50, 70
     panel_w = (w - left - 20) / 2
-    colors = {"floor": "#7f7f7f", "uring": "#1f77b4", "epoll": "#aec7e8", "libtorrent": "#d62728"}
+    colors = {"floor": "#7f7f7f", "uring": "#1f77b4", "epoll": "#aec7e8", "libtorrent": "#d62728",
+              "uring-utp": "#2ca02c", "libtorrent-utp": "#ff9896"}
     out = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '
            'font-family="sans-serif" font-size="12">' % (w, h),
            '<rect width="100%" height="100%" fill="white"/>']

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
-use magnetar_loadgen::run::{self, Driver, Mode, RunConfig};
+use magnetar_loadgen::run::{self, Driver, Mode, RunConfig, Transport};
 use magnetar_loadgen::store_gen::{self, GenOptions};
 use magnetar_loadgen::synth::SizeMix;
 use magnetar_loadgen::{report, targets};
@@ -56,6 +56,9 @@ struct RunArgs {
     miss_ratio: f64,
     #[arg(long, value_enum, default_value = "churn")]
     mode: Mode,
+    /// How every connection is made: TCP, or uTP (BEP 29) over one UDP socket each.
+    #[arg(long, value_enum, default_value = "tcp")]
+    transport: Transport,
     /// Concurrent connections (closed loop: each starts its next fetch when one ends).
     #[arg(long, default_value_t = 64)]
     connections: usize,
@@ -67,9 +70,9 @@ struct RunArgs {
     pin: bool,
     #[arg(long, value_enum, default_value = "auto")]
     driver: Driver,
-    /// Run this long (seconds)...
-    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
-    duration: f64,
+    /// Run this long: seconds, or with a unit (`8s`, `500ms`, `2m`)...
+    #[arg(long, default_value = "10", value_name = "DURATION", value_parser = parse_duration)]
+    duration: Duration,
     /// ...or stop after this many fetches (whichever comes first).
     #[arg(long, value_name = "N")]
     fetches: Option<u64>,
@@ -83,11 +86,12 @@ struct RunArgs {
     /// Hash every assembled dict against its info-hash.
     #[arg(long)]
     verify: bool,
-    /// Give up on one fetch (connect included) after this long.
-    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
-    timeout: f64,
+    /// Give up on one fetch (connect included) after this long (seconds, or `500ms`, …).
+    #[arg(long, default_value = "10", value_name = "DURATION", value_parser = parse_duration)]
+    timeout: Duration,
     /// Bind connections to this many source addresses 127.0.0.1, .2, … (loopback targets
     /// only; each gives ~28k ports per target). 0 = as many as `--connections` needs.
+    /// TCP only: uTP sockets take any free UDP port (~28k at once).
     #[arg(long, default_value_t = 0, value_name = "N")]
     sources: u8,
     /// Idle mode: write the connection count here once all are established.
@@ -142,6 +146,27 @@ struct RecoverArgs {
     runs: usize,
     #[arg(long)]
     json: bool,
+}
+
+/// A duration: a bare number of seconds (`10`, `0.5`) or a number with a unit
+/// (`500ms`, `8s`, `2m`, `1h`).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: expected seconds or a number with ms, s, m or h"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1e3,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        u => return Err(format!("`{s}`: unknown unit `{u}` (ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
 }
 
 fn main() {
@@ -263,6 +288,11 @@ fn run_load(a: RunArgs) -> anyhow::Result<()> {
     // Ports: ~28k ephemeral ports per (source, target) pair; TIME_WAIT reuse covers churn.
     let loopback = addrs.iter().all(|a| a.ip().is_loopback() && a.is_ipv4());
     let sources = match a.sources {
+        // uTP: one UDP socket per connection, bound by `UtpStream` to any free port.
+        0 if a.transport == Transport::Utp => 1,
+        n if a.transport == Transport::Utp => {
+            bail!("--sources {n}: source addresses are TCP only (uTP binds any free UDP port)")
+        }
         0 if loopback => {
             let per_pair = 25_000usize;
             let need = a.connections.div_ceil(per_pair * addrs.len());
@@ -289,14 +319,15 @@ fn run_load(a: RunArgs) -> anyhow::Result<()> {
     let cfg = RunConfig {
         targets: addrs,
         mode: a.mode,
+        transport: a.transport,
         threads: a.threads,
         connections: a.connections,
-        duration: Duration::from_secs_f64(a.duration),
+        duration: a.duration,
         fetches: a.fetches,
         rate: a.rate,
         pipeline: a.pipeline,
         verify: a.verify,
-        timeout: Duration::from_secs_f64(a.timeout),
+        timeout: a.timeout,
         sources,
         driver: a.driver,
         pin: a.pin,
@@ -325,8 +356,9 @@ fn run_load(a: RunArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &a.plot {
         let title = format!(
-            "magnetar-loadgen {mode}, {} connections, {} → {}",
+            "magnetar-loadgen {mode}, {} {} connections, {} → {}",
             a.connections,
+            a.transport.name(),
             a.targets.join(","),
             result.driver
         );
@@ -334,10 +366,52 @@ fn run_load(a: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("writing {path:?}"))?;
     }
     if a.json {
-        println!(
-            "{}",
-            report::json(&result, mode, a.connections, a.threads.max(1))
-        );
+        let mut j = report::json(&result, mode, a.connections, a.threads.max(1));
+        j["transport"] = a.transport.name().into();
+        println!("{j}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_with_and_without_units() {
+        let ok = |s: &str| parse_duration(s).unwrap();
+        assert_eq!(ok("10"), Duration::from_secs(10));
+        assert_eq!(ok("0.5"), Duration::from_millis(500));
+        assert_eq!(ok("8s"), Duration::from_secs(8));
+        assert_eq!(ok("1.5s"), Duration::from_millis(1500));
+        assert_eq!(ok("500ms"), Duration::from_millis(500));
+        assert_eq!(ok("2m"), Duration::from_secs(120));
+        assert_eq!(ok("1h"), Duration::from_secs(3600));
+        assert_eq!(ok(" 3 s "), Duration::from_secs(3));
+        assert_eq!(ok("0"), Duration::ZERO);
+    }
+
+    #[test]
+    fn bad_durations_are_refused() {
+        for bad in [
+            "", "s", "ms", "8x", "-1", "1.2.3s", "5 sec", "1e3", "nan", "inf",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn duration_flag_takes_units() {
+        use clap::Parser;
+        let cli = super::Cli::try_parse_from(["magnetar-loadgen", "--duration", "8s"]).unwrap();
+        assert_eq!(cli.run.duration, Duration::from_secs(8));
+        let cli = super::Cli::try_parse_from(["magnetar-loadgen", "--duration", "2m"]).unwrap();
+        assert_eq!(cli.run.duration, Duration::from_secs(120));
+        let cli = super::Cli::try_parse_from(["magnetar-loadgen"]).unwrap();
+        assert_eq!(cli.run.duration, Duration::from_secs(10));
+        assert_eq!(cli.run.transport, super::Transport::Tcp);
+        let cli = super::Cli::try_parse_from(["magnetar-loadgen", "--transport", "utp"]).unwrap();
+        assert_eq!(cli.run.transport, super::Transport::Utp);
+    }
 }

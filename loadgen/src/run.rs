@@ -1,8 +1,9 @@
 //! The load: one monoio runtime per thread (io_uring, or epoll), each running its share of
 //! the simulated peers as tasks; per-thread counters (read live by the main thread) and
-//! per-thread histograms (merged at the end).
+//! per-thread histograms (merged at the end). Each connection is TCP or uTP (`Transport`);
+//! only `Stream` knows which: the conversation and the fetch loop are the same for both.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
@@ -15,6 +16,8 @@ use hdrhistogram::Histogram;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+
+use magnetar::upstream::utp_stream::UtpStream;
 
 use crate::peer::{Conversation, Event, FetchError};
 use crate::synth::Rng;
@@ -32,6 +35,22 @@ pub enum Mode {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    Tcp,
+    /// uTP (BEP 29): one UDP socket per connection, connected to the target.
+    Utp,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Utp => "utp",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Driver {
     Auto,
     IoUring,
@@ -42,6 +61,7 @@ pub enum Driver {
 pub struct RunConfig {
     pub targets: Vec<SocketAddr>,
     pub mode: Mode,
+    pub transport: Transport,
     pub threads: usize,
     pub connections: usize,
     pub duration: Duration,
@@ -51,7 +71,7 @@ pub struct RunConfig {
     pub pipeline: usize,
     pub verify: bool,
     pub timeout: Duration,
-    /// Local addresses to bind (round robin); empty: let the kernel choose.
+    /// Local addresses to bind (round robin; TCP only); empty: let the kernel choose.
     pub sources: Vec<IpAddr>,
     pub driver: Driver,
     pub pin: bool,
@@ -190,12 +210,25 @@ impl Task {
         id
     }
 
-    async fn connect(&self) -> Result<TcpStream, FetchError> {
+    async fn connect(&self) -> Result<Stream, FetchError> {
         let started = Instant::now();
-        let stream = connect_from(self.target(), self.source())
-            .await
-            .map_err(|_| FetchError::Connect)?;
-        let _ = stream.set_nodelay(true);
+        let stream = match self.shared.cfg.transport {
+            Transport::Tcp => {
+                let s = connect_from(self.target(), self.source())
+                    .await
+                    .map_err(|_| FetchError::Connect)?;
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }
+            Transport::Utp => {
+                // The caller's timeout bounds the handshake; this deadline only backs it up.
+                let deadline = monoio::time::Instant::now() + self.shared.cfg.timeout;
+                let s = UtpStream::connect(self.target(), deadline)
+                    .await
+                    .map_err(|_| FetchError::Connect)?;
+                Stream::Utp(Box::new(s))
+            }
+        };
         self.local
             .borrow_mut()
             .hists
@@ -238,7 +271,13 @@ impl Task {
 
     async fn churn_once(&mut self, pick: Pick, scheduled: Instant) {
         let timeout = self.shared.cfg.timeout;
-        let result = monoio::time::timeout(timeout, self.fetch_new(pick, scheduled)).await;
+        // The stream outlives the timed future, so that even a timed-out fetch closes it.
+        let mut stream = None;
+        let fetch = self.fetch_new(pick, scheduled, &mut stream);
+        let result = monoio::time::timeout(timeout, fetch).await;
+        if let Some(s) = stream {
+            s.close();
+        }
         match result {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => self.error(e, Some(pick)),
@@ -247,8 +286,13 @@ impl Task {
     }
 
     /// Connect, handshake, fetch every piece once, close.
-    async fn fetch_new(&mut self, pick: Pick, scheduled: Instant) -> Result<(), FetchError> {
-        let mut stream = self.connect().await?;
+    async fn fetch_new(
+        &mut self,
+        pick: Pick,
+        scheduled: Instant,
+        slot: &mut Option<Stream>,
+    ) -> Result<(), FetchError> {
+        let stream = slot.insert(self.connect().await?);
         self.live.open.fetch_add(1, Relaxed);
         let conv = Conversation::new(
             pick.key,
@@ -256,7 +300,7 @@ impl Task {
             self.shared.cfg.pipeline,
             self.shared.cfg.verify,
         );
-        let result = self.drive(&mut stream, conv, pick, scheduled, false).await;
+        let result = self.drive(stream, conv, pick, scheduled, false).await;
         self.live.open.fetch_sub(1, Relaxed);
         result.map(|_| ())
     }
@@ -265,13 +309,13 @@ impl Task {
     /// extension handshake arrived). Returns the conversation for keepalive rounds.
     async fn drive(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut Stream,
         mut conv: Conversation,
         pick: Pick,
         started: Instant,
         stop_at_ext: bool,
     ) -> Result<Conversation, FetchError> {
-        write(stream, &mut conv.out).await?;
+        stream.write(&mut conv.out).await?;
         let mut buf = Vec::with_capacity(64 * 1024);
         let mut first_block = true;
         loop {
@@ -319,7 +363,7 @@ impl Task {
                 }
             }
             if !conv.out.is_empty() {
-                write(stream, &mut conv.out).await?;
+                stream.write(&mut conv.out).await?;
             }
         }
     }
@@ -356,10 +400,12 @@ impl Task {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 self.live.open.fetch_sub(1, Relaxed);
+                stream.close();
                 return self.error(e, Some(pick));
             }
             Err(_) => {
                 self.live.open.fetch_sub(1, Relaxed);
+                stream.close();
                 return self.error(FetchError::Timeout, Some(pick));
             }
         };
@@ -379,6 +425,7 @@ impl Task {
             };
         }
         self.live.open.fetch_sub(1, Relaxed);
+        stream.close();
     }
 
     /// Connect and handshake, then sit on the connection until the deadline.
@@ -391,10 +438,14 @@ impl Task {
         };
         let conv = Conversation::new(pick.key, self.peer_id(), 1, false);
         let hs = self.drive(&mut stream, conv, pick, Instant::now(), true);
-        match monoio::time::timeout(timeout, hs).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return self.error(e, Some(pick)),
-            Err(_) => return self.error(FetchError::Timeout, Some(pick)),
+        let hs = match monoio::time::timeout(timeout, hs).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(FetchError::Timeout),
+        };
+        if let Err(e) = hs {
+            stream.close();
+            return self.error(e, Some(pick));
         }
         self.live.open.fetch_add(1, Relaxed);
         self.live.established.fetch_add(1, Relaxed);
@@ -424,17 +475,84 @@ impl Task {
             }
         }
         self.live.open.fetch_sub(1, Relaxed);
+        stream.close();
     }
 }
 
-/// Writes all of `out` as one contiguous buffer (monoio 0.2.4's `write_vectored_all` does not
-/// advance past a short write), then clears it for reuse.
-async fn write(stream: &mut TcpStream, out: &mut Vec<u8>) -> Result<(), FetchError> {
-    let buf = std::mem::take(out);
-    let (res, mut buf) = stream.write_all(buf).await;
-    buf.clear();
-    *out = buf;
-    res.map(|_| ()).map_err(|_| FetchError::Io)
+/// One connection's byte stream: all the fetch loop needs of a transport.
+enum Stream {
+    Tcp(TcpStream),
+    /// Boxed: the connection state is several hundred bytes.
+    Utp(Box<UtpStream>),
+}
+
+/// uTP operations are bounded by the callers' timeouts (per fetch, per idle read); the
+/// stream's own deadline is only a backstop.
+fn utp_deadline() -> monoio::time::Instant {
+    monoio::time::Instant::now() + Duration::from_secs(3600)
+}
+
+impl Stream {
+    /// Reads what arrived into `buf` (cleared by the caller), as `AsyncReadRent::read`
+    /// does: `Ok(0)` = the peer closed.
+    async fn read(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        match self {
+            Stream::Tcp(s) => s.read(buf).await,
+            Stream::Utp(s) => {
+                let res = s.read(&mut buf, utp_deadline()).await;
+                (res, buf)
+            }
+        }
+    }
+
+    /// Writes all of `out` as one contiguous buffer (monoio 0.2.4's `write_vectored_all`
+    /// does not advance past a short write), then clears it for reuse.
+    async fn write(&mut self, out: &mut Vec<u8>) -> Result<(), FetchError> {
+        let buf = std::mem::take(out);
+        match self {
+            Stream::Tcp(s) => {
+                let (res, mut buf) = s.write_all(buf).await;
+                buf.clear();
+                *out = buf;
+                res.map(|_| ()).map_err(|_| FetchError::Io)
+            }
+            // The connection keeps the buffer until it is acked.
+            Stream::Utp(s) => s
+                .write_all(buf, utp_deadline())
+                .await
+                .map_err(|_| FetchError::Io),
+        }
+    }
+
+    /// Closes without waiting: TCP's FIN is the kernel's business; uTP's FIN (and its
+    /// retransmissions until acked, at most `CLOSE_LINGER`) is sent by a detached task,
+    /// so a churning connection starts its next fetch at once, as with TCP. The thread
+    /// waits for those tasks before its runtime ends (`wait_closing`).
+    fn close(self) {
+        match self {
+            Stream::Tcp(s) => drop(s),
+            Stream::Utp(s) => {
+                CLOSING.with(|c| c.set(c.get() + 1));
+                drop(monoio::spawn(async move {
+                    s.close().await;
+                    CLOSING.with(|c| c.set(c.get() - 1));
+                }));
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// uTP closes still sending their FIN on this thread.
+    static CLOSING: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Lets the detached uTP closes finish (each is bounded by `CLOSE_LINGER`), so the peer
+/// is not left holding connections whose FIN was never sent.
+async fn wait_closing() {
+    while CLOSING.with(Cell::get) > 0 {
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Connects from `source` (any port), or from wherever the kernel picks.
@@ -559,6 +677,7 @@ fn thread_main(
                 for h in handles {
                     h.await;
                 }
+                wait_closing().await;
             };
             (fut, result)
         }

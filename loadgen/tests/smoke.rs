@@ -1,5 +1,5 @@
 //! The loadgen against a real `magnetar serve`: a few hundred verified fetches in churn and
-//! keepalive mode, so CI proves the load generator works (the real measurements are in
+//! keepalive mode, over TCP and over uTP, so CI proves the load generator works (the real measurements are in
 //! `benches/compare.sh`, never in the test suite).
 
 use std::io::{BufRead, BufReader};
@@ -31,7 +31,8 @@ fn magnetar() -> PathBuf {
     bin
 }
 
-struct Server(Child, SocketAddr);
+/// The server, its listen address (TCP and uTP) and its admin address.
+struct Server(Child, SocketAddr, SocketAddr);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -44,6 +45,8 @@ fn serve(data_dir: &Path) -> Server {
     let mut child = Command::new(magnetar())
         .args(["serve", "--listen", "127.0.0.1:0", "--threads", "1"])
         .args(["--connections-per-ip-max", "1000"])
+        // Tests run in parallel: no fixed admin port, and no DHT traffic.
+        .args(["--admin", "127.0.0.1:0", "--no-dht"])
         .arg("--data-dir")
         .arg(data_dir)
         .stdout(Stdio::piped())
@@ -62,14 +65,43 @@ fn serve(data_dir: &Path) -> Server {
     let line = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("magnetar serve printed no ready line");
-    let addr = line
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("listen="))
-        .and_then(|v| v.split(',').next())
-        .expect("listen=")
-        .parse()
-        .expect("address");
-    Server(child, addr)
+    let field = |name: &str| -> SocketAddr {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .and_then(|v| v.split(',').next())
+            .unwrap_or_else(|| panic!("{name} in {line}"))
+            .parse()
+            .expect("address")
+    };
+    Server(child, field("listen="), field("admin="))
+}
+
+/// One counter from the admin plane's /metrics (plain HTTP/1.0 over a std socket).
+fn metric(admin: SocketAddr, name: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).expect("admin");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+}
+
+fn gen_store(dir: &Path, count: &str) -> (PathBuf, PathBuf) {
+    let store = dir.join("store");
+    let hashes = dir.join("hashes.txt");
+    let status = Command::new(loadgen())
+        .args(["gen-store", "--count", count])
+        .arg("--data-dir")
+        .arg(&store)
+        .arg("--hashes")
+        .arg(&hashes)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    (store, hashes)
 }
 
 fn run_json(args: &[&str]) -> serde_json::Value {
@@ -91,17 +123,7 @@ fn run_json(args: &[&str]) -> serde_json::Value {
 #[test]
 fn fetches_from_a_real_magnetar() {
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let hashes = dir.path().join("hashes.txt");
-    let status = Command::new(loadgen())
-        .args(["gen-store", "--count", "40"])
-        .arg("--data-dir")
-        .arg(&store)
-        .arg("--hashes")
-        .arg(&hashes)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let (store, hashes) = gen_store(dir.path(), "40");
     let server = serve(&store);
     let target = server.1.to_string();
     let hashes = hashes.to_str().unwrap();
@@ -162,4 +184,40 @@ fn fetches_from_a_real_magnetar() {
     ]);
     assert_eq!(misses["errors"], 0, "{misses}");
     assert!(misses["misses"].as_u64().unwrap() > 0, "{misses}");
+}
+
+#[test]
+fn fetches_over_utp_from_a_real_magnetar() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, hashes) = gen_store(dir.path(), "40");
+    let server = serve(&store);
+    let target = server.1.to_string();
+    let hashes = hashes.to_str().unwrap();
+    for mode in ["churn", "keepalive"] {
+        let r = run_json(&[
+            "--target",
+            &target,
+            "--hashes",
+            hashes,
+            "--transport",
+            "utp",
+            "--mode",
+            mode,
+            "--connections",
+            "8",
+            "--duration",
+            "1s",
+            "--verify",
+        ]);
+        assert_eq!(r["transport"], "utp", "{r}");
+        assert!(r["fetches"].as_u64().unwrap() > 0, "{mode}: {r}");
+        assert_eq!(r["errors"], 0, "{mode}: {r}");
+    }
+    // The fetches really were uTP: the server established them on its UDP side.
+    let established = metric(server.2, "magnetar_utp_connections_established_total");
+    assert!(
+        established >= 9,
+        "uTP connections established: {established}"
+    );
+    assert_eq!(metric(server.2, "magnetar_connections_accepted_total"), 0);
 }
