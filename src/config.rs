@@ -80,6 +80,12 @@ pub struct ServeSettings {
     #[arg(long, default_value_t = crate::utp::PAYLOAD_BYTES_DEFAULT, value_name = "BYTES")]
     pub utp_payload_bytes: usize,
 
+    /// Receive and send buffer of each uTP socket (one per core and address, shared by all
+    /// its peers). The kernel caps it at net.core.rmem_max / wmem_max unless magnetar has
+    /// CAP_NET_ADMIN; tuning/99-magnetar.conf raises those.
+    #[arg(long, default_value_t = limits::UTP_SOCKET_BUFFER_BYTES_DEFAULT, value_name = "BYTES")]
+    pub utp_socket_buffer_bytes: usize,
+
     /// uTP connections per core that have not finished the uTP handshake; SYNs past it are
     /// dropped unanswered (SYN floods).
     #[arg(long, default_value_t = limits::UTP_HALF_OPEN_PER_CORE_MAX_DEFAULT, value_name = "N")]
@@ -261,6 +267,10 @@ impl ServeSettings {
             );
         }
         cfg.utp_payload_bytes = self.utp_payload_bytes;
+        if self.utp_socket_buffer_bytes < 64 * 1024 {
+            bail!("utp-socket-buffer-bytes must be at least 65536 (one datagram of any size)");
+        }
+        cfg.utp_socket_buffer_bytes = self.utp_socket_buffer_bytes;
         if self.utp_half_open_per_core_max == 0 {
             bail!("utp-half-open-per-core-max must be at least 1");
         }
@@ -485,6 +495,7 @@ pub struct ServeConfig {
     /// Serve uTP on UDP at the listen addresses.
     pub utp: bool,
     pub utp_payload_bytes: usize,
+    pub utp_socket_buffer_bytes: usize,
     pub utp_half_open_per_core_max: usize,
     /// How long open sessions may run on after a shutdown request.
     pub shutdown_grace: Duration,
@@ -508,9 +519,17 @@ impl ServeConfig {
             listen_backlog: 4096,
             utp: true,
             utp_payload_bytes: crate::utp::PAYLOAD_BYTES_DEFAULT,
+            utp_socket_buffer_bytes: limits::UTP_SOCKET_BUFFER_BYTES_DEFAULT,
             utp_half_open_per_core_max: limits::UTP_HALF_OPEN_PER_CORE_MAX_DEFAULT,
             shutdown_grace: Duration::from_secs(5),
         }
+    }
+}
+
+impl ServeConfig {
+    /// What the listeners need to know of uTP: off, or the socket buffer size.
+    pub fn utp_buffers(&self) -> crate::server::listener::UdpBuffers {
+        self.utp.then_some(self.utp_socket_buffer_bytes)
     }
 }
 

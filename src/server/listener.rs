@@ -12,7 +12,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -34,8 +34,9 @@ const EPHEMERAL_PORT_ATTEMPTS_MAX: usize = 16;
 /// One worker's UDP socket for uTP. SO_REUSEPORT on a datagram socket: the kernel picks
 /// the socket by a hash of the 4-tuple, so every datagram of one peer address reaches the
 /// same worker, and a uTP connection never moves between cores (docs/transports.md).
-fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+fn bind_udp(addr: SocketAddr, buffer_bytes: usize) -> io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    set_udp_buffers(&socket, buffer_bytes);
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
@@ -47,8 +48,54 @@ fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
 }
 
 /// One UDP socket per worker on exactly `addr` (its port already chosen).
-fn bind_udp_group(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::UdpSocket>> {
-    (0..workers).map(|_| bind_udp(addr)).collect()
+fn bind_udp_group(
+    addr: SocketAddr,
+    workers: usize,
+    buffer_bytes: usize,
+) -> io::Result<Vec<std::net::UdpSocket>> {
+    (0..workers).map(|_| bind_udp(addr, buffer_bytes)).collect()
+}
+
+/// Receive and send buffers of a uTP socket. One socket carries every uTP peer of its
+/// core, so the kernel's default (net.core.rmem_default, ~208 KiB: a few hundred small
+/// datagrams) overflows under a burst of acks and requests from many peers, and every
+/// overflow is a loss that costs a retransmission timeout. The kernel caps SO_RCVBUF at
+/// net.core.rmem_max; with CAP_NET_ADMIN the FORCE variants pass the cap, otherwise we
+/// keep what the kernel allows and say how to raise it (tuning/99-magnetar.conf).
+fn set_udp_buffers(socket: &Socket, bytes: usize) {
+    let _ = socket.set_recv_buffer_size(bytes);
+    let _ = socket.set_send_buffer_size(bytes);
+    // Linux reports twice what was granted (its bookkeeping overhead).
+    let short = |got: io::Result<usize>| got.map_or(true, |g| g / 2 < bytes);
+    let force = |opt: libc::c_int| {
+        let v = bytes.min(i32::MAX as usize) as libc::c_int;
+        // SAFETY: a plain int option on a socket we own.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    if short(socket.recv_buffer_size()) {
+        force(libc::SO_RCVBUFFORCE);
+    }
+    if short(socket.send_buffer_size()) {
+        force(libc::SO_SNDBUFFORCE);
+    }
+    if short(socket.recv_buffer_size()) {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                wanted = bytes,
+                got = socket.recv_buffer_size().unwrap_or(0) / 2,
+                "uTP socket receive buffer capped by net.core.rmem_max; raise it (tuning/99-magnetar.conf) or datagrams are dropped under load"
+            )
+        });
+    }
 }
 
 fn bind_one(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
@@ -66,11 +113,14 @@ fn bind_one(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener>
     Ok(socket.into())
 }
 
+/// uTP sockets: `None` with `--utp off`, else the buffer bytes each socket asks for.
+pub type UdpBuffers = Option<usize>;
+
 pub fn bind_all(
     addrs: &[SocketAddr],
     workers: usize,
     backlog: i32,
-    utp: bool,
+    utp: UdpBuffers,
 ) -> io::Result<BoundSockets> {
     let workers = workers.max(1);
     let mut per_worker: Vec<Vec<std::net::TcpListener>> =
@@ -84,11 +134,11 @@ pub fn bind_all(
         let mut attempts = 0;
         let (first, udp) = loop {
             let first = bind_one(addr, backlog).map_err(cannot)?;
-            if !utp {
+            let Some(buffer_bytes) = utp else {
                 break (first, Vec::new());
-            }
+            };
             let bound = first.local_addr()?;
-            match bind_udp_group(bound, workers) {
+            match bind_udp_group(bound, workers, buffer_bytes) {
                 Ok(udp) => break (first, udp),
                 // `:0`: the port the kernel gave TCP is taken for UDP; try another.
                 Err(e) if addr.port() == 0 && attempts < EPHEMERAL_PORT_ATTEMPTS_MAX => {
@@ -163,7 +213,7 @@ pub fn inherited_from_systemd() -> io::Result<Vec<std::net::TcpListener>> {
 pub fn share_inherited(
     listeners: Vec<std::net::TcpListener>,
     workers: usize,
-    utp: bool,
+    utp: UdpBuffers,
 ) -> io::Result<BoundSockets> {
     let workers = workers.max(1);
     let mut per_worker: Vec<Vec<std::net::TcpListener>> =
@@ -174,8 +224,8 @@ pub fn share_inherited(
     for l in listeners {
         let addr = l.local_addr()?;
         local_addrs.push(addr);
-        if utp {
-            let udp = bind_udp_group(addr, workers).map_err(|e| {
+        if let Some(buffer_bytes) = utp {
+            let udp = bind_udp_group(addr, workers, buffer_bytes).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("cannot listen for uTP on udp {addr}: {e} (--utp off serves TCP only)"),

@@ -123,11 +123,16 @@ pub fn start(
     let cfg = Arc::new(cfg);
     let socket_activated = !inherited.is_empty();
     let sockets = if socket_activated {
-        listener::share_inherited(inherited, cfg.threads, cfg.utp)
+        listener::share_inherited(inherited, cfg.threads, cfg.utp_buffers())
             .context("using the listening sockets passed by systemd")?
     } else {
-        listener::bind_all(&cfg.listen, cfg.threads, cfg.listen_backlog, cfg.utp)
-            .context("binding listeners")?
+        listener::bind_all(
+            &cfg.listen,
+            cfg.threads,
+            cfg.listen_backlog,
+            cfg.utp_buffers(),
+        )
+        .context("binding listeners")?
     };
     let local_addrs = sockets.local_addrs.clone();
     let limiter = limiter::ConnectionLimiter::new(cfg.connections_max, cfg.connections_per_ip_max);

@@ -48,6 +48,13 @@ use crate::utp::{self, Connection, PacketType};
 /// shorter payload (uTP has no length field), so never read into less.
 const DATAGRAM_BYTES_MAX: usize = 64 * 1024;
 
+/// Datagrams read per wake-up of the receive loop before the touched connections
+/// transmit: bounds the latency one busy socket adds to the first datagram's answer.
+const RECV_BATCH_MAX: usize = 64;
+
+/// Datagrams per `sendmmsg`.
+const SEND_BATCH_MAX: usize = 32;
+
 /// A peer's address and the connection id its packets carry for us.
 type ConnKey = (SocketAddr, u16);
 
@@ -57,6 +64,144 @@ impl utp::Chunk for OutBatch {
     }
     fn contiguous_at(&self, offset: usize) -> &[u8] {
         OutBatch::contiguous_at(self, offset)
+    }
+}
+
+fn touch(sh: Rc<Shared>, touched: &mut Vec<Rc<Shared>>) {
+    if !sh.touched.replace(true) {
+        touched.push(sh);
+    }
+}
+
+/// One datagram if the socket has one now (never waits), into `buf`'s capacity.
+fn recv_now(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<(usize, SocketAddr)> {
+    buf.clear();
+    // SAFETY: an all-zero sockaddr_storage is valid; recvfrom writes at most `capacity`
+    // bytes into `buf` and at most `len` bytes of address into `storage`.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let n = unsafe {
+        libc::recvfrom(
+            fd,
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.capacity(),
+            libc::MSG_DONTWAIT,
+            &mut storage as *mut _ as *mut libc::sockaddr,
+            &mut len,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel wrote `n` bytes (≤ capacity: a datagram never exceeds 64 KiB).
+    unsafe { buf.set_len(n as usize) };
+    let from = match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a: libc::sockaddr_in = unsafe { std::ptr::read(&storage as *const _ as *const _) };
+            SocketAddr::from((
+                std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a: libc::sockaddr_in6 = unsafe { std::ptr::read(&storage as *const _ as *const _) };
+            SocketAddr::V6(std::net::SocketAddrV6::new(
+                std::net::Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                u32::from_be(a.sin6_flowinfo),
+                a.sin6_scope_id,
+            ))
+        }
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not an IP source",
+            ))
+        }
+    };
+    let _ = len;
+    Ok((n as usize, from))
+}
+
+/// Datagrams gathered for one `sendmmsg`: the uTP headers copied in, the payload iovecs
+/// pointing into the connections' chunks (the batch's `OutBatch`es, i.e. the mmap).
+/// Those stay valid until the batch is sent: a connection drops a chunk only when an
+/// ack arrives or it is removed, and `Endpoint::remove` sends the batch first.
+struct TxBatch {
+    headers: [[u8; utp::HEADER_BYTES_MAX]; SEND_BATCH_MAX],
+    iovecs: [[libc::iovec; 1 + utp::PACKET_SLICES_MAX]; SEND_BATCH_MAX],
+    msgs: [libc::mmsghdr; SEND_BATCH_MAX],
+    len: usize,
+}
+
+impl TxBatch {
+    fn new() -> Self {
+        TxBatch {
+            headers: [[0; utp::HEADER_BYTES_MAX]; SEND_BATCH_MAX],
+            iovecs: [[libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; 1 + utp::PACKET_SLICES_MAX]; SEND_BATCH_MAX],
+            // SAFETY: an all-zero mmsghdr is a valid empty message.
+            msgs: unsafe { std::mem::zeroed() },
+            len: 0,
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.len == SEND_BATCH_MAX
+    }
+
+    fn push(&mut self, to: &socket2::SockAddr, t: &utp::Transmit<'_>) {
+        debug_assert!(!self.is_full());
+        let i = self.len;
+        self.headers[i][..t.header_len].copy_from_slice(t.header());
+        self.iovecs[i][0] = libc::iovec {
+            iov_base: self.headers[i].as_mut_ptr() as *mut libc::c_void,
+            iov_len: t.header_len,
+        };
+        for (v, s) in self.iovecs[i][1..].iter_mut().zip(t.payload()) {
+            *v = libc::iovec {
+                iov_base: s.as_ptr() as *mut libc::c_void,
+                iov_len: s.len(),
+            };
+        }
+        let m = &mut self.msgs[i].msg_hdr;
+        m.msg_name = to.as_ptr() as *mut libc::c_void;
+        m.msg_namelen = to.len();
+        m.msg_iov = self.iovecs[i].as_mut_ptr();
+        m.msg_iovlen = (1 + t.payload_slices) as _;
+        self.len += 1;
+    }
+
+    /// Sends the batch (datagrams the kernel refuses are lost: uTP retransmits them).
+    fn send(&mut self, fd: RawFd, stats: &crate::server::stats::CoreStats) {
+        let mut sent = 0;
+        while sent < self.len {
+            // SAFETY: msgs[sent..len] describe live buffers (see the type's doc); the
+            // kernel only reads them. `msg_name` points at the connection's SockAddr,
+            // which lives as long as the connection.
+            let n = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.msgs[sent..self.len].as_mut_ptr(),
+                    (self.len - sent) as u32,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                // The first unsent datagram is refused (a full socket buffer, or an
+                // error about its destination): count it and go on with the rest.
+                stats.utp_send_errors.inc();
+                sent += 1;
+            } else {
+                stats.utp_datagrams_sent.add(n as u64);
+                sent += n as usize;
+            }
+        }
+        self.len = 0;
     }
 }
 
@@ -83,6 +228,8 @@ struct Shared {
     /// other deadline are stale and skipped).
     scheduled: Cell<Option<Instant>>,
     session: Cell<SessionState>,
+    /// In the receive loop's list of connections to let transmit after the batch.
+    touched: Cell<bool>,
     /// Its slot in the global and per-IP budgets, given back when the entry goes.
     _permit: ConnectionPermit,
 }
@@ -140,6 +287,7 @@ pub struct Endpoint {
     /// Sessions open on this worker (TCP and uTP): shutdown waits for them.
     open: Rc<Cell<usize>>,
     conns: RefCell<HashMap<ConnKey, Rc<Shared>>>,
+    tx: RefCell<TxBatch>,
     timers: RefCell<BinaryHeap<Reverse<(Instant, ConnKey)>>>,
     timer_changed: Notify,
     half_open: Cell<usize>,
@@ -169,6 +317,7 @@ impl Endpoint {
             settings,
             open,
             conns: RefCell::new(HashMap::new()),
+            tx: RefCell::new(TxBatch::new()),
             timers: RefCell::new(BinaryHeap::new()),
             timer_changed: Notify::default(),
             half_open: Cell::new(0),
@@ -187,21 +336,37 @@ impl Endpoint {
         (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 48) as u16
     }
 
-    /// Reads datagrams for as long as the runtime runs.
+    /// Reads datagrams for as long as the runtime runs. After each wake-up it drains what
+    /// else the socket holds (up to `RECV_BATCH_MAX`, without waiting), feeds every
+    /// datagram to its connection, and only then lets each touched connection transmit:
+    /// one ack covers a batch of its packets (as libtorrent defers acks until its socket is
+    /// drained), and the datagrams of the whole batch leave in `sendmmsg` calls.
     async fn recv_loop(self: Rc<Self>) {
         let mut buf = Vec::with_capacity(DATAGRAM_BYTES_MAX);
+        let mut touched: Vec<Rc<Shared>> = Vec::new();
         loop {
             let (res, b) = self.socket.recv_from(buf).await;
             buf = b;
-            match res {
-                Ok((n, from)) => self.on_datagram(&buf[..n], from),
-                Err(e) => {
-                    // ICMP errors (ECONNREFUSED for a peer that went away) surface here
-                    // on some kernels; they concern one peer, not the socket.
-                    self.ctx.stats.utp_recv_errors.inc();
-                    tracing::debug!("uTP recv: {e}");
+            let mut next = res;
+            for _ in 0..RECV_BATCH_MAX {
+                match next {
+                    Ok((n, from)) => self.on_datagram(&buf[..n], from, &mut touched),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        // ICMP errors (ECONNREFUSED for a peer that went away) surface
+                        // here on some kernels; they concern one peer, not the socket.
+                        self.ctx.stats.utp_recv_errors.inc();
+                        tracing::debug!("uTP recv: {e}");
+                    }
                 }
+                next = recv_now(self.fd, &mut buf);
             }
+            let now = Instant::now();
+            for sh in touched.drain(..) {
+                sh.touched.set(false);
+                self.after_event(&sh, now);
+            }
+            self.tx.borrow_mut().send(self.fd, &self.ctx.stats);
             buf.clear();
         }
     }
@@ -227,6 +392,7 @@ impl Endpoint {
                                 sh.conn.borrow_mut().on_timeout(now);
                             }
                             self.after_event(&sh, now);
+                            self.send_now();
                         }
                     }
                 }
@@ -242,8 +408,17 @@ impl Endpoint {
         }
     }
 
-    fn on_datagram(self: &Rc<Self>, bytes: &[u8], from: SocketAddr) {
+    fn on_datagram(
+        self: &Rc<Self>,
+        bytes: &[u8],
+        mut from: SocketAddr,
+        touched: &mut Vec<Rc<Shared>>,
+    ) {
         let stats = &self.ctx.stats;
+        if let SocketAddr::V6(v6) = &mut from {
+            // The flow label is not part of who the peer is (it may differ per packet).
+            v6.set_flowinfo(0);
+        }
         stats.utp_datagrams_received.inc();
         let now = Instant::now();
         let pkt = match utp::decode(bytes) {
@@ -258,7 +433,7 @@ impl Endpoint {
         let existing = self.conns.borrow().get(&(from, id)).cloned();
         if let Some(sh) = existing {
             sh.conn.borrow_mut().on_packet(&pkt, now);
-            self.after_event(&sh, now);
+            touch(sh, touched);
             return;
         }
         match pkt.header.ty {
@@ -270,9 +445,13 @@ impl Endpoint {
                 match existing {
                     Some(sh) => {
                         sh.conn.borrow_mut().on_packet(&pkt, now);
-                        self.after_event(&sh, now);
+                        touch(sh, touched);
                     }
-                    None => self.accept(&pkt, key, now),
+                    None => {
+                        if let Some(sh) = self.accept(&pkt, key, now) {
+                            touch(sh, touched);
+                        }
+                    }
                 }
             }
             // Nothing to reset.
@@ -289,15 +468,21 @@ impl Endpoint {
         }
     }
 
-    fn accept(self: &Rc<Self>, syn: &utp::Packet<'_>, key: ConnKey, now: Instant) {
+    /// A new connection from a SYN, or None when it is refused.
+    fn accept(
+        self: &Rc<Self>,
+        syn: &utp::Packet<'_>,
+        key: ConnKey,
+        now: Instant,
+    ) -> Option<Rc<Shared>> {
         let stats = &self.ctx.stats;
         if !self.accepting.get() {
-            return; // shutting down
+            return None; // shutting down
         }
         if self.half_open.get() >= self.settings.half_open_per_core_max {
             // A SYN flood (likely spoofed): no answer at all, so nothing is reflected.
             stats.utp_syns_refused_half_open.inc();
-            return;
+            return None;
         }
         let permit = match self.limiter.try_admit(key.0.ip()) {
             Ok(p) => p,
@@ -309,7 +494,7 @@ impl Endpoint {
                 let mut reset = [0u8; 20];
                 utp::reset_for(&syn.header, &mut reset);
                 self.send_bytes(&socket2::SockAddr::from(key.0), &reset);
-                return;
+                return None;
             }
         };
         let conn = Connection::accept(self.settings.utp.clone(), syn, self.random_u16(), now);
@@ -321,16 +506,18 @@ impl Endpoint {
             waker: Cell::new(None),
             scheduled: Cell::new(None),
             session: Cell::new(SessionState::NotStarted),
+            touched: Cell::new(false),
             _permit: permit,
         });
         self.conns.borrow_mut().insert(key, sh.clone());
         self.half_open.set(self.half_open.get() + 1);
         stats.utp_syns_accepted.inc();
-        self.after_event(&sh, now);
+        Some(sh)
     }
 
     /// After anything happened to a connection: send what it wants sent, start its
     /// session once established, wake its session, re-arm its timer, or let it go.
+    /// Datagrams go into the endpoint's send batch; the caller sends it (`send_now`).
     fn after_event(self: &Rc<Self>, sh: &Rc<Shared>, now: Instant) {
         self.flush(sh, now);
         let (established, closed, next) = {
@@ -373,6 +560,8 @@ impl Endpoint {
         if self.conns.borrow_mut().remove(&sh.key).is_none() {
             return;
         }
+        // Queued datagrams may point into this connection's chunks, which go with it.
+        self.send_now();
         if sh.session.get() == SessionState::NotStarted {
             self.half_open.set(self.half_open.get() - 1);
             self.ctx.stats.utp_connect_timeouts.inc();
@@ -394,26 +583,22 @@ impl Endpoint {
         // Its timer-heap entries are stale now and skipped when they come up.
     }
 
-    /// Sends every datagram the connection has ready.
+    /// Queues every datagram the connection has ready in the endpoint's send batch (sent
+    /// when full, and by whoever handled the event, at its end).
     fn flush(&self, sh: &Shared, now: Instant) {
         let mut conn = sh.conn.borrow_mut();
+        let mut tx = self.tx.borrow_mut();
         while let Some(t) = conn.poll_transmit(now) {
-            let mut iov = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; 1 + utp::PACKET_SLICES_MAX];
-            iov[0] = libc::iovec {
-                iov_base: t.header.as_ptr() as *mut libc::c_void,
-                iov_len: t.header_len,
-            };
-            for (v, s) in iov[1..].iter_mut().zip(&t.payload[..t.payload_slices]) {
-                *v = libc::iovec {
-                    iov_base: s.as_ptr() as *mut libc::c_void,
-                    iov_len: s.len(),
-                };
+            if tx.is_full() {
+                tx.send(self.fd, &self.ctx.stats);
             }
-            self.sendmsg(&sh.to, &iov[..1 + t.payload_slices]);
+            tx.push(&sh.to, &t);
         }
+    }
+
+    /// Sends the queued datagrams.
+    fn send_now(&self) {
+        self.tx.borrow_mut().send(self.fd, &self.ctx.stats);
     }
 
     fn send_bytes(&self, to: &socket2::SockAddr, bytes: &[u8]) {
@@ -512,6 +697,7 @@ impl Transport for UtpTransport {
         if matches!(wake, Wake::Read(ReadOutcome::Data { .. })) {
             // Reading freed receive window: the connection may want to say so.
             self.ep.after_event(&self.sh, Instant::now());
+            self.ep.send_now();
         }
         wake
     }
@@ -534,6 +720,7 @@ impl Transport for UtpTransport {
         // and stays there until acked; the session gets a fresh one.
         self.sh.conn.borrow_mut().write(batch);
         self.ep.after_event(&self.sh, Instant::now());
+        self.ep.send_now();
         let sh = self.sh.clone();
         let drained = poll_fn(|cx| {
             let conn = sh.conn.borrow();
@@ -565,6 +752,7 @@ impl Drop for UtpTransport {
         let now = Instant::now();
         self.sh.conn.borrow_mut().close(now);
         self.ep.after_event(&self.sh, now);
+        self.ep.send_now();
     }
 }
 

@@ -138,11 +138,14 @@ impl UtpStream {
         Ok(())
     }
 
-    /// FIN after everything written; waits up to `CLOSE_LINGER` for it to be acked.
+    /// FIN after everything written; waits up to `CLOSE_LINGER` for it to be acked and for
+    /// the peer's FIN (acked in turn). Leaving as soon as our FIN is acked would leave the
+    /// peer's FIN unacked: it retransmits to a closed port and holds the connection until
+    /// its own FIN wait runs out (a magnetar server: `utp::FIN_WAIT_MAX`).
     pub async fn close(mut self) {
         self.conn.close(Instant::now().into_std());
         let linger = Instant::now() + CLOSE_LINGER;
-        while !self.conn.is_closed() && !self.conn.is_fin_acked() {
+        while !self.conn.is_closed() {
             if self.step(linger).await.is_err() {
                 break;
             }
