@@ -27,7 +27,7 @@ const TTM_SLACK_S: f64 = 0.1;
 /// Below libtorrent's uTP give-up (~4.5 s on loopback, then TCP): a fill that took longer
 /// than this went over TCP after a failed uTP attempt.
 const BEFORE_UTP_GIVE_UP_S: f64 = 4.0;
-/// libtorrent (default `out_enc_policy`) opens an outgoing connection with MSE and, when
+/// libtorrent (default outgoing encryption policy) opens a connection with MSE and, when
 /// that is refused, retries in plaintext about 3 s later (seen on the wire, 2.0.8).
 const MSE_PLAINTEXT_RETRY_S: f64 = 3.0;
 
