@@ -775,37 +775,29 @@ mod tests {
     use crate::utp::{Header, Packet};
     use crate::wire::{encode_metadata_data_header, metadata_piece_count, metadata_piece_range};
 
-    fn syn() -> Vec<u8> {
+    fn datagram(ty: PacketType, connection_id: u16, seq_nr: u16, ack_nr: u16) -> Vec<u8> {
         let mut v = vec![0u8; utp::HEADER_LEN];
         Header {
-            ty: PacketType::Syn,
-            connection_id: 100,
+            ty,
+            connection_id,
             timestamp_us: 1,
             timestamp_diff_us: 0,
             wnd_size: 1 << 20,
-            seq_nr: 500,
-            ack_nr: 0,
+            seq_nr,
+            ack_nr,
         }
         .encode(0, &mut v);
         v
     }
 
+    /// Accepted from a SYN (id 100, seq 500) with our seq 7000, and acked as libtorrent
+    /// does (ack = our SYN-ACK's seq - 1).
     fn established(now: Instant) -> Connection<OutBatch> {
-        let syn = syn();
+        let syn = datagram(PacketType::Syn, 100, 500, 0);
         let syn: Packet<'_> = utp::decode(&syn).unwrap();
         let mut c = Connection::accept(utp::Config::default(), &syn, 7000, now);
         while c.poll_transmit(now).is_some() {}
-        let mut ack = vec![0u8; utp::HEADER_LEN];
-        Header {
-            ty: PacketType::State,
-            connection_id: 101,
-            timestamp_us: 2,
-            timestamp_diff_us: 0,
-            wnd_size: 1 << 20,
-            seq_nr: 501,
-            ack_nr: 6999,
-        }
-        .encode(0, &mut ack);
+        let ack = datagram(PacketType::State, 101, 501, 6999);
         c.on_packet(&utp::decode(&ack).unwrap(), now);
         assert!(c.is_established());
         c
