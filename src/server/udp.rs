@@ -348,7 +348,7 @@ impl Endpoint {
             let (res, b) = self.socket.recv_from(buf).await;
             buf = b;
             let mut next = res;
-            for _ in 0..RECV_BATCH_MAX {
+            for read in 1.. {
                 match next {
                     Ok((n, from)) => self.on_datagram(&buf[..n], from, &mut touched),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -358,6 +358,9 @@ impl Endpoint {
                         self.ctx.stats.utp_recv_errors.inc();
                         tracing::debug!("uTP recv: {e}");
                     }
+                }
+                if read == RECV_BATCH_MAX {
+                    break; // the rest waits for the next round, after this batch's sends
                 }
                 next = recv_now(self.fd, &mut buf);
             }
