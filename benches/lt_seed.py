@@ -29,9 +29,8 @@ def main():
         "enable_lsd": False,
         "enable_upnp": False,
         "enable_natpmp": False,
-        # uTP incoming stays at libtorrent's default (on): the -utp rows dial it, the TCP
-        # rows dial TCP and never touch it. Outgoing uTP is moot (this seed dials no one).
-        "enable_outgoing_utp": False,
+        # Transports stay at libtorrent's defaults (uTP and TCP both on): the -utp rows dial
+        # uTP, the TCP rows dial TCP.
         "connections_limit": 200000,
         "unchoke_slots_limit": -1,
         "max_peerlist_size": 200000,
