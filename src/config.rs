@@ -86,6 +86,11 @@ pub struct ServeSettings {
     #[arg(long, default_value_t = limits::UTP_SOCKET_BUFFER_BYTES_DEFAULT, value_name = "BYTES")]
     pub utp_socket_buffer_bytes: usize,
 
+    /// MSE (encrypted) handshakes one address (IPv6: one /64) may start per second on a
+    /// core; each costs a Diffie-Hellman exponentiation. Past it the connection is closed.
+    #[arg(long, default_value_t = limits::MSE_HANDSHAKES_PER_IP_PER_SECOND_MAX_DEFAULT, value_name = "N")]
+    pub mse_handshakes_per_ip_per_second_max: u32,
+
     /// uTP connections per core that have not finished the uTP handshake; SYNs past it are
     /// dropped unanswered (SYN floods).
     #[arg(long, default_value_t = limits::UTP_HALF_OPEN_PER_CORE_MAX_DEFAULT, value_name = "N")]
@@ -275,6 +280,7 @@ impl ServeSettings {
             bail!("utp-half-open-per-core-max must be at least 1");
         }
         cfg.utp_half_open_per_core_max = self.utp_half_open_per_core_max;
+        cfg.mse_handshakes_per_ip_per_second_max = self.mse_handshakes_per_ip_per_second_max;
         cfg.shutdown_grace = Duration::from_millis(self.shutdown_grace_ms);
         Ok(cfg)
     }
@@ -497,6 +503,8 @@ pub struct ServeConfig {
     pub utp_payload_bytes: usize,
     pub utp_socket_buffer_bytes: usize,
     pub utp_half_open_per_core_max: usize,
+    /// MSE handshakes one address may start per second on a core.
+    pub mse_handshakes_per_ip_per_second_max: u32,
     /// How long open sessions may run on after a shutdown request.
     pub shutdown_grace: Duration,
 }
@@ -521,6 +529,7 @@ impl ServeConfig {
             utp_payload_bytes: crate::utp::PAYLOAD_BYTES_DEFAULT,
             utp_socket_buffer_bytes: limits::UTP_SOCKET_BUFFER_BYTES_DEFAULT,
             utp_half_open_per_core_max: limits::UTP_HALF_OPEN_PER_CORE_MAX_DEFAULT,
+            mse_handshakes_per_ip_per_second_max: limits::MSE_HANDSHAKES_PER_IP_PER_SECOND_MAX_DEFAULT,
             shutdown_grace: Duration::from_secs(5),
         }
     }

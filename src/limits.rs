@@ -125,3 +125,13 @@ pub const UTP_HALF_OPEN_PER_CORE_MAX_DEFAULT: usize = 4096;
 /// burst of requests and acks from thousands of peers of one core. The kernel default
 /// (~208 KiB) dropped ~8 000 datagrams in 5 s of 64-connection churn (benches/compare.sh).
 pub const UTP_SOCKET_BUFFER_BYTES_DEFAULT: usize = 8 * 1024 * 1024;
+
+/// Default cap on MSE handshakes one address (per-/64) may start per second on a core. A
+/// handshake costs one 768-bit modular exponentiation (~0.1–0.3 ms); a real client opens
+/// one or two connections per torrent, a crawler a few per second. 20 a second bounds what
+/// one address can make a core compute to a few percent.
+pub const MSE_HANDSHAKES_PER_IP_PER_SECOND_MAX_DEFAULT: u32 = 20;
+
+/// Addresses each core's MSE rate table tracks (past it, new addresses are refused until
+/// the window rolls over): bounds its memory under a spoofed-source flood.
+pub const MSE_RATE_KEYS_PER_CORE_MAX: usize = 65_536;

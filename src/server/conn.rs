@@ -40,6 +40,7 @@ use crate::limits;
 use crate::server::send::OutBatch;
 use crate::server::stats::{CoreStats, Counter};
 use crate::store::{RecordRef, Store, StoreError};
+use crate::upstream::ratelimit::PerKeyWindow;
 use crate::upstream::assemble::{MetadataAssembler, Progress};
 use crate::upstream::shard::{FetchOutcome, ShardCmd, Upstream};
 use crate::upstream::{PeerCandidate, PeerSource};
@@ -74,6 +75,33 @@ pub struct WorkerCtx {
     pub stats: Arc<CoreStats>,
     pub peer_id: [u8; 20],
     pub upstream: Arc<Upstream>,
+    /// MSE handshakes started per peer address (per-/64) in the last second on this core:
+    /// each costs a DH modular exponentiation (`server/mse.rs`).
+    pub mse_handshakes: PerKeyWindow<std::net::IpAddr>,
+}
+
+impl WorkerCtx {
+    pub fn new(
+        store: Arc<Store>,
+        cfg: Arc<ServeConfig>,
+        stats: Arc<CoreStats>,
+        peer_id: [u8; 20],
+        upstream: Arc<Upstream>,
+    ) -> WorkerCtx {
+        let mse_handshakes = PerKeyWindow::new(
+            cfg.mse_handshakes_per_ip_per_second_max,
+            std::time::Duration::from_secs(1),
+            crate::limits::MSE_RATE_KEYS_PER_CORE_MAX,
+        );
+        WorkerCtx {
+            store,
+            cfg,
+            stats,
+            peer_id,
+            upstream,
+            mse_handshakes,
+        }
+    }
 }
 
 /// Why a session ended; each reason has its counter (`counter`), bumped by `session::run`.
@@ -776,13 +804,13 @@ mod tests {
             ..UpstreamConfig::default()
         };
         let (upstream, mailboxes) = Upstream::new(upstream_cfg, store.clone(), 1);
-        let ctx = WorkerCtx {
+        let ctx = WorkerCtx::new(
             store,
-            cfg: Arc::new(cfg),
-            stats: Arc::new(CoreStats::default()),
-            peer_id: PEER_ID,
+            Arc::new(cfg),
+            Arc::new(CoreStats::default()),
+            PEER_ID,
             upstream,
-        };
+        );
         Kit {
             ctx,
             _mailboxes: mailboxes,

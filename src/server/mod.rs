@@ -8,6 +8,8 @@
 //! - `worker`:   the runtime (io_uring or epoll) and the accept loop
 //! - `session`:  drives one peer connection over a `Transport`: read → conn → write
 //! - `conn`:     the peer protocol (handshake, BEP 10, BEP 9) as a sans-IO state machine
+//! - `mse`:      MSE/PE in front of either transport: plaintext passes through, an
+//!   encrypted handshake is answered (`mse/`), RC4 only when the peer insists
 //! - `tcp`:      the TCP `Transport` (cancelable reads, the writev loop)
 //! - `udp`:      uTP on the same port: per-core datagram demultiplexing, timers, and the
 //!   uTP `Transport` (docs/transports.md)
@@ -20,6 +22,7 @@ pub mod conn;
 pub mod lifecycle;
 pub mod limiter;
 pub mod listener;
+pub mod mse;
 pub mod send;
 pub mod session;
 pub mod stats;

@@ -229,6 +229,24 @@ core_stats! {
     /// Ticks of the worker's 1 s heartbeat timer; the systemd watchdog is only fed while
     /// every worker's heartbeat advances.
     heartbeats,
+    /// MSE: encrypted handshakes begun (the first bytes were not a plaintext handshake).
+    mse_handshakes_started,
+    /// MSE: handshakes completed.
+    mse_handshakes_done,
+    /// MSE: handshakes that broke the protocol (bad key, padding, sync or VC).
+    mse_handshakes_failed,
+    /// MSE: handshakes naming an info-hash we do not hold (it can be recognised, not
+    /// learned, so it cannot be fetched): closed.
+    mse_unknown_info_hash,
+    /// MSE: connections closed before DH because their address started
+    /// `mse_handshakes_per_ip_per_second_max` handshakes this second on the core.
+    mse_refused_per_ip,
+    /// MSE: handshakes that settled on plaintext (zero-copy serving).
+    mse_plaintext_selected,
+    /// MSE: handshakes that settled on RC4 (the peer insisted).
+    mse_rc4_selected,
+    /// MSE: bytes encrypted with RC4 on the way out.
+    mse_rc4_bytes_encrypted,
     /// uTP: datagrams received on the serving port.
     utp_datagrams_received,
     /// uTP: datagrams that were not uTP (ignored).

@@ -38,6 +38,7 @@ use std::time::Instant;
 
 use crate::limits;
 use crate::server::limiter::{ConnectionLimiter, ConnectionPermit, Refusal};
+use crate::server::mse::MseTransport;
 use crate::server::send::OutBatch;
 use crate::server::session::{ReadOutcome, Transport, Wake, WorkerCtx};
 use crate::server::worker::{spawn_session, OpenSession};
@@ -557,11 +558,12 @@ impl Endpoint {
             self.half_open.set(self.half_open.get() - 1);
             sh.session.set(SessionState::Running);
             self.ctx.stats.utp_connections_established.inc();
+            let utp = UtpTransport {
+                ep: self.clone(),
+                sh: sh.clone(),
+            };
             spawn_session(
-                UtpTransport {
-                    ep: self.clone(),
-                    sh: sh.clone(),
-                },
+                MseTransport::new(utp, self.ctx.clone(), sh.key.0),
                 sh.key.0,
                 self.ctx.clone(),
                 OpenSession::new(self.open.clone()),

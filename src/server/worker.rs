@@ -26,6 +26,7 @@ use crate::config::{DriverChoice, ServeConfig};
 use crate::server::limiter::{ConnectionLimiter, Refusal};
 use crate::server::session::{self, Transport, WorkerCtx};
 use crate::server::stats::CoreStats;
+use crate::server::mse::MseTransport;
 use crate::server::tcp::TcpTransport;
 use crate::server::udp;
 use crate::store::Store;
@@ -134,13 +135,7 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         }
         let peer_id = crate::upstream::peer_id(index as u64);
         monoio::spawn(shard::run_shard(index, shard_mailbox, upstream.clone()));
-        let ctx = Rc::new(WorkerCtx {
-            store,
-            cfg,
-            stats,
-            peer_id,
-            upstream,
-        });
+        let ctx = Rc::new(WorkerCtx::new(store, cfg, stats, peer_id, upstream));
         let grace = ctx.cfg.shutdown_grace;
         let stats = ctx.stats.clone();
         let open = Rc::new(Cell::new(0usize));
@@ -269,7 +264,7 @@ async fn accept_loop(
         ctx.stats.connections_accepted.inc();
         let _ = stream.set_nodelay(true);
         spawn_session(
-            TcpTransport::new(stream),
+            MseTransport::new(TcpTransport::new(stream), ctx.clone(), peer),
             peer,
             ctx.clone(),
             OpenSession::new(open.clone()),
