@@ -17,6 +17,13 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# webtorrent (npm) for the encryption interop tests, pinned by package-lock.json.
+# --ignore-scripts: ip-set@3.0.0 (a dependency) has a broken `preinstall` that refuses npm,
+# and utp-native loads the prebuilt binaries it ships without an install script.
+if [ ! -d tests/interop/webtorrent/node_modules ]; then
+  (cd tests/interop/webtorrent && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
