@@ -3,9 +3,9 @@
 //! TCP. Every client here is a fresh libtorrent process (tests/interop/lt_client.py) on its
 //! defaults unless the test is about one transport (`--transport tcp|utp`).
 //!
-//! Until magnetar listens on UDP, the tests that need uTP fail: libtorrent's uTP attempt
-//! times out (about 4.5 s on loopback), then it falls back to TCP (or, with TCP off, gives
-//! up), so the transport it reports is "tcp" and its time to metadata is ~10 x a seed's.
+//! Without uTP on magnetar's port, libtorrent's uTP attempt times out (about 4.5 s on
+//! loopback) before it falls back to TCP (or, with TCP off, gives up): the transport it
+//! reports would be "tcp" and its time to metadata ~10 x a seed's.
 
 mod common;
 
@@ -31,25 +31,6 @@ const BEFORE_UTP_GIVE_UP_S: f64 = 4.0;
 /// that is refused, retries in plaintext about 3 s later (seen on the wire, 2.0.8).
 const MSE_PLAINTEXT_RETRY_S: f64 = 3.0;
 
-/// libtorrent's torrents, imported into a data dir for magnetar.
-fn imported(
-    tmp: &Path,
-) -> (
-    std::collections::BTreeMap<String, LtTorrent>,
-    std::path::PathBuf,
-) {
-    let tdir = tmp.join("torrents");
-    let torrents = make_lt_torrents(&tdir);
-    let data = tmp.join("data");
-    run_ok(
-        Command::new(magnetar_bin())
-            .args(["import", "--data-dir"])
-            .arg(&data)
-            .arg(&tdir),
-    );
-    (torrents, data)
-}
-
 /// Fetches `t` through `xpe` with a fresh libtorrent on `transport`; checks the bytes.
 fn fetch(t: &LtTorrent, xpe: SocketAddr, transport: Transport, out: &Path) -> LtFetch {
     let got = lt_fetch_with(&t.magnet(xpe), out, FETCH_TIMEOUT_S, transport);
@@ -67,7 +48,7 @@ fn fetch(t: &LtTorrent, xpe: SocketAddr, transport: Transport, out: &Path) -> Lt
 fn libtorrent_defaults_fetch_v1_v2_hybrid_from_magnetar_over_utp() {
     require_libtorrent();
     let tmp = tempfile::tempdir().unwrap();
-    let (torrents, data) = imported(tmp.path());
+    let (torrents, data) = imported_lt_torrents(tmp.path());
     let server = ServerProc::start(&data, &["--threads", "2"]);
     for label in ["v1-large", "v2-large", "hybrid-large"] {
         let out = tmp.path().join(format!("{label}.info"));
@@ -92,7 +73,7 @@ fn libtorrent_defaults_fetch_v1_v2_hybrid_from_magnetar_over_utp() {
 fn served_with_one_transport(label: &str, transport: Transport, want: &str) {
     require_libtorrent();
     let tmp = tempfile::tempdir().unwrap();
-    let (torrents, data) = imported(tmp.path());
+    let (torrents, data) = imported_lt_torrents(tmp.path());
     let server = ServerProc::start(&data, &["--threads", "2"]);
     let out = tmp.path().join("got.info");
     let got = fetch(&torrents[label], server.addr, transport, &out);
@@ -116,7 +97,7 @@ fn libtorrent_with_utp_off_is_served_over_tcp() {
 fn time_to_metadata_is_within_a_quarter_of_a_libtorrent_seed() {
     require_libtorrent();
     let tmp = tempfile::tempdir().unwrap();
-    let (torrents, data) = imported(tmp.path());
+    let (torrents, data) = imported_lt_torrents(tmp.path());
     let t = &torrents["v1-large"];
     let server = ServerProc::start(&data, &["--threads", "2"]);
     let seed = LtSeed::start(&[&t.path], &tmp.path().join("torrents/content"), &[]);

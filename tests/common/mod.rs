@@ -440,6 +440,11 @@ impl LtFetch {
 /// `out`; the report has the info dict, the seconds from add_torrent to metadata, and the
 /// transport of each connection.
 pub fn lt_fetch_with(magnet: &str, out: &Path, timeout_s: u32, transport: Transport) -> LtFetch {
+    lt_fetch_args(magnet, out, timeout_s, &["--transport", transport.arg()])
+}
+
+/// `lt_client.py fetch MAGNET OUT --timeout T EXTRA...`, its JSON report read back.
+fn lt_fetch_args(magnet: &str, out: &Path, timeout_s: u32, extra: &[&str]) -> LtFetch {
     let res = run_ok(
         Command::new(PYTHON)
             .arg(repo_path("tests/interop/lt_client.py"))
@@ -447,7 +452,7 @@ pub fn lt_fetch_with(magnet: &str, out: &Path, timeout_s: u32, transport: Transp
             .arg(magnet)
             .arg(out)
             .args(["--timeout", &timeout_s.to_string()])
-            .args(["--transport", transport.arg()]),
+            .args(extra),
     );
     let stdout = String::from_utf8_lossy(&res.stdout);
     let line = stdout
@@ -509,4 +514,79 @@ where
         .build()
         .unwrap()
         .block_on(f());
+}
+
+/// libtorrent's torrents (`make_lt_torrents` in `tmp/torrents`), imported into `tmp/data`
+/// for magnetar: (torrents by label, data dir).
+pub fn imported_lt_torrents(tmp: &Path) -> (std::collections::BTreeMap<String, LtTorrent>, PathBuf) {
+    let tdir = tmp.join("torrents");
+    let torrents = make_lt_torrents(&tdir);
+    let data = tmp.join("data");
+    run_ok(
+        Command::new(magnetar_bin())
+            .args(["import", "--data-dir"])
+            .arg(&data)
+            .arg(&tdir),
+    );
+    (torrents, data)
+}
+
+/// One webtorrent fetch (tests/interop/webtorrent/fetch.mjs, webtorrent 3 on its defaults:
+/// MSE first, TCP and uTP): the info dict it received and its time to metadata.
+pub struct WtFetch {
+    pub info: Vec<u8>,
+    pub seconds: f64,
+    /// The wires it had when the metadata arrived: (address, type such as "utpOutgoing").
+    pub wires: Vec<(String, String)>,
+}
+
+/// Fails with an actionable message when webtorrent is not installed.
+pub fn require_webtorrent() {
+    assert!(
+        repo_path("tests/interop/webtorrent/node_modules/webtorrent").is_dir(),
+        "webtorrent is missing: run `bash scripts/test.sh`, which installs it (npm ci)"
+    );
+}
+
+pub fn wt_fetch(magnet: &str, out: &Path, timeout_s: u32) -> WtFetch {
+    let res = run_ok(
+        Command::new("node")
+            .current_dir(repo_path("tests/interop/webtorrent"))
+            .arg("fetch.mjs")
+            .arg(magnet)
+            .arg(out)
+            .arg(timeout_s.to_string()),
+    );
+    let line = String::from_utf8_lossy(&res.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("webtorrent printed no JSON ({e}): {line}"));
+    let wires = v["wires"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|w| {
+                    (
+                        w["addr"].as_str().unwrap_or("").to_owned(),
+                        w["type"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    WtFetch {
+        info: std::fs::read(out).expect("webtorrent wrote the info dict"),
+        seconds: v["seconds"].as_f64().expect("seconds"),
+        wires,
+    }
+}
+
+/// `lt_fetch` with encryption required by libtorrent (`--encryption forced`: MSE on every
+/// connection, plaintext or RC4 offered; `forced-rc4`: RC4 only). Not a default: these are
+/// the tests of peers that insist on encryption.
+pub fn lt_fetch_encrypted_with(magnet: &str, out: &Path, timeout_s: u32, level: &str) -> LtFetch {
+    lt_fetch_args(magnet, out, timeout_s, &["--encryption", level])
+}
+
+pub fn lt_fetch_encrypted(magnet: &str, out: &Path, timeout_s: u32) -> LtFetch {
+    lt_fetch_encrypted_with(magnet, out, timeout_s, "forced")
 }
