@@ -10,6 +10,7 @@
 //! - `import`   `magnetar import`: .torrent files into the store
 //! - `server`   thread-per-core monoio runtime, listeners, peer sessions, zero-copy block sends
 //! - `utp`      sans-IO uTP (BEP 29): packet codec, connection state machine, LEDBAT
+//! - `mse`      sans-IO Message Stream Encryption (MSE/PE): DH handshake, RC4, both sides
 //! - `upstream` the miss path: fetch unknown info dicts from the swarm
 //! - `admin`    HTTP plane on its own thread: metrics, health, .torrent in/out, delete/block
 
@@ -21,6 +22,7 @@ pub mod import;
 pub mod limits;
 pub mod magnet;
 pub mod metainfo;
+pub mod mse;
 pub mod server;
 pub mod store;
 pub mod upstream;

@@ -135,3 +135,30 @@ pub const MSE_HANDSHAKES_PER_IP_PER_SECOND_MAX_DEFAULT: u32 = 20;
 /// Addresses each core's MSE rate table tracks (past it, new addresses are refused until
 /// the window rolls over): bounds its memory under a spoofed-source flood.
 pub const MSE_RATE_KEYS_PER_CORE_MAX: usize = 65_536;
+
+/// Largest MSE/PE padding (PadA, PadB, PadC, PadD): the MSE spec allows 0..=512 random
+/// bytes, libtorrent disconnects on a `len(pad)` over 512 (`invalid_pad_size`).
+pub const MSE_PAD_BYTES_MAX: usize = 512;
+
+/// Bytes after Ya the MSE responder searches for `HASH('req1', S)`: PadA (at most
+/// `MSE_PAD_BYTES_MAX`) and the 20-byte hash itself. libtorrent gives up at the same
+/// point (`sync_hash_not_found`).
+pub const MSE_REQ1_SYNC_BYTES_MAX: usize = MSE_PAD_BYTES_MAX + 20;
+
+/// Bytes after Yb the MSE initiator searches for the encrypted verification constant:
+/// PadB (at most `MSE_PAD_BYTES_MAX`) and the 8-byte VC (libtorrent: 512 + 8).
+pub const MSE_VC_SYNC_BYTES_MAX: usize = MSE_PAD_BYTES_MAX + 8;
+
+/// Largest MSE initial payload (IA) we accept or send. The field is 16 bits, but IA only
+/// carries the start of the BitTorrent stream: libtorrent, Transmission and Vuze put their
+/// 68-byte handshake there, and a client could add its first message; the largest first
+/// message we ever read is a BEP 10 extension handshake (`EXT_HANDSHAKE_BYTES_MAX` plus the
+/// 6-byte frame header), so a handshake and one such frame.
+pub const MSE_IA_BYTES_MAX: usize = 68 + 6 + EXT_HANDSHAKE_BYTES_MAX;
+
+/// Everything an MSE responder reads before the stream starts: Ya (96), the req1 search
+/// window, `HASH('req2') xor HASH('req3')` (20), VC + crypto_provide + len(PadC) (14),
+/// PadC, len(IA) (2) and IA. Each part is capped on its own; this is their sum, what one
+/// encrypted connection can make the server buffer before it is served or closed.
+pub const MSE_HANDSHAKE_BYTES_MAX: usize =
+    96 + MSE_REQ1_SYNC_BYTES_MAX + 20 + 14 + MSE_PAD_BYTES_MAX + 2 + MSE_IA_BYTES_MAX;

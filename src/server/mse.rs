@@ -115,8 +115,9 @@ impl<T: Transport> MseTransport<T> {
             return Err(failed("MSE handshakes per IP over the cap"));
         }
         stats.mse_handshakes_started.inc();
-        let mut secret = [0u8; 32];
-        let pad_len = mse::random_secret(&mut secret);
+        let (Ok(secret), Ok(pad_len)) = (mse::random_secret(), mse::random_pad_len()) else {
+            return Err(failed("no randomness for the MSE key"));
+        };
         let mut responder = Responder::new(&secret, pad_len, CryptoPolicy::PreferPlaintext);
         let store = self.ctx.store.clone();
         let mut lookup = |req2: &[u8; 20]| store.lookup_req2(req2);

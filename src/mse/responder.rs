@@ -1,0 +1,261 @@
+//! MSE responder (B, the side that accepted the connection): reads Ya + PadA, answers Yb +
+//! PadB, syncs on `HASH('req1', S)`, recognises the torrent by `HASH('req2', SKEY)`, reads
+//! VC, crypto_provide, PadC and IA, and answers VC, crypto_select, PadD.
+
+use rc4::{Rc4, StreamCipher};
+
+use super::dh::{KeyPair, DH_KEY_BYTES};
+use super::{
+    be_u16, be_u32, find, push_padding, rc4_for, sha1_of, Crypto, CryptoPolicy, MseError, Rc4Pair,
+    VC,
+};
+use crate::limits::{
+    MSE_HANDSHAKE_BYTES_MAX, MSE_IA_BYTES_MAX, MSE_PAD_BYTES_MAX, MSE_REQ1_SYNC_BYTES_MAX,
+};
+
+/// What a batch of bytes led to.
+#[derive(Debug)]
+pub enum ResponderStep {
+    /// Drop `consumed` bytes from the front of the input, send `out`, read more and feed
+    /// the rest again with what arrives.
+    NeedMore { consumed: usize },
+    /// Handshake done; `out` holds our last handshake bytes. Bytes of the input after
+    /// `consumed` are stream bytes (RC4-encrypted if `crypto == Rc4`: decrypt them with
+    /// `cipher`). `initial_payload` is the peer's IA, decrypted (normally its BitTorrent
+    /// handshake), to be handled before those stream bytes.
+    Done {
+        consumed: usize,
+        info_hash: [u8; 20],
+        crypto: Crypto,
+        cipher: Option<Rc4Pair>,
+        initial_payload: Vec<u8>,
+    },
+}
+
+enum State {
+    /// Waiting for the peer's 96-byte Ya.
+    Ya,
+    /// Searching for `HASH('req1', S)` after Ya.
+    Req1 { s: Box<[u8; DH_KEY_BYTES]> },
+    /// Reading `HASH('req2', SKEY) xor HASH('req3', S)`.
+    Req2 { s: Box<[u8; DH_KEY_BYTES]> },
+    /// Reading ENCRYPT(VC, crypto_provide, len(PadC)).
+    Provide(Box<Keyed>),
+    /// Reading ENCRYPT(PadC, len(IA)).
+    PadC(Box<Keyed>, Crypto, usize),
+    /// Reading ENCRYPT(IA).
+    Ia(Box<Keyed>, Crypto, usize),
+    /// Done or failed.
+    Finished,
+}
+
+/// The torrent and the two ciphers, once the peer has named the torrent.
+struct Keyed {
+    info_hash: [u8; 20],
+    /// Decrypts what A sends (keyA).
+    incoming: Rc4,
+    /// Encrypts what we send (keyB).
+    outgoing: Rc4,
+}
+
+/// The incoming side of one MSE handshake.
+pub struct Responder {
+    secret: [u8; 32],
+    pad_len: usize,
+    policy: CryptoPolicy,
+    state: State,
+    /// Bytes consumed by earlier calls (checked against `MSE_HANDSHAKE_BYTES_MAX`).
+    consumed_total: usize,
+}
+
+impl Responder {
+    /// `secret`: 32+ random bytes for our DH private key (the caller provides randomness,
+    /// e.g. `mse::random_secret`); `pad_len`: the length of PadB, 0..=512 (more is capped);
+    /// `policy`: which crypto we accept (plaintext is preferred when the peer offers it).
+    /// Cheap: the DH work happens when Ya has arrived.
+    pub fn new(secret: &[u8; 32], pad_len: usize, policy: CryptoPolicy) -> Responder {
+        Responder {
+            secret: *secret,
+            pad_len: pad_len.min(MSE_PAD_BYTES_MAX),
+            policy,
+            state: State::Ya,
+            consumed_total: 0,
+        }
+    }
+
+    /// Feed what arrived (the caller keeps the unconsumed bytes and feeds them again with
+    /// more); our replies (Yb + PadB, then the encrypted VC, crypto_select, PadD) are
+    /// appended to `out`. `lookup` maps `HASH('req2', SKEY)` to the 20-byte key when we
+    /// hold that torrent (`Store::lookup_req2`); it is called at most once.
+    ///
+    /// After `Done` or an error, further calls return `MseError::Finished`.
+    pub fn on_bytes(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        lookup: &mut dyn FnMut(&[u8; 20]) -> Option<[u8; 20]>,
+    ) -> Result<ResponderStep, MseError> {
+        let r = self.step(input, out, lookup);
+        match &r {
+            Ok(ResponderStep::NeedMore { consumed }) => self.consumed_total += consumed,
+            _ => self.state = State::Finished,
+        }
+        debug_assert!(self.consumed_total <= MSE_HANDSHAKE_BYTES_MAX);
+        r
+    }
+
+    /// The error that explains the connection ending now (EOF before `Done`).
+    pub fn on_eof(&self) -> MseError {
+        let stage = match self.state {
+            State::Ya => "Ya",
+            State::Req1 { .. } => "req1 sync",
+            State::Req2 { .. } => "req2",
+            State::Provide(_) => "crypto_provide",
+            State::PadC(..) => "PadC",
+            State::Ia(..) => "IA",
+            State::Finished => return MseError::Finished,
+        };
+        MseError::Truncated { stage }
+    }
+
+    fn step(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+        lookup: &mut dyn FnMut(&[u8; 20]) -> Option<[u8; 20]>,
+    ) -> Result<ResponderStep, MseError> {
+        let mut pos = 0;
+        loop {
+            let rest = &input[pos..];
+            let need_more = Ok(ResponderStep::NeedMore { consumed: pos });
+            match std::mem::replace(&mut self.state, State::Finished) {
+                State::Finished => return Err(MseError::Finished),
+                State::Ya => {
+                    let Some(ya) = rest.get(..DH_KEY_BYTES) else {
+                        self.state = State::Ya;
+                        return need_more;
+                    };
+                    let keys = KeyPair::new(&self.secret);
+                    let s = Box::new(keys.shared_secret(ya)?);
+                    out.extend_from_slice(&keys.public);
+                    push_padding(out, &self.secret, b"PadB", self.pad_len);
+                    pos += DH_KEY_BYTES;
+                    self.state = State::Req1 { s };
+                }
+                State::Req1 { s } => {
+                    let req1 = sha1_of(&[b"req1", &s[..]]);
+                    let window = &rest[..rest.len().min(MSE_REQ1_SYNC_BYTES_MAX)];
+                    match find(window, &req1) {
+                        Some(at) => {
+                            pos += at + req1.len();
+                            self.state = State::Req2 { s };
+                        }
+                        None if rest.len() >= MSE_REQ1_SYNC_BYTES_MAX => {
+                            return Err(MseError::SyncNotFound {
+                                what: "HASH('req1', S)",
+                                window: MSE_REQ1_SYNC_BYTES_MAX,
+                            })
+                        }
+                        None => {
+                            self.state = State::Req1 { s };
+                            return need_more;
+                        }
+                    }
+                }
+                State::Req2 { s } => {
+                    let Some(obfuscated) = rest.get(..20) else {
+                        self.state = State::Req2 { s };
+                        return need_more;
+                    };
+                    let req3 = sha1_of(&[b"req3", &s[..]]);
+                    let mut req2 = [0u8; 20];
+                    for (i, b) in req2.iter_mut().enumerate() {
+                        *b = obfuscated[i] ^ req3[i];
+                    }
+                    let info_hash = lookup(&req2).ok_or(MseError::UnknownInfoHash)?;
+                    debug_assert_eq!(super::req2_hash(&info_hash), req2);
+                    pos += 20;
+                    self.state = State::Provide(Box::new(Keyed {
+                        info_hash,
+                        incoming: rc4_for(b"keyA", &s, &info_hash),
+                        outgoing: rc4_for(b"keyB", &s, &info_hash),
+                    }));
+                }
+                State::Provide(mut k) => {
+                    let Some(enc) = rest.get(..14) else {
+                        self.state = State::Provide(k);
+                        return need_more;
+                    };
+                    let mut head = [0u8; 14];
+                    head.copy_from_slice(enc);
+                    k.incoming.apply_keystream(&mut head);
+                    pos += 14;
+                    if head[..8] != VC {
+                        return Err(MseError::BadVc);
+                    }
+                    let provided = be_u32(&head[8..12]);
+                    let crypto = self
+                        .policy
+                        .select(provided)
+                        .ok_or(MseError::CryptoNotOffered { provided })?;
+                    let pad_c = be_u16(&head[12..14]);
+                    if pad_c > MSE_PAD_BYTES_MAX {
+                        return Err(MseError::PadTooLong {
+                            what: "PadC",
+                            len: pad_c,
+                            max: MSE_PAD_BYTES_MAX,
+                        });
+                    }
+                    self.state = State::PadC(k, crypto, pad_c);
+                }
+                State::PadC(mut k, crypto, pad_c) => {
+                    let Some(enc) = rest.get(..pad_c + 2) else {
+                        self.state = State::PadC(k, crypto, pad_c);
+                        return need_more;
+                    };
+                    let mut buf = [0u8; MSE_PAD_BYTES_MAX + 2];
+                    let buf = &mut buf[..pad_c + 2];
+                    buf.copy_from_slice(enc);
+                    k.incoming.apply_keystream(buf);
+                    pos += pad_c + 2;
+                    let ia_len = be_u16(&buf[pad_c..]);
+                    if ia_len > MSE_IA_BYTES_MAX {
+                        return Err(MseError::IaTooLong {
+                            len: ia_len,
+                            max: MSE_IA_BYTES_MAX,
+                        });
+                    }
+                    self.state = State::Ia(k, crypto, ia_len);
+                }
+                State::Ia(mut k, crypto, ia_len) => {
+                    let Some(enc) = rest.get(..ia_len) else {
+                        self.state = State::Ia(k, crypto, ia_len);
+                        return need_more;
+                    };
+                    let mut initial_payload = enc.to_vec();
+                    k.incoming.apply_keystream(&mut initial_payload);
+                    pos += ia_len;
+                    // ENCRYPT(VC, crypto_select, len(PadD) = 0): no PadD, B's stream may
+                    // start right away (libtorrent sends a random PadD; any length is valid).
+                    let start = out.len();
+                    out.extend_from_slice(&VC);
+                    out.extend_from_slice(&crypto.bit().to_be_bytes());
+                    out.extend_from_slice(&0u16.to_be_bytes());
+                    k.outgoing.apply_keystream(&mut out[start..]);
+                    let Keyed {
+                        info_hash,
+                        incoming,
+                        outgoing,
+                    } = *k;
+                    return Ok(ResponderStep::Done {
+                        consumed: pos,
+                        info_hash,
+                        crypto,
+                        cipher: (crypto == Crypto::Rc4).then(|| Rc4Pair::new(incoming, outgoing)),
+                        initial_payload,
+                    });
+                }
+            }
+        }
+    }
+}
