@@ -38,9 +38,10 @@
 //! We prefer plaintext whenever the peer offers it: what we carry is public metadata, and
 //! RC4 is obfuscation against traffic shaping, not secrecy.
 //!
-//! Crates, measured (`cargo bench --bench mse`, 2-core dev VM, release): see the numbers
-//! in [`dh`]'s doc. DH uses `crypto-bigint` (fixed 768-bit, constant time, no allocation);
-//! RC4 is the `rc4` crate (RustCrypto).
+//! Crates, measured (`cargo bench --bench mse`; table in [`dh`]'s doc): DH uses
+//! `crypto-bigint` (fixed 768-bit, constant time, no allocation: 98 µs a modexp against
+//! `num-bigint`'s 119 µs; 186 µs for a whole responder handshake); RC4 is the `rc4` crate
+//! (RustCrypto, ~390 MiB/s).
 //!
 //! - `dh`         the prime, key generation and the shared secret
 //! - `responder`  B: the incoming side (the server)

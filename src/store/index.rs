@@ -4,11 +4,21 @@
 //! handshake); a hybrid record sits under both. Full v2 lookups go through the prefix and compare
 //! the whole hash in the record header. The map is split into `INDEX_SHARDS` locks by key, so a
 //! writer publishing one record blocks only the readers of its one or two shards.
+//!
+//! Beside it, `HASH('req2', key) -> key` for every key (MSE, `crate::mse`): an encrypted
+//! peer names its torrent only by that hash, so the server finds the key with one lookup
+//! here and the record with one more. It is maintained by the same calls (`publish`,
+//! `remove`; `replace` keeps the keys) under the key's stripe lock, so the two maps never
+//! disagree for longer than a lookup between them. Cost: a `([u8; 20], [u8; 20])` slot,
+//! 40 bytes + 1 control byte, at hashbrown's load of 7/16..7/8: 47–94 bytes per key (a
+//! hybrid record has two), against 49–112 bytes per key for the main map's
+//! `([u8; 20], RecordRef)` slots (48 + 1).
 
 use std::collections::HashMap;
 use std::sync::RwLock;
 
 use crate::metainfo::InfoHashes;
+use crate::mse::req2_hash;
 
 use super::record::RecordRef;
 
@@ -17,9 +27,13 @@ use super::record::RecordRef;
 const INDEX_SHARDS: usize = 64;
 
 type Stripe = RwLock<HashMap<[u8; 20], RecordRef>>;
+type Req2Stripe = RwLock<HashMap<[u8; 20], [u8; 20]>>;
 
 pub(crate) struct Index {
     shards: Box<[Stripe]>,
+    /// `HASH('req2', key) -> key`, striped by the req2 hash. Lock order: a main stripe
+    /// before a req2 stripe.
+    req2: Box<[Req2Stripe]>,
 }
 
 /// The stripe of a key. Uses bytes 8..16, not the 0..8 that `Store::shard_of` uses, so the
@@ -35,7 +49,46 @@ impl Index {
             shards: (0..INDEX_SHARDS)
                 .map(|_| RwLock::new(HashMap::new()))
                 .collect(),
+            req2: (0..INDEX_SHARDS)
+                .map(|_| RwLock::new(HashMap::new()))
+                .collect(),
         }
+    }
+
+    /// The handshake key whose `HASH('req2', key)` is `req2`.
+    pub fn get_req2(&self, req2: &[u8; 20]) -> Option<[u8; 20]> {
+        self.req2[stripe_of(req2)]
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(req2)
+            .copied()
+    }
+
+    /// Entries in the req2 map (one per key in the main map, tests check).
+    #[cfg(test)]
+    pub fn req2_len(&self) -> usize {
+        self.req2
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    /// Files `key` under its req2 hash; the caller holds `key`'s main stripe write lock.
+    fn insert_req2(&self, key: &[u8; 20]) {
+        let h = req2_hash(key);
+        self.req2[stripe_of(&h)]
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(h, *key);
+    }
+
+    /// Takes `key`'s req2 entry out; the caller holds `key`'s main stripe write lock.
+    fn remove_req2(&self, key: &[u8; 20]) {
+        let h = req2_hash(key);
+        self.req2[stripe_of(&h)]
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&h);
     }
 
     pub fn get(&self, key: &[u8; 20]) -> Option<RecordRef> {
@@ -82,6 +135,7 @@ impl Index {
         for key in &keys {
             let i = guard_of(&guards, stripe_of(key));
             guards[i].1.insert(*key, record.clone());
+            self.insert_req2(key);
         }
         Ok(())
     }
@@ -130,6 +184,7 @@ impl Index {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             if stripe.get(&key).is_some_and(|r| r.same_record(record)) {
                 stripe.remove(&key);
+                self.remove_req2(&key);
                 removed = true;
             }
         }

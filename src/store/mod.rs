@@ -620,6 +620,14 @@ impl Store {
         Some(record)
     }
 
+    /// The handshake key (v1 info-hash or v2 prefix) of a stored record whose
+    /// `HASH('req2', key)` is `req2`: how an MSE responder finds the torrent an encrypted
+    /// peer asks for (`crate::mse::Responder`). One read-locked map lookup; does not mark the
+    /// record referenced (the `lookup` that follows does).
+    pub fn lookup_req2(&self, req2: &[u8; 20]) -> Option<[u8; 20]> {
+        self.index.get_req2(req2)
+    }
+
     /// The record for a full v2 info-hash.
     pub fn lookup_v2(&self, key: &[u8; 32]) -> Option<RecordRef> {
         let record = self

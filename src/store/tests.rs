@@ -699,3 +699,96 @@ fn a_record_over_a_quarter_of_the_capacity_is_refused_not_evicting_everything() 
     ));
     assert_eq!(store.stats().records, before.records);
 }
+
+/// Every key in the main index, and the req2 map holds exactly those keys.
+fn assert_req2_matches_index(store: &Store) -> usize {
+    let mut keys = 0;
+    store.index.for_each(|k, _| {
+        keys += 1;
+        assert_eq!(
+            store.lookup_req2(&crate::mse::req2_hash(k)),
+            Some(*k),
+            "{}",
+            hex::encode(k)
+        );
+    });
+    assert_eq!(store.index.req2_len(), keys);
+    keys
+}
+
+#[test]
+fn req2_index_follows_insert_recovery_delete_and_blocklist() {
+    use crate::mse::req2_hash;
+    let dir = tempfile::tempdir().unwrap();
+    let (hybrid, h) = fixture_info("hybrid_multi");
+    let (v2, h2) = fixture_info("v2_multi");
+    let plain = synthetic_v1(3, 700);
+    let blocked = synthetic_v1(4, 700);
+    let v2_key = v2_handshake_key(&h.v2.unwrap());
+    {
+        let (store, _) = open(dir.path(), opts(2, 1 << 20));
+        for d in [&hybrid, &v2, &plain, &blocked] {
+            stored(store.append(d, AppendOptions::default()).unwrap());
+        }
+        // A hybrid under both keys, a v2-only one under its prefix.
+        assert_eq!(assert_req2_matches_index(&store), 5);
+        assert_eq!(store.lookup_req2(&req2_hash(&v2_key)), Some(v2_key));
+        let v2_only = v2_handshake_key(&h2.v2.unwrap());
+        assert_eq!(store.lookup_req2(&req2_hash(&v2_only)), Some(v2_only));
+        // A key itself (or any hash but req2's) finds nothing.
+        assert_eq!(store.lookup_req2(&h.v1.unwrap()), None);
+        assert_eq!(store.lookup_req2(&[0; 20]), None);
+        // A duplicate append changes nothing.
+        store.append(&plain, AppendOptions::default()).unwrap();
+        assert_eq!(assert_req2_matches_index(&store), 5);
+    }
+    // Recovery rebuilds it.
+    let (store, _) = open(dir.path(), opts(3, 1 << 20));
+    assert_eq!(assert_req2_matches_index(&store), 5);
+    // Delete takes both keys of the hybrid out.
+    store.delete(&v2_key, None, "test").unwrap();
+    assert_eq!(store.lookup_req2(&req2_hash(&h.v1.unwrap())), None);
+    assert_eq!(store.lookup_req2(&req2_hash(&v2_key)), None);
+    assert_eq!(assert_req2_matches_index(&store), 3);
+    // A blocklist reload unpublishes.
+    let bkey = v1_key(&blocked);
+    std::fs::write(dir.path().join("blocklist"), hex::encode(bkey)).unwrap();
+    store.reload_blocklist().unwrap();
+    assert_eq!(store.lookup_req2(&req2_hash(&bkey)), None);
+    assert_eq!(assert_req2_matches_index(&store), 2);
+    assert_eq!(
+        store.lookup_req2(&req2_hash(&v1_key(&plain))),
+        Some(v1_key(&plain))
+    );
+}
+
+#[test]
+fn req2_index_follows_eviction_and_reappend() {
+    const CAP: u64 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let dicts: Vec<_> = (0..120).map(|i| synthetic_v1(5000 + i, 900)).collect();
+    let (store, _) = open(dir.path(), capped(1, CAP));
+    for (i, d) in dicts.iter().enumerate() {
+        stored(store.append(d, AppendOptions::default()).unwrap());
+        // Keep the first few served: eviction re-appends them (`Index::replace`).
+        for hot in &dicts[..3.min(i + 1)] {
+            store.lookup(&v1_key(hot)).unwrap();
+        }
+    }
+    let st = store.stats();
+    assert!(
+        st.records_evicted > 0 && st.records_reappended > 0,
+        "{st:?}"
+    );
+    let kept = assert_req2_matches_index(&store);
+    assert_eq!(kept as u64, st.records);
+    for d in &dicts[..3] {
+        let k = v1_key(d);
+        assert_eq!(store.lookup_req2(&crate::mse::req2_hash(&k)), Some(k));
+    }
+    let gone = dicts
+        .iter()
+        .filter(|d| store.lookup(&v1_key(d)).is_none())
+        .count();
+    assert!(gone > 0);
+}
