@@ -529,7 +529,8 @@ impl ServeConfig {
             utp_payload_bytes: crate::utp::PAYLOAD_BYTES_DEFAULT,
             utp_socket_buffer_bytes: limits::UTP_SOCKET_BUFFER_BYTES_DEFAULT,
             utp_half_open_per_core_max: limits::UTP_HALF_OPEN_PER_CORE_MAX_DEFAULT,
-            mse_handshakes_per_ip_per_second_max: limits::MSE_HANDSHAKES_PER_IP_PER_SECOND_MAX_DEFAULT,
+            mse_handshakes_per_ip_per_second_max:
+                limits::MSE_HANDSHAKES_PER_IP_PER_SECOND_MAX_DEFAULT,
             shutdown_grace: Duration::from_secs(5),
         }
     }

@@ -26,7 +26,8 @@ fn serve(fx: &Fixture, extra: &[&str]) -> ServerProc {
 
 fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     s
 }
 
@@ -110,7 +111,12 @@ fn mse_connect(
     ini.opening(&mut out);
     s.write_all(&out).unwrap();
     let mut ia = Vec::new();
-    encode_handshake(&mut ia, Reserved::ours(true, false, false), &key, b"-HM0001-hostile-mse-");
+    encode_handshake(
+        &mut ia,
+        Reserved::ours(true, false, false),
+        &key,
+        b"-HM0001-hostile-mse-",
+    );
     ExtHandshake {
         ut_metadata: Some(9),
         ..ExtHandshake::default()

@@ -113,7 +113,10 @@ fn libtorrent_insisting_on_rc4_is_served_encrypted() {
     let m = metrics(&server);
     assert!(get(&m, "magnetar_mse_rc4_selected_total") >= 1);
     let encrypted = get(&m, "magnetar_mse_rc4_bytes_encrypted_total");
-    assert!(encrypted >= t.info.len() as u64, "the whole reply went through RC4");
+    assert!(
+        encrypted >= t.info.len() as u64,
+        "the whole reply went through RC4"
+    );
     println!(
         "RC4: {:.3} s for {} bytes of metadata; {encrypted} bytes encrypted",
         got.seconds,

@@ -40,8 +40,8 @@ use crate::limits;
 use crate::server::send::OutBatch;
 use crate::server::stats::{CoreStats, Counter};
 use crate::store::{RecordRef, Store, StoreError};
-use crate::upstream::ratelimit::PerKeyWindow;
 use crate::upstream::assemble::{MetadataAssembler, Progress};
+use crate::upstream::ratelimit::PerKeyWindow;
 use crate::upstream::shard::{FetchOutcome, ShardCmd, Upstream};
 use crate::upstream::{PeerCandidate, PeerSource};
 use crate::wire::{

@@ -85,7 +85,11 @@ impl<T: Transport> MseTransport<T> {
             if head.len() == PLAINTEXT_PREFIX_BYTES {
                 break true;
             }
-            match self.inner.read_or_wake(&mut raw, deadline, spare_min, None).await {
+            match self
+                .inner
+                .read_or_wake(&mut raw, deadline, spare_min, None)
+                .await
+            {
                 Wake::Read(ReadOutcome::Data { .. }) => {}
                 Wake::Read(other) => {
                     *buf = raw;
@@ -110,7 +114,11 @@ impl<T: Transport> MseTransport<T> {
         deadline: Instant,
     ) -> Result<(), ReadOutcome> {
         let stats = &self.ctx.stats;
-        if !self.ctx.mse_handshakes.try_hit(&crate::server::limiter::budget_key(self.peer.ip())) {
+        if !self
+            .ctx
+            .mse_handshakes
+            .try_hit(&crate::server::limiter::budget_key(self.peer.ip()))
+        {
             stats.mse_refused_per_ip.inc();
             return Err(failed("MSE handshakes per IP over the cap"));
         }

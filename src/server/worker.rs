@@ -24,9 +24,9 @@ use monoio::{FusionDriver, IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 use crate::config::{DriverChoice, ServeConfig};
 use crate::server::limiter::{ConnectionLimiter, Refusal};
+use crate::server::mse::MseTransport;
 use crate::server::session::{self, Transport, WorkerCtx};
 use crate::server::stats::CoreStats;
-use crate::server::mse::MseTransport;
 use crate::server::tcp::TcpTransport;
 use crate::server::udp;
 use crate::store::Store;

@@ -518,7 +518,9 @@ where
 
 /// libtorrent's torrents (`make_lt_torrents` in `tmp/torrents`), imported into `tmp/data`
 /// for magnetar: (torrents by label, data dir).
-pub fn imported_lt_torrents(tmp: &Path) -> (std::collections::BTreeMap<String, LtTorrent>, PathBuf) {
+pub fn imported_lt_torrents(
+    tmp: &Path,
+) -> (std::collections::BTreeMap<String, LtTorrent>, PathBuf) {
     let tdir = tmp.join("torrents");
     let torrents = make_lt_torrents(&tdir);
     let data = tmp.join("data");
