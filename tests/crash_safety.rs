@@ -13,7 +13,6 @@
 //!
 //! Figures go to stdout (`cargo test --test crash_safety -- --nocapture`).
 
-mod admin_support;
 mod common;
 
 use std::collections::HashMap;
@@ -26,8 +25,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use admin_support::{get, magnetar_bin, Served, TOKEN};
 use common::bep9::fetch_metadata;
+use common::http::get;
+use common::{magnetar_bin, ServerProc, TOKEN};
 use magnetar::store::Store;
 use magnetar::wire::{
     decode_frame, decode_handshake_head, decode_metadata, encode_handshake,
@@ -268,10 +268,10 @@ fn sigkill_during_uploads_and_fills_loses_no_acknowledged_record() {
     let mut upload_n = 0u64;
     for cycle in 0..=KILL_CYCLES {
         let spawned = Instant::now();
-        let mut s = Served::start(&data, &args);
+        let mut s = ServerProc::start(&data, &args);
         // Serves right after recovery: the first client after the ready line gets a record.
         if let Some((key, info)) = acked.iter().next() {
-            let got = fetch_metadata(s.listen, key, Duration::from_secs(10))
+            let got = fetch_metadata(s.addr, key, Duration::from_secs(10))
                 .unwrap_or_else(|e| panic!("cycle {cycle}: first fetch after restart: {e}"));
             assert_eq!(&got, info);
             first_served_ms.push(spawned.elapsed().as_millis());
@@ -312,7 +312,7 @@ fn sigkill_during_uploads_and_fills_loses_no_acknowledged_record() {
         }
         upload_n += 10_000_000;
         for _ in 0..FILLERS {
-            let (stop, got, listen) = (stop.clone(), got.clone(), s.listen);
+            let (stop, got, listen) = (stop.clone(), got.clone(), s.addr);
             let (dicts, next) = (seed_dicts.clone(), next_fill.clone());
             threads.push(std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
@@ -391,7 +391,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// Uploads `n` records, stops the server cleanly; returns (torrent, info, key) of each.
 fn stored_records(data: &Path, n: u64) -> Vec<(Vec<u8>, [u8; 20])> {
-    let mut s = Served::start(data, &[]);
+    let mut s = ServerProc::start(data, &[]);
     let out = (0..n)
         .map(|i| {
             let (t, info, key) = torrent("damage", i);
@@ -404,8 +404,8 @@ fn stored_records(data: &Path, n: u64) -> Vec<(Vec<u8>, [u8; 20])> {
     out
 }
 
-fn assert_served(s: &Served, info: &[u8], key: &[u8; 20]) {
-    let got = fetch_metadata(s.listen, key, Duration::from_secs(10)).unwrap();
+fn assert_served(s: &ServerProc, info: &[u8], key: &[u8; 20]) {
+    let got = fetch_metadata(s.addr, key, Duration::from_secs(10)).unwrap();
     assert_eq!(got, info);
 }
 
@@ -428,7 +428,7 @@ fn a_flipped_byte_mid_segment_drops_only_that_record() {
     bytes[at + victim_info.len() / 2] ^= 0x01;
     std::fs::write(&file, &bytes).unwrap();
 
-    let s = Served::start(&data, &[]);
+    let s = ServerProc::start(&data, &[]);
     assert_eq!(
         metric(s.admin, "magnetar_recovery_corrupt_records_skipped"),
         1.0
@@ -444,7 +444,7 @@ fn a_flipped_byte_mid_segment_drops_only_that_record() {
         }
     }
     // A peer asking for it gets nothing (no parent to refetch from): never the damaged bytes.
-    assert!(fetch_metadata(s.listen, victim_key, Duration::from_secs(3)).is_err());
+    assert!(fetch_metadata(s.addr, victim_key, Duration::from_secs(3)).is_err());
 }
 
 #[test]
@@ -472,7 +472,7 @@ fn a_truncated_segment_loses_only_the_cut_records_and_appends_go_on() {
         .unwrap();
     let gone: Vec<usize> = in_file[in_file.len() - 3..].iter().map(|r| r.1).collect();
 
-    let s = Served::start(&data, &[]);
+    let s = ServerProc::start(&data, &[]);
     assert_eq!(
         metric(s.admin, "magnetar_recovery_torn_tails_truncated"),
         1.0
@@ -498,7 +498,7 @@ fn a_truncated_segment_loses_only_the_cut_records_and_appends_go_on() {
     }
     let mut s = s;
     assert!(s.terminate(Duration::from_secs(10)).success());
-    let s = Served::start(&data, &[]);
+    let s = ServerProc::start(&data, &[]);
     assert_eq!(
         metric(s.admin, "magnetar_recovery_torn_tails_truncated"),
         0.0
@@ -560,7 +560,7 @@ fn a_full_disk_fails_inserts_clearly_and_serving_goes_on() {
         return;
     };
     let data = fs.0.join("d");
-    let mut s = Served::start(&data, &[]);
+    let mut s = ServerProc::start(&data, &[]);
     let mut acked = HashMap::new();
     for n in 0..10 {
         let (t, info, key) = torrent("full", n);
@@ -603,7 +603,7 @@ fn a_full_disk_fails_inserts_clearly_and_serving_goes_on() {
     acked.insert(key, info);
     assert!(s.terminate(Duration::from_secs(10)).success());
     // Nothing half-written survived the refusals.
-    let s = Served::start(&data, &[]);
+    let s = ServerProc::start(&data, &[]);
     assert_eq!(
         metric(s.admin, "magnetar_recovery_corrupt_records_skipped"),
         0.0
@@ -660,18 +660,18 @@ fn out_of_file_descriptors_accept_backs_off_and_recovers() {
             Ok(())
         });
     }
-    let mut s = Served::spawn(cmd);
+    let mut s = ServerProc::spawn(cmd);
     let (t, info, key) = torrent("fds", 1);
     assert_eq!(try_upload(s.admin, &t).unwrap().0, 201);
 
     // Hold more connections than the server has descriptors. The kernel completes every TCP
     // handshake into the listen backlog; the server's accept fails once it is out of fds.
     let conns: Vec<TcpStream> = (0..FD_LIMIT * 2)
-        .map(|_| TcpStream::connect(s.listen).unwrap())
+        .map(|_| TcpStream::connect(s.addr).unwrap())
         .collect();
     // While exhausted a new client is not served.
     assert!(
-        fetch_metadata(s.listen, &key, Duration::from_secs(2)).is_err(),
+        fetch_metadata(s.addr, &key, Duration::from_secs(2)).is_err(),
         "served although out of descriptors"
     );
     assert!(
@@ -684,7 +684,7 @@ fn out_of_file_descriptors_accept_backs_off_and_recovers() {
     let freed = Instant::now();
     let deadline = freed + Duration::from_secs(20);
     loop {
-        match fetch_metadata(s.listen, &key, Duration::from_secs(3)) {
+        match fetch_metadata(s.addr, &key, Duration::from_secs(3)) {
             Ok(got) => {
                 assert_eq!(got, info);
                 break;
@@ -717,7 +717,7 @@ fn sigkill_during_eviction_leaves_a_verified_store_within_the_cap() {
     let mut n = 0u64;
     let mut evicted = 0.0;
     for cycle in 0..=CYCLES {
-        let s = Served::start(&data, &args);
+        let s = ServerProc::start(&data, &args);
         assert_eq!(
             metric(s.admin, "magnetar_recovery_corrupt_records_skipped"),
             0.0
@@ -734,7 +734,7 @@ fn sigkill_during_eviction_leaves_a_verified_store_within_the_cap() {
         }
         // Upload, and keep asking for every 4th record so eviction has copies to make.
         let stop = Arc::new(AtomicBool::new(false));
-        let (admin, listen, stop2) = (s.admin, s.listen, stop.clone());
+        let (admin, listen, stop2) = (s.admin, s.addr, stop.clone());
         let base = n;
         let loader = std::thread::spawn(move || {
             let mut hot: Vec<[u8; 20]> = Vec::new();

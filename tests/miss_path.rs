@@ -291,7 +291,7 @@ fn admin_fetch_uses_the_magnet_hints() {
         ]
         .concat(),
     );
-    let admin = server.admin.expect("admin address in the ready line");
+    let admin = server.admin;
     let magnet = format!(
         "magnet:?xt=urn:btih:{}&x.pe={}",
         hex::encode(key),
@@ -421,19 +421,10 @@ fn stored_hashes_are_announced_to_the_dht_but_private_ones_are_not() {
     // The announcer goes round every stored record once, then sleeps for the re-announce
     // interval: give it time to reach the private one too, then count what it announced.
     std::thread::sleep(Duration::from_secs(3));
-    let metrics = ureq::get(&format!("http://{}/metrics", server.admin.unwrap()))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
-    let announced: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("magnetar_dht_announces_started_total "))
-        .expect("announce counter in /metrics")
-        .trim()
-        .parse()
-        .unwrap();
+    let announced = kit::get(
+        &kit::metrics(&server),
+        "magnetar_dht_announces_started_total",
+    );
     assert_eq!(announced, 1, "only the public torrent's key is announced");
     assert!(!finds(private), "a private torrent was announced");
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use sha1::{Digest, Sha1};
 
-use super::{bep9, magnetar_bin, run_ok, ServerProc};
+use super::{bep9, http, magnetar_bin, run_ok, ServerProc};
 
 /// What "normal latency" means for a stored torrent on loopback.
 pub const NORMAL_LATENCY: Duration = Duration::from_secs(1);
@@ -88,13 +88,13 @@ pub fn serve(fx: &Fixture, flags: &[&str]) -> ServerProc {
 
 pub type Metrics = HashMap<String, f64>;
 
+/// One scrape of the server's /metrics: every sample, by name with its labels.
 pub fn metrics(server: &ServerProc) -> Metrics {
-    let admin = server.admin.expect("admin address in the ready line");
-    let mut resp = ureq::get(&format!("http://{admin}/metrics"))
-        .call()
-        .unwrap_or_else(|e| panic!("GET /metrics: {e}"));
-    let text = resp.body_mut().read_to_string().expect("metrics body");
-    text.lines()
+    let reply = http::get(&server.url("/metrics"));
+    assert_eq!(reply.status, 200, "GET /metrics: {}", reply.text());
+    reply
+        .text()
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let (name, value) = l.rsplit_once(' ')?;
@@ -103,6 +103,7 @@ pub fn metrics(server: &ServerProc) -> Metrics {
         .collect()
 }
 
+/// A sample of `m` (`name` with its labels, if any) as a counter.
 pub fn get(m: &Metrics, name: &str) -> u64 {
     *m.get(name)
         .unwrap_or_else(|| panic!("metric {name} missing from /metrics")) as u64
