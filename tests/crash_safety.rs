@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use common::bep9::fetch_metadata;
 use common::http::get;
+use common::info::{torrent_file, v1_info, v1_key};
 use common::{magnetar_bin, ServerProc, TOKEN};
 use magnetar::store::Store;
 use magnetar::wire::{
@@ -38,24 +39,8 @@ use sha1::{Digest, Sha1};
 
 /// A valid single-file v1 torrent unique per (`tag`, `n`): (.torrent, info dict, info-hash).
 fn torrent(tag: &str, n: u64) -> (Vec<u8>, Vec<u8>, [u8; 20]) {
-    let name = format!("{tag}-{n:08}.bin");
-    let pieces = 1 + n % 40;
-    let mut info = format!(
-        "d6:lengthi{}e4:name{}:{name}12:piece lengthi16384e6:pieces{}:",
-        pieces * 16384,
-        name.len(),
-        pieces * 20
-    )
-    .into_bytes();
-    for p in 0..pieces {
-        info.extend_from_slice(&Sha1::digest(format!("{name}/{p}").as_bytes()));
-    }
-    info.push(b'e');
-    let key: [u8; 20] = Sha1::digest(&info).into();
-    let mut t = b"d4:info".to_vec();
-    t.extend_from_slice(&info);
-    t.push(b'e');
-    (t, info, key)
+    let info = v1_info(&format!("{tag}-{n:08}.bin"), 1 + n as usize % 40);
+    (torrent_file(&info), info.clone(), v1_key(&info))
 }
 
 /// POST a .torrent; `None` when the server went away (killed mid-request).

@@ -14,24 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::http::*;
+use common::info::{torrent_file, v1_info, v1_key};
 use common::*;
-use sha1::{Digest, Sha1};
 
 /// A valid single-file v1 .torrent, unique per `n`, and its v1 info-hash (hex).
 fn synthetic_torrent(n: u64) -> (Vec<u8>, String) {
-    let name = format!("lifecycle-{n:08}.bin");
-    let mut info = Vec::new();
-    info.extend_from_slice(
-        format!("d6:lengthi{}e4:name{}:{name}", 1000 + n % 5000, name.len()).as_bytes(),
-    );
-    info.extend_from_slice(b"12:piece lengthi16384e6:pieces20:");
-    info.extend_from_slice(&Sha1::digest(name.as_bytes()));
-    info.push(b'e');
-    let hash = hex::encode(Sha1::digest(&info));
-    let mut torrent = b"d4:info".to_vec();
-    torrent.extend_from_slice(&info);
-    torrent.push(b'e');
-    (torrent, hash)
+    let info = v1_info(&format!("lifecycle-{n:08}.bin"), 1);
+    (torrent_file(&info), hex::encode(v1_key(&info)))
 }
 
 /// POST without panicking on transport errors (the server goes away mid-test).
@@ -104,11 +93,7 @@ fn sigterm_during_uploads_loses_no_acknowledged_record() {
         let t = get(&s.url(&format!("/torrents/{hash}.torrent")));
         assert_eq!(t.status, 200, "acknowledged record {hash} lost");
         let span = magnetar::metainfo::info_span(&t.body).unwrap();
-        assert_eq!(
-            &hex::encode(Sha1::digest(&t.body[span])),
-            hash,
-            "record verifies"
-        );
+        assert_eq!(&hex::encode(v1_key(&t.body[span])), hash, "record verifies");
     }
     let m = get(&s.url("/metrics")).text();
     assert!(

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::bep9::{fetch_metadata, FakeSeed, SeedBehaviour};
+use common::info::v1_info;
 use common::*;
 use sha1::{Digest, Sha1};
 
@@ -146,19 +147,6 @@ fn connecting_seed_fills_the_miss_itself() {
         30,
     );
     assert!(got == t.info, "wrong bytes from the opportunistic fill");
-}
-
-fn v1_info(name: &str, k: usize) -> Vec<u8> {
-    let mut v = format!(
-        "d6:lengthi{}e4:name{}:{name}12:piece lengthi16384e6:pieces{}:",
-        k * 16384,
-        name.len(),
-        k * 20
-    )
-    .into_bytes();
-    v.extend((0..k * 20).map(|i| (i * 13 % 251) as u8));
-    v.push(b'e');
-    v
 }
 
 /// A liar (as a parent node, tried first) and an honest seed (via the tracker): the

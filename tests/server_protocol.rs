@@ -10,17 +10,16 @@ mod common;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::info::*;
 use common::*;
 use magnetar::limits;
 use magnetar::wire::{
     decode_frame, decode_metadata, encode_handshake, encode_keepalive, encode_metadata_request,
-    metadata_piece_count, Decoded, ExtHandshake, Frame, MetadataMsg, Reserved, HANDSHAKE_LEN,
+    Decoded, ExtHandshake, Frame, MetadataMsg, Reserved, HANDSHAKE_LEN,
 };
 use sha1::{Digest, Sha1};
-use sha2::Sha256;
 
 /// Upper bound for anything the server should do "at once".
 const PROMPT: Duration = Duration::from_secs(5);
@@ -29,93 +28,6 @@ const PIECE: usize = limits::METADATA_PIECE_BYTES;
 // ---------------------------------------------------------------------------------------
 // Test torrents, bencoded by hand (keys sorted), imported with `magnetar import`.
 // ---------------------------------------------------------------------------------------
-
-#[derive(Clone)]
-struct Torrent {
-    info: Vec<u8>,
-    /// The 20 bytes a client puts in its handshake (SHA-1, or SHA-256 truncated).
-    key: [u8; 20],
-}
-
-impl Torrent {
-    fn pieces(&self) -> usize {
-        metadata_piece_count(self.info.len())
-    }
-}
-
-fn filler(seed: &str, len: usize) -> Vec<u8> {
-    let s: usize = seed.bytes().map(usize::from).sum();
-    (0..len).map(|i| ((i * 31 + s * 7) % 251) as u8).collect()
-}
-
-fn bstr(s: &str) -> String {
-    format!("{}:{}", s.len(), s)
-}
-
-/// v1 single-file info dict with `k` piece hashes (so ~20*k bytes).
-fn v1_info(name: &str, k: usize) -> Vec<u8> {
-    let mut v = format!(
-        "d6:lengthi{}e4:name{}12:piece lengthi16384e6:pieces{}:",
-        k * 16384,
-        bstr(name),
-        k * 20
-    )
-    .into_bytes();
-    v.extend(filler(name, k * 20));
-    v.push(b'e');
-    v
-}
-
-fn file_tree(name: &str, len: u64) -> Vec<u8> {
-    let mut v = format!(
-        "9:file treed{}d0:d6:lengthi{len}e11:pieces root32:",
-        bstr(name)
-    )
-    .into_bytes();
-    v.extend(filler(name, 32));
-    v.extend_from_slice(b"eee");
-    v
-}
-
-/// v2-only single-file info dict.
-fn v2_info(name: &str) -> Vec<u8> {
-    let mut v = b"d".to_vec();
-    v.extend(file_tree(name, 1_000_000));
-    v.extend(
-        format!(
-            "12:meta versioni2e4:name{}12:piece lengthi16384ee",
-            bstr(name)
-        )
-        .bytes(),
-    );
-    v
-}
-
-/// Hybrid (v1 + v2) single-file info dict.
-fn hybrid_info(name: &str) -> Vec<u8> {
-    let len = 3 * 16384u64;
-    let mut v = b"d".to_vec();
-    v.extend(file_tree(name, len));
-    v.extend(
-        format!(
-            "6:lengthi{len}e12:meta versioni2e4:name{}12:piece lengthi16384e6:pieces60:",
-            bstr(name)
-        )
-        .bytes(),
-    );
-    v.extend(filler(name, 60));
-    v.push(b'e');
-    v
-}
-
-fn sha1_key(info: &[u8]) -> [u8; 20] {
-    Sha1::digest(info).into()
-}
-
-fn sha256_key(info: &[u8]) -> [u8; 20] {
-    let full: [u8; 32] = Sha256::digest(info).into();
-    full[..20].try_into().unwrap()
-}
 
 struct Fixture {
     _tmp: tempfile::TempDir,
@@ -133,48 +45,25 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
-    let torrents = tmp.path().join("torrents");
-    std::fs::create_dir_all(&torrents).unwrap();
     let small = v1_info("small.bin", 500);
     let large = v1_info("large.bin", 4000);
     let v2 = v2_info("v2only.bin");
     let hybrid = hybrid_info("hybrid.bin");
-    for (name, info) in [
-        ("small", &small),
-        ("large", &large),
-        ("v2", &v2),
-        ("hybrid", &hybrid),
-    ] {
-        let mut t = b"d4:info".to_vec();
-        t.extend_from_slice(info);
-        t.push(b'e');
-        std::fs::write(torrents.join(format!("{name}.torrent")), t).unwrap();
-    }
-    let data = tmp.path().join("data");
-    run_ok(
-        Command::new(magnetar_bin())
-            .args(["--log", "warn", "import", "--data-dir"])
-            .arg(&data)
-            .arg(&torrents),
+    let data = import_all(
+        tmp.path(),
+        &[
+            ("small", &small),
+            ("large", &large),
+            ("v2", &v2),
+            ("hybrid", &hybrid),
+        ],
     );
     let fx = Fixture {
-        small: Torrent {
-            key: sha1_key(&small),
-            info: small,
-        },
-        large: Torrent {
-            key: sha1_key(&large),
-            info: large,
-        },
-        v2: Torrent {
-            key: sha256_key(&v2),
-            info: v2,
-        },
-        hybrid_v2_key: sha256_key(&hybrid),
-        hybrid: Torrent {
-            key: sha1_key(&hybrid),
-            info: hybrid,
-        },
+        small: Torrent::v1(small),
+        large: Torrent::v1(large),
+        v2: Torrent::v2(v2),
+        hybrid_v2_key: v2_key(&hybrid),
+        hybrid: Torrent::v1(hybrid),
         data,
         _tmp: tmp,
     };

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::info::{v1_info_with, v1_key};
 use common::*;
 use magnetar::upstream::fetch::{fetch, FetchError, FetchEvent, FetchSpec, PRIVATE_VIA_DHT_OR_PEX};
 use magnetar::upstream::peer::{fetch_from_peer, PeerFetchConfig};
@@ -23,7 +24,6 @@ use magnetar::wire::{
     encode_metadata_reject, metadata_piece_range, Decoded, ExtHandshake, Frame, MetadataMsg,
     Reserved, HANDSHAKE_LEN,
 };
-use sha1::{Digest, Sha1};
 
 /// Records the largest single allocation, to show that a peer announcing a huge
 /// `metadata_size` does not make us allocate it.
@@ -70,10 +70,6 @@ async fn closed_within(peer: &TestPeer, since: Instant) -> Option<Duration> {
         monoio::time::sleep(Duration::from_millis(20)).await;
     }
     None
-}
-
-fn v1_key(info: &[u8]) -> [u8; 20] {
-    Sha1::digest(info).into()
 }
 
 fn peer_cfg(key: [u8; 20], peer_timeout: Duration) -> PeerFetchConfig {
@@ -339,20 +335,7 @@ fn data(out: &mut Vec<u8>, info: &[u8], piece: u32) {
 
 /// A valid v1 info dict of 3+ metadata pieces (the `pieces` string carries the bulk).
 fn sample_info(private: bool) -> Vec<u8> {
-    let pieces = 2_500u64;
-    let piece_length = 16 * 1024u64;
-    let mut info = Vec::new();
-    info.extend_from_slice(format!("d6:lengthi{}e", pieces * piece_length).as_bytes());
-    info.extend_from_slice(b"4:name8:test.bin");
-    info.extend_from_slice(format!("12:piece lengthi{piece_length}e").as_bytes());
-    info.extend_from_slice(format!("6:pieces{}:", pieces * 20).as_bytes());
-    for i in 0..pieces {
-        info.extend_from_slice(&Sha1::digest(i.to_be_bytes()));
-    }
-    if private {
-        info.extend_from_slice(b"7:privatei1e");
-    }
-    info.push(b'e');
+    let info = v1_info_with("test.bin", 2_500, private);
     let summary = magnetar::metainfo::validate_info(&info).unwrap();
     assert_eq!(summary.private, private);
     info

@@ -4,38 +4,16 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sha1::{Digest, Sha1};
-
-use super::{bep9, http, magnetar_bin, run_ok, ServerProc};
+use super::{bep9, http, info, ServerProc};
 
 /// What "normal latency" means for a stored torrent on loopback.
 pub const NORMAL_LATENCY: Duration = Duration::from_secs(1);
 /// Upper bound for anything the server should do "at once".
 pub const PROMPT: Duration = Duration::from_secs(5);
 
-#[derive(Clone)]
-pub struct Torrent {
-    pub info: Vec<u8>,
-    pub key: [u8; 20],
-}
-
-/// v1 single-file info dict with `k` piece hashes (~20·k bytes).
-pub fn v1_info(name: &str, k: usize) -> Vec<u8> {
-    let mut v = format!(
-        "d6:lengthi{}e4:name{}:{}12:piece lengthi16384e6:pieces{}:",
-        k * 16384,
-        name.len(),
-        name,
-        k * 20
-    )
-    .into_bytes();
-    v.extend((0..k * 20).map(|i| (i * 31 + name.len() * 7) as u8));
-    v.push(b'e');
-    v
-}
+pub use super::info::Torrent;
 
 pub struct Fixture {
     pub _tmp: tempfile::TempDir,
@@ -48,30 +26,14 @@ pub struct Fixture {
 
 pub fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
-    let torrents = tmp.path().join("torrents");
-    std::fs::create_dir_all(&torrents).unwrap();
-    let mut made = Vec::new();
-    for (name, k) in [("small.bin", 100), ("normal.bin", 2000)] {
-        let info = v1_info(name, k);
-        let mut t = b"d4:info".to_vec();
-        t.extend_from_slice(&info);
-        t.push(b'e');
-        std::fs::write(torrents.join(format!("{name}.torrent")), t).unwrap();
-        made.push(Torrent {
-            key: Sha1::digest(&info).into(),
-            info,
-        });
-    }
-    let data = tmp.path().join("data");
-    run_ok(
-        Command::new(magnetar_bin())
-            .args(["--log", "warn", "import", "--data-dir"])
-            .arg(&data)
-            .arg(&torrents),
+    let small = info::v1_info("small.bin", 100);
+    let normal = info::v1_info("normal.bin", 2000);
+    let data = info::import_all(
+        tmp.path(),
+        &[("small.bin", &small), ("normal.bin", &normal)],
     );
-    let normal = made.pop().unwrap();
-    let small = made.pop().unwrap();
-    assert_eq!(magnetar::wire::metadata_piece_count(normal.info.len()), 3);
+    let (small, normal) = (Torrent::v1(small), Torrent::v1(normal));
+    assert_eq!(normal.pieces(), 3);
     Fixture {
         _tmp: tmp,
         data,

@@ -3,6 +3,7 @@
 
 pub mod bep9;
 pub mod http;
+pub mod info;
 pub mod kit;
 pub mod relay;
 
