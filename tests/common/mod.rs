@@ -5,6 +5,7 @@ pub mod bep9;
 pub mod http;
 pub mod info;
 pub mod kit;
+pub mod peer;
 pub mod relay;
 
 use std::io::{BufRead, BufReader};
