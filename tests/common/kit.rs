@@ -10,8 +10,7 @@ use super::{bep9, http, info, ServerProc};
 
 /// What "normal latency" means for a stored torrent on loopback.
 pub const NORMAL_LATENCY: Duration = Duration::from_secs(1);
-/// Upper bound for anything the server should do "at once".
-pub const PROMPT: Duration = Duration::from_secs(5);
+pub use super::peer::PROMPT;
 
 pub use super::info::Torrent;
 
