@@ -16,8 +16,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,16 +24,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::bep9::fetch_metadata;
+use common::bep9::{fetch_metadata, FakeSeed, SeedBehaviour};
 use common::http::get;
 use common::info::{torrent_file, v1_info, v1_key};
 use common::{magnetar_bin, ServerProc, TOKEN};
 use magnetar::store::Store;
-use magnetar::wire::{
-    decode_frame, decode_handshake_head, decode_metadata, encode_handshake,
-    encode_metadata_data_header, metadata_piece_range, Decoded, ExtHandshake, Frame, MetadataMsg,
-    Reserved, HANDSHAKE_LEN,
-};
 use sha1::{Digest, Sha1};
 
 /// A valid single-file v1 torrent unique per (`tag`, `n`): (.torrent, info dict, info-hash).
@@ -87,111 +81,6 @@ fn check_on_disk(data: &Path, acked: &HashMap<[u8; 20], Vec<u8>>) -> (usize, usi
 }
 
 // ---------------------------------------------------------------------------------------------
-// A BEP 9 seed for many info dicts (the parent the killed server fills its misses from).
-
-struct MultiSeed {
-    addr: SocketAddr,
-}
-
-impl MultiSeed {
-    fn start(dicts: Arc<HashMap<[u8; 20], Vec<u8>>>) -> MultiSeed {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { break };
-                let dicts = dicts.clone();
-                std::thread::spawn(move || seed_one(stream, &dicts));
-            }
-        });
-        MultiSeed { addr }
-    }
-}
-
-fn seed_one(mut s: TcpStream, dicts: &HashMap<[u8; 20], Vec<u8>>) {
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 16384];
-    while buf.len() < HANDSHAKE_LEN {
-        match s.read(&mut tmp) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-        }
-    }
-    let key = match decode_handshake_head(&buf) {
-        Ok(Decoded::Done(h, _)) => h.info_hash,
-        _ => return,
-    };
-    let Some(info) = dicts.get(&key) else { return };
-    buf.drain(..HANDSHAKE_LEN);
-    let mut out = Vec::new();
-    encode_handshake(
-        &mut out,
-        Reserved::ours(false, false, false),
-        &key,
-        b"-MS0001-multiseed000",
-    );
-    ExtHandshake {
-        ut_metadata: Some(3),
-        ut_pex: None,
-        metadata_size: Some(info.len() as u64),
-        client: Some(b"multi seed"),
-        reqq: None,
-        yourip: None,
-        listen_port: None,
-    }
-    .encode(&mut out);
-    if s.write_all(&out).is_err() {
-        return;
-    }
-    let mut their_id = None;
-    loop {
-        loop {
-            let (reply, used) = match decode_frame(&buf) {
-                Ok(Decoded::Done(frame, n)) => {
-                    let mut reply = Vec::new();
-                    match frame {
-                        Frame::Extended { id: 0, payload } => {
-                            their_id = ExtHandshake::decode(payload)
-                                .ok()
-                                .and_then(|h| h.ut_metadata);
-                        }
-                        Frame::Extended { id: 3, payload } => {
-                            if let (Ok((MetadataMsg::Request { piece }, _)), Some(id)) =
-                                (decode_metadata(payload), their_id)
-                            {
-                                if let Some(r) = metadata_piece_range(info.len(), piece) {
-                                    encode_metadata_data_header(
-                                        &mut reply,
-                                        id,
-                                        piece,
-                                        info.len() as u64,
-                                        r.len(),
-                                    );
-                                    reply.extend_from_slice(&info[r]);
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
-                    (reply, n)
-                }
-                Ok(Decoded::NeedMore(_)) => break,
-                Err(_) => return,
-            };
-            buf.drain(..used);
-            if !reply.is_empty() && s.write_all(&reply).is_err() {
-                return;
-            }
-        }
-        match s.read(&mut tmp) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // kill -9 under inserts.
 
 /// splitmix64, for kill times.
@@ -237,9 +126,10 @@ fn sigkill_during_uploads_and_fills_loses_no_acknowledged_record() {
             (info, key)
         })
         .collect();
-    let seed = MultiSeed::start(Arc::new(
-        seed_dicts.iter().map(|(i, k)| (*k, i.clone())).collect(),
-    ));
+    let seed = FakeSeed::serving(
+        Arc::new(seed_dicts.iter().map(|(i, k)| (*k, i.clone())).collect()),
+        SeedBehaviour::HONEST,
+    );
     let seed_dicts = Arc::new(seed_dicts);
     let next_fill = Arc::new(AtomicUsize::new(0));
     let args = server_args(seed.addr);
