@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use common::bep9::{fetch_metadata, FakeSeed, SeedBehaviour};
 use common::http::get;
 use common::info::{torrent_file, v1_info, v1_key};
+use common::kit::metric;
 use common::{magnetar_bin, ServerProc, TOKEN};
 use magnetar::store::Store;
 use sha1::{Digest, Sha1};
@@ -52,14 +53,6 @@ fn try_upload(served_admin: SocketAddr, body: &[u8]) -> Option<(u16, String)> {
     let status = r.status().as_u16();
     let text = r.into_body().read_to_string().unwrap_or_default();
     Some((status, text))
-}
-
-/// A sample of the Prometheus text, `name` without labels.
-fn metric(admin: SocketAddr, name: &str) -> f64 {
-    let text = get(&format!("http://{admin}/metrics")).text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics"))
 }
 
 /// Every acknowledged record on disk and verified, per an in-process read-only open of the
@@ -152,12 +145,12 @@ fn sigkill_during_uploads_and_fills_loses_no_acknowledged_record() {
             first_served_ms.push(spawned.elapsed().as_millis());
         }
         assert_eq!(
-            metric(s.admin, "magnetar_recovery_corrupt_records_skipped"),
+            metric(&s, "magnetar_recovery_corrupt_records_skipped"),
             0.0,
             "cycle {cycle}: a record failed verification at recovery"
         );
-        torn_total += metric(s.admin, "magnetar_recovery_torn_tails_truncated") as usize;
-        assert!(metric(s.admin, "magnetar_store_records") as usize >= acked.len());
+        torn_total += metric(&s, "magnetar_recovery_torn_tails_truncated") as usize;
+        assert!(metric(&s, "magnetar_store_records") as usize >= acked.len());
         if cycle == KILL_CYCLES {
             // The last start only checks; then a clean stop.
             let status = s.terminate(Duration::from_secs(10));
@@ -304,11 +297,8 @@ fn a_flipped_byte_mid_segment_drops_only_that_record() {
     std::fs::write(&file, &bytes).unwrap();
 
     let s = ServerProc::start(&data, &[]);
-    assert_eq!(
-        metric(s.admin, "magnetar_recovery_corrupt_records_skipped"),
-        1.0
-    );
-    assert_eq!(metric(s.admin, "magnetar_store_records"), 29.0);
+    assert_eq!(metric(&s, "magnetar_recovery_corrupt_records_skipped"), 1.0);
+    assert_eq!(metric(&s, "magnetar_store_records"), 29.0);
     for (i, (info, key)) in records.iter().enumerate() {
         let status = get(&s.url(&format!("/torrents/{}", hex::encode(key)))).status;
         if i == 15 {
@@ -348,14 +338,8 @@ fn a_truncated_segment_loses_only_the_cut_records_and_appends_go_on() {
     let gone: Vec<usize> = in_file[in_file.len() - 3..].iter().map(|r| r.1).collect();
 
     let s = ServerProc::start(&data, &[]);
-    assert_eq!(
-        metric(s.admin, "magnetar_recovery_torn_tails_truncated"),
-        1.0
-    );
-    assert_eq!(
-        metric(s.admin, "magnetar_recovery_corrupt_records_skipped"),
-        0.0
-    );
+    assert_eq!(metric(&s, "magnetar_recovery_torn_tails_truncated"), 1.0);
+    assert_eq!(metric(&s, "magnetar_recovery_corrupt_records_skipped"), 0.0);
     for (i, (info, key)) in records.iter().enumerate() {
         let status = get(&s.url(&format!("/torrents/{}", hex::encode(key)))).status;
         if gone.contains(&i) {
@@ -374,15 +358,9 @@ fn a_truncated_segment_loses_only_the_cut_records_and_appends_go_on() {
     let mut s = s;
     assert!(s.terminate(Duration::from_secs(10)).success());
     let s = ServerProc::start(&data, &[]);
-    assert_eq!(
-        metric(s.admin, "magnetar_recovery_torn_tails_truncated"),
-        0.0
-    );
-    assert_eq!(
-        metric(s.admin, "magnetar_recovery_corrupt_records_skipped"),
-        0.0
-    );
-    assert_eq!(metric(s.admin, "magnetar_store_records"), 30.0);
+    assert_eq!(metric(&s, "magnetar_recovery_torn_tails_truncated"), 0.0);
+    assert_eq!(metric(&s, "magnetar_recovery_corrupt_records_skipped"), 0.0);
+    assert_eq!(metric(&s, "magnetar_store_records"), 30.0);
     for (info, key) in &records {
         assert_served(&s, info, key);
     }
@@ -466,7 +444,7 @@ fn a_full_disk_fails_inserts_clearly_and_serving_goes_on() {
     // The same upload is refused again, cleanly, while the disk is full; both are counted.
     let (t, info, key) = torrent("full", full_at);
     assert_eq!(try_upload(s.admin, &t).unwrap().0, 500);
-    assert!(metric(s.admin, "magnetar_store_append_errors_no_space_total") >= 2.0);
+    assert!(metric(&s, "magnetar_store_append_errors_no_space_total") >= 2.0);
     // Serving goes on: every stored record, to a peer, and the admin plane.
     for (key, info) in &acked {
         assert_served(&s, info, key);
@@ -479,18 +457,9 @@ fn a_full_disk_fails_inserts_clearly_and_serving_goes_on() {
     assert!(s.terminate(Duration::from_secs(10)).success());
     // Nothing half-written survived the refusals.
     let s = ServerProc::start(&data, &[]);
-    assert_eq!(
-        metric(s.admin, "magnetar_recovery_corrupt_records_skipped"),
-        0.0
-    );
-    assert_eq!(
-        metric(s.admin, "magnetar_recovery_torn_tails_truncated"),
-        0.0
-    );
-    assert_eq!(
-        metric(s.admin, "magnetar_store_records"),
-        acked.len() as f64
-    );
+    assert_eq!(metric(&s, "magnetar_recovery_corrupt_records_skipped"), 0.0);
+    assert_eq!(metric(&s, "magnetar_recovery_torn_tails_truncated"), 0.0);
+    assert_eq!(metric(&s, "magnetar_store_records"), acked.len() as f64);
     drop(s);
     drop(fs);
 }
@@ -567,7 +536,7 @@ fn out_of_file_descriptors_accept_backs_off_and_recovers() {
             Err(e) => assert!(Instant::now() < deadline, "never served again: {e}"),
         }
     }
-    let errors = metric(s.admin, "magnetar_accept_errors_total");
+    let errors = metric(&s, "magnetar_accept_errors_total");
     println!(
         "fd exhaustion (RLIMIT_NOFILE {FD_LIMIT}): {errors} accept errors counted, served again \
          {} ms after the connections closed",
@@ -593,10 +562,7 @@ fn sigkill_during_eviction_leaves_a_verified_store_within_the_cap() {
     let mut evicted = 0.0;
     for cycle in 0..=CYCLES {
         let s = ServerProc::start(&data, &args);
-        assert_eq!(
-            metric(s.admin, "magnetar_recovery_corrupt_records_skipped"),
-            0.0
-        );
+        assert_eq!(metric(&s, "magnetar_recovery_corrupt_records_skipped"), 0.0);
         // A crash between writing an eviction's copies and unlinking its victim leaves at
         // most one segment (cap / (4 × 2 threads)) over the cap; the next append evicts it.
         let files: u64 = segment_files(&data)
@@ -632,7 +598,7 @@ fn sigkill_during_eviction_leaves_a_verified_store_within_the_cap() {
             }
         });
         std::thread::sleep(Duration::from_millis(300 + next_rand(&mut rng) % 400));
-        evicted += metric(s.admin, "magnetar_store_segments_evicted_total");
+        evicted += metric(&s, "magnetar_store_segments_evicted_total");
         let mut s = s;
         s.child.kill().unwrap();
         s.child.wait().unwrap();

@@ -70,6 +70,13 @@ pub fn get(m: &Metrics, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("metric {name} missing from /metrics")) as u64
 }
 
+/// One scrape, one sample (`name` with its labels, if any).
+pub fn metric(server: &ServerProc, name: &str) -> f64 {
+    *metrics(server)
+        .get(name)
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+}
+
 pub fn core_heartbeats(m: &Metrics) -> Vec<u64> {
     let workers = get(m, "magnetar_workers");
     (0..workers)
