@@ -28,7 +28,7 @@ use common::bep9::{fetch_metadata, FakeSeed, SeedBehaviour};
 use common::http::get;
 use common::info::{torrent_file, v1_info, v1_key};
 use common::kit::metric;
-use common::{magnetar_bin, ServerProc, TOKEN};
+use common::{ServerProc, TOKEN};
 use magnetar::store::Store;
 use sha1::{Digest, Sha1};
 
@@ -475,22 +475,7 @@ const FD_LIMIT: u64 = 64;
 fn out_of_file_descriptors_accept_backs_off_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("d");
-    let token_file = data.with_extension("token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    let mut cmd = Command::new(magnetar_bin());
-    cmd.arg("serve")
-        .arg("--data-dir")
-        .arg(&data)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--no-dht",
-        ])
-        .arg("--admin-token-file")
-        .arg(&token_file)
-        .args(["--threads", "2", "--handshake-timeout-ms", "60000"]);
+    let mut cmd = ServerProc::command(&data, &["--handshake-timeout-ms", "60000"]);
     // SAFETY: only setrlimit (async-signal-safe) between fork and exec.
     unsafe {
         cmd.pre_exec(|| {

@@ -200,18 +200,8 @@ fn recv_until(sock: &UnixDatagram, want: &str) -> Vec<String> {
 fn sd_notify_ready_watchdog_and_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let (sock, path) = notify_socket(dir.path());
-    let mut cmd = Command::new(magnetar_bin());
-    cmd.arg("serve")
-        .arg("--data-dir")
-        .arg(dir.path().join("d"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--no-dht",
-        ])
-        .env("NOTIFY_SOCKET", &path)
+    let mut cmd = ServerProc::command(&dir.path().join("d"), &[]);
+    cmd.env("NOTIFY_SOCKET", &path)
         .env("WATCHDOG_USEC", "600000");
     let mut s = ServerProc::spawn(cmd);
     recv_until(&sock, "READY=1");

@@ -76,6 +76,12 @@ impl ServerProc {
     /// plane on 127.0.0.1:0, two threads, and a token file holding `TOKEN` (beside
     /// `data_dir`).
     pub fn start(data_dir: &Path, extra: &[&str]) -> ServerProc {
+        Self::spawn(Self::command(data_dir, extra))
+    }
+
+    /// The command `start` runs, for a test to add to (environment, pre_exec) before
+    /// `spawn`.
+    pub fn command(data_dir: &Path, extra: &[&str]) -> Command {
         let has = |flag: &str| extra.contains(&flag);
         let mut cmd = Command::new(magnetar_bin());
         cmd.arg("serve")
@@ -98,7 +104,7 @@ impl ServerProc {
             cmd.arg("--admin-token-file").arg(&token_file);
         }
         cmd.args(extra);
-        Self::spawn(cmd)
+        cmd
     }
 
     /// Runs a `magnetar serve` command of the test's own making (no environment token) and
