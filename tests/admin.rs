@@ -2,22 +2,23 @@
 //! bad uploads, delete + blocklist across a restart, and the served .torrent checked by
 //! libtorrent (an independent parser).
 
-mod admin_support;
+mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
-use admin_support::*;
+use common::http::*;
+use common::*;
 use magnetar::metainfo;
 
-fn upload(s: &Served, name: &str) -> Reply {
+fn upload(s: &ServerProc, name: &str) -> Reply {
     post(&s.url("/torrents"), Some(TOKEN), &fixture(name))
 }
 
 #[test]
 fn health_readiness_and_metrics_need_no_token() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::start(&dir.path().join("d"), &[]);
+    let s = ServerProc::start(&dir.path().join("d"), &[]);
     let h = get(&s.url("/healthz"));
     assert_eq!(h.status, 200, "{}", h.text());
     assert!(h.text().starts_with("ok"));
@@ -68,7 +69,7 @@ fn health_readiness_and_metrics_need_no_token() {
 #[test]
 fn upload_then_torrent_json_and_magnet_by_every_hash_form() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::start(
+    let s = ServerProc::start(
         &dir.path().join("d"),
         &["--public-addr", "203.0.113.5:6881"],
     );
@@ -145,7 +146,7 @@ fn upload_then_torrent_json_and_magnet_by_every_hash_form() {
 #[test]
 fn served_torrent_files_load_in_libtorrent() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::start(
+    let s = ServerProc::start(
         &dir.path().join("d"),
         &["--tracker", "udp://tracker.example:6969/announce"],
     );
@@ -188,7 +189,7 @@ fn served_torrent_files_load_in_libtorrent() {
 #[test]
 fn mutating_endpoints_refuse_a_missing_or_wrong_token() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::start(&dir.path().join("d"), &[]);
+    let s = ServerProc::start(&dir.path().join("d"), &[]);
     let torrent = fixture("v1_multi.torrent");
     let (v1, _) = fixture_hashes("v1_multi");
     let v1 = v1.unwrap();
@@ -229,7 +230,7 @@ fn mutating_endpoints_refuse_a_missing_or_wrong_token() {
     ])
     .arg("--data-dir")
     .arg(dir.path().join("e"));
-    let open = Served::spawn(cmd);
+    let open = ServerProc::spawn(cmd);
     let r = post(&open.url("/torrents"), Some(TOKEN), &torrent);
     assert_eq!(r.status, 403);
     assert!(r.text().contains("no admin token"), "{}", r.text());
@@ -238,7 +239,7 @@ fn mutating_endpoints_refuse_a_missing_or_wrong_token() {
 #[test]
 fn bad_uploads_are_refused_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::start(&dir.path().join("d"), &[]);
+    let s = ServerProc::start(&dir.path().join("d"), &[]);
     let good = fixture("v1_single.torrent");
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("empty", Vec::new(), "empty"),
@@ -276,7 +277,7 @@ fn bad_uploads_are_refused_with_a_reason() {
 #[test]
 fn fetch_is_501_until_the_miss_path_is_wired_and_checks_its_input() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::start(&dir.path().join("d"), &[]);
+    let s = ServerProc::start(&dir.path().join("d"), &[]);
     let r = post(&s.url("/fetch"), Some(TOKEN), b"not a magnet");
     assert_eq!(r.status, 400, "{}", r.text());
     let r = post(
@@ -311,7 +312,7 @@ fn delete_removes_and_blocks_across_a_restart() {
     let (v1, v2) = fixture_hashes("hybrid_single");
     let (v1, v2) = (v1.unwrap(), v2.unwrap());
     {
-        let mut s = Served::start(&data, &[]);
+        let mut s = ServerProc::start(&data, &[]);
         assert_eq!(upload(&s, "hybrid_single.torrent").status, 201);
         assert_eq!(upload(&s, "v1_single.torrent").status, 201);
         // Deleting by the v2 hash removes the hybrid record under both keys.
@@ -356,7 +357,7 @@ fn delete_removes_and_blocks_across_a_restart() {
         blocklist.contains(&v1) && blocklist.contains(&v2),
         "{blocklist}"
     );
-    let s = Served::start(&data, &[]);
+    let s = ServerProc::start(&data, &[]);
     assert_eq!(get(&s.url(&format!("/torrents/{v1}.torrent"))).status, 404);
     assert_eq!(upload(&s, "hybrid_single.torrent").status, 403);
     let (other, _) = fixture_hashes("v1_single");
@@ -369,24 +370,20 @@ fn delete_removes_and_blocks_across_a_restart() {
     assert!(m.contains("magnetar_blocklist_entries 3\n"), "{m}");
 }
 
-#[path = "common/bep9.rs"]
-#[allow(dead_code)]
-mod bep9;
-
 /// Times served: every connection handed a record counts once, under whichever key the
 /// client used (a hybrid's v1 and v2 keys add up), summed over cores; the status page
 /// lists the most served.
 #[test]
 fn times_served_counts_connections_per_torrent() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::start(&dir.path().join("d"), &[]);
+    let s = ServerProc::start(&dir.path().join("d"), &[]);
     assert_eq!(upload(&s, "hybrid_single.torrent").status, 201);
     let (v1, v2) = fixture_hashes("hybrid_single");
     let (v1, v2) = (v1.unwrap(), v2.unwrap());
     let key1: [u8; 20] = hex::decode(&v1).unwrap().try_into().unwrap();
     let key2: [u8; 20] = hex::decode(&v2[..40]).unwrap().try_into().unwrap();
     for key in [key1, key1, key2] {
-        bep9::fetch_metadata(s.listen, &key, Duration::from_secs(10)).unwrap();
+        common::bep9::fetch_metadata(s.addr, &key, Duration::from_secs(10)).unwrap();
     }
     let j = get(&s.url(&format!("/torrents/{v2}"))).json();
     assert_eq!(j["times_served"], 3, "{j}");

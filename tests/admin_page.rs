@@ -2,12 +2,13 @@
 //! `scripts/test.sh`): the DOM Chromium builds must show uptime, hit rate, store size, the
 //! stored torrent and the lookup form.
 
-mod admin_support;
+mod common;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use admin_support::*;
+use common::http::*;
+use common::*;
 
 fn chromium() -> &'static str {
     for c in ["/usr/bin/chromium", "/usr/bin/chromium-browser"] {
@@ -55,7 +56,7 @@ fn dump_dom(url: &str) -> String {
 #[test]
 fn status_page_renders_in_chromium() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Served::start(&dir.path().join("d"), &[]);
+    let s = ServerProc::start(&dir.path().join("d"), &[]);
     assert_eq!(
         post(
             &s.url("/torrents"),

@@ -9,19 +9,6 @@ use std::process::Command;
 
 use common::*;
 
-fn fixture(name: &str) -> std::path::PathBuf {
-    repo_path("tests/fixtures/torrents").join(name)
-}
-
-/// (v1 hex or None, v2 hex or None) from the fixture's `.hashes` file (written by libtorrent).
-fn hashes(name: &str) -> (Option<String>, Option<String>) {
-    let text = std::fs::read_to_string(fixture(&format!("{name}.hashes"))).unwrap();
-    let mut it = text
-        .split_whitespace()
-        .map(|s| (s != "-").then(|| s.to_string()));
-    (it.next().flatten(), it.next().flatten())
-}
-
 fn magnetar(data: &Path, args: &[&str]) -> std::process::Output {
     Command::new(magnetar_bin())
         .arg(args[0])
@@ -41,7 +28,7 @@ fn import_reports_each_bad_file_and_keeps_the_rest() {
     let out = Command::new(magnetar_bin())
         .args(["import", "--data-dir"])
         .arg(&data)
-        .arg(fixture("v1_single.torrent"))
+        .arg(fixture_path("v1_single.torrent"))
         .arg(&bad)
         .arg(repo_path("tests/fixtures/torrents"))
         .output()
@@ -68,12 +55,12 @@ fn import_refuses_a_data_dir_held_by_a_running_server() {
         Command::new(magnetar_bin())
             .args(["import", "--data-dir"])
             .arg(&data)
-            .arg(fixture("v1_single.torrent")),
+            .arg(fixture_path("v1_single.torrent")),
     );
     let _server = ServerProc::start(&data, &["--threads", "1"]);
     let out = magnetar(
         &data,
-        &["import", fixture("v2_multi.torrent").to_str().unwrap()],
+        &["import", fixture_path("v2_multi.torrent").to_str().unwrap()],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -103,7 +90,7 @@ fn magnet_for_v1_v2_and_hybrid_records() {
     );
 
     for name in ["v1_single", "v2_multi", "hybrid_single"] {
-        let (v1, v2) = hashes(name);
+        let (v1, v2) = fixture_hashes(name);
         // Look up by every key the record has; the magnet is the same.
         let mut keys: Vec<String> = v1.iter().cloned().collect();
         keys.extend(v2.iter().cloned());

@@ -1,11 +1,12 @@
 //! `magnetar print-config` and `serve --config`: defaults round-trip, unknown keys are
 //! refused by name, flags override the file, the admin plane stays on loopback.
 
-mod admin_support;
+mod common;
 
 use std::process::Command;
 
-use admin_support::*;
+use common::http::*;
+use common::*;
 
 fn print_config() -> String {
     let out = Command::new(magnetar_bin())
@@ -69,7 +70,7 @@ fn serve_runs_from_the_printed_config_and_flags_override_it() {
         .arg(dir.path().join("d"))
         // The file turns the admin plane off; the flag turns it back on.
         .args(["--admin", "127.0.0.1:0"]);
-    let s = Served::spawn(cmd);
+    let s = ServerProc::spawn(cmd);
     let torrent = fixture("v1_single.torrent");
     assert_eq!(post(&s.url("/torrents"), Some(TOKEN), &torrent).status, 401);
     let r = post(&s.url("/torrents"), Some("from-the-file"), &torrent);
@@ -135,6 +136,6 @@ fn admin_stays_on_loopback_unless_allowed() {
             "--admin-allow-remote",
             "--no-dht",
         ]);
-    let s = Served::spawn(cmd);
+    let s = ServerProc::spawn(cmd);
     assert!(s.ready_line.contains("admin=0.0.0.0:"), "{}", s.ready_line);
 }

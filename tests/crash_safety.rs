@@ -13,12 +13,10 @@
 //!
 //! Figures go to stdout (`cargo test --test crash_safety -- --nocapture`).
 
-mod admin_support;
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,36 +24,18 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use admin_support::{get, magnetar_bin, Served, TOKEN};
-use common::bep9::fetch_metadata;
+use common::bep9::{fetch_metadata, FakeSeed, SeedBehaviour};
+use common::http::get;
+use common::info::{torrent_file, v1_info, v1_key};
+use common::kit::metric;
+use common::{ServerProc, TOKEN};
 use magnetar::store::Store;
-use magnetar::wire::{
-    decode_frame, decode_handshake_head, decode_metadata, encode_handshake,
-    encode_metadata_data_header, metadata_piece_range, Decoded, ExtHandshake, Frame, MetadataMsg,
-    Reserved, HANDSHAKE_LEN,
-};
 use sha1::{Digest, Sha1};
 
 /// A valid single-file v1 torrent unique per (`tag`, `n`): (.torrent, info dict, info-hash).
 fn torrent(tag: &str, n: u64) -> (Vec<u8>, Vec<u8>, [u8; 20]) {
-    let name = format!("{tag}-{n:08}.bin");
-    let pieces = 1 + n % 40;
-    let mut info = format!(
-        "d6:lengthi{}e4:name{}:{name}12:piece lengthi16384e6:pieces{}:",
-        pieces * 16384,
-        name.len(),
-        pieces * 20
-    )
-    .into_bytes();
-    for p in 0..pieces {
-        info.extend_from_slice(&Sha1::digest(format!("{name}/{p}").as_bytes()));
-    }
-    info.push(b'e');
-    let key: [u8; 20] = Sha1::digest(&info).into();
-    let mut t = b"d4:info".to_vec();
-    t.extend_from_slice(&info);
-    t.push(b'e');
-    (t, info, key)
+    let info = v1_info(&format!("{tag}-{n:08}.bin"), 1 + n as usize % 40);
+    (torrent_file(&info), info.clone(), v1_key(&info))
 }
 
 /// POST a .torrent; `None` when the server went away (killed mid-request).
@@ -75,14 +55,6 @@ fn try_upload(served_admin: SocketAddr, body: &[u8]) -> Option<(u16, String)> {
     Some((status, text))
 }
 
-/// A sample of the Prometheus text, `name` without labels.
-fn metric(admin: SocketAddr, name: &str) -> f64 {
-    let text = get(&format!("http://{admin}/metrics")).text();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics"))
-}
-
 /// Every acknowledged record on disk and verified, per an in-process read-only open of the
 /// data dir (the server is dead): returns how many are missing or wrong.
 fn check_on_disk(data: &Path, acked: &HashMap<[u8; 20], Vec<u8>>) -> (usize, usize) {
@@ -99,111 +71,6 @@ fn check_on_disk(data: &Path, acked: &HashMap<[u8; 20], Vec<u8>>) -> (usize, usi
         }
     }
     (lost, report.torn_tails_skipped)
-}
-
-// ---------------------------------------------------------------------------------------------
-// A BEP 9 seed for many info dicts (the parent the killed server fills its misses from).
-
-struct MultiSeed {
-    addr: SocketAddr,
-}
-
-impl MultiSeed {
-    fn start(dicts: Arc<HashMap<[u8; 20], Vec<u8>>>) -> MultiSeed {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { break };
-                let dicts = dicts.clone();
-                std::thread::spawn(move || seed_one(stream, &dicts));
-            }
-        });
-        MultiSeed { addr }
-    }
-}
-
-fn seed_one(mut s: TcpStream, dicts: &HashMap<[u8; 20], Vec<u8>>) {
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 16384];
-    while buf.len() < HANDSHAKE_LEN {
-        match s.read(&mut tmp) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-        }
-    }
-    let key = match decode_handshake_head(&buf) {
-        Ok(Decoded::Done(h, _)) => h.info_hash,
-        _ => return,
-    };
-    let Some(info) = dicts.get(&key) else { return };
-    buf.drain(..HANDSHAKE_LEN);
-    let mut out = Vec::new();
-    encode_handshake(
-        &mut out,
-        Reserved::ours(false, false, false),
-        &key,
-        b"-MS0001-multiseed000",
-    );
-    ExtHandshake {
-        ut_metadata: Some(3),
-        ut_pex: None,
-        metadata_size: Some(info.len() as u64),
-        client: Some(b"multi seed"),
-        reqq: None,
-        yourip: None,
-        listen_port: None,
-    }
-    .encode(&mut out);
-    if s.write_all(&out).is_err() {
-        return;
-    }
-    let mut their_id = None;
-    loop {
-        loop {
-            let (reply, used) = match decode_frame(&buf) {
-                Ok(Decoded::Done(frame, n)) => {
-                    let mut reply = Vec::new();
-                    match frame {
-                        Frame::Extended { id: 0, payload } => {
-                            their_id = ExtHandshake::decode(payload)
-                                .ok()
-                                .and_then(|h| h.ut_metadata);
-                        }
-                        Frame::Extended { id: 3, payload } => {
-                            if let (Ok((MetadataMsg::Request { piece }, _)), Some(id)) =
-                                (decode_metadata(payload), their_id)
-                            {
-                                if let Some(r) = metadata_piece_range(info.len(), piece) {
-                                    encode_metadata_data_header(
-                                        &mut reply,
-                                        id,
-                                        piece,
-                                        info.len() as u64,
-                                        r.len(),
-                                    );
-                                    reply.extend_from_slice(&info[r]);
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
-                    (reply, n)
-                }
-                Ok(Decoded::NeedMore(_)) => break,
-                Err(_) => return,
-            };
-            buf.drain(..used);
-            if !reply.is_empty() && s.write_all(&reply).is_err() {
-                return;
-            }
-        }
-        match s.read(&mut tmp) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -252,9 +119,10 @@ fn sigkill_during_uploads_and_fills_loses_no_acknowledged_record() {
             (info, key)
         })
         .collect();
-    let seed = MultiSeed::start(Arc::new(
-        seed_dicts.iter().map(|(i, k)| (*k, i.clone())).collect(),
-    ));
+    let seed = FakeSeed::serving(
+        Arc::new(seed_dicts.iter().map(|(i, k)| (*k, i.clone())).collect()),
+        SeedBehaviour::HONEST,
+    );
     let seed_dicts = Arc::new(seed_dicts);
     let next_fill = Arc::new(AtomicUsize::new(0));
     let args = server_args(seed.addr);
@@ -268,21 +136,21 @@ fn sigkill_during_uploads_and_fills_loses_no_acknowledged_record() {
     let mut upload_n = 0u64;
     for cycle in 0..=KILL_CYCLES {
         let spawned = Instant::now();
-        let mut s = Served::start(&data, &args);
+        let mut s = ServerProc::start(&data, &args);
         // Serves right after recovery: the first client after the ready line gets a record.
         if let Some((key, info)) = acked.iter().next() {
-            let got = fetch_metadata(s.listen, key, Duration::from_secs(10))
+            let got = fetch_metadata(s.addr, key, Duration::from_secs(10))
                 .unwrap_or_else(|e| panic!("cycle {cycle}: first fetch after restart: {e}"));
             assert_eq!(&got, info);
             first_served_ms.push(spawned.elapsed().as_millis());
         }
         assert_eq!(
-            metric(s.admin, "magnetar_recovery_corrupt_records_skipped"),
+            metric(&s, "magnetar_recovery_corrupt_records_skipped"),
             0.0,
             "cycle {cycle}: a record failed verification at recovery"
         );
-        torn_total += metric(s.admin, "magnetar_recovery_torn_tails_truncated") as usize;
-        assert!(metric(s.admin, "magnetar_store_records") as usize >= acked.len());
+        torn_total += metric(&s, "magnetar_recovery_torn_tails_truncated") as usize;
+        assert!(metric(&s, "magnetar_store_records") as usize >= acked.len());
         if cycle == KILL_CYCLES {
             // The last start only checks; then a clean stop.
             let status = s.terminate(Duration::from_secs(10));
@@ -312,7 +180,7 @@ fn sigkill_during_uploads_and_fills_loses_no_acknowledged_record() {
         }
         upload_n += 10_000_000;
         for _ in 0..FILLERS {
-            let (stop, got, listen) = (stop.clone(), got.clone(), s.listen);
+            let (stop, got, listen) = (stop.clone(), got.clone(), s.addr);
             let (dicts, next) = (seed_dicts.clone(), next_fill.clone());
             threads.push(std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
@@ -391,7 +259,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// Uploads `n` records, stops the server cleanly; returns (torrent, info, key) of each.
 fn stored_records(data: &Path, n: u64) -> Vec<(Vec<u8>, [u8; 20])> {
-    let mut s = Served::start(data, &[]);
+    let mut s = ServerProc::start(data, &[]);
     let out = (0..n)
         .map(|i| {
             let (t, info, key) = torrent("damage", i);
@@ -404,8 +272,8 @@ fn stored_records(data: &Path, n: u64) -> Vec<(Vec<u8>, [u8; 20])> {
     out
 }
 
-fn assert_served(s: &Served, info: &[u8], key: &[u8; 20]) {
-    let got = fetch_metadata(s.listen, key, Duration::from_secs(10)).unwrap();
+fn assert_served(s: &ServerProc, info: &[u8], key: &[u8; 20]) {
+    let got = fetch_metadata(s.addr, key, Duration::from_secs(10)).unwrap();
     assert_eq!(got, info);
 }
 
@@ -428,12 +296,9 @@ fn a_flipped_byte_mid_segment_drops_only_that_record() {
     bytes[at + victim_info.len() / 2] ^= 0x01;
     std::fs::write(&file, &bytes).unwrap();
 
-    let s = Served::start(&data, &[]);
-    assert_eq!(
-        metric(s.admin, "magnetar_recovery_corrupt_records_skipped"),
-        1.0
-    );
-    assert_eq!(metric(s.admin, "magnetar_store_records"), 29.0);
+    let s = ServerProc::start(&data, &[]);
+    assert_eq!(metric(&s, "magnetar_recovery_corrupt_records_skipped"), 1.0);
+    assert_eq!(metric(&s, "magnetar_store_records"), 29.0);
     for (i, (info, key)) in records.iter().enumerate() {
         let status = get(&s.url(&format!("/torrents/{}", hex::encode(key)))).status;
         if i == 15 {
@@ -444,7 +309,7 @@ fn a_flipped_byte_mid_segment_drops_only_that_record() {
         }
     }
     // A peer asking for it gets nothing (no parent to refetch from): never the damaged bytes.
-    assert!(fetch_metadata(s.listen, victim_key, Duration::from_secs(3)).is_err());
+    assert!(fetch_metadata(s.addr, victim_key, Duration::from_secs(3)).is_err());
 }
 
 #[test]
@@ -472,15 +337,9 @@ fn a_truncated_segment_loses_only_the_cut_records_and_appends_go_on() {
         .unwrap();
     let gone: Vec<usize> = in_file[in_file.len() - 3..].iter().map(|r| r.1).collect();
 
-    let s = Served::start(&data, &[]);
-    assert_eq!(
-        metric(s.admin, "magnetar_recovery_torn_tails_truncated"),
-        1.0
-    );
-    assert_eq!(
-        metric(s.admin, "magnetar_recovery_corrupt_records_skipped"),
-        0.0
-    );
+    let s = ServerProc::start(&data, &[]);
+    assert_eq!(metric(&s, "magnetar_recovery_torn_tails_truncated"), 1.0);
+    assert_eq!(metric(&s, "magnetar_recovery_corrupt_records_skipped"), 0.0);
     for (i, (info, key)) in records.iter().enumerate() {
         let status = get(&s.url(&format!("/torrents/{}", hex::encode(key)))).status;
         if gone.contains(&i) {
@@ -498,16 +357,10 @@ fn a_truncated_segment_loses_only_the_cut_records_and_appends_go_on() {
     }
     let mut s = s;
     assert!(s.terminate(Duration::from_secs(10)).success());
-    let s = Served::start(&data, &[]);
-    assert_eq!(
-        metric(s.admin, "magnetar_recovery_torn_tails_truncated"),
-        0.0
-    );
-    assert_eq!(
-        metric(s.admin, "magnetar_recovery_corrupt_records_skipped"),
-        0.0
-    );
-    assert_eq!(metric(s.admin, "magnetar_store_records"), 30.0);
+    let s = ServerProc::start(&data, &[]);
+    assert_eq!(metric(&s, "magnetar_recovery_torn_tails_truncated"), 0.0);
+    assert_eq!(metric(&s, "magnetar_recovery_corrupt_records_skipped"), 0.0);
+    assert_eq!(metric(&s, "magnetar_store_records"), 30.0);
     for (info, key) in &records {
         assert_served(&s, info, key);
     }
@@ -560,7 +413,7 @@ fn a_full_disk_fails_inserts_clearly_and_serving_goes_on() {
         return;
     };
     let data = fs.0.join("d");
-    let mut s = Served::start(&data, &[]);
+    let mut s = ServerProc::start(&data, &[]);
     let mut acked = HashMap::new();
     for n in 0..10 {
         let (t, info, key) = torrent("full", n);
@@ -591,7 +444,7 @@ fn a_full_disk_fails_inserts_clearly_and_serving_goes_on() {
     // The same upload is refused again, cleanly, while the disk is full; both are counted.
     let (t, info, key) = torrent("full", full_at);
     assert_eq!(try_upload(s.admin, &t).unwrap().0, 500);
-    assert!(metric(s.admin, "magnetar_store_append_errors_no_space_total") >= 2.0);
+    assert!(metric(&s, "magnetar_store_append_errors_no_space_total") >= 2.0);
     // Serving goes on: every stored record, to a peer, and the admin plane.
     for (key, info) in &acked {
         assert_served(&s, info, key);
@@ -603,19 +456,10 @@ fn a_full_disk_fails_inserts_clearly_and_serving_goes_on() {
     acked.insert(key, info);
     assert!(s.terminate(Duration::from_secs(10)).success());
     // Nothing half-written survived the refusals.
-    let s = Served::start(&data, &[]);
-    assert_eq!(
-        metric(s.admin, "magnetar_recovery_corrupt_records_skipped"),
-        0.0
-    );
-    assert_eq!(
-        metric(s.admin, "magnetar_recovery_torn_tails_truncated"),
-        0.0
-    );
-    assert_eq!(
-        metric(s.admin, "magnetar_store_records"),
-        acked.len() as f64
-    );
+    let s = ServerProc::start(&data, &[]);
+    assert_eq!(metric(&s, "magnetar_recovery_corrupt_records_skipped"), 0.0);
+    assert_eq!(metric(&s, "magnetar_recovery_torn_tails_truncated"), 0.0);
+    assert_eq!(metric(&s, "magnetar_store_records"), acked.len() as f64);
     drop(s);
     drop(fs);
 }
@@ -631,22 +475,7 @@ const FD_LIMIT: u64 = 64;
 fn out_of_file_descriptors_accept_backs_off_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("d");
-    let token_file = data.with_extension("token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    let mut cmd = Command::new(magnetar_bin());
-    cmd.arg("serve")
-        .arg("--data-dir")
-        .arg(&data)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--no-dht",
-        ])
-        .arg("--admin-token-file")
-        .arg(&token_file)
-        .args(["--threads", "2", "--handshake-timeout-ms", "60000"]);
+    let mut cmd = ServerProc::command(&data, &["--handshake-timeout-ms", "60000"]);
     // SAFETY: only setrlimit (async-signal-safe) between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -660,18 +489,18 @@ fn out_of_file_descriptors_accept_backs_off_and_recovers() {
             Ok(())
         });
     }
-    let mut s = Served::spawn(cmd);
+    let mut s = ServerProc::spawn(cmd);
     let (t, info, key) = torrent("fds", 1);
     assert_eq!(try_upload(s.admin, &t).unwrap().0, 201);
 
     // Hold more connections than the server has descriptors. The kernel completes every TCP
     // handshake into the listen backlog; the server's accept fails once it is out of fds.
     let conns: Vec<TcpStream> = (0..FD_LIMIT * 2)
-        .map(|_| TcpStream::connect(s.listen).unwrap())
+        .map(|_| TcpStream::connect(s.addr).unwrap())
         .collect();
     // While exhausted a new client is not served.
     assert!(
-        fetch_metadata(s.listen, &key, Duration::from_secs(2)).is_err(),
+        fetch_metadata(s.addr, &key, Duration::from_secs(2)).is_err(),
         "served although out of descriptors"
     );
     assert!(
@@ -684,7 +513,7 @@ fn out_of_file_descriptors_accept_backs_off_and_recovers() {
     let freed = Instant::now();
     let deadline = freed + Duration::from_secs(20);
     loop {
-        match fetch_metadata(s.listen, &key, Duration::from_secs(3)) {
+        match fetch_metadata(s.addr, &key, Duration::from_secs(3)) {
             Ok(got) => {
                 assert_eq!(got, info);
                 break;
@@ -692,7 +521,7 @@ fn out_of_file_descriptors_accept_backs_off_and_recovers() {
             Err(e) => assert!(Instant::now() < deadline, "never served again: {e}"),
         }
     }
-    let errors = metric(s.admin, "magnetar_accept_errors_total");
+    let errors = metric(&s, "magnetar_accept_errors_total");
     println!(
         "fd exhaustion (RLIMIT_NOFILE {FD_LIMIT}): {errors} accept errors counted, served again \
          {} ms after the connections closed",
@@ -717,11 +546,8 @@ fn sigkill_during_eviction_leaves_a_verified_store_within_the_cap() {
     let mut n = 0u64;
     let mut evicted = 0.0;
     for cycle in 0..=CYCLES {
-        let s = Served::start(&data, &args);
-        assert_eq!(
-            metric(s.admin, "magnetar_recovery_corrupt_records_skipped"),
-            0.0
-        );
+        let s = ServerProc::start(&data, &args);
+        assert_eq!(metric(&s, "magnetar_recovery_corrupt_records_skipped"), 0.0);
         // A crash between writing an eviction's copies and unlinking its victim leaves at
         // most one segment (cap / (4 × 2 threads)) over the cap; the next append evicts it.
         let files: u64 = segment_files(&data)
@@ -734,7 +560,7 @@ fn sigkill_during_eviction_leaves_a_verified_store_within_the_cap() {
         }
         // Upload, and keep asking for every 4th record so eviction has copies to make.
         let stop = Arc::new(AtomicBool::new(false));
-        let (admin, listen, stop2) = (s.admin, s.listen, stop.clone());
+        let (admin, listen, stop2) = (s.admin, s.addr, stop.clone());
         let base = n;
         let loader = std::thread::spawn(move || {
             let mut hot: Vec<[u8; 20]> = Vec::new();
@@ -757,7 +583,7 @@ fn sigkill_during_eviction_leaves_a_verified_store_within_the_cap() {
             }
         });
         std::thread::sleep(Duration::from_millis(300 + next_rand(&mut rng) % 400));
-        evicted += metric(s.admin, "magnetar_store_segments_evicted_total");
+        evicted += metric(&s, "magnetar_store_segments_evicted_total");
         let mut s = s;
         s.child.kill().unwrap();
         s.child.wait().unwrap();

@@ -22,18 +22,17 @@
 
 mod common;
 
-use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::kit::*;
+use common::peer::*;
 use common::ServerProc;
 use magnetar::wire::{
-    decode_frame, encode_extended_header, encode_handshake, encode_metadata_request, Decoded,
-    ExtHandshake, Frame, MetadataMsg, Reserved, HANDSHAKE_LEN,
+    decode_frame, encode_metadata_request, Decoded, ExtHandshake, Frame, HANDSHAKE_LEN,
 };
 use sha1::{Digest, Sha1};
 
@@ -43,259 +42,11 @@ use sha1::{Digest, Sha1};
 
 const OUR_ID: u8 = 5;
 
-fn handshake(key: &[u8; 20]) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_handshake(
-        &mut out,
-        Reserved::ours(false, false, false),
-        key,
-        b"-HO0001-hostile-test",
-    );
-    out
-}
-
-fn ext_handshake(ut_metadata: Option<u8>) -> Vec<u8> {
-    let mut out = Vec::new();
-    ExtHandshake {
-        ut_metadata,
-        client: Some(b"hostile test"),
-        ..Default::default()
-    }
-    .encode(&mut out);
-    out
-}
-
-/// An extended message (BEP 10) with a raw payload.
-fn extended(id: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_extended_header(&mut out, id, payload.len());
-    out.extend_from_slice(payload);
-    out
-}
-
-/// A BEP 3 frame with any id and payload.
-fn raw_frame(id: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
-    out.push(id);
-    out.extend_from_slice(payload);
-    out
-}
-
-fn src(c: u8) -> Ipv4Addr {
-    Ipv4Addr::new(127, 0, 0, c)
-}
-
-fn socket_from(source: Ipv4Addr) -> socket2::Socket {
-    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-    // Pick the port at connect time (per 4-tuple), not at bind: thousands of connections
-    // from one source address then do not run out of ports.
-    let one: libc::c_int = 1;
-    // SAFETY: a valid fd and a c_int option value of the right size.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            &one as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-    sock.bind(&SockAddr::from(SocketAddr::new(IpAddr::V4(source), 0)))
-        .unwrap_or_else(|e| panic!("bind {source}: {e}"));
-    sock
-}
-
-fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> io::Result<TcpStream> {
-    let sock = socket_from(source);
-    sock.connect_timeout(&addr.into(), PROMPT)?;
-    let s: TcpStream = sock.into();
-    s.set_nodelay(true)?;
-    Ok(s)
-}
-
-#[derive(Debug, PartialEq)]
-enum Recv {
-    Msg(Vec<u8>),
-    Closed,
-    Timeout,
-}
-
-struct Peer {
-    s: TcpStream,
-    buf: Vec<u8>,
-    closed: bool,
-}
-
-impl Peer {
-    fn connect(addr: SocketAddr) -> Peer {
-        Peer::wrap(TcpStream::connect_timeout(&addr, PROMPT).expect("connect"))
-    }
-
-    fn wrap(s: TcpStream) -> Peer {
-        s.set_nodelay(true).unwrap();
-        s.set_write_timeout(Some(PROMPT)).unwrap();
-        Peer {
-            s,
-            buf: Vec::new(),
-            closed: false,
-        }
-    }
-
-    /// Writes all of `bytes`; false if the server has closed (reset, broken pipe).
-    fn send(&mut self, bytes: &[u8]) -> bool {
-        self.s.write_all(bytes).is_ok()
-    }
-
-    /// One read before `deadline`: Ok(true) bytes, Ok(false) closed, Err timeout.
-    fn fill(&mut self, deadline: Instant) -> Result<bool, ()> {
-        if self.closed {
-            return Ok(false);
-        }
-        let left = deadline
-            .checked_duration_since(Instant::now())
-            .ok_or(())?
-            .max(Duration::from_millis(1));
-        self.s.set_read_timeout(Some(left)).unwrap();
-        let mut chunk = [0u8; 64 * 1024];
-        match self.s.read(&mut chunk) {
-            Ok(0) => {
-                self.closed = true;
-                Ok(false)
-            }
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                Ok(true)
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                Err(())
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
-            Err(_) => {
-                self.closed = true;
-                Ok(false)
-            }
-        }
-    }
-
-    fn read_exact(&mut self, n: usize, what: &str) -> Vec<u8> {
-        let deadline = Instant::now() + PROMPT;
-        while self.buf.len() < n {
-            match self.fill(deadline) {
-                Ok(true) => {}
-                other => panic!("{what}: {other:?} after {} of {n} bytes", self.buf.len()),
-            }
-        }
-        self.buf.drain(..n).collect()
-    }
-
-    /// The next whole frame (length prefix included).
-    fn recv(&mut self, within: Duration) -> Recv {
-        let deadline = Instant::now() + within;
-        loop {
-            match decode_frame(&self.buf) {
-                Ok(Decoded::Done(_, n)) => return Recv::Msg(self.buf.drain(..n).collect()),
-                Ok(Decoded::NeedMore(_)) => {}
-                Err(e) => panic!("server sent an undecodable frame: {e}"),
-            }
-            match self.fill(deadline) {
-                Ok(true) => {}
-                Ok(false) => return Recv::Closed,
-                Err(()) => return Recv::Timeout,
-            }
-        }
-    }
-
-    /// Waits for the server to close; returns what arrived first and how long it took,
-    /// or None if still open after `within`.
-    fn closed_within(&mut self, within: Duration) -> Option<(Vec<u8>, Duration)> {
-        let start = Instant::now();
-        let deadline = start + within;
-        loop {
-            match self.fill(deadline) {
-                Ok(true) => {}
-                Ok(false) => return Some((std::mem::take(&mut self.buf), start.elapsed())),
-                Err(()) => return None,
-            }
-        }
-    }
-
-    /// Nothing but keep-alives for `quiet`, and still open.
-    fn assert_quiet(&mut self, quiet: Duration, what: &str) {
-        let deadline = Instant::now() + quiet;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.recv(left) {
-                Recv::Timeout => return,
-                Recv::Closed => panic!("{what}: the server closed the connection"),
-                Recv::Msg(m) => assert_eq!(m, vec![0; 4], "{what}: unexpected message"),
-            }
-        }
-    }
-}
-
 /// A hit: our handshake + extension handshake (ut_metadata = OUR_ID); reads the server's
 /// handshake and extension handshake. Returns the peer and the server's ut_metadata id.
 fn open_hit(addr: SocketAddr, key: &[u8; 20]) -> (Peer, u8) {
-    let mut p = Peer::connect(addr);
-    let mut first = handshake(key);
-    first.extend(ext_handshake(Some(OUR_ID)));
-    assert!(p.send(&first));
-    let hs = p.read_exact(HANDSHAKE_LEN, "server handshake");
-    assert_eq!(&hs[28..48], key);
-    let server_id = match p.recv(PROMPT) {
-        Recv::Msg(m) => match decode_frame(&m) {
-            Ok(Decoded::Done(Frame::Extended { id: 0, payload }, _)) => {
-                ExtHandshake::decode(payload).unwrap().ut_metadata.unwrap()
-            }
-            other => panic!("expected the extension handshake, got {other:?}"),
-        },
-        other => panic!("expected the extension handshake, got {other:?}"),
-    };
-    (p, server_id)
-}
-
-/// Requests every piece of `t` and checks the answers (carrying `our_id`).
-fn fetch_on(p: &mut Peer, server_id: u8, our_id: u8, t: &Torrent, what: &str) {
-    let pieces = magnetar::wire::metadata_piece_count(t.info.len()) as u32;
-    let mut wire = Vec::new();
-    for piece in 0..pieces {
-        encode_metadata_request(&mut wire, server_id, piece);
-    }
-    assert!(p.send(&wire), "{what}: send requests");
-    let mut got = Vec::new();
-    let mut answered = 0;
-    for _ in 0..pieces + 100 {
-        let m = match p.recv(PROMPT) {
-            Recv::Msg(m) => m,
-            other => panic!("{what}: {other:?} after {answered} of {pieces} pieces"),
-        };
-        if m == [0; 4] {
-            continue;
-        }
-        match decode_frame(&m) {
-            Ok(Decoded::Done(Frame::Extended { id, payload }, _)) => {
-                assert_eq!(id, our_id, "{what}: reply must carry our id");
-                match magnetar::wire::decode_metadata(payload).unwrap() {
-                    (MetadataMsg::Data { piece, .. }, data) => {
-                        assert_eq!(piece, answered);
-                        got.extend_from_slice(data);
-                    }
-                    other => panic!("{what}: {other:?}"),
-                }
-            }
-            other => panic!("{what}: unexpected {other:?}"),
-        }
-        answered += 1;
-        if answered == pieces {
-            break;
-        }
-    }
-    assert!(got == t.info, "{what}: metadata differs");
+    let o = open(addr, key, OUR_ID);
+    (o.peer, o.server_id)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -353,9 +104,9 @@ fn bencode_bombs_in_the_extension_handshake_are_closed() {
     for (what, bomb) in &bombs {
         // As the first message after the handshake, in the same write.
         let mut p = Peer::connect(server.addr);
-        let mut wire = handshake(&fx.small.key);
+        let mut wire = handshake(reserved(false), &fx.small.key);
         wire.extend(extended(0, bomb));
-        p.send(&wire);
+        p.try_send(&wire);
         let (got, took) = p
             .closed_within(PROMPT)
             .unwrap_or_else(|| panic!("{what}: still open after {PROMPT:?}"));
@@ -376,8 +127,8 @@ fn bencode_bombs_in_the_extension_handshake_are_closed() {
 
         // As a later extension handshake on a connection that is being served.
         let (mut p, server_id) = open_hit(server.addr, &fx.small.key);
-        fetch_on(&mut p, server_id, OUR_ID, &fx.small, what);
-        p.send(&extended(0, bomb));
+        fetch_all_on(&mut p, server_id, &fx.small, OUR_ID);
+        p.try_send(&extended(0, bomb));
         let (got, _) = p
             .closed_within(PROMPT)
             .unwrap_or_else(|| panic!("{what} (later): still open"));
@@ -415,28 +166,28 @@ fn integer_overflow_in_extension_handshake_fields_is_ignored() {
         "d1:md11:ut_metadatai{OUR_ID}ee13:metadata_sizei{big}e1:pi{big}e4:reqqi-{big}e1:v4:hoste"
     );
     let mut p = Peer::connect(server.addr);
-    let mut wire = handshake(&fx.normal.key);
+    let mut wire = handshake(reserved(false), &fx.normal.key);
     wire.extend(extended(0, payload.as_bytes()));
-    p.send(&wire);
-    p.read_exact(HANDSHAKE_LEN, "handshake");
+    p.try_send(&wire);
+    p.read_exact(HANDSHAKE_LEN, PROMPT, "handshake");
     assert!(matches!(p.recv(PROMPT), Recv::Msg(_)));
-    fetch_on(&mut p, 2, OUR_ID, &fx.normal, "overflowing fields");
+    fetch_all_on(&mut p, 2, &fx.normal, OUR_ID);
 
     // Overflowing ut_metadata id: no usable id, requests unanswered, connection kept;
     // a later handshake with a valid id makes it usable.
     let payload = format!("d1:md11:ut_metadatai{big}eee");
     let mut p = Peer::connect(server.addr);
-    let mut wire = handshake(&fx.small.key);
+    let mut wire = handshake(reserved(false), &fx.small.key);
     wire.extend(extended(0, payload.as_bytes()));
-    p.send(&wire);
-    p.read_exact(HANDSHAKE_LEN, "handshake");
+    p.try_send(&wire);
+    p.read_exact(HANDSHAKE_LEN, PROMPT, "handshake");
     assert!(matches!(p.recv(PROMPT), Recv::Msg(_)));
     let mut req = Vec::new();
     encode_metadata_request(&mut req, 2, 0);
-    p.send(&req);
+    p.try_send(&req);
     p.assert_quiet(Duration::from_millis(300), "requests without a usable id");
-    p.send(&ext_handshake(Some(9)));
-    fetch_on(&mut p, 2, 9, &fx.small, "id given later");
+    p.try_send(&ext_handshake(Some(9)));
+    fetch_all_on(&mut p, 2, &fx.small, 9);
 
     // A miss whose client claims a metadata_size of u64::MAX: the client fill is refused
     // before anything is allocated; the session waits for the (sourceless) fetch.
@@ -445,10 +196,10 @@ fn integer_overflow_in_extension_handshake_fields_is_ignored() {
         u64::MAX
     );
     let mut p = Peer::connect(server.addr);
-    let mut wire = handshake(&[0x77; 20]);
+    let mut wire = handshake(reserved(false), &[0x77; 20]);
     wire.extend(extended(0, payload.as_bytes()));
-    p.send(&wire);
-    p.read_exact(HANDSHAKE_LEN, "miss handshake");
+    p.try_send(&wire);
+    p.read_exact(HANDSHAKE_LEN, PROMPT, "miss handshake");
     let (m, refused) = metrics_until(&server, PROMPT, |m| {
         get(m, "magnetar_client_fills_total{result=\"refused\"}") >= 1
     });
@@ -492,13 +243,13 @@ fn extension_messages_with_unknown_ids_are_ignored() {
     }
     // BEP 3 requests for blocks we do not have: ignored too (we have no pieces).
     wire.extend(raw_frame(6, &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x40, 0]));
-    assert!(p.send(&wire));
+    assert!(p.try_send(&wire));
     p.assert_quiet(Duration::from_millis(300), "after unknown ids");
-    fetch_on(&mut p, server_id, OUR_ID, &fx.normal, "after unknown ids");
+    fetch_all_on(&mut p, server_id, &fx.normal, OUR_ID);
 
     // Garbage on our own ut_metadata id: closed, nothing sent.
     let (mut p, server_id) = open_hit(server.addr, &fx.small.key);
-    p.send(&extended(server_id, &garbage));
+    p.try_send(&extended(server_id, &garbage));
     let (got, _) = p
         .closed_within(PROMPT)
         .expect("garbage ut_metadata message: still open");
@@ -531,9 +282,9 @@ fn slowloris_handshake_one_byte_a_second_is_closed_at_the_handshake_timeout() {
             std::thread::spawn(move || {
                 let mut p = Peer::connect(addr);
                 let start = Instant::now();
-                let hs = handshake(&key);
+                let hs = handshake(reserved(false), &key);
                 for (i, b) in hs.iter().enumerate() {
-                    if !p.send(&[*b]) {
+                    if !p.try_send(&[*b]) {
                         return (i, start.elapsed());
                     }
                     if let Some((got, _)) = p.closed_within(Duration::from_secs(1)) {
@@ -606,7 +357,7 @@ fn slowloris_partial_frame_trickle_is_closed_at_the_idle_timeout() {
     let start = Instant::now();
     let mut closed_at = None;
     for b in frame.iter().take(20) {
-        if !p.send(&[*b]) {
+        if !p.try_send(&[*b]) {
             closed_at = Some(start.elapsed());
             break;
         }
@@ -614,7 +365,7 @@ fn slowloris_partial_frame_trickle_is_closed_at_the_idle_timeout() {
         let wait = Instant::now() + Duration::from_millis(400);
         while let Some(left) = wait.checked_duration_since(Instant::now()) {
             match p.recv(left) {
-                Recv::Msg(m) => assert_eq!(m, vec![0; 4]),
+                Recv::Msg(m) => assert!(m.is_keepalive(), "{m:?}"),
                 Recv::Closed => {
                     closed_at = Some(start.elapsed());
                     break;
@@ -652,18 +403,21 @@ fn trickling_peers_are_bounded_by_the_per_ip_cap() {
     for _ in 0..8 {
         let s = connect_from(src(50), server.addr).unwrap();
         let mut p = Peer::wrap(s);
-        let mut first = handshake(&fx.small.key);
+        let mut first = handshake(reserved(false), &fx.small.key);
         first.extend(ext_handshake(Some(OUR_ID)));
-        assert!(p.send(&first));
-        p.read_exact(HANDSHAKE_LEN, "held peer");
+        assert!(p.try_send(&first));
+        p.read_exact(HANDSHAKE_LEN, PROMPT, "held peer");
         held.push(p);
     }
     for round in 0..3 {
         for p in &mut held {
-            assert!(p.send(&[0, 0, 0, 0]), "held peer closed in round {round}");
+            assert!(
+                p.try_send(&[0, 0, 0, 0]),
+                "held peer closed in round {round}"
+            );
         }
         let mut ninth = Peer::wrap(connect_from(src(50), server.addr).unwrap());
-        ninth.send(&handshake(&fx.small.key));
+        ninth.try_send(&handshake(reserved(false), &fx.small.key));
         let (got, took) = ninth.closed_within(PROMPT).expect("9th from one address");
         assert!(
             got.is_empty() && took < Duration::from_secs(1),
@@ -743,7 +497,7 @@ fn ten_thousand_idle_connections_while_a_normal_client_is_served() {
     let before = metrics(&server);
     let rss_before = rss_kib(&server);
 
-    let mut first = handshake(&fx.small.key);
+    let mut first = handshake(reserved(false), &fx.small.key);
     first.extend(ext_handshake(Some(OUR_ID)));
     // Two rounds: the second must not grow the server's memory (nothing per connection
     // outlives it; the allocator reuses what the first round freed).
@@ -867,7 +621,7 @@ fn connect_close_storm_leaves_the_server_fine() {
                             sock.set_linger(Some(Duration::ZERO)).unwrap();
                         }
                         _ => {
-                            let _ = sock.send(&handshake(&key));
+                            let _ = sock.send(&handshake(reserved(false), &key));
                         }
                     }
                     drop(sock);
@@ -1011,7 +765,7 @@ fn miss_handshake(source: Ipv4Addr, addr: SocketAddr, key: &[u8; 20]) {
         return;
     };
     let mut p = Peer::wrap(s);
-    if !p.send(&handshake(key)) {
+    if !p.try_send(&handshake(reserved(false), key)) {
         return;
     }
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -1245,13 +999,13 @@ fn pex_from_a_waiting_client_is_bounded_per_fetch() {
     );
     let before = metrics(&server);
     let mut p = Peer::connect(server.addr);
-    let mut first = handshake(&random_key(30, 0));
+    let mut first = handshake(reserved(false), &random_key(30, 0));
     first.extend(ext_handshake(Some(OUR_ID)));
-    assert!(p.send(&first));
-    p.read_exact(HANDSHAKE_LEN, "miss handshake");
+    assert!(p.try_send(&first));
+    p.read_exact(HANDSHAKE_LEN, PROMPT, "miss handshake");
     // The held-out extension handshake offers ut_pex while we wait.
     let pex_id = match p.recv(PROMPT) {
-        Recv::Msg(m) => match decode_frame(&m) {
+        Recv::Msg(m) => match decode_frame(&m.0) {
             Ok(Decoded::Done(Frame::Extended { id: 0, payload }, _)) => {
                 ExtHandshake::decode(payload)
                     .unwrap()
@@ -1276,7 +1030,7 @@ fn pex_from_a_waiting_client_is_bounded_per_fetch() {
         payload.push(b'e');
         let msg = extended(pex_id, &payload);
         pex_bytes += msg.len();
-        assert!(p.send(&msg), "closed while sending PEX");
+        assert!(p.try_send(&msg), "closed while sending PEX");
         std::thread::sleep(Duration::from_millis(30));
     }
     let closed = p.closed_within(Duration::from_secs(8));
@@ -1381,7 +1135,7 @@ fn tracker_with_a_huge_peer_list_keeps_the_fetch_bounded() {
     let mut waiting = Vec::new();
     for i in 0..MISSES {
         let mut p = Peer::connect(server.addr);
-        p.send(&handshake(&random_key(10, i)));
+        p.try_send(&handshake(reserved(false), &random_key(10, i)));
         waiting.push(p);
     }
     // Sample RSS until the fetches end.
@@ -1546,7 +1300,7 @@ fn malformed_dht_replies_leave_the_server_serving() {
     let mut waiting: Vec<Peer> = (0..3)
         .map(|i| {
             let mut p = Peer::connect(server.addr);
-            p.send(&handshake(&random_key(20, i)));
+            p.try_send(&handshake(reserved(false), &random_key(20, i)));
             p
         })
         .collect();

@@ -13,8 +13,8 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::kit::*;
+use common::peer::{ext_handshake, handshake, requests, reserved};
 use common::ServerProc;
-use magnetar::wire::{encode_handshake, encode_metadata_request, ExtHandshake, Reserved};
 
 const ST_DATA: u8 = 0;
 const ST_FIN: u8 = 1;
@@ -104,21 +104,9 @@ fn src(c: u8) -> Ipv4Addr {
 /// requests for `pieces` pieces (addressed to the server's id 1..: we do not wait for its
 /// extension handshake, so use the id magnetar always assigns).
 fn bt_opening(key: &[u8; 20], pieces: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_handshake(
-        &mut out,
-        Reserved::ours(true, false, false),
-        key,
-        b"-HU0001-hostile-utp-",
-    );
-    ExtHandshake {
-        ut_metadata: Some(9),
-        ..ExtHandshake::default()
-    }
-    .encode(&mut out);
-    for p in 0..pieces {
-        encode_metadata_request(&mut out, magnetar::wire::OUR_UT_METADATA_ID, p);
-    }
+    let mut out = handshake(reserved(true), key);
+    out.extend(ext_handshake(Some(9)));
+    out.extend(requests(magnetar::wire::OUR_UT_METADATA_ID, 0..pieces));
     out
 }
 

@@ -2,7 +2,7 @@
 //! the grace time, SIGHUP reloads the blocklist, systemd readiness / watchdog /
 //! socket activation.
 
-mod admin_support;
+mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -13,24 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use admin_support::*;
-use sha1::{Digest, Sha1};
+use common::http::*;
+use common::info::{torrent_file, v1_info, v1_key};
+use common::*;
 
 /// A valid single-file v1 .torrent, unique per `n`, and its v1 info-hash (hex).
 fn synthetic_torrent(n: u64) -> (Vec<u8>, String) {
-    let name = format!("lifecycle-{n:08}.bin");
-    let mut info = Vec::new();
-    info.extend_from_slice(
-        format!("d6:lengthi{}e4:name{}:{name}", 1000 + n % 5000, name.len()).as_bytes(),
-    );
-    info.extend_from_slice(b"12:piece lengthi16384e6:pieces20:");
-    info.extend_from_slice(&Sha1::digest(name.as_bytes()));
-    info.push(b'e');
-    let hash = hex::encode(Sha1::digest(&info));
-    let mut torrent = b"d4:info".to_vec();
-    torrent.extend_from_slice(&info);
-    torrent.push(b'e');
-    (torrent, hash)
+    let info = v1_info(&format!("lifecycle-{n:08}.bin"), 1);
+    (torrent_file(&info), hex::encode(v1_key(&info)))
 }
 
 /// POST without panicking on transport errors (the server goes away mid-test).
@@ -52,7 +42,7 @@ fn try_upload(url: &str, body: &[u8]) -> Option<u16> {
 fn sigterm_during_uploads_loses_no_acknowledged_record() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("d");
-    let mut s = Served::start(&data, &["--shutdown-grace-ms", "2000"]);
+    let mut s = ServerProc::start(&data, &["--shutdown-grace-ms", "2000"]);
     let url = s.url("/torrents");
     let acked = Arc::new(Mutex::new(Vec::<String>::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -75,7 +65,7 @@ fn sigterm_during_uploads_loses_no_acknowledged_record() {
     }
     // Peer connections too, so sessions are open when the signal lands.
     let peers: Vec<TcpStream> = (0..8)
-        .map(|_| TcpStream::connect(s.listen).unwrap())
+        .map(|_| TcpStream::connect(s.addr).unwrap())
         .collect();
     let until = Instant::now() + Duration::from_secs(10);
     while acked.lock().unwrap().len() < 50 && Instant::now() < until {
@@ -98,16 +88,12 @@ fn sigterm_during_uploads_loses_no_acknowledged_record() {
     );
 
     let acked = acked.lock().unwrap().clone();
-    let s = Served::start(&data, &[]);
+    let s = ServerProc::start(&data, &[]);
     for hash in &acked {
         let t = get(&s.url(&format!("/torrents/{hash}.torrent")));
         assert_eq!(t.status, 200, "acknowledged record {hash} lost");
         let span = magnetar::metainfo::info_span(&t.body).unwrap();
-        assert_eq!(
-            &hex::encode(Sha1::digest(&t.body[span])),
-            hash,
-            "record verifies"
-        );
+        assert_eq!(&hex::encode(v1_key(&t.body[span])), hash, "record verifies");
     }
     let m = get(&s.url("/metrics")).text();
     assert!(
@@ -123,10 +109,10 @@ fn sigterm_during_uploads_loses_no_acknowledged_record() {
 #[test]
 fn sigterm_stops_accepting_and_cuts_idle_sessions_after_the_grace_time() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Served::start(&dir.path().join("d"), &["--shutdown-grace-ms", "700"]);
+    let mut s = ServerProc::start(&dir.path().join("d"), &["--shutdown-grace-ms", "700"]);
     // An idle session that never sends its handshake would hold the process for the
     // handshake timeout (10 s); the grace time bounds it.
-    let mut idle = TcpStream::connect(s.listen).unwrap();
+    let mut idle = TcpStream::connect(s.addr).unwrap();
     // Make sure the worker has accepted it before the signal.
     let until = Instant::now() + Duration::from_secs(10);
     while !get(&s.url("/metrics"))
@@ -141,7 +127,7 @@ fn sigterm_stops_accepting_and_cuts_idle_sessions_after_the_grace_time() {
     // Readiness flips at once; new peers are refused soon after.
     let until = Instant::now() + Duration::from_secs(5);
     loop {
-        let refused = TcpStream::connect_timeout(&s.listen, Duration::from_millis(200)).is_err();
+        let refused = TcpStream::connect_timeout(&s.addr, Duration::from_millis(200)).is_err();
         if refused {
             break;
         }
@@ -166,7 +152,7 @@ fn sigterm_stops_accepting_and_cuts_idle_sessions_after_the_grace_time() {
 fn sighup_reloads_a_hand_edited_blocklist() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("d");
-    let s = Served::start(&data, &[]);
+    let s = ServerProc::start(&data, &[]);
     let (torrent, hash) = synthetic_torrent(42);
     assert_eq!(post(&s.url("/torrents"), Some(TOKEN), &torrent).status, 201);
     assert_eq!(get(&s.url(&format!("/torrents/{hash}"))).status, 200);
@@ -214,20 +200,10 @@ fn recv_until(sock: &UnixDatagram, want: &str) -> Vec<String> {
 fn sd_notify_ready_watchdog_and_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let (sock, path) = notify_socket(dir.path());
-    let mut cmd = Command::new(magnetar_bin());
-    cmd.arg("serve")
-        .arg("--data-dir")
-        .arg(dir.path().join("d"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--no-dht",
-        ])
-        .env("NOTIFY_SOCKET", &path)
+    let mut cmd = ServerProc::command(&dir.path().join("d"), &[]);
+    cmd.env("NOTIFY_SOCKET", &path)
         .env("WATCHDOG_USEC", "600000");
-    let mut s = Served::spawn(cmd);
+    let mut s = ServerProc::spawn(cmd);
     recv_until(&sock, "READY=1");
     // Fed while every worker's heartbeat advances.
     recv_until(&sock, "WATCHDOG=1");
@@ -276,9 +252,9 @@ fn socket_activation_serves_on_the_inherited_socket() {
             Ok(())
         });
     }
-    let s = Served::spawn(cmd);
+    let s = ServerProc::spawn(cmd);
     drop(listener);
-    assert_eq!(s.listen, addr, "{}", s.ready_line);
+    assert_eq!(s.addr, addr, "{}", s.ready_line);
     let (torrent, hash) = synthetic_torrent(7);
     assert_eq!(post(&s.url("/torrents"), Some(TOKEN), &torrent).status, 201);
     // A BitTorrent handshake on the inherited socket gets the info-hash echoed.

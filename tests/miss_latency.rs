@@ -15,24 +15,15 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::bep9::{fetch_metadata, FakeSeed, SeedBehaviour};
+use common::info::v1_info;
 use common::*;
 use sha1::{Digest, Sha1};
 
 const MISSES: usize = 40;
 
+/// 4 KB .. 22 KB: 1-2 metadata pieces.
 fn info(i: usize) -> Vec<u8> {
-    let k = 200 + i * 37 % 900; // 4 KB .. 22 KB: 1-2 metadata pieces
-    let name = format!("latency-{i}");
-    let mut v = format!(
-        "d6:lengthi{}e4:name{}:{name}12:piece lengthi16384e6:pieces{}:",
-        k * 16384,
-        name.len(),
-        k * 20
-    )
-    .into_bytes();
-    v.extend((0..k * 20).map(|j| ((j + i) * 7 % 251) as u8));
-    v.push(b'e');
-    v
+    v1_info(&format!("latency-{i}"), 200 + i * 37 % 900)
 }
 
 struct Percentiles {

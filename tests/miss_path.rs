@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::bep9::{fetch_metadata, FakeSeed, SeedBehaviour};
+use common::info::v1_info;
 use common::*;
 use sha1::{Digest, Sha1};
 
@@ -148,19 +149,6 @@ fn connecting_seed_fills_the_miss_itself() {
     assert!(got == t.info, "wrong bytes from the opportunistic fill");
 }
 
-fn v1_info(name: &str, k: usize) -> Vec<u8> {
-    let mut v = format!(
-        "d6:lengthi{}e4:name{}:{name}12:piece lengthi16384e6:pieces{}:",
-        k * 16384,
-        name.len(),
-        k * 20
-    )
-    .into_bytes();
-    v.extend((0..k * 20).map(|i| (i * 13 % 251) as u8));
-    v.push(b'e');
-    v
-}
-
 /// A liar (as a parent node, tried first) and an honest seed (via the tracker): the
 /// clients get the right bytes, and the liar is asked once and never again.
 #[test]
@@ -291,7 +279,7 @@ fn admin_fetch_uses_the_magnet_hints() {
         ]
         .concat(),
     );
-    let admin = server.admin.expect("admin address in the ready line");
+    let admin = server.admin;
     let magnet = format!(
         "magnet:?xt=urn:btih:{}&x.pe={}",
         hex::encode(key),
@@ -421,19 +409,10 @@ fn stored_hashes_are_announced_to_the_dht_but_private_ones_are_not() {
     // The announcer goes round every stored record once, then sleeps for the re-announce
     // interval: give it time to reach the private one too, then count what it announced.
     std::thread::sleep(Duration::from_secs(3));
-    let metrics = ureq::get(&format!("http://{}/metrics", server.admin.unwrap()))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
-    let announced: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("magnetar_dht_announces_started_total "))
-        .expect("announce counter in /metrics")
-        .trim()
-        .parse()
-        .unwrap();
+    let announced = kit::get(
+        &kit::metrics(&server),
+        "magnetar_dht_announces_started_total",
+    );
     assert_eq!(announced, 1, "only the public torrent's key is announced");
     assert!(!finds(private), "a private torrent was announced");
 }

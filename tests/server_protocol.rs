@@ -7,115 +7,24 @@
 
 mod common;
 
-use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::info::*;
+use common::peer::*;
 use common::*;
 use magnetar::limits;
 use magnetar::wire::{
-    decode_frame, decode_metadata, encode_handshake, encode_keepalive, encode_metadata_request,
-    metadata_piece_count, Decoded, ExtHandshake, Frame, MetadataMsg, Reserved, HANDSHAKE_LEN,
+    decode_frame, encode_keepalive, Decoded, ExtHandshake, Frame, MetadataMsg, Reserved,
+    HANDSHAKE_LEN,
 };
-use sha1::{Digest, Sha1};
-use sha2::Sha256;
 
-/// Upper bound for anything the server should do "at once".
-const PROMPT: Duration = Duration::from_secs(5);
 const PIECE: usize = limits::METADATA_PIECE_BYTES;
 
 // ---------------------------------------------------------------------------------------
 // Test torrents, bencoded by hand (keys sorted), imported with `magnetar import`.
 // ---------------------------------------------------------------------------------------
-
-#[derive(Clone)]
-struct Torrent {
-    info: Vec<u8>,
-    /// The 20 bytes a client puts in its handshake (SHA-1, or SHA-256 truncated).
-    key: [u8; 20],
-}
-
-impl Torrent {
-    fn pieces(&self) -> usize {
-        metadata_piece_count(self.info.len())
-    }
-}
-
-fn filler(seed: &str, len: usize) -> Vec<u8> {
-    let s: usize = seed.bytes().map(usize::from).sum();
-    (0..len).map(|i| ((i * 31 + s * 7) % 251) as u8).collect()
-}
-
-fn bstr(s: &str) -> String {
-    format!("{}:{}", s.len(), s)
-}
-
-/// v1 single-file info dict with `k` piece hashes (so ~20*k bytes).
-fn v1_info(name: &str, k: usize) -> Vec<u8> {
-    let mut v = format!(
-        "d6:lengthi{}e4:name{}12:piece lengthi16384e6:pieces{}:",
-        k * 16384,
-        bstr(name),
-        k * 20
-    )
-    .into_bytes();
-    v.extend(filler(name, k * 20));
-    v.push(b'e');
-    v
-}
-
-fn file_tree(name: &str, len: u64) -> Vec<u8> {
-    let mut v = format!(
-        "9:file treed{}d0:d6:lengthi{len}e11:pieces root32:",
-        bstr(name)
-    )
-    .into_bytes();
-    v.extend(filler(name, 32));
-    v.extend_from_slice(b"eee");
-    v
-}
-
-/// v2-only single-file info dict.
-fn v2_info(name: &str) -> Vec<u8> {
-    let mut v = b"d".to_vec();
-    v.extend(file_tree(name, 1_000_000));
-    v.extend(
-        format!(
-            "12:meta versioni2e4:name{}12:piece lengthi16384ee",
-            bstr(name)
-        )
-        .bytes(),
-    );
-    v
-}
-
-/// Hybrid (v1 + v2) single-file info dict.
-fn hybrid_info(name: &str) -> Vec<u8> {
-    let len = 3 * 16384u64;
-    let mut v = b"d".to_vec();
-    v.extend(file_tree(name, len));
-    v.extend(
-        format!(
-            "6:lengthi{len}e12:meta versioni2e4:name{}12:piece lengthi16384e6:pieces60:",
-            bstr(name)
-        )
-        .bytes(),
-    );
-    v.extend(filler(name, 60));
-    v.push(b'e');
-    v
-}
-
-fn sha1_key(info: &[u8]) -> [u8; 20] {
-    Sha1::digest(info).into()
-}
-
-fn sha256_key(info: &[u8]) -> [u8; 20] {
-    let full: [u8; 32] = Sha256::digest(info).into();
-    full[..20].try_into().unwrap()
-}
 
 struct Fixture {
     _tmp: tempfile::TempDir,
@@ -133,48 +42,25 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
-    let torrents = tmp.path().join("torrents");
-    std::fs::create_dir_all(&torrents).unwrap();
     let small = v1_info("small.bin", 500);
     let large = v1_info("large.bin", 4000);
     let v2 = v2_info("v2only.bin");
     let hybrid = hybrid_info("hybrid.bin");
-    for (name, info) in [
-        ("small", &small),
-        ("large", &large),
-        ("v2", &v2),
-        ("hybrid", &hybrid),
-    ] {
-        let mut t = b"d4:info".to_vec();
-        t.extend_from_slice(info);
-        t.push(b'e');
-        std::fs::write(torrents.join(format!("{name}.torrent")), t).unwrap();
-    }
-    let data = tmp.path().join("data");
-    run_ok(
-        Command::new(magnetar_bin())
-            .args(["--log", "warn", "import", "--data-dir"])
-            .arg(&data)
-            .arg(&torrents),
+    let data = import_all(
+        tmp.path(),
+        &[
+            ("small", &small),
+            ("large", &large),
+            ("v2", &v2),
+            ("hybrid", &hybrid),
+        ],
     );
     let fx = Fixture {
-        small: Torrent {
-            key: sha1_key(&small),
-            info: small,
-        },
-        large: Torrent {
-            key: sha1_key(&large),
-            info: large,
-        },
-        v2: Torrent {
-            key: sha256_key(&v2),
-            info: v2,
-        },
-        hybrid_v2_key: sha256_key(&hybrid),
-        hybrid: Torrent {
-            key: sha1_key(&hybrid),
-            info: hybrid,
-        },
+        small: Torrent::v1(small),
+        large: Torrent::v1(large),
+        v2: Torrent::v2(v2),
+        hybrid_v2_key: v2_key(&hybrid),
+        hybrid: Torrent::v1(hybrid),
         data,
         _tmp: tmp,
     };
@@ -189,391 +75,6 @@ fn serve(fx: &Fixture, flags: &[&str]) -> ServerProc {
     let mut args = vec!["--log", "warn", "--threads", "2"];
     args.extend_from_slice(flags);
     ServerProc::start(&fx.data, &args)
-}
-
-// ---------------------------------------------------------------------------------------
-// Client side: bytes we send, built with the crate's encoders.
-// ---------------------------------------------------------------------------------------
-
-const CLIENT_PEER_ID: [u8; 20] = *b"-TS0001-abcdefghijkl";
-
-/// BEP 10 (+ Fast if asked); never the v2 bit.
-fn reserved(fast: bool) -> Reserved {
-    Reserved::ours(fast, false, false)
-}
-
-/// The 68-byte handshake.
-fn handshake(reserved: Reserved, key: &[u8; 20]) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_handshake(&mut out, reserved, key, &CLIENT_PEER_ID);
-    assert_eq!(out.len(), HANDSHAKE_LEN);
-    out
-}
-
-/// Our extension handshake; `ut_metadata` is the id the server must use towards us.
-fn ext_handshake(ut_metadata: Option<u8>) -> Vec<u8> {
-    let mut out = Vec::new();
-    ExtHandshake {
-        ut_metadata,
-        client: Some(b"server_protocol test"),
-        reqq: Some(500),
-        ..Default::default()
-    }
-    .encode(&mut out);
-    out
-}
-
-/// A ut_metadata request addressed with the server's id.
-fn request(server_id: u8, piece: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_metadata_request(&mut out, server_id, piece);
-    out
-}
-
-fn requests(server_id: u8, pieces: impl IntoIterator<Item = u32>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for p in pieces {
-        encode_metadata_request(&mut out, server_id, p);
-    }
-    out
-}
-
-// ---------------------------------------------------------------------------------------
-// Client side: a blocking connection with deadlines.
-// ---------------------------------------------------------------------------------------
-
-/// One whole frame as received (length prefix included).
-struct Msg(Vec<u8>);
-
-impl Msg {
-    fn frame(&self) -> Frame<'_> {
-        match decode_frame(&self.0) {
-            Ok(Decoded::Done(f, n)) if n == self.0.len() => f,
-            other => panic!("Msg holds a whole frame: {other:?}"),
-        }
-    }
-
-    /// (extended id, ut_metadata message, block) or a panic naming what came instead.
-    fn metadata(&self) -> (u8, MetadataMsg, Vec<u8>) {
-        match self.frame() {
-            Frame::Extended { id, payload } if id != 0 => {
-                let (msg, block) = decode_metadata(payload)
-                    .unwrap_or_else(|e| panic!("bad ut_metadata message from server: {e}"));
-                (id, msg, block.to_vec())
-            }
-            other => panic!("expected a ut_metadata message, got {other:?}"),
-        }
-    }
-}
-
-impl std::fmt::Debug for Msg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.frame() {
-            Frame::Extended { id, payload } => write!(
-                f,
-                "Extended {{ id: {id}, payload: {:?} }}",
-                String::from_utf8_lossy(&payload[..payload.len().min(80)])
-            ),
-            other => write!(f, "{other:?}"),
-        }
-    }
-}
-
-#[derive(Debug)]
-enum Recv {
-    Msg(Msg),
-    /// EOF or reset.
-    Closed,
-    Timeout,
-}
-
-struct Peer {
-    s: TcpStream,
-    /// Received, not yet consumed.
-    buf: Vec<u8>,
-    /// Set once a read returned EOF or a reset.
-    closed: bool,
-}
-
-impl Peer {
-    fn connect(addr: SocketAddr) -> Peer {
-        let s = TcpStream::connect_timeout(&addr, PROMPT).expect("connect");
-        Peer::wrap(s)
-    }
-
-    /// Connects from a chosen loopback source address (any 127.x works on Linux).
-    fn connect_from(src: Ipv4Addr, addr: SocketAddr) -> Peer {
-        use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-        let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-        sock.bind(&SockAddr::from(SocketAddr::new(IpAddr::V4(src), 0)))
-            .unwrap_or_else(|e| panic!("bind {src}: {e}"));
-        sock.connect_timeout(&SockAddr::from(addr), PROMPT)
-            .unwrap_or_else(|e| panic!("connect from {src}: {e}"));
-        Peer::wrap(sock.into())
-    }
-
-    fn wrap(s: TcpStream) -> Peer {
-        s.set_nodelay(true).unwrap();
-        s.set_write_timeout(Some(PROMPT)).unwrap();
-        Peer {
-            s,
-            buf: Vec::new(),
-            closed: false,
-        }
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.s.write_all(bytes).expect("send to server");
-    }
-
-    /// One read into `buf` before `deadline`: Ok(true) = got bytes, Ok(false) = EOF/reset,
-    /// Err = deadline passed.
-    fn fill(&mut self, deadline: Instant) -> Result<bool, ()> {
-        if self.closed {
-            return Ok(false);
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(());
-        }
-        let wait = (deadline - now).max(Duration::from_millis(1));
-        self.s.set_read_timeout(Some(wait)).unwrap();
-        let mut chunk = [0u8; 64 * 1024];
-        match self.s.read(&mut chunk) {
-            Ok(0) => {
-                self.closed = true;
-                Ok(false)
-            }
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                Ok(true)
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                Err(())
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
-            Err(_) => {
-                // ECONNRESET and friends: the server closed on us.
-                self.closed = true;
-                Ok(false)
-            }
-        }
-    }
-
-    /// Exactly `n` bytes, or a panic saying why not.
-    fn read_exact(&mut self, n: usize, within: Duration, what: &str) -> Vec<u8> {
-        let deadline = Instant::now() + within;
-        while self.buf.len() < n {
-            match self.fill(deadline) {
-                Ok(true) => {}
-                Ok(false) => panic!(
-                    "{what}: connection closed after {} of {n} bytes",
-                    self.buf.len()
-                ),
-                Err(()) => panic!(
-                    "{what}: only {} of {n} bytes within {within:?}",
-                    self.buf.len()
-                ),
-            }
-        }
-        self.buf.drain(..n).collect()
-    }
-
-    fn recv(&mut self, within: Duration) -> Recv {
-        let deadline = Instant::now() + within;
-        loop {
-            match decode_frame(&self.buf) {
-                Ok(Decoded::Done(_, n)) => return Recv::Msg(Msg(self.buf.drain(..n).collect())),
-                Ok(Decoded::NeedMore(_)) => {}
-                Err(e) => panic!("server sent an undecodable frame: {e}"),
-            }
-            match self.fill(deadline) {
-                Ok(true) => {}
-                Ok(false) => return Recv::Closed,
-                Err(()) => return Recv::Timeout,
-            }
-        }
-    }
-
-    /// The next message; panics on close or timeout.
-    fn msg(&mut self, what: &str) -> Msg {
-        match self.recv(PROMPT) {
-            Recv::Msg(m) => m,
-            other => panic!("{what}: expected a message, got {other:?}"),
-        }
-    }
-
-    /// The next message that is not a keep-alive.
-    fn msg_skipping_keepalives(&mut self, what: &str) -> Msg {
-        for _ in 0..1000 {
-            let m = self.msg(what);
-            if !matches!(m.frame(), Frame::KeepAlive) {
-                return m;
-            }
-        }
-        panic!("{what}: only keep-alives");
-    }
-
-    /// Waits for the server to close. Returns the bytes that arrived first and how long it
-    /// took; panics if still open after `within`.
-    fn closed_within(&mut self, within: Duration, what: &str) -> (Vec<u8>, Duration) {
-        let start = Instant::now();
-        let deadline = start + within;
-        loop {
-            match self.fill(deadline) {
-                Ok(true) => {}
-                Ok(false) => return (std::mem::take(&mut self.buf), start.elapsed()),
-                Err(()) => panic!(
-                    "{what}: still open after {within:?} ({} bytes received)",
-                    self.buf.len()
-                ),
-            }
-        }
-    }
-
-    /// Asserts nothing but keep-alives arrives for `quiet` and the connection stays open.
-    fn assert_quiet(&mut self, quiet: Duration, what: &str) {
-        let deadline = Instant::now() + quiet;
-        loop {
-            let now = Instant::now();
-            if now >= deadline {
-                return;
-            }
-            match self.recv(deadline - now) {
-                Recv::Timeout => return,
-                Recv::Closed => panic!("{what}: server closed the connection"),
-                Recv::Msg(m) => assert!(
-                    matches!(m.frame(), Frame::KeepAlive),
-                    "{what}: unexpected message {m:?}"
-                ),
-            }
-        }
-    }
-}
-
-/// What the server answered to our handshake.
-struct Opened {
-    peer: Peer,
-    handshake: Vec<u8>,
-    ext_payload: Vec<u8>,
-    /// The server's ut_metadata id (requests go out with it).
-    server_id: u8,
-}
-
-impl Opened {
-    fn ext(&self) -> ExtHandshake<'_> {
-        ExtHandshake::decode(&self.ext_payload).expect("server's extension handshake decodes")
-    }
-}
-
-/// Sends `first` (a handshake, maybe more), reads the 68-byte handshake and the first
-/// message, which must be the extension handshake.
-fn open_with(mut peer: Peer, first: &[u8]) -> Opened {
-    peer.send(first);
-    let handshake = peer.read_exact(HANDSHAKE_LEN, PROMPT, "server handshake");
-    let m = peer.msg("extension handshake");
-    let ext_payload = match m.frame() {
-        Frame::Extended { id: 0, payload } => payload.to_vec(),
-        other => panic!(
-            "first message after the handshake must be the extension handshake, got {other:?}"
-        ),
-    };
-    let server_id = ExtHandshake::decode(&ext_payload)
-        .expect("server's extension handshake decodes")
-        .ut_metadata
-        .expect("server advertises ut_metadata");
-    assert_ne!(server_id, 0, "server's ut_metadata id must be nonzero");
-    Opened {
-        peer,
-        handshake,
-        ext_payload,
-        server_id,
-    }
-}
-
-/// Full handshake + our extension handshake (ut_metadata = `our_id`), no Fast bit.
-fn open(addr: SocketAddr, key: &[u8; 20], our_id: u8) -> Opened {
-    let mut first = handshake(reserved(false), key);
-    first.extend(ext_handshake(Some(our_id)));
-    open_with(Peer::connect(addr), &first)
-}
-
-/// Requests `pieces` in one write and checks each answer is the right data message with
-/// `our_id`; returns the blocks in order.
-fn fetch(o: &mut Opened, t: &Torrent, our_id: u8, pieces: &[u32]) -> Vec<Vec<u8>> {
-    let wire = requests(o.server_id, pieces.iter().copied());
-    o.peer.send(&wire);
-    let mut blocks = Vec::new();
-    for &piece in pieces {
-        let m = o.peer.msg_skipping_keepalives("data message");
-        let (id, msg, block) = m.metadata();
-        assert_eq!(id, our_id, "data must carry OUR ut_metadata id ({m:?})");
-        assert_eq!(
-            msg,
-            MetadataMsg::Data {
-                piece,
-                total_size: t.info.len() as u64
-            },
-            "{m:?}"
-        );
-        let start = piece as usize * PIECE;
-        let end = t.info.len().min(start + PIECE);
-        assert_eq!(block.len(), end - start, "piece {piece} block length");
-        if (piece as usize) + 1 < t.pieces() {
-            assert_eq!(block.len(), PIECE, "only the last piece may be short");
-        }
-        assert!(block == t.info[start..end], "piece {piece} bytes differ");
-        blocks.push(block);
-    }
-    blocks
-}
-
-fn fetch_all(o: &mut Opened, t: &Torrent, our_id: u8) {
-    let pieces: Vec<u32> = (0..t.pieces() as u32).collect();
-    let got: Vec<u8> = fetch(o, t, our_id, &pieces).concat();
-    assert_eq!(got.len(), t.info.len());
-    assert!(got == t.info, "reassembled metadata differs");
-    let want: [u8; 20] = Sha1::digest(&t.info).into();
-    let have: [u8; 20] = Sha1::digest(&got).into();
-    assert_eq!(have, want);
-}
-
-/// Bounded retry for "the server has noticed a close and freed the slot".
-fn admitted_eventually(mut connect: impl FnMut() -> Peer, key: &[u8; 20], what: &str) -> Opened {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let mut p = connect();
-        let mut first = handshake(reserved(false), key);
-        first.extend(ext_handshake(Some(1)));
-        p.send(&first);
-        let d = Instant::now() + Duration::from_secs(2);
-        while p.buf.len() < HANDSHAKE_LEN && p.fill(d) == Ok(true) {}
-        if p.buf.len() >= HANDSHAKE_LEN {
-            let handshake = p.read_exact(HANDSHAKE_LEN, PROMPT, what);
-            let m = p.msg(what);
-            let Frame::Extended { id: 0, payload } = m.frame() else {
-                panic!("{what}: {m:?}")
-            };
-            let ext_payload = payload.to_vec();
-            let server_id = ExtHandshake::decode(&ext_payload)
-                .unwrap()
-                .ut_metadata
-                .unwrap();
-            return Opened {
-                peer: p,
-                handshake,
-                ext_payload,
-                server_id,
-            };
-        }
-        assert!(Instant::now() < deadline, "{what}: never admitted");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -993,7 +494,7 @@ fn unknown_info_hash_is_held_then_closed_when_the_fetch_fails() {
     let mut p = Peer::connect(server.addr);
     let started = Instant::now();
     p.send(&handshake(reserved(true), &key));
-    let (got, _) = p.closed_within(Duration::from_secs(10), "miss without sources");
+    let (got, _) = p.assert_closed_within(Duration::from_secs(10), "miss without sources");
     let elapsed = started.elapsed();
     assert!(got.len() >= HANDSHAKE_LEN, "our handshake first: {got:?}");
     assert_eq!(&got[28..48], &key, "the 20 bytes are echoed");
@@ -1019,7 +520,7 @@ fn unknown_info_hash_is_held_then_closed_when_the_fetch_fails() {
     let mut p = Peer::connect(server.addr);
     let started = Instant::now();
     p.send(&handshake(reserved(true), &key));
-    p.closed_within(Duration::from_secs(5), "negative-cached miss");
+    p.assert_closed_within(Duration::from_secs(5), "negative-cached miss");
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "{:?}",
@@ -1037,7 +538,7 @@ fn peer_without_extension_protocol_is_closed() {
     for reserved in [[0u8; 8], [0, 0, 0, 0, 0, 0, 0, 0x05]] {
         let mut p = Peer::connect(server.addr);
         p.send(&handshake(Reserved(reserved), &fx.small.key));
-        let (got, _) = p.closed_within(PROMPT, "peer without BEP 10");
+        let (got, _) = p.assert_closed_within(PROMPT, "peer without BEP 10");
         assert!(
             got.is_empty() || got.len() == HANDSHAKE_LEN,
             "at most our handshake, no extension messages: {} bytes {got:?}",
@@ -1063,7 +564,7 @@ fn garbage_instead_of_a_handshake_is_closed_at_once() {
     ] {
         let mut p = Peer::connect(server.addr);
         p.send(garbage);
-        let (got, took) = p.closed_within(Duration::from_secs(2), "garbage");
+        let (got, took) = p.assert_closed_within(Duration::from_secs(2), "garbage");
         assert!(got.is_empty(), "{garbage:?}: got {got:?}");
         assert!(took < Duration::from_secs(2), "{garbage:?}: {took:?}");
     }
@@ -1077,7 +578,7 @@ fn huge_length_prefix_closes_only_that_connection() {
     for prefix in [u32::MAX, 1 << 31, too_big] {
         let mut o = open(server.addr, &fx.large.key, 1);
         o.peer.send(&prefix.to_be_bytes());
-        let (got, took) = o.peer.closed_within(PROMPT, "huge length prefix");
+        let (got, took) = o.peer.assert_closed_within(PROMPT, "huge length prefix");
         assert!(got.is_empty(), "prefix {prefix}: got {got:?}");
         assert!(took < Duration::from_secs(3), "prefix {prefix}: {took:?}");
         // A normal client on a new connection is still served.
@@ -1089,7 +590,9 @@ fn huge_length_prefix_closes_only_that_connection() {
     let mut wire = u32::MAX.to_be_bytes().to_vec();
     wire.extend(request(o.server_id, 0));
     o.peer.send(&wire);
-    let (got, _) = o.peer.closed_within(PROMPT, "huge prefix before a request");
+    let (got, _) = o
+        .peer
+        .assert_closed_within(PROMPT, "huge prefix before a request");
     assert!(
         got.is_empty(),
         "no reply for requests after a bad frame: {got:?}"
@@ -1120,7 +623,7 @@ fn handshake_timeout_idle_timeout_and_keepalives() {
     let silent = std::thread::spawn(move || {
         // Connect and send nothing; then send 47 of the 48 head bytes and stop.
         let mut p = Peer::connect(addr);
-        let (got, took) = p.closed_within(Duration::from_secs(5), "silent connection");
+        let (got, took) = p.assert_closed_within(Duration::from_secs(5), "silent connection");
         assert!(got.is_empty());
         assert!(
             took >= Duration::from_millis(200) && took < Duration::from_secs(3),
@@ -1131,7 +634,7 @@ fn handshake_timeout_idle_timeout_and_keepalives() {
     let partial = std::thread::spawn(move || {
         let mut p = Peer::connect(addr);
         p.send(&handshake(reserved(false), &key)[..47]);
-        let (got, took) = p.closed_within(Duration::from_secs(5), "partial head");
+        let (got, took) = p.assert_closed_within(Duration::from_secs(5), "partial head");
         assert!(got.is_empty());
         assert!(
             took >= Duration::from_millis(150) && took < Duration::from_secs(3),
@@ -1202,10 +705,6 @@ fn handshake_timeout_idle_timeout_and_keepalives() {
 // 12: connection caps.
 // ---------------------------------------------------------------------------------------
 
-fn from(last: u8) -> Ipv4Addr {
-    Ipv4Addr::new(127, 0, 0, last)
-}
-
 #[test]
 fn per_ip_connection_cap() {
     let fx = fixture();
@@ -1216,7 +715,7 @@ fn per_ip_connection_cap() {
 
     // The 4th from 127.0.0.1 is closed at once, without a byte.
     let mut fourth = Peer::connect(addr);
-    let (got, took) = fourth.closed_within(Duration::from_secs(3), "4th connection");
+    let (got, took) = fourth.assert_closed_within(Duration::from_secs(3), "4th connection");
     assert!(got.is_empty(), "{got:?}");
     assert!(took < Duration::from_secs(2), "{took:?}");
 
@@ -1228,9 +727,9 @@ fn per_ip_connection_cap() {
     // Another address is not affected.
     let mut first = handshake(reserved(false), &t.key);
     first.extend(ext_handshake(Some(1)));
-    let mut other = open_with(Peer::connect_from(from(2), addr), &first);
+    let mut other = open_with(Peer::connect_from(src(2), addr), &first);
     fetch_all(&mut other, t, 1);
-    assert_eq!(other.ext().yourip, Some(IpAddr::V4(from(2))));
+    assert_eq!(other.ext().yourip, Some(IpAddr::V4(src(2))));
 
     // Closing one frees its slot.
     drop(held.remove(0));
@@ -1246,18 +745,18 @@ fn global_connection_cap() {
     let t = &fx.small;
     let mut first = handshake(reserved(false), &t.key);
     first.extend(ext_handshake(Some(1)));
-    let mut a = open_with(Peer::connect_from(from(1), addr), &first);
-    let b = open_with(Peer::connect_from(from(2), addr), &first);
+    let mut a = open_with(Peer::connect_from(src(1), addr), &first);
+    let b = open_with(Peer::connect_from(src(2), addr), &first);
 
-    let mut third = Peer::connect_from(from(3), addr);
-    let (got, took) = third.closed_within(Duration::from_secs(3), "3rd connection, cap 2");
+    let mut third = Peer::connect_from(src(3), addr);
+    let (got, took) = third.assert_closed_within(Duration::from_secs(3), "3rd connection, cap 2");
     assert!(got.is_empty(), "{got:?}");
     assert!(took < Duration::from_secs(2), "{took:?}");
 
     fetch_all(&mut a, t, 1);
     drop(b);
     let mut c = admitted_eventually(
-        || Peer::connect_from(from(3), addr),
+        || Peer::connect_from(src(3), addr),
         &t.key,
         "after a close, cap 2",
     );

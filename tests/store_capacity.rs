@@ -8,10 +8,13 @@
 //! in the same run is the same request stream against a store whose hits are never marked
 //! (eviction then degenerates to FIFO), to show what the referenced bit buys.
 
+mod common;
+
 use std::path::Path;
 
 use magnetar::store::{AppendOptions, AppendOutcome, Store, StoreOptions, SyncPolicy};
-use sha1::{Digest, Sha1};
+
+use common::info::{v1_info, v1_key};
 
 const RECORDS: usize = 2000;
 /// Info dict size: ~1 KB, so a record is ~1.1 KB on disk.
@@ -22,20 +25,8 @@ const SHARDS: usize = 2;
 
 /// A valid single-file v1 info dict of ~`INFO_BYTES`, unique per `n`, and its info-hash.
 fn info_dict(n: usize) -> (Vec<u8>, [u8; 20]) {
-    let name = format!("zipf-{n:06}.bin");
-    let pieces_n = (INFO_BYTES - 80) / 20;
-    let mut info = format!(
-        "d6:lengthi{}e4:name{}:{name}12:piece lengthi16384e6:pieces{}:",
-        pieces_n * 16384,
-        name.len(),
-        pieces_n * 20
-    )
-    .into_bytes();
-    for p in 0..pieces_n {
-        info.extend_from_slice(&Sha1::digest(format!("{n}/{p}").as_bytes()));
-    }
-    info.push(b'e');
-    let key: [u8; 20] = Sha1::digest(&info).into();
+    let info = v1_info(&format!("zipf-{n:06}.bin"), (INFO_BYTES - 80) / 20);
+    let key = v1_key(&info);
     (info, key)
 }
 

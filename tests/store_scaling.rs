@@ -5,20 +5,16 @@
 //!
 //! cargo test --release --test store_scaling -- --ignored --nocapture
 
+mod common;
+
 use std::time::Instant;
 
 use magnetar::store::{AppendOptions, Store, StoreOptions, SyncPolicy};
-use sha1::{Digest, Sha1};
+
+use common::info::{v1_info, v1_key};
 
 fn info_dict(i: usize) -> Vec<u8> {
-    let mut v = format!(
-        "d6:lengthi16384e4:name{}:t{i}12:piece lengthi16384e6:pieces20:",
-        1 + i.to_string().len()
-    )
-    .into_bytes();
-    v.extend_from_slice(&Sha1::digest(i.to_le_bytes()));
-    v.push(b'e');
-    v
+    v1_info(&format!("t{i}"), 1)
 }
 
 #[test]
@@ -36,7 +32,7 @@ fn lookups_scale_across_cores() {
         .map(|i| {
             let info = info_dict(i);
             store.append(&info, AppendOptions::default()).unwrap();
-            Sha1::digest(&info).into()
+            v1_key(&info)
         })
         .collect();
     let run = |threads: usize| -> f64 {

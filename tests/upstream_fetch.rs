@@ -7,23 +7,17 @@ mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::future::Future;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::bep9::{FakeSeed, SeedBehaviour};
+use common::info::{v1_info_with, v1_key};
 use common::*;
 use magnetar::upstream::fetch::{fetch, FetchError, FetchEvent, FetchSpec, PRIVATE_VIA_DHT_OR_PEX};
 use magnetar::upstream::peer::{fetch_from_peer, PeerFetchConfig};
 use magnetar::upstream::{PeerCandidate, PeerSource};
-use magnetar::wire::{
-    decode_frame, decode_metadata, encode_handshake, encode_metadata_data_header,
-    encode_metadata_reject, metadata_piece_range, Decoded, ExtHandshake, Frame, MetadataMsg,
-    Reserved, HANDSHAKE_LEN,
-};
-use sha1::{Digest, Sha1};
 
 /// Records the largest single allocation, to show that a peer announcing a huge
 /// `metadata_size` does not make us allocate it.
@@ -62,18 +56,14 @@ fn block_on<Fut: Future>(fut: Fut) -> Fut::Output {
 
 /// Inside the runtime that ran the fetch (so its tasks could still be alive): waits up
 /// to 5 s for the test peer to see our side of a connection close.
-async fn closed_within(peer: &TestPeer, since: Instant) -> Option<Duration> {
+async fn closed_within(peer: &FakeSeed, since: Instant) -> Option<Duration> {
     while since.elapsed() < Duration::from_secs(5) {
-        if let Ok(at) = peer.closed.try_recv() {
+        if let Some(at) = peer.try_closed() {
             return Some(at.duration_since(since));
         }
         monoio::time::sleep(Duration::from_millis(20)).await;
     }
     None
-}
-
-fn v1_key(info: &[u8]) -> [u8; 20] {
-    Sha1::digest(info).into()
 }
 
 fn peer_cfg(key: [u8; 20], peer_timeout: Duration) -> PeerFetchConfig {
@@ -155,7 +145,7 @@ fn a_liar_next_to_a_libtorrent_seed_is_banned_and_the_seed_wins() {
     );
     let t = &torrents["v1-large"];
     let key = t.v1_key().unwrap();
-    let liar = TestPeer::spawn(t.info.clone(), key, Behaviour::Liar);
+    let liar = FakeSeed::start(t.info.clone(), key, SeedBehaviour::Liar);
     // One peer at a time, liar first: it is certainly tried to the end.
     let rx = candidates(
         &[
@@ -194,165 +184,9 @@ fn a_liar_next_to_a_libtorrent_seed_is_banned_and_the_seed_wins() {
     )));
 }
 
-// ---------------------------------------------------------------------------------------
-// Test peers: the server side of BEP 9, behaving well or not.
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Behaviour {
-    Honest,
-    /// Right sizes, wrong bytes.
-    Liar,
-    /// Announces 4 GiB.
-    HugeSize,
-    /// Announces the real size, then another in a second handshake once asked.
-    SizeChangesAfterRequests,
-    /// Sends piece 0 right after its extension handshake, before being asked.
-    DataBeforeRequest,
-    /// Answers with a block one byte short.
-    ShortPiece,
-    /// Rejects every request.
-    Rejects,
-    /// Handshakes, then an extension handshake without metadata_size, then nothing.
-    NoSize,
-    /// Accepts the connection and never says a word.
-    Silent,
-}
-
-const TEST_PEER_UT_METADATA: u8 = 3;
-
-struct TestPeer {
-    addr: SocketAddr,
-    /// When each connection's peer (us) went away.
-    closed: mpsc::Receiver<Instant>,
-}
-
-impl TestPeer {
-    fn spawn(info: Vec<u8>, key: [u8; 20], behaviour: Behaviour) -> TestPeer {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, closed) = mpsc::channel();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { break };
-                let (info, tx) = (info.clone(), tx.clone());
-                std::thread::spawn(move || {
-                    let _ = serve(conn, &info, key, behaviour);
-                    let _ = tx.send(Instant::now());
-                });
-            }
-        });
-        TestPeer { addr, closed }
-    }
-}
-
-/// Serves one connection; returns when the other side closes (or after 60 s).
-fn serve(mut conn: TcpStream, info: &[u8], key: [u8; 20], b: Behaviour) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut hs = [0u8; HANDSHAKE_LEN];
-    conn.read_exact(&mut hs)?;
-    assert_eq!(&hs[28..48], &key, "the fetcher sends the key it wants");
-    if b == Behaviour::Silent {
-        return drain(&mut conn);
-    }
-    let lie: Vec<u8> = info.iter().map(|x| x ^ 0x5a).collect();
-    let served = if b == Behaviour::Liar { &lie[..] } else { info };
-    let size = match b {
-        Behaviour::HugeSize => Some(4u64 << 30),
-        Behaviour::NoSize => None,
-        _ => Some(info.len() as u64),
-    };
-    let mut out = Vec::new();
-    encode_handshake(&mut out, Reserved::ours(true, false, false), &key, &[7; 20]);
-    ext_handshake(&mut out, size);
-    if b == Behaviour::DataBeforeRequest {
-        data(&mut out, served, 0);
-    }
-    conn.write_all(&out)?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 64 * 1024];
-    let mut size_changed = false;
-    loop {
-        let n = conn.read(&mut chunk)?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let mut pos = 0;
-        let mut out = Vec::new();
-        while let Ok(Decoded::Done(frame, used)) = decode_frame(&buf[pos..]) {
-            pos += used;
-            let Frame::Extended { id, payload } = frame else {
-                continue;
-            };
-            if id != TEST_PEER_UT_METADATA {
-                continue;
-            }
-            let Ok((MetadataMsg::Request { piece }, _)) = decode_metadata(payload) else {
-                continue;
-            };
-            match b {
-                Behaviour::SizeChangesAfterRequests if !size_changed => {
-                    size_changed = true;
-                    ext_handshake(&mut out, Some(info.len() as u64 + 16 * 1024));
-                }
-                Behaviour::SizeChangesAfterRequests => {}
-                Behaviour::Rejects => {
-                    encode_metadata_reject(&mut out, 2, piece);
-                }
-                Behaviour::ShortPiece => {
-                    let range = metadata_piece_range(info.len(), piece).unwrap();
-                    let short = &info[range.start..range.end - 1];
-                    encode_metadata_data_header(&mut out, 2, piece, info.len() as u64, short.len());
-                    out.extend_from_slice(short);
-                }
-                _ => data(&mut out, served, piece),
-            }
-        }
-        buf.drain(..pos);
-        conn.write_all(&out)?;
-    }
-}
-
-fn drain(conn: &mut TcpStream) -> std::io::Result<()> {
-    let mut chunk = [0u8; 4096];
-    while conn.read(&mut chunk)? > 0 {}
-    Ok(())
-}
-
-fn ext_handshake(out: &mut Vec<u8>, size: Option<u64>) {
-    ExtHandshake {
-        ut_metadata: Some(TEST_PEER_UT_METADATA),
-        metadata_size: size,
-        client: Some(b"test peer"),
-        reqq: Some(500),
-        ..ExtHandshake::default()
-    }
-    .encode(out);
-}
-
-/// A data message for `piece` (the fetcher's ut_metadata id is 2, like libtorrent's).
-fn data(out: &mut Vec<u8>, info: &[u8], piece: u32) {
-    let range = metadata_piece_range(info.len(), piece).unwrap();
-    encode_metadata_data_header(out, 2, piece, info.len() as u64, range.len());
-    out.extend_from_slice(&info[range]);
-}
-
 /// A valid v1 info dict of 3+ metadata pieces (the `pieces` string carries the bulk).
 fn sample_info(private: bool) -> Vec<u8> {
-    let pieces = 2_500u64;
-    let piece_length = 16 * 1024u64;
-    let mut info = Vec::new();
-    info.extend_from_slice(format!("d6:lengthi{}e", pieces * piece_length).as_bytes());
-    info.extend_from_slice(b"4:name8:test.bin");
-    info.extend_from_slice(format!("12:piece lengthi{piece_length}e").as_bytes());
-    info.extend_from_slice(format!("6:pieces{}:", pieces * 20).as_bytes());
-    for i in 0..pieces {
-        info.extend_from_slice(&Sha1::digest(i.to_be_bytes()));
-    }
-    if private {
-        info.extend_from_slice(b"7:privatei1e");
-    }
-    info.push(b'e');
+    let info = v1_info_with("test.bin", 2_500, private);
     let summary = magnetar::metainfo::validate_info(&info).unwrap();
     assert_eq!(summary.private, private);
     info
@@ -364,19 +198,19 @@ fn hostile_peers_fail_with_their_reason_and_bounded_memory() {
     assert!(info.len() > 2 * 16 * 1024);
     let key = v1_key(&info);
     let cases = [
-        (Behaviour::Honest, None),
-        (Behaviour::Liar, Some("hash_mismatch")),
-        (Behaviour::HugeSize, Some("size")),
-        (Behaviour::SizeChangesAfterRequests, Some("size")),
-        (Behaviour::DataBeforeRequest, Some("protocol")),
-        (Behaviour::ShortPiece, Some("protocol")),
-        (Behaviour::Rejects, Some("rejected")),
-        (Behaviour::NoSize, Some("size")),
-        (Behaviour::Silent, Some("timeout")),
+        (SeedBehaviour::HONEST, None),
+        (SeedBehaviour::Liar, Some("hash_mismatch")),
+        (SeedBehaviour::HugeSize, Some("size")),
+        (SeedBehaviour::SizeChangesAfterRequests, Some("size")),
+        (SeedBehaviour::DataBeforeRequest, Some("protocol")),
+        (SeedBehaviour::ShortPiece, Some("protocol")),
+        (SeedBehaviour::Rejects, Some("rejected")),
+        (SeedBehaviour::NoSize, Some("size")),
+        (SeedBehaviour::Silent, Some("timeout")),
     ];
-    let peers: Vec<(Behaviour, Option<&str>, TestPeer)> = cases
+    let peers: Vec<(SeedBehaviour, Option<&str>, FakeSeed)> = cases
         .iter()
-        .map(|&(b, r)| (b, r, TestPeer::spawn(info.clone(), key, b)))
+        .map(|&(b, r)| (b, r, FakeSeed::start(info.clone(), key, b)))
         .collect();
     on_both_drivers(|| async {
         for (b, reason, peer) in &peers {
@@ -398,9 +232,8 @@ fn hostile_peers_fail_with_their_reason_and_bounded_memory() {
     assert!(largest < 256 << 20, "largest allocation {largest} bytes");
     // Our side of every connection was closed when fetch_from_peer returned.
     for (b, _, peer) in &peers {
-        peer.closed
-            .recv_timeout(Duration::from_secs(5))
-            .unwrap_or_else(|_| panic!("{b:?}: connection left open"));
+        peer.closed_within(Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{b:?}: connection left open"));
     }
 }
 
@@ -408,9 +241,9 @@ fn hostile_peers_fail_with_their_reason_and_bounded_memory() {
 fn only_liars_end_in_no_peers_or_deadline() {
     let info = sample_info(false);
     let key = v1_key(&info);
-    let liar = TestPeer::spawn(info.clone(), key, Behaviour::Liar);
-    let huge = TestPeer::spawn(info.clone(), key, Behaviour::HugeSize);
-    let silent = TestPeer::spawn(info.clone(), key, Behaviour::Silent);
+    let liar = FakeSeed::start(info.clone(), key, SeedBehaviour::Liar);
+    let huge = FakeSeed::start(info.clone(), key, SeedBehaviour::HugeSize);
+    let silent = FakeSeed::start(info.clone(), key, SeedBehaviour::Silent);
     let unreachable = {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
@@ -481,8 +314,8 @@ fn only_liars_end_in_no_peers_or_deadline() {
 fn the_first_verified_peer_wins_and_the_others_are_abandoned() {
     let info = sample_info(false);
     let key = v1_key(&info);
-    let silent = TestPeer::spawn(info.clone(), key, Behaviour::Silent);
-    let honest = TestPeer::spawn(info.clone(), key, Behaviour::Honest);
+    let silent = FakeSeed::start(info.clone(), key, SeedBehaviour::Silent);
+    let honest = FakeSeed::start(info.clone(), key, SeedBehaviour::HONEST);
     let mut s = spec(key, 4, Duration::from_secs(20));
     s.peer_timeout = Duration::from_secs(30);
     let rx = candidates(
@@ -514,9 +347,9 @@ fn the_first_verified_peer_wins_and_the_others_are_abandoned() {
 fn private_metadata_only_from_sources_that_allow_it() {
     let info = sample_info(true);
     let key = v1_key(&info);
-    let via_dht = TestPeer::spawn(info.clone(), key, Behaviour::Honest);
-    let via_pex = TestPeer::spawn(info.clone(), key, Behaviour::Honest);
-    let via_tracker = TestPeer::spawn(info.clone(), key, Behaviour::Honest);
+    let via_dht = FakeSeed::start(info.clone(), key, SeedBehaviour::HONEST);
+    let via_pex = FakeSeed::start(info.clone(), key, SeedBehaviour::HONEST);
+    let via_tracker = FakeSeed::start(info.clone(), key, SeedBehaviour::HONEST);
 
     let rx = candidates(
         &[

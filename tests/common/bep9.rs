@@ -2,16 +2,18 @@
 //! `fetch_metadata` (a client that asks a server for an info dict) and `FakeSeed` (a
 //! server that has one, honest or lying, counting its connections).
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use magnetar::wire::{
     decode_frame, decode_handshake_head, decode_metadata, encode_handshake,
-    encode_metadata_data_header, encode_metadata_request, metadata_piece_count,
-    metadata_piece_range, Decoded, ExtHandshake, Frame, MetadataMsg, Reserved, HANDSHAKE_LEN,
+    encode_metadata_data_header, encode_metadata_reject, encode_metadata_request,
+    metadata_piece_count, metadata_piece_range, Decoded, ExtHandshake, Frame, MetadataMsg,
+    Reserved, HANDSHAKE_LEN, OUR_UT_METADATA_ID,
 };
 
 const OUR_UT_METADATA: u8 = 7;
@@ -132,118 +134,230 @@ pub fn fetch_metadata(
 }
 
 /// How a `FakeSeed` answers.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum SeedBehaviour {
     /// Serves the real bytes after waiting `delay` before its extension handshake.
     Honest { delay: Duration },
     /// Serves bytes of the right sizes that fail the hash.
     Liar,
+    /// Announces 4 GiB.
+    HugeSize,
+    /// Announces the real size, then another in a second handshake once asked.
+    SizeChangesAfterRequests,
+    /// Sends piece 0 right after its extension handshake, before being asked.
+    DataBeforeRequest,
+    /// Answers with a block one byte short.
+    ShortPiece,
+    /// Rejects every request.
+    Rejects,
+    /// Handshakes, then an extension handshake without metadata_size, then nothing.
+    NoSize,
+    /// Reads the handshake and never says a word.
+    Silent,
 }
 
-/// A minimal BEP 9 seed on 127.0.0.1 for one info dict; counts accepted connections.
+impl SeedBehaviour {
+    /// Honest at once.
+    pub const HONEST: SeedBehaviour = SeedBehaviour::Honest {
+        delay: Duration::ZERO,
+    };
+}
+
+/// The seed's ut_metadata id (the fetcher addresses requests with it).
+pub const SEED_UT_METADATA: u8 = 3;
+
+/// A minimal BEP 9 seed on 127.0.0.1 for one or many info dicts (by the key a client
+/// handshakes with; an unknown key is closed); counts accepted connections and notes when
+/// each one ended (the other side closed, or 60 s without a byte).
 pub struct FakeSeed {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicUsize>,
+    closed: Mutex<mpsc::Receiver<Instant>>,
 }
 
 impl FakeSeed {
     pub fn start(info: Vec<u8>, key: [u8; 20], behaviour: SeedBehaviour) -> FakeSeed {
+        FakeSeed::serving(Arc::new(HashMap::from([(key, info)])), behaviour)
+    }
+
+    /// A seed of every dict in `dicts`.
+    pub fn serving(dicts: Arc<HashMap<[u8; 20], Vec<u8>>>, behaviour: SeedBehaviour) -> FakeSeed {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let count = connections.clone();
-        let info = Arc::new(info);
+        let (tx, closed) = mpsc::channel();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { break };
                 count.fetch_add(1, Ordering::SeqCst);
-                let info = info.clone();
-                std::thread::spawn(move || serve_one(stream, &info, key, behaviour));
+                let (dicts, tx) = (dicts.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    let _ = serve_one(stream, &dicts, behaviour);
+                    let _ = tx.send(Instant::now());
+                });
             }
         });
-        FakeSeed { addr, connections }
+        FakeSeed {
+            addr,
+            connections,
+            closed: Mutex::new(closed),
+        }
     }
 
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
     }
+
+    /// When a connection ended, if one has since the last call.
+    pub fn try_closed(&self) -> Option<Instant> {
+        self.closed.lock().unwrap().try_recv().ok()
+    }
+
+    /// When a connection ended, waiting at most `within` for one to.
+    pub fn closed_within(&self, within: Duration) -> Option<Instant> {
+        self.closed.lock().unwrap().recv_timeout(within).ok()
+    }
 }
 
-fn serve_one(mut s: TcpStream, info: &[u8], key: [u8; 20], behaviour: SeedBehaviour) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+/// Serves one connection until the other side closes (or 60 s pass without a byte).
+fn serve_one(
+    mut s: TcpStream,
+    dicts: &HashMap<[u8; 20], Vec<u8>>,
+    b: SeedBehaviour,
+) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
     while buf.len() < HANDSHAKE_LEN {
-        let mut tmp = [0u8; 4096];
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-        match s.read(&mut tmp) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        match s.read(&mut chunk)? {
+            0 => return Ok(()),
+            n => buf.extend_from_slice(&chunk[..n]),
         }
     }
-    match decode_handshake_head(&buf) {
-        Ok(Decoded::Done(h, _)) if h.info_hash == key => {}
-        _ => return,
-    }
+    let key = match decode_handshake_head(&buf) {
+        Ok(Decoded::Done(h, _)) => h.info_hash,
+        _ => return Ok(()),
+    };
+    let Some(info) = dicts.get(&key) else {
+        return Ok(());
+    };
     buf.drain(..HANDSHAKE_LEN);
+    if b == SeedBehaviour::Silent {
+        while s.read(&mut chunk)? > 0 {}
+        return Ok(());
+    }
+    let lie: Vec<u8> = info.iter().map(|x| x ^ 0x5a).collect();
+    let served = if b == SeedBehaviour::Liar {
+        &lie[..]
+    } else {
+        info
+    };
+    let size = match b {
+        SeedBehaviour::HugeSize => Some(4u64 << 30),
+        SeedBehaviour::NoSize => None,
+        _ => Some(info.len() as u64),
+    };
     let mut out = Vec::new();
     encode_handshake(
         &mut out,
-        Reserved::ours(false, false, false),
+        Reserved::ours(true, false, false),
         &key,
         b"-FS0001-fakeseed0000",
     );
-    if s.write_all(&out).is_err() {
-        return;
-    }
-    if let SeedBehaviour::Honest { delay } = behaviour {
+    s.write_all(&out)?;
+    if let SeedBehaviour::Honest { delay } = b {
         std::thread::sleep(delay);
     }
     out.clear();
-    ExtHandshake {
-        ut_metadata: Some(3),
-        ut_pex: None,
-        metadata_size: Some(info.len() as u64),
-        client: Some(b"fake seed"),
-        reqq: None,
-        yourip: None,
-        listen_port: None,
+    seed_ext_handshake(&mut out, size);
+    // Until their extension handshake says otherwise: magnetar's id.
+    let mut their_id = OUR_UT_METADATA_ID;
+    if b == SeedBehaviour::DataBeforeRequest {
+        data(&mut out, their_id, served, 0);
     }
-    .encode(&mut out);
-    if s.write_all(&out).is_err() {
-        return;
-    }
-    let mut their_id = None;
-    let Ok(mut w) = s.try_clone() else { return };
-    let _: Option<()> = read_frames(&mut s, &mut buf, deadline, |f| {
-        match f {
-            Frame::Extended { id: 0, payload } => {
-                their_id = ExtHandshake::decode(payload)
+    s.write_all(&out)?;
+    let mut size_changed = false;
+    loop {
+        let mut pos = 0;
+        let mut out = Vec::new();
+        loop {
+            let (frame, used) = match decode_frame(&buf[pos..]) {
+                Ok(Decoded::Done(frame, used)) => (frame, used),
+                Ok(Decoded::NeedMore(_)) => break,
+                Err(_) => return Ok(()),
+            };
+            pos += used;
+            let Frame::Extended { id, payload } = frame else {
+                continue;
+            };
+            if id == 0 {
+                if let Some(id) = ExtHandshake::decode(payload)
                     .ok()
-                    .and_then(|h| h.ut_metadata);
-            }
-            Frame::Extended { id: 3, payload } => {
-                if let (Ok((MetadataMsg::Request { piece }, _)), Some(id)) =
-                    (decode_metadata(payload), their_id)
+                    .and_then(|h| h.ut_metadata)
                 {
-                    if let Some(r) = metadata_piece_range(info.len(), piece) {
-                        let mut msg = Vec::new();
-                        encode_metadata_data_header(
-                            &mut msg,
-                            id,
-                            piece,
-                            info.len() as u64,
-                            r.len(),
-                        );
-                        match behaviour {
-                            SeedBehaviour::Honest { .. } => msg.extend_from_slice(&info[r]),
-                            SeedBehaviour::Liar => msg.extend(info[r].iter().map(|b| b ^ 0x5a)),
-                        }
-                        let _ = w.write_all(&msg);
-                    }
+                    their_id = id;
                 }
+                continue;
             }
-            _ => {}
+            if id != SEED_UT_METADATA {
+                continue;
+            }
+            let Ok((MetadataMsg::Request { piece }, _)) = decode_metadata(payload) else {
+                continue;
+            };
+            match b {
+                SeedBehaviour::SizeChangesAfterRequests if !size_changed => {
+                    size_changed = true;
+                    seed_ext_handshake(&mut out, Some(info.len() as u64 + 16 * 1024));
+                }
+                SeedBehaviour::SizeChangesAfterRequests => {}
+                SeedBehaviour::Rejects => {
+                    encode_metadata_reject(&mut out, their_id, piece);
+                }
+                SeedBehaviour::ShortPiece => {
+                    let Some(range) = metadata_piece_range(info.len(), piece) else {
+                        continue;
+                    };
+                    let short = &info[range.start..range.end - 1];
+                    encode_metadata_data_header(
+                        &mut out,
+                        their_id,
+                        piece,
+                        info.len() as u64,
+                        short.len(),
+                    );
+                    out.extend_from_slice(short);
+                }
+                _ => data(&mut out, their_id, served, piece),
+            }
         }
-        None
-    });
+        buf.drain(..pos);
+        s.write_all(&out)?;
+        match s.read(&mut chunk)? {
+            0 => return Ok(()),
+            n => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn seed_ext_handshake(out: &mut Vec<u8>, size: Option<u64>) {
+    ExtHandshake {
+        ut_metadata: Some(SEED_UT_METADATA),
+        metadata_size: size,
+        client: Some(b"fake seed"),
+        reqq: Some(500),
+        ..ExtHandshake::default()
+    }
+    .encode(out);
+}
+
+/// A data message for `piece` of `info`, to ut_metadata id `id` (nothing for a piece out
+/// of range).
+fn data(out: &mut Vec<u8>, id: u8, info: &[u8], piece: u32) {
+    let Some(range) = metadata_piece_range(info.len(), piece) else {
+        return;
+    };
+    encode_metadata_data_header(out, id, piece, info.len() as u64, range.len());
+    out.extend_from_slice(&info[range]);
 }

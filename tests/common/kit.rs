@@ -4,38 +4,15 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sha1::{Digest, Sha1};
-
-use super::{bep9, magnetar_bin, run_ok, ServerProc};
+use super::{bep9, http, info, ServerProc};
 
 /// What "normal latency" means for a stored torrent on loopback.
 pub const NORMAL_LATENCY: Duration = Duration::from_secs(1);
-/// Upper bound for anything the server should do "at once".
-pub const PROMPT: Duration = Duration::from_secs(5);
+pub use super::peer::PROMPT;
 
-#[derive(Clone)]
-pub struct Torrent {
-    pub info: Vec<u8>,
-    pub key: [u8; 20],
-}
-
-/// v1 single-file info dict with `k` piece hashes (~20·k bytes).
-pub fn v1_info(name: &str, k: usize) -> Vec<u8> {
-    let mut v = format!(
-        "d6:lengthi{}e4:name{}:{}12:piece lengthi16384e6:pieces{}:",
-        k * 16384,
-        name.len(),
-        name,
-        k * 20
-    )
-    .into_bytes();
-    v.extend((0..k * 20).map(|i| (i * 31 + name.len() * 7) as u8));
-    v.push(b'e');
-    v
-}
+pub use super::info::Torrent;
 
 pub struct Fixture {
     pub _tmp: tempfile::TempDir,
@@ -48,30 +25,14 @@ pub struct Fixture {
 
 pub fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
-    let torrents = tmp.path().join("torrents");
-    std::fs::create_dir_all(&torrents).unwrap();
-    let mut made = Vec::new();
-    for (name, k) in [("small.bin", 100), ("normal.bin", 2000)] {
-        let info = v1_info(name, k);
-        let mut t = b"d4:info".to_vec();
-        t.extend_from_slice(&info);
-        t.push(b'e');
-        std::fs::write(torrents.join(format!("{name}.torrent")), t).unwrap();
-        made.push(Torrent {
-            key: Sha1::digest(&info).into(),
-            info,
-        });
-    }
-    let data = tmp.path().join("data");
-    run_ok(
-        Command::new(magnetar_bin())
-            .args(["--log", "warn", "import", "--data-dir"])
-            .arg(&data)
-            .arg(&torrents),
+    let small = info::v1_info("small.bin", 100);
+    let normal = info::v1_info("normal.bin", 2000);
+    let data = info::import_all(
+        tmp.path(),
+        &[("small.bin", &small), ("normal.bin", &normal)],
     );
-    let normal = made.pop().unwrap();
-    let small = made.pop().unwrap();
-    assert_eq!(magnetar::wire::metadata_piece_count(normal.info.len()), 3);
+    let (small, normal) = (Torrent::v1(small), Torrent::v1(normal));
+    assert_eq!(normal.pieces(), 3);
     Fixture {
         _tmp: tmp,
         data,
@@ -88,13 +49,13 @@ pub fn serve(fx: &Fixture, flags: &[&str]) -> ServerProc {
 
 pub type Metrics = HashMap<String, f64>;
 
+/// One scrape of the server's /metrics: every sample, by name with its labels.
 pub fn metrics(server: &ServerProc) -> Metrics {
-    let admin = server.admin.expect("admin address in the ready line");
-    let mut resp = ureq::get(&format!("http://{admin}/metrics"))
-        .call()
-        .unwrap_or_else(|e| panic!("GET /metrics: {e}"));
-    let text = resp.body_mut().read_to_string().expect("metrics body");
-    text.lines()
+    let reply = http::get(&server.url("/metrics"));
+    assert_eq!(reply.status, 200, "GET /metrics: {}", reply.text());
+    reply
+        .text()
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let (name, value) = l.rsplit_once(' ')?;
@@ -103,9 +64,17 @@ pub fn metrics(server: &ServerProc) -> Metrics {
         .collect()
 }
 
+/// A sample of `m` (`name` with its labels, if any) as a counter.
 pub fn get(m: &Metrics, name: &str) -> u64 {
     *m.get(name)
         .unwrap_or_else(|| panic!("metric {name} missing from /metrics")) as u64
+}
+
+/// One scrape, one sample (`name` with its labels, if any).
+pub fn metric(server: &ServerProc, name: &str) -> f64 {
+    *metrics(server)
+        .get(name)
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
 }
 
 pub fn core_heartbeats(m: &Metrics) -> Vec<u64> {

@@ -2,7 +2,10 @@
 #![allow(dead_code)]
 
 pub mod bep9;
+pub mod http;
+pub mod info;
 pub mod kit;
+pub mod peer;
 pub mod relay;
 
 use std::io::{BufRead, BufReader};
@@ -51,38 +54,64 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// The admin token `ServerProc::start` writes to its token file.
+pub const TOKEN: &str = "test-token-4f1c";
+
 /// A `magnetar serve` child process, killed on drop.
 pub struct ServerProc {
     pub child: Child,
+    /// The first listen address of the ready line.
     pub addr: SocketAddr,
     /// Every listen address of the ready line (`addr` is the first).
     pub addrs: Vec<SocketAddr>,
     pub driver: String,
     /// The admin plane's address, from the ready line.
-    pub admin: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    pub ready_line: String,
 }
 
 impl ServerProc {
     /// Starts `magnetar serve` on 127.0.0.1:0 and waits for its `ready` line (no sleeps).
+    /// Unless `extra` says otherwise: no DHT (tests never reach the public one), the admin
+    /// plane on 127.0.0.1:0, two threads, and a token file holding `TOKEN` (beside
+    /// `data_dir`).
     pub fn start(data_dir: &Path, extra: &[&str]) -> ServerProc {
-        let mut child = Command::new(magnetar_bin())
-            .arg("serve")
+        Self::spawn(Self::command(data_dir, extra))
+    }
+
+    /// The command `start` runs, for a test to add to (environment, pre_exec) before
+    /// `spawn`.
+    pub fn command(data_dir: &Path, extra: &[&str]) -> Command {
+        let has = |flag: &str| extra.contains(&flag);
+        let mut cmd = Command::new(magnetar_bin());
+        cmd.arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0"])
-            // Tests never reach the public DHT: no DHT unless a test brings its own.
-            .args(if extra.contains(&"--dht-bootstrap") {
-                &[][..]
-            } else {
-                &["--no-dht"][..]
-            })
-            // Many servers run at once: the admin plane on a port of the OS's choosing.
-            .args(if extra.contains(&"--admin") {
-                &[][..]
-            } else {
-                &["--admin", "127.0.0.1:0"][..]
-            })
-            .args(extra)
+            .args(["--listen", "127.0.0.1:0"]);
+        if !has("--dht-bootstrap") {
+            cmd.arg("--no-dht");
+        }
+        // Many servers run at once: the admin plane on a port of the OS's choosing.
+        if !has("--admin") {
+            cmd.args(["--admin", "127.0.0.1:0"]);
+        }
+        if !has("--threads") {
+            cmd.args(["--threads", "2"]);
+        }
+        if !has("--admin-token-file") {
+            let token_file = data_dir.with_extension("token");
+            std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+            cmd.arg("--admin-token-file").arg(&token_file);
+        }
+        cmd.args(extra);
+        cmd
+    }
+
+    /// Runs a `magnetar serve` command of the test's own making (no environment token) and
+    /// waits for its `ready` line.
+    pub fn spawn(mut cmd: Command) -> ServerProc {
+        let mut child = cmd
+            .env_remove("MAGNETAR_ADMIN_TOKEN")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -97,33 +126,42 @@ impl ServerProc {
                 }
             }
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("magnetar serve did not print its ready line within 60 s");
-        let mut addrs = Vec::new();
-        let mut driver = String::new();
-        let mut admin = None;
-        for field in line.split_whitespace() {
-            if let Some(v) = field.strip_prefix("admin=") {
-                admin = v.parse().ok();
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!("magnetar serve printed no ready line within 60 s (exit: {status:?})");
             }
-            if let Some(v) = field.strip_prefix("listen=") {
-                addrs = v
-                    .split(',')
-                    .map(|a| a.parse().expect("listen addr"))
-                    .collect();
-            }
-            if let Some(v) = field.strip_prefix("driver=") {
-                driver = v.to_string();
-            }
-        }
+        };
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(name))
+                .unwrap_or_else(|| panic!("{name} missing in {line:?}"))
+        };
+        let addrs: Vec<SocketAddr> = field("listen=")
+            .split(',')
+            .map(|a| a.parse().expect("listen addr"))
+            .collect();
         ServerProc {
-            child,
             addr: *addrs.first().expect("listen= in ready line"),
             addrs,
-            driver,
-            admin,
+            driver: field("driver=").to_string(),
+            admin: field("admin=").parse().expect("admin addr"),
+            ready_line: line.clone(),
+            child,
         }
+    }
+
+    /// `http://ADMIN{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// SIGTERM, then the exit status (waits at most `limit`).
+    pub fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
+        signal(&self.child, libc::SIGTERM);
+        wait_timeout(&mut self.child, limit).expect("magnetar did not exit after SIGTERM")
     }
 }
 
@@ -132,6 +170,44 @@ impl Drop for ServerProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+pub fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(child.id() as i32, sig) };
+    assert_eq!(rc, 0, "kill({sig})");
+}
+
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if std::time::Instant::now() > until {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A file of tests/fixtures/torrents.
+pub fn fixture_path(name: &str) -> PathBuf {
+    repo_path("tests/fixtures/torrents").join(name)
+}
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(fixture_path(name)).unwrap()
+}
+
+/// `(v1 hex or None, v2 hex or None)` of a fixture, from its `.hashes` file (written by
+/// libtorrent).
+pub fn fixture_hashes(stem: &str) -> (Option<String>, Option<String>) {
+    let text = String::from_utf8(fixture(&format!("{stem}.hashes"))).unwrap();
+    let mut parts = text
+        .split_whitespace()
+        .map(|s| (s != "-").then(|| s.to_string()));
+    (parts.next().flatten(), parts.next().flatten())
 }
 
 /// A free TCP port on 127.0.0.1 (bound then released; good enough for tests).
