@@ -221,8 +221,26 @@ fn serve(args: ServeArgs, cli_log: Option<String>) -> anyhow::Result<()> {
         shard_mailboxes,
         inherited,
     )?;
-    if let Some(addr) = server.local_addrs.first() {
-        upstream.set_listen_port(addr.port());
+    // Announces (DHT, trackers) carry the port peers reach us at: the public address's,
+    // else the one we listen on.
+    let public_port = settings
+        .public_addr
+        .as_deref()
+        .and_then(|a| a.parse::<PeerAddr>().ok())
+        .map(|p| match p {
+            PeerAddr::Socket(s) => s.port(),
+            PeerAddr::Host(_, port) => port,
+        });
+    if let Some(port) = public_port.or(server.local_addrs.first().map(|a| a.port())) {
+        upstream.set_listen_port(port);
+    }
+    {
+        let cores = server.stats.clone();
+        upstream.set_served_source(Box::new(move |into| {
+            for core in &cores {
+                core.served.merge_into(into);
+            }
+        }));
     }
     let mut ready_line = format!("ready {}", server.describe());
     if let Some(a) = &admin {
