@@ -88,9 +88,13 @@ struct MagnetArgs {
     data_dir: DataDirArg,
     /// Info-hash: 40 hex (v1), 32 base32 (v1) or 64 hex (v2).
     info_hash: String,
-    /// The address clients should reach magnetar at, added as x.pe (e.g. 203.0.113.5:6881).
+    /// The address clients should reach magnetar at, added as x.pe and xsource
+    /// (e.g. 203.0.113.5:6881).
     #[arg(long, value_name = "HOST:PORT")]
     public_addr: Option<String>,
+    /// A tracker `magnetar serve --announce-tracker` announces to, added as tr; repeatable.
+    #[arg(long = "announce-tracker", value_name = "URL")]
+    announce_trackers: Vec<String>,
 }
 
 fn main() {
@@ -392,7 +396,7 @@ fn magnet(args: MagnetArgs) -> anyhow::Result<()> {
         btih: summary.hashes.v1,
         btmh: summary.hashes.v2,
         display_name: Some(summary.name),
-        trackers: Vec::new(),
+        trackers: args.announce_trackers,
         peers,
         warnings: Vec::new(),
     };
