@@ -430,7 +430,9 @@ mod tests {
         assert_eq!(again, m);
         assert_eq!(m.to_string(), m.to_uri());
         assert!(m.to_uri().contains("&x.pe=[2001:db8::1]:51413"));
-        assert!(m.to_uri().contains("&xsource=%5B2001%3Adb8%3A%3A1%5D%3A51413"));
+        assert!(m
+            .to_uri()
+            .contains("&xsource=%5B2001%3Adb8%3A%3A1%5D%3A51413"));
         assert!(m
             .to_uri()
             .contains("&dn=Some%20Name%20%C3%A9&tr=udp%3A%2F%2Ftracker"));
@@ -479,7 +481,11 @@ mod tests {
             ]
         );
         assert_eq!(b.warnings.len(), 1, "{:?}", b.warnings);
-        assert!(b.warnings[0].starts_with("skipped xsource"), "{:?}", b.warnings);
+        assert!(
+            b.warnings[0].starts_with("skipped xsource"),
+            "{:?}",
+            b.warnings
+        );
     }
 
     #[test]

@@ -186,15 +186,28 @@ def fetch(magnet, out, timeout, transport, dht_bootstrap=""):
         "alert_mask": lt.alert.category_t.status_notification
         | lt.alert.category_t.error_notification
         | lt.alert.category_t.peer_notification
-        | lt.alert.category_t.connect_notification,
+        | lt.alert.category_t.connect_notification
+        | lt.alert.category_t.dht_notification,
     }
     ses = lt.session(settings)
+    log = []
+    if dht_bootstrap:
+        # A user's DHT node has long been bootstrapped when a magnet is added; this one
+        # starts now. Add the torrent once the bootstrap is done, so its first lookup
+        # (libtorrent looks up a new torrent at once, then every dht_announce_interval,
+        # 15 minutes) runs on a routing table.
+        give_up = time.monotonic() + timeout
+        booted = False
+        while not booted and time.monotonic() < give_up:
+            ses.wait_for_alert(200)
+            for a in ses.pop_alerts():
+                log.append("%s: %s" % (type(a).__name__, a.message()))
+                booted = booted or isinstance(a, lt.dht_bootstrap_alert)
     params = lt.parse_magnet_uri(magnet)
     params.save_path = tempfile.mkdtemp(prefix="lt-fetch-")
     # Time to metadata: from add_torrent to metadata_received_alert.
     start = time.monotonic()
     handle = ses.add_torrent(params)
-    log = []
     while time.monotonic() - start < timeout:
         ses.wait_for_alert(200)
         for a in ses.pop_alerts():
