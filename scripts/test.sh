@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need=()
 /usr/bin/python3 -c 'import libtorrent' 2>/dev/null || need+=(python3-libtorrent)
 command -v opentracker >/dev/null 2>&1 || need+=(opentracker)
+command -v aria2c >/dev/null 2>&1 || need+=(aria2)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then

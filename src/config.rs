@@ -201,7 +201,8 @@ pub struct AdminConfig {
     /// `None`: mutating endpoints answer 403.
     pub token: Option<String>,
     pub public_addr: Option<String>,
-    /// Put into served .torrent files as announce-list.
+    /// Put into served .torrent files as announce-list and into magnets as `tr`: the
+    /// `--announce-tracker`s first, then the miss path's `--tracker`s.
     pub trackers: Vec<String>,
 }
 
@@ -320,7 +321,16 @@ impl ServeSettings {
             listen,
             token,
             public_addr: self.public_addr.clone(),
-            trackers: self.upstream.trackers.clone(),
+            // The trackers magnetar announces itself to first: their swarms include it.
+            trackers: {
+                let mut t = self.upstream.announce_trackers.clone();
+                for u in &self.upstream.trackers {
+                    if !t.contains(u) {
+                        t.push(u.clone());
+                    }
+                }
+                t
+            },
         }))
     }
 }

@@ -1,5 +1,11 @@
 //! Magnet links: parsing and formatting of `xt` (BEP 9 `urn:btih:`, BEP 52 `urn:btmh:`),
-//! `dn`, `tr` and `x.pe` (docs/protocol-facts.md §11).
+//! `dn`, `tr`, `x.pe` and `xsource` (docs/protocol-facts.md §11, §15).
+//!
+//! A peer address is written twice: as `x.pe`, raw (`1.2.3.4:6881`, `[2001:db8::1]:6881`),
+//! because libtorrent does not percent-decode it and drops an escaped one; and as
+//! `xsource`, percent-encoded, which is how BiglyBT/Vuze write it (`MagnetPlugin`:
+//! `UrlUtils.encode(UrlUtils.getURLForm(ip, port))`) and read it (URL-decoded). Parsing
+//! takes both into `peers`.
 //!
 //! Parsing is lenient where one bad part must not void the link: a malformed `tr` or
 //! `x.pe`, an `xt` of another namespace or a multihash other than sha2-256 is skipped
@@ -74,10 +80,10 @@ impl Magnet {
                         m.trackers.push(tracker);
                     }
                 }
-                "x.pe" => match percent_decode(raw, false).parse::<PeerAddr>() {
+                "x.pe" | "xsource" => match percent_decode(raw, false).parse::<PeerAddr>() {
                     Ok(peer) if !m.peers.contains(&peer) => m.peers.push(peer),
                     Ok(_) => {}
-                    Err(e) => m.warnings.push(format!("skipped x.pe: {e}")),
+                    Err(e) => m.warnings.push(format!("skipped {key}: {e}")),
                 },
                 _ => {} // xl, ws, as, kt, so, …: not used by magnetar
             }
@@ -149,9 +155,10 @@ impl Magnet {
         }
     }
 
-    /// `magnet:?xt=urn:btih:…&xt=urn:btmh:1220…&dn=…&tr=…&x.pe=…`. `dn` and `tr` are
-    /// percent-encoded; `x.pe` is written raw (`[v6]:port`, `host:port`) because
-    /// libtorrent 2.0.8 does not unescape it and drops an escaped one.
+    /// `magnet:?xt=urn:btih:…&xt=urn:btmh:1220…&dn=…&tr=…&x.pe=…&xsource=…`. `dn`, `tr` and
+    /// `xsource` are percent-encoded; `x.pe` is written raw (`[v6]:port`, `host:port`)
+    /// because libtorrent 2.0.8 does not unescape it and drops an escaped one. Each peer
+    /// appears as `x.pe` (libtorrent) and as `xsource` (BiglyBT/Vuze).
     pub fn to_uri(&self) -> String {
         let mut uri = String::from("magnet:?");
         let mut sep = "";
@@ -180,6 +187,9 @@ impl Magnet {
         }
         for peer in &self.peers {
             param(&mut uri, "x.pe", &peer.to_string());
+        }
+        for peer in &self.peers {
+            param(&mut uri, "xsource", &percent_encode(&peer.to_string()));
         }
         uri
     }
@@ -422,7 +432,60 @@ mod tests {
         assert!(m.to_uri().contains("&x.pe=[2001:db8::1]:51413"));
         assert!(m
             .to_uri()
+            .contains("&xsource=%5B2001%3Adb8%3A%3A1%5D%3A51413"));
+        assert!(m
+            .to_uri()
             .contains("&dn=Some%20Name%20%C3%A9&tr=udp%3A%2F%2Ftracker"));
+    }
+
+    #[test]
+    fn peers_are_written_raw_as_x_pe_and_encoded_as_xsource() {
+        let m = Magnet {
+            btih: Some(v1()),
+            display_name: Some("a b".into()),
+            trackers: vec![
+                "udp://t.example:6969/announce".into(),
+                "http://t2.example/announce?k=1&x=2".into(),
+            ],
+            peers: vec![
+                PeerAddr::Socket("203.0.113.5:6881".parse().unwrap()),
+                PeerAddr::Socket("[2001:db8::1]:6881".parse().unwrap()),
+                PeerAddr::Host("seed.example.org".into(), 51413),
+            ],
+            ..Magnet::default()
+        };
+        assert_eq!(
+            m.to_uri(),
+            format!(
+                "magnet:?xt=urn:btih:{HEX}&dn=a%20b\
+                 &tr=udp%3A%2F%2Ft.example%3A6969%2Fannounce\
+                 &tr=http%3A%2F%2Ft2.example%2Fannounce%3Fk%3D1%26x%3D2\
+                 &x.pe=203.0.113.5:6881&x.pe=[2001:db8::1]:6881&x.pe=seed.example.org:51413\
+                 &xsource=203.0.113.5%3A6881&xsource=%5B2001%3Adb8%3A%3A1%5D%3A6881\
+                 &xsource=seed.example.org%3A51413"
+            )
+        );
+        // Read back: x.pe and xsource name the same peers once.
+        let again = Magnet::parse(&m.to_uri()).unwrap();
+        assert_eq!(again, m);
+        // xsource alone (as BiglyBT writes it) is a peer too, raw or encoded.
+        let b = Magnet::parse(&format!(
+            "magnet:?xt=urn:btih:{HEX}&xsource=198.51.100.7%3A1&xsource=[::1]:2&xsource=bad"
+        ))
+        .unwrap();
+        assert_eq!(
+            b.peers,
+            [
+                PeerAddr::Socket("198.51.100.7:1".parse().unwrap()),
+                PeerAddr::Socket("[::1]:2".parse().unwrap()),
+            ]
+        );
+        assert_eq!(b.warnings.len(), 1, "{:?}", b.warnings);
+        assert!(
+            b.warnings[0].starts_with("skipped xsource"),
+            "{:?}",
+            b.warnings
+        );
     }
 
     #[test]

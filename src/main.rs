@@ -88,9 +88,13 @@ struct MagnetArgs {
     data_dir: DataDirArg,
     /// Info-hash: 40 hex (v1), 32 base32 (v1) or 64 hex (v2).
     info_hash: String,
-    /// The address clients should reach magnetar at, added as x.pe (e.g. 203.0.113.5:6881).
+    /// The address clients should reach magnetar at, added as x.pe and xsource
+    /// (e.g. 203.0.113.5:6881).
     #[arg(long, value_name = "HOST:PORT")]
     public_addr: Option<String>,
+    /// A tracker `magnetar serve --announce-tracker` announces to, added as tr; repeatable.
+    #[arg(long = "announce-tracker", value_name = "URL")]
+    announce_trackers: Vec<String>,
 }
 
 fn main() {
@@ -221,8 +225,26 @@ fn serve(args: ServeArgs, cli_log: Option<String>) -> anyhow::Result<()> {
         shard_mailboxes,
         inherited,
     )?;
-    if let Some(addr) = server.local_addrs.first() {
-        upstream.set_listen_port(addr.port());
+    // Announces (DHT, trackers) carry the port peers reach us at: the public address's,
+    // else the one we listen on.
+    let public_port = settings
+        .public_addr
+        .as_deref()
+        .and_then(|a| a.parse::<PeerAddr>().ok())
+        .map(|p| match p {
+            PeerAddr::Socket(s) => s.port(),
+            PeerAddr::Host(_, port) => port,
+        });
+    if let Some(port) = public_port.or(server.local_addrs.first().map(|a| a.port())) {
+        upstream.set_listen_port(port);
+    }
+    {
+        let cores = server.stats.clone();
+        upstream.set_served_source(Box::new(move |into| {
+            for core in &cores {
+                core.served.merge_into(into);
+            }
+        }));
     }
     let mut ready_line = format!("ready {}", server.describe());
     if let Some(a) = &admin {
@@ -374,7 +396,7 @@ fn magnet(args: MagnetArgs) -> anyhow::Result<()> {
         btih: summary.hashes.v1,
         btmh: summary.hashes.v2,
         display_name: Some(summary.name),
-        trackers: Vec::new(),
+        trackers: args.announce_trackers,
         peers,
         warnings: Vec::new(),
     };

@@ -185,6 +185,33 @@ impl DhtNode {
             .map_err(|e| DhtError::Announce(e.to_string()))
     }
 
+    /// Starts an announce of `info_hash` on TCP `port` (mainline's async API, so many can be
+    /// in flight on one thread); the future resolves when the closest nodes have been told.
+    /// Refused at once with `RateLimited` when `dht_announces_per_second_max` is spent.
+    pub fn announce_async(
+        &self,
+        info_hash: [u8; 20],
+        port: u16,
+    ) -> Result<impl std::future::Future<Output = Result<(), DhtError>> + Send + 'static, DhtError>
+    {
+        if !self.announces.try_take() {
+            self.counters
+                .announces_rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(DhtError::RateLimited);
+        }
+        self.counters
+            .announces_started
+            .fetch_add(1, Ordering::Relaxed);
+        let dht = self.dht.clone().as_async();
+        Ok(async move {
+            dht.announce_peer(id(info_hash), Some(port))
+                .await
+                .map(|_| ())
+                .map_err(|e| DhtError::Announce(e.to_string()))
+        })
+    }
+
     /// Lookups whose thread is still running (for metrics).
     pub fn lookups_running(&self) -> usize {
         self.lookups_running.load(Ordering::Relaxed)

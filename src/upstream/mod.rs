@@ -9,12 +9,14 @@
 //! - `tracker_http` BEP 3/23/7 HTTP announce (ureq) and response parsing
 //! - `tracker_udp`  BEP 15 UDP announce: connect, connection-id cache, retransmission
 //! - `dht`      Mainline DHT node (BEP 5): rate-limited get_peers lookups, announces
+//! - `announce` which stored hashes to keep announced (DHT, --announce-tracker), and when
 //! - `cli`      `magnetar fetch <magnet>`
 //! - `fetch`    one fetch: up to N peers at once, first verified dict wins, liars banned
 //! - `peer`     one upstream peer connection: handshakes, pipelined BEP 9 requests
 //! - `utp_stream` an outgoing uTP connection (monoio UDP socket + `utp::Connection`)
 //! - `assemble` sans-IO: pieces from one peer into the info dict, checked against the key
 
+pub mod announce;
 pub mod assemble;
 pub mod cli;
 pub mod config;

@@ -88,7 +88,14 @@ pub struct Upstream {
     /// The port peers reach us at (announced to trackers and the DHT).
     listen_port: OnceLock<u16>,
     peer_id: [u8; 20],
+    /// Connections served per handshake key, merged over the cores (set by the server).
+    served: OnceLock<ServedSource>,
+    /// The announcer of stored hashes (DHT, --announce-tracker), when it runs.
+    announcer: OnceLock<Arc<crate::upstream::announce::AnnounceStats>>,
 }
+
+/// Merges every core's served counts into the map it is given.
+pub type ServedSource = Box<dyn Fn(&mut HashMap<[u8; 20], u64>) + Send + Sync>;
 
 impl Upstream {
     /// One mailbox per worker; each worker runs `run_shard` with its receiver.
@@ -117,33 +124,59 @@ impl Upstream {
             dht: OnceLock::new(),
             listen_port: OnceLock::new(),
             peer_id: crate::upstream::peer_id(u64::MAX),
+            served: OnceLock::new(),
+            announcer: OnceLock::new(),
         };
         (Arc::new(upstream), rx)
     }
 
-    /// Starts the DHT node (unless disabled) and the announcer of stored info-hashes
-    /// (unless `no_dht_announce`). Called once by the server.
+    /// Starts the DHT node (unless disabled) and the announcer of stored info-hashes to the
+    /// DHT (unless `no_dht_announce`) and to the `--announce-tracker`s (see
+    /// `upstream::announce`). Called once by the server.
     pub fn start_dht(self: &Arc<Self>) -> std::io::Result<()> {
         let node = if self.cfg.no_dht {
             None
         } else {
             Some(Arc::new(crate::upstream::dht::start(&self.cfg)?))
         };
-        if let (Some(node), false) = (&node, self.cfg.no_dht_announce) {
-            let (node, upstream) = (node.clone(), Arc::downgrade(self));
-            std::thread::Builder::new()
-                .name("magnetar-dht-announce".into())
-                .spawn(move || announce_stored(node, upstream))?;
+        let _ = self.dht.set(node.clone());
+        if let Some(stats) = crate::upstream::announce::start(self, node)? {
+            let _ = self.announcer.set(stats);
         }
-        let _ = self.dht.set(node);
         Ok(())
+    }
+
+    /// Where the served counts come from (the server's per-core tables).
+    pub fn set_served_source(&self, source: ServedSource) {
+        let _ = self.served.set(source);
+    }
+
+    /// Connections served per handshake key so far, all cores merged (empty until the
+    /// server set its source).
+    pub fn served_counts(&self) -> HashMap<[u8; 20], u64> {
+        let mut counts = HashMap::new();
+        if let Some(source) = self.served.get() {
+            source(&mut counts);
+        }
+        counts
+    }
+
+    /// The port we announce, once the server set it.
+    pub fn announce_port(&self) -> Option<u16> {
+        self.listen_port.get().copied()
+    }
+
+    /// Our BEP 20 peer id for upstream connections and announces.
+    pub fn peer_id(&self) -> [u8; 20] {
+        self.peer_id
     }
 
     pub fn dht(&self) -> Option<&Arc<DhtNode>> {
         self.dht.get().and_then(|d| d.as_ref())
     }
 
-    /// The TCP port we accept peers on, for announces.
+    /// The TCP port peers reach us at (the public address's port, else the listen port),
+    /// for announces.
     pub fn set_listen_port(&self, port: u16) {
         let _ = self.listen_port.set(port);
     }
@@ -200,45 +233,6 @@ impl Upstream {
                 source: std::io::Error::other("append thread ended without an answer"),
             }),
         }
-    }
-}
-
-/// A DHT announce lasts ~30 minutes on the nodes that store it; go round the store
-/// again after this long so announced hashes stay findable.
-const DHT_REANNOUNCE_INTERVAL: Duration = Duration::from_secs(15 * 60);
-
-/// Announces every stored, non-private info-hash (v1, and the v2 prefix: BEP 52) to the
-/// DHT, round-robin, at most `dht_announces_per_second_max` a second (the node's own
-/// bucket). BEP 27: private torrents are never announced. Ends with the server.
-fn announce_stored(node: Arc<DhtNode>, upstream: std::sync::Weak<Upstream>) {
-    let rate = upstream
-        .upgrade()
-        .map_or(1, |u| u.cfg.dht_announces_per_second_max.max(1));
-    let per_announce = Duration::from_secs_f64(1.0 / f64::from(rate));
-    loop {
-        let cycle = Instant::now();
-        let Some(u) = upstream.upgrade() else { return };
-        let mut keys = Vec::new();
-        u.store.for_each_record(|r| {
-            if !r.is_private() {
-                keys.extend(r.hashes().handshake_keys());
-            }
-        });
-        let port = u.listen_port.get().copied();
-        drop(u);
-        let Some(port) = port else {
-            std::thread::sleep(Duration::from_secs(1));
-            continue;
-        };
-        for key in keys {
-            if upstream.strong_count() == 0 {
-                return;
-            }
-            let _ = node.announce(key, port);
-            std::thread::sleep(per_announce);
-        }
-        let rest = DHT_REANNOUNCE_INTERVAL.saturating_sub(cycle.elapsed());
-        std::thread::sleep(rest.max(Duration::from_secs(1)));
     }
 }
 
@@ -611,6 +605,9 @@ impl Upstream {
                 "DHT lookups whose thread is still running.",
                 dht.lookups_running() as f64,
             );
+        }
+        if let Some(a) = self.announcer.get() {
+            crate::upstream::announce::write_metrics(a, out);
         }
     }
 }

@@ -53,6 +53,27 @@ pub struct AnnounceRequest {
     pub numwant: u32,
 }
 
+/// BEP 3 `event` (BEP 15 codes 2, 0, 3): `Started` on a torrent's first announce to a
+/// tracker, `Regular` (no event) on the re-announces at the tracker's `interval`, `Stopped`
+/// when leaving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnnounceEvent {
+    Started,
+    Regular,
+    Stopped,
+}
+
+impl AnnounceEvent {
+    /// The HTTP `event` parameter's value; `None` for a regular announce (no parameter).
+    pub fn http_value(self) -> Option<&'static str> {
+        match self {
+            AnnounceEvent::Started => Some("started"),
+            AnnounceEvent::Regular => None,
+            AnnounceEvent::Stopped => Some("stopped"),
+        }
+    }
+}
+
 /// Usable peers of one response (deduplicated, at most `PEERS_PER_RESPONSE_MAX`) and the
 /// re-announce interval the tracker asked for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -90,6 +111,16 @@ pub fn announce(
     req: &AnnounceRequest,
     timeout: Duration,
 ) -> Result<AnnounceResponse, TrackerError> {
+    announce_event(url, req, AnnounceEvent::Started, timeout)
+}
+
+/// [`announce`] with an explicit BEP 3 `event` (the miss path always says `started`).
+pub fn announce_event(
+    url: &str,
+    req: &AnnounceRequest,
+    event: AnnounceEvent,
+    timeout: Duration,
+) -> Result<AnnounceResponse, TrackerError> {
     if url.len() > TRACKER_URL_BYTES_MAX {
         return Err(TrackerError::BadUrl(format!(
             "longer than {TRACKER_URL_BYTES_MAX} bytes"
@@ -98,8 +129,8 @@ pub fn announce(
     let scheme_end = url.find("://").unwrap_or(0);
     let scheme = url[..scheme_end].to_ascii_lowercase();
     match scheme.as_str() {
-        "http" => tracker_http::announce(url, req, timeout),
-        "udp" => tracker_udp::announce(url, req, timeout),
+        "http" => tracker_http::announce(url, req, event, timeout),
+        "udp" => tracker_udp::announce(url, req, event, timeout),
         "https" => Err(TrackerError::BadUrl(format!(
             "{url}: https trackers are not supported (magnetar has no TLS stack)"
         ))),

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::upstream::tracker::{
-    tracker_message, AnnounceRequest, AnnounceResponse, PeerCollector, TrackerError,
+    tracker_message, AnnounceEvent, AnnounceRequest, AnnounceResponse, PeerCollector, TrackerError,
     PEERS_PER_RESPONSE_MAX, TRACKER_RESPONSE_BYTES_MAX,
 };
 use crate::wire::bencode;
@@ -46,9 +46,10 @@ fn agent() -> &'static ureq::Agent {
 pub fn announce(
     url: &str,
     req: &AnnounceRequest,
+    event: AnnounceEvent,
     timeout: Duration,
 ) -> Result<AnnounceResponse, TrackerError> {
-    let full = announce_url(url, req);
+    let full = announce_url(url, req, event);
     let result = agent()
         .get(&full)
         .config()
@@ -104,8 +105,8 @@ fn map_ureq_error(e: ureq::Error, url: &str) -> TrackerError {
 
 /// The announce URL: the tracker's URL (its own query, e.g. a passkey, kept; a fragment
 /// dropped) with our parameters appended. `compact=1` always: some trackers (opentracker
-/// among them) answer nothing else.
-pub fn announce_url(url: &str, req: &AnnounceRequest) -> String {
+/// among them) answer nothing else. A regular announce carries no `event` (BEP 3).
+pub fn announce_url(url: &str, req: &AnnounceRequest, event: AnnounceEvent) -> String {
     let base = url.split('#').next().unwrap_or(url);
     let mut out = String::with_capacity(base.len() + 256);
     out.push_str(base);
@@ -116,9 +117,13 @@ pub fn announce_url(url: &str, req: &AnnounceRequest) -> String {
     percent_encode(&req.peer_id, &mut out);
     let numwant = req.numwant.min(PEERS_PER_RESPONSE_MAX as u32);
     out.push_str(&format!(
-        "&port={}&uploaded=0&downloaded=0&left={}&compact=1&numwant={numwant}&event=started",
+        "&port={}&uploaded=0&downloaded=0&left={}&compact=1&numwant={numwant}",
         req.port, req.left
     ));
+    if let Some(e) = event.http_value() {
+        out.push_str("&event=");
+        out.push_str(e);
+    }
     out
 }
 
@@ -244,14 +249,19 @@ mod tests {
             left: 12345,
             numwant: 10_000,
         };
-        let u = announce_url("http://t.example:8080/announce?passkey=x#frag", &req);
+        let u = announce_url(
+            "http://t.example:8080/announce?passkey=x#frag",
+            &req,
+            AnnounceEvent::Started,
+        );
         assert_eq!(
             u,
             "http://t.example:8080/announce?passkey=x&info_hash=aZ09-._~%20%25%FF%2F\
              %00%00%00%00%00%00%00%00&peer_id=-MG0001-abcdefghijkl&port=6881&uploaded=0\
              &downloaded=0&left=12345&compact=1&numwant=500&event=started"
         );
-        assert!(announce_url("http://t/a", &req).starts_with("http://t/a?info_hash="));
+        assert!(announce_url("http://t/a", &req, AnnounceEvent::Regular)
+            .starts_with("http://t/a?info_hash="));
     }
 
     #[test]

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use aquatic_udp_protocol as proto;
 
 use crate::upstream::tracker::{
-    random_u64, tracker_message, AnnounceRequest, AnnounceResponse, PeerCollector, TrackerError,
-    PEERS_PER_RESPONSE_MAX,
+    random_u64, tracker_message, AnnounceEvent, AnnounceRequest, AnnounceResponse, PeerCollector,
+    TrackerError, PEERS_PER_RESPONSE_MAX,
 };
 
 /// Longest wait before the first retransmission (see module doc).
@@ -58,6 +58,7 @@ const ANNOUNCE_REQUEST_BYTES: usize = 98;
 pub fn announce(
     url: &str,
     req: &AnnounceRequest,
+    event: AnnounceEvent,
     timeout: Duration,
 ) -> Result<AnnounceResponse, TrackerError> {
     let deadline = Instant::now() + timeout;
@@ -87,7 +88,7 @@ pub fn announce(
         None => (t.connect(addr)?, false),
     };
     loop {
-        match t.announce(connection_id, req) {
+        match t.announce(connection_id, req, event) {
             // An error reply to a remembered id most likely means the tracker no longer
             // accepts it (restart, shorter lifetime): get a fresh one, once.
             Err(TrackerError::Failure(m)) if from_cache => {
@@ -169,6 +170,7 @@ impl Exchange {
         &mut self,
         connection_id: i64,
         req: &AnnounceRequest,
+        event: AnnounceEvent,
     ) -> Result<AnnounceResponse, TrackerError> {
         let tid = random_u64() as i32;
         let numwant = req.numwant.min(PEERS_PER_RESPONSE_MAX as u32) as i32;
@@ -182,7 +184,12 @@ impl Exchange {
             bytes_downloaded: proto::NumberOfBytes::new(0),
             bytes_left: proto::NumberOfBytes::new(i64::try_from(req.left).unwrap_or(i64::MAX)),
             bytes_uploaded: proto::NumberOfBytes::new(0),
-            event: proto::AnnounceEvent::Started.into(),
+            event: match event {
+                AnnounceEvent::Started => proto::AnnounceEvent::Started,
+                AnnounceEvent::Regular => proto::AnnounceEvent::None,
+                AnnounceEvent::Stopped => proto::AnnounceEvent::Stopped,
+            }
+            .into(),
             ip_address: proto::Ipv4AddrBytes([0; 4]),
             key: proto::PeerKey::new(random_u64() as i32),
             peers_wanted: proto::NumberOfPeers::new(numwant),

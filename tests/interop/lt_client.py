@@ -6,8 +6,9 @@
   make-torrents OUTDIR --v1-metadata-pieces N
                          only one torrent, `v1-pN`: a v1 torrent whose info dict is exactly
                          N metadata pieces long (for transport tests with many round trips)
-  fetch MAGNET OUT [--timeout S] [--transport T]
-                         fetch the metadata of MAGNET (give it x.pe=magnetar) and write the
+  fetch MAGNET OUT [--timeout S] [--transport T] [--dht-bootstrap H:P,...]
+                         fetch the metadata of MAGNET (give it x.pe=magnetar, a tr=, or a
+                         --dht-bootstrap to find it through the DHT) and write the
                          raw info dict libtorrent received to OUT; prints one JSON line:
                          seconds (add_torrent to metadata_received_alert) and the peers it
                          was connected to, each with its transport (utp/tcp); exit 1 on
@@ -163,23 +164,50 @@ def local_only():
     }
 
 
-def fetch(magnet, out, timeout, transport):
+def loopback_dht(dht_bootstrap):
+    """A DHT node bootstrapping from `dht_bootstrap` (a loopback testnet)."""
+    return {
+        "enable_dht": True,
+        "dht_bootstrap_nodes": dht_bootstrap,
+        # A DHT on loopback: every node is 127.0.0.1, which these filters refuse.
+        "dht_restrict_routing_ips": False,
+        "dht_restrict_search_ips": False,
+        "dht_ignore_dark_internet": False,
+        "dht_prefer_verified_node_ids": False,
+    }
+
+
+def fetch(magnet, out, timeout, transport, dht_bootstrap=""):
     settings = {
         "listen_interfaces": "127.0.0.1:0",
         **local_only(),
+        **(loopback_dht(dht_bootstrap) if dht_bootstrap else {}),
         **transport_settings(transport),
         "alert_mask": lt.alert.category_t.status_notification
         | lt.alert.category_t.error_notification
         | lt.alert.category_t.peer_notification
-        | lt.alert.category_t.connect_notification,
+        | lt.alert.category_t.connect_notification
+        | lt.alert.category_t.dht_notification,
     }
     ses = lt.session(settings)
+    log = []
+    if dht_bootstrap:
+        # A user's DHT node has long been bootstrapped when a magnet is added; this one
+        # starts now. Add the torrent once the bootstrap is done, so its first lookup
+        # (libtorrent looks up a new torrent at once, then every dht_announce_interval,
+        # 15 minutes) runs on a routing table.
+        give_up = time.monotonic() + timeout
+        booted = False
+        while not booted and time.monotonic() < give_up:
+            ses.wait_for_alert(200)
+            for a in ses.pop_alerts():
+                log.append("%s: %s" % (type(a).__name__, a.message()))
+                booted = booted or isinstance(a, lt.dht_bootstrap_alert)
     params = lt.parse_magnet_uri(magnet)
     params.save_path = tempfile.mkdtemp(prefix="lt-fetch-")
     # Time to metadata: from add_torrent to metadata_received_alert.
     start = time.monotonic()
     handle = ses.add_torrent(params)
-    log = []
     while time.monotonic() - start < timeout:
         ses.wait_for_alert(200)
         for a in ses.pop_alerts():
@@ -288,6 +316,7 @@ def main():
     f.add_argument("out")
     f.add_argument("--timeout", type=float, default=30.0)
     f.add_argument("--transport", choices=TRANSPORTS, default="default")
+    f.add_argument("--dht-bootstrap", default="")
     s = sub.add_parser("seed")
     s.add_argument("paths", nargs="+", metavar="TORRENT... CONTENT_DIR")
     s.add_argument("--port", type=int, default=0)
@@ -307,7 +336,7 @@ def main():
             ap.error("seed needs at least one TORRENT and the CONTENT_DIR")
         return seed(args.paths[:-1], args.paths[-1], args.port, args.tracker,
                     args.dht_bootstrap, args.connect_peer, args.transport)
-    return fetch(args.magnet, args.out, args.timeout, args.transport)
+    return fetch(args.magnet, args.out, args.timeout, args.transport, args.dht_bootstrap)
 
 
 if __name__ == "__main__":
