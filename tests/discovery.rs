@@ -28,19 +28,11 @@ fn import(data: &Path, torrents: &[&Path]) {
     );
 }
 
-fn metrics(server: &ServerProc) -> String {
-    ureq::get(&format!("http://{}/metrics", server.admin.unwrap()))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap()
-}
+use common::kit::{metrics, Metrics};
 
-/// The value of the metric line that starts with `prefix` (name and labels).
-fn metric(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
+/// The value of a metric (name and labels, as `/metrics` writes them).
+fn metric(m: &Metrics, name: &str) -> Option<f64> {
+    m.get(name.trim_end()).copied()
 }
 
 /// Waits until `port` is among the peers `tracker_url` lists for `key` (asking as a
@@ -155,7 +147,7 @@ fn libtorrent_finds_magnetar_through_its_announce_tracker() {
                 &format!("magnetar_tracker_announce_failures_total{label}")
             ),
             Some(0.0),
-            "{m}"
+            "{m:?}"
         );
         assert!(metric(&m, &format!("magnetar_tracker_announces_total{label}")) >= Some(1.0));
         eprintln!(
@@ -203,7 +195,7 @@ fn magnets_carry_announce_trackers_x_pe_and_xsource() {
             "0",
         ],
     );
-    let magnet = ureq::get(&format!("http://{}/magnet/{v1}", server.admin.unwrap()))
+    let magnet = ureq::get(&format!("http://{}/magnet/{v1}", server.admin))
         .call()
         .unwrap()
         .body_mut()
@@ -275,7 +267,7 @@ fn private_torrents_are_not_announced_to_trackers() {
     assert_eq!(
         metric(&m, &format!("magnetar_tracker_announces_total{label}")),
         Some(1.0),
-        "only the public torrent is announced: {m}"
+        "only the public torrent is announced: {m:?}"
     );
     let probe = AnnounceRequest {
         info_hash: private,
@@ -440,17 +432,17 @@ fn libtorrent_finds_magnetar_through_the_dht_alone() {
     assert_eq!(
         metric(&m, "magnetar_dht_announced_hashes "),
         Some(1.0),
-        "{m}"
+        "{m:?}"
     );
     assert_eq!(
         metric(&m, "magnetar_dht_announce_budget_hashes "),
         Some(16_200.0),
-        "{m}"
+        "{m:?}"
     );
     assert_eq!(
         metric(&m, "magnetar_dht_announces_failed_total "),
         Some(0.0),
-        "{m}"
+        "{m:?}"
     );
     let bootstrap = testnet.bootstrap.join(",");
     let (info, secs) = lt_fetch_args(
