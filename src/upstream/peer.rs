@@ -15,6 +15,15 @@
 //!
 //! We answer nothing: no bitfield, no have, no reply to the peer's requests — a
 //! metadata-only client has nothing to say, and the exchange is short (no keep-alive).
+//!
+//! Encryption-required peers (libtorrent with `pe_forced`, webtorrent's `secure` default)
+//! read our plaintext handshake and close without a word, just as a TCP-refusing one does.
+//! So a plaintext attempt closed before the peer's first byte is retried once over the same
+//! transport with MSE (`crate::mse::Initiator`, offering plaintext and RC4, plaintext
+//! preferred: docs/protocol-facts.md §14) before moving on: TCP plaintext, TCP MSE, uTP
+//! plaintext, uTP MSE, each only while the previous one ended silent and time is left.
+//! [`MseLink`] moves the bytes: the MSE handshake with our BitTorrent handshake as its
+//! initial payload, then RC4 (or nothing) under the unchanged [`Exchange`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -26,6 +35,7 @@ use monoio::net::TcpStream;
 use monoio::time::Instant;
 
 use crate::limits::{FRAME_BYTES_MAX, REQUESTS_QUEUED_MAX};
+use crate::mse::{self, CryptoPolicy, Initiator, InitiatorStep, MseError, Rc4Pair};
 use crate::upstream::assemble::{AssembleError, MetadataAssembler, Progress};
 use crate::upstream::utp_stream::UtpStream;
 use crate::wire::{
@@ -88,6 +98,9 @@ pub enum PeerFetchError {
     Timeout,
     #[error("i/o: {0}")]
     Io(io::Error),
+    /// The MSE handshake of an encrypted retry failed.
+    #[error("mse: {0}")]
+    Mse(MseError),
 }
 
 impl PeerFetchError {
@@ -103,6 +116,7 @@ impl PeerFetchError {
             PeerFetchError::HashMismatch => "hash_mismatch",
             PeerFetchError::Timeout => "timeout",
             PeerFetchError::Io(_) => "io",
+            PeerFetchError::Mse(_) => "mse",
         }
     }
 }
@@ -377,6 +391,12 @@ pub async fn fetch_from_peer(
 /// `UTP_HEAD_START`, or connected but the peer closed it before sending a byte (what a
 /// libtorrent with incoming TCP off does: it accepts and closes at once). The first
 /// transport to connect carries the exchange; the other attempt is dropped.
+///
+/// Encryption: an attempt closed before the peer's first byte is retried once with MSE
+/// over the same transport (an encryption-required peer reads our plaintext handshake and
+/// closes), so the order after a silent TCP plaintext attempt is TCP MSE, uTP plaintext,
+/// uTP MSE; after a silent uTP plaintext attempt, uTP MSE. Each runs only while the one
+/// before it ended silent and the deadline is not past.
 pub async fn fetch_from_peer_with(
     addr: SocketAddr,
     cfg: &PeerFetchConfig,
@@ -385,21 +405,59 @@ pub async fn fetch_from_peer_with(
     let deadline = Instant::now() + cfg.peer_timeout;
     let connect_deadline = deadline.min(Instant::now() + cfg.connect_timeout);
     let stream = connect_any(addr, connect_deadline).await?;
-    let was_tcp = matches!(stream, PeerStream::Tcp(_));
-    match exchange_over(stream, cfg, deadline, progress).await {
-        Err(ExchangeEnd::Silent(e)) if was_tcp && Instant::now() < deadline => {
-            // TCP was taken and closed without a word: the peer may speak uTP only.
-            let connect_deadline = deadline.min(Instant::now() + cfg.connect_timeout);
-            let utp = UtpStream::connect(addr, connect_deadline)
-                .await
-                .map_err(|_| e)?;
-            match exchange_over(PeerStream::Utp(Box::new(utp)), cfg, deadline, progress).await {
-                Ok(info) => Ok(info),
-                Err(ExchangeEnd::Silent(e) | ExchangeEnd::Failed(e)) => Err(e),
-            }
+    let retries: &[(Transport, bool)] = match stream {
+        PeerStream::Tcp(_) => &[
+            (Transport::Tcp, true),
+            (Transport::Utp, false),
+            (Transport::Utp, true),
+        ],
+        PeerStream::Utp(_) => &[(Transport::Utp, true)],
+    };
+    let mut result = exchange_over(stream, cfg, deadline, progress, false).await;
+    for &(transport, encrypted) in retries {
+        let Err(ExchangeEnd::Silent(e)) = result else {
+            break;
+        };
+        if Instant::now() >= deadline {
+            return Err(e);
         }
+        let connect_deadline = deadline.min(Instant::now() + cfg.connect_timeout);
+        result = match connect_one(addr, transport, connect_deadline).await {
+            Ok(stream) => exchange_over(stream, cfg, deadline, progress, encrypted).await,
+            // Keep the first error; a later attempt (another transport) may still connect.
+            Err(_) => Err(ExchangeEnd::Silent(e)),
+        };
+    }
+    match result {
         Ok(info) => Ok(info),
         Err(ExchangeEnd::Silent(e) | ExchangeEnd::Failed(e)) => Err(e),
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Tcp,
+    Utp,
+}
+
+/// A new connection over one given transport (a retry after a silent close).
+async fn connect_one(
+    addr: SocketAddr,
+    transport: Transport,
+    deadline: Instant,
+) -> Result<PeerStream, PeerFetchError> {
+    match transport {
+        Transport::Tcp => {
+            match monoio::time::timeout_at(deadline, TcpStream::connect_addr(addr)).await {
+                Ok(Ok(s)) => Ok(PeerStream::Tcp(s)),
+                Ok(Err(e)) => Err(PeerFetchError::Connect(e)),
+                Err(_) => Err(connect_timed_out()),
+            }
+        }
+        Transport::Utp => UtpStream::connect(addr, deadline)
+            .await
+            .map(|s| PeerStream::Utp(Box::new(s)))
+            .map_err(PeerFetchError::Connect),
     }
 }
 
@@ -470,12 +528,13 @@ async fn connect_any(addr: SocketAddr, deadline: Instant) -> Result<PeerStream, 
         })
 }
 
-/// Runs the `Exchange` over a connected stream.
+/// Runs the `Exchange` over a connected stream; with `encrypted`, inside MSE (`MseLink`).
 async fn exchange_over(
     mut stream: PeerStream,
     cfg: &PeerFetchConfig,
     deadline: Instant,
     progress: &mut dyn FnMut(PeerProgress),
+    encrypted: bool,
 ) -> Result<Vec<u8>, ExchangeEnd> {
     if let PeerStream::Tcp(s) = &mut stream {
         // Requests are small and answered at once; do not let Nagle hold them back.
@@ -488,12 +547,31 @@ async fn exchange_over(
     let mut rbuf: Vec<u8> = Vec::with_capacity(READ_SPARE_MIN);
     let mut heard = false;
     let failed = ExchangeEnd::Failed;
+    let mut link = MseLink::Plain;
+    if encrypted {
+        // Our handshake travels as MSE's initial payload; the rest of the opening after it.
+        let ia: Vec<u8> = out.drain(..HANDSHAKE_LEN).collect();
+        link = MseLink::handshake(&mut stream, &ia, cfg.key, deadline, &mut rbuf).await?;
+        heard = true;
+        // Stream bytes that came with the end of the MSE handshake (the peer's handshake,
+        // typically) are already here: handle them before waiting for more.
+        if !rbuf.is_empty() {
+            match ex.on_bytes(&rbuf, &mut out, progress).map_err(failed)? {
+                Step::Done(info) => return Ok(info),
+                Step::Consumed(n) => {
+                    rbuf.drain(..n);
+                }
+            }
+        }
+    }
     loop {
         if !out.is_empty() {
+            link.encrypt(&mut out);
             out = write_before(&mut stream, out, deadline)
                 .await
                 .map_err(failed)?;
         }
+        let before = rbuf.len();
         match read_before(&mut stream, rbuf, deadline).await {
             Ok(buf) => rbuf = buf,
             Err(ReadEnd::Eof) if !heard => return Err(ExchangeEnd::Silent(ex.on_silence(false))),
@@ -505,6 +583,7 @@ async fn exchange_over(
             Err(ReadEnd::Failed(e)) => return Err(failed(PeerFetchError::Io(e))),
         }
         heard = true;
+        link.decrypt(&mut rbuf[before..]);
         match ex.on_bytes(&rbuf, &mut out, progress).map_err(failed)? {
             Step::Done(info) => {
                 if let PeerStream::Utp(s) = stream {
@@ -520,6 +599,95 @@ async fn exchange_over(
         // The codec refuses frames over FRAME_BYTES_MAX, so what is left is a partial
         // frame at most that large.
         debug_assert!(rbuf.len() <= FRAME_BYTES_MAX + 4 + READ_SPARE_MIN);
+    }
+}
+
+/// What lies between the `Exchange` and the socket: nothing, or the RC4 pair of an MSE
+/// connection that selected RC4. (MSE with plaintext selected is `Plain` after the
+/// handshake.)
+enum MseLink {
+    Plain,
+    Rc4(Rc4Pair),
+}
+
+impl MseLink {
+    /// Runs the MSE initiator over `stream` (offering plaintext and RC4, plaintext
+    /// preferred) with `ia` (our BitTorrent handshake) as the initial payload. On success
+    /// `rbuf` holds the stream bytes read past the handshake, already decrypted.
+    async fn handshake(
+        stream: &mut PeerStream,
+        ia: &[u8],
+        key: [u8; 20],
+        deadline: Instant,
+        rbuf: &mut Vec<u8>,
+    ) -> Result<MseLink, ExchangeEnd> {
+        let failed = |e| ExchangeEnd::Failed(PeerFetchError::Mse(e));
+        let random = |e: getrandom::Error| {
+            ExchangeEnd::Failed(PeerFetchError::Io(io::Error::other(e.to_string())))
+        };
+        let secret = mse::random_secret().map_err(random)?;
+        let pad_len = mse::random_pad_len().map_err(random)?;
+        let mut init = Initiator::new(&secret, pad_len, key, CryptoPolicy::PreferPlaintext);
+        let mut out = Vec::with_capacity(1024);
+        init.opening(&mut out);
+        let mut heard = false;
+        loop {
+            if !out.is_empty() {
+                out = write_before(stream, out, deadline)
+                    .await
+                    .map_err(ExchangeEnd::Failed)?;
+            }
+            match read_before(stream, std::mem::take(rbuf), deadline).await {
+                Ok(buf) => *rbuf = buf,
+                Err(ReadEnd::Eof) if !heard => {
+                    return Err(ExchangeEnd::Silent(PeerFetchError::Handshake(
+                        "closed before answering MSE",
+                    )))
+                }
+                Err(ReadEnd::Eof) => return Err(failed(init.on_eof())),
+                Err(ReadEnd::Deadline) => return Err(ExchangeEnd::Failed(PeerFetchError::Timeout)),
+                Err(ReadEnd::Failed(e)) if !heard && e.kind() == io::ErrorKind::ConnectionReset => {
+                    return Err(ExchangeEnd::Silent(PeerFetchError::Io(e)))
+                }
+                Err(ReadEnd::Failed(e)) => return Err(ExchangeEnd::Failed(PeerFetchError::Io(e))),
+            }
+            heard = true;
+            match init.on_bytes(rbuf, &mut out, ia).map_err(failed)? {
+                InitiatorStep::NeedMore { consumed } => {
+                    rbuf.drain(..consumed);
+                }
+                InitiatorStep::Done {
+                    consumed, cipher, ..
+                } => {
+                    rbuf.drain(..consumed);
+                    // Step 3, unless a peer answered before reading it (Yb and step 4 in
+                    // one read): it must still go out, in the clear stream position.
+                    if !out.is_empty() {
+                        write_before(stream, out, deadline)
+                            .await
+                            .map_err(ExchangeEnd::Failed)?;
+                    }
+                    let mut link = match cipher {
+                        Some(c) => MseLink::Rc4(c),
+                        None => MseLink::Plain,
+                    };
+                    link.decrypt(rbuf);
+                    return Ok(link);
+                }
+            }
+        }
+    }
+
+    fn encrypt(&mut self, buf: &mut [u8]) {
+        if let MseLink::Rc4(c) = self {
+            c.encrypt_in_place(buf);
+        }
+    }
+
+    fn decrypt(&mut self, buf: &mut [u8]) {
+        if let MseLink::Rc4(c) = self {
+            c.decrypt_in_place(buf);
+        }
     }
 }
 

@@ -14,7 +14,8 @@
                          was connected to, each with its transport (utp/tcp); exit 1 on
                          timeout
   seed TORRENT... CONTENT_DIR [--port N] [--tracker URL] [--dht-bootstrap H:P,...]
-       [--connect-peer H:P] [--transport T]
+       [--connect-peer H:P] [--transport T] [--encryption E]
+  fetch ... [--encryption E]  the same encryption settings for the fetching client
                          seed TORRENT(s) (content under CONTENT_DIR, seed_mode: no check)
                          on 127.0.0.1:N (0 = any); prints `listening PORT` when ready, then
                          runs until killed; each accepted connection is logged to stderr as
@@ -26,6 +27,10 @@ listens on TCP and uTP on one port and dials uTP first (docs/protocol-facts.md Â
 tcp switches uTP off both ways, --transport utp switches TCP off both ways; `default` (the
 default) changes nothing. Settings that only keep traffic on this machine (DHT, LSD, UPnP,
 NAT-PMP off) are not transport settings.
+
+Encryption: `default` leaves libtorrent's (MSE/PE enabled, plaintext accepted). --encryption
+forced refuses plaintext BitTorrent connections both ways (an encryption-required peer, for
+the MSE tests); forced-rc4 also allows only RC4 after the MSE handshake.
 
 Run with /usr/bin/python3: the pyenv python on PATH does not see Debian's libtorrent.
 """
@@ -154,6 +159,26 @@ def transport_settings(transport):
     return {}
 
 
+ENCRYPTIONS = ("default", "forced", "forced-rc4")
+
+
+def encryption_settings(encryption):
+    """The settings for --encryption: nothing for `default`; `forced` refuses plaintext
+    BitTorrent connections both ways (MSE/PE only, plaintext or RC4 after it, libtorrent
+    picks plaintext when offered); `forced-rc4` also allows only RC4 after the handshake."""
+    if encryption == "default":
+        return {}
+    settings = {
+        "out_enc_policy": int(lt.enc_policy.forced),  # default-off: encryption-required peer for the MSE tests
+        "in_enc_policy": int(lt.enc_policy.forced),  # default-off: encryption-required peer for the MSE tests
+    }
+    if encryption == "forced-rc4":
+        settings["allowed_enc_level"] = int(lt.enc_level.rc4)  # default-off: encryption-required peer for the MSE tests
+    else:
+        assert encryption == "forced", encryption
+    return settings
+
+
 def local_only():
     """Keeps a session's traffic on this machine: no DHT, LSD, UPnP or NAT-PMP."""
     return {
@@ -177,12 +202,13 @@ def loopback_dht(dht_bootstrap):
     }
 
 
-def fetch(magnet, out, timeout, transport, dht_bootstrap=""):
+def fetch(magnet, out, timeout, transport, dht_bootstrap="", encryption="default"):
     settings = {
         "listen_interfaces": "127.0.0.1:0",
         **local_only(),
         **(loopback_dht(dht_bootstrap) if dht_bootstrap else {}),
         **transport_settings(transport),
+        **encryption_settings(encryption),
         "alert_mask": lt.alert.category_t.status_notification
         | lt.alert.category_t.error_notification
         | lt.alert.category_t.peer_notification
@@ -240,13 +266,15 @@ def log_seed_alert(a):
         print("alert %s: %s" % (type(a).__name__, a.message()), file=sys.stderr, flush=True)
 
 
-def seed(torrents, content_dir, port, trackers, dht_bootstrap, connect_peers, transport):
+def seed(torrents, content_dir, port, trackers, dht_bootstrap, connect_peers, transport,
+         encryption="default"):
     dht = bool(dht_bootstrap)
     settings = {
         "listen_interfaces": "127.0.0.1:%d" % port,
         **local_only(),
         "enable_dht": dht,
         **transport_settings(transport),
+        **encryption_settings(encryption),
         # Tests connect many times from 127.0.0.1 (and through magnetar).
         "allow_multiple_connections_per_ip": True,
         "announce_to_all_trackers": True,
@@ -317,6 +345,7 @@ def main():
     f.add_argument("--timeout", type=float, default=30.0)
     f.add_argument("--transport", choices=TRANSPORTS, default="default")
     f.add_argument("--dht-bootstrap", default="")
+    f.add_argument("--encryption", choices=ENCRYPTIONS, default="default")
     s = sub.add_parser("seed")
     s.add_argument("paths", nargs="+", metavar="TORRENT... CONTENT_DIR")
     s.add_argument("--port", type=int, default=0)
@@ -324,6 +353,7 @@ def main():
     s.add_argument("--dht-bootstrap", default="")
     s.add_argument("--connect-peer", action="append", default=[])
     s.add_argument("--transport", choices=TRANSPORTS, default="default")
+    s.add_argument("--encryption", choices=ENCRYPTIONS, default="default")
     args = ap.parse_args()
     if args.cmd == "make-torrents":
         if args.v1_metadata_pieces:
@@ -335,8 +365,9 @@ def main():
         if len(args.paths) < 2:
             ap.error("seed needs at least one TORRENT and the CONTENT_DIR")
         return seed(args.paths[:-1], args.paths[-1], args.port, args.tracker,
-                    args.dht_bootstrap, args.connect_peer, args.transport)
-    return fetch(args.magnet, args.out, args.timeout, args.transport, args.dht_bootstrap)
+                    args.dht_bootstrap, args.connect_peer, args.transport, args.encryption)
+    return fetch(args.magnet, args.out, args.timeout, args.transport, args.dht_bootstrap,
+                 args.encryption)
 
 
 if __name__ == "__main__":
