@@ -22,7 +22,9 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::metainfo::{self, InfoSummary};
-use crate::upstream::peer::{fetch_from_peer_with, PeerFetchConfig, PeerFetchError, PeerProgress};
+use crate::upstream::peer::{
+    fetch_from_parent_with, fetch_from_peer_with, PeerFetchConfig, PeerFetchError, PeerProgress,
+};
 use crate::upstream::PeerCandidate;
 
 /// Distinct peer addresses one fetch remembers (tries or queues); later ones are dropped.
@@ -251,8 +253,15 @@ fn spawn_peer(
                 },
             });
         };
+        let exchange = async {
+            if c.source == crate::upstream::PeerSource::Parent {
+                fetch_from_parent_with(addr, &cfg, &mut progress).await
+            } else {
+                fetch_from_peer_with(addr, &cfg, &mut progress).await
+            }
+        };
         let result = monoio::select! {
-            r = fetch_from_peer_with(addr, &cfg, &mut progress) => Some(r),
+            r = exchange => Some(r),
             _ = stop.recv_async() => None,
         };
         if let Some(r) = result {

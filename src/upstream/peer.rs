@@ -402,16 +402,38 @@ pub async fn fetch_from_peer_with(
     cfg: &PeerFetchConfig,
     progress: &mut dyn FnMut(PeerProgress),
 ) -> Result<Vec<u8>, PeerFetchError> {
+    fetch_with_retries(addr, cfg, progress, true).await
+}
+
+/// `fetch_from_peer_with` for a configured parent: a magnetar node speaks plaintext on TCP
+/// and uTP and never requires encryption, so a silent close is not retried with MSE (it
+/// would only double the connections to a parent that is down or refusing).
+pub async fn fetch_from_parent_with(
+    addr: SocketAddr,
+    cfg: &PeerFetchConfig,
+    progress: &mut dyn FnMut(PeerProgress),
+) -> Result<Vec<u8>, PeerFetchError> {
+    fetch_with_retries(addr, cfg, progress, false).await
+}
+
+async fn fetch_with_retries(
+    addr: SocketAddr,
+    cfg: &PeerFetchConfig,
+    progress: &mut dyn FnMut(PeerProgress),
+    may_require_mse: bool,
+) -> Result<Vec<u8>, PeerFetchError> {
     let deadline = Instant::now() + cfg.peer_timeout;
     let connect_deadline = deadline.min(Instant::now() + cfg.connect_timeout);
     let stream = connect_any(addr, connect_deadline).await?;
-    let retries: &[(Transport, bool)] = match stream {
-        PeerStream::Tcp(_) => &[
+    let retries: &[(Transport, bool)] = match (&stream, may_require_mse) {
+        (PeerStream::Tcp(_), true) => &[
             (Transport::Tcp, true),
             (Transport::Utp, false),
             (Transport::Utp, true),
         ],
-        PeerStream::Utp(_) => &[(Transport::Utp, true)],
+        (PeerStream::Utp(_), true) => &[(Transport::Utp, true)],
+        (PeerStream::Tcp(_), false) => &[(Transport::Utp, false)],
+        (PeerStream::Utp(_), false) => &[],
     };
     let mut result = exchange_over(stream, cfg, deadline, progress, false).await;
     for &(transport, encrypted) in retries {
