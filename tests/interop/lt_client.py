@@ -247,8 +247,11 @@ def fetch(magnet, out, timeout, transport, dht_bootstrap="", encryption="default
                           "transport": "utp" if p.flags & PEER_FLAG_UTP_SOCKET else "tcp"}
                          for p in handle.get_peer_info()]
                 print(json.dumps({"ok": True, "info_len": len(info),
-                                  "seconds": round(seconds, 3), "peers": peers}))
-                return 0
+                                  "seconds": round(seconds, 3), "peers": peers}), flush=True)
+                # Leave without tearing the session down: python3-libtorrent 2.0.8 can
+                # crash (SIGSEGV) destroying a session with connections still open, which
+                # would lose the result we have.
+                os._exit(0)
             if isinstance(a, lt.metadata_failed_alert):
                 print("metadata_failed: " + a.message(), file=sys.stderr)
     print("timed out after %ss waiting for metadata; alerts:\n  %s" % (timeout, "\n  ".join(log[-30:])),
