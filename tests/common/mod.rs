@@ -338,16 +338,34 @@ impl LtSeed {
     /// Seeds every torrent in `torrents` (content under `content`); `extra` are
     /// lt_client.py seed flags (--tracker, --connect-peer, ...).
     pub fn start(torrents: &[&Path], content: &Path, extra: &[String]) -> LtSeed {
+        let mut args: Vec<std::ffi::OsString> = vec!["seed".into()];
+        args.extend(torrents.iter().map(|t| t.as_os_str().to_owned()));
+        args.push(content.as_os_str().to_owned());
+        args.extend(extra.iter().map(Into::into));
+        LtSeed::spawn(&args)
+    }
+
+    /// A libtorrent DHT node only (`lt_client.py dht-node`), bootstrapping from
+    /// `bootstrap` (none for the first node of a testnet).
+    pub fn dht_node(bootstrap: &[SocketAddr]) -> LtSeed {
+        let list: Vec<String> = bootstrap.iter().map(|a| a.to_string()).collect();
+        let mut args: Vec<std::ffi::OsString> = vec!["dht-node".into()];
+        if !list.is_empty() {
+            args.push("--dht-bootstrap".into());
+            args.push(list.join(",").into());
+        }
+        LtSeed::spawn(&args)
+    }
+
+    /// Runs `lt_client.py ARGS` and waits for its `listening PORT` line.
+    fn spawn(args: &[std::ffi::OsString]) -> LtSeed {
         let mut child = Command::new(PYTHON)
             .arg(repo_path("tests/interop/lt_client.py"))
-            .arg("seed")
-            .args(torrents)
-            .arg(content)
-            .args(extra)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("spawning the libtorrent seed");
+            .expect("spawning lt_client.py");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -360,7 +378,7 @@ impl LtSeed {
         });
         let port = rx
             .recv_timeout(Duration::from_secs(30))
-            .expect("seed did not start listening");
+            .expect("lt_client.py did not start listening");
         LtSeed { child, port }
     }
 

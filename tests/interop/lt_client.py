@@ -16,6 +16,8 @@
   seed TORRENT... CONTENT_DIR [--port N] [--tracker URL] [--dht-bootstrap H:P,...]
        [--connect-peer H:P] [--transport T] [--encryption E]
   fetch ... [--encryption E]  the same encryption settings for the fetching client
+  dht-node [--port N] [--dht-bootstrap H:P,...]
+                         a libtorrent DHT node only (a loopback testnet of libtorrent nodes)
                          seed TORRENT(s) (content under CONTENT_DIR, seed_mode: no check)
                          on 127.0.0.1:N (0 = any); prints `listening PORT` when ready, then
                          runs until killed; each accepted connection is logged to stderr as
@@ -336,6 +338,30 @@ def seed(torrents, content_dir, port, trackers, dht_bootstrap, connect_peers, tr
                 h.force_dht_announce()
 
 
+def dht_node(port, dht_bootstrap):
+    """A libtorrent DHT node on 127.0.0.1:PORT and nothing else (no torrents): the nodes of
+    a loopback DHT testnet built from the implementation most of the public DHT runs.
+    Prints `listening PORT` once its DHT is up, then runs until killed."""
+    settings = {
+        "listen_interfaces": "127.0.0.1:%d" % port,
+        **local_only(),
+        **loopback_dht(dht_bootstrap),
+        "alert_mask": lt.alert.category_t.dht_notification | lt.alert.category_t.error_notification,
+    }
+    ses = lt.session(settings)
+    # With nobody to bootstrap from (the first node) there is no bootstrap alert to wait for.
+    give_up = time.monotonic() + (10 if dht_bootstrap else 0)
+    while time.monotonic() < give_up:
+        ses.wait_for_alert(100)
+        if any(isinstance(a, lt.dht_bootstrap_alert) for a in ses.pop_alerts()):
+            break
+    print("listening %d" % ses.listen_port(), flush=True)
+    while True:
+        ses.wait_for_alert(1000)
+        for a in ses.pop_alerts():
+            print("alert %s: %s" % (type(a).__name__, a.message()), file=sys.stderr, flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -349,6 +375,9 @@ def main():
     f.add_argument("--transport", choices=TRANSPORTS, default="default")
     f.add_argument("--dht-bootstrap", default="")
     f.add_argument("--encryption", choices=ENCRYPTIONS, default="default")
+    d = sub.add_parser("dht-node")
+    d.add_argument("--port", type=int, default=0)
+    d.add_argument("--dht-bootstrap", default="")
     s = sub.add_parser("seed")
     s.add_argument("paths", nargs="+", metavar="TORRENT... CONTENT_DIR")
     s.add_argument("--port", type=int, default=0)
@@ -364,6 +393,8 @@ def main():
         else:
             make_torrents(args.outdir)
         return 0
+    if args.cmd == "dht-node":
+        return dht_node(args.port, args.dht_bootstrap)
     if args.cmd == "seed":
         if len(args.paths) < 2:
             ap.error("seed needs at least one TORRENT and the CONTENT_DIR")
