@@ -205,8 +205,10 @@ impl<T: Transport> Transport for MseTransport<T> {
     ) -> Wake {
         match &mut self.mode {
             Mode::Undecided => {
-                // The session's first read: its deadline is the handshake timeout.
-                match self.decide(buf, deadline, spare_min).await {
+                // The session's first read: its deadline is the handshake timeout. Boxed:
+                // the MSE handshake's state is large and needed once per connection, so
+                // it must not size the future of every later read.
+                match Box::pin(self.decide(buf, deadline, spare_min)).await {
                     Ok(()) => Wake::Read(ReadOutcome::Data { filled: false }),
                     Err(outcome) => Wake::Read(outcome),
                 }
