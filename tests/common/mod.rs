@@ -701,7 +701,8 @@ impl Netns {
         let host_if = format!("{tag}h");
         let peer_if = format!("{tag}p");
         assert!(host_if.len() <= 15, "interface name {host_if} too long");
-        let in_use = String::from_utf8_lossy(&ip(&["-4", "-o", "addr", "show"]).stdout).into_owned();
+        let in_use =
+            String::from_utf8_lossy(&ip(&["-4", "-o", "addr", "show"]).stdout).into_owned();
         let start = (pid.wrapping_mul(7) + n * 31) % 250;
         let x = (0..250)
             .map(|i| 1 + (start + i) % 250)
