@@ -198,8 +198,7 @@ impl TrFetch {
         let tag = format!("connection with [{}]:{}", server.ip(), server.port());
         self.log
             .lines()
-            .filter(|l| l.contains("Starting an OUTGOING") && l.contains(&tag))
-            .last()
+            .rfind(|l| l.contains("Starting an OUTGOING") && l.contains(&tag))
             .map(|l| if l.contains("TCP") { "TCP" } else { "uTP" })
     }
 

@@ -693,6 +693,7 @@ impl Netns {
                 .output()
                 .unwrap_or_else(|e| panic!("running ip {args:?}: {e} (iproute2 is needed)"))
         };
+        Self::remove_stale();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         // Interface names are at most 15 bytes: "mg" + up to 7 pid digits + counter + h/p.
@@ -789,6 +790,33 @@ impl Netns {
             std::thread::sleep(Duration::from_millis(20));
         }
         ns
+    }
+
+    /// Deletes the namespaces (and host-side veths) of test processes that are gone
+    /// (killed before their drop ran).
+    fn remove_stale() {
+        let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+            return;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(name) = line.split_whitespace().next() else {
+                continue;
+            };
+            let Some(tag) = name.strip_prefix("magnetar-") else {
+                continue;
+            };
+            let Some(pid) = tag.strip_prefix("mg").and_then(|t| t.split('x').next()) else {
+                continue;
+            };
+            if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+                drop(Netns {
+                    name: name.to_string(),
+                    host_if: format!("{tag}h"),
+                    host_ip: std::net::Ipv4Addr::UNSPECIFIED,
+                    peer_ip: std::net::Ipv4Addr::UNSPECIFIED,
+                });
+            }
+        }
     }
 
     /// `program` run inside the namespace (`ip netns exec NAME program`: the same process,
