@@ -8,6 +8,8 @@ need=()
 /usr/bin/python3 -c 'import libtorrent' 2>/dev/null || need+=(python3-libtorrent)
 command -v opentracker >/dev/null 2>&1 || need+=(opentracker)
 command -v aria2c >/dev/null 2>&1 || need+=(aria2)
+command -v transmission-cli >/dev/null 2>&1 || need+=(transmission-cli)
+[ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || need+=(iproute2) # network namespaces (Transmission)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then

@@ -686,3 +686,251 @@ pub fn lt_fetch_encrypted_with(magnet: &str, out: &Path, timeout_s: u32, level: 
 pub fn lt_fetch_encrypted(magnet: &str, out: &Path, timeout_s: u32) -> LtFetch {
     lt_fetch_encrypted_with(magnet, out, timeout_s, "forced")
 }
+
+/// A network namespace of the test's own, joined to the root namespace by a veth pair:
+/// `host_ip/24` on the host side (root namespace), `peer_ip/24` inside the namespace (with
+/// `lo` up too). For clients that refuse loopback peers (Transmission treats 127.0.0.0/8
+/// as martian): they run inside (`exec`) and reach servers bound to `host_ip`. Nothing is
+/// routed beyond the pair. Deleted on drop, panics included.
+pub struct Netns {
+    pub name: String,
+    host_if: String,
+    pub host_ip: std::net::Ipv4Addr,
+    pub peer_ip: std::net::Ipv4Addr,
+}
+
+impl Netns {
+    /// A fresh namespace named after this process (and a counter), on the first free
+    /// `10.77.X.0/24` from a pid-derived X (an X in use on a host interface is skipped).
+    pub fn create() -> Netns {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let ip = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("running ip {args:?}: {e} (iproute2 is needed)"))
+        };
+        Self::remove_stale();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        // Interface names are at most 15 bytes: "mg" + up to 7 pid digits + counter + h/p.
+        let tag = format!("mg{pid}x{n}");
+        let name = format!("magnetar-{tag}");
+        let host_if = format!("{tag}h");
+        let peer_if = format!("{tag}p");
+        assert!(host_if.len() <= 15, "interface name {host_if} too long");
+        let in_use =
+            String::from_utf8_lossy(&ip(&["-4", "-o", "addr", "show"]).stdout).into_owned();
+        let start = (pid.wrapping_mul(7) + n * 31) % 250;
+        let x = (0..250)
+            .map(|i| 1 + (start + i) % 250)
+            .find(|x| !in_use.contains(&format!(" 10.77.{x}.")))
+            .expect("a free 10.77.X.0/24");
+        let host_ip = std::net::Ipv4Addr::new(10, 77, x as u8, 1);
+        let peer_ip = std::net::Ipv4Addr::new(10, 77, x as u8, 2);
+        // From here on, drop cleans up whatever was made.
+        let ns = Netns {
+            name,
+            host_if,
+            host_ip,
+            peer_ip,
+        };
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), ns.name.clone()],
+            vec![
+                "link".into(),
+                "add".into(),
+                ns.host_if.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                peer_if.clone(),
+                "netns".into(),
+                ns.name.clone(),
+            ],
+            vec![
+                "addr".into(),
+                "add".into(),
+                format!("{host_ip}/24"),
+                "dev".into(),
+                ns.host_if.clone(),
+            ],
+            vec!["link".into(), "set".into(), ns.host_if.clone(), "up".into()],
+            vec![
+                "-n".into(),
+                ns.name.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{peer_ip}/24"),
+                "dev".into(),
+                peer_if.clone(),
+            ],
+            vec![
+                "-n".into(),
+                ns.name.clone(),
+                "link".into(),
+                "set".into(),
+                peer_if,
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                ns.name.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+        ];
+        for step in steps {
+            let args: Vec<&str> = step.iter().map(String::as_str).collect();
+            let out = ip(&args);
+            assert!(
+                out.status.success(),
+                "ip {args:?} failed (these tests need root, or CAP_NET_ADMIN and CAP_SYS_ADMIN): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // The host side answers once it is up; wait for it (bounded) from inside.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let state = ip(&["-o", "link", "show", "dev", &ns.host_if]);
+            if String::from_utf8_lossy(&state.stdout).contains("LOWER_UP") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "veth {} never came up",
+                ns.host_if
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ns
+    }
+
+    /// Deletes the namespaces (and host-side veths) of test processes that are gone
+    /// (killed before their drop ran).
+    fn remove_stale() {
+        let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+            return;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(name) = line.split_whitespace().next() else {
+                continue;
+            };
+            let Some(tag) = name.strip_prefix("magnetar-") else {
+                continue;
+            };
+            let Some(pid) = tag.strip_prefix("mg").and_then(|t| t.split('x').next()) else {
+                continue;
+            };
+            if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+                drop(Netns {
+                    name: name.to_string(),
+                    host_if: format!("{tag}h"),
+                    host_ip: std::net::Ipv4Addr::UNSPECIFIED,
+                    peer_ip: std::net::Ipv4Addr::UNSPECIFIED,
+                });
+            }
+        }
+    }
+
+    /// `program` run inside the namespace (`ip netns exec NAME program`: the same process,
+    /// so killing the child kills `program`).
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace removes its end of the pair, and with it the host end;
+        // the explicit delete covers a namespace that was never made.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// `opentracker`, bound to `ip` (for clients in a `Netns`, which reach `host_ip`) instead
+/// of 127.0.0.1; ready when it answers an announce there.
+pub fn opentracker_on(ip: std::net::Ipv4Addr, whitelist: &[[u8; 20]]) -> Opentracker {
+    use magnetar::upstream::tracker::{announce, AnnounceRequest};
+    let bin = Path::new("/usr/bin/opentracker");
+    assert!(
+        bin.exists(),
+        "opentracker is not installed (scripts/test.sh installs it)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let list: String = whitelist
+        .iter()
+        .chain([&OPENTRACKER_PROBE])
+        .map(|h| hex::encode(h) + "\n")
+        .collect();
+    std::fs::write(dir.path().join("whitelist"), list).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    for _ in 0..5 {
+        let tcp = std::net::TcpListener::bind((ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let udp = std::net::UdpSocket::bind((ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = Command::new(bin)
+            .current_dir(dir.path())
+            .args(["-i", &ip.to_string(), "-p", &tcp.to_string()])
+            .args(["-P", &udp.to_string()])
+            .args(["-w", "whitelist", "-d"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn opentracker");
+        let http = SocketAddr::from((ip, tcp));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if std::net::TcpStream::connect_timeout(&http, Duration::from_millis(100)).is_ok() {
+                let probe = AnnounceRequest {
+                    info_hash: OPENTRACKER_PROBE,
+                    peer_id: *b"-PR0001-probeprobepr",
+                    port: 1,
+                    left: 1,
+                    numwant: 1,
+                };
+                let url = format!("http://{http}/announce");
+                if announce(&url, &probe, Duration::from_secs(1)).is_ok() {
+                    return Opentracker {
+                        child,
+                        http,
+                        udp: SocketAddr::from((ip, udp)),
+                        _dir: dir,
+                    };
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("opentracker did not start on {ip}");
+}

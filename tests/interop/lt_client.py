@@ -15,11 +15,12 @@
                          timeout
   seed TORRENT... CONTENT_DIR [--port N] [--tracker URL] [--dht-bootstrap H:P,...]
        [--connect-peer H:P] [--transport T] [--encryption E]
+       [--listen-ip IP]
   fetch ... [--encryption E]  the same encryption settings for the fetching client
   dht-node [--port N] [--dht-bootstrap H:P,...]
                          a libtorrent DHT node only (a loopback testnet of libtorrent nodes)
                          seed TORRENT(s) (content under CONTENT_DIR, seed_mode: no check)
-                         on 127.0.0.1:N (0 = any); prints `listening PORT` when ready, then
+                         on IP:N (default 127.0.0.1; N 0 = any); prints `listening PORT` when ready, then
                          runs until killed; each accepted connection is logged to stderr as
                          `incoming utp|tcp ADDR`. With --dht-bootstrap it runs a DHT node
                          that bootstraps from those nodes and announces the torrents to it.
@@ -272,10 +273,10 @@ def log_seed_alert(a):
 
 
 def seed(torrents, content_dir, port, trackers, dht_bootstrap, connect_peers, transport,
-         encryption="default"):
+         encryption="default", listen_ip="127.0.0.1"):
     dht = bool(dht_bootstrap)
     settings = {
-        "listen_interfaces": "127.0.0.1:%d" % port,
+        "listen_interfaces": "%s:%d" % (listen_ip, port),
         **local_only(),
         "enable_dht": dht,
         **transport_settings(transport),
@@ -386,6 +387,7 @@ def main():
     s.add_argument("--connect-peer", action="append", default=[])
     s.add_argument("--transport", choices=TRANSPORTS, default="default")
     s.add_argument("--encryption", choices=ENCRYPTIONS, default="default")
+    s.add_argument("--listen-ip", default="127.0.0.1")
     args = ap.parse_args()
     if args.cmd == "make-torrents":
         if args.v1_metadata_pieces:
@@ -399,7 +401,8 @@ def main():
         if len(args.paths) < 2:
             ap.error("seed needs at least one TORRENT and the CONTENT_DIR")
         return seed(args.paths[:-1], args.paths[-1], args.port, args.tracker,
-                    args.dht_bootstrap, args.connect_peer, args.transport, args.encryption)
+                    args.dht_bootstrap, args.connect_peer, args.transport, args.encryption,
+                    args.listen_ip)
     return fetch(args.magnet, args.out, args.timeout, args.transport, args.dht_bootstrap,
                  args.encryption)
 

@@ -1,0 +1,375 @@
+//! Transmission 3 (Debian `transmission-cli` 3.00) on its default settings gets metadata
+//! from magnetar. Transmission reads no `x.pe` and never dials peers in 127.0.0.0/8 or ::1
+//! (martian to it), so it finds magnetar the only way left: through a tracker magnetar
+//! announces to (`--announce-tracker`), on a non-loopback address. The test makes that
+//! address: a network namespace of its own joined by a veth pair (`common::Netns`),
+//! opentracker and magnetar on the host side, Transmission inside. Its time to metadata is
+//! printed next to a libtorrent seed's, found the same way. Every wait is bounded.
+//!
+//! What Transmission 3 does on the wire, from its own log (`TR_DEBUG_FD`): it dials uTP
+//! first, opens with the MSE handshake and offers RC4 only (encryption "preferred" provides
+//! no plaintext), and then stalls. Transmission before 4.1 does not process BT messages
+//! that arrive in the same read as the peer's BT handshake until more bytes arrive
+//! (transmission/transmission#6909, fixed by #6913): magnetar's extension handshake comes
+//! right behind its BT handshake, so Transmission sees it only when magnetar's first
+//! keep-alive arrives (`--keepalive-interval-ms`, 30 s by default). A libtorrent seed
+//! coalesces the same way and its keep-alive comes later still (about a minute), so both
+//! times are dominated by that wait and by Transmission's pacing (announce, then a connect
+//! pulse, then one ut_metadata request per 500 ms), not by the server.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::kit::{metrics, Metrics};
+use common::*;
+use magnetar::upstream::tracker::{announce_event, AnnounceEvent, AnnounceRequest};
+
+/// How long one Transmission fetch may take: the stall described above lasts until the
+/// server's first keep-alive (magnetar: 30 s; libtorrent: about 65 s).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(150);
+/// magnetar may take at most this many times the libtorrent seed's time, plus the slack:
+/// Transmission's own pacing dominates both, so the goal is "no slower". One fetch each:
+/// both times are set by timers (keep-alive intervals, Transmission's pulses), and a
+/// fetch costs tens of seconds.
+const RATIO_MAX: f64 = 1.25;
+const SLACK_S: f64 = 1.0;
+
+fn metric(m: &Metrics, name: &str) -> Option<f64> {
+    m.get(name.trim_end()).copied()
+}
+
+/// Waits until magnetar reports its announce to `tracker` as live.
+fn wait_announced_by_magnetar(server: &ServerProc, tracker: &str) {
+    let line = format!("magnetar_tracker_announced_hashes{{tracker=\"{tracker}\"}}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&metrics(server), &line) != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "magnetar never announced to {tracker}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until `port` is among the peers `tracker_url` lists for `key` (asking as a
+/// leecher, then leaving so the probe is not handed out as a peer).
+fn wait_listed(tracker_url: &str, key: [u8; 20], port: u16) {
+    let req = AnnounceRequest {
+        info_hash: key,
+        peer_id: *b"-TS0001-transmission",
+        port: 9,
+        left: 1,
+        numwant: 50,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let resp = announce_event(
+            tracker_url,
+            &req,
+            AnnounceEvent::Started,
+            Duration::from_secs(5),
+        );
+        if resp.is_ok_and(|r| r.peers.iter().any(|p| p.port() == port)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "port {port} never listed by {tracker_url}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = announce_event(
+        tracker_url,
+        &req,
+        AnnounceEvent::Stopped,
+        Duration::from_secs(5),
+    );
+}
+
+fn require_transmission() {
+    assert!(
+        Path::new("/usr/bin/transmission-cli").exists(),
+        "transmission-cli is missing: run `bash scripts/test.sh`, which installs it"
+    );
+}
+
+/// A `transmission-cli` inside the namespace; killed on drop (panics included).
+struct Transmission {
+    child: Child,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl Drop for Transmission {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The settings a user would have, but for what keeps traffic on this machine: no DHT,
+/// no local peer discovery, no UPnP/NAT-PMP (the namespace routes nowhere anyway).
+/// Encryption ("preferred": MSE first), uTP, PEX: Transmission's defaults, untouched.
+const SETTINGS: &str = r#"{
+    "dht-enabled": false,
+    "lpd-enabled": false,
+    "port-forwarding-enabled": false
+}"#;
+
+/// Starts `transmission-cli -g DIR/config -w DIR/download MAGNET` inside `ns`; its output
+/// (with libtransmission's deep log, TR_DEBUG_FD) goes to `DIR/log`.
+fn start_transmission(ns: &Netns, dir: &Path, magnet: &str) -> Transmission {
+    let config = dir.join("config");
+    let download = dir.join("download");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::create_dir_all(&download).unwrap();
+    std::fs::write(config.join("settings.json"), SETTINGS).unwrap();
+    let log = dir.join("log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = ns
+        .command("transmission-cli")
+        .arg("-g")
+        .arg(&config)
+        .arg("-w")
+        .arg(&download)
+        .arg(magnet)
+        .env("TR_DEBUG_FD", "2")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("spawning transmission-cli in the namespace");
+    Transmission { child, config, log }
+}
+
+/// The info dict of the .torrent Transmission writes into `config/torrents` once it has
+/// the metadata (before that, the file it keeps for a magnet has no `info`).
+fn written_info(config: &Path) -> Option<Vec<u8>> {
+    let dir = std::fs::read_dir(config.join("torrents")).ok()?;
+    for entry in dir.flatten() {
+        let bytes = std::fs::read(entry.path()).ok()?;
+        if let Ok(span) = magnetar::metainfo::info_span(&bytes) {
+            return Some(bytes[span].to_vec());
+        }
+    }
+    None
+}
+
+/// What one Transmission fetch gave.
+struct TrFetch {
+    /// The info dict of the .torrent Transmission wrote.
+    info: Vec<u8>,
+    /// From starting transmission-cli to that .torrent on disk.
+    seconds: f64,
+    /// Its output and libtransmission's deep log.
+    log: String,
+}
+
+impl TrFetch {
+    /// The lines of Transmission's log about its connection to `server` (how it dialled,
+    /// the MSE choice, the handshakes), without the timestamps' date.
+    fn wire(&self, server: SocketAddr) -> Vec<String> {
+        const EVENTS: &[&str] = &[
+            "Starting an OUTGOING",
+            "got an encrypted handshake",
+            "crypto select is",
+            "handshakeDone",
+            "got ltep handshake",
+            "requesting metadata piece #0",
+            "utp_on_state_change -- changed to connected",
+        ];
+        let tag = format!("[{}]:{}", server.ip(), server.port());
+        self.log
+            .lines()
+            .filter(|l| {
+                (l.contains(&tag) && EVENTS.iter().any(|e| l.contains(e)))
+                    || l.contains("Saving completed metadata")
+            })
+            .map(|l| l.get(12..).unwrap_or(l).to_string())
+            .collect()
+    }
+
+    /// How Transmission dialled `server`: "uTP" or "TCP" (its last attempt), if it did.
+    fn transport(&self, server: SocketAddr) -> Option<&'static str> {
+        let tag = format!("connection with [{}]:{}", server.ip(), server.port());
+        self.log
+            .lines()
+            .rfind(|l| l.contains("Starting an OUTGOING") && l.contains(&tag))
+            .map(|l| if l.contains("TCP") { "TCP" } else { "uTP" })
+    }
+
+    /// The MSE crypto_select the server answered (1 plaintext, 2 RC4), if MSE ran.
+    fn crypto_select(&self, server: SocketAddr) -> Option<u32> {
+        let tag = format!("[{}]:{}", server.ip(), server.port());
+        self.log
+            .lines()
+            .filter(|l| l.contains(&tag))
+            .find_map(|l| l.split("crypto select is ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+    }
+}
+
+/// Transmission fetches `magnet`'s metadata: the info dict it wrote, when, and its log.
+fn transmission_fetch(ns: &Netns, dir: &Path, magnet: &str) -> TrFetch {
+    let start = Instant::now();
+    let mut tr = start_transmission(ns, dir, magnet);
+    let log = |tr: &Transmission| {
+        String::from_utf8_lossy(&std::fs::read(&tr.log).unwrap_or_default()).into_owned()
+    };
+    loop {
+        if let Some(info) = written_info(&tr.config) {
+            let seconds = start.elapsed().as_secs_f64();
+            let _ = tr.child.kill();
+            let _ = tr.child.wait();
+            return TrFetch {
+                info,
+                seconds,
+                log: log(&tr),
+            };
+        }
+        if let Some(status) = tr.child.try_wait().unwrap() {
+            panic!(
+                "transmission-cli exited ({status}) without the metadata:\n{}",
+                log(&tr)
+            );
+        }
+        if start.elapsed() > FETCH_TIMEOUT {
+            let _ = tr.child.kill();
+            let _ = tr.child.wait();
+            let text = log(&tr);
+            let tail: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("bandwidth.c") && !l.contains("peer-io.c"))
+                .rev()
+                .take(60)
+                .collect();
+            panic!(
+                "Transmission had no metadata after {FETCH_TIMEOUT:?}; its log (without I/O \
+                 accounting), last lines first:\n{}",
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A free TCP port on `ip` (magnetar serves TCP and uTP on it).
+fn free_port_on(ip: std::net::Ipv4Addr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn report(who: &str, f: &TrFetch, server: SocketAddr) {
+    println!(
+        "Transmission from {who} at {server}: {:.3} s over {}, MSE crypto_select {:?} \
+         (1 plaintext, 2 RC4); its log:\n  {}",
+        f.seconds,
+        f.transport(server).unwrap_or("?"),
+        f.crypto_select(server),
+        f.wire(server).join("\n  ")
+    );
+}
+
+#[test]
+fn transmission_finds_magnetar_through_a_tracker_as_fast_as_a_libtorrent_seed() {
+    require_libtorrent();
+    require_transmission();
+    let ns = Netns::create();
+    let host = ns.host_ip;
+    let tmp = tempfile::tempdir().unwrap();
+    let (torrents, data) = imported_lt_torrents(tmp.path());
+    // v1 (Transmission 3 knows no v2), 8 metadata pieces.
+    let t = &torrents["v1-large"];
+    let key = t.key();
+    let v1 = t.v1.clone().unwrap();
+
+    // magnetar on the host side of the pair, announcing to opentracker there.
+    let tracker = opentracker_on(host, &[key]);
+    let url = tracker.http_url();
+    let port = free_port_on(host);
+    let listen = format!("{host}:{port}");
+    let server = ServerProc::start(
+        &data,
+        &[
+            "--listen",
+            &listen,
+            "--public-addr",
+            &listen,
+            "--announce-tracker",
+            &url,
+        ],
+    );
+    let server_addr = SocketAddr::from((host, port));
+    wait_announced_by_magnetar(&server, &url);
+    wait_listed(&url, key, port);
+    // Only `tr=`: Transmission reads no x.pe.
+    let magnet = format!("magnet:?xt=urn:btih:{v1}&tr={url}");
+    let from_magnetar = transmission_fetch(&ns, &tmp.path().join("tr-magnetar"), &magnet);
+    assert!(
+        from_magnetar.info == t.info,
+        "Transmission wrote an info dict of {} bytes that differs from the {} imported",
+        from_magnetar.info.len(),
+        t.info.len()
+    );
+    report("magnetar", &from_magnetar, server_addr);
+    let m = metrics(&server);
+    let count = |name: &str| metric(&m, name).unwrap_or(0.0);
+    let (mse, rc4, utp) = (
+        count("magnetar_mse_handshakes_done_total"),
+        count("magnetar_mse_rc4_selected_total"),
+        count("magnetar_utp_syns_accepted_total"),
+    );
+    println!(
+        "magnetar saw: {mse} MSE handshakes done, {rc4} with RC4 selected, {utp} uTP SYNs accepted"
+    );
+    // Encryption "preferred" (the default) opens with MSE; Transmission offers RC4 only.
+    assert!(
+        mse >= 1.0,
+        "Transmission's connection to magnetar was not an MSE handshake: {m:?}"
+    );
+    drop(server);
+    drop(tracker);
+
+    // The same from a libtorrent seed on the host side, found through a tracker of its own
+    // (magnetar's stale entry on the first would only slow this fetch down).
+    let tracker = opentracker_on(host, &[key]);
+    let url = tracker.http_url();
+    let seed = LtSeed::start(
+        &[&t.path],
+        &tmp.path().join("torrents/content"),
+        &[
+            "--tracker".into(),
+            url.clone(),
+            "--listen-ip".into(),
+            host.to_string(),
+        ],
+    );
+    wait_listed(&url, key, seed.port);
+    let magnet = format!("magnet:?xt=urn:btih:{v1}&tr={url}");
+    let from_seed = transmission_fetch(&ns, &tmp.path().join("tr-seed"), &magnet);
+    assert!(from_seed.info == t.info, "the seed's info dict differs");
+    report(
+        "a libtorrent seed",
+        &from_seed,
+        SocketAddr::from((host, seed.port)),
+    );
+    drop(seed);
+
+    let (m_s, s_s) = (from_magnetar.seconds, from_seed.seconds);
+    println!(
+        "Transmission: magnetar {m_s:.3} s, libtorrent seed {s_s:.3} s (Transmission's \
+         announce and connect pacing, and its wait for the server's first keep-alive, \
+         dominate both)"
+    );
+    assert!(
+        m_s <= RATIO_MAX * s_s + SLACK_S,
+        "Transmission took {m_s:.3} s from magnetar against {s_s:.3} s from a libtorrent seed"
+    );
+}
