@@ -162,3 +162,10 @@ pub const MSE_IA_BYTES_MAX: usize = 68 + 6 + EXT_HANDSHAKE_BYTES_MAX;
 /// encrypted connection can make the server buffer before it is served or closed.
 pub const MSE_HANDSHAKE_BYTES_MAX: usize =
     96 + MSE_REQ1_SYNC_BYTES_MAX + 20 + 14 + MSE_PAD_BYTES_MAX + 2 + MSE_IA_BYTES_MAX;
+
+/// After our extension handshake announces `metadata_size`, a peer that has not asked for
+/// a piece within this long gets one keep-alive. Transmission 3 (uTP + MSE) leaves bytes
+/// that arrived in the same packet as our handshake unread until more bytes come, so our
+/// extension handshake sat there until the first keep-alive, 30 s later (libtorrent seeds:
+/// 60 s); clients that read it ask within milliseconds and never see the nudge.
+pub const REQUEST_NUDGE_MS: u64 = 250;

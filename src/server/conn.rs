@@ -55,6 +55,9 @@ use crate::wire::{
 /// Peers taken from one ut_pex message (BEP 11 caps a message at 50 added peers).
 const PEX_PEERS_PER_MESSAGE_MAX: usize = 50;
 
+/// `limits::REQUEST_NUDGE_MS` as a duration.
+const REQUEST_NUDGE: Duration = Duration::from_millis(limits::REQUEST_NUDGE_MS);
+
 /// Peers taken from one connection's ut_pex messages over its life. PEX lets a client
 /// choose whom magnetar connects to; a real client sends one or two messages while it
 /// waits, so past this the messages are ignored (without it, one connection could point
@@ -214,6 +217,9 @@ pub struct Conn<'a> {
     last_rx: Instant,
     /// The keep-alive clock: the last time a write completed.
     last_tx: Instant,
+    /// Our extension handshake with `metadata_size` went out and no request has come yet:
+    /// one keep-alive goes `limits::REQUEST_NUDGE_MS` after our last write (see there).
+    nudge_pending: bool,
     effects: VecDeque<Effect>,
     /// Set once; every event after it is ignored.
     end: Option<SessionEnd>,
@@ -240,6 +246,7 @@ impl<'a> Conn<'a> {
             burst_requests: 0,
             last_rx: now,
             last_tx: now,
+            nudge_pending: false,
             effects: VecDeque::new(),
             end: None,
             end_polled: false,
@@ -271,6 +278,9 @@ impl<'a> Conn<'a> {
                 }) = phase
                 {
                     deadline = deadline.min(*hold);
+                }
+                if self.nudge_pending {
+                    deadline = deadline.min(self.last_tx + REQUEST_NUDGE);
                 }
                 deadline
             }
@@ -439,6 +449,11 @@ impl<'a> Conn<'a> {
                 self.send_ext_handshake(out);
             }
         }
+        if self.nudge_pending && now >= self.last_tx + REQUEST_NUDGE && out.is_empty() {
+            self.nudge_pending = false;
+            encode_keepalive(out.head());
+            stats.keepalives_nudge.inc();
+        }
         if now >= self.last_tx + cfg.keepalive_interval && out.is_empty() {
             encode_keepalive(out.head());
             stats.keepalives_sent.inc();
@@ -560,6 +575,7 @@ impl<'a> Conn<'a> {
         };
         self.ctx.stats.served.bump(&self.key);
         self.our_ext_handshake(Some(&record), first, out);
+        self.nudge_pending = true;
         if !first {
             self.ctx.stats.second_ext_handshakes.inc();
         }
@@ -605,6 +621,7 @@ impl<'a> Conn<'a> {
                     payload,
                 } => match decode_metadata(payload) {
                     Ok((MetadataMsg::Request { piece }, _)) => {
+                        self.nudge_pending = false;
                         self.burst_requests += 1;
                         self.answer_request(piece, out);
                     }
@@ -1280,6 +1297,10 @@ mod tests {
         let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), t0);
         open(&mut conn, &key, false, t0);
         conn.on_sent(t0, 0, 0);
+        // The client asks at once (no nudge then, see the next test).
+        pump(&mut conn, &requests([0]), t0, &mut out);
+        wire(&mut out);
+        conn.on_sent(t0, 1, 0);
         // Our silence: a keep-alive every keepalive_interval.
         assert_eq!(conn.deadline(), t0 + s(30));
         conn.on_deadline(t0 + s(30), &mut out);
@@ -1313,6 +1334,41 @@ mod tests {
         ));
         assert_eq!(kit.ctx.stats.timeouts_idle.get(), 1);
         assert_eq!(kit.ctx.stats.keepalives_sent.get(), 2);
+        assert_eq!(kit.ctx.stats.keepalives_nudge.get(), 0);
+    }
+
+    /// A client that has not asked for a piece `REQUEST_NUDGE` after our extension
+    /// handshake gets one keep-alive (Transmission 3 leaves the handshake unread until
+    /// more bytes come); one that asks never does, and the nudge comes only once.
+    #[test]
+    fn a_client_silent_after_our_extension_handshake_is_nudged_once() {
+        let kit = kit(250, 1500);
+        let info = crate::metainfo::synthetic_v1_info(2000);
+        store(&kit, &info);
+        let key = key_of(&info);
+        let t0 = Instant::now();
+        let mut out = OutBatch::new();
+
+        let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), t0);
+        open(&mut conn, &key, false, t0);
+        conn.on_sent(t0, 0, 0);
+        assert_eq!(conn.deadline(), t0 + REQUEST_NUDGE);
+        conn.on_deadline(t0 + REQUEST_NUDGE, &mut out);
+        assert_eq!(messages(&wire(&mut out), None), [Msg::KeepAlive]);
+        conn.on_sent(t0 + REQUEST_NUDGE, 0, 0);
+        // Once: then the ordinary keep-alive schedule.
+        let next = conn.deadline();
+        assert_eq!(next, t0 + REQUEST_NUDGE + kit.ctx.cfg.keepalive_interval);
+        assert_eq!(kit.ctx.stats.keepalives_nudge.get(), 1);
+
+        // A client that asks at once is not nudged.
+        let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), t0);
+        open(&mut conn, &key, false, t0);
+        pump(&mut conn, &requests([0]), t0, &mut out);
+        wire(&mut out);
+        conn.on_sent(t0, 1, 0);
+        assert_eq!(conn.deadline(), t0 + kit.ctx.cfg.keepalive_interval);
+        assert_eq!(kit.ctx.stats.keepalives_nudge.get(), 1);
     }
 
     #[test]

@@ -180,6 +180,9 @@ core_stats! {
     timeouts_idle,
     /// Keep-alives we sent.
     keepalives_sent,
+    /// Keep-alives sent because no request followed our extension handshake within
+    /// `REQUEST_NUDGE_MS` (wakes clients that left it unread, Transmission 3).
+    keepalives_nudge,
     /// writev batches that carried blocks (one per pipelined batch).
     block_writes,
     /// Sessions that panicked (a bug): closed, the worker goes on.
