@@ -1,6 +1,6 @@
 //! Clients that read no `x.pe` find magnetar the way they find any seed: through a tracker
 //! magnetar announces to (`--announce-tracker`) and through the DHT. Real parts on loopback:
-//! Debian's opentracker, libtorrent, aria2, a `mainline` testnet. Each client runs on its
+//! Debian's opentracker, libtorrent, aria2, a DHT testnet of libtorrent nodes. Each client runs on its
 //! defaults (only what keeps traffic on this machine is switched off); each time to metadata
 //! is printed next to a libtorrent seed's, found the same way. Every wait is bounded.
 
@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::tracker::{wait_announced_by_magnetar, wait_listed};
 use common::*;
 use magnetar::upstream::tracker::{announce_event, AnnounceEvent, AnnounceRequest};
 
@@ -35,81 +36,12 @@ fn metric(m: &Metrics, name: &str) -> Option<f64> {
     m.get(name.trim_end()).copied()
 }
 
-/// Waits until `port` is among the peers `tracker_url` lists for `key` (asking as a
-/// leecher, then leaving so the probe is not handed out as a peer).
-fn wait_listed(tracker_url: &str, key: [u8; 20], port: u16) {
-    let req = AnnounceRequest {
-        info_hash: key,
-        peer_id: *b"-TS0001-discoveryprb",
-        port: 9,
-        left: 1,
-        numwant: 50,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let resp = announce_event(
-            tracker_url,
-            &req,
-            AnnounceEvent::Started,
-            Duration::from_secs(5),
-        );
-        if resp.is_ok_and(|r| r.peers.iter().any(|p| p.port() == port)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "port {port} never listed by {tracker_url}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = announce_event(
-        tracker_url,
-        &req,
-        AnnounceEvent::Stopped,
-        Duration::from_secs(5),
-    );
-}
-
-/// libtorrent (lt_client.py fetch, default settings) with extra flags; the info dict and
-/// the seconds from add_torrent to metadata.
-fn lt_fetch_args(magnet: &str, out: &Path, timeout_s: u32, extra: &[&str]) -> (Vec<u8>, f64) {
-    let res = run_ok(
-        Command::new(PYTHON)
-            .arg(repo_path("tests/interop/lt_client.py"))
-            .arg("fetch")
-            .arg(magnet)
-            .arg(out)
-            .args(["--timeout", &timeout_s.to_string()])
-            .args(extra),
-    );
-    let stdout = String::from_utf8_lossy(&res.stdout);
-    let line = stdout
-        .lines()
-        .rfind(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON line from lt_client.py fetch: {stdout}"));
-    let v: serde_json::Value = serde_json::from_str(line).unwrap();
-    (std::fs::read(out).unwrap(), v["seconds"].as_f64().unwrap())
-}
-
 /// A magnetar serving `t` (imported), announcing it to `tracker`.
 fn magnetar_announcing(data: &Path, t: &LtTorrent, tracker: &str, extra: &[&str]) -> ServerProc {
     import(data, &[&t.path]);
     let mut flags = vec!["--threads", "2", "--announce-tracker", tracker];
     flags.extend_from_slice(extra);
     ServerProc::start(data, &flags)
-}
-
-/// Waits until magnetar reports `key`'s announce to `tracker` as live.
-fn wait_announced_by_magnetar(server: &ServerProc, tracker: &str) {
-    let line = format!("magnetar_tracker_announced_hashes{{tracker=\"{tracker}\"}} ");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&metrics(server), &line) != Some(1.0) {
-        assert!(
-            Instant::now() < deadline,
-            "magnetar never announced to {tracker}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// opentracker + `serve --announce-tracker`: libtorrent with a magnet carrying only `tr`
@@ -137,7 +69,11 @@ fn libtorrent_finds_magnetar_through_its_announce_tracker() {
         wait_announced_by_magnetar(&server, &url);
         wait_listed(&tracker.http_url(), key, server.addr.port());
         let magnet = format!("magnet:?xt=urn:btih:{v1}&tr={url}");
-        let (info, secs) = lt_fetch_args(&magnet, &tmp.path().join("m.info"), 60, &[]);
+        let LtFetch {
+            info,
+            seconds: secs,
+            ..
+        } = lt_fetch_args(&magnet, &tmp.path().join("m.info"), 60, &[]);
         assert!(info == t.info, "wrong bytes from magnetar through {url}");
         let m = metrics(&server);
         let label = format!("{{tracker=\"{url}\"}} ");
@@ -165,7 +101,11 @@ fn libtorrent_finds_magnetar_through_its_announce_tracker() {
     );
     wait_listed(&tracker.http_url(), key, seed.port);
     let magnet = format!("magnet:?xt=urn:btih:{v1}&tr={}", tracker.http_url());
-    let (info, seed_secs) = lt_fetch_args(&magnet, &tmp.path().join("s.info"), 60, &[]);
+    let LtFetch {
+        info,
+        seconds: seed_secs,
+        ..
+    } = lt_fetch_args(&magnet, &tmp.path().join("s.info"), 60, &[]);
     assert!(info == t.info);
     eprintln!("libtorrent via http tracker: libtorrent seed {seed_secs:.3} s");
 }
@@ -444,7 +384,11 @@ fn libtorrent_finds_magnetar_through_the_dht_alone() {
         "{m:?}"
     );
     let bootstrap = testnet.bootstrap.join(",");
-    let (info, secs) = lt_fetch_args(
+    let LtFetch {
+        info,
+        seconds: secs,
+        ..
+    } = lt_fetch_args(
         &magnet,
         &tmp.path().join("m.info"),
         60,
@@ -462,7 +406,11 @@ fn libtorrent_finds_magnetar_through_the_dht_alone() {
         &["--dht-bootstrap".into(), bootstrap.clone()],
     );
     wait_in_dht(&testnet.bootstrap, key, seed.port);
-    let (info, seed_secs) = lt_fetch_args(
+    let LtFetch {
+        info,
+        seconds: seed_secs,
+        ..
+    } = lt_fetch_args(
         &magnet,
         &tmp.path().join("s.info"),
         60,

@@ -30,8 +30,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::kit::{metrics, Metrics};
+use common::tracker::{wait_announced_by_magnetar, wait_listed};
 use common::*;
-use magnetar::upstream::tracker::{announce_event, AnnounceEvent, AnnounceRequest};
 
 /// How long one Transmission fetch may take: the stall described above lasts until the
 /// server's first keep-alive (magnetar: 30 s; libtorrent: about 65 s).
@@ -45,54 +45,6 @@ const SLACK_S: f64 = 1.0;
 
 fn metric(m: &Metrics, name: &str) -> Option<f64> {
     m.get(name.trim_end()).copied()
-}
-
-/// Waits until magnetar reports its announce to `tracker` as live.
-fn wait_announced_by_magnetar(server: &ServerProc, tracker: &str) {
-    let line = format!("magnetar_tracker_announced_hashes{{tracker=\"{tracker}\"}}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&metrics(server), &line) != Some(1.0) {
-        assert!(
-            Instant::now() < deadline,
-            "magnetar never announced to {tracker}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Waits until `port` is among the peers `tracker_url` lists for `key` (asking as a
-/// leecher, then leaving so the probe is not handed out as a peer).
-fn wait_listed(tracker_url: &str, key: [u8; 20], port: u16) {
-    let req = AnnounceRequest {
-        info_hash: key,
-        peer_id: *b"-TS0001-transmission",
-        port: 9,
-        left: 1,
-        numwant: 50,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let resp = announce_event(
-            tracker_url,
-            &req,
-            AnnounceEvent::Started,
-            Duration::from_secs(5),
-        );
-        if resp.is_ok_and(|r| r.peers.iter().any(|p| p.port() == port)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "port {port} never listed by {tracker_url}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = announce_event(
-        tracker_url,
-        &req,
-        AnnounceEvent::Stopped,
-        Duration::from_secs(5),
-    );
 }
 
 fn require_transmission() {

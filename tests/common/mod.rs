@@ -7,6 +7,7 @@ pub mod info;
 pub mod kit;
 pub mod peer;
 pub mod relay;
+pub mod tracker;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -252,80 +253,7 @@ pub const OPENTRACKER_PROBE: [u8; 20] = *b"magnetar-probe-hash!";
 /// its whitelist is loaded (a thread of its own loads it after start-up; until then every
 /// hash is "not authorized").
 pub fn opentracker(whitelist: &[[u8; 20]]) -> Opentracker {
-    use magnetar::upstream::tracker::{announce, AnnounceRequest};
-    let bin = Path::new("/usr/bin/opentracker");
-    assert!(
-        bin.exists(),
-        "opentracker is not installed (scripts/test.sh installs it)"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let list: String = whitelist
-        .iter()
-        .chain([&OPENTRACKER_PROBE])
-        .map(|h| hex::encode(h) + "\n")
-        .collect();
-    std::fs::write(dir.path().join("whitelist"), list).unwrap();
-    // When run as root, opentracker chroots into -d and drops to user nobody, and reads
-    // the whitelist after the chroot: its path must be relative to that directory.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    // The ports are free when picked but may be taken before opentracker binds them: retry.
-    for _ in 0..5 {
-        let tcp = free_port();
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut child = Command::new(bin)
-            .current_dir(dir.path())
-            .args([
-                "-i",
-                "127.0.0.1",
-                "-p",
-                &tcp.to_string(),
-                "-P",
-                &udp.to_string(),
-            ])
-            .args(["-w", "whitelist", "-d"])
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn opentracker");
-        let http = SocketAddr::from(([127, 0, 0, 1], tcp));
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while std::time::Instant::now() < deadline {
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            if std::net::TcpStream::connect_timeout(&http, Duration::from_millis(100)).is_ok() {
-                let url = format!("http://{http}/announce");
-                let probe = AnnounceRequest {
-                    info_hash: OPENTRACKER_PROBE,
-                    peer_id: *b"-PR0001-probeprobepr",
-                    port: 1,
-                    left: 1,
-                    numwant: 1,
-                };
-                if announce(&url, &probe, Duration::from_secs(1)).is_ok() {
-                    return Opentracker {
-                        child,
-                        http,
-                        udp: SocketAddr::from(([127, 0, 0, 1], udp)),
-                        _dir: dir,
-                    };
-                }
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    panic!("opentracker did not start");
+    opentracker_on(std::net::Ipv4Addr::LOCALHOST, whitelist)
 }
 
 /// A libtorrent seed (tests/interop/lt_client.py seed) on 127.0.0.1; killed on drop.
@@ -538,7 +466,7 @@ pub fn lt_fetch_with(magnet: &str, out: &Path, timeout_s: u32, transport: Transp
 }
 
 /// `lt_client.py fetch MAGNET OUT --timeout T EXTRA...`, its JSON report read back.
-fn lt_fetch_args(magnet: &str, out: &Path, timeout_s: u32, extra: &[&str]) -> LtFetch {
+pub fn lt_fetch_args(magnet: &str, out: &Path, timeout_s: u32, extra: &[&str]) -> LtFetch {
     let res = run_ok(
         Command::new(PYTHON)
             .arg(repo_path("tests/interop/lt_client.py"))
@@ -877,6 +805,8 @@ pub fn opentracker_on(ip: std::net::Ipv4Addr, whitelist: &[[u8; 20]]) -> Opentra
         .map(|h| hex::encode(h) + "\n")
         .collect();
     std::fs::write(dir.path().join("whitelist"), list).unwrap();
+    // When run as root, opentracker chroots into -d and drops to user nobody, and reads
+    // the whitelist after the chroot: its path must be relative to that directory.
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
