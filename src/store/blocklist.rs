@@ -13,6 +13,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use crate::metainfo::v2_handshake_key;
@@ -29,6 +30,10 @@ pub struct BadLine {
 pub(crate) struct Blocklist {
     path: PathBuf,
     keys: RwLock<HashSet<[u8; 20]>>,
+    /// `keys.len()`, kept beside the set (written under its write lock) so that `contains`
+    /// on an empty blocklist, the common case, takes no lock: every handshake asks, and a
+    /// read lock is a shared cache line written by every core.
+    len: AtomicUsize,
     /// Serialises read-modify-write of the file (two deletes at once must both land).
     file: Mutex<()>,
 }
@@ -83,6 +88,7 @@ impl Blocklist {
         Ok((
             Blocklist {
                 path,
+                len: AtomicUsize::new(keys.len()),
                 keys: RwLock::new(keys),
                 file: Mutex::new(()),
             },
@@ -95,6 +101,9 @@ impl Blocklist {
     }
 
     pub fn contains(&self, key: &[u8; 20]) -> bool {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return false;
+        }
         self.keys
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -102,14 +111,16 @@ impl Blocklist {
     }
 
     pub fn len(&self) -> usize {
-        self.keys.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.len.load(Ordering::Acquire)
     }
 
     /// Re-read the file (after a hand edit). Returns the lines that were skipped.
     pub fn reload(&self) -> io::Result<Vec<BadLine>> {
         let _file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         let (keys, bad) = parse(&read_text(&self.path)?);
-        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        let mut set = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        *set = keys;
+        self.len.store(set.len(), Ordering::Release);
         Ok(bad)
     }
 
@@ -132,6 +143,7 @@ impl Blocklist {
         self.write_file(&text)?;
         let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
         keys.extend(entries.iter().map(|(_, k)| *k));
+        self.len.store(keys.len(), Ordering::Release);
         Ok(())
     }
 
@@ -155,6 +167,7 @@ impl Blocklist {
         for k in keys {
             set.remove(k);
         }
+        self.len.store(set.len(), Ordering::Release);
         Ok(removed)
     }
 

@@ -725,8 +725,8 @@ impl Store {
     }
 
     /// Whether a 20-byte handshake key (v1 info-hash or v2 prefix) is blocked: never to be
-    /// fetched, stored or served. A read lock on a hash set; meant for the miss path (a hit
-    /// cannot be blocked: blocking takes the record out of the index).
+    /// fetched, stored or served. No lock while the blocklist is empty (an atomic length);
+    /// otherwise a read lock on the hash set.
     pub fn is_blocked(&self, key: &[u8; 20]) -> bool {
         self.blocklist.contains(key)
     }
