@@ -8,6 +8,8 @@
 //! - `info_dict`       bencode scanner and info dict / .torrent validation
 //! - `magnet`          magnet link parsing and formatting
 //! - `store_recovery`  a fuzzed segment file recovered by `Store::open` / `open_read_only`
+//! - `utp_connection`  hostile datagrams against an accepted uTP connection (virtual clock)
+//! - `mse_responder`   a hostile MSE handshake against the responder
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -532,5 +534,145 @@ impl ScratchDir {
 impl Drop for ScratchDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// utp_connection
+
+/// Datagrams from a hostile peer, fed to an accepted uTP connection with a virtual clock.
+/// The input is a sequence of records: one control byte (low 5 bits: milliseconds to
+/// advance; bit 5: fire timers; bit 6: the application reads everything) and a length byte,
+/// then that many bytes of datagram.
+///
+/// Invariants: never a panic; before the peer has acked our SYN-ACK the connection has sent
+/// no more bytes than it received (no amplifier); every datagram fits the largest header
+/// plus one payload; what is readable never exceeds the reassembly cap; the connection
+/// never asks for a timer in the past once its timers have fired.
+pub fn utp_connection(data: &[u8]) {
+    use crate::utp::{self, Connection, Header, PacketType};
+    use std::time::{Duration, Instant};
+
+    let cfg = utp::Config::default();
+    let mut syn = [0u8; utp::HEADER_LEN];
+    Header {
+        ty: PacketType::Syn,
+        connection_id: 100,
+        timestamp_us: 1,
+        timestamp_diff_us: 0,
+        wnd_size: 1 << 20,
+        seq_nr: 500,
+        ack_nr: 0,
+    }
+    .encode(0, &mut syn);
+    let start = Instant::now();
+    let mut now = start;
+    let Ok(syn) = utp::decode(&syn) else {
+        panic!("our own SYN does not decode")
+    };
+    let mut conn: Connection<Vec<u8>> = Connection::accept(cfg.clone(), &syn, 7000, now);
+    let (mut bytes_in, mut bytes_out) = (utp::HEADER_LEN, 0usize);
+    let mut wrote = false;
+    let mut rest = data;
+    while rest.len() >= 2 {
+        let (ctl, len) = (rest[0], rest[1] as usize);
+        let dgram = &rest[2..(2 + len).min(rest.len())];
+        rest = &rest[(2 + len).min(rest.len())..];
+        now += Duration::from_millis(u64::from(ctl & 0x1f));
+        if let Ok(pkt) = utp::decode(dgram) {
+            bytes_in += dgram.len();
+            conn.on_packet(&pkt, now);
+        }
+        if ctl & 0x20 != 0 {
+            if let Some(t) = conn.next_timeout() {
+                now = now.max(t);
+                conn.on_timeout(now);
+                if let Some(next) = conn.next_timeout() {
+                    assert!(next >= now, "a timer in the past after firing");
+                }
+            }
+        }
+        if ctl & 0x40 != 0 {
+            let n = conn.readable().len();
+            conn.consume(n);
+        }
+        if conn.is_established() && !wrote {
+            // Give the connection something to send once the peer is real.
+            conn.write(vec![0x5a; 40_000]);
+            wrote = true;
+        }
+        assert!(
+            conn.readable().len() <= cfg.reassembly_bytes_max,
+            "readable past the reassembly cap"
+        );
+        let established = conn.is_established();
+        while let Some(t) = conn.poll_transmit(now) {
+            assert!(
+                t.len() <= utp::HEADER_BYTES_MAX + cfg.payload_bytes_max,
+                "a datagram over the MTU budget"
+            );
+            bytes_out += t.len();
+        }
+        if !established && !conn.is_established() {
+            assert!(
+                bytes_out <= bytes_in,
+                "sent {bytes_out} bytes to an unverified peer that sent {bytes_in}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// mse_responder
+
+/// Bytes of an incoming MSE handshake, fed to a responder in reads whose sizes come from
+/// the input's first byte. The responder knows one torrent.
+///
+/// Invariants: never a panic; `consumed` never exceeds what was given; what the responder
+/// writes is bounded (Yb, its padding and the final VC/select message); a finished
+/// handshake names the one torrent it knows and hands back an initial payload within the
+/// IA cap.
+pub fn mse_responder(data: &[u8]) {
+    use crate::limits::{MSE_IA_BYTES_MAX, MSE_PAD_BYTES_MAX};
+    use crate::mse::{CryptoPolicy, Responder, ResponderStep, DH_KEY_BYTES};
+
+    let Some((&step, data)) = data.split_first() else {
+        return;
+    };
+    let step = usize::from(step).max(1);
+    let known = [0x11u8; 20];
+    let known_req2 = crate::mse::req2_hash(&known);
+    let mut lookup = |h: &[u8; 20]| (*h == known_req2).then_some(known);
+    let mut responder = Responder::new(&[3u8; 32], 37, CryptoPolicy::PreferPlaintext);
+    let mut out = Vec::new();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut fed = 0;
+    while fed < data.len() {
+        let take = step.min(data.len() - fed);
+        buf.extend_from_slice(&data[fed..fed + take]);
+        fed += take;
+        match responder.on_bytes(&buf, &mut out, &mut lookup) {
+            Ok(ResponderStep::NeedMore { consumed }) => {
+                assert!(consumed <= buf.len());
+                buf.drain(..consumed);
+            }
+            Ok(ResponderStep::Done {
+                consumed,
+                info_hash,
+                initial_payload,
+                ..
+            }) => {
+                assert!(consumed <= buf.len());
+                assert_eq!(info_hash, known, "finished for a torrent it does not know");
+                assert!(initial_payload.len() <= MSE_IA_BYTES_MAX);
+                break;
+            }
+            Err(_) => break,
+        }
+        assert!(
+            out.len() <= DH_KEY_BYTES + MSE_PAD_BYTES_MAX + 8 + 4 + 2 + MSE_PAD_BYTES_MAX,
+            "the responder wrote {} bytes",
+            out.len()
+        );
     }
 }

@@ -12,11 +12,13 @@ use magnetar::fuzz_entry;
 
 type Entry = fn(&[u8]);
 
-const TARGETS: [(&str, Entry); 4] = [
+const TARGETS: [(&str, Entry); 6] = [
     ("wire_decoder", fuzz_entry::wire_decoder),
     ("info_dict", fuzz_entry::info_dict),
     ("magnet", fuzz_entry::magnet),
     ("store_recovery", fuzz_entry::store_recovery),
+    ("utp_connection", fuzz_entry::utp_connection),
+    ("mse_responder", fuzz_entry::mse_responder),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -70,6 +72,16 @@ fn magnet_corpus_and_regressions() {
 #[test]
 fn store_recovery_corpus_and_regressions() {
     replay(TARGETS[3].0, TARGETS[3].1);
+}
+
+#[test]
+fn utp_connection_corpus_and_regressions() {
+    replay(TARGETS[4].0, TARGETS[4].1);
+}
+
+#[test]
+fn mse_responder_corpus_and_regressions() {
+    replay(TARGETS[5].0, TARGETS[5].1);
 }
 
 /// Every target has a fuzz target file and a corpus, and nothing in `fuzz/` names a target
@@ -293,4 +305,54 @@ fn write_seed_corpus() {
     info_seeds();
     magnet_seeds();
     store_seeds();
+    utp_seeds();
+    mse_seeds();
+}
+
+/// A uTP header as the fuzz entry's records carry it: (control, datagram).
+fn utp_record(ctl: u8, ty: u8, conn_id: u16, seq: u16, ack: u16, payload: &[u8]) -> Vec<u8> {
+    let mut d = vec![ty << 4 | 1, 0];
+    d.extend_from_slice(&conn_id.to_be_bytes());
+    d.extend_from_slice(&1000u32.to_be_bytes());
+    d.extend_from_slice(&0u32.to_be_bytes());
+    d.extend_from_slice(&(1u32 << 20).to_be_bytes());
+    d.extend_from_slice(&seq.to_be_bytes());
+    d.extend_from_slice(&ack.to_be_bytes());
+    d.extend_from_slice(payload);
+    let mut r = vec![ctl, d.len() as u8];
+    r.extend_from_slice(&d);
+    r
+}
+
+fn utp_seeds() {
+    // The accepted connection: SYN id 100 seq 500, our seq 7000 (fuzz_entry). The peer acks
+    // our SYN-ACK as libtorrent does (6999), sends data, acks ours, closes.
+    let mut flow = utp_record(1, 2, 101, 501, 6999, &[]);
+    flow.extend(utp_record(1, 0, 101, 501, 6999, b"hello"));
+    flow.extend(utp_record(0x45, 2, 101, 502, 7000, &[]));
+    flow.extend(utp_record(0x21, 2, 101, 502, 7005, &[]));
+    flow.extend(utp_record(1, 1, 101, 502, 7010, &[]));
+    write_seed("utp_connection", "libtorrent-flow", &flow);
+    // Never established: a retransmitted SYN and garbage.
+    let mut unverified = utp_record(1, 4, 100, 500, 0, &[]);
+    unverified.extend(utp_record(0x3f, 0, 101, 900, 123, b"x"));
+    write_seed("utp_connection", "unverified", &unverified);
+}
+
+fn mse_seeds() {
+    use magnetar::mse::{CryptoPolicy, Initiator};
+    // An initiator's opening and step 3 for the fuzz entry's known torrent ([0x11; 20]),
+    // read in 64-byte steps (the first byte).
+    for (name, policy) in [
+        ("plaintext", CryptoPolicy::PreferPlaintext),
+        ("rc4", CryptoPolicy::Rc4Only),
+    ] {
+        let ini = Initiator::new(&[9u8; 32], 20, [0x11; 20], policy);
+        let mut opening = Vec::new();
+        ini.opening(&mut opening);
+        let mut seed = vec![64u8];
+        seed.extend_from_slice(&opening);
+        // Step 3 depends on the responder's key; the opening alone reaches the req1 search.
+        write_seed("mse_responder", name, &seed);
+    }
 }
