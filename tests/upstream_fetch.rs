@@ -69,7 +69,7 @@ async fn closed_within(peer: &FakeSeed, since: Instant) -> Option<Duration> {
 fn peer_cfg(key: [u8; 20], peer_timeout: Duration) -> PeerFetchConfig {
     PeerFetchConfig {
         key,
-        peer_id: *b"-MG0100-upstreamtest",
+        peer_id: *b"-MX0100-upstreamtest",
         metadata_bytes_max: magnetar::limits::METADATA_BYTES_MAX,
         connect_timeout: Duration::from_secs(5),
         peer_timeout,
@@ -80,7 +80,7 @@ fn peer_cfg(key: [u8; 20], peer_timeout: Duration) -> PeerFetchConfig {
 fn spec(key: [u8; 20], peers_max: usize, within: Duration) -> FetchSpec {
     FetchSpec {
         key,
-        peer_id: *b"-MG0100-upstreamtest",
+        peer_id: *b"-MX0100-upstreamtest",
         metadata_bytes_max: magnetar::limits::METADATA_BYTES_MAX,
         peers_max,
         connect_timeout: Duration::from_secs(5),

@@ -14,7 +14,7 @@ use magnetar::upstream::peer::{fetch_from_peer, PeerFetchConfig};
 fn peer_cfg(key: [u8; 20]) -> PeerFetchConfig {
     PeerFetchConfig {
         key,
-        peer_id: *b"-MG0100-msefetchtest",
+        peer_id: *b"-MX0100-msefetchtest",
         metadata_bytes_max: magnetar::limits::METADATA_BYTES_MAX,
         connect_timeout: Duration::from_secs(5),
         peer_timeout: Duration::from_secs(20),

@@ -181,7 +181,7 @@ fn http_non_compact_peers_and_the_request_we_send() {
     let (url, heads) = http_tracker(vec![http_ok(body)]);
     let r = announce(
         &url,
-        &req(H1, b"-MG0001-abcdefghijkl", 6881),
+        &req(H1, b"-MX0001-abcdefghijkl", 6881),
         Duration::from_secs(5),
     )
     .unwrap();
@@ -192,7 +192,7 @@ fn http_non_compact_peers_and_the_request_we_send() {
     assert_eq!(
         line,
         "GET /announce?info_hash=%01%23Eg%89%AB%CD%EF%01%23Eg%89%AB%CD%EF%01%23Eg\
-         &peer_id=-MG0001-abcdefghijkl&port=6881&uploaded=0&downloaded=0&left=1000\
+         &peer_id=-MX0001-abcdefghijkl&port=6881&uploaded=0&downloaded=0&left=1000\
          &compact=1&numwant=50&event=started HTTP/1.1"
     );
 }
@@ -208,7 +208,7 @@ fn http_compact_peers6() {
     let (url, _) = http_tracker(vec![http_ok(&body)]);
     let r = announce(
         &url,
-        &req(H1, b"-MG0001-abcdefghijkl", 6881),
+        &req(H1, b"-MX0001-abcdefghijkl", 6881),
         Duration::from_secs(5),
     )
     .unwrap();
@@ -236,7 +236,7 @@ fn http_bad_answers_are_clean_errors() {
         http_ok(b"d14:failure reason12:unknown hashe"),
         b"SMTP ready\r\n\r\n".to_vec(),
     ]);
-    let r = req(H1, b"-MG0001-abcdefghijkl", 6881);
+    let r = req(H1, b"-MX0001-abcdefghijkl", 6881);
     let t = Duration::from_secs(5);
     let results: Vec<_> = (0..8).map(|_| announce(&url, &r, t)).collect();
     let is = |i: usize, ok: fn(&TrackerError) -> bool| {
@@ -277,7 +277,7 @@ fn http_silent_tracker_times_out_within_the_deadline() {
     let started = Instant::now();
     let r = announce(
         &url,
-        &req(H1, b"-MG0001-abcdefghijkl", 6881),
+        &req(H1, b"-MX0001-abcdefghijkl", 6881),
         Duration::from_millis(500),
     );
     assert!(matches!(r, Err(TrackerError::Timeout)), "{r:?}");
@@ -293,7 +293,7 @@ fn http_closed_port_is_an_io_error() {
     let url = format!("http://127.0.0.1:{}/announce", common::free_port());
     let r = announce(
         &url,
-        &req(H1, b"-MG0001-abcdefghijkl", 6881),
+        &req(H1, b"-MX0001-abcdefghijkl", 6881),
         Duration::from_secs(2),
     );
     assert!(matches!(r, Err(TrackerError::Io(_))), "{r:?}");
@@ -418,7 +418,7 @@ fn udp_reply_with_wrong_transaction_id_is_ignored_then_retried() {
     let started = Instant::now();
     let r = announce(
         &url,
-        &req(H1, b"-MG0001-abcdefghijkl", 6881),
+        &req(H1, b"-MX0001-abcdefghijkl", 6881),
         Duration::from_secs(2),
     )
     .unwrap();
@@ -440,7 +440,7 @@ fn udp_silent_tracker_times_out_within_the_deadline() {
     let started = Instant::now();
     let r = announce(
         &url,
-        &req(H1, b"-MG0001-abcdefghijkl", 6881),
+        &req(H1, b"-MX0001-abcdefghijkl", 6881),
         Duration::from_millis(700),
     );
     let took = started.elapsed();
@@ -462,7 +462,7 @@ fn udp_error_action_is_a_failure() {
     });
     let r = announce(
         &url,
-        &req(H1, b"-MG0001-abcdefghijkl", 6881),
+        &req(H1, b"-MX0001-abcdefghijkl", 6881),
         Duration::from_secs(2),
     );
     match r {
@@ -494,7 +494,7 @@ fn udp_refused_cached_connection_id_reconnects_once() {
         }
         proto::Request::Scrape(_) => vec![],
     });
-    let r = req(H1, b"-MG0001-abcdefghijkl", 6881);
+    let r = req(H1, b"-MX0001-abcdefghijkl", 6881);
     let t = Duration::from_secs(2);
     announce(&url, &r, t).unwrap();
     assert_eq!(seen.connects.load(Ordering::SeqCst), 1);
@@ -510,7 +510,7 @@ fn udp_closed_port_fails_fast() {
     let started = Instant::now();
     let r = announce(
         &url,
-        &req(H1, b"-MG0001-abcdefghijkl", 6881),
+        &req(H1, b"-MX0001-abcdefghijkl", 6881),
         Duration::from_secs(3),
     );
     // Loopback reports the ICMP port unreachable as ECONNREFUSED on the connected socket.

@@ -15,7 +15,7 @@ use monoio::time::Instant;
 fn peer_cfg(key: [u8; 20]) -> PeerFetchConfig {
     PeerFetchConfig {
         key,
-        peer_id: *b"-MG0100-utpfetchtest",
+        peer_id: *b"-MX0100-utpfetchtest",
         metadata_bytes_max: magnetar::limits::METADATA_BYTES_MAX,
         connect_timeout: Duration::from_secs(5),
         peer_timeout: Duration::from_secs(20),
@@ -88,7 +88,7 @@ fn utp_stream_carries_a_handshake_both_ways_with_libtorrent() {
             &mut hs,
             Reserved::ours(true, false, false),
             &key,
-            b"-MG0100-utpstreamtst",
+            b"-MX0100-utpstreamtst",
         );
         s.write_all(hs, deadline).await.unwrap();
         let mut got = Vec::new();

@@ -796,7 +796,7 @@ mod tests {
     use crate::upstream::config::UpstreamConfig;
     use crate::upstream::shard::FetchFailure;
 
-    const PEER_ID: [u8; 20] = *b"-MG0001-unittestpeer";
+    const PEER_ID: [u8; 20] = *b"-MX0001-unittestpeer";
     /// The client's ut_metadata id: what our messages must carry (any 1–255 works).
     const CLIENT_UT: u8 = 42;
     const PEER: &str = "192.0.2.7:51413";

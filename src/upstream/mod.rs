@@ -69,7 +69,8 @@ impl PeerSource {
     }
 }
 
-/// A BEP 20 peer id, `-MG0100-` and 12 digits that differ per process and per `salt`
+/// A BEP 20 peer id, `-MX0100-` and 12 digits that differ per process and per `salt`
+/// (`MX`: magnetar's own client code; `MG` is MediaGet's, and clients showed us as that)
 /// (a worker index): peers only compare ids for equality, so they need not be random.
 pub fn peer_id(salt: u64) -> [u8; 20] {
     let nanos = std::time::SystemTime::now()
@@ -77,7 +78,7 @@ pub fn peer_id(salt: u64) -> [u8; 20] {
         .map_or(0, |d| d.as_nanos() as u64);
     let seed =
         nanos ^ (u64::from(std::process::id()) << 32) ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut id = *b"-MG0100-000000000000";
+    let mut id = *b"-MX0100-000000000000";
     for (i, b) in id[8..].iter_mut().enumerate() {
         *b = b'0' + ((seed >> (i * 5)) % 10) as u8;
     }

@@ -244,7 +244,7 @@ mod tests {
         info_hash[8..12].copy_from_slice(&[b' ', b'%', 0xff, b'/']);
         let req = AnnounceRequest {
             info_hash,
-            peer_id: *b"-MG0001-abcdefghijkl",
+            peer_id: *b"-MX0001-abcdefghijkl",
             port: 6881,
             left: 12345,
             numwant: 10_000,
@@ -257,7 +257,7 @@ mod tests {
         assert_eq!(
             u,
             "http://t.example:8080/announce?passkey=x&info_hash=aZ09-._~%20%25%FF%2F\
-             %00%00%00%00%00%00%00%00&peer_id=-MG0001-abcdefghijkl&port=6881&uploaded=0\
+             %00%00%00%00%00%00%00%00&peer_id=-MX0001-abcdefghijkl&port=6881&uploaded=0\
              &downloaded=0&left=12345&compact=1&numwant=500&event=started"
         );
         assert!(announce_url("http://t/a", &req, AnnounceEvent::Regular)
