@@ -89,9 +89,9 @@ struct RunArgs {
     /// Give up on one fetch (connect included) after this long (seconds, or `500ms`, …).
     #[arg(long, default_value = "10", value_name = "DURATION", value_parser = parse_duration)]
     timeout: Duration,
-    /// Bind connections to this many source addresses 127.0.0.1, .2, … (loopback targets
-    /// only; each gives ~28k ports per target). 0 = as many as `--connections` needs.
-    /// TCP only: uTP sockets take any free UDP port (~28k at once).
+    /// Bind connections (TCP or uTP) to this many source addresses 127.0.0.1, .2, …
+    /// (loopback targets only; each gives ~28k ports per target). 0 = as many as
+    /// `--connections` needs.
     #[arg(long, default_value_t = 0, value_name = "N")]
     sources: u8,
     /// Idle mode: write the connection count here once all are established.
@@ -288,11 +288,6 @@ fn run_load(a: RunArgs) -> anyhow::Result<()> {
     // Ports: ~28k ephemeral ports per (source, target) pair; TIME_WAIT reuse covers churn.
     let loopback = addrs.iter().all(|a| a.ip().is_loopback() && a.is_ipv4());
     let sources = match a.sources {
-        // uTP: one UDP socket per connection, bound by `UtpStream` to any free port.
-        0 if a.transport == Transport::Utp => 1,
-        n if a.transport == Transport::Utp => {
-            bail!("--sources {n}: source addresses are TCP only (uTP binds any free UDP port)")
-        }
         0 if loopback => {
             let per_pair = 25_000usize;
             let need = a.connections.div_ceil(per_pair * addrs.len());

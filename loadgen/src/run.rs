@@ -223,7 +223,7 @@ impl Task {
             Transport::Utp => {
                 // The caller's timeout bounds the handshake; this deadline only backs it up.
                 let deadline = monoio::time::Instant::now() + self.shared.cfg.timeout;
-                let s = UtpStream::connect(self.target(), deadline)
+                let s = UtpStream::connect_from(self.target(), self.source(), deadline)
                     .await
                     .map_err(|_| FetchError::Connect)?;
                 Stream::Utp(Box::new(s))

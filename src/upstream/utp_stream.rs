@@ -64,10 +64,20 @@ fn closed_error(reason: CloseReason) -> io::Error {
 impl UtpStream {
     /// Sends a SYN to `addr` and waits for the SYN-ACK (SYN retransmissions included).
     pub async fn connect(addr: SocketAddr, deadline: Instant) -> io::Result<UtpStream> {
-        let local: SocketAddr = if addr.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        UtpStream::connect_from(addr, None, deadline).await
+    }
+
+    /// `connect` from the local address `source` (any port) when given: a load generator
+    /// spreads connections over 127.0.0.x sources, each with its own per-IP budget.
+    pub async fn connect_from(
+        addr: SocketAddr,
+        source: Option<std::net::IpAddr>,
+        deadline: Instant,
+    ) -> io::Result<UtpStream> {
+        let local: SocketAddr = match source {
+            Some(ip) => (ip, 0).into(),
+            None if addr.is_ipv4() => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            None => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         };
         let sock = UdpSocket::bind(local)?;
         sock.connect(addr).await?;
