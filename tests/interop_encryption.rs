@@ -48,7 +48,7 @@ fn webtorrent_fetches_v1_and_hybrid_encrypted_as_fast_as_from_a_libtorrent_seed(
                 t.info.len()
             );
             let out = tmp.path().join(format!("{label}-s{round}.info"));
-            let s = wt_fetch(&btih_magnet(t, seed.addr()), &out, FETCH_TIMEOUT_S);
+            let s = wt_fetch_baseline(&btih_magnet(t, seed.addr()), &out, FETCH_TIMEOUT_S);
             println!(
                 "{label} round {round}: magnetar {:.3} s {:?}, libtorrent seed {:.3} s {:?}",
                 m.seconds, m.wires, s.seconds, s.wires

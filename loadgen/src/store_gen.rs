@@ -43,6 +43,8 @@ pub fn gen_store(o: &GenOptions) -> anyhow::Result<(u64, u64, Duration)> {
     if let Some(dir) = &o.torrents {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {dir:?}"))?;
     }
+    /// One generated dict: its index, its key, and its bytes when the floor file needs them.
+    type Generated = (u64, [u8; 20], Option<Vec<u8>>);
     let threads = o.threads.max(1) as u64;
     // Each thread returns its (index, key, dict?) in order; files are written afterwards so
     // their order is the index order whatever the thread timing.
@@ -51,30 +53,28 @@ pub fn gen_store(o: &GenOptions) -> anyhow::Result<(u64, u64, Duration)> {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let store = store.as_ref();
-                scope.spawn(
-                    move || -> anyhow::Result<Vec<(u64, [u8; 20], Option<Vec<u8>>)>> {
-                        let mut out = Vec::new();
-                        let mut i = t;
-                        while i < o.count {
-                            let info = synth::nth_dict(o.seed, o.mix, i);
-                            let key = match store {
-                                Some(store) => {
-                                    let rec = store.append(&info, AppendOptions::default())?;
-                                    rec.record().hashes().primary_key().expect("v1 dict")
-                                }
-                                None => validate_info(&info)?.hashes.v1.expect("v1 dict"),
-                            };
-                            if let Some(dir) = &o.torrents {
-                                let path = dir.join(format!("{}.torrent", hex::encode(key)));
-                                std::fs::write(&path, synth::torrent_file(&info))
-                                    .with_context(|| format!("writing {path:?}"))?;
+                scope.spawn(move || -> anyhow::Result<Vec<Generated>> {
+                    let mut out = Vec::new();
+                    let mut i = t;
+                    while i < o.count {
+                        let info = synth::nth_dict(o.seed, o.mix, i);
+                        let key = match store {
+                            Some(store) => {
+                                let rec = store.append(&info, AppendOptions::default())?;
+                                rec.record().hashes().primary_key().expect("v1 dict")
                             }
-                            out.push((i, key, keep_dicts.then_some(info)));
-                            i += threads;
+                            None => validate_info(&info)?.hashes.v1.expect("v1 dict"),
+                        };
+                        if let Some(dir) = &o.torrents {
+                            let path = dir.join(format!("{}.torrent", hex::encode(key)));
+                            std::fs::write(&path, synth::torrent_file(&info))
+                                .with_context(|| format!("writing {path:?}"))?;
                         }
-                        Ok(out)
-                    },
-                )
+                        out.push((i, key, keep_dicts.then_some(info)));
+                        i += threads;
+                    }
+                    Ok(out)
+                })
             })
             .collect();
         handles
