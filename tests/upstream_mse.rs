@@ -9,18 +9,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use magnetar::upstream::peer::{fetch_from_peer, PeerFetchConfig};
-
-fn peer_cfg(key: [u8; 20]) -> PeerFetchConfig {
-    PeerFetchConfig {
-        key,
-        peer_id: *b"-MX0100-msefetchtest",
-        metadata_bytes_max: magnetar::limits::METADATA_BYTES_MAX,
-        connect_timeout: Duration::from_secs(5),
-        peer_timeout: Duration::from_secs(20),
-        v2_bit: false,
-    }
-}
 
 /// Seeds v1, multi-piece v1 and hybrid torrents with `seed_flags`, and fetches each.
 fn fetch_all_from_a_seed_with(seed_flags: &[&str]) {
@@ -50,21 +38,7 @@ fn fetch_all_from_a_seed_with(seed_flags: &[&str]) {
         );
     }
     assert!(torrents["v1-large"].metadata_pieces >= 5);
-    on_both_drivers(|| async {
-        for label in labels {
-            let t = &torrents[label];
-            let started = std::time::Instant::now();
-            let info = fetch_from_peer(seed.addr(), &peer_cfg(t.key()))
-                .await
-                .unwrap_or_else(|e| panic!("{label} {seed_flags:?}: {e}"));
-            assert!(info == t.info, "{label}: bytes differ");
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "{label}: {:?}",
-                started.elapsed()
-            );
-        }
-    });
+    fetch_each_from_peer(seed.addr(), &torrents, &labels, &format!("{seed_flags:?}"));
 }
 
 #[test]

@@ -7,21 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use magnetar::upstream::peer::{fetch_from_peer, PeerFetchConfig};
 use magnetar::upstream::utp_stream::UtpStream;
 use magnetar::wire::{decode_handshake_head, encode_handshake, Decoded, Reserved, HANDSHAKE_LEN};
 use monoio::time::Instant;
-
-fn peer_cfg(key: [u8; 20]) -> PeerFetchConfig {
-    PeerFetchConfig {
-        key,
-        peer_id: *b"-MX0100-utpfetchtest",
-        metadata_bytes_max: magnetar::limits::METADATA_BYTES_MAX,
-        connect_timeout: Duration::from_secs(5),
-        peer_timeout: Duration::from_secs(20),
-        v2_bit: false,
-    }
-}
 
 #[test]
 fn fetch_from_peer_gets_metadata_from_a_utp_only_libtorrent_seed() {
@@ -48,22 +36,7 @@ fn fetch_from_peer_gets_metadata_from_a_utp_only_libtorrent_seed() {
         );
     }
     assert!(torrents["v1-large"].metadata_pieces >= 5);
-    on_both_drivers(|| async {
-        for label in labels {
-            let t = &torrents[label];
-            let started = std::time::Instant::now();
-            let info = fetch_from_peer(seed.addr(), &peer_cfg(t.key()))
-                .await
-                .unwrap_or_else(|e| panic!("{label}: {e}"));
-            assert!(info == t.info, "{label}: bytes differ");
-            // One TCP attempt, then uTP: well under the peer timeout.
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "{label}: {:?}",
-                started.elapsed()
-            );
-        }
-    });
+    fetch_each_from_peer(seed.addr(), &torrents, &labels, "uTP-only seed");
 }
 
 #[test]

@@ -803,22 +803,12 @@ pub fn spawn_endpoint(ep: Rc<Endpoint>, stop: flume::Receiver<()>) {
 mod tests {
     use super::*;
     use crate::store::{AppendOptions, Store, StoreOptions, SyncPolicy};
-    use crate::utp::{Header, Packet};
+    use crate::utp::Packet;
     use crate::wire::{encode_metadata_data_header, metadata_piece_count, metadata_piece_range};
 
     fn datagram(ty: PacketType, connection_id: u16, seq_nr: u16, ack_nr: u16) -> Vec<u8> {
-        let mut v = vec![0u8; utp::HEADER_LEN];
-        Header {
-            ty,
-            connection_id,
-            timestamp_us: 1,
-            timestamp_diff_us: 0,
-            wnd_size: 1 << 20,
-            seq_nr,
-            ack_nr,
-        }
-        .encode(0, &mut v);
-        v
+        use crate::utp::sim_tests::{dgram, hdr};
+        dgram(hdr(ty, connection_id, seq_nr, ack_nr), None, &[])
     }
 
     /// Accepted from a SYN (id 100, seq 500) with our seq 7000, and acked as libtorrent

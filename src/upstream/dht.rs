@@ -167,24 +167,6 @@ impl DhtNode {
         Ok(())
     }
 
-    /// Announces that we serve `info_hash` on TCP `port`; blocks until the announce has been
-    /// sent to the closest nodes (seconds). Rate limited by `dht_announces_per_second_max`.
-    pub fn announce(&self, info_hash: [u8; 20], port: u16) -> Result<(), DhtError> {
-        if !self.announces.try_take() {
-            self.counters
-                .announces_rate_limited
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(DhtError::RateLimited);
-        }
-        self.counters
-            .announces_started
-            .fetch_add(1, Ordering::Relaxed);
-        self.dht
-            .announce_peer(id(info_hash), Some(port))
-            .map(|_| ())
-            .map_err(|e| DhtError::Announce(e.to_string()))
-    }
-
     /// Starts an announce of `info_hash` on TCP `port` (mainline's async API, so many can be
     /// in flight on one thread); the future resolves when the closest nodes have been told.
     /// Refused at once with `RateLimited` when `dht_announces_per_second_max` is spent.

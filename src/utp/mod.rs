@@ -22,7 +22,7 @@ pub mod conn;
 pub mod packet;
 
 #[cfg(test)]
-mod sim_tests;
+pub(crate) mod sim_tests;
 
 use std::io::IoSlice;
 

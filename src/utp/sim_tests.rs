@@ -277,7 +277,7 @@ fn pkt(dgram: &[u8]) -> Packet<'_> {
     decode(dgram).unwrap()
 }
 
-fn hdr(ty: PacketType, connection_id: u16, seq_nr: u16, ack_nr: u16) -> Header {
+pub(crate) fn hdr(ty: PacketType, connection_id: u16, seq_nr: u16, ack_nr: u16) -> Header {
     Header {
         ty,
         connection_id,
@@ -289,7 +289,7 @@ fn hdr(ty: PacketType, connection_id: u16, seq_nr: u16, ack_nr: u16) -> Header {
     }
 }
 
-fn dgram(h: Header, sack: Option<&[u8]>, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn dgram(h: Header, sack: Option<&[u8]>, payload: &[u8]) -> Vec<u8> {
     let mut v = vec![0u8; HEADER_LEN];
     h.encode(u8::from(sack.is_some()), &mut v);
     if let Some(mask) = sack {

@@ -928,3 +928,41 @@ pub fn opentracker_on(ip: std::net::Ipv4Addr, whitelist: &[[u8; 20]]) -> Opentra
     }
     panic!("opentracker did not start on {ip}");
 }
+
+/// What the upstream tests fetch with: the crate's defaults for one peer.
+pub fn upstream_peer_cfg(key: [u8; 20]) -> magnetar::upstream::peer::PeerFetchConfig {
+    magnetar::upstream::peer::PeerFetchConfig {
+        key,
+        peer_id: *b"-MX0100-upstreamtest",
+        metadata_bytes_max: magnetar::limits::METADATA_BYTES_MAX,
+        connect_timeout: Duration::from_secs(5),
+        peer_timeout: Duration::from_secs(20),
+        v2_bit: false,
+    }
+}
+
+/// `fetch_from_peer` for each of `labels` from `seed`, on io_uring and on epoll: the bytes
+/// must be the torrent's and each fetch well under the peer timeout (10 s). `what` names
+/// the case in failures.
+pub fn fetch_each_from_peer(
+    seed: SocketAddr,
+    torrents: &std::collections::BTreeMap<String, LtTorrent>,
+    labels: &[&str],
+    what: &str,
+) {
+    on_both_drivers(|| async {
+        for label in labels {
+            let t = &torrents[*label];
+            let started = std::time::Instant::now();
+            let info = magnetar::upstream::peer::fetch_from_peer(seed, &upstream_peer_cfg(t.key()))
+                .await
+                .unwrap_or_else(|e| panic!("{label} ({what}): {e}"));
+            assert!(info == t.info, "{label} ({what}): bytes differ");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{label} ({what}): {:?}",
+                started.elapsed()
+            );
+        }
+    });
+}
