@@ -20,6 +20,7 @@ use clap::{ArgAction, Args, FromArgMatches};
 use serde::Deserialize;
 
 use crate::limits;
+use crate::shared::SharedConfig;
 use crate::upstream::config::UpstreamConfig;
 
 /// Which io driver each worker runtime uses.
@@ -180,6 +181,10 @@ pub struct ServeSettings {
     /// The miss path (`[upstream]` in the config file).
     #[command(flatten)]
     pub upstream: UpstreamConfig,
+
+    /// The shared tier (`[shared]` in the config file).
+    #[command(flatten)]
+    pub shared: SharedConfig,
 }
 
 impl Default for ServeSettings {
@@ -370,12 +375,24 @@ pub fn explicit_only_subcommand(cmd: clap::Command, name: &str) -> clap::Command
 /// without a default are written commented out.
 pub fn default_config_toml() -> String {
     let serve = ServeSettings::augment_args(clap::Command::new("serve"));
-    let upstream_ids: Vec<String> = UpstreamConfig::augment_args(clap::Command::new("u"))
-        .get_arguments()
-        .map(|a| a.get_id().to_string())
-        .collect();
+    let ids = |cmd: clap::Command| -> Vec<String> {
+        cmd.get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect()
+    };
+    // The tables of the file: `[upstream]` and `[shared]`, each a flattened struct.
+    let tables: [(&str, Vec<String>); 2] = [
+        (
+            "upstream",
+            ids(UpstreamConfig::augment_args(clap::Command::new("u"))),
+        ),
+        (
+            "shared",
+            ids(SharedConfig::augment_args(clap::Command::new("s"))),
+        ),
+    ];
     let mut top = String::new();
-    let mut up = String::new();
+    let mut sections = vec![String::new(); tables.len()];
     top.push_str(
         "# magnetar configuration (TOML), as written by `magnetar print-config`.\n\
          # Use it with `magnetar serve --config FILE`. Every key is also a flag of `serve`\n\
@@ -390,12 +407,17 @@ pub fn default_config_toml() -> String {
     top.push_str("log = \"info\"\n\n");
     for arg in serve.get_arguments() {
         let id = arg.get_id().as_str();
-        if arg.is_hide_set() || id == "upstream" {
+        if arg.is_hide_set() || tables.iter().any(|(t, _)| *t == id) {
             continue;
         }
         let key = id.replace('_', "-");
-        let in_upstream = upstream_ids.iter().any(|u| u == id);
-        let out = if in_upstream { &mut up } else { &mut top };
+        let table = tables
+            .iter()
+            .position(|(_, ids)| ids.iter().any(|u| u == id));
+        let out = match table {
+            Some(t) => &mut sections[t],
+            None => &mut top,
+        };
         let help = arg
             .get_long_help()
             .or(arg.get_help())
@@ -427,10 +449,9 @@ pub fn default_config_toml() -> String {
         } else {
             defaults.first().map(|d| {
                 let typed = d.parse::<i64>().is_ok() && {
-                    let probe = if in_upstream {
-                        format!("[upstream]\n{key} = {d}\n")
-                    } else {
-                        format!("{key} = {d}\n")
+                    let probe = match table {
+                        Some(t) => format!("[{}]\n{key} = {d}\n", tables[t].0),
+                        None => format!("{key} = {d}\n"),
                     };
                     ServeSettings::from_toml(&probe).is_ok()
                 };
@@ -453,8 +474,11 @@ pub fn default_config_toml() -> String {
             }
         }
     }
-    top.push_str("[upstream]\n");
-    top.push_str(&up);
+    for ((name, _), body) in tables.iter().zip(&sections) {
+        top = top.trim_end().to_owned() + "\n\n";
+        top.push_str(&format!("[{name}]\n"));
+        top.push_str(body);
+    }
     top.trim_end().to_owned() + "\n"
 }
 
@@ -608,6 +632,8 @@ mod tests {
     fn upstream_defaults_agree_with_its_flags() {
         // UpstreamConfig writes its defaults twice (clap and Default); they must agree.
         assert_eq!(ServeSettings::default().upstream, UpstreamConfig::default());
+        assert_eq!(ServeSettings::default().shared, SharedConfig::default());
+        assert!(default_config_toml().contains("[shared]\n"));
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod magnet;
 pub mod metainfo;
 pub mod mse;
 pub mod server;
+pub mod shared;
 pub mod store;
 pub mod upstream;
 pub mod utp;

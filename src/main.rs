@@ -78,8 +78,15 @@ struct ImportArgs {
     #[command(flatten)]
     data_dir: DataDirArg,
     /// .torrent files, or directories searched recursively for *.torrent.
-    #[arg(required = true, value_name = "PATH")]
+    #[arg(required_unless_present = "from", value_name = "PATH")]
     paths: Vec<PathBuf>,
+    /// Import every info dict of a shared store (s3://BUCKET[/PREFIX]) instead: prefill
+    /// a new node. Credentials as for `serve --shared-store` (AWS_* variables or the
+    /// --shared-* flags); tombstones there are applied here.
+    #[arg(long, value_name = "s3://BUCKET[/PREFIX]", conflicts_with = "paths")]
+    from: Option<String>,
+    #[command(flatten)]
+    shared: magnetar::shared::SharedConfig,
 }
 
 #[derive(Args, Debug)]
@@ -217,6 +224,20 @@ fn serve(args: ServeArgs, cli_log: Option<String>) -> anyhow::Result<()> {
         cfg.threads,
     );
     let grace = cfg.shutdown_grace;
+    // Before the server takes its first miss: the store's listener must be in place so no
+    // stored record escapes the uploader (the cursor walk covers what came before).
+    let shared = if settings.shared.enabled() {
+        let tier = magnetar::shared::SharedTier::start(
+            settings.shared.clone(),
+            store.clone(),
+            &cfg.data_dir,
+        )
+        .context("starting the shared tier")?;
+        upstream.set_shared(tier.clone());
+        Some(tier)
+    } else {
+        None
+    };
     upstream.start_dht().context("starting the DHT node")?;
     let server = magnetar::server::start(
         cfg,
@@ -253,6 +274,13 @@ fn serve(args: ServeArgs, cli_log: Option<String>) -> anyhow::Result<()> {
             .add_metrics_hook(Arc::new(move |out: &mut String| u.write_metrics(out)));
         a.state
             .set_fetch_hook(Arc::new(move |magnet| Box::pin(m.fetch_magnet(&magnet))));
+        if let Some(tier) = &shared {
+            let (t, n) = (tier.clone(), tier.clone());
+            a.state
+                .add_metrics_hook(Arc::new(move |out: &mut String| t.write_metrics(out)));
+            a.state
+                .add_readiness_note(Arc::new(move || n.degraded_note()));
+        }
         a.state.set_cores(server.stats.clone());
         a.state.set_ready();
         ready_line.push_str(&format!(" admin={}", a.local_addr));
@@ -290,6 +318,11 @@ fn serve(args: ServeArgs, cli_log: Option<String>) -> anyhow::Result<()> {
                 );
                 if let Some(a) = admin {
                     a.shutdown(Duration::from_secs(10));
+                }
+                if let Some(tier) = &shared {
+                    // Uploads still queued get the grace too; the rest go up after the
+                    // next start (durable cursor).
+                    tier.shutdown(grace);
                 }
                 store.sync().context("flushing the store")?;
                 drop(store);
@@ -349,6 +382,17 @@ fn reload(args: &ServeArgs, store: &Store, log: &LogReload, log_pinned: bool) {
 fn import(args: ImportArgs) -> anyhow::Result<()> {
     let dir = args.data_dir.resolve();
     let (store, _) = open_store(&dir, SyncPolicy::Batch, 0)?;
+    if let Some(url) = args.from {
+        let mut shared = args.shared;
+        shared.shared_store = Some(url.clone());
+        let report = magnetar::shared::import::import_from(&shared, Arc::new(store))
+            .with_context(|| format!("importing from {url}"))?;
+        eprintln!("{report}");
+        if report.failed + report.corrupt > 0 && report.imported + report.already_present == 0 {
+            bail!("no object could be imported");
+        }
+        return Ok(());
+    }
     let report = magnetar::import::import_paths(&store, &args.paths, true);
     eprintln!("{report}");
     if report.failed > 0 && report.imported + report.already_present == 0 {

@@ -59,8 +59,13 @@ pub struct AdminState {
     stopping: AtomicBool,
     hooks: Mutex<Vec<MetricsHook>>,
     fetch: OnceLock<FetchHook>,
+    /// Each may add a line to `/readyz` (a degraded dependency that does not stop serving).
+    readiness_notes: Mutex<Vec<ReadinessNote>>,
     counters: AdminCounters,
 }
+
+/// `Some(text)` when a dependency is degraded but serving goes on (the shared tier).
+pub type ReadinessNote = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 #[derive(Default)]
 struct AdminCounters {
@@ -102,6 +107,7 @@ impl Admin {
             stopping: AtomicBool::new(false),
             hooks: Mutex::new(Vec::new()),
             fetch: OnceLock::new(),
+            readiness_notes: Mutex::new(Vec::new()),
             counters: AdminCounters::default(),
         });
         let app = router(state.clone());
@@ -171,6 +177,14 @@ impl AdminState {
     /// The serving cores' counters (call once the server has started).
     pub fn set_cores(&self, cores: Vec<Arc<CoreStats>>) {
         let _ = self.cores.set(cores);
+    }
+
+    /// `/readyz` adds what `note` says (and stays 200).
+    pub fn add_readiness_note(&self, note: ReadinessNote) {
+        self.readiness_notes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(note);
     }
 
     /// `/readyz` answers 200 from now on (until `set_stopping`).
@@ -408,7 +422,17 @@ async fn readyz(State(state): St) -> Response {
     if state.stopping.load(Ordering::Relaxed) {
         text(StatusCode::SERVICE_UNAVAILABLE, "stopping")
     } else if state.ready.load(Ordering::Relaxed) {
-        text(StatusCode::OK, "ready")
+        let notes = state
+            .readiness_notes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut body = String::from("ready");
+        for note in notes.iter().filter_map(|n| n()) {
+            body.push_str("; ");
+            body.push_str(&note);
+        }
+        text(StatusCode::OK, body)
     } else {
         text(StatusCode::SERVICE_UNAVAILABLE, "starting")
     }

@@ -217,7 +217,39 @@ pub struct AppendOptions {
     /// Writer to use; `None` means `shard_of(primary key)`, which keeps all appends of one
     /// info-hash on one writer (so concurrent appends of the same dict write it once).
     pub shard: Option<usize>,
+    /// Where the dict came from, passed on to the listener (`Store::set_listener`).
+    pub origin: Origin,
 }
+
+/// Where a stored dict or a delete came from: the shared tier (`crate::shared`) uploads
+/// what this node learned and does not upload again what it took from the tier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Origin {
+    /// This node: an upload, an import, a swarm fill, a client's fill, an admin delete.
+    #[default]
+    Local,
+    /// The shared tier: an object or a tombstone another node wrote.
+    Shared,
+}
+
+/// What the store tells its listener, after the change is durable and published.
+#[derive(Debug)]
+pub enum StoreEvent<'a> {
+    Stored {
+        record: &'a RecordRef,
+        origin: Origin,
+    },
+    /// These handshake keys were deleted or blocked at `at` (unix seconds; a tombstone
+    /// record with that stamp is on disk).
+    Deleted {
+        keys: &'a [[u8; 20]],
+        at: u64,
+        origin: Origin,
+    },
+}
+
+/// Called on the appending (or deleting) thread: keep it short and non-blocking.
+pub type StoreListener = Box<dyn Fn(StoreEvent<'_>) + Send + Sync>;
 
 #[derive(Clone, Debug)]
 pub enum AppendOutcome {
@@ -395,6 +427,8 @@ pub struct Store {
     /// Handshake key -> `stored_at` of its newest tombstone: a dict stored again is stamped
     /// later than that, so recovery keeps it.
     tombstones: Mutex<HashMap<[u8; 20], u64>>,
+    /// Told of every stored record and delete (the shared tier's uploader), once set.
+    listener: std::sync::OnceLock<StoreListener>,
     /// `None` when read-only.
     _lock: Option<DirLock>,
 }
@@ -607,6 +641,7 @@ impl Store {
             access,
             blocklist,
             tombstones: Mutex::new(tombstones),
+            listener: std::sync::OnceLock::new(),
             _lock: lock,
         };
         Ok((store, report))
@@ -705,6 +740,10 @@ impl Store {
             Ok(()) => {
                 self.records.fetch_add(1, Ordering::Relaxed);
                 self.bytes.fetch_add(info.len() as u64, Ordering::Relaxed);
+                self.notify(StoreEvent::Stored {
+                    record: &record,
+                    origin: opts.origin,
+                });
                 Ok(AppendOutcome::Stored(record))
             }
             // Another writer (caller-chosen shard) published the same dict first; ours stays on
@@ -746,6 +785,22 @@ impl Store {
         v2_full: Option<&[u8; 32]>,
         reason: &str,
     ) -> Result<DeleteOutcome, StoreError> {
+        self.delete_from(key, v2_full, reason, Origin::Local)
+    }
+
+    /// `delete`, saying where the delete came from (the listener is told).
+    ///
+    /// A tombstone record is written whenever something changes: the record's hashes when
+    /// one is stored, else the newly blocked key (as v1, or the full v2 when given). So a
+    /// block of a hash never stored is on disk with a time too, and the shared tier's
+    /// uploader finds it after a crash (`tombstones_since`).
+    pub fn delete_from(
+        &self,
+        key: &[u8; 20],
+        v2_full: Option<&[u8; 32]>,
+        reason: &str,
+        origin: Origin,
+    ) -> Result<DeleteOutcome, StoreError> {
         if self.access == Access::ReadOnly {
             return Err(StoreError::ReadOnly);
         }
@@ -774,17 +829,31 @@ impl Store {
                 .add(&entries, comment.trim())
                 .map_err(io_at(&path))?;
         }
-        let blocked = entries.into_iter().map(|(hex, _)| hex).collect();
-        let (Some(record), Some(hashes)) = (record, hashes) else {
-            return Ok(DeleteOutcome {
-                removed: None,
-                blocked,
-            });
+        let blocked: Vec<String> = entries.iter().map(|(hex, _)| hex.clone()).collect();
+        // What the tombstone names: the stored record's hashes, else the key just blocked.
+        let tomb_hashes = match (&hashes, entries.is_empty()) {
+            (Some(h), _) => *h,
+            (None, true) => {
+                return Ok(DeleteOutcome {
+                    removed: None,
+                    blocked,
+                })
+            }
+            (None, false) => match v2_full {
+                Some(v2) => InfoHashes {
+                    v1: None,
+                    v2: Some(*v2),
+                },
+                None => InfoHashes {
+                    v1: Some(*key),
+                    v2: None,
+                },
+            },
         };
-        let deleted_at = unix_now().max(record.stored_at());
-        let tomb = Header::tombstone(&hashes, deleted_at);
-        let key = hashes.primary_key().expect("a stored record has a key");
-        let mut writer = self.writer(shard_of(&key, self.opts.shards));
+        let deleted_at = unix_now().max(record.as_ref().map_or(0, |r| r.stored_at()));
+        let tomb = Header::tombstone(&tomb_hashes, deleted_at);
+        let primary = tomb_hashes.primary_key().expect("a tombstone has a key");
+        let mut writer = self.writer(shard_of(&primary, self.opts.shards));
         self.make_room(&mut writer, HEADER_BYTES as u64)?;
         let (segment, at) = self.write_record(&mut writer, &tomb.encode(), self.opts.sync)?;
         if self.opts.sync == SyncPolicy::Batch {
@@ -799,21 +868,52 @@ impl Store {
             });
         }
         drop(writer);
+        let keys: Vec<[u8; 20]> = tomb_hashes.handshake_keys().collect();
         {
             let mut tombs = self.tombstones.lock().unwrap_or_else(|p| p.into_inner());
-            for k in hashes.handshake_keys() {
-                let t = tombs.entry(k).or_insert(0);
+            for k in &keys {
+                let t = tombs.entry(*k).or_insert(0);
                 *t = (*t).max(deleted_at);
             }
         }
-        if self.index.remove(&hashes, &record) {
-            self.records.fetch_sub(1, Ordering::Relaxed);
-            self.bytes.fetch_sub(record.len() as u64, Ordering::Relaxed);
+        if let Some(record) = &record {
+            if self.index.remove(&tomb_hashes, record) {
+                self.records.fetch_sub(1, Ordering::Relaxed);
+                self.bytes.fetch_sub(record.len() as u64, Ordering::Relaxed);
+            }
         }
+        self.notify(StoreEvent::Deleted {
+            keys: &keys,
+            at: deleted_at,
+            origin,
+        });
         Ok(DeleteOutcome {
-            removed: Some(hashes),
+            removed: hashes,
             blocked,
         })
+    }
+
+    /// Set the one listener told of every stored record and delete from now on (the
+    /// shared tier's uploader). A second call is refused.
+    pub fn set_listener(&self, listener: StoreListener) -> Result<(), StoreListener> {
+        self.listener.set(listener)
+    }
+
+    fn notify(&self, event: StoreEvent<'_>) {
+        if let Some(l) = self.listener.get() {
+            l(event);
+        }
+    }
+
+    /// Handshake keys whose newest tombstone is stamped at or after `since` (unix seconds),
+    /// with that stamp.
+    pub fn tombstones_since(&self, since: u64) -> Vec<([u8; 20], u64)> {
+        let tombs = self.tombstones.lock().unwrap_or_else(|p| p.into_inner());
+        tombs
+            .iter()
+            .filter(|(_, &t)| t >= since)
+            .map(|(k, &t)| (*k, t))
+            .collect()
     }
 
     /// Take `keys` off the blocklist (the hashes may then be fetched and stored again; a

@@ -85,7 +85,17 @@ fn hybrid_is_found_under_both_keys_and_v2_only_by_prefix() {
         let (store, _) = open(dir.path(), opts(3, 1 << 20));
         if !reopen {
             stored(store.append(&hybrid, AppendOptions::default()).unwrap());
-            stored(store.append(&v2, AppendOptions { shard: Some(7) }).unwrap());
+            stored(
+                store
+                    .append(
+                        &v2,
+                        AppendOptions {
+                            shard: Some(7),
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap(),
+            );
             stored(store.append(&private, AppendOptions::default()).unwrap());
         }
         let by_v1 = store.lookup(&h.v1.unwrap()).unwrap();
@@ -446,7 +456,13 @@ fn parallel_recovery_over_many_segments_rebuilds_the_same_index() {
         });
         let r = stored(
             store
-                .append(&big, AppendOptions { shard: Some(1) })
+                .append(
+                    &big,
+                    AppendOptions {
+                        shard: Some(1),
+                        ..Default::default()
+                    },
+                )
                 .unwrap(),
         );
         assert_eq!(r.segment().reserved_bytes(), record_bytes(big.len()));

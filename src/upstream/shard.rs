@@ -11,7 +11,8 @@ use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::store::{AppendOutcome, RecordRef, Store, StoreError};
+use crate::shared::SharedGet;
+use crate::store::{AppendOptions, AppendOutcome, Origin, RecordRef, Store, StoreError};
 use crate::upstream::config::UpstreamConfig;
 use crate::upstream::dht::DhtNode;
 use crate::upstream::fetch::{self, FetchEvent};
@@ -92,6 +93,8 @@ pub struct Upstream {
     served: OnceLock<ServedSource>,
     /// The announcer of stored hashes (DHT, --announce-tracker), when it runs.
     announcer: OnceLock<Arc<crate::upstream::announce::AnnounceStats>>,
+    /// The shared tier, asked before the swarm (`--shared-store`).
+    shared: OnceLock<Arc<crate::shared::SharedTier>>,
 }
 
 /// Merges every core's served counts into the map it is given.
@@ -126,6 +129,7 @@ impl Upstream {
             peer_id: crate::upstream::peer_id(u64::MAX),
             served: OnceLock::new(),
             announcer: OnceLock::new(),
+            shared: OnceLock::new(),
         };
         (Arc::new(upstream), rx)
     }
@@ -144,6 +148,11 @@ impl Upstream {
             let _ = self.announcer.set(stats);
         }
         Ok(())
+    }
+
+    /// Misses ask `tier` before the swarm from now on.
+    pub fn set_shared(&self, tier: Arc<crate::shared::SharedTier>) {
+        let _ = self.shared.set(tier);
     }
 
     /// Where the served counts come from (the server's per-core tables).
@@ -214,12 +223,26 @@ impl Upstream {
     /// Validates, stores and syncs `info` off the calling core (fdatasync takes
     /// milliseconds; a serving core must not sleep in it).
     pub async fn store_off_core(&self, info: Vec<u8>) -> Result<RecordRef, StoreError> {
+        self.store_off_core_from(info, Origin::Local).await
+    }
+
+    /// `store_off_core`, saying where the dict came from (the shared tier's uploader does
+    /// not upload again what came from it).
+    pub async fn store_off_core_from(
+        &self,
+        info: Vec<u8>,
+        origin: Origin,
+    ) -> Result<RecordRef, StoreError> {
         let (tx, rx) = flume::bounded(1);
         let store = self.store.clone();
+        let opts = AppendOptions {
+            origin,
+            ..AppendOptions::default()
+        };
         std::thread::Builder::new()
             .name("magnetar-append".into())
             .spawn(move || {
-                let _ = tx.send(store.append(&info, Default::default()));
+                let _ = tx.send(store.append(&info, opts));
             })
             .map_err(|e| StoreError::Io {
                 path: "append thread".into(),
@@ -342,10 +365,10 @@ pub async fn run_shard(index: usize, rx: flume::Receiver<ShardCmd>, upstream: Ar
                 );
                 drop(st);
                 stats.fetches_started.inc();
-                start_sources(&upstream, key, hints.trackers, cand_tx);
                 monoio::spawn(run_fetch(
                     key,
-                    cand_rx,
+                    (cand_tx, cand_rx),
+                    hints.trackers,
                     cancel_rx,
                     upstream.clone(),
                     state.clone(),
@@ -432,14 +455,73 @@ fn start_sources(
     }
 }
 
+/// What the shared tier said about a miss, as far as the fetch cares.
+enum TierAnswer {
+    Filled(FetchOutcome),
+    /// Not there, not verifiable, or not answering: the swarm it is.
+    GoToSwarm,
+}
+
+/// The shared tier's part of a miss: its verified object, stored here, ends the fetch; a
+/// tombstone refuses it; anything else leaves it to the swarm.
+async fn ask_shared_tier(upstream: &Upstream, key: [u8; 20], stats: &UpstreamStats) -> TierAnswer {
+    let Some(tier) = upstream.shared.get() else {
+        return TierAnswer::GoToSwarm;
+    };
+    let started = Instant::now();
+    match tier.get(key).recv_async().await {
+        Ok(SharedGet::Found(info)) => {
+            match upstream.store_off_core_from(info, Origin::Shared).await {
+                Ok(record) => {
+                    stats.fetches_succeeded.inc();
+                    stats.fetch_latency.record(started.elapsed());
+                    tracing::info!(
+                        info_hash = %hex::encode(key),
+                        ms = started.elapsed().as_millis() as u64,
+                        "miss filled from the shared tier"
+                    );
+                    TierAnswer::Filled(FetchOutcome::Ready(record))
+                }
+                Err(e) => {
+                    tracing::warn!(info_hash = %hex::encode(key), "shared-tier metadata not stored: {e}");
+                    TierAnswer::GoToSwarm
+                }
+            }
+        }
+        Ok(SharedGet::Tombstoned) => {
+            TierAnswer::Filled(FetchOutcome::Failed(FetchFailure::Refused("blocked")))
+        }
+        Ok(SharedGet::Miss | SharedGet::Unavailable) | Err(_) => TierAnswer::GoToSwarm,
+    }
+}
+
 async fn run_fetch(
     key: [u8; 20],
-    candidates: flume::Receiver<PeerCandidate>,
+    (cand_tx, candidates): (flume::Sender<PeerCandidate>, flume::Receiver<PeerCandidate>),
+    extra_trackers: Vec<String>,
     cancel: flume::Receiver<()>,
     upstream: Arc<Upstream>,
     state: Rc<RefCell<ShardState>>,
     stats: Arc<UpstreamStats>,
 ) {
+    // Local store (checked on Join), then the shared tier, then the swarm: a tier hit
+    // costs no tracker or DHT traffic.
+    let tier = monoio::select! {
+        a = ask_shared_tier(&upstream, key, &stats) => Some(a),
+        _ = cancel.recv_async() => None,
+    };
+    match tier {
+        // The metadata came another way meanwhile (`ShardCmd::Stored`).
+        None => return,
+        Some(TierAnswer::Filled(outcome)) => {
+            if state.borrow().active.contains_key(&key) {
+                state.borrow_mut().finish(&key, outcome);
+            }
+            return;
+        }
+        Some(TierAnswer::GoToSwarm) => {}
+    }
+    start_sources(&upstream, key, extra_trackers, cand_tx);
     let started = Instant::now();
     let cfg = &upstream.cfg;
     let deadline = started + Duration::from_millis(cfg.fetch_timeout_ms);
