@@ -22,6 +22,9 @@ use crate::store::{AppendOptions, AppendOutcome, Origin, Store};
 /// Objects fetched at once: enough to hide a remote store's latency.
 const IMPORT_GETS_IN_FLIGHT: usize = 32;
 
+/// GETs of one object before it counts as failed.
+const IMPORT_TRIES: u64 = 3;
+
 #[derive(Debug, Default)]
 pub struct ImportReport {
     pub objects: u64,
@@ -102,11 +105,19 @@ pub fn import_from(cfg: &SharedConfig, store: Arc<Store>) -> anyhow::Result<Impo
             .map(|key| {
                 let (os, path) = (os.clone(), layout.info(&key));
                 async move {
-                    let got = tokio::time::timeout(op_timeout, async {
-                        os.get(&path).await?.bytes().await
-                    })
-                    .await;
-                    (key, path, got)
+                    // A few tries: one failed GET should not leave a hole in a prefill.
+                    let mut tries = 0;
+                    loop {
+                        tries += 1;
+                        let got = tokio::time::timeout(op_timeout, async {
+                            os.get(&path).await?.bytes().await
+                        })
+                        .await;
+                        if matches!(got, Ok(Ok(_))) || tries == IMPORT_TRIES {
+                            return (key, path, got);
+                        }
+                        tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+                    }
                 }
             })
             .buffer_unordered(IMPORT_GETS_IN_FLIGHT);
@@ -115,7 +126,7 @@ pub fn import_from(cfg: &SharedConfig, store: Arc<Store>) -> anyhow::Result<Impo
             let bytes = match got {
                 Ok(Ok(b)) => b,
                 Ok(Err(e)) => {
-                    tracing::warn!(object = %path, "not imported: {e}");
+                    tracing::warn!(object = %path, "not imported: {}", super::error_chain(&e));
                     report.failed += 1;
                     continue;
                 }

@@ -148,8 +148,8 @@ impl SharedConfig {
 
     /// The object store client and layout for `shared_store`.
     pub fn connect(&self) -> anyhow::Result<(Arc<dyn ObjectStore>, Layout, String)> {
-        use object_store::aws::AmazonS3Builder;
-        use object_store::{ClientOptions, RetryConfig};
+        use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+        use object_store::{ClientConfigKey, RetryConfig};
         let url = self
             .shared_store
             .as_deref()
@@ -172,11 +172,23 @@ impl SharedConfig {
             b = b.with_secret_access_key(secret.trim());
         }
         let op_timeout = Duration::from_millis(self.shared_op_timeout_ms.max(1));
-        let mut client = ClientOptions::new()
-            .with_timeout(op_timeout)
-            .with_connect_timeout(op_timeout.min(Duration::from_secs(2)));
+        // Set key by key: `with_client_options` would replace what from_env read
+        // (AWS_ALLOW_HTTP is a client option).
+        let ms = |d: Duration| format!("{}ms", d.as_millis());
+        b = b
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                ms(op_timeout),
+            )
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                ms(op_timeout.min(Duration::from_secs(2))),
+            );
         if self.shared_allow_http {
-            client = client.with_allow_http(true);
+            b = b.with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp),
+                "true",
+            );
         }
         // Our own loops retry (uploads) or fall back to the swarm (misses): the client's
         // default of 10 retries over 3 minutes would hold a miss far past its timeout.
@@ -186,7 +198,6 @@ impl SharedConfig {
             ..RetryConfig::default()
         };
         let os = b
-            .with_client_options(client)
             .with_retry(retry)
             .build()
             .with_context(|| format!("shared store {url}"))?;
@@ -298,6 +309,21 @@ impl Inner {
             }
         }
     }
+}
+
+/// An error with its sources, `: `-separated (object_store's Display stops at the first).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// The running shared tier.
