@@ -27,6 +27,21 @@ if [ ! -d tests/interop/webtorrent/node_modules ]; then
   (cd tests/interop/webtorrent && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
 fi
 
+# Garage (S3-compatible object store, AGPL) is the real S3 server of the shared-tier tests,
+# run as a separate process, never linked. Looked up as tests/common/garage.rs does:
+# $GARAGE_BIN, else `garage` on PATH, else $CARGO_HOME/bin/garage (~/.cargo/bin). There is
+# no Debian package, so the first run builds it from source: 10 min (real 9m57s) on this
+# 2-core VM, sharing it with another compile.
+if [ -n "${GARAGE_BIN:-}" ]; then
+  [ -x "$GARAGE_BIN" ] || { echo "GARAGE_BIN=$GARAGE_BIN is not executable" >&2; exit 1; }
+elif ! command -v garage >/dev/null 2>&1 && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/garage" ]; then
+  echo "installing: garage 2.5.0 (cargo install: builds from source, ~10 min on 2 cores)"
+  start=$(date +%s)
+  cargo install garage --version 2.5.0 --locked --no-default-features --features bundled-libs,lmdb
+  took=$(($(date +%s) - start))
+  echo "garage built in $((took / 60)) min $((took % 60)) s"
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi

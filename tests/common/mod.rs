@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod bep9;
+pub mod garage;
 pub mod http;
 pub mod info;
 pub mod kit;
