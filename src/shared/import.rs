@@ -125,6 +125,8 @@ pub fn import_from(cfg: &SharedConfig, store: Arc<Store>) -> anyhow::Result<Impo
         while let Some((key, path, got)) = fetches.next().await {
             let bytes = match got {
                 Ok(Ok(b)) => b,
+                // Listed but gone: deleted meanwhile (or a replica's stale listing).
+                Ok(Err(object_store::Error::NotFound { .. })) => continue,
                 Ok(Err(e)) => {
                     tracing::warn!(object = %path, "not imported: {}", super::error_chain(&e));
                     report.failed += 1;

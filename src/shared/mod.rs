@@ -176,9 +176,11 @@ impl SharedConfig {
         // (AWS_ALLOW_HTTP is a client option).
         let ms = |d: Duration| format!("{}ms", d.as_millis());
         b = b
+            // Half the bound per attempt, so one retry fits: a Garage node whose peer died
+            // holds a request until its next ping (15 s); a retry goes through at once.
             .with_config(
                 AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
-                ms(op_timeout),
+                ms(op_timeout / 2),
             )
             .with_config(
                 AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
