@@ -12,7 +12,11 @@ use clap::{Args, Parser, Subcommand};
 use magnetar_loadgen::run::{self, Driver, Mode, RunConfig, Transport};
 use magnetar_loadgen::store_gen::{self, GenOptions};
 use magnetar_loadgen::synth::SizeMix;
-use magnetar_loadgen::{report, targets};
+use magnetar_loadgen::{peer, report, targets};
+
+/// Connections per loopback source address by default: half of magnetar's default
+/// `--connections-per-ip-max` (64), because churn briefly holds more than that.
+const CONNECTIONS_PER_SOURCE_DEFAULT: usize = 32;
 
 #[derive(Parser)]
 #[command(
@@ -91,7 +95,8 @@ struct RunArgs {
     timeout: Duration,
     /// Bind connections (TCP or uTP) to this many source addresses 127.0.0.1, .2, …
     /// (loopback targets only; each gives ~28k ports per target). 0 = as many as
-    /// `--connections` needs.
+    /// `--connections` needs: ports, and at most 32 connections per address, half of
+    /// magnetar's default --connections-per-ip-max (64).
     #[arg(long, default_value_t = 0, value_name = "N")]
     sources: u8,
     /// Idle mode: write the connection count here once all are established.
@@ -289,8 +294,13 @@ fn run_load(a: RunArgs) -> anyhow::Result<()> {
     let loopback = addrs.iter().all(|a| a.ip().is_loopback() && a.is_ipv4());
     let sources = match a.sources {
         0 if loopback => {
+            // Ports, and the server's per-address cap: churn briefly holds more than
+            // `connections` per address (closes the server has not seen yet), so stay at
+            // half of magnetar's default --connections-per-ip-max.
             let per_pair = 25_000usize;
-            let need = a.connections.div_ceil(per_pair * addrs.len());
+            let by_ports = a.connections.div_ceil(per_pair * addrs.len());
+            let by_cap = a.connections.div_ceil(CONNECTIONS_PER_SOURCE_DEFAULT);
+            let need = by_ports.max(by_cap).clamp(1, 254);
             if need > 1 {
                 eprintln!(
                     "magnetar-loadgen: {} connections: binding to {need} source addresses 127.0.0.1..{need}",
@@ -310,6 +320,7 @@ fn run_load(a: RunArgs) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    let cfg_sources = sources.len().max(1);
     let picker = targets::Picker::new(keys, a.zipf, a.miss_ratio);
     let cfg = RunConfig {
         targets: addrs,
@@ -346,6 +357,16 @@ fn run_load(a: RunArgs) -> anyhow::Result<()> {
         Mode::Idle => "idle",
     };
     print!("{}", report::table(&result));
+    let closed = result.errors[peer::FetchError::Closed as usize];
+    if closed > 0 {
+        let per_source = a.connections.div_ceil(cfg_sources.max(1));
+        eprintln!(
+            "magnetar-loadgen: the server closed {closed} connections before their fetch ended. \
+             {per_source} connections per source address: if the server's \
+             --connections-per-ip-max (default 64) is near that, churn exceeds it for a moment \
+             (closes it has not seen yet); raise it, or spread with --sources N (loopback)."
+        );
+    }
     if let Some(path) = &a.histogram {
         report::write_histogram_log(&result, path)?;
     }
