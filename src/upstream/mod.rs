@@ -5,6 +5,7 @@
 //! - `config`   every knob and bound of the miss path
 //! - `ratelimit` token bucket and bounded per-key windows (DHT lookups/s, misses per IP)
 //! - `shard`    per-core fetch table: one fetch per info-hash in its owning shard, waiters
+//! - `fill`     one miss: the shared tier, then the swarm's sources and the fetch
 //! - `tracker`  announce types, dispatch by scheme, all trackers of a fetch at once
 //! - `tracker_http` BEP 3/23/7 HTTP announce (ureq) and response parsing
 //! - `tracker_udp`  BEP 15 UDP announce: connect, connection-id cache, retransmission
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod dht;
 pub mod fetch;
+pub mod fill;
 pub mod peer;
 pub mod ratelimit;
 pub mod shard;

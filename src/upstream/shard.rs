@@ -11,14 +11,12 @@ use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::shared::SharedGet;
 use crate::store::{AppendOptions, AppendOutcome, Origin, RecordRef, Store, StoreError};
 use crate::upstream::config::UpstreamConfig;
 use crate::upstream::dht::DhtNode;
-use crate::upstream::fetch::{self, FetchEvent};
+use crate::upstream::fill;
 use crate::upstream::ratelimit::{PerKeyWindow, TokenBucket};
 use crate::upstream::stats::UpstreamStats;
-use crate::upstream::tracker::{self, AnnounceRequest};
 use crate::upstream::{PeerCandidate, PeerSource};
 
 /// Peer candidates queued for one fetch before more are dropped: a tracker or DHT
@@ -87,14 +85,14 @@ pub struct Upstream {
     misses_per_ip: PerKeyWindow<IpAddr>,
     dht: OnceLock<Option<Arc<DhtNode>>>,
     /// The port peers reach us at (announced to trackers and the DHT).
-    listen_port: OnceLock<u16>,
-    peer_id: [u8; 20],
+    pub(super) listen_port: OnceLock<u16>,
+    pub(super) peer_id: [u8; 20],
     /// Connections served per handshake key, merged over the cores (set by the server).
     served: OnceLock<ServedSource>,
     /// The announcer of stored hashes (DHT, --announce-tracker), when it runs.
     announcer: OnceLock<Arc<crate::upstream::announce::AnnounceStats>>,
     /// The shared tier, asked before the swarm (`--shared-store`).
-    shared: OnceLock<Arc<crate::shared::SharedTier>>,
+    pub(super) shared: OnceLock<Arc<crate::shared::SharedTier>>,
 }
 
 /// Merges every core's served counts into the map it is given.
@@ -260,21 +258,21 @@ impl Upstream {
 }
 
 /// One running fetch on the owning shard.
-struct ActiveFetch {
-    waiters: Vec<flume::Sender<FetchOutcome>>,
-    candidates: flume::Sender<PeerCandidate>,
+pub(super) struct ActiveFetch {
+    pub(super) waiters: Vec<flume::Sender<FetchOutcome>>,
+    pub(super) candidates: flume::Sender<PeerCandidate>,
     /// Dropping this ends the fetch task early (the metadata arrived another way).
     _cancel: flume::Sender<()>,
 }
 
 #[derive(Default)]
-struct ShardState {
-    active: HashMap<[u8; 20], ActiveFetch>,
+pub(super) struct ShardState {
+    pub(super) active: HashMap<[u8; 20], ActiveFetch>,
     negative: HashMap<[u8; 20], Instant>,
 }
 
 impl ShardState {
-    fn finish(&mut self, key: &[u8; 20], outcome: FetchOutcome) {
+    pub(super) fn finish(&mut self, key: &[u8; 20], outcome: FetchOutcome) {
         if let Some(fetch) = self.active.remove(key) {
             for w in fetch.waiters {
                 let _ = w.try_send(outcome.clone());
@@ -282,7 +280,7 @@ impl ShardState {
         }
     }
 
-    fn remember_failure(&mut self, key: [u8; 20], until: Instant) {
+    pub(super) fn remember_failure(&mut self, key: [u8; 20], until: Instant) {
         if self.negative.len() >= NEGATIVE_ENTRIES_MAX {
             let now = Instant::now();
             self.negative.retain(|_, t| *t > now);
@@ -293,7 +291,10 @@ impl ShardState {
     }
 }
 
-fn offer(tx: &flume::Sender<PeerCandidate>, peers: impl IntoIterator<Item = PeerCandidate>) {
+pub(super) fn offer(
+    tx: &flume::Sender<PeerCandidate>,
+    peers: impl IntoIterator<Item = PeerCandidate>,
+) {
     for p in peers {
         // Full queue: drop the rest; the fetch has more than it can try already.
         if tx.try_send(p).is_err() {
@@ -326,7 +327,12 @@ pub async fn run_shard(index: usize, rx: flume::Receiver<ShardCmd>, upstream: Ar
                     fetch.waiters.push(waiter);
                     // Extra trackers of a later magnet: announce to them too.
                     if !hints.trackers.is_empty() {
-                        spawn_trackers(&upstream, key, hints.trackers, fetch.candidates.clone());
+                        fill::spawn_trackers(
+                            &upstream,
+                            key,
+                            hints.trackers,
+                            fetch.candidates.clone(),
+                        );
                     }
                     continue;
                 }
@@ -365,7 +371,7 @@ pub async fn run_shard(index: usize, rx: flume::Receiver<ShardCmd>, upstream: Ar
                 );
                 drop(st);
                 stats.fetches_started.inc();
-                monoio::spawn(run_fetch(
+                monoio::spawn(fill::run_fetch(
                     key,
                     (cand_tx, cand_rx),
                     hints.trackers,
@@ -388,200 +394,6 @@ pub async fn run_shard(index: usize, rx: flume::Receiver<ShardCmd>, upstream: Ar
             }
         }
     }
-}
-
-fn announce_request(upstream: &Upstream, key: [u8; 20]) -> AnnounceRequest {
-    AnnounceRequest {
-        info_hash: key,
-        peer_id: upstream.peer_id,
-        port: upstream.listen_port.get().copied().unwrap_or(6881),
-        // We have nothing yet; `left` > 0 makes trackers return seeds.
-        left: 1,
-        numwant: 50,
-    }
-}
-
-fn spawn_trackers(
-    upstream: &Arc<Upstream>,
-    key: [u8; 20],
-    urls: Vec<String>,
-    tx: flume::Sender<PeerCandidate>,
-) {
-    if urls.is_empty() {
-        return;
-    }
-    let timeout = upstream.cfg.tracker_timeout();
-    let stats = upstream.stats[upstream.owner(&key)].clone();
-    stats.tracker_announces.add(urls.len() as u64);
-    if let Err(e) = tracker::spawn_announces(urls, announce_request(upstream, key), timeout, tx) {
-        tracing::warn!("tracker announces not started: {e}");
-    }
-}
-
-/// Parents, trackers and the DHT, all at once; each streams peers into `tx`.
-fn start_sources(
-    upstream: &Arc<Upstream>,
-    key: [u8; 20],
-    extra_trackers: Vec<String>,
-    tx: flume::Sender<PeerCandidate>,
-) {
-    let mut parents = Vec::new();
-    for p in &upstream.cfg.parents {
-        match std::net::ToSocketAddrs::to_socket_addrs(p.as_str()) {
-            Ok(addrs) => parents.extend(addrs.map(|addr| PeerCandidate {
-                addr,
-                source: PeerSource::Parent,
-            })),
-            Err(e) => tracing::warn!(parent = %p, "cannot resolve parent node: {e}"),
-        }
-    }
-    offer(&tx, parents);
-
-    let mut urls = upstream.cfg.trackers.clone();
-    for t in extra_trackers {
-        if !urls.contains(&t) {
-            urls.push(t);
-        }
-    }
-    spawn_trackers(upstream, key, urls, tx.clone());
-
-    if let Some(dht) = upstream.dht() {
-        let stats = &upstream.stats[upstream.owner(&key)];
-        let deadline = Instant::now() + Duration::from_millis(upstream.cfg.fetch_timeout_ms);
-        match dht.get_peers(key, tx, deadline) {
-            Ok(()) => stats.dht_lookups.inc(),
-            Err(_) => stats.dht_lookups_refused.inc(),
-        }
-    }
-}
-
-/// What the shared tier said about a miss, as far as the fetch cares.
-enum TierAnswer {
-    Filled(FetchOutcome),
-    /// Not there, not verifiable, or not answering: the swarm it is.
-    GoToSwarm,
-}
-
-/// The shared tier's part of a miss: its verified object, stored here, ends the fetch; a
-/// tombstone refuses it; anything else leaves it to the swarm.
-async fn ask_shared_tier(upstream: &Upstream, key: [u8; 20], stats: &UpstreamStats) -> TierAnswer {
-    let Some(tier) = upstream.shared.get() else {
-        return TierAnswer::GoToSwarm;
-    };
-    let started = Instant::now();
-    match tier.get(key).recv_async().await {
-        Ok(SharedGet::Found(info)) => {
-            match upstream.store_off_core_from(info, Origin::Shared).await {
-                Ok(record) => {
-                    stats.fetches_succeeded.inc();
-                    stats.fetch_latency.record(started.elapsed());
-                    tracing::info!(
-                        info_hash = %hex::encode(key),
-                        ms = started.elapsed().as_millis() as u64,
-                        "miss filled from the shared tier"
-                    );
-                    TierAnswer::Filled(FetchOutcome::Ready(record))
-                }
-                Err(e) => {
-                    tracing::warn!(info_hash = %hex::encode(key), "shared-tier metadata not stored: {e}");
-                    TierAnswer::GoToSwarm
-                }
-            }
-        }
-        Ok(SharedGet::Tombstoned) => {
-            TierAnswer::Filled(FetchOutcome::Failed(FetchFailure::Refused("blocked")))
-        }
-        Ok(SharedGet::Miss | SharedGet::Unavailable) | Err(_) => TierAnswer::GoToSwarm,
-    }
-}
-
-async fn run_fetch(
-    key: [u8; 20],
-    (cand_tx, candidates): (flume::Sender<PeerCandidate>, flume::Receiver<PeerCandidate>),
-    extra_trackers: Vec<String>,
-    cancel: flume::Receiver<()>,
-    upstream: Arc<Upstream>,
-    state: Rc<RefCell<ShardState>>,
-    stats: Arc<UpstreamStats>,
-) {
-    // Local store (checked on Join), then the shared tier, then the swarm: a tier hit
-    // costs no tracker or DHT traffic.
-    let tier = monoio::select! {
-        a = ask_shared_tier(&upstream, key, &stats) => Some(a),
-        _ = cancel.recv_async() => None,
-    };
-    match tier {
-        // The metadata came another way meanwhile (`ShardCmd::Stored`).
-        None => return,
-        Some(TierAnswer::Filled(outcome)) => {
-            if state.borrow().active.contains_key(&key) {
-                state.borrow_mut().finish(&key, outcome);
-            }
-            return;
-        }
-        Some(TierAnswer::GoToSwarm) => {}
-    }
-    start_sources(&upstream, key, extra_trackers, cand_tx);
-    let started = Instant::now();
-    let cfg = &upstream.cfg;
-    let deadline = started + Duration::from_millis(cfg.fetch_timeout_ms);
-    let spec = cfg.fetch_spec(key, upstream.peer_id, deadline);
-    let (events_tx, events_rx) = flume::unbounded::<FetchEvent>();
-    // Count upstream connections and bans as they happen (for metrics and the note).
-    let event_stats = stats.clone();
-    monoio::spawn(async move {
-        while let Ok(ev) = events_rx.recv_async().await {
-            match ev {
-                FetchEvent::Connected(_) => event_stats.peer_connections.inc(),
-                FetchEvent::Banned(_) => event_stats.peers_banned.inc(),
-                _ => {}
-            }
-        }
-    });
-    let fetch = fetch::fetch(spec, candidates, Some(events_tx));
-    let result = monoio::select! {
-        r = fetch => Some(r),
-        _ = cancel.recv_async() => None,
-    };
-    // Ended because the metadata came another way (`ShardCmd::Stored` answered the
-    // waiters and dropped the fetch's channels): nothing to record.
-    let Some(result) = result.filter(|_| state.borrow().active.contains_key(&key)) else {
-        return;
-    };
-    let outcome = match result {
-        Ok(success) => match upstream.store_off_core(success.info).await {
-            Ok(record) => {
-                stats.fetches_succeeded.inc();
-                stats.fetch_latency.record(started.elapsed());
-                tracing::info!(
-                    info_hash = %hex::encode(key),
-                    from = %success.from.addr,
-                    source = success.from.source.name(),
-                    ms = started.elapsed().as_millis() as u64,
-                    "miss filled"
-                );
-                FetchOutcome::Ready(record)
-            }
-            Err(e) => {
-                stats.fetches_failed_store.inc();
-                tracing::warn!(info_hash = %hex::encode(key), "fetched metadata not stored: {e}");
-                FetchOutcome::Failed(FetchFailure::Failed(format!("store: {e}")))
-            }
-        },
-        Err(e) => {
-            stats.count_failure(&e);
-            tracing::info!(info_hash = %hex::encode(key), "miss not filled: {e}");
-            FetchOutcome::Failed(FetchFailure::Failed(e.to_string()))
-        }
-    };
-    let mut st = state.borrow_mut();
-    if let FetchOutcome::Failed(FetchFailure::Failed(_)) = &outcome {
-        st.remember_failure(
-            key,
-            Instant::now() + Duration::from_millis(upstream.cfg.negative_cache_ms),
-        );
-    }
-    st.finish(&key, outcome);
 }
 
 /// A peer address as an x.pe / parent hint.
