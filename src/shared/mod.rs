@@ -579,3 +579,6 @@ async fn poll_tombstones(inner: Arc<Inner>) {
         tokio::time::sleep(every).await;
     }
 }
+
+#[cfg(test)]
+mod tests;
