@@ -6,6 +6,8 @@
 #
 # Usage: benches/idle_memory.sh [N ...]   (default: 10000 50000; OUT=target/idle)
 # Needs N + ~100 file descriptors in each process: sizes over `ulimit -Hn` are skipped.
+# MAGNETAR_BIN=path measures another build (e.g. the one before a change) with the same
+# loadgen; the default is this tree's release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-target/idle}
@@ -13,7 +15,7 @@ SIZES=${*:-10000 50000}
 mkdir -p "$OUT"
 ulimit -n "$(ulimit -Hn)"
 cargo build --release -q -p magnetar -p magnetar-loadgen
-M=$PWD/target/release/magnetar L=$PWD/target/release/magnetar-loadgen
+M=${MAGNETAR_BIN:-$PWD/target/release/magnetar} L=$PWD/target/release/magnetar-loadgen
 [ -f "$OUT/data/done" ] || {
   rm -rf "$OUT/data"
   $L gen-store --count 1000 --data-dir "$OUT/data/store" --hashes "$OUT/data/hashes.txt"
