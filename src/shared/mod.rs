@@ -532,6 +532,8 @@ async fn poll_tombstones(inner: Arc<Inner>) {
     let dir = inner.layout.tomb_log_dir();
     // Nothing seen yet: the first poll lists them all (a node that was down catches up).
     let mut newest: Option<u64> = None;
+    // Tombstones this node has handled, within the window the LIST goes over again.
+    let mut handled: std::collections::HashSet<(u64, [u8; 20])> = Default::default();
     loop {
         let mut listing = match newest {
             None => inner.os.list(Some(&dir)),
@@ -564,9 +566,15 @@ async fn poll_tombstones(inner: Arc<Inner>) {
                 continue;
             };
             seen = seen.max(at);
-            if inner.apply_tombstone(key).await {
-                // The deleting node removed the object; a racing upload may have put it
-                // back. Misses check `tomb/` anyway, so this only tidies the bucket.
+            if !handled.insert((at, key)) {
+                continue;
+            }
+            let applied = inner.apply_tombstone(key).await;
+            // The deleting node removed the object, but an upload racing the delete (this
+            // node's, or another's still unaware of it) may have put it back. Delete it
+            // once more for a recent tombstone; misses check `tomb/` anyway, so this only
+            // keeps the bucket clean.
+            if applied || at + TOMBSTONE_CLOCK_SKEW_SECS >= uploader::unix_now() {
                 let _ = inner.os.delete(&inner.layout.info(&key)).await;
             }
         }
@@ -575,6 +583,8 @@ async fn poll_tombstones(inner: Arc<Inner>) {
         } else {
             inner.succeeded();
             newest = Some(seen);
+            // Older ones are not listed again (the next LIST starts at `seen` − skew).
+            handled.retain(|(at, _)| at + TOMBSTONE_CLOCK_SKEW_SECS >= seen);
         }
         tokio::time::sleep(every).await;
     }

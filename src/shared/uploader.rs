@@ -142,7 +142,7 @@ enum Done {
     Skipped,
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -430,6 +430,22 @@ async fn upload_one(inner: &Inner, upload: &Upload, check_first: bool) -> Result
                     .map_err(|e| format!("PUT {path}: {e}"))?;
                 inner.stats.puts.fetch_add(1, Relaxed);
                 bytes += body.len() as u64;
+            }
+            // Deleted while we uploaded: the tombstone's DELETE may have run before our
+            // PUT landed. Take the objects back out (misses check `tomb/` anyway; this
+            // keeps the bucket clean).
+            if keys.iter().any(|k| inner.store.is_blocked(k)) {
+                for key in &keys {
+                    let path = inner.layout.info(key);
+                    match tokio::time::timeout(t, inner.os.delete(&path))
+                        .await
+                        .map_err(timed("DELETE"))?
+                    {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(format!("DELETE {path}: {e}")),
+                    }
+                }
+                return Ok(Done::Skipped);
             }
             Ok(if bytes == 0 {
                 Done::AlreadyThere
