@@ -400,9 +400,9 @@ impl SharedTier {
     /// can await it (`recv_async`).
     pub fn get(&self, key: [u8; 20]) -> flume::Receiver<SharedGet> {
         let (tx, rx) = flume::bounded(1);
-        if self.gets.send((key, tx)).is_err() {
-            // The tier stopped: the dropped sender reads as Unavailable to the caller.
-        }
+        // If the tier has stopped, the dropped sender reads as "no answer" to the caller,
+        // which goes to the swarm.
+        let _ = self.gets.send((key, tx));
         rx
     }
 
