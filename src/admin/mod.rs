@@ -187,6 +187,16 @@ impl AdminState {
             .push(note);
     }
 
+    /// What the readiness notes say now (empty when nothing is degraded).
+    fn readiness_notes(&self) -> Vec<String> {
+        let notes = self
+            .readiness_notes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        notes.iter().filter_map(|n| n()).collect()
+    }
+
     /// `/readyz` answers 200 from now on (until `set_stopping`).
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
@@ -422,13 +432,8 @@ async fn readyz(State(state): St) -> Response {
     if state.stopping.load(Ordering::Relaxed) {
         text(StatusCode::SERVICE_UNAVAILABLE, "stopping")
     } else if state.ready.load(Ordering::Relaxed) {
-        let notes = state
-            .readiness_notes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
         let mut body = String::from("ready");
-        for note in notes.iter().filter_map(|n| n()) {
+        for note in state.readiness_notes() {
             body.push_str("; ");
             body.push_str(&note);
         }

@@ -166,10 +166,16 @@ pub(super) async fn status_page(State(state): State<Arc<AdminState>>) -> Respons
          <tr><th>Blocklist</th><td>{} entries</td></tr>\
          </table>\n",
         env!("CARGO_PKG_VERSION"),
-        if state.is_ready() {
-            "Ready"
+        if !state.is_ready() {
+            "Not ready".to_owned()
         } else {
-            "Not ready"
+            // A degraded dependency that does not stop serving (the shared tier).
+            let notes = state.readiness_notes();
+            if notes.is_empty() {
+                "Ready".to_owned()
+            } else {
+                escape(&format!("Ready; {}", notes.join("; ")))
+            }
         },
         human_duration(state.started.elapsed().as_secs()),
         total.handshakes,
