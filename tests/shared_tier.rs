@@ -255,6 +255,11 @@ fn garage_down_serving_goes_on_and_the_backlog_survives_kill_9() {
         "{}",
         ready.text()
     );
+    let page = http::get(&a.url("/")).text();
+    assert!(
+        page.contains("shared tier degraded"),
+        "the status page says so too"
+    );
 
     // SIGTERM with uploads pending and the store unreachable: the uploader gets the
     // shutdown grace, then the node exits cleanly (the cursor keeps what is left).
