@@ -13,9 +13,9 @@ and uTP (libtorrent's default) at the same port.
 
 LT_SEED_MODE=metadata-only (for benches/scale.sh) adds them without seed mode instead: the
 content is absent either way, and libtorrent serves metadata without it. In seed mode with
-the content absent, libtorrent 2.0.8 spends ~0.3 CPU-s per torrent at 100% of a core before
-it answers anything (about 6 min for 1000 torrents of 8 KiB metadata); without seed mode it
-answers within a second. The default stays seed mode, as benches/compare.sh has measured it.
+the content absent, libtorrent 2.0.8 keeps a core at 100% before it answers anything: 336 s
+(329 CPU-s) for 1000 torrents of 8 KiB metadata, nothing within 600 s for 10 000; without seed
+mode the same 1000 are all served after 0.43 s (BENCHMARKS.md, "Scale"). The default stays seed mode, as benches/compare.sh has measured it.
 
 While torrents are being queued and added it prints "queued N of K" and "added N of K"
 once a second (and "added N of K" every 5 s after "ready" if not all made it), for

@@ -167,7 +167,7 @@ skip() {
   echo "kernel: $(uname -r)"
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.1f GB", $2 / 1e6 }' /proc/meminfo) RAM"
   case " $SERVERS " in *" libtorrent"*) echo "libtorrent: $($PY -c 'import libtorrent; print(libtorrent.__version__)')" ;; esac
-  echo "k=\"$KS\" size=$SIZE bound=${BOUND}s runs=$RUNS churn=${CHURN_S}s servers=\"$SERVERS\" server_cpu=$SERVER_CPU loadgen_cpu=$LOADGEN_CPU rss_max_mb=$RSS_MAX_MB repeat_max_s=$REPEAT_MAX_S quick=$QUICK"
+  echo "k=\"$KS\" size=$SIZE bound=${BOUND}s runs=$RUNS churn=${CHURN_S}s servers=\"$SERVERS\" server_cpu=$SERVER_CPU loadgen_cpu=$LOADGEN_CPU rss_max_mb=$RSS_MAX_MB repeat_max_s=$REPEAT_MAX_S wait_max_s=$WAIT_MAX_S busy_max=$BUSY_MAX quick=$QUICK"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt"
 
@@ -212,8 +212,9 @@ else:
            if r.get('stopped_rss_over_max_at_s') is not None
            else 'exited (code %s)' % r.get('server_exit_code') if r['server_exited']
            else 'not serving after %.0f s' % r['stopped_at_s'])
-    print('FAIL run %d: %s (%d of %d answered, %s torrents added; RSS %s)' % (
-        r['run'], why, r['answered'], r['sample'], r['torrents_added'], mb(r['rss_kb'])))
+    print('FAIL run %d: %s (%d of %d answered, %s torrents added, %s queued by lt_seed.py; RSS %s)' % (
+        r['run'], why, r['answered'], r['sample'], r['torrents_added'], r.get('torrents_queued') or '?',
+        mb(r['rss_kb'])))
     print('fail ' + why)")
       echo "   $s K=$k $(echo "$verdict" | head -1)"
       case $(echo "$verdict" | tail -1) in
@@ -227,5 +228,5 @@ else:
   if [ "$KEEP_DATA" != 1 ] && [ "$k" -ge 100000 ]; then rm -rf "${OUT:?}/data-k$k"; fi
 done
 
-echo "wall: $(( $(date +%s) - STARTED )) s" | tee -a "$OUT/machine.txt"
+echo "wall: $(( $(date +%s) - STARTED )) s (of which ${WAITED_S} s waiting for a quiet machine)" | tee -a "$OUT/machine.txt"
 $PY benches/scale_summary.py "$OUT"

@@ -45,9 +45,13 @@ def fmt_k(k):
 
 def why_not(r):
     """How far a run that did not get to serving got."""
-    got = "%d of %d answered, %s torrents added" % (
-        r["answered"], r["sample"],
-        fmt_k(r["torrents_added"]) if r.get("torrents_added") is not None else "?")
+    got = "%d of %d answered" % (r["answered"], r["sample"])
+    added, queued = r.get("torrents_added"), r.get("torrents_queued")
+    if r["server"] != "magnetar":
+        if added:
+            got += ", %s of %s torrents added" % (fmt_k(added), fmt_k(r["k"]))
+        if queued is not None and (added or 0) < r["k"]:
+            got += ", %s of %s handed to libtorrent by lt_seed.py" % (fmt_k(queued), fmt_k(r["k"]))
     if r.get("stopped_rss_over_max_at_s") is not None:
         return "stopped at %s: private memory over %d MB (%s)" % (
             fmt_s(r["stopped_rss_over_max_at_s"]), r["rss_max_mb"], got)
@@ -172,7 +176,7 @@ def svg(servers, ks, c):
             y = Y(10 ** e)
             out.append('<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="#eee"/>' % (x0, y, x0 + pw, y))
             v = 10 ** e
-            lab = ("%g" % v) if v < 1e4 else "1e%d" % round(e)
+            lab = ("%d" % v if v >= 1 else "%g" % v) if v < 1e6 else "1e%d" % round(e)
             out.append('<text x="%d" y="%.1f" text-anchor="end">%s</text>' % (x0 - 6, y + 4, lab))
             e += 1
         e = math.log10(kmin)
