@@ -12,7 +12,9 @@
 //! - `utp`      sans-IO uTP (BEP 29): packet codec, connection state machine, LEDBAT
 //! - `mse`      sans-IO Message Stream Encryption (MSE/PE): DH handshake, RC4, both sides
 //! - `upstream` the miss path: fetch unknown info dicts from the swarm
+//! - `shared`   the shared tier: an S3-compatible bucket behind every node (docs/scale-out.md)
 //! - `admin`    HTTP plane on its own thread: metrics, health, .torrent in/out, delete/block
+//! - `tokio_thread` the thread + tokio runtime that `admin` and `shared` each run on
 
 pub mod admin;
 pub mod config;
@@ -26,6 +28,7 @@ pub mod mse;
 pub mod server;
 pub mod shared;
 pub mod store;
+pub mod tokio_thread;
 pub mod upstream;
 pub mod utp;
 pub mod wire;

@@ -112,37 +112,22 @@ impl Admin {
         });
         let app = router(state.clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("magnetar-admin".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .max_blocking_threads(4)
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!("admin: cannot build its runtime: {e}");
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!("admin: listener: {e}");
-                            return;
-                        }
-                    };
-                    let served = axum::serve(listener, app).with_graceful_shutdown(async {
-                        let _ = rx.await;
-                    });
-                    if let Err(e) = served.await {
-                        tracing::error!("admin: server failed: {e}");
-                    }
-                });
-            })
-            .context("spawning the admin thread")?;
+        let thread = crate::tokio_thread::spawn("magnetar-admin", move || async move {
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!("admin: listener: {e}");
+                    return;
+                }
+            };
+            let served = axum::serve(listener, app).with_graceful_shutdown(async {
+                let _ = rx.await;
+            });
+            if let Err(e) = served.await {
+                tracing::error!("admin: server failed: {e}");
+            }
+        })
+        .context("spawning the admin thread")?;
         tracing::info!(addr = %local_addr, "admin plane listening");
         Ok(Admin {
             local_addr,

@@ -366,27 +366,12 @@ impl SharedTier {
         let (gets_tx, gets_rx) = flume::unbounded();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let run = inner.clone();
-        let thread = std::thread::Builder::new()
-            .name("magnetar-shared".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .max_blocking_threads(4)
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!("shared tier: cannot build its runtime: {e}");
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    tokio::spawn(serve_gets(run.clone(), gets_rx));
-                    tokio::spawn(poll_tombstones(run.clone()));
-                    uploader::run(run, queue, cursor, stop_rx).await;
-                });
-            })
-            .context("spawning the shared tier thread")?;
+        let thread = crate::tokio_thread::spawn("magnetar-shared", move || async move {
+            tokio::spawn(serve_gets(run.clone(), gets_rx));
+            tokio::spawn(poll_tombstones(run.clone()));
+            uploader::run(run, queue, cursor, stop_rx).await;
+        })
+        .context("spawning the shared tier thread")?;
         tracing::info!(store = %url, "shared tier on");
         Ok(Arc::new(SharedTier {
             inner,
