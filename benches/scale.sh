@@ -83,31 +83,8 @@ case " $SERVERS " in *" libtorrent"*)
     { echo "python3-libtorrent missing (bash scripts/test.sh installs it)"; exit 1; } ;;
 esac
 
-# Share of all CPUs busy over 2 s (everything: other users and anything left of ours).
-busy() {
-  local a b
-  read -ra a < <(head -1 /proc/stat); sleep 2; read -ra b < <(head -1 /proc/stat)
-  local idle=$(( (b[4] + b[5]) - (a[4] + a[5]) )) total=0 i
-  for i in 1 2 3 4 5 6 7 8; do total=$(( total + b[i] - a[i] )); done
-  awk -v i="$idle" -v t="$total" 'BEGIN { printf "%.2f", (t > 0) ? 1 - i / t : 0 }'
-}
-
-# Waits (60 s at a time, WAIT_MAX_S in all over the whole script) until the machine is
-# quieter than BUSY_MAX; returns 1 when it measures anyway (the run is flagged).
-wait_quiet() {
-  [ "$QUICK" = 1 ] && return 0
-  local b
-  while :; do
-    b=$(busy)
-    if awk -v b="$b" -v m="$BUSY_MAX" 'BEGIN { exit !(b <= m) }'; then return 0; fi
-    if [ "$WAITED_S" -ge "$WAIT_MAX_S" ]; then
-      echo "   machine busy ($b of all CPUs; loadavg $(cut -d' ' -f1-3 /proc/loadavg)); waited ${WAITED_S}s in all: measuring anyway (flagged)"
-      return 1
-    fi
-    echo "   machine busy ($b of all CPUs; loadavg $(cut -d' ' -f1-3 /proc/loadavg)); waiting 60 s"
-    sleep 60; WAITED_S=$((WAITED_S + 60))
-  done
-}
+# busy, wait_quiet
+source "$ROOT/benches/quiet.sh"
 
 # Free bytes on the file system of OUT.
 free_bytes() { df -PB1 "$OUT" | awk 'NR == 2 { print $4 }'; }
