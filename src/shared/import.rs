@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::StreamExt;
-use object_store::ObjectStoreExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
 
 use super::SharedConfig;
 use crate::store::{AppendOptions, AppendOutcome, Origin, Store};
@@ -53,26 +54,34 @@ impl fmt::Display for ImportReport {
     }
 }
 
+/// Every name under `dir` (object_store pages the LIST), each page bounded by `t`.
+async fn list_all(os: &dyn ObjectStore, dir: &Path, t: Duration) -> anyhow::Result<Vec<Path>> {
+    let mut names = Vec::new();
+    let mut list = os.list(Some(dir));
+    while let Some(meta) = tokio::time::timeout(t, list.next())
+        .await
+        .with_context(|| format!("listing {dir}: no answer in {t:?}"))?
+    {
+        names.push(meta.with_context(|| format!("listing {dir}"))?.location);
+    }
+    Ok(names)
+}
+
 /// Import every object of the shared store `cfg.shared_store` into `store`.
 pub fn import_from(cfg: &SharedConfig, store: Arc<Store>) -> anyhow::Result<ImportReport> {
-    let (os, layout, url) = cfg.connect()?;
+    let (os, layout, _) = cfg.connect()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("building the import runtime")?;
     let started = Instant::now();
-    let op_timeout = Duration::from_millis(cfg.shared_op_timeout_ms.max(1));
+    let op_timeout = cfg.op_timeout();
     let mut report = rt.block_on(async {
         let mut report = ImportReport::default();
         // Tombstones.
         let mut tombstoned = HashSet::new();
-        let mut list = os.list(Some(&layout.tomb_log_dir()));
-        while let Some(meta) = tokio::time::timeout(op_timeout, list.next())
-            .await
-            .context("listing tombstones: timed out")?
-        {
-            let meta = meta.with_context(|| format!("listing tombstones of {url}"))?;
-            let Some((_, key)) = layout.parse_tomb_log(&meta.location) else {
+        for name in list_all(&*os, &layout.tomb_log_dir(), op_timeout).await? {
+            let Some((_, key)) = layout.parse_tomb_log(&name) else {
                 continue;
             };
             if tombstoned.insert(key) && !store.is_blocked(&key) {
@@ -86,19 +95,18 @@ pub fn import_from(cfg: &SharedConfig, store: Arc<Store>) -> anyhow::Result<Impo
         }
         // Objects.
         let mut keys = Vec::new();
-        let mut list = os.list(Some(&layout.info_dir()));
-        while let Some(meta) = tokio::time::timeout(op_timeout, list.next())
-            .await
-            .context("listing objects: timed out")?
-        {
-            let meta = meta.with_context(|| format!("listing objects of {url}"))?;
-            if let Some(key) = layout.parse_info(&meta.location) {
-                report.objects += 1;
-                if !tombstoned.contains(&key) && store.lookup(&key).is_none() {
-                    keys.push(key);
-                } else if !tombstoned.contains(&key) {
-                    report.already_present += 1;
-                }
+        for name in list_all(&*os, &layout.info_dir(), op_timeout).await? {
+            let Some(key) = layout.parse_info(&name) else {
+                continue;
+            };
+            report.objects += 1;
+            if tombstoned.contains(&key) {
+                continue;
+            }
+            if store.lookup(&key).is_some() {
+                report.already_present += 1;
+            } else {
+                keys.push(key);
             }
         }
         let fetches = futures_util::stream::iter(keys)

@@ -146,6 +146,11 @@ impl SharedConfig {
         self.shared_store.is_some()
     }
 
+    /// The bound on one store operation (`shared-op-timeout-ms`, at least 1 ms).
+    pub fn op_timeout(&self) -> Duration {
+        Duration::from_millis(self.shared_op_timeout_ms.max(1))
+    }
+
     /// The object store client and layout for `shared_store`.
     pub fn connect(&self) -> anyhow::Result<(Arc<dyn ObjectStore>, Layout, String)> {
         use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
@@ -171,7 +176,7 @@ impl SharedConfig {
             })?;
             b = b.with_secret_access_key(secret.trim());
         }
-        let op_timeout = Duration::from_millis(self.shared_op_timeout_ms.max(1));
+        let op_timeout = self.op_timeout();
         // Set key by key: `with_client_options` would replace what from_env read
         // (AWS_ALLOW_HTTP is a client option).
         let ms = |d: Duration| format!("{}ms", d.as_millis());
@@ -227,7 +232,7 @@ struct Health {
 
 impl Inner {
     pub fn op_timeout(&self) -> Duration {
-        Duration::from_millis(self.cfg.shared_op_timeout_ms.max(1))
+        self.cfg.op_timeout()
     }
 
     pub fn succeeded(&self) {
@@ -399,10 +404,6 @@ impl SharedTier {
         self.inner.stats.write(out);
     }
 
-    pub fn stats(&self) -> &SharedStats {
-        &self.inner.stats
-    }
-
     /// Stop: the uploader gets until `grace` to empty its queue (what it cannot upload is
     /// found again through the cursor at the next start), then the thread ends.
     pub fn shutdown(&self, grace: Duration) {
@@ -564,7 +565,9 @@ async fn poll_tombstones(inner: Arc<Inner>) {
             // once more for a recent tombstone; misses check `tomb/` anyway, so this only
             // keeps the bucket clean.
             if applied || at + TOMBSTONE_CLOCK_SKEW_SECS >= uploader::unix_now() {
-                let _ = inner.os.delete(&inner.layout.info(&key)).await;
+                if let Err(e) = uploader::delete(&inner, &inner.layout.info(&key)).await {
+                    tracing::debug!("tidying a deleted object: {e}");
+                }
             }
         }
         if failed {

@@ -17,11 +17,13 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
 
 use super::cursor::{Cursor, CURSOR_SLACK_SECS};
@@ -401,9 +403,43 @@ impl AsRef<[u8]> for RecordBytes {
     }
 }
 
-async fn upload_one(inner: &Inner, upload: &Upload, check_first: bool) -> Result<Done, String> {
+/// One store operation on `path`, bounded by the op timeout: `Some` on success, `None` when
+/// the object does not exist, the error as text naming the operation and object otherwise.
+async fn bounded<T>(
+    inner: &Inner,
+    what: &str,
+    path: &Path,
+    op: impl Future<Output = object_store::Result<T>>,
+) -> Result<Option<T>, String> {
     let t = inner.op_timeout();
-    let timed = |what: &'static str| move |_| format!("{what}: no answer in {t:?}");
+    match tokio::time::timeout(t, op).await {
+        Err(_) => Err(format!("{what} {path}: no answer in {t:?}")),
+        Ok(Ok(v)) => Ok(Some(v)),
+        Ok(Err(object_store::Error::NotFound { .. })) => Ok(None),
+        Ok(Err(e)) => Err(format!("{what} {path}: {}", super::error_chain(&e))),
+    }
+}
+
+async fn put(inner: &Inner, path: &Path, body: &Bytes) -> Result<(), String> {
+    bounded(
+        inner,
+        "PUT",
+        path,
+        inner.os.put(path, PutPayload::from(body.clone())),
+    )
+    .await?;
+    inner.stats.puts.fetch_add(1, Relaxed);
+    Ok(())
+}
+
+/// DELETE; an object already gone is fine.
+pub(super) async fn delete(inner: &Inner, path: &Path) -> Result<(), String> {
+    bounded(inner, "DELETE", path, inner.os.delete(path))
+        .await
+        .map(drop)
+}
+
+async fn upload_one(inner: &Inner, upload: &Upload, check_first: bool) -> Result<Done, String> {
     match upload {
         Upload::Record(record) => {
             let keys: Vec<[u8; 20]> = record.hashes().handshake_keys().collect();
@@ -415,20 +451,12 @@ async fn upload_one(inner: &Inner, upload: &Upload, check_first: bool) -> Result
             for key in &keys {
                 let path = inner.layout.info(key);
                 if check_first {
-                    match tokio::time::timeout(t, inner.os.head(&path))
-                        .await
-                        .map_err(timed("HEAD"))?
-                    {
-                        Ok(meta) if meta.size == body.len() as u64 => continue,
-                        Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
-                        Err(e) => return Err(format!("HEAD {path}: {e}")),
+                    let there = bounded(inner, "HEAD", &path, inner.os.head(&path)).await?;
+                    if there.is_some_and(|meta| meta.size == body.len() as u64) {
+                        continue;
                     }
                 }
-                tokio::time::timeout(t, inner.os.put(&path, PutPayload::from(body.clone())))
-                    .await
-                    .map_err(timed("PUT"))?
-                    .map_err(|e| format!("PUT {path}: {e}"))?;
-                inner.stats.puts.fetch_add(1, Relaxed);
+                put(inner, &path, &body).await?;
                 bytes += body.len() as u64;
             }
             // Deleted while we uploaded: the tombstone's DELETE may have run before our
@@ -436,14 +464,7 @@ async fn upload_one(inner: &Inner, upload: &Upload, check_first: bool) -> Result
             // keeps the bucket clean).
             if keys.iter().any(|k| inner.store.is_blocked(k)) {
                 for key in &keys {
-                    let path = inner.layout.info(key);
-                    match tokio::time::timeout(t, inner.os.delete(&path))
-                        .await
-                        .map_err(timed("DELETE"))?
-                    {
-                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                        Err(e) => return Err(format!("DELETE {path}: {e}")),
-                    }
+                    delete(inner, &inner.layout.info(key)).await?;
                 }
                 return Ok(Done::Skipped);
             }
@@ -455,36 +476,21 @@ async fn upload_one(inner: &Inner, upload: &Upload, check_first: bool) -> Result
         }
         Upload::Tombstone { key, at } => {
             let tomb = inner.layout.tomb(key);
-            if check_first {
-                match tokio::time::timeout(t, inner.os.head(&tomb))
-                    .await
-                    .map_err(timed("HEAD"))?
-                {
-                    Ok(_) => return Ok(Done::AlreadyThere),
-                    Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => return Err(format!("HEAD {tomb}: {e}")),
-                }
+            if check_first
+                && bounded(inner, "HEAD", &tomb, inner.os.head(&tomb))
+                    .await?
+                    .is_some()
+            {
+                return Ok(Done::AlreadyThere);
             }
             let body = Bytes::from(format!(
                 "magnetar tombstone\nkey={}\nat={at}\nnode={}\n",
                 hex::encode(key),
                 inner.node
             ));
-            for path in [tomb, inner.layout.tomb_log(*at, key)] {
-                tokio::time::timeout(t, inner.os.put(&path, PutPayload::from(body.clone())))
-                    .await
-                    .map_err(timed("PUT"))?
-                    .map_err(|e| format!("PUT {path}: {e}"))?;
-                inner.stats.puts.fetch_add(1, Relaxed);
-            }
-            let info = inner.layout.info(key);
-            match tokio::time::timeout(t, inner.os.delete(&info))
-                .await
-                .map_err(timed("DELETE"))?
-            {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(format!("DELETE {info}: {e}")),
-            }
+            put(inner, &tomb, &body).await?;
+            put(inner, &inner.layout.tomb_log(*at, key), &body).await?;
+            delete(inner, &inner.layout.info(key)).await?;
             Ok(Done::Uploaded { bytes: 0 })
         }
     }
