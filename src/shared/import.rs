@@ -24,7 +24,10 @@ use crate::store::{AppendOptions, AppendOutcome, Origin, Store};
 const IMPORT_GETS_IN_FLIGHT: usize = 32;
 
 /// GETs of one object before it counts as failed.
-const IMPORT_TRIES: u64 = 3;
+const IMPORT_TRIES: u32 = 3;
+
+/// Wait before the n-th retry of a GET: n times this (a replica catching up, a busy node).
+const IMPORT_RETRY_STEP: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Default)]
 pub struct ImportReport {
@@ -124,7 +127,7 @@ pub fn import_from(cfg: &SharedConfig, store: Arc<Store>) -> anyhow::Result<Impo
                         if matches!(got, Ok(Ok(_))) || tries == IMPORT_TRIES {
                             return (key, path, got);
                         }
-                        tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+                        tokio::time::sleep(IMPORT_RETRY_STEP * tries).await;
                     }
                 }
             })

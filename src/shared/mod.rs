@@ -121,6 +121,13 @@ impl Default for SharedConfig {
 /// `misses-per-second-max`; this bounds sockets if the store hangs).
 const GETS_IN_FLIGHT_MAX: usize = 256;
 
+/// A TCP connect to the store that takes longer is given up (then retried once): on a
+/// working network it takes milliseconds, and a miss waits at most 2 s for the tier anyway.
+const CONNECT_TIMEOUT_MAX: Duration = Duration::from_secs(2);
+
+/// Shortest tombstone poll interval accepted: each poll is a LIST request per node.
+const TOMBSTONE_POLL_MIN: Duration = Duration::from_millis(100);
+
 /// While degraded, one miss a second still tries the store (a probe).
 const DEGRADED_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -189,7 +196,7 @@ impl SharedConfig {
             )
             .with_config(
                 AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
-                ms(op_timeout.min(Duration::from_secs(2))),
+                ms(op_timeout.min(CONNECT_TIMEOUT_MAX)),
             );
         if self.shared_allow_http {
             b = b.with_config(
@@ -518,7 +525,7 @@ async fn lookup(inner: &Arc<Inner>, key: [u8; 20]) -> SharedGet {
 /// skew allowance) and applies every tombstone not applied yet.
 async fn poll_tombstones(inner: Arc<Inner>) {
     use futures_util::StreamExt;
-    let every = Duration::from_millis(inner.cfg.shared_tombstone_poll_ms.max(100));
+    let every = Duration::from_millis(inner.cfg.shared_tombstone_poll_ms).max(TOMBSTONE_POLL_MIN);
     let dir = inner.layout.tomb_log_dir();
     // Nothing seen yet: the first poll lists them all (a node that was down catches up).
     let mut newest: Option<u64> = None;

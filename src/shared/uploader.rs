@@ -35,6 +35,9 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// How often the loop wakes without events (retries due, walks, the cursor).
 const TICK: Duration = Duration::from_millis(100);
 const CURSOR_SAVE_EVERY: Duration = Duration::from_secs(1);
+/// A pending catch-up walk runs once the queue is down to 1/this of `put-queue-max`: each
+/// walk goes over the whole index, so it should add many uploads at a time, not a few.
+const WALK_WHEN_QUEUE_BELOW_DIVISOR: usize = 2;
 
 /// One thing to upload.
 #[derive(Clone)]
@@ -361,7 +364,9 @@ pub(crate) async fn run(
         if dropped != u64::MAX {
             st.walk_from = Some(st.walk_from.map_or(dropped, |w| w.min(dropped)));
         }
-        if st.walk_from.is_some() && st.pending.len() < st.queue_max() / 2 + 1 {
+        if st.walk_from.is_some()
+            && st.pending.len() <= st.queue_max() / WALK_WHEN_QUEUE_BELOW_DIVISOR
+        {
             st.walk().await;
         }
         st.launch();
