@@ -19,6 +19,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+# bench_setup, busy, wait_quiet
+source "$ROOT/benches/lib.sh"
 
 K=1000 DURATION=10 RUNS=3 CONNS=64 OUT=target/compare QUICK=0
 SERVERS="floor uring epoll libtorrent uring-utp libtorrent-utp"
@@ -41,14 +43,7 @@ SERVER_CPU=${SERVER_CPU:-0}
 LOADGEN_CPU=${LOADGEN_CPU:-1}
 PY=/usr/bin/python3
 
-ulimit -n "$(ulimit -Hn)"
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-
-echo "== build"
-cargo build --release -q -p magnetar -p magnetar-loadgen
-M=$ROOT/target/release/magnetar
-L=$ROOT/target/release/magnetar-loadgen
+bench_setup
 cc -O2 -o "$OUT/floor" benches/floor/floor.c
 $PY -c 'import libtorrent' 2>/dev/null || { echo "python3-libtorrent missing (bash scripts/test.sh installs it)"; exit 1; }
 
@@ -61,8 +56,6 @@ if [ ! -f "$DATA/done" ]; then
   touch "$DATA/done"
 fi
 
-# busy, wait_quiet
-source "$ROOT/benches/quiet.sh"
 
 # The loadgen's transport for a row: the -utp rows dial uTP, the others TCP.
 transport() { case $1 in *-utp) echo utp ;; *) echo tcp ;; esac; }

@@ -38,6 +38,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+# bench_setup, busy, wait_quiet
+source "$ROOT/benches/lib.sh"
 
 KS="1000 10000 100000 1000000" BOUND=300 RUNS=3 CHURN_S=5 SIZE=8192 OUT=target/scale QUICK=0
 SERVERS="magnetar libtorrent"
@@ -70,21 +72,12 @@ KEEP_DATA=${KEEP_DATA:-0}
 PY=/usr/bin/python3
 STARTED=$(date +%s)
 
-ulimit -n "$(ulimit -Hn)"
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-
-echo "== build"
-cargo build --release -q -p magnetar -p magnetar-loadgen
-M=$ROOT/target/release/magnetar
-L=$ROOT/target/release/magnetar-loadgen
+bench_setup
 case " $SERVERS " in *" libtorrent"*)
   $PY -c 'import libtorrent' 2>/dev/null ||
     { echo "python3-libtorrent missing (bash scripts/test.sh installs it)"; exit 1; } ;;
 esac
 
-# busy, wait_quiet
-source "$ROOT/benches/quiet.sh"
 
 # Free bytes on the file system of OUT.
 free_bytes() { df -PB1 "$OUT" | awk 'NR == 2 { print $4 }'; }

@@ -1,5 +1,18 @@
-# Sourced by benches/compare.sh and benches/scale.sh: wait for a quiet machine before a
-# measured run. Uses (and updates) QUICK, BUSY_MAX, WAIT_MAX_S and WAITED_S of the caller.
+# Sourced by benches/compare.sh and benches/scale.sh: their common setup, and waiting for
+# a quiet machine before a measured run. Uses (and updates) the caller's ROOT, OUT, QUICK,
+# BUSY_MAX, WAIT_MAX_S and WAITED_S; sets M and L.
+
+# fd limit raised to the hard limit, OUT made absolute, release builds of the server and
+# the load generator (M, L).
+bench_setup() {
+  ulimit -n "$(ulimit -Hn)"
+  mkdir -p "$OUT"
+  OUT=$(cd "$OUT" && pwd)
+  echo "== build"
+  cargo build --release -q -p magnetar -p magnetar-loadgen
+  M=$ROOT/target/release/magnetar
+  L=$ROOT/target/release/magnetar-loadgen
+}
 
 # Share of all CPUs busy over 2 s (everything: other users and anything left of ours).
 busy() {
