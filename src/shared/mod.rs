@@ -139,7 +139,7 @@ const TOMBSTONE_CLOCK_SKEW_SECS: u64 = 300;
 #[derive(Debug)]
 pub enum SharedGet {
     /// Verified bytes of the info dict.
-    Found(Vec<u8>),
+    Found(bytes::Bytes),
     /// Not there (or there but corrupt, counted): go to the swarm.
     Miss,
     /// Deleted or blocked somewhere in the fleet; applied here too.
@@ -293,10 +293,11 @@ impl Inner {
     }
 
     /// Apply another node's tombstone: delete and block `key` here (durable, told to the
-    /// listener as `Origin::Shared`, so not uploaded again). False if already blocked.
-    pub async fn apply_tombstone(self: &Arc<Self>, key: [u8; 20]) -> bool {
+    /// listener as `Origin::Shared`, so not uploaded again). `Ok(false)` if it was blocked
+    /// already; `Err` (logged) if the store could not write it.
+    pub async fn apply_tombstone(self: &Arc<Self>, key: [u8; 20]) -> Result<bool, ()> {
         if self.store.is_blocked(&key) {
-            return false;
+            return Ok(false);
         }
         let store = self.store.clone();
         let done = tokio::task::spawn_blocking(move || {
@@ -311,15 +312,15 @@ impl Inner {
                     removed = out.removed.is_some(),
                     "shared tombstone applied: deleted and blocked here"
                 );
-                true
+                Ok(true)
             }
             Ok(Err(e)) => {
                 tracing::error!(info_hash = %hex::encode(key), "shared tombstone not applied: {e}");
-                false
+                Err(())
             }
             Err(e) => {
                 tracing::error!(info_hash = %hex::encode(key), "shared tombstone not applied: {e}");
-                false
+                Err(())
             }
         }
     }
@@ -471,7 +472,8 @@ async fn lookup(inner: &Arc<Inner>, key: [u8; 20]) -> SharedGet {
         Ok(_) => {
             inner.succeeded();
             s.get_tombstoned.fetch_add(1, Relaxed);
-            inner.apply_tombstone(key).await;
+            // Refused either way; a failed local write is logged, and the poll retries it.
+            let _ = inner.apply_tombstone(key).await;
             return SharedGet::Tombstoned;
         }
         Err(object_store::Error::NotFound { .. }) => {}
@@ -488,7 +490,7 @@ async fn lookup(inner: &Arc<Inner>, key: [u8; 20]) -> SharedGet {
             match crate::metainfo::validate_info(&bytes) {
                 Ok(sum) if sum.hashes.handshake_keys().any(|k| k == key) => {
                     s.get_hits.fetch_add(1, Relaxed);
-                    SharedGet::Found(bytes.to_vec())
+                    SharedGet::Found(bytes)
                 }
                 Ok(_) => {
                     s.get_corrupt.fetch_add(1, Relaxed);
@@ -566,7 +568,11 @@ async fn poll_tombstones(inner: Arc<Inner>) {
             if !handled.insert((at, key)) {
                 continue;
             }
-            let applied = inner.apply_tombstone(key).await;
+            let Ok(applied) = inner.apply_tombstone(key).await else {
+                // Not written here (logged): the next poll tries again.
+                handled.remove(&(at, key));
+                continue;
+            };
             // The deleting node removed the object, but an upload racing the delete (this
             // node's, or another's still unaware of it) may have put it back. Delete it
             // once more for a recent tombstone; misses check `tomb/` anyway, so this only

@@ -228,7 +228,7 @@ impl Upstream {
     /// not upload again what came from it).
     pub async fn store_off_core_from(
         &self,
-        info: Vec<u8>,
+        info: impl AsRef<[u8]> + Send + 'static,
         origin: Origin,
     ) -> Result<RecordRef, StoreError> {
         let (tx, rx) = flume::bounded(1);
@@ -240,7 +240,7 @@ impl Upstream {
         std::thread::Builder::new()
             .name("magnetar-append".into())
             .spawn(move || {
-                let _ = tx.send(store.append(&info, opts));
+                let _ = tx.send(store.append(info.as_ref(), opts));
             })
             .map_err(|e| StoreError::Io {
                 path: "append thread".into(),
