@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::bep9::{fetch_metadata, FakeSeed, SeedBehaviour};
 use common::info::v1_info;
+use common::tracker::wait_listed;
 use common::*;
 use sha1::{Digest, Sha1};
 
@@ -21,32 +22,6 @@ const OFFLINE: [&str; 2] = ["--threads", "2"];
 
 fn content_dir(torrents_dir: &std::path::Path) -> std::path::PathBuf {
     torrents_dir.join("content")
-}
-
-/// Waits (bounded) until the tracker lists `port` for the hash, so the test does not race
-/// the seed's first announce.
-fn wait_announced(tracker_url: &str, key: [u8; 20], port: u16) {
-    use magnetar::upstream::tracker::{announce, AnnounceRequest};
-    let req = AnnounceRequest {
-        info_hash: key,
-        peer_id: *b"-TS0001-waitannounce",
-        port: 1,
-        left: 1,
-        numwant: 50,
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(resp) = announce(tracker_url, &req, Duration::from_secs(5)) {
-            if resp.peers.iter().any(|p| p.port() == port) {
-                return;
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the seed never showed up on the tracker"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn tracker_miss(label: &str, udp: bool) {
@@ -67,7 +42,7 @@ fn tracker_miss(label: &str, udp: bool) {
         &content_dir(&tdir),
         &["--tracker".into(), tracker.http_url()],
     );
-    wait_announced(&tracker.http_url(), key, seed.port);
+    wait_listed(&tracker.http_url(), key, seed.port);
 
     let data = tmp.path().join("data");
     let server = ServerProc::start(&data, &[&OFFLINE[..], &["--tracker", &url]].concat());
