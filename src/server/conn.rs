@@ -253,6 +253,11 @@ impl<'a> Conn<'a> {
         }
     }
 
+    /// The peer's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
     /// The info-hash key the peer asked for (all zero before its handshake).
     pub fn key(&self) -> &[u8; 20] {
         &self.key

@@ -108,6 +108,11 @@ fn bind_one(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener>
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit TCP_NODELAY from their listener (Linux): a reply batch is
+    // one write, and Nagle would hold a small one back behind an unacknowledged one. The
+    // io_uring path needs it here: its sockets are direct descriptors, which setsockopt(2)
+    // cannot reach.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     Ok(socket.into())
@@ -224,6 +229,8 @@ pub fn share_inherited(
     for l in listeners {
         let addr = l.local_addr()?;
         local_addrs.push(addr);
+        // See `bind_one`: accepted sockets inherit it.
+        socket2::SockRef::from(&l).set_tcp_nodelay(true)?;
         if let Some(buffer_bytes) = utp {
             let udp = bind_udp_group(addr, workers, buffer_bytes).map_err(|e| {
                 io::Error::new(

@@ -28,6 +28,7 @@ pub mod session;
 pub mod stats;
 pub mod tcp;
 pub mod udp;
+pub mod uring;
 pub mod worker;
 
 use std::net::SocketAddr;

@@ -39,7 +39,7 @@ const PLAINTEXT_PREFIX_BYTES: usize = 20;
 /// sync window the responder searches, in one or two reads.
 const MSE_READ_SPARE_BYTES: usize = 1024;
 
-enum Mode {
+pub(crate) enum Mode {
     /// Nothing read yet, or fewer bytes than decide.
     Undecided,
     /// A plaintext handshake: pass everything through.
@@ -78,12 +78,8 @@ impl<T: Transport> MseTransport<T> {
     ) -> Result<(), ReadOutcome> {
         let mut raw = std::mem::take(buf);
         let plaintext = loop {
-            let head = &raw[..raw.len().min(PLAINTEXT_PREFIX_BYTES)];
-            if !head.is_empty() && !mse::is_plaintext_handshake(head) {
-                break false;
-            }
-            if head.len() == PLAINTEXT_PREFIX_BYTES {
-                break true;
+            if let Some(plaintext) = classify(&raw) {
+                break plaintext;
             }
             match self
                 .inner
@@ -113,25 +109,10 @@ impl<T: Transport> MseTransport<T> {
         buf: &mut Vec<u8>,
         deadline: Instant,
     ) -> Result<(), ReadOutcome> {
-        let stats = &self.ctx.stats;
-        if !self
-            .ctx
-            .mse_handshakes
-            .try_hit(&crate::server::limiter::budget_key(self.peer.ip()))
-        {
-            stats.mse_refused_per_ip.inc();
-            return Err(failed("MSE handshakes per IP over the cap"));
-        }
-        stats.mse_handshakes_started.inc();
-        let (Ok(secret), Ok(pad_len)) = (mse::random_secret(), mse::random_pad_len()) else {
-            return Err(failed("no randomness for the MSE key"));
-        };
-        let mut responder = Responder::new(&secret, pad_len, CryptoPolicy::PreferPlaintext);
-        let store = self.ctx.store.clone();
-        let mut lookup = |req2: &[u8; 20]| store.lookup_req2(req2);
+        let mut handshake = Handshake::start(&self.ctx, self.peer).map_err(failed)?;
         let mut out = OutBatch::new();
         loop {
-            let step = responder.on_bytes(&raw, out.head(), &mut lookup);
+            let step = handshake.on_bytes(&self.ctx, &raw, out.head());
             if !out.is_empty() {
                 let (res, batch) = self.inner.write_before(out, deadline).await;
                 out = batch;
@@ -139,43 +120,23 @@ impl<T: Transport> MseTransport<T> {
                     return Err(ReadOutcome::Failed(e));
                 }
             }
-            match step {
-                Ok(ResponderStep::NeedMore { consumed }) => {
+            match step.map_err(|e| failed(&e))? {
+                HandshakeStep::NeedMore { consumed } => {
                     raw.drain(..consumed);
                 }
-                Ok(ResponderStep::Done {
+                HandshakeStep::Done {
                     consumed,
-                    crypto,
-                    cipher,
+                    mode,
                     initial_payload,
-                    ..
-                }) => {
-                    stats.mse_handshakes_done.inc();
-                    let mut rest = raw.split_off(consumed);
-                    buf.clear();
-                    buf.extend_from_slice(&initial_payload);
-                    match (crypto, cipher) {
-                        (Crypto::Rc4, Some(mut cipher)) => {
-                            stats.mse_rc4_selected.inc();
-                            cipher.decrypt_in_place(&mut rest);
-                            self.mode = Mode::Rc4(Box::new(cipher));
-                        }
-                        _ => {
-                            stats.mse_plaintext_selected.inc();
-                            self.mode = Mode::MsePlain;
-                        }
+                } => {
+                    self.mode = mode;
+                    *buf = initial_payload;
+                    let start = buf.len();
+                    buf.extend_from_slice(&raw[consumed..]);
+                    if let Mode::Rc4(cipher) = &mut self.mode {
+                        cipher.decrypt_in_place(&mut buf[start..]);
                     }
-                    buf.extend_from_slice(&rest);
                     return Ok(());
-                }
-                Err(e) => {
-                    if e.is_unknown_info_hash() {
-                        // Recognisable only: a hash we do not hold cannot be fetched.
-                        stats.mse_unknown_info_hash.inc();
-                    } else {
-                        stats.mse_handshakes_failed.inc();
-                    }
-                    return Err(failed(&format!("MSE: {e}")));
                 }
             }
             match self
@@ -189,6 +150,124 @@ impl<T: Transport> MseTransport<T> {
             }
         }
     }
+}
+
+/// Whether the first bytes of a connection are a plaintext handshake (`Some(true)`), an
+/// MSE key (`Some(false)`), or too few to tell (`None`).
+pub(crate) fn classify(first: &[u8]) -> Option<bool> {
+    let head = &first[..first.len().min(PLAINTEXT_PREFIX_BYTES)];
+    if !head.is_empty() && !mse::is_plaintext_handshake(head) {
+        return Some(false);
+    }
+    (head.len() == PLAINTEXT_PREFIX_BYTES).then_some(true)
+}
+
+/// The responder side of one connection's MSE handshake, sans I/O, shared by both
+/// drivers: the per-IP cost cap, the store lookup of `req2`, and the counters.
+pub(crate) struct Handshake {
+    responder: Responder,
+}
+
+/// What a batch of handshake bytes led to.
+pub(crate) enum HandshakeStep {
+    /// Drop `consumed` bytes of the input, send what was written, and feed more.
+    NeedMore { consumed: usize },
+    /// Done: input bytes after `consumed` are stream bytes, to be decrypted if `mode` is
+    /// RC4; `initial_payload` (the peer's IA, plaintext) comes before them.
+    Done {
+        consumed: usize,
+        mode: Mode,
+        initial_payload: Vec<u8>,
+    },
+}
+
+impl Handshake {
+    /// Starts one for `peer`, unless its address is over the per-IP handshake rate.
+    pub(crate) fn start(ctx: &WorkerCtx, peer: SocketAddr) -> Result<Handshake, &'static str> {
+        let stats = &ctx.stats;
+        if !ctx
+            .mse_handshakes
+            .try_hit(&crate::server::limiter::budget_key(peer.ip()))
+        {
+            stats.mse_refused_per_ip.inc();
+            return Err("MSE handshakes per IP over the cap");
+        }
+        stats.mse_handshakes_started.inc();
+        let (Ok(secret), Ok(pad_len)) = (mse::random_secret(), mse::random_pad_len()) else {
+            return Err("no randomness for the MSE key");
+        };
+        Ok(Handshake {
+            responder: Responder::new(&secret, pad_len, CryptoPolicy::PreferPlaintext),
+        })
+    }
+
+    /// Feeds the raw bytes received so far (minus what earlier steps consumed); our
+    /// handshake bytes are appended to `out`, which must be sent even when this fails.
+    pub(crate) fn on_bytes(
+        &mut self,
+        ctx: &WorkerCtx,
+        raw: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<HandshakeStep, String> {
+        let stats = &ctx.stats;
+        let mut lookup = |req2: &[u8; 20]| ctx.store.lookup_req2(req2);
+        match self.responder.on_bytes(raw, out, &mut lookup) {
+            Ok(ResponderStep::NeedMore { consumed }) => Ok(HandshakeStep::NeedMore { consumed }),
+            Ok(ResponderStep::Done {
+                consumed,
+                crypto,
+                cipher,
+                initial_payload,
+                ..
+            }) => {
+                stats.mse_handshakes_done.inc();
+                let mode = match (crypto, cipher) {
+                    (Crypto::Rc4, Some(cipher)) => {
+                        stats.mse_rc4_selected.inc();
+                        Mode::Rc4(Box::new(cipher))
+                    }
+                    _ => {
+                        stats.mse_plaintext_selected.inc();
+                        Mode::MsePlain
+                    }
+                };
+                Ok(HandshakeStep::Done {
+                    consumed,
+                    mode,
+                    initial_payload,
+                })
+            }
+            Err(e) => {
+                if e.is_unknown_info_hash() {
+                    // Recognisable only: a hash we do not hold cannot be fetched.
+                    stats.mse_unknown_info_hash.inc();
+                } else {
+                    stats.mse_handshakes_failed.inc();
+                }
+                Err(format!("MSE: {e}"))
+            }
+        }
+    }
+}
+
+/// RC4 on the way out: the sealed `batch`'s bytes (headers and mmap slices) are encrypted
+/// into `enc`'s head; the mmap is never written.
+pub(crate) fn encrypt_batch(
+    ctx: &WorkerCtx,
+    cipher: &mut Rc4Pair,
+    batch: &mut OutBatch,
+    enc: &mut OutBatch,
+) {
+    batch.seal();
+    let total = batch.sealed_len();
+    let mut offset = 0;
+    while offset < total {
+        let run = batch.contiguous_at(offset);
+        cipher.encrypt_into(run, enc.head());
+        offset += run.len();
+    }
+    ctx.stats.mse_rc4_bytes_encrypted.add(total as u64);
+    batch.clear();
 }
 
 fn failed(why: &str) -> ReadOutcome {
@@ -241,19 +320,8 @@ impl<T: Transport> Transport for MseTransport<T> {
         let Mode::Rc4(cipher) = &mut self.mode else {
             return self.inner.write_before(batch, deadline).await;
         };
-        // RC4: the batch's bytes (headers and mmap slices) are encrypted into a fresh
-        // batch's head; the mmap is never written.
-        batch.seal();
-        let total = batch.sealed_len();
         let mut enc = OutBatch::new();
-        let mut offset = 0;
-        while offset < total {
-            let run = batch.contiguous_at(offset);
-            cipher.encrypt_into(run, enc.head());
-            offset += run.len();
-        }
-        self.ctx.stats.mse_rc4_bytes_encrypted.add(total as u64);
-        batch.clear();
+        encrypt_batch(&self.ctx, cipher, &mut batch, &mut enc);
         let (res, _) = self.inner.write_before(enc, deadline).await;
         (res, batch)
     }

@@ -182,6 +182,11 @@ impl OutBatch {
         }
     }
 
+    /// The iovecs not written yet (after `consume`), as the kernel should see them next.
+    pub fn unsent_iovecs(&self) -> &[libc::iovec] {
+        &self.iov[self.iov_sent..]
+    }
+
     /// The sealed iovecs (tests check where they point).
     pub fn iovecs(&self) -> &[libc::iovec] {
         &self.iov

@@ -187,6 +187,9 @@ core_stats! {
     block_writes,
     /// Sessions that panicked (a bug): closed, the worker goes on.
     session_panics,
+    /// io_uring receives that found the core's buffer ring empty (ENOBUFS), each posted
+    /// again in the same turn; many mean the pool is too small for the load.
+    uring_recv_no_buffers,
     /// Misses closed at once: the client IP used up `misses_per_ip_per_minute_max`.
     misses_refused_per_ip,
     /// Waiting clients closed because their fetch failed or was refused.

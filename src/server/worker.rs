@@ -29,6 +29,7 @@ use crate::server::session::{self, Transport, WorkerCtx};
 use crate::server::stats::CoreStats;
 use crate::server::tcp::TcpTransport;
 use crate::server::udp;
+use crate::server::uring;
 use crate::store::Store;
 use crate::upstream::shard::{self, ShardCmd, Upstream};
 
@@ -122,6 +123,35 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         shard_mailbox,
         stop,
     } = spec;
+    // On io_uring the worker serves TCP from its own ring (`server/uring`); monoio's
+    // TCP path remains for epoll, and for a kernel that refuses the ring's set-up.
+    let (own_ring, listeners) = if driver == "io_uring" {
+        let per_core = cfg.connections_max.div_ceil(cfg.threads.max(1));
+        let fds: Vec<_> = listeners.iter().map(|l| l.try_clone()).collect();
+        match fds
+            .into_iter()
+            .collect::<std::io::Result<Vec<_>>>()
+            .and_then(|l| uring::Parts::new(l, per_core))
+        {
+            Ok(parts) => {
+                tracing::debug!(
+                    worker = index,
+                    flags = parts.flags(),
+                    "own io_uring for TCP"
+                );
+                (Some(parts), Vec::new())
+            }
+            Err(e) => {
+                tracing::warn!(
+                    worker = index,
+                    "own io_uring set-up failed ({e}); serving TCP through monoio's io_uring driver"
+                );
+                (None, listeners)
+            }
+        }
+    } else {
+        (None, listeners)
+    };
     rt.block_on(async move {
         let mut monoio_listeners = Vec::new();
         for l in listeners {
@@ -174,6 +204,17 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
                 }
             }
         }
+        let cut = Rc::new(Cell::new(false));
+        let ring_task = own_ring.map(|parts| {
+            monoio::spawn(uring::run(
+                parts,
+                ctx.clone(),
+                limiter.clone(),
+                stop.clone(),
+                open.clone(),
+                cut.clone(),
+            ))
+        });
         monoio::spawn(heartbeat(stats.clone()));
         let _ = ready.send(Ok(driver));
         let _ = stop.recv_async().await;
@@ -186,6 +227,12 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         }
         let left = open.get();
         stats.sessions_cut_at_shutdown.add(left as u64);
+        if let Some(task) = ring_task {
+            // The ring's connections are closed and its operations drained before the
+            // runtime (and the memory the kernel may still read) goes.
+            cut.set(true);
+            task.await;
+        }
         tracing::debug!(worker = index, sessions_cut = left, "worker stopped");
         // Returning drops the runtime and with it every session still open.
     });

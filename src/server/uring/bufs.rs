@@ -1,0 +1,127 @@
+//! A provided buffer ring (IOU_PBUF_RING): one pool of receive buffers per core that the
+//! kernel picks from when bytes arrive. A connection holds no read buffer while it waits;
+//! a buffer is lent to it only from the completion until its bytes are handled, then
+//! handed back (docs/io-uring.md "Memory per connection").
+
+use std::io;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use io_uring::types::BufRingEntry;
+
+use super::ring::Ring;
+
+/// An anonymous, page-aligned, private mapping (the ring must be page-aligned; the
+/// buffers are mapped the same way so that they can be touched up front).
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(len: usize) -> io::Result<Mapping> {
+        // SAFETY: a fresh anonymous mapping; checked for MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+pub struct BufRing {
+    ring: Mapping,
+    bufs: Mapping,
+    buf_bytes: usize,
+    mask: u16,
+    /// Our copy of the tail; published to the kernel after each hand-back.
+    tail: u16,
+}
+
+impl BufRing {
+    /// Registers `count` (a power of two, at most 32 768) buffers of `buf_bytes` each as
+    /// buffer group `group` of `ring`. The memory is populated now: it is a fixed cost of
+    /// the core, not of the connections that later borrow from it.
+    pub fn new(ring: &Ring, group: u16, count: u16, buf_bytes: usize) -> io::Result<BufRing> {
+        assert!(
+            count.is_power_of_two(),
+            "buffer ring size must be a power of two"
+        );
+        let ring_bytes = usize::from(count) * std::mem::size_of::<BufRingEntry>();
+        let mut me = BufRing {
+            ring: Mapping::new(ring_bytes)?,
+            bufs: Mapping::new(usize::from(count) * buf_bytes)?,
+            buf_bytes,
+            mask: count - 1,
+            tail: 0,
+        };
+        // SAFETY: the ring mapping lives as long as `me`, which unregisters nothing but
+        // is dropped only after the io_uring (the caller keeps the order: see `Core`).
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(me.ring.ptr as u64, count, group, 0)?;
+        }
+        for bid in 0..count {
+            me.put(bid);
+        }
+        me.publish();
+        Ok(me)
+    }
+
+    pub fn buf_bytes(&self) -> usize {
+        self.buf_bytes
+    }
+
+    /// The `len` bytes the kernel wrote into buffer `bid`, to be handled (and decrypted in
+    /// place, for RC4) before `give_back`.
+    pub fn get_mut(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        let bid = usize::from(bid & self.mask);
+        assert!(len <= self.buf_bytes);
+        // SAFETY: inside the buffer mapping; the kernel no longer writes to a buffer it
+        // has completed with, until we hand it back.
+        unsafe { std::slice::from_raw_parts_mut(self.bufs.ptr.add(bid * self.buf_bytes), len) }
+    }
+
+    /// Hands buffer `bid` back to the kernel.
+    pub fn give_back(&mut self, bid: u16) {
+        self.put(bid);
+        self.publish();
+    }
+
+    fn put(&mut self, bid: u16) {
+        let slot = usize::from(self.tail & self.mask);
+        // SAFETY: `slot` < count entries of the ring mapping.
+        let entry = unsafe { &mut *(self.ring.ptr as *mut BufRingEntry).add(slot) };
+        entry.set_addr(self.bufs.ptr as u64 + (usize::from(bid) * self.buf_bytes) as u64);
+        entry.set_len(self.buf_bytes as u32);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    fn publish(&self) {
+        // SAFETY: the tail field overlays the first entry's reserved field; the kernel
+        // reads it with acquire ordering, so a release store publishes the entries.
+        unsafe {
+            let tail = BufRingEntry::tail(self.ring.ptr as *const BufRingEntry) as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+}

@@ -1,0 +1,1070 @@
+//! The io_uring serving path: each worker owns a ring for its TCP peers (docs/io-uring.md).
+//!
+//! monoio's io_uring driver spends one submission per accept, per read into a buffer the
+//! connection owns, per write and per close: the shape of epoll with more bookkeeping,
+//! and a 4 KiB buffer plus a task per idle peer. Here the worker keeps its own ring and
+//! uses what io_uring is for:
+//! - accepts kept posted per listener, straight into direct (fixed) descriptors, each
+//!   with its own address slot (the per-IP cap needs the peer's address at once; see the
+//!   doc for why not multishot accept on this kernel);
+//! - one multishot receive per connection into the core's provided buffer ring
+//!   (`bufs.rs`): an idle peer holds no buffer and no task, only its `Link`;
+//! - replies as one `sendmsg` (MSG_WAITALL: the kernel finishes short writes) whose
+//!   iovecs point into the store's mmap, as before;
+//! - close after a cancel of what is still posted, hard-linked, in the same submission;
+//! - everything queued in a loop turn goes in with one `io_uring_enter`, which also runs
+//!   the deferred completion work (SINGLE_ISSUER + DEFER_TASKRUN + COOP_TASKRUN).
+//!
+//! The ring lives inside the worker's monoio runtime as one task, so uTP, the miss path
+//! and the timers stay where they are: the kernel signals the ring's eventfd and monoio
+//! wakes the task. The protocol is the same sans-IO `Conn` (and MSE gate) that the
+//! monoio path drives through `session.rs`; only the I/O differs.
+
+mod bufs;
+mod link;
+mod ring;
+
+use std::cell::{Cell, RefCell};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::panic::AssertUnwindSafe;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use io_uring::{cqueue, opcode, squeue, types};
+use monoio::time::Instant;
+use slab::Slab;
+
+use crate::server::conn::{Conn, Effect, SessionEnd, WorkerCtx};
+use crate::server::limiter::{ConnectionLimiter, Refusal};
+use crate::server::mse::{self, Handshake, HandshakeStep};
+use crate::store::{RecordRef, StoreError};
+use crate::upstream::shard::{FetchOutcome, Hints};
+use bufs::BufRing;
+pub use link::LINK_BYTES_MAX;
+use link::{Gate, Link, Recv, Sending};
+
+/// Submission queue entries: a loop turn queues at most a few per event it handled;
+/// a full queue is submitted early, so this bounds nothing but syscalls per turn.
+const SQ_ENTRIES: u32 = 4096;
+
+/// Completion queue entries: every connection's multishot receive may post at once.
+const CQ_ENTRIES: u32 = 16 * SQ_ENTRIES;
+
+/// Completions handled per batch before the ring is entered again.
+const CQES_PER_BATCH: usize = 1024;
+
+/// Receive buffers per core and their size. A buffer is lent per receive completion and
+/// handed back as soon as its bytes are handled, so the pool bounds bytes in flight,
+/// not connections: 1024 x 4 KiB = 4 MiB per core, populated at start. A connection
+/// that finds it empty (ENOBUFS) is re-armed in the same turn, after the hand-backs.
+const RECV_BUFFERS: u16 = 1024;
+const RECV_BUFFER_BYTES: usize = crate::limits::READ_BUFFER_BYTES_INITIAL;
+const RECV_BUFFER_GROUP: u16 = 0;
+
+/// Accepts kept posted per listener, each with its own peer-address slot: the most
+/// connections one listener takes per loop turn.
+const ACCEPTS_POSTED_PER_LISTENER: usize = 64;
+
+/// Bytes a connection may hold unhandled while it cannot handle them (a reply in flight
+/// or a store running): one frame of the largest size plus one buffer. Past it the
+/// multishot receive is cancelled until the link catches up, so a peer that sends
+/// without reading is held back by TCP, as on the monoio path.
+const INPUT_HELD_BYTES_MAX: usize = crate::limits::FRAME_BYTES_MAX + RECV_BUFFER_BYTES;
+
+/// Reply batches kept for reuse per core (each holds its allocations).
+const SPARE_SENDS_MAX: usize = 1024;
+
+/// How long the worker's cut waits for the kernel to hand back what it still holds
+/// before the memory it may touch is leaked instead of freed.
+const DRAIN_AT_EXIT: Duration = Duration::from_secs(2);
+
+/// What a completion is for: the low 32 bits name the slot (a link, or an accept slot),
+/// the next 24 its generation, the top 8 the operation.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+enum Op {
+    Accept = 1,
+    Recv,
+    Send,
+    CancelRecv,
+    Cancel,
+    Close,
+    /// Close of a connection refused by the limiter (it never got a link).
+    CloseRefused,
+    CancelAccept,
+}
+
+const GEN_MASK: u32 = 0xff_ffff;
+
+fn tag(op: Op, gen: u32, slot: usize) -> u64 {
+    (op as u64) << 56 | u64::from(gen & GEN_MASK) << 32 | slot as u64
+}
+
+fn untag(user_data: u64) -> (Option<Op>, u32, usize) {
+    let op = match (user_data >> 56) as u8 {
+        1 => Op::Accept,
+        2 => Op::Recv,
+        3 => Op::Send,
+        4 => Op::CancelRecv,
+        5 => Op::Cancel,
+        6 => Op::Close,
+        7 => Op::CloseRefused,
+        8 => Op::CancelAccept,
+        _ => return (None, 0, 0),
+    };
+    (
+        op.into(),
+        (user_data >> 32) as u32 & GEN_MASK,
+        user_data as u32 as usize,
+    )
+}
+
+/// What a task off the ring (fetch waiter, store) hands back to a link.
+enum Event {
+    Fetch(Option<FetchOutcome>),
+    Stored(Result<RecordRef, StoreError>),
+}
+
+/// Events from the core's helper tasks, and the waker of the ring task.
+#[derive(Default)]
+struct Mailbox {
+    queue: RefCell<Vec<(usize, u32, Event)>>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Mailbox {
+    fn post(&self, key: usize, gen: u32, event: Event) {
+        self.queue.borrow_mut().push((key, gen, event));
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.queue.borrow().is_empty() {
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await
+    }
+}
+
+/// One posted accept: its listener and where the kernel writes the peer's address.
+struct AcceptSlot {
+    listener: usize,
+    addr: libc::sockaddr_storage,
+    addr_len: libc::socklen_t,
+    posted: bool,
+}
+
+/// The parts that can fail, made before the worker says it is ready.
+pub struct Parts {
+    ring: ring::Ring,
+    bufs: BufRing,
+    listeners: Vec<std::net::TcpListener>,
+}
+
+impl Parts {
+    /// The ring, its buffer ring and its direct-descriptor table (room for
+    /// `connections_max` of this core, within RLIMIT_NOFILE, which caps the table).
+    pub fn new(listeners: Vec<std::net::TcpListener>, connections_max: usize) -> io::Result<Parts> {
+        let ring = ring::Ring::new(SQ_ENTRIES, CQ_ENTRIES)?;
+        let bufs = BufRing::new(&ring, RECV_BUFFER_GROUP, RECV_BUFFERS, RECV_BUFFER_BYTES)?;
+        let mut nofile = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: writes the limit into `nofile`.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) };
+        let table = (connections_max as u64)
+            .min(nofile.rlim_cur)
+            .clamp(64, 1 << 20) as u32;
+        ring.submitter().register_files_sparse(table)?;
+        Ok(Parts {
+            ring,
+            bufs,
+            listeners,
+        })
+    }
+
+    /// The set-up flags the kernel accepted.
+    pub fn flags(&self) -> &'static str {
+        self.ring.flags
+    }
+}
+
+struct Core<'c> {
+    // Field order is drop order: the ring goes first, so the kernel lets go of the
+    // buffer ring and the listeners before they are unmapped and closed.
+    ring: ring::Ring,
+    bufs: BufRing,
+    listeners: Vec<std::net::TcpListener>,
+    ctx: &'c WorkerCtx,
+    links: Slab<Link<'c>>,
+    accepts: Box<[AcceptSlot]>,
+    accepts_posted: usize,
+    accepting: bool,
+    /// After an accept error: when the idle accept slots are posted again, and the back-off.
+    accept_resume_at: Option<u64>,
+    accept_backoff: Duration,
+    /// (deadline ns, link, generation): at most one live entry per link (`timer_at`);
+    /// entries for a deadline that moved are skipped when they come up.
+    timers: BinaryHeap<Reverse<(u64, u32, u32)>>,
+    mailbox: Rc<Mailbox>,
+    spare: Vec<Box<Sending>>,
+    cqes: Vec<cqueue::Entry>,
+    limiter: Arc<ConnectionLimiter>,
+    open: Rc<Cell<usize>>,
+    epoch: Instant,
+    next_gen: u32,
+}
+
+/// Runs the core until the worker stops it (`stop`, then `Control::cut`).
+pub async fn run(
+    parts: Parts,
+    ctx: Rc<WorkerCtx>,
+    limiter: Arc<ConnectionLimiter>,
+    stop: flume::Receiver<()>,
+    open: Rc<Cell<usize>>,
+    cut: Rc<Cell<bool>>,
+) {
+    let Parts {
+        ring,
+        bufs,
+        listeners,
+    } = parts;
+    let accepts = listeners
+        .iter()
+        .enumerate()
+        .flat_map(|(l, _)| std::iter::repeat_n(l, ACCEPTS_POSTED_PER_LISTENER))
+        .map(|listener| AcceptSlot {
+            listener,
+            // SAFETY: all-zero is a valid sockaddr_storage.
+            addr: unsafe { std::mem::zeroed() },
+            addr_len: 0,
+            posted: false,
+        })
+        .collect();
+    let mut core = Core {
+        ring,
+        bufs,
+        listeners,
+        ctx: &ctx,
+        links: Slab::new(),
+        accepts,
+        accepts_posted: 0,
+        accepting: true,
+        accept_resume_at: None,
+        accept_backoff: ACCEPT_BACKOFF_MIN,
+        timers: BinaryHeap::new(),
+        mailbox: Rc::default(),
+        spare: Vec::new(),
+        cqes: Vec::with_capacity(CQES_PER_BATCH),
+        limiter,
+        open,
+        epoch: Instant::now(),
+        next_gen: 0,
+    };
+    core.run(stop, cut).await;
+}
+
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+impl<'c> Core<'c> {
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn ns_of(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    async fn run(&mut self, stop: flume::Receiver<()>, cut: Rc<Cell<bool>>) {
+        // The eventfd, waited on through monoio (a PollAdd on its ring). The std type is
+        // only a holder for a duplicate of the descriptor, which monoio closes.
+        // SAFETY: `dup` returns a fresh descriptor that nothing else owns.
+        let efd = monoio::net::UnixStream::from_std(unsafe {
+            <std::os::unix::net::UnixStream as std::os::fd::FromRawFd>::from_raw_fd(libc::dup(
+                self.ring.eventfd(),
+            ))
+        })
+        .expect("registering the ring's eventfd with monoio");
+        let mut stop = pin!(stop.recv_async());
+        let mut stopping = false;
+        self.post_accepts();
+        let mut cut_at = None;
+        loop {
+            self.ring.submit();
+            let mut progress = self.drain_completions();
+            progress |= self.drain_mailbox();
+            self.fire_timers();
+            if let Some(at) = self.accept_resume_at {
+                if self.now_ns() >= at {
+                    self.accept_resume_at = None;
+                    self.post_accepts();
+                }
+            }
+            if cut.get() && cut_at.is_none() {
+                cut_at = Some(std::time::Instant::now());
+                self.cut_all();
+                self.ring.submit();
+                progress = true;
+            }
+            if stopping && self.accepts_posted == 0 && !self.listeners.is_empty() {
+                // Every accept has come back: the listeners can close.
+                self.listeners.clear();
+            }
+            if let Some(at) = cut_at {
+                if self.links.is_empty() && self.accepts_posted == 0 {
+                    return;
+                }
+                if at.elapsed() > DRAIN_AT_EXIT {
+                    tracing::warn!(
+                        links = self.links.len(),
+                        "io_uring: operations still in the kernel at exit; their memory is leaked"
+                    );
+                    std::mem::forget(std::mem::take(&mut self.links));
+                    return;
+                }
+            }
+            if progress || self.ring.has_completions() {
+                // Let the runtime's other tasks (uTP, the shard, fetch waiters) run
+                // between busy turns.
+                yield_now().await;
+                continue;
+            }
+            let next = self.next_wake();
+            monoio::select! {
+                _ = efd.readable(true) => self.ring.clear_eventfd(),
+                _ = self.mailbox.wait() => {}
+                _ = monoio::time::sleep_until(next) => {}
+                _ = &mut stop, if !stopping => {
+                    stopping = true;
+                    self.stop_accepting();
+                }
+            }
+        }
+    }
+
+    /// When the loop must look again without an event: the next timer or accept retry.
+    fn next_wake(&self) -> Instant {
+        let mut at = u64::MAX;
+        if let Some(Reverse((t, _, _))) = self.timers.peek() {
+            at = *t;
+        }
+        if let Some(t) = self.accept_resume_at {
+            at = at.min(t);
+        }
+        // A day is "never" for a sleep.
+        let at = at.min(self.now_ns() + 86_400_000_000_000);
+        self.epoch + Duration::from_nanos(at)
+    }
+
+    // ---- accepting ----
+
+    fn post_accepts(&mut self) {
+        if !self.accepting {
+            return;
+        }
+        for i in 0..self.accepts.len() {
+            self.post_accept(i);
+        }
+    }
+
+    fn post_accept(&mut self, i: usize) {
+        let slot = &mut self.accepts[i];
+        if slot.posted || !self.accepting || self.accept_resume_at.is_some() {
+            return;
+        }
+        slot.addr_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let fd = self.listeners[slot.listener].as_raw_fd();
+        let entry = opcode::Accept::new(
+            types::Fd(fd),
+            (&raw mut slot.addr).cast(),
+            &raw mut slot.addr_len,
+        )
+        .file_index(Some(types::DestinationSlot::auto_target()))
+        .build()
+        .user_data(tag(Op::Accept, 0, i));
+        slot.posted = true;
+        self.accepts_posted += 1;
+        // SAFETY: the slot's address fields live in `accepts`, a boxed slice that is
+        // neither moved nor freed while the core runs (the ring is dropped first).
+        unsafe { self.ring.push(&entry) };
+    }
+
+    fn stop_accepting(&mut self) {
+        self.accepting = false;
+        self.accept_resume_at = None;
+        for l in &self.listeners {
+            let entry =
+                opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(l.as_raw_fd())).all())
+                    .build()
+                    .user_data(tag(Op::CancelAccept, 0, 0));
+            // SAFETY: no pointers.
+            unsafe { self.ring.push(&entry) };
+        }
+    }
+
+    fn on_accept(&mut self, i: usize, res: i32) {
+        let slot = &mut self.accepts[i];
+        slot.posted = false;
+        self.accepts_posted -= 1;
+        let stats = &self.ctx.stats;
+        if res < 0 {
+            if res == -libc::ECANCELED {
+                return;
+            }
+            stats.accept_errors.inc();
+            let e = io::Error::from_raw_os_error(-res);
+            tracing::warn!("accept failed: {e}; retrying in {:?}", self.accept_backoff);
+            self.accept_resume_at = Some(self.now_ns() + self.accept_backoff.as_nanos() as u64);
+            self.accept_backoff = (self.accept_backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            return;
+        }
+        self.accept_backoff = ACCEPT_BACKOFF_MIN;
+        let fd = res as u32;
+        let peer = socket_addr(&slot.addr);
+        self.post_accept(i);
+        let admitted = match peer {
+            Some(peer) => self.limiter.try_admit(peer.ip()).map(|p| (peer, p)),
+            None => Err(Refusal::Global),
+        };
+        let (peer, permit) = match admitted {
+            Ok(a) => a,
+            Err(refusal) => {
+                match refusal {
+                    Refusal::Global => stats.connections_refused_global.inc(),
+                    Refusal::PerIp => stats.connections_refused_per_ip.inc(),
+                }
+                let entry = opcode::Close::new(types::Fixed(fd)).build().user_data(tag(
+                    Op::CloseRefused,
+                    0,
+                    0,
+                ));
+                // SAFETY: no pointers.
+                unsafe { self.ring.push(&entry) };
+                return;
+            }
+        };
+        stats.connections_accepted.inc();
+        self.next_gen = self.next_gen.wrapping_add(1) & GEN_MASK;
+        let link = Link {
+            conn: Conn::new(self.ctx, peer, Instant::now()),
+            gate: Gate::Deciding,
+            input: Vec::new(),
+            out: None,
+            parked: None,
+            _permit: permit,
+            timer_at: u64::MAX,
+            fd,
+            gen: self.next_gen,
+            inflight: 0,
+            recv: Recv::Idle,
+            send_in_flight: false,
+            storing: false,
+            closing: false,
+            filled: false,
+        };
+        let key = self.links.insert(link);
+        self.open.set(self.open.get() + 1);
+        self.settle(key);
+    }
+
+    // ---- completions ----
+
+    /// Handles what the ring has completed; true if there was anything.
+    fn drain_completions(&mut self) -> bool {
+        let mut any = false;
+        loop {
+            let mut cqes = std::mem::take(&mut self.cqes);
+            self.ring.take_completions(&mut cqes, CQES_PER_BATCH);
+            if cqes.is_empty() {
+                self.cqes = cqes;
+                return any;
+            }
+            any = true;
+            for cqe in &cqes {
+                self.on_completion(cqe);
+            }
+            self.cqes = cqes;
+        }
+    }
+
+    fn on_completion(&mut self, cqe: &cqueue::Entry) {
+        let (op, gen, key) = untag(cqe.user_data());
+        let (res, flags) = (cqe.result(), cqe.flags());
+        match op {
+            Some(Op::Accept) => self.on_accept(key, res),
+            Some(Op::CloseRefused) | Some(Op::CancelAccept) | None => {}
+            Some(op) => {
+                let Some(link) = self.links.get_mut(key) else {
+                    return;
+                };
+                if link.gen != gen {
+                    return;
+                }
+                // A bug while handling one connection closes that connection only.
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    self.on_link_completion(key, op, res, flags)
+                }));
+                if outcome.is_err() {
+                    self.ctx.stats.session_panics.inc();
+                    tracing::error!("session panicked; connection closed, worker goes on");
+                    if let Some(link) = self.links.get_mut(key) {
+                        link.storing = false;
+                        link.send_in_flight = link.send_in_flight && link.inflight > 0;
+                        if !link.closing {
+                            self.close(key, SessionEnd::ProtocolError);
+                        }
+                    }
+                }
+                self.settle(key);
+            }
+        }
+    }
+
+    fn on_link_completion(&mut self, key: usize, op: Op, res: i32, flags: u32) {
+        match op {
+            Op::Recv => self.on_recv(key, res, flags),
+            Op::Send => self.on_send(key, res),
+            Op::CancelRecv | Op::Cancel | Op::Close => self.links[key].inflight -= 1,
+            Op::Accept | Op::CloseRefused | Op::CancelAccept => unreachable!("not a link op"),
+        }
+    }
+
+    fn on_recv(&mut self, key: usize, res: i32, flags: u32) {
+        let link = &mut self.links[key];
+        if !cqueue::more(flags) {
+            link.inflight -= 1;
+            link.recv = Recv::Idle;
+        }
+        let bid = cqueue::buffer_select(flags);
+        if link.closing {
+            if let Some(bid) = bid {
+                self.bufs.give_back(bid);
+            }
+            return;
+        }
+        if res > 0 {
+            let Some(bid) = bid else {
+                self.close(key, SessionEnd::IoError);
+                return;
+            };
+            let len = res as usize;
+            link.filled = len == self.bufs.buf_bytes() || cqueue::sock_nonempty(flags);
+            // The buffer is ours until handed back; `drive` copies what it does not use.
+            let data: &mut [u8] = self.bufs.get_mut(bid, len);
+            // SAFETY: `data` points into the buffer mapping, not into `self`'s fields
+            // that `drive` touches; the buffer is handed back only after `drive`.
+            let data: &mut [u8] = unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr(), len) };
+            if let Gate::Rc4(cipher) = &mut link.gate {
+                cipher.decrypt_in_place(data);
+            }
+            if link.gate.is_open() {
+                link.conn.on_read(link.filled);
+            }
+            self.drive(key, data);
+            self.bufs.give_back(bid);
+            return;
+        }
+        match res {
+            0 => self.close(key, SessionEnd::PeerClosed),
+            r if r == -libc::ENOBUFS => {
+                // The pool ran dry this turn; `settle` posts the receive again, after
+                // this turn's hand-backs.
+                self.ctx.stats.uring_recv_no_buffers.inc();
+            }
+            r if r == -libc::ECANCELED && link.recv == Recv::Idle => {}
+            r => {
+                tracing::debug!(
+                    peer = %link.conn.peer(),
+                    "receive failed: {}",
+                    io::Error::from_raw_os_error(-r)
+                );
+                self.close(key, SessionEnd::IoError);
+            }
+        }
+    }
+
+    fn on_send(&mut self, key: usize, res: i32) {
+        let link = &mut self.links[key];
+        link.inflight -= 1;
+        link.send_in_flight = false;
+        if link.closing {
+            return;
+        }
+        let mut out = link.out.take().expect("a send in flight has its batch");
+        if res < 0 {
+            tracing::debug!(
+                peer = %link.conn.peer(),
+                "write failed: {}",
+                io::Error::from_raw_os_error(-res)
+            );
+            self.recycle(out);
+            self.close(key, SessionEnd::IoError);
+            return;
+        }
+        out.batch.consume(res as usize);
+        if !out.batch.is_sent() {
+            // MSG_WAITALL finishes short writes in the kernel; this is the fallback.
+            self.post_send(key, out);
+            return;
+        }
+        link.conn
+            .on_sent(Instant::now(), out.blocks, out.payload_bytes);
+        let parked = link.parked.take();
+        out.batch.clear();
+        if let Some(parked) = parked {
+            // The fetch outcome that waited for this reply, into the (cleared) batch.
+            link.conn.on_fetch(*parked, &mut out.batch);
+            link.out = Some(out);
+        } else {
+            self.recycle(out);
+        }
+        self.drive(key, &mut []);
+    }
+
+    fn drain_mailbox(&mut self) -> bool {
+        let events = std::mem::take(&mut *self.mailbox.queue.borrow_mut());
+        let any = !events.is_empty();
+        for (key, gen, event) in events {
+            let Some(link) = self.links.get_mut(key) else {
+                continue;
+            };
+            if link.gen != gen || link.closing {
+                continue;
+            }
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.on_event(key, event)));
+            if outcome.is_err() {
+                self.ctx.stats.session_panics.inc();
+                tracing::error!("session panicked; connection closed, worker goes on");
+                if !self.links[key].closing {
+                    self.close(key, SessionEnd::ProtocolError);
+                }
+            }
+            self.settle(key);
+        }
+        any
+    }
+
+    fn on_event(&mut self, key: usize, event: Event) {
+        let link = &mut self.links[key];
+        match event {
+            Event::Fetch(outcome) if link.send_in_flight => {
+                link.parked = Some(Box::new(outcome));
+            }
+            Event::Fetch(outcome) => {
+                let mut out = link
+                    .out
+                    .take()
+                    .or_else(|| self.spare.pop())
+                    .unwrap_or_else(Sending::new);
+                link.conn.on_fetch(outcome, &mut out.batch);
+                link.out = Some(out);
+                self.drive(key, &mut []);
+            }
+            Event::Stored(stored) => {
+                link.storing = false;
+                let mut out = link
+                    .out
+                    .take()
+                    .or_else(|| self.spare.pop())
+                    .unwrap_or_else(Sending::new);
+                link.conn.on_stored(stored, &mut out.batch);
+                link.out = Some(out);
+                self.drive(key, &mut []);
+            }
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = self.now_ns();
+        while let Some(Reverse((at, key, gen))) = self.timers.peek().copied() {
+            if at > now {
+                return;
+            }
+            self.timers.pop();
+            let key = key as usize;
+            let Some(link) = self.links.get_mut(key) else {
+                continue;
+            };
+            if link.gen != gen || link.timer_at != at || link.closing {
+                continue;
+            }
+            link.timer_at = u64::MAX;
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.on_timer(key, now)));
+            if outcome.is_err() {
+                self.ctx.stats.session_panics.inc();
+                if !self.links[key].closing {
+                    self.close(key, SessionEnd::ProtocolError);
+                }
+            }
+            self.settle(key);
+        }
+    }
+
+    fn on_timer(&mut self, key: usize, now_ns: u64) {
+        let link = &mut self.links[key];
+        if link.send_in_flight {
+            let deadline = link.out.as_ref().map_or(u64::MAX, |o| o.deadline);
+            if now_ns >= deadline {
+                tracing::debug!(peer = %link.conn.peer(), "write failed: write deadline");
+                self.close(key, SessionEnd::IoError);
+            }
+            return;
+        }
+        if link.storing {
+            return;
+        }
+        let now = Instant::now();
+        if now < link.conn.deadline() {
+            return;
+        }
+        let mut out = link
+            .out
+            .take()
+            .or_else(|| self.spare.pop())
+            .unwrap_or_else(Sending::new);
+        link.conn.on_deadline(now, &mut out.batch);
+        link.out = Some(out);
+        self.drive(key, &mut []);
+    }
+
+    // ---- the byte path ----
+
+    /// Moves a link as far as it can go: the MSE gate, then the protocol, effects, and
+    /// the next reply. `fresh` are newly received bytes (already decrypted): handled in
+    /// place when nothing is queued before them, the rest kept in `input`.
+    fn drive(&mut self, key: usize, mut fresh: &mut [u8]) {
+        let ctx = self.ctx;
+        let link = &mut self.links[key];
+        if !fresh.is_empty() && (link.blocked() || !link.input.is_empty() || !link.gate.is_open()) {
+            link.input.extend_from_slice(fresh);
+            fresh = &mut [];
+        }
+        if link.blocked() {
+            return;
+        }
+        let mut out = link
+            .out
+            .take()
+            .or_else(|| self.spare.pop())
+            .unwrap_or_else(Sending::new);
+        loop {
+            // The gate: plaintext or MSE (on `input` only: `fresh` went there above).
+            match &mut link.gate {
+                Gate::Deciding => match mse::classify(&link.input) {
+                    None => break,
+                    Some(true) => link.gate = Gate::Plain,
+                    Some(false) => match Handshake::start(ctx, link.conn.peer()) {
+                        Ok(h) => link.gate = Gate::Mse(Box::new(h)),
+                        Err(why) => {
+                            tracing::debug!(peer = %link.conn.peer(), "read failed: {why}");
+                            self.recycle(out);
+                            self.close(key, SessionEnd::IoError);
+                            return;
+                        }
+                    },
+                },
+                Gate::Mse(handshake) => {
+                    match handshake.on_bytes(ctx, &link.input, out.batch.head()) {
+                        Err(why) => {
+                            tracing::debug!(peer = %link.conn.peer(), "read failed: {why}");
+                            self.recycle(out);
+                            self.close(key, SessionEnd::IoError);
+                            return;
+                        }
+                        Ok(HandshakeStep::NeedMore { consumed }) => {
+                            link.input.drain(..consumed);
+                            if out.batch.is_empty() {
+                                break;
+                            }
+                            // Our handshake bytes go out; more of the peer's after.
+                            link.out = Some(out);
+                            self.send(key);
+                            return;
+                        }
+                        Ok(HandshakeStep::Done {
+                            consumed,
+                            mode,
+                            initial_payload,
+                        }) => {
+                            let mut rest = link.input.split_off(consumed);
+                            link.gate = match mode {
+                                mse::Mode::Rc4(mut cipher) => {
+                                    cipher.decrypt_in_place(&mut rest);
+                                    Gate::Rc4(cipher)
+                                }
+                                _ => Gate::Plain,
+                            };
+                            link.input = initial_payload;
+                            link.input.extend_from_slice(&rest);
+                            if !out.batch.is_empty() {
+                                // Our last MSE bytes precede everything else; the
+                                // stream is handled once they are out.
+                                link.out = Some(out);
+                                self.send(key);
+                                return;
+                            }
+                        }
+                    }
+                    continue;
+                }
+                Gate::Plain | Gate::Rc4(_) => {}
+            }
+            // The protocol: on whatever comes first, `input` or (if that is empty) `fresh`.
+            let from_fresh = link.input.is_empty() && !fresh.is_empty();
+            let buf: &[u8] = if from_fresh { fresh } else { &link.input };
+            let consumed = link.conn.on_bytes(buf, Instant::now(), &mut out.batch);
+            if from_fresh {
+                fresh = &mut std::mem::take(&mut fresh)[consumed..];
+            } else {
+                link.input.drain(..consumed);
+            }
+            while let Some(effect) = link.conn.poll_effect() {
+                match effect {
+                    Effect::Fetch(info_hash) => {
+                        let waiter = ctx.upstream.submit(info_hash, Hints::default());
+                        let (mailbox, gen) = (self.mailbox.clone(), link.gen);
+                        monoio::spawn(async move {
+                            let outcome = waiter.recv_async().await.ok();
+                            mailbox.post(key, gen, Event::Fetch(outcome));
+                        });
+                    }
+                    Effect::Shard(cmd) => ctx.upstream.send(link.conn.key(), cmd),
+                    Effect::Store(info) => {
+                        link.storing = true;
+                        let (mailbox, gen, upstream) =
+                            (self.mailbox.clone(), link.gen, ctx.upstream.clone());
+                        monoio::spawn(async move {
+                            let stored = upstream.store_off_core(info).await;
+                            mailbox.post(key, gen, Event::Stored(stored));
+                        });
+                    }
+                    Effect::Close(end) => {
+                        self.recycle(out);
+                        self.close(key, end);
+                        return;
+                    }
+                }
+            }
+            if link.storing {
+                // Nothing is handled or sent until the store answers (`on_event`).
+                link.input.extend_from_slice(fresh);
+                link.out = Some(out);
+                return;
+            }
+            if !out.batch.is_empty() {
+                link.input.extend_from_slice(fresh);
+                link.out = Some(out);
+                self.send(key);
+                return;
+            }
+            if consumed == 0 {
+                break;
+            }
+        }
+        link.input.extend_from_slice(fresh);
+        self.recycle(out);
+    }
+
+    /// Sends the link's built batch (encrypted first under RC4).
+    fn send(&mut self, key: usize) {
+        let ctx = self.ctx;
+        let link = &mut self.links[key];
+        let mut out = link.out.take().expect("a batch to send");
+        out.blocks = out.batch.blocks();
+        out.payload_bytes = out.batch.payload_bytes();
+        if let Gate::Rc4(cipher) = &mut link.gate {
+            let mut enc = self.spare.pop().unwrap_or_else(Sending::new);
+            mse::encrypt_batch(ctx, cipher, &mut out.batch, &mut enc.batch);
+            std::mem::swap(&mut out.batch, &mut enc.batch);
+            self.recycle(enc);
+        }
+        out.deadline = self.ns_of(self.links[key].conn.write_deadline(Instant::now()));
+        out.batch.seal();
+        self.post_send(key, out);
+    }
+
+    fn post_send(&mut self, key: usize, mut out: Box<Sending>) {
+        let link = &mut self.links[key];
+        let unsent = out.batch.unsent_iovecs();
+        out.msg.msg_iov = unsent.as_ptr() as *mut libc::iovec;
+        out.msg.msg_iovlen = unsent.len();
+        let entry = opcode::SendMsg::new(types::Fixed(link.fd), &raw const out.msg)
+            .flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32)
+            .build()
+            .user_data(tag(Op::Send, link.gen, key));
+        link.out = Some(out);
+        link.send_in_flight = true;
+        link.inflight += 1;
+        // SAFETY: the msghdr and the iovecs it names live in the boxed `Sending` the
+        // link holds until the completion (`on_send`), and the iovecs point into the
+        // batch's head and its record's mmap, which the batch keeps alive.
+        unsafe { self.ring.push(&entry) };
+    }
+
+    fn recycle(&mut self, mut out: Box<Sending>) {
+        if self.spare.len() < SPARE_SENDS_MAX {
+            out.batch.clear();
+            self.spare.push(out);
+        }
+    }
+
+    /// Ends a link: counted once; whatever is posted is cancelled and the descriptor
+    /// closed in the same submission (the close hard-linked behind the cancel). The
+    /// link is freed when the last completion that names it has arrived.
+    fn close(&mut self, key: usize, end: SessionEnd) {
+        let stats = &self.ctx.stats;
+        end.counter(stats).inc();
+        stats.connections_closed.inc();
+        tracing::debug!(peer = %self.links[key].conn.peer(), ?end, "session ended");
+        self.close_quietly(key);
+    }
+
+    fn close_quietly(&mut self, key: usize) {
+        let link = &mut self.links[key];
+        if link.closing {
+            return;
+        }
+        link.closing = true;
+        link.input = Vec::new();
+        link.parked = None;
+        let close = opcode::Close::new(types::Fixed(link.fd))
+            .build()
+            .user_data(tag(Op::Close, link.gen, key));
+        if link.inflight > 0 {
+            let cancel =
+                opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fixed(link.fd)).all())
+                    .build()
+                    .flags(squeue::Flags::IO_HARDLINK)
+                    .user_data(tag(Op::Cancel, link.gen, key));
+            link.inflight += 2;
+            // SAFETY: no pointers.
+            unsafe {
+                self.ring.push(&cancel);
+                self.ring.push(&close);
+            }
+        } else {
+            link.inflight += 1;
+            // SAFETY: no pointers.
+            unsafe { self.ring.push(&close) };
+        }
+    }
+
+    /// The worker's grace time is over: every link still open is closed (counted by the
+    /// worker as cut at shutdown).
+    fn cut_all(&mut self) {
+        let keys: Vec<usize> = self.links.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.close_quietly(key);
+            self.settle(key);
+        }
+    }
+
+    /// After any event on a link: free it once closed and quiet, or post its receive
+    /// and arm its timer as its state asks.
+    fn settle(&mut self, key: usize) {
+        let Some(link) = self.links.get_mut(key) else {
+            return;
+        };
+        if link.closing {
+            if link.inflight == 0 {
+                let link = self.links.remove(key);
+                if let Some(out) = link.out {
+                    self.recycle(out);
+                }
+                self.open.set(self.open.get() - 1);
+            }
+            return;
+        }
+        if link.input.is_empty() && link.input.capacity() > 0 {
+            // An idle link keeps no allocation.
+            link.input = Vec::new();
+        }
+        let held_too_much = link.blocked() && link.input.len() >= INPUT_HELD_BYTES_MAX;
+        match link.recv {
+            Recv::Idle if !held_too_much => {
+                let entry = opcode::RecvMulti::new(types::Fixed(link.fd), RECV_BUFFER_GROUP)
+                    .build()
+                    .user_data(tag(Op::Recv, link.gen, key));
+                link.recv = Recv::Armed;
+                link.inflight += 1;
+                // SAFETY: buffers come from the registered buffer ring.
+                unsafe { self.ring.push(&entry) };
+            }
+            Recv::Armed if held_too_much => {
+                let entry = opcode::AsyncCancel::new(tag(Op::Recv, link.gen, key))
+                    .build()
+                    .user_data(tag(Op::CancelRecv, link.gen, key));
+                link.recv = Recv::Cancelling;
+                link.inflight += 1;
+                // SAFETY: no pointers.
+                unsafe { self.ring.push(&entry) };
+            }
+            _ => {}
+        }
+        let link = &mut self.links[key];
+        let want = if link.send_in_flight {
+            link.out.as_ref().map_or(u64::MAX, |o| o.deadline)
+        } else if link.storing {
+            u64::MAX
+        } else {
+            let at = link.conn.deadline();
+            self.ns_of(at)
+        };
+        let link = &mut self.links[key];
+        if want < link.timer_at {
+            link.timer_at = want;
+            self.timers.push(Reverse((want, key as u32, link.gen)));
+        }
+    }
+}
+
+/// The IPv4 or IPv6 address the kernel wrote into an accept's address slot.
+fn socket_addr(storage: &libc::sockaddr_storage) -> Option<std::net::SocketAddr> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
+            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some(SocketAddrV4::new(ip, u16::from_be(a.sin_port)).into())
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
+            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+            let port = u16::from_be(a.sin6_port);
+            Some(SocketAddrV6::new(ip, port, a.sin6_flowinfo, a.sin6_scope_id).into())
+        }
+        _ => None,
+    }
+}
+
+/// Yields to the runtime's other ready tasks once.
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
+}
