@@ -109,3 +109,17 @@ impl Link<'_> {
         self.send_in_flight || self.storing || self.closing
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sizes docs/io-uring.md quotes; a change that grows them shows up here.
+    #[test]
+    fn link_sizes() {
+        let link = std::mem::size_of::<Link<'static>>();
+        let conn = std::mem::size_of::<Conn<'static>>();
+        println!("Link {link} B, Conn {conn} B, Sending {} B", std::mem::size_of::<Sending>());
+        assert!(link <= LINK_BYTES_MAX);
+    }
+}

@@ -172,6 +172,8 @@ pub struct Parts {
     ring: ring::Ring,
     bufs: BufRing,
     listeners: Vec<std::net::TcpListener>,
+    /// Direct descriptors, so the most connections the core can hold.
+    table: u32,
 }
 
 impl Parts {
@@ -194,6 +196,7 @@ impl Parts {
             ring,
             bufs,
             listeners,
+            table,
         })
     }
 
@@ -242,6 +245,7 @@ pub async fn run(
         ring,
         bufs,
         listeners,
+        table,
     } = parts;
     let accepts = listeners
         .iter()
@@ -260,13 +264,16 @@ pub async fn run(
         bufs,
         listeners,
         ctx: &ctx,
-        links: Slab::new(),
+        // Reserved, not touched: pages become resident as links fill them, and the slab
+        // never moves (a doubling copy would leave the old pages resident in the
+        // allocator, twice the memory per connection).
+        links: Slab::with_capacity(table as usize),
         accepts,
         accepts_posted: 0,
         accepting: true,
         accept_resume_at: None,
         accept_backoff: ACCEPT_BACKOFF_MIN,
-        timers: BinaryHeap::new(),
+        timers: BinaryHeap::with_capacity(2 * table as usize),
         mailbox: Rc::default(),
         spare: Vec::new(),
         cqes: Vec::with_capacity(CQES_PER_BATCH),
