@@ -475,7 +475,17 @@ const FD_LIMIT: u64 = 64;
 fn out_of_file_descriptors_accept_backs_off_and_recovers() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("d");
-    let mut cmd = ServerProc::command(&data, &["--handshake-timeout-ms", "60000"]);
+    // The per-IP cap (64 by default) must not refuse these connections before the
+    // descriptors run out.
+    let mut cmd = ServerProc::command(
+        &data,
+        &[
+            "--handshake-timeout-ms",
+            "60000",
+            "--connections-per-ip-max",
+            "1000",
+        ],
+    );
     // SAFETY: only setrlimit (async-signal-safe) between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -494,8 +504,10 @@ fn out_of_file_descriptors_accept_backs_off_and_recovers() {
     assert_eq!(try_upload(s.admin, &t).unwrap().0, 201);
 
     // Hold more connections than the server has descriptors. The kernel completes every TCP
-    // handshake into the listen backlog; the server's accept fails once it is out of fds.
-    let conns: Vec<TcpStream> = (0..FD_LIMIT * 2)
+    // handshake into the listen backlog; the server's accept fails once it is out of fds
+    // (epoll), or its direct-descriptor table, sized by the same limit, is full
+    // (io_uring: one table of FD_LIMIT per core, so three times the limit fills both).
+    let conns: Vec<TcpStream> = (0..FD_LIMIT * 3)
         .map(|_| TcpStream::connect(s.addr).unwrap())
         .collect();
     // While exhausted a new client is not served.

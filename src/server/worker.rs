@@ -134,6 +134,9 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
             .and_then(|l| uring::Parts::new(l, per_core))
         {
             Ok(parts) => {
+                // The ring holds duplicates; these would keep the listening sockets (and
+                // their backlogs) open after the ring's accepts stop.
+                drop(listeners);
                 tracing::debug!(
                     worker = index,
                     flags = parts.flags(),

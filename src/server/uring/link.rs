@@ -119,7 +119,10 @@ mod tests {
     fn link_sizes() {
         let link = std::mem::size_of::<Link<'static>>();
         let conn = std::mem::size_of::<Conn<'static>>();
-        println!("Link {link} B, Conn {conn} B, Sending {} B", std::mem::size_of::<Sending>());
+        println!(
+            "Link {link} B, Conn {conn} B, Sending {} B",
+            std::mem::size_of::<Sending>()
+        );
         assert!(link <= LINK_BYTES_MAX);
     }
 }

@@ -159,6 +159,14 @@ impl Mailbox {
     }
 }
 
+/// Whether `drive` may go on after the effects.
+enum Flow {
+    Go,
+    /// A store runs off the core; the link waits for it.
+    Storing,
+    Closed,
+}
+
 /// One posted accept: its listener and where the kernel writes the peer's address.
 struct AcceptSlot {
     listener: usize,
@@ -216,6 +224,14 @@ struct Core<'c> {
     links: Slab<Link<'c>>,
     accepts: Box<[AcceptSlot]>,
     accepts_posted: usize,
+    /// Direct descriptors in the table: links, plus refused connections whose close is
+    /// on its way, plus posted accepts may never exceed it. A full table would make the
+    /// kernel take a connection off the backlog and drop it; short of it, connections
+    /// wait in the backlog as they do when epoll runs out of descriptors.
+    table: usize,
+    refused_closing: usize,
+    /// Accepts are held back because the table is full (counted once per episode).
+    table_full: bool,
     accepting: bool,
     /// After an accept error: when the idle accept slots are posted again, and the back-off.
     accept_resume_at: Option<u64>,
@@ -270,6 +286,9 @@ pub async fn run(
         links: Slab::with_capacity(table as usize),
         accepts,
         accepts_posted: 0,
+        table: table as usize,
+        refused_closing: 0,
+        table_full: false,
         accepting: true,
         accept_resume_at: None,
         accept_backoff: ACCEPT_BACKOFF_MIN,
@@ -345,6 +364,10 @@ impl<'c> Core<'c> {
                     return;
                 }
             }
+            if self.ring.has_submissions() {
+                // Timers and accept retries queue work too: it goes in before any wait.
+                self.ring.submit();
+            }
             if progress || self.ring.has_completions() {
                 // Let the runtime's other tasks (uTP, the shard, fetch waiters) run
                 // between busy turns.
@@ -390,6 +413,17 @@ impl<'c> Core<'c> {
     }
 
     fn post_accept(&mut self, i: usize) {
+        if self.links.len() + self.refused_closing + self.accepts_posted >= self.table {
+            if !self.table_full {
+                self.table_full = true;
+                self.ctx.stats.accept_errors.inc();
+                tracing::warn!(
+                    table = self.table,
+                    "descriptor table full; accepts wait until connections close (raise LimitNOFILE / ulimit -n)"
+                );
+            }
+            return;
+        }
         let slot = &mut self.accepts[i];
         if slot.posted || !self.accepting || self.accept_resume_at.is_some() {
             return;
@@ -409,6 +443,14 @@ impl<'c> Core<'c> {
         // SAFETY: the slot's address fields live in `accepts`, a boxed slice that is
         // neither moved nor freed while the core runs (the ring is dropped first).
         unsafe { self.ring.push(&entry) };
+    }
+
+    /// A descriptor came free: post the accepts a full table held back.
+    fn resume_accepts(&mut self) {
+        if self.table_full {
+            self.table_full = false;
+            self.post_accepts();
+        }
     }
 
     fn stop_accepting(&mut self) {
@@ -443,7 +485,6 @@ impl<'c> Core<'c> {
         self.accept_backoff = ACCEPT_BACKOFF_MIN;
         let fd = res as u32;
         let peer = socket_addr(&slot.addr);
-        self.post_accept(i);
         let admitted = match peer {
             Some(peer) => self.limiter.try_admit(peer.ip()).map(|p| (peer, p)),
             None => Err(Refusal::Global),
@@ -455,6 +496,7 @@ impl<'c> Core<'c> {
                     Refusal::Global => stats.connections_refused_global.inc(),
                     Refusal::PerIp => stats.connections_refused_per_ip.inc(),
                 }
+                self.refused_closing += 1;
                 let entry = opcode::Close::new(types::Fixed(fd)).build().user_data(tag(
                     Op::CloseRefused,
                     0,
@@ -462,6 +504,7 @@ impl<'c> Core<'c> {
                 ));
                 // SAFETY: no pointers.
                 unsafe { self.ring.push(&entry) };
+                self.post_accept(i);
                 return;
             }
         };
@@ -486,6 +529,8 @@ impl<'c> Core<'c> {
         };
         let key = self.links.insert(link);
         self.open.set(self.open.get() + 1);
+        // Posted again only now: the new connection counts against the table.
+        self.post_accept(i);
         self.settle(key);
     }
 
@@ -514,7 +559,11 @@ impl<'c> Core<'c> {
         let (res, flags) = (cqe.result(), cqe.flags());
         match op {
             Some(Op::Accept) => self.on_accept(key, res),
-            Some(Op::CloseRefused) | Some(Op::CancelAccept) | None => {}
+            Some(Op::CloseRefused) => {
+                self.refused_closing -= 1;
+                self.resume_accepts();
+            }
+            Some(Op::CancelAccept) | None => {}
             Some(op) => {
                 let Some(link) = self.links.get_mut(key) else {
                     return;
@@ -769,7 +818,29 @@ impl<'c> Core<'c> {
             .take()
             .or_else(|| self.spare.pop())
             .unwrap_or_else(Sending::new);
+        // Effects of what happened before (a deadline, a fetch outcome) come first.
         loop {
+            match self.effects(key) {
+                Flow::Closed => {
+                    self.recycle(out);
+                    return;
+                }
+                Flow::Storing => {
+                    // Nothing is handled or sent until the store answers (`on_event`).
+                    let link = &mut self.links[key];
+                    link.input.extend_from_slice(fresh);
+                    link.out = Some(out);
+                    return;
+                }
+                Flow::Go => {}
+            }
+            let link = &mut self.links[key];
+            if !out.batch.is_empty() {
+                link.input.extend_from_slice(fresh);
+                link.out = Some(out);
+                self.send(key, true);
+                return;
+            }
             // The gate: plaintext or MSE (on `input` only: `fresh` went there above).
             match &mut link.gate {
                 Gate::Deciding => match mse::classify(&link.input) {
@@ -786,11 +857,13 @@ impl<'c> Core<'c> {
                     },
                 },
                 Gate::Mse(handshake) => {
-                    match handshake.on_bytes(ctx, &link.input, out.batch.head()) {
+                    let step = handshake.on_bytes(ctx, &link.input, out.batch.head());
+                    match step {
                         Err(why) => {
+                            // What we wrote (our key, say) goes out before the close, as
+                            // the monoio path writes it before it fails the read.
                             tracing::debug!(peer = %link.conn.peer(), "read failed: {why}");
-                            self.recycle(out);
-                            self.close(key, SessionEnd::IoError);
+                            self.close_after(key, out, SessionEnd::IoError);
                             return;
                         }
                         Ok(HandshakeStep::NeedMore { consumed }) => {
@@ -798,10 +871,6 @@ impl<'c> Core<'c> {
                             if out.batch.is_empty() {
                                 break;
                             }
-                            // Our handshake bytes go out; more of the peer's after.
-                            link.out = Some(out);
-                            self.send(key);
-                            return;
                         }
                         Ok(HandshakeStep::Done {
                             consumed,
@@ -819,17 +888,22 @@ impl<'c> Core<'c> {
                             link.input = initial_payload;
                             link.input.extend_from_slice(&rest);
                             if !out.batch.is_empty() {
-                                // Our last MSE bytes precede everything else; the
-                                // stream is handled once they are out.
+                                // Our last handshake bytes, encrypted by the responder
+                                // already: they go out as they are, before the stream.
                                 link.out = Some(out);
-                                self.send(key);
+                                self.send(key, false);
                                 return;
                             }
                         }
                     }
+                    // Our MSE bytes (if any) go out before anything else (next round).
                     continue;
                 }
                 Gate::Plain | Gate::Rc4(_) => {}
+            }
+            if !link.gate.is_open() {
+                // Just decided on MSE: run the handshake.
+                continue;
             }
             // The protocol: on whatever comes first, `input` or (if that is empty) `fresh`.
             let from_fresh = link.input.is_empty() && !fresh.is_empty();
@@ -840,61 +914,77 @@ impl<'c> Core<'c> {
             } else {
                 link.input.drain(..consumed);
             }
-            while let Some(effect) = link.conn.poll_effect() {
-                match effect {
-                    Effect::Fetch(info_hash) => {
-                        let waiter = ctx.upstream.submit(info_hash, Hints::default());
-                        let (mailbox, gen) = (self.mailbox.clone(), link.gen);
-                        monoio::spawn(async move {
-                            let outcome = waiter.recv_async().await.ok();
-                            mailbox.post(key, gen, Event::Fetch(outcome));
-                        });
-                    }
-                    Effect::Shard(cmd) => ctx.upstream.send(link.conn.key(), cmd),
-                    Effect::Store(info) => {
-                        link.storing = true;
-                        let (mailbox, gen, upstream) =
-                            (self.mailbox.clone(), link.gen, ctx.upstream.clone());
-                        monoio::spawn(async move {
-                            let stored = upstream.store_off_core(info).await;
-                            mailbox.post(key, gen, Event::Stored(stored));
-                        });
-                    }
-                    Effect::Close(end) => {
+            if consumed == 0 {
+                // Nothing more to handle; its effects (a close, say) still run.
+                match self.effects(key) {
+                    Flow::Closed => {
                         self.recycle(out);
-                        self.close(key, end);
                         return;
                     }
+                    Flow::Storing => {
+                        let link = &mut self.links[key];
+                        link.input.extend_from_slice(fresh);
+                        link.out = Some(out);
+                        return;
+                    }
+                    Flow::Go => {}
                 }
-            }
-            if link.storing {
-                // Nothing is handled or sent until the store answers (`on_event`).
-                link.input.extend_from_slice(fresh);
-                link.out = Some(out);
-                return;
-            }
-            if !out.batch.is_empty() {
-                link.input.extend_from_slice(fresh);
-                link.out = Some(out);
-                self.send(key);
-                return;
-            }
-            if consumed == 0 {
+                if !out.batch.is_empty() {
+                    let link = &mut self.links[key];
+                    link.input.extend_from_slice(fresh);
+                    link.out = Some(out);
+                    self.send(key, true);
+                    return;
+                }
                 break;
             }
         }
-        link.input.extend_from_slice(fresh);
+        self.links[key].input.extend_from_slice(fresh);
         self.recycle(out);
     }
 
-    /// Sends the link's built batch (encrypted first under RC4).
-    fn send(&mut self, key: usize) {
+    /// Carries out what the protocol asked for since the last call.
+    fn effects(&mut self, key: usize) -> Flow {
+        let ctx = self.ctx;
+        let link = &mut self.links[key];
+        while let Some(effect) = link.conn.poll_effect() {
+            match effect {
+                Effect::Fetch(info_hash) => {
+                    let waiter = ctx.upstream.submit(info_hash, Hints::default());
+                    let (mailbox, gen) = (self.mailbox.clone(), link.gen);
+                    monoio::spawn(async move {
+                        let outcome = waiter.recv_async().await.ok();
+                        mailbox.post(key, gen, Event::Fetch(outcome));
+                    });
+                }
+                Effect::Shard(cmd) => ctx.upstream.send(link.conn.key(), cmd),
+                Effect::Store(info) => {
+                    link.storing = true;
+                    let (mailbox, gen, upstream) =
+                        (self.mailbox.clone(), link.gen, ctx.upstream.clone());
+                    monoio::spawn(async move {
+                        let stored = upstream.store_off_core(info).await;
+                        mailbox.post(key, gen, Event::Stored(stored));
+                    });
+                    return Flow::Storing;
+                }
+                Effect::Close(end) => {
+                    self.close(key, end);
+                    return Flow::Closed;
+                }
+            }
+        }
+        Flow::Go
+    }
+
+    /// Sends the link's built batch (encrypted first under RC4 if `encrypt`).
+    fn send(&mut self, key: usize, encrypt: bool) {
         let ctx = self.ctx;
         let link = &mut self.links[key];
         let mut out = link.out.take().expect("a batch to send");
         out.blocks = out.batch.blocks();
         out.payload_bytes = out.batch.payload_bytes();
-        if let Gate::Rc4(cipher) = &mut link.gate {
+        if let (Gate::Rc4(cipher), true) = (&mut link.gate, encrypt) {
             let mut enc = self.spare.pop().unwrap_or_else(Sending::new);
             mse::encrypt_batch(ctx, cipher, &mut out.batch, &mut enc.batch);
             std::mem::swap(&mut out.batch, &mut enc.batch);
@@ -938,6 +1028,38 @@ impl<'c> Core<'c> {
         end.counter(stats).inc();
         stats.connections_closed.inc();
         tracing::debug!(peer = %self.links[key].conn.peer(), ?end, "session ended");
+        self.close_quietly(key);
+    }
+
+    /// Ends a link after one last reply: the send, the cancel of what else is posted and
+    /// the close go in one submission, hard-linked in that order, so they run one after
+    /// the other whatever each returns.
+    fn close_after(&mut self, key: usize, mut out: Box<Sending>, end: SessionEnd) {
+        if out.batch.is_empty() {
+            self.recycle(out);
+            self.close(key, end);
+            return;
+        }
+        let stats = &self.ctx.stats;
+        end.counter(stats).inc();
+        stats.connections_closed.inc();
+        out.batch.seal();
+        let link = &mut self.links[key];
+        let unsent = out.batch.unsent_iovecs();
+        out.msg.msg_iov = unsent.as_ptr() as *mut libc::iovec;
+        out.msg.msg_iovlen = unsent.len();
+        let send = opcode::SendMsg::new(types::Fixed(link.fd), &raw const out.msg)
+            .flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32)
+            .build()
+            .flags(squeue::Flags::IO_HARDLINK)
+            .user_data(tag(Op::Send, link.gen, key));
+        link.out = Some(out);
+        link.send_in_flight = true;
+        link.inflight += 1;
+        // SAFETY: as in `post_send`; the link (and its batch) is freed only after every
+        // completion of the chain.
+        unsafe { self.ring.push(&send) };
+        // The receive is still posted (inflight > 0), so this queues cancel + close.
         self.close_quietly(key);
     }
 
@@ -994,6 +1116,7 @@ impl<'c> Core<'c> {
                     self.recycle(out);
                 }
                 self.open.set(self.open.get() - 1);
+                self.resume_accepts();
             }
             return;
         }

@@ -119,6 +119,11 @@ impl Ring {
         }
     }
 
+    /// Whether submissions are queued.
+    pub fn has_submissions(&mut self) -> bool {
+        !self.ring.submission().is_empty()
+    }
+
     /// Whether completions wait to be drained.
     pub fn has_completions(&mut self) -> bool {
         !self.ring.completion().is_empty()
