@@ -45,4 +45,12 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
+# Pass 1: the default driver (io_uring where the kernel allows it: the worker's own ring).
 cargo nextest run --workspace --no-fail-fast "$@"
+# Pass 2: every test that runs `magnetar serve` again on the epoll fallback (the server
+# reads MAGNETAR_DRIVER; a test that names --driver itself keeps its choice). Unit tests
+# do not depend on the driver and run once. MAGNETAR_TEST_EPOLL_PASS=0 skips this pass.
+if [ "${MAGNETAR_TEST_EPOLL_PASS:-1}" = 1 ]; then
+  echo "== the integration tests again with MAGNETAR_DRIVER=epoll"
+  MAGNETAR_DRIVER=epoll cargo nextest run --workspace --no-fail-fast -E 'kind(test)' "$@"
+fi

@@ -102,7 +102,8 @@ pub struct ServeSettings {
     pub threads: Option<usize>,
 
     /// io driver: auto (io_uring if the kernel allows it, else epoll), io-uring, epoll.
-    #[arg(long, value_enum, default_value = "auto")]
+    /// io_uring serves TCP from the worker's own ring (docs/io-uring.md).
+    #[arg(long, value_enum, default_value = "auto", env = "MAGNETAR_DRIVER")]
     pub driver: DriverChoice,
 
     /// Pin worker i to CPU i.

@@ -190,6 +190,9 @@ core_stats! {
     /// io_uring receives that found the core's buffer ring empty (ENOBUFS), each posted
     /// again in the same turn; many mean the pool is too small for the load.
     uring_recv_no_buffers,
+    /// uTP datagrams larger than a receive buffer of the io_uring path (4 KiB), dropped:
+    /// uTP packets fit a path MTU, so only a broken or hostile sender sends one.
+    utp_recv_truncated,
     /// Misses closed at once: the client IP used up `misses_per_ip_per_minute_max`.
     misses_refused_per_ip,
     /// Waiting clients closed because their fetch failed or was refused.

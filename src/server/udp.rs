@@ -323,6 +323,9 @@ pub struct Endpoint {
     half_open: Cell<usize>,
     /// False once the server shuts down: no new connections.
     accepting: Cell<bool>,
+    /// Connections touched by the datagrams of the batch the worker's ring is handing
+    /// over (`on_ring_datagram` .. `end_ring_batch`).
+    ring_touched: RefCell<Vec<Rc<Shared>>>,
     /// Our initial sequence numbers: unpredictable enough that an off-path sender cannot
     /// guess the ack that establishes a connection from a spoofed SYN.
     rng: Cell<u64>,
@@ -352,6 +355,7 @@ impl Endpoint {
             timer_changed: Notify::default(),
             half_open: Cell::new(0),
             accepting: Cell::new(true),
+            ring_touched: RefCell::new(Vec::new()),
             rng: Cell::new(seed | 1),
         }))
     }
@@ -399,6 +403,45 @@ impl Endpoint {
             self.tx.borrow_mut().send(self.fd, &self.ctx.stats);
             buf.clear();
         }
+    }
+
+    /// The socket, for the worker's ring to receive on (`server/uring`).
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// One datagram received by the worker's ring: demultiplexed as `recv_loop` does;
+    /// the connections it touched transmit at `end_ring_batch`.
+    pub(crate) fn on_ring_datagram(self: &Rc<Self>, bytes: &[u8], from: SocketAddr) {
+        let mut touched = std::mem::take(&mut *self.ring_touched.borrow_mut());
+        self.on_datagram(bytes, from, &mut touched);
+        let mut kept = self.ring_touched.borrow_mut();
+        if kept.is_empty() {
+            *kept = touched;
+        } else {
+            kept.append(&mut touched);
+        }
+    }
+
+    /// A receive error the ring saw on this socket (ICMP errors for one peer).
+    pub(crate) fn on_ring_recv_error(&self, e: io::Error) {
+        self.ctx.stats.utp_recv_errors.inc();
+        tracing::debug!("uTP recv: {e}");
+    }
+
+    /// The end of a batch of ring datagrams: every touched connection answers at once,
+    /// one ack per batch of its packets, and the datagrams leave in `sendmmsg` calls.
+    pub(crate) fn end_ring_batch(self: &Rc<Self>) {
+        let touched = std::mem::take(&mut *self.ring_touched.borrow_mut());
+        if touched.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for sh in &touched {
+            sh.touched.set(false);
+            self.after_event(sh, now);
+        }
+        self.tx.borrow_mut().send(self.fd, &self.ctx.stats);
     }
 
     /// Services connection timers for as long as the runtime runs.
@@ -789,9 +832,12 @@ impl Drop for UtpTransport {
 
 /// Spawns the endpoint's loops on the current runtime. They run as long as the runtime:
 /// during the shutdown grace time open connections still need their acks and
-/// retransmissions; `stop` only ends the admission of new connections.
-pub fn spawn_endpoint(ep: Rc<Endpoint>, stop: flume::Receiver<()>) {
-    monoio::spawn(ep.clone().recv_loop());
+/// retransmissions; `stop` only ends the admission of new connections. With
+/// `on_ring`, the worker's ring receives the datagrams instead of `recv_loop`.
+pub fn spawn_endpoint(ep: Rc<Endpoint>, stop: flume::Receiver<()>, on_ring: bool) {
+    if !on_ring {
+        monoio::spawn(ep.clone().recv_loop());
+    }
     monoio::spawn(ep.clone().timer_loop());
     monoio::spawn(async move {
         let _ = stop.recv_async().await;

@@ -182,6 +182,7 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
                 open.clone(),
             )));
         }
+        let mut endpoints = Vec::new();
         for (i, socket) in udp.into_iter().enumerate() {
             let settings = udp::UtpSettings {
                 utp: crate::utp::Config {
@@ -200,7 +201,10 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
                 open.clone(),
                 seed,
             ) {
-                Ok(ep) => udp::spawn_endpoint(ep, stop.clone()),
+                Ok(ep) => {
+                    udp::spawn_endpoint(ep.clone(), stop.clone(), own_ring.is_some());
+                    endpoints.push(ep);
+                }
                 Err(e) => {
                     let _ = ready.send(Err(anyhow::anyhow!("worker {index}: uTP socket: {e}")));
                     return;
@@ -211,6 +215,7 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         let ring_task = own_ring.map(|parts| {
             monoio::spawn(uring::run(
                 parts,
+                std::mem::take(&mut endpoints),
                 ctx.clone(),
                 limiter.clone(),
                 stop.clone(),

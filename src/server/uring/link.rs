@@ -98,9 +98,9 @@ pub struct Link<'c> {
     /// `Effect::Store` runs off the core; nothing is handled until it answers.
     pub storing: bool,
     pub closing: bool,
-    /// The last receive filled its buffer or left bytes in the socket: the peer's
-    /// pipelined burst goes on (`Conn::on_read`).
-    pub filled: bool,
+    /// Bytes arrived that the protocol has not been told of (`Conn::on_read`, before
+    /// they are handled): `Some(true)` if the peer's pipelined burst goes on.
+    pub news: Option<bool>,
 }
 
 impl Link<'_> {

@@ -43,6 +43,7 @@ use slab::Slab;
 use crate::server::conn::{Conn, Effect, SessionEnd, WorkerCtx};
 use crate::server::limiter::{ConnectionLimiter, Refusal};
 use crate::server::mse::{self, Handshake, HandshakeStep};
+use crate::server::udp;
 use crate::store::{RecordRef, StoreError};
 use crate::upstream::shard::{FetchOutcome, Hints};
 use bufs::BufRing;
@@ -98,6 +99,8 @@ enum Op {
     /// Close of a connection refused by the limiter (it never got a link).
     CloseRefused,
     CancelAccept,
+    /// The multishot recvmsg of a uTP socket (slot = its index in `Core::udp`).
+    UdpRecv,
 }
 
 const GEN_MASK: u32 = 0xff_ffff;
@@ -116,6 +119,7 @@ fn untag(user_data: u64) -> (Option<Op>, u32, usize) {
         6 => Op::Close,
         7 => Op::CloseRefused,
         8 => Op::CancelAccept,
+        9 => Op::UdpRecv,
         _ => return (None, 0, 0),
     };
     (
@@ -173,6 +177,17 @@ struct AcceptSlot {
     addr: libc::sockaddr_storage,
     addr_len: libc::socklen_t,
     posted: bool,
+}
+
+/// A uTP socket received on this ring: its endpoint demultiplexes (`server/udp.rs`).
+struct UdpRecv {
+    ep: Rc<udp::Endpoint>,
+    /// Read by the kernel for every datagram of the multishot recvmsg: the room for the
+    /// source address in front of each buffer (boxed: its address must not move).
+    msg: Box<libc::msghdr>,
+    posted: bool,
+    /// Datagrams were handed to the endpoint since its last `end_ring_batch`.
+    touched: bool,
 }
 
 /// The parts that can fail, made before the worker says it is ready.
@@ -240,17 +255,24 @@ struct Core<'c> {
     /// entries for a deadline that moved are skipped when they come up.
     timers: BinaryHeap<Reverse<(u64, u32, u32)>>,
     mailbox: Rc<Mailbox>,
+    // Boxed: a `Sending` in flight is read by the kernel through its msghdr, so it must
+    // not move; the pool hands out the same boxes.
+    #[allow(clippy::vec_box)]
     spare: Vec<Box<Sending>>,
     cqes: Vec<cqueue::Entry>,
     limiter: Arc<ConnectionLimiter>,
     open: Rc<Cell<usize>>,
     epoch: Instant,
     next_gen: u32,
+    udp: Vec<UdpRecv>,
+    /// The worker's grace time is over: nothing is posted again.
+    cutting: bool,
 }
 
 /// Runs the core until the worker stops it (`stop`, then `Control::cut`).
 pub async fn run(
     parts: Parts,
+    endpoints: Vec<Rc<udp::Endpoint>>,
     ctx: Rc<WorkerCtx>,
     limiter: Arc<ConnectionLimiter>,
     stop: flume::Receiver<()>,
@@ -300,6 +322,21 @@ pub async fn run(
         open,
         epoch: Instant::now(),
         next_gen: 0,
+        udp: endpoints
+            .into_iter()
+            .map(|ep| {
+                // SAFETY: an all-zero msghdr is a valid empty one.
+                let mut msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+                msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+                UdpRecv {
+                    ep,
+                    msg,
+                    posted: false,
+                    touched: false,
+                }
+            })
+            .collect(),
+        cutting: false,
     };
     core.run(stop, cut).await;
 }
@@ -329,6 +366,9 @@ impl<'c> Core<'c> {
         let mut stop = pin!(stop.recv_async());
         let mut stopping = false;
         self.post_accepts();
+        for i in 0..self.udp.len() {
+            self.post_udp(i);
+        }
         let mut cut_at = None;
         loop {
             self.ring.submit();
@@ -352,7 +392,10 @@ impl<'c> Core<'c> {
                 self.listeners.clear();
             }
             if let Some(at) = cut_at {
-                if self.links.is_empty() && self.accepts_posted == 0 {
+                if self.links.is_empty()
+                    && self.accepts_posted == 0
+                    && self.udp.iter().all(|u| !u.posted)
+                {
                     return;
                 }
                 if at.elapsed() > DRAIN_AT_EXIT {
@@ -453,6 +496,79 @@ impl<'c> Core<'c> {
         }
     }
 
+    // ---- uTP datagrams ----
+
+    fn post_udp(&mut self, i: usize) {
+        let u = &mut self.udp[i];
+        if u.posted || self.cutting {
+            return;
+        }
+        let entry = opcode::RecvMsgMulti::new(
+            types::Fd(u.ep.raw_fd()),
+            &raw const *u.msg,
+            RECV_BUFFER_GROUP,
+        )
+        .build()
+        .user_data(tag(Op::UdpRecv, 0, i));
+        u.posted = true;
+        // SAFETY: the msghdr is boxed in `udp`, which lives as long as the core.
+        unsafe { self.ring.push(&entry) };
+    }
+
+    fn on_udp(&mut self, i: usize, res: i32, flags: u32) {
+        let u = &mut self.udp[i];
+        if !cqueue::more(flags) {
+            u.posted = false;
+        }
+        let stats = &self.ctx.stats;
+        if let Some(bid) = cqueue::buffer_select(flags) {
+            if res >= 0 {
+                let buf = self.bufs.get_mut(bid, res as usize);
+                match types::RecvMsgOut::parse(buf, &u.msg) {
+                    // A datagram larger than a buffer would be read as a shorter uTP
+                    // packet (uTP has no length field): dropped, counted.
+                    Ok(out) if out.is_payload_truncated() => stats.utp_recv_truncated.inc(),
+                    Ok(out) => match name_addr(out.name_data()) {
+                        Some(from) => {
+                            let ep = &u.ep;
+                            let handled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                ep.on_ring_datagram(out.payload_data(), from)
+                            }));
+                            if handled.is_err() {
+                                stats.session_panics.inc();
+                                tracing::error!(%from, "uTP datagram handling panicked; worker goes on");
+                            }
+                            u.touched = true;
+                        }
+                        None => stats.utp_recv_errors.inc(),
+                    },
+                    Err(()) => stats.utp_recv_errors.inc(),
+                }
+            }
+            self.bufs.give_back(bid);
+        } else if res == -libc::ENOBUFS {
+            stats.uring_recv_no_buffers.inc();
+        } else if res < 0 && res != -libc::ECANCELED {
+            u.ep.on_ring_recv_error(io::Error::from_raw_os_error(-res));
+        }
+        if !self.udp[i].posted {
+            self.post_udp(i);
+        }
+    }
+
+    /// Lets every endpoint that received datagrams answer them, a batch at a time.
+    fn end_udp_batches(&mut self) {
+        for u in &mut self.udp {
+            if std::mem::take(&mut u.touched) {
+                let ep = &u.ep;
+                if std::panic::catch_unwind(AssertUnwindSafe(|| ep.end_ring_batch())).is_err() {
+                    self.ctx.stats.session_panics.inc();
+                    tracing::error!("uTP batch handling panicked; worker goes on");
+                }
+            }
+        }
+    }
+
     fn stop_accepting(&mut self) {
         self.accepting = false;
         self.accept_resume_at = None;
@@ -525,7 +641,7 @@ impl<'c> Core<'c> {
             send_in_flight: false,
             storing: false,
             closing: false,
-            filled: false,
+            news: None,
         };
         let key = self.links.insert(link);
         self.open.set(self.open.get() + 1);
@@ -551,6 +667,7 @@ impl<'c> Core<'c> {
                 self.on_completion(cqe);
             }
             self.cqes = cqes;
+            self.end_udp_batches();
         }
     }
 
@@ -563,6 +680,7 @@ impl<'c> Core<'c> {
                 self.refused_closing -= 1;
                 self.resume_accepts();
             }
+            Some(Op::UdpRecv) => self.on_udp(key, res, flags),
             Some(Op::CancelAccept) | None => {}
             Some(op) => {
                 let Some(link) = self.links.get_mut(key) else {
@@ -596,7 +714,9 @@ impl<'c> Core<'c> {
             Op::Recv => self.on_recv(key, res, flags),
             Op::Send => self.on_send(key, res),
             Op::CancelRecv | Op::Cancel | Op::Close => self.links[key].inflight -= 1,
-            Op::Accept | Op::CloseRefused | Op::CancelAccept => unreachable!("not a link op"),
+            Op::Accept | Op::CloseRefused | Op::CancelAccept | Op::UdpRecv => {
+                unreachable!("not a link op")
+            }
         }
     }
 
@@ -619,7 +739,12 @@ impl<'c> Core<'c> {
                 return;
             };
             let len = res as usize;
-            link.filled = len == self.bufs.buf_bytes() || cqueue::sock_nonempty(flags);
+            // What `Conn::on_read` is told before these bytes are handled: the burst goes
+            // on if the buffer filled, the socket holds more, or the peer sent them while
+            // our reply was still in flight (it did not wait for our answers).
+            let burst =
+                len == self.bufs.buf_bytes() || cqueue::sock_nonempty(flags) || link.blocked();
+            link.news = Some(link.news.unwrap_or(false) || burst);
             // The buffer is ours until handed back; `drive` copies what it does not use.
             let data: &mut [u8] = self.bufs.get_mut(bid, len);
             // SAFETY: `data` points into the buffer mapping, not into `self`'s fields
@@ -627,9 +752,6 @@ impl<'c> Core<'c> {
             let data: &mut [u8] = unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr(), len) };
             if let Gate::Rc4(cipher) = &mut link.gate {
                 cipher.decrypt_in_place(data);
-            }
-            if link.gate.is_open() {
-                link.conn.on_read(link.filled);
             }
             self.drive(key, data);
             self.bufs.give_back(bid);
@@ -908,6 +1030,9 @@ impl<'c> Core<'c> {
             // The protocol: on whatever comes first, `input` or (if that is empty) `fresh`.
             let from_fresh = link.input.is_empty() && !fresh.is_empty();
             let buf: &[u8] = if from_fresh { fresh } else { &link.input };
+            if let Some(burst) = link.news.take() {
+                link.conn.on_read(burst);
+            }
             let consumed = link.conn.on_bytes(buf, Instant::now(), &mut out.batch);
             if from_fresh {
                 fresh = &mut std::mem::take(&mut fresh)[consumed..];
@@ -1096,6 +1221,16 @@ impl<'c> Core<'c> {
     /// The worker's grace time is over: every link still open is closed (counted by the
     /// worker as cut at shutdown).
     fn cut_all(&mut self) {
+        self.cutting = true;
+        for (i, u) in self.udp.iter().enumerate() {
+            if u.posted {
+                let entry = opcode::AsyncCancel::new(tag(Op::UdpRecv, 0, i))
+                    .build()
+                    .user_data(tag(Op::CancelAccept, 0, 0));
+                // SAFETY: no pointers.
+                unsafe { self.ring.push(&entry) };
+            }
+        }
         let keys: Vec<usize> = self.links.iter().map(|(k, _)| k).collect();
         for key in keys {
             self.close_quietly(key);
@@ -1182,6 +1317,20 @@ fn socket_addr(storage: &libc::sockaddr_storage) -> Option<std::net::SocketAddr>
         }
         _ => None,
     }
+}
+
+/// The source address of a received datagram (the name field of a recvmsg result).
+fn name_addr(name: &[u8]) -> Option<std::net::SocketAddr> {
+    // SAFETY: all-zero is a valid sockaddr_storage; at most its size is copied in.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let n = name
+        .len()
+        .min(std::mem::size_of::<libc::sockaddr_storage>());
+    // SAFETY: `n` bytes fit both.
+    unsafe {
+        std::ptr::copy_nonoverlapping(name.as_ptr(), (&raw mut storage).cast::<u8>(), n);
+    }
+    socket_addr(&storage)
 }
 
 /// Yields to the runtime's other ready tasks once.

@@ -13,7 +13,9 @@ use io_uring::{cqueue, squeue, IoUring};
 ///   not by interrupting the thread at any moment; needs SINGLE_ISSUER (6.1+).
 /// - `COOP_TASKRUN`: no inter-processor interrupt to run task work (5.19+).
 /// - `SUBMIT_ALL`: one bad SQE does not stop the rest of the batch (5.18+).
-const SETUPS: &[(&str, fn(&mut io_uring::Builder))] = &[
+type Setup = fn(&mut io_uring::Builder);
+
+const SETUPS: &[(&str, Setup)] = &[
     ("single-issuer,defer-taskrun,coop-taskrun,submit-all", |b| {
         b.setup_single_issuer()
             .setup_defer_taskrun()
