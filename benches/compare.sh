@@ -3,7 +3,8 @@
 #   floor      benches/floor/floor.c: one epoll thread, precomputed bytes, no parsing
 #   uring      magnetar serve --driver io-uring --threads 1
 #   epoll      magnetar serve --driver epoll --threads 1
-#   libtorrent python3-libtorrent seeding them (benches/lt_seed.py, limits raised)
+#   libtorrent python3-libtorrent serving them (benches/lt_seed.py, limits raised;
+#              metadata-only, not seed mode: LT_SEED_MODE=seed measures the old way)
 #   uring-utp       magnetar io_uring again, loaded over uTP (magnetar-loadgen --transport utp)
 #   libtorrent-utp  the libtorrent seed again, loaded over uTP
 # each pinned to CPU 0, loaded by magnetar-loadgen pinned to CPU 1, in churn mode (full
@@ -73,7 +74,10 @@ start_server() {
         --connections-per-ip-max 1000000 >"$log" 2>&1 & ;;
     libtorrent|libtorrent-utp)
       local port=$((20000 + RANDOM % 20000))
-      taskset -c "$SERVER_CPU" $PY benches/lt_seed.py "$DATA/torrents" 127.0.0.1 "$port" >"$log" 2>&1 & ;;
+      # Seed mode without the content keeps libtorrent busy for minutes before it answers
+      # (BENCHMARKS.md "Scale"); metadata-only serves the same metadata at once.
+      LT_SEED_MODE=${LT_SEED_MODE:-metadata-only} taskset -c "$SERVER_CPU" $PY benches/lt_seed.py \
+        "$DATA/torrents" 127.0.0.1 "$port" >"$log" 2>&1 & ;;
   esac
   SERVER_PID=$!
   for _ in $(seq 600); do

@@ -15,7 +15,7 @@ LT_SEED_MODE=metadata-only (for benches/scale.sh) adds them without seed mode in
 content is absent either way, and libtorrent serves metadata without it. In seed mode with
 the content absent, libtorrent 2.0.8 keeps a core at 100% before it answers anything: 336 s
 (329 CPU-s) for 1000 torrents of 8 KiB metadata, nothing within 600 s for 10 000; without seed
-mode the same 1000 are all served after 0.43 s (BENCHMARKS.md, "Scale"). The default stays seed mode, as benches/compare.sh has measured it.
+mode the same 1000 are all served after 0.43 s (BENCHMARKS.md, "Scale"). The default here stays seed mode; benches/compare.sh passes metadata-only (since issue 12).
 
 While torrents are being queued and added it prints "queued N of K" and "added N of K"
 once a second (and "added N of K" every 5 s after "ready" if not all made it), for

@@ -97,6 +97,13 @@ pub struct ServeSettings {
     #[arg(long, default_value_t = limits::UTP_HALF_OPEN_PER_CORE_MAX_DEFAULT, value_name = "N")]
     pub utp_half_open_per_core_max: usize,
 
+    /// io_uring path: replies carrying at least this many metadata bytes go out with
+    /// zero-copy send (SENDMSG_ZC); 0 = never (the default). Pays off for large replies
+    /// on real NICs only: on loopback the kernel copies anyway (counted in
+    /// `uring_send_zc_copied`). docs/io-uring.md.
+    #[arg(long, default_value_t = 0, value_name = "BYTES")]
+    pub send_zc_min_bytes: usize,
+
     /// Worker threads (one io runtime each). Default: one per CPU.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
@@ -287,6 +294,7 @@ impl ServeSettings {
             bail!("utp-half-open-per-core-max must be at least 1");
         }
         cfg.utp_half_open_per_core_max = self.utp_half_open_per_core_max;
+        cfg.send_zc_min_bytes = self.send_zc_min_bytes;
         cfg.mse_handshakes_per_ip_per_second_max = self.mse_handshakes_per_ip_per_second_max;
         cfg.shutdown_grace = Duration::from_millis(self.shutdown_grace_ms);
         Ok(cfg)
@@ -538,6 +546,9 @@ pub struct ServeConfig {
     pub utp_payload_bytes: usize,
     pub utp_socket_buffer_bytes: usize,
     pub utp_half_open_per_core_max: usize,
+    /// io_uring path: zero-copy send for replies with at least this many payload bytes
+    /// (0 = never).
+    pub send_zc_min_bytes: usize,
     /// MSE handshakes one address may start per second on a core.
     pub mse_handshakes_per_ip_per_second_max: u32,
     /// How long open sessions may run on after a shutdown request.
@@ -564,6 +575,7 @@ impl ServeConfig {
             utp_payload_bytes: crate::utp::PAYLOAD_BYTES_DEFAULT,
             utp_socket_buffer_bytes: limits::UTP_SOCKET_BUFFER_BYTES_DEFAULT,
             utp_half_open_per_core_max: limits::UTP_HALF_OPEN_PER_CORE_MAX_DEFAULT,
+            send_zc_min_bytes: 0,
             mse_handshakes_per_ip_per_second_max:
                 limits::MSE_HANDSHAKES_PER_IP_PER_SECOND_MAX_DEFAULT,
             shutdown_grace: Duration::from_secs(5),

@@ -190,6 +190,11 @@ core_stats! {
     /// io_uring receives that found the core's buffer ring empty (ENOBUFS), each posted
     /// again in the same turn; many mean the pool is too small for the load.
     uring_recv_no_buffers,
+    /// Replies sent with zero-copy send (`--send-zc-min-bytes`).
+    uring_send_zc,
+    /// Of those, the ones the kernel copied after all (loopback, a NIC without
+    /// scatter-gather): zero-copy buys nothing there.
+    uring_send_zc_copied,
     /// uTP datagrams larger than a receive buffer of the io_uring path (4 KiB), dropped:
     /// uTP packets fit a path MTU, so only a broken or hostile sender sends one.
     utp_recv_truncated,

@@ -46,6 +46,8 @@ pub struct Sending {
     /// Data messages and payload bytes in the batch, for `Conn::on_sent`.
     pub blocks: usize,
     pub payload_bytes: usize,
+    /// A zero-copy send's result, held until its notification says the pages are free.
+    pub zc_result: Option<i32>,
 }
 
 impl Sending {
@@ -57,6 +59,7 @@ impl Sending {
             deadline: 0,
             blocks: 0,
             payload_bytes: 0,
+            zc_result: None,
         })
     }
 }

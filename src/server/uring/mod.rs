@@ -78,8 +78,19 @@ const ACCEPTS_POSTED_PER_LISTENER: usize = 64;
 /// without reading is held back by TCP, as on the monoio path.
 const INPUT_HELD_BYTES_MAX: usize = crate::limits::FRAME_BYTES_MAX + RECV_BUFFER_BYTES;
 
+/// The cancel takes effect at the next submission; until then a multishot receive may
+/// drain the whole socket into the buffer ring in one turn (up to the ring's 4 MiB).
+/// A connection whose unhandled bytes pass this is closed as a flood: no client that
+/// reads its answers gets near it (a full burst of reqq requests is ~8 KiB).
+const INPUT_HELD_BYTES_CLOSE: usize = 4 * INPUT_HELD_BYTES_MAX;
+
 /// Reply batches kept for reuse per core (each holds its allocations).
 const SPARE_SENDS_MAX: usize = 1024;
+
+/// `IORING_SEND_ZC_REPORT_USAGE` (sqe ioprio of a zero-copy send) and the bit of its
+/// notification's result that says the kernel copied after all (loopback always does).
+const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
+const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
 
 /// How long the worker's cut waits for the kernel to hand back what it still holds
 /// before the memory it may touch is leaked instead of freed.
@@ -267,6 +278,8 @@ struct Core<'c> {
     udp: Vec<UdpRecv>,
     /// The worker's grace time is over: nothing is posted again.
     cutting: bool,
+    /// `--send-zc-min-bytes`: replies with this many payload bytes go zero-copy (0: none).
+    zc_min_bytes: usize,
 }
 
 /// Runs the core until the worker stops it (`stop`, then `Control::cut`).
@@ -337,6 +350,7 @@ pub async fn run(
             })
             .collect(),
         cutting: false,
+        zc_min_bytes: ctx.cfg.send_zc_min_bytes,
     };
     core.run(stop, cut).await;
 }
@@ -712,7 +726,7 @@ impl<'c> Core<'c> {
     fn on_link_completion(&mut self, key: usize, op: Op, res: i32, flags: u32) {
         match op {
             Op::Recv => self.on_recv(key, res, flags),
-            Op::Send => self.on_send(key, res),
+            Op::Send => self.on_send(key, res, flags),
             Op::CancelRecv | Op::Cancel | Op::Close => self.links[key].inflight -= 1,
             Op::Accept | Op::CloseRefused | Op::CancelAccept | Op::UdpRecv => {
                 unreachable!("not a link op")
@@ -776,8 +790,22 @@ impl<'c> Core<'c> {
         }
     }
 
-    fn on_send(&mut self, key: usize, res: i32) {
+    fn on_send(&mut self, key: usize, mut res: i32, flags: u32) {
         let link = &mut self.links[key];
+        if cqueue::notif(flags) {
+            // Zero-copy: the kernel is done with the pages; the reply's result came first.
+            if res as u32 & NOTIF_USAGE_ZC_COPIED != 0 {
+                self.ctx.stats.uring_send_zc_copied.inc();
+            }
+            res = link.out.as_mut().and_then(|o| o.zc_result.take()).unwrap_or(0);
+        } else if cqueue::more(flags) {
+            // Zero-copy: the result now, and a notification once the kernel lets go of
+            // the pages, which must stay until then (the batch holds the record).
+            if let Some(out) = link.out.as_mut() {
+                out.zc_result = Some(res);
+            }
+            return;
+        }
         link.inflight -= 1;
         link.send_in_flight = false;
         if link.closing {
@@ -929,6 +957,12 @@ impl<'c> Core<'c> {
         let ctx = self.ctx;
         let link = &mut self.links[key];
         if !fresh.is_empty() && (link.blocked() || !link.input.is_empty() || !link.gate.is_open()) {
+            if link.input.len() + fresh.len() > INPUT_HELD_BYTES_CLOSE {
+                ctx.stats.protocol_errors.inc();
+                tracing::debug!(peer = %link.conn.peer(), "closed: sends without reading");
+                self.close(key, SessionEnd::ProtocolError);
+                return;
+            }
             link.input.extend_from_slice(fresh);
             fresh = &mut [];
         }
@@ -1125,10 +1159,19 @@ impl<'c> Core<'c> {
         let unsent = out.batch.unsent_iovecs();
         out.msg.msg_iov = unsent.as_ptr() as *mut libc::iovec;
         out.msg.msg_iovlen = unsent.len();
-        let entry = opcode::SendMsg::new(types::Fixed(link.fd), &raw const out.msg)
-            .flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32)
-            .build()
-            .user_data(tag(Op::Send, link.gen, key));
+        let flags = (libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32;
+        let entry = if self.zc_min_bytes > 0 && out.payload_bytes >= self.zc_min_bytes {
+            self.ctx.stats.uring_send_zc.inc();
+            opcode::SendMsgZc::new(types::Fixed(link.fd), &raw const out.msg)
+                .flags(flags)
+                .ioprio(SEND_ZC_REPORT_USAGE)
+                .build()
+        } else {
+            opcode::SendMsg::new(types::Fixed(link.fd), &raw const out.msg)
+                .flags(flags)
+                .build()
+        }
+        .user_data(tag(Op::Send, link.gen, key));
         link.out = Some(out);
         link.send_in_flight = true;
         link.inflight += 1;
