@@ -7,7 +7,8 @@
 # Usage: benches/idle_memory.sh [N ...]   (default: 10000 50000; OUT=target/idle)
 # Needs N + ~100 file descriptors in each process: sizes over `ulimit -Hn` are skipped.
 # MAGNETAR_BIN=path measures another build (e.g. the one before a change) with the same
-# loadgen; the default is this tree's release build.
+# loadgen; the default is this tree's release build. DRIVER=epoll measures the epoll path
+# (default: auto, i.e. the io_uring path where the kernel has it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-target/idle}
@@ -30,7 +31,7 @@ for n in $SIZES; do
   fi
   log=$OUT/serve-$n.log ready=$OUT/ready-$n
   rm -f "$ready"
-  taskset -c 0 "$M" serve --data-dir "$OUT/data/store" --listen 127.0.0.1:0 --threads 1 \
+  taskset -c 0 "$M" serve --data-dir "$OUT/data/store" --listen 127.0.0.1:0 --threads 1 --driver "${DRIVER:-auto}" \
     --connections-max 1000000 --connections-per-ip-max 1000000 >"$log" 2>&1 &
   pid=$!
   until grep -q '^ready ' "$log"; do sleep 0.1; done
@@ -44,9 +45,9 @@ for n in $SIZES; do
   if [ ! -f "$ready" ]; then echo "N=$n: connections not all established in 60 s"; kill $lg $pid; continue; fi
   sleep 2
   rss1=$(rss_kb $pid) mem1=$(tcp_mem_pages) fds=$(ls /proc/$pid/fd | wc -l)
-  awk -v n="$n" -v a="$rss0" -v b="$rss1" -v f="$fds" -v m0="$mem0" -v m1="$mem1" 'BEGIN {
-    printf "N=%d: server RSS %.1f MB -> %.1f MB: %.2f KiB per idle connection (user space); %d fds open; kernel TCP memory +%.1f MB (both ends)\n",
-      n, a / 1024, b / 1024, (b - a) / n, f, (m1 - m0) * 4 / 1024 }' | tee -a "$OUT/results.txt"
+  awk -v n="$n" -v d="${DRIVER:-auto}" -v a="$rss0" -v b="$rss1" -v f="$fds" -v m0="$mem0" -v m1="$mem1" 'BEGIN {
+    printf "N=%d driver=%s: server RSS %.1f MB -> %.1f MB: %.2f KiB per idle connection (user space); %d fds open; kernel TCP memory +%.1f MB (both ends)\n",
+      n, d, a / 1024, b / 1024, (b - a) / n, f, (m1 - m0) * 4 / 1024 }' | tee -a "$OUT/results.txt"
   kill $lg 2>/dev/null || true; wait $lg 2>/dev/null || true
   kill $pid; wait $pid 2>/dev/null || true
 done
