@@ -27,7 +27,10 @@ fn zero_copy_sends_carry_the_same_bytes() {
         get(&m, "magnetar_uring_send_zc_total"),
         get(&m, "magnetar_uring_send_zc_copied_total"),
     );
-    println!("driver {}: {zc} zero-copy sends, {copied} copied by the kernel", server.driver);
+    println!(
+        "driver {}: {zc} zero-copy sends, {copied} copied by the kernel",
+        server.driver
+    );
     if server.driver == "io_uring" {
         assert!(zc >= 2, "both batches went out zero-copy ({zc})");
         // Loopback has no scatter-gather NIC: the kernel copies, and says so.
@@ -78,12 +81,18 @@ fn a_peer_that_never_reads_is_held_back_by_tcp_and_closed_at_the_write_deadline(
         server.driver,
         written as f64 / 1e6
     );
-    assert!(written < WRITE_BOUND, "the server kept taking bytes: {written}");
+    assert!(
+        written < WRITE_BOUND,
+        "the server kept taking bytes: {written}"
+    );
     // Bounded, and far below what the peer wrote: the held bytes are capped per
     // connection (docs/io-uring.md "Backpressure"); what remains is the allocator's
     // one-time growth on the worker's first large buffers (~10 MB on io_uring, measured
     // flat over repeated floods).
-    assert!(rss_growth < 32 * 1024, "server memory grew {rss_growth} KiB");
+    assert!(
+        rss_growth < 32 * 1024,
+        "server memory grew {rss_growth} KiB"
+    );
     // The write deadline (the idle timeout) ends it, or on io_uring the flood cap
     // (INPUT_HELD_BYTES_CLOSE) already has.
     let closed = o.peer.closed_within(Duration::from_millis(IDLE_MS * 3));

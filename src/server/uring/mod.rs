@@ -208,6 +208,8 @@ pub struct Parts {
     listeners: Vec<std::net::TcpListener>,
     /// Direct descriptors, so the most connections the core can hold.
     table: u32,
+    /// The kernel has zero-copy sendmsg (6.1+).
+    send_zc: bool,
 }
 
 impl Parts {
@@ -226,11 +228,15 @@ impl Parts {
             .min(nofile.rlim_cur)
             .clamp(64, 1 << 20) as u32;
         ring.submitter().register_files_sparse(table)?;
+        let mut probe = io_uring::Probe::new();
+        let send_zc = ring.submitter().register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::SendMsgZc::CODE);
         Ok(Parts {
             ring,
             bufs,
             listeners,
             table,
+            send_zc,
         })
     }
 
@@ -297,7 +303,13 @@ pub async fn run(
         bufs,
         listeners,
         table,
+        send_zc,
     } = parts;
+    let mut zc_min_bytes = ctx.cfg.send_zc_min_bytes;
+    if zc_min_bytes > 0 && !send_zc {
+        tracing::warn!("--send-zc-min-bytes is set but this kernel has no zero-copy sendmsg (6.1+); sending as usual");
+        zc_min_bytes = 0;
+    }
     let accepts = listeners
         .iter()
         .enumerate()
@@ -350,7 +362,7 @@ pub async fn run(
             })
             .collect(),
         cutting: false,
-        zc_min_bytes: ctx.cfg.send_zc_min_bytes,
+        zc_min_bytes,
     };
     core.run(stop, cut).await;
 }
@@ -797,7 +809,11 @@ impl<'c> Core<'c> {
             if res as u32 & NOTIF_USAGE_ZC_COPIED != 0 {
                 self.ctx.stats.uring_send_zc_copied.inc();
             }
-            res = link.out.as_mut().and_then(|o| o.zc_result.take()).unwrap_or(0);
+            res = link
+                .out
+                .as_mut()
+                .and_then(|o| o.zc_result.take())
+                .unwrap_or(0);
         } else if cqueue::more(flags) {
             // Zero-copy: the result now, and a notification once the kernel lets go of
             // the pages, which must stay until then (the batch holds the record).
