@@ -1,0 +1,102 @@
+//! uTP datagrams: one multishot recvmsg per uTP socket into the core's buffer ring, handed
+//! to the endpoint (`server/udp.rs`), which answers once per batch.
+
+use super::*;
+
+/// A uTP socket received on this ring: its endpoint demultiplexes (`server/udp.rs`).
+pub(super) struct UdpRecv {
+    pub(super) ep: Rc<udp::Endpoint>,
+    /// Read by the kernel for every datagram of the multishot recvmsg: the room for the
+    /// source address in front of each buffer (boxed: its address must not move).
+    pub(super) msg: Box<libc::msghdr>,
+    pub(super) posted: bool,
+    /// Datagrams were handed to the endpoint since its last `end_ring_batch`.
+    pub(super) touched: bool,
+}
+
+impl Core<'_> {
+    pub(super) fn post_udp(&mut self, i: usize) {
+        let u = &mut self.udp[i];
+        if u.posted || self.cutting {
+            return;
+        }
+        let entry = opcode::RecvMsgMulti::new(
+            types::Fd(u.ep.raw_fd()),
+            &raw const *u.msg,
+            RECV_BUFFER_GROUP,
+        )
+        .build()
+        .user_data(tag(Op::UdpRecv, 0, i));
+        u.posted = true;
+        // SAFETY: the msghdr is boxed in `udp`, which lives as long as the core.
+        unsafe { self.ring.push(&entry) };
+    }
+
+    pub(super) fn on_udp(&mut self, i: usize, res: i32, flags: u32) {
+        let u = &mut self.udp[i];
+        if !cqueue::more(flags) {
+            u.posted = false;
+        }
+        let stats = &self.ctx.stats;
+        if let Some(bid) = cqueue::buffer_select(flags) {
+            if res >= 0 {
+                let buf = self.bufs.get_mut(bid, res as usize);
+                match types::RecvMsgOut::parse(buf, &u.msg) {
+                    // A datagram larger than a buffer would be read as a shorter uTP
+                    // packet (uTP has no length field): dropped, counted.
+                    Ok(out) if out.is_payload_truncated() => stats.utp_recv_truncated.inc(),
+                    Ok(out) => match name_addr(out.name_data()) {
+                        Some(from) => {
+                            let ep = &u.ep;
+                            let handled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                ep.on_ring_datagram(out.payload_data(), from)
+                            }));
+                            if handled.is_err() {
+                                stats.session_panics.inc();
+                                tracing::error!(%from, "uTP datagram handling panicked; worker goes on");
+                            }
+                            u.touched = true;
+                        }
+                        None => stats.utp_recv_errors.inc(),
+                    },
+                    Err(()) => stats.utp_recv_errors.inc(),
+                }
+            }
+            self.bufs.give_back(bid);
+        } else if res == -libc::ENOBUFS {
+            stats.uring_recv_no_buffers.inc();
+        } else if res < 0 && res != -libc::ECANCELED {
+            u.ep.on_ring_recv_error(io::Error::from_raw_os_error(-res));
+        }
+        if !self.udp[i].posted {
+            self.post_udp(i);
+        }
+    }
+
+    /// Lets every endpoint that received datagrams answer them, a batch at a time.
+    pub(super) fn end_udp_batches(&mut self) {
+        for u in &mut self.udp {
+            if std::mem::take(&mut u.touched) {
+                let ep = &u.ep;
+                if std::panic::catch_unwind(AssertUnwindSafe(|| ep.end_ring_batch())).is_err() {
+                    self.ctx.stats.session_panics.inc();
+                    tracing::error!("uTP batch handling panicked; worker goes on");
+                }
+            }
+        }
+    }
+}
+
+/// The source address of a received datagram (the name field of a recvmsg result).
+pub(super) fn name_addr(name: &[u8]) -> Option<std::net::SocketAddr> {
+    // SAFETY: all-zero is a valid sockaddr_storage; at most its size is copied in.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let n = name
+        .len()
+        .min(std::mem::size_of::<libc::sockaddr_storage>());
+    // SAFETY: `n` bytes fit both.
+    unsafe {
+        std::ptr::copy_nonoverlapping(name.as_ptr(), (&raw mut storage).cast::<u8>(), n);
+    }
+    socket_addr(&storage)
+}
