@@ -253,9 +253,7 @@ fn a_flood_of_dh_handshakes_from_one_address_is_bounded() {
     // The flood used up the per-IP cap (64) from this address; the normal client, from
     // the same address, comes once the server has seen those closes (on a loaded machine
     // it may accept first otherwise, and refuse it by the cap, which is right).
-    let (_, drained) = metrics_until(&server, PROMPT, |m| {
-        get(m, "magnetar_connections_open") < 8
-    });
+    let (_, drained) = metrics_until(&server, PROMPT, |m| get(m, "magnetar_connections_open") < 8);
     assert!(drained, "the flood's connections were not closed");
     assert_healthy(&mut server, &before, &fx.normal, "DH flood");
 }

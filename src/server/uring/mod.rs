@@ -562,22 +562,14 @@ impl<'c> Core<'c> {
                 link.parked = Some(Box::new(outcome));
             }
             Event::Fetch(outcome) => {
-                let mut out = link
-                    .out
-                    .take()
-                    .or_else(|| self.spare.pop())
-                    .unwrap_or_else(Sending::new);
+                let mut out = take_out(&mut link.out, &mut self.spare);
                 link.conn.on_fetch(outcome, &mut out.batch);
                 link.out = Some(out);
                 self.drive(key, &mut []);
             }
             Event::Stored(stored) => {
                 link.storing = false;
-                let mut out = link
-                    .out
-                    .take()
-                    .or_else(|| self.spare.pop())
-                    .unwrap_or_else(Sending::new);
+                let mut out = take_out(&mut link.out, &mut self.spare);
                 link.conn.on_stored(stored, &mut out.batch);
                 link.out = Some(out);
                 self.drive(key, &mut []);
@@ -628,11 +620,7 @@ impl<'c> Core<'c> {
         if now < link.conn.deadline() {
             return;
         }
-        let mut out = link
-            .out
-            .take()
-            .or_else(|| self.spare.pop())
-            .unwrap_or_else(Sending::new);
+        let mut out = take_out(&mut link.out, &mut self.spare);
         link.conn.on_deadline(now, &mut out.batch);
         link.out = Some(out);
         self.drive(key, &mut []);
@@ -696,6 +684,15 @@ impl<'c> Core<'c> {
             self.timers.push(Reverse((want, key as u32, link.gen)));
         }
     }
+}
+
+/// The batch a link builds its next reply in: the one it holds, else one from the pool.
+// Boxed for the same reason as `Core::spare`.
+#[allow(clippy::vec_box)]
+fn take_out(held: &mut Option<Box<Sending>>, spare: &mut Vec<Box<Sending>>) -> Box<Sending> {
+    held.take()
+        .or_else(|| spare.pop())
+        .unwrap_or_else(Sending::new)
 }
 
 /// Yields to the runtime's other ready tasks once.

@@ -79,12 +79,9 @@ impl Core<'_> {
         if link.blocked() {
             return;
         }
-        let mut out = link
-            .out
-            .take()
-            .or_else(|| self.spare.pop())
-            .unwrap_or_else(Sending::new);
+        let mut out = take_out(&mut link.out, &mut self.spare);
         // Effects of what happened before (a deadline, a fetch outcome) come first.
+        let mut idle = false;
         loop {
             match self.effects(key) {
                 Flow::Closed => {
@@ -106,6 +103,9 @@ impl Core<'_> {
                 link.out = Some(out);
                 self.send(key, true);
                 return;
+            }
+            if idle {
+                break;
             }
             // The gate: plaintext or MSE (on `input` only: `fresh` went there above).
             match &mut link.gate {
@@ -184,28 +184,9 @@ impl Core<'_> {
                 link.input.drain(..consumed);
             }
             if consumed == 0 {
-                // Nothing more to handle; its effects (a close, say) still run.
-                match self.effects(key) {
-                    Flow::Closed => {
-                        self.recycle(out);
-                        return;
-                    }
-                    Flow::Storing => {
-                        let link = &mut self.links[key];
-                        link.input.extend_from_slice(fresh);
-                        link.out = Some(out);
-                        return;
-                    }
-                    Flow::Go => {}
-                }
-                if !out.batch.is_empty() {
-                    let link = &mut self.links[key];
-                    link.input.extend_from_slice(fresh);
-                    link.out = Some(out);
-                    self.send(key, true);
-                    return;
-                }
-                break;
+                // Nothing more to handle; its effects (a close, say) still run, and
+                // what it wrote goes out, at the top of the loop.
+                idle = true;
             }
         }
         self.links[key].input.extend_from_slice(fresh);
