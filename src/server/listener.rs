@@ -253,3 +253,25 @@ pub fn share_inherited(
         udp_per_worker,
     })
 }
+
+/// The IPv4 or IPv6 address the kernel wrote into a `sockaddr_storage` (accept, recvfrom,
+/// recvmsg); `None` for another family.
+pub(crate) fn socket_addr_of(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
+            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some(SocketAddrV4::new(ip, u16::from_be(a.sin_port)).into())
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
+            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+            let (port, flow) = (u16::from_be(a.sin6_port), u32::from_be(a.sin6_flowinfo));
+            Some(SocketAddrV6::new(ip, port, flow, a.sin6_scope_id).into())
+        }
+        _ => None,
+    }
+}

@@ -125,32 +125,8 @@ fn recv_now(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<(usize, SocketAddr)> {
     }
     // SAFETY: the kernel wrote `n` bytes (≤ capacity: a datagram never exceeds 64 KiB).
     unsafe { buf.set_len(n as usize) };
-    let from = match i32::from(storage.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in.
-            let a: libc::sockaddr_in = unsafe { std::ptr::read(&storage as *const _ as *const _) };
-            SocketAddr::from((
-                std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
-                u16::from_be(a.sin_port),
-            ))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6.
-            let a: libc::sockaddr_in6 = unsafe { std::ptr::read(&storage as *const _ as *const _) };
-            SocketAddr::V6(std::net::SocketAddrV6::new(
-                std::net::Ipv6Addr::from(a.sin6_addr.s6_addr),
-                u16::from_be(a.sin6_port),
-                u32::from_be(a.sin6_flowinfo),
-                a.sin6_scope_id,
-            ))
-        }
-        _ => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "not an IP source",
-            ))
-        }
-    };
+    let from = crate::server::listener::socket_addr_of(&storage)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an IP source"))?;
     let _ = len;
     Ok((n as usize, from))
 }

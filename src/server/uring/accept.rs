@@ -93,7 +93,7 @@ impl Core<'_> {
         }
         self.accept_backoff = ACCEPT_BACKOFF_MIN;
         let fd = res as u32;
-        let peer = socket_addr(&slot.addr);
+        let peer = socket_addr_of(&slot.addr);
         let admitted = match peer {
             Some(peer) => self.limiter.try_admit(peer.ip()).map(|p| (peer, p)),
             None => Err(Refusal::Global),
@@ -141,26 +141,5 @@ impl Core<'_> {
         // Posted again only now: the new connection counts against the table.
         self.post_accept(i);
         self.settle(key);
-    }
-}
-
-/// The IPv4 or IPv6 address the kernel wrote into an accept's address slot.
-pub(super) fn socket_addr(storage: &libc::sockaddr_storage) -> Option<std::net::SocketAddr> {
-    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
-    match i32::from(storage.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in.
-            let a = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
-            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            Some(SocketAddrV4::new(ip, u16::from_be(a.sin_port)).into())
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6.
-            let a = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
-            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
-            let port = u16::from_be(a.sin6_port);
-            Some(SocketAddrV6::new(ip, port, a.sin6_flowinfo, a.sin6_scope_id).into())
-        }
-        _ => None,
     }
 }

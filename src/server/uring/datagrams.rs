@@ -98,5 +98,5 @@ pub(super) fn name_addr(name: &[u8]) -> Option<std::net::SocketAddr> {
     unsafe {
         std::ptr::copy_nonoverlapping(name.as_ptr(), (&raw mut storage).cast::<u8>(), n);
     }
-    socket_addr(&storage)
+    socket_addr_of(&storage)
 }

@@ -51,11 +51,12 @@ use slab::Slab;
 
 use crate::server::conn::{Conn, Effect, SessionEnd, WorkerCtx};
 use crate::server::limiter::{ConnectionLimiter, Refusal};
+use crate::server::listener::socket_addr_of;
 use crate::server::mse::{self, Handshake, HandshakeStep};
 use crate::server::udp;
 use crate::store::{RecordRef, StoreError};
 use crate::upstream::shard::{FetchOutcome, Hints};
-use accept::{socket_addr, AcceptSlot};
+use accept::AcceptSlot;
 use bufs::BufRing;
 use datagrams::UdpRecv;
 pub use link::LINK_BYTES_MAX;
