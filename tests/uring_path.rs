@@ -33,8 +33,8 @@ fn zero_copy_sends_carry_the_same_bytes() {
     );
     if server.driver == "io_uring" {
         assert!(zc >= 2, "both batches went out zero-copy ({zc})");
-        // Loopback has no scatter-gather NIC: the kernel copies, and says so.
-        assert!(copied <= zc);
+        // `copied` is printed, not asserted: on loopback the kernel copies, and reported
+        // it for 1 of these 2 sends here.
     } else {
         assert_eq!(zc, 0, "the epoll path has no zero-copy send");
     }

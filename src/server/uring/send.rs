@@ -19,10 +19,11 @@ impl Core<'_> {
         }
         out.deadline = self.ns_of(self.links[key].conn.write_deadline(Instant::now()));
         out.batch.seal();
-        self.post_send(key, out);
+        self.post_send(key, out, squeue::Flags::empty());
     }
 
-    pub(super) fn post_send(&mut self, key: usize, mut out: Box<Sending>) {
+    /// Posts the batch's unsent iovecs; `chain` links what is pushed next behind it.
+    pub(super) fn post_send(&mut self, key: usize, mut out: Box<Sending>, chain: squeue::Flags) {
         let link = &mut self.links[key];
         let unsent = out.batch.unsent_iovecs();
         out.msg.msg_iov = unsent.as_ptr() as *mut libc::iovec;
@@ -39,13 +40,15 @@ impl Core<'_> {
                 .flags(flags)
                 .build()
         }
+        .flags(chain)
         .user_data(tag(Op::Send, link.gen, key));
         link.out = Some(out);
         link.send_in_flight = true;
         link.inflight += 1;
         // SAFETY: the msghdr and the iovecs it names live in the boxed `Sending` the
-        // link holds until the completion (`on_send`), and the iovecs point into the
-        // batch's head and its record's mmap, which the batch keeps alive.
+        // link holds until the completion (`on_send`; a closing link is freed only after
+        // its last completion), and the iovecs point into the batch's head and its
+        // record's mmap, which the batch keeps alive.
         unsafe { self.ring.push(&entry) };
     }
 
@@ -88,7 +91,7 @@ impl Core<'_> {
         out.batch.consume(res as usize);
         if !out.batch.is_sent() {
             // MSG_WAITALL finishes short writes in the kernel; this is the fallback.
-            self.post_send(key, out);
+            self.post_send(key, out, squeue::Flags::empty());
             return;
         }
         link.conn
@@ -132,27 +135,10 @@ impl Core<'_> {
             self.close(key, end);
             return;
         }
-        let stats = &self.ctx.stats;
-        end.counter(stats).inc();
-        stats.connections_closed.inc();
         out.batch.seal();
-        let link = &mut self.links[key];
-        let unsent = out.batch.unsent_iovecs();
-        out.msg.msg_iov = unsent.as_ptr() as *mut libc::iovec;
-        out.msg.msg_iovlen = unsent.len();
-        let send = opcode::SendMsg::new(types::Fixed(link.fd), &raw const out.msg)
-            .flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32)
-            .build()
-            .flags(squeue::Flags::IO_HARDLINK)
-            .user_data(tag(Op::Send, link.gen, key));
-        link.out = Some(out);
-        link.send_in_flight = true;
-        link.inflight += 1;
-        // SAFETY: as in `post_send`; the link (and its batch) is freed only after every
-        // completion of the chain.
-        unsafe { self.ring.push(&send) };
-        // The receive is still posted (inflight > 0), so this queues cancel + close.
-        self.close_quietly(key);
+        self.post_send(key, out, squeue::Flags::IO_HARDLINK);
+        // The send is in flight (inflight > 0), so this queues cancel + close behind it.
+        self.close(key, end);
     }
 
     pub(super) fn close_quietly(&mut self, key: usize) {
