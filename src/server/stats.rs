@@ -190,6 +190,14 @@ core_stats! {
     /// io_uring receives that found the core's buffer ring empty (ENOBUFS), each posted
     /// again in the same turn; many mean the pool is too small for the load.
     uring_recv_no_buffers,
+    /// io_uring submissions (a single entry or a linked chain) that found the submission
+    /// queue full and waited in the core's backlog for the next turn.
+    uring_sq_backlogged,
+    /// io_uring completions the kernel dropped (its CQ overflowed and it could not keep
+    /// the rest): the connections they named stay open until shutdown. Should stay 0.
+    uring_cqes_dropped,
+    /// io_uring_enter failures other than EINTR/EBUSY/EAGAIN.
+    uring_enter_errors,
     /// Replies sent with zero-copy send (`--send-zc-min-bytes`).
     uring_send_zc,
     /// Of those, the ones the kernel copied after all (loopback, a NIC without

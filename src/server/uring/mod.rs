@@ -392,6 +392,7 @@ impl<'c> Core<'c> {
         loop {
             self.ring.submit();
             let mut progress = self.drain_completions();
+            self.report_ring();
             progress |= self.drain_mailbox();
             self.fire_timers();
             if let Some(at) = self.accept_resume_at {
@@ -447,6 +448,15 @@ impl<'c> Core<'c> {
                 }
             }
         }
+    }
+
+    /// Adds what the ring worked around since the last turn to the core's counters.
+    fn report_ring(&mut self) {
+        let counts = self.ring.take_counts();
+        let stats = &self.ctx.stats;
+        stats.uring_sq_backlogged.add(counts.backlogged);
+        stats.uring_cqes_dropped.add(counts.cqes_dropped);
+        stats.uring_enter_errors.add(counts.enter_errors);
     }
 
     /// When the loop must look again without an event: the next timer or accept retry.

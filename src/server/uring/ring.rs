@@ -1,25 +1,32 @@
-//! The serving core's own io_uring: set-up with the flags that make a thread-per-core
-//! server cheap, batched submission, and the eventfd that tells the host runtime (monoio)
-//! when completions wait (docs/io-uring.md).
+//! The serving core's own io_uring: set-up, batched submission that never spins and never
+//! splits a linked chain, and the eventfd that tells the host runtime (monoio) when
+//! completions wait (docs/io-uring.md "Wake-up").
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use io_uring::{cqueue, squeue, IoUring};
 
 /// Which set-up flags a ring got: the best the kernel accepts, from this list, in order.
-/// - `SINGLE_ISSUER`: only the worker thread submits, so the kernel skips its locking.
-/// - `DEFER_TASKRUN`: completion work runs when we ask for events (once per loop turn),
-///   not by interrupting the thread at any moment; needs SINGLE_ISSUER (6.1+).
-/// - `COOP_TASKRUN`: no inter-processor interrupt to run task work (5.19+).
+/// - `SINGLE_ISSUER`: only the worker thread submits, so the kernel skips its locking (6.0+).
+/// - `COOP_TASKRUN`: completion work runs when the thread next crosses into the kernel,
+///   with no inter-processor interrupt; a sleeping thread is still woken for it (5.19+).
+/// - `TASKRUN_FLAG`: the kernel says in the SQ flags when such work waits, so a turn with
+///   nothing to submit and no work waiting skips its system call (5.19+).
 /// - `SUBMIT_ALL`: one bad SQE does not stop the rest of the batch (5.18+).
+///
+/// Not `DEFER_TASKRUN`: it runs completion work only when this thread enters *this* ring,
+/// and the eventfd fires only after that work has run. The worker sleeps in monoio's ring,
+/// so with it a lone client's completions waited for the worker's next timer: p50 16 ms
+/// at one connection instead of 0.2 ms (docs/io-uring.md "Wake-up" has the sweep).
 type Setup = fn(&mut io_uring::Builder);
 
 const SETUPS: &[(&str, Setup)] = &[
-    ("single-issuer,defer-taskrun,coop-taskrun,submit-all", |b| {
+    ("single-issuer,coop-taskrun,taskrun-flag,submit-all", |b| {
         b.setup_single_issuer()
-            .setup_defer_taskrun()
             .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .setup_submit_all();
     }),
     ("coop-taskrun,submit-all", |b| {
@@ -28,21 +35,45 @@ const SETUPS: &[(&str, Setup)] = &[
     ("none", |_| {}),
 ];
 
+/// What the ring had to work around, for the core's counters (`Core::report_ring`).
+#[derive(Default, Clone, Copy)]
+pub struct RingCounts {
+    /// Chains that found the submission queue full and waited in the backlog.
+    pub backlogged: u64,
+    /// Completions the kernel could not keep (its CQ overflow count).
+    pub cqes_dropped: u64,
+    /// `io_uring_enter` failures other than EINTR, EBUSY and EAGAIN.
+    pub enter_errors: u64,
+}
+
 pub struct Ring {
     ring: IoUring,
     /// The set-up flags the kernel accepted (for the log and the status page).
     pub flags: &'static str,
-    /// Signalled by the kernel when completion work is queued: the host runtime waits on
-    /// it instead of on the ring.
+    /// The kernel reports pending completion work in the SQ flags (`TASKRUN_FLAG`).
+    taskrun_flag: bool,
+    /// Signalled by the kernel when a completion is posted: the host runtime waits on it
+    /// instead of on the ring.
     eventfd: OwnedFd,
+    /// Chains (one entry, or a linked run) that did not fit the submission queue, in
+    /// order; they go in whole at the next `submit`, before anything pushed later.
+    backlog: VecDeque<Vec<squeue::Entry>>,
+    counts: RingCounts,
+    /// The kernel's CQ overflow count already reported.
+    overflow_reported: u64,
 }
 
 impl Ring {
     /// A ring of `sq_entries` submissions and `cq_entries` completions (multishot
     /// receives post many completions per submission, so the CQ is the larger).
+    /// `MAGNETAR_URING_SETUP=<name from SETUPS>` tries only that set-up (to compare them).
     pub fn new(sq_entries: u32, cq_entries: u32) -> io::Result<Ring> {
+        let only = std::env::var("MAGNETAR_URING_SETUP").ok();
         let mut last_err = None;
-        for (flags, setup) in SETUPS {
+        let setups = SETUPS
+            .iter()
+            .filter(|(name, _)| only.as_deref().is_none_or(|o| o == *name));
+        for (flags, setup) in setups {
             let mut builder = IoUring::builder();
             builder.setup_cqsize(cq_entries);
             setup(&mut builder);
@@ -59,7 +90,11 @@ impl Ring {
                     return Ok(Ring {
                         ring,
                         flags,
+                        taskrun_flag: flags.contains("taskrun-flag"),
                         eventfd,
+                        backlog: VecDeque::new(),
+                        counts: RingCounts::default(),
+                        overflow_reported: 0,
                     });
                 }
                 Err(e) => last_err = Some(e),
@@ -83,25 +118,75 @@ impl Ring {
         unsafe { libc::read(self.eventfd(), (&raw mut count).cast(), 8) };
     }
 
-    /// Queues one submission; a full queue is submitted first.
+    /// Queues one submission (see `push_chain`).
     ///
     /// # Safety
     /// Everything the entry points at (buffers, iovecs, msghdr, sockaddr) must stay valid
     /// and unmoved until its completion arrives.
     pub unsafe fn push(&mut self, entry: &squeue::Entry) {
-        loop {
-            // SAFETY: passed on to the caller.
-            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+        // SAFETY: passed on to the caller.
+        unsafe { self.push_chain(std::slice::from_ref(entry)) }
+    }
+
+    /// Queues entries that must reach the kernel in one submission: a linked chain (the
+    /// link flag on all but the last). A submit between them would run the rest unlinked,
+    /// so the chain goes into the queue whole or waits whole in the backlog. Never
+    /// blocks and never spins: a queue the kernel does not empty (its CQ is full) leaves
+    /// the chain in the backlog for the next turn, after the completions are drained.
+    ///
+    /// # Safety
+    /// As for `push`, for every entry.
+    pub unsafe fn push_chain(&mut self, chain: &[squeue::Entry]) {
+        if self.backlog.is_empty() && self.room() < chain.len() {
+            self.submit();
+        }
+        if self.backlog.is_empty() && self.room() >= chain.len() {
+            let mut sq = self.ring.submission();
+            for entry in chain {
+                // SAFETY: passed on to the caller; room was checked.
+                let pushed = unsafe { sq.push(entry) };
+                debug_assert!(pushed.is_ok(), "room was checked");
+            }
+            return;
+        }
+        self.counts.backlogged += 1;
+        self.backlog.push_back(chain.to_vec());
+    }
+
+    fn room(&mut self) -> usize {
+        let sq = self.ring.submission();
+        sq.capacity() - sq.len()
+    }
+
+    /// Moves whole chains from the backlog into the queue while they fit.
+    fn flush_backlog(&mut self) {
+        while let Some(len) = self.backlog.front().map(Vec::len) {
+            if self.room() < len {
                 return;
             }
-            self.submit();
+            let chain = self.backlog.pop_front().expect("front exists");
+            let mut sq = self.ring.submission();
+            for entry in &chain {
+                // SAFETY: the caller of `push_chain` vouched for it; room was checked.
+                let pushed = unsafe { sq.push(entry) };
+                debug_assert!(pushed.is_ok(), "room was checked");
+            }
         }
     }
 
-    /// Submits what is queued and runs the kernel's deferred completion work, without
-    /// waiting: one system call per loop turn, whatever the number of operations.
+    /// Submits what is queued and lets the kernel post finished completions, without
+    /// waiting: at most one system call per loop turn, whatever the number of operations,
+    /// and none when there is nothing to submit and no completion work waits.
     pub fn submit(&mut self) {
-        let to_submit = self.ring.submission().len() as u32;
+        self.flush_backlog();
+        let (to_submit, work_waits) = {
+            let sq = self.ring.submission();
+            (sq.len() as u32, !self.taskrun_flag || sq.taskrun())
+        };
+        if to_submit == 0 && !work_waits {
+            return;
+        }
+        let mut dropped_reported = false;
         loop {
             // SAFETY: no argument pointer is passed.
             let res = unsafe {
@@ -112,18 +197,34 @@ impl Ring {
                     None,
                 )
             };
-            match res {
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                // EBUSY/EAGAIN: the completion queue is full (overflowed into the kernel's
-                // list); the caller drains it and the next turn submits again.
-                _ => return,
+            match res.map_err(|e| e.raw_os_error().unwrap_or(0)) {
+                Err(libc::EINTR) => continue,
+                // The kernel lost completions (it could not keep an overflowed one): the
+                // CQ's overflow count says how many (`take_counts`); it reports this once,
+                // so the submission is tried again.
+                Err(libc::EBADR) if !dropped_reported => {
+                    dropped_reported = true;
+                    tracing::error!(
+                        "io_uring dropped completions: connections they belonged to stay open until shutdown"
+                    );
+                }
+                // The completion queue is full (overflowed into the kernel's list): the
+                // caller drains it, and the next turn submits what is still queued.
+                Err(libc::EBUSY | libc::EAGAIN) => return,
+                Err(e) => {
+                    self.counts.enter_errors += 1;
+                    tracing::warn!("io_uring_enter failed: {}", io::Error::from_raw_os_error(e));
+                    return;
+                }
+                // Entries the kernel did not take stay queued for the next turn.
+                Ok(_) => return,
             }
         }
     }
 
-    /// Whether submissions are queued.
+    /// Whether submissions are queued (in the queue or the backlog).
     pub fn has_submissions(&mut self) -> bool {
-        !self.ring.submission().is_empty()
+        !self.backlog.is_empty() || !self.ring.submission().is_empty()
     }
 
     /// Whether completions wait to be drained.
@@ -135,5 +236,15 @@ impl Ring {
     pub fn take_completions(&mut self, into: &mut Vec<cqueue::Entry>, max: usize) {
         into.clear();
         into.extend(self.ring.completion().take(max));
+    }
+
+    /// What happened since the last call (the counts restart at zero).
+    pub fn take_counts(&mut self) -> RingCounts {
+        let overflow = u64::from(self.ring.completion().overflow());
+        let mut counts = std::mem::take(&mut self.counts);
+        // The kernel's count only grows; keep how much of it was reported.
+        counts.cqes_dropped = overflow.saturating_sub(self.overflow_reported);
+        self.overflow_reported = overflow;
+        counts
     }
 }

@@ -19,11 +19,19 @@ impl Core<'_> {
         }
         out.deadline = self.ns_of(self.links[key].conn.write_deadline(Instant::now()));
         out.batch.seal();
-        self.post_send(key, out, squeue::Flags::empty());
+        self.post_send(key, out);
     }
 
-    /// Posts the batch's unsent iovecs; `chain` links what is pushed next behind it.
-    pub(super) fn post_send(&mut self, key: usize, mut out: Box<Sending>, chain: squeue::Flags) {
+    /// Posts the batch's unsent iovecs.
+    pub(super) fn post_send(&mut self, key: usize, out: Box<Sending>) {
+        let entry = self.send_entry(key, out);
+        // SAFETY: see `send_entry`.
+        unsafe { self.ring.push(&entry) };
+    }
+
+    /// The send of the batch's unsent iovecs, counted in flight; the link holds the batch.
+    /// The caller pushes the entry (alone, or at the head of a chain).
+    fn send_entry(&mut self, key: usize, mut out: Box<Sending>) -> squeue::Entry {
         let link = &mut self.links[key];
         let unsent = out.batch.unsent_iovecs();
         out.msg.msg_iov = unsent.as_ptr() as *mut libc::iovec;
@@ -40,16 +48,15 @@ impl Core<'_> {
                 .flags(flags)
                 .build()
         }
-        .flags(chain)
         .user_data(tag(Op::Send, link.gen, key));
+        // The msghdr and the iovecs it names live in the boxed `Sending` the link holds
+        // until the completion (`on_send`; a closing link is freed only after its last
+        // completion), and the iovecs point into the batch's head and its record's mmap,
+        // which the batch keeps alive.
         link.out = Some(out);
         link.send_in_flight = true;
         link.inflight += 1;
-        // SAFETY: the msghdr and the iovecs it names live in the boxed `Sending` the
-        // link holds until the completion (`on_send`; a closing link is freed only after
-        // its last completion), and the iovecs point into the batch's head and its
-        // record's mmap, which the batch keeps alive.
-        unsafe { self.ring.push(&entry) };
+        entry
     }
 
     pub(super) fn on_send(&mut self, key: usize, mut res: i32, flags: u32) {
@@ -91,7 +98,7 @@ impl Core<'_> {
         out.batch.consume(res as usize);
         if !out.batch.is_sent() {
             // MSG_WAITALL finishes short writes in the kernel; this is the fallback.
-            self.post_send(key, out, squeue::Flags::empty());
+            self.post_send(key, out);
             return;
         }
         link.conn
@@ -119,11 +126,15 @@ impl Core<'_> {
     /// closed in the same submission (the close hard-linked behind the cancel). The
     /// link is freed when the last completion that names it has arrived.
     pub(super) fn close(&mut self, key: usize, end: SessionEnd) {
+        self.count_end(key, end);
+        self.close_quietly(key);
+    }
+
+    fn count_end(&self, key: usize, end: SessionEnd) {
         let stats = &self.ctx.stats;
         end.counter(stats).inc();
         stats.connections_closed.inc();
         tracing::debug!(peer = %self.links[key].conn.peer(), ?end, "session ended");
-        self.close_quietly(key);
     }
 
     /// Ends a link after one last reply: the send, the cancel of what else is posted and
@@ -136,39 +147,42 @@ impl Core<'_> {
             return;
         }
         out.batch.seal();
-        self.post_send(key, out, squeue::Flags::IO_HARDLINK);
-        // The send is in flight (inflight > 0), so this queues cancel + close behind it.
-        self.close(key, end);
+        let send = self.send_entry(key, out).flags(squeue::Flags::IO_HARDLINK);
+        self.count_end(key, end);
+        let [cancel, close] = self.cancel_and_close(key);
+        // SAFETY: the send's memory as in `send_entry`; the others hold no pointers.
+        unsafe { self.ring.push_chain(&[send, cancel, close]) };
     }
 
-    pub(super) fn close_quietly(&mut self, key: usize) {
+    /// Marks a link closing and builds the cancel of everything it has posted, hard-linked
+    /// to the close of its descriptor (both counted in flight).
+    fn cancel_and_close(&mut self, key: usize) -> [squeue::Entry; 2] {
         let link = &mut self.links[key];
-        if link.closing {
-            return;
-        }
+        debug_assert!(!link.closing);
         link.closing = true;
         link.input = Vec::new();
         link.parked = None;
+        link.inflight += 2;
+        let cancel =
+            opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fixed(link.fd)).all())
+                .build()
+                .flags(squeue::Flags::IO_HARDLINK)
+                .user_data(tag(Op::Cancel, link.gen, key));
         let close = opcode::Close::new(types::Fixed(link.fd))
             .build()
             .user_data(tag(Op::Close, link.gen, key));
-        if link.inflight > 0 {
-            let cancel =
-                opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fixed(link.fd)).all())
-                    .build()
-                    .flags(squeue::Flags::IO_HARDLINK)
-                    .user_data(tag(Op::Cancel, link.gen, key));
-            link.inflight += 2;
-            // SAFETY: no pointers.
-            unsafe {
-                self.ring.push(&cancel);
-                self.ring.push(&close);
-            }
-        } else {
-            link.inflight += 1;
-            // SAFETY: no pointers.
-            unsafe { self.ring.push(&close) };
+        [cancel, close]
+    }
+
+    pub(super) fn close_quietly(&mut self, key: usize) {
+        if self.links[key].closing {
+            return;
         }
+        // Always the pair: a cancel that finds nothing costs one completion, and the
+        // chain is the same whatever the link has posted.
+        let chain = self.cancel_and_close(key);
+        // SAFETY: no pointers.
+        unsafe { self.ring.push_chain(&chain) };
     }
 
     /// The worker's grace time is over: every link still open is closed (counted by the
