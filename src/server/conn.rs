@@ -221,6 +221,8 @@ pub struct Conn<'a> {
     /// one keep-alive goes `limits::REQUEST_NUDGE_MS` after our last write (see there).
     nudge_pending: bool,
     effects: VecDeque<Effect>,
+    /// The torrent an MSE handshake proved (req2): the BitTorrent handshake must name it.
+    bound_to: Option<[u8; 20]>,
     /// Set once; every event after it is ignored.
     end: Option<SessionEnd>,
     /// `Effect::Close` has been handed out (once).
@@ -248,9 +250,22 @@ impl<'a> Conn<'a> {
             last_tx: now,
             nudge_pending: false,
             effects: VecDeque::new(),
+            bound_to: None,
             end: None,
             end_polled: false,
         }
+    }
+
+    /// What every session on this worker shares.
+    pub fn ctx(&self) -> &'a WorkerCtx {
+        self.ctx
+    }
+
+    /// An MSE handshake proved the torrent `key` (HASH('req2', key) matched): the
+    /// BitTorrent handshake that follows must name the same torrent, or the connection
+    /// is closed before anything is looked up or fetched (docs/protocol-facts.md).
+    pub fn bind_to(&mut self, key: [u8; 20]) {
+        self.bound_to = Some(key);
     }
 
     /// The peer's address.
@@ -386,6 +401,13 @@ impl<'a> Conn<'a> {
             return;
         }
         match outcome {
+            Some(FetchOutcome::Ready(record))
+                if !record.hashes().handshake_keys().any(|k| k == self.key) =>
+            {
+                // Not the torrent this connection asked for: a driver handed it the
+                // outcome of another connection's fetch. Never serve it; keep waiting.
+                tracing::error!(peer = %self.peer, "fetch outcome for another torrent ignored");
+            }
             Some(FetchOutcome::Ready(record)) => {
                 // Held requests are answered with the handshake, in the same batch as the
                 // requests that came with the outcome (the worst case `limits` sizes).
@@ -500,6 +522,13 @@ impl<'a> Conn<'a> {
             stats.peers_without_extensions.inc();
             return self.close(SessionEnd::NoExtensions);
         }
+        if let Some(proven) = self.bound_to {
+            if !self.same_torrent(&proven, &head.info_hash) {
+                // A peer proves one torrent and names another: neither served nor fetched.
+                stats.mse_torrent_mismatch.inc();
+                return self.close(SessionEnd::HandshakeInvalid);
+            }
+        }
         self.key = head.info_hash;
         if ctx.store.is_blocked(&self.key) {
             // Deleted by an operator: never served, never fetched.
@@ -533,6 +562,17 @@ impl<'a> Conn<'a> {
         if let Some(record) = record {
             self.become_ready(record, out);
         }
+    }
+
+    /// Whether `named` is a handshake key of the torrent `proven` is a key of (a hybrid
+    /// torrent has two: v1 and the truncated v2).
+    fn same_torrent(&self, proven: &[u8; 20], named: &[u8; 20]) -> bool {
+        proven == named
+            || self
+                .ctx
+                .store
+                .lookup(proven)
+                .is_some_and(|r| r.hashes().handshake_keys().any(|k| &k == named))
     }
 
     /// Our extension handshake: `first` (with HaveNone if both sides are Fast) or a later,

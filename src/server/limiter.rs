@@ -32,6 +32,16 @@ pub enum Refusal {
     PerIp,
 }
 
+impl Refusal {
+    /// The core counter a refusal of this kind bumps.
+    pub fn counter(self, stats: &crate::server::stats::CoreStats) -> &crate::server::stats::Counter {
+        match self {
+            Refusal::Global => &stats.connections_refused_global,
+            Refusal::PerIp => &stats.connections_refused_per_ip,
+        }
+    }
+}
+
 pub struct ConnectionLimiter {
     connections_max: usize,
     connections_per_ip_max: usize,

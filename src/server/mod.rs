@@ -6,10 +6,12 @@
 //! - `listener`: sockets (SO_REUSEPORT, v6-only, backlog) bound before workers start, or
 //!   inherited from systemd (socket activation)
 //! - `worker`:   the runtime (io_uring or epoll) and the accept loop
-//! - `session`:  drives one peer connection over a `Transport`: read → conn → write
+//! - `pump`:     one peer connection above any transport, sans I/O: the MSE gate, the
+//!   session (`conn`) and its effects; every driver below is a thin adapter around it
 //! - `conn`:     the peer protocol (handshake, BEP 10, BEP 9) as a sans-IO state machine
-//! - `mse`:      MSE/PE in front of either transport: plaintext passes through, an
-//!   encrypted handshake is answered (`mse/`), RC4 only when the peer insists
+//! - `mse`:      MSE/PE for the pump: first bytes, the responder handshake, RC4 out
+//! - `session`:  the stream adapter: a `Transport` (monoio TCP, uTP) ↔ the pump
+//! - `uring`:    the io_uring adapter: TCP on the worker's own ring ↔ the pump
 //! - `tcp`:      the TCP `Transport` (cancelable reads, the writev loop)
 //! - `udp`:      uTP on the same port: per-core datagram demultiplexing, timers, and the
 //!   uTP `Transport` (docs/transports.md)
@@ -19,10 +21,12 @@
 //! - `lifecycle`: signals (stop, reload), the systemd watchdog
 
 pub mod conn;
+pub mod deadlines;
 pub mod lifecycle;
 pub mod limiter;
 pub mod listener;
 pub mod mse;
+pub mod pump;
 pub mod send;
 pub mod session;
 pub mod stats;
@@ -41,6 +45,24 @@ use crate::config::ServeConfig;
 use crate::store::Store;
 use crate::upstream::shard::{ShardCmd, Upstream};
 use stats::{CoreStats, StatsSnapshot};
+
+/// Runs `f`; a panic in it (a bug while handling one connection or datagram) is counted
+/// in `session_panics` and logged instead of taking the core down, and gives `None`. The
+/// caller closes what the panic concerned; the worker goes on.
+pub(crate) fn contain_panic<R>(
+    stats: &stats::CoreStats,
+    what: &str,
+    f: impl FnOnce() -> R,
+) -> Option<R> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => Some(r),
+        Err(_) => {
+            stats.session_panics.inc();
+            tracing::error!("{what} handling panicked; closed, the worker goes on");
+            None
+        }
+    }
+}
 
 /// A running server: its bound addresses and per-core counters.
 pub struct Server {

@@ -1,6 +1,7 @@
-//! The driver of one peer connection: moves bytes between a `Transport` (TCP in `tcp.rs`,
-//! uTP in `udp.rs`) and the sans-IO protocol state machine (`conn.rs`), and carries out
-//! its effects (fetch, store, shard messages). Read → conn → write; no protocol here.
+//! The stream adapter: moves bytes between a `Transport` (TCP on monoio in `tcp.rs`, uTP
+//! in `udp.rs`) and the sans-IO pump (`pump.rs`: MSE gate, protocol, effects), and
+//! carries out its steps (send, fetch, store, shard messages, close) by awaiting them.
+//! Read → pump → step; no protocol here.
 
 use std::io;
 use std::net::SocketAddr;
@@ -9,7 +10,7 @@ use std::rc::Rc;
 use monoio::time::Instant;
 
 use crate::limits;
-use crate::server::conn::{Conn, Effect};
+use crate::server::pump::{Pump, Step};
 use crate::server::send::OutBatch;
 use crate::upstream::shard::{FetchOutcome, Hints};
 
@@ -61,68 +62,88 @@ pub trait Transport {
     ) -> (io::Result<()>, OutBatch);
 }
 
-/// Runs one connection to its end, and counts the end by reason.
+/// Runs one connection to its end (the end is counted by the pump).
 pub async fn run<T: Transport>(transport: T, peer: SocketAddr, ctx: Rc<WorkerCtx>) -> SessionEnd {
-    let end = drive(transport, peer, &ctx).await;
-    end.counter(&ctx.stats).inc();
-    tracing::debug!(%peer, ?end, "session ended");
-    end
+    drive(transport, peer, &ctx).await
 }
 
+/// The stream adapter of the pump: reads into its own buffer, hands the bytes to the
+/// pump, and carries out its steps, awaiting each.
 async fn drive<T: Transport>(mut io: T, peer: SocketAddr, ctx: &WorkerCtx) -> SessionEnd {
-    let mut conn = Conn::new(ctx, peer, Instant::now());
+    let mut pump = Pump::new(ctx, peer, Instant::now());
     let mut rbuf: Vec<u8> = Vec::with_capacity(limits::READ_BUFFER_BYTES_INITIAL);
     let mut out = OutBatch::new();
     let mut waiter = None;
+    let mut step = pump.poll(Instant::now(), &mut out);
     loop {
-        // Handle, act, write until the buffer yields nothing more (the handshake head is
-        // handled alone, so our handshake goes out before the frames behind it).
-        loop {
-            let consumed = conn.on_bytes(&rbuf, Instant::now(), &mut out);
-            rbuf.drain(..consumed);
-            while let Some(effect) = conn.poll_effect() {
-                match effect {
-                    Effect::Fetch(key) => waiter = Some(ctx.upstream.submit(key, Hints::default())),
-                    Effect::Shard(cmd) => ctx.upstream.send(conn.key(), cmd),
-                    Effect::Store(info) => {
-                        let stored = ctx.upstream.store_off_core(info).await;
-                        conn.on_stored(stored, &mut out);
-                    }
-                    Effect::Close(end) => return end,
-                }
+        match step {
+            Step::Fetch(key) => waiter = Some(ctx.upstream.submit(key, Hints::default())),
+            Step::Shard { key, cmd } => ctx.upstream.send(&key, cmd),
+            Step::Store(info) => {
+                let stored = ctx.upstream.store_off_core(info).await;
+                pump.on_stored(stored);
             }
-            if !conn.awaits_fetch() {
-                waiter = None;
-            }
-            if !out.is_empty() {
-                let (blocks, bytes) = (out.blocks(), out.payload_bytes());
-                let deadline = conn.write_deadline(Instant::now());
-                let (res, batch) = io.write_before(out, deadline).await;
+            Step::Send => {
+                let deadline = pump.write_deadline(Instant::now());
+                let (res, batch) = io.write_before(std::mem::take(&mut out), deadline).await;
                 out = batch;
                 if let Err(e) = res {
                     tracing::debug!(%peer, "write failed: {e}");
-                    return SessionEnd::IoError;
+                    return ended(&mut pump, SessionEnd::IoError);
                 }
-                conn.on_sent(Instant::now(), blocks, bytes);
+                pump.on_sent(Instant::now());
             }
-            if consumed == 0 {
-                break;
+            Step::Close { end, flush } => {
+                if flush {
+                    // Our last bytes tell the peer why; a failure changes nothing now.
+                    let deadline = pump.write_deadline(Instant::now());
+                    let _ = io.write_before(out, deadline).await;
+                }
+                return end;
+            }
+            Step::Wait => {
+                if !pump.awaits_fetch() {
+                    waiter = None;
+                }
+                let spare_min = pump.read_spare_min();
+                let wake = io
+                    .read_or_wake(&mut rbuf, pump.deadline(), spare_min, waiter.as_ref())
+                    .await;
+                // Bytes that raced with a fetch outcome or a deadline came with it.
+                let outcome = match wake {
+                    Wake::Read(outcome) => outcome,
+                    Wake::Fetch(outcome) => {
+                        pump.on_fetch(outcome);
+                        ReadOutcome::Data { filled: false }
+                    }
+                };
+                match outcome {
+                    ReadOutcome::Data { filled } => {
+                        step = pump.on_bytes(&mut rbuf, filled, Instant::now(), &mut out);
+                        rbuf.clear();
+                        continue;
+                    }
+                    ReadOutcome::Eof => return ended(&mut pump, SessionEnd::PeerClosed),
+                    ReadOutcome::Failed(e) => {
+                        tracing::debug!(%peer, "read failed: {e}");
+                        return ended(&mut pump, SessionEnd::IoError);
+                    }
+                    ReadOutcome::Deadline => {
+                        pump.on_deadline();
+                        if !rbuf.is_empty() {
+                            step = pump.on_bytes(&mut rbuf, false, Instant::now(), &mut out);
+                            rbuf.clear();
+                            continue;
+                        }
+                    }
+                }
             }
         }
-        // Wait for bytes, the fetch, or the next deadline (hold, keep-alive, idle).
-        let spare_min = conn.read_spare_min();
-        match io
-            .read_or_wake(&mut rbuf, conn.deadline(), spare_min, waiter.as_ref())
-            .await
-        {
-            Wake::Read(ReadOutcome::Data { filled }) => conn.on_read(filled),
-            Wake::Read(ReadOutcome::Eof) => return SessionEnd::PeerClosed,
-            Wake::Read(ReadOutcome::Failed(e)) => {
-                tracing::debug!(%peer, "read failed: {e}");
-                return SessionEnd::IoError;
-            }
-            Wake::Read(ReadOutcome::Deadline) => conn.on_deadline(Instant::now(), &mut out),
-            Wake::Fetch(outcome) => conn.on_fetch(outcome, &mut out),
-        }
+        step = pump.poll(Instant::now(), &mut out);
     }
+}
+
+fn ended(pump: &mut Pump<'_>, end: SessionEnd) -> SessionEnd {
+    pump.end(end);
+    end
 }

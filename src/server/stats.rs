@@ -260,6 +260,9 @@ core_stats! {
     /// MSE: handshakes naming an info-hash we do not hold (it can be recognised, not
     /// learned, so it cannot be fetched): closed.
     mse_unknown_info_hash,
+    /// MSE handshakes that proved one torrent (req2) followed by a BitTorrent handshake
+    /// for another: closed, nothing looked up or fetched.
+    mse_torrent_mismatch,
     /// MSE: connections closed before DH because their address started
     /// `mse_handshakes_per_ip_per_second_max` handshakes this second on the core.
     mse_refused_per_ip,

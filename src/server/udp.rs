@@ -37,8 +37,7 @@ use std::task::{Poll, Waker};
 use std::time::Instant;
 
 use crate::limits;
-use crate::server::limiter::{ConnectionLimiter, ConnectionPermit, Refusal};
-use crate::server::mse::MseTransport;
+use crate::server::limiter::{ConnectionLimiter, ConnectionPermit};
 use crate::server::send::OutBatch;
 use crate::server::session::{ReadOutcome, Transport, Wake, WorkerCtx};
 use crate::server::worker::{spawn_session, OpenSession};
@@ -536,10 +535,7 @@ impl Endpoint {
         let permit = match self.limiter.try_admit(key.0.ip()) {
             Ok(p) => p,
             Err(refusal) => {
-                match refusal {
-                    Refusal::Global => stats.connections_refused_global.inc(),
-                    Refusal::PerIp => stats.connections_refused_per_ip.inc(),
-                }
+                refusal.counter(stats).inc();
                 let mut reset = [0u8; 20];
                 utp::reset_for(&syn.header, &mut reset);
                 self.send_bytes(&socket2::SockAddr::from(key.0), &reset);
@@ -582,7 +578,7 @@ impl Endpoint {
                 sh: sh.clone(),
             };
             spawn_session(
-                MseTransport::new(utp, self.ctx.clone(), sh.key.0),
+                utp,
                 sh.key.0,
                 self.ctx.clone(),
                 OpenSession::new(self.open.clone()),

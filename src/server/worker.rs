@@ -11,7 +11,6 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
 use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::sync::mpsc::Sender;
@@ -23,8 +22,7 @@ use monoio::net::TcpListener;
 use monoio::{FusionDriver, IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 use crate::config::{DriverChoice, ServeConfig};
-use crate::server::limiter::{ConnectionLimiter, Refusal};
-use crate::server::mse::MseTransport;
+use crate::server::limiter::ConnectionLimiter;
 use crate::server::session::{self, Transport, WorkerCtx};
 use crate::server::stats::CoreStats;
 use crate::server::tcp::TcpTransport;
@@ -101,16 +99,6 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
     if spec.cfg.pin_cores {
         pin_to_cpu(spec.index);
     }
-    let (mut rt, driver) = match build_runtime(spec.cfg.driver) {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = ready.send(Err(
-                e.context(format!("worker {}: building the runtime", spec.index))
-            ));
-            return;
-        }
-    };
-    tracing::debug!(worker = spec.index, driver, "worker started");
     let WorkerSpec {
         index,
         cfg,
@@ -123,38 +111,44 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         shard_mailbox,
         stop,
     } = spec;
-    // On io_uring the worker serves TCP from its own ring (`server/uring`); monoio's
-    // TCP path remains for epoll, and for a kernel that refuses the ring's set-up.
-    let (own_ring, listeners) = if driver == "io_uring" {
-        let per_core = cfg.connections_max.div_ceil(cfg.threads.max(1));
-        let fds: Vec<_> = listeners.iter().map(|l| l.try_clone()).collect();
-        match fds
-            .into_iter()
-            .collect::<std::io::Result<Vec<_>>>()
-            .and_then(|l| uring::Parts::new(l, per_core))
-        {
-            Ok(parts) => {
-                // The ring holds duplicates; these would keep the listening sockets (and
-                // their backlogs) open after the ring's accepts stop.
-                drop(listeners);
-                tracing::debug!(
-                    worker = index,
-                    flags = parts.flags(),
-                    "own io_uring for TCP"
-                );
-                (Some(parts), Vec::new())
-            }
-            Err(e) => {
-                tracing::warn!(
-                    worker = index,
-                    "own io_uring set-up failed ({e}); serving TCP through monoio's io_uring driver"
-                );
-                (None, listeners)
+    // TCP is served from the worker's own ring (`server/uring`) unless the driver is
+    // epoll or the kernel lacks something the ring needs; then monoio's epoll driver
+    // serves it through `session.rs`.
+    let (own_ring, listeners, runtime) = match cfg.driver {
+        DriverChoice::Epoll => (None, listeners, DriverChoice::Epoll),
+        choice => {
+            let per_core = cfg.connections_max.div_ceil(cfg.threads.max(1));
+            match own_ring(&listeners, per_core) {
+                Ok(parts) => {
+                    // The ring holds duplicates; these would keep the listening sockets
+                    // (and their backlogs) open after the ring's accepts stop.
+                    drop(listeners);
+                    tracing::debug!(worker = index, flags = parts.flags(), "own io_uring for TCP");
+                    (Some(parts), Vec::new(), DriverChoice::Auto)
+                }
+                Err(e) if choice == DriverChoice::Auto => {
+                    tracing::warn!(worker = index, "io_uring path unavailable ({e}); serving through epoll");
+                    (None, listeners, DriverChoice::Epoll)
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(anyhow::anyhow!(
+                        "worker {index}: --driver io-uring: {e} (use --driver auto to fall back to epoll)"
+                    )));
+                    return;
+                }
             }
         }
-    } else {
-        (None, listeners)
     };
+    let (mut rt, runtime_name) = match build_runtime(runtime) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = ready.send(Err(e.context(format!("worker {index}: building the runtime"))));
+            return;
+        }
+    };
+    // What serves TCP, for the ready line and the status page.
+    let driver = if own_ring.is_some() { "io_uring" } else { runtime_name };
+    tracing::debug!(worker = index, driver, runtime = runtime_name, "worker started");
     rt.block_on(async move {
         let mut monoio_listeners = Vec::new();
         for l in listeners {
@@ -246,6 +240,18 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
     });
 }
 
+/// The own ring's parts for `listeners` (duplicates of them), or why the kernel cannot.
+fn own_ring(
+    listeners: &[std::net::TcpListener],
+    connections_per_core: usize,
+) -> std::io::Result<uring::Parts> {
+    let fds = listeners
+        .iter()
+        .map(|l| l.try_clone())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    uring::Parts::new(fds, connections_per_core)
+}
+
 /// Proof of life for the systemd watchdog: a worker whose runtime is stuck stops ticking.
 async fn heartbeat(stats: Arc<CoreStats>) {
     loop {
@@ -307,19 +313,15 @@ async fn accept_loop(
         };
         let permit = match limiter.try_admit(peer.ip()) {
             Ok(p) => p,
-            Err(Refusal::Global) => {
-                ctx.stats.connections_refused_global.inc();
-                continue;
-            }
-            Err(Refusal::PerIp) => {
-                ctx.stats.connections_refused_per_ip.inc();
+            Err(refusal) => {
+                refusal.counter(&ctx.stats).inc();
                 continue;
             }
         };
         ctx.stats.connections_accepted.inc();
         let _ = stream.set_nodelay(true);
         spawn_session(
-            MseTransport::new(TcpTransport::new(stream), ctx.clone(), peer),
+            TcpTransport::new(stream),
             peer,
             ctx.clone(),
             OpenSession::new(open.clone()),
@@ -344,28 +346,29 @@ pub(crate) fn spawn_session<T: Transport + 'static, G: 'static>(
         // count it, and close only that connection (the transport drops with the future).
         // The end reason is counted by `session::run` (`session_ends_*`).
         let session = session::run(transport, peer, ctx.clone());
-        if CatchUnwind(session).await.is_err() {
-            ctx.stats.session_panics.inc();
-            tracing::error!(%peer, "session panicked; connection closed, worker goes on");
-        }
+        // The panic is counted and logged by `contain_panic`.
+        let _ = CatchUnwind(session, &ctx.stats).await;
         ctx.stats.connections_closed.inc();
         drop(guard);
     });
 }
 
-/// Polls a future inside `catch_unwind`; a panic ends the future with `Err`.
-struct CatchUnwind<F>(F);
+/// Polls a future inside `contain_panic`; a panic ends the future with `Err`.
+struct CatchUnwind<'s, F>(F, &'s CoreStats);
 
-impl<F: Future> Future for CatchUnwind<F> {
+impl<F: Future> Future for CatchUnwind<'_, F> {
     type Output = Result<F::Output, ()>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        // SAFETY: structural pinning of the only field; it is never moved out.
-        let inner = unsafe { self.map_unchecked_mut(|s| &mut s.0) };
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
-            Ok(Poll::Pending) => Poll::Pending,
-            Err(_) => Poll::Ready(Err(())),
+        // SAFETY: structural pinning of the future; it is never moved out.
+        let this = unsafe { self.get_unchecked_mut() };
+        let stats = this.1;
+        // SAFETY: as above.
+        let inner = unsafe { Pin::new_unchecked(&mut this.0) };
+        match crate::server::contain_panic(stats, "session", || inner.poll(cx)) {
+            Some(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Some(Poll::Pending) => Poll::Pending,
+            None => Poll::Ready(Err(())),
         }
     }
 }

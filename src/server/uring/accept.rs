@@ -93,18 +93,23 @@ impl Core<'_> {
         }
         self.accept_backoff = ACCEPT_BACKOFF_MIN;
         let fd = res as u32;
-        let peer = socket_addr_of(&slot.addr);
-        let admitted = match peer {
-            Some(peer) => self.limiter.try_admit(peer.ip()).map(|p| (peer, p)),
-            None => Err(Refusal::Global),
+        let admitted = match socket_addr_of(&slot.addr) {
+            Some(peer) => match self.limiter.try_admit(peer.ip()) {
+                Ok(permit) => Some((peer, permit)),
+                Err(refusal) => {
+                    refusal.counter(stats).inc();
+                    None
+                }
+            },
+            None => {
+                // An address family we do not serve: the kernel's doing, not a cap.
+                stats.accept_errors.inc();
+                None
+            }
         };
         let (peer, permit) = match admitted {
-            Ok(a) => a,
-            Err(refusal) => {
-                match refusal {
-                    Refusal::Global => stats.connections_refused_global.inc(),
-                    Refusal::PerIp => stats.connections_refused_per_ip.inc(),
-                }
+            Some(a) => a,
+            None => {
                 self.refused_closing += 1;
                 let entry = opcode::Close::new(types::Fixed(fd)).build().user_data(tag(
                     Op::CloseRefused,
@@ -120,21 +125,16 @@ impl Core<'_> {
         stats.connections_accepted.inc();
         self.next_gen = self.next_gen.wrapping_add(1) & GEN_MASK;
         let link = Link {
-            conn: Conn::new(self.ctx, peer, Instant::now()),
-            gate: Gate::Deciding,
-            input: Vec::new(),
+            pump: Pump::new(self.ctx, peer, Instant::now()),
             out: None,
-            parked: None,
+            sending: None,
             _permit: permit,
             timer_at: u64::MAX,
             fd,
             gen: self.next_gen,
             inflight: 0,
             recv: Recv::Idle,
-            send_in_flight: false,
-            storing: false,
             closing: false,
-            news: None,
         };
         let key = self.links.insert(link);
         self.open.set(self.open.get() + 1);

@@ -1,8 +1,10 @@
-//! A provided buffer ring (IOU_PBUF_RING): one pool of receive buffers per core that the
-//! kernel picks from when bytes arrive. A connection holds no read buffer while it waits;
-//! a buffer is lent to it only from the completion until its bytes are handled, then
-//! handed back (docs/io-uring.md "Memory per connection").
+//! A provided buffer ring (IOU_PBUF_RING): a pool of receive buffers that the kernel picks
+//! from when bytes arrive. A connection holds no read buffer while it waits; a buffer is
+//! lent (`Lent`) from the completion until its bytes are handled, and goes back to the
+//! kernel when the loan drops, also when handling panics (docs/io-uring.md "Memory per
+//! connection").
 
+use std::cell::Cell;
 use std::io;
 use std::sync::atomic::{AtomicU16, Ordering};
 
@@ -53,7 +55,37 @@ pub struct BufRing {
     buf_bytes: usize,
     mask: u16,
     /// Our copy of the tail; published to the kernel after each hand-back.
-    tail: u16,
+    tail: Cell<u16>,
+}
+
+/// A buffer the kernel filled, lent until dropped: then it goes back to the ring.
+pub struct Lent<'r> {
+    ring: &'r BufRing,
+    bid: u16,
+    len: usize,
+}
+
+impl Lent<'_> {
+    /// The received bytes (decrypted in place under RC4, so mutable).
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        let bid = usize::from(self.bid & self.ring.mask);
+        // SAFETY: inside the buffer mapping; the kernel does not write to a buffer it has
+        // completed with until we hand it back (on drop), and a bid is lent once at a time
+        // (each completion names a distinct one).
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.ring.bufs.ptr.add(bid * self.ring.buf_bytes),
+                self.len,
+            )
+        }
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        self.ring.put(self.bid);
+        self.ring.publish();
+    }
 }
 
 impl BufRing {
@@ -66,12 +98,12 @@ impl BufRing {
             "buffer ring size must be a power of two"
         );
         let ring_bytes = usize::from(count) * std::mem::size_of::<BufRingEntry>();
-        let mut me = BufRing {
+        let me = BufRing {
             ring: Mapping::new(ring_bytes)?,
             bufs: Mapping::new(usize::from(count) * buf_bytes)?,
             buf_bytes,
             mask: count - 1,
-            tail: 0,
+            tail: Cell::new(0),
         };
         // SAFETY: the ring mapping lives as long as `me`, which unregisters nothing but
         // is dropped only after the io_uring (the caller keeps the order: see `Core`).
@@ -90,30 +122,25 @@ impl BufRing {
         self.buf_bytes
     }
 
-    /// The `len` bytes the kernel wrote into buffer `bid`, to be handled (and decrypted in
-    /// place, for RC4) before `give_back`.
-    pub fn get_mut(&mut self, bid: u16, len: usize) -> &mut [u8] {
-        let bid = usize::from(bid & self.mask);
+    /// Lends buffer `bid`, which a completion says holds `len` bytes.
+    pub fn lend(&self, bid: u16, len: usize) -> Lent<'_> {
         assert!(len <= self.buf_bytes);
-        // SAFETY: inside the buffer mapping; the kernel no longer writes to a buffer it
-        // has completed with, until we hand it back.
-        unsafe { std::slice::from_raw_parts_mut(self.bufs.ptr.add(bid * self.buf_bytes), len) }
+        Lent {
+            ring: self,
+            bid,
+            len,
+        }
     }
 
-    /// Hands buffer `bid` back to the kernel.
-    pub fn give_back(&mut self, bid: u16) {
-        self.put(bid);
-        self.publish();
-    }
-
-    fn put(&mut self, bid: u16) {
-        let slot = usize::from(self.tail & self.mask);
+    fn put(&self, bid: u16) {
+        let tail = self.tail.get();
+        let slot = usize::from(tail & self.mask);
         // SAFETY: `slot` < count entries of the ring mapping.
         let entry = unsafe { &mut *(self.ring.ptr as *mut BufRingEntry).add(slot) };
         entry.set_addr(self.bufs.ptr as u64 + (usize::from(bid) * self.buf_bytes) as u64);
         entry.set_len(self.buf_bytes as u32);
         entry.set_bid(bid);
-        self.tail = self.tail.wrapping_add(1);
+        self.tail.set(tail.wrapping_add(1));
     }
 
     fn publish(&self) {
@@ -121,7 +148,7 @@ impl BufRing {
         // reads it with acquire ordering, so a release store publishes the entries.
         unsafe {
             let tail = BufRingEntry::tail(self.ring.ptr as *const BufRingEntry) as *const AtomicU16;
-            (*tail).store(self.tail, Ordering::Release);
+            (*tail).store(self.tail.get(), Ordering::Release);
         }
     }
 }

@@ -1,5 +1,6 @@
-//! uTP datagrams: one multishot recvmsg per uTP socket into the core's buffer ring, handed
-//! to the endpoint (`server/udp.rs`), which answers once per batch.
+//! uTP datagrams: one multishot recvmsg per uTP socket into the core's datagram buffer
+//! ring (a group apart from TCP's), handed to the endpoint (`server/udp.rs`), which
+//! answers once per batch.
 
 use super::*;
 
@@ -14,6 +15,20 @@ pub(super) struct UdpRecv {
     pub(super) touched: bool,
 }
 
+impl UdpRecv {
+    pub(super) fn new(ep: Rc<udp::Endpoint>) -> UdpRecv {
+        // SAFETY: an all-zero msghdr is a valid empty one.
+        let mut msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+        UdpRecv {
+            ep,
+            msg,
+            posted: false,
+            touched: false,
+        }
+    }
+}
+
 impl Core<'_> {
     pub(super) fn post_udp(&mut self, i: usize) {
         let u = &mut self.udp[i];
@@ -23,7 +38,7 @@ impl Core<'_> {
         let entry = opcode::RecvMsgMulti::new(
             types::Fd(u.ep.raw_fd()),
             &raw const *u.msg,
-            RECV_BUFFER_GROUP,
+            UDP_RECV_GROUP,
         )
         .build()
         .user_data(tag(Op::UdpRecv, 0, i));
@@ -38,35 +53,34 @@ impl Core<'_> {
             u.posted = false;
         }
         let stats = &self.ctx.stats;
-        if let Some(bid) = cqueue::buffer_select(flags) {
-            if res >= 0 {
-                let buf = self.bufs.get_mut(bid, res as usize);
-                match types::RecvMsgOut::parse(buf, &u.msg) {
-                    // A datagram larger than a buffer would be read as a shorter uTP
-                    // packet (uTP has no length field): dropped, counted.
-                    Ok(out) if out.is_payload_truncated() => stats.utp_recv_truncated.inc(),
-                    Ok(out) => match name_addr(out.name_data()) {
-                        Some(from) => {
-                            let ep = &u.ep;
-                            let handled = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                                ep.on_ring_datagram(out.payload_data(), from)
-                            }));
-                            if handled.is_err() {
-                                stats.session_panics.inc();
-                                tracing::error!(%from, "uTP datagram handling panicked; worker goes on");
-                            }
-                            u.touched = true;
-                        }
-                        None => stats.utp_recv_errors.inc(),
-                    },
-                    Err(()) => stats.utp_recv_errors.inc(),
-                }
+        {
+        let bufs = &self.udp_bufs;
+        // Goes back to the ring when dropped, whatever happens below.
+        let lent = cqueue::buffer_select(flags).map(|bid| bufs.lend(bid, res.max(0) as usize));
+        match lent {
+            Some(mut lent) if res >= 0 => match types::RecvMsgOut::parse(lent.bytes_mut(), &u.msg) {
+                // A datagram larger than a buffer would be read as a shorter uTP packet
+                // (uTP has no length field): dropped, counted.
+                Ok(out) if out.is_payload_truncated() => stats.utp_recv_truncated.inc(),
+                Ok(out) => match name_addr(out.name_data()) {
+                    Some(from) => {
+                        let ep = &u.ep;
+                        crate::server::contain_panic(stats, "uTP datagram", || {
+                            ep.on_ring_datagram(out.payload_data(), from)
+                        });
+                        u.touched = true;
+                    }
+                    None => stats.utp_recv_errors.inc(),
+                },
+                Err(()) => stats.utp_recv_errors.inc(),
+            },
+            Some(lent) => drop(lent),
+            None if res == -libc::ENOBUFS => stats.uring_recv_no_buffers.inc(),
+            None if res < 0 && res != -libc::ECANCELED => {
+                u.ep.on_ring_recv_error(io::Error::from_raw_os_error(-res))
             }
-            self.bufs.give_back(bid);
-        } else if res == -libc::ENOBUFS {
-            stats.uring_recv_no_buffers.inc();
-        } else if res < 0 && res != -libc::ECANCELED {
-            u.ep.on_ring_recv_error(io::Error::from_raw_os_error(-res));
+            None => {}
+        }
         }
         if !self.udp[i].posted {
             self.post_udp(i);
@@ -78,10 +92,7 @@ impl Core<'_> {
         for u in &mut self.udp {
             if std::mem::take(&mut u.touched) {
                 let ep = &u.ep;
-                if std::panic::catch_unwind(AssertUnwindSafe(|| ep.end_ring_batch())).is_err() {
-                    self.ctx.stats.session_panics.inc();
-                    tracing::error!("uTP batch handling panicked; worker goes on");
-                }
+                crate::server::contain_panic(&self.ctx.stats, "uTP batch", || ep.end_ring_batch());
             }
         }
     }

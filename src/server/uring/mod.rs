@@ -1,4 +1,5 @@
-//! The io_uring serving path: each worker owns a ring for its TCP peers (docs/io-uring.md).
+//! The io_uring adapter: each worker owns a ring for its TCP peers and feeds the pump
+//! (`server/pump.rs`) from it (docs/io-uring.md).
 //!
 //! monoio's io_uring driver spends one submission per accept, per read into a buffer the
 //! connection owns, per write and per close: the shape of epoll with more bookkeeping,
@@ -12,33 +13,32 @@
 //! - replies as one `sendmsg` (MSG_WAITALL: the kernel finishes short writes) whose
 //!   iovecs point into the store's mmap, as before;
 //! - close after a cancel of what is still posted, hard-linked, in the same submission;
-//! - everything queued in a loop turn goes in with one `io_uring_enter`, which also runs
-//!   the deferred completion work (SINGLE_ISSUER + DEFER_TASKRUN + COOP_TASKRUN).
+//! - everything queued in a loop turn goes in with one `io_uring_enter`.
 //!
 //! Files, in the order a connection meets them: `ring.rs` (set-up, batched submission),
-//! `bufs.rs` (the provided buffer ring), `accept.rs`, `recv.rs` (the byte path: MSE gate,
-//! `Conn`, effects), `send.rs` (replies and closes), `link.rs` (what a connection holds),
-//! `datagrams.rs` (uTP). This file is the loop: completions, the mailbox, timers.
+//! `probe.rs` (what the kernel must have), `bufs.rs` (the provided buffer rings),
+//! `accept.rs`, `recv.rs` (bytes into the pump, its steps out), `send.rs` (replies and
+//! closes), `link.rs` (what a connection holds), `datagrams.rs` (uTP). This file is the
+//! loop: completions, the mailbox, timers.
 //!
 //! The ring lives inside the worker's monoio runtime as one task, so uTP, the miss path
 //! and the timers stay where they are: the kernel signals the ring's eventfd and monoio
-//! wakes the task. The protocol is the same sans-IO `Conn` (and MSE gate) that the
-//! monoio path drives through `session.rs`; only the I/O differs.
+//! wakes the task. The protocol is the same pump that `session.rs` drives for byte
+//! streams; only the I/O differs.
 
 mod accept;
 mod bufs;
 mod datagrams;
 mod link;
+mod probe;
 mod recv;
 mod ring;
 mod send;
 
 use std::cell::{Cell, RefCell};
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::AsRawFd;
-use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -49,10 +49,11 @@ use io_uring::{cqueue, opcode, squeue, types};
 use monoio::time::Instant;
 use slab::Slab;
 
-use crate::server::conn::{Conn, Effect, SessionEnd, WorkerCtx};
-use crate::server::limiter::{ConnectionLimiter, Refusal};
+use crate::server::conn::{SessionEnd, WorkerCtx};
+use crate::server::deadlines::Deadlines;
+use crate::server::limiter::ConnectionLimiter;
 use crate::server::listener::socket_addr_of;
-use crate::server::mse::{self, Handshake, HandshakeStep};
+use crate::server::pump::{Pump, State, Step};
 use crate::server::udp;
 use crate::store::{RecordRef, StoreError};
 use crate::upstream::shard::{FetchOutcome, Hints};
@@ -60,7 +61,7 @@ use accept::AcceptSlot;
 use bufs::BufRing;
 use datagrams::UdpRecv;
 pub use link::LINK_BYTES_MAX;
-use link::{Gate, Link, Recv, Sending};
+use link::{Link, Recv, Sending};
 
 /// Submission queue entries: a loop turn queues at most a few per event it handled;
 /// a full queue is submitted early, so this bounds nothing but syscalls per turn.
@@ -72,13 +73,21 @@ const CQ_ENTRIES: u32 = 16 * SQ_ENTRIES;
 /// Completions handled per batch before the ring is entered again.
 const CQES_PER_BATCH: usize = 1024;
 
-/// Receive buffers per core and their size. A buffer is lent per receive completion and
-/// handed back as soon as its bytes are handled, so the pool bounds bytes in flight,
+/// TCP receive buffers per core and their size. A buffer is lent per receive completion
+/// and handed back as soon as its bytes are handled, so the pool bounds bytes in flight,
 /// not connections: 1024 x 4 KiB = 4 MiB per core, populated at start. A connection
 /// that finds it empty (ENOBUFS) is re-armed in the same turn, after the hand-backs.
-const RECV_BUFFERS: u16 = 1024;
+const TCP_RECV_BUFFERS: u16 = 1024;
 const RECV_BUFFER_BYTES: usize = crate::limits::READ_BUFFER_BYTES_INITIAL;
-const RECV_BUFFER_GROUP: u16 = 0;
+const TCP_RECV_GROUP: u16 = 0;
+
+/// uTP datagram buffers per core, a group of their own: datagrams can be spoofed, so they
+/// must never be able to take the buffers TCP peers receive into. A datagram's buffer
+/// goes back as soon as the endpoint has demultiplexed it, so 512 x 4 KiB = 2 MiB per
+/// core bounds the datagrams queued between two turns; ENOBUFS re-posts the receive in
+/// the same turn, after the hand-backs.
+const UDP_RECV_BUFFERS: u16 = 512;
+const UDP_RECV_GROUP: u16 = 1;
 
 /// Accepts kept posted per listener, each with its own peer-address slot: the most
 /// connections one listener takes per loop turn.
@@ -88,13 +97,10 @@ const ACCEPTS_POSTED_PER_LISTENER: usize = 64;
 /// or a store running): one frame of the largest size plus one buffer. Past it the
 /// multishot receive is cancelled until the link catches up, so a peer that sends
 /// without reading is held back by TCP, as on the monoio path.
-const INPUT_HELD_BYTES_MAX: usize = crate::limits::FRAME_BYTES_MAX + RECV_BUFFER_BYTES;
-
 /// The cancel takes effect at the next submission; until then a multishot receive may
-/// drain the whole socket into the buffer ring in one turn (up to the ring's 4 MiB).
-/// A connection whose unhandled bytes pass this is closed as a flood: no client that
-/// reads its answers gets near it (a full burst of reqq requests is ~8 KiB).
-const INPUT_HELD_BYTES_CLOSE: usize = 4 * INPUT_HELD_BYTES_MAX;
+/// drain the whole socket into the buffer ring in one turn (up to the ring's 4 MiB): the
+/// pump closes a connection past `pump::UNHANDLED_BYTES_MAX` (four times this) as a flood.
+const INPUT_HELD_BYTES_MAX: usize = crate::limits::FRAME_BYTES_MAX + RECV_BUFFER_BYTES;
 
 /// Reply batches kept for reuse per core (each holds its allocations).
 const SPARE_SENDS_MAX: usize = 1024;
@@ -121,9 +127,12 @@ enum Op {
     Close,
     /// Close of a connection refused by the limiter (it never got a link).
     CloseRefused,
+    /// Cancel of a listener's posted accepts (at stop).
     CancelAccept,
     /// The multishot recvmsg of a uTP socket (slot = its index in `Core::udp`).
     UdpRecv,
+    /// Cancel of a uTP socket's receive (at the cut).
+    CancelUdpRecv,
 }
 
 const GEN_MASK: u32 = 0xff_ffff;
@@ -143,6 +152,7 @@ fn untag(user_data: u64) -> (Option<Op>, u32, usize) {
         7 => Op::CloseRefused,
         8 => Op::CancelAccept,
         9 => Op::UdpRecv,
+        10 => Op::CancelUdpRecv,
         _ => return (None, 0, 0),
     };
     (
@@ -186,18 +196,11 @@ impl Mailbox {
     }
 }
 
-/// Whether `drive` may go on after the effects.
-enum Flow {
-    Go,
-    /// A store runs off the core; the link waits for it.
-    Storing,
-    Closed,
-}
-
 /// The parts that can fail, made before the worker says it is ready.
 pub struct Parts {
     ring: ring::Ring,
-    bufs: BufRing,
+    tcp_bufs: BufRing,
+    udp_bufs: BufRing,
     listeners: Vec<std::net::TcpListener>,
     /// Direct descriptors, so the most connections the core can hold.
     table: u32,
@@ -206,11 +209,17 @@ pub struct Parts {
 }
 
 impl Parts {
-    /// The ring, its buffer ring and its direct-descriptor table (room for
-    /// `connections_max` of this core, within RLIMIT_NOFILE, which caps the table).
+    /// The ring, its buffer rings and its direct-descriptor table (room for
+    /// `connections_max` of this core, within RLIMIT_NOFILE, which caps the table), after
+    /// checking that the kernel has every operation the path uses (`probe.rs`). An error
+    /// says what is missing; the worker then serves through the epoll driver.
     pub fn new(listeners: Vec<std::net::TcpListener>, connections_max: usize) -> io::Result<Parts> {
-        let ring = ring::Ring::new(SQ_ENTRIES, CQ_ENTRIES)?;
-        let bufs = BufRing::new(&ring, RECV_BUFFER_GROUP, RECV_BUFFERS, RECV_BUFFER_BYTES)?;
+        let mut ring = ring::Ring::new(SQ_ENTRIES, CQ_ENTRIES)?;
+        probe::forced("buffer-ring")?;
+        let tcp_bufs = BufRing::new(&ring, TCP_RECV_GROUP, TCP_RECV_BUFFERS, RECV_BUFFER_BYTES)
+            .map_err(|e| probe::missing("buffer-ring", e))?;
+        let udp_bufs = BufRing::new(&ring, UDP_RECV_GROUP, UDP_RECV_BUFFERS, RECV_BUFFER_BYTES)
+            .map_err(|e| probe::missing("buffer-ring", e))?;
         let mut nofile = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
@@ -220,16 +229,18 @@ impl Parts {
         let table = (connections_max as u64)
             .min(nofile.rlim_cur)
             .clamp(64, 1 << 20) as u32;
-        ring.submitter().register_files_sparse(table)?;
-        let mut probe = io_uring::Probe::new();
-        let send_zc = ring.submitter().register_probe(&mut probe).is_ok()
-            && probe.is_supported(opcode::SendMsgZc::CODE);
+        probe::forced("direct-descriptors")?;
+        ring.submitter()
+            .register_files_sparse(table)
+            .map_err(|e| probe::missing("direct-descriptors", e))?;
+        let features = probe::check(&mut ring, &tcp_bufs, TCP_RECV_GROUP)?;
         Ok(Parts {
             ring,
-            bufs,
+            tcp_bufs,
+            udp_bufs,
             listeners,
             table,
-            send_zc,
+            send_zc: features.send_zc,
         })
     }
 
@@ -240,10 +251,12 @@ impl Parts {
 }
 
 struct Core<'c> {
-    // Field order is drop order: the ring goes first, so the kernel lets go of the
-    // buffer ring and the listeners before they are unmapped and closed.
-    ring: ring::Ring,
-    bufs: BufRing,
+    // Dropped by hand (`Drop for Core`): the ring first, so the kernel lets go of the
+    // buffer rings before they are unmapped, and none of them if the kernel may still
+    // write into them at exit (`leak_on_drop`).
+    ring: ManuallyDrop<ring::Ring>,
+    tcp_bufs: ManuallyDrop<BufRing>,
+    udp_bufs: ManuallyDrop<BufRing>,
     listeners: Vec<std::net::TcpListener>,
     ctx: &'c WorkerCtx,
     links: Slab<Link<'c>>,
@@ -261,9 +274,9 @@ struct Core<'c> {
     /// After an accept error: when the idle accept slots are posted again, and the back-off.
     accept_resume_at: Option<u64>,
     accept_backoff: Duration,
-    /// (deadline ns, link, generation): at most one live entry per link (`timer_at`);
-    /// entries for a deadline that moved are skipped when they come up.
-    timers: BinaryHeap<Reverse<(u64, u32, u32)>>,
+    /// Links' deadlines (core clock, ns; keyed by slot and generation): the live entry
+    /// of a link is the one at its `timer_at`.
+    timers: Deadlines<u64, (u32, u32)>,
     mailbox: Rc<Mailbox>,
     // Boxed: a `Sending` in flight is read by the kernel through its msghdr, so it must
     // not move; the pool hands out the same boxes.
@@ -279,9 +292,11 @@ struct Core<'c> {
     cutting: bool,
     /// `--send-zc-min-bytes`: replies with this many payload bytes go zero-copy (0: none).
     zc_min_bytes: usize,
+    /// The drain at exit timed out: the ring and the memory it may write stay allocated.
+    leak_on_drop: bool,
 }
 
-/// Runs the core until the worker stops it (`stop`, then `Control::cut`).
+/// Runs the core until the worker stops it (`stop`, then `cut`).
 pub async fn run(
     parts: Parts,
     endpoints: Vec<Rc<udp::Endpoint>>,
@@ -291,79 +306,79 @@ pub async fn run(
     open: Rc<Cell<usize>>,
     cut: Rc<Cell<bool>>,
 ) {
-    let Parts {
-        ring,
-        bufs,
-        listeners,
-        table,
-        send_zc,
-    } = parts;
-    let mut zc_min_bytes = ctx.cfg.send_zc_min_bytes;
-    if zc_min_bytes > 0 && !send_zc {
-        tracing::warn!("--send-zc-min-bytes is set but this kernel has no zero-copy sendmsg (6.1+); sending as usual");
-        zc_min_bytes = 0;
-    }
-    let accepts = listeners
-        .iter()
-        .enumerate()
-        .flat_map(|(l, _)| std::iter::repeat_n(l, ACCEPTS_POSTED_PER_LISTENER))
-        .map(|listener| AcceptSlot {
-            listener,
-            // SAFETY: all-zero is a valid sockaddr_storage.
-            addr: unsafe { std::mem::zeroed() },
-            addr_len: 0,
-            posted: false,
-        })
-        .collect();
-    let mut core = Core {
-        ring,
-        bufs,
-        listeners,
-        ctx: &ctx,
-        // Reserved, not touched: pages become resident as links fill them, and the slab
-        // never moves (a doubling copy would leave the old pages resident in the
-        // allocator, twice the memory per connection).
-        links: Slab::with_capacity(table as usize),
-        accepts,
-        accepts_posted: 0,
-        table: table as usize,
-        refused_closing: 0,
-        table_full: false,
-        accepting: true,
-        accept_resume_at: None,
-        accept_backoff: ACCEPT_BACKOFF_MIN,
-        timers: BinaryHeap::with_capacity(2 * table as usize),
-        mailbox: Rc::default(),
-        spare: Vec::new(),
-        cqes: Vec::with_capacity(CQES_PER_BATCH),
-        limiter,
-        open,
-        epoch: Instant::now(),
-        next_gen: 0,
-        udp: endpoints
-            .into_iter()
-            .map(|ep| {
-                // SAFETY: an all-zero msghdr is a valid empty one.
-                let mut msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
-                msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
-                UdpRecv {
-                    ep,
-                    msg,
-                    posted: false,
-                    touched: false,
-                }
-            })
-            .collect(),
-        cutting: false,
-        zc_min_bytes,
-    };
-    core.run(stop, cut).await;
+    let mut core = Core::new(parts, endpoints, &ctx, limiter, open);
+    core.serve(stop, cut).await;
 }
 
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 impl<'c> Core<'c> {
+    fn new(
+        parts: Parts,
+        endpoints: Vec<Rc<udp::Endpoint>>,
+        ctx: &'c WorkerCtx,
+        limiter: Arc<ConnectionLimiter>,
+        open: Rc<Cell<usize>>,
+    ) -> Core<'c> {
+        let Parts {
+            ring,
+            tcp_bufs,
+            udp_bufs,
+            listeners,
+            table,
+            send_zc,
+        } = parts;
+        let mut zc_min_bytes = ctx.cfg.send_zc_min_bytes;
+        if zc_min_bytes > 0 && !send_zc {
+            tracing::warn!("--send-zc-min-bytes is set but this kernel has no zero-copy sendmsg (6.1+); sending as usual");
+            zc_min_bytes = 0;
+        }
+        let accepts = listeners
+            .iter()
+            .enumerate()
+            .flat_map(|(l, _)| std::iter::repeat_n(l, ACCEPTS_POSTED_PER_LISTENER))
+            .map(|listener| AcceptSlot {
+                listener,
+                // SAFETY: all-zero is a valid sockaddr_storage.
+                addr: unsafe { std::mem::zeroed() },
+                addr_len: 0,
+                posted: false,
+            })
+            .collect();
+        Core {
+            ring: ManuallyDrop::new(ring),
+            tcp_bufs: ManuallyDrop::new(tcp_bufs),
+            udp_bufs: ManuallyDrop::new(udp_bufs),
+            listeners,
+            ctx,
+            // Reserved, not touched: pages become resident as links fill them, and the
+            // slab never moves (a doubling copy would leave the old pages resident in the
+            // allocator, twice the memory per connection).
+            links: Slab::with_capacity(table as usize),
+            accepts,
+            accepts_posted: 0,
+            table: table as usize,
+            refused_closing: 0,
+            table_full: false,
+            accepting: true,
+            accept_resume_at: None,
+            accept_backoff: ACCEPT_BACKOFF_MIN,
+            timers: Deadlines::with_capacity(2 * table as usize),
+            mailbox: Rc::default(),
+            spare: Vec::new(),
+            cqes: Vec::with_capacity(CQES_PER_BATCH),
+            limiter,
+            open,
+            epoch: Instant::now(),
+            next_gen: 0,
+            udp: endpoints.into_iter().map(UdpRecv::new).collect(),
+            cutting: false,
+            zc_min_bytes,
+            leak_on_drop: false,
+        }
+    }
+
     fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
     }
@@ -372,7 +387,9 @@ impl<'c> Core<'c> {
         at.saturating_duration_since(self.epoch).as_nanos() as u64
     }
 
-    async fn run(&mut self, stop: flume::Receiver<()>, cut: Rc<Cell<bool>>) {
+    /// The loop: a turn (submit, completions, mailbox, timers), then either another turn
+    /// (after letting the runtime's other tasks run) or a wait for the next event.
+    async fn serve(&mut self, stop: flume::Receiver<()>, cut: Rc<Cell<bool>>) {
         // The eventfd, waited on through monoio (a PollAdd on its ring). The std type is
         // only a holder for a duplicate of the descriptor, which monoio closes.
         // SAFETY: `dup` returns a fresh descriptor that nothing else owns.
@@ -390,21 +407,10 @@ impl<'c> Core<'c> {
         }
         let mut cut_at = None;
         loop {
-            self.ring.submit();
-            let mut progress = self.drain_completions();
-            self.report_ring();
-            progress |= self.drain_mailbox();
-            self.fire_timers();
-            if let Some(at) = self.accept_resume_at {
-                if self.now_ns() >= at {
-                    self.accept_resume_at = None;
-                    self.post_accepts();
-                }
-            }
+            let mut progress = self.turn();
             if cut.get() && cut_at.is_none() {
                 cut_at = Some(std::time::Instant::now());
                 self.cut_all();
-                self.ring.submit();
                 progress = true;
             }
             if stopping && self.accepts_posted == 0 && !self.listeners.is_empty() {
@@ -412,25 +418,16 @@ impl<'c> Core<'c> {
                 self.listeners.clear();
             }
             if let Some(at) = cut_at {
-                if self.links.is_empty()
-                    && self.accepts_posted == 0
-                    && self.udp.iter().all(|u| !u.posted)
-                {
+                if self.drained() {
                     return;
                 }
                 if at.elapsed() > DRAIN_AT_EXIT {
-                    tracing::warn!(
-                        links = self.links.len(),
-                        "io_uring: operations still in the kernel at exit; their memory is leaked"
-                    );
-                    std::mem::forget(std::mem::take(&mut self.links));
+                    self.leak_what_the_kernel_holds();
                     return;
                 }
             }
-            if self.ring.has_submissions() {
-                // Timers and accept retries queue work too: it goes in before any wait.
-                self.ring.submit();
-            }
+            // Timers and accept retries queue work too: it goes in before any wait.
+            self.ring.submit();
             if progress || self.ring.has_completions() {
                 // Let the runtime's other tasks (uTP, the shard, fetch waiters) run
                 // between busy turns.
@@ -450,6 +447,45 @@ impl<'c> Core<'c> {
         }
     }
 
+    /// One turn: submits what is queued, handles completions, the mailbox and due timers.
+    /// True if anything happened.
+    fn turn(&mut self) -> bool {
+        self.ring.submit();
+        let mut progress = self.drain_completions();
+        self.report_ring();
+        progress |= self.drain_mailbox();
+        self.fire_timers();
+        if let Some(at) = self.accept_resume_at {
+            if self.now_ns() >= at {
+                self.accept_resume_at = None;
+                self.post_accepts();
+            }
+        }
+        progress
+    }
+
+    /// Nothing of the core's is left in the kernel.
+    fn drained(&self) -> bool {
+        self.links.is_empty() && self.accepts_posted == 0 && self.udp.iter().all(|u| !u.posted)
+    }
+
+    /// The drain at exit timed out: operations are still in the kernel, which may write
+    /// into the buffer rings, the accept address slots, the uTP msghdrs and the links'
+    /// batches until they end. All of it is leaked with the ring (its descriptor stays
+    /// open, so the kernel does not tear it down under that memory); the process is on
+    /// its way out.
+    fn leak_what_the_kernel_holds(&mut self) {
+        tracing::warn!(
+            links = self.links.len(),
+            accepts = self.accepts_posted,
+            "io_uring: operations still in the kernel at exit; their memory is leaked"
+        );
+        std::mem::forget(std::mem::take(&mut self.links));
+        std::mem::forget(std::mem::take(&mut self.accepts));
+        std::mem::forget(std::mem::take(&mut self.udp));
+        self.leak_on_drop = true;
+    }
+
     /// Adds what the ring worked around since the last turn to the core's counters.
     fn report_ring(&mut self) {
         let counts = self.ring.take_counts();
@@ -461,10 +497,7 @@ impl<'c> Core<'c> {
 
     /// When the loop must look again without an event: the next timer or accept retry.
     fn next_wake(&self) -> Instant {
-        let mut at = u64::MAX;
-        if let Some(Reverse((t, _, _))) = self.timers.peek() {
-            at = *t;
-        }
+        let mut at = self.timers.next().unwrap_or(u64::MAX);
         if let Some(t) = self.accept_resume_at {
             at = at.min(t);
         }
@@ -504,137 +537,87 @@ impl<'c> Core<'c> {
                 self.resume_accepts();
             }
             Some(Op::UdpRecv) => self.on_udp(key, res, flags),
-            Some(Op::CancelAccept) | None => {}
-            Some(op) => {
-                let Some(link) = self.links.get_mut(key) else {
-                    return;
-                };
-                if link.gen != gen {
-                    return;
-                }
-                // A bug while handling one connection closes that connection only.
-                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    self.on_link_completion(key, op, res, flags)
-                }));
-                if outcome.is_err() {
-                    self.ctx.stats.session_panics.inc();
-                    tracing::error!("session panicked; connection closed, worker goes on");
-                    if let Some(link) = self.links.get_mut(key) {
-                        link.storing = false;
-                        link.send_in_flight = link.send_in_flight && link.inflight > 0;
-                        if !link.closing {
-                            self.close(key, SessionEnd::ProtocolError);
-                        }
-                    }
-                }
-                self.settle(key);
+            Some(Op::CancelAccept | Op::CancelUdpRecv) | None => {}
+            Some(Op::Recv) => self.for_link(key, gen, |core| core.on_recv(key, res, flags)),
+            Some(Op::Send) => self.for_link(key, gen, |core| core.on_send(key, res, flags)),
+            Some(Op::CancelRecv | Op::Cancel | Op::Close) => {
+                self.for_link(key, gen, |core| core.links[key].inflight -= 1)
             }
         }
     }
 
-    fn on_link_completion(&mut self, key: usize, op: Op, res: i32, flags: u32) {
-        match op {
-            Op::Recv => self.on_recv(key, res, flags),
-            Op::Send => self.on_send(key, res, flags),
-            Op::CancelRecv | Op::Cancel | Op::Close => self.links[key].inflight -= 1,
-            Op::Accept | Op::CloseRefused | Op::CancelAccept | Op::UdpRecv => {
-                unreachable!("not a link op")
+    /// Runs `f` for link `key` if it is still the link of generation `gen`, then settles
+    /// it. A panic in `f` (a bug) closes that connection only, counted; the core goes on.
+    fn for_link(&mut self, key: usize, gen: u32, f: impl FnOnce(&mut Self)) {
+        if self.links.get(key).is_none_or(|l| l.gen != gen) {
+            return;
+        }
+        let ctx = self.ctx;
+        let stats = &ctx.stats;
+        if crate::server::contain_panic(stats, "session", || f(self)).is_none() {
+            if let Some(link) = self.links.get_mut(key) {
+                if link.pump.end(SessionEnd::ProtocolError) {
+                    stats.connections_closed.inc();
+                }
+                self.close_quietly(key);
             }
         }
+        self.settle(key);
     }
 
     fn drain_mailbox(&mut self) -> bool {
         let events = std::mem::take(&mut *self.mailbox.queue.borrow_mut());
         let any = !events.is_empty();
         for (key, gen, event) in events {
-            let Some(link) = self.links.get_mut(key) else {
-                continue;
-            };
-            if link.gen != gen || link.closing {
-                continue;
-            }
-            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.on_event(key, event)));
-            if outcome.is_err() {
-                self.ctx.stats.session_panics.inc();
-                tracing::error!("session panicked; connection closed, worker goes on");
-                if !self.links[key].closing {
-                    self.close(key, SessionEnd::ProtocolError);
+            self.for_link(key, gen, |core| {
+                let link = &mut core.links[key];
+                match event {
+                    Event::Fetch(outcome) => link.pump.on_fetch(outcome),
+                    Event::Stored(stored) => link.pump.on_stored(stored),
                 }
-            }
-            self.settle(key);
+                let step = core.poll_link(key);
+                core.run_steps(key, step);
+            });
         }
         any
     }
 
-    fn on_event(&mut self, key: usize, event: Event) {
-        let link = &mut self.links[key];
-        match event {
-            Event::Fetch(outcome) if link.send_in_flight => {
-                link.parked = Some(Box::new(outcome));
-            }
-            Event::Fetch(outcome) => {
-                let mut out = take_out(&mut link.out, &mut self.spare);
-                link.conn.on_fetch(outcome, &mut out.batch);
-                link.out = Some(out);
-                self.drive(key, &mut []);
-            }
-            Event::Stored(stored) => {
-                link.storing = false;
-                let mut out = take_out(&mut link.out, &mut self.spare);
-                link.conn.on_stored(stored, &mut out.batch);
-                link.out = Some(out);
-                self.drive(key, &mut []);
-            }
-        }
-    }
-
     fn fire_timers(&mut self) {
         let now = self.now_ns();
-        while let Some(Reverse((at, key, gen))) = self.timers.peek().copied() {
-            if at > now {
+        loop {
+            let links = &self.links;
+            let due = self.timers.pop_due(now, |(key, gen)| {
+                links
+                    .get(key as usize)
+                    .filter(|l| l.gen == gen)
+                    .map(|l| l.timer_at)
+            });
+            let Some((key, gen)) = due else {
                 return;
-            }
-            self.timers.pop();
-            let key = key as usize;
-            let Some(link) = self.links.get_mut(key) else {
-                continue;
             };
-            if link.gen != gen || link.timer_at != at || link.closing {
-                continue;
-            }
-            link.timer_at = u64::MAX;
-            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.on_timer(key, now)));
-            if outcome.is_err() {
-                self.ctx.stats.session_panics.inc();
-                if !self.links[key].closing {
-                    self.close(key, SessionEnd::ProtocolError);
-                }
-            }
-            self.settle(key);
+            let key = key as usize;
+            self.links[key].timer_at = u64::MAX;
+            self.for_link(key, gen, |core| core.on_timer(key, now));
         }
     }
 
     fn on_timer(&mut self, key: usize, now_ns: u64) {
         let link = &mut self.links[key];
-        if link.send_in_flight {
-            let deadline = link.out.as_ref().map_or(u64::MAX, |o| o.deadline);
-            if now_ns >= deadline {
-                tracing::debug!(peer = %link.conn.peer(), "write failed: write deadline");
-                self.close(key, SessionEnd::IoError);
+        if link.closing {
+            return;
+        }
+        if let Some(sending) = &link.sending {
+            if now_ns >= sending.deadline {
+                tracing::debug!(peer = %link.pump.peer(), "write failed: write deadline");
+                self.end(key, SessionEnd::IoError);
             }
             return;
         }
-        if link.storing {
-            return;
+        if Instant::now() >= link.pump.deadline() {
+            link.pump.on_deadline();
+            let step = self.poll_link(key);
+            self.run_steps(key, step);
         }
-        let now = Instant::now();
-        if now < link.conn.deadline() {
-            return;
-        }
-        let mut out = take_out(&mut link.out, &mut self.spare);
-        link.conn.on_deadline(now, &mut out.batch);
-        link.out = Some(out);
-        self.drive(key, &mut []);
     }
 
     /// After any event on a link: free it once closed and quiet, or post its receive
@@ -646,7 +629,7 @@ impl<'c> Core<'c> {
         if link.closing {
             if link.inflight == 0 {
                 let link = self.links.remove(key);
-                if let Some(out) = link.out {
+                for out in [link.out, link.sending].into_iter().flatten() {
                     self.recycle(out);
                 }
                 self.open.set(self.open.get() - 1);
@@ -654,14 +637,13 @@ impl<'c> Core<'c> {
             }
             return;
         }
-        if link.input.is_empty() && link.input.capacity() > 0 {
-            // An idle link keeps no allocation.
-            link.input = Vec::new();
-        }
-        let held_too_much = link.blocked() && link.input.len() >= INPUT_HELD_BYTES_MAX;
+        // Bytes wait while the pump cannot take them; past a frame's worth, stop
+        // receiving until it catches up (TCP's window then holds the peer back).
+        let held_too_much = link.pump.state() != State::Ready
+            && link.pump.unhandled_bytes() >= INPUT_HELD_BYTES_MAX;
         match link.recv {
             Recv::Idle if !held_too_much => {
-                let entry = opcode::RecvMulti::new(types::Fixed(link.fd), RECV_BUFFER_GROUP)
+                let entry = opcode::RecvMulti::new(types::Fixed(link.fd), TCP_RECV_GROUP)
                     .build()
                     .user_data(tag(Op::Recv, link.gen, key));
                 link.recv = Recv::Armed;
@@ -680,30 +662,33 @@ impl<'c> Core<'c> {
             }
             _ => {}
         }
-        let link = &mut self.links[key];
-        let want = if link.send_in_flight {
-            link.out.as_ref().map_or(u64::MAX, |o| o.deadline)
-        } else if link.storing {
-            u64::MAX
-        } else {
-            let at = link.conn.deadline();
-            self.ns_of(at)
+        let link = &self.links[key];
+        let want = match &link.sending {
+            Some(sending) => sending.deadline,
+            None => self.ns_of(link.pump.deadline()),
         };
         let link = &mut self.links[key];
         if want < link.timer_at {
             link.timer_at = want;
-            self.timers.push(Reverse((want, key as u32, link.gen)));
+            self.timers.schedule(want, (key as u32, link.gen));
         }
     }
 }
 
-/// The batch a link builds its next reply in: the one it holds, else one from the pool.
-// Boxed for the same reason as `Core::spare`.
-#[allow(clippy::vec_box)]
-fn take_out(held: &mut Option<Box<Sending>>, spare: &mut Vec<Box<Sending>>) -> Box<Sending> {
-    held.take()
-        .or_else(|| spare.pop())
-        .unwrap_or_else(Sending::new)
+impl Drop for Core<'_> {
+    fn drop(&mut self) {
+        if self.leak_on_drop {
+            // See `leak_what_the_kernel_holds`: the ring and the buffer rings stay.
+            return;
+        }
+        // SAFETY: each is dropped once, here. The ring goes first, so the kernel lets go
+        // of the buffer rings before they are unmapped.
+        unsafe {
+            ManuallyDrop::drop(&mut self.ring);
+            ManuallyDrop::drop(&mut self.tcp_bufs);
+            ManuallyDrop::drop(&mut self.udp_bufs);
+        }
+    }
 }
 
 /// Yields to the runtime's other ready tasks once.

@@ -1,48 +1,45 @@
-//! The byte path: a receive completion, the MSE gate, the protocol (`Conn`) and its effects,
-//! up to the next reply.
+//! The byte path: a receive completion lends its buffer to the pump (`server/pump.rs`),
+//! and the pump's steps are carried out until it waits.
 
 use super::*;
 
-impl Core<'_> {
+impl<'c> Core<'c> {
     pub(super) fn on_recv(&mut self, key: usize, res: i32, flags: u32) {
         let link = &mut self.links[key];
         if !cqueue::more(flags) {
             link.inflight -= 1;
             link.recv = Recv::Idle;
         }
-        let bid = cqueue::buffer_select(flags);
-        if link.closing {
-            if let Some(bid) = bid {
-                self.bufs.give_back(bid);
-            }
-            return;
-        }
-        if res > 0 {
-            let Some(bid) = bid else {
-                self.close(key, SessionEnd::IoError);
+        let handled = 'lent: {
+            let bufs = &self.tcp_bufs;
+            // Goes back to the ring when dropped, whatever happens below (a panic too).
+            let lent = cqueue::buffer_select(flags).map(|bid| bufs.lend(bid, res.max(0) as usize));
+            if link.closing {
                 return;
-            };
-            let len = res as usize;
-            // What `Conn::on_read` is told before these bytes are handled: the burst goes
-            // on if the buffer filled, the socket holds more, or the peer sent them while
-            // our reply was still in flight (it did not wait for our answers).
-            let burst =
-                len == self.bufs.buf_bytes() || cqueue::sock_nonempty(flags) || link.blocked();
-            link.news = Some(link.news.unwrap_or(false) || burst);
-            // The buffer is ours until handed back; `drive` copies what it does not use.
-            let data: &mut [u8] = self.bufs.get_mut(bid, len);
-            // SAFETY: `data` points into the buffer mapping, not into `self`'s fields
-            // that `drive` touches; the buffer is handed back only after `drive`.
-            let data: &mut [u8] = unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr(), len) };
-            if let Gate::Rc4(cipher) = &mut link.gate {
-                cipher.decrypt_in_place(data);
             }
-            self.drive(key, data);
-            self.bufs.give_back(bid);
+            let Some(mut lent) = lent.filter(|_| res > 0) else {
+                break 'lent None;
+            };
+            // The burst goes on if the buffer filled or the socket holds more.
+            let more_waits = res as usize == bufs.buf_bytes() || cqueue::sock_nonempty(flags);
+            let out = lend_out(&mut link.out, &mut self.spare);
+            let step = link
+                .pump
+                .on_bytes(lent.bytes_mut(), more_waits, Instant::now(), &mut out.batch);
+            drop(lent);
+            Some(step)
+        };
+        if let Some(step) = handled {
+            self.run_steps(key, step);
             return;
         }
+        let link = &mut self.links[key];
         match res {
-            0 => self.close(key, SessionEnd::PeerClosed),
+            0 => self.end(key, SessionEnd::PeerClosed),
+            r if r > 0 => {
+                // Bytes without a buffer: the kernel broke the contract.
+                self.end(key, SessionEnd::IoError)
+            }
             r if r == -libc::ENOBUFS => {
                 // The pool ran dry this turn; `settle` posts the receive again, after
                 // this turn's hand-backs.
@@ -51,162 +48,51 @@ impl Core<'_> {
             r if r == -libc::ECANCELED && link.recv == Recv::Idle => {}
             r => {
                 tracing::debug!(
-                    peer = %link.conn.peer(),
+                    peer = %link.pump.peer(),
                     "receive failed: {}",
                     io::Error::from_raw_os_error(-r)
                 );
-                self.close(key, SessionEnd::IoError);
+                self.end(key, SessionEnd::IoError);
             }
         }
     }
 
-    /// Moves a link as far as it can go: the MSE gate, then the protocol, effects, and
-    /// the next reply. `fresh` are newly received bytes (already decrypted): handled in
-    /// place when nothing is queued before them, the rest kept in `input`.
-    pub(super) fn drive(&mut self, key: usize, mut fresh: &mut [u8]) {
-        let ctx = self.ctx;
+    /// Asks the pump what to do next, lending it the link's reply batch (only while it
+    /// can take events: a batch in the kernel is never lent).
+    pub(super) fn poll_link(&mut self, key: usize) -> Step {
         let link = &mut self.links[key];
-        if matches!(link.gate, Gate::Deciding) && link.input.is_empty() {
-            // The common first read: a whole plaintext handshake prefix decides at once,
-            // and the bytes are handled in place (no copy, no allocation per connection).
-            if mse::classify(fresh) == Some(true) {
-                link.gate = Gate::Plain;
-            }
+        if link.closing || link.pump.state() != State::Ready {
+            return Step::Wait;
         }
-        if !fresh.is_empty() && (link.blocked() || !link.input.is_empty() || !link.gate.is_open()) {
-            if link.input.len() + fresh.len() > INPUT_HELD_BYTES_CLOSE {
-                ctx.stats.protocol_errors.inc();
-                tracing::debug!(peer = %link.conn.peer(), "closed: sends without reading");
-                self.close(key, SessionEnd::ProtocolError);
-                return;
-            }
-            link.input.extend_from_slice(fresh);
-            fresh = &mut [];
-        }
-        if link.blocked() {
-            return;
-        }
-        let mut out = take_out(&mut link.out, &mut self.spare);
-        // Effects of what happened before (a deadline, a fetch outcome) come first.
-        let mut idle = false;
+        let out = lend_out(&mut link.out, &mut self.spare);
+        link.pump.poll(Instant::now(), &mut out.batch)
+    }
+
+    /// Carries out the pump's steps for a link until it waits: the ring's side of the
+    /// contract that `session::drive` keeps for byte streams.
+    pub(super) fn run_steps(&mut self, key: usize, mut step: Step) {
+        let ctx = self.ctx;
         loop {
-            match self.effects(key) {
-                Flow::Closed => {
-                    self.recycle(out);
-                    return;
-                }
-                Flow::Storing => {
-                    // Nothing is handled or sent until the store answers (`on_event`).
-                    let link = &mut self.links[key];
-                    link.input.extend_from_slice(fresh);
-                    link.out = Some(out);
-                    return;
-                }
-                Flow::Go => {}
-            }
             let link = &mut self.links[key];
-            if !out.batch.is_empty() {
-                link.input.extend_from_slice(fresh);
-                link.out = Some(out);
-                self.send(key, true);
-                return;
-            }
-            if idle {
-                break;
-            }
-            // The gate: plaintext or MSE (on `input` only: `fresh` went there above).
-            match &mut link.gate {
-                Gate::Deciding => match mse::classify(&link.input) {
-                    None => break,
-                    Some(true) => link.gate = Gate::Plain,
-                    Some(false) => match Handshake::start(ctx, link.conn.peer()) {
-                        Ok(h) => link.gate = Gate::Mse(Box::new(h)),
-                        Err(why) => {
-                            tracing::debug!(peer = %link.conn.peer(), "read failed: {why}");
-                            self.recycle(out);
-                            self.close(key, SessionEnd::IoError);
-                            return;
-                        }
-                    },
-                },
-                Gate::Mse(handshake) => {
-                    let step = handshake.on_bytes(ctx, &link.input, out.batch.head());
-                    match step {
-                        Err(why) => {
-                            // What we wrote (our key, say) goes out before the close, as
-                            // the monoio path writes it before it fails the read.
-                            tracing::debug!(peer = %link.conn.peer(), "read failed: {why}");
-                            self.close_after(key, out, SessionEnd::IoError);
-                            return;
-                        }
-                        Ok(HandshakeStep::NeedMore { consumed }) => {
-                            link.input.drain(..consumed);
-                            if out.batch.is_empty() {
-                                break;
-                            }
-                        }
-                        Ok(HandshakeStep::Done {
-                            consumed,
-                            mode,
-                            initial_payload,
-                        }) => {
-                            let mut rest = link.input.split_off(consumed);
-                            link.gate = match mode {
-                                mse::Mode::Rc4(mut cipher) => {
-                                    cipher.decrypt_in_place(&mut rest);
-                                    Gate::Rc4(cipher)
-                                }
-                                _ => Gate::Plain,
-                            };
-                            link.input = initial_payload;
-                            link.input.extend_from_slice(&rest);
-                            if !out.batch.is_empty() {
-                                // Our last handshake bytes, encrypted by the responder
-                                // already: they go out as they are, before the stream.
-                                link.out = Some(out);
-                                self.send(key, false);
-                                return;
-                            }
-                        }
+            match step {
+                Step::Wait => {
+                    if link.out.as_ref().is_some_and(|o| o.batch.is_empty()) {
+                        // Nothing built: the batch goes back to the pool.
+                        let out = link.out.take().expect("checked");
+                        self.recycle(out);
                     }
-                    // Our MSE bytes (if any) go out before anything else (next round).
-                    continue;
+                    return;
                 }
-                Gate::Plain | Gate::Rc4(_) => {}
-            }
-            if !link.gate.is_open() {
-                // Just decided on MSE: run the handshake.
-                continue;
-            }
-            // The protocol: on whatever comes first, `input` or (if that is empty) `fresh`.
-            let from_fresh = link.input.is_empty() && !fresh.is_empty();
-            let buf: &[u8] = if from_fresh { fresh } else { &link.input };
-            if let Some(burst) = link.news.take() {
-                link.conn.on_read(burst);
-            }
-            let consumed = link.conn.on_bytes(buf, Instant::now(), &mut out.batch);
-            if from_fresh {
-                fresh = &mut std::mem::take(&mut fresh)[consumed..];
-            } else {
-                link.input.drain(..consumed);
-            }
-            if consumed == 0 {
-                // Nothing more to handle; its effects (a close, say) still run, and
-                // what it wrote goes out, at the top of the loop.
-                idle = true;
-            }
-        }
-        self.links[key].input.extend_from_slice(fresh);
-        self.recycle(out);
-    }
-
-    /// Carries out what the protocol asked for since the last call.
-    pub(super) fn effects(&mut self, key: usize) -> Flow {
-        let ctx = self.ctx;
-        let link = &mut self.links[key];
-        while let Some(effect) = link.conn.poll_effect() {
-            match effect {
-                Effect::Fetch(info_hash) => {
+                Step::Send => return self.send(key),
+                Step::Close { end: _, flush } => {
+                    ctx.stats.connections_closed.inc();
+                    match link.out.take().filter(|_| flush) {
+                        Some(out) => self.close_after(key, out),
+                        None => self.close_quietly(key),
+                    }
+                    return;
+                }
+                Step::Fetch(info_hash) => {
                     let waiter = ctx.upstream.submit(info_hash, Hints::default());
                     let (mailbox, gen) = (self.mailbox.clone(), link.gen);
                     monoio::spawn(async move {
@@ -214,23 +100,36 @@ impl Core<'_> {
                         mailbox.post(key, gen, Event::Fetch(outcome));
                     });
                 }
-                Effect::Shard(cmd) => ctx.upstream.send(link.conn.key(), cmd),
-                Effect::Store(info) => {
-                    link.storing = true;
+                Step::Shard { key: info_hash, cmd } => ctx.upstream.send(&info_hash, cmd),
+                Step::Store(info) => {
                     let (mailbox, gen, upstream) =
                         (self.mailbox.clone(), link.gen, ctx.upstream.clone());
                     monoio::spawn(async move {
                         let stored = upstream.store_off_core(info).await;
                         mailbox.post(key, gen, Event::Stored(stored));
                     });
-                    return Flow::Storing;
-                }
-                Effect::Close(end) => {
-                    self.close(key, end);
-                    return Flow::Closed;
                 }
             }
+            step = self.poll_link(key);
         }
-        Flow::Go
     }
+
+    /// The transport ended the link (EOF, an error, a write deadline): counted once by
+    /// the pump, then closed.
+    pub(super) fn end(&mut self, key: usize, end: SessionEnd) {
+        if self.links[key].pump.end(end) {
+            self.ctx.stats.connections_closed.inc();
+        }
+        self.close_quietly(key);
+    }
+}
+
+/// The batch a link builds its next reply in: the one it holds, else one from the pool.
+// Boxed for the same reason as `Core::spare`.
+#[allow(clippy::vec_box)]
+pub(super) fn lend_out<'o>(
+    held: &'o mut Option<Box<Sending>>,
+    spare: &mut Vec<Box<Sending>>,
+) -> &'o mut Sending {
+    held.get_or_insert_with(|| spare.pop().unwrap_or_else(Sending::new))
 }

@@ -222,9 +222,17 @@ impl Ring {
         }
     }
 
-    /// Whether submissions are queued (in the queue or the backlog).
-    pub fn has_submissions(&mut self) -> bool {
-        !self.backlog.is_empty() || !self.ring.submission().is_empty()
+    /// Submits what is queued and waits up to `timeout` for `want` completions (start-up
+    /// probes only: the serving loop never blocks in the ring).
+    pub fn submit_and_wait(&mut self, want: usize, timeout: std::time::Duration) -> io::Result<()> {
+        self.flush_backlog();
+        let ts = io_uring::types::Timespec::from(timeout);
+        let args = io_uring::types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(want, &args) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Whether completions wait to be drained.
