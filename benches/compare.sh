@@ -26,7 +26,8 @@
 #   -q  quick check: K=50, 2 s runs, 1 run, -c "1 8", no waiting for a quiet machine
 #       (an explicit -k, -d, -r or -c still wins)
 # Full sweep, defaults: K=1000, 10 s runs, 3 runs, -c "1 8 64 256", all seven rows
-# (~45 min on a quiet 2-core machine, more while it waits for quiet).
+# (~40 min on a quiet 2-core machine: 3 runs x 7 rows x 4 concurrencies x 2 modes x
+# (10 s + 2 s quiet check), plus warm-ups and start-ups; up to WAIT_MAX_S more when busy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -40,7 +41,7 @@ while getopts "k:d:r:c:o:s:q" opt; do
   case $opt in
     k) K=$OPTARG ;; d) DURATION=$OPTARG ;; r) RUNS=$OPTARG ;; c) CONNS=$OPTARG ;;
     o) OUT=$OPTARG ;; s) SERVERS=$OPTARG ;; q) QUICK=1 ;;
-    *) sed -n '2,29p' "$0"; exit 2 ;;
+    *) sed -n '2,30p' "$0"; exit 2 ;;
   esac
   SET="$SET $opt"
 done
