@@ -24,12 +24,13 @@ busy() {
 }
 
 # Waits (60 s at a time, WAIT_MAX_S in all over the whole script) until the machine is
-# quieter than BUSY_MAX; returns 1 when it measures anyway (the run is flagged).
+# quieter than BUSY_MAX; returns 1 when it measures anyway (the run is flagged). Leaves its
+# last sample in BUSY_LAST (unset in quick mode, which takes none).
 wait_quiet() {
   [ "$QUICK" = 1 ] && return 0
   local b
   while :; do
-    b=$(busy)
+    b=$(busy); BUSY_LAST=$b
     if awk -v b="$b" -v m="$BUSY_MAX" 'BEGIN { exit !(b <= m) }'; then return 0; fi
     if [ "$WAITED_S" -ge "$WAIT_MAX_S" ]; then
       echo "   machine busy ($b of all CPUs; loadavg $(cut -d' ' -f1-3 /proc/loadavg)); waited ${WAITED_S}s in all: measuring anyway (flagged)"
