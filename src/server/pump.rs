@@ -58,7 +58,8 @@ pub enum State {
     /// Events and bytes are handled as they come.
     Ready,
     /// A reply is with the transport (`Step::Send`) until `on_sent`: bytes and events wait.
-    Sending { blocks: usize, payload_bytes: usize },
+    /// (Counts as u32: a batch is at most 2 x reqq blocks of 16 KiB; keeps `Link` small.)
+    Sending { blocks: u32, payload_bytes: u32 },
     /// A store runs off the core (`Step::Store`) until `on_stored`: bytes and events wait.
     Storing,
     /// Ended (counted once); the adapter closes and frees.
@@ -264,7 +265,8 @@ impl<'a> Pump<'a> {
             payload_bytes,
         } = self.state
         {
-            self.conn.on_sent(now, blocks, payload_bytes);
+            self.conn
+                .on_sent(now, blocks as usize, payload_bytes as usize);
             self.state = State::Ready;
         }
     }
@@ -433,7 +435,7 @@ impl<'a> Pump<'a> {
     /// Seals the batch (encrypting it under RC4 unless it is our MSE handshake) and hands
     /// it to the adapter.
     fn send(&mut self, out: &mut OutBatch) -> Step {
-        let (blocks, payload_bytes) = (out.blocks(), out.payload_bytes());
+        let (blocks, payload_bytes) = (out.blocks() as u32, out.payload_bytes() as u32);
         let raw = std::mem::take(&mut self.reply_is_handshake);
         if let (Gate::Rc4(rc4), false) = (&mut self.gate, raw) {
             mse::encrypt_batch(self.conn.ctx(), &mut rc4.cipher, out, &mut rc4.scratch);

@@ -25,8 +25,7 @@
 //! as loss. Nothing on this path waits for the kernel.
 
 use std::cell::{Cell, RefCell};
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
@@ -37,6 +36,7 @@ use std::task::{Poll, Waker};
 use std::time::Instant;
 
 use crate::limits;
+use crate::server::deadlines::Deadlines;
 use crate::server::limiter::{ConnectionLimiter, ConnectionPermit};
 use crate::server::send::OutBatch;
 use crate::server::session::{ReadOutcome, Transport, Wake, WorkerCtx};
@@ -293,7 +293,8 @@ pub struct Endpoint {
     open: Rc<Cell<usize>>,
     conns: RefCell<HashMap<ConnKey, Rc<Shared>>>,
     tx: RefCell<TxBatch>,
-    timers: RefCell<BinaryHeap<Reverse<(Instant, ConnKey)>>>,
+    /// Connections' deadlines; the live entry of one is its `scheduled`.
+    timers: RefCell<Deadlines<Instant, ConnKey>>,
     timer_changed: Notify,
     half_open: Cell<usize>,
     /// False once the server shuts down: no new connections.
@@ -326,7 +327,7 @@ impl Endpoint {
             open,
             conns: RefCell::new(HashMap::new()),
             tx: RefCell::new(TxBatch::new()),
-            timers: RefCell::new(BinaryHeap::new()),
+            timers: RefCell::new(Deadlines::with_capacity(0)),
             timer_changed: Notify::default(),
             half_open: Cell::new(0),
             accepting: Cell::new(true),
@@ -423,27 +424,29 @@ impl Endpoint {
     async fn timer_loop(self: Rc<Self>) {
         loop {
             let now = Instant::now();
-            let next = self.timers.borrow().peek().map(|Reverse((t, _))| *t);
-            match next {
-                Some(t) if t <= now => {
-                    let Some(Reverse((t, key))) = self.timers.borrow_mut().pop() else {
-                        continue;
-                    };
-                    let shared = self.conns.borrow().get(&key).cloned();
-                    if let Some(sh) = shared {
-                        if sh.scheduled.get() == Some(t) {
-                            sh.scheduled.set(None);
-                            // The connection's own deadline may have moved later since
-                            // this entry was pushed (an ack re-armed the RTO).
-                            let due = sh.conn.borrow().next_timeout().is_some_and(|d| d <= now);
-                            if due {
-                                sh.conn.borrow_mut().on_timeout(now);
-                            }
-                            self.after_event(&sh, now);
-                            self.send_now();
-                        }
+            let due = {
+                let conns = self.conns.borrow();
+                self.timers
+                    .borrow_mut()
+                    .pop_due(now, |key| conns.get(&key).and_then(|sh| sh.scheduled.get()))
+            };
+            if let Some(key) = due {
+                let shared = self.conns.borrow().get(&key).cloned();
+                if let Some(sh) = shared {
+                    sh.scheduled.set(None);
+                    // The connection's own deadline may have moved later since this
+                    // entry was pushed (an ack re-armed the RTO).
+                    let due = sh.conn.borrow().next_timeout().is_some_and(|d| d <= now);
+                    if due {
+                        sh.conn.borrow_mut().on_timeout(now);
                     }
+                    self.after_event(&sh, now);
+                    self.send_now();
                 }
+                continue;
+            }
+            let next = self.timers.borrow().next();
+            match next {
                 Some(t) => {
                     let sleep = monoio::time::sleep_until(monoio::time::Instant::from_std(t));
                     monoio::select! {
@@ -593,9 +596,7 @@ impl Endpoint {
         if let Some(t) = next {
             if sh.scheduled.get().is_none_or(|s| t < s) {
                 sh.scheduled.set(Some(t));
-                let earliest = self.timers.borrow().peek().map(|Reverse((e, _))| *e);
-                self.timers.borrow_mut().push(Reverse((t, sh.key)));
-                if earliest.is_none_or(|e| t < e) {
+                if self.timers.borrow_mut().schedule(t, sh.key) {
                     self.timer_changed.notify();
                 }
             }
