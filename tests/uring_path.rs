@@ -99,3 +99,59 @@ fn a_peer_that_never_reads_is_held_back_by_tcp_and_closed_at_the_write_deadline(
     assert!(closed.is_some(), "not closed at the write deadline");
     assert_healthy(&mut server, &before, t, "peer that never reads");
 }
+
+/// A kernel that sets up a ring but lacks an operation the path uses (multishot receive,
+/// cancel or close by direct descriptor: 6.0+) must not close every connection with an
+/// error: the probe at start finds it, and `--driver auto` serves through epoll instead.
+/// Each check is made to fail in turn (`MAGNETAR_URING_PROBE_FAIL`); an unknown name
+/// fails none. Under `MAGNETAR_DRIVER=epoll` (the suite's second pass) the server never
+/// probes, which the ready line shows too.
+#[test]
+fn a_kernel_missing_an_operation_falls_back_to_epoll_and_serves() {
+    let fx = fixture();
+    let t = &fx.normal;
+    let forced_epoll = std::env::var("MAGNETAR_DRIVER").is_ok_and(|d| d == "epoll");
+    for check in [
+        "buffer-ring",
+        "direct-descriptors",
+        "opcodes",
+        "multishot-recv",
+        "cancel-by-fd",
+        "close-direct",
+        "no-such-check",
+    ] {
+        let mut cmd = ServerProc::command(&fx.data, &["--log", "warn", "--threads", "2"]);
+        cmd.env("MAGNETAR_URING_PROBE_FAIL", check);
+        let mut server = ServerProc::spawn(cmd);
+        let expected = if forced_epoll || check != "no-such-check" {
+            "epoll"
+        } else {
+            "io_uring"
+        };
+        assert_eq!(
+            server.driver, expected,
+            "with {check} failing: {}",
+            server.ready_line
+        );
+        let before = metrics(&server);
+        assert_healthy(&mut server, &before, t, check);
+    }
+}
+
+/// `--driver io-uring` is a promise: without the ring the server refuses to start, and
+/// says which check failed.
+#[test]
+fn driver_io_uring_without_the_ring_refuses_to_start() {
+    let fx = fixture();
+    let mut cmd = ServerProc::command(&fx.data, &["--driver", "io-uring", "--threads", "1"]);
+    cmd.env("MAGNETAR_URING_PROBE_FAIL", "multishot-recv")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = cmd.output().expect("run magnetar serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it started: {stderr}");
+    assert!(
+        stderr.contains("multishot-recv"),
+        "the error names the failed check: {stderr}"
+    );
+}

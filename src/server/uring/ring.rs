@@ -256,3 +256,41 @@ impl Ring {
         counts
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use io_uring::opcode;
+
+    /// A linked chain that does not fit the queue's last free slots is not split: the
+    /// queue goes in first, then the chain whole. A split chain would run its second
+    /// entry unlinked (a close before the cancel it was meant to follow).
+    #[test]
+    fn a_chain_goes_into_the_queue_whole() {
+        let mut ring = Ring::new(4, 64).expect("an io_uring");
+        for i in 0..3 {
+            // SAFETY: no pointers.
+            unsafe { ring.push(&opcode::Nop::new().build().user_data(i)) };
+        }
+        let chain = [
+            opcode::Nop::new()
+                .build()
+                .flags(squeue::Flags::IO_HARDLINK)
+                .user_data(10),
+            opcode::Nop::new().build().user_data(11),
+        ];
+        // SAFETY: no pointers.
+        unsafe { ring.push_chain(&chain) };
+        // The three went in to make room; the chain waits in the queue, both entries
+        // (split, its first entry would have gone with the three, alone).
+        assert_eq!(ring.ring.submission().len(), 2, "the chain is queued whole");
+        ring.submit_and_wait(5, std::time::Duration::from_secs(2))
+            .expect("submitted");
+        let mut got = Vec::new();
+        ring.take_completions(&mut got, 16);
+        let mut seen: Vec<(u64, i32)> = got.iter().map(|c| (c.user_data(), c.result())).collect();
+        seen.sort();
+        assert_eq!(seen, vec![(0, 0), (1, 0), (2, 0), (10, 0), (11, 0)]);
+        assert_eq!(ring.take_counts().backlogged, 0, "room was made by submitting");
+    }
+}
