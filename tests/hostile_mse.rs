@@ -105,6 +105,17 @@ fn mse_connect(
     key: [u8; 20],
     policy: CryptoPolicy,
 ) -> Result<(TcpStream, Vec<u8>, Option<magnetar::mse::Rc4Pair>), String> {
+    mse_connect_naming(addr, key, key, policy)
+}
+
+/// As `mse_connect`, but the BitTorrent handshake inside names `named`, whatever torrent
+/// req2 proved (`key`).
+fn mse_connect_naming(
+    addr: SocketAddr,
+    key: [u8; 20],
+    named: [u8; 20],
+    policy: CryptoPolicy,
+) -> Result<(TcpStream, Vec<u8>, Option<magnetar::mse::Rc4Pair>), String> {
     let mut s = connect(addr);
     let mut ini = Initiator::new(&[7u8; 32], 100, key, policy);
     let mut out = Vec::new();
@@ -114,7 +125,7 @@ fn mse_connect(
     encode_handshake(
         &mut ia,
         Reserved::ours(true, false, false),
-        &key,
+        &named,
         b"-HM0001-hostile-mse-",
     );
     ExtHandshake {
@@ -220,6 +231,44 @@ fn our_own_initiator_is_served_over_plaintext_and_rc4() {
     let m = metrics(&server);
     assert!(get(&m, "magnetar_mse_plaintext_selected_total") >= 1);
     assert!(get(&m, "magnetar_mse_rc4_selected_total") >= 1);
+}
+
+/// An MSE handshake proves one torrent (req2); the BitTorrent handshake inside it must name
+/// the same one. Naming another (stored or not) is closed: no handshake for it comes
+/// back, nothing is looked up as a miss and nothing is fetched; it is counted. Both crypto
+/// choices; the suite's second pass runs it on epoll.
+#[test]
+fn an_encrypted_handshake_naming_another_torrent_is_closed_and_fetches_nothing() {
+    let fx = fixture();
+    let mut server = serve(&fx, &[]);
+    let before = metrics(&server);
+    let unknown = [0x5a; 20];
+    let mut tries = 0;
+    for policy in [CryptoPolicy::PreferPlaintext, CryptoPolicy::Rc4Only] {
+        for named in [unknown, fx.normal.key] {
+            tries += 1;
+            let (mut s, mut stream, mut cipher) =
+                mse_connect_naming(server.addr, fx.small.key, named, policy)
+                    .expect("the MSE handshake itself completes");
+            let (rest, closed) = read_until_closed(&mut s, PROMPT);
+            let mut rest = rest;
+            if let Some(c) = cipher.as_mut() {
+                c.decrypt_in_place(&mut rest);
+            }
+            stream.extend_from_slice(&rest);
+            assert!(closed, "{policy:?}, {named:02x?}: the connection stays open");
+            assert!(
+                !stream.windows(20).any(|w| w == named),
+                "{policy:?}: the server answered a handshake for the torrent it was not proved"
+            );
+        }
+    }
+    let m = metrics(&server);
+    let delta = |name: &str| get(&m, name) - get(&before, name);
+    assert_eq!(delta("magnetar_mse_torrent_mismatch_total"), tries);
+    assert_eq!(delta("magnetar_misses_total"), 0, "no miss, so no fetch");
+    assert_eq!(delta("magnetar_hits_total"), 0, "nothing served");
+    assert_healthy(&mut server, &before, &fx.small, "mismatched MSE handshakes");
 }
 
 #[test]

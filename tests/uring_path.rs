@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::kit::*;
 use common::peer::*;
+use common::ServerProc;
 
 #[test]
 fn zero_copy_sends_carry_the_same_bytes() {
