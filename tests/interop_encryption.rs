@@ -17,7 +17,7 @@ const FETCH_TIMEOUT_S: u32 = 30;
 const TTM_ROUNDS: usize = 3;
 /// magnetar's median may be at most this many times the libtorrent seed's, plus the
 /// slack (both are fractions of a second on loopback; the goal is "no slower").
-const TTM_RATIO_MAX: f64 = 1.25;
+const TTM_RATIO_MAX: f64 = 1.2;
 const TTM_SLACK_S: f64 = 0.1;
 
 fn btih_magnet(t: &LtTorrent, xpe: SocketAddr) -> String {

@@ -40,7 +40,7 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(150);
 /// Transmission's own pacing dominates both, so the goal is "no slower". One fetch each:
 /// both times are set by timers (keep-alive intervals, Transmission's pulses), and a
 /// fetch costs tens of seconds.
-const RATIO_MAX: f64 = 1.25;
+const RATIO_MAX: f64 = 1.2;
 const SLACK_S: f64 = 1.0;
 
 fn metric(m: &Metrics, name: &str) -> Option<f64> {
