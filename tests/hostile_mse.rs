@@ -256,7 +256,10 @@ fn an_encrypted_handshake_naming_another_torrent_is_closed_and_fetches_nothing()
                 c.decrypt_in_place(&mut rest);
             }
             stream.extend_from_slice(&rest);
-            assert!(closed, "{policy:?}, {named:02x?}: the connection stays open");
+            assert!(
+                closed,
+                "{policy:?}, {named:02x?}: the connection stays open"
+            );
             assert!(
                 !stream.windows(20).any(|w| w == named),
                 "{policy:?}: the server answered a handshake for the torrent it was not proved"

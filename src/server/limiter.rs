@@ -34,7 +34,10 @@ pub enum Refusal {
 
 impl Refusal {
     /// The core counter a refusal of this kind bumps.
-    pub fn counter(self, stats: &crate::server::stats::CoreStats) -> &crate::server::stats::Counter {
+    pub fn counter(
+        self,
+        stats: &crate::server::stats::CoreStats,
+    ) -> &crate::server::stats::Counter {
         match self {
             Refusal::Global => &stats.connections_refused_global,
             Refusal::PerIp => &stats.connections_refused_per_ip,

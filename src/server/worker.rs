@@ -111,44 +111,34 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         shard_mailbox,
         stop,
     } = spec;
-    // TCP is served from the worker's own ring (`server/uring`) unless the driver is
-    // epoll or the kernel lacks something the ring needs; then monoio's epoll driver
-    // serves it through `session.rs`.
-    let (own_ring, listeners, runtime) = match cfg.driver {
-        DriverChoice::Epoll => (None, listeners, DriverChoice::Epoll),
-        choice => {
-            let per_core = cfg.connections_max.div_ceil(cfg.threads.max(1));
-            match own_ring(&listeners, per_core) {
-                Ok(parts) => {
-                    // The ring holds duplicates; these would keep the listening sockets
-                    // (and their backlogs) open after the ring's accepts stop.
-                    drop(listeners);
-                    tracing::debug!(worker = index, flags = parts.flags(), "own io_uring for TCP");
-                    (Some(parts), Vec::new(), DriverChoice::Auto)
-                }
-                Err(e) if choice == DriverChoice::Auto => {
-                    tracing::warn!(worker = index, "io_uring path unavailable ({e}); serving through epoll");
-                    (None, listeners, DriverChoice::Epoll)
-                }
-                Err(e) => {
-                    let _ = ready.send(Err(anyhow::anyhow!(
-                        "worker {index}: --driver io-uring: {e} (use --driver auto to fall back to epoll)"
-                    )));
-                    return;
-                }
-            }
+    let (own_ring, listeners, runtime) = match tcp_path(&cfg, listeners, index) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
         }
     };
     let (mut rt, runtime_name) = match build_runtime(runtime) {
         Ok(r) => r,
         Err(e) => {
-            let _ = ready.send(Err(e.context(format!("worker {index}: building the runtime"))));
+            let _ = ready.send(Err(
+                e.context(format!("worker {index}: building the runtime"))
+            ));
             return;
         }
     };
     // What serves TCP, for the ready line and the status page.
-    let driver = if own_ring.is_some() { "io_uring" } else { runtime_name };
-    tracing::debug!(worker = index, driver, runtime = runtime_name, "worker started");
+    let driver = if own_ring.is_some() {
+        "io_uring"
+    } else {
+        runtime_name
+    };
+    tracing::debug!(
+        worker = index,
+        driver,
+        runtime = runtime_name,
+        "worker started"
+    );
     rt.block_on(async move {
         let mut monoio_listeners = Vec::new();
         for l in listeners {
@@ -176,40 +166,19 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
                 open.clone(),
             )));
         }
-        let mut endpoints = Vec::new();
-        for (i, socket) in udp.into_iter().enumerate() {
-            let settings = udp::UtpSettings {
-                utp: crate::utp::Config {
-                    payload_bytes_max: ctx.cfg.utp_payload_bytes,
-                    ..crate::utp::Config::default()
-                },
-                half_open_per_core_max: ctx.cfg.utp_half_open_per_core_max,
-            };
-            let seed = crate::upstream::peer_id((index * 64 + i) as u64);
-            let seed = u64::from_le_bytes(seed[12..20].try_into().expect("8 bytes"));
-            match udp::Endpoint::new(
-                socket,
-                ctx.clone(),
-                limiter.clone(),
-                settings,
-                open.clone(),
-                seed,
-            ) {
-                Ok(ep) => {
-                    udp::spawn_endpoint(ep.clone(), stop.clone(), own_ring.is_some());
-                    endpoints.push(ep);
-                }
+        let endpoints =
+            match start_utp(udp, index, &ctx, &limiter, &open, &stop, own_ring.is_some()) {
+                Ok(e) => e,
                 Err(e) => {
-                    let _ = ready.send(Err(anyhow::anyhow!("worker {index}: uTP socket: {e}")));
+                    let _ = ready.send(Err(e));
                     return;
                 }
-            }
-        }
+            };
         let cut = Rc::new(Cell::new(false));
         let ring_task = own_ring.map(|parts| {
             monoio::spawn(uring::run(
                 parts,
-                std::mem::take(&mut endpoints),
+                endpoints,
                 ctx.clone(),
                 limiter.clone(),
                 stop.clone(),
@@ -220,14 +189,7 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         monoio::spawn(heartbeat(stats.clone()));
         let _ = ready.send(Ok(driver));
         let _ = stop.recv_async().await;
-        for a in accepts {
-            a.await;
-        }
-        let deadline = monoio::time::Instant::now() + grace;
-        while open.get() > 0 && monoio::time::Instant::now() < deadline {
-            monoio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let left = open.get();
+        let left = drain(accepts, &open, grace).await;
         stats.sessions_cut_at_shutdown.add(left as u64);
         if let Some(task) = ring_task {
             // The ring's connections are closed and its operations drained before the
@@ -238,6 +200,102 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         tracing::debug!(worker = index, sessions_cut = left, "worker stopped");
         // Returning drops the runtime and with it every session still open.
     });
+}
+
+/// What serves TCP: the worker's own ring (`server/uring`), unless the driver is epoll or
+/// the kernel lacks something the ring needs; then monoio's epoll driver, through
+/// `session.rs`. Returns the ring's parts (if any), the listeners left for monoio, and
+/// the runtime to build.
+fn tcp_path(
+    cfg: &ServeConfig,
+    listeners: Vec<std::net::TcpListener>,
+    index: usize,
+) -> anyhow::Result<(
+    Option<uring::Parts>,
+    Vec<std::net::TcpListener>,
+    DriverChoice,
+)> {
+    if cfg.driver == DriverChoice::Epoll {
+        return Ok((None, listeners, DriverChoice::Epoll));
+    }
+    let per_core = cfg.connections_max.div_ceil(cfg.threads.max(1));
+    match own_ring(&listeners, per_core) {
+        Ok(parts) => {
+            // The ring holds duplicates; these would keep the listening sockets (and
+            // their backlogs) open after the ring's accepts stop.
+            drop(listeners);
+            tracing::debug!(
+                worker = index,
+                flags = parts.flags(),
+                "own io_uring for TCP"
+            );
+            Ok((Some(parts), Vec::new(), DriverChoice::Auto))
+        }
+        Err(e) if cfg.driver == DriverChoice::Auto => {
+            tracing::warn!(
+                worker = index,
+                "io_uring path unavailable ({e}); serving through epoll"
+            );
+            Ok((None, listeners, DriverChoice::Epoll))
+        }
+        Err(e) => Err(anyhow::anyhow!(
+            "worker {index}: --driver io-uring: {e} (use --driver auto to fall back to epoll)"
+        )),
+    }
+}
+
+/// One uTP endpoint per socket, its loops spawned (its receive loop only without the
+/// own ring, which receives its datagrams instead).
+fn start_utp(
+    sockets: Vec<std::net::UdpSocket>,
+    index: usize,
+    ctx: &Rc<WorkerCtx>,
+    limiter: &Arc<ConnectionLimiter>,
+    open: &Rc<Cell<usize>>,
+    stop: &flume::Receiver<()>,
+    on_ring: bool,
+) -> anyhow::Result<Vec<Rc<udp::Endpoint>>> {
+    let mut endpoints = Vec::new();
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let settings = udp::UtpSettings {
+            utp: crate::utp::Config {
+                payload_bytes_max: ctx.cfg.utp_payload_bytes,
+                ..crate::utp::Config::default()
+            },
+            half_open_per_core_max: ctx.cfg.utp_half_open_per_core_max,
+        };
+        let seed = crate::upstream::peer_id((index * 64 + i) as u64);
+        let seed = u64::from_le_bytes(seed[12..20].try_into().expect("8 bytes"));
+        let ep = udp::Endpoint::new(
+            socket,
+            ctx.clone(),
+            limiter.clone(),
+            settings,
+            open.clone(),
+            seed,
+        )
+        .map_err(|e| anyhow::anyhow!("worker {index}: uTP socket: {e}"))?;
+        udp::spawn_endpoint(ep.clone(), stop.clone(), on_ring);
+        endpoints.push(ep);
+    }
+    Ok(endpoints)
+}
+
+/// After the stop: the accept loops end (closing their listeners), then open sessions get
+/// until `grace` to finish. Returns how many are still open.
+async fn drain(
+    accepts: Vec<monoio::task::JoinHandle<()>>,
+    open: &Cell<usize>,
+    grace: Duration,
+) -> usize {
+    for a in accepts {
+        a.await;
+    }
+    let deadline = monoio::time::Instant::now() + grace;
+    while open.get() > 0 && monoio::time::Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+    open.get()
 }
 
 /// The own ring's parts for `listeners` (duplicates of them), or why the kernel cannot.

@@ -35,13 +35,10 @@ impl Core<'_> {
         if u.posted || self.cutting {
             return;
         }
-        let entry = opcode::RecvMsgMulti::new(
-            types::Fd(u.ep.raw_fd()),
-            &raw const *u.msg,
-            UDP_RECV_GROUP,
-        )
-        .build()
-        .user_data(tag(Op::UdpRecv, 0, i));
+        let entry =
+            opcode::RecvMsgMulti::new(types::Fd(u.ep.raw_fd()), &raw const *u.msg, UDP_RECV_GROUP)
+                .build()
+                .user_data(tag(Op::UdpRecv, 0, i));
         u.posted = true;
         // SAFETY: the msghdr is boxed in `udp`, which lives as long as the core.
         unsafe { self.ring.push(&entry) };
@@ -54,33 +51,35 @@ impl Core<'_> {
         }
         let stats = &self.ctx.stats;
         {
-        let bufs = &self.udp_bufs;
-        // Goes back to the ring when dropped, whatever happens below.
-        let lent = cqueue::buffer_select(flags).map(|bid| bufs.lend(bid, res.max(0) as usize));
-        match lent {
-            Some(mut lent) if res >= 0 => match types::RecvMsgOut::parse(lent.bytes_mut(), &u.msg) {
-                // A datagram larger than a buffer would be read as a shorter uTP packet
-                // (uTP has no length field): dropped, counted.
-                Ok(out) if out.is_payload_truncated() => stats.utp_recv_truncated.inc(),
-                Ok(out) => match name_addr(out.name_data()) {
-                    Some(from) => {
-                        let ep = &u.ep;
-                        crate::server::contain_panic(stats, "uTP datagram", || {
-                            ep.on_ring_datagram(out.payload_data(), from)
-                        });
-                        u.touched = true;
+            let bufs = &self.udp_bufs;
+            // Goes back to the ring when dropped, whatever happens below.
+            let lent = cqueue::buffer_select(flags).map(|bid| bufs.lend(bid, res.max(0) as usize));
+            match lent {
+                Some(mut lent) if res >= 0 => {
+                    match types::RecvMsgOut::parse(lent.bytes_mut(), &u.msg) {
+                        // A datagram larger than a buffer would be read as a shorter uTP packet
+                        // (uTP has no length field): dropped, counted.
+                        Ok(out) if out.is_payload_truncated() => stats.utp_recv_truncated.inc(),
+                        Ok(out) => match name_addr(out.name_data()) {
+                            Some(from) => {
+                                let ep = &u.ep;
+                                crate::server::contain_panic(stats, "uTP datagram", || {
+                                    ep.on_ring_datagram(out.payload_data(), from)
+                                });
+                                u.touched = true;
+                            }
+                            None => stats.utp_recv_errors.inc(),
+                        },
+                        Err(()) => stats.utp_recv_errors.inc(),
                     }
-                    None => stats.utp_recv_errors.inc(),
-                },
-                Err(()) => stats.utp_recv_errors.inc(),
-            },
-            Some(lent) => drop(lent),
-            None if res == -libc::ENOBUFS => stats.uring_recv_no_buffers.inc(),
-            None if res < 0 && res != -libc::ECANCELED => {
-                u.ep.on_ring_recv_error(io::Error::from_raw_os_error(-res))
+                }
+                Some(lent) => drop(lent),
+                None if res == -libc::ENOBUFS => stats.uring_recv_no_buffers.inc(),
+                None if res < 0 && res != -libc::ECANCELED => {
+                    u.ep.on_ring_recv_error(io::Error::from_raw_os_error(-res))
+                }
+                None => {}
             }
-            None => {}
-        }
         }
         if !self.udp[i].posted {
             self.post_udp(i);

@@ -132,8 +132,12 @@ fn multishot_recv_cancel_close(ring: &mut Ring, bufs: &BufRing, group: u16) -> i
     // SAFETY: no pointers.
     unsafe { ring.push(&cancel) };
     let got = wait(ring, 2).map_err(|e| missing("cancel-by-fd", e))?;
-    let cancelled = got.iter().any(|c| c.user_data() == PROBE_RECV && c.result() == -libc::ECANCELED);
-    let counted = got.iter().any(|c| c.user_data() == PROBE_CANCEL && c.result() >= 1);
+    let cancelled = got
+        .iter()
+        .any(|c| c.user_data() == PROBE_RECV && c.result() == -libc::ECANCELED);
+    let counted = got
+        .iter()
+        .any(|c| c.user_data() == PROBE_CANCEL && c.result() >= 1);
     if !(cancelled && counted) {
         return Err(unsupported("cancel-by-fd", &format!("got {got:?}")));
     }
@@ -150,7 +154,10 @@ fn multishot_recv_cancel_close(ring: &mut Ring, bufs: &BufRing, group: u16) -> i
 }
 
 fn unsupported(check: &'static str, why: &str) -> io::Error {
-    missing(check, io::Error::new(io::ErrorKind::Unsupported, why.to_owned()))
+    missing(
+        check,
+        io::Error::new(io::ErrorKind::Unsupported, why.to_owned()),
+    )
 }
 
 /// Submits what is queued and collects `n` completions, or fails after `PROBE_WAIT`.

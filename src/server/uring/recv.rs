@@ -23,9 +23,9 @@ impl<'c> Core<'c> {
             // The burst goes on if the buffer filled or the socket holds more.
             let more_waits = res as usize == bufs.buf_bytes() || cqueue::sock_nonempty(flags);
             let out = lend_out(&mut link.out, &mut self.spare);
-            let step = link
-                .pump
-                .on_bytes(lent.bytes_mut(), more_waits, Instant::now(), &mut out.batch);
+            let step =
+                link.pump
+                    .on_bytes(lent.bytes_mut(), more_waits, Instant::now(), &mut out.batch);
             drop(lent);
             Some(step)
         };
@@ -100,7 +100,10 @@ impl<'c> Core<'c> {
                         mailbox.post(key, gen, Event::Fetch(outcome));
                     });
                 }
-                Step::Shard { key: info_hash, cmd } => ctx.upstream.send(&info_hash, cmd),
+                Step::Shard {
+                    key: info_hash,
+                    cmd,
+                } => ctx.upstream.send(&info_hash, cmd),
                 Step::Store(info) => {
                     let (mailbox, gen, upstream) =
                         (self.mailbox.clone(), link.gen, ctx.upstream.clone());

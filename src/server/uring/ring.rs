@@ -291,6 +291,10 @@ mod tests {
         let mut seen: Vec<(u64, i32)> = got.iter().map(|c| (c.user_data(), c.result())).collect();
         seen.sort();
         assert_eq!(seen, vec![(0, 0), (1, 0), (2, 0), (10, 0), (11, 0)]);
-        assert_eq!(ring.take_counts().backlogged, 0, "room was made by submitting");
+        assert_eq!(
+            ring.take_counts().backlogged,
+            0,
+            "room was made by submitting"
+        );
     }
 }

@@ -115,9 +115,7 @@ impl Core<'_> {
     /// the cancel of what else is posted and the close go in one submission, hard-linked
     /// in that order, so they run one after the other whatever each returns.
     pub(super) fn close_after(&mut self, key: usize, out: Box<Sending>) {
-        let send = self
-            .send_entry(key, out)
-            .flags(squeue::Flags::IO_HARDLINK);
+        let send = self.send_entry(key, out).flags(squeue::Flags::IO_HARDLINK);
         let [cancel, close] = self.cancel_and_close(key);
         // SAFETY: the send's memory as in `send_entry`; the others hold no pointers.
         unsafe { self.ring.push_chain(&[send, cancel, close]) };
