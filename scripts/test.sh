@@ -45,12 +45,23 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
+# Both passes run whatever the first one gives; the script fails at the end if either did.
+failed=()
 # Pass 1: the default driver (io_uring where the kernel allows it: the worker's own ring).
-cargo nextest run --workspace --no-fail-fast "$@"
+echo "== pass 1: every test on the default driver"
+cargo nextest run --workspace --no-fail-fast "$@" || failed+=("pass 1 (default driver): exit $?")
 # Pass 2: every test that runs `magnetar serve` again on the epoll fallback (the server
 # reads MAGNETAR_DRIVER; a test that names --driver itself keeps its choice). Unit tests
 # do not depend on the driver and run once. MAGNETAR_TEST_EPOLL_PASS=0 skips this pass.
 if [ "${MAGNETAR_TEST_EPOLL_PASS:-1}" = 1 ]; then
-  echo "== the integration tests again with MAGNETAR_DRIVER=epoll"
-  MAGNETAR_DRIVER=epoll cargo nextest run --workspace --no-fail-fast -E 'kind(test)' "$@"
+  echo "== pass 2: the integration tests again with MAGNETAR_DRIVER=epoll"
+  MAGNETAR_DRIVER=epoll cargo nextest run --workspace --no-fail-fast -E 'kind(test)' "$@" ||
+    failed+=("pass 2 (MAGNETAR_DRIVER=epoll): exit $?")
 fi
+if [ ${#failed[@]} -gt 0 ]; then
+  for f in "${failed[@]}"; do
+    echo "FAILED: $f" >&2
+  done
+  exit 1
+fi
+echo "== all passes succeeded"

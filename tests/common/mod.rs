@@ -155,11 +155,17 @@ impl ServerProc {
 
     /// Runs a `magnetar serve` command of the test's own making (no environment token) and
     /// waits for its `ready` line.
-    pub fn spawn(mut cmd: Command) -> ServerProc {
+    pub fn spawn(cmd: Command) -> ServerProc {
+        Self::spawn_with_stderr(cmd, Stdio::inherit())
+    }
+
+    /// `spawn`, with the server's stderr (its log) sent to `stderr` instead of the test's:
+    /// for a test that reads the log (a file it then opens).
+    pub fn spawn_with_stderr(mut cmd: Command, stderr: Stdio) -> ServerProc {
         let mut child = cmd
             .env_remove("MAGNETAR_ADMIN_TOKEN")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawning magnetar serve");
         let stdout = child.stdout.take().expect("piped stdout");
