@@ -594,6 +594,20 @@ fn sigkill_during_eviction_leaves_a_verified_store_within_the_cap() {
                 }
             }
         });
+        // However fast this machine uploads: first the load fills the store past the cap
+        // (this server evicts), then the kill comes at a random moment while it goes on.
+        let filling = Instant::now();
+        while metric(&s, "magnetar_store_segments_evicted_total") == 0.0 {
+            if loader.is_finished() {
+                loader.join().unwrap();
+                panic!("cycle {cycle}: the loader stopped before the store reached the cap");
+            }
+            assert!(
+                filling.elapsed() < Duration::from_secs(60),
+                "cycle {cycle}: the load did not fill the store past the cap within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         std::thread::sleep(Duration::from_millis(300 + next_rand(&mut rng) % 400));
         evicted += metric(&s, "magnetar_store_segments_evicted_total");
         let mut s = s;

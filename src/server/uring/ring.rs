@@ -17,9 +17,10 @@ use io_uring::{cqueue, squeue, IoUring};
 /// - `SUBMIT_ALL`: one bad SQE does not stop the rest of the batch (5.18+).
 ///
 /// Not `DEFER_TASKRUN`: it runs completion work only when this thread enters *this* ring,
-/// and the eventfd fires only after that work has run. The worker sleeps in monoio's ring,
-/// so with it a lone client's completions waited for the worker's next timer: p50 16 ms
-/// at one connection instead of 0.2 ms (docs/io-uring.md "Wake-up" has the sweep).
+/// and the eventfd is signalled for that work only by a deferred kernel path (13-15 ms
+/// later on 6.18). The worker sleeps in monoio's ring, so a lone client's every round
+/// trip waited that long: p50 16 ms at one connection instead of 0.2 ms (docs/io-uring.md
+/// "Wake-up" has the measurements; `tests/driver_latency.rs` guards it).
 type Setup = fn(&mut io_uring::Builder);
 
 const SETUPS: &[(&str, Setup)] = &[
