@@ -832,7 +832,7 @@ impl<'a> Conn<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The protocol without sockets: each test feeds a `Conn` what a client would send
     //! and reads the batch it fills, byte for byte where the wire format is pinned.
 
@@ -841,18 +841,18 @@ mod tests {
     use crate::upstream::config::UpstreamConfig;
     use crate::upstream::shard::FetchFailure;
 
-    const PEER_ID: [u8; 20] = *b"-MX0001-unittestpeer";
+    pub(crate) const PEER_ID: [u8; 20] = *b"-MX0001-unittestpeer";
     /// The client's ut_metadata id: what our messages must carry (any 1–255 works).
-    const CLIENT_UT: u8 = 42;
-    const PEER: &str = "192.0.2.7:51413";
+    pub(crate) const CLIENT_UT: u8 = 42;
+    pub(crate) const PEER: &str = "192.0.2.7:51413";
 
-    struct Kit {
-        ctx: WorkerCtx,
+    pub(crate) struct Kit {
+        pub(crate) ctx: WorkerCtx,
         _mailboxes: Vec<flume::Receiver<ShardCmd>>,
         _dir: tempfile::TempDir,
     }
 
-    fn kit(reqq: usize, hold_ms: u64) -> Kit {
+    pub(crate) fn kit(reqq: usize, hold_ms: u64) -> Kit {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path(), StoreOptions::default()).unwrap();
         let store = Arc::new(store);
@@ -880,23 +880,23 @@ mod tests {
         }
     }
 
-    fn store(kit: &Kit, info: &[u8]) -> RecordRef {
+    pub(crate) fn store(kit: &Kit, info: &[u8]) -> RecordRef {
         let appended = kit.ctx.store.append(info, AppendOptions::default());
         appended.unwrap().record().clone()
     }
 
-    fn key_of(info: &[u8]) -> [u8; 20] {
+    pub(crate) fn key_of(info: &[u8]) -> [u8; 20] {
         use sha1::{Digest, Sha1};
         Sha1::digest(info).into()
     }
 
-    fn client_handshake(key: &[u8; 20], reserved: Reserved) -> Vec<u8> {
+    pub(crate) fn client_handshake(key: &[u8; 20], reserved: Reserved) -> Vec<u8> {
         let mut v = Vec::new();
         encode_handshake(&mut v, reserved, key, b"-XX0001-clientpeerid");
         v
     }
 
-    fn client_ext(ut_metadata: u8, metadata_size: Option<u64>) -> Vec<u8> {
+    pub(crate) fn client_ext(ut_metadata: u8, metadata_size: Option<u64>) -> Vec<u8> {
         let mut v = Vec::new();
         ExtHandshake {
             ut_metadata: Some(ut_metadata),
@@ -907,7 +907,7 @@ mod tests {
         v
     }
 
-    fn requests(pieces: impl IntoIterator<Item = u32>) -> Vec<u8> {
+    pub(crate) fn requests(pieces: impl IntoIterator<Item = u32>) -> Vec<u8> {
         let mut v = Vec::new();
         for piece in pieces {
             encode_metadata_request(&mut v, OUR_UT_METADATA_ID, piece);
@@ -939,7 +939,7 @@ mod tests {
     }
 
     /// The sealed batch as the peer would receive it; the batch is cleared for reuse.
-    fn wire(out: &mut OutBatch) -> Vec<u8> {
+    pub(crate) fn wire(out: &mut OutBatch) -> Vec<u8> {
         out.seal();
         let mut bytes = Vec::new();
         while bytes.len() < out.sealed_len() {
@@ -951,7 +951,7 @@ mod tests {
 
     /// Our messages, decoded.
     #[derive(Debug, PartialEq)]
-    enum Msg {
+    pub(crate) enum Msg {
         KeepAlive,
         HaveNone,
         Ext {
@@ -966,7 +966,7 @@ mod tests {
         Request(u32),
     }
 
-    fn messages(mut bytes: &[u8], info: Option<&[u8]>) -> Vec<Msg> {
+    pub(crate) fn messages(mut bytes: &[u8], info: Option<&[u8]>) -> Vec<Msg> {
         let mut msgs = Vec::new();
         while !bytes.is_empty() {
             let Ok(Decoded::Done(frame, n)) = decode_frame(bytes) else {
@@ -1024,7 +1024,7 @@ mod tests {
         got[HANDSHAKE_LEN..].to_vec()
     }
 
-    fn ext(ut_pex: bool, metadata_size: Option<usize>, reqq: usize) -> Msg {
+    pub(crate) fn ext(ut_pex: bool, metadata_size: Option<usize>, reqq: usize) -> Msg {
         Msg::Ext {
             ut_metadata: Some(OUR_UT_METADATA_ID),
             ut_pex: ut_pex.then_some(OUR_UT_PEX_ID),
@@ -1068,6 +1068,35 @@ mod tests {
         }
         assert_eq!(kit.ctx.stats.hits.get(), 2);
         assert_eq!(kit.ctx.stats.rejects_out_of_range.get(), 2);
+    }
+
+    /// A driver that hands a connection another connection's fetch outcome (a slot reused,
+    /// a generation that wrapped) must not make it serve the wrong torrent.
+    #[test]
+    fn a_fetch_outcome_for_another_torrent_is_never_served() {
+        let kit = kit(250, 0);
+        let info = crate::metainfo::synthetic_v1_info(2000);
+        let other = crate::metainfo::synthetic_v1_info(2001);
+        let key = key_of(&info);
+        let t0 = Instant::now();
+        let mut conn = Conn::new(&kit.ctx, PEER.parse().unwrap(), t0);
+        open(&mut conn, &key, false, t0);
+        assert!(matches!(effects(&mut conn)[..], [Effect::Fetch(k)] if k == key));
+        let mut out = OutBatch::new();
+        let mut wire_in = client_ext(CLIENT_UT, None);
+        wire_in.extend(requests([0]));
+        pump(&mut conn, &wire_in, t0, &mut out);
+        wire(&mut out);
+        let wrong = store(&kit, &other);
+        conn.on_fetch(Some(FetchOutcome::Ready(wrong)), &mut out);
+        assert!(out.is_empty(), "nothing of the other torrent is sent");
+        assert!(conn.awaits_fetch(), "still waiting for its own");
+        let right = store(&kit, &info);
+        conn.on_fetch(Some(FetchOutcome::Ready(right)), &mut out);
+        assert_eq!(
+            messages(&wire(&mut out), Some(&info)),
+            [ext(false, Some(info.len()), 250), Msg::Data(0)]
+        );
     }
 
     #[test]

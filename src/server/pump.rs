@@ -468,3 +468,176 @@ impl<'a> Pump<'a> {
 fn far_future() -> Instant {
     Instant::now() + std::time::Duration::from_secs(86_400)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The pump without a transport: bytes in, steps out, as an adapter would see them.
+
+    use super::*;
+    use crate::server::conn::tests::*;
+    use crate::wire::{Reserved, HANDSHAKE_LEN};
+
+    fn peer() -> SocketAddr {
+        PEER.parse().unwrap()
+    }
+
+    /// What a client sends first: handshake, extension handshake, and requests.
+    fn opening(key: &[u8; 20], pieces: impl IntoIterator<Item = u32>) -> Vec<u8> {
+        let mut v = client_handshake(key, Reserved::ours(false, false, false));
+        v.extend(client_ext(CLIENT_UT, None));
+        v.extend(requests(pieces));
+        v
+    }
+
+    /// The batch of a `Step::Send` as the peer receives it, then `on_sent`.
+    fn sent(pump: &mut Pump<'_>, out: &mut OutBatch, now: Instant) -> Vec<u8> {
+        assert!(matches!(pump.state(), State::Sending { .. }));
+        let bytes = wire(out);
+        pump.on_sent(now);
+        bytes
+    }
+
+    #[test]
+    fn a_hit_is_answered_and_bytes_that_come_while_a_reply_is_out_wait_for_it() {
+        let kit = kit(250, 0);
+        let info = crate::metainfo::synthetic_v1_info(2000); // 3 metadata pieces
+        let key = key_of(&info);
+        store(&kit, &info);
+        let now = Instant::now();
+        let mut pump = Pump::new(&kit.ctx, peer(), now);
+        let mut out = OutBatch::new();
+        let mut first = opening(&key, [0]);
+        // Our handshake goes out first, with the extension handshake (a hit).
+        assert!(matches!(
+            pump.on_bytes(&mut first, false, now, &mut out),
+            Step::Send
+        ));
+        let bytes = sent(&mut pump, &mut out, now);
+        assert_eq!(&bytes[28..48], &key, "the handshake echoes the key");
+        assert_eq!(
+            messages(&bytes[HANDSHAKE_LEN..], Some(&info)),
+            [ext(false, Some(info.len()), 250)]
+        );
+        // Request 0 was kept; the next reply carries it.
+        assert!(matches!(pump.poll(now, &mut out), Step::Send));
+        // While that reply is out, more requests arrive: kept, not handled.
+        let mut more = requests([1, 2]);
+        assert!(matches!(
+            pump.on_bytes(&mut more, false, now, &mut out),
+            Step::Wait
+        ));
+        assert_eq!(pump.unhandled_bytes(), more.len());
+        assert_eq!(
+            messages(&sent(&mut pump, &mut out, now), Some(&info)),
+            [Msg::Data(0)]
+        );
+        assert!(matches!(pump.poll(now, &mut out), Step::Send));
+        assert_eq!(
+            messages(&sent(&mut pump, &mut out, now), Some(&info)),
+            [Msg::Data(1), Msg::Data(2)]
+        );
+        assert!(matches!(pump.poll(now, &mut out), Step::Wait));
+        assert_eq!(pump.unhandled_bytes(), 0);
+    }
+
+    #[test]
+    fn a_fetch_outcome_that_comes_while_a_reply_is_out_is_applied_after_it() {
+        let kit = kit(250, 0);
+        let info = crate::metainfo::synthetic_v1_info(2000);
+        let key = key_of(&info);
+        let now = Instant::now();
+        let mut pump = Pump::new(&kit.ctx, peer(), now);
+        let mut out = OutBatch::new();
+        let mut first = opening(&key, [0]);
+        assert!(
+            matches!(pump.on_bytes(&mut first, false, now, &mut out), Step::Fetch(k) if k == key)
+        );
+        assert!(
+            matches!(pump.poll(now, &mut out), Step::Send),
+            "our handshake"
+        );
+        assert!(pump.awaits_fetch());
+        // The metadata lands while our handshake is still with the transport.
+        let record = store(&kit, &info);
+        pump.on_fetch(Some(FetchOutcome::Ready(record)));
+        assert!(
+            matches!(pump.poll(now, &mut out), Step::Wait),
+            "not while sending"
+        );
+        sent(&mut pump, &mut out, now);
+        assert!(matches!(pump.poll(now, &mut out), Step::Send));
+        assert_eq!(
+            messages(&sent(&mut pump, &mut out, now), Some(&info)),
+            [ext(false, Some(info.len()), 250)],
+            "the outcome first: the (held) extension handshake with the size"
+        );
+        // Then the request that waited in the input behind our handshake.
+        assert!(matches!(pump.poll(now, &mut out), Step::Send));
+        assert_eq!(
+            messages(&sent(&mut pump, &mut out, now), Some(&info)),
+            [Msg::Data(0)]
+        );
+        assert!(matches!(pump.poll(now, &mut out), Step::Wait));
+    }
+
+    #[test]
+    fn an_mse_peer_that_breaks_the_handshake_gets_our_key_then_a_close() {
+        let kit = kit(250, 0);
+        let now = Instant::now();
+        let mut pump = Pump::new(&kit.ctx, peer(), now);
+        let mut out = OutBatch::new();
+        // A DH key, then more noise than the responder searches for its sync marker.
+        let mut noise: Vec<u8> = (0..96 + 700u32).map(|i| (i * 7 + 1) as u8).collect();
+        let mut step = pump.on_bytes(&mut noise, false, now, &mut out);
+        let mut ours = 0;
+        loop {
+            match step {
+                Step::Send => ours += sent(&mut pump, &mut out, now).len(),
+                Step::Close { end, flush } => {
+                    if flush {
+                        ours += wire(&mut out).len();
+                    }
+                    assert_eq!(end, SessionEnd::IoError);
+                    break;
+                }
+                _ => panic!("an MSE failure sends our key and closes"),
+            }
+            step = pump.poll(now, &mut out);
+        }
+        assert!(
+            ours >= 96,
+            "our DH key went out before the close ({ours} bytes)"
+        );
+        assert_eq!(pump.state(), State::Closed);
+        assert_eq!(kit.ctx.stats.mse_handshakes_failed.get(), 1);
+        assert_eq!(kit.ctx.stats.session_ends_io_error.get(), 1, "counted once");
+    }
+
+    #[test]
+    fn a_peer_that_sends_without_reading_is_closed_as_a_flood() {
+        let kit = kit(250, 0);
+        let info = crate::metainfo::synthetic_v1_info(2000);
+        let key = key_of(&info);
+        store(&kit, &info);
+        let now = Instant::now();
+        let mut pump = Pump::new(&kit.ctx, peer(), now);
+        let mut out = OutBatch::new();
+        let mut first = opening(&key, []);
+        assert!(matches!(
+            pump.on_bytes(&mut first, false, now, &mut out),
+            Step::Send
+        ));
+        // Our reply never completes; the peer keeps sending.
+        let mut chunk = requests(std::iter::repeat_n(0, 4096));
+        let mut closed = None;
+        for _ in 0..UNHANDLED_BYTES_MAX / chunk.len() + 2 {
+            if let Step::Close { end, .. } = pump.on_bytes(&mut chunk, true, now, &mut out) {
+                closed = Some(end);
+                break;
+            }
+        }
+        assert_eq!(closed, Some(SessionEnd::ProtocolError));
+        assert!(pump.unhandled_bytes() == 0, "its input is freed");
+        assert_eq!(kit.ctx.stats.session_ends_protocol_error.get(), 1);
+    }
+}
