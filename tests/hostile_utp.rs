@@ -446,3 +446,108 @@ fn utp_off_opens_no_udp_socket() {
     assert_eq!(info, fx.small.info);
     let _ = (ST_FIN, ST_STATE);
 }
+
+/// The server's sequence number in the SYN-ACK to one SYN from `source` (as soon as it
+/// comes; bounded by a second).
+fn syn_ack_seq(server: SocketAddr, source: Ipv4Addr, recv_id: u16) -> u16 {
+    let s = socket_from(source);
+    let syn = Hdr {
+        ty: ST_SYN,
+        conn_id: recv_id,
+        wnd: 1 << 20,
+        seq: 100,
+        ack: 0,
+    };
+    s.send_to(&packet(syn, None, &[]), server).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        if let Ok((n, _)) = s.recv_from(&mut buf) {
+            if let Some((h, _)) = parse(&buf[..n]).filter(|(h, _)| h.ty == ST_STATE) {
+                return h.seq;
+            }
+        }
+    }
+    panic!("no SYN-ACK for the SYN from {source}");
+}
+
+/// The seed of the old scheme (a per-core xorshift64* seeded with 8 ASCII digits of a
+/// peer id: 10^8 seeds) whose first outputs are `isns`, if any.
+fn old_scheme_seed(isns: &[u16]) -> Option<u64> {
+    let next = |x: &mut u64| {
+        *x ^= *x >> 12;
+        *x ^= *x << 25;
+        *x ^= *x >> 27;
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 48) as u16
+    };
+    let mut digits = [b'0'; 8];
+    loop {
+        let seed = u64::from_le_bytes(digits);
+        let mut x = seed | 1;
+        if isns.iter().all(|&isn| next(&mut x) == isn) {
+            return Some(seed);
+        }
+        // The next 8-digit string (odometer).
+        let mut i = 0;
+        loop {
+            if i == digits.len() {
+                return None;
+            }
+            if digits[i] == b'9' {
+                digits[i] = b'0';
+                i += 1;
+            } else {
+                digits[i] += 1;
+                break;
+            }
+        }
+    }
+}
+
+/// An off-path sender that spoofs a SYN must ack a SYN-ACK it never sees. The server's
+/// initial sequence numbers are a keyed hash now: no seed of the old scheme (searched
+/// whole, as an attacker did in under a second) explains them, and a restarted server does
+/// not repeat them.
+#[test]
+fn syn_ack_sequence_numbers_cannot_be_predicted() {
+    const SYNS: usize = 6;
+    let fx = fixture();
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let server = ServerProc::start(&fx.data, &["--log", "error", "--threads", "1"]);
+        let isns: Vec<u16> = (0..SYNS)
+            .map(|i| syn_ack_seq(server.addr, src(70 + i as u8), 4000 + 2 * i as u16))
+            .collect();
+        runs.push(isns);
+    }
+    println!("SYN-ACK sequence numbers of two fresh servers: {runs:?}");
+    assert_ne!(
+        runs[0], runs[1],
+        "a restarted server repeats its sequence numbers"
+    );
+    for isns in &runs {
+        assert_eq!(
+            old_scheme_seed(isns),
+            None,
+            "sequence numbers {isns:?} follow the old, guessable scheme"
+        );
+    }
+}
+
+/// The search above finds a seed of the old scheme when there is one (it would be a test
+/// that cannot fail otherwise).
+#[test]
+fn the_old_scheme_search_finds_its_seed() {
+    let seed = u64::from_le_bytes(*b"31415926");
+    let mut x = seed | 1;
+    let isns: Vec<u16> = (0..6)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 48) as u16
+        })
+        .collect();
+    // Seeds that differ only in the low bit are one seed (the scheme took `seed | 1`).
+    assert_eq!(old_scheme_seed(&isns).map(|s| s | 1), Some(seed | 1));
+}

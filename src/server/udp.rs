@@ -27,6 +27,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::poll_fn;
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -302,9 +303,11 @@ pub struct Endpoint {
     /// Connections touched by the datagrams of the batch the worker's ring is handing
     /// over (`on_ring_datagram` .. `end_ring_batch`).
     ring_touched: RefCell<Vec<Rc<Shared>>>,
-    /// Our initial sequence numbers: unpredictable enough that an off-path sender cannot
-    /// guess the ack that establishes a connection from a spoofed SYN.
-    rng: Cell<u64>,
+    /// Keys our initial sequence numbers (`initial_seq_nr`): SipHash with a 128-bit key
+    /// that std draws from the OS's random source, never derived from time or pid.
+    isn_key: RandomState,
+    /// SYNs answered so far: each ISN hashes a fresh count, so none repeats a pattern.
+    isn_count: Cell<u64>,
 }
 
 impl Endpoint {
@@ -314,7 +317,6 @@ impl Endpoint {
         limiter: Arc<ConnectionLimiter>,
         settings: UtpSettings,
         open: Rc<Cell<usize>>,
-        seed: u64,
     ) -> io::Result<Rc<Endpoint>> {
         let fd = socket.as_raw_fd();
         let socket = monoio::net::udp::UdpSocket::from_std(socket)?;
@@ -332,18 +334,24 @@ impl Endpoint {
             half_open: Cell::new(0),
             accepting: Cell::new(true),
             ring_touched: RefCell::new(Vec::new()),
-            rng: Cell::new(seed | 1),
+            isn_key: RandomState::new(),
+            isn_count: Cell::new(0),
         }))
     }
 
-    fn random_u16(&self) -> u16 {
-        // xorshift64*: per-core, no syscall per connection.
-        let mut x = self.rng.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.rng.set(x);
-        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 48) as u16
+    /// Our initial sequence number for the connection a SYN opens. An off-path sender who
+    /// spoofs a SYN must ack the SYN-ACK it never sees; with a sequence number it could
+    /// predict (the old per-core xorshift, seeded from 10^8 possible values, fell to a
+    /// search in under a second), it could complete the connection blindly and have
+    /// metadata streamed at its victim. A keyed hash of a count and the connection: 16 bits
+    /// an attacker can only guess (1 in 65 536, as uTP allows no more).
+    fn initial_seq_nr(&self, key: &ConnKey) -> u16 {
+        let count = self.isn_count.get();
+        self.isn_count.set(count.wrapping_add(1));
+        let mut h = self.isn_key.build_hasher();
+        h.write_u64(count);
+        key.hash(&mut h);
+        h.finish() as u16
     }
 
     /// Reads datagrams for as long as the runtime runs. After each wake-up it drains what
@@ -545,7 +553,8 @@ impl Endpoint {
                 return None;
             }
         };
-        let conn = Connection::accept(self.settings.utp.clone(), syn, self.random_u16(), now);
+        let isn = self.initial_seq_nr(&key);
+        let conn = Connection::accept(self.settings.utp.clone(), syn, isn, now);
         debug_assert_eq!(conn.recv_id(), key.1);
         let sh = Rc::new(Shared {
             key,

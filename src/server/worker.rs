@@ -256,7 +256,7 @@ fn start_utp(
     on_ring: bool,
 ) -> anyhow::Result<Vec<Rc<udp::Endpoint>>> {
     let mut endpoints = Vec::new();
-    for (i, socket) in sockets.into_iter().enumerate() {
+    for socket in sockets {
         let settings = udp::UtpSettings {
             utp: crate::utp::Config {
                 payload_bytes_max: ctx.cfg.utp_payload_bytes,
@@ -264,17 +264,8 @@ fn start_utp(
             },
             half_open_per_core_max: ctx.cfg.utp_half_open_per_core_max,
         };
-        let seed = crate::upstream::peer_id((index * 64 + i) as u64);
-        let seed = u64::from_le_bytes(seed[12..20].try_into().expect("8 bytes"));
-        let ep = udp::Endpoint::new(
-            socket,
-            ctx.clone(),
-            limiter.clone(),
-            settings,
-            open.clone(),
-            seed,
-        )
-        .map_err(|e| anyhow::anyhow!("worker {index}: uTP socket: {e}"))?;
+        let ep = udp::Endpoint::new(socket, ctx.clone(), limiter.clone(), settings, open.clone())
+            .map_err(|e| anyhow::anyhow!("worker {index}: uTP socket: {e}"))?;
         udp::spawn_endpoint(ep.clone(), stop.clone(), on_ring);
         endpoints.push(ep);
     }
