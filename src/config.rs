@@ -92,6 +92,12 @@ pub struct ServeSettings {
     #[arg(long, default_value_t = limits::MSE_HANDSHAKES_PER_IP_PER_SECOND_MAX_DEFAULT, value_name = "N")]
     pub mse_handshakes_per_ip_per_second_max: u32,
 
+    /// MSE (encrypted) handshakes one core may start per second from all addresses
+    /// together (each costs a Diffie-Hellman exponentiation, ~0.2 ms); past it the
+    /// connection is closed before any DH work.
+    #[arg(long, default_value_t = limits::MSE_HANDSHAKES_PER_CORE_PER_SECOND_MAX_DEFAULT, value_name = "N")]
+    pub mse_handshakes_per_core_per_second_max: u32,
+
     /// uTP connections per core that have not finished the uTP handshake; SYNs past it are
     /// dropped unanswered (SYN floods).
     #[arg(long, default_value_t = limits::UTP_HALF_OPEN_PER_CORE_MAX_DEFAULT, value_name = "N")]
@@ -296,6 +302,7 @@ impl ServeSettings {
         cfg.utp_half_open_per_core_max = self.utp_half_open_per_core_max;
         cfg.send_zc_min_bytes = self.send_zc_min_bytes;
         cfg.mse_handshakes_per_ip_per_second_max = self.mse_handshakes_per_ip_per_second_max;
+        cfg.mse_handshakes_per_core_per_second_max = self.mse_handshakes_per_core_per_second_max;
         cfg.shutdown_grace = Duration::from_millis(self.shutdown_grace_ms);
         Ok(cfg)
     }
@@ -551,6 +558,8 @@ pub struct ServeConfig {
     pub send_zc_min_bytes: usize,
     /// MSE handshakes one address may start per second on a core.
     pub mse_handshakes_per_ip_per_second_max: u32,
+    /// MSE handshakes one core may start per second from all addresses.
+    pub mse_handshakes_per_core_per_second_max: u32,
     /// How long open sessions may run on after a shutdown request.
     pub shutdown_grace: Duration,
 }
@@ -578,6 +587,8 @@ impl ServeConfig {
             send_zc_min_bytes: 0,
             mse_handshakes_per_ip_per_second_max:
                 limits::MSE_HANDSHAKES_PER_IP_PER_SECOND_MAX_DEFAULT,
+            mse_handshakes_per_core_per_second_max:
+                limits::MSE_HANDSHAKES_PER_CORE_PER_SECOND_MAX_DEFAULT,
             shutdown_grace: Duration::from_secs(5),
         }
     }

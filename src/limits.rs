@@ -132,6 +132,14 @@ pub const UTP_SOCKET_BUFFER_BYTES_DEFAULT: usize = 8 * 1024 * 1024;
 /// one address can make a core compute to a few percent.
 pub const MSE_HANDSHAKES_PER_IP_PER_SECOND_MAX_DEFAULT: u32 = 20;
 
+/// MSE (Diffie-Hellman) handshakes one core starts per second from all addresses together
+/// (a token bucket, burst one second's worth). The per-address window does not hold
+/// against many addresses: 200 loopback sources made ~2 000 DH a second on one core, ~42 %
+/// of it. One responder handshake costs ~0.19 ms here (SECURITY.md), so 1 000 a second
+/// bounds DH work to ~20 % of a core, far above what real encrypted clients open (each a
+/// connection or two per torrent); past it the connection is closed before any DH work.
+pub const MSE_HANDSHAKES_PER_CORE_PER_SECOND_MAX_DEFAULT: u32 = 1_000;
+
 /// Addresses each core's MSE rate table tracks (past it, new addresses are refused until
 /// the window rolls over): bounds its memory under a spoofed-source flood.
 pub const MSE_RATE_KEYS_PER_CORE_MAX: usize = 65_536;

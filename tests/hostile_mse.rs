@@ -274,6 +274,66 @@ fn an_encrypted_handshake_naming_another_torrent_is_closed_and_fetches_nothing()
     assert_healthy(&mut server, &before, &fx.small, "mismatched MSE handshakes");
 }
 
+/// The per-address window does not hold against many addresses: 250 sources each stay
+/// under it, so only the core's DH budget bounds the work. With a budget of 40 a second per
+/// core, DH handshakes stay within it (burst plus rate over the flood's time, two cores),
+/// the rest are refused and counted, and a plain client is served as before.
+#[test]
+fn dh_handshakes_from_many_addresses_stay_within_the_core_budget() {
+    const SOURCES: u8 = 250;
+    const BUDGET: u64 = 40;
+    let fx = fixture();
+    let budget = BUDGET.to_string();
+    let mut server = serve(
+        &fx,
+        &[
+            "--mse-handshakes-per-core-per-second-max",
+            &budget,
+            "--connections-per-ip-max",
+            "8",
+        ],
+    );
+    let before = metrics(&server);
+    let started = Instant::now();
+    let mut conns = Vec::new();
+    for round in 0..2u64 {
+        for i in 1..=SOURCES {
+            let source = std::net::Ipv4Addr::new(127, 0, 1, i);
+            if let Ok(mut s) = common::peer::connect_from(source, server.addr) {
+                let _ = s.write_all(&noise(96, round * 1000 + u64::from(i)));
+                conns.push(s);
+            }
+        }
+    }
+    let (m, refused) = metrics_until(&server, PROMPT, |m| {
+        get(m, "magnetar_mse_refused_core_budget_total") > 0
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(refused, "the core budget refused part of the flood");
+    let dh = get(&m, "magnetar_mse_handshakes_started_total");
+    let per_ip = get(&m, "magnetar_mse_refused_per_ip_total");
+    // Each core: a full bucket (one second's worth) plus the rate over the elapsed time.
+    let allowed = 2 * (BUDGET + (BUDGET as f64 * (elapsed + 1.0)).ceil() as u64);
+    println!(
+        "DH from {SOURCES} addresses: {} connections in {elapsed:.2} s, {dh} handshakes started \
+         (allowed {allowed}), {} refused by the core budget, {per_ip} by the per-IP window",
+        conns.len(),
+        get(&m, "magnetar_mse_refused_core_budget_total")
+    );
+    assert!(dh <= allowed, "{dh} DH handshakes, budget allows {allowed}");
+    assert_eq!(
+        per_ip, 0,
+        "no address went over its own window: only the budget held"
+    );
+    let probe = Instant::now();
+    drop(conns);
+    assert_healthy(&mut server, &before, &fx.normal, "DH from many addresses");
+    println!(
+        "a plain client served {:?} after the flood",
+        probe.elapsed()
+    );
+}
+
 #[test]
 fn a_flood_of_dh_handshakes_from_one_address_is_bounded() {
     let fx = fixture();

@@ -81,6 +81,8 @@ pub struct WorkerCtx {
     /// MSE handshakes started per peer address (per-/64) in the last second on this core:
     /// each costs a DH modular exponentiation (`server/mse.rs`).
     pub mse_handshakes: PerKeyWindow<std::net::IpAddr>,
+    /// MSE handshakes this core may still start: the budget for all addresses together.
+    pub mse_dh_budget: crate::upstream::ratelimit::TokenBucket,
 }
 
 impl WorkerCtx {
@@ -96,6 +98,7 @@ impl WorkerCtx {
             std::time::Duration::from_secs(1),
             crate::limits::MSE_RATE_KEYS_PER_CORE_MAX,
         );
+        let per_core = cfg.mse_handshakes_per_core_per_second_max;
         WorkerCtx {
             store,
             cfg,
@@ -103,6 +106,7 @@ impl WorkerCtx {
             peer_id,
             upstream,
             mse_handshakes,
+            mse_dh_budget: crate::upstream::ratelimit::TokenBucket::new(per_core, per_core),
         }
     }
 }

@@ -19,7 +19,8 @@
 //!
 //! Cost bound: a DH handshake costs a modular exponentiation, so each peer address
 //! (per-/64 for IPv6) may start at most `MSE_HANDSHAKES_PER_IP_PER_SECOND_MAX` a second on
-//! a core; past that the connection is closed before any DH work.
+//! a core, and a core at most `MSE_HANDSHAKES_PER_CORE_PER_SECOND_MAX` from all addresses
+//! together; past either the connection is closed before any DH work.
 
 use std::net::SocketAddr;
 
@@ -80,7 +81,9 @@ pub(crate) enum HandshakeStep {
 }
 
 impl Handshake {
-    /// Starts one for `peer`, unless its address is over the per-IP handshake rate.
+    /// Starts one for `peer`, unless its address is over the per-IP handshake rate or the
+    /// core over its DH budget for all addresses (checked in that order, so one address's
+    /// flood is refused without spending the budget others share).
     pub(crate) fn start(ctx: &WorkerCtx, peer: SocketAddr) -> Result<Handshake, &'static str> {
         let stats = &ctx.stats;
         if !ctx
@@ -89,6 +92,10 @@ impl Handshake {
         {
             stats.mse_refused_per_ip.inc();
             return Err("MSE handshakes per IP over the cap");
+        }
+        if !ctx.mse_dh_budget.try_take() {
+            stats.mse_refused_core_budget.inc();
+            return Err("MSE handshakes on this core over the budget");
         }
         stats.mse_handshakes_started.inc();
         let (Ok(secret), Ok(pad_len)) = (mse::random_secret(), mse::random_pad_len()) else {

@@ -266,6 +266,9 @@ core_stats! {
     /// MSE: connections closed before DH because their address started
     /// `mse_handshakes_per_ip_per_second_max` handshakes this second on the core.
     mse_refused_per_ip,
+    /// MSE: connections closed before DH because this core spent its
+    /// `mse_handshakes_per_core_per_second_max` budget (many addresses at once).
+    mse_refused_core_budget,
     /// MSE: handshakes that settled on plaintext (zero-copy serving).
     mse_plaintext_selected,
     /// MSE: handshakes that settled on RC4 (the peer insisted).

@@ -80,10 +80,11 @@ const WINDOW_SHARDS: usize = 16;
 /// that is accepted for a simple, allocation-bounded table.
 ///
 /// The table holds at most `keys_max` keys (rounded up to a multiple of the shard count).
-/// When a shard is full, keys whose window has expired are dropped first, then the key with the
-/// oldest window. So an attacker with many source addresses cannot grow the table; the price is
-/// that under such a flood an old key may be forgotten and start a fresh window early, which is
-/// why a global limit (a [`TokenBucket`]) must sit beside this one.
+/// When a shard is full, keys whose window has expired are dropped; if it is still full, the
+/// new key is refused until a window rolls over. A live key is never forgotten: forgetting
+/// it would let an attacker with many source addresses reset its own windows by pushing its
+/// entries out. The price, refusing new keys while the table is full of live ones, is why a
+/// global limit (a [`TokenBucket`]) sits beside this one and keeps the table from filling.
 pub struct PerKeyWindow<K> {
     limit: u32,
     window: Duration,
@@ -141,13 +142,7 @@ impl<K: Hash + Eq + Clone> PerKeyWindow<K> {
             let window = self.window;
             map.retain(|_, e| now.saturating_duration_since(e.started_at) < window);
             if map.len() >= self.keys_per_shard_max {
-                let oldest = map
-                    .iter()
-                    .min_by_key(|(_, e)| e.started_at)
-                    .map(|(k, _)| k.clone());
-                if let Some(oldest) = oldest {
-                    map.remove(&oldest);
-                }
+                return false;
             }
         }
         map.insert(
@@ -250,16 +245,25 @@ mod tests {
     }
 
     #[test]
-    fn window_table_stays_bounded_under_a_flood_of_keys() {
+    fn window_table_stays_bounded_and_never_forgets_a_live_key() {
         let w = PerKeyWindow::new(1, Duration::from_secs(60), 64);
         let t0 = Instant::now();
-        for k in 0..100_000u32 {
-            assert!(w.try_hit_at(&k, t0 + Duration::from_micros(u64::from(k))));
-        }
+        let admitted: Vec<u32> = (0..100_000u32)
+            .filter(|k| w.try_hit_at(k, t0 + Duration::from_micros(u64::from(*k))))
+            .collect();
         assert!(w.keys_len() <= w.keys_capacity());
         assert_eq!(w.keys_capacity(), 64);
-        // The newest keys are still remembered and limited.
-        assert!(!w.try_hit_at(&99_999, t0 + Duration::from_secs(1)));
+        assert!(admitted.len() <= 64, "past the table, new keys are refused");
+        // Every admitted key is still remembered and limited: a flood of other keys cannot
+        // push it out and reset its window.
+        for k in &admitted {
+            assert!(
+                !w.try_hit_at(k, t0 + Duration::from_secs(1)),
+                "key {k} forgotten"
+            );
+        }
+        // Once the window rolls over, new keys come in again.
+        assert!(w.try_hit_at(&200_000, t0 + Duration::from_secs(61)));
     }
 
     #[test]
