@@ -36,9 +36,8 @@ fn zero_copy_sends_carry_the_same_bytes() {
         assert!(zc >= 2, "both batches went out zero-copy ({zc})");
         // `copied` is printed, not asserted: on loopback the kernel copies, and reported
         // it for 1 of these 2 sends here.
-    } else {
-        assert_eq!(zc, 0, "the epoll path has no zero-copy send");
     }
+    // On epoll there is no zero-copy send to count: the test checks the bytes only.
     assert_healthy(&mut server, &before, t, "zero-copy sends");
 }
 
@@ -67,11 +66,18 @@ fn a_peer_that_never_reads_is_held_back_by_tcp_and_closed_at_the_write_deadline(
         .set_write_timeout(Some(Duration::from_millis(500)))
         .unwrap();
     let mut written = 0usize;
+    // How the writes ended: blocked for 500 ms (the server stopped reading: held back by
+    // TCP), or failed (the server closed the connection).
+    let mut held_back = false;
     let start = Instant::now();
     while written < WRITE_BOUND && start.elapsed() < Duration::from_secs(20) {
         match o.peer.s.write(&chunk) {
             Ok(n) => written += n,
-            Err(_) => break, // blocked for 500 ms: the server stopped reading
+            Err(e) => {
+                use std::io::ErrorKind::{TimedOut, WouldBlock};
+                held_back = matches!(e.kind(), WouldBlock | TimedOut);
+                break;
+            }
         }
     }
     let blocked_after = start.elapsed();
@@ -94,10 +100,31 @@ fn a_peer_that_never_reads_is_held_back_by_tcp_and_closed_at_the_write_deadline(
         rss_growth < 32 * 1024,
         "server memory grew {rss_growth} KiB"
     );
-    // The write deadline (the idle timeout) ends it, or on io_uring the flood cap
-    // (INPUT_HELD_BYTES_CLOSE) already has.
-    let closed = o.peer.closed_within(Duration::from_millis(IDLE_MS * 3));
-    assert!(closed.is_some(), "not closed at the write deadline");
+    // The write deadline (the idle timeout) ends it, or the flood cap
+    // (`pump::UNHANDLED_BYTES_MAX`, reachable on io_uring, whose multishot receive may
+    // take a socket's worth in one turn) already has.
+    let (_, waited) = o
+        .peer
+        .closed_within(Duration::from_millis(IDLE_MS * 3))
+        .expect("not closed at the write deadline");
+    let floods = get(&metrics(&server), "magnetar_protocol_errors_total")
+        - get(&before, "magnetar_protocol_errors_total");
+    println!("held back: {held_back}; closed {waited:?} after that; flood closes: {floods}");
+    if held_back && floods == 0 {
+        // Held back, not closed: open until the write deadline, an idle timeout after
+        // its last reply began (early in the flood).
+        assert!(
+            blocked_after + waited >= Duration::from_millis(IDLE_MS / 2),
+            "closed {:?} into the flood, long before the write deadline",
+            blocked_after + waited
+        );
+    } else {
+        // Closed before the deadline: only as a counted flood or protocol error.
+        assert!(
+            floods >= 1,
+            "closed early (held back: {held_back}), but the server counted no flood close"
+        );
+    }
     assert_healthy(&mut server, &before, t, "peer that never reads");
 }
 

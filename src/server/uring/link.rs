@@ -76,15 +76,15 @@ pub struct Link<'c> {
 mod tests {
     use super::*;
 
-    /// The sizes docs/io-uring.md quotes; a change that grows them shows up here.
+    /// Prints the sizes docs/io-uring.md quotes (`cargo test link_sizes -- --nocapture`);
+    /// the ceiling itself is a compile-time assertion above.
     #[test]
     fn link_sizes() {
-        let link = std::mem::size_of::<Link<'static>>();
-        let pump = std::mem::size_of::<Pump<'static>>();
         println!(
-            "Link {link} B, Pump {pump} B, Sending {} B",
+            "Link {} B, Pump {} B, Sending {} B",
+            std::mem::size_of::<Link<'static>>(),
+            std::mem::size_of::<Pump<'static>>(),
             std::mem::size_of::<Sending>()
         );
-        assert!(link <= LINK_BYTES_MAX);
     }
 }
