@@ -23,6 +23,15 @@ pub const METADATA_PIECES_MAX: usize = METADATA_BYTES_MAX / METADATA_PIECE_BYTES
 /// a hostile or broken peer and the connection is closed.
 pub const FRAME_BYTES_MAX: usize = 128 * 1024;
 
+/// Bytes a connection may hold received but unhandled (a partial frame, or what a peer
+/// sent while our reply was out), on every transport: a frame of the largest size plus a
+/// receive buffer, times four (528 KiB). A client that reads its answers never gets near
+/// it (a full burst of reqq requests is ~8 KiB); a peer past it sends without reading and
+/// is closed as a flood (`server/pump.rs`). The io_uring path stops receiving well before
+/// (`INPUT_HELD_BYTES_MAX`), so this bounds what its multishot receive may already have
+/// taken in one turn.
+pub const UNHANDLED_BYTES_MAX: usize = 4 * (FRAME_BYTES_MAX + READ_BUFFER_BYTES_INITIAL);
+
 /// Bencode nesting depth cap. The deepest legitimate structure on the wire is the
 /// extension handshake (`d1:md...ee`: depth 2); info dicts nest `file tree` one level per
 /// directory plus a few, so 64 leaves room for deep directory trees while a bomb of

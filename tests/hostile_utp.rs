@@ -114,6 +114,15 @@ fn bt_opening(key: &[u8; 20], pieces: u32) -> Vec<u8> {
 /// acking it. Returns the socket, our send id, our next seq and the server's first seq.
 fn open(server: SocketAddr, source: Ipv4Addr, recv_id: u16) -> (UdpSocket, u16, u16, u16) {
     let s = socket_from(source);
+    let ack = syn_ack(&s, server, recv_id);
+    assert_eq!(ack.conn_id, recv_id, "SYN-ACK carries the id we receive on");
+    assert_eq!(ack.ack, 100, "SYN-ACK acks our SYN's seq_nr");
+    (s, recv_id.wrapping_add(1), 101, ack.seq)
+}
+
+/// Sends a SYN (seq_nr 100) and returns the header of the SYN-ACK (ST_STATE) as soon as it
+/// comes, bounded by a second.
+fn syn_ack(s: &UdpSocket, server: SocketAddr, recv_id: u16) -> Hdr {
     let syn = Hdr {
         ty: ST_SYN,
         conn_id: recv_id,
@@ -122,15 +131,16 @@ fn open(server: SocketAddr, source: Ipv4Addr, recv_id: u16) -> (UdpSocket, u16, 
         ack: 0,
     };
     s.send_to(&packet(syn, None, &[]), server).unwrap();
-    let got = drain(&s, Duration::from_millis(500));
-    let (ack, _) = got
-        .iter()
-        .filter_map(|d| parse(d))
-        .find(|(h, _)| h.ty == ST_STATE)
-        .expect("a SYN-ACK (ST_STATE) for our SYN");
-    assert_eq!(ack.conn_id, recv_id, "SYN-ACK carries the id we receive on");
-    assert_eq!(ack.ack, 100, "SYN-ACK acks our SYN's seq_nr");
-    (s, recv_id.wrapping_add(1), 101, ack.seq)
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        if let Ok((n, _)) = s.recv_from(&mut buf) {
+            if let Some((h, _)) = parse(&buf[..n]).filter(|(h, _)| h.ty == ST_STATE) {
+                return h;
+            }
+        }
+    }
+    panic!("no SYN-ACK (ST_STATE) for our SYN");
 }
 
 fn serve_utp(fx: &Fixture, extra: &[&str]) -> ServerProc {
@@ -457,39 +467,10 @@ fn utp_off_opens_no_udp_socket() {
     let _ = (ST_FIN, ST_STATE);
 }
 
-/// The server's sequence number in the SYN-ACK to one SYN from `source` (as soon as it
-/// comes; bounded by a second).
-fn syn_ack_seq(server: SocketAddr, source: Ipv4Addr, recv_id: u16) -> u16 {
-    let s = socket_from(source);
-    let syn = Hdr {
-        ty: ST_SYN,
-        conn_id: recv_id,
-        wnd: 1 << 20,
-        seq: 100,
-        ack: 0,
-    };
-    s.send_to(&packet(syn, None, &[]), server).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let mut buf = [0u8; 2048];
-    while Instant::now() < deadline {
-        if let Ok((n, _)) = s.recv_from(&mut buf) {
-            if let Some((h, _)) = parse(&buf[..n]).filter(|(h, _)| h.ty == ST_STATE) {
-                return h.seq;
-            }
-        }
-    }
-    panic!("no SYN-ACK for the SYN from {source}");
-}
-
 /// The seed of the old scheme (a per-core xorshift64* seeded with 8 ASCII digits of a
 /// peer id: 10^8 seeds) whose first outputs are `isns`, if any.
 fn old_scheme_seed(isns: &[u16]) -> Option<u64> {
-    let next = |x: &mut u64| {
-        *x ^= *x >> 12;
-        *x ^= *x << 25;
-        *x ^= *x >> 27;
-        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 48) as u16
-    };
+    let next = old_scheme_next;
     let mut digits = [b'0'; 8];
     loop {
         let seed = u64::from_le_bytes(digits);
@@ -514,6 +495,14 @@ fn old_scheme_seed(isns: &[u16]) -> Option<u64> {
     }
 }
 
+/// The old scheme's next output: xorshift64*, the top 16 bits.
+fn old_scheme_next(x: &mut u64) -> u16 {
+    *x ^= *x >> 12;
+    *x ^= *x << 25;
+    *x ^= *x >> 27;
+    (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 48) as u16
+}
+
 /// An off-path sender that spoofs a SYN must ack a SYN-ACK it never sees. The server's
 /// initial sequence numbers are a keyed hash now: no seed of the old scheme (searched
 /// whole, as an attacker did in under a second) explains them, and a restarted server does
@@ -526,7 +515,14 @@ fn syn_ack_sequence_numbers_cannot_be_predicted() {
     for _ in 0..2 {
         let server = ServerProc::start(&fx.data, &["--log", "error", "--threads", "1"]);
         let isns: Vec<u16> = (0..SYNS)
-            .map(|i| syn_ack_seq(server.addr, src(70 + i as u8), 4000 + 2 * i as u16))
+            .map(|i| {
+                syn_ack(
+                    &socket_from(src(70 + i as u8)),
+                    server.addr,
+                    4000 + 2 * i as u16,
+                )
+                .seq
+            })
             .collect();
         runs.push(isns);
     }
@@ -550,14 +546,7 @@ fn syn_ack_sequence_numbers_cannot_be_predicted() {
 fn the_old_scheme_search_finds_its_seed() {
     let seed = u64::from_le_bytes(*b"31415926");
     let mut x = seed | 1;
-    let isns: Vec<u16> = (0..6)
-        .map(|_| {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 48) as u16
-        })
-        .collect();
+    let isns: Vec<u16> = (0..6).map(|_| old_scheme_next(&mut x)).collect();
     // Seeds that differ only in the low bit are one seed (the scheme took `seed | 1`).
     assert_eq!(old_scheme_seed(&isns).map(|s| s | 1), Some(seed | 1));
 }

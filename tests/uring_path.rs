@@ -101,7 +101,7 @@ fn a_peer_that_never_reads_is_held_back_by_tcp_and_closed_at_the_write_deadline(
         "server memory grew {rss_growth} KiB"
     );
     // The write deadline (the idle timeout) ends it, or the flood cap
-    // (`pump::UNHANDLED_BYTES_MAX`, reachable on io_uring, whose multishot receive may
+    // (`limits::UNHANDLED_BYTES_MAX`, reachable on io_uring, whose multishot receive may
     // take a socket's worth in one turn) already has.
     let (_, waited) = o
         .peer
@@ -139,15 +139,8 @@ fn a_kernel_missing_an_operation_falls_back_to_epoll_and_serves() {
     let fx = fixture();
     let t = &fx.normal;
     let forced_epoll = std::env::var("MAGNETAR_DRIVER").is_ok_and(|d| d == "epoll");
-    for check in [
-        "buffer-ring",
-        "direct-descriptors",
-        "opcodes",
-        "multishot-recv",
-        "cancel-by-fd",
-        "close-direct",
-        "no-such-check",
-    ] {
+    let checks = magnetar::server::uring::PROBE_CHECKS.iter().copied();
+    for check in checks.chain(["no-such-check"]) {
         let mut cmd = ServerProc::command(&fx.data, &["--log", "warn", "--threads", "2"]);
         cmd.env("MAGNETAR_URING_PROBE_FAIL", check);
         let mut server = ServerProc::spawn(cmd);

@@ -24,15 +24,6 @@ use crate::server::send::OutBatch;
 use crate::store::{RecordRef, StoreError};
 use crate::upstream::shard::{FetchOutcome, ShardCmd};
 
-/// Bytes a connection may hold unhandled (a partial frame, or what a peer sent while our
-/// reply was out): a frame of the largest size plus a receive buffer, times four. A
-/// client that reads its answers never gets near it (a full burst of reqq requests is
-/// ~8 KiB); a peer past it sends without reading and is closed as a flood. The io_uring
-/// path stops receiving well before (`INPUT_HELD_BYTES_MAX`), so this bounds the bytes
-/// its multishot receive may already have taken.
-pub const UNHANDLED_BYTES_MAX: usize =
-    4 * (limits::FRAME_BYTES_MAX + limits::READ_BUFFER_BYTES_INITIAL);
-
 /// What the adapter must do next.
 pub enum Step {
     /// Send the lent batch as it is (sealed); call `on_sent` once all of it is written.
@@ -193,7 +184,7 @@ impl<'a> Pump<'a> {
         if self.state == State::Closed || fresh.is_empty() {
             return self.poll(now, out);
         }
-        if self.input.len() + fresh.len() > UNHANDLED_BYTES_MAX {
+        if self.input.len() + fresh.len() > limits::UNHANDLED_BYTES_MAX {
             self.conn.ctx().stats.protocol_errors.inc();
             tracing::debug!(peer = %self.peer(), "closed: sends without reading");
             return self.close(SessionEnd::ProtocolError, false);
@@ -630,7 +621,7 @@ mod tests {
         // Our reply never completes; the peer keeps sending.
         let mut chunk = requests(std::iter::repeat_n(0, 4096));
         let mut closed = None;
-        for _ in 0..UNHANDLED_BYTES_MAX / chunk.len() + 2 {
+        for _ in 0..crate::limits::UNHANDLED_BYTES_MAX / chunk.len() + 2 {
             if let Step::Close { end, .. } = pump.on_bytes(&mut chunk, true, now, &mut out) {
                 closed = Some(end);
                 break;

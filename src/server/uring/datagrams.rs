@@ -50,36 +50,19 @@ impl Core<'_> {
             u.posted = false;
         }
         let stats = &self.ctx.stats;
-        {
-            let bufs = &self.udp_bufs;
-            // Goes back to the ring when dropped, whatever happens below.
-            let lent = cqueue::buffer_select(flags).map(|bid| bufs.lend(bid, res.max(0) as usize));
-            match lent {
-                Some(mut lent) if res >= 0 => {
-                    match types::RecvMsgOut::parse(lent.bytes_mut(), &u.msg) {
-                        // A datagram larger than a buffer would be read as a shorter uTP packet
-                        // (uTP has no length field): dropped, counted.
-                        Ok(out) if out.is_payload_truncated() => stats.utp_recv_truncated.inc(),
-                        Ok(out) => match name_addr(out.name_data()) {
-                            Some(from) => {
-                                let ep = &u.ep;
-                                crate::server::contain_panic(stats, "uTP datagram", || {
-                                    ep.on_ring_datagram(out.payload_data(), from)
-                                });
-                                u.touched = true;
-                            }
-                            None => stats.utp_recv_errors.inc(),
-                        },
-                        Err(()) => stats.utp_recv_errors.inc(),
-                    }
+        match cqueue::buffer_select(flags) {
+            Some(bid) => {
+                // Goes back to the ring when dropped, also if handling panics.
+                let mut lent = self.udp_bufs.lend(bid, res.max(0) as usize);
+                if res >= 0 {
+                    deliver(u, stats, lent.bytes_mut());
                 }
-                Some(lent) => drop(lent),
-                None if res == -libc::ENOBUFS => stats.uring_recv_no_buffers.inc(),
-                None if res < 0 && res != -libc::ECANCELED => {
-                    u.ep.on_ring_recv_error(io::Error::from_raw_os_error(-res))
-                }
-                None => {}
             }
+            None if res == -libc::ENOBUFS => stats.uring_recv_no_buffers.inc(),
+            None if res < 0 && res != -libc::ECANCELED => {
+                u.ep.on_ring_recv_error(io::Error::from_raw_os_error(-res))
+            }
+            None => {}
         }
         if !self.udp[i].posted {
             self.post_udp(i);
@@ -95,6 +78,28 @@ impl Core<'_> {
             }
         }
     }
+}
+
+/// One datagram as the multishot recvmsg laid it out in `buf` (header, source address,
+/// payload), handed to the endpoint.
+fn deliver(u: &mut UdpRecv, stats: &crate::server::stats::CoreStats, buf: &mut [u8]) {
+    let out = match types::RecvMsgOut::parse(buf, &u.msg) {
+        Ok(out) => out,
+        Err(()) => return stats.utp_recv_errors.inc(),
+    };
+    if out.is_payload_truncated() {
+        // A datagram larger than a buffer would be read as a shorter uTP packet (uTP has
+        // no length field): dropped, counted.
+        return stats.utp_recv_truncated.inc();
+    }
+    let Some(from) = name_addr(out.name_data()) else {
+        return stats.utp_recv_errors.inc();
+    };
+    let ep = &u.ep;
+    crate::server::contain_panic(stats, "uTP datagram", || {
+        ep.on_ring_datagram(out.payload_data(), from)
+    });
+    u.touched = true;
 }
 
 /// The source address of a received datagram (the name field of a recvmsg result).

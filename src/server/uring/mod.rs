@@ -62,6 +62,7 @@ use bufs::BufRing;
 use datagrams::UdpRecv;
 pub use link::LINK_BYTES_MAX;
 use link::{Link, Recv, Sending};
+pub use probe::CHECKS as PROBE_CHECKS;
 
 /// Submission queue entries: a loop turn queues at most a few per event it handled;
 /// a full queue is submitted early, so this bounds nothing but syscalls per turn.
@@ -99,7 +100,7 @@ const ACCEPTS_POSTED_PER_LISTENER: usize = 64;
 /// without reading is held back by TCP, as on the monoio path.
 /// The cancel takes effect at the next submission; until then a multishot receive may
 /// drain the whole socket into the buffer ring in one turn (up to the ring's 4 MiB): the
-/// pump closes a connection past `pump::UNHANDLED_BYTES_MAX` (four times this) as a flood.
+/// pump closes a connection past `limits::UNHANDLED_BYTES_MAX` (four times this) as a flood.
 const INPUT_HELD_BYTES_MAX: usize = crate::limits::FRAME_BYTES_MAX + RECV_BUFFER_BYTES;
 
 /// Reply batches kept for reuse per core (each holds its allocations).

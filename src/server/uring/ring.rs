@@ -138,6 +138,11 @@ impl Ring {
     /// # Safety
     /// As for `push`, for every entry.
     pub unsafe fn push_chain(&mut self, chain: &[squeue::Entry]) {
+        // A chain longer than the queue could never go in: it would wait forever.
+        assert!(
+            chain.len() <= self.ring.submission().capacity(),
+            "chain longer than the SQ"
+        );
         if self.backlog.is_empty() && self.room() < chain.len() {
             self.submit();
         }
