@@ -231,6 +231,7 @@ fn serve(args: ServeArgs, cli_log: Option<String>) -> anyhow::Result<()> {
             settings.shared.clone(),
             store.clone(),
             &cfg.data_dir,
+            settings.upstream.metadata_bytes_max,
         )
         .context("starting the shared tier")?;
         upstream.set_shared(tier.clone());

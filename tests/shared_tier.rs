@@ -10,7 +10,8 @@
 //! - a flipped byte in an object is rejected by hash, counted, and the swarm fills the miss
 //!   (and the good bytes replace the bad object);
 //! - DELETE on node A: node B stops serving the hash within the poll bound, and a new node
-//!   never fetches it.
+//!   never fetches it; tombstones written into the bucket without the fleet key are
+//!   ignored and counted.
 
 mod common;
 
@@ -55,8 +56,13 @@ fn node(
     for (k, v) in cluster.env(via) {
         cmd.env(k, v);
     }
+    // The fleet's tombstone key, from the environment (the other way is a key file).
+    cmd.env("MAGNETAR_SHARED_FLEET_KEY", FLEET_KEY);
     ServerProc::spawn(cmd)
 }
+
+/// The secret the test fleet signs its tombstones with; never in the bucket.
+const FLEET_KEY: &str = "4f1d0c9a7e2b58a3c6d1e0f9b2a7c4d8e5f6a1b2c3d4e5f6";
 
 /// Polls `cond` every 100 ms until it holds, for at most `limit`; the time it took.
 fn within(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
@@ -367,6 +373,30 @@ fn delete_on_a_stops_b_within_the_poll_bound() {
         cluster.get(1, &object("del", &t.key)).is_some()
     });
     assert_eq!(fetch(&b, &t.key).unwrap(), t.info, "B has it from the tier");
+
+    // Someone with write access to the bucket but not the fleet key writes tombstones
+    // that look like ours: both nodes ignore them, count them, and go on serving.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let forged = format!(
+        "magnetar tombstone\nkey={}\nat={now}\nnode=attacker\nmac={}\n",
+        hex::encode(t.key),
+        "00".repeat(32)
+    );
+    cluster.put(0, &format!("del/tomb/{}", hex::encode(t.key)), forged.as_bytes());
+    cluster.put(
+        0,
+        &format!("del/tomb-log/{now:012}-{}", hex::encode(t.key)),
+        forged.as_bytes(),
+    );
+    within(Duration::from_secs(10), "the forgery seen by B's poll", || {
+        metric(&b, "magnetar_shared_tombstones_unauthenticated_total") >= 1.0
+    });
+    std::thread::sleep(Duration::from_millis(POLL_MS * 2));
+    assert_eq!(fetch(&b, &t.key).unwrap(), t.info, "a forged tombstone deletes nothing");
+    assert_eq!(metric(&b, "magnetar_shared_tombstones_applied_total"), 0.0);
 
     let reply = http::delete(
         &a.url(&format!("/torrents/{}", hex::encode(t.key))),

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures_util::StreamExt;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::ObjectStore;
 
 use super::SharedConfig;
 use crate::store::{AppendOptions, AppendOutcome, Origin, Store};
@@ -37,6 +37,8 @@ pub struct ImportReport {
     pub corrupt: u64,
     pub failed: u64,
     pub tombstones_applied: u64,
+    /// Tombstones not signed with the fleet key (or none is configured): not applied.
+    pub tombstones_ignored: u64,
     pub elapsed: Duration,
 }
 
@@ -45,13 +47,14 @@ impl fmt::Display for ImportReport {
         write!(
             f,
             "{} objects: {} imported, {} already present, {} corrupt (not stored), {} failed; \
-             {} tombstones applied; {:.1} s",
+             {} tombstones applied, {} ignored (not signed with the fleet key); {:.1} s",
             self.objects,
             self.imported,
             self.already_present,
             self.corrupt,
             self.failed,
             self.tombstones_applied,
+            self.tombstones_ignored,
             self.elapsed.as_secs_f64()
         )
     }
@@ -81,20 +84,58 @@ pub fn import_from(cfg: &SharedConfig, store: Arc<Store>) -> anyhow::Result<Impo
     let op_timeout = cfg.op_timeout();
     let mut report = rt.block_on(async {
         let mut report = ImportReport::default();
-        // Tombstones.
-        let mut tombstoned = HashSet::new();
+        // Tombstones: only those signed with the fleet key, applied in one batch.
+        let fleet = cfg.fleet_key()?;
+        let mut names: Vec<(u64, [u8; 20], Path)> = Vec::new();
         for name in list_all(&*os, &layout.tomb_log_dir(), op_timeout).await? {
-            let Some((_, key)) = layout.parse_tomb_log(&name) else {
-                continue;
-            };
-            if tombstoned.insert(key) && !store.is_blocked(&key) {
-                let s = store.clone();
-                tokio::task::spawn_blocking(move || {
-                    s.delete_from(&key, None, "shared tombstone (import)", Origin::Shared)
-                })
-                .await??;
-                report.tombstones_applied += 1;
+            if let Some((at, key)) = layout.parse_tomb_log(&name) {
+                names.push((at, key, name));
             }
+        }
+        let mut checks = futures_util::stream::iter(names)
+            .map(|(at, key, path)| {
+                let os = os.clone();
+                async move {
+                    let got = tokio::time::timeout(
+                        op_timeout,
+                        super::get_bounded(&*os, &path, super::tombstone::TOMBSTONE_BYTES_MAX),
+                    )
+                    .await;
+                    (at, key, path, got)
+                }
+            })
+            .buffer_unordered(IMPORT_GETS_IN_FLIGHT);
+        let mut tombstoned = HashSet::new();
+        while let Some((at, key, path, got)) = checks.next().await {
+            let body = match got {
+                Ok(Ok(super::Bounded::Body(body))) => body,
+                Ok(Ok(super::Bounded::TooLarge(_))) => bytes::Bytes::new(),
+                Ok(Err(object_store::Error::NotFound { .. })) => continue,
+                Ok(Err(e)) => anyhow::bail!("reading {path}: {}", super::error_chain(&e)),
+                Err(_) => anyhow::bail!("reading {path}: no answer in {op_timeout:?}"),
+            };
+            match super::tombstone::verify(fleet.as_ref(), &body, &key, Some(at)) {
+                Ok(_) => {
+                    tombstoned.insert(key);
+                }
+                Err(why) => {
+                    tracing::warn!(object = %path, "tombstone ignored: {}", why.as_str());
+                    report.tombstones_ignored += 1;
+                }
+            }
+        }
+        let apply: Vec<[u8; 20]> = tombstoned
+            .iter()
+            .filter(|k| !store.is_blocked(k))
+            .copied()
+            .collect();
+        if !apply.is_empty() {
+            report.tombstones_applied = apply.len() as u64;
+            let s = store.clone();
+            tokio::task::spawn_blocking(move || {
+                s.delete_batch_from(&apply, "shared tombstone (import)", Origin::Shared)
+            })
+            .await??;
         }
         // Objects.
         let mut keys = Vec::new();
@@ -120,9 +161,10 @@ pub fn import_from(cfg: &SharedConfig, store: Arc<Store>) -> anyhow::Result<Impo
                     let mut tries = 0;
                     loop {
                         tries += 1;
-                        let got = tokio::time::timeout(op_timeout, async {
-                            os.get(&path).await?.bytes().await
-                        })
+                        let got = tokio::time::timeout(
+                            op_timeout,
+                            super::get_bounded(&*os, &path, crate::limits::METADATA_BYTES_MAX),
+                        )
                         .await;
                         if matches!(got, Ok(Ok(_))) || tries == IMPORT_TRIES {
                             return (key, path, got);
@@ -135,7 +177,12 @@ pub fn import_from(cfg: &SharedConfig, store: Arc<Store>) -> anyhow::Result<Impo
         futures_util::pin_mut!(fetches);
         while let Some((key, path, got)) = fetches.next().await {
             let bytes = match got {
-                Ok(Ok(b)) => b,
+                Ok(Ok(super::Bounded::Body(b))) => b,
+                Ok(Ok(super::Bounded::TooLarge(size))) => {
+                    tracing::warn!(object = %path, size, "not imported: larger than the metadata limit");
+                    report.corrupt += 1;
+                    continue;
+                }
                 // Listed but gone: deleted meanwhile (or a replica's stale listing).
                 Ok(Err(object_store::Error::NotFound { .. })) => continue,
                 Ok(Err(e)) => {

@@ -36,6 +36,7 @@ pub mod cursor;
 pub mod import;
 pub mod keys;
 pub mod stats;
+pub mod tombstone;
 mod uploader;
 
 use std::path::PathBuf;
@@ -104,6 +105,20 @@ pub struct SharedConfig {
     /// node serving the hash within about this long.
     #[arg(long, default_value_t = 5_000, value_name = "MS")]
     pub shared_tombstone_poll_ms: u64,
+
+    /// File holding the fleet key: the secret every node of the fleet is given to sign and
+    /// check tombstones (the deletes and blocks that reach every node). It never goes into
+    /// the bucket, so write access to the bucket alone cannot delete from the fleet.
+    /// MAGNETAR_SHARED_FLEET_KEY (the key itself) is read when no file is set. Without a
+    /// key this node neither publishes tombstones nor applies any.
+    #[arg(long, value_name = "FILE")]
+    pub shared_fleet_key_file: Option<PathBuf>,
+
+    /// A pending miss asks the shared tier again after 0.5 s, then at doubling intervals
+    /// up to this one, until the swarm fills it: an upload to any node of the fleet is
+    /// served by every node within about this long. 0: ask once.
+    #[arg(long, default_value_t = 4_000, value_name = "MS")]
+    pub shared_recheck_max_ms: u64,
 }
 
 impl Default for SharedConfig {
@@ -135,6 +150,16 @@ const DEGRADED_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// and an upload can land late.
 const TOMBSTONE_CLOCK_SKEW_SECS: u64 = 300;
 
+/// The environment variable holding the fleet key when no key file is configured.
+pub const FLEET_KEY_ENV: &str = "MAGNETAR_SHARED_FLEET_KEY";
+
+/// First re-check of the tier by a pending miss: an upload elsewhere usually lands within
+/// a second of our first look.
+const RECHECK_FIRST: Duration = Duration::from_millis(500);
+
+/// Tombstone bodies fetched at once while checking a listing.
+const TOMBSTONE_GETS_IN_FLIGHT: usize = 16;
+
 /// What a miss learns from the shared tier.
 #[derive(Debug)]
 pub enum SharedGet {
@@ -151,6 +176,30 @@ pub enum SharedGet {
 impl SharedConfig {
     pub fn enabled(&self) -> bool {
         self.shared_store.is_some()
+    }
+
+    /// The fleet key: from `shared-fleet-key-file`, else MAGNETAR_SHARED_FLEET_KEY, else none.
+    pub fn fleet_key(&self) -> anyhow::Result<Option<tombstone::FleetKey>> {
+        let text = match &self.shared_fleet_key_file {
+            Some(f) => std::fs::read_to_string(f)
+                .with_context(|| format!("reading shared-fleet-key-file {}", f.display()))?,
+            None => match std::env::var(FLEET_KEY_ENV) {
+                Ok(text) => text,
+                Err(_) => return Ok(None),
+            },
+        };
+        tombstone::FleetKey::from_text(&text)
+            .map(Some)
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// When a pending miss asks the tier again (`attempt` from 0), or `None` if it does not.
+    pub fn recheck_after(&self, attempt: u32) -> Option<Duration> {
+        if self.shared_recheck_max_ms == 0 {
+            return None;
+        }
+        let max = Duration::from_millis(self.shared_recheck_max_ms);
+        Some((RECHECK_FIRST * 2u32.saturating_pow(attempt.min(16))).min(max))
     }
 
     /// The bound on one store operation (`shared-op-timeout-ms`, at least 1 ms).
@@ -229,6 +278,11 @@ pub(crate) struct Inner {
     health: Mutex<Health>,
     /// Names this node in tombstone bodies (host and pid), for the operator reading them.
     pub node: String,
+    /// Signs the tombstones we publish and checks those we read; none: neither.
+    pub fleet: Option<tombstone::FleetKey>,
+    /// Largest info dict read from the bucket (`metadata-bytes-max`): an object's reported
+    /// size is checked first and the bytes that actually stream in again.
+    pub metadata_bytes_max: usize,
 }
 
 #[derive(Default)]
@@ -292,37 +346,62 @@ impl Inner {
         })
     }
 
-    /// Apply another node's tombstone: delete and block `key` here (durable, told to the
-    /// listener as `Origin::Shared`, so not uploaded again). `Ok(false)` if it was blocked
-    /// already; `Err` (logged) if the store could not write it.
-    pub async fn apply_tombstone(self: &Arc<Self>, key: [u8; 20]) -> Result<bool, ()> {
-        if self.store.is_blocked(&key) {
-            return Ok(false);
+    /// Apply other nodes' tombstones: delete and block each key here (durable, told to the
+    /// listener as `Origin::Shared`, so not uploaded again), with one write of the
+    /// blocklist for the lot. The keys newly blocked; `Err` (logged) if the store could not
+    /// write them.
+    pub async fn apply_tombstones(self: &Arc<Self>, keys: Vec<[u8; 20]>) -> Result<Vec<[u8; 20]>, ()> {
+        let mut keys: Vec<[u8; 20]> = keys.into_iter().filter(|k| !self.store.is_blocked(k)).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.is_empty() {
+            return Ok(keys);
         }
         let store = self.store.clone();
+        let batch = keys.clone();
         let done = tokio::task::spawn_blocking(move || {
-            store.delete_from(&key, None, "shared tombstone", Origin::Shared)
+            store.delete_batch_from(&batch, "shared tombstone", Origin::Shared)
         })
         .await;
-        match done {
-            Ok(Ok(out)) => {
-                self.stats.tombstones_applied.fetch_add(1, Relaxed);
-                tracing::info!(
-                    info_hash = %hex::encode(key),
-                    removed = out.removed.is_some(),
-                    "shared tombstone applied: deleted and blocked here"
-                );
-                Ok(true)
+        let err = match done {
+            Ok(Ok(())) => {
+                self.stats
+                    .tombstones_applied
+                    .fetch_add(keys.len() as u64, Relaxed);
+                for key in &keys {
+                    tracing::info!(
+                        info_hash = %hex::encode(key),
+                        "shared tombstone applied: deleted and blocked here"
+                    );
+                }
+                return Ok(keys);
             }
-            Ok(Err(e)) => {
-                tracing::error!(info_hash = %hex::encode(key), "shared tombstone not applied: {e}");
-                Err(())
-            }
-            Err(e) => {
-                tracing::error!(info_hash = %hex::encode(key), "shared tombstone not applied: {e}");
-                Err(())
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(count = keys.len(), "shared tombstones not applied: {err}");
+        Err(())
+    }
+
+    /// Whether the tombstone object `body`, named for `key` (and `at` for a `tomb-log/`
+    /// name), is one the fleet wrote; a rejected one is counted and logged.
+    fn trusted_tombstone(&self, body: &[u8], key: &[u8; 20], at: Option<u64>) -> Option<u64> {
+        match tombstone::verify(self.fleet.as_ref(), body, key, at) {
+            Ok(at) => Some(at),
+            Err(why) => {
+                self.untrusted_tombstone(key, why.as_str());
+                None
             }
         }
+    }
+
+    fn untrusted_tombstone(&self, key: &[u8; 20], why: &str) {
+        self.stats.tombstones_unauthenticated.fetch_add(1, Relaxed);
+        tracing::warn!(
+            info_hash = %hex::encode(key),
+            "shared tombstone ignored: {why} (a delete is applied only when signed with the \
+             fleet key)"
+        );
     }
 }
 
@@ -357,9 +436,18 @@ impl SharedTier {
         cfg: SharedConfig,
         store: Arc<Store>,
         data_dir: &std::path::Path,
+        metadata_bytes_max: usize,
     ) -> anyhow::Result<Arc<SharedTier>> {
         if cfg.shared_put_concurrency == 0 || cfg.shared_put_queue_max == 0 {
             anyhow::bail!("shared-put-concurrency and shared-put-queue-max must be at least 1");
+        }
+        let fleet = cfg.fleet_key()?;
+        if fleet.is_none() {
+            tracing::warn!(
+                "shared tier without a fleet key (shared-fleet-key-file or {FLEET_KEY_ENV}): \
+                 deletes and blocks made here are not published to the fleet, and tombstones \
+                 found in the bucket are not applied"
+            );
         }
         let (os, layout, url) = cfg.connect()?;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -373,6 +461,8 @@ impl SharedTier {
             stats: SharedStats::default(),
             health: Mutex::new(Health::default()),
             node: format!("{host}/{}", std::process::id()),
+            fleet,
+            metadata_bytes_max: metadata_bytes_max.min(crate::limits::METADATA_BYTES_MAX),
         });
         let queue = uploader::Queue::hook(&inner)?;
         let cursor = cursor::Cursor::new(data_dir, &url);
@@ -441,7 +531,7 @@ async fn serve_gets(inner: Arc<Inner>, rx: flume::Receiver<([u8; 20], flume::Sen
     }
 }
 
-/// GET `info/<key>` and HEAD `tomb/<key>` at once; verify what comes back.
+/// GET `info/<key>` and `tomb/<key>` at once; verify what comes back.
 async fn lookup(inner: &Arc<Inner>, key: [u8; 20]) -> SharedGet {
     let s = &inner.stats;
     if inner.skip_for_health() {
@@ -451,15 +541,13 @@ async fn lookup(inner: &Arc<Inner>, key: [u8; 20]) -> SharedGet {
     let started = Instant::now();
     let info_path = inner.layout.info(&key);
     let tomb_path = inner.layout.tomb(&key);
-    let limit = crate::limits::METADATA_BYTES_MAX;
-    let get = async {
-        let r = inner.os.get(&info_path).await?;
-        if r.meta.size > limit as u64 {
-            return Ok(Err(r.meta.size));
-        }
-        r.bytes().await.map(Ok)
+    let limit = inner.metadata_bytes_max;
+    let both = async {
+        tokio::join!(
+            get_bounded(&*inner.os, &info_path, limit),
+            get_bounded(&*inner.os, &tomb_path, tombstone::TOMBSTONE_BYTES_MAX)
+        )
     };
-    let both = async { tokio::join!(get, inner.os.head(&tomb_path)) };
     let timeout = Duration::from_millis(inner.cfg.shared_get_timeout_ms.max(1));
     let Ok((got, tomb)) = tokio::time::timeout(timeout, both).await else {
         s.get_errors.fetch_add(1, Relaxed);
@@ -469,23 +557,29 @@ async fn lookup(inner: &Arc<Inner>, key: [u8; 20]) -> SharedGet {
     s.get_latency.record(started.elapsed());
     let hex_key = hex::encode(key);
     match tomb {
-        Ok(_) => {
+        Ok(Bounded::Body(body)) => {
             inner.succeeded();
-            s.get_tombstoned.fetch_add(1, Relaxed);
-            // Refused either way; a failed local write is logged, and the poll retries it.
-            let _ = inner.apply_tombstone(key).await;
-            return SharedGet::Tombstoned;
+            if inner.trusted_tombstone(&body, &key, None).is_some() {
+                s.get_tombstoned.fetch_add(1, Relaxed);
+                // Refused either way; a failed local write is logged, and the poll retries it.
+                let _ = inner.apply_tombstones(vec![key]).await;
+                return SharedGet::Tombstoned;
+            }
+        }
+        Ok(Bounded::TooLarge(size)) => {
+            inner.succeeded();
+            inner.untrusted_tombstone(&key, &format!("{size} bytes, not a tombstone we write"));
         }
         Err(object_store::Error::NotFound { .. }) => {}
         // The object can still be used; the tombstone poll catches up with deletes. Not
-        // marked degraded here: a GET that worked says the store answers (a policy that
-        // denies HEAD on `tomb/` would otherwise flip the state on every miss).
+        // marked degraded here: a GET of the object that worked says the store answers (a
+        // policy that denies reading `tomb/` would otherwise flip the state on every miss).
         Err(e) => {
-            tracing::debug!(info_hash = %hex::encode(key), "HEAD tombstone failed: {}", error_chain(&e))
+            tracing::debug!(info_hash = %hex_key, "GET tombstone failed: {}", error_chain(&e))
         }
     }
     match got {
-        Ok(Ok(bytes)) => {
+        Ok(Bounded::Body(bytes)) => {
             inner.succeeded();
             match crate::metainfo::validate_info(&bytes) {
                 Ok(sum) if sum.hashes.handshake_keys().any(|k| k == key) => {
@@ -504,7 +598,7 @@ async fn lookup(inner: &Arc<Inner>, key: [u8; 20]) -> SharedGet {
                 }
             }
         }
-        Ok(Err(size)) => {
+        Ok(Bounded::TooLarge(size)) => {
             inner.succeeded();
             s.get_corrupt.fetch_add(1, Relaxed);
             tracing::warn!(info_hash = %hex_key, size, limit, "shared object larger than the metadata limit: not fetched");
@@ -523,76 +617,179 @@ async fn lookup(inner: &Arc<Inner>, key: [u8; 20]) -> SharedGet {
     }
 }
 
-/// Lists `tomb-log/` every poll interval from where the last poll left off (less the clock
-/// skew allowance) and applies every tombstone not applied yet.
-async fn poll_tombstones(inner: Arc<Inner>) {
+/// An object read with a bound on its size.
+pub(crate) enum Bounded {
+    Body(bytes::Bytes),
+    /// Larger than the bound (the size reported, or the bytes that came before it was
+    /// passed): not read further.
+    TooLarge(u64),
+}
+
+/// GET `path`, reading at most `limit` bytes: the reported size is checked first, and the
+/// bytes that stream in again (a store, or whoever answers for it, can send more than it
+/// reported).
+pub(crate) async fn get_bounded(
+    os: &dyn ObjectStore,
+    path: &object_store::path::Path,
+    limit: usize,
+) -> object_store::Result<Bounded> {
     use futures_util::StreamExt;
+    let r = os.get(path).await?;
+    if r.meta.size > limit as u64 {
+        return Ok(Bounded::TooLarge(r.meta.size));
+    }
+    let mut body = bytes::BytesMut::with_capacity(r.meta.size as usize);
+    let mut stream = r.into_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        if body.len() + chunk.len() > limit {
+            return Ok(Bounded::TooLarge((body.len() + chunk.len()) as u64));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Bounded::Body(body.freeze()))
+}
+
+/// Lists `tomb-log/` every poll interval from where the last poll left off (less the clock
+/// skew allowance), checks each new tombstone's signature and applies the trusted ones in
+/// one batch.
+async fn poll_tombstones(inner: Arc<Inner>) {
     let every = Duration::from_millis(inner.cfg.shared_tombstone_poll_ms).max(TOMBSTONE_POLL_MIN);
-    let dir = inner.layout.tomb_log_dir();
     // Nothing seen yet: the first poll lists them all (a node that was down catches up).
     let mut newest: Option<u64> = None;
-    // Tombstones this node has handled, within the window the LIST goes over again.
+    // Tombstones this node has handled (applied or rejected), within the window the LIST
+    // goes over again.
     let mut handled: std::collections::HashSet<(u64, [u8; 20])> = Default::default();
     loop {
-        let mut listing = match newest {
-            None => inner.os.list(Some(&dir)),
-            Some(t) => {
-                let from = inner
-                    .layout
-                    .tomb_log_after(t.saturating_sub(TOMBSTONE_CLOCK_SKEW_SECS));
-                inner.os.list_with_offset(Some(&dir), &from)
+        match poll_tombstones_once(&inner, newest, &mut handled).await {
+            Ok(seen) => {
+                inner.succeeded();
+                newest = Some(seen);
+                // Older ones are not listed again (the next LIST starts at `seen` − skew).
+                handled.retain(|(at, _)| at + TOMBSTONE_CLOCK_SKEW_SECS >= seen);
+            }
+            Err(()) => {
+                inner.stats.list_errors.fetch_add(1, Relaxed);
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// One poll: the newest time the next one can list from. Only a trusted tombstone moves
+/// it, and never past now + skew, so an object named far in the future (or a node whose
+/// clock runs ahead) cannot make the fleet skip real tombstones.
+async fn poll_tombstones_once(
+    inner: &Arc<Inner>,
+    newest: Option<u64>,
+    handled: &mut std::collections::HashSet<(u64, [u8; 20])>,
+) -> Result<u64, ()> {
+    use futures_util::StreamExt;
+    let dir = inner.layout.tomb_log_dir();
+    let mut listing = match newest {
+        None => inner.os.list(Some(&dir)),
+        Some(t) => {
+            let from = inner
+                .layout
+                .tomb_log_after(t.saturating_sub(TOMBSTONE_CLOCK_SKEW_SECS));
+            inner.os.list_with_offset(Some(&dir), &from)
+        }
+    };
+    let horizon = uploader::unix_now() + TOMBSTONE_CLOCK_SKEW_SECS;
+    let mut names = Vec::new();
+    let mut future = 0u64;
+    loop {
+        let meta = match tokio::time::timeout(inner.op_timeout(), listing.next()).await {
+            Ok(None) => break,
+            Ok(Some(Ok(meta))) => meta,
+            Ok(Some(Err(e))) => {
+                inner.failed("LIST tombstones", &e);
+                return Err(());
+            }
+            Err(_) => {
+                inner.failed("LIST tombstones", &"timed out");
+                return Err(());
             }
         };
-        let mut failed = false;
-        let mut seen = newest.unwrap_or(0);
-        loop {
-            let item = tokio::time::timeout(inner.op_timeout(), listing.next()).await;
-            let meta = match item {
-                Ok(None) => break,
-                Ok(Some(Ok(meta))) => meta,
-                Ok(Some(Err(e))) => {
-                    inner.failed("LIST tombstones", &e);
-                    failed = true;
-                    break;
+        let Some((at, key)) = inner.layout.parse_tomb_log(&meta.location) else {
+            continue;
+        };
+        if at > horizon {
+            // Not yet: listed again each poll until its time is within the skew allowance.
+            future += 1;
+            continue;
+        }
+        if !handled.contains(&(at, key)) {
+            names.push((at, key, meta.location));
+        }
+    }
+    inner.stats.tombstones_future.store(future, Relaxed);
+    drop(listing);
+    // Read and check the new ones, a few at a time.
+    let checks = futures_util::stream::iter(names)
+        .map(|(at, key, path)| async move {
+            let got = tokio::time::timeout(
+                inner.op_timeout(),
+                get_bounded(&*inner.os, &path, tombstone::TOMBSTONE_BYTES_MAX),
+            )
+            .await;
+            (at, key, got)
+        })
+        .buffer_unordered(TOMBSTONE_GETS_IN_FLIGHT)
+        .collect::<Vec<_>>()
+        .await;
+    let mut seen = newest.unwrap_or(0);
+    let mut trusted = Vec::new();
+    let mut failed = false;
+    for (at, key, got) in checks {
+        match got {
+            Ok(Ok(Bounded::Body(body))) => {
+                if inner.trusted_tombstone(&body, &key, Some(at)).is_some() {
+                    seen = seen.max(at);
+                    trusted.push((at, key));
+                } else {
+                    // Rejected for good: not read again while it is in the window.
+                    handled.insert((at, key));
                 }
-                Err(_) => {
-                    inner.failed("LIST tombstones", &"timed out");
-                    failed = true;
-                    break;
-                }
-            };
-            let Some((at, key)) = inner.layout.parse_tomb_log(&meta.location) else {
-                continue;
-            };
-            seen = seen.max(at);
-            if !handled.insert((at, key)) {
-                continue;
             }
-            let Ok(applied) = inner.apply_tombstone(key).await else {
-                // Not written here (logged): the next poll tries again.
-                handled.remove(&(at, key));
-                continue;
-            };
-            // The deleting node removed the object, but an upload racing the delete (this
-            // node's, or another's still unaware of it) may have put it back. Delete it
-            // once more for a recent tombstone; misses check `tomb/` anyway, so this only
-            // keeps the bucket clean.
-            if applied || at + TOMBSTONE_CLOCK_SKEW_SECS >= uploader::unix_now() {
-                if let Err(e) = uploader::delete(&inner, &inner.layout.info(&key)).await {
+            Ok(Ok(Bounded::TooLarge(size))) => {
+                inner.untrusted_tombstone(&key, &format!("{size} bytes, not a tombstone we write"));
+                handled.insert((at, key));
+            }
+            // Listed, then gone: nothing to apply.
+            Ok(Err(object_store::Error::NotFound { .. })) => {
+                handled.insert((at, key));
+            }
+            Ok(Err(e)) => {
+                tracing::debug!("reading tombstone {}: {}", hex::encode(key), error_chain(&e));
+                failed = true;
+            }
+            Err(_) => failed = true,
+        }
+    }
+    let keys: Vec<[u8; 20]> = trusted.iter().map(|&(_, k)| k).collect();
+    let applied = inner.apply_tombstones(keys).await;
+    if let Ok(applied) = &applied {
+        handled.extend(trusted.iter().copied());
+        // The deleting node removed the object, but an upload racing the delete (this
+        // node's, or another's still unaware of it) may have put it back. Delete it once
+        // more for a new or recent tombstone; misses check `tomb/` anyway, so this only
+        // keeps the bucket clean.
+        let now = uploader::unix_now();
+        for (at, key) in &trusted {
+            if applied.contains(key) || at + TOMBSTONE_CLOCK_SKEW_SECS >= now {
+                if let Err(e) = uploader::delete(inner, &inner.layout.info(key)).await {
                     tracing::debug!("tidying a deleted object: {e}");
                 }
             }
         }
-        if failed {
-            inner.stats.list_errors.fetch_add(1, Relaxed);
-        } else {
-            inner.succeeded();
-            newest = Some(seen);
-            // Older ones are not listed again (the next LIST starts at `seen` − skew).
-            handled.retain(|(at, _)| at + TOMBSTONE_CLOCK_SKEW_SECS >= seen);
-        }
-        tokio::time::sleep(every).await;
     }
+    // A tombstone not read or not applied is listed and tried again next poll, from the
+    // same place.
+    if failed || applied.is_err() {
+        return Err(());
+    }
+    Ok(seen)
 }
 
 #[cfg(test)]

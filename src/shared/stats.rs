@@ -48,6 +48,8 @@ macro_rules! shared_counters {
             pub degraded: AtomicU64,
             /// Unix seconds the uploader's durable cursor stands at (gauge).
             pub cursor: AtomicU64,
+            /// `tomb-log/` names stamped beyond now + clock skew in the last poll (gauge).
+            pub tombstones_future: AtomicU64,
         }
 
         impl SharedStats {
@@ -71,6 +73,7 @@ shared_counters! {
     put_skipped_present: "Uploads skipped by the catch-up walk: the object was already there.",
     tombstones_published: "Deletes and blocks of this node written to the shared tier.",
     tombstones_applied: "Tombstones of other nodes applied here (record deleted and hash blocked).",
+    tombstones_unauthenticated: "Tombstones in the bucket ignored: not signed with this node's fleet key (or no key is configured).",
     overflows: "Store notifications dropped because the upload queue was full (a catch-up walk uploads them).",
     list_errors: "Failed tombstone polls.",
 }
@@ -100,6 +103,11 @@ impl SharedStats {
                 "degraded",
                 "1 while the shared tier's last operation failed.",
                 &self.degraded,
+            ),
+            (
+                "tombstones_future",
+                "Tombstones in the bucket stamped further ahead than the clock skew allowance: not applied until their time (a clock far ahead, or a forged name).",
+                &self.tombstones_future,
             ),
             (
                 "cursor_unix_seconds",

@@ -12,6 +12,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use super::cursor::{Cursor, CURSOR_SLACK_SECS};
 use super::keys::parse_url;
+use super::tombstone::{self, FleetKey};
 use super::{lookup, poll_tombstones, uploader, Health, Inner, SharedConfig, SharedGet};
 use crate::metainfo::tests::{fixture_info, synthetic_v1};
 use crate::store::{AppendOptions, Origin, Store, StoreOptions};
@@ -26,7 +27,20 @@ fn open_store(dir: &std::path::Path) -> Arc<Store> {
     Arc::new(Store::open(dir, opts).unwrap().0)
 }
 
+fn fleet() -> FleetKey {
+    FleetKey::from_text("the fleet key of these tests, long enough").unwrap()
+}
+
 fn inner(store: Arc<Store>, os: Arc<InMemory>) -> Arc<Inner> {
+    inner_with(store, os, Some(fleet()), crate::limits::METADATA_BYTES_MAX)
+}
+
+fn inner_with(
+    store: Arc<Store>,
+    os: Arc<InMemory>,
+    fleet: Option<FleetKey>,
+    metadata_bytes_max: usize,
+) -> Arc<Inner> {
     let cfg = SharedConfig {
         shared_store: Some(URL.into()),
         shared_tombstone_poll_ms: 100,
@@ -40,6 +54,8 @@ fn inner(store: Arc<Store>, os: Arc<InMemory>) -> Arc<Inner> {
         stats: Default::default(),
         health: Mutex::new(Health::default()),
         node: "test/1".into(),
+        fleet,
+        metadata_bytes_max,
     })
 }
 
@@ -279,11 +295,180 @@ fn a_lookup_serves_verified_bytes_only_and_honours_tombstones() {
         SharedGet::Found(b) => assert_eq!(b, good),
         other => panic!("{other:?}"),
     }
+    // A tombstone anyone could write: ignored, counted, the object still served.
     put(l.tomb(&k), &b"gone".to_vec());
+    assert!(matches!(rt.block_on(lookup(&i, k)), SharedGet::Found(_)));
+    assert_eq!(i.stats.tombstones_unauthenticated.load(Relaxed), 1);
+    assert!(!store.is_blocked(&k));
+    // One signed with the fleet key: honoured.
+    let signed = tombstone::body(&fleet(), &k, uploader::unix_now(), "other/2");
+    put(l.tomb(&k), &signed.into_bytes());
     assert!(matches!(rt.block_on(lookup(&i, k)), SharedGet::Tombstoned));
     assert!(
         store.is_blocked(&k),
         "a tombstone found on a miss is applied here"
     );
     assert_eq!(i.stats.degraded.load(Relaxed), 0);
+}
+
+/// Runs node `inner`'s tombstone poll until `done` holds (bounded by 10 s), then stops it.
+fn poll_until(rt: &tokio::runtime::Runtime, inner: &Arc<Inner>, what: &str, mut done: impl FnMut() -> bool) {
+    rt.block_on(async {
+        let poll = tokio::spawn(poll_tombstones(inner.clone()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}: not within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        poll.abort();
+    });
+}
+
+fn stored_key(store: &Store, seed: u64) -> [u8; 20] {
+    let d = synthetic_v1(seed, 500);
+    store.append(&d, AppendOptions::default()).unwrap();
+    crate::metainfo::validate_info(&d).unwrap().hashes.primary_key().unwrap()
+}
+
+/// A bucket writer without the fleet key cannot delete from the fleet: unsigned, wrongly
+/// signed and renamed tombstones are ignored and counted; a node without a key applies
+/// none, even a signed one.
+#[test]
+fn forged_tombstones_are_ignored_and_counted() {
+    let rt = rt();
+    let os = Arc::new(InMemory::new());
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let i = inner(store.clone(), os.clone());
+    let l = i.layout.clone();
+    let now = uploader::unix_now();
+    let [plain, other_fleet, renamed, real] = [1, 2, 3, 4].map(|seed| stored_key(&store, seed));
+    let put = |path: object_store::path::Path, body: String| {
+        rt.block_on(os.put(&path, PutPayload::from(body.into_bytes()))).unwrap();
+    };
+    put(
+        l.tomb_log(now, &plain),
+        format!("magnetar tombstone\nkey={}\nat={now}\nnode=x\n", hex::encode(plain)),
+    );
+    let stranger = FleetKey::from_text("another fleet's key, also long enough").unwrap();
+    put(l.tomb_log(now, &other_fleet), tombstone::body(&stranger, &other_fleet, now, "x"));
+    // A real tombstone of `real`, copied under the name of `renamed`.
+    put(l.tomb_log(now, &renamed), tombstone::body(&fleet(), &real, now, "x"));
+    put(l.tomb_log(now, &real), tombstone::body(&fleet(), &real, now, "x"));
+    poll_until(&rt, &i, "the signed tombstone applied", || store.is_blocked(&real));
+    for k in [plain, other_fleet, renamed] {
+        assert!(!store.is_blocked(&k) && store.lookup(&k).is_some(), "{}", hex::encode(k));
+    }
+    assert_eq!(i.stats.tombstones_applied.load(Relaxed), 1);
+    assert_eq!(i.stats.tombstones_unauthenticated.load(Relaxed), 3);
+
+    // No fleet key here: nothing is applied, not even a signed tombstone.
+    let dir2 = tempfile::tempdir().unwrap();
+    let store2 = open_store(dir2.path());
+    let k2 = stored_key(&store2, 5);
+    put(l.tomb_log(now, &k2), tombstone::body(&fleet(), &k2, now, "x"));
+    let keyless = inner_with(store2.clone(), os.clone(), None, crate::limits::METADATA_BYTES_MAX);
+    poll_until(&rt, &keyless, "the keyless node saw them", || {
+        keyless.stats.tombstones_unauthenticated.load(Relaxed) >= 5
+    });
+    assert!(!store2.is_blocked(&k2) && store2.lookup(&k2).is_some());
+}
+
+/// An object named far in the future (here even signed: a node whose clock is years
+/// ahead) does not move the poll's cursor, so later tombstones still reach this node; it
+/// is not applied before its time and is reported in a gauge.
+#[test]
+fn a_tombstone_named_in_the_future_does_not_stall_the_poll() {
+    let rt = rt();
+    let os = Arc::new(InMemory::new());
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let i = inner(store.clone(), os.clone());
+    let l = i.layout.clone();
+    let [future, first, later] = [1, 2, 3].map(|seed| stored_key(&store, seed));
+    let put = |path: object_store::path::Path, body: String| {
+        rt.block_on(os.put(&path, PutPayload::from(body.into_bytes()))).unwrap();
+    };
+    let far = 999_999_999_999;
+    put(l.tomb_log(far, &future), tombstone::body(&fleet(), &future, far, "x"));
+    let now = uploader::unix_now();
+    put(l.tomb_log(now, &first), tombstone::body(&fleet(), &first, now, "x"));
+    rt.block_on(async {
+        let poll = tokio::spawn(poll_tombstones(i.clone()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !store.is_blocked(&first) {
+            assert!(Instant::now() < deadline, "first tombstone not applied");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A few polls later, a tombstone stamped a minute ago (an upload that landed late).
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let late = uploader::unix_now() - 60;
+        os.put(
+            &l.tomb_log(late, &later),
+            PutPayload::from(tombstone::body(&fleet(), &later, late, "x").into_bytes()),
+        )
+        .await
+        .unwrap();
+        while !store.is_blocked(&later) {
+            assert!(Instant::now() < deadline, "a tombstone after the future one was missed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        poll.abort();
+    });
+    assert!(!store.is_blocked(&future), "not applied before its time");
+    assert_eq!(i.stats.tombstones_future.load(Relaxed), 1);
+}
+
+/// Many tombstones at once (a new node's first listing): all applied, in one batch.
+#[test]
+fn a_listing_of_many_tombstones_is_applied_as_one_batch() {
+    let rt = rt();
+    let os = Arc::new(InMemory::new());
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let i = inner(store.clone(), os.clone());
+    let l = i.layout.clone();
+    let now = uploader::unix_now();
+    let stored: Vec<[u8; 20]> = (0..20).map(|seed| stored_key(&store, seed)).collect();
+    let absent: Vec<[u8; 20]> = (0..300u32)
+        .map(|n| {
+            let mut k = [0xab; 20];
+            k[..4].copy_from_slice(&n.to_be_bytes());
+            k
+        })
+        .collect();
+    rt.block_on(async {
+        for k in stored.iter().chain(&absent) {
+            let body = tombstone::body(&fleet(), k, now, "x");
+            os.put(&l.tomb_log(now, k), PutPayload::from(body.into_bytes())).await.unwrap();
+        }
+    });
+    let blocklist = dir.path().join("blocklist");
+    poll_until(&rt, &i, "all applied", || {
+        i.stats.tombstones_applied.load(Relaxed) == 320
+    });
+    for k in stored.iter().chain(&absent) {
+        assert!(store.is_blocked(k));
+    }
+    assert!(stored.iter().all(|k| store.lookup(k).is_none()));
+    // Every key once in the file.
+    let text = std::fs::read_to_string(&blocklist).unwrap();
+    assert_eq!(text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).count(), 320);
+}
+
+/// `metadata-bytes-max` bounds what a lookup reads from the bucket.
+#[test]
+fn a_lookup_reads_no_more_than_the_metadata_limit() {
+    let rt = rt();
+    let os = Arc::new(InMemory::new());
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_store(dir.path());
+    let good = synthetic_v1(12, 4_000);
+    let k = crate::metainfo::validate_info(&good).unwrap().hashes.primary_key().unwrap();
+    let i = inner_with(store, os.clone(), Some(fleet()), 1_000);
+    rt.block_on(os.put(&i.layout.info(&k), PutPayload::from(good.clone()))).unwrap();
+    assert!(matches!(rt.block_on(lookup(&i, k)), SharedGet::Miss));
+    assert_eq!(i.stats.get_corrupt.load(Relaxed), 1);
+    let roomy = inner_with(i.store.clone(), os, Some(fleet()), 10_000);
+    assert!(matches!(rt.block_on(lookup(&roomy, k)), SharedGet::Found(_)));
 }

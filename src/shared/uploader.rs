@@ -481,20 +481,24 @@ async fn upload_one(inner: &Inner, upload: &Upload, check_first: bool) -> Result
         }
         Upload::Tombstone { key, at } => {
             let tomb = inner.layout.tomb(key);
-            if check_first
-                && bounded(inner, "HEAD", &tomb, inner.os.head(&tomb))
-                    .await?
-                    .is_some()
-            {
-                return Ok(Done::AlreadyThere);
+            // There already only if it is one the fleet trusts: an object a bucket writer
+            // put there must not stop the real tombstone being published.
+            if check_first {
+                let limit = super::tombstone::TOMBSTONE_BYTES_MAX;
+                let there = bounded(inner, "GET", &tomb, super::get_bounded(&*inner.os, &tomb, limit));
+                if let Some(super::Bounded::Body(body)) = there.await? {
+                    if super::tombstone::verify(inner.fleet.as_ref(), &body, key, None).is_ok() {
+                        return Ok(Done::AlreadyThere);
+                    }
+                }
             }
-            let body = Bytes::from(format!(
-                "magnetar tombstone\nkey={}\nat={at}\nnode={}\n",
-                hex::encode(key),
-                inner.node
-            ));
-            put(inner, &tomb, &body).await?;
-            put(inner, &inner.layout.tomb_log(*at, key), &body).await?;
+            // Without the fleet key no node would trust it: the delete stays on this node
+            // (its object is still taken out of the bucket).
+            if let Some(fleet) = &inner.fleet {
+                let body = Bytes::from(super::tombstone::body(fleet, key, *at, &inner.node));
+                put(inner, &tomb, &body).await?;
+                put(inner, &inner.layout.tomb_log(*at, key), &body).await?;
+            }
             delete(inner, &inner.layout.info(key)).await?;
             Ok(Done::Uploaded { bytes: 0 })
         }

@@ -777,22 +777,7 @@ impl Store {
         }
         let record = self.index.get(key);
         let hashes = record.as_ref().map(|r| r.hashes());
-        let mut entries: Vec<(String, [u8; 20])> = Vec::new();
-        match &hashes {
-            Some(h) => {
-                if let Some(v1) = h.v1 {
-                    entries.push((hex::encode(v1), v1));
-                }
-                if let Some(v2) = h.v2 {
-                    entries.push((hex::encode(v2), v2_handshake_key(&v2)));
-                }
-            }
-            None => match v2_full {
-                Some(v2) => entries.push((hex::encode(v2), *key)),
-                None => entries.push((hex::encode(key), *key)),
-            },
-        }
-        entries.retain(|(_, k)| !self.blocklist.contains(k));
+        let entries = self.blocklist_entries(hashes.as_ref(), key, v2_full);
         if !entries.is_empty() {
             let path = self.blocklist.path().to_path_buf();
             let comment = format!("{reason} at unix {}", unix_now());
@@ -862,6 +847,65 @@ impl Store {
             removed: hashes,
             blocked,
         })
+    }
+
+    /// The blocklist lines a delete of `key` adds: every hash of its record if stored
+    /// (`hashes`), else the key itself; those already blocked left out.
+    fn blocklist_entries(
+        &self,
+        hashes: Option<&InfoHashes>,
+        key: &[u8; 20],
+        v2_full: Option<&[u8; 32]>,
+    ) -> Vec<(String, [u8; 20])> {
+        let mut entries: Vec<(String, [u8; 20])> = Vec::new();
+        match hashes {
+            Some(h) => {
+                if let Some(v1) = h.v1 {
+                    entries.push((hex::encode(v1), v1));
+                }
+                if let Some(v2) = h.v2 {
+                    entries.push((hex::encode(v2), v2_handshake_key(&v2)));
+                }
+            }
+            None => match v2_full {
+                Some(v2) => entries.push((hex::encode(v2), *key)),
+                None => entries.push((hex::encode(key), *key)),
+            },
+        }
+        entries.retain(|(_, k)| !self.blocklist.contains(k));
+        entries
+    }
+
+    /// `delete_from` for many keys (another node's tombstones), with one durable write of
+    /// the blocklist for all of them: the file is rewritten whole on each write, so one
+    /// per key made a new node's first pass over n tombstones O(n²).
+    pub fn delete_batch_from(
+        &self,
+        keys: &[[u8; 20]],
+        reason: &str,
+        origin: Origin,
+    ) -> Result<(), StoreError> {
+        if self.access == Access::ReadOnly {
+            return Err(StoreError::ReadOnly);
+        }
+        let mut entries: Vec<(String, [u8; 20])> = Vec::new();
+        let mut listed = std::collections::HashSet::new();
+        for key in keys {
+            let hashes = self.index.get(key).map(|r| r.hashes());
+            let new = self.blocklist_entries(hashes.as_ref(), key, None);
+            entries.extend(new.into_iter().filter(|(_, k)| listed.insert(*k)));
+        }
+        if !entries.is_empty() {
+            let path = self.blocklist.path().to_path_buf();
+            let comment = format!("{reason} at unix {}", unix_now());
+            self.blocklist.add(&entries, comment.trim()).map_err(io_at(&path))?;
+        }
+        // Each key is blocked now, so these only write the tombstone records of what was
+        // stored, remove it and tell the listener.
+        for key in keys {
+            self.delete_from(key, None, reason, origin)?;
+        }
+        Ok(())
     }
 
     /// Set the one listener told of every stored record and delete from now on (the
