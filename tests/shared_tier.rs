@@ -447,3 +447,58 @@ fn delete_on_a_stops_b_within_the_poll_bound() {
     );
     assert_eq!(seed.connections(), 0, "the swarm was never asked");
 }
+
+/// Read-your-writes across the fleet. A client waits on node B for a hash nobody has yet:
+/// B's miss found nothing in the bucket and waits on a swarm that never answers. The
+/// publisher then uploads the torrent to node A. B serves the waiting client within
+/// seconds of the object landing (it asks the bucket again, 0.5/1/2/4 s apart), not at the
+/// end of its swarm fetch. Node C, whose earlier miss for another hash failed (negative
+/// cache), serves that hash as soon as A has it too.
+#[test]
+fn an_upload_to_a_reaches_clients_already_waiting_on_b() {
+    let cluster = GarageCluster::start(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let pending = Torrent::v1(v1_info("waited-for", 900));
+    let failed = Torrent::v1(v1_info("failed-before", 900));
+    let a = node(&cluster, 0, &tmp.path().join("a"), "ryw", &[]);
+    // No sources at all: B's fetch waits out its deadline, C's fails after 1.5 s.
+    let b = node(&cluster, 1, &tmp.path().join("b"), "ryw", &["--fetch-timeout-ms", "60000"]);
+    let c = node(&cluster, 2, &tmp.path().join("c"), "ryw", &["--fetch-timeout-ms", "1500"]);
+
+    assert!(fetch(&c, &failed.key).is_err(), "nobody has it yet");
+    within(Duration::from_secs(10), "C's fetch failed", || {
+        metric(&c, "magnetar_upstream_fetches_failed_deadline_total") >= 1.0
+    });
+
+    let (b_addr, key) = (b.addr, pending.key);
+    let waiting = std::thread::spawn(move || {
+        let got = fetch_metadata(b_addr, &key, Duration::from_secs(45));
+        (got, Instant::now())
+    });
+    within(Duration::from_secs(10), "B's miss started", || {
+        metric(&b, "magnetar_upstream_fetches_started_total") >= 1.0
+    });
+    // Past B's first look at the bucket (a 404 on loopback takes milliseconds).
+    std::thread::sleep(Duration::from_millis(1500));
+
+    upload(&a, &pending.info);
+    upload(&a, &failed.info);
+    within(Duration::from_secs(20), "A's uploads landed", || {
+        [pending.key, failed.key]
+            .iter()
+            .all(|k| cluster.get(1, &object("ryw", k)).is_some())
+    });
+    let landed = Instant::now();
+    let (got, served_at) = waiting.join().unwrap();
+    assert_eq!(got.expect("the waiting client is served"), pending.info);
+    let after = served_at.saturating_duration_since(landed);
+    eprintln!("B served its waiting client {after:?} after A's upload landed");
+    assert!(
+        after <= Duration::from_secs(8),
+        "served {after:?} after the upload landed: the re-check is 4 s apart at most"
+    );
+    assert!(metric(&b, "magnetar_upstream_shared_rechecks_total") >= 1.0);
+
+    // C's negative-cache entry for `failed` does not hide the bucket's copy.
+    assert_eq!(fetch(&c, &failed.key).unwrap(), failed.info);
+}

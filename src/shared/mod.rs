@@ -498,6 +498,11 @@ impl SharedTier {
         self.inner.degraded_note()
     }
 
+    /// When a pending miss asks again (`shared-recheck-max-ms`).
+    pub fn recheck_after(&self, attempt: u32) -> Option<Duration> {
+        self.inner.cfg.recheck_after(attempt)
+    }
+
     pub fn write_metrics(&self, out: &mut String) {
         self.inner.stats.write(out);
     }

@@ -121,8 +121,39 @@ async fn ask_shared_tier(upstream: &Upstream, key: [u8; 20], stats: &UpstreamSta
     }
 }
 
+/// While the swarm fetch runs, ask the tier again and again (`shared-recheck-max-ms`): a
+/// node that stored the dict since our first look (a publisher's upload, another node's
+/// swarm fill) has it in the bucket, and every client waiting here is served within
+/// seconds instead of at the end of the swarm fetch. Never ends without an answer.
+async fn recheck_shared_tier(upstream: &Upstream, key: [u8; 20], stats: &UpstreamStats) -> FetchOutcome {
+    let mut attempt = 0;
+    loop {
+        let wait = upstream.shared.get().and_then(|t| t.recheck_after(attempt));
+        let Some(wait) = wait else {
+            return std::future::pending().await;
+        };
+        monoio::time::sleep(wait).await;
+        attempt += 1;
+        stats.shared_rechecks.inc();
+        if let TierAnswer::Filled(outcome) = ask_shared_tier(upstream, key, stats).await {
+            return outcome;
+        }
+    }
+}
+
+/// How much of the miss path a fetch may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Reach {
+    /// The shared tier, then the swarm.
+    Everything,
+    /// The shared tier only: the hash failed in the swarm recently (negative cache), but
+    /// the fleet may have it since.
+    SharedTierOnly,
+}
+
 pub(super) async fn run_fetch(
     key: [u8; 20],
+    reach: Reach,
     (cand_tx, candidates): (flume::Sender<PeerCandidate>, flume::Receiver<PeerCandidate>),
     extra_trackers: Vec<String>,
     cancel: flume::Receiver<()>,
@@ -142,6 +173,14 @@ pub(super) async fn run_fetch(
         Some(TierAnswer::Filled(outcome)) => {
             if state.borrow().active.contains_key(&key) {
                 state.borrow_mut().finish(&key, outcome);
+            }
+            return;
+        }
+        Some(TierAnswer::GoToSwarm) if reach == Reach::SharedTierOnly => {
+            stats.refused_negative_cache.inc();
+            let failed = FetchOutcome::Failed(FetchFailure::NegativeCached);
+            if state.borrow().active.contains_key(&key) {
+                state.borrow_mut().finish(&key, failed);
             }
             return;
         }
@@ -167,6 +206,13 @@ pub(super) async fn run_fetch(
     let fetch = fetch::fetch(spec, candidates, Some(events_tx));
     let result = monoio::select! {
         r = fetch => Some(r),
+        outcome = recheck_shared_tier(&upstream, key, &stats) => {
+            // The fleet had it: the swarm fetch is dropped here, its peers with it.
+            if state.borrow().active.contains_key(&key) {
+                state.borrow_mut().finish(&key, outcome);
+            }
+            return;
+        }
         _ = cancel.recv_async() => None,
     };
     // Ended because the metadata came another way (`ShardCmd::Stored` answered the

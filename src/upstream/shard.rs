@@ -336,13 +336,19 @@ pub async fn run_shard(index: usize, rx: flume::Receiver<ShardCmd>, upstream: Ar
                     }
                     continue;
                 }
+                let mut reach = fill::Reach::Everything;
                 if let Some(&until) = st.negative.get(&key) {
-                    if until > Instant::now() {
+                    if until <= Instant::now() {
+                        st.negative.remove(&key);
+                    } else if upstream.shared.get().is_some() {
+                        // Not the swarm again, but the fleet may have stored it since: a
+                        // negative entry must not hide a tier hit.
+                        reach = fill::Reach::SharedTierOnly;
+                    } else {
                         stats.refused_negative_cache.inc();
                         let _ = waiter.try_send(FetchOutcome::Failed(FetchFailure::NegativeCached));
                         continue;
                     }
-                    st.negative.remove(&key);
                 }
                 if st.active.len() >= upstream.cfg.fetches_per_shard_max {
                     stats.refused_fetches_per_shard.inc();
@@ -373,6 +379,7 @@ pub async fn run_shard(index: usize, rx: flume::Receiver<ShardCmd>, upstream: Ar
                 stats.fetches_started.inc();
                 monoio::spawn(fill::run_fetch(
                     key,
+                    reach,
                     (cand_tx, cand_rx),
                     hints.trackers,
                     cancel_rx,

@@ -88,6 +88,8 @@ upstream_stats! {
     dht_lookups,
     /// DHT lookups refused by `dht_queries_per_second_max`.
     dht_lookups_refused,
+    /// Shared-tier lookups made again by a pending miss (`shared-recheck-max-ms`).
+    shared_rechecks,
 }
 
 impl UpstreamStats {
