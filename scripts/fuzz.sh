@@ -17,7 +17,7 @@ cd "$(dirname "$0")/../fuzz"
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(wire_decoder info_dict magnet store_recovery utp_connection mse_responder)
+[ ${#targets[@]} -gt 0 ] || targets=(wire_decoder info_dict magnet store_recovery utp_connection mse_responder mse_session)
 jobs="${FUZZ_JOBS:-1}"
 sanitizer="${FUZZ_SANITIZER:-address}"
 

@@ -10,6 +10,7 @@
 //! - `store_recovery`  a fuzzed segment file recovered by `Store::open` / `open_read_only`
 //! - `utp_connection`  hostile datagrams against an accepted uTP connection (virtual clock)
 //! - `mse_responder`   a hostile MSE handshake against the responder
+//! - `mse_session`     what follows a valid MSE handshake, through the whole serving pump
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -546,9 +547,12 @@ impl Drop for ScratchDir {
 /// then that many bytes of datagram.
 ///
 /// Invariants: never a panic; before the peer has acked our SYN-ACK the connection has sent
-/// no more bytes than it received (no amplifier); every datagram fits the largest header
-/// plus one payload; what is readable never exceeds the reassembly cap; the connection
-/// never asks for a timer in the past once its timers have fired.
+/// no more bytes than it received (no amplifier); only a datagram that acks our SYN-ACK's
+/// sequence number (the initial sequence number, or one less as libtorrent and libutp
+/// send) establishes the connection, so a blind spoofer must guess it (the endpoint draws
+/// it from a keyed hash, SECURITY.md); every datagram fits the largest header plus one
+/// payload; what is readable never exceeds the reassembly cap; the connection never asks
+/// for a timer in the past once its timers have fired.
 pub fn utp_connection(data: &[u8]) {
     use crate::utp::{self, Connection, Header, PacketType};
     use std::time::{Duration, Instant};
@@ -570,7 +574,8 @@ pub fn utp_connection(data: &[u8]) {
     let Ok(syn) = utp::decode(&syn) else {
         panic!("our own SYN does not decode")
     };
-    let mut conn: Connection<Vec<u8>> = Connection::accept(cfg.clone(), &syn, 7000, now);
+    const ISN: u16 = 7000;
+    let mut conn: Connection<Vec<u8>> = Connection::accept(cfg.clone(), &syn, ISN, now);
     let (mut bytes_in, mut bytes_out) = (utp::HEADER_LEN, 0usize);
     let mut wrote = false;
     let mut rest = data;
@@ -581,7 +586,14 @@ pub fn utp_connection(data: &[u8]) {
         now += Duration::from_millis(u64::from(ctl & 0x1f));
         if let Ok(pkt) = utp::decode(dgram) {
             bytes_in += dgram.len();
+            let was_established = conn.is_established();
+            let acks_isn = [ISN, ISN.wrapping_sub(1)].contains(&pkt.header.ack_nr);
             conn.on_packet(&pkt, now);
+            assert!(
+                was_established || !conn.is_established() || acks_isn,
+                "established by a datagram acking {} (our SYN-ACK was {ISN})",
+                pkt.header.ack_nr
+            );
         }
         if ctl & 0x20 != 0 {
             if let Some(t) = conn.next_timeout() {
@@ -674,5 +686,197 @@ pub fn mse_responder(data: &[u8]) {
             "the responder wrote {} bytes",
             out.len()
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// mse_session
+
+/// A stored torrent and a worker's context for `mse_session`, made once per thread (a store
+/// on disk per input would make the fuzzer crawl).
+struct SessionKit {
+    ctx: crate::server::conn::WorkerCtx,
+    key: [u8; 20],
+    _mailboxes: Vec<flume::Receiver<crate::upstream::shard::ShardCmd>>,
+    _dir: ScratchDir,
+}
+
+thread_local! {
+    static SESSION_KIT: SessionKit = session_kit();
+}
+
+fn session_kit() -> SessionKit {
+    use crate::config::ServeConfig;
+    use crate::server::stats::CoreStats;
+    use crate::upstream::config::UpstreamConfig;
+    use crate::upstream::shard::Upstream;
+    use std::sync::Arc;
+
+    let dir = ScratchDir::new();
+    let (store, _) = Store::open(dir.path(), StoreOptions::default()).expect("open store");
+    let store = Arc::new(store);
+    let info = fresh_info(b"mse_session");
+    store.append(&info, AppendOptions::default()).expect("store the known torrent");
+    let mut cfg = ServeConfig::new(dir.path().to_path_buf());
+    // Every input is a new handshake from the same address: the rate limits would refuse
+    // most of them and hide the code after the handshake from the fuzzer.
+    cfg.mse_handshakes_per_ip_per_second_max = 1_000_000_000;
+    cfg.mse_handshakes_per_core_per_second_max = 1_000_000_000;
+    let (upstream, mailboxes) = Upstream::new(UpstreamConfig::default(), store.clone(), 1);
+    let ctx = crate::server::conn::WorkerCtx::new(
+        store,
+        Arc::new(cfg),
+        Arc::new(CoreStats::default()),
+        *b"-MG0001-fuzzsession0",
+        upstream,
+    );
+    SessionKit {
+        ctx,
+        key: Sha1::digest(&info).into(),
+        _mailboxes: mailboxes,
+        _dir: dir,
+    }
+}
+
+/// The key of the torrent `mse_session` stores (for seeds).
+pub fn mse_session_key() -> [u8; 20] {
+    SESSION_KIT.with(|kit| kit.key)
+}
+
+/// A client that completes a real MSE handshake for the one stored torrent (SKEY = its
+/// key, so req2 proves it), then sends the input's bytes, through the same pump the
+/// servers run. Input: a control byte (bit 0: plaintext or RC4 offered; bits 1-7: read
+/// size in 4-byte steps), the length of the initial payload (IA), then the bytes the
+/// client sends: the first `IA length` as IA inside the handshake, the rest after it.
+///
+/// Invariants: an encrypted connection is served only the torrent its handshake proved.
+/// The first thing we send after the handshake, if anything, is a BitTorrent handshake
+/// for that torrent; no fetch, shard message or store is ever started for another one
+/// (the stored torrent is a hit, so none is started at all).
+pub fn mse_session(data: &[u8]) {
+    use crate::mse::{CryptoPolicy, Initiator, InitiatorStep};
+    use monoio::time::Instant;
+
+    let [ctl, ia_len, stream @ ..] = data else {
+        return;
+    };
+    let policy = if ctl & 1 == 0 {
+        CryptoPolicy::PreferPlaintext
+    } else {
+        CryptoPolicy::Rc4Only
+    };
+    let read = usize::from(ctl >> 1).max(1) * 4;
+    let ia_len = usize::from(*ia_len).min(stream.len()).min(crate::limits::MSE_IA_BYTES_MAX);
+    let (ia, rest) = stream.split_at(ia_len);
+    SESSION_KIT.with(|kit| {
+        let now = Instant::now();
+        let peer: std::net::SocketAddr = "192.0.2.9:6881".parse().expect("address");
+        let mut pump = crate::server::pump::Pump::new(&kit.ctx, peer, now);
+        let mut out = crate::server::send::OutBatch::new();
+        let mut ini = Initiator::new(&[9u8; 32], 8, kit.key, policy);
+        let mut to_server = Vec::new();
+        ini.opening(&mut to_server);
+        let mut to_client = Vec::new();
+        let mut alive = pump_serve(&mut pump, &mut to_server, now, &mut out, &mut to_client, &kit.key);
+        // The handshake: a few round trips at most.
+        let mut done = None;
+        for _ in 0..4 {
+            if !alive {
+                break;
+            }
+            let mut step3 = Vec::new();
+            match ini.on_bytes(&to_client, &mut step3, ia) {
+                Ok(InitiatorStep::NeedMore { consumed }) => {
+                    to_client.drain(..consumed);
+                }
+                Ok(InitiatorStep::Done { consumed, cipher, .. }) => {
+                    to_client.drain(..consumed);
+                    done = Some(cipher);
+                }
+                Err(_) => return,
+            }
+            if !step3.is_empty() {
+                alive = pump_serve(&mut pump, &mut step3, now, &mut out, &mut to_client, &kit.key);
+            }
+            if done.is_some() {
+                break;
+            }
+        }
+        let Some(mut cipher) = done else {
+            return;
+        };
+        // What the server sends after the handshake, in the clear.
+        let mut served = std::mem::take(&mut to_client);
+        if let Some(c) = &mut cipher {
+            c.decrypt_in_place(&mut served);
+        }
+        for chunk in rest.chunks(read) {
+            if !alive {
+                break;
+            }
+            let mut bytes = chunk.to_vec();
+            if let Some(c) = &mut cipher {
+                c.encrypt_in_place(&mut bytes);
+            }
+            alive = pump_serve(&mut pump, &mut bytes, now, &mut out, &mut to_client, &kit.key);
+            if let Some(c) = &mut cipher {
+                c.decrypt_in_place(&mut to_client);
+            }
+            served.append(&mut to_client);
+        }
+        if served.len() >= HANDSHAKE_LEN {
+            assert_eq!(
+                &served[28..48],
+                &kit.key[..],
+                "answered an encrypted peer with a handshake for a torrent it did not prove"
+            );
+        }
+    });
+}
+
+/// Feed `fresh` to the pump and run its steps until it waits; what it sends is appended to
+/// `sent`. Panics on any step for a torrent other than `key`. False once it closed.
+fn pump_serve(
+    pump: &mut crate::server::pump::Pump<'_>,
+    fresh: &mut [u8],
+    now: monoio::time::Instant,
+    out: &mut crate::server::send::OutBatch,
+    sent: &mut Vec<u8>,
+    key: &[u8; 20],
+) -> bool {
+    use crate::server::pump::Step;
+    let take = |out: &mut crate::server::send::OutBatch, sent: &mut Vec<u8>| {
+        out.seal();
+        let start = sent.len();
+        while sent.len() - start < out.sealed_len() {
+            let at = sent.len() - start;
+            sent.extend_from_slice(out.contiguous_at(at));
+        }
+        out.clear();
+    };
+    let mut step = pump.on_bytes(fresh, false, now, out);
+    loop {
+        match step {
+            Step::Send => {
+                take(out, sent);
+                pump.on_sent(now);
+            }
+            Step::Close { flush, .. } => {
+                if flush {
+                    take(out, sent);
+                }
+                return false;
+            }
+            Step::Fetch(k) => {
+                assert_eq!(&k, key, "a fetch started for a torrent the handshake did not prove");
+                pump.on_fetch(None);
+            }
+            Step::Shard { key: k, .. } => {
+                assert_eq!(&k, key, "a shard message for a torrent the handshake did not prove");
+            }
+            Step::Store(_) => panic!("a store started from an encrypted peer of a stored torrent"),
+            Step::Wait => return true,
+        }
+        step = pump.poll(now, out);
     }
 }

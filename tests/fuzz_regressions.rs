@@ -12,13 +12,14 @@ use magnetar::fuzz_entry;
 
 type Entry = fn(&[u8]);
 
-const TARGETS: [(&str, Entry); 6] = [
+const TARGETS: [(&str, Entry); 7] = [
     ("wire_decoder", fuzz_entry::wire_decoder),
     ("info_dict", fuzz_entry::info_dict),
     ("magnet", fuzz_entry::magnet),
     ("store_recovery", fuzz_entry::store_recovery),
     ("utp_connection", fuzz_entry::utp_connection),
     ("mse_responder", fuzz_entry::mse_responder),
+    ("mse_session", fuzz_entry::mse_session),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -82,6 +83,11 @@ fn utp_connection_corpus_and_regressions() {
 #[test]
 fn mse_responder_corpus_and_regressions() {
     replay(TARGETS[5].0, TARGETS[5].1);
+}
+
+#[test]
+fn mse_session_corpus_and_regressions() {
+    replay(TARGETS[6].0, TARGETS[6].1);
 }
 
 /// Every target has a fuzz target file and a corpus, and nothing in `fuzz/` names a target
@@ -307,6 +313,7 @@ fn write_seed_corpus() {
     store_seeds();
     utp_seeds();
     mse_seeds();
+    mse_session_seeds();
 }
 
 /// A uTP header as the fuzz entry's records carry it: (control, datagram).
@@ -354,5 +361,40 @@ fn mse_seeds() {
         seed.extend_from_slice(&opening);
         // Step 3 depends on the responder's key; the opening alone reaches the req1 search.
         write_seed("mse_responder", name, &seed);
+    }
+}
+
+fn mse_session_seeds() {
+    use magnetar::wire::{encode_handshake, Reserved};
+    let known = fuzz_entry::mse_session_key();
+    let other = [0x77u8; 20];
+    let handshake = |key: &[u8; 20]| {
+        let mut v = Vec::new();
+        encode_handshake(&mut v, Reserved::ours(false, false, false), key, b"-XX0001-fuzzseedpeer");
+        v
+    };
+    // ut_metadata request for piece 0 after the extension handshake (ours: id 1 for theirs).
+    let mut after = Vec::new();
+    let ext = b"d1:md11:ut_metadatai1eee";
+    after.extend_from_slice(&((ext.len() + 2) as u32).to_be_bytes());
+    after.extend_from_slice(&[20, 0]);
+    after.extend_from_slice(ext);
+    let req = b"d8:msg_typei0e5:piecei0ee";
+    after.extend_from_slice(&((req.len() + 2) as u32).to_be_bytes());
+    after.extend_from_slice(&[20, 1]);
+    after.extend_from_slice(req);
+    for (crypto, bit) in [("plain", 0u8), ("rc4", 1)] {
+        for (torrent, key) in [("proven", known), ("other", other)] {
+            // The BitTorrent handshake inside the MSE handshake (IA)...
+            let mut seed = vec![bit | 16 << 1, 68];
+            seed.extend(handshake(&key));
+            seed.extend_from_slice(&after);
+            write_seed("mse_session", &format!("{torrent}-in-ia-{crypto}"), &seed);
+            // ...and after it.
+            let mut seed = vec![bit | 16 << 1, 0];
+            seed.extend(handshake(&key));
+            seed.extend_from_slice(&after);
+            write_seed("mse_session", &format!("{torrent}-after-{crypto}"), &seed);
+        }
     }
 }
