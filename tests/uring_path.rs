@@ -70,9 +70,15 @@ fn a_peer_that_never_reads_is_held_back_by_tcp_and_closed_at_the_write_deadline(
     // TCP), or failed (the server closed the connection).
     let mut held_back = false;
     let start = Instant::now();
+    // Where the next write starts in `chunk`: a write the kernel takes only in part must
+    // go on from there, or the stream would break mid-frame (a protocol error of ours).
+    let mut at = 0;
     while written < WRITE_BOUND && start.elapsed() < Duration::from_secs(20) {
-        match o.peer.s.write(&chunk) {
-            Ok(n) => written += n,
+        match o.peer.s.write(&chunk[at..]) {
+            Ok(n) => {
+                written += n;
+                at = (at + n) % chunk.len();
+            }
             Err(e) => {
                 use std::io::ErrorKind::{TimedOut, WouldBlock};
                 held_back = matches!(e.kind(), WouldBlock | TimedOut);
