@@ -151,16 +151,31 @@ pub(super) enum Reach {
     SharedTierOnly,
 }
 
+/// One fetch as the shard starts it.
+pub(super) struct FetchTask {
+    pub key: [u8; 20],
+    pub reach: Reach,
+    /// Peers for the fetch: the sender is shared with the shard's table (`ShardCmd::Peers`).
+    pub candidates: (flume::Sender<PeerCandidate>, flume::Receiver<PeerCandidate>),
+    /// Trackers of the magnet besides the configured ones.
+    pub extra_trackers: Vec<String>,
+    /// Yields when the metadata came another way (the shard dropped the sender).
+    pub cancel: flume::Receiver<()>,
+}
+
 pub(super) async fn run_fetch(
-    key: [u8; 20],
-    reach: Reach,
-    (cand_tx, candidates): (flume::Sender<PeerCandidate>, flume::Receiver<PeerCandidate>),
-    extra_trackers: Vec<String>,
-    cancel: flume::Receiver<()>,
+    task: FetchTask,
     upstream: Arc<Upstream>,
     state: Rc<RefCell<ShardState>>,
     stats: Arc<UpstreamStats>,
 ) {
+    let FetchTask {
+        key,
+        reach,
+        candidates: (cand_tx, candidates),
+        extra_trackers,
+        cancel,
+    } = task;
     // Local store (checked on Join), then the shared tier, then the swarm: a tier hit
     // costs no tracker or DHT traffic.
     let tier = monoio::select! {

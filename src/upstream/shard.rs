@@ -377,12 +377,15 @@ pub async fn run_shard(index: usize, rx: flume::Receiver<ShardCmd>, upstream: Ar
                 );
                 drop(st);
                 stats.fetches_started.inc();
-                monoio::spawn(fill::run_fetch(
+                let task = fill::FetchTask {
                     key,
                     reach,
-                    (cand_tx, cand_rx),
-                    hints.trackers,
-                    cancel_rx,
+                    candidates: (cand_tx, cand_rx),
+                    extra_trackers: hints.trackers,
+                    cancel: cancel_rx,
+                };
+                monoio::spawn(fill::run_fetch(
+                    task,
                     upstream.clone(),
                     state.clone(),
                     stats.clone(),
