@@ -179,7 +179,10 @@ fn decode_query(top: Dict<'_>) -> Result<Body<'_>, &'static str> {
         .get(b"q")
         .and_then(|q| q.as_bytes())
         .ok_or("no method")?;
-    let args = top.get(b"a").and_then(|a| a.as_dict()).ok_or("no arguments")?;
+    let args = top
+        .get(b"a")
+        .and_then(|a| a.as_dict())
+        .ok_or("no arguments")?;
     let id = id_of(args.get(b"id")).ok_or("no 20-byte id")?;
     let read_only = top
         .get(b"ro")
@@ -523,16 +526,16 @@ mod tests {
         let want = Want { v4: true, v6: true };
         let cases = [
             (
-                OutQuery::FindNode {
-                    target: &ih,
-                    want,
-                },
+                OutQuery::FindNode { target: &ih, want },
                 Query::FindNode { target: ih, want },
             ),
             (
                 OutQuery::GetPeers {
                     info_hash: &ih,
-                    want: Want { v4: true, v6: false },
+                    want: Want {
+                        v4: true,
+                        v6: false,
+                    },
                 },
                 Query::GetPeers {
                     info_hash: ih,
@@ -616,7 +619,10 @@ mod tests {
     fn errors_carry_code_and_transaction() {
         let mut b = Vec::new();
         write_error(&mut b, b"ab", ERROR_METHOD_UNKNOWN, "Method Unknown");
-        assert_eq!(&b[..], b"d1:eli204e14:Method Unknowne1:t2:ab1:v4:MG\x00\x011:y1:ee");
+        assert_eq!(
+            &b[..],
+            b"d1:eli204e14:Method Unknowne1:t2:ab1:v4:MG\x00\x011:y1:ee"
+        );
         let m = decode(&b).unwrap();
         assert_eq!(m.body, Body::Error { code: 204 });
     }

@@ -27,8 +27,8 @@ use std::time::Instant;
 use sha1::{Digest, Sha1};
 
 use crate::dht::krpc::{
-    self, canonical, compact_nodes, push_compact_addr, Body, DecodeError, Message, OutQuery,
-    Query, Response, ResponseBody, Want, NODE4_BYTES, NODE6_BYTES,
+    self, canonical, compact_nodes, push_compact_addr, Body, DecodeError, Message, OutQuery, Query,
+    Response, ResponseBody, Want, NODE4_BYTES, NODE6_BYTES,
 };
 use crate::dht::table::Table;
 use crate::dht::*;
@@ -188,7 +188,8 @@ impl Node {
             peers_swept: now,
             votes: HashMap::new(),
             external: None,
-            last_refresh: None,
+            // The driver starts the first refresh (the bootstrap) itself, with a sink.
+            last_refresh: Some(now),
             outbox: Vec::new(),
             counters: Arc::default(),
         }
@@ -206,6 +207,16 @@ impl Node {
     /// The external address BEP 42 votes settled on, if any.
     pub fn external_ip(&self) -> Option<IpAddr> {
         self.external
+    }
+
+    /// What the node lists as ours from now on.
+    pub fn set_holdings(&mut self, holdings: Arc<dyn Holdings>) {
+        self.holdings = holdings;
+    }
+
+    /// Where lookups start when the table is (almost) empty.
+    pub fn set_bootstrap(&mut self, bootstrap: Vec<SocketAddr>) {
+        self.cfg.bootstrap = bootstrap;
     }
 
     /// Lookups still running.

@@ -139,7 +139,11 @@ impl Upstream {
         let node = if self.cfg.no_dht {
             None
         } else {
-            Some(Arc::new(crate::upstream::dht::start(&self.cfg)?))
+            let node = crate::upstream::dht::start(&self.cfg)?;
+            node.set_holdings(crate::upstream::dht::StoreHoldings::start(Arc::downgrade(
+                self,
+            ))?);
+            Some(Arc::new(node))
         };
         let _ = self.dht.set(node.clone());
         if let Some(stats) = crate::upstream::announce::start(self, node)? {
@@ -496,9 +500,10 @@ impl Upstream {
             write_gauge(
                 out,
                 "magnetar_dht_lookups_running",
-                "DHT lookups whose thread is still running.",
+                "DHT lookups still running.",
                 dht.lookups_running() as f64,
             );
+            crate::upstream::dht::write_node_metrics(dht, out);
         }
         if let Some(a) = self.announcer.get() {
             crate::upstream::announce::write_metrics(a, out);
