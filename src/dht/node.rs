@@ -156,7 +156,8 @@ pub struct Node {
     peers_swept: Instant,
     /// BEP 42 votes: claimed external address -> who said so.
     votes: HashMap<IpAddr, HashSet<IpAddr>>,
-    external: Option<IpAddr>,
+    /// Our external address per family (IPv4, IPv6), as BEP 42 votes settled it.
+    external: [Option<IpAddr>; 2],
     last_refresh: Option<Instant>,
     outbox: Vec<(SocketAddr, Vec<u8>)>,
     pub counters: Arc<NodeCounters>,
@@ -187,7 +188,7 @@ impl Node {
             peers: HashMap::new(),
             peers_swept: now,
             votes: HashMap::new(),
-            external: None,
+            external: [None, None],
             // The driver starts the first refresh (the bootstrap) itself, with a sink.
             last_refresh: Some(now),
             outbox: Vec::new(),
@@ -204,9 +205,9 @@ impl Node {
         (self.v4.len(), self.v6.len())
     }
 
-    /// The external address BEP 42 votes settled on, if any.
-    pub fn external_ip(&self) -> Option<IpAddr> {
-        self.external
+    /// The external address of `v6`'s family that BEP 42 votes settled on, if any.
+    pub fn external_ip(&self, v6: bool) -> Option<IpAddr> {
+        self.external[usize::from(v6)]
     }
 
     /// What the node lists as ours from now on.
@@ -450,6 +451,12 @@ impl Node {
         local: Option<IpAddr>,
     ) -> Vec<SocketAddr> {
         let mut values = Vec::new();
+        // Behind a NAT the query reached a private address of ours; the asker, outside,
+        // reaches us at the external one.
+        let local = local.map(|ip| match self.external_ip(ip.is_ipv6()) {
+            Some(ext) if is_local(ip) && !is_local(from.ip()) => ext,
+            _ => ip,
+        });
         if let (Some(port), Some(ip)) = (self.holdings.serving_port(info_hash), local) {
             let ours = canonical(SocketAddr::new(ip, port));
             if ours.is_ipv4() == from.is_ipv4() && !ip.is_unspecified() {
@@ -753,7 +760,8 @@ impl Node {
     /// BEP 42: `voter` says we are at `claimed`. Enough distinct voters settle it; a new
     /// external address gives us a new id derived from it.
     fn vote(&mut self, voter: IpAddr, claimed: IpAddr) {
-        if claimed.is_unspecified() || Some(claimed) == self.external {
+        let family = usize::from(claimed.is_ipv6());
+        if claimed.is_unspecified() || Some(claimed) == self.external[family] {
             return;
         }
         // Bounded: a flood of distinct claims resets the count instead of growing it.
@@ -765,9 +773,11 @@ impl Node {
         if voters.len() < EXTERNAL_IP_VOTES_NEEDED {
             return;
         }
-        self.votes.clear();
-        self.external = Some(claimed);
-        if !bep42_valid(&self.id, claimed) {
+        self.votes.retain(|ip, _| ip.is_ipv6() != claimed.is_ipv6());
+        self.external[family] = Some(claimed);
+        // The id follows the IPv4 address when there is one (most of the DHT is IPv4).
+        let follows = claimed.is_ipv4() || self.external[0].is_none();
+        if follows && !bep42_valid(&self.id, claimed) {
             let id = bep42_id(claimed, random());
             tracing::info!(external = %claimed, id = %hex::encode(id), "dht node id from the external address (BEP 42)");
             self.set_id(id);
@@ -1069,9 +1079,20 @@ mod tests {
         n.vote("1.1.1.1".parse().unwrap(), ext);
         n.vote("1.1.1.1".parse().unwrap(), ext);
         n.vote("2.2.2.2".parse().unwrap(), ext);
-        assert_eq!(n.external_ip(), None, "two distinct voters are not enough");
+        assert_eq!(n.external_ip(false), None, "two distinct voters are not enough");
         n.vote("3.3.3.3".parse().unwrap(), ext);
-        assert_eq!(n.external_ip(), Some(ext));
+        assert_eq!(n.external_ip(false), Some(ext));
         assert!(bep42_valid(&n.id(), ext));
+        // Behind a NAT: a query that reached 10.0.0.1 from outside lists the external address.
+        let key = [4; 20];
+        n.set_holdings(Arc::new(Holding { key, port: 6000 }));
+        assert_eq!(
+            n.values_for(&key, &addr("8.8.8.8:1"), Some("10.0.0.1".parse().unwrap())),
+            [addr("124.31.75.21:6000")]
+        );
+        assert_eq!(
+            n.values_for(&key, &addr("10.0.0.2:1"), Some("10.0.0.1".parse().unwrap())),
+            [addr("10.0.0.1:6000")]
+        );
     }
 }
