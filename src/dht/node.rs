@@ -35,9 +35,10 @@ use crate::dht::*;
 
 /// What the node needs to know of the store.
 pub trait Holdings: Send + Sync {
-    /// Our serving (TCP/uTP) port if we serve `info_hash` to anyone who asks: stored, not
-    /// private (BEP 27), not blocked, and the server has a port.
-    fn serving_port(&self, info_hash: &NodeId) -> Option<u16>;
+    /// Our serving (TCP/uTP) port on local address `local` if we serve `info_hash` to
+    /// anyone who asks: stored, not private (BEP 27), not blocked, and the server listens
+    /// on `local` (or on every address of its family).
+    fn serving_port(&self, info_hash: &NodeId, local: IpAddr) -> Option<u16>;
     /// BEP 51: up to `n` of the hashes we would list (a sample redrawn every
     /// [`SAMPLE_INTERVAL`]) and how many there are in all.
     fn sample(&self, n: usize) -> (Vec<NodeId>, u64);
@@ -47,7 +48,7 @@ pub trait Holdings: Send + Sync {
 pub struct NoHoldings;
 
 impl Holdings for NoHoldings {
-    fn serving_port(&self, _: &NodeId) -> Option<u16> {
+    fn serving_port(&self, _: &NodeId, _: IpAddr) -> Option<u16> {
         None
     }
     fn sample(&self, _: usize) -> (Vec<NodeId>, u64) {
@@ -451,13 +452,14 @@ impl Node {
         local: Option<IpAddr>,
     ) -> Vec<SocketAddr> {
         let mut values = Vec::new();
+        let port = local.and_then(|ip| self.holdings.serving_port(info_hash, ip));
         // Behind a NAT the query reached a private address of ours; the asker, outside,
         // reaches us at the external one.
-        let local = local.map(|ip| match self.external_ip(ip.is_ipv6()) {
+        let listed = local.map(|ip| match self.external_ip(ip.is_ipv6()) {
             Some(ext) if is_local(ip) && !is_local(from.ip()) => ext,
             _ => ip,
         });
-        if let (Some(port), Some(ip)) = (self.holdings.serving_port(info_hash), local) {
+        if let (Some(port), Some(ip)) = (port, listed) {
             let ours = canonical(SocketAddr::new(ip, port));
             if ours.is_ipv4() == from.is_ipv4() && !ip.is_unspecified() {
                 values.push(ours);
@@ -869,7 +871,7 @@ mod tests {
     }
 
     impl Holdings for Holding {
-        fn serving_port(&self, k: &NodeId) -> Option<u16> {
+        fn serving_port(&self, k: &NodeId, _: IpAddr) -> Option<u16> {
             (*k == self.key).then_some(self.port)
         }
         fn sample(&self, _: usize) -> (Vec<NodeId>, u64) {
@@ -1079,7 +1081,11 @@ mod tests {
         n.vote("1.1.1.1".parse().unwrap(), ext);
         n.vote("1.1.1.1".parse().unwrap(), ext);
         n.vote("2.2.2.2".parse().unwrap(), ext);
-        assert_eq!(n.external_ip(false), None, "two distinct voters are not enough");
+        assert_eq!(
+            n.external_ip(false),
+            None,
+            "two distinct voters are not enough"
+        );
         n.vote("3.3.3.3".parse().unwrap(), ext);
         assert_eq!(n.external_ip(false), Some(ext));
         assert!(bep42_valid(&n.id(), ext));

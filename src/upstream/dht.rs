@@ -660,9 +660,11 @@ pub fn draw_sample(store: &crate::store::Store, n: usize) -> (Vec<NodeId>, u64) 
 }
 
 impl Holdings for StoreHoldings {
-    fn serving_port(&self, info_hash: &NodeId) -> Option<u16> {
+    fn serving_port(&self, info_hash: &NodeId, local: IpAddr) -> Option<u16> {
         let u = self.upstream.upgrade()?;
-        let port = u.announce_port()?;
+        let port = u.serving_port_at(local)?;
+        // Marks the record referenced (eviction keeps what is asked for), as a peer's
+        // handshake does.
         let record = u.store.lookup(info_hash)?;
         (!record.is_private() && !u.store.is_blocked(info_hash)).then_some(port)
     }

@@ -86,6 +86,8 @@ pub struct Upstream {
     dht: OnceLock<Option<Arc<DhtNode>>>,
     /// The port peers reach us at (announced to trackers and the DHT).
     pub(super) listen_port: OnceLock<u16>,
+    /// Where the server listens (the DHT node lists the one a query reached).
+    listen_addrs: OnceLock<Vec<std::net::SocketAddr>>,
     pub(super) peer_id: [u8; 20],
     /// Connections served per handshake key, merged over the cores (set by the server).
     served: OnceLock<ServedSource>,
@@ -124,6 +126,7 @@ impl Upstream {
             mailboxes: tx,
             dht: OnceLock::new(),
             listen_port: OnceLock::new(),
+            listen_addrs: OnceLock::new(),
             peer_id: crate::upstream::peer_id(u64::MAX),
             served: OnceLock::new(),
             announcer: OnceLock::new(),
@@ -170,6 +173,27 @@ impl Upstream {
             source(&mut counts);
         }
         counts
+    }
+
+    /// The server's listening addresses (for the DHT node's self-listing); set once the
+    /// server listens.
+    pub fn set_listen_addrs(&self, addrs: Vec<std::net::SocketAddr>) {
+        let _ = self.listen_addrs.set(addrs);
+    }
+
+    /// The port we serve on at local address `local`: the listener on that address or on
+    /// every address of its family. Before the server said (or without listeners, systemd
+    /// sockets aside), the announce port.
+    pub fn serving_port_at(&self, local: IpAddr) -> Option<u16> {
+        let Some(addrs) = self.listen_addrs.get().filter(|a| !a.is_empty()) else {
+            return self.announce_port();
+        };
+        addrs
+            .iter()
+            .find(|a| {
+                a.ip() == local || (a.ip().is_unspecified() && a.is_ipv4() == local.is_ipv4())
+            })
+            .map(|a| a.port())
     }
 
     /// The port we announce, once the server set it.

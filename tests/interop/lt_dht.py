@@ -49,6 +49,9 @@ def session(listen_ip):
         "dht_restrict_routing_ips": False,
         "dht_restrict_search_ips": False,
         "dht_ignore_dark_internet": False,
+        # On loopback every peer has the same address; libtorrent otherwise keeps one peer
+        # per address and lets a later one (itself, announced back) replace magnetar.
+        "allow_multiple_connections_per_ip": True,
         "alert_mask": lt.alert.category_t.dht_notification
         | lt.alert.category_t.dht_operation_notification
         | lt.alert.category_t.status_notification
