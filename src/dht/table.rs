@@ -139,7 +139,7 @@ impl Table {
             .map(|e| (distance(&e.id, target), e.id, e.addr))
             .collect();
         // n is small (K); a partial sort would save nothing worth the code at ≤ 1 280 nodes.
-        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all.sort_unstable_by_key(|e| e.0);
         all.into_iter().take(n).map(|(_, id, a)| (id, a)).collect()
     }
 
