@@ -1074,6 +1074,40 @@ mod tests {
         );
     }
 
+    /// A querier is pinged before it enters the table, unless it is read-only (BEP 43); an
+    /// answer from an address we did not ask is dropped, not learnt from.
+    #[test]
+    fn queriers_are_verified_and_unasked_answers_dropped() {
+        let mut n = node(Arc::new(NoHoldings));
+        let now = Instant::now();
+        let ro = b"d1:ad2:id20:abcdefghij0123456789e1:q4:ping2:roi1e1:t1:a1:y1:qe";
+        n.on_datagram(now, addr("10.0.0.9:1"), None, ro);
+        assert_eq!(n.take_outbox().len(), 1, "the answer only, no ping");
+        let q = b"d1:ad2:id20:abcdefghij0123456789e1:q4:ping1:t1:a1:y1:qe";
+        n.on_datagram(now, addr("10.0.0.9:1"), None, q);
+        let out = n.take_outbox();
+        assert_eq!(out.len(), 2, "the answer and our ping");
+        let ping = out
+            .iter()
+            .map(|(_, d)| krpc::decode(d).unwrap())
+            .find(|m| matches!(m.body, Body::Query { .. }))
+            .unwrap();
+        let mut reply = Vec::new();
+        krpc::write_response(
+            &mut reply,
+            ping.t,
+            b"abcdefghij0123456789",
+            &addr("10.0.0.1:1"),
+            &ResponseBody::default(),
+        );
+        // The same transaction answered from elsewhere: dropped.
+        n.on_datagram(now, addr("10.0.0.8:1"), None, &reply);
+        assert_eq!(n.table_len(), (0, 0));
+        assert_eq!(n.counters.datagrams_dropped.load(Ordering::Relaxed), 1);
+        n.on_datagram(now, addr("10.0.0.9:1"), None, &reply);
+        assert_eq!(n.table_len(), (1, 0));
+    }
+
     #[test]
     fn external_address_votes_give_a_bep42_id() {
         let mut n = node(Arc::new(NoHoldings));
