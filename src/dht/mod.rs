@@ -88,6 +88,17 @@ pub const SAMPLES_PER_RESPONSE_MAX: usize = 20;
 /// by the minute and we want indexers to see more of them.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5 * 60);
 
+/// Queries answered per source address per second; more are dropped unanswered. An answer
+/// can be ~14x its query (a 100-byte `get_peers` draws up to ~1.4 KB), so a spoofed source
+/// must not draw them without bound. libtorrent blocks above 5 a second
+/// (`dht_block_ratelimit`); we allow more because one NAT can hide many clients and a
+/// crawler's BEP 51 sweep asks often.
+pub const QUERIES_PER_IP_PER_SECOND_MAX: u32 = 100;
+
+/// Source addresses the per-address query budget tracks at once (bounded memory; see
+/// `upstream::ratelimit::PerKeyWindow` for what happens when it is full of live ones).
+pub const QUERY_LIMITER_IPS_MAX: usize = 65_536;
+
 /// BEP 42: responses whose `ip` must agree before we take it as our external address and
 /// derive our id from it; distinct voters, so one node cannot move us.
 pub const EXTERNAL_IP_VOTES_NEEDED: usize = 3;

@@ -32,6 +32,7 @@ use crate::dht::krpc::{
 };
 use crate::dht::table::Table;
 use crate::dht::*;
+use crate::upstream::ratelimit::PerKeyWindow;
 
 /// What the node needs to know of the store.
 pub trait Holdings: Send + Sync {
@@ -80,6 +81,8 @@ pub struct NodeCounters {
     pub self_listed: AtomicU64,
     pub samples_answered: AtomicU64,
     pub announces_stored: AtomicU64,
+    /// Queries dropped: their source spent `QUERIES_PER_IP_PER_SECOND_MAX`.
+    pub queries_rate_limited: AtomicU64,
     pub queries_sent: AtomicU64,
     pub queries_timed_out: AtomicU64,
 }
@@ -161,6 +164,8 @@ pub struct Node {
     external: [Option<IpAddr>; 2],
     last_refresh: Option<Instant>,
     outbox: Vec<(SocketAddr, Vec<u8>)>,
+    /// Answers per source address per second.
+    queries_per_ip: PerKeyWindow<IpAddr>,
     pub counters: Arc<NodeCounters>,
 }
 
@@ -193,6 +198,11 @@ impl Node {
             // The driver starts the first refresh (the bootstrap) itself, with a sink.
             last_refresh: Some(now),
             outbox: Vec::new(),
+            queries_per_ip: PerKeyWindow::new(
+                QUERIES_PER_IP_PER_SECOND_MAX,
+                std::time::Duration::from_secs(1),
+                QUERY_LIMITER_IPS_MAX,
+            ),
             counters: Arc::default(),
         }
     }
@@ -319,6 +329,12 @@ impl Node {
         }
         let msg = match krpc::decode(datagram) {
             Ok(m) => m,
+            Err(DecodeError::BadQuery { .. })
+                if !self.queries_per_ip.try_hit_at(&from.ip(), now) =>
+            {
+                bump(&self.counters.queries_rate_limited);
+                return;
+            }
             Err(DecodeError::BadQuery { t, reason }) => {
                 bump(&self.counters.queries_received);
                 self.send_error(&from, &t, krpc::ERROR_PROTOCOL, reason);
@@ -351,6 +367,10 @@ impl Node {
         read_only: bool,
         query: Query<'_>,
     ) {
+        if !self.queries_per_ip.try_hit_at(&from.ip(), now) {
+            bump(&self.counters.queries_rate_limited);
+            return;
+        }
         bump(&self.counters.queries_received);
         self.consider(now, id, from, read_only);
         let mut nodes4 = Vec::new();
@@ -1106,6 +1126,30 @@ mod tests {
         assert_eq!(n.counters.datagrams_dropped.load(Ordering::Relaxed), 1);
         n.on_datagram(now, addr("10.0.0.9:1"), None, &reply);
         assert_eq!(n.table_len(), (1, 0));
+    }
+
+    #[test]
+    fn queries_beyond_the_per_address_budget_are_dropped() {
+        let mut n = node(Arc::new(NoHoldings));
+        let now = Instant::now();
+        let q = b"d1:ad2:id20:abcdefghij0123456789e1:q4:ping2:roi1e1:t1:a1:y1:qe";
+        for _ in 0..QUERIES_PER_IP_PER_SECOND_MAX + 10 {
+            n.on_datagram(now, addr("10.0.0.9:1"), None, q);
+        }
+        assert_eq!(
+            n.take_outbox().len(),
+            QUERIES_PER_IP_PER_SECOND_MAX as usize
+        );
+        assert_eq!(n.counters.queries_rate_limited.load(Ordering::Relaxed), 10);
+        // Another address, and the same one a second later, are answered.
+        n.on_datagram(now, addr("10.0.0.8:1"), None, q);
+        n.on_datagram(
+            now + std::time::Duration::from_secs(1),
+            addr("10.0.0.9:1"),
+            None,
+            q,
+        );
+        assert_eq!(n.take_outbox().len(), 2);
     }
 
     #[test]

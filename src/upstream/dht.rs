@@ -716,6 +716,11 @@ pub fn write_node_metrics(dht: &DhtNode, out: &mut String) {
             "announce_peer queries whose peer we stored.",
             &c.announces_stored,
         ),
+        (
+            "queries_rate_limited",
+            "KRPC queries dropped: their source address spent its budget per second.",
+            &c.queries_rate_limited,
+        ),
         ("queries_sent", "KRPC queries we sent.", &c.queries_sent),
         (
             "queries_timed_out",
