@@ -11,6 +11,7 @@
 //! - `server`   thread-per-core monoio runtime, listeners, peer sessions, zero-copy block sends
 //! - `utp`      sans-IO uTP (BEP 29): packet codec, connection state machine, LEDBAT
 //! - `mse`      sans-IO Message Stream Encryption (MSE/PE): DH handshake, RC4, both sides
+//! - `dht`      sans-IO Mainline DHT node: KRPC codec, routing table, lookups, answers (BEP 5/32/42/51)
 //! - `upstream` the miss path: fetch unknown info dicts from the swarm
 //! - `shared`   the shared tier: an S3-compatible bucket behind every node (docs/scale-out.md)
 //! - `admin`    HTTP plane on its own thread: metrics, health, .torrent in/out, delete/block
@@ -18,6 +19,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dht;
 #[doc(hidden)]
 pub mod fuzz_entry;
 pub mod import;

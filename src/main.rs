@@ -260,6 +260,7 @@ fn serve(args: ServeArgs, cli_log: Option<String>) -> anyhow::Result<()> {
     if let Some(port) = public_port.or(server.local_addrs.first().map(|a| a.port())) {
         upstream.set_listen_port(port);
     }
+    upstream.set_listen_addrs(server.local_addrs.clone());
     {
         let cores = server.stats.clone();
         upstream.set_served_source(Box::new(move |into| {

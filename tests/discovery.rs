@@ -334,11 +334,10 @@ fn wait_in_dht(bootstrap: &[String], key: [u8; 20], port: u16) {
 /// same way on a testnet of its own.
 ///
 /// The testnet is made of libtorrent DHT nodes (`lt_client.py dht-node`), what most of the
-/// public DHT runs. A testnet of `mainline` nodes cannot carry this: mainline 8.0.1 parses
-/// `t` as exactly 4 bytes (`DHTMessage::transaction_id: [u8; 4]`) and drops libtorrent's
-/// 2-byte transaction ids, so no mainline node (magnetar's own included) answers a
-/// libtorrent query. magnetar's announces go out through mainline's client side, which
-/// libtorrent nodes answer, as public DHT nodes do.
+/// public DHT runs; magnetar's node (src/dht) answers their 2-byte transaction ids, so it
+/// joins their routing tables too (tests/dht_node.rs checks that, and the lookups that end
+/// at magnetar with announces off). A testnet of `mainline` 8 nodes could not carry this:
+/// they drop every `t` that is not 4 bytes, libtorrent's included.
 #[test]
 fn libtorrent_finds_magnetar_through_the_dht_alone() {
     require_libtorrent();

@@ -13,7 +13,7 @@
 //! DHT) drops a peer 32 minutes after its announce (`expire_storage`), libtorrent 45 minutes
 //! (`announce_interval * 3 / 2` in `dht_storage.cpp`), and the mainline crate keeps the last
 //! `MAX_INFO_HASHES` = 2 000 info-hashes per node in an LRU with no time limit
-//! (`rpc/server/peers.rs`), i.e. until pushed out. So a hash stays findable only if it is
+//! (`rpc/server/peers.rs`), i.e. until pushed out; our own node (`crate::dht`) 45 minutes. So a hash stays findable only if it is
 //! re-announced every [`DHT_REANNOUNCE_INTERVAL`] (30 minutes), and the number of hashes
 //! kept announced is rate × interval, less [`SCHEDULE_SLACK_PERCENT`] headroom for retries
 //! and newcomers: [`hashes_kept`]`(10, 30 min)` = 16 200 at the default 10 announces a
@@ -25,7 +25,8 @@
 //! one after [`ANNOUNCE_RETRY_AFTER_FAILURE`].
 //!
 //! All of it runs on one thread (`magnetar-announce`) with a single-threaded tokio runtime:
-//! DHT announces are mainline's async ones (many in flight, each a lookup of seconds),
+//! DHT announces are futures that our node resolves (many in flight, each a lookup of
+//! seconds, driven by the node's own threads),
 //! tracker announces are the blocking miss-path clients on tokio's blocking pool, bounded
 //! per tracker. Nothing here touches a serving core.
 

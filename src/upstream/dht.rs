@@ -1,42 +1,58 @@
-//! Our Mainline DHT node (BEP 5), a wrapper over the `mainline` crate: start-up from
-//! `UpstreamConfig` (bootstrap list, port, server mode), `get_peers` lookups that stream
-//! peers to a fetch until its deadline, announces of stored info-hashes, and the bounds
-//! on both (lookups and announces per second, lookups running at once).
+//! Our Mainline DHT node's I/O (the node itself is the sans-IO `crate::dht::node::Node`):
+//! start-up from `UpstreamConfig` (bootstrap list, port), one UDP socket per address
+//! family (IPv4, and IPv6 where the host has it, BEP 32), `get_peers` lookups that stream
+//! peers to a fetch until its deadline, announces of stored info-hashes, what the store
+//! holds for the node to list ([`StoreHoldings`]), and the bounds on lookups and announces
+//! (per second, running at once).
 //!
-//! `mainline` runs its own actor thread with the UDP socket. Its blocking API is used from
-//! one short-lived thread per lookup: the async API would need a `Stream` poller, and the
-//! blocking one keeps this off the serving cores without one. Those threads are bounded by
-//! the rate limit and by `DHT_LOOKUPS_RUNNING_MAX`.
+//! Threads: one receiving thread per socket; each handles a datagram (or a 100 ms read
+//! timeout) under the node's lock, runs its timers and sends what it produced. Callers
+//! start lookups under the same lock from their own thread; no thread per lookup. Nothing
+//! here runs on a serving core.
 //!
-//! BEP 27: the caller never looks up or announces a private torrent here.
-
-// The blocking API of mainline 8 is marked deprecated in favour of the async one; it is
-// the one we want (see above).
-#![allow(deprecated)]
+//! Each socket reports the address a datagram was sent to (IP_PKTINFO / IPV6_PKTINFO): a
+//! `get_peers` for a hash we hold is answered with our serving port at that address, the
+//! one the asker can reach us at.
+//!
+//! BEP 27: the caller never looks up or announces a private torrent here, and the node
+//! never lists one ([`StoreHoldings::serving_port`]).
 
 use std::collections::HashSet;
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
-use mainline::{Dht, Id};
-
+use crate::dht::krpc::Want;
+use crate::dht::node::{Holdings, LookupEvent, NoHoldings, Node, NodeConfig, NodeCounters};
+use crate::dht::{NodeId, DATAGRAM_BYTES_MAX, LOOKUP_LIFETIME_MAX, SAMPLE_INTERVAL};
 use crate::upstream::config::UpstreamConfig;
 use crate::upstream::ratelimit::TokenBucket;
 use crate::upstream::tracker::usable_peer;
 use crate::upstream::{PeerCandidate, PeerSource};
 
-/// Lookups in flight at once. A lookup lasts until mainline's iterative query ends (a few
-/// request timeouts of 2 s each, ~10 s on the public DHT), so at the default 20 lookups a
-/// second about 200 can be in flight; past this many, a new one is refused rather than
-/// adding threads.
+/// Lookups in flight at once. A lookup lasts a few query timeouts of 2 s each (~10 s on the
+/// public DHT, at most `LOOKUP_LIFETIME_MAX`), so at the default 20 lookups a second about
+/// 200 run at once; past this many, a new one is refused.
 pub const DHT_LOOKUPS_RUNNING_MAX: usize = 256;
 
-/// Distinct peers passed on from one lookup. Each responding node returns up to ~20 peers;
+/// Distinct peers passed on from one lookup. Each responding node returns up to ~50 peers;
 /// a fetch needs a handful that answer.
 pub const DHT_PEERS_PER_LOOKUP_MAX: usize = 500;
+
+/// The receiving threads wake this often without traffic to run the node's timers (query
+/// timeouts are 2 s; a tenth of a second of lateness is noise against them).
+const TICK: Duration = Duration::from_millis(100);
+
+/// Where a node with no `--dht-bootstrap` starts: the routers every client ships with.
+pub const DEFAULT_BOOTSTRAP: [&str; 4] = [
+    "router.bittorrent.com:6881",
+    "dht.transmissionbt.com:6881",
+    "router.utorrent.com:6881",
+    "dht.libtorrent.org:25401",
+];
 
 /// Why a lookup or announce was not started.
 #[derive(thiserror::Error, Debug, PartialEq, Eq)]
@@ -49,7 +65,8 @@ pub enum DhtError {
     Announce(String),
 }
 
-/// Counters of the node; read by the metrics endpoint.
+/// Counters of the lookups and announces we start; read by the metrics endpoint. The
+/// node's own figures (queries answered, ...) are [`DhtNode::node_counters`].
 #[derive(Default, Debug)]
 pub struct DhtCounters {
     pub lookups_started: AtomicU64,
@@ -60,46 +77,314 @@ pub struct DhtCounters {
     pub announces_rate_limited: AtomicU64,
 }
 
+/// What the threads share.
+struct Shared {
+    node: Mutex<Node>,
+    v4: Option<UdpSocket>,
+    v6: Option<UdpSocket>,
+    stop: AtomicBool,
+    /// Set when the first bootstrap lookup has ended.
+    booted: Mutex<bool>,
+    booted_cv: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Node> {
+        self.node.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends what the node produced. A failed send is like a lost datagram: the query
+    /// times out, an answer is asked again.
+    fn flush(&self, node: &mut Node) {
+        for (to, datagram) in node.take_outbox() {
+            let socket = if to.is_ipv4() { &self.v4 } else { &self.v6 };
+            if let Some(s) = socket {
+                if let Err(e) = s.send_to(&datagram, to) {
+                    tracing::trace!(%to, "dht send failed: {e}");
+                }
+            }
+        }
+    }
+}
+
 pub struct DhtNode {
-    dht: Dht,
-    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    local_v4: Option<SocketAddr>,
+    local_v6: Option<SocketAddr>,
     lookups: TokenBucket,
     announces: TokenBucket,
     lookups_running: Arc<AtomicUsize>,
     pub counters: Arc<DhtCounters>,
+    node_counters: Arc<NodeCounters>,
 }
 
-/// Starts our DHT node: server mode (we are long-running and reachable), UDP port
-/// `cfg.dht_port` (0: any free port), bootstrapping from `cfg.dht_bootstrap` when given,
-/// else mainline's public routers. Does not wait for the bootstrap to finish (see
-/// [`DhtNode::bootstrapped`]). The caller does not start one when `cfg.no_dht` is set.
+impl Drop for DhtNode {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A UDP socket on `addr` that reports each datagram's destination address.
+fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    let on: libc::c_int = 1;
+    let (level, name) = if addr.is_ipv4() {
+        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+    } else {
+        s.set_only_v6(true)?;
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+    };
+    // SAFETY: a valid socket, a c_int option of its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    s.bind(&addr.into())?;
+    let s: UdpSocket = s.into();
+    s.set_read_timeout(Some(TICK))?;
+    Ok(s)
+}
+
+/// One datagram into `buf`: its length, sender, and the local address it was sent to.
+fn recv_with_dst(s: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
+    // SAFETY: all-zero is a valid sockaddr_storage and msghdr.
+    let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // Room for one in6_pktinfo (the larger) with its header, 8-byte aligned.
+    let mut control = [0u64; 8];
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&mut from as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: msg points at live buffers of the sizes given.
+    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let from = match i32::from(from.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in for AF_INET.
+            let a: &libc::sockaddr_in =
+                unsafe { &*(&from as *const _ as *const libc::sockaddr_in) };
+            SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr))),
+                u16::from_be(a.sin_port),
+            )
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the kernel wrote a sockaddr_in6 for AF_INET6.
+            let a: &libc::sockaddr_in6 =
+                unsafe { &*(&from as *const _ as *const libc::sockaddr_in6) };
+            SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(a.sin6_addr.s6_addr)),
+                u16::from_be(a.sin6_port),
+            )
+        }
+        _ => return Err(io::Error::other("datagram from an unknown address family")),
+    };
+    let mut dst = None;
+    // SAFETY: walking the control messages the kernel wrote, with libc's macros.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let (level, kind) = ((*c).cmsg_level, (*c).cmsg_type);
+            if level == libc::IPPROTO_IP && kind == libc::IP_PKTINFO {
+                let info = &*(libc::CMSG_DATA(c) as *const libc::in_pktinfo);
+                dst = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    info.ipi_addr.s_addr,
+                ))));
+            } else if level == libc::IPPROTO_IPV6 && kind == libc::IPV6_PKTINFO {
+                let info = &*(libc::CMSG_DATA(c) as *const libc::in6_pktinfo);
+                dst = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n as usize, from, dst))
+}
+
+fn receive_loop(shared: Arc<Shared>, v6: bool) {
+    let socket = if v6 { &shared.v6 } else { &shared.v4 };
+    let Some(socket) = socket else { return };
+    let mut buf = vec![0u8; DATAGRAM_BYTES_MAX + 1];
+    let mut last_tick = Instant::now();
+    while !shared.stop.load(Ordering::Relaxed) {
+        let got = match recv_with_dst(socket, &mut buf) {
+            Ok(g) => Some(g),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
+            Err(e) => {
+                // ICMP errors of earlier sends surface here (ECONNREFUSED): not fatal.
+                tracing::trace!("dht receive: {e}");
+                None
+            }
+        };
+        let now = Instant::now();
+        let mut node = shared.lock();
+        if let Some((n, from, dst)) = got {
+            node.on_datagram(now, from, dst, &buf[..n]);
+        }
+        if now.duration_since(last_tick) >= TICK {
+            last_tick = now;
+            node.tick(now);
+        }
+        shared.flush(&mut node);
+    }
+}
+
+/// Resolves `names` to the addresses of the families we have sockets for.
+fn resolve(names: &[impl AsRef<str>], families: Want) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for name in names {
+        match name.as_ref().to_socket_addrs() {
+            Ok(addrs) => out.extend(addrs.filter(|a| {
+                if a.is_ipv4() {
+                    families.v4
+                } else {
+                    families.v6
+                }
+            })),
+            Err(e) => tracing::warn!(node = name.as_ref(), "dht bootstrap does not resolve: {e}"),
+        }
+    }
+    out.dedup();
+    out
+}
+
+/// Starts our DHT node on UDP port `cfg.dht_port` (0: any free port) of every address, one
+/// socket for IPv4 and one for IPv6 (on the IPv4 socket's port when free), bootstrapping
+/// from `cfg.dht_bootstrap` when given, else the public routers. Does not wait for the
+/// bootstrap to finish (see [`DhtNode::bootstrapped`]). The caller does not start one when
+/// `cfg.no_dht` is set.
 pub fn start(cfg: &UpstreamConfig) -> io::Result<DhtNode> {
-    let mut builder = Dht::builder();
-    builder.server_mode().port(cfg.dht_port);
-    if !cfg.dht_bootstrap.is_empty() {
-        // mainline silently drops names that do not resolve; an operator's list where
-        // none does is a configuration error worth failing start-up for.
-        let resolvable = cfg.dht_bootstrap.iter().any(|b| {
-            b.to_socket_addrs()
-                .is_ok_and(|mut a| a.any(|a| a.is_ipv4()))
-        });
-        if !resolvable {
+    let v4 = bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.dht_port)));
+    let v4 = match v4 {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("dht: no IPv4 socket: {e}");
+            None
+        }
+    };
+    let port = v4
+        .as_ref()
+        .and_then(|s| s.local_addr().ok())
+        .map_or(cfg.dht_port, |a| a.port());
+    let v6 = bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
+        .or_else(|_| bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, cfg.dht_port))));
+    let v6 = match v6 {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::info!("dht: no IPv6 socket (IPv4 only): {e}");
+            None
+        }
+    };
+    if v4.is_none() && v6.is_none() {
+        return Err(io::Error::other("dht: no UDP socket could be bound"));
+    }
+    let families = Want {
+        v4: v4.is_some(),
+        v6: v6.is_some(),
+    };
+    let configured = !cfg.dht_bootstrap.is_empty();
+    let bootstrap = if configured {
+        let addrs = resolve(&cfg.dht_bootstrap, families);
+        if addrs.is_empty() {
+            // An operator's list where none resolves is a configuration error worth
+            // failing start-up for.
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "no dht bootstrap node resolves to an IPv4 address: {:?}",
-                    cfg.dht_bootstrap
+                    "no dht bootstrap node resolves to an address of a family we have \
+                     (IPv4 {}, IPv6 {}): {:?}",
+                    families.v4, families.v6, cfg.dht_bootstrap
                 ),
             ));
         }
-        builder.bootstrap(&cfg.dht_bootstrap);
+        addrs
+    } else {
+        Vec::new()
+    };
+    let now = Instant::now();
+    let node = Node::new(
+        NodeConfig {
+            families,
+            bootstrap,
+        },
+        Arc::new(NoHoldings),
+        now,
+    );
+    let node_counters = node.counters.clone();
+    let local_v4 = v4.as_ref().and_then(|s| s.local_addr().ok());
+    let local_v6 = v6.as_ref().and_then(|s| s.local_addr().ok());
+    let shared = Arc::new(Shared {
+        node: Mutex::new(node),
+        v4,
+        v6,
+        stop: AtomicBool::new(false),
+        booted: Mutex::new(false),
+        booted_cv: Condvar::new(),
+    });
+    for v6 in [false, true] {
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name(if v6 { "dht-recv6" } else { "dht-recv4" }.into())
+            .spawn(move || receive_loop(sh, v6))?;
     }
-    let dht = builder.build()?;
-    let local_addr = SocketAddr::V4(dht.info().local_addr());
-    tracing::info!(addr = %local_addr, "dht node started");
+    // The bootstrap: resolving the public routers may wait on DNS, so not on the caller.
+    let sh = shared.clone();
+    std::thread::Builder::new()
+        .name("dht-bootstrap".into())
+        .spawn(move || {
+            if !configured {
+                let addrs = resolve(&DEFAULT_BOOTSTRAP, families);
+                sh.lock().set_bootstrap(addrs);
+            }
+            let weak = Arc::downgrade(&sh);
+            let mut node = sh.lock();
+            node.refresh_with(
+                Instant::now(),
+                Box::new(move |e| {
+                    if let (LookupEvent::Done { .. }, Some(sh)) = (e, weak.upgrade()) {
+                        *sh.booted.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                        sh.booted_cv.notify_all();
+                    }
+                    true
+                }),
+            );
+            sh.flush(&mut node);
+        })?;
+    tracing::info!(v4 = ?local_v4, v6 = ?local_v6, "dht node started");
     Ok(DhtNode {
-        dht,
-        local_addr,
+        shared,
+        local_v4,
+        local_v6,
         lookups: TokenBucket::new(
             cfg.dht_queries_per_second_max,
             cfg.dht_queries_per_second_max,
@@ -110,10 +395,12 @@ pub fn start(cfg: &UpstreamConfig) -> io::Result<DhtNode> {
         ),
         lookups_running: Arc::new(AtomicUsize::new(0)),
         counters: Arc::new(DhtCounters::default()),
+        node_counters,
     })
 }
 
-/// Decrements the running-lookups count when a lookup thread ends, however it ends.
+/// Decrements the running-lookups count when a lookup ends, however it ends (its sink is
+/// dropped with it).
 struct RunningLookup(Arc<AtomicUsize>);
 
 impl Drop for RunningLookup {
@@ -151,25 +438,42 @@ impl DhtNode {
         self.counters
             .lookups_started
             .fetch_add(1, Ordering::Relaxed);
-        let dht = self.dht.clone();
         let counters = self.counters.clone();
-        let spawned = std::thread::Builder::new()
-            .name("dht-lookup".into())
-            .spawn(move || {
-                let _running = running;
-                lookup(&dht, info_hash, &tx, deadline, &counters);
-            });
-        if let Err(e) = spawned {
-            // The closure (and with it the running count) was dropped; like being busy.
-            tracing::warn!(error = %e, "cannot spawn a dht lookup thread");
-            return Err(DhtError::Busy);
-        }
+        let mut seen = HashSet::new();
+        let sink = Box::new(move |e: LookupEvent<'_>| {
+            let _running = &running;
+            let LookupEvent::Peers(peers) = e else {
+                return false;
+            };
+            for &addr in peers {
+                if Instant::now() >= deadline || seen.len() >= DHT_PEERS_PER_LOOKUP_MAX {
+                    return false;
+                }
+                if !usable_peer(&addr) || !seen.insert(addr) {
+                    continue;
+                }
+                counters.peers_found.fetch_add(1, Ordering::Relaxed);
+                let candidate = PeerCandidate {
+                    addr,
+                    source: PeerSource::Dht,
+                };
+                if tx.send(candidate).is_err() {
+                    return false;
+                }
+            }
+            true
+        });
+        let now = Instant::now();
+        let mut node = self.shared.lock();
+        node.start_lookup(info_hash, true, None, deadline, sink, now);
+        self.shared.flush(&mut node);
         Ok(())
     }
 
-    /// Starts an announce of `info_hash` on TCP `port` (mainline's async API, so many can be
-    /// in flight on one thread); the future resolves when the closest nodes have been told.
-    /// Refused at once with `RateLimited` when `dht_announces_per_second_max` is spent.
+    /// Starts an announce of `info_hash` on TCP `port`: a `get_peers` lookup, then
+    /// `announce_peer` to the closest nodes that gave a token; the future resolves when they
+    /// have answered or timed out, with an error if none took it. Refused at once with
+    /// `RateLimited` when `dht_announces_per_second_max` is spent.
     pub fn announce_async(
         &self,
         info_hash: [u8; 20],
@@ -185,67 +489,263 @@ impl DhtNode {
         self.counters
             .announces_started
             .fetch_add(1, Ordering::Relaxed);
-        let dht = self.dht.clone().as_async();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut tx = Some(tx);
+        let sink = Box::new(move |e: LookupEvent<'_>| {
+            if let LookupEvent::Done { announced, .. } = e {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(announced);
+                }
+            }
+            true
+        });
+        let now = Instant::now();
+        let mut node = self.shared.lock();
+        node.start_lookup(
+            info_hash,
+            true,
+            Some(port),
+            now + LOOKUP_LIFETIME_MAX,
+            sink,
+            now,
+        );
+        self.shared.flush(&mut node);
+        drop(node);
         Ok(async move {
-            dht.announce_peer(id(info_hash), Some(port))
-                .await
-                .map(|_| ())
-                .map_err(|e| DhtError::Announce(e.to_string()))
+            match rx.await {
+                Ok(0) => Err(DhtError::Announce("no node took the announce".into())),
+                Ok(_) => Ok(()),
+                Err(_) => Err(DhtError::Announce("the dht node stopped".into())),
+            }
         })
     }
 
-    /// Lookups whose thread is still running (for metrics).
+    /// Lookups still running (for metrics).
     pub fn lookups_running(&self) -> usize {
         self.lookups_running.load(Ordering::Relaxed)
     }
 
-    /// The UDP address our node listens on.
+    /// The UDP address our node listens on: the IPv4 socket's, else the IPv6 one's.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.local_v4
+            .or(self.local_v6)
+            .expect("start() refuses a node without a socket")
     }
 
-    /// Blocks until the bootstrap lookup has finished; true if it found any node (the
-    /// routing table is not empty). For start-up logs and tests.
+    /// The IPv6 socket's address, when the host has IPv6.
+    pub fn local_addr_v6(&self) -> Option<SocketAddr> {
+        self.local_v6
+    }
+
+    /// Our node id (BEP 42 once the external address is known).
+    pub fn id(&self) -> NodeId {
+        self.shared.lock().id()
+    }
+
+    /// Nodes in the IPv4 and IPv6 routing tables.
+    pub fn table_len(&self) -> (usize, usize) {
+        self.shared.lock().table_len()
+    }
+
+    /// The node's own figures (queries answered, errors, ...).
+    pub fn node_counters(&self) -> &NodeCounters {
+        &self.node_counters
+    }
+
+    /// What the node lists as ours from now on.
+    pub fn set_holdings(&self, holdings: Arc<dyn Holdings>) {
+        self.shared.lock().set_holdings(holdings);
+    }
+
+    /// Blocks until the bootstrap lookup has ended (at most `LOOKUP_LIFETIME_MAX` and a
+    /// little); true if the routing table has any node. For start-up logs and tests.
     pub fn bootstrapped(&self) -> bool {
-        self.dht.bootstrapped()
+        let give_up = Instant::now() + LOOKUP_LIFETIME_MAX + Duration::from_secs(5);
+        let mut booted = self.shared.booted.lock().unwrap_or_else(|p| p.into_inner());
+        while !*booted {
+            let left = give_up.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            booted = self
+                .shared
+                .booted_cv
+                .wait_timeout(booted, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(booted);
+        let (n4, n6) = self.table_len();
+        n4 + n6 > 0
     }
 }
 
-fn id(info_hash: [u8; 20]) -> Id {
-    Id::from_bytes(info_hash).expect("an info-hash is 20 bytes, the size of a DHT id")
+/// What the store holds, as the DHT node lists it: a stored, non-private, non-blocked hash
+/// is served at our port; BEP 51 samples are drawn from those hashes.
+pub struct StoreHoldings {
+    upstream: Weak<crate::upstream::shard::Upstream>,
+    sample: Mutex<(Vec<NodeId>, u64)>,
 }
 
-fn lookup(
-    dht: &Dht,
-    info_hash: [u8; 20],
-    tx: &flume::Sender<PeerCandidate>,
-    deadline: Instant,
-    counters: &DhtCounters,
-) {
-    let mut seen = HashSet::new();
-    // Each item is one node's answer. `next` blocks until the next answer or the end of the
-    // query, so a deadline that passes while waiting is noticed at the next answer; the
-    // thread lives until then, bounded by mainline's query lifetime.
-    for batch in dht.get_peers(id(info_hash)) {
-        for peer in batch {
-            if Instant::now() >= deadline || seen.len() >= DHT_PEERS_PER_LOOKUP_MAX {
-                return;
-            }
-            let addr = SocketAddr::V4(peer);
-            if !usable_peer(&addr) || !seen.insert(addr) {
-                continue;
-            }
-            let candidate = PeerCandidate {
-                addr,
-                source: PeerSource::Dht,
-            };
-            counters.peers_found.fetch_add(1, Ordering::Relaxed);
-            if tx.send(candidate).is_err() {
-                return;
-            }
-        }
-        if Instant::now() >= deadline {
+impl StoreHoldings {
+    /// Holdings of `upstream`'s store; a thread redraws the BEP 51 sample every
+    /// [`SAMPLE_INTERVAL`] (a walk of the store's index, which must not hold up the node)
+    /// until the upstream is gone.
+    pub fn start(
+        upstream: Weak<crate::upstream::shard::Upstream>,
+    ) -> io::Result<Arc<StoreHoldings>> {
+        let h = Arc::new(StoreHoldings {
+            upstream,
+            sample: Mutex::default(),
+        });
+        let weak = Arc::downgrade(&h);
+        std::thread::Builder::new()
+            .name("dht-sample".into())
+            .spawn(move || loop {
+                let Some(h) = weak.upgrade() else { return };
+                let Some(u) = h.upstream.upgrade() else {
+                    return;
+                };
+                let drawn = draw_sample(&u.store, crate::dht::SAMPLES_PER_RESPONSE_MAX);
+                drop(u);
+                *h.sample.lock().unwrap_or_else(|p| p.into_inner()) = drawn;
+                drop(h);
+                let next = Instant::now() + SAMPLE_INTERVAL;
+                while Instant::now() < next {
+                    if weak.strong_count() == 0 {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            })?;
+        Ok(h)
+    }
+}
+
+/// A uniform sample of `n` listable keys (reservoir sampling) and how many there are.
+pub fn draw_sample(store: &crate::store::Store, n: usize) -> (Vec<NodeId>, u64) {
+    let mut rng = u64::from_le_bytes({
+        let mut b = [0u8; 8];
+        let _ = getrandom::fill(&mut b);
+        b
+    }) | 1;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut keys = Vec::with_capacity(n);
+    let mut num = 0u64;
+    store.for_each_record(|r| {
+        if r.is_private() {
             return;
         }
+        for key in r.hashes().handshake_keys() {
+            if store.is_blocked(&key) {
+                continue;
+            }
+            num += 1;
+            if keys.len() < n {
+                keys.push(key);
+            } else {
+                let j = next() % num;
+                if (j as usize) < n {
+                    keys[j as usize] = key;
+                }
+            }
+        }
+    });
+    (keys, num)
+}
+
+impl Holdings for StoreHoldings {
+    fn serving_port(&self, info_hash: &NodeId, local: IpAddr) -> Option<u16> {
+        let u = self.upstream.upgrade()?;
+        let port = u.serving_port_at(local)?;
+        // Marks the record referenced (eviction keeps what is asked for), as a peer's
+        // handshake does.
+        let record = u.store.lookup(info_hash)?;
+        (!record.is_private() && !u.store.is_blocked(info_hash)).then_some(port)
     }
+
+    fn sample(&self, n: usize) -> (Vec<NodeId>, u64) {
+        let s = self.sample.lock().unwrap_or_else(|p| p.into_inner());
+        (s.0.iter().take(n).copied().collect(), s.1)
+    }
+}
+
+/// Prometheus text for the node's own figures.
+pub fn write_node_metrics(dht: &DhtNode, out: &mut String) {
+    use crate::admin::metrics::{write_counter, write_gauge};
+    let c = dht.node_counters();
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    for (name, help, v) in [
+        (
+            "queries_received",
+            "KRPC queries other nodes sent us.",
+            &c.queries_received,
+        ),
+        (
+            "responses_sent",
+            "KRPC queries we answered.",
+            &c.responses_sent,
+        ),
+        (
+            "errors_sent",
+            "KRPC queries answered with an error (bad token, unknown method, bad arguments).",
+            &c.errors_sent,
+        ),
+        (
+            "datagrams_dropped",
+            "DHT datagrams dropped: not KRPC, or answers nobody asked for.",
+            &c.datagrams_dropped,
+        ),
+        (
+            "self_listed",
+            "get_peers answers that listed our own serving address.",
+            &c.self_listed,
+        ),
+        (
+            "samples_answered",
+            "BEP 51 sample_infohashes queries answered.",
+            &c.samples_answered,
+        ),
+        (
+            "announces_stored",
+            "announce_peer queries whose peer we stored.",
+            &c.announces_stored,
+        ),
+        (
+            "queries_rate_limited",
+            "KRPC queries dropped: their source address spent its budget per second.",
+            &c.queries_rate_limited,
+        ),
+        ("queries_sent", "KRPC queries we sent.", &c.queries_sent),
+        (
+            "queries_timed_out",
+            "KRPC queries of ours that got no answer in time.",
+            &c.queries_timed_out,
+        ),
+    ] {
+        write_counter(
+            out,
+            &format!("magnetar_dht_node_{name}_total"),
+            help,
+            get(v),
+        );
+    }
+    let (n4, n6) = dht.table_len();
+    write_gauge(
+        out,
+        "magnetar_dht_nodes_ipv4",
+        "Nodes in the IPv4 routing table.",
+        n4 as f64,
+    );
+    write_gauge(
+        out,
+        "magnetar_dht_nodes_ipv6",
+        "Nodes in the IPv6 routing table.",
+        n6 as f64,
+    );
 }

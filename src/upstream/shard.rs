@@ -86,6 +86,8 @@ pub struct Upstream {
     dht: OnceLock<Option<Arc<DhtNode>>>,
     /// The port peers reach us at (announced to trackers and the DHT).
     pub(super) listen_port: OnceLock<u16>,
+    /// Where the server listens (the DHT node lists the one a query reached).
+    listen_addrs: OnceLock<Vec<std::net::SocketAddr>>,
     pub(super) peer_id: [u8; 20],
     /// Connections served per handshake key, merged over the cores (set by the server).
     served: OnceLock<ServedSource>,
@@ -124,6 +126,7 @@ impl Upstream {
             mailboxes: tx,
             dht: OnceLock::new(),
             listen_port: OnceLock::new(),
+            listen_addrs: OnceLock::new(),
             peer_id: crate::upstream::peer_id(u64::MAX),
             served: OnceLock::new(),
             announcer: OnceLock::new(),
@@ -139,7 +142,11 @@ impl Upstream {
         let node = if self.cfg.no_dht {
             None
         } else {
-            Some(Arc::new(crate::upstream::dht::start(&self.cfg)?))
+            let node = crate::upstream::dht::start(&self.cfg)?;
+            node.set_holdings(crate::upstream::dht::StoreHoldings::start(Arc::downgrade(
+                self,
+            ))?);
+            Some(Arc::new(node))
         };
         let _ = self.dht.set(node.clone());
         if let Some(stats) = crate::upstream::announce::start(self, node)? {
@@ -166,6 +173,27 @@ impl Upstream {
             source(&mut counts);
         }
         counts
+    }
+
+    /// The server's listening addresses (for the DHT node's self-listing); set once the
+    /// server listens.
+    pub fn set_listen_addrs(&self, addrs: Vec<std::net::SocketAddr>) {
+        let _ = self.listen_addrs.set(addrs);
+    }
+
+    /// The port we serve on at local address `local`: the listener on that address or on
+    /// every address of its family. Before the server said (or without listeners, systemd
+    /// sockets aside), the announce port.
+    pub fn serving_port_at(&self, local: IpAddr) -> Option<u16> {
+        let Some(addrs) = self.listen_addrs.get().filter(|a| !a.is_empty()) else {
+            return self.announce_port();
+        };
+        addrs
+            .iter()
+            .find(|a| {
+                a.ip() == local || (a.ip().is_unspecified() && a.is_ipv4() == local.is_ipv4())
+            })
+            .map(|a| a.port())
     }
 
     /// The port we announce, once the server set it.
@@ -506,9 +534,10 @@ impl Upstream {
             write_gauge(
                 out,
                 "magnetar_dht_lookups_running",
-                "DHT lookups whose thread is still running.",
+                "DHT lookups still running.",
                 dht.lookups_running() as f64,
             );
+            crate::upstream::dht::write_node_metrics(dht, out);
         }
         if let Some(a) = self.announcer.get() {
             crate::upstream::announce::write_metrics(a, out);
