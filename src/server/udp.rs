@@ -20,9 +20,12 @@
 //! one `sendmsg` of [uTP header, slices of the batch], and a retransmission points at the
 //! same slices again. No metadata byte is copied in user space.
 //!
-//! Sends are synchronous `sendmsg` calls on the non-blocking socket: a datagram either
-//! goes into the socket buffer at once or is dropped (EAGAIN, counted), which uTP treats
-//! as loss. Nothing on this path waits for the kernel.
+//! Sends are synchronous `sendmmsg` calls on the non-blocking socket, once per receive
+//! batch, timer or session write: a datagram either goes into the socket buffer at once
+//! or is dropped (EAGAIN, counted), which uTP treats as loss. Nothing on this path waits
+//! for the kernel. Runs of equal packets to one peer (a reply burst) go as one UDP GSO
+//! send (`TxBatch`). An ack for bytes the session is waiting for is held until the
+//! session has answered them, so it rides on the answer (`after_event`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -1073,6 +1076,100 @@ mod tests {
         }
         assert_eq!(seen, (0..=199).collect::<Vec<u8>>(), "none lost, in order");
         assert_eq!(rounds, 200_usize.div_ceil(RECV_BATCH_MAX));
+    }
+
+    /// A `Transmit` of `payload` bytes (a 20-byte header numbered `seq`).
+    fn transmit(seq: u16, payload: &[u8]) -> utp::Transmit<'_> {
+        let mut t = utp::Transmit {
+            header: [0; utp::HEADER_BYTES_MAX],
+            header_len: utp::HEADER_LEN,
+            payload: [std::io::IoSlice::new(&[]); utp::PACKET_SLICES_MAX],
+            payload_slices: 1,
+        };
+        t.header[..2].copy_from_slice(&seq.to_be_bytes());
+        t.payload[0] = std::io::IoSlice::new(payload);
+        t
+    }
+
+    /// Sizes of each message's packets, as the kernel will cut them.
+    fn message_shapes(tx: &TxBatch) -> Vec<(usize, u64)> {
+        (0..tx.len)
+            .map(|i| {
+                let m = &tx.msgs[i].msg_hdr;
+                let total: usize = (0..m.msg_iovlen as usize)
+                    .map(|k| unsafe { (*m.msg_iov.add(k)).iov_len })
+                    .sum();
+                (total, tx.packets_in(i))
+            })
+            .collect()
+    }
+
+    /// GSO runs: equal packets to one peer share a message, a shorter one ends it, a
+    /// longer one or another peer starts the next, and no message passes the kernel's
+    /// 64 segments or 65 507 bytes. Without GSO every packet is a message.
+    #[test]
+    fn gso_groups_equal_packets_to_one_peer_and_ends_a_run_at_a_short_one() {
+        let a = socket2::SockAddr::from("127.0.0.1:1".parse::<SocketAddr>().unwrap());
+        let b = socket2::SockAddr::from("127.0.0.1:2".parse::<SocketAddr>().unwrap());
+        let full = vec![7u8; 1400];
+        let mut tx = TxBatch::new(true);
+        for seq in 0..50 {
+            tx.push(&a, &transmit(seq, &full));
+        }
+        tx.push(&a, &transmit(50, &full[..300])); // the burst's short tail
+        tx.push(&a, &transmit(51, &full[..300])); // may not follow a short one
+        tx.push(&b, &transmit(0, &full)); // another peer
+        tx.push(&b, &transmit(1, &[])); // an ack after data: shorter, joins as the tail
+        tx.push(&b, &transmit(2, &full)); // longer than the run's tail: a new message
+        // 65 507 / 1420 = 46 packets fit; the 47th starts a message.
+        assert_eq!(
+            message_shapes(&tx),
+            vec![
+                (46 * 1420, 46),
+                (4 * 1420 + 320, 5),
+                (320, 1),
+                (1420 + 20, 2),
+                (1420, 1)
+            ]
+        );
+        assert_eq!(tx.packets, 55);
+
+        let mut plain = TxBatch::new(false);
+        for seq in 0..3 {
+            plain.push(&a, &transmit(seq, &full));
+        }
+        assert_eq!(message_shapes(&plain), vec![(1420, 1); 3]);
+        assert!((0..plain.len).all(|i| plain.msgs[i].msg_hdr.msg_controllen == 0));
+    }
+
+    /// On a real socket: a GSO send of a burst arrives as the original datagrams, each
+    /// with its own header and payload, in order; counted as packets, and as one GSO send.
+    #[test]
+    fn a_gso_burst_arrives_as_its_datagrams() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let tx_sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = socket2::SockAddr::from(rx.local_addr().unwrap());
+        let payloads: Vec<Vec<u8>> = (0..10u8)
+            .map(|i| vec![i; if i == 9 { 100 } else { 1400 }])
+            .collect();
+        let mut tx = TxBatch::new(true);
+        for (i, p) in payloads.iter().enumerate() {
+            tx.push(&to, &transmit(i as u16, p));
+        }
+        assert_eq!(tx.len, 1, "one GSO message");
+        let stats = crate::server::stats::CoreStats::default();
+        assert!(tx.send(tx_sock.as_raw_fd(), &stats), "the kernel took GSO");
+        assert_eq!(stats.utp_datagrams_sent.get(), 10);
+        assert_eq!(stats.utp_gso_sends.get(), 1);
+        let mut buf = [0u8; 4096];
+        for (i, p) in payloads.iter().enumerate() {
+            let n = rx.recv(&mut buf).expect("each packet arrives on its own");
+            assert_eq!(n, utp::HEADER_LEN + p.len(), "datagram {i}");
+            assert_eq!(u16::from_be_bytes([buf[0], buf[1]]), i as u16);
+            assert!(buf[utp::HEADER_LEN..n].iter().all(|&b| b == i as u8));
+        }
     }
 
     /// The zero-copy claim over uTP: a DATA packet's payload slices point into the
