@@ -290,7 +290,7 @@ impl TxBatch {
         if m.msg_controllen == 0 {
             return 1;
         }
-        let total: usize = (0..m.msg_iovlen as usize)
+        let total: usize = (0..m.msg_iovlen)
             // SAFETY: msg_iov points at msg_iovlen iovecs of this batch.
             .map(|k| unsafe { (*m.msg_iov.add(k)).iov_len })
             .sum();
@@ -1096,7 +1096,7 @@ mod tests {
         (0..tx.len)
             .map(|i| {
                 let m = &tx.msgs[i].msg_hdr;
-                let total: usize = (0..m.msg_iovlen as usize)
+                let total: usize = (0..m.msg_iovlen)
                     .map(|k| unsafe { (*m.msg_iov.add(k)).iov_len })
                     .sum();
                 (total, tx.packets_in(i))
