@@ -10,7 +10,7 @@
 #   libtorrent-utp  the libtorrent seed again, loaded over uTP
 #   floor-utp       benches/floor/floor_utp.c: the UDP floor (recvmmsg, GSO sendmmsg,
 #                   precomputed answers, no congestion control), loaded over uTP
-#   nogso-utp       magnetar io_uring over uTP with --utp-gso off (one datagram a packet)
+#   gso-utp         magnetar io_uring over uTP with --utp-gso on (UDP GSO reply bursts)
 #   base-utp        another magnetar binary over uTP, io_uring (BASE_M=path: the build
 #                   before a change, for before/after in one run)
 # each pinned to CPU 0, loaded by magnetar-loadgen pinned to CPU 1, at every concurrency of
@@ -27,7 +27,7 @@
 #
 # Usage: benches/compare.sh [-k K] [-d SECONDS] [-r RUNS] [-c "1 8 64 256"] [-o OUT]
 #                           [-s "floor uring epoll libtorrent uring-utp epoll-utp libtorrent-utp"] [-q]
-#   (also: -s floor-utp nogso-utp base-utp, see above; base-utp needs BASE_M)
+#   (also: -s floor-utp gso-utp base-utp, see above; base-utp needs BASE_M)
 #   -c  the concurrencies (connections), a space-separated list; "64" is the old single point
 #   -q  quick check: K=50, 2 s runs, 1 run, -c "1 8", no waiting for a quiet machine
 #       (an explicit -k, -d, -r or -c still wins)
@@ -119,10 +119,10 @@ start_server() {
   case $which in
     floor) taskset -c "$SERVER_CPU" "$OUT/floor" "$DATA/floor.bin" 127.0.0.1 0 >"$log" 2>&1 & ;;
     floor-utp) taskset -c "$SERVER_CPU" "$OUT/floor_utp" "$DATA/floor.bin" 127.0.0.1 0 >"$log" 2>&1 & ;;
-    uring|epoll|uring-utp|epoll-utp|nogso-utp|base-utp)
+    uring|epoll|uring-utp|epoll-utp|gso-utp|base-utp)
       local driver=io-uring; case $which in epoll*) driver=epoll ;; esac
       local bin=$M extra=""
-      [ "$which" = nogso-utp ] && extra="--utp-gso off"
+      [ "$which" = gso-utp ] && extra="--utp-gso on"
       if [ "$which" = base-utp ]; then
         [ -x "${BASE_M:-}" ] || { echo "base-utp: set BASE_M to a magnetar binary"; return 1; }
         bin=$BASE_M
@@ -137,7 +137,7 @@ start_server() {
       # (BENCHMARKS.md "Scale"); metadata-only serves the same metadata at once.
       LT_SEED_MODE=${LT_SEED_MODE:-metadata-only} taskset -c "$SERVER_CPU" $PY benches/lt_seed.py \
         "$DATA/torrents" 127.0.0.1 "$port" >"$log" 2>&1 & ;;
-    *) echo "unknown server $which (-s takes: floor uring epoll libtorrent uring-utp epoll-utp libtorrent-utp floor-utp nogso-utp base-utp)"
+    *) echo "unknown server $which (-s takes: floor uring epoll libtorrent uring-utp epoll-utp libtorrent-utp floor-utp gso-utp base-utp)"
        return 1 ;;
   esac
   SERVER_PID=$!
