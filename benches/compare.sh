@@ -8,6 +8,11 @@
 #   uring-utp       magnetar io_uring again, loaded over uTP (magnetar-loadgen --transport utp)
 #   epoll-utp       magnetar epoll again, loaded over uTP
 #   libtorrent-utp  the libtorrent seed again, loaded over uTP
+#   floor-utp       benches/floor/floor_utp.c: the UDP floor (recvmmsg, GSO sendmmsg,
+#                   precomputed answers, no congestion control), loaded over uTP
+#   gso-utp         magnetar io_uring over uTP with --utp-gso on (UDP GSO reply bursts)
+#   base-utp        another magnetar binary over uTP, io_uring (BASE_M=path: the build
+#                   before a change, for before/after in one run)
 # each pinned to CPU 0, loaded by magnetar-loadgen pinned to CPU 1, at every concurrency of
 # the sweep (-c, default "1 8 64 256": one client fetching alone up to saturation; a value
 # the fd limit cannot hold is skipped), in churn mode (full fetches/s: connect, handshakes,
@@ -22,6 +27,7 @@
 #
 # Usage: benches/compare.sh [-k K] [-d SECONDS] [-r RUNS] [-c "1 8 64 256"] [-o OUT]
 #                           [-s "floor uring epoll libtorrent uring-utp epoll-utp libtorrent-utp"] [-q]
+#   (also: -s floor-utp gso-utp base-utp, see above; base-utp needs BASE_M)
 #   -c  the concurrencies (connections), a space-separated list; "64" is the old single point
 #   -q  quick check: K=50, 2 s runs, 1 run, -c "1 8", no waiting for a quiet machine
 #       (an explicit -k, -d, -r or -c still wins)
@@ -71,6 +77,7 @@ PY=/usr/bin/python3
 
 bench_setup
 cc -O2 -o "$OUT/floor" benches/floor/floor.c
+cc -O2 -o "$OUT/floor_utp" benches/floor/floor_utp.c
 $PY -c 'import libtorrent' 2>/dev/null || { echo "python3-libtorrent missing (bash scripts/test.sh installs it)"; exit 1; }
 
 # The sweep: the concurrencies the fd limit (raised by bench_setup) can hold, sorted and
@@ -111,9 +118,17 @@ start_server() {
   local which=$1 log=$OUT/server-$1.log
   case $which in
     floor) taskset -c "$SERVER_CPU" "$OUT/floor" "$DATA/floor.bin" 127.0.0.1 0 >"$log" 2>&1 & ;;
-    uring|epoll|uring-utp|epoll-utp)
+    floor-utp) taskset -c "$SERVER_CPU" "$OUT/floor_utp" "$DATA/floor.bin" 127.0.0.1 0 >"$log" 2>&1 & ;;
+    uring|epoll|uring-utp|epoll-utp|gso-utp|base-utp)
       local driver=io-uring; case $which in epoll*) driver=epoll ;; esac
-      taskset -c "$SERVER_CPU" "$M" serve --data-dir "$DATA/store" --listen 127.0.0.1:0 \
+      local bin=$M extra=""
+      [ "$which" = gso-utp ] && extra="--utp-gso on"
+      if [ "$which" = base-utp ]; then
+        [ -x "${BASE_M:-}" ] || { echo "base-utp: set BASE_M to a magnetar binary"; return 1; }
+        bin=$BASE_M
+      fi
+      # shellcheck disable=SC2086 # $extra is empty or one flag and its value
+      taskset -c "$SERVER_CPU" "$bin" serve $extra --data-dir "$DATA/store" --listen 127.0.0.1:0 \
         --threads 1 --driver "$driver" --connections-max 1000000 \
         --connections-per-ip-max 1000000 >"$log" 2>&1 & ;;
     libtorrent|libtorrent-utp)
@@ -122,7 +137,7 @@ start_server() {
       # (BENCHMARKS.md "Scale"); metadata-only serves the same metadata at once.
       LT_SEED_MODE=${LT_SEED_MODE:-metadata-only} taskset -c "$SERVER_CPU" $PY benches/lt_seed.py \
         "$DATA/torrents" 127.0.0.1 "$port" >"$log" 2>&1 & ;;
-    *) echo "unknown server $which (-s takes: floor uring epoll libtorrent uring-utp epoll-utp libtorrent-utp)"
+    *) echo "unknown server $which (-s takes: floor uring epoll libtorrent uring-utp epoll-utp libtorrent-utp floor-utp gso-utp base-utp)"
        return 1 ;;
   esac
   SERVER_PID=$!

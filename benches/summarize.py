@@ -14,7 +14,8 @@ import os
 import statistics
 import sys
 
-ORDER = ["floor", "uring", "epoll", "libtorrent", "uring-utp", "epoll-utp", "libtorrent-utp"]
+ORDER = ["floor", "uring", "epoll", "libtorrent", "floor-utp", "uring-utp", "gso-utp", "base-utp",
+         "epoll-utp", "libtorrent-utp"]
 LABEL = {
     "floor": "kernel floor (C, epoll)",
     "uring": "magnetar io_uring",
@@ -23,15 +24,20 @@ LABEL = {
     "uring-utp": "magnetar io_uring, uTP",
     "epoll-utp": "magnetar epoll, uTP",
     "libtorrent-utp": "libtorrent 2.0 (python), uTP",
+    "floor-utp": "UDP floor (C, recvmmsg + GSO sendmmsg), uTP",
+    "gso-utp": "magnetar io_uring, uTP, --utp-gso on",
+    "base-utp": "magnetar io_uring, uTP, BASE_M (the build before)",
 }
 COLORS = {"floor": "#7f7f7f", "uring": "#1f77b4", "epoll": "#ff7f0e", "libtorrent": "#d62728",
-          "uring-utp": "#1f77b4", "epoll-utp": "#ff7f0e", "libtorrent-utp": "#d62728"}
+          "uring-utp": "#1f77b4", "epoll-utp": "#ff7f0e", "libtorrent-utp": "#d62728",
+          "floor-utp": "#7f7f7f", "gso-utp": "#17becf", "base-utp": "#9467bd"}
 TRANSPORTS = [("TCP", "tcp"), ("uTP", "utp")]
 # Ratio rows (numerator, denominator) of churn fetches/s and fetches per CPU-s per
 # concurrency; each is printed when both servers ran.
 RATIOS = [
     ("uring", "floor"), ("uring", "epoll"), ("uring", "libtorrent"),
     ("uring-utp", "epoll-utp"), ("uring-utp", "libtorrent-utp"), ("uring-utp", "uring"),
+    ("uring-utp", "floor-utp"), ("uring-utp", "base-utp"), ("uring-utp", "gso-utp"),
 ]
 
 
@@ -159,7 +165,23 @@ def goals(cells, concs):
     out.append((v, "TCP, 1 connection: uring churn p50 ≤ 1.3 × the floor's", d))
     v, d = goal_at(cells, one, "uring-utp", "libtorrent-utp", "p50_us", 1.0)
     out.append((v, "uTP, 1 connection: uring-utp churn p50 ≤ libtorrent-utp's", d))
+    # The uTP cost issue (19): fetches per server CPU-second at 64 connections.
+    c64 = 64 if 64 in concs else None
+    for b, limit in [("uring", 0.5), ("libtorrent-utp", 3.0), ("floor-utp", 0.8)]:
+        v, d = goal_per_cpu(cells, c64, "uring-utp", b, limit)
+        out.append((v, "uTP, 64 connections: uring-utp fetches per CPU-s ≥ %.1f × %s's" % (limit, b), d))
     return out
+
+
+def goal_per_cpu(cells, c, a, b, limit):
+    if c is None:
+        return "n/a", "no such concurrency measured"
+    va, vb = cells.per_cpu(a, c), cells.per_cpu(b, c)
+    q = ratio(va, vb)
+    if q is None:
+        return "n/a", "c=%d: %s %s, %s %s" % (c, a, f0(va), b, f0(vb))
+    return ("PASS" if q >= limit else "FAIL"), "c=%d: %s %s, %s %s per CPU-s, ratio %.2f" % (
+        c, a, f0(va), b, f0(vb), q)
 
 
 def summary(out):

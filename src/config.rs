@@ -87,6 +87,13 @@ pub struct ServeSettings {
     #[arg(long, default_value_t = limits::UTP_SOCKET_BUFFER_BYTES_DEFAULT, value_name = "BYTES")]
     pub utp_socket_buffer_bytes: usize,
 
+    /// Send uTP reply bursts with UDP GSO (UDP_SEGMENT, Linux 4.18+): one pass through the
+    /// stack for up to 64 packets; falls back by itself if the kernel refuses it. Off by
+    /// default: on loopback it saved no CPU and cost one-connection latency
+    /// (BENCHMARKS.md "uTP cost"); not yet measured on a NIC.
+    #[arg(long, value_enum, default_value = "off", value_name = "on|off")]
+    pub utp_gso: Switch,
+
     /// MSE (encrypted) handshakes one address (IPv6: one /64) may start per second on a
     /// core; each costs a Diffie-Hellman exponentiation. Past it the connection is closed.
     #[arg(long, default_value_t = limits::MSE_HANDSHAKES_PER_IP_PER_SECOND_MAX_DEFAULT, value_name = "N")]
@@ -296,6 +303,7 @@ impl ServeSettings {
             bail!("utp-socket-buffer-bytes must be at least 65536 (one datagram of any size)");
         }
         cfg.utp_socket_buffer_bytes = self.utp_socket_buffer_bytes;
+        cfg.utp_gso = self.utp_gso == Switch::On;
         if self.utp_half_open_per_core_max == 0 {
             bail!("utp-half-open-per-core-max must be at least 1");
         }
@@ -552,6 +560,7 @@ pub struct ServeConfig {
     pub utp: bool,
     pub utp_payload_bytes: usize,
     pub utp_socket_buffer_bytes: usize,
+    pub utp_gso: bool,
     pub utp_half_open_per_core_max: usize,
     /// io_uring path: zero-copy send for replies with at least this many payload bytes
     /// (0 = never).
@@ -583,6 +592,7 @@ impl ServeConfig {
             utp: true,
             utp_payload_bytes: crate::utp::PAYLOAD_BYTES_DEFAULT,
             utp_socket_buffer_bytes: limits::UTP_SOCKET_BUFFER_BYTES_DEFAULT,
+            utp_gso: false,
             utp_half_open_per_core_max: limits::UTP_HALF_OPEN_PER_CORE_MAX_DEFAULT,
             send_zc_min_bytes: 0,
             mse_handshakes_per_ip_per_second_max:

@@ -281,6 +281,8 @@ core_stats! {
     utp_datagrams_invalid,
     /// uTP: datagrams sent.
     utp_datagrams_sent,
+    /// uTP: UDP GSO sends (each carried two or more of `utp_datagrams_sent`).
+    utp_gso_sends,
     /// uTP: sendmsg failures (socket buffer full: the datagram is lost and retransmitted).
     utp_send_errors,
     /// uTP: recvfrom failures.

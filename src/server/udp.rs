@@ -20,9 +20,12 @@
 //! one `sendmsg` of [uTP header, slices of the batch], and a retransmission points at the
 //! same slices again. No metadata byte is copied in user space.
 //!
-//! Sends are synchronous `sendmsg` calls on the non-blocking socket: a datagram either
-//! goes into the socket buffer at once or is dropped (EAGAIN, counted), which uTP treats
-//! as loss. Nothing on this path waits for the kernel.
+//! Sends are synchronous `sendmmsg` calls on the non-blocking socket, once per receive
+//! batch, timer or session write: a datagram either goes into the socket buffer at once
+//! or is dropped (EAGAIN, counted), which uTP treats as loss. Nothing on this path waits
+//! for the kernel. Runs of equal packets to one peer (a reply burst) go as one UDP GSO
+//! send (`TxBatch`). An ack for bytes the session is waiting for is held until the
+//! session has answered them, so it rides on the answer (`after_event`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -53,8 +56,19 @@ const DATAGRAM_BYTES_MAX: usize = 64 * 1024;
 /// transmit: bounds the latency one busy socket adds to the first datagram's answer.
 const RECV_BATCH_MAX: usize = 64;
 
-/// Datagrams per `sendmmsg`.
-const SEND_BATCH_MAX: usize = 32;
+/// uTP packets queued before a `sendmmsg` (a send happens at least at every batch end):
+/// a few reply bursts (a 5-piece info dict is ~60 packets).
+const SEND_PACKETS_MAX: usize = 256;
+
+/// Messages per `sendmmsg`; with GSO each carries up to `GSO_SEGMENTS_MAX` packets.
+const SEND_MSGS_MAX: usize = 64;
+
+/// Packets per GSO send: the kernel's `UDP_MAX_SEGMENTS` (64) ...
+const GSO_SEGMENTS_MAX: usize = 64;
+
+/// ... and at most this many bytes in all: the largest UDP payload over IPv6 and IPv4
+/// (65 535 minus the UDP and IPv4 headers).
+const GSO_BYTES_MAX: usize = 65_507;
 
 /// A peer's address and the connection id its packets carry for us.
 type ConnKey = (SocketAddr, u16);
@@ -131,60 +145,168 @@ fn recv_now(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<(usize, SocketAddr)> {
     Ok((n as usize, from))
 }
 
-/// Datagrams gathered for one `sendmmsg`: the uTP headers copied in, the payload iovecs
+/// uTP packets gathered for one `sendmmsg`: the uTP headers copied in, the payload iovecs
 /// pointing into the connections' chunks (the batch's `OutBatch`es, i.e. the mmap).
 /// Those stay valid until the batch is sent: a connection drops a chunk only when an
 /// ack arrives or it is removed, and `Endpoint::remove` sends the batch first.
+///
+/// With UDP GSO (`gso`), consecutive packets to one peer of one size go out as one
+/// message with a `UDP_SEGMENT` control message: the kernel passes the run through the
+/// UDP/IP stack once and cuts it into the original datagrams (in the NIC, or just before
+/// delivery on loopback), so a reply burst of 40 packets costs one trip instead of 40.
+/// Each packet was admitted on its own by the connection (congestion window, peer window,
+/// anti-amplification: `Connection::poll_transmit`); grouping changes nothing on the wire.
 struct TxBatch {
-    headers: [[u8; utp::HEADER_BYTES_MAX]; SEND_BATCH_MAX],
-    iovecs: [[libc::iovec; 1 + utp::PACKET_SLICES_MAX]; SEND_BATCH_MAX],
-    msgs: [libc::mmsghdr; SEND_BATCH_MAX],
+    headers: [[u8; utp::HEADER_BYTES_MAX]; SEND_PACKETS_MAX],
+    /// Every packet's iovecs, back to back: a message points at its packets' run.
+    iovecs: [libc::iovec; SEND_PACKETS_MAX * (1 + utp::PACKET_SLICES_MAX)],
+    msgs: [libc::mmsghdr; SEND_MSGS_MAX],
+    /// Each message's `UDP_SEGMENT` control message (u64s: cmsghdr alignment).
+    cmsgs: [[u64; 4]; SEND_MSGS_MAX],
+    /// The open message: its peer, its segment size and packets so far (GSO only).
+    open: Option<OpenMsg>,
+    packets: usize,
+    iov_used: usize,
     len: usize,
+    gso: bool,
+}
+
+/// The message `TxBatch::push` may still add packets to.
+#[derive(Clone, Copy)]
+struct OpenMsg {
+    /// The peer's address, by identity: every packet to one connection names its `to`.
+    to: *const u8,
+    segment: usize,
+    segments: usize,
+    bytes: usize,
+    /// Its last packet is shorter than the segment size: nothing may follow it.
+    ended: bool,
 }
 
 impl TxBatch {
-    fn new() -> Self {
+    fn new(gso: bool) -> Self {
         TxBatch {
-            headers: [[0; utp::HEADER_BYTES_MAX]; SEND_BATCH_MAX],
-            iovecs: [[libc::iovec {
+            headers: [[0; utp::HEADER_BYTES_MAX]; SEND_PACKETS_MAX],
+            iovecs: [libc::iovec {
                 iov_base: std::ptr::null_mut(),
                 iov_len: 0,
-            }; 1 + utp::PACKET_SLICES_MAX]; SEND_BATCH_MAX],
+            }; SEND_PACKETS_MAX * (1 + utp::PACKET_SLICES_MAX)],
             // SAFETY: an all-zero mmsghdr is a valid empty message.
             msgs: unsafe { std::mem::zeroed() },
+            cmsgs: [[0; 4]; SEND_MSGS_MAX],
+            open: None,
+            packets: 0,
+            iov_used: 0,
             len: 0,
+            gso,
         }
     }
 
+    /// No room for one more packet in a new message.
     fn is_full(&self) -> bool {
-        self.len == SEND_BATCH_MAX
+        self.len == SEND_MSGS_MAX || self.packets == SEND_PACKETS_MAX
+    }
+
+    /// Whether `t` (of `bytes`) can join the open message to `to`: same peer, the open
+    /// run not ended by a short packet, no longer than its segments, within the kernel's
+    /// limits on segments and bytes per send.
+    fn joins(&self, to: &socket2::SockAddr, bytes: usize) -> bool {
+        let Some(m) = self.open else { return false };
+        self.gso
+            && std::ptr::eq(m.to, to.as_ptr().cast::<u8>())
+            && !m.ended
+            && bytes <= m.segment
+            && m.segments < GSO_SEGMENTS_MAX
+            && m.bytes + bytes <= GSO_BYTES_MAX
     }
 
     fn push(&mut self, to: &socket2::SockAddr, t: &utp::Transmit<'_>) {
         debug_assert!(!self.is_full());
-        let i = self.len;
-        self.headers[i][..t.header_len].copy_from_slice(t.header());
-        self.iovecs[i][0] = libc::iovec {
-            iov_base: self.headers[i].as_mut_ptr() as *mut libc::c_void,
+        let bytes = t.len();
+        let p = self.packets;
+        self.headers[p][..t.header_len].copy_from_slice(t.header());
+        let first_iov = self.iov_used;
+        self.iovecs[first_iov] = libc::iovec {
+            iov_base: self.headers[p].as_mut_ptr() as *mut libc::c_void,
             iov_len: t.header_len,
         };
-        for (v, s) in self.iovecs[i][1..].iter_mut().zip(t.payload()) {
+        for (v, s) in self.iovecs[first_iov + 1..].iter_mut().zip(t.payload()) {
             *v = libc::iovec {
                 iov_base: s.as_ptr() as *mut libc::c_void,
                 iov_len: s.len(),
             };
         }
+        self.iov_used += 1 + t.payload_slices;
+        self.packets += 1;
+        if self.joins(to, bytes) {
+            let m = self.open.as_mut().expect("joins checked it");
+            m.segments += 1;
+            m.bytes += bytes;
+            m.ended = bytes < m.segment;
+            let i = self.len - 1;
+            self.msgs[i].msg_hdr.msg_iovlen += (1 + t.payload_slices) as libc::size_t;
+            self.set_segment(i);
+            return;
+        }
+        let i = self.len;
+        self.open = Some(OpenMsg {
+            to: to.as_ptr().cast::<u8>(),
+            segment: bytes,
+            segments: 1,
+            bytes,
+            ended: false,
+        });
         let m = &mut self.msgs[i].msg_hdr;
         m.msg_name = to.as_ptr() as *mut libc::c_void;
         m.msg_namelen = to.len();
-        m.msg_iov = self.iovecs[i].as_mut_ptr();
+        m.msg_iov = self.iovecs[first_iov..].as_mut_ptr();
         m.msg_iovlen = (1 + t.payload_slices) as _;
+        m.msg_control = std::ptr::null_mut();
+        m.msg_controllen = 0;
         self.len += 1;
     }
 
-    /// Sends the batch (datagrams the kernel refuses are lost: uTP retransmits them).
-    fn send(&mut self, fd: RawFd, stats: &crate::server::stats::CoreStats) {
+    /// Marks message `i` (two or more packets) as a GSO send of its first packet's size.
+    fn set_segment(&mut self, i: usize) {
+        let Some(open) = self.open else { return };
+        let control = &mut self.cmsgs[i];
+        let m = &mut self.msgs[i].msg_hdr;
+        m.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        // SAFETY: CMSG_SPACE(2) = 24 bytes fit the 32-byte, 8-aligned buffer, which
+        // lives in the batch as long as the message.
+        unsafe {
+            m.msg_controllen = libc::CMSG_SPACE(2) as _;
+            let c = libc::CMSG_FIRSTHDR(m);
+            (*c).cmsg_level = libc::SOL_UDP;
+            (*c).cmsg_type = libc::UDP_SEGMENT;
+            (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, open.segment as u16);
+        }
+    }
+
+    /// Packets in message `i`: its segments when GSO, else one.
+    fn packets_in(&self, i: usize) -> u64 {
+        let m = &self.msgs[i].msg_hdr;
+        if m.msg_controllen == 0 {
+            return 1;
+        }
+        let total: usize = (0..m.msg_iovlen)
+            // SAFETY: msg_iov points at msg_iovlen iovecs of this batch.
+            .map(|k| unsafe { (*m.msg_iov.add(k)).iov_len })
+            .sum();
+        // SAFETY: a message with control has the segment size written by `set_segment`.
+        let segment = unsafe {
+            std::ptr::read_unaligned(libc::CMSG_DATA(libc::CMSG_FIRSTHDR(m)) as *const u16)
+        } as usize;
+        total.div_ceil(segment) as u64
+    }
+
+    /// Sends the batch (packets the kernel refuses are lost: uTP retransmits them).
+    /// Returns false when the kernel refused GSO itself (EIO: a device without checksum
+    /// offload, or a kernel without UDP_SEGMENT): the caller turns GSO off.
+    fn send(&mut self, fd: RawFd, stats: &crate::server::stats::CoreStats) -> bool {
         let mut sent = 0;
+        let mut gso_ok = true;
         while sent < self.len {
             // SAFETY: msgs[sent..len] describe live buffers (see the type's doc); the
             // kernel only reads them. `msg_name` points at the connection's SockAddr,
@@ -198,16 +320,35 @@ impl TxBatch {
                 )
             };
             if n <= 0 {
-                // The first unsent datagram is refused (a full socket buffer, or an
-                // error about its destination): count it and go on with the rest.
-                stats.utp_send_errors.inc();
+                // The first unsent message is refused (a full socket buffer, or an
+                // error about its destination): count its packets and go on.
+                let err = io::Error::last_os_error().raw_os_error();
+                // EIO: no checksum offload on the device; EINVAL: a segment larger than
+                // the path MTU (an operator's payload size for jumbo frames on a smaller
+                // link), which without GSO IP fragmentation would carry.
+                let refused = matches!(err, Some(libc::EIO) | Some(libc::EINVAL));
+                if refused && self.msgs[sent].msg_hdr.msg_controllen != 0 {
+                    gso_ok = false;
+                }
+                stats.utp_send_errors.add(self.packets_in(sent));
                 sent += 1;
             } else {
-                stats.utp_datagrams_sent.add(n as u64);
-                sent += n as usize;
+                let n = n as usize;
+                for i in sent..sent + n {
+                    let packets = self.packets_in(i);
+                    stats.utp_datagrams_sent.add(packets);
+                    if packets > 1 {
+                        stats.utp_gso_sends.inc();
+                    }
+                }
+                sent += n;
             }
         }
         self.len = 0;
+        self.packets = 0;
+        self.iov_used = 0;
+        self.open = None;
+        gso_ok
     }
 }
 
@@ -236,6 +377,10 @@ struct Shared {
     session: Cell<SessionState>,
     /// In the receive loop's list of connections to let transmit after the batch.
     touched: Cell<bool>,
+    /// The session waits in `read_or_wake` for stream bytes: bytes that arrive now are
+    /// answered by it within this turn of the runtime, so the ack waits for the answer
+    /// (`after_event`, `Connection::hold_ack`).
+    reading: Cell<bool>,
     /// Its slot in the global and per-IP budgets, given back when the entry goes.
     _permit: ConnectionPermit,
 }
@@ -281,6 +426,9 @@ pub struct UtpSettings {
     pub utp: utp::Config,
     /// Connections on this core that have not finished the uTP handshake.
     pub half_open_per_core_max: usize,
+    /// Send reply bursts with UDP GSO (`TxBatch`); off, or refused once by the kernel,
+    /// one datagram per packet.
+    pub gso: bool,
 }
 
 /// One core's uTP endpoint on one listen address.
@@ -320,6 +468,7 @@ impl Endpoint {
     ) -> io::Result<Rc<Endpoint>> {
         let fd = socket.as_raw_fd();
         let socket = monoio::net::udp::UdpSocket::from_std(socket)?;
+        let gso = settings.gso;
         Ok(Rc::new(Endpoint {
             socket,
             fd,
@@ -328,7 +477,7 @@ impl Endpoint {
             settings,
             open,
             conns: RefCell::new(HashMap::new()),
-            tx: RefCell::new(TxBatch::new()),
+            tx: RefCell::new(TxBatch::new(gso)),
             timers: RefCell::new(Deadlines::with_capacity(0)),
             timer_changed: Notify::default(),
             half_open: Cell::new(0),
@@ -384,7 +533,7 @@ impl Endpoint {
                 sh.touched.set(false);
                 self.after_event(&sh, now);
             }
-            self.tx.borrow_mut().send(self.fd, &self.ctx.stats);
+            self.send_now();
             buf.clear();
         }
     }
@@ -425,7 +574,7 @@ impl Endpoint {
             sh.touched.set(false);
             self.after_event(sh, now);
         }
-        self.tx.borrow_mut().send(self.fd, &self.ctx.stats);
+        self.send_now();
     }
 
     /// Services connection timers for as long as the runtime runs.
@@ -564,6 +713,7 @@ impl Endpoint {
             scheduled: Cell::new(None),
             session: Cell::new(SessionState::NotStarted),
             touched: Cell::new(false),
+            reading: Cell::new(false),
             _permit: permit,
         });
         self.conns.borrow_mut().insert(key, sh.clone());
@@ -576,6 +726,15 @@ impl Endpoint {
     /// session once established, wake its session, re-arm its timer, or let it go.
     /// Datagrams go into the endpoint's send batch; the caller sends it (`send_now`).
     fn after_event(self: &Rc<Self>, sh: &Rc<Shared>, now: Instant) {
+        if sh.reading.get() {
+            // Its session waits for these bytes and answers them before it waits again
+            // (`UtpTransport` lets the ack go at its next read or write): the answer's
+            // first DATA packet carries the ack, one datagram instead of two.
+            let mut conn = sh.conn.borrow_mut();
+            if !conn.readable().is_empty() {
+                conn.hold_ack(true);
+            }
+        }
         self.flush(sh, now);
         let (established, closed, next) = {
             let c = sh.conn.borrow();
@@ -646,7 +805,7 @@ impl Endpoint {
         let mut tx = self.tx.borrow_mut();
         while let Some(t) = conn.poll_transmit(now) {
             if tx.is_full() {
-                tx.send(self.fd, &self.ctx.stats);
+                self.send_batch(&mut tx);
             }
             tx.push(&sh.to, &t);
         }
@@ -654,7 +813,17 @@ impl Endpoint {
 
     /// Sends the queued datagrams.
     fn send_now(&self) {
-        self.tx.borrow_mut().send(self.fd, &self.ctx.stats);
+        self.send_batch(&mut self.tx.borrow_mut());
+    }
+
+    fn send_batch(&self, tx: &mut TxBatch) {
+        if !tx.send(self.fd, &self.ctx.stats) {
+            tx.gso = false;
+            tracing::warn!(
+                "uTP: the kernel refused a UDP GSO send (no checksum offload, or a payload \
+                 larger than the path MTU); sending one datagram per packet from now on"
+            );
+        }
     }
 
     fn send_bytes(&self, to: &socket2::SockAddr, bytes: &[u8]) {
@@ -693,6 +862,21 @@ pub struct UtpTransport {
 }
 
 impl UtpTransport {
+    /// Lets go of an ack `after_event` held for this session's answer, before the session
+    /// waits for anything else (its answer, if any, is written by now).
+    fn release_ack(&self) {
+        let held = {
+            let mut conn = self.sh.conn.borrow_mut();
+            let held = conn.is_ack_held();
+            conn.hold_ack(false);
+            held
+        };
+        if held {
+            self.ep.after_event(&self.sh, Instant::now());
+            self.ep.send_now();
+        }
+    }
+
     fn closed_error(&self) -> io::Error {
         let state = self.sh.conn.borrow().state();
         io::Error::new(
@@ -710,6 +894,7 @@ impl Transport for UtpTransport {
         spare_min: usize,
         waiter: Option<&flume::Receiver<FetchOutcome>>,
     ) -> Wake {
+        self.release_ack();
         let sh = self.sh.clone();
         let readable = poll_fn(|cx| {
             let mut conn = sh.conn.borrow_mut();
@@ -736,6 +921,7 @@ impl Transport for UtpTransport {
                 )));
             }
             sh.waker.set(Some(cx.waker().clone()));
+            sh.reading.set(true);
             Poll::Pending
         });
         let fetch = async {
@@ -750,11 +936,9 @@ impl Transport for UtpTransport {
             f = fetch => Wake::Fetch(f),
         };
         self.sh.waker.set(None);
-        if matches!(wake, Wake::Read(ReadOutcome::Data { .. })) {
-            // Reading freed receive window: the connection may want to say so.
-            self.ep.after_event(&self.sh, Instant::now());
-            self.ep.send_now();
-        }
+        self.sh.reading.set(false);
+        // Reading freed receive window, which the connection may want to say: it says so
+        // with the ack of these bytes, at the next read or write (`release_ack`).
         wake
     }
 
@@ -766,15 +950,22 @@ impl Transport for UtpTransport {
         batch.seal();
         if batch.sealed_len() == 0 {
             batch.clear();
+            self.release_ack();
             return (Ok(()), batch);
         }
         if self.sh.conn.borrow().is_closed() {
             batch.clear();
+            self.release_ack();
             return (Err(self.closed_error()), batch);
         }
         // The batch goes into the send queue as it is (its iovecs point into the mmap)
-        // and stays there until acked; the session gets a fresh one.
-        self.sh.conn.borrow_mut().write(batch);
+        // and stays there until acked; the session gets a fresh one. Its first packet
+        // carries the ack held for it, or the ack goes alone if the window holds it back.
+        {
+            let mut conn = self.sh.conn.borrow_mut();
+            conn.write(batch);
+            conn.hold_ack(false);
+        }
         self.ep.after_event(&self.sh, Instant::now());
         self.ep.send_now();
         let sh = self.sh.clone();
@@ -806,7 +997,12 @@ impl Drop for UtpTransport {
         // connection until the FIN is acked or its retransmissions run out.
         self.sh.session.set(SessionState::Gone);
         let now = Instant::now();
-        self.sh.conn.borrow_mut().close(now);
+        {
+            let mut conn = self.sh.conn.borrow_mut();
+            conn.hold_ack(false);
+            conn.close(now);
+        }
+        self.sh.reading.set(false);
         self.ep.after_event(&self.sh, now);
         self.ep.send_now();
     }
@@ -880,6 +1076,100 @@ mod tests {
         }
         assert_eq!(seen, (0..=199).collect::<Vec<u8>>(), "none lost, in order");
         assert_eq!(rounds, 200_usize.div_ceil(RECV_BATCH_MAX));
+    }
+
+    /// A `Transmit` of `payload` bytes (a 20-byte header numbered `seq`).
+    fn transmit(seq: u16, payload: &[u8]) -> utp::Transmit<'_> {
+        let mut t = utp::Transmit {
+            header: [0; utp::HEADER_BYTES_MAX],
+            header_len: utp::HEADER_LEN,
+            payload: [std::io::IoSlice::new(&[]); utp::PACKET_SLICES_MAX],
+            payload_slices: 1,
+        };
+        t.header[..2].copy_from_slice(&seq.to_be_bytes());
+        t.payload[0] = std::io::IoSlice::new(payload);
+        t
+    }
+
+    /// Sizes of each message's packets, as the kernel will cut them.
+    fn message_shapes(tx: &TxBatch) -> Vec<(usize, u64)> {
+        (0..tx.len)
+            .map(|i| {
+                let m = &tx.msgs[i].msg_hdr;
+                let total: usize = (0..m.msg_iovlen)
+                    .map(|k| unsafe { (*m.msg_iov.add(k)).iov_len })
+                    .sum();
+                (total, tx.packets_in(i))
+            })
+            .collect()
+    }
+
+    /// GSO runs: equal packets to one peer share a message, a shorter one ends it, a
+    /// longer one or another peer starts the next, and no message passes the kernel's
+    /// 64 segments or 65 507 bytes. Without GSO every packet is a message.
+    #[test]
+    fn gso_groups_equal_packets_to_one_peer_and_ends_a_run_at_a_short_one() {
+        let a = socket2::SockAddr::from("127.0.0.1:1".parse::<SocketAddr>().unwrap());
+        let b = socket2::SockAddr::from("127.0.0.1:2".parse::<SocketAddr>().unwrap());
+        let full = vec![7u8; 1400];
+        let mut tx = TxBatch::new(true);
+        for seq in 0..50 {
+            tx.push(&a, &transmit(seq, &full));
+        }
+        tx.push(&a, &transmit(50, &full[..300])); // the burst's short tail
+        tx.push(&a, &transmit(51, &full[..300])); // may not follow a short one
+        tx.push(&b, &transmit(0, &full)); // another peer
+        tx.push(&b, &transmit(1, &[])); // an ack after data: shorter, joins as the tail
+        tx.push(&b, &transmit(2, &full)); // longer than the run's tail: a new message
+        // 65 507 / 1420 = 46 packets fit; the 47th starts a message.
+        assert_eq!(
+            message_shapes(&tx),
+            vec![
+                (46 * 1420, 46),
+                (4 * 1420 + 320, 5),
+                (320, 1),
+                (1420 + 20, 2),
+                (1420, 1)
+            ]
+        );
+        assert_eq!(tx.packets, 55);
+
+        let mut plain = TxBatch::new(false);
+        for seq in 0..3 {
+            plain.push(&a, &transmit(seq, &full));
+        }
+        assert_eq!(message_shapes(&plain), vec![(1420, 1); 3]);
+        assert!((0..plain.len).all(|i| plain.msgs[i].msg_hdr.msg_controllen == 0));
+    }
+
+    /// On a real socket: a GSO send of a burst arrives as the original datagrams, each
+    /// with its own header and payload, in order; counted as packets, and as one GSO send.
+    #[test]
+    fn a_gso_burst_arrives_as_its_datagrams() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let tx_sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = socket2::SockAddr::from(rx.local_addr().unwrap());
+        let payloads: Vec<Vec<u8>> = (0..10u8)
+            .map(|i| vec![i; if i == 9 { 100 } else { 1400 }])
+            .collect();
+        let mut tx = TxBatch::new(true);
+        for (i, p) in payloads.iter().enumerate() {
+            tx.push(&to, &transmit(i as u16, p));
+        }
+        assert_eq!(tx.len, 1, "one GSO message");
+        let stats = crate::server::stats::CoreStats::default();
+        assert!(tx.send(tx_sock.as_raw_fd(), &stats), "the kernel took GSO");
+        assert_eq!(stats.utp_datagrams_sent.get(), 10);
+        assert_eq!(stats.utp_gso_sends.get(), 1);
+        let mut buf = [0u8; 4096];
+        for (i, p) in payloads.iter().enumerate() {
+            let n = rx.recv(&mut buf).expect("each packet arrives on its own");
+            assert_eq!(n, utp::HEADER_LEN + p.len(), "datagram {i}");
+            assert_eq!(u16::from_be_bytes([buf[0], buf[1]]), i as u16);
+            assert!(buf[utp::HEADER_LEN..n].iter().all(|&b| b == i as u8));
+        }
     }
 
     /// The zero-copy claim over uTP: a DATA packet's payload slices point into the

@@ -263,6 +263,7 @@ fn start_utp(
                 ..crate::utp::Config::default()
             },
             half_open_per_core_max: ctx.cfg.utp_half_open_per_core_max,
+            gso: ctx.cfg.utp_gso,
         };
         let ep = udp::Endpoint::new(socket, ctx.clone(), limiter.clone(), settings, open.clone())
             .map_err(|e| anyhow::anyhow!("worker {index}: uTP socket: {e}"))?;

@@ -793,3 +793,36 @@ fn accepts_libtorrents_captured_syn_and_first_data() {
     let out = all_out(&mut c, now);
     assert_eq!(pkt(&out[0]).header.ack_nr, 0x6fea);
 }
+
+/// A held ack: the request's ack does not leave alone, the answer's DATA carries it; with
+/// no answer, letting go sends it. A FIN is acked even while held (its peer waits).
+#[test]
+fn a_held_ack_rides_on_the_answer_or_goes_when_let_go() {
+    let now = t0();
+    let mut c = accepted(Config::default(), now);
+    let request = dgram(hdr(PacketType::Data, 101, 501, 6999), None, b"request");
+    c.hold_ack(true);
+    c.on_packet(&pkt(&request), now);
+    assert_eq!(c.readable(), b"request");
+    assert!(c.is_ack_held());
+    assert!(all_out(&mut c, now).is_empty(), "no lone ST_STATE");
+    c.consume(7);
+    c.write(vec![1u8; 100]);
+    c.hold_ack(false);
+    let out = all_out(&mut c, now);
+    assert_eq!(out.len(), 1, "one datagram: the answer");
+    let h = pkt(&out[0]).header;
+    assert_eq!((h.ty, h.ack_nr), (PacketType::Data, 501), "the answer acks the request");
+    assert!(!c.is_ack_held());
+
+    // Bytes that get no answer: the ack waits while held and goes once let go.
+    let more = dgram(hdr(PacketType::Data, 101, 502, 7000), None, b"partial");
+    c.hold_ack(true);
+    c.on_packet(&pkt(&more), now);
+    assert!(all_out(&mut c, now).is_empty());
+    c.hold_ack(false);
+    let out = all_out(&mut c, now);
+    assert_eq!(out.len(), 1);
+    let h = pkt(&out[0]).header;
+    assert_eq!((h.ty, h.ack_nr), (PacketType::State, 502));
+}
