@@ -900,7 +900,10 @@ pub fn http_request(data: &[u8]) {
     };
     assert!(used > 0 && used <= data.len());
     assert!(used <= crate::limits::HTTP_REQUEST_HEAD_BYTES_MAX);
-    assert_eq!(codec::parse_head(&data[..used]), Ok(Some((req.clone(), used))));
+    assert_eq!(
+        codec::parse_head(&data[..used]),
+        Ok(Some((req.clone(), used)))
+    );
     let mut out = Vec::new();
     let title = match &req.target {
         Target::Torrent { title, .. } => title.clone(),
@@ -921,8 +924,15 @@ pub fn http_request(data: &[u8]) {
 
 fn assert_well_formed_head(head: &[u8]) {
     let text = std::str::from_utf8(head).expect("answer heads are UTF-8");
-    let body_at = text.find("\r\n\r\n").expect("a head ends with an empty line") + 4;
-    assert_eq!(body_at, text.len(), "nothing after the empty line: {text:?}");
+    let body_at = text
+        .find("\r\n\r\n")
+        .expect("a head ends with an empty line")
+        + 4;
+    assert_eq!(
+        body_at,
+        text.len(),
+        "nothing after the empty line: {text:?}"
+    );
     for line in text[..body_at - 4].split("\r\n") {
         assert!(!line.is_empty() && !line.contains(['\r', '\n']), "{text:?}");
     }

@@ -205,7 +205,11 @@ impl Magnet {
 /// The public HTTP listener's URL of a torrent's .torrent under `base` (a checked
 /// `--public-http-url` without its trailing `/`): `BASE/torrent/<HEX>.torrent`, the v1 hash
 /// (the itorrents form tools know), else the v2 one.
-pub fn exact_source_url(base: &str, btih: Option<&[u8; 20]>, btmh: Option<&[u8; 32]>) -> Option<String> {
+pub fn exact_source_url(
+    base: &str,
+    btih: Option<&[u8; 20]>,
+    btmh: Option<&[u8; 32]>,
+) -> Option<String> {
     let hash = match (btih, btmh) {
         (Some(v1), _) => data_encoding::HEXUPPER.encode(v1),
         (None, Some(v2)) => data_encoding::HEXUPPER.encode(v2),
@@ -348,7 +352,10 @@ mod tests {
         let url = exact_source_url("https://cache.example.org/m", Some(&v1()), None).unwrap();
         assert_eq!(
             url,
-            format!("https://cache.example.org/m/torrent/{}.torrent", HEX.to_uppercase())
+            format!(
+                "https://cache.example.org/m/torrent/{}.torrent",
+                HEX.to_uppercase()
+            )
         );
         let m = Magnet {
             btih: Some(v1()),

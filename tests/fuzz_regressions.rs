@@ -326,7 +326,10 @@ fn write_seed_corpus() {
 fn http_seeds() {
     let v1 = "c8295ce630f2064f08440db1534e37da6b4eabc7";
     for (name, req) in [
-        ("get", format!("GET /torrent/{v1}.torrent HTTP/1.1\r\nHost: x\r\n\r\n")),
+        (
+            "get",
+            format!("GET /torrent/{v1}.torrent HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ),
         (
             "get-title-etag",
             format!(

@@ -111,7 +111,9 @@ impl Conn {
     }
 
     fn request(&mut self, method: &str, path: &str, extra: &str) -> Resp {
-        self.send(&format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n"));
+        self.send(&format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n"
+        ));
         self.read(method == "HEAD")
     }
 
@@ -167,7 +169,10 @@ fn libtorrent_reads(dir: &std::path::Path, torrent: &[u8]) -> (String, usize) {
     let mut lines = text.lines();
     let hash = lines.next().unwrap().trim().to_owned();
     let trackers = lines.next().and_then(|l| l.trim().parse().ok());
-    (hash, trackers.unwrap_or_else(|| panic!("libtorrent said {text:?}")))
+    (
+        hash,
+        trackers.unwrap_or_else(|| panic!("libtorrent said {text:?}")),
+    )
 }
 
 struct Stored {
@@ -213,7 +218,10 @@ fn get_serves_the_whole_torrent_byte_exactly() {
 
     let r = get(s.http, &format!("/torrent/{hex}.torrent"));
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(r.body == expected, "public .torrent differs from the admin plane's");
+    assert!(
+        r.body == expected,
+        "public .torrent differs from the admin plane's"
+    );
     assert_eq!(r.header("content-type"), "application/x-bittorrent");
     assert_eq!(r.header("access-control-allow-origin"), "*");
     assert!(r.header("cache-control").contains("max-age="));
@@ -276,9 +284,16 @@ fn head_etag_preflight_and_keep_alive_on_one_connection() {
         .contains("user-agent"));
 
     let unknown_path = c.request("GET", "/metrics", "");
-    assert_eq!(unknown_path.status, 404, "no admin endpoint on the public listener");
+    assert_eq!(
+        unknown_path.status, 404,
+        "no admin endpoint on the public listener"
+    );
     assert_eq!(unknown_path.header("access-control-allow-origin"), "*");
-    let admin_path = c.request("GET", &format!("/torrents/{}.torrent", hex::encode(s.t.key)), "");
+    let admin_path = c.request(
+        "GET",
+        &format!("/torrents/{}.torrent", hex::encode(s.t.key)),
+        "",
+    );
     assert_eq!(admin_path.status, 404);
     let again = c.request("GET", &path, "");
     assert_eq!(again.status, 200);
@@ -294,11 +309,23 @@ fn bad_requests_get_their_statuses_and_slow_ones_a_timeout() {
     let mut c = Conn::open(s.http);
     let bad = c.request("GET", "/torrent/not-a-hash.torrent", "");
     assert_eq!(bad.status, 400);
-    let post = c.request("DELETE", &format!("/torrent/{}.torrent", hex::encode(s.t.key)), "");
+    let post = c.request(
+        "DELETE",
+        &format!("/torrent/{}.torrent", hex::encode(s.t.key)),
+        "",
+    );
     assert_eq!(post.status, 405);
     assert!(post.header("allow").contains("GET"));
     // Still open after those: a 200 follows.
-    assert_eq!(c.request("GET", &format!("/torrent/{}.torrent", hex::encode(s.t.key)), "").status, 200);
+    assert_eq!(
+        c.request(
+            "GET",
+            &format!("/torrent/{}.torrent", hex::encode(s.t.key)),
+            ""
+        )
+        .status,
+        200
+    );
 
     let mut c = Conn::open(s.http);
     c.send("POST /torrent/x.torrent HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello");
@@ -310,16 +337,25 @@ fn bad_requests_get_their_statuses_and_slow_ones_a_timeout() {
     assert_eq!(c.read(false).status, 414);
 
     let mut c = Conn::open(s.http);
-    c.send(&format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "b".repeat(9000)));
+    c.send(&format!(
+        "GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(9000)
+    ));
     assert_eq!(c.read(false).status, 431);
     assert!(c.closed_within(Duration::from_secs(3)));
 
     let mut c = Conn::open(s.http);
     c.send("GET /torrent/");
     let started = Instant::now();
-    assert!(c.closed_within(Duration::from_secs(5)), "slow head not closed");
+    assert!(
+        c.closed_within(Duration::from_secs(5)),
+        "slow head not closed"
+    );
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(500), "closed too early: {took:?}");
+    assert!(
+        took >= Duration::from_millis(500),
+        "closed too early: {took:?}"
+    );
 }
 
 /// A hash nobody has stored: the HTTP request starts the miss, the parent serves the
@@ -433,4 +469,36 @@ fn admin_magnet_carries_xs_that_the_listener_serves() {
     let addr: SocketAddr = listen.parse().unwrap();
     let path = url.strip_prefix(&format!("http://{listen}")).unwrap();
     assert_eq!(get(addr, path).status, 200);
+}
+
+/// SIGTERM with an idle keep-alive connection open: the connection is closed at once and
+/// the server exits well before the shutdown grace time (it does not wait for a client
+/// that may never send another request). The counters of what was served are on /metrics.
+#[test]
+fn shutdown_closes_idle_keep_alive_connections_at_once() {
+    let mut s = stored_server(&["--shutdown-grace-ms", "20000"]);
+    let mut c = Conn::open(s.http);
+    let path = format!("/torrent/{}.torrent", hex::encode(s.t.key));
+    assert_eq!(c.request("GET", &path, "").status, 200);
+    let metrics = http::get(&s.server.url("/metrics")).text();
+    for (name, at_least) in [
+        ("magnetar_http_requests_total", 1.0),
+        ("magnetar_http_torrents_served_total", 1.0),
+        ("magnetar_http_connections_accepted_total", 1.0),
+    ] {
+        let value: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} not in /metrics"));
+        assert!(value >= at_least, "{name} = {value}");
+    }
+    let started = Instant::now();
+    let status = s.server.terminate(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+    assert!(
+        c.closed_within(Duration::from_secs(1)),
+        "idle connection left open"
+    );
 }

@@ -175,7 +175,8 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
                 let listener = match TcpListener::from_std(l) {
                     Ok(l) => l,
                     Err(e) => {
-                        let _ = ready.send(Err(anyhow::anyhow!("worker {index}: http listener: {e}")));
+                        let _ =
+                            ready.send(Err(anyhow::anyhow!("worker {index}: http listener: {e}")));
                         return;
                     }
                 };

@@ -137,7 +137,12 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
         }
     }
     // An HTTP/1.0 client without `Connection: keep-alive` waits for the close.
-    if version == 0 && !req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("connection")) {
+    if version == 0
+        && !req
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("connection"))
+    {
         keep_alive = false;
     }
     Ok(Some((
@@ -315,10 +320,7 @@ pub fn torrent_head(
 /// The head of a 304 (the client's copy is current).
 pub fn not_modified_head(out: &mut Vec<u8>, keep_alive: bool, etag: &str) {
     start(out, Status::NotModified, keep_alive);
-    let _ = write!(
-        out,
-        "ETag: {etag}\r\nCache-Control: {CACHE_OK}\r\n\r\n"
-    );
+    let _ = write!(out, "ETag: {etag}\r\nCache-Control: {CACHE_OK}\r\n\r\n");
 }
 
 /// A CORS preflight answer: the methods we serve, and the headers the page asked for
@@ -397,7 +399,10 @@ mod tests {
         assert_eq!(hex::encode(hash.key), HEX);
         assert_eq!(title, None);
         assert!(req.keep_alive);
-        let upper = format!("GET /torrent/{}.torrent HTTP/1.1\r\n\r\n", HEX.to_uppercase());
+        let upper = format!(
+            "GET /torrent/{}.torrent HTTP/1.1\r\n\r\n",
+            HEX.to_uppercase()
+        );
         let (req, _) = parse(&upper).unwrap().unwrap();
         assert!(matches!(req.target, Target::Torrent { hash: h, .. } if h == hash));
         let b32 = data_encoding::BASE32.encode(&hash.key).to_lowercase();
@@ -417,9 +422,18 @@ mod tests {
     fn bad_hashes_and_other_paths() {
         let longer = format!("{HEX}0");
         for bad in ["xyz", "", &HEX[1..], longer.as_str()] {
-            assert_eq!(parse_target(&format!("/torrent/{bad}.torrent")), Target::BadHash);
+            assert_eq!(
+                parse_target(&format!("/torrent/{bad}.torrent")),
+                Target::BadHash
+            );
         }
-        for other in ["/", "/torrents/x.torrent", "/metrics", "/torrent/", "/../etc/passwd"] {
+        for other in [
+            "/",
+            "/torrents/x.torrent",
+            "/metrics",
+            "/torrent/",
+            "/../etc/passwd",
+        ] {
             assert_eq!(parse_target(other), Target::Unknown, "{other}");
         }
     }
@@ -432,29 +446,47 @@ mod tests {
         };
         assert_eq!(t("title=My%20Film"), Some("My Film.torrent".into()));
         assert_eq!(t("a=1&title=x+y.torrent"), Some("x y.torrent".into()));
-        assert_eq!(t("title=..%2F..%2Fetc%2Fpasswd"), Some("etcpasswd.torrent".into()));
+        assert_eq!(
+            t("title=..%2F..%2Fetc%2Fpasswd"),
+            Some("etcpasswd.torrent".into())
+        );
         assert_eq!(t("title=%0d%0a"), None);
         assert_eq!(t("other=1"), None);
     }
 
     #[test]
     fn connection_semantics() {
-        let (r, _) = parse("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap().unwrap();
+        let (r, _) = parse("GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(!r.keep_alive);
         let (r, _) = parse("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert!(!r.keep_alive);
-        let (r, _) = parse("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").unwrap().unwrap();
+        let (r, _) = parse("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(r.keep_alive);
     }
 
     #[test]
     fn limits_give_their_statuses() {
         assert_eq!(parse("GET / HTTP/1.1\r\nHost: x\r\n").unwrap(), None);
-        let long_header = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(limits::HTTP_REQUEST_HEAD_BYTES_MAX));
+        let long_header = format!(
+            "GET / HTTP/1.1\r\nX: {}",
+            "a".repeat(limits::HTTP_REQUEST_HEAD_BYTES_MAX)
+        );
         assert_eq!(parse(&long_header), Err(HeadError::HeadTooLarge));
-        let many: String = (0..=limits::HTTP_HEADERS_MAX).map(|i| format!("X{i}: y\r\n")).collect();
-        assert_eq!(parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")), Err(HeadError::HeadTooLarge));
-        let long_target = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(limits::HTTP_TARGET_BYTES_MAX));
+        let many: String = (0..=limits::HTTP_HEADERS_MAX)
+            .map(|i| format!("X{i}: y\r\n"))
+            .collect();
+        assert_eq!(
+            parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
+            Err(HeadError::HeadTooLarge)
+        );
+        let long_target = format!(
+            "GET /{} HTTP/1.1\r\n\r\n",
+            "a".repeat(limits::HTTP_TARGET_BYTES_MAX)
+        );
         assert_eq!(parse(&long_target), Err(HeadError::TargetTooLong));
         assert_eq!(
             parse("GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"),
@@ -466,7 +498,10 @@ mod tests {
         );
         let empty_body = "GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
         assert_eq!(parse(empty_body).unwrap().unwrap().1, empty_body.len());
-        assert_eq!(parse("\x16\x03\x01 tls hello\r\n\r\n"), Err(HeadError::Malformed));
+        assert_eq!(
+            parse("\x16\x03\x01 tls hello\r\n\r\n"),
+            Err(HeadError::Malformed)
+        );
     }
 
     #[test]

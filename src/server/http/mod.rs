@@ -128,18 +128,27 @@ pub async fn accept_loop(
         ctx.stats.http_connections_accepted.inc();
         let _ = stream.set_nodelay(true);
         let (ctx, http, open) = (ctx.clone(), http.clone(), OpenSession::new(open.clone()));
+        let stop_conn = stop.clone();
         monoio::spawn(async move {
             let _open = open;
             let _permit = permit;
-            serve(stream, peer, &ctx, &http).await;
+            serve(stream, peer, &ctx, &http, &stop_conn).await;
             ctx.stats.http_connections_closed.inc();
         });
     }
 }
 
 /// One connection: request heads, answers, until the client closes, asks to close, or
-/// stalls past a deadline.
-async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx, http: &HttpShared) {
+/// stalls past a deadline. At shutdown (`stop` disconnected) a connection waiting for its
+/// next request closes at once; one in the middle of a request finishes it first (within
+/// the shutdown grace time).
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: &WorkerCtx,
+    http: &HttpShared,
+    stop: &flume::Receiver<()>,
+) {
     let mut io = TcpTransport::new(stream);
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let mut out = OutBatch::new();
@@ -155,7 +164,23 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx, http: &Http
                     Some(t) => t + http.request_timeout,
                     None => Instant::now() + Duration::from_millis(limits::HTTP_KEEPALIVE_IDLE_MS),
                 };
-                match io.read_or_wake(&mut buf, deadline, 1024, None).await {
+                // No byte of a request yet: between requests, or right after accept.
+                let idle = buf.is_empty();
+                let read = io.read_or_wake(&mut buf, deadline, 1024, None);
+                let woke = if idle {
+                    // Idle: the stop may end the wait (the pending read is cancelled with
+                    // the connection).
+                    monoio::select! {
+                        w = read => Some(w),
+                        _ = stop.recv_async() => None,
+                    }
+                } else {
+                    Some(read.await)
+                };
+                let Some(woke) = woke else {
+                    return;
+                };
+                match woke {
                     Wake::Read(ReadOutcome::Data { .. }) => {
                         head_since.get_or_insert_with(Instant::now);
                         continue;
@@ -171,7 +196,14 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx, http: &Http
             }
             Err(e) => {
                 ctx.stats.http_bad_requests.inc();
-                codec::text(out.head(), e.status(), false, head_error_text(e), false, None);
+                codec::text(
+                    out.head(),
+                    e.status(),
+                    false,
+                    head_error_text(e),
+                    false,
+                    None,
+                );
                 if send(&mut io, &mut out).await.is_ok() {
                     linger(&mut io, &mut buf).await;
                 }
@@ -257,7 +289,11 @@ async fn answer(
         }
         Target::Unknown => {
             ctx.stats.http_not_found.inc();
-            return text(out, Status::NotFound, "not found: GET /torrent/<info-hash>.torrent");
+            return text(
+                out,
+                Status::NotFound,
+                "not found: GET /torrent/<info-hash>.torrent",
+            );
         }
     };
     let record = match find(ctx, hash) {
@@ -356,7 +392,8 @@ async fn miss(
         o = waiter.recv_async() => Some(o),
         _ = monoio::time::sleep(http.miss_wait) => None,
     };
-    let not_found = "not found: the swarm did not give its metadata in time (the fetch may go on; retry later)";
+    let not_found =
+        "not found: the swarm did not give its metadata in time (the fetch may go on; retry later)";
     match outcome {
         // The fetch goes on without us; a later request may find it stored.
         None => Err(MissEnd::NotFound(not_found)),
