@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::bep9::{FakeSeed, SeedBehaviour};
 use common::info::{import_all, v1_info, v1_key, Torrent};
-use common::{http, require_libtorrent, run_ok, ServerProc, PYTHON};
+use common::{http, require_libtorrent, require_webtorrent, run_ok, wt_fetch, ServerProc, PYTHON};
 
 /// A tracker URL on a closed loopback port: it goes into the served .torrent files, and
 /// no test here makes the server reach it for a hit.
@@ -500,5 +500,33 @@ fn shutdown_closes_idle_keep_alive_connections_at_once() {
     assert!(
         c.closed_within(Duration::from_secs(1)),
         "idle connection left open"
+    );
+}
+
+/// webtorrent 3 (node) given a magnet whose only source is `xs=` (no x.pe, no tracker, no
+/// DHT) gets the metadata from the HTTP listener: the info dict it reports is the stored
+/// one, and it had no peer connection when the metadata arrived.
+#[test]
+fn webtorrent_gets_the_metadata_from_a_magnet_with_only_xs() {
+    require_webtorrent();
+    let s = stored_server(&[]);
+    let url =
+        magnetar::magnet::exact_source_url(&format!("http://{}", s.http), Some(&s.t.key), None)
+            .unwrap();
+    let magnet = magnetar::magnet::Magnet {
+        btih: Some(s.t.key),
+        exact_sources: vec![url],
+        ..Default::default()
+    }
+    .to_uri();
+    let got = wt_fetch(&magnet, &s._tmp.path().join("wt.info"), 30);
+    assert!(
+        got.info == s.t.info,
+        "webtorrent's info dict differs from the stored one"
+    );
+    assert!(
+        got.wires.is_empty(),
+        "metadata from peers, not xs=: {:?}",
+        got.wires
     );
 }
