@@ -530,3 +530,100 @@ fn webtorrent_gets_the_metadata_from_a_magnet_with_only_xs() {
         got.wires
     );
 }
+
+/// A page served from another origin (another loopback port) fetches the .torrent with
+/// `fetch()` in a real Chromium, with a non-safelisted header so that the browser sends a
+/// CORS preflight first, and reads the whole body: its SHA-1 matches the .torrent's.
+#[test]
+fn chromium_page_from_another_origin_fetches_the_torrent() {
+    const CHROMIUM: &str = "/usr/bin/chromium";
+    assert!(
+        std::path::Path::new(CHROMIUM).exists(),
+        "chromium is missing: apt-get install chromium"
+    );
+    use sha1::{Digest, Sha1};
+    let s = stored_server(&[]);
+    let expected = magnetar::metainfo::build_torrent(&s.t.info, &[TRACKER.to_owned()]);
+    let want = hex::encode(Sha1::digest(&expected));
+    let url = format!(
+        "http://{}/torrent/{}.torrent",
+        s.http,
+        hex::encode_upper(s.t.key)
+    );
+    let page = format!(
+        "<!doctype html><html><body><pre id=out>pending</pre><script>\n\
+         (async () => {{\n\
+           const out = document.getElementById('out');\n\
+           try {{\n\
+             const r = await fetch('{url}', {{headers: {{'X-Requested-With': 'magnetar-test'}}}});\n\
+             const body = await r.arrayBuffer();\n\
+             const d = new Uint8Array(await crypto.subtle.digest('SHA-1', body));\n\
+             const hex = Array.from(d, b => b.toString(16).padStart(2, '0')).join('');\n\
+             out.textContent = 'fetched ' + r.status + ' ' + body.byteLength + ' ' + hex;\n\
+           }} catch (e) {{ out.textContent = 'failed ' + e; }}\n\
+         }})();\n\
+         </script></body></html>"
+    );
+    // The page's origin: a one-page HTTP server on another port (a few connections: the
+    // page, maybe a favicon).
+    let origin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let page_url = format!("http://{}/page.html", origin.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in origin.incoming().take(8) {
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
+                match conn.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{page}",
+                page.len()
+            );
+        }
+    });
+    let before = preflights(&s.server);
+    let profile = s._tmp.path().join("chromium-profile");
+    let out = run_ok(
+        std::process::Command::new(CHROMIUM)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--virtual-time-budget=15000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(["--dump-dom", &page_url]),
+    );
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let line = dom
+        .lines()
+        .find(|l| l.contains("<pre id=\"out\">"))
+        .unwrap_or_else(|| panic!("no result in the page: {dom}"));
+    assert!(
+        line.contains(&format!("fetched 200 {} {want}", expected.len())),
+        "the page said: {line}"
+    );
+    assert!(
+        preflights(&s.server) > before,
+        "Chromium sent no preflight (OPTIONS) first"
+    );
+}
+
+fn preflights(server: &ServerProc) -> f64 {
+    http::get(&server.url("/metrics"))
+        .text()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("magnetar_http_preflights_total")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .expect("magnetar_http_preflights_total on /metrics")
+}
