@@ -324,7 +324,20 @@ async fn answer(
             }
         },
     };
-    let etag = http.etag(&record);
+    put_torrent(req, keep_alive, &record, title.as_deref(), ctx, http, out);
+}
+
+/// The .torrent of `record` (or a 304 when the client's copy is current) into `out`.
+fn put_torrent(
+    req: &Request,
+    keep_alive: bool,
+    record: &RecordRef,
+    title: Option<&str>,
+    ctx: &WorkerCtx,
+    http: &HttpShared,
+    out: &mut OutBatch,
+) {
+    let etag = http.etag(record);
     if req
         .if_none_match
         .as_deref()
@@ -335,18 +348,18 @@ async fn answer(
     }
     let info = record.info();
     let file_name = match title {
-        Some(t) => t.clone(),
-        None => format!("{}.torrent", hash_hex(&record)),
+        Some(t) => t.to_owned(),
+        None => format!("{}.torrent", hash_hex(record)),
     };
     let body_len = http.prefix.len() + info.len() + SUFFIX.len();
     codec::torrent_head(out.head(), keep_alive, &etag, &file_name, body_len);
     ctx.stats.http_torrents_served.inc();
-    if head_only {
+    if req.method == Method::Head {
         return;
     }
     // Head + wrapper in the head buffer, the dict from the mmap, then the closing byte.
     out.head().extend_from_slice(&http.prefix);
-    out.push_payload(&record, 0..info.len());
+    out.push_payload(record, 0..info.len());
     out.head().extend_from_slice(SUFFIX);
 }
 
