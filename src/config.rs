@@ -192,6 +192,29 @@ pub struct ServeSettings {
     #[arg(long, value_name = "HOST:PORT")]
     pub public_addr: Option<String>,
 
+    /// Public read-only HTTP listener: `GET /torrent/<hash>.torrent` for browsers and tools
+    /// (CORS, ETag, miss-through); repeat for several addresses. Off unless given. It
+    /// serves no admin endpoint. Put TLS in front of it (a reverse proxy) for https.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub http: Vec<SocketAddr>,
+
+    /// How long an HTTP request for an unknown info-hash waits for the miss path before
+    /// answering 404 (the fetch goes on; a retry may find it). Tools give a .torrent
+    /// mirror ~5 s.
+    #[arg(long, default_value_t = limits::HTTP_MISS_WAIT_MS_DEFAULT, value_name = "MS")]
+    pub http_miss_wait_ms: u64,
+
+    /// Time an HTTP client has to send a whole request head (from its first byte, or from
+    /// accept); slower ones are closed (slowloris).
+    #[arg(long, default_value_t = limits::HTTP_REQUEST_TIMEOUT_MS_DEFAULT, value_name = "MS")]
+    pub http_request_timeout_ms: u64,
+
+    /// The URL the public HTTP listener is reached at (e.g. https://cache.example.org/);
+    /// magnets from `magnetar magnet` and the admin plane then carry
+    /// `xs=<url>/torrent/<HEX>.torrent` (webtorrent and BiglyBT fetch it).
+    #[arg(long, value_name = "URL")]
+    pub public_http_url: Option<String>,
+
     /// Most bytes the store's segment files may take (0: unbounded). Past it, an append
     /// evicts the oldest segment first, copying out the records served recently
     /// (CLOCK); evicted records are fetched again on their next miss. Segments are
@@ -230,6 +253,8 @@ pub struct AdminConfig {
     /// Put into served .torrent files as announce-list and into magnets as `tr`: the
     /// `--announce-tracker`s first, then the miss path's `--tracker`s.
     pub trackers: Vec<String>,
+    /// `--public-http-url` without its trailing `/`: magnets get `xs=` pointing at it.
+    pub public_http_url: Option<String>,
 }
 
 impl ServeSettings {
@@ -312,6 +337,14 @@ impl ServeSettings {
         cfg.mse_handshakes_per_ip_per_second_max = self.mse_handshakes_per_ip_per_second_max;
         cfg.mse_handshakes_per_core_per_second_max = self.mse_handshakes_per_core_per_second_max;
         cfg.shutdown_grace = Duration::from_millis(self.shutdown_grace_ms);
+        cfg.http = self.http.clone();
+        self.public_http_url()?;
+        if self.http_request_timeout_ms == 0 {
+            bail!("http-request-timeout-ms must be at least 1");
+        }
+        cfg.http_miss_wait = Duration::from_millis(self.http_miss_wait_ms);
+        cfg.http_request_timeout = Duration::from_millis(self.http_request_timeout_ms);
+        cfg.torrent_trackers = self.torrent_trackers();
         Ok(cfg)
     }
 
@@ -350,18 +383,47 @@ impl ServeSettings {
             listen,
             token,
             public_addr: self.public_addr.clone(),
-            // The trackers magnetar announces itself to first: their swarms include it.
-            trackers: {
-                let mut t = self.upstream.announce_trackers.clone();
-                for u in &self.upstream.trackers {
-                    if !t.contains(u) {
-                        t.push(u.clone());
-                    }
-                }
-                t
-            },
+            trackers: self.torrent_trackers(),
+            public_http_url: self.public_http_url()?,
         }))
     }
+
+    /// The trackers put into served .torrent files (admin plane and public HTTP) and
+    /// magnets: the ones magnetar announces itself to first (their swarms include it),
+    /// then the miss path's.
+    pub fn torrent_trackers(&self) -> Vec<String> {
+        let mut t = self.upstream.announce_trackers.clone();
+        for u in &self.upstream.trackers {
+            if !t.contains(u) {
+                t.push(u.clone());
+            }
+        }
+        t
+    }
+
+    /// `--public-http-url`, checked (http or https, no query) and without a trailing `/`.
+    pub fn public_http_url(&self) -> anyhow::Result<Option<String>> {
+        let Some(url) = &self.public_http_url else {
+            return Ok(None);
+        };
+        check_public_http_url(url).map(Some)
+    }
+}
+
+/// A base URL for `xs=`: `http://` or `https://`, a host, no query or fragment (the
+/// path `/torrent/<HEX>.torrent` is appended). Returned without its trailing `/`.
+pub fn check_public_http_url(url: &str) -> anyhow::Result<String> {
+    let lower = url.to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("https://")
+        .or_else(|| lower.strip_prefix("http://"));
+    let ok = rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/'))
+        && !url.contains(['?', '#', '&', ' '])
+        && url.is_ascii();
+    if !ok {
+        bail!("public-http-url '{url}': want http(s)://HOST[:PORT][/PATH], without query");
+    }
+    Ok(url.trim_end_matches('/').to_owned())
 }
 
 fn is_loopback(ip: IpAddr) -> bool {
@@ -571,6 +633,14 @@ pub struct ServeConfig {
     pub mse_handshakes_per_core_per_second_max: u32,
     /// How long open sessions may run on after a shutdown request.
     pub shutdown_grace: Duration,
+    /// Public HTTP listener addresses (empty: off).
+    pub http: Vec<SocketAddr>,
+    /// How long an HTTP request for an unknown hash waits for the miss path.
+    pub http_miss_wait: Duration,
+    /// Time an HTTP client has to send a whole request head.
+    pub http_request_timeout: Duration,
+    /// announce-list of the .torrent files the public HTTP listener serves.
+    pub torrent_trackers: Vec<String>,
 }
 
 impl ServeConfig {
@@ -600,6 +670,10 @@ impl ServeConfig {
             mse_handshakes_per_core_per_second_max:
                 limits::MSE_HANDSHAKES_PER_CORE_PER_SECOND_MAX_DEFAULT,
             shutdown_grace: Duration::from_secs(5),
+            http: Vec::new(),
+            http_miss_wait: Duration::from_millis(limits::HTTP_MISS_WAIT_MS_DEFAULT),
+            http_request_timeout: Duration::from_millis(limits::HTTP_REQUEST_TIMEOUT_MS_DEFAULT),
+            torrent_trackers: Vec::new(),
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - `utp_connection`  hostile datagrams against an accepted uTP connection (virtual clock)
 //! - `mse_responder`   a hostile MSE handshake against the responder
 //! - `mse_session`     what follows a valid MSE handshake, through the whole serving pump
+//! - `http_request`    a public HTTP request head: parse, route, and the answer heads
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -890,5 +891,61 @@ fn pump_serve(
             Step::Wait => return true,
         }
         step = pump.poll(now, out);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// http_request
+
+/// Bytes a client sends to the public HTTP listener (`server::http`).
+///
+/// Invariants: a parsed head consumed at least one byte, no more than given and no more
+/// than `HTTP_REQUEST_HEAD_BYTES_MAX`, and parses again the same from exactly those bytes;
+/// the answer heads built from what the client controls (the title in
+/// `Content-Disposition`, the echoed preflight headers, the ETag) are well-formed: every
+/// line ends in CRLF, no CR or LF inside a line, and the one empty line is the last
+/// (no header or response injection).
+pub fn http_request(data: &[u8]) {
+    use crate::server::http::codec::{self, Target};
+    let Ok(Some((req, used))) = codec::parse_head(data) else {
+        return;
+    };
+    assert!(used > 0 && used <= data.len());
+    assert!(used <= crate::limits::HTTP_REQUEST_HEAD_BYTES_MAX);
+    assert_eq!(
+        codec::parse_head(&data[..used]),
+        Ok(Some((req.clone(), used)))
+    );
+    let mut out = Vec::new();
+    let title = match &req.target {
+        Target::Torrent { title, .. } => title.clone(),
+        _ => None,
+    };
+    codec::torrent_head(
+        &mut out,
+        req.keep_alive,
+        req.if_none_match.as_deref().unwrap_or("\"x\""),
+        title.as_deref().unwrap_or("x.torrent"),
+        1,
+    );
+    assert_well_formed_head(&out);
+    out.clear();
+    codec::preflight(&mut out, req.keep_alive, req.preflight_headers.as_deref());
+    assert_well_formed_head(&out);
+}
+
+fn assert_well_formed_head(head: &[u8]) {
+    let text = std::str::from_utf8(head).expect("answer heads are UTF-8");
+    let body_at = text
+        .find("\r\n\r\n")
+        .expect("a head ends with an empty line")
+        + 4;
+    assert_eq!(
+        body_at,
+        text.len(),
+        "nothing after the empty line: {text:?}"
+    );
+    for line in text[..body_at - 4].split("\r\n") {
+        assert!(!line.is_empty() && !line.contains(['\r', '\n']), "{text:?}");
     }
 }

@@ -186,3 +186,49 @@ pub const MSE_HANDSHAKE_BYTES_MAX: usize =
 /// extension handshake sat there until the first keep-alive, 30 s later (libtorrent seeds:
 /// 60 s); clients that read it ask within milliseconds and never see the nudge.
 pub const REQUEST_NUDGE_MS: u64 = 250;
+
+// ---- The public HTTP listener (`--http`, server/http) ----
+
+/// Largest HTTP request head (request line and headers) we read. Browsers send 0.5–2 KiB;
+/// nginx's default `large_client_header_buffers` is 8 KiB per line. Past it: 431 and close.
+/// Also the most a connection buffers while its head is incomplete.
+pub const HTTP_REQUEST_HEAD_BYTES_MAX: usize = 8 * 1024;
+
+/// Most headers in one request (httparse needs the array up front: 32 × 32 bytes on the
+/// stack). Browsers send ~15; more is 431 and close.
+pub const HTTP_HEADERS_MAX: usize = 32;
+
+/// Longest request target. The longest valid one, `/torrent/<64 hex>.torrent?title=` plus a
+/// 255-byte name percent-encoded (×3), is ~850 bytes; past this: 414 and close.
+pub const HTTP_TARGET_BYTES_MAX: usize = 2 * 1024;
+
+/// Time a connection has to deliver a whole request head once it started one, or to
+/// send its first byte after accept (slowloris: a client trickling one byte at a time
+/// holds a connection and a buffer only this long). Default of `--http-request-timeout-ms`.
+pub const HTTP_REQUEST_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+
+/// How long a keep-alive connection may sit idle between requests (nginx: 75 s; browsers
+/// keep pooled connections ~60–300 s, and reconnect when we close first).
+pub const HTTP_KEEPALIVE_IDLE_MS: u64 = 30_000;
+
+/// Time a response may take to leave (a reader that stops reading is closed after it).
+pub const HTTP_WRITE_TIMEOUT_MS: u64 = 30_000;
+
+/// Requests served on one connection before we close it after the answer, so one client
+/// cannot hold a connection (and its place under `connections-per-ip-max`) forever.
+pub const HTTP_REQUESTS_PER_CONNECTION_MAX: u32 = 10_000;
+
+/// Default of `--http-miss-wait-ms`: how long a request for an unknown hash waits for the
+/// miss path. Tools give each .torrent mirror ~5 s (Jackett, Sonarr, FlexGet), so answer
+/// (200 or 404) before that.
+pub const HTTP_MISS_WAIT_MS_DEFAULT: u64 = 4_000;
+
+/// `Retry-After` of a 429 (a refused miss): the per-IP miss budget is per minute.
+pub const HTTP_RETRY_AFTER_S: u64 = 60;
+
+/// After an answer that closes the connection on a bad request, the server reads (and
+/// drops) what the client still sends for at most this long and this many bytes before
+/// closing: closing with unread bytes makes the kernel send a reset, which can destroy
+/// the answer before the client reads it (nginx's `lingering_close`, 5 s / unbounded).
+pub const HTTP_LINGER_MS: u64 = 1_000;
+pub const HTTP_LINGER_BYTES_MAX: usize = 64 * 1024;

@@ -45,6 +45,10 @@ pub struct Magnet {
     pub display_name: Option<String>,
     pub trackers: Vec<String>,
     pub peers: Vec<PeerAddr>,
+    /// `xs=` (exact source) URLs of the whole .torrent: webtorrent 3 and BiglyBT fetch
+    /// them over http(s) beside peer discovery (docs/protocol-facts.md §18). Written, not
+    /// parsed (the miss path has no use for them).
+    pub exact_sources: Vec<String>,
     /// Parts of the link that were skipped, and why. Not part of `to_uri`.
     pub warnings: Vec<String>,
 }
@@ -191,8 +195,27 @@ impl Magnet {
         for peer in &self.peers {
             param(&mut uri, "xsource", &percent_encode(&peer.to_string()));
         }
+        for url in &self.exact_sources {
+            param(&mut uri, "xs", &percent_encode(url));
+        }
         uri
     }
+}
+
+/// The public HTTP listener's URL of a torrent's .torrent under `base` (a checked
+/// `--public-http-url` without its trailing `/`): `BASE/torrent/<HEX>.torrent`, the v1 hash
+/// (the itorrents form tools know), else the v2 one.
+pub fn exact_source_url(
+    base: &str,
+    btih: Option<&[u8; 20]>,
+    btmh: Option<&[u8; 32]>,
+) -> Option<String> {
+    let hash = match (btih, btmh) {
+        (Some(v1), _) => data_encoding::HEXUPPER.encode(v1),
+        (None, Some(v2)) => data_encoding::HEXUPPER.encode(v2),
+        (None, None) => return None,
+    };
+    Some(format!("{base}/torrent/{hash}.torrent"))
 }
 
 impl fmt::Display for Magnet {
@@ -281,7 +304,7 @@ impl fmt::Display for PeerAddr {
 
 /// Decodes `%XX` escapes (and `+` as space when `plus_is_space`); a malformed escape is
 /// kept literally, invalid UTF-8 becomes U+FFFD.
-fn percent_decode(s: &str, plus_is_space: bool) -> String {
+pub(crate) fn percent_decode(s: &str, plus_is_space: bool) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -306,7 +329,7 @@ fn percent_decode(s: &str, plus_is_space: bool) -> String {
 }
 
 /// Escapes everything but RFC 3986 unreserved characters.
-fn percent_encode(s: &str) -> String {
+pub(crate) fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for &b in s.as_bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
@@ -323,6 +346,37 @@ fn percent_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exact_source_is_written_percent_encoded_after_the_peers() {
+        let url = exact_source_url("https://cache.example.org/m", Some(&v1()), None).unwrap();
+        assert_eq!(
+            url,
+            format!(
+                "https://cache.example.org/m/torrent/{}.torrent",
+                HEX.to_uppercase()
+            )
+        );
+        let m = Magnet {
+            btih: Some(v1()),
+            peers: vec![PeerAddr::Socket("203.0.113.5:6881".parse().unwrap())],
+            exact_sources: vec![url],
+            ..Magnet::default()
+        };
+        let uri = m.to_uri();
+        assert!(
+            uri.ends_with(&format!(
+                "&xsource=203.0.113.5%3A6881&xs=https%3A%2F%2Fcache.example.org%2Fm%2Ftorrent%2F{}.torrent",
+                HEX.to_uppercase()
+            )),
+            "{uri}"
+        );
+        let v2 = [7u8; 32];
+        assert!(exact_source_url("http://h", None, Some(&v2))
+            .unwrap()
+            .ends_with(&format!("{}.torrent", "07".repeat(32))));
+        assert_eq!(exact_source_url("http://h", None, None), None);
+    }
 
     const HEX: &str = "c8295ce630f2064f08440db1534e37da6b4eabc7";
     const V2: &str = "8c7bd5ac8a5a6aa8b7e0e3ad1b2ac0f1be0e3b5f2b4a6e3e1d0c9b8a79685746";

@@ -102,6 +102,10 @@ struct MagnetArgs {
     /// A tracker `magnetar serve --announce-tracker` announces to, added as tr; repeatable.
     #[arg(long = "announce-tracker", value_name = "URL")]
     announce_trackers: Vec<String>,
+    /// The URL `magnetar serve --http` is reached at (e.g. https://cache.example.org/),
+    /// added as xs=URL/torrent/<HEX>.torrent (webtorrent and BiglyBT fetch it).
+    #[arg(long, value_name = "URL")]
+    public_http_url: Option<String>,
 }
 
 fn main() {
@@ -438,12 +442,23 @@ fn magnet(args: MagnetArgs) -> anyhow::Result<()> {
     } else {
         eprintln!("note: no --public-addr given, so the magnet has no x.pe pointing at magnetar");
     }
+    let exact_sources = match &args.public_http_url {
+        Some(url) => {
+            let base = config::check_public_http_url(url)?;
+            let hashes = &summary.hashes;
+            magnetar::magnet::exact_source_url(&base, hashes.v1.as_ref(), hashes.v2.as_ref())
+                .into_iter()
+                .collect()
+        }
+        None => Vec::new(),
+    };
     let magnet = Magnet {
         btih: summary.hashes.v1,
         btmh: summary.hashes.v2,
         display_name: Some(summary.name),
         trackers: args.announce_trackers,
         peers,
+        exact_sources,
         warnings: Vec::new(),
     };
     println!("{magnet}");

@@ -120,6 +120,39 @@ fn magnet_for_v1_v2_and_hybrid_records() {
         }
     }
 
+    // --public-http-url: an xs= naming the .torrent on the public HTTP listener (v1 hash
+    // when there is one, else v2), and a bad URL refused.
+    for name in ["hybrid_single", "v2_multi"] {
+        let (v1, v2) = fixture_hashes(name);
+        let key = v1.clone().or(v2.clone()).unwrap();
+        let out = magnetar(
+            &data,
+            &[
+                "magnet",
+                &key,
+                "--public-http-url",
+                "https://cache.example.org/",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let uri = String::from_utf8(out.stdout).unwrap();
+        let named = v1.or(v2).unwrap().to_uppercase();
+        assert!(
+            uri.trim().ends_with(&format!(
+                "&xs=https%3A%2F%2Fcache.example.org%2Ftorrent%2F{named}.torrent"
+            )),
+            "{uri}"
+        );
+    }
+    let key = fixture_hashes("v1_single").0.unwrap();
+    let out = magnetar(&data, &["magnet", &key, "--public-http-url", "ftp://x/"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("public-http-url"));
+
     let out = magnetar(&data, &["magnet", &"ab".repeat(20)]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not in the store"));

@@ -12,7 +12,7 @@ use magnetar::fuzz_entry;
 
 type Entry = fn(&[u8]);
 
-const TARGETS: [(&str, Entry); 7] = [
+const TARGETS: [(&str, Entry); 8] = [
     ("wire_decoder", fuzz_entry::wire_decoder),
     ("info_dict", fuzz_entry::info_dict),
     ("magnet", fuzz_entry::magnet),
@@ -20,6 +20,7 @@ const TARGETS: [(&str, Entry); 7] = [
     ("utp_connection", fuzz_entry::utp_connection),
     ("mse_responder", fuzz_entry::mse_responder),
     ("mse_session", fuzz_entry::mse_session),
+    ("http_request", fuzz_entry::http_request),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -88,6 +89,11 @@ fn mse_responder_corpus_and_regressions() {
 #[test]
 fn mse_session_corpus_and_regressions() {
     replay(TARGETS[6].0, TARGETS[6].1);
+}
+
+#[test]
+fn http_request_corpus_and_regressions() {
+    replay(TARGETS[7].0, TARGETS[7].1);
 }
 
 /// Every target has a fuzz target file and a corpus, and nothing in `fuzz/` names a target
@@ -314,6 +320,37 @@ fn write_seed_corpus() {
     utp_seeds();
     mse_seeds();
     mse_session_seeds();
+    http_seeds();
+}
+
+fn http_seeds() {
+    let v1 = "c8295ce630f2064f08440db1534e37da6b4eabc7";
+    for (name, req) in [
+        (
+            "get",
+            format!("GET /torrent/{v1}.torrent HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ),
+        (
+            "get-title-etag",
+            format!(
+                "GET /torrent/{}.torrent?title=A%20film%0d%0aX:+y HTTP/1.1\r\n\
+                 If-None-Match: W/\"{v1}-00000000\"\r\nConnection: close\r\n\r\n",
+                v1.to_uppercase()
+            ),
+        ),
+        (
+            "preflight",
+            "OPTIONS /torrent/x.torrent HTTP/1.1\r\nOrigin: http://a\r\n\
+             Access-Control-Request-Headers: user-agent, range\r\n\r\n"
+                .to_string(),
+        ),
+        (
+            "pipelined-head-1.0",
+            format!("HEAD /torrent/{v1}.torrent HTTP/1.0\r\n\r\nGET / HTTP/1.1\r\n\r\n"),
+        ),
+    ] {
+        write_seed("http_request", name, req.as_bytes());
+    }
 }
 
 /// A uTP header as the fuzz entry's records carry it: (control, datagram).

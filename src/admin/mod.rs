@@ -225,6 +225,15 @@ impl AdminState {
             display_name: name,
             trackers: self.cfg.trackers.clone(),
             peers: self.public_peer().into_iter().collect(),
+            exact_sources: self
+                .cfg
+                .public_http_url
+                .as_deref()
+                .and_then(|base| {
+                    crate::magnet::exact_source_url(base, hashes.v1.as_ref(), hashes.v2.as_ref())
+                })
+                .into_iter()
+                .collect(),
             warnings: Vec::new(),
         }
     }

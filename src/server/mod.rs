@@ -16,12 +16,14 @@
 //! - `udp`:      uTP on the same port: per-core datagram demultiplexing, timers, and the
 //!   uTP `Transport` (docs/transports.md)
 //! - `send`:     zero-copy vectored replies (headers + mmap slices)
+//! - `http`:     the public read-only HTTP listener (`--http`): .torrent by info-hash
 //! - `limiter`:  global and per-IP connection caps
 //! - `stats`:    per-core counters, summed by readers
 //! - `lifecycle`: signals (stop, reload), the systemd watchdog
 
 pub mod conn;
 pub mod deadlines;
+pub mod http;
 pub mod lifecycle;
 pub mod limiter;
 pub mod listener;
@@ -67,6 +69,8 @@ pub(crate) fn contain_panic<R>(
 /// A running server: its bound addresses and per-core counters.
 pub struct Server {
     pub local_addrs: Vec<SocketAddr>,
+    /// The public HTTP listener's addresses (empty: off).
+    pub http_addrs: Vec<SocketAddr>,
     pub stats: Vec<Arc<CoreStats>>,
     pub drivers: Vec<&'static str>,
     /// Whether the listeners came from systemd (socket activation).
@@ -129,7 +133,12 @@ impl Server {
     /// `listen=ADDR[,ADDR] driver=NAME`: the body of the `ready` line.
     pub fn describe(&self) -> String {
         let addrs: Vec<String> = self.local_addrs.iter().map(|a| a.to_string()).collect();
-        format!("listen={} driver={}", addrs.join(","), self.drivers[0])
+        let mut line = format!("listen={} driver={}", addrs.join(","), self.drivers[0]);
+        if !self.http_addrs.is_empty() {
+            let http: Vec<String> = self.http_addrs.iter().map(|a| a.to_string()).collect();
+            line.push_str(&format!(" http={}", http.join(",")));
+        }
+        line
     }
 }
 
@@ -161,6 +170,11 @@ pub fn start(
         .context("binding listeners")?
     };
     let local_addrs = sockets.local_addrs.clone();
+    // Our own SO_REUSEPORT sockets also under socket activation (systemd passes only the
+    // BitTorrent ones); no UDP beside them.
+    let http_sockets = listener::bind_all(&cfg.http, cfg.threads, cfg.listen_backlog, None)
+        .context("binding the public HTTP listener (--http)")?;
+    let http_addrs = http_sockets.local_addrs.clone();
     let limiter = limiter::ConnectionLimiter::new(cfg.connections_max, cfg.connections_per_ip_max);
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<&'static str>>();
@@ -172,10 +186,11 @@ pub fn start(
         sockets.per_worker.len(),
         "one shard per worker"
     );
-    for (index, ((listeners, udp), shard_mailbox)) in sockets
+    for (index, (((listeners, udp), http), shard_mailbox)) in sockets
         .per_worker
         .into_iter()
         .zip(sockets.udp_per_worker)
+        .zip(http_sockets.per_worker)
         .zip(shard_mailboxes)
         .enumerate()
     {
@@ -191,6 +206,7 @@ pub fn start(
             limiter: limiter.clone(),
             listeners,
             udp,
+            http,
             upstream: upstream.clone(),
             shard_mailbox,
             stop: stop_rx,
@@ -220,8 +236,13 @@ pub fn start(
         records = store.stats().records,
         "serving"
     );
+    if !http_addrs.is_empty() {
+        let http: Vec<String> = http_addrs.iter().map(|a| a.to_string()).collect();
+        tracing::info!(http = %http.join(","), "public HTTP listener");
+    }
     Ok(Server {
         local_addrs,
+        http_addrs,
         stats,
         drivers,
         socket_activated,

@@ -310,4 +310,28 @@ core_stats! {
     utp_payload_bytes_sent,
     /// uTP: payload bytes received (closed connections).
     utp_payload_bytes_received,
+    /// Public HTTP (`--http`): connections accepted.
+    http_connections_accepted,
+    /// Public HTTP: connections closed (any reason).
+    http_connections_closed,
+    /// Public HTTP: request heads parsed and answered.
+    http_requests,
+    /// Public HTTP: .torrent answers (200, GET or HEAD).
+    http_torrents_served,
+    /// Public HTTP: 304 answers (If-None-Match matched the ETag).
+    http_not_modified,
+    /// Public HTTP: 404 answers (unknown path, blocked hash, miss not filled in time).
+    http_not_found,
+    /// Public HTTP: 400/405/413/414/431 answers.
+    http_bad_requests,
+    /// Public HTTP: connections closed because a request head did not arrive in time.
+    http_request_timeouts,
+    /// Public HTTP: CORS preflights (OPTIONS) answered.
+    http_preflights,
+    /// Public HTTP: requests for an unknown hash (each starts or joins a miss).
+    http_misses,
+    /// Public HTTP: of those, filled within `http-miss-wait-ms` (answered 200).
+    http_misses_filled,
+    /// Public HTTP: of those, refused by a miss budget (answered 429).
+    http_misses_refused,
 }

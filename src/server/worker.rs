@@ -40,6 +40,8 @@ pub struct WorkerSpec {
     pub listeners: Vec<std::net::TcpListener>,
     /// uTP sockets, one per listen address (empty with `--utp off`).
     pub udp: Vec<std::net::UdpSocket>,
+    /// Public HTTP listeners, one per `--http` address (empty: off).
+    pub http: Vec<std::net::TcpListener>,
     pub upstream: Arc<Upstream>,
     /// This worker's shard of the miss path.
     pub shard_mailbox: flume::Receiver<ShardCmd>,
@@ -107,6 +109,7 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         limiter,
         listeners,
         udp,
+        http,
         upstream,
         shard_mailbox,
         stop,
@@ -165,6 +168,27 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
                 stop.clone(),
                 open.clone(),
             )));
+        }
+        if !http.is_empty() {
+            let shared = Rc::new(crate::server::http::HttpShared::new(&ctx.cfg));
+            for l in http {
+                let listener = match TcpListener::from_std(l) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ =
+                            ready.send(Err(anyhow::anyhow!("worker {index}: http listener: {e}")));
+                        return;
+                    }
+                };
+                accepts.push(monoio::spawn(crate::server::http::accept_loop(
+                    listener,
+                    ctx.clone(),
+                    shared.clone(),
+                    limiter.clone(),
+                    stop.clone(),
+                    open.clone(),
+                )));
+            }
         }
         let endpoints =
             match start_utp(udp, index, &ctx, &limiter, &open, &stop, own_ring.is_some()) {

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# The public HTTP listener (`serve --http`) against nginx serving the same .torrent file
+# from disk with sendfile, same run: wrk at 1, 64 and 256 connections, keep-alive and
+# `Connection: close`, ROUNDS interleaved rounds; requests/s, p50, p99 and server CPU per
+# request (utime+stime of the server's processes / requests). Both servers have one
+# worker pinned to CPU 0, wrk runs pinned to CPU 1. Needs: wrk, nginx (Debian), python3.
+#
+#   flock /work/bench.lock bash benches/http_nginx.sh [OUT_DIR]
+#
+# Env: ROUNDS (3), SECONDS_PER_RUN (5), PIECES (2000: a 40 KiB info dict, the size of a
+# typical torrent's; the .torrent is ~40 KiB).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${1:-$ROOT/benches/results/http-nginx}
+ROUNDS=${ROUNDS:-3}
+SECS=${SECONDS_PER_RUN:-5}
+PIECES=${PIECES:-2000}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+ulimit -n "$(ulimit -Hn)"
+M=$ROOT/target/release/magnetar
+[ -x "$M" ] || cargo build --release -q --bin magnetar
+W=$(mktemp -d /tmp/http-nginx.XXXXXX)
+chmod 755 "$W"
+cleanup() {
+  [ -n "${MPID:-}" ] && kill "$MPID" 2>/dev/null || true
+  [ -f "$W/nginx.pid" ] && kill "$(cat "$W/nginx.pid")" 2>/dev/null || true
+  sleep 0.3
+  rm -rf "$W"
+}
+trap cleanup EXIT
+
+# A v1 info dict of PIECES pieces, as a .torrent, imported.
+python3 - "$W/in.torrent" "$PIECES" <<'EOF'
+import sys, hashlib
+path, pieces = sys.argv[1], int(sys.argv[2])
+ph = b"".join(hashlib.sha1(i.to_bytes(4, "big")).digest() for i in range(pieces))
+info = b"d6:lengthi%de4:name9:bench.bin12:piece lengthi16384e6:pieces%d:" % (pieces * 16384, len(ph)) + ph + b"e"
+open(path, "wb").write(b"d4:info" + info + b"e")
+EOF
+mkdir -p "$W/torrents" && mv "$W/in.torrent" "$W/torrents/"
+"$M" --log error import --data-dir "$W/data" "$W/torrents" >/dev/null
+HEX=$(python3 -c "
+import sys,hashlib
+d=open('$W/torrents/in.torrent','rb').read()
+print(hashlib.sha1(d[7:-1]).hexdigest().upper())")
+
+MPORT=18380; NPORT=18381
+taskset -c 0 "$M" --log error serve --data-dir "$W/data" --listen 127.0.0.1:0 --utp off \
+  --admin off --no-dht --threads 1 --http "127.0.0.1:$MPORT" \
+  --connections-per-ip-max 100000 > "$W/magnetar.out" &
+MPID=$!
+for _ in $(seq 100); do grep -q '^ready' "$W/magnetar.out" && break; sleep 0.1; done
+grep -q '^ready' "$W/magnetar.out" || { echo "magnetar did not start"; exit 1; }
+
+mkdir -p "$W/www/torrent"
+curl -sf "http://127.0.0.1:$MPORT/torrent/$HEX.torrent" -o "$W/www/torrent/$HEX.torrent"
+chmod -R a+rX "$W/www"
+cat > "$W/nginx.conf" <<EOF
+worker_processes 1;
+daemon on;
+pid $W/nginx.pid;
+error_log $W/error.log;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  sendfile on; tcp_nopush on; tcp_nodelay on;
+  keepalive_requests 1000000;
+  open_file_cache max=100;
+  client_body_temp_path $W/tmp; proxy_temp_path $W/tmp; fastcgi_temp_path $W/tmp;
+  uwsgi_temp_path $W/tmp; scgi_temp_path $W/tmp;
+  types { application/x-bittorrent torrent; }
+  server {
+    listen 127.0.0.1:$NPORT;
+    root $W/www;
+    add_header Access-Control-Allow-Origin * always;
+    add_header Cache-Control "public, max-age=86400";
+  }
+}
+EOF
+mkdir -p "$W/tmp"
+taskset -c 0 nginx -c "$W/nginx.conf" -p "$W"
+sleep 0.3
+NPID=$(cat "$W/nginx.pid")
+cmp <(curl -sf "http://127.0.0.1:$NPORT/torrent/$HEX.torrent") "$W/www/torrent/$HEX.torrent"
+
+# utime+stime ticks of a process and its children (nginx: master + worker).
+ticks() {
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1" || true); do
+    total=$(( total + $(awk '{print $14 + $15}' "/proc/$p/stat") ))
+  done
+  echo "$total"
+}
+
+RES=$OUT/runs.tsv
+echo -e "round\tserver\tmode\tconns\treq_per_s\tp50_ms\tp99_ms\tcpu_us_per_req" > "$RES"
+HZ=$(getconf CLK_TCK)
+for round in $(seq "$ROUNDS"); do
+  for conns in 1 64 256; do
+    for mode in keepalive close; do
+      for server in magnetar nginx; do
+        if [ $server = magnetar ]; then port=$MPORT; pid=$MPID; else port=$NPORT; pid=$NPID; fi
+        hdr=(); [ $mode = close ] && hdr=(-H "Connection: close")
+        before=$(ticks "$pid")
+        out=$(taskset -c 1 wrk -t1 -c"$conns" -d"${SECS}s" --latency "${hdr[@]}" \
+          "http://127.0.0.1:$port/torrent/$HEX.torrent")
+        after=$(ticks "$pid")
+        python3 - "$round" "$server" "$mode" "$conns" "$((after - before))" "$HZ" "$out" >> "$RES" <<'EOF'
+import re, sys
+rnd, server, mode, conns, dt, hz, out = sys.argv[1:]
+def ms(tag):
+    m = re.search(r"^\s*%s\s+([\d.]+)(us|ms|s)\s*$" % re.escape(tag), out, re.M)
+    v, u = float(m.group(1)), m.group(2)
+    return v / 1000 if u == "us" else v * 1000 if u == "s" else v
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+reqs = int(re.search(r"(\d+) requests in", out).group(1))
+errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+assert not errs, f"{server}: non-2xx answers: {errs.group(1)}"
+cpu_us = int(dt) / int(hz) * 1e6 / max(reqs, 1)
+print(f"{rnd}\t{server}\t{mode}\t{conns}\t{rps:.0f}\t{ms('50%'):.3f}\t{ms('99%'):.3f}\t{cpu_us:.1f}")
+EOF
+        tail -1 "$RES"
+      done
+    done
+  done
+done
+
+python3 - "$RES" > "$OUT/summary.md" <<'EOF'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+med = lambda k, f: statistics.median(float(r[f]) for r in rows if (r["server"], r["mode"], r["conns"]) == k)
+print("| mode | conns | magnetar req/s | nginx req/s | ratio | magnetar p50/p99 ms | nginx p50/p99 ms | magnetar CPU µs/req | nginx CPU µs/req |")
+print("|---|---|---|---|---|---|---|---|---|")
+for mode in ("keepalive", "close"):
+    for conns in ("1", "64", "256"):
+        m, n = ("magnetar", mode, conns), ("nginx", mode, conns)
+        print(f"| {mode} | {conns} | {med(m,'req_per_s'):.0f} | {med(n,'req_per_s'):.0f} | {med(m,'req_per_s')/med(n,'req_per_s'):.2f} "
+              f"| {med(m,'p50_ms'):.3f} / {med(m,'p99_ms'):.3f} | {med(n,'p50_ms'):.3f} / {med(n,'p99_ms'):.3f} "
+              f"| {med(m,'cpu_us_per_req'):.1f} | {med(n,'cpu_us_per_req'):.1f} |")
+EOF
+cat "$OUT/summary.md"

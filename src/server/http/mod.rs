@@ -1,0 +1,433 @@
+//! The public, read-only HTTP listener (`--http`): `.torrent` files by info-hash for
+//! browsers (CORS) and tools that turn magnets into .torrent files.
+//!
+//! It runs on the worker cores like the BitTorrent listener: one `SO_REUSEPORT` socket
+//! per worker and address, a monoio task per connection, the record read straight from
+//! the store's mmap. The body is the stored info dict byte-exactly, wrapped like the admin
+//! plane's (`metainfo::build_torrent`: `announce`/`announce-list` of the configured
+//! trackers, then `info`): the wrapping's bytes before and after the dict are made once
+//! per worker, and a response goes out as one writev of head + wrapper, the mapped dict,
+//! and the closing `e`, so no metadata byte is copied in user space.
+//!
+//! An unknown hash takes the miss path a BitTorrent handshake takes (`Upstream::submit`:
+//! one fetch per hash however many wait, the per-IP and global miss budgets) and waits at
+//! most `--http-miss-wait-ms` for it: 200 when it arrives, 404 when it does not, 429 with
+//! `Retry-After` when a budget refused it.
+//!
+//! - `codec`: request heads in, answers out (no I/O)
+
+pub mod codec;
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use monoio::net::{TcpListener, TcpStream};
+use monoio::time::Instant;
+
+use crate::limits;
+use crate::server::limiter::ConnectionLimiter;
+use crate::server::send::OutBatch;
+use crate::server::session::{ReadOutcome, Transport, Wake, WorkerCtx};
+use crate::server::tcp::TcpTransport;
+use crate::server::worker::OpenSession;
+use crate::store::RecordRef;
+use crate::upstream::shard::{FetchFailure, FetchOutcome, Hints};
+use codec::{HeadError, Method, Request, Status, Target};
+
+/// What every connection of one worker shares: the .torrent wrapping and the timings.
+pub struct HttpShared {
+    /// The bytes of a .torrent before the info dict (`d` … `4:info`).
+    prefix: Vec<u8>,
+    /// A tag of the wrapping for ETags: the answer changes when the trackers do.
+    wrap_tag: u32,
+    miss_wait: Duration,
+    request_timeout: Duration,
+}
+
+/// The byte after the info dict: the end of the .torrent's top-level dict.
+const SUFFIX: &[u8] = b"e";
+
+impl HttpShared {
+    pub fn new(cfg: &crate::config::ServeConfig) -> HttpShared {
+        // `build_torrent` of an empty dict is exactly the wrapping around it.
+        let mut prefix = crate::metainfo::build_torrent(b"", &cfg.torrent_trackers);
+        let last = prefix.pop();
+        debug_assert_eq!(last, Some(SUFFIX[0]));
+        HttpShared {
+            wrap_tag: crc32fast::hash(&prefix),
+            prefix,
+            miss_wait: cfg.http_miss_wait,
+            request_timeout: cfg.http_request_timeout,
+        }
+    }
+
+    /// The ETag of `record`'s .torrent: its hash and the wrapping's tag.
+    fn etag(&self, record: &RecordRef) -> String {
+        format!("\"{}-{:08x}\"", hash_hex(record), self.wrap_tag)
+    }
+}
+
+/// The record's v1 hash in hex, or its v2 hash for a v2-only torrent.
+fn hash_hex(record: &RecordRef) -> String {
+    let hashes = record.hashes();
+    match (hashes.v1, hashes.v2) {
+        (Some(v1), _) => hex::encode(v1),
+        (None, Some(v2)) => hex::encode(v2),
+        (None, None) => String::new(),
+    }
+}
+
+/// Accepts HTTP connections on one worker until the server stops.
+pub async fn accept_loop(
+    listener: TcpListener,
+    ctx: Rc<WorkerCtx>,
+    http: Rc<HttpShared>,
+    limiter: Arc<ConnectionLimiter>,
+    stop: flume::Receiver<()>,
+    open: Rc<Cell<usize>>,
+) {
+    // As the BitTorrent accept loop: back off on EMFILE and friends instead of spinning.
+    let mut backoff = Duration::from_millis(5);
+    let mut stopped = pin!(stop.recv_async());
+    loop {
+        let accepted = monoio::select! {
+            r = listener.accept() => Some(r),
+            _ = &mut stopped => None,
+        };
+        let Some(accepted) = accepted else {
+            return;
+        };
+        let (stream, peer) = match accepted {
+            Ok(s) => {
+                backoff = Duration::from_millis(5);
+                s
+            }
+            Err(e) => {
+                ctx.stats.accept_errors.inc();
+                tracing::warn!("http accept failed: {e}; retrying in {backoff:?}");
+                monoio::select! {
+                    _ = monoio::time::sleep(backoff) => {},
+                    _ = &mut stopped => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        // The same caps as peer connections: one budget per IP over both protocols.
+        let permit = match limiter.try_admit(peer.ip()) {
+            Ok(p) => p,
+            Err(refusal) => {
+                refusal.counter(&ctx.stats).inc();
+                continue;
+            }
+        };
+        ctx.stats.http_connections_accepted.inc();
+        let _ = stream.set_nodelay(true);
+        let (ctx, http, open) = (ctx.clone(), http.clone(), OpenSession::new(open.clone()));
+        let stop_conn = stop.clone();
+        monoio::spawn(async move {
+            let _open = open;
+            let _permit = permit;
+            serve(stream, peer, &ctx, &http, &stop_conn).await;
+            ctx.stats.http_connections_closed.inc();
+        });
+    }
+}
+
+/// One connection: request heads, answers, until the client closes, asks to close, or
+/// stalls past a deadline. At shutdown (`stop` disconnected) a connection waiting for its
+/// next request closes at once; one in the middle of a request finishes it first (within
+/// the shutdown grace time).
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: &WorkerCtx,
+    http: &HttpShared,
+    stop: &flume::Receiver<()>,
+) {
+    let mut io = TcpTransport::new(stream);
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut out = OutBatch::new();
+    let mut served: u32 = 0;
+    // When the head being read started (accept, or its first byte): slowloris bound.
+    let mut head_since = Some(Instant::now());
+    loop {
+        let parsed = codec::parse_head(&buf);
+        let (req, used) = match parsed {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                let deadline = match head_since {
+                    Some(t) => t + http.request_timeout,
+                    None => Instant::now() + Duration::from_millis(limits::HTTP_KEEPALIVE_IDLE_MS),
+                };
+                // No byte of a request yet: between requests, or right after accept.
+                let idle = buf.is_empty();
+                let read = io.read_or_wake(&mut buf, deadline, 1024, None);
+                let woke = if idle {
+                    // Idle: the stop may end the wait (the pending read is cancelled with
+                    // the connection).
+                    monoio::select! {
+                        w = read => Some(w),
+                        _ = stop.recv_async() => None,
+                    }
+                } else {
+                    Some(read.await)
+                };
+                let Some(woke) = woke else {
+                    return;
+                };
+                match woke {
+                    Wake::Read(ReadOutcome::Data { .. }) => {
+                        head_since.get_or_insert_with(Instant::now);
+                        continue;
+                    }
+                    Wake::Read(ReadOutcome::Deadline) => {
+                        if head_since.is_some() && !buf.is_empty() {
+                            ctx.stats.http_request_timeouts.inc();
+                        }
+                        return;
+                    }
+                    _ => return, // EOF, a read error
+                }
+            }
+            Err(e) => {
+                ctx.stats.http_bad_requests.inc();
+                codec::text(
+                    out.head(),
+                    e.status(),
+                    false,
+                    head_error_text(e),
+                    false,
+                    None,
+                );
+                if send(&mut io, &mut out).await.is_ok() {
+                    linger(&mut io, &mut buf).await;
+                }
+                return;
+            }
+        };
+        buf.drain(..used);
+        served += 1;
+        ctx.stats.http_requests.inc();
+        let keep_alive = req.keep_alive && served < limits::HTTP_REQUESTS_PER_CONNECTION_MAX;
+        answer(&req, keep_alive, peer, ctx, http, &mut out).await;
+        if send(&mut io, &mut out).await.is_err() || !keep_alive {
+            return;
+        }
+        head_since = (!buf.is_empty()).then(Instant::now);
+    }
+}
+
+/// Reads and drops what the client still sends (the rest of a refused request) until it
+/// closes, or for `HTTP_LINGER_MS` / `HTTP_LINGER_BYTES_MAX`, so that our close does not
+/// reset the connection before the client has read the answer.
+async fn linger(io: &mut TcpTransport, buf: &mut Vec<u8>) {
+    let deadline = Instant::now() + Duration::from_millis(limits::HTTP_LINGER_MS);
+    let mut dropped = 0;
+    while dropped < limits::HTTP_LINGER_BYTES_MAX {
+        buf.clear();
+        match io.read_or_wake(buf, deadline, 4096, None).await {
+            Wake::Read(ReadOutcome::Data { .. }) => dropped += buf.len(),
+            _ => return,
+        }
+    }
+}
+
+async fn send(io: &mut TcpTransport, out: &mut OutBatch) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(limits::HTTP_WRITE_TIMEOUT_MS);
+    let (res, batch) = io.write_before(std::mem::take(out), deadline).await;
+    *out = batch;
+    res
+}
+
+fn head_error_text(e: HeadError) -> &'static str {
+    match e {
+        HeadError::Malformed => "bad request",
+        HeadError::HeadTooLarge => "request head too large",
+        HeadError::TargetTooLong => "request target too long",
+        HeadError::Body => "this server takes no request bodies",
+    }
+}
+
+/// Puts the answer to `req` into `out`.
+async fn answer(
+    req: &Request,
+    keep_alive: bool,
+    peer: SocketAddr,
+    ctx: &WorkerCtx,
+    http: &HttpShared,
+    out: &mut OutBatch,
+) {
+    let head_only = req.method == Method::Head;
+    let text = |out: &mut OutBatch, status, body: &str| {
+        codec::text(out.head(), status, keep_alive, body, head_only, None)
+    };
+    match req.method {
+        Method::Options => {
+            ctx.stats.http_preflights.inc();
+            return codec::preflight(out.head(), keep_alive, req.preflight_headers.as_deref());
+        }
+        Method::Other => {
+            ctx.stats.http_bad_requests.inc();
+            return text(out, Status::MethodNotAllowed, "only GET, HEAD and OPTIONS");
+        }
+        Method::Get | Method::Head => {}
+    }
+    let (hash, title) = match &req.target {
+        Target::Torrent { hash, title } => (hash, title),
+        Target::BadHash => {
+            ctx.stats.http_bad_requests.inc();
+            return text(
+                out,
+                Status::BadRequest,
+                "not an info-hash: want 40 hex or 32 base32 (v1), or 64 hex (v2)",
+            );
+        }
+        Target::Unknown => {
+            ctx.stats.http_not_found.inc();
+            return text(
+                out,
+                Status::NotFound,
+                "not found: GET /torrent/<info-hash>.torrent",
+            );
+        }
+    };
+    let record = match find(ctx, hash) {
+        Found::Record(r) => r,
+        Found::Blocked => {
+            ctx.stats.http_not_found.inc();
+            return text(out, Status::NotFound, "not available");
+        }
+        Found::Missing => match miss(ctx, http, hash, peer).await {
+            Ok(r) => r,
+            Err(MissEnd::NotFound(why)) => {
+                ctx.stats.http_not_found.inc();
+                return text(out, Status::NotFound, why);
+            }
+            Err(MissEnd::Refused) => {
+                ctx.stats.http_misses_refused.inc();
+                return codec::text(
+                    out.head(),
+                    Status::TooManyRequests,
+                    keep_alive,
+                    "too many unknown info-hashes asked for; retry later",
+                    head_only,
+                    Some(limits::HTTP_RETRY_AFTER_S),
+                );
+            }
+            Err(MissEnd::ShuttingDown) => {
+                return text(out, Status::ServiceUnavailable, "shutting down");
+            }
+        },
+    };
+    put_torrent(req, keep_alive, &record, title.as_deref(), ctx, http, out);
+}
+
+/// The .torrent of `record` (or a 304 when the client's copy is current) into `out`.
+fn put_torrent(
+    req: &Request,
+    keep_alive: bool,
+    record: &RecordRef,
+    title: Option<&str>,
+    ctx: &WorkerCtx,
+    http: &HttpShared,
+    out: &mut OutBatch,
+) {
+    let etag = http.etag(record);
+    if req
+        .if_none_match
+        .as_deref()
+        .is_some_and(|v| codec::etag_matches(v, &etag))
+    {
+        ctx.stats.http_not_modified.inc();
+        return codec::not_modified_head(out.head(), keep_alive, &etag);
+    }
+    let info = record.info();
+    let file_name = match title {
+        Some(t) => t.to_owned(),
+        None => format!("{}.torrent", hash_hex(record)),
+    };
+    let body_len = http.prefix.len() + info.len() + SUFFIX.len();
+    codec::torrent_head(out.head(), keep_alive, &etag, &file_name, body_len);
+    ctx.stats.http_torrents_served.inc();
+    if req.method == Method::Head {
+        return;
+    }
+    // Head + wrapper in the head buffer, the dict from the mmap, then the closing byte.
+    out.head().extend_from_slice(&http.prefix);
+    out.push_payload(record, 0..info.len());
+    out.head().extend_from_slice(SUFFIX);
+}
+
+enum Found {
+    Record(RecordRef),
+    Blocked,
+    Missing,
+}
+
+fn find(ctx: &WorkerCtx, hash: &crate::admin::HashQuery) -> Found {
+    if ctx.store.is_blocked(&hash.key) {
+        return Found::Blocked;
+    }
+    let record = match &hash.v2 {
+        Some(v2) => ctx.store.lookup_v2(v2),
+        None => ctx.store.lookup(&hash.key),
+    };
+    match record {
+        Some(r) => Found::Record(r),
+        None => Found::Missing,
+    }
+}
+
+enum MissEnd {
+    NotFound(&'static str),
+    Refused,
+    ShuttingDown,
+}
+
+/// Runs (or joins) the miss of `hash` and waits for it at most `miss_wait`.
+async fn miss(
+    ctx: &WorkerCtx,
+    http: &HttpShared,
+    hash: &crate::admin::HashQuery,
+    peer: SocketAddr,
+) -> Result<RecordRef, MissEnd> {
+    ctx.stats.http_misses.inc();
+    if !ctx.upstream.admit_miss_from(peer.ip()) {
+        return Err(MissEnd::Refused);
+    }
+    let waiter = ctx.upstream.submit(hash.key, Hints::default());
+    let outcome = monoio::select! {
+        o = waiter.recv_async() => Some(o),
+        _ = monoio::time::sleep(http.miss_wait) => None,
+    };
+    let not_found =
+        "not found: the swarm did not give its metadata in time (the fetch may go on; retry later)";
+    match outcome {
+        // The fetch goes on without us; a later request may find it stored.
+        None => Err(MissEnd::NotFound(not_found)),
+        Some(Err(_)) => Err(MissEnd::ShuttingDown),
+        Some(Ok(FetchOutcome::Ready(record))) => {
+            // A v2 request is keyed by the hash's first 20 bytes: check the rest.
+            if hash.v2.is_some() && record.hashes().v2 != hash.v2 {
+                return Err(MissEnd::NotFound("not found"));
+            }
+            ctx.stats.http_misses_filled.inc();
+            Ok(record)
+        }
+        Some(Ok(FetchOutcome::Failed(FetchFailure::Refused("blocked")))) => {
+            Err(MissEnd::NotFound("not available"))
+        }
+        Some(Ok(FetchOutcome::Failed(FetchFailure::Refused(_)))) => Err(MissEnd::Refused),
+        Some(Ok(FetchOutcome::Failed(FetchFailure::NegativeCached))) => Err(MissEnd::NotFound(
+            "not found: a recent fetch of this info-hash failed",
+        )),
+        Some(Ok(FetchOutcome::Failed(FetchFailure::Failed(_)))) => Err(MissEnd::NotFound(
+            "not found: the swarm did not give its metadata",
+        )),
+    }
+}
