@@ -57,12 +57,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::limits::{METADATA_BYTES_MAX, SEGMENT_BYTES_DEFAULT};
+use crate::limits::{
+    INDEX_SEGMENT_BYTES_MAX, INDEX_SEGMENT_SLOTS, METADATA_BYTES_MAX, SEGMENT_BYTES_DEFAULT,
+};
 use crate::metainfo::{v2_handshake_key, validate_info, InfoHashes, MetainfoError};
 
 use blocklist::Blocklist;
 pub use blocklist::{parse_hash_key, BadLine};
-use index::Index;
+use index::{Index, KeyHasher, PublishError};
 use lock::DirLock;
 pub use record::RecordRef;
 use record::{record_bytes, Header, HEADER_BYTES};
@@ -118,6 +120,21 @@ pub enum StoreError {
          raise --store-capacity"
     )]
     CapacityExhausted { capacity: u64, used: u64 },
+    /// The index names segments in a fixed table (`limits::INDEX_SEGMENT_SLOTS`).
+    #[error(
+        "more than {} segments hold records: the index cannot name another (use larger \
+         segments, or bound the store with --store-capacity)",
+        INDEX_SEGMENT_SLOTS
+    )]
+    IndexFull,
+    /// A record starts further into its segment than an index entry can say
+    /// (`limits::INDEX_SEGMENT_BYTES_MAX`): a segment written with a larger segment size.
+    #[error(
+        "{} offset {offset}: record past the {} byte segment size this magnetar indexes",
+        path.display(),
+        INDEX_SEGMENT_BYTES_MAX
+    )]
+    SegmentTooLarge { path: PathBuf, offset: u64 },
 }
 
 /// How a store is opened. One open and recovery path serves both; this flag is what differs.
@@ -471,7 +488,7 @@ impl Store {
         }
         let opts = StoreOptions {
             shards,
-            segment_bytes: segment_bytes.max(SEGMENT_BYTES_MIN),
+            segment_bytes: segment_bytes.clamp(SEGMENT_BYTES_MIN, INDEX_SEGMENT_BYTES_MAX),
             sync: opts.sync,
             capacity_bytes: opts.capacity_bytes,
         };
@@ -507,7 +524,7 @@ impl Store {
             track_refs,
         )?;
 
-        let index = Index::new();
+        let index = Index::new(KeyHasher::random());
         let mut report = RecoveryReport {
             segments: scanned.len(),
             blocklist_bad_lines: bad_lines,
@@ -567,12 +584,20 @@ impl Store {
                     report.blocked_skipped += 1;
                     continue;
                 }
+                if *offset - HEADER_BYTES >= INDEX_SEGMENT_BYTES_MAX as usize {
+                    return Err(StoreError::SegmentTooLarge {
+                        path: s.segment.path().to_path_buf(),
+                        offset: (*offset - HEADER_BYTES) as u64,
+                    });
+                }
                 let record = RecordRef::new(s.segment.clone(), *offset, header);
-                if index.publish(&header.hashes(), &record).is_ok() {
-                    report.records += 1;
-                    report.bytes += u64::from(header.info_len);
-                } else {
-                    report.duplicates += 1;
+                match index.publish(&header.hashes(), &record) {
+                    Ok(()) => {
+                        report.records += 1;
+                        report.bytes += u64::from(header.info_len);
+                    }
+                    Err(PublishError::Taken(_)) => report.duplicates += 1,
+                    Err(PublishError::SlotsFull) => return Err(StoreError::IndexFull),
                 }
             }
             // Sorted by (shard, seq): the last segment seen for a shard is its newest, where
@@ -719,7 +744,8 @@ impl Store {
             }
             // Another writer (caller-chosen shard) published the same dict first; ours stays on
             // disk as a duplicate that recovery will count and skip.
-            Err(existing) => Ok(AppendOutcome::AlreadyPresent(existing)),
+            Err(PublishError::Taken(existing)) => Ok(AppendOutcome::AlreadyPresent(existing)),
+            Err(PublishError::SlotsFull) => Err(StoreError::IndexFull),
         }
     }
 
@@ -838,7 +864,9 @@ impl Store {
                 offset: at as u64,
             });
         }
-        drop(writer);
+        // The writer stays held until the index and the tombstone map agree with the
+        // tombstone on disk: a checkpoint (taken under every writer) never sees one without
+        // the others.
         let keys: Vec<[u8; 20]> = tomb_hashes.handshake_keys().collect();
         {
             let mut tombs = self.tombstones.lock().unwrap_or_else(|p| p.into_inner());
@@ -853,6 +881,7 @@ impl Store {
                 self.bytes.fetch_sub(record.len() as u64, Ordering::Relaxed);
             }
         }
+        drop(writer);
         self.notify(StoreEvent::Deleted {
             keys: &keys,
             at: deleted_at,

@@ -23,7 +23,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -61,6 +61,9 @@ pub struct Segment {
     /// Eviction's use counts, 2 bits per `HEADER_BYTES` of reservation; empty when the store
     /// has no capacity bound.
     uses: Box<[AtomicU64]>,
+    /// This segment's slot in the index's segment table (`index::SegmentSlots`), 0 while no
+    /// index entry names it. Written only under the index's slot mutex.
+    pub(crate) index_slot: AtomicU32,
 }
 
 impl Segment {
@@ -127,6 +130,7 @@ impl Segment {
             file,
             map,
             uses: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            index_slot: AtomicU32::new(0),
         })
     }
 
