@@ -49,7 +49,7 @@ use crate::limits::{INDEX_SEGMENT_BYTES_MAX, INDEX_SEGMENT_SLOTS};
 use crate::metainfo::InfoHashes;
 use crate::mse::req2_hash;
 
-use super::record::{RecordRef, FLAG_V1, FLAG_V2, HEADER_BYTES, RECORD_ALIGN};
+use super::record::{Header, RecordRef, FLAG_V1, FLAG_V2, HEADER_BYTES, RECORD_ALIGN};
 use super::segment::Segment;
 
 /// Lock stripes. More than any core count we run on, so two readers rarely share a stripe with a
@@ -261,6 +261,10 @@ struct SegmentSlots {
 struct SlotState {
     /// Entries (both maps) naming each slot.
     refs: Vec<u32>,
+    /// Records (a hybrid once) and their info dict bytes in each slot's segment: the
+    /// store's totals, kept per segment so a checkpoint can drop a segment's share.
+    records: Vec<u64>,
+    bytes: Vec<u64>,
     free: Vec<usize>,
     /// Next never-used slot.
     next: usize,
@@ -277,6 +281,8 @@ impl SegmentSlots {
             segments: (0..INDEX_SEGMENT_SLOTS).map(|_| RwLock::new(None)).collect(),
             state: Mutex::new(SlotState {
                 refs: vec![0; INDEX_SEGMENT_SLOTS],
+                records: vec![0; INDEX_SEGMENT_SLOTS],
+                bytes: vec![0; INDEX_SEGMENT_SLOTS],
                 free: Vec::new(),
                 next: 1,
             }),
@@ -387,6 +393,12 @@ impl Index {
         let (slot, at) = entry_location(e);
         let segment = self.segments.get(slot)?;
         let header = segment.bytes(at, HEADER_BYTES);
+        // Trusted from a checkpoint and not read since: the bytes may have rotted on disk
+        // since they were verified. The header CRC first (the payload is re-hashed by the
+        // store before it is served, `Store::lookup`).
+        if segment.needs_verify(at) && Header::decode(header).is_err() {
+            return None;
+        }
         let (v1, v2) = header_keys(header);
         if v1.is_some_and(&accept) || v2.is_some_and(&accept) {
             Some(RecordRef::from_header_at(segment, at))
@@ -494,6 +506,8 @@ impl Index {
             .segments
             .acquire(&mut st, record.segment(), 2 * keys.len() as u32)
             .map_err(|SlotsFull| PublishError::SlotsFull)?;
+        st.records[slot] += 1;
+        st.bytes[slot] += record.len() as u64;
         drop(st);
         for (h, key) in &keys {
             let i = pos(stripe_of(*h));
@@ -544,6 +558,13 @@ impl Index {
                 Err(SlotsFull) => return false,
             }
         };
+        {
+            let mut st = self.segments.state();
+            st.records[new_slot] += 1;
+            st.bytes[new_slot] += new.len() as u64;
+            st.records[old_slot] -= 1;
+            st.bytes[old_slot] -= old.len() as u64;
+        }
         for (g, i, h, key) in naming {
             guards[g].1.slots[i] = make_entry(tag_of(h), new_slot, new_at);
             let r2 = self.hasher.hash(&req2_hash(&key));
@@ -587,10 +608,20 @@ impl Index {
                 req2.remove_at(j);
                 self.segments.release(&mut st, slot);
             }
+            if !removed {
+                st.records[slot] -= 1;
+                st.bytes[slot] -= record.len() as u64;
+            }
             self.segments.release(&mut st, slot);
             removed = true;
         }
         removed
+    }
+
+    /// (records, info dict bytes) in the index, a hybrid record once.
+    pub fn totals(&self) -> (u64, u64) {
+        let st = self.segments.state();
+        (st.records.iter().sum(), st.bytes.iter().sum())
     }
 
     /// Calls `f` once per (key, record) pair, one stripe at a time (a stripe's read lock is
@@ -627,7 +658,15 @@ impl Index {
         let st = self.segments.state();
         let slots = (1..st.next)
             .filter(|&s| st.refs[s] > 0)
-            .filter_map(|s| Some((s, self.segments.get(s)?, st.refs[s])))
+            .filter_map(|s| {
+                Some(SlotInfo {
+                    slot: s,
+                    segment: self.segments.get(s)?,
+                    refs: st.refs[s],
+                    records: st.records[s],
+                    bytes: st.bytes[s],
+                })
+            })
             .collect();
         IndexSnapshot {
             seed: self.hasher.seed(),
@@ -644,16 +683,18 @@ impl Index {
         let index = Index::new(KeyHasher::new(snapshot.seed));
         {
             let mut st = index.segments.state();
-            for (slot, segment, refs) in &snapshot.slots {
-                if *slot == 0 || *slot >= INDEX_SEGMENT_SLOTS {
+            for s in &snapshot.slots {
+                if s.slot == 0 || s.slot >= INDEX_SEGMENT_SLOTS {
                     return Err(SlotsFull);
                 }
-                *index.segments.segments[*slot]
+                *index.segments.segments[s.slot]
                     .write()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(segment.clone());
-                segment.index_slot.store(*slot as u32, Ordering::Relaxed);
-                st.refs[*slot] = *refs;
-                st.next = st.next.max(slot + 1);
+                    .unwrap_or_else(|p| p.into_inner()) = Some(s.segment.clone());
+                s.segment.index_slot.store(s.slot as u32, Ordering::Relaxed);
+                st.refs[s.slot] = s.refs;
+                st.records[s.slot] = s.records;
+                st.bytes[s.slot] = s.bytes;
+                st.next = st.next.max(s.slot + 1);
             }
             st.free = (1..st.next).filter(|&s| st.refs[s] == 0).collect();
         }
@@ -673,8 +714,17 @@ pub(crate) struct IndexSnapshot {
     /// `INDEX_SHARDS` tables each.
     pub main: Vec<Vec<u64>>,
     pub req2: Vec<Vec<u64>>,
-    /// (slot, segment, entries naming it).
-    pub slots: Vec<(usize, Arc<Segment>, u32)>,
+    pub slots: Vec<SlotInfo>,
+}
+
+/// A slot in use, in a snapshot.
+pub(crate) struct SlotInfo {
+    pub slot: usize,
+    pub segment: Arc<Segment>,
+    /// Entries naming it.
+    pub refs: u32,
+    pub records: u64,
+    pub bytes: u64,
 }
 
 impl IndexSnapshot {
@@ -699,12 +749,13 @@ impl IndexSnapshot {
             }
             *slots = table.slots;
         }
-        self.slots.retain(|(s, _, _)| keep(*s));
+        self.slots.retain(|s| keep(s.slot));
         dropped
     }
 
-    /// Whether every entry names a slot in `slots`, lies below `len_of(slot)`, and sits
-    /// where its tag places it: a checkpoint that passes can be restored as it is.
+    /// Whether every entry's header lies below `len_of(its slot)` (`None`: a slot the
+    /// checkpoint does not name): a checkpoint that passes never makes the index read past
+    /// the end of a file (which would be SIGBUS through the mapping).
     pub fn check(&self, len_of: impl Fn(usize) -> Option<u64>) -> bool {
         for slots in self.main.iter().chain(self.req2.iter()) {
             for &e in slots.iter().filter(|&&e| e != 0) {

@@ -24,6 +24,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -64,6 +65,15 @@ pub struct Segment {
     /// This segment's slot in the index's segment table (`index::SegmentSlots`), 0 while no
     /// index entry names it. Written only under the index's slot mutex.
     pub(crate) index_slot: AtomicU32,
+    /// Set when the store opened this segment from a checkpoint without re-hashing it: the
+    /// records below `below` are each verified the first time they are read (see
+    /// `Store::lookup`), one bit per `HEADER_BYTES` slot, set once verified.
+    unverified: OnceLock<Unverified>,
+}
+
+struct Unverified {
+    below: usize,
+    verified: Box<[AtomicU64]>,
 }
 
 impl Segment {
@@ -131,6 +141,7 @@ impl Segment {
             map,
             uses: (0..words).map(|_| AtomicU64::new(0)).collect(),
             index_slot: AtomicU32::new(0),
+            unverified: OnceLock::new(),
         })
     }
 
@@ -160,6 +171,40 @@ impl Segment {
             ) {
                 Ok(_) => return,
                 Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// The records below `len` were not verified at this start (trusted from a checkpoint):
+    /// each must be verified before it is first served. Called once, at open.
+    pub(crate) fn set_unverified_below(&self, len: usize) {
+        let words = (len / HEADER_BYTES).div_ceil(64);
+        let _ = self.unverified.set(Unverified {
+            below: len,
+            verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
+        });
+    }
+
+    /// Whether the record at `header_at` has not been verified since the store opened.
+    /// One atomic load for a segment opened from a checkpoint, none otherwise.
+    #[inline]
+    pub(crate) fn needs_verify(&self, header_at: usize) -> bool {
+        let Some(u) = self.unverified.get() else {
+            return false;
+        };
+        if header_at >= u.below {
+            return false;
+        }
+        let slot = header_at / HEADER_BYTES;
+        u.verified[slot / 64].load(Ordering::Acquire) & (1 << (slot % 64)) == 0
+    }
+
+    /// The record at `header_at` verified: serve it without checking again.
+    pub(crate) fn mark_verified(&self, header_at: usize) {
+        if let Some(u) = self.unverified.get() {
+            let slot = header_at / HEADER_BYTES;
+            if let Some(w) = u.verified.get(slot / 64) {
+                w.fetch_or(1 << (slot % 64), Ordering::Release);
             }
         }
     }

@@ -1,0 +1,297 @@
+//! The index checkpoint: `D/index.ckpt`, so a restart does not re-hash every record.
+//!
+//! Written by `Store::checkpoint` (at a clean shutdown, and when a read-write store is
+//! dropped) under every writer lock, so it is one consistent cut: the index tables as they
+//! are in memory (`index::IndexSnapshot`, 8 bytes per entry), the hash key they were placed
+//! with, the tombstone map, and for every segment its (shard, seq), the length it had, its
+//! inode and mtime, and which index slot names it.
+//!
+//! What it proves: every record an entry names, below its segment's recorded length, was
+//! verified (hashed against its info-hashes) when it was stored or at an earlier start. What
+//! it does not prove: that the bytes are still intact. So at open (`recovery::plan`):
+//! - a segment whose inode, length and mtime match, and whose mtime is older than the
+//!   checkpoint by `MTIME_MARGIN` (file times are coarse: a write in the same tick as the
+//!   checkpoint would leave the mtime unchanged), is taken as it is, unscanned; each of its
+//!   records is verified the first time it is served (`Segment::needs_verify`);
+//! - one that only grew (same inode, longer) keeps its checkpointed prefix and has the rest
+//!   scanned like any segment (the appends after the checkpoint; a torn tail is cut);
+//! - any other (shorter, rewritten, replaced, too recent) is scanned in full, and the
+//!   checkpoint's entries for it are dropped first; a segment the checkpoint does not know
+//!   is scanned in full; one it knows that is gone (evicted since) loses its entries;
+//! - tombstones and blocklist entries found or added since are applied to what it restored.
+//!
+//! Format (little-endian): magic `MGIX`, version, then the fields in `encode` order, then
+//! CRC-32 of all that. A checkpoint that does not parse, fails its CRC, or names an offset
+//! past a segment's length is ignored (with a log line): the full scan is always correct.
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use super::index::INDEX_SHARDS;
+
+pub(crate) const CHECKPOINT_FILE: &str = "index.ckpt";
+const MAGIC: [u8; 4] = *b"MGIX";
+const VERSION: u32 = 1;
+
+/// A segment modified this close before the checkpoint was written is scanned anyway: Linux
+/// file times advance by the coarse clock (a jiffy, 1–10 ms), so a write just after the
+/// checkpoint could leave the same mtime. 100 ms is ten ticks at HZ=100.
+pub(crate) const MTIME_MARGIN: Duration = Duration::from_millis(100);
+
+/// A segment as the checkpoint saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SegmentState {
+    pub shard: u32,
+    pub seq: u64,
+    pub len: u64,
+    pub ino: u64,
+    /// mtime, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Index slot naming it (0: none) and that slot's counts (`index::SlotInfo`).
+    pub slot: u32,
+    pub refs: u32,
+    pub records: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Checkpoint {
+    /// When it was written, nanoseconds since the epoch.
+    pub written_ns: i64,
+    pub seed: [u64; 2],
+    pub segments: Vec<SegmentState>,
+    pub tombstones: Vec<([u8; 20], u64)>,
+    /// `INDEX_SHARDS` tables each.
+    pub main: Vec<Vec<u64>>,
+    pub req2: Vec<Vec<u64>>,
+}
+
+/// (ino, mtime ns, len) of a file.
+pub(crate) fn file_identity(meta: &std::fs::Metadata) -> (u64, i64, u64) {
+    (
+        meta.ino(),
+        meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
+        meta.len(),
+    )
+}
+
+fn put_u64s(out: &mut Vec<u8>, v: &[u64]) {
+    out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+    out.reserve(v.len() * 8);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+impl Checkpoint {
+    pub fn encode(&self) -> Vec<u8> {
+        let entries: usize = self.main.iter().chain(&self.req2).map(Vec::len).sum();
+        let mut b = Vec::with_capacity(64 + self.segments.len() * 64 + entries * 8 + 1024);
+        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&self.written_ns.to_le_bytes());
+        b.extend_from_slice(&self.seed[0].to_le_bytes());
+        b.extend_from_slice(&self.seed[1].to_le_bytes());
+        b.extend_from_slice(&(self.segments.len() as u64).to_le_bytes());
+        for s in &self.segments {
+            b.extend_from_slice(&s.shard.to_le_bytes());
+            b.extend_from_slice(&s.seq.to_le_bytes());
+            b.extend_from_slice(&s.len.to_le_bytes());
+            b.extend_from_slice(&s.ino.to_le_bytes());
+            b.extend_from_slice(&s.mtime_ns.to_le_bytes());
+            b.extend_from_slice(&s.slot.to_le_bytes());
+            b.extend_from_slice(&s.refs.to_le_bytes());
+            b.extend_from_slice(&s.records.to_le_bytes());
+            b.extend_from_slice(&s.bytes.to_le_bytes());
+        }
+        b.extend_from_slice(&(self.tombstones.len() as u64).to_le_bytes());
+        for (k, t) in &self.tombstones {
+            b.extend_from_slice(k);
+            b.extend_from_slice(&t.to_le_bytes());
+        }
+        for t in self.main.iter().chain(&self.req2) {
+            put_u64s(&mut b, t);
+        }
+        let crc = crc32fast::hash(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// `None` (and why, for the log) when `bytes` is not a whole checkpoint of this version.
+    pub fn decode(bytes: &[u8]) -> Result<Checkpoint, &'static str> {
+        let (body, crc) = bytes
+            .split_last_chunk::<4>()
+            .ok_or("shorter than its CRC")?;
+        if crc32fast::hash(body) != u32::from_le_bytes(*crc) {
+            return Err("CRC mismatch");
+        }
+        let mut r = Reader { b: body };
+        if r.take(4)? != MAGIC {
+            return Err("not a checkpoint (magic)");
+        }
+        if r.u32()? != VERSION {
+            return Err("another checkpoint version");
+        }
+        let written_ns = r.u64()? as i64;
+        let seed = [r.u64()?, r.u64()?];
+        let n = r.count(60)?;
+        let mut segments = Vec::with_capacity(n);
+        for _ in 0..n {
+            segments.push(SegmentState {
+                shard: r.u32()?,
+                seq: r.u64()?,
+                len: r.u64()?,
+                ino: r.u64()?,
+                mtime_ns: r.u64()? as i64,
+                slot: r.u32()?,
+                refs: r.u32()?,
+                records: r.u64()?,
+                bytes: r.u64()?,
+            });
+        }
+        let n = r.count(28)?;
+        let mut tombstones = Vec::with_capacity(n);
+        for _ in 0..n {
+            let k: [u8; 20] = r.take(20)?.try_into().expect("20 bytes");
+            tombstones.push((k, r.u64()?));
+        }
+        let mut tables = Vec::with_capacity(2 * INDEX_SHARDS);
+        for _ in 0..2 * INDEX_SHARDS {
+            let n = r.count(8)?;
+            let raw = r.take(n * 8)?;
+            tables.push(
+                raw.chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect::<Vec<u64>>(),
+            );
+        }
+        if !r.b.is_empty() {
+            return Err("trailing bytes");
+        }
+        let req2 = tables.split_off(INDEX_SHARDS);
+        Ok(Checkpoint {
+            written_ns,
+            seed,
+            segments,
+            tombstones,
+            main: tables,
+            req2,
+        })
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
+        if self.b.len() < n {
+            return Err("truncated");
+        }
+        let (head, rest) = self.b.split_at(n);
+        self.b = rest;
+        Ok(head)
+    }
+
+    fn u32(&mut self) -> Result<u32, &'static str> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+
+    fn u64(&mut self) -> Result<u64, &'static str> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+
+    /// A count of items of at least `item_bytes` each, checked against what is left (so a
+    /// damaged count cannot ask for a huge allocation).
+    fn count(&mut self, item_bytes: usize) -> Result<usize, &'static str> {
+        let n = self.u64()?;
+        if n.saturating_mul(item_bytes as u64) > self.b.len() as u64 {
+            return Err("count past the end");
+        }
+        Ok(n as usize)
+    }
+}
+
+/// The checkpoint in `dir`, if there is a valid one.
+pub(crate) fn read(dir: &Path) -> Option<Checkpoint> {
+    let path = dir.join(CHECKPOINT_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), "index checkpoint unreadable, full scan: {e}");
+            return None;
+        }
+    };
+    match Checkpoint::decode(&bytes) {
+        Ok(c) => Some(c),
+        Err(why) => {
+            tracing::warn!(file = %path.display(), "index checkpoint ignored ({why}); full scan");
+            None
+        }
+    }
+}
+
+/// Write `ckpt` durably: a temporary file, fsync'ed, renamed over the old one, the
+/// directory fsync'ed. A crash at any point leaves the old checkpoint or the new one.
+pub(crate) fn write(dir: &Path, ckpt: &Checkpoint) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{CHECKPOINT_FILE}.tmp"));
+    let bytes = ckpt.encode();
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_data()?;
+    }
+    std::fs::rename(&tmp, dir.join(CHECKPOINT_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Remove the checkpoint (it no longer describes the segments; e.g. a test's tool).
+#[cfg(test)]
+pub(crate) fn remove(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join(CHECKPOINT_FILE));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Checkpoint {
+        Checkpoint {
+            written_ns: 1_700_000_000_123_456_789,
+            seed: [7, 9],
+            segments: vec![SegmentState {
+                shard: 1,
+                seq: 42,
+                len: 4096,
+                ino: 77,
+                mtime_ns: 1_700_000_000_000_000_001,
+                slot: 3,
+                refs: 10,
+                records: 5,
+                bytes: 1500,
+            }],
+            tombstones: vec![([4; 20], 1_700_000_000)],
+            main: (0..INDEX_SHARDS as u64).map(|i| vec![i, 0, i << 40]).collect(),
+            req2: (0..INDEX_SHARDS as u64).map(|i| vec![0; i as usize]).collect(),
+        }
+    }
+
+    #[test]
+    fn round_trips_and_refuses_any_damage() {
+        let c = sample();
+        let b = c.encode();
+        assert_eq!(Checkpoint::decode(&b).unwrap(), c);
+        for i in (0..b.len()).step_by(7) {
+            let mut bad = b.clone();
+            bad[i] ^= 0x10;
+            assert!(Checkpoint::decode(&bad).is_err(), "flip at {i}");
+        }
+        for cut in [0, 3, 4, b.len() / 2, b.len() - 1] {
+            assert!(Checkpoint::decode(&b[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+}
