@@ -56,13 +56,16 @@ pub(crate) struct SegmentState {
     pub bytes: u64,
 }
 
+/// (handshake key, newest tombstone's stamp) pairs.
+pub(crate) type Tombstones = Vec<([u8; 20], u64)>;
+
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Checkpoint {
     /// When it was written, nanoseconds since the epoch.
     pub written_ns: i64,
     pub seed: [u64; 2],
     pub segments: Vec<SegmentState>,
-    pub tombstones: Vec<([u8; 20], u64)>,
+    pub tombstones: Tombstones,
     /// `INDEX_SHARDS` tables each.
     pub main: Vec<Vec<u64>>,
     pub req2: Vec<Vec<u64>>,
@@ -247,12 +250,6 @@ pub(crate) fn write(dir: &Path, ckpt: &Checkpoint) -> std::io::Result<()> {
     }
     std::fs::rename(&tmp, dir.join(CHECKPOINT_FILE))?;
     std::fs::File::open(dir)?.sync_all()
-}
-
-/// Remove the checkpoint (it no longer describes the segments; e.g. a test's tool).
-#[cfg(test)]
-pub(crate) fn remove(dir: &Path) {
-    let _ = std::fs::remove_file(dir.join(CHECKPOINT_FILE));
 }
 
 #[cfg(test)]

@@ -153,10 +153,6 @@ impl Table {
         Table { slots, len }
     }
 
-    pub fn slots(&self) -> &[u64] {
-        &self.slots
-    }
-
     fn home(&self, tag: u64) -> usize {
         ((tag * self.slots.len() as u64) >> TAG_BITS) as usize
     }
@@ -247,6 +243,7 @@ impl Table {
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }
@@ -384,10 +381,6 @@ impl Index {
         }
     }
 
-    pub fn hasher(&self) -> KeyHasher {
-        self.hasher
-    }
-
     /// The record an entry names, if its header carries a key `accept` takes.
     fn resolve(&self, e: u64, accept: impl Fn(&[u8]) -> bool) -> Option<RecordRef> {
         let (slot, at) = entry_location(e);
@@ -431,11 +424,6 @@ impl Index {
     #[cfg(test)]
     pub fn req2_len(&self) -> usize {
         self.req2.iter().map(|s| read(s).len()).sum()
-    }
-
-    /// Entries in the main map (a hybrid record counts twice).
-    pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| read(s).len()).sum()
     }
 
     /// Bytes the tables and the slot table take (capacity, not load): what the index costs
