@@ -80,18 +80,22 @@ pub(crate) fn file_identity(meta: &std::fs::Metadata) -> (u64, i64, u64) {
     )
 }
 
-fn put_u64s(out: &mut Vec<u8>, v: &[u64]) {
-    out.extend_from_slice(&(v.len() as u64).to_le_bytes());
-    out.reserve(v.len() * 8);
-    for x in v {
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-}
-
 impl Checkpoint {
+    /// The whole checkpoint in memory (tests; `write` streams it).
+    #[cfg(test)]
     pub fn encode(&self) -> Vec<u8> {
-        let entries: usize = self.main.iter().chain(&self.req2).map(Vec::len).sum();
-        let mut b = Vec::with_capacity(64 + self.segments.len() * 64 + entries * 8 + 1024);
+        let mut b = Vec::new();
+        self.encode_to(&mut b).expect("writing to a Vec");
+        b
+    }
+
+    /// Write the checkpoint to `out`, its CRC last.
+    pub fn encode_to(&self, out: &mut impl Write) -> std::io::Result<()> {
+        let mut w = CrcWriter {
+            out,
+            crc: crc32fast::Hasher::new(),
+        };
+        let mut b = Vec::with_capacity(64 + self.segments.len() * 64 + self.tombstones.len() * 28);
         b.extend_from_slice(&MAGIC);
         b.extend_from_slice(&VERSION.to_le_bytes());
         b.extend_from_slice(&self.written_ns.to_le_bytes());
@@ -114,74 +118,32 @@ impl Checkpoint {
             b.extend_from_slice(k);
             b.extend_from_slice(&t.to_le_bytes());
         }
+        w.write_all(&b)?;
         for t in self.main.iter().chain(&self.req2) {
-            put_u64s(&mut b, t);
+            w.write_all(&(t.len() as u64).to_le_bytes())?;
+            for part in t.chunks(8192) {
+                b.clear();
+                for x in part {
+                    b.extend_from_slice(&x.to_le_bytes());
+                }
+                w.write_all(&b)?;
+            }
         }
-        let crc = crc32fast::hash(&b);
-        b.extend_from_slice(&crc.to_le_bytes());
-        b
+        let crc = w.crc.finalize();
+        w.out.write_all(&crc.to_le_bytes())
     }
+}
 
-    /// `None` (and why, for the log) when `bytes` is not a whole checkpoint of this version.
-    pub fn decode(bytes: &[u8]) -> Result<Checkpoint, &'static str> {
-        let (body, crc) = bytes
-            .split_last_chunk::<4>()
-            .ok_or("shorter than its CRC")?;
-        if crc32fast::hash(body) != u32::from_le_bytes(*crc) {
-            return Err("CRC mismatch");
-        }
-        let mut r = Reader { b: body };
-        if r.take(4)? != MAGIC {
-            return Err("not a checkpoint (magic)");
-        }
-        if r.u32()? != VERSION {
-            return Err("another checkpoint version");
-        }
-        let written_ns = r.u64()? as i64;
-        let seed = [r.u64()?, r.u64()?];
-        let n = r.count(60)?;
-        let mut segments = Vec::with_capacity(n);
-        for _ in 0..n {
-            segments.push(SegmentState {
-                shard: r.u32()?,
-                seq: r.u64()?,
-                len: r.u64()?,
-                ino: r.u64()?,
-                mtime_ns: r.u64()? as i64,
-                slot: r.u32()?,
-                refs: r.u32()?,
-                records: r.u64()?,
-                bytes: r.u64()?,
-            });
-        }
-        let n = r.count(28)?;
-        let mut tombstones = Vec::with_capacity(n);
-        for _ in 0..n {
-            let k: [u8; 20] = r.take(20)?.try_into().expect("20 bytes");
-            tombstones.push((k, r.u64()?));
-        }
-        let mut tables = Vec::with_capacity(2 * INDEX_SHARDS);
-        for _ in 0..2 * INDEX_SHARDS {
-            let n = r.count(8)?;
-            let raw = r.take(n * 8)?;
-            tables.push(
-                raw.chunks_exact(8)
-                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-                    .collect::<Vec<u64>>(),
-            );
-        }
-        if !r.b.is_empty() {
-            return Err("trailing bytes");
-        }
-        let req2 = tables.split_off(INDEX_SHARDS);
-        Ok(Checkpoint {
-            written_ns,
-            seed,
-            segments,
-            tombstones,
-            main: tables,
-            req2,
-        })
+/// Passes bytes on, CRC-ing them.
+struct CrcWriter<'a, W: Write> {
+    out: &'a mut W,
+    crc: crc32fast::Hasher,
+}
+
+impl<W: Write> CrcWriter<'_, W> {
+    fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.crc.update(b);
+        self.out.write_all(b)
     }
 }
 
@@ -206,30 +168,20 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, &'static str> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
-
-    /// A count of items of at least `item_bytes` each, checked against what is left (so a
-    /// damaged count cannot ask for a huge allocation).
-    fn count(&mut self, item_bytes: usize) -> Result<usize, &'static str> {
-        let n = self.u64()?;
-        if n.saturating_mul(item_bytes as u64) > self.b.len() as u64 {
-            return Err("count past the end");
-        }
-        Ok(n as usize)
-    }
 }
 
 /// The checkpoint in `dir`, if there is a valid one.
 pub(crate) fn read(dir: &Path) -> Option<Checkpoint> {
     let path = dir.join(CHECKPOINT_FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => {
             tracing::warn!(file = %path.display(), "index checkpoint unreadable, full scan: {e}");
             return None;
         }
     };
-    match Checkpoint::decode(&bytes) {
+    match read_from(file) {
         Ok(c) => Some(c),
         Err(why) => {
             tracing::warn!(file = %path.display(), "index checkpoint ignored ({why}); full scan");
@@ -238,15 +190,133 @@ pub(crate) fn read(dir: &Path) -> Option<Checkpoint> {
     }
 }
 
+/// Decode a checkpoint from a file without holding its bytes twice (the tables are most of
+/// it: a 10M-record store's are ~250 MB): everything but the tables through `decode`'s
+/// reader, the tables straight into their vectors, the CRC computed as it goes.
+fn read_from(file: std::fs::File) -> Result<Checkpoint, String> {
+    use std::io::Read;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut f = Input {
+        f: std::io::BufReader::with_capacity(1 << 20, file),
+        crc: crc32fast::Hasher::new(),
+        left: len.checked_sub(4).ok_or("shorter than its CRC")?,
+    };
+    let mut head = [0u8; 40];
+    f.take(&mut head)?;
+    let mut r = Reader { b: &head[..] };
+    if r.take(4)? != MAGIC {
+        return Err("not a checkpoint (magic)".into());
+    }
+    if r.u32()? != VERSION {
+        return Err("another checkpoint version".into());
+    }
+    let written_ns = r.u64()? as i64;
+    let seed = [r.u64()?, r.u64()?];
+    let n = r.u64()?;
+    const SEGMENT_BYTES: u64 = 4 + 8 * 4 + 4 + 4 + 8 * 2;
+    let mut segs = vec![0u8; usize::try_from(n.saturating_mul(SEGMENT_BYTES).min(f.left)).map_err(|_| "size")?];
+    f.take(&mut segs)?;
+    if segs.len() as u64 != n * SEGMENT_BYTES {
+        return Err("count past the end".into());
+    }
+    let mut r = Reader { b: &segs[..] };
+    let mut segments = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        segments.push(SegmentState {
+            shard: r.u32()?,
+            seq: r.u64()?,
+            len: r.u64()?,
+            ino: r.u64()?,
+            mtime_ns: r.u64()? as i64,
+            slot: r.u32()?,
+            refs: r.u32()?,
+            records: r.u64()?,
+            bytes: r.u64()?,
+        });
+    }
+    let mut word = [0u8; 8];
+    f.take(&mut word)?;
+    let n = u64::from_le_bytes(word);
+    let mut tombs = vec![0u8; usize::try_from(n.saturating_mul(28).min(f.left)).map_err(|_| "size")?];
+    f.take(&mut tombs)?;
+    if tombs.len() as u64 != n * 28 {
+        return Err("count past the end".into());
+    }
+    let tombstones = tombs
+        .chunks_exact(28)
+        .map(|c| {
+            let k: [u8; 20] = c[..20].try_into().expect("20 bytes");
+            (k, u64::from_le_bytes(c[20..].try_into().expect("8 bytes")))
+        })
+        .collect();
+    let mut tables = Vec::with_capacity(2 * INDEX_SHARDS);
+    let mut chunk = vec![0u8; 1 << 16];
+    for _ in 0..2 * INDEX_SHARDS {
+        f.take(&mut word)?;
+        let n = u64::from_le_bytes(word);
+        if n.saturating_mul(8) > f.left {
+            return Err("count past the end".into());
+        }
+        let mut t = Vec::with_capacity(n as usize);
+        let mut rest = n as usize * 8;
+        while rest > 0 {
+            let part = &mut chunk[..rest.min(1 << 16)];
+            f.take(part)?;
+            t.extend(
+                part.chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
+            );
+            rest -= part.len();
+        }
+        tables.push(t);
+    }
+    if f.left != 0 {
+        return Err("trailing bytes".into());
+    }
+    let mut stored = [0u8; 4];
+    f.f.read_exact(&mut stored).map_err(|e| e.to_string())?;
+    if f.crc.finalize() != u32::from_le_bytes(stored) {
+        return Err("CRC mismatch".into());
+    }
+    let req2 = tables.split_off(INDEX_SHARDS);
+    Ok(Checkpoint {
+        written_ns,
+        seed,
+        segments,
+        tombstones,
+        main: tables,
+        req2,
+    })
+}
+
+/// The checkpoint file being read: bytes left before the CRC, and the CRC so far.
+struct Input {
+    f: std::io::BufReader<std::fs::File>,
+    crc: crc32fast::Hasher,
+    left: u64,
+}
+
+impl Input {
+    fn take(&mut self, buf: &mut [u8]) -> Result<(), String> {
+        use std::io::Read;
+        if (buf.len() as u64) > self.left {
+            return Err("truncated".into());
+        }
+        self.f.read_exact(buf).map_err(|e| e.to_string())?;
+        self.crc.update(buf);
+        self.left -= buf.len() as u64;
+        Ok(())
+    }
+}
+
 /// Write `ckpt` durably: a temporary file, fsync'ed, renamed over the old one, the
 /// directory fsync'ed. A crash at any point leaves the old checkpoint or the new one.
 pub(crate) fn write(dir: &Path, ckpt: &Checkpoint) -> std::io::Result<()> {
     let tmp = dir.join(format!("{CHECKPOINT_FILE}.tmp"));
-    let bytes = ckpt.encode();
     {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_data()?;
+        let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+        ckpt.encode_to(&mut f)?;
+        f.into_inner().map_err(|e| e.into_error())?.sync_data()?;
     }
     std::fs::rename(&tmp, dir.join(CHECKPOINT_FILE))?;
     std::fs::File::open(dir)?.sync_all()
@@ -277,18 +347,30 @@ mod tests {
         }
     }
 
+    fn decode(dir: &Path, bytes: &[u8]) -> Result<Checkpoint, String> {
+        let path = dir.join("c");
+        std::fs::write(&path, bytes).unwrap();
+        read_from(std::fs::File::open(&path).unwrap())
+    }
+
     #[test]
     fn round_trips_and_refuses_any_damage() {
+        let dir = tempfile::tempdir().unwrap();
         let c = sample();
         let b = c.encode();
-        assert_eq!(Checkpoint::decode(&b).unwrap(), c);
+        assert_eq!(decode(dir.path(), &b).unwrap(), c);
+        write(dir.path(), &c).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), c);
         for i in (0..b.len()).step_by(7) {
             let mut bad = b.clone();
             bad[i] ^= 0x10;
-            assert!(Checkpoint::decode(&bad).is_err(), "flip at {i}");
+            assert!(decode(dir.path(), &bad).is_err(), "flip at {i}");
         }
         for cut in [0, 3, 4, b.len() / 2, b.len() - 1] {
-            assert!(Checkpoint::decode(&b[..cut]).is_err(), "cut at {cut}");
+            assert!(decode(dir.path(), &b[..cut]).is_err(), "cut at {cut}");
         }
+        let mut longer = b.clone();
+        longer.extend_from_slice(&[0; 8]);
+        assert!(decode(dir.path(), &longer).is_err());
     }
 }
