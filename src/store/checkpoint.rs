@@ -121,12 +121,19 @@ impl Checkpoint {
         w.write_all(&b)?;
         for t in self.main.iter().chain(&self.req2) {
             w.write_all(&(t.len() as u64).to_le_bytes())?;
-            for part in t.chunks(8192) {
-                b.clear();
-                for x in part {
-                    b.extend_from_slice(&x.to_le_bytes());
+            if cfg!(target_endian = "little") {
+                // SAFETY: the same memory as bytes (u8: alignment 1, no invalid values).
+                w.write_all(unsafe {
+                    std::slice::from_raw_parts(t.as_ptr().cast::<u8>(), std::mem::size_of_val(&t[..]))
+                })?;
+            } else {
+                for part in t.chunks(8192) {
+                    b.clear();
+                    for x in part {
+                        b.extend_from_slice(&x.to_le_bytes());
+                    }
+                    w.write_all(&b)?;
                 }
-                w.write_all(&b)?;
             }
         }
         let crc = w.crc.finalize();
@@ -250,23 +257,18 @@ fn read_from(file: std::fs::File) -> Result<Checkpoint, String> {
         })
         .collect();
     let mut tables = Vec::with_capacity(2 * INDEX_SHARDS);
-    let mut chunk = vec![0u8; 1 << 16];
     for _ in 0..2 * INDEX_SHARDS {
         f.take(&mut word)?;
         let n = u64::from_le_bytes(word);
         if n.saturating_mul(8) > f.left {
             return Err("count past the end".into());
         }
-        let mut t = Vec::with_capacity(n as usize);
-        let mut rest = n as usize * 8;
-        while rest > 0 {
-            let part = &mut chunk[..rest.min(1 << 16)];
-            f.take(part)?;
-            t.extend(
-                part.chunks_exact(8)
-                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
-            );
-            rest -= part.len();
+        let mut t = vec![0u64; n as usize];
+        f.take(u64s_as_bytes(&mut t))?;
+        if cfg!(target_endian = "big") {
+            for x in t.iter_mut() {
+                *x = u64::from_le(*x);
+            }
         }
         tables.push(t);
     }
@@ -287,6 +289,13 @@ fn read_from(file: std::fs::File) -> Result<Checkpoint, String> {
         main: tables,
         req2,
     })
+}
+
+/// The bytes of `v`, to read a table straight into (the tables are most of the file).
+fn u64s_as_bytes(v: &mut [u64]) -> &mut [u8] {
+    // SAFETY: any byte pattern is a valid u64, u8 has alignment 1, and the length is the
+    // same memory; the borrow of `v` is held for the lifetime of the result.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
 /// The checkpoint file being read: bytes left before the CRC, and the CRC so far.

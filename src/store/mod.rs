@@ -477,10 +477,14 @@ fn restore_checkpoint(
         .map(|s| ((s.segment.shard(), s.segment.seq()), s))
         .collect();
     let mut slots = Vec::new();
-    let mut trusted_len: HashMap<usize, u64> = HashMap::new();
+    // By slot (a Vec: `check` looks every entry's slot up).
+    let mut trusted_len: Vec<Option<u64>> = vec![None; INDEX_SEGMENT_SLOTS];
     for c in ckpt.segments.iter().filter(|c| c.slot != 0) {
         if let Some(s) = by_name.get(&(c.shard as usize, c.seq)) {
-            trusted_len.insert(c.slot as usize, s.trusted_below);
+            let Some(t) = trusted_len.get_mut(c.slot as usize) else {
+                return Err("bad segment slot");
+            };
+            *t = Some(s.trusted_below);
             slots.push(index::SlotInfo {
                 slot: c.slot as usize,
                 segment: s.segment.clone(),
@@ -499,11 +503,11 @@ fn restore_checkpoint(
     if snapshot.main.len() != index::INDEX_SHARDS || snapshot.req2.len() != index::INDEX_SHARDS {
         return Err("table count differs");
     }
-    let dropped = snapshot.retain_slots(|slot| trusted_len.contains_key(&slot));
+    let dropped = snapshot.retain_slots(|slot| trusted_len.get(slot).is_some_and(Option::is_some));
     if dropped > 0 {
         tracing::info!(entries = dropped, "checkpoint entries of segments changed or gone since dropped");
     }
-    if !snapshot.check(|slot| trusted_len.get(&slot).copied()) {
+    if !snapshot.check(|slot| trusted_len.get(slot).copied().flatten()) {
         return Err("an entry points past its segment");
     }
     let index = Index::restore(snapshot).map_err(|_| "bad segment slot")?;
