@@ -85,6 +85,15 @@ pub const READ_BUFFER_BYTES_INITIAL: usize = 4 * 1024;
 /// GiB) while eviction (segment-wise) stays fine-grained.
 pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 
+/// Largest segment the store creates (a larger `segment_bytes` is lowered to it): an index
+/// entry holds a record's offset in 24 bits of 8-byte units (`store/index.rs`, 8 bytes per
+/// entry). A record larger than this still gets a segment of its own, at offset 0.
+pub const INDEX_SEGMENT_BYTES_MAX: u64 = 128 * 1024 * 1024;
+
+/// Segments holding indexed records at once: an index entry names its segment in 14 bits.
+/// 16384 × 64 MiB is 1 TiB of records; a store that needs more uses larger segments.
+pub const INDEX_SEGMENT_SLOTS: usize = 1 << 14;
+
 /// iovecs in one writev: the kernel's IOV_MAX is 1024. A batch that needs more cannot be
 /// sent in one call, so the settings that size a batch are capped below
 /// (`REQUESTS_QUEUED_MAX_LIMIT`).

@@ -331,6 +331,11 @@ fn serve(args: ServeArgs, cli_log: Option<String>) -> anyhow::Result<()> {
                     tier.shutdown(grace);
                 }
                 store.sync().context("flushing the store")?;
+                // The index checkpoint: the next start takes it instead of re-hashing every
+                // record (the store's drop writes it too, if this was the last reference).
+                if let Err(e) = store.checkpoint() {
+                    tracing::warn!("index checkpoint not written (the next start re-verifies every record): {e}");
+                }
                 drop(store);
                 tracing::info!("stopped");
                 return Ok(());

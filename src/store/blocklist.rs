@@ -110,6 +110,16 @@ impl Blocklist {
             .contains(key)
     }
 
+    /// Every blocked key (a copy).
+    pub fn keys(&self) -> Vec<[u8; 20]> {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.len.load(Ordering::Acquire)
     }

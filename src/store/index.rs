@@ -1,101 +1,454 @@
-//! In-memory index: 20-byte handshake key -> record.
+//! In-memory index: 20-byte handshake key -> record, and `HASH('req2', key)` -> record.
 //!
 //! Keys are the v1 SHA-1 and/or the first 20 bytes of the v2 SHA-256 (what a peer sends in its
 //! handshake); a hybrid record sits under both. Full v2 lookups go through the prefix and compare
-//! the whole hash in the record header. The map is split into `INDEX_SHARDS` locks by key, so a
-//! writer publishing one record blocks only the readers of its one or two shards.
+//! the whole hash in the record header. An MSE peer names its torrent only by
+//! `HASH('req2', key)` (`crate::mse`): the req2 map files every key under that hash too.
 //!
-//! Beside it, `HASH('req2', key) -> key` for every key (MSE, `crate::mse`): an encrypted
-//! peer names its torrent only by that hash, so the server finds the key with one lookup
-//! here and the record with one more. It is maintained by the same calls (`publish`,
-//! `remove`; `replace` keeps the keys) under the key's stripe lock, so the two maps never
-//! disagree for longer than a lookup between them. Cost: a `([u8; 20], [u8; 20])` slot,
-//! 40 bytes + 1 control byte, at hashbrown's load of 7/16..7/8: 47–94 bytes per key (a
-//! hybrid record has two), against 49–112 bytes per key for the main map's
-//! `([u8; 20], RecordRef)` slots (48 + 1).
+//! # Layout: 8 bytes per entry, the key itself stays on disk
+//! Both maps are open-addressed tables (linear probing) of one `u64` per entry:
+//!
+//! | bits   | field                                                              |
+//! |--------|--------------------------------------------------------------------|
+//! | 63..38 | tag: 26 bits of the keyed hash of the key (or of the req2 hash)    |
+//! | 37..24 | segment slot (1.., `SegmentSlots`; 0 never, so an entry is never 0) |
+//! | 23..0  | record header offset / 8 (records are 8-aligned)                   |
+//!
+//! The full key is not kept: a tag match is confirmed against the record header in the
+//! mapping (the v1 hash and the v2 hash are in it), and for the req2 map by hashing the
+//! header's key(s) with `req2_hash`. The tag is also what places an entry (its home slot is
+//! `tag × capacity / 2^26`), so the table grows without reading a single header. A table
+//! grows to a load of `LOAD_AFTER_GROW_PERCENT` when it passes `LOAD_MAX_PERCENT` (any size,
+//! not powers of two), so a record with one key costs two entries, 16 bytes / load:
+//! 19–27 bytes of anonymous memory, against 100–200 for the hashbrown maps this replaces
+//! (`HashMap<[u8; 20], RecordRef>` and `HashMap<[u8; 20], [u8; 20]>`). Deletion shifts the
+//! following entries back (no tombstones), so a table never fills with dead slots.
+//!
+//! The hash is SipHash-2-4 under 128 random bits per store (persisted with the index
+//! checkpoint, `recovery::Checkpoint`): the keys are hashes of content an outsider chooses,
+//! and unkeyed bits would let them fill one stretch of a table with crafted dicts.
+//!
+//! # Concurrency
+//! Each map is split into `INDEX_SHARDS` tables behind their own `RwLock` (stripe = 6 bits
+//! of the hash): a reader takes one read lock, probes a few adjacent words, and confirms in
+//! the mapping; a writer publishing one record blocks only the readers of its stripes.
+//! Lock order: main stripes in stripe order, then req2 stripes, then the slot mutex, then a
+//! slot's lock.
+//!
+//! # Segment slots
+//! An entry names its segment by a 14-bit slot in a fixed table of `Arc<Segment>`
+//! (`SEGMENT_SLOTS`, 256 KiB); a slot is taken when a segment gets its first entry and freed
+//! when its last entry goes (eviction, deletes), so the index, like the `RecordRef`s it
+//! replaced, holds a segment mapped exactly while it names records in it.
 
-use std::collections::HashMap;
-use std::sync::RwLock;
+use std::hash::Hasher;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
 
+use crate::limits::{INDEX_SEGMENT_BYTES_MAX, INDEX_SEGMENT_SLOTS};
 use crate::metainfo::InfoHashes;
 use crate::mse::req2_hash;
 
-use super::record::RecordRef;
+use super::record::{Header, RecordRef, FLAG_V1, FLAG_V2, HEADER_BYTES, RECORD_ALIGN};
+use super::segment::Segment;
 
 /// Lock stripes. More than any core count we run on, so two readers rarely share a stripe with a
-/// writer; few enough that the empty maps cost nothing.
-const INDEX_SHARDS: usize = 64;
+/// writer; few enough that the empty tables cost nothing.
+pub(crate) const INDEX_SHARDS: usize = 64;
+const STRIPE_BITS: u32 = 6;
+const _: () = assert!(1 << STRIPE_BITS == INDEX_SHARDS);
 
-type Stripe = RwLock<HashMap<[u8; 20], RecordRef>>;
-type Req2Stripe = RwLock<HashMap<[u8; 20], [u8; 20]>>;
+const TAG_BITS: u32 = 26;
+const SLOT_BITS: u32 = 14;
+const OFFSET_BITS: u32 = 24;
+const _: () = assert!(TAG_BITS + SLOT_BITS + OFFSET_BITS == 64);
+const _: () = assert!(INDEX_SEGMENT_SLOTS == 1 << SLOT_BITS);
+const _: () = assert!(INDEX_SEGMENT_BYTES_MAX as usize == RECORD_ALIGN << OFFSET_BITS);
+const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
+const SLOT_MASK: u64 = (1 << SLOT_BITS) - 1;
+const OFFSET_MASK: u64 = (1 << OFFSET_BITS) - 1;
 
-pub(crate) struct Index {
-    shards: Box<[Stripe]>,
-    /// `HASH('req2', key) -> key`, striped by the req2 hash. Lock order: a main stripe
-    /// before a req2 stripe.
-    req2: Box<[Req2Stripe]>,
+/// A table grows when its load passes this: linear probing's expected probes for a miss are
+/// (1 + 1/(1-α)²)/2, 22 at 0.85 (three cache lines of 8-byte entries), 3.8 for a hit.
+const LOAD_MAX_PERCENT: usize = 85;
+/// ... to this load: 16 bytes / 0.6 = 27 bytes per one-key record right after a growth, the
+/// most it ever costs (the budget is 32).
+const LOAD_AFTER_GROW_PERCENT: usize = 60;
+/// Smallest table that is allocated at all.
+const TABLE_SLOTS_MIN: usize = 16;
+
+/// The keyed hash of a key: stripe in the top 6 bits, tag in the low 26.
+#[derive(Clone, Copy)]
+pub(crate) struct KeyHasher {
+    seed: [u64; 2],
 }
 
-/// The stripe of a key. Uses bytes 8..16, not the 0..8 that `Store::shard_of` uses, so the
-/// stripes a writer shard touches are spread over all of them.
-fn stripe_of(key: &[u8; 20]) -> usize {
-    let word = u64::from_le_bytes(key[8..16].try_into().expect("8 bytes"));
-    (word % INDEX_SHARDS as u64) as usize
+impl KeyHasher {
+    pub fn new(seed: [u64; 2]) -> Self {
+        KeyHasher { seed }
+    }
+
+    pub fn random() -> Self {
+        let mut b = [0u8; 16];
+        // Without OS randomness the index still works; only the flooding resistance is lost.
+        if getrandom::fill(&mut b).is_err() {
+            tracing::warn!("no OS randomness for the index hash key; using a fixed one");
+        }
+        KeyHasher::new([
+            u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
+            u64::from_le_bytes(b[8..].try_into().expect("8 bytes")),
+        ])
+    }
+
+    pub fn seed(&self) -> [u64; 2] {
+        self.seed
+    }
+
+    fn hash(&self, key: &[u8; 20]) -> u64 {
+        // std's SipHasher is deprecated only in favour of the unkeyable DefaultHasher; it is
+        // the one keyed SipHash in std, and we need the key to persist the tables.
+        #[allow(deprecated)]
+        let mut h = std::hash::SipHasher::new_with_keys(self.seed[0], self.seed[1]);
+        h.write(key);
+        h.finish()
+    }
+}
+
+fn stripe_of(h: u64) -> usize {
+    (h >> (64 - STRIPE_BITS)) as usize
+}
+
+fn tag_of(h: u64) -> u64 {
+    h & TAG_MASK
+}
+
+fn entry_tag(e: u64) -> u64 {
+    e >> (SLOT_BITS + OFFSET_BITS)
+}
+
+/// Where an entry's record is: (segment slot, header offset).
+fn entry_location(e: u64) -> (usize, usize) {
+    (
+        ((e >> OFFSET_BITS) & SLOT_MASK) as usize,
+        ((e & OFFSET_MASK) as usize) * RECORD_ALIGN,
+    )
+}
+
+fn make_entry(tag: u64, slot: usize, header_at: usize) -> u64 {
+    debug_assert!(slot > 0 && (slot as u64) <= SLOT_MASK);
+    debug_assert!(header_at % RECORD_ALIGN == 0 && header_at < INDEX_SEGMENT_BYTES_MAX as usize);
+    (tag << (SLOT_BITS + OFFSET_BITS)) | ((slot as u64) << OFFSET_BITS) | (header_at / RECORD_ALIGN) as u64
+}
+
+/// One open-addressed table: linear probing, entries placed by their tag.
+#[derive(Default, Clone)]
+pub(crate) struct Table {
+    slots: Vec<u64>,
+    len: usize,
+}
+
+impl Table {
+    fn with_slots(slots: Vec<u64>) -> Self {
+        let len = slots.iter().filter(|&&e| e != 0).count();
+        Table { slots, len }
+    }
+
+    fn home(&self, tag: u64) -> usize {
+        ((tag * self.slots.len() as u64) >> TAG_BITS) as usize
+    }
+
+    /// Index of the first entry with `tag` that `confirm` accepts.
+    fn find(&self, tag: u64, mut confirm: impl FnMut(u64) -> bool) -> Option<usize> {
+        let n = self.slots.len();
+        if n == 0 {
+            return None;
+        }
+        let mut i = self.home(tag);
+        // Bounded: the load is below 1, so an empty slot comes within `n` steps.
+        for _ in 0..n {
+            let e = self.slots[i];
+            if e == 0 {
+                return None;
+            }
+            if entry_tag(e) == tag && confirm(e) {
+                return Some(i);
+            }
+            i += 1;
+            if i == n {
+                i = 0;
+            }
+        }
+        None
+    }
+
+    fn grow_for(&mut self, more: usize) {
+        let want = self.len + more;
+        if want * 100 <= self.slots.len() * LOAD_MAX_PERCENT {
+            return;
+        }
+        let cap = (want * 100 / LOAD_AFTER_GROW_PERCENT).max(TABLE_SLOTS_MIN);
+        let old = std::mem::replace(&mut self.slots, vec![0; cap]);
+        self.len = 0;
+        for e in old.into_iter().filter(|&e| e != 0) {
+            self.place(e);
+        }
+    }
+
+    /// Put `e` in its first free slot from its home; the caller made room.
+    fn place(&mut self, e: u64) {
+        let n = self.slots.len();
+        let mut i = self.home(entry_tag(e));
+        while self.slots[i] != 0 {
+            i += 1;
+            if i == n {
+                i = 0;
+            }
+        }
+        self.slots[i] = e;
+        self.len += 1;
+    }
+
+    fn insert(&mut self, e: u64) {
+        self.grow_for(1);
+        self.place(e);
+    }
+
+    /// Remove the entry at `i`, shifting back the entries after it that probed past it.
+    fn remove_at(&mut self, mut i: usize) {
+        let n = self.slots.len();
+        self.slots[i] = 0;
+        self.len -= 1;
+        let mut j = i;
+        loop {
+            j += 1;
+            if j == n {
+                j = 0;
+            }
+            let e = self.slots[j];
+            if e == 0 {
+                return;
+            }
+            let home = self.home(entry_tag(e));
+            // `e` may move back to `i` unless its home lies cyclically in (i, j].
+            let stays = if i <= j {
+                i < home && home <= j
+            } else {
+                i < home || home <= j
+            };
+            if !stays {
+                self.slots[i] = e;
+                self.slots[j] = 0;
+                i = j;
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// The segments index entries name, by slot. Slot 0 is never used.
+struct SegmentSlots {
+    segments: Box<[RwLock<Option<Arc<Segment>>>]>,
+    state: Mutex<SlotState>,
+}
+
+struct SlotState {
+    /// Entries (both maps) naming each slot.
+    refs: Vec<u32>,
+    /// Records (a hybrid once) and their info dict bytes in each slot's segment: the
+    /// store's totals, kept per segment so a checkpoint can drop a segment's share.
+    records: Vec<u64>,
+    bytes: Vec<u64>,
+    free: Vec<usize>,
+    /// Next never-used slot.
+    next: usize,
+}
+
+/// Every `INDEX_SEGMENT_SLOTS` slot is taken: more segments hold indexed records than an
+/// entry can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SlotsFull;
+
+impl SegmentSlots {
+    fn new() -> Self {
+        SegmentSlots {
+            segments: (0..INDEX_SEGMENT_SLOTS).map(|_| RwLock::new(None)).collect(),
+            state: Mutex::new(SlotState {
+                refs: vec![0; INDEX_SEGMENT_SLOTS],
+                records: vec![0; INDEX_SEGMENT_SLOTS],
+                bytes: vec![0; INDEX_SEGMENT_SLOTS],
+                free: Vec::new(),
+                next: 1,
+            }),
+        }
+    }
+
+    fn get(&self, slot: usize) -> Option<Arc<Segment>> {
+        self.segments
+            .get(slot)?
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `segment`'s slot, taking a free one if it has none; counts `n` more entries on it.
+    fn acquire(&self, st: &mut SlotState, segment: &Arc<Segment>, n: u32) -> Result<usize, SlotsFull> {
+        let mut slot = segment.index_slot.load(Ordering::Relaxed) as usize;
+        if slot == 0 {
+            slot = match st.free.pop() {
+                Some(s) => s,
+                None if st.next < INDEX_SEGMENT_SLOTS => {
+                    st.next += 1;
+                    st.next - 1
+                }
+                None => return Err(SlotsFull),
+            };
+            *self.segments[slot].write().unwrap_or_else(|p| p.into_inner()) = Some(segment.clone());
+            segment.index_slot.store(slot as u32, Ordering::Relaxed);
+        }
+        st.refs[slot] += n;
+        Ok(slot)
+    }
+
+    /// One entry fewer names `slot`; the last one frees it (and drops the index's hold on
+    /// the mapping).
+    fn release(&self, st: &mut SlotState, slot: usize) {
+        st.refs[slot] -= 1;
+        if st.refs[slot] == 0 {
+            let seg = self.segments[slot]
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(seg) = seg {
+                seg.index_slot.store(0, Ordering::Relaxed);
+            }
+            st.free.push(slot);
+        }
+    }
+}
+
+/// Why `publish` filed nothing.
+#[derive(Debug)]
+pub(crate) enum PublishError {
+    /// A key is taken (first wins): its holder.
+    Taken(RecordRef),
+    /// `SlotsFull`.
+    SlotsFull,
+}
+
+type Stripe = RwLock<Table>;
+
+pub(crate) struct Index {
+    hasher: KeyHasher,
+    shards: Box<[Stripe]>,
+    /// `HASH('req2', key)` -> the record of `key`. Lock order: main stripes before req2 ones.
+    req2: Box<[Stripe]>,
+    segments: SegmentSlots,
+}
+
+fn read(s: &Stripe) -> std::sync::RwLockReadGuard<'_, Table> {
+    s.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write(s: &Stripe) -> std::sync::RwLockWriteGuard<'_, Table> {
+    s.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The handshake keys in the raw header at `header`, without decoding it (it was decoded and
+/// its record verified before its entry was made, and published bytes never change).
+fn header_keys(header: &[u8]) -> (Option<&[u8]>, Option<&[u8]>) {
+    let flags = header[6];
+    (
+        (flags & FLAG_V1 != 0).then(|| &header[12..32]),
+        (flags & FLAG_V2 != 0).then(|| &header[32..52]),
+    )
 }
 
 impl Index {
-    pub fn new() -> Self {
+    pub fn new(hasher: KeyHasher) -> Self {
         Index {
-            shards: (0..INDEX_SHARDS)
-                .map(|_| RwLock::new(HashMap::new()))
-                .collect(),
-            req2: (0..INDEX_SHARDS)
-                .map(|_| RwLock::new(HashMap::new()))
-                .collect(),
+            hasher,
+            shards: (0..INDEX_SHARDS).map(|_| RwLock::new(Table::default())).collect(),
+            req2: (0..INDEX_SHARDS).map(|_| RwLock::new(Table::default())).collect(),
+            segments: SegmentSlots::new(),
+        }
+    }
+
+    /// The record an entry names, if its header carries a key `accept` takes.
+    fn resolve(&self, e: u64, accept: impl Fn(&[u8]) -> bool) -> Option<RecordRef> {
+        let (slot, at) = entry_location(e);
+        let segment = self.segments.get(slot)?;
+        let header = segment.bytes(at, HEADER_BYTES);
+        // Trusted from a checkpoint and not read since: the bytes may have rotted on disk
+        // since they were verified. The header CRC first (the payload is re-hashed by the
+        // store before it is served, `Store::lookup`).
+        if segment.needs_verify(at) && Header::decode(header).is_err() {
+            return None;
+        }
+        let (v1, v2) = header_keys(header);
+        if v1.is_some_and(&accept) || v2.is_some_and(&accept) {
+            Some(RecordRef::from_header_at(segment, at))
+        } else {
+            None
         }
     }
 
     /// The handshake key whose `HASH('req2', key)` is `req2`.
     pub fn get_req2(&self, req2: &[u8; 20]) -> Option<[u8; 20]> {
-        self.req2[stripe_of(req2)]
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(req2)
-            .copied()
+        let h = self.hasher.hash(req2);
+        let table = read(&self.req2[stripe_of(h)]);
+        let mut found = None;
+        table.find(tag_of(h), |e| {
+            let (slot, at) = entry_location(e);
+            let Some(segment) = self.segments.get(slot) else {
+                return false;
+            };
+            let (v1, v2) = header_keys(segment.bytes(at, HEADER_BYTES));
+            found = [v1, v2].into_iter().flatten().find_map(|k| {
+                let k: [u8; 20] = k.try_into().expect("20 bytes");
+                (req2_hash(&k) == *req2).then_some(k)
+            });
+            found.is_some()
+        })?;
+        found
     }
 
     /// Entries in the req2 map (one per key in the main map, tests check).
     #[cfg(test)]
     pub fn req2_len(&self) -> usize {
-        self.req2
+        self.req2.iter().map(|s| read(s).len()).sum()
+    }
+
+    /// Bytes the tables and the slot table take (capacity, not load): what the index costs
+    /// in anonymous memory, for the report.
+    pub fn memory_bytes(&self) -> usize {
+        let tables: usize = self
+            .shards
             .iter()
-            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len())
-            .sum()
-    }
-
-    /// Files `key` under its req2 hash; the caller holds `key`'s main stripe write lock.
-    fn insert_req2(&self, key: &[u8; 20]) {
-        let h = req2_hash(key);
-        self.req2[stripe_of(&h)]
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(h, *key);
-    }
-
-    /// Takes `key`'s req2 entry out; the caller holds `key`'s main stripe write lock.
-    fn remove_req2(&self, key: &[u8; 20]) {
-        let h = req2_hash(key);
-        self.req2[stripe_of(&h)]
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(&h);
+            .chain(self.req2.iter())
+            .map(|s| read(s).slots.capacity() * 8)
+            .sum();
+        tables
+            + INDEX_SEGMENT_SLOTS
+                * (std::mem::size_of::<RwLock<Option<Arc<Segment>>>>() + std::mem::size_of::<u32>())
     }
 
     pub fn get(&self, key: &[u8; 20]) -> Option<RecordRef> {
-        let shard = self.shards[stripe_of(key)]
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        shard.get(key).cloned()
+        let h = self.hasher.hash(key);
+        let table = read(&self.shards[stripe_of(h)]);
+        let mut found = None;
+        table.find(tag_of(h), |e| {
+            found = self.resolve(e, |k| k == key);
+            found.is_some()
+        })?;
+        found
     }
 
     /// The record already filed under any of these hashes' keys.
@@ -103,39 +456,52 @@ impl Index {
         hashes.handshake_keys().find_map(|k| self.get(&k))
     }
 
+    /// Index of the entry for `key` naming exactly (slot, at), in a locked table.
+    fn find_exact(table: &Table, tag: u64, slot: usize, at: usize) -> Option<usize> {
+        table.find(tag, |e| entry_location(e) == (slot, at))
+    }
+
     /// File `record` under all its keys, unless one of them is taken: then nothing is filed and
     /// the holder is returned (first wins). All affected stripes are locked together, in stripe
     /// order, so a hybrid record is never visible under one key only.
-    pub fn publish(&self, hashes: &InfoHashes, record: &RecordRef) -> Result<(), RecordRef> {
-        let mut keys: Vec<[u8; 20]> = hashes.handshake_keys().collect();
-        debug_assert!(!keys.is_empty());
-        keys.sort_by_key(stripe_of);
-        let mut stripes: Vec<usize> = keys.iter().map(stripe_of).collect();
-        stripes.dedup();
-        let mut guards: Vec<_> = stripes
-            .iter()
-            .map(|&s| {
-                (
-                    s,
-                    self.shards[s]
-                        .write()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner()),
-                )
-            })
+    pub fn publish(&self, hashes: &InfoHashes, record: &RecordRef) -> Result<(), PublishError> {
+        let keys: Vec<(u64, [u8; 20])> = hashes
+            .handshake_keys()
+            .map(|k| (self.hasher.hash(&k), k))
             .collect();
-        let guard_of = |guards: &[(usize, _)], s: usize| {
-            guards.iter().position(|(g, _)| *g == s).expect("locked")
-        };
-        for key in &keys {
-            let i = guard_of(&guards, stripe_of(key));
-            if let Some(existing) = guards[i].1.get(key) {
-                return Err(existing.clone());
+        debug_assert!(!keys.is_empty());
+        let mut stripes: Vec<usize> = keys.iter().map(|(h, _)| stripe_of(*h)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut guards: Vec<_> = stripes.iter().map(|&s| (s, write(&self.shards[s]))).collect();
+        let pos = |s: usize| stripes.iter().position(|&g| g == s).expect("locked");
+        for (h, key) in &keys {
+            let table = &guards[pos(stripe_of(*h))].1;
+            let mut holder = None;
+            if table
+                .find(tag_of(*h), |e| {
+                    holder = self.resolve(e, |k| k == key);
+                    holder.is_some()
+                })
+                .is_some()
+            {
+                return Err(PublishError::Taken(holder.expect("found")));
             }
         }
-        for key in &keys {
-            let i = guard_of(&guards, stripe_of(key));
-            guards[i].1.insert(*key, record.clone());
-            self.insert_req2(key);
+        let at = record.header_offset();
+        let mut st = self.segments.state();
+        let slot = self
+            .segments
+            .acquire(&mut st, record.segment(), 2 * keys.len() as u32)
+            .map_err(|SlotsFull| PublishError::SlotsFull)?;
+        st.records[slot] += 1;
+        st.bytes[slot] += record.len() as u64;
+        drop(st);
+        for (h, key) in &keys {
+            let i = pos(stripe_of(*h));
+            guards[i].1.insert(make_entry(tag_of(*h), slot, at));
+            let r2 = self.hasher.hash(&req2_hash(key));
+            write(&self.req2[stripe_of(r2)]).insert(make_entry(tag_of(r2), slot, at));
         }
         Ok(())
     }
@@ -143,65 +509,326 @@ impl Index {
     /// Refile `new` (a copy of `old` that eviction moved to another segment) under every key
     /// of `hashes` still naming `old`, all stripes locked together like `publish`. Returns
     /// false, and changes nothing, when no key names `old` any more (deleted or blocked
-    /// meanwhile).
+    /// meanwhile), or when `new`'s segment cannot get a slot.
     pub fn replace(&self, hashes: &InfoHashes, old: &RecordRef, new: &RecordRef) -> bool {
-        let mut keys: Vec<[u8; 20]> = hashes.handshake_keys().collect();
-        keys.sort_by_key(stripe_of);
-        let mut stripes: Vec<usize> = keys.iter().map(stripe_of).collect();
+        let old_slot = old.segment().index_slot.load(Ordering::Relaxed) as usize;
+        if old_slot == 0 {
+            return false;
+        }
+        let (old_at, new_at) = (old.header_offset(), new.header_offset());
+        let keys: Vec<(u64, [u8; 20])> = hashes
+            .handshake_keys()
+            .map(|k| (self.hasher.hash(&k), k))
+            .collect();
+        let mut stripes: Vec<usize> = keys.iter().map(|(h, _)| stripe_of(*h)).collect();
+        stripes.sort_unstable();
         stripes.dedup();
-        let mut guards: Vec<_> = stripes
+        let mut guards: Vec<_> = stripes.iter().map(|&s| (s, write(&self.shards[s]))).collect();
+        let pos = |s: usize| stripes.iter().position(|&g| g == s).expect("locked");
+        // (stripe guard index, table index, key) of every key still naming `old`.
+        let naming: Vec<(usize, usize, u64, [u8; 20])> = keys
             .iter()
-            .map(|&s| {
-                (
-                    s,
-                    self.shards[s]
-                        .write()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner()),
-                )
+            .filter_map(|(h, key)| {
+                let g = pos(stripe_of(*h));
+                Self::find_exact(&guards[g].1, tag_of(*h), old_slot, old_at).map(|i| (g, i, *h, *key))
             })
             .collect();
-        let mut replaced = false;
-        for key in &keys {
-            let s = stripe_of(key);
-            let (_, guard) = guards.iter_mut().find(|(g, _)| *g == s).expect("locked");
-            if let Some(slot) = guard.get_mut(key) {
-                if slot.same_record(old) {
-                    *slot = new.clone();
-                    replaced = true;
-                }
+        if naming.is_empty() {
+            return false;
+        }
+        let new_slot = {
+            let mut st = self.segments.state();
+            match self
+                .segments
+                .acquire(&mut st, new.segment(), 2 * naming.len() as u32)
+            {
+                Ok(slot) => slot,
+                Err(SlotsFull) => return false,
+            }
+        };
+        {
+            let mut st = self.segments.state();
+            st.records[new_slot] += 1;
+            st.bytes[new_slot] += new.len() as u64;
+            st.records[old_slot] -= 1;
+            st.bytes[old_slot] -= old.len() as u64;
+        }
+        for (g, i, h, key) in naming {
+            guards[g].1.slots[i] = make_entry(tag_of(h), new_slot, new_at);
+            let r2 = self.hasher.hash(&req2_hash(&key));
+            let mut req2 = write(&self.req2[stripe_of(r2)]);
+            let moved = Self::find_exact(&req2, tag_of(r2), old_slot, old_at)
+                .map(|j| req2.slots[j] = make_entry(tag_of(r2), new_slot, new_at))
+                .is_some();
+            if !moved {
+                // Never happens (the maps move together); keep the counts honest if it does.
+                req2.insert(make_entry(tag_of(r2), new_slot, new_at));
+            }
+            let mut st = self.segments.state();
+            self.segments.release(&mut st, old_slot);
+            if moved {
+                self.segments.release(&mut st, old_slot);
             }
         }
-        replaced
+        true
     }
 
     /// Take every key of `hashes` out of the index where it still names `record` (a key
     /// refiled since names another record and stays). Returns whether anything was removed.
     pub fn remove(&self, hashes: &InfoHashes, record: &RecordRef) -> bool {
+        let slot = record.segment().index_slot.load(Ordering::Relaxed) as usize;
+        if slot == 0 {
+            return false;
+        }
+        let at = record.header_offset();
         let mut removed = false;
         for key in hashes.handshake_keys() {
-            let mut stripe = self.shards[stripe_of(&key)]
-                .write()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if stripe.get(&key).is_some_and(|r| r.same_record(record)) {
-                stripe.remove(&key);
-                self.remove_req2(&key);
-                removed = true;
+            let h = self.hasher.hash(&key);
+            let mut table = write(&self.shards[stripe_of(h)]);
+            let Some(i) = Self::find_exact(&table, tag_of(h), slot, at) else {
+                continue;
+            };
+            table.remove_at(i);
+            let r2 = self.hasher.hash(&req2_hash(&key));
+            let mut req2 = write(&self.req2[stripe_of(r2)]);
+            let mut st = self.segments.state();
+            if let Some(j) = Self::find_exact(&req2, tag_of(r2), slot, at) {
+                req2.remove_at(j);
+                self.segments.release(&mut st, slot);
             }
+            if !removed {
+                st.records[slot] -= 1;
+                st.bytes[slot] -= record.len() as u64;
+            }
+            self.segments.release(&mut st, slot);
+            removed = true;
         }
         removed
     }
 
+    /// (records, info dict bytes) in the index, a hybrid record once.
+    pub fn totals(&self) -> (u64, u64) {
+        let st = self.segments.state();
+        (st.records.iter().sum(), st.bytes.iter().sum())
+    }
+
     /// Calls `f` once per (key, record) pair, one stripe at a time (a stripe's read lock is
     /// held while `f` runs on its entries, so keep `f` short). A hybrid record is seen under
-    /// both its keys.
+    /// both its keys. Reads every record header: for the admin plane, not the serving path.
     pub fn for_each(&self, mut f: impl FnMut(&[u8; 20], &RecordRef)) {
-        for stripe in self.shards.iter() {
-            let stripe = stripe
-                .read()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for (k, r) in stripe.iter() {
-                f(k, r);
+        for (s, stripe) in self.shards.iter().enumerate() {
+            let table = read(stripe);
+            for &e in table.slots.iter().filter(|&&e| e != 0) {
+                let (slot, at) = entry_location(e);
+                let Some(segment) = self.segments.get(slot) else {
+                    continue;
+                };
+                let (v1, v2) = header_keys(segment.bytes(at, HEADER_BYTES));
+                // Which of the record's keys this entry files it under: the one whose hash
+                // lands in this stripe with this tag.
+                let key = [v1, v2].into_iter().flatten().find_map(|k| {
+                    let k: [u8; 20] = k.try_into().expect("20 bytes");
+                    let h = self.hasher.hash(&k);
+                    (stripe_of(h) == s && tag_of(h) == entry_tag(e)).then_some(k)
+                });
+                if let Some(key) = key {
+                    f(&key, &RecordRef::from_header_at(segment, at));
+                }
             }
         }
+    }
+
+    /// A copy of every table (main, then req2) and the segment of each slot in use, taken
+    /// under all stripe read locks: the checkpoint's content. The caller keeps writers out.
+    pub fn snapshot(&self) -> IndexSnapshot {
+        let main: Vec<_> = self.shards.iter().map(read).collect();
+        let req2: Vec<_> = self.req2.iter().map(read).collect();
+        let st = self.segments.state();
+        let slots = (1..st.next)
+            .filter(|&s| st.refs[s] > 0)
+            .filter_map(|s| {
+                Some(SlotInfo {
+                    slot: s,
+                    segment: self.segments.get(s)?,
+                    refs: st.refs[s],
+                    records: st.records[s],
+                    bytes: st.bytes[s],
+                })
+            })
+            .collect();
+        IndexSnapshot {
+            seed: self.hasher.seed(),
+            main: main.iter().map(|t| t.slots.clone()).collect(),
+            req2: req2.iter().map(|t| t.slots.clone()).collect(),
+            slots,
+        }
+    }
+
+    /// The index a checkpoint describes: `tables` as saved, `slots` naming the segments
+    /// opened again (a slot whose segment is gone must have been dropped from the tables by
+    /// the caller, `IndexSnapshot::retain`).
+    pub fn restore(snapshot: IndexSnapshot) -> Result<Index, SlotsFull> {
+        let index = Index::new(KeyHasher::new(snapshot.seed));
+        {
+            let mut st = index.segments.state();
+            for s in &snapshot.slots {
+                if s.slot == 0 || s.slot >= INDEX_SEGMENT_SLOTS {
+                    return Err(SlotsFull);
+                }
+                *index.segments.segments[s.slot]
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(s.segment.clone());
+                s.segment.index_slot.store(s.slot as u32, Ordering::Relaxed);
+                st.refs[s.slot] = s.refs;
+                st.records[s.slot] = s.records;
+                st.bytes[s.slot] = s.bytes;
+                st.next = st.next.max(s.slot + 1);
+            }
+            st.free = (1..st.next).filter(|&s| st.refs[s] == 0).collect();
+        }
+        for (stripe, slots) in index.shards.iter().zip(snapshot.main) {
+            *write(stripe) = Table::with_slots(slots);
+        }
+        for (stripe, slots) in index.req2.iter().zip(snapshot.req2) {
+            *write(stripe) = Table::with_slots(slots);
+        }
+        Ok(index)
+    }
+}
+
+/// The tables of an index as plain data (see `Index::snapshot`).
+pub(crate) struct IndexSnapshot {
+    pub seed: [u64; 2],
+    /// `INDEX_SHARDS` tables each.
+    pub main: Vec<Vec<u64>>,
+    pub req2: Vec<Vec<u64>>,
+    pub slots: Vec<SlotInfo>,
+}
+
+/// A slot in use, in a snapshot.
+pub(crate) struct SlotInfo {
+    pub slot: usize,
+    pub segment: Arc<Segment>,
+    /// Entries naming it.
+    pub refs: u32,
+    pub records: u64,
+    pub bytes: u64,
+}
+
+impl IndexSnapshot {
+    /// Drop every entry naming a slot `keep` refuses (a segment gone or changed since the
+    /// checkpoint), rebuilding the tables that had one. Returns the entries dropped.
+    pub fn retain_slots(&mut self, keep: impl Fn(usize) -> bool) -> usize {
+        let mut dropped = 0;
+        for slots in self.main.iter_mut().chain(self.req2.iter_mut()) {
+            if slots.iter().all(|&e| e == 0 || keep(entry_location(e).0)) {
+                continue;
+            }
+            let mut table = Table {
+                slots: vec![0; slots.len()],
+                len: 0,
+            };
+            for &e in slots.iter().filter(|&&e| e != 0) {
+                if keep(entry_location(e).0) {
+                    table.place(e);
+                } else {
+                    dropped += 1;
+                }
+            }
+            *slots = table.slots;
+        }
+        self.slots.retain(|s| keep(s.slot));
+        dropped
+    }
+
+    /// Whether every entry's header lies below `len_of(its slot)` (`None`: a slot the
+    /// checkpoint does not name): a checkpoint that passes never makes the index read past
+    /// the end of a file (which would be SIGBUS through the mapping).
+    pub fn check(&self, len_of: impl Fn(usize) -> Option<u64>) -> bool {
+        for slots in self.main.iter().chain(self.req2.iter()) {
+            for &e in slots.iter().filter(|&&e| e != 0) {
+                let (slot, at) = entry_location(e);
+                match len_of(slot) {
+                    Some(len) if (at + HEADER_BYTES) as u64 <= len => {}
+                    _ => return false,
+                }
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table_with(tags: &[u64]) -> Table {
+        let mut t = Table::default();
+        for (i, &tag) in tags.iter().enumerate() {
+            t.insert(make_entry(tag, 1, i * 8));
+        }
+        t
+    }
+
+    fn offsets_of(t: &Table, tag: u64) -> Vec<usize> {
+        let mut v: Vec<usize> = t
+            .slots
+            .iter()
+            .filter(|&&e| e != 0 && entry_tag(e) == tag)
+            .map(|&e| entry_location(e).1)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn entries_round_trip_their_fields() {
+        let e = make_entry(TAG_MASK, SLOT_MASK as usize, INDEX_SEGMENT_BYTES_MAX as usize - 8);
+        assert_eq!(entry_tag(e), TAG_MASK);
+        assert_eq!(
+            entry_location(e),
+            (SLOT_MASK as usize, INDEX_SEGMENT_BYTES_MAX as usize - 8)
+        );
+        assert_ne!(make_entry(0, 1, 0), 0, "an entry is never the empty slot");
+    }
+
+    #[test]
+    fn table_finds_every_entry_after_growth_and_back_shift_deletion() {
+        // Many equal and neighbouring tags: long clusters, wrap-around at the end.
+        let tags: Vec<u64> = (0..5000u64)
+            .map(|i| ((i * 7919) % 97 + (TAG_MASK - 50) * (i % 2)).min(TAG_MASK))
+            .collect();
+        let mut t = table_with(&tags);
+        assert_eq!(t.len(), tags.len());
+        assert!(t.len() * 100 <= t.slots.len() * LOAD_MAX_PERCENT);
+        for (i, &tag) in tags.iter().enumerate() {
+            assert!(t.find(tag, |e| entry_location(e).1 == i * 8).is_some(), "{i}");
+        }
+        // Remove every third; the rest must still be found, the removed not.
+        for (i, &tag) in tags.iter().enumerate().filter(|(i, _)| i % 3 == 0) {
+            let at = t.find(tag, |e| entry_location(e).1 == i * 8).unwrap();
+            t.remove_at(at);
+        }
+        for (i, &tag) in tags.iter().enumerate() {
+            let found = t.find(tag, |e| entry_location(e).1 == i * 8).is_some();
+            assert_eq!(found, i % 3 != 0, "{i}");
+        }
+        let expect: Vec<usize> = (0..tags.len())
+            .filter(|i| i % 3 != 0 && tags[*i] == tags[1])
+            .map(|i| i * 8)
+            .collect();
+        assert_eq!(offsets_of(&t, tags[1]), expect);
+    }
+
+    #[test]
+    fn a_table_stays_between_its_loads() {
+        let mut t = Table::default();
+        for i in 0..100_000u64 {
+            t.insert(make_entry((i * 2654435761) & TAG_MASK, 1, 0));
+            let load = t.len() * 100 / t.slots.len();
+            assert!(load <= LOAD_MAX_PERCENT, "{load}");
+        }
+        // Right after the last growth the load was LOAD_AFTER_GROW_PERCENT; never below.
+        assert!(t.len() * 100 / t.slots.len() >= LOAD_AFTER_GROW_PERCENT - 1);
     }
 }

@@ -42,6 +42,7 @@
 //! served recently.
 
 mod blocklist;
+mod checkpoint;
 mod evict;
 mod index;
 mod lock;
@@ -57,12 +58,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::limits::{METADATA_BYTES_MAX, SEGMENT_BYTES_DEFAULT};
-use crate::metainfo::{v2_handshake_key, validate_info, InfoHashes, MetainfoError};
+use crate::limits::{
+    INDEX_SEGMENT_BYTES_MAX, INDEX_SEGMENT_SLOTS, METADATA_BYTES_MAX, SEGMENT_BYTES_DEFAULT,
+};
+use crate::metainfo::{v2_handshake_key, validate_info, verify_info, InfoHashes, MetainfoError};
 
 use blocklist::Blocklist;
 pub use blocklist::{parse_hash_key, BadLine};
-use index::Index;
+use index::{Index, KeyHasher, PublishError};
 use lock::DirLock;
 pub use record::RecordRef;
 use record::{record_bytes, Header, HEADER_BYTES};
@@ -118,6 +121,21 @@ pub enum StoreError {
          raise --store-capacity"
     )]
     CapacityExhausted { capacity: u64, used: u64 },
+    /// The index names segments in a fixed table (`limits::INDEX_SEGMENT_SLOTS`).
+    #[error(
+        "more than {} segments hold records: the index cannot name another (use larger \
+         segments, or bound the store with --store-capacity)",
+        INDEX_SEGMENT_SLOTS
+    )]
+    IndexFull,
+    /// A record starts further into its segment than an index entry can say
+    /// (`limits::INDEX_SEGMENT_BYTES_MAX`): a segment written with a larger segment size.
+    #[error(
+        "{} offset {offset}: record past the {} byte segment size this magnetar indexes",
+        path.display(),
+        INDEX_SEGMENT_BYTES_MAX
+    )]
+    SegmentTooLarge { path: PathBuf, offset: u64 },
 }
 
 /// How a store is opened. One open and recovery path serves both; this flag is what differs.
@@ -257,6 +275,12 @@ pub struct StoreStats {
     pub append_errors: u64,
     /// Of those, failures for lack of space on the device (ENOSPC).
     pub append_errors_no_space: u64,
+    /// Records taken from the index checkpoint that failed verification when first
+    /// served (bytes damaged on disk since they were verified): dropped, never served.
+    pub records_corrupt_on_serve: u64,
+    /// Anonymous memory the index takes (tables at their capacity, and the fixed segment
+    /// slot table): about 19–27 bytes per record with one key.
+    pub index_bytes: u64,
 }
 
 /// Eviction and write-failure counters (atomics: any writer thread bumps them).
@@ -267,12 +291,17 @@ struct Counters {
     records_evicted: AtomicU64,
     append_errors: AtomicU64,
     append_errors_no_space: AtomicU64,
+    records_corrupt_on_serve: AtomicU64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
     pub segments: usize,
-    /// Verified records now in the index (duplicates not counted).
+    /// Of those, segments whose records (all, or up to the length it saw) came from the
+    /// index checkpoint without a scan.
+    pub segments_from_checkpoint: usize,
+    /// Records now in the index (duplicates not counted): verified now, or, in segments
+    /// taken from the checkpoint, verified before and again when first served.
     pub records: usize,
     /// Info dict bytes of those records.
     pub bytes: u64,
@@ -310,6 +339,13 @@ impl fmt::Display for RecoveryReport {
             secs * 1e3,
             if secs > 0.0 { mb / secs } else { 0.0 }
         )?;
+        if self.segments_from_checkpoint > 0 {
+            write!(
+                f,
+                "; {} segments from the index checkpoint (each record verified when first served)",
+                self.segments_from_checkpoint
+            )?;
+        }
         if self.torn_tails_truncated > 0 {
             write!(
                 f,
@@ -429,6 +465,55 @@ pub fn shard_of(key: &[u8; 20], shards: usize) -> usize {
     (word % shards.max(1) as u64) as usize
 }
 
+/// The index a checkpoint describes, restricted to the segments `scanned` took from it
+/// (the rest lose their entries and were scanned in full), and its tombstone map.
+fn restore_checkpoint(
+    ckpt: checkpoint::Checkpoint,
+    scanned: &[recovery::ScannedSegment],
+) -> Result<(Index, checkpoint::Tombstones), &'static str> {
+    let by_name: HashMap<(usize, u64), &recovery::ScannedSegment> = scanned
+        .iter()
+        .filter(|s| s.trusted_below > 0)
+        .map(|s| ((s.segment.shard(), s.segment.seq()), s))
+        .collect();
+    let mut slots = Vec::new();
+    // By slot (a Vec: `check` looks every entry's slot up).
+    let mut trusted_len: Vec<Option<u64>> = vec![None; INDEX_SEGMENT_SLOTS];
+    for c in ckpt.segments.iter().filter(|c| c.slot != 0) {
+        if let Some(s) = by_name.get(&(c.shard as usize, c.seq)) {
+            let Some(t) = trusted_len.get_mut(c.slot as usize) else {
+                return Err("bad segment slot");
+            };
+            *t = Some(s.trusted_below);
+            slots.push(index::SlotInfo {
+                slot: c.slot as usize,
+                segment: s.segment.clone(),
+                refs: c.refs,
+                records: c.records,
+                bytes: c.bytes,
+            });
+        }
+    }
+    let mut snapshot = index::IndexSnapshot {
+        seed: ckpt.seed,
+        main: ckpt.main,
+        req2: ckpt.req2,
+        slots,
+    };
+    if snapshot.main.len() != index::INDEX_SHARDS || snapshot.req2.len() != index::INDEX_SHARDS {
+        return Err("table count differs");
+    }
+    let dropped = snapshot.retain_slots(|slot| trusted_len.get(slot).is_some_and(Option::is_some));
+    if dropped > 0 {
+        tracing::info!(entries = dropped, "checkpoint entries of segments changed or gone since dropped");
+    }
+    if !snapshot.check(|slot| trusted_len.get(slot).copied().flatten()) {
+        return Err("an entry points past its segment");
+    }
+    let index = Index::restore(snapshot).map_err(|_| "bad segment slot")?;
+    Ok((index, ckpt.tombstones))
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -471,7 +556,7 @@ impl Store {
         }
         let opts = StoreOptions {
             shards,
-            segment_bytes: segment_bytes.max(SEGMENT_BYTES_MIN),
+            segment_bytes: segment_bytes.clamp(SEGMENT_BYTES_MIN, INDEX_SEGMENT_BYTES_MAX),
             sync: opts.sync,
             capacity_bytes: opts.capacity_bytes,
         };
@@ -499,29 +584,46 @@ impl Store {
         for b in &bad_lines {
             tracing::warn!(line = b.line, text = %b.text, "blocklist line is not an info-hash; ignored");
         }
-        let scanned = recovery::scan_all(
-            &segments_dir,
-            reserved,
-            available_cores(),
-            access,
-            track_refs,
-        )?;
-
-        let index = Index::new();
+        let files = recovery::list_segments(&segments_dir)?;
+        let mut ckpt = checkpoint::read(dir);
+        let (scanned, index, restored) = loop {
+            let planned = recovery::plan(files.clone(), ckpt.as_ref());
+            let scanned =
+                recovery::scan_all(&planned, reserved, available_cores(), access, track_refs)?;
+            match ckpt.take() {
+                None => break (scanned, Index::new(KeyHasher::random()), None),
+                Some(c) => match restore_checkpoint(c, &scanned) {
+                    Ok((index, tombs)) => break (scanned, index, Some(tombs)),
+                    Err(why) => {
+                        tracing::warn!("index checkpoint not usable ({why}); full scan");
+                    }
+                },
+            }
+        };
         let mut report = RecoveryReport {
             segments: scanned.len(),
+            segments_from_checkpoint: scanned.iter().filter(|s| s.trusted_below > 0).count(),
             blocklist_bad_lines: bad_lines,
             ..RecoveryReport::default()
         };
         // Tombstones first: they may lie in any segment, before or after what they delete.
+        // The checkpoint's were applied to its index when they were written.
         let mut tombstones: HashMap<[u8; 20], u64> = HashMap::new();
+        let mut new_tombstones: Vec<([u8; 20], u64)> = Vec::new();
         for s in &scanned {
             for (_, header) in s.records.iter().filter(|(_, h)| h.is_tombstone()) {
                 report.tombstones += 1;
                 for key in header.hashes().handshake_keys() {
                     let t = tombstones.entry(key).or_insert(0);
                     *t = (*t).max(header.stored_at);
+                    new_tombstones.push((key, header.stored_at));
                 }
+            }
+        }
+        if let Some(tombs) = &restored {
+            for (key, at) in tombs {
+                let t = tombstones.entry(*key).or_insert(0);
+                *t = (*t).max(*at);
             }
         }
         let mut writers: Vec<Writer> = (0..opts.shards)
@@ -567,12 +669,17 @@ impl Store {
                     report.blocked_skipped += 1;
                     continue;
                 }
+                if *offset - HEADER_BYTES >= INDEX_SEGMENT_BYTES_MAX as usize {
+                    return Err(StoreError::SegmentTooLarge {
+                        path: s.segment.path().to_path_buf(),
+                        offset: (*offset - HEADER_BYTES) as u64,
+                    });
+                }
                 let record = RecordRef::new(s.segment.clone(), *offset, header);
-                if index.publish(&header.hashes(), &record).is_ok() {
-                    report.records += 1;
-                    report.bytes += u64::from(header.info_len);
-                } else {
-                    report.duplicates += 1;
+                match index.publish(&header.hashes(), &record) {
+                    Ok(()) => {}
+                    Err(PublishError::Taken(_)) => report.duplicates += 1,
+                    Err(PublishError::SlotsFull) => return Err(StoreError::IndexFull),
                 }
             }
             // Sorted by (shard, seq): the last segment seen for a shard is its newest, where
@@ -595,6 +702,28 @@ impl Store {
                 None => seal(&s.segment, s.end, &mut sealed),
             }
         }
+        if restored.is_some() {
+            // What the checkpoint restored has not seen the tombstones scanned now (written
+            // after it) nor today's blocklist.
+            for (key, at) in &new_tombstones {
+                if let Some(r) = index.get(key).filter(|r| r.stored_at() <= *at) {
+                    if index.remove(&r.hashes(), &r) {
+                        report.deleted_skipped += 1;
+                    }
+                }
+            }
+            for key in blocklist.keys() {
+                if let Some(r) = index.get(&key) {
+                    if index.remove(&r.hashes(), &r) {
+                        report.blocked_skipped += 1;
+                    }
+                }
+            }
+        }
+        (report.records, report.bytes) = {
+            let (records, bytes) = index.totals();
+            (records as usize, bytes)
+        };
         report.elapsed = started.elapsed();
         let store = Store {
             segments_dir,
@@ -621,9 +750,39 @@ impl Store {
     /// The record for a 20-byte handshake key (v1 info-hash, or a v2 info-hash's first 20 bytes).
     /// Marks the record referenced for the eviction policy (a relaxed load, usually).
     pub fn lookup(&self, key: &[u8; 20]) -> Option<RecordRef> {
-        let record = self.index.get(key)?;
+        let record = self.checked(self.index.get(key)?)?;
         record.touch();
         Some(record)
+    }
+
+    /// `record`, unless it came from the index checkpoint, has not been verified since the
+    /// store opened, and fails now: then it leaves the index and is never served. One
+    /// atomic load for every other record.
+    fn checked(&self, record: RecordRef) -> Option<RecordRef> {
+        let (segment, at) = (record.segment(), record.header_offset());
+        if !segment.needs_verify(at) {
+            return Some(record);
+        }
+        let header = Header::decode(segment.bytes(at, HEADER_BYTES)).ok()?;
+        let info_len = header.info_len as usize;
+        let padding = segment.bytes(at + HEADER_BYTES + info_len, header.record_bytes() - HEADER_BYTES - info_len);
+        if padding.iter().all(|&b| b == 0) && verify_info(record.info(), &header.hashes()) {
+            segment.mark_verified(at);
+            return Some(record);
+        }
+        tracing::warn!(
+            file = %segment.path().display(),
+            offset = at,
+            "record damaged on disk since it was verified: dropped, not served"
+        );
+        self.counters
+            .records_corrupt_on_serve
+            .fetch_add(1, Ordering::Relaxed);
+        if self.index.remove(&header.hashes(), &record) {
+            self.records.fetch_sub(1, Ordering::Relaxed);
+            self.bytes.fetch_sub(record.len() as u64, Ordering::Relaxed);
+        }
+        None
     }
 
     /// The handshake key (v1 info-hash or v2 prefix) of a stored record whose
@@ -640,13 +799,16 @@ impl Store {
             .index
             .get(&v2_handshake_key(key))
             .filter(|r| r.hashes().v2.as_ref() == Some(key))?;
+        let record = self.checked(record)?;
         record.touch();
         Some(record)
     }
 
     /// The record filed under any of these hashes.
     pub fn lookup_hashes(&self, hashes: &InfoHashes) -> Option<RecordRef> {
-        self.index.get_any(hashes)
+        hashes
+            .handshake_keys()
+            .find_map(|k| self.index.get(&k).and_then(|r| self.checked(r)))
     }
 
     /// Validate `info` (computing its hashes ourselves), and store it unless one of its keys is
@@ -667,7 +829,7 @@ impl Store {
         if let Some(key) = hashes.handshake_keys().find(|k| self.blocklist.contains(k)) {
             return Err(StoreError::Blocked(hex::encode(key)));
         }
-        if let Some(existing) = self.index.get_any(&hashes) {
+        if let Some(existing) = self.lookup_hashes(&hashes) {
             return Ok(AppendOutcome::AlreadyPresent(existing));
         }
         let key = hashes.primary_key().expect("a validated dict has v1 or v2");
@@ -719,7 +881,8 @@ impl Store {
             }
             // Another writer (caller-chosen shard) published the same dict first; ours stays on
             // disk as a duplicate that recovery will count and skip.
-            Err(existing) => Ok(AppendOutcome::AlreadyPresent(existing)),
+            Err(PublishError::Taken(existing)) => Ok(AppendOutcome::AlreadyPresent(existing)),
+            Err(PublishError::SlotsFull) => Err(StoreError::IndexFull),
         }
     }
 
@@ -823,7 +986,9 @@ impl Store {
                 offset: at as u64,
             });
         }
-        drop(writer);
+        // The writer stays held until the index and the tombstone map agree with the
+        // tombstone on disk: a checkpoint (taken under every writer) never sees one without
+        // the others.
         let keys: Vec<[u8; 20]> = tomb_hashes.handshake_keys().collect();
         {
             let mut tombs = self.tombstones.lock().unwrap_or_else(|p| p.into_inner());
@@ -838,6 +1003,7 @@ impl Store {
                 self.bytes.fetch_sub(record.len() as u64, Ordering::Relaxed);
             }
         }
+        drop(writer);
         self.notify(StoreEvent::Deleted {
             keys: &keys,
             at: deleted_at,
@@ -1107,6 +1273,81 @@ impl Store {
         Ok(())
     }
 
+    /// Write the index checkpoint (`checkpoint` module): with every writer held, sync what
+    /// is unsynced, copy the index tables, the tombstone map and each segment's length and
+    /// identity; then write the file durably, writers released. The next open takes every
+    /// segment it describes without re-hashing. Called at a clean shutdown and on drop.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        if self.access == Access::ReadOnly {
+            return Err(StoreError::ReadOnly);
+        }
+        let dir = self
+            .segments_dir
+            .parent()
+            .expect("segments dir is in the data dir")
+            .to_path_buf();
+        let mut writers: Vec<_> = (0..self.writers.len()).map(|s| self.writer(s)).collect();
+        let mut segments: Vec<(Arc<Segment>, u64)> = Vec::new();
+        for w in writers.iter_mut() {
+            let dirty = w.dirty;
+            if let Some(a) = &w.active {
+                if dirty {
+                    a.segment.sync_data().map_err(io_at(a.segment.path()))?;
+                }
+                segments.push((a.segment.clone(), a.end));
+            }
+            w.dirty = false;
+        }
+        segments.extend(
+            self.sealed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .map(|s| (s.segment.clone(), s.len)),
+        );
+        let written_ns = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
+        let snapshot = self.index.snapshot();
+        let tombstones: Vec<([u8; 20], u64)> = self
+            .tombstones
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, t)| (*k, *t))
+            .collect();
+        let mut states = Vec::with_capacity(segments.len());
+        for (segment, len) in &segments {
+            let meta = std::fs::metadata(segment.path()).map_err(io_at(segment.path()))?;
+            let (ino, mtime_ns, _) = checkpoint::file_identity(&meta);
+            let slot = snapshot
+                .slots
+                .iter()
+                .find(|s| Arc::ptr_eq(&s.segment, segment));
+            states.push(checkpoint::SegmentState {
+                shard: segment.shard() as u32,
+                seq: segment.seq(),
+                len: *len,
+                ino,
+                mtime_ns,
+                slot: slot.map_or(0, |s| s.slot as u32),
+                refs: slot.map_or(0, |s| s.refs),
+                records: slot.map_or(0, |s| s.records),
+                bytes: slot.map_or(0, |s| s.bytes),
+            });
+        }
+        drop(writers);
+        let ckpt = checkpoint::Checkpoint {
+            written_ns,
+            seed: snapshot.seed,
+            segments: states,
+            tombstones,
+            main: snapshot.main,
+            req2: snapshot.req2,
+        };
+        checkpoint::write(&dir, &ckpt).map_err(io_at(&dir))
+    }
+
     pub fn stats(&self) -> StoreStats {
         let c = &self.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -1121,6 +1362,8 @@ impl Store {
             records_evicted: get(&c.records_evicted),
             append_errors: get(&c.append_errors),
             append_errors_no_space: get(&c.append_errors_no_space),
+            records_corrupt_on_serve: get(&c.records_corrupt_on_serve),
+            index_bytes: self.index.memory_bytes() as u64,
         }
     }
 
@@ -1136,8 +1379,15 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        if let Err(e) = self.sync() {
-            tracing::warn!("store sync at close failed: {e}");
+        if self.access == Access::ReadOnly {
+            return;
+        }
+        // `checkpoint` syncs first.
+        if let Err(e) = self.checkpoint() {
+            tracing::warn!("store checkpoint at close failed: {e}");
+            if let Err(e) = self.sync() {
+                tracing::warn!("store sync at close failed: {e}");
+            }
         }
     }
 }

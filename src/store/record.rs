@@ -206,6 +206,21 @@ impl RecordRef {
         }
     }
 
+    /// The record whose header is at `header_at`, from the raw header: for the index, whose
+    /// entries name only records that were decoded and verified when filed (and published
+    /// bytes never change), so the CRC is not checked again on every lookup.
+    pub(crate) fn from_header_at(segment: Arc<Segment>, header_at: usize) -> Self {
+        let b = segment.bytes(header_at, HEADER_BYTES);
+        let len = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
+        let flags = b[6];
+        RecordRef {
+            segment,
+            offset: header_at + HEADER_BYTES,
+            len,
+            flags,
+        }
+    }
+
     /// The raw info dict, straight from the segment mapping: the zero-copy source for serving.
     pub fn info(&self) -> &[u8] {
         self.segment.bytes(self.offset, self.len as usize)

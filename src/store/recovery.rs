@@ -1,4 +1,6 @@
-//! Start-up recovery: scan every segment, re-verify every record, cut torn tails.
+//! Start-up recovery: scan every segment, re-verify every record, cut torn tails; or, with a
+//! valid index checkpoint (`checkpoint`), only the segments and tails it does not vouch for
+//! (`plan`).
 //!
 //! Segments are scanned in parallel (one thread per core, each taking whole segments from a
 //! shared counter, so one huge segment does not hold up the rest), and merged into the index in
@@ -33,6 +35,8 @@ pub(crate) struct ScannedSegment {
     pub records: Vec<(usize, Header)>,
     /// End of the last good record: the file length after a read-write recovery.
     pub end: u64,
+    /// Bytes at the start taken from the checkpoint, not scanned (0: scanned in full).
+    pub trusted_below: u64,
     /// Bytes after the last good record: truncated by a read-write open, skipped by a
     /// read-only one.
     pub tail_bytes: u64,
@@ -40,8 +44,59 @@ pub(crate) struct ScannedSegment {
     pub corrupt_bytes: u64,
 }
 
+/// Where to start scanning a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ScanFrom {
+    /// Scan it all.
+    Start,
+    /// The first `n` bytes are vouched for by the checkpoint; scan what follows.
+    After(u64),
+    /// All `n` bytes (the whole file) are vouched for: open it, scan nothing.
+    Trusted(u64),
+}
+
+pub(crate) type SegmentFile = (usize, u64, PathBuf);
+
+/// How to open each segment file given the checkpoint (see the `checkpoint` module doc).
+pub(crate) fn plan(
+    files: Vec<SegmentFile>,
+    ckpt: Option<&super::checkpoint::Checkpoint>,
+) -> Vec<(SegmentFile, ScanFrom)> {
+    use super::checkpoint::{file_identity, MTIME_MARGIN};
+    let Some(ckpt) = ckpt else {
+        return files.into_iter().map(|f| (f, ScanFrom::Start)).collect();
+    };
+    let known: std::collections::HashMap<(usize, u64), &super::checkpoint::SegmentState> = ckpt
+        .segments
+        .iter()
+        .map(|s| ((s.shard as usize, s.seq), s))
+        .collect();
+    let recent_after = ckpt.written_ns - MTIME_MARGIN.as_nanos() as i64;
+    files
+        .into_iter()
+        .map(|f| {
+            let from = match (known.get(&(f.0, f.1)), std::fs::metadata(&f.2)) {
+                (Some(ck), Ok(meta)) => {
+                    let (ino, mtime_ns, len) = file_identity(&meta);
+                    if ino != ck.ino || ck.mtime_ns >= recent_after || len < ck.len {
+                        ScanFrom::Start
+                    } else if len == ck.len && mtime_ns == ck.mtime_ns {
+                        ScanFrom::Trusted(len)
+                    } else if len > ck.len {
+                        ScanFrom::After(ck.len)
+                    } else {
+                        ScanFrom::Start // same length, written since: rewritten in place
+                    }
+                }
+                _ => ScanFrom::Start,
+            };
+            (f, from)
+        })
+        .collect()
+}
+
 /// The segment files in `dir`, sorted by (shard, seq).
-fn list_segments(dir: &Path) -> Result<Vec<(usize, u64, PathBuf)>, StoreError> {
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(usize, u64, PathBuf)>, StoreError> {
     let io_err = |source| StoreError::Io {
         path: dir.to_path_buf(),
         source,
@@ -59,16 +114,15 @@ fn list_segments(dir: &Path) -> Result<Vec<(usize, u64, PathBuf)>, StoreError> {
     Ok(found)
 }
 
-/// Open and scan every segment in `dir` on up to `threads` threads. `reserved` is the mapping
+/// Open and scan the planned segments on up to `threads` threads. `reserved` is the mapping
 /// size for segments that may still grow.
 pub(crate) fn scan_all(
-    dir: &Path,
+    files: &[(SegmentFile, ScanFrom)],
     reserved: usize,
     threads: usize,
     access: Access,
     track_refs: bool,
 ) -> Result<Vec<ScannedSegment>, StoreError> {
-    let files = list_segments(dir)?;
     let threads = threads.clamp(1, files.len().max(1));
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<(usize, Result<ScannedSegment, StoreError>)>> =
@@ -77,10 +131,11 @@ pub(crate) fn scan_all(
         for _ in 0..threads {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((shard, seq, path)) = files.get(i) else {
+                let Some(((shard, seq, path), from)) = files.get(i) else {
                     break;
                 };
-                let scanned = scan_file(path.clone(), *shard, *seq, reserved, access, track_refs);
+                let scanned =
+                    scan_file(path.clone(), *shard, *seq, *from, reserved, access, track_refs);
                 results
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -110,6 +165,7 @@ fn scan_file(
     path: PathBuf,
     shard: usize,
     seq: u64,
+    from: ScanFrom,
     reserved: usize,
     access: Access,
     track_refs: bool,
@@ -120,9 +176,24 @@ fn scan_file(
     };
     let (segment, file_len) = Segment::open(path.clone(), shard, seq, reserved, access, track_refs)
         .map_err(io_err(&path))?;
-    segment.advise_sequential_read(file_len as usize);
-    let mut scanned = scan_segment(Arc::new(segment), file_len)?;
-    scanned.segment.advise_random_access();
+    let start = match from {
+        ScanFrom::Start => 0,
+        ScanFrom::After(n) => n,
+        // Trusted: the length was checked when planning; if the file changed since, scan
+        // what is past the vouched-for length like appends.
+        ScanFrom::Trusted(n) => n,
+    }
+    .min(file_len);
+    if start > 0 {
+        segment.set_unverified_below(start as usize);
+    }
+    if start < file_len {
+        segment.advise_sequential_read(file_len as usize);
+    }
+    let mut scanned = scan_segment(Arc::new(segment), file_len, start as usize)?;
+    if start < file_len {
+        scanned.segment.advise_random_access();
+    }
     if scanned.tail_bytes > 0 {
         let seg = &scanned.segment;
         match access {
@@ -153,11 +224,12 @@ fn scan_file(
 pub(crate) fn scan_segment(
     segment: Arc<Segment>,
     file_len: u64,
+    start: usize,
 ) -> Result<ScannedSegment, StoreError> {
     let len = usize::try_from(file_len).expect("segment length was mapped, so it fits");
-    assert!(len <= segment.reserved_bytes());
+    assert!(len <= segment.reserved_bytes() && start <= len);
     let mut records = Vec::new();
-    let (mut pos, mut good_end) = (0usize, 0usize);
+    let (mut pos, mut good_end) = (start, start);
     let (mut corrupt_records, mut corrupt_bytes) = (0usize, 0u64);
     // Bad records since the last good one: corrupt if a good one follows, torn tail otherwise.
     let (mut pending_records, mut pending_bytes) = (0usize, 0u64);
@@ -217,6 +289,7 @@ pub(crate) fn scan_segment(
         segment,
         records,
         end: good_end as u64,
+        trusted_below: start as u64,
         tail_bytes: (len - good_end) as u64,
         corrupt_records,
         corrupt_bytes,

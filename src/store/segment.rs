@@ -23,7 +23,8 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -61,6 +62,18 @@ pub struct Segment {
     /// Eviction's use counts, 2 bits per `HEADER_BYTES` of reservation; empty when the store
     /// has no capacity bound.
     uses: Box<[AtomicU64]>,
+    /// This segment's slot in the index's segment table (`index::SegmentSlots`), 0 while no
+    /// index entry names it. Written only under the index's slot mutex.
+    pub(crate) index_slot: AtomicU32,
+    /// Set when the store opened this segment from a checkpoint without re-hashing it: the
+    /// records below `below` are each verified the first time they are read (see
+    /// `Store::lookup`), one bit per `HEADER_BYTES` slot, set once verified.
+    unverified: OnceLock<Unverified>,
+}
+
+struct Unverified {
+    below: usize,
+    verified: Box<[AtomicU64]>,
 }
 
 impl Segment {
@@ -127,6 +140,8 @@ impl Segment {
             file,
             map,
             uses: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            index_slot: AtomicU32::new(0),
+            unverified: OnceLock::new(),
         })
     }
 
@@ -156,6 +171,40 @@ impl Segment {
             ) {
                 Ok(_) => return,
                 Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// The records below `len` were not verified at this start (trusted from a checkpoint):
+    /// each must be verified before it is first served. Called once, at open.
+    pub(crate) fn set_unverified_below(&self, len: usize) {
+        let words = (len / HEADER_BYTES).div_ceil(64);
+        let _ = self.unverified.set(Unverified {
+            below: len,
+            verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
+        });
+    }
+
+    /// Whether the record at `header_at` has not been verified since the store opened.
+    /// One atomic load for a segment opened from a checkpoint, none otherwise.
+    #[inline]
+    pub(crate) fn needs_verify(&self, header_at: usize) -> bool {
+        let Some(u) = self.unverified.get() else {
+            return false;
+        };
+        if header_at >= u.below {
+            return false;
+        }
+        let slot = header_at / HEADER_BYTES;
+        u.verified[slot / 64].load(Ordering::Acquire) & (1 << (slot % 64)) == 0
+    }
+
+    /// The record at `header_at` verified: serve it without checking again.
+    pub(crate) fn mark_verified(&self, header_at: usize) {
+        if let Some(u) = self.unverified.get() {
+            let slot = header_at / HEADER_BYTES;
+            if let Some(w) = u.verified.get(slot / 64) {
+                w.fetch_or(1 << (slot % 64), Ordering::Release);
             }
         }
     }

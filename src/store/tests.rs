@@ -808,3 +808,175 @@ fn req2_index_follows_eviction_and_reappend() {
         .count();
     assert!(gone > 0);
 }
+
+/// Set a file's mtime back to what it was (a bit flip on disk that no write made: rot).
+fn set_mtime(path: &Path, mtime: SystemTime) {
+    let d = mtime.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+    let ts = libc::timespec {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    };
+    let times = [ts, ts];
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path and two timespecs, as utimensat(2) takes.
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) },
+        0
+    );
+}
+
+/// Wait out the checkpoint's mtime margin, so the segments count as older than it.
+fn age_segments(dir: &Path) {
+    let old = SystemTime::now() - Duration::from_secs(5);
+    for f in segment_files(dir) {
+        set_mtime(&f, old);
+    }
+}
+
+#[test]
+fn a_restart_takes_the_checkpoint_without_rescanning_and_serves_the_same() {
+    use crate::mse::req2_hash;
+    let dir = tempfile::tempdir().unwrap();
+    let dicts: Vec<_> = (0..300).map(|i| synthetic_v1(i, 300 + i as usize)).collect();
+    let (hybrid, h) = fixture_info("hybrid_multi");
+    {
+        let (store, _) = open(dir.path(), opts(2, 16 * 1024));
+        for d in dicts.iter().chain([&hybrid]) {
+            stored(store.append(d, AppendOptions::default()).unwrap());
+        }
+        store.delete(&v1_key(&dicts[7]), None, "test").unwrap();
+    }
+    age_segments(dir.path());
+    // The checkpoint was written at drop, before the segments were aged: write it again.
+    {
+        let (store, report) = open(dir.path(), opts(2, 16 * 1024));
+        assert_eq!(report.records, 300);
+        store.checkpoint().unwrap();
+    }
+    let (store, report) = open(dir.path(), opts(2, 16 * 1024));
+    assert_eq!(report.segments_from_checkpoint, report.segments, "{report}");
+    assert!(report.segments > 10);
+    assert_eq!(report.records, 300, "{report}");
+    assert_eq!(store.stats().records, 300);
+    for (i, d) in dicts.iter().enumerate() {
+        let got = store.lookup(&v1_key(d));
+        if i == 7 {
+            assert!(got.is_none(), "deleted stays deleted");
+        } else {
+            assert_eq!(got.expect("restored").info(), &d[..]);
+        }
+    }
+    let v2_key = v2_handshake_key(&h.v2.unwrap());
+    assert_eq!(store.lookup(&v2_key).unwrap().info(), &hybrid[..]);
+    assert_eq!(store.lookup_req2(&req2_hash(&v2_key)), Some(v2_key));
+    assert_eq!(assert_req2_matches_index(&store), 301);
+    assert_eq!(store.stats().records_corrupt_on_serve, 0);
+}
+
+#[test]
+fn a_byte_rotted_after_the_checkpoint_is_caught_when_first_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let dicts: Vec<_> = (0..40).map(|i| synthetic_v1(i, 700)).collect();
+    {
+        let (store, _) = open(dir.path(), opts(1, 1 << 20));
+        for d in &dicts {
+            stored(store.append(d, AppendOptions::default()).unwrap());
+        }
+    }
+    age_segments(dir.path());
+    {
+        let (store, _) = open(dir.path(), opts(1, 1 << 20));
+        store.checkpoint().unwrap();
+    }
+    // Flip a payload byte of record 20 and put the mtime back: rot, not a write.
+    let file = &segment_files(dir.path())[0];
+    let mtime = std::fs::metadata(file).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(file).unwrap();
+    let at = bytes
+        .windows(dicts[20].len())
+        .position(|w| w == &dicts[20][..])
+        .unwrap();
+    bytes[at + 350] ^= 0x01;
+    std::fs::write(file, &bytes).unwrap();
+    set_mtime(file, mtime);
+
+    let (store, report) = open(dir.path(), opts(1, 1 << 20));
+    assert_eq!(report.segments_from_checkpoint, 1, "{report}");
+    assert!(store.lookup(&v1_key(&dicts[20])).is_none(), "never served");
+    assert_eq!(store.stats().records_corrupt_on_serve, 1);
+    assert_eq!(store.stats().records, 39);
+    for (i, d) in dicts.iter().enumerate().filter(|(i, _)| *i != 20) {
+        assert_eq!(store.lookup(&v1_key(d)).unwrap().info(), &d[..], "{i}");
+    }
+    // Verified once: the second lookup does not count it again.
+    assert!(store.lookup(&v1_key(&dicts[20])).is_none());
+    assert_eq!(store.stats().records_corrupt_on_serve, 1);
+}
+
+#[test]
+fn after_a_crash_past_the_checkpoint_appends_deletes_and_evictions_are_found() {
+    const CAP: u64 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let dicts: Vec<_> = (0..200).map(|i| synthetic_v1(i, 900)).collect();
+    let ckpt_path = dir.path().join(checkpoint::CHECKPOINT_FILE);
+    let old_ckpt;
+    let present: Vec<usize>;
+    {
+        let (store, _) = open(dir.path(), capped(1, CAP));
+        for d in &dicts[..40] {
+            stored(store.append(d, AppendOptions::default()).unwrap());
+        }
+        store.checkpoint().unwrap();
+        old_ckpt = std::fs::read(&ckpt_path).unwrap();
+        // After the checkpoint: more records (evicting the oldest segments), a delete.
+        for d in &dicts[40..] {
+            stored(store.append(d, AppendOptions::default()).unwrap());
+        }
+        assert!(store.stats().segments_evicted > 0);
+        store.delete(&v1_key(&dicts[150]), None, "test").unwrap();
+        present = (0..200)
+            .filter(|&i| store.lookup(&v1_key(&dicts[i])).is_some())
+            .collect();
+    }
+    // The crash: the checkpoint on disk is the old one.
+    std::fs::write(&ckpt_path, &old_ckpt).unwrap();
+    std::fs::remove_file(dir.path().join("blocklist")).unwrap();
+    let (store, report) = open(dir.path(), capped(1, CAP));
+    assert_eq!(report.records, present.len(), "{report}");
+    for (i, d) in dicts.iter().enumerate() {
+        let got = store.lookup(&v1_key(d));
+        assert_eq!(got.is_some(), present.contains(&i), "{i}");
+        if let Some(r) = got {
+            assert_eq!(r.info(), &d[..]);
+        }
+    }
+    assert!(store.lookup(&v1_key(&dicts[150])).is_none());
+}
+
+#[test]
+fn a_damaged_checkpoint_means_a_full_scan() {
+    let dir = tempfile::tempdir().unwrap();
+    let dicts: Vec<_> = (0..50).map(|i| synthetic_v1(i, 500)).collect();
+    {
+        let (store, _) = open(dir.path(), opts(2, 8 * 1024));
+        for d in &dicts {
+            stored(store.append(d, AppendOptions::default()).unwrap());
+        }
+    }
+    age_segments(dir.path());
+    {
+        let (store, _) = open(dir.path(), opts(2, 8 * 1024));
+        store.checkpoint().unwrap();
+    }
+    let path = dir.path().join(checkpoint::CHECKPOINT_FILE);
+    let mut b = std::fs::read(&path).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0xff;
+    std::fs::write(&path, &b).unwrap();
+    let (store, report) = open(dir.path(), opts(2, 8 * 1024));
+    assert_eq!(report.segments_from_checkpoint, 0, "{report}");
+    assert_eq!(report.records, 50);
+    for d in &dicts {
+        assert_eq!(store.lookup(&v1_key(d)).unwrap().info(), &d[..]);
+    }
+}
