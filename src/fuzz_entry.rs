@@ -729,7 +729,9 @@ fn session_kit() -> SessionKit {
     let (store, _) = Store::open(dir.path(), StoreOptions::default()).expect("open store");
     let store = Arc::new(store);
     let info = fresh_info(b"mse_session");
-    store.append(&info, AppendOptions::default()).expect("store the known torrent");
+    store
+        .append(&info, AppendOptions::default())
+        .expect("store the known torrent");
     let mut cfg = ServeConfig::new(dir.path().to_path_buf());
     // Every input is a new handshake from the same address: the rate limits would refuse
     // most of them and hide the code after the handshake from the fuzzer.
@@ -779,7 +781,9 @@ pub fn mse_session(data: &[u8]) {
         CryptoPolicy::Rc4Only
     };
     let read = usize::from(ctl >> 1).max(1) * 4;
-    let ia_len = usize::from(*ia_len).min(stream.len()).min(crate::limits::MSE_IA_BYTES_MAX);
+    let ia_len = usize::from(*ia_len)
+        .min(stream.len())
+        .min(crate::limits::MSE_IA_BYTES_MAX);
     let (ia, rest) = stream.split_at(ia_len);
     SESSION_KIT.with(|kit| {
         let now = Instant::now();
@@ -790,7 +794,14 @@ pub fn mse_session(data: &[u8]) {
         let mut to_server = Vec::new();
         ini.opening(&mut to_server);
         let mut to_client = Vec::new();
-        let mut alive = pump_serve(&mut pump, &mut to_server, now, &mut out, &mut to_client, &kit.key);
+        let mut alive = pump_serve(
+            &mut pump,
+            &mut to_server,
+            now,
+            &mut out,
+            &mut to_client,
+            &kit.key,
+        );
         // The handshake: a few round trips at most.
         let mut done = None;
         for _ in 0..4 {
@@ -802,14 +813,23 @@ pub fn mse_session(data: &[u8]) {
                 Ok(InitiatorStep::NeedMore { consumed }) => {
                     to_client.drain(..consumed);
                 }
-                Ok(InitiatorStep::Done { consumed, cipher, .. }) => {
+                Ok(InitiatorStep::Done {
+                    consumed, cipher, ..
+                }) => {
                     to_client.drain(..consumed);
                     done = Some(cipher);
                 }
                 Err(_) => return,
             }
             if !step3.is_empty() {
-                alive = pump_serve(&mut pump, &mut step3, now, &mut out, &mut to_client, &kit.key);
+                alive = pump_serve(
+                    &mut pump,
+                    &mut step3,
+                    now,
+                    &mut out,
+                    &mut to_client,
+                    &kit.key,
+                );
             }
             if done.is_some() {
                 break;
@@ -831,7 +851,14 @@ pub fn mse_session(data: &[u8]) {
             if let Some(c) = &mut cipher {
                 c.encrypt_in_place(&mut bytes);
             }
-            alive = pump_serve(&mut pump, &mut bytes, now, &mut out, &mut to_client, &kit.key);
+            alive = pump_serve(
+                &mut pump,
+                &mut bytes,
+                now,
+                &mut out,
+                &mut to_client,
+                &kit.key,
+            );
             if let Some(c) = &mut cipher {
                 c.decrypt_in_place(&mut to_client);
             }
@@ -881,11 +908,17 @@ fn pump_serve(
                 return false;
             }
             Step::Fetch(k) => {
-                assert_eq!(&k, key, "a fetch started for a torrent the handshake did not prove");
+                assert_eq!(
+                    &k, key,
+                    "a fetch started for a torrent the handshake did not prove"
+                );
                 pump.on_fetch(None);
             }
             Step::Shard { key: k, .. } => {
-                assert_eq!(&k, key, "a shard message for a torrent the handshake did not prove");
+                assert_eq!(
+                    &k, key,
+                    "a shard message for a torrent the handshake did not prove"
+                );
             }
             Step::Store(_) => panic!("a store started from an encrypted peer of a stored torrent"),
             Step::Wait => return true,

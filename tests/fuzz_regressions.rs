@@ -407,7 +407,12 @@ fn mse_session_seeds() {
     let other = [0x77u8; 20];
     let handshake = |key: &[u8; 20]| {
         let mut v = Vec::new();
-        encode_handshake(&mut v, Reserved::ours(false, false, false), key, b"-XX0001-fuzzseedpeer");
+        encode_handshake(
+            &mut v,
+            Reserved::ours(false, false, false),
+            key,
+            b"-XX0001-fuzzseedpeer",
+        );
         v
     };
     // ut_metadata request for piece 0 after the extension handshake (ours: id 1 for theirs).

@@ -385,17 +385,27 @@ fn delete_on_a_stops_b_within_the_poll_bound() {
         hex::encode(t.key),
         "00".repeat(32)
     );
-    cluster.put(0, &format!("del/tomb/{}", hex::encode(t.key)), forged.as_bytes());
+    cluster.put(
+        0,
+        &format!("del/tomb/{}", hex::encode(t.key)),
+        forged.as_bytes(),
+    );
     cluster.put(
         0,
         &format!("del/tomb-log/{now:012}-{}", hex::encode(t.key)),
         forged.as_bytes(),
     );
-    within(Duration::from_secs(10), "the forgery seen by B's poll", || {
-        metric(&b, "magnetar_shared_tombstones_unauthenticated_total") >= 1.0
-    });
+    within(
+        Duration::from_secs(10),
+        "the forgery seen by B's poll",
+        || metric(&b, "magnetar_shared_tombstones_unauthenticated_total") >= 1.0,
+    );
     std::thread::sleep(Duration::from_millis(POLL_MS * 2));
-    assert_eq!(fetch(&b, &t.key).unwrap(), t.info, "a forged tombstone deletes nothing");
+    assert_eq!(
+        fetch(&b, &t.key).unwrap(),
+        t.info,
+        "a forged tombstone deletes nothing"
+    );
     assert_eq!(metric(&b, "magnetar_shared_tombstones_applied_total"), 0.0);
 
     let reply = http::delete(
@@ -462,8 +472,20 @@ fn an_upload_to_a_reaches_clients_already_waiting_on_b() {
     let failed = Torrent::v1(v1_info("failed-before", 900));
     let a = node(&cluster, 0, &tmp.path().join("a"), "ryw", &[]);
     // No sources at all: B's fetch waits out its deadline, C's fails after 1.5 s.
-    let b = node(&cluster, 1, &tmp.path().join("b"), "ryw", &["--fetch-timeout-ms", "60000"]);
-    let c = node(&cluster, 2, &tmp.path().join("c"), "ryw", &["--fetch-timeout-ms", "1500"]);
+    let b = node(
+        &cluster,
+        1,
+        &tmp.path().join("b"),
+        "ryw",
+        &["--fetch-timeout-ms", "60000"],
+    );
+    let c = node(
+        &cluster,
+        2,
+        &tmp.path().join("c"),
+        "ryw",
+        &["--fetch-timeout-ms", "1500"],
+    );
 
     assert!(fetch(&c, &failed.key).is_err(), "nobody has it yet");
     within(Duration::from_secs(10), "C's fetch failed", || {

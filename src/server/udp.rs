@@ -1121,7 +1121,7 @@ mod tests {
         tx.push(&b, &transmit(0, &full)); // another peer
         tx.push(&b, &transmit(1, &[])); // an ack after data: shorter, joins as the tail
         tx.push(&b, &transmit(2, &full)); // longer than the run's tail: a new message
-        // 65 507 / 1420 = 46 packets fit; the 47th starts a message.
+                                          // 65 507 / 1420 = 46 packets fit; the 47th starts a message.
         assert_eq!(
             message_shapes(&tx),
             vec![

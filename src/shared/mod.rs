@@ -350,8 +350,14 @@ impl Inner {
     /// listener as `Origin::Shared`, so not uploaded again), with one write of the
     /// blocklist for the lot. The keys newly blocked; `Err` (logged) if the store could not
     /// write them.
-    pub async fn apply_tombstones(self: &Arc<Self>, keys: Vec<[u8; 20]>) -> Result<Vec<[u8; 20]>, ()> {
-        let mut keys: Vec<[u8; 20]> = keys.into_iter().filter(|k| !self.store.is_blocked(k)).collect();
+    pub async fn apply_tombstones(
+        self: &Arc<Self>,
+        keys: Vec<[u8; 20]>,
+    ) -> Result<Vec<[u8; 20]>, ()> {
+        let mut keys: Vec<[u8; 20]> = keys
+            .into_iter()
+            .filter(|k| !self.store.is_blocked(k))
+            .collect();
         keys.sort_unstable();
         keys.dedup();
         if keys.is_empty() {
@@ -766,7 +772,11 @@ async fn poll_tombstones_once(
                 handled.insert((at, key));
             }
             Ok(Err(e)) => {
-                tracing::debug!("reading tombstone {}: {}", hex::encode(key), error_chain(&e));
+                tracing::debug!(
+                    "reading tombstone {}: {}",
+                    hex::encode(key),
+                    error_chain(&e)
+                );
                 failed = true;
             }
             Err(_) => failed = true,

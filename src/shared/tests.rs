@@ -313,7 +313,12 @@ fn a_lookup_serves_verified_bytes_only_and_honours_tombstones() {
 }
 
 /// Runs node `inner`'s tombstone poll until `done` holds (bounded by 10 s), then stops it.
-fn poll_until(rt: &tokio::runtime::Runtime, inner: &Arc<Inner>, what: &str, mut done: impl FnMut() -> bool) {
+fn poll_until(
+    rt: &tokio::runtime::Runtime,
+    inner: &Arc<Inner>,
+    what: &str,
+    mut done: impl FnMut() -> bool,
+) {
     rt.block_on(async {
         let poll = tokio::spawn(poll_tombstones(inner.clone()));
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -328,7 +333,11 @@ fn poll_until(rt: &tokio::runtime::Runtime, inner: &Arc<Inner>, what: &str, mut 
 fn stored_key(store: &Store, seed: u64) -> [u8; 20] {
     let d = synthetic_v1(seed, 500);
     store.append(&d, AppendOptions::default()).unwrap();
-    crate::metainfo::validate_info(&d).unwrap().hashes.primary_key().unwrap()
+    crate::metainfo::validate_info(&d)
+        .unwrap()
+        .hashes
+        .primary_key()
+        .unwrap()
 }
 
 /// A bucket writer without the fleet key cannot delete from the fleet: unsigned, wrongly
@@ -345,23 +354,40 @@ fn forged_tombstones_are_ignored_and_counted() {
     let now = uploader::unix_now();
     let [plain, other_fleet, renamed, real] = [1, 2, 3, 4].map(|seed| stored_key(&store, seed));
     let put = |path: object_store::path::Path, body: String| {
-        rt.block_on(os.put(&path, PutPayload::from(body.into_bytes()))).unwrap();
+        rt.block_on(os.put(&path, PutPayload::from(body.into_bytes())))
+            .unwrap();
     };
     put(
         l.tomb_log(now, &plain),
-        format!("magnetar tombstone\nkey={}\nat={now}\nnode=x\n", hex::encode(plain)),
+        format!(
+            "magnetar tombstone\nkey={}\nat={now}\nnode=x\n",
+            hex::encode(plain)
+        ),
     );
     let stranger = FleetKey::from_text("another fleet's key, also long enough").unwrap();
-    put(l.tomb_log(now, &other_fleet), tombstone::body(&stranger, &other_fleet, now, "x"));
+    put(
+        l.tomb_log(now, &other_fleet),
+        tombstone::body(&stranger, &other_fleet, now, "x"),
+    );
     // A real tombstone of `real`, copied under the name of `renamed`.
-    put(l.tomb_log(now, &renamed), tombstone::body(&fleet(), &real, now, "x"));
-    put(l.tomb_log(now, &real), tombstone::body(&fleet(), &real, now, "x"));
+    put(
+        l.tomb_log(now, &renamed),
+        tombstone::body(&fleet(), &real, now, "x"),
+    );
+    put(
+        l.tomb_log(now, &real),
+        tombstone::body(&fleet(), &real, now, "x"),
+    );
     poll_until(&rt, &i, "the signed tombstone applied", || {
         i.stats.tombstones_applied.load(Relaxed) >= 1
     });
     assert!(store.is_blocked(&real) && store.lookup(&real).is_none());
     for k in [plain, other_fleet, renamed] {
-        assert!(!store.is_blocked(&k) && store.lookup(&k).is_some(), "{}", hex::encode(k));
+        assert!(
+            !store.is_blocked(&k) && store.lookup(&k).is_some(),
+            "{}",
+            hex::encode(k)
+        );
     }
     assert_eq!(i.stats.tombstones_applied.load(Relaxed), 1);
     assert_eq!(i.stats.tombstones_unauthenticated.load(Relaxed), 3);
@@ -370,8 +396,16 @@ fn forged_tombstones_are_ignored_and_counted() {
     let dir2 = tempfile::tempdir().unwrap();
     let store2 = open_store(dir2.path());
     let k2 = stored_key(&store2, 5);
-    put(l.tomb_log(now, &k2), tombstone::body(&fleet(), &k2, now, "x"));
-    let keyless = inner_with(store2.clone(), os.clone(), None, crate::limits::METADATA_BYTES_MAX);
+    put(
+        l.tomb_log(now, &k2),
+        tombstone::body(&fleet(), &k2, now, "x"),
+    );
+    let keyless = inner_with(
+        store2.clone(),
+        os.clone(),
+        None,
+        crate::limits::METADATA_BYTES_MAX,
+    );
     poll_until(&rt, &keyless, "the keyless node saw them", || {
         keyless.stats.tombstones_unauthenticated.load(Relaxed) >= 5
     });
@@ -391,12 +425,19 @@ fn a_tombstone_named_in_the_future_does_not_stall_the_poll() {
     let l = i.layout.clone();
     let [future, first, later] = [1, 2, 3].map(|seed| stored_key(&store, seed));
     let put = |path: object_store::path::Path, body: String| {
-        rt.block_on(os.put(&path, PutPayload::from(body.into_bytes()))).unwrap();
+        rt.block_on(os.put(&path, PutPayload::from(body.into_bytes())))
+            .unwrap();
     };
     let far = 999_999_999_999;
-    put(l.tomb_log(far, &future), tombstone::body(&fleet(), &future, far, "x"));
+    put(
+        l.tomb_log(far, &future),
+        tombstone::body(&fleet(), &future, far, "x"),
+    );
     let now = uploader::unix_now();
-    put(l.tomb_log(now, &first), tombstone::body(&fleet(), &first, now, "x"));
+    put(
+        l.tomb_log(now, &first),
+        tombstone::body(&fleet(), &first, now, "x"),
+    );
     rt.block_on(async {
         let poll = tokio::spawn(poll_tombstones(i.clone()));
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -414,7 +455,10 @@ fn a_tombstone_named_in_the_future_does_not_stall_the_poll() {
         .await
         .unwrap();
         while !store.is_blocked(&later) {
-            assert!(Instant::now() < deadline, "a tombstone after the future one was missed");
+            assert!(
+                Instant::now() < deadline,
+                "a tombstone after the future one was missed"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         poll.abort();
@@ -444,7 +488,9 @@ fn a_listing_of_many_tombstones_is_applied_as_one_batch() {
     rt.block_on(async {
         for k in stored.iter().chain(&absent) {
             let body = tombstone::body(&fleet(), k, now, "x");
-            os.put(&l.tomb_log(now, k), PutPayload::from(body.into_bytes())).await.unwrap();
+            os.put(&l.tomb_log(now, k), PutPayload::from(body.into_bytes()))
+                .await
+                .unwrap();
         }
     });
     let blocklist = dir.path().join("blocklist");
@@ -457,7 +503,12 @@ fn a_listing_of_many_tombstones_is_applied_as_one_batch() {
     assert!(stored.iter().all(|k| store.lookup(k).is_none()));
     // Every key once in the file.
     let text = std::fs::read_to_string(&blocklist).unwrap();
-    assert_eq!(text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).count(), 320);
+    assert_eq!(
+        text.lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .count(),
+        320
+    );
 }
 
 /// `metadata-bytes-max` bounds what a lookup reads from the bucket.
@@ -468,11 +519,19 @@ fn a_lookup_reads_no_more_than_the_metadata_limit() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_store(dir.path());
     let good = synthetic_v1(12, 4_000);
-    let k = crate::metainfo::validate_info(&good).unwrap().hashes.primary_key().unwrap();
+    let k = crate::metainfo::validate_info(&good)
+        .unwrap()
+        .hashes
+        .primary_key()
+        .unwrap();
     let i = inner_with(store, os.clone(), Some(fleet()), 1_000);
-    rt.block_on(os.put(&i.layout.info(&k), PutPayload::from(good.clone()))).unwrap();
+    rt.block_on(os.put(&i.layout.info(&k), PutPayload::from(good.clone())))
+        .unwrap();
     assert!(matches!(rt.block_on(lookup(&i, k)), SharedGet::Miss));
     assert_eq!(i.stats.get_corrupt.load(Relaxed), 1);
     let roomy = inner_with(i.store.clone(), os, Some(fleet()), 10_000);
-    assert!(matches!(rt.block_on(lookup(&roomy, k)), SharedGet::Found(_)));
+    assert!(matches!(
+        rt.block_on(lookup(&roomy, k)),
+        SharedGet::Found(_)
+    ));
 }

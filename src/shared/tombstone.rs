@@ -145,14 +145,20 @@ mod tests {
     fn a_tombstone_verifies_under_its_key_and_name_only() {
         let (k, at) = ([7; 20], 1_790_000_000);
         let b = body(&fleet('a'), &k, at, "host/1");
-        assert_eq!(verify(Some(&fleet('a')), b.as_bytes(), &k, Some(at)), Ok(at));
+        assert_eq!(
+            verify(Some(&fleet('a')), b.as_bytes(), &k, Some(at)),
+            Ok(at)
+        );
         assert_eq!(verify(Some(&fleet('a')), b.as_bytes(), &k, None), Ok(at));
         // Another fleet's key, no key, another name: refused.
         assert_eq!(
             verify(Some(&fleet('b')), b.as_bytes(), &k, Some(at)),
             Err(Rejected::BadMac)
         );
-        assert_eq!(verify(None, b.as_bytes(), &k, Some(at)), Err(Rejected::NoFleetKey));
+        assert_eq!(
+            verify(None, b.as_bytes(), &k, Some(at)),
+            Err(Rejected::NoFleetKey)
+        );
         assert_eq!(
             verify(Some(&fleet('a')), b.as_bytes(), &[8; 20], Some(at)),
             Err(Rejected::NameMismatch)
@@ -181,11 +187,23 @@ mod tests {
             Err(Rejected::BadMac)
         );
         // The old unauthenticated format, and junk.
-        let old = format!("magnetar tombstone\nkey={}\nat={at}\nnode=x\n", hex::encode(k));
-        assert_eq!(verify(Some(&f), old.as_bytes(), &k, Some(at)), Err(Rejected::Malformed));
-        assert_eq!(verify(Some(&f), b"\xff\xfe", &k, None), Err(Rejected::Malformed));
+        let old = format!(
+            "magnetar tombstone\nkey={}\nat={at}\nnode=x\n",
+            hex::encode(k)
+        );
+        assert_eq!(
+            verify(Some(&f), old.as_bytes(), &k, Some(at)),
+            Err(Rejected::Malformed)
+        );
+        assert_eq!(
+            verify(Some(&f), b"\xff\xfe", &k, None),
+            Err(Rejected::Malformed)
+        );
         let long = format!("{b}{}", "x".repeat(TOMBSTONE_BYTES_MAX));
-        assert_eq!(verify(Some(&f), long.as_bytes(), &k, None), Err(Rejected::Malformed));
+        assert_eq!(
+            verify(Some(&f), long.as_bytes(), &k, None),
+            Err(Rejected::Malformed)
+        );
         // The node line cannot add lines.
         let sneaky = body(&f, &k, at, "h\nmac=00");
         assert_eq!(verify(Some(&f), sneaky.as_bytes(), &k, Some(at)), Ok(at));

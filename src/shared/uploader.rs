@@ -485,7 +485,12 @@ async fn upload_one(inner: &Inner, upload: &Upload, check_first: bool) -> Result
             // put there must not stop the real tombstone being published.
             if check_first {
                 let limit = super::tombstone::TOMBSTONE_BYTES_MAX;
-                let there = bounded(inner, "GET", &tomb, super::get_bounded(&*inner.os, &tomb, limit));
+                let there = bounded(
+                    inner,
+                    "GET",
+                    &tomb,
+                    super::get_bounded(&*inner.os, &tomb, limit),
+                );
                 if let Some(super::Bounded::Body(body)) = there.await? {
                     if super::tombstone::verify(inner.fleet.as_ref(), &body, key, None).is_ok() {
                         return Ok(Done::AlreadyThere);

@@ -75,7 +75,9 @@ pub(crate) struct Checkpoint {
 pub(crate) fn file_identity(meta: &std::fs::Metadata) -> (u64, i64, u64) {
     (
         meta.ino(),
-        meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
+        meta.mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(meta.mtime_nsec()),
         meta.len(),
     )
 }
@@ -124,7 +126,10 @@ impl Checkpoint {
             if cfg!(target_endian = "little") {
                 // SAFETY: the same memory as bytes (u8: alignment 1, no invalid values).
                 w.write_all(unsafe {
-                    std::slice::from_raw_parts(t.as_ptr().cast::<u8>(), std::mem::size_of_val(&t[..]))
+                    std::slice::from_raw_parts(
+                        t.as_ptr().cast::<u8>(),
+                        std::mem::size_of_val(&t[..]),
+                    )
                 })?;
             } else {
                 for part in t.chunks(8192) {
@@ -169,11 +174,15 @@ impl<'a> Reader<'a> {
     }
 
     fn u32(&mut self) -> Result<u32, &'static str> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
 
     fn u64(&mut self) -> Result<u64, &'static str> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 }
 
@@ -221,7 +230,11 @@ fn read_from(file: std::fs::File) -> Result<Checkpoint, String> {
     let seed = [r.u64()?, r.u64()?];
     let n = r.u64()?;
     const SEGMENT_BYTES: u64 = 4 + 8 * 4 + 4 + 4 + 8 * 2;
-    let mut segs = vec![0u8; usize::try_from(n.saturating_mul(SEGMENT_BYTES).min(f.left)).map_err(|_| "size")?];
+    let mut segs = vec![
+        0u8;
+        usize::try_from(n.saturating_mul(SEGMENT_BYTES).min(f.left))
+            .map_err(|_| "size")?
+    ];
     f.take(&mut segs)?;
     if segs.len() as u64 != n * SEGMENT_BYTES {
         return Err("count past the end".into());
@@ -244,7 +257,8 @@ fn read_from(file: std::fs::File) -> Result<Checkpoint, String> {
     let mut word = [0u8; 8];
     f.take(&mut word)?;
     let n = u64::from_le_bytes(word);
-    let mut tombs = vec![0u8; usize::try_from(n.saturating_mul(28).min(f.left)).map_err(|_| "size")?];
+    let mut tombs =
+        vec![0u8; usize::try_from(n.saturating_mul(28).min(f.left)).map_err(|_| "size")?];
     f.take(&mut tombs)?;
     if tombs.len() as u64 != n * 28 {
         return Err("count past the end".into());
@@ -351,8 +365,12 @@ mod tests {
                 bytes: 1500,
             }],
             tombstones: vec![([4; 20], 1_700_000_000)],
-            main: (0..INDEX_SHARDS as u64).map(|i| vec![i, 0, i << 40]).collect(),
-            req2: (0..INDEX_SHARDS as u64).map(|i| vec![0; i as usize]).collect(),
+            main: (0..INDEX_SHARDS as u64)
+                .map(|i| vec![i, 0, i << 40])
+                .collect(),
+            req2: (0..INDEX_SHARDS as u64)
+                .map(|i| vec![0; i as usize])
+                .collect(),
         }
     }
 

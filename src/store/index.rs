@@ -137,7 +137,9 @@ fn entry_location(e: u64) -> (usize, usize) {
 fn make_entry(tag: u64, slot: usize, header_at: usize) -> u64 {
     debug_assert!(slot > 0 && (slot as u64) <= SLOT_MASK);
     debug_assert!(header_at % RECORD_ALIGN == 0 && header_at < INDEX_SEGMENT_BYTES_MAX as usize);
-    (tag << (SLOT_BITS + OFFSET_BITS)) | ((slot as u64) << OFFSET_BITS) | (header_at / RECORD_ALIGN) as u64
+    (tag << (SLOT_BITS + OFFSET_BITS))
+        | ((slot as u64) << OFFSET_BITS)
+        | (header_at / RECORD_ALIGN) as u64
 }
 
 /// One open-addressed table: linear probing, entries placed by their tag.
@@ -275,7 +277,9 @@ pub(crate) struct SlotsFull;
 impl SegmentSlots {
     fn new() -> Self {
         SegmentSlots {
-            segments: (0..INDEX_SEGMENT_SLOTS).map(|_| RwLock::new(None)).collect(),
+            segments: (0..INDEX_SEGMENT_SLOTS)
+                .map(|_| RwLock::new(None))
+                .collect(),
             state: Mutex::new(SlotState {
                 refs: vec![0; INDEX_SEGMENT_SLOTS],
                 records: vec![0; INDEX_SEGMENT_SLOTS],
@@ -299,7 +303,12 @@ impl SegmentSlots {
     }
 
     /// `segment`'s slot, taking a free one if it has none; counts `n` more entries on it.
-    fn acquire(&self, st: &mut SlotState, segment: &Arc<Segment>, n: u32) -> Result<usize, SlotsFull> {
+    fn acquire(
+        &self,
+        st: &mut SlotState,
+        segment: &Arc<Segment>,
+        n: u32,
+    ) -> Result<usize, SlotsFull> {
         let mut slot = segment.index_slot.load(Ordering::Relaxed) as usize;
         if slot == 0 {
             slot = match st.free.pop() {
@@ -310,7 +319,9 @@ impl SegmentSlots {
                 }
                 None => return Err(SlotsFull),
             };
-            *self.segments[slot].write().unwrap_or_else(|p| p.into_inner()) = Some(segment.clone());
+            *self.segments[slot]
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = Some(segment.clone());
             segment.index_slot.store(slot as u32, Ordering::Relaxed);
         }
         st.refs[slot] += n;
@@ -375,8 +386,12 @@ impl Index {
     pub fn new(hasher: KeyHasher) -> Self {
         Index {
             hasher,
-            shards: (0..INDEX_SHARDS).map(|_| RwLock::new(Table::default())).collect(),
-            req2: (0..INDEX_SHARDS).map(|_| RwLock::new(Table::default())).collect(),
+            shards: (0..INDEX_SHARDS)
+                .map(|_| RwLock::new(Table::default()))
+                .collect(),
+            req2: (0..INDEX_SHARDS)
+                .map(|_| RwLock::new(Table::default()))
+                .collect(),
             segments: SegmentSlots::new(),
         }
     }
@@ -473,7 +488,10 @@ impl Index {
         let mut stripes: Vec<usize> = keys.iter().map(|(h, _)| stripe_of(*h)).collect();
         stripes.sort_unstable();
         stripes.dedup();
-        let mut guards: Vec<_> = stripes.iter().map(|&s| (s, write(&self.shards[s]))).collect();
+        let mut guards: Vec<_> = stripes
+            .iter()
+            .map(|&s| (s, write(&self.shards[s])))
+            .collect();
         let pos = |s: usize| stripes.iter().position(|&g| g == s).expect("locked");
         for (h, key) in &keys {
             let table = &guards[pos(stripe_of(*h))].1;
@@ -523,14 +541,18 @@ impl Index {
         let mut stripes: Vec<usize> = keys.iter().map(|(h, _)| stripe_of(*h)).collect();
         stripes.sort_unstable();
         stripes.dedup();
-        let mut guards: Vec<_> = stripes.iter().map(|&s| (s, write(&self.shards[s]))).collect();
+        let mut guards: Vec<_> = stripes
+            .iter()
+            .map(|&s| (s, write(&self.shards[s])))
+            .collect();
         let pos = |s: usize| stripes.iter().position(|&g| g == s).expect("locked");
         // (stripe guard index, table index, key) of every key still naming `old`.
         let naming: Vec<(usize, usize, u64, [u8; 20])> = keys
             .iter()
             .filter_map(|(h, key)| {
                 let g = pos(stripe_of(*h));
-                Self::find_exact(&guards[g].1, tag_of(*h), old_slot, old_at).map(|i| (g, i, *h, *key))
+                Self::find_exact(&guards[g].1, tag_of(*h), old_slot, old_at)
+                    .map(|i| (g, i, *h, *key))
             })
             .collect();
         if naming.is_empty() {
@@ -783,7 +805,11 @@ mod tests {
 
     #[test]
     fn entries_round_trip_their_fields() {
-        let e = make_entry(TAG_MASK, SLOT_MASK as usize, INDEX_SEGMENT_BYTES_MAX as usize - 8);
+        let e = make_entry(
+            TAG_MASK,
+            SLOT_MASK as usize,
+            INDEX_SEGMENT_BYTES_MAX as usize - 8,
+        );
         assert_eq!(entry_tag(e), TAG_MASK);
         assert_eq!(
             entry_location(e),
@@ -802,7 +828,10 @@ mod tests {
         assert_eq!(t.len(), tags.len());
         assert!(t.len() * 100 <= t.slots.len() * LOAD_MAX_PERCENT);
         for (i, &tag) in tags.iter().enumerate() {
-            assert!(t.find(tag, |e| entry_location(e).1 == i * 8).is_some(), "{i}");
+            assert!(
+                t.find(tag, |e| entry_location(e).1 == i * 8).is_some(),
+                "{i}"
+            );
         }
         // Remove every third; the rest must still be found, the removed not.
         for (i, &tag) in tags.iter().enumerate().filter(|(i, _)| i % 3 == 0) {

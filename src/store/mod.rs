@@ -505,7 +505,10 @@ fn restore_checkpoint(
     }
     let dropped = snapshot.retain_slots(|slot| trusted_len.get(slot).is_some_and(Option::is_some));
     if dropped > 0 {
-        tracing::info!(entries = dropped, "checkpoint entries of segments changed or gone since dropped");
+        tracing::info!(
+            entries = dropped,
+            "checkpoint entries of segments changed or gone since dropped"
+        );
     }
     if !snapshot.check(|slot| trusted_len.get(slot).copied().flatten()) {
         return Err("an entry points past its segment");
@@ -765,7 +768,10 @@ impl Store {
         }
         let header = Header::decode(segment.bytes(at, HEADER_BYTES)).ok()?;
         let info_len = header.info_len as usize;
-        let padding = segment.bytes(at + HEADER_BYTES + info_len, header.record_bytes() - HEADER_BYTES - info_len);
+        let padding = segment.bytes(
+            at + HEADER_BYTES + info_len,
+            header.record_bytes() - HEADER_BYTES - info_len,
+        );
         if padding.iter().all(|&b| b == 0) && verify_info(record.info(), &header.hashes()) {
             segment.mark_verified(at);
             return Some(record);
@@ -1064,7 +1070,9 @@ impl Store {
         if !entries.is_empty() {
             let path = self.blocklist.path().to_path_buf();
             let comment = format!("{reason} at unix {}", unix_now());
-            self.blocklist.add(&entries, comment.trim()).map_err(io_at(&path))?;
+            self.blocklist
+                .add(&entries, comment.trim())
+                .map_err(io_at(&path))?;
         }
         // Each key is blocked now, so these only write the tombstone records of what was
         // stored, remove it and tell the listener.

@@ -134,8 +134,15 @@ pub(crate) fn scan_all(
                 let Some(((shard, seq, path), from)) = files.get(i) else {
                     break;
                 };
-                let scanned =
-                    scan_file(path.clone(), *shard, *seq, *from, reserved, access, track_refs);
+                let scanned = scan_file(
+                    path.clone(),
+                    *shard,
+                    *seq,
+                    *from,
+                    reserved,
+                    access,
+                    track_refs,
+                );
                 results
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

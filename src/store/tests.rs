@@ -837,7 +837,9 @@ fn age_segments(dir: &Path) {
 fn a_restart_takes_the_checkpoint_without_rescanning_and_serves_the_same() {
     use crate::mse::req2_hash;
     let dir = tempfile::tempdir().unwrap();
-    let dicts: Vec<_> = (0..300).map(|i| synthetic_v1(i, 300 + i as usize)).collect();
+    let dicts: Vec<_> = (0..300)
+        .map(|i| synthetic_v1(i, 300 + i as usize))
+        .collect();
     let (hybrid, h) = fixture_info("hybrid_multi");
     {
         let (store, _) = open(dir.path(), opts(2, 16 * 1024));

@@ -125,7 +125,11 @@ async fn ask_shared_tier(upstream: &Upstream, key: [u8; 20], stats: &UpstreamSta
 /// node that stored the dict since our first look (a publisher's upload, another node's
 /// swarm fill) has it in the bucket, and every client waiting here is served within
 /// seconds instead of at the end of the swarm fetch. Never ends without an answer.
-async fn recheck_shared_tier(upstream: &Upstream, key: [u8; 20], stats: &UpstreamStats) -> FetchOutcome {
+async fn recheck_shared_tier(
+    upstream: &Upstream,
+    key: [u8; 20],
+    stats: &UpstreamStats,
+) -> FetchOutcome {
     let mut attempt = 0;
     loop {
         let wait = upstream.shared.get().and_then(|t| t.recheck_after(attempt));

@@ -812,7 +812,11 @@ fn a_held_ack_rides_on_the_answer_or_goes_when_let_go() {
     let out = all_out(&mut c, now);
     assert_eq!(out.len(), 1, "one datagram: the answer");
     let h = pkt(&out[0]).header;
-    assert_eq!((h.ty, h.ack_nr), (PacketType::Data, 501), "the answer acks the request");
+    assert_eq!(
+        (h.ty, h.ack_nr),
+        (PacketType::Data, 501),
+        "the answer acks the request"
+    );
     assert!(!c.is_ack_held());
 
     // Bytes that get no answer: the ack waits while held and goes once let go.
