@@ -209,10 +209,17 @@ fn serve(args: ServeArgs, cli_log: Option<String>) -> anyhow::Result<()> {
     let admin_cfg = settings.admin_config()?;
     let inherited = magnetar::server::listener::inherited_from_systemd()
         .context("reading the sockets passed by systemd (LISTEN_FDS)")?;
-    if !inherited.is_empty() {
+    if !inherited.peer.is_empty() {
         tracing::info!(
-            sockets = inherited.len(),
-            "socket activation: serving on the sockets systemd passed; listen is ignored"
+            sockets = inherited.peer.len(),
+            "socket activation: serving peers on the sockets systemd passed; listen is ignored"
+        );
+    }
+    if !inherited.http.is_empty() {
+        tracing::info!(
+            sockets = inherited.http.len(),
+            "socket activation: the public HTTP listener is on the sockets systemd passed \
+             (FileDescriptorName=http); http is ignored"
         );
     }
 

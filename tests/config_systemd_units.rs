@@ -1,5 +1,6 @@
-//! `systemd/magnetar.service` and `magnetar.socket` pass `systemd-analyze verify` and keep
-//! an exposure score of 2.0 or lower (`systemd-analyze security`). Both run offline, so
+//! `systemd/magnetar.service`, `magnetar.socket` and `magnetar-http.socket` pass
+//! `systemd-analyze verify`, and the service keeps an exposure score of 2.0 or lower
+//! (`systemd-analyze security`). Both run offline, so
 //! this works without systemd as PID 1 (CI containers). `systemd-analyze` comes from
 //! Debian's `systemd` package, which `scripts/test.sh` installs.
 
@@ -18,7 +19,7 @@ fn systemd_analyze() -> &'static str {
 }
 
 /// The units with ExecStart pointing at the binary under test (verify checks it exists).
-fn units_in(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+fn units_in(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
     let service = std::fs::read_to_string(src.join("magnetar.service"))
         .unwrap()
@@ -26,17 +27,20 @@ fn units_in(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let (svc, sock) = (dir.join("magnetar.service"), dir.join("magnetar.socket"));
     std::fs::write(&svc, service).unwrap();
     std::fs::copy(src.join("magnetar.socket"), &sock).unwrap();
-    (svc, sock)
+    let http = dir.join("magnetar-http.socket");
+    std::fs::copy(src.join("magnetar-http.socket"), &http).unwrap();
+    (svc, sock, http)
 }
 
 #[test]
 fn units_pass_systemd_analyze_verify() {
     let dir = tempfile::tempdir().unwrap();
-    let (svc, sock) = units_in(dir.path());
+    let (svc, sock, http) = units_in(dir.path());
     let out = Command::new(systemd_analyze())
         .arg("verify")
         .arg(&svc)
         .arg(&sock)
+        .arg(&http)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -45,7 +49,10 @@ fn units_pass_systemd_analyze_verify() {
         "systemd-analyze verify failed:\n{stderr}"
     );
     // verify warns (exit 0) about unknown settings and syscall groups: none allowed.
-    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("magnetar.")).collect();
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("magnetar.") || l.contains("magnetar-http."))
+        .collect();
     assert!(
         ours.is_empty(),
         "warnings about our units:\n{}",
@@ -56,7 +63,7 @@ fn units_pass_systemd_analyze_verify() {
 #[test]
 fn service_exposure_score_is_at_most_2() {
     let dir = tempfile::tempdir().unwrap();
-    let (svc, _) = units_in(dir.path());
+    let (svc, _, _) = units_in(dir.path());
     let out = Command::new(systemd_analyze())
         .args(["security", "--offline=true", "--no-pager"])
         .arg(&svc)

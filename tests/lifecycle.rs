@@ -272,3 +272,75 @@ fn socket_activation_serves_on_the_inherited_socket() {
         assert_eq!(&reply[28..48], &hex::decode(&hash).unwrap()[..]);
     }
 }
+
+/// Two sockets from systemd, named as the units name them (`LISTEN_FDNAMES=peer:http`,
+/// magnetar.socket and magnetar-http.socket): BitTorrent is served on the first, the
+/// public HTTP listener on the second (the ready line says so), and `--listen`/`--http`
+/// are ignored.
+#[test]
+fn socket_activation_passes_the_http_socket_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (peer_addr, http_addr) = (peer.local_addr().unwrap(), http.local_addr().unwrap());
+    let fds = [
+        std::os::fd::AsRawFd::as_raw_fd(&peer),
+        std::os::fd::AsRawFd::as_raw_fd(&http),
+    ];
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg("LISTEN_FDS=2 LISTEN_FDNAMES=peer:http LISTEN_PID=$$ exec \"$0\" \"$@\"")
+        .arg(magnetar_bin())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.path().join("d"))
+        .args(["--admin", "127.0.0.1:0", "--no-dht", "--threads", "2"])
+        // Both ignored under socket activation.
+        .args(["--listen", "127.0.0.1:1", "--http", "127.0.0.1:1"])
+        .arg("--admin-token-file")
+        .arg(&token_file);
+    // SAFETY: dup2 is async-signal-safe; runs in the forked child before exec. Out of the
+    // way first (100, 101), so that placing one on 3 or 4 cannot close the other.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, fd) in fds.into_iter().enumerate() {
+                if libc::dup2(fd, 100 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for i in 0..2 {
+                if libc::dup2(100 + i, 3 + i) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(100 + i);
+            }
+            Ok(())
+        });
+    }
+    let s = ServerProc::spawn(cmd);
+    drop((peer, http));
+    assert_eq!(s.addr, peer_addr, "{}", s.ready_line);
+    assert!(
+        s.ready_line.contains(&format!("http={http_addr}")),
+        "{}",
+        s.ready_line
+    );
+    let (torrent, hash) = synthetic_torrent(9);
+    assert_eq!(post(&s.url("/torrents"), Some(TOKEN), &torrent).status, 201);
+    let url = format!("http://{http_addr}/torrent/{hash}.torrent");
+    let reply = get(&url);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let mut c = TcpStream::connect(peer_addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hs = vec![19u8];
+    hs.extend_from_slice(b"BitTorrent protocol");
+    hs.extend_from_slice(&[0, 0, 0, 0, 0, 0x10, 0, 0]);
+    hs.extend_from_slice(&hex::decode(&hash).unwrap());
+    hs.extend_from_slice(b"-TT0001-abcdefghijkl");
+    c.write_all(&hs).unwrap();
+    let mut reply = [0u8; 68];
+    c.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[28..48], &hex::decode(&hash).unwrap()[..]);
+}

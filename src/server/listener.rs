@@ -181,11 +181,25 @@ pub fn bind_all(
     })
 }
 
-/// The listening sockets systemd passed (`LISTEN_FDS`, checked against `LISTEN_PID`), or none.
-/// Call once, before threads start: the descriptors are taken over (and set close-on-exec).
-pub fn inherited_from_systemd() -> io::Result<Vec<std::net::TcpListener>> {
-    let mut out = Vec::new();
-    for fd in sd_notify::listen_fds()? {
+/// The `FileDescriptorName=` of the public HTTP listener's socket unit
+/// (`magnetar-http.socket`); every other name (or none) is a BitTorrent peer socket.
+pub const HTTP_FD_NAME: &str = "http";
+
+/// The listening sockets systemd passed, by what they serve.
+#[derive(Default)]
+pub struct Inherited {
+    /// BitTorrent peers (`magnetar.socket`).
+    pub peer: Vec<std::net::TcpListener>,
+    /// The public HTTP listener (`magnetar-http.socket`, named `HTTP_FD_NAME`).
+    pub http: Vec<std::net::TcpListener>,
+}
+
+/// The listening sockets systemd passed (`LISTEN_FDS`, checked against `LISTEN_PID`, sorted
+/// by `LISTEN_FDNAMES`), or none. Call once, before threads start: the descriptors are taken
+/// over (and set close-on-exec).
+pub fn inherited_from_systemd() -> io::Result<Inherited> {
+    let mut out = Inherited::default();
+    for (fd, name) in sd_notify::listen_fds_with_names()? {
         // SAFETY: systemd hands these descriptors to this process (LISTEN_PID matched) and
         // nothing else in the process owns them; we take ownership exactly once.
         let socket = unsafe { Socket::from_raw_fd(fd) };
@@ -203,7 +217,11 @@ pub fn inherited_from_systemd() -> io::Result<Vec<std::net::TcpListener>> {
             ));
         }
         socket.set_nonblocking(true)?;
-        out.push(socket.into());
+        if name == HTTP_FD_NAME {
+            out.http.push(socket.into());
+        } else {
+            out.peer.push(socket.into());
+        }
     }
     Ok(out)
 }

@@ -150,15 +150,15 @@ pub fn start(
     store: Arc<Store>,
     upstream: Arc<Upstream>,
     shard_mailboxes: Vec<flume::Receiver<ShardCmd>>,
-    inherited: Vec<std::net::TcpListener>,
+    inherited: listener::Inherited,
 ) -> anyhow::Result<Server> {
     // `requests_queued_max` <= `limits::REQUESTS_QUEUED_MAX_LIMIT` (config refuses more),
     // and limits.rs checks at compile time that the worst-case batch fits one writev.
     debug_assert!(cfg.requests_queued_max <= crate::limits::REQUESTS_QUEUED_MAX_LIMIT);
     let cfg = Arc::new(cfg);
-    let socket_activated = !inherited.is_empty();
+    let socket_activated = !inherited.peer.is_empty();
     let sockets = if socket_activated {
-        listener::share_inherited(inherited, cfg.threads, cfg.utp_buffers())
+        listener::share_inherited(inherited.peer, cfg.threads, cfg.utp_buffers())
             .context("using the listening sockets passed by systemd")?
     } else {
         listener::bind_all(
@@ -170,10 +170,15 @@ pub fn start(
         .context("binding listeners")?
     };
     let local_addrs = sockets.local_addrs.clone();
-    // Our own SO_REUSEPORT sockets also under socket activation (systemd passes only the
-    // BitTorrent ones); no UDP beside them.
-    let http_sockets = listener::bind_all(&cfg.http, cfg.threads, cfg.listen_backlog, None)
-        .context("binding the public HTTP listener (--http)")?;
+    // The HTTP sockets systemd passed (`magnetar-http.socket`, FileDescriptorName=http),
+    // else our own SO_REUSEPORT ones for `--http`; no UDP beside them either way.
+    let http_sockets = if inherited.http.is_empty() {
+        listener::bind_all(&cfg.http, cfg.threads, cfg.listen_backlog, None)
+            .context("binding the public HTTP listener (--http)")?
+    } else {
+        listener::share_inherited(inherited.http, cfg.threads, None)
+            .context("using the HTTP listening sockets passed by systemd")?
+    };
     let http_addrs = http_sockets.local_addrs.clone();
     let limiter = limiter::ConnectionLimiter::new(cfg.connections_max, cfg.connections_per_ip_max);
 
