@@ -43,9 +43,18 @@ fn health_readiness_and_metrics_need_no_token() {
         "magnetar_recovery_records 0\n",
         "magnetar_admin_uploads_stored_total 1\n",
         "# TYPE magnetar_bytes_served_total counter\n",
+        "magnetar_store_records_corrupt_on_serve_total 0\n",
     ] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }
+    // The index of one record: its tables and the fixed slot table, not nothing.
+    let index_bytes: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("magnetar_store_index_bytes "))
+        .expect("magnetar_store_index_bytes")
+        .parse()
+        .unwrap();
+    assert!(index_bytes > 0.0, "{index_bytes}");
     // Well-formed exposition: every sample is `name[{labels}] number`, every name has a TYPE.
     for line in text
         .lines()

@@ -275,6 +275,12 @@ pub fn render(s: &Scrape<'_>) -> String {
         "The store-capacity setting (0: unbounded).",
         s.store.capacity_bytes as f64,
     );
+    write_gauge(
+        &mut out,
+        "magnetar_store_index_bytes",
+        "Anonymous memory of the store's index (its tables at capacity and the segment slot table).",
+        s.store.index_bytes as f64,
+    );
     for (name, help, v) in [
         (
             "magnetar_store_segments_evicted_total",
@@ -300,6 +306,11 @@ pub fn render(s: &Scrape<'_>) -> String {
             "magnetar_store_append_errors_no_space_total",
             "Of those, failures for lack of space on the device (ENOSPC).",
             s.store.append_errors_no_space,
+        ),
+        (
+            "magnetar_store_records_corrupt_on_serve_total",
+            "Records restored from the index checkpoint whose bytes failed verification when first served (damaged on disk): dropped, never served.",
+            s.store.records_corrupt_on_serve,
         ),
     ] {
         write_counter(&mut out, name, help, v);
