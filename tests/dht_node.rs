@@ -281,3 +281,56 @@ fn dht_only_libtorrent_on_ipv6_gets_metadata_from_magnetar() {
     );
     eprintln!("libtorrent DHT-only on ::1: metadata in {} s", r["seconds"]);
 }
+
+/// `--dht-incoming-queries-per-ip-per-second-max` reaches the node: of 20 pings sent at
+/// once from one address, no more than the budget (5) are answered; the rest are dropped.
+/// (With the default budget of 100 all 20 would be.)
+#[test]
+fn incoming_queries_past_the_per_address_budget_are_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (port, dht_port) = (free_port(), free_udp_port());
+    let listen = format!("127.0.0.1:{port}");
+    let dht = dht_port.to_string();
+    let _server = ServerProc::start(
+        &tmp.path().join("d"),
+        &[
+            "--listen",
+            &listen,
+            "--dht-port",
+            &dht,
+            "--dht-bootstrap",
+            "127.0.0.1:9",
+            "--no-dht-announce",
+            "--dht-incoming-queries-per-ip-per-second-max",
+            "5",
+        ],
+    );
+    let to: SocketAddr = format!("127.0.0.1:{dht_port}").parse().unwrap();
+    // The node is up once it answers (that answer spends one of the 5).
+    ask(to, &query(b"up", "ping", b"", b""));
+    std::thread::sleep(Duration::from_millis(1100));
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    for i in 0..20u8 {
+        s.send_to(&query(&[b'p', i], "ping", b"", b""), to).unwrap();
+    }
+    let mut answered = 0;
+    let mut buf = [0u8; 4096];
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        let Ok((n, _)) = s.recv_from(&mut buf) else {
+            continue;
+        };
+        if matches!(
+            krpc::decode(&buf[..n]).map(|m| m.body),
+            Ok(Body::Response { .. })
+        ) {
+            answered += 1;
+        }
+    }
+    assert!(
+        (1..=5).contains(&answered),
+        "{answered} of 20 pings answered with a budget of 5 a second"
+    );
+}

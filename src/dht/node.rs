@@ -96,6 +96,9 @@ pub struct NodeConfig {
     pub families: Want,
     /// Where a node with an (almost) empty table starts.
     pub bootstrap: Vec<SocketAddr>,
+    /// Queries answered per source address per second (`QUERIES_PER_IP_PER_SECOND_MAX`
+    /// says why a budget; `--dht-incoming-queries-per-ip-per-second-max` sets it).
+    pub queries_per_ip_per_second_max: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,6 +182,7 @@ fn random<const N: usize>() -> [u8; N] {
 impl Node {
     pub fn new(cfg: NodeConfig, holdings: Arc<dyn Holdings>, now: Instant) -> Node {
         let id = random::<20>();
+        let queries_per_ip = cfg.queries_per_ip_per_second_max.max(1);
         Node {
             id,
             cfg,
@@ -199,7 +203,7 @@ impl Node {
             last_refresh: Some(now),
             outbox: Vec::new(),
             queries_per_ip: PerKeyWindow::new(
-                QUERIES_PER_IP_PER_SECOND_MAX,
+                queries_per_ip,
                 std::time::Duration::from_secs(1),
                 QUERY_LIMITER_IPS_MAX,
             ),
@@ -904,6 +908,7 @@ mod tests {
             NodeConfig {
                 families: Want { v4: true, v6: true },
                 bootstrap: Vec::new(),
+                queries_per_ip_per_second_max: QUERIES_PER_IP_PER_SECOND_MAX,
             },
             holdings,
             Instant::now(),

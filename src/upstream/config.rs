@@ -55,6 +55,11 @@ pub struct UpstreamConfig {
     #[arg(long, default_value_t = 20)]
     pub dht_queries_per_second_max: u32,
 
+    /// DHT queries from one source address answered per second; more are dropped (an
+    /// answer can be ~14x its query, so a spoofed source must not draw them without bound).
+    #[arg(long, default_value_t = crate::dht::QUERIES_PER_IP_PER_SECOND_MAX)]
+    pub dht_incoming_queries_per_ip_per_second_max: u32,
+
     /// Misses (new upstream fetches) one client IP may cause per minute.
     #[arg(long, default_value_t = 30)]
     pub misses_per_ip_per_minute_max: u32,
@@ -105,6 +110,7 @@ impl Default for UpstreamConfig {
             fetches_per_shard_max: 64,
             peers_per_fetch_max: 8,
             dht_queries_per_second_max: 20,
+            dht_incoming_queries_per_ip_per_second_max: crate::dht::QUERIES_PER_IP_PER_SECOND_MAX,
             misses_per_ip_per_minute_max: 30,
             misses_per_second_max: 100,
             metadata_bytes_max: crate::limits::METADATA_BYTES_MAX,

@@ -336,6 +336,7 @@ pub fn start(cfg: &UpstreamConfig) -> io::Result<DhtNode> {
         NodeConfig {
             families,
             bootstrap,
+            queries_per_ip_per_second_max: cfg.dht_incoming_queries_per_ip_per_second_max,
         },
         Arc::new(NoHoldings),
         now,
