@@ -22,7 +22,7 @@ use monoio::net::TcpListener;
 use monoio::{FusionDriver, IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 use crate::config::{DriverChoice, ServeConfig};
-use crate::server::limiter::ConnectionLimiter;
+use crate::server::limiter::{ConnectionLimiter, ConnectionPermit};
 use crate::server::session::{self, Transport, WorkerCtx};
 use crate::server::stats::CoreStats;
 use crate::server::tcp::TcpTransport;
@@ -357,41 +357,19 @@ async fn accept_loop(
     stop: flume::Receiver<()>,
     open: Rc<Cell<usize>>,
 ) {
-    // Back off when accept fails (EMFILE, ENFILE, ENOBUFS): retrying at once would spin the
-    // core while nothing frees up; doubling up to 1 s recovers quickly once fds free.
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     let mut stopped = pin!(stop.recv_async());
-    loop {
-        let accepted = monoio::select! {
-            r = listener.accept() => Some(r),
-            _ = &mut stopped => None,
-        };
-        let Some(accepted) = accepted else {
-            return; // shutdown: the listener closes here
-        };
-        let (stream, peer) = match accepted {
-            Ok(s) => {
-                backoff = Duration::from_millis(5);
-                s
-            }
-            Err(e) => {
-                ctx.stats.accept_errors.inc();
-                tracing::warn!("accept failed: {e}; retrying in {backoff:?}");
-                monoio::select! {
-                    _ = monoio::time::sleep(backoff) => {},
-                    _ = &mut stopped => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        let permit = match limiter.try_admit(peer.ip()) {
-            Ok(p) => p,
-            Err(refusal) => {
-                refusal.counter(&ctx.stats).inc();
-                continue;
-            }
-        };
+    // None: shutdown; the listener closes here.
+    while let Some((stream, peer, permit)) = accept_admitted(
+        &listener,
+        &mut stopped,
+        &mut backoff,
+        &ctx,
+        &limiter,
+        "peer",
+    )
+    .await
+    {
         ctx.stats.connections_accepted.inc();
         let _ = stream.set_nodelay(true);
         spawn_session(
@@ -401,6 +379,54 @@ async fn accept_loop(
             OpenSession::new(open.clone()),
             permit,
         );
+    }
+}
+
+/// First wait after a failed accept; it doubles up to `ACCEPT_BACKOFF_MAX`.
+pub(crate) const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+/// Longest wait between accepts that fail.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The next connection on `listener` that the connection caps admit (refusals are counted
+/// and closed), or `None` once `stopped` resolves. Shared by the BitTorrent and the HTTP
+/// listeners: one budget per IP over both.
+///
+/// When accept fails (EMFILE, ENFILE, ENOBUFS) it backs off instead of retrying at once,
+/// which would spin the core while nothing frees up; `backoff` doubles from
+/// `ACCEPT_BACKOFF_MIN` up to 1 s and is reset by the next success.
+pub(crate) async fn accept_admitted<S: Future + Unpin>(
+    listener: &TcpListener,
+    stopped: &mut S,
+    backoff: &mut Duration,
+    ctx: &WorkerCtx,
+    limiter: &Arc<ConnectionLimiter>,
+    what: &str,
+) -> Option<(monoio::net::TcpStream, SocketAddr, ConnectionPermit)> {
+    loop {
+        let accepted = monoio::select! {
+            r = listener.accept() => r,
+            _ = &mut *stopped => return None,
+        };
+        let (stream, peer) = match accepted {
+            Ok(s) => {
+                *backoff = ACCEPT_BACKOFF_MIN;
+                s
+            }
+            Err(e) => {
+                ctx.stats.accept_errors.inc();
+                tracing::warn!("{what} accept failed: {e}; retrying in {backoff:?}");
+                monoio::select! {
+                    _ = monoio::time::sleep(*backoff) => {},
+                    _ = &mut *stopped => return None,
+                }
+                *backoff = (*backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        match limiter.try_admit(peer.ip()) {
+            Ok(permit) => return Some((stream, peer, permit)),
+            Err(refusal) => refusal.counter(&ctx.stats).inc(),
+        }
     }
 }
 

@@ -33,7 +33,7 @@ use crate::server::limiter::ConnectionLimiter;
 use crate::server::send::OutBatch;
 use crate::server::session::{ReadOutcome, Transport, Wake, WorkerCtx};
 use crate::server::tcp::TcpTransport;
-use crate::server::worker::OpenSession;
+use crate::server::worker::{self, OpenSession};
 use crate::store::RecordRef;
 use crate::upstream::shard::{FetchFailure, FetchOutcome, Hints};
 use codec::{HeadError, Method, Request, Status, Target};
@@ -90,41 +90,18 @@ pub async fn accept_loop(
     stop: flume::Receiver<()>,
     open: Rc<Cell<usize>>,
 ) {
-    // As the BitTorrent accept loop: back off on EMFILE and friends instead of spinning.
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = worker::ACCEPT_BACKOFF_MIN;
     let mut stopped = pin!(stop.recv_async());
-    loop {
-        let accepted = monoio::select! {
-            r = listener.accept() => Some(r),
-            _ = &mut stopped => None,
-        };
-        let Some(accepted) = accepted else {
-            return;
-        };
-        let (stream, peer) = match accepted {
-            Ok(s) => {
-                backoff = Duration::from_millis(5);
-                s
-            }
-            Err(e) => {
-                ctx.stats.accept_errors.inc();
-                tracing::warn!("http accept failed: {e}; retrying in {backoff:?}");
-                monoio::select! {
-                    _ = monoio::time::sleep(backoff) => {},
-                    _ = &mut stopped => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        // The same caps as peer connections: one budget per IP over both protocols.
-        let permit = match limiter.try_admit(peer.ip()) {
-            Ok(p) => p,
-            Err(refusal) => {
-                refusal.counter(&ctx.stats).inc();
-                continue;
-            }
-        };
+    while let Some((stream, peer, permit)) = worker::accept_admitted(
+        &listener,
+        &mut stopped,
+        &mut backoff,
+        &ctx,
+        &limiter,
+        "http",
+    )
+    .await
+    {
         ctx.stats.http_connections_accepted.inc();
         let _ = stream.set_nodelay(true);
         let (ctx, http, open) = (ctx.clone(), http.clone(), OpenSession::new(open.clone()));
