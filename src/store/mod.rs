@@ -947,13 +947,7 @@ impl Store {
         let record = self.index.get(key);
         let hashes = record.as_ref().map(|r| r.hashes());
         let entries = self.blocklist_entries(hashes.as_ref(), key, v2_full);
-        if !entries.is_empty() {
-            let path = self.blocklist.path().to_path_buf();
-            let comment = format!("{reason} at unix {}", unix_now());
-            self.blocklist
-                .add(&entries, comment.trim())
-                .map_err(io_at(&path))?;
-        }
+        self.block(&entries, reason)?;
         let blocked: Vec<String> = entries.iter().map(|(hex, _)| hex.clone()).collect();
         // What the tombstone names: the stored record's hashes, else the key just blocked.
         let tomb_hashes = match (&hashes, entries.is_empty()) {
@@ -1048,6 +1042,18 @@ impl Store {
         entries
     }
 
+    /// Adds `entries` to the blocklist durably (one rewrite of the file), commented with
+    /// `reason` and the time; nothing to do for none.
+    fn block(&self, entries: &[(String, [u8; 20])], reason: &str) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let comment = format!("{reason} at unix {}", unix_now());
+        self.blocklist
+            .add(entries, comment.trim())
+            .map_err(io_at(self.blocklist.path()))
+    }
+
     /// `delete_from` for many keys (another node's tombstones), with one durable write of
     /// the blocklist for all of them: the file is rewritten whole on each write, so one
     /// per key made a new node's first pass over n tombstones O(n²).
@@ -1067,13 +1073,7 @@ impl Store {
             let new = self.blocklist_entries(hashes.as_ref(), key, None);
             entries.extend(new.into_iter().filter(|(_, k)| listed.insert(*k)));
         }
-        if !entries.is_empty() {
-            let path = self.blocklist.path().to_path_buf();
-            let comment = format!("{reason} at unix {}", unix_now());
-            self.blocklist
-                .add(&entries, comment.trim())
-                .map_err(io_at(&path))?;
-        }
+        self.block(&entries, reason)?;
         // Each key is blocked now, so these only write the tombstone records of what was
         // stored, remove it and tell the listener.
         for key in keys {
