@@ -244,15 +244,9 @@ fn a_delete_is_published_and_another_node_applies_it() {
 
     // Node B's poll applies it: deleted and blocked there, durable, not published again.
     let ib = inner(b.clone(), os.clone());
-    rt.block_on(async {
-        let poll = tokio::spawn(poll_tombstones(ib.clone()));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        // Counted once the whole batch is applied (blocked first, then removed).
-        while ib.stats.tombstones_applied.load(Relaxed) == 0 {
-            assert!(Instant::now() < deadline, "tombstone not applied");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        poll.abort();
+    // Counted once the whole batch is applied (blocked first, then removed).
+    poll_until(&rt, &ib, "tombstone applied", || {
+        ib.stats.tombstones_applied.load(Relaxed) > 0
     });
     assert!(b.lookup(&k).is_none());
     assert_eq!(ib.stats.tombstones_applied.load(Relaxed), 1);
