@@ -259,18 +259,24 @@ fn socket_activation_serves_on_the_inherited_socket() {
     assert_eq!(post(&s.url("/torrents"), Some(TOKEN), &torrent).status, 201);
     // A BitTorrent handshake on the inherited socket gets the info-hash echoed.
     for _ in 0..4 {
-        let mut c = TcpStream::connect(addr).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut hs = vec![19u8];
-        hs.extend_from_slice(b"BitTorrent protocol");
-        hs.extend_from_slice(&[0, 0, 0, 0, 0, 0x10, 0, 0]);
-        hs.extend_from_slice(&hex::decode(&hash).unwrap());
-        hs.extend_from_slice(b"-TT0001-abcdefghijkl");
-        c.write_all(&hs).unwrap();
-        let mut reply = [0u8; 68];
-        c.read_exact(&mut reply).unwrap();
-        assert_eq!(&reply[28..48], &hex::decode(&hash).unwrap()[..]);
+        assert_handshake_echoed(addr, &hash);
     }
+}
+
+/// A BitTorrent handshake for `hash` (hex) sent to `addr` is answered with one naming it.
+fn assert_handshake_echoed(addr: std::net::SocketAddr, hash: &str) {
+    let key = hex::decode(hash).unwrap();
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hs = vec![19u8];
+    hs.extend_from_slice(b"BitTorrent protocol");
+    hs.extend_from_slice(&[0, 0, 0, 0, 0, 0x10, 0, 0]);
+    hs.extend_from_slice(&key);
+    hs.extend_from_slice(b"-TT0001-abcdefghijkl");
+    c.write_all(&hs).unwrap();
+    let mut reply = [0u8; 68];
+    c.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[28..48], &key[..]);
 }
 
 /// Two sockets from systemd, named as the units name them (`LISTEN_FDNAMES=peer:http`,
@@ -332,15 +338,5 @@ fn socket_activation_passes_the_http_socket_by_name() {
     let url = format!("http://{http_addr}/torrent/{hash}.torrent");
     let reply = get(&url);
     assert_eq!(reply.status, 200, "{}", reply.text());
-    let mut c = TcpStream::connect(peer_addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut hs = vec![19u8];
-    hs.extend_from_slice(b"BitTorrent protocol");
-    hs.extend_from_slice(&[0, 0, 0, 0, 0, 0x10, 0, 0]);
-    hs.extend_from_slice(&hex::decode(&hash).unwrap());
-    hs.extend_from_slice(b"-TT0001-abcdefghijkl");
-    c.write_all(&hs).unwrap();
-    let mut reply = [0u8; 68];
-    c.read_exact(&mut reply).unwrap();
-    assert_eq!(&reply[28..48], &hex::decode(&hash).unwrap()[..]);
+    assert_handshake_echoed(peer_addr, &hash);
 }
