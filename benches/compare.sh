@@ -12,7 +12,9 @@
 #                   precomputed answers, no congestion control), loaded over uTP
 #   gso-utp         magnetar io_uring over uTP with --utp-gso on (UDP GSO reply bursts)
 #   base-utp        another magnetar binary over uTP, io_uring (BASE_M=path: the build
-#                   before a change, for before/after in one run)
+#                   before a change, for before/after in one run; BASE_ARGS=flags adds
+#                   server flags, e.g. BASE_M=target/release/magnetar
+#                   BASE_ARGS="--utp-initial-window-packets 2" for an A/B of one setting)
 # each pinned to CPU 0, loaded by magnetar-loadgen pinned to CPU 1, at every concurrency of
 # the sweep (-c, default "1 8 64 256": one client fetching alone up to saturation; a value
 # the fd limit cannot hold is skipped), in churn mode (full fetches/s: connect, handshakes,
@@ -125,7 +127,7 @@ start_server() {
       [ "$which" = gso-utp ] && extra="--utp-gso on"
       if [ "$which" = base-utp ]; then
         [ -x "${BASE_M:-}" ] || { echo "base-utp: set BASE_M to a magnetar binary"; return 1; }
-        bin=$BASE_M
+        bin=$BASE_M extra=${BASE_ARGS:-}
       fi
       # shellcheck disable=SC2086 # $extra is empty or one flag and its value
       taskset -c "$SERVER_CPU" "$bin" serve $extra --data-dir "$DATA/store" --listen 127.0.0.1:0 \

@@ -11,7 +11,8 @@ bench_setup() {
   echo "== build"
   cargo build --release -q -p magnetar -p magnetar-loadgen
   M=$ROOT/target/release/magnetar
-  L=$ROOT/target/release/magnetar-loadgen
+  # LOADGEN=path measures with another load generator build (before/after of the client).
+  L=${LOADGEN:-$ROOT/target/release/magnetar-loadgen}
 }
 
 # Share of all CPUs busy over 2 s (everything: other users and anything left of ours).

@@ -81,6 +81,11 @@ pub struct ServeSettings {
     #[arg(long, default_value_t = crate::utp::PAYLOAD_BYTES_DEFAULT, value_name = "BYTES")]
     pub utp_payload_bytes: usize,
 
+    /// uTP slow start's first window, in packets: 10 is TCP's (RFC 6928) and sends a 16 KiB
+    /// metadata piece in one round trip; libtorrent starts at 1.
+    #[arg(long, default_value_t = crate::utp::INITIAL_WINDOW_PACKETS_DEFAULT, value_name = "PACKETS")]
+    pub utp_initial_window_packets: usize,
+
     /// Receive and send buffer of each uTP socket (one per core and address, shared by all
     /// its peers). The kernel caps it at net.core.rmem_max / wmem_max unless magnetar has
     /// CAP_NET_ADMIN; tuning/99-magnetar.conf raises those.
@@ -324,6 +329,14 @@ impl ServeSettings {
             );
         }
         cfg.utp_payload_bytes = self.utp_payload_bytes;
+        if !(1..=crate::utp::INITIAL_WINDOW_PACKETS_MAX).contains(&self.utp_initial_window_packets)
+        {
+            bail!(
+                "utp-initial-window-packets must be between 1 and {}",
+                crate::utp::INITIAL_WINDOW_PACKETS_MAX
+            );
+        }
+        cfg.utp_initial_window_packets = self.utp_initial_window_packets;
         if self.utp_socket_buffer_bytes < 64 * 1024 {
             bail!("utp-socket-buffer-bytes must be at least 65536 (one datagram of any size)");
         }
@@ -621,6 +634,7 @@ pub struct ServeConfig {
     /// Serve uTP on UDP at the listen addresses.
     pub utp: bool,
     pub utp_payload_bytes: usize,
+    pub utp_initial_window_packets: usize,
     pub utp_socket_buffer_bytes: usize,
     pub utp_gso: bool,
     pub utp_half_open_per_core_max: usize,
@@ -661,6 +675,7 @@ impl ServeConfig {
             listen_backlog: 4096,
             utp: true,
             utp_payload_bytes: crate::utp::PAYLOAD_BYTES_DEFAULT,
+            utp_initial_window_packets: crate::utp::INITIAL_WINDOW_PACKETS_DEFAULT,
             utp_socket_buffer_bytes: limits::UTP_SOCKET_BUFFER_BYTES_DEFAULT,
             utp_gso: false,
             utp_half_open_per_core_max: limits::UTP_HALF_OPEN_PER_CORE_MAX_DEFAULT,

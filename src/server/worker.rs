@@ -284,6 +284,7 @@ fn start_utp(
         let settings = udp::UtpSettings {
             utp: crate::utp::Config {
                 payload_bytes_max: ctx.cfg.utp_payload_bytes,
+                initial_window_packets: ctx.cfg.utp_initial_window_packets,
                 ..crate::utp::Config::default()
             },
             half_open_per_core_max: ctx.cfg.utp_half_open_per_core_max,

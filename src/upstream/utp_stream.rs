@@ -6,13 +6,15 @@
 //!
 //! Every async method services the connection while it waits: received datagrams go to
 //! the connection, its retransmission timer fires, and whatever it wants sent is sent
-//! (copied into one buffer: the client side is not the zero-copy path). Nothing runs
+//! (copied into one buffer: the client side is not the zero-copy path). Datagrams that
+//! are already queued are read in one go and acked once, as libtorrent does. Nothing runs
 //! between calls, which is fine for a client that only waits inside them.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use monoio::net::udp::UdpSocket;
@@ -23,6 +25,11 @@ use crate::utp::{decode, CloseReason, Config, Connection, State};
 /// One datagram: our 1400-byte payload plus headers, or anything an MTU-sized peer sends
 /// (libtorrent probes up to its path MTU, at most 1500 minus IP/UDP headers).
 const DATAGRAM_BYTES_MAX: usize = 2048;
+
+/// Datagrams handed to the connection in one drain before its acks go out: bounds the
+/// time between a datagram's arrival and its ack on a flooded socket (64 × 1.4 KB ≈ one
+/// metadata piece and a half per ack at worst).
+const DRAIN_DATAGRAMS_MAX: usize = 64;
 
 /// `write_all` returns once no more than this is written but unacked: bounds the
 /// memory a fast writer can pin behind a slow peer (a full receive window of ours).
@@ -163,23 +170,59 @@ impl UtpStream {
         let _ = self.flush().await;
     }
 
-    /// Sends everything the connection has to send.
+    /// Sends everything the connection has to send: a plain non-blocking `send` per
+    /// datagram (a UDP send does not wait for the peer; a ring round trip per ack costs more
+    /// than the syscall it replaces).
     async fn flush(&mut self) -> io::Result<()> {
+        let fd = self.sock.as_raw_fd();
         loop {
             let now = Instant::now().into_std();
             let Some(t) = self.conn.poll_transmit(now) else {
                 return Ok(());
             };
             let dgram = t.to_vec();
-            let (res, _) = self.sock.send(dgram).await;
-            match res {
-                Ok(_) => {}
-                // The kernel's send buffer is full: the datagram is lost, which the
-                // connection recovers from like any loss.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+            // SAFETY: `dgram` is a live buffer of its length; `fd` is our connected socket.
+            let n = unsafe {
+                libc::send(fd, dgram.as_ptr().cast(), dgram.len(), libc::MSG_DONTWAIT)
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    // The kernel's send buffer is full: the datagram is lost, which the
+                    // connection recovers from like any loss.
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => {}
+                    _ => return Err(e),
+                }
             }
         }
+    }
+
+    /// Hands every datagram already queued on the socket to the connection without
+    /// waiting, at most `DRAIN_DATAGRAMS_MAX`. The acks they call for go out once, after
+    /// the drain, as libtorrent does (`utp_socket_manager::socket_drained`: "to avoid
+    /// sending an ack for every single packet").
+    fn drain(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
+        let fd = self.sock.as_raw_fd();
+        for _ in 0..DRAIN_DATAGRAMS_MAX {
+            // SAFETY: `buf` has `capacity()` writable bytes; `fd` is our socket.
+            let n = unsafe {
+                libc::recv(fd, buf.as_mut_ptr().cast(), buf.capacity(), libc::MSG_DONTWAIT)
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(()),
+                    _ => Err(e),
+                };
+            }
+            let n = n as usize;
+            // SAFETY: the kernel wrote `n` ≤ capacity bytes.
+            unsafe { buf.set_len(n) };
+            if let Ok(pkt) = decode(&buf[..n]) {
+                self.conn.on_packet(&pkt, Instant::now().into_std());
+            }
+        }
+        Ok(())
     }
 
     /// Sends what is due, then waits for one datagram or the next timer (or `deadline`).
@@ -208,7 +251,10 @@ impl UtpStream {
                 if let Ok(pkt) = decode(&buf[..n]) {
                     self.conn.on_packet(&pkt, now);
                 }
+                let mut buf = buf;
+                let drained = self.drain(&mut buf);
                 self.rbuf = buf;
+                drained?;
             }
             // The pending receive was dropped with its buffer (monoio cancels it).
             Event::Timer => self.conn.on_timeout(now),

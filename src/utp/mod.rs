@@ -26,7 +26,10 @@ pub(crate) mod sim_tests;
 
 use std::io::IoSlice;
 
-pub use conn::{CloseReason, Config, ConnStats, Connection, State, REORDER_PACKETS_MAX};
+pub use conn::{
+    CloseReason, Config, ConnStats, Connection, State, INITIAL_WINDOW_PACKETS_DEFAULT,
+    REORDER_PACKETS_MAX,
+};
 pub use packet::{
     decode, reset_for, seq_diff, seq_less, Header, Packet, PacketError, PacketType,
     HEADER_BYTES_MAX, HEADER_LEN, SACK_BYTES_MAX,
@@ -42,6 +45,10 @@ pub const PAYLOAD_BYTES_MIN: usize = 256;
 
 /// Largest payload an operator may set: jumbo frames (9000-byte MTU) and loopback.
 pub const PAYLOAD_BYTES_MAX: usize = 8 * 1024;
+
+/// `--utp-initial-window-packets` above this is refused: 64 packets (90 KB) at once to an
+/// unknown path is a burst no congestion controller would start with.
+pub const INITIAL_WINDOW_PACKETS_MAX: usize = 64;
 
 /// Payload slices in one packet; a packet ends early rather than exceed it (a `sendmsg`
 /// iovec array of header + 8 stays small and on the stack).

@@ -439,7 +439,11 @@ fn peer_that_never_acks_times_out_after_bounded_retransmits() {
     let mut c = accepted(cfg.clone(), now);
     c.write(vec![1u8; 100_000]);
     let first = all_out(&mut c, now);
-    assert_eq!(first.len(), 2, "initial window: two packets");
+    assert_eq!(
+        first.len(),
+        cfg.initial_window_packets,
+        "the initial window, then nothing until an ack or a timeout"
+    );
     let mut timeouts = 0;
     let mut datagrams = first.len();
     while let Some(t) = c.next_timeout() {
@@ -454,7 +458,7 @@ fn peer_that_never_acks_times_out_after_bounded_retransmits() {
     assert_eq!(timeouts, cfg.retransmits_max + 1);
     // One packet per timeout (the window is one packet after a timeout).
     assert_eq!(c.stats().retransmits, u64::from(cfg.retransmits_max));
-    assert_eq!(datagrams, 2 + cfg.retransmits_max as usize);
+    assert_eq!(datagrams, cfg.initial_window_packets + cfg.retransmits_max as usize);
     // Back-off from 1 s (no RTT sample yet), doubling: 1 + 2 + 4 + 8 + 16.
     assert_eq!(now - start, Duration::from_secs(31));
 }
@@ -511,8 +515,10 @@ fn fast_retransmit_after_three_duplicate_acks() {
 #[test]
 fn sack_marks_loss_and_is_honoured() {
     let now = t0();
+    // A small first window, so four rounds of acks leave packets to send after them.
     let cfg = Config {
         payload_bytes_max: 100,
+        initial_window_packets: 2,
         ..Config::default()
     };
     let mut c = accepted(cfg, now);
