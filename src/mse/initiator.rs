@@ -55,6 +55,8 @@ pub struct Initiator {
     policy: CryptoPolicy,
     keys: KeyPair,
     state: State,
+    /// The shared secret starts with a zero byte (`MseError::SecretMisreadByPeer`).
+    secret_leading_zero: bool,
 }
 
 impl Initiator {
@@ -74,6 +76,7 @@ impl Initiator {
             policy,
             keys: KeyPair::new(secret),
             state: State::Yb,
+            secret_leading_zero: false,
         }
     }
 
@@ -104,6 +107,9 @@ impl Initiator {
     pub fn on_eof(&self) -> MseError {
         let stage = match self.state {
             State::Yb => "Yb",
+            // An old libtorrent responder refuses our req2 hash when the secret starts with
+            // a zero byte (`super::libtorrent_req3_masks`): the close comes right here.
+            State::SyncVc(_) if self.secret_leading_zero => return MseError::SecretMisreadByPeer,
             State::SyncVc(_) => "VC sync",
             State::Select(_) => "crypto_select",
             State::PadD(..) => "PadD",
@@ -136,6 +142,7 @@ impl Initiator {
                         });
                     }
                     let s = self.keys.shared_secret(yb)?;
+                    self.secret_leading_zero = s[0] == 0;
                     pos += DH_KEY_BYTES;
                     out.extend_from_slice(&sha1_of(&[b"req1", &s]));
                     let req2 = req2_hash(&self.info_hash);

@@ -161,6 +161,11 @@ pub enum MseError {
     /// The connection ended inside the handshake (`on_eof`).
     #[error("connection closed during the MSE handshake ({stage})")]
     Truncated { stage: &'static str },
+    /// The responder closed after our req hashes, and the shared secret starts with a zero
+    /// byte: libtorrent up to 2.0.11 misreads such a secret for its req3 mask and refuses
+    /// the torrent (see `libtorrent_req3_masks`). A new handshake has a new secret: retry.
+    #[error("connection closed after the req hashes; the DH secret starts with a zero byte, which libtorrent up to 2.0.11 misreads")]
+    SecretMisreadByPeer,
     /// `on_bytes` after the handshake finished or failed.
     #[error("MSE handshake already finished")]
     Finished,
@@ -185,6 +190,7 @@ impl MseError {
             MseError::CryptoNotOffered { .. } => "crypto_not_offered",
             MseError::BadCryptoSelect { .. } => "bad_crypto_select",
             MseError::Truncated { .. } => "truncated",
+            MseError::SecretMisreadByPeer => "secret_misread_by_peer",
             MseError::Finished => "finished",
         }
     }
@@ -211,6 +217,25 @@ pub fn is_plaintext_handshake(first: &[u8]) -> bool {
 /// torrent without revealing it. The store indexes records by it (`Store::lookup_req2`).
 pub fn req2_hash(key: &[u8; 20]) -> [u8; 20] {
     sha1_of(&[b"req2", key])
+}
+
+/// The req3 masks an old libtorrent may have used for the shared secret `s`.
+///
+/// libtorrent up to 2.0.11 (Debian's 2.0.8 included) hashes req3 over S exported with
+/// `export_bits` into an uninitialised 96-byte array (`pe_crypto.cpp`
+/// `dh_key_exchange::compute_secret`; fixed upstream in "fix dh shared secret padding"):
+/// when S starts with one zero byte (one handshake in 256) the hashed bytes are S[1..]
+/// followed by one byte of stale stack, so its mask is SHA1("req3", S[1..], x) for an
+/// unknown x. Its req1 hash and RC4 keys use the padded S and are right. Empty unless S
+/// has exactly one leading zero byte (two, one in 65 536, would be 65 536 candidates:
+/// left to the peer's reconnect).
+pub(crate) fn libtorrent_req3_masks(s: &[u8; DH_KEY_BYTES]) -> impl Iterator<Item = [u8; 20]> + '_ {
+    let candidates = if s[0] == 0 && s[1] != 0 {
+        0..=255u8
+    } else {
+        1..=0
+    };
+    candidates.map(move |x| sha1_of(&[b"req3", &s[1..], &[x]]))
 }
 
 /// SHA-1 of the concatenation of `parts`.

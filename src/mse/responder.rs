@@ -167,13 +167,20 @@ impl Responder {
                         self.state = State::Req2 { s };
                         return need_more;
                     };
-                    let req3 = sha1_of(&[b"req3", &s[..]]);
-                    let mut req2 = [0u8; 20];
-                    for (i, b) in req2.iter_mut().enumerate() {
-                        *b = obfuscated[i] ^ req3[i];
-                    }
-                    let info_hash = lookup(&req2).ok_or(MseError::UnknownInfoHash)?;
-                    debug_assert_eq!(super::req2_hash(&info_hash), req2);
+                    let unmask = |mask: [u8; 20]| {
+                        let mut req2 = [0u8; 20];
+                        for (i, b) in req2.iter_mut().enumerate() {
+                            *b = obfuscated[i] ^ mask[i];
+                        }
+                        req2
+                    };
+                    // The right mask first; then the ones an old libtorrent initiator
+                    // computes from a secret with a leading zero byte (1 in 256 of its
+                    // handshakes), which it would otherwise retry without encryption.
+                    let info_hash = std::iter::once(sha1_of(&[b"req3", &s[..]]))
+                        .chain(super::libtorrent_req3_masks(&s))
+                        .find_map(|mask| lookup(&unmask(mask)))
+                        .ok_or(MseError::UnknownInfoHash)?;
                     pos += 20;
                     self.state = State::Provide(Box::new(Keyed {
                         info_hash,

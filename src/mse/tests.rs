@@ -585,3 +585,96 @@ fn rc4_crate_matches_the_classic_test_vector() {
     rc4.apply_keystream(&mut buf);
     assert_eq!(hex::encode(buf), "bbf316e8d940af0ad3");
 }
+
+/// DH secrets (initiator's, responder's) whose shared secret starts with exactly one zero
+/// byte, and that secret: the first of a fixed search, so every run uses the same pair.
+fn secrets_with_one_leading_zero() -> ([u8; 32], [u8; 32], [u8; 96]) {
+    let a_secret = [5u8; 32];
+    let a = dh::KeyPair::new(&a_secret);
+    for i in 0u16..8192 {
+        let mut b_secret = [9u8; 32];
+        b_secret[..2].copy_from_slice(&i.to_le_bytes());
+        let s = a
+            .shared_secret(&dh::KeyPair::new(&b_secret).public)
+            .unwrap();
+        if s[0] == 0 && s[1] != 0 {
+            return (a_secret, b_secret, s);
+        }
+    }
+    unreachable!("one secret in 256 starts with a zero byte")
+}
+
+/// What libtorrent up to 2.0.11 sends as HASH('req2', SKEY) xor HASH('req3', S) when S
+/// starts with a zero byte: its mask hashes S[1..] and one byte of stale stack, `stale`.
+fn old_libtorrent_req2x3(s: &[u8; 96], key: &[u8; 20], stale: u8) -> Vec<u8> {
+    let r3 = sha1_of(&[b"req3", &s[1..], &[stale]]);
+    req2_hash(key)
+        .iter()
+        .zip(r3.iter())
+        .map(|(a, b)| a ^ b)
+        .collect()
+}
+
+#[test]
+fn an_old_libtorrent_initiator_with_a_leading_zero_secret_is_understood() {
+    let (a_secret, b_secret, s) = secrets_with_one_leading_zero();
+    for stale in [0u8, 0x7f, 0xff] {
+        let mut b = Responder::new(&b_secret, 0, CryptoPolicy::PreferPlaintext);
+        let mut lookup = lookup_of(vec![[0x11; 20], KEY]);
+        let a = dh::KeyPair::new(&a_secret);
+        let mut out = Vec::new();
+        b.on_bytes(&a.public, &mut out, &mut lookup).unwrap();
+        assert_eq!(a.shared_secret(&out[..96]).unwrap(), s);
+        let m = Manual { s };
+        let mut bytes = m.req1().to_vec();
+        bytes.extend(old_libtorrent_req2x3(&s, &KEY, stale));
+        bytes.extend(m.encrypted(VC, 3, 0, 0));
+        let step = b.on_bytes(&bytes, &mut out, &mut lookup).unwrap();
+        assert!(
+            matches!(step, ResponderStep::Done { info_hash, .. } if info_hash == KEY),
+            "stale byte {stale:#x}: {step:?}"
+        );
+    }
+    // The same mask over a secret without a leading zero is what it looks like: unknown.
+    let m = Manual::start(
+        &mut Responder::new(&[9; 32], 0, CryptoPolicy::PreferPlaintext),
+        &mut lookup_of(vec![KEY]),
+    );
+    assert_ne!(m.s[0], 0);
+    let e = responder_error(
+        |m| {
+            let mut v = m.req1().to_vec();
+            v.extend(old_libtorrent_req2x3(&m.s, &KEY, 0));
+            v.extend(m.encrypted(VC, 1, 0, 0));
+            v
+        },
+        CryptoPolicy::PreferPlaintext,
+    );
+    assert_eq!(e, MseError::UnknownInfoHash);
+}
+
+#[test]
+fn a_close_after_step_3_with_a_leading_zero_secret_says_retry() {
+    let (a_secret, b_secret, s) = secrets_with_one_leading_zero();
+    let mut a = Initiator::new(&a_secret, 0, KEY, CryptoPolicy::PreferPlaintext);
+    let mut opening = Vec::new();
+    a.opening(&mut opening);
+    let b = dh::KeyPair::new(&b_secret);
+    assert_eq!(b.shared_secret(&opening[..96]).unwrap(), s);
+    let mut out = Vec::new();
+    let step = a
+        .on_bytes(&b.public, &mut out, &handshake_ia(&KEY))
+        .unwrap();
+    assert!(matches!(step, InitiatorStep::NeedMore { consumed: 96 }));
+    assert_eq!(a.on_eof(), MseError::SecretMisreadByPeer);
+
+    // Any other secret: an ordinary truncation.
+    let mut a = Initiator::new(&[3; 32], 0, KEY, CryptoPolicy::PreferPlaintext);
+    let mut opening = Vec::new();
+    a.opening(&mut opening);
+    let b = dh::KeyPair::new(&[4; 32]);
+    assert_ne!(b.shared_secret(&opening[..96]).unwrap()[0], 0);
+    a.on_bytes(&b.public, &mut out, &handshake_ia(&KEY))
+        .unwrap();
+    assert_eq!(a.on_eof(), MseError::Truncated { stage: "VC sync" });
+}

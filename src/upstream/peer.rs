@@ -443,17 +443,40 @@ async fn fetch_with_retries(
         if Instant::now() >= deadline {
             return Err(e);
         }
-        let connect_deadline = deadline.min(Instant::now() + cfg.connect_timeout);
-        result = match connect_one(addr, transport, connect_deadline).await {
-            Ok(stream) => exchange_over(stream, cfg, deadline, progress, encrypted).await,
-            // Keep the first error; a later attempt (another transport) may still connect.
-            Err(_) => Err(ExchangeEnd::Silent(e)),
-        };
+        result = retry_over(addr, transport, encrypted, cfg, deadline, progress, e).await;
     }
     match result {
         Ok(info) => Ok(info),
         Err(ExchangeEnd::Silent(e) | ExchangeEnd::Failed(e)) => Err(e),
     }
+}
+
+/// One retry after a silent close: a new connection over `transport`, plaintext or MSE.
+/// `first` (the silent close's error) stays the error if no connection comes up: a later
+/// attempt over another transport may still connect.
+async fn retry_over(
+    addr: SocketAddr,
+    transport: Transport,
+    encrypted: bool,
+    cfg: &PeerFetchConfig,
+    deadline: Instant,
+    progress: &mut dyn FnMut(PeerProgress),
+    first: PeerFetchError,
+) -> Result<Vec<u8>, ExchangeEnd> {
+    let connect_deadline = deadline.min(Instant::now() + cfg.connect_timeout);
+    let Ok(stream) = connect_one(addr, transport, connect_deadline).await else {
+        return Err(ExchangeEnd::Silent(first));
+    };
+    let result = exchange_over(stream, cfg, deadline, progress, encrypted).await;
+    // An MSE handshake an old libtorrent refused for its own misreading of our secret
+    // (`MseError::SecretMisreadByPeer`, one in 256) gets one more try with a new key.
+    if let Err(ExchangeEnd::Failed(PeerFetchError::Mse(MseError::SecretMisreadByPeer))) = &result {
+        let connect_deadline = deadline.min(Instant::now() + cfg.connect_timeout);
+        if let Ok(stream) = connect_one(addr, transport, connect_deadline).await {
+            return exchange_over(stream, cfg, deadline, progress, encrypted).await;
+        }
+    }
+    result
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -670,6 +693,13 @@ impl MseLink {
                 Err(ReadEnd::Deadline) => return Err(ExchangeEnd::Failed(PeerFetchError::Timeout)),
                 Err(ReadEnd::Failed(e)) if !heard && e.kind() == io::ErrorKind::ConnectionReset => {
                     return Err(ExchangeEnd::Silent(PeerFetchError::Io(e)))
+                }
+                // A peer that closes with our step 3 unread resets: the same end as a close.
+                Err(ReadEnd::Failed(e))
+                    if e.kind() == io::ErrorKind::ConnectionReset
+                        && init.on_eof() == MseError::SecretMisreadByPeer =>
+                {
+                    return Err(failed(MseError::SecretMisreadByPeer))
                 }
                 Err(ReadEnd::Failed(e)) => return Err(ExchangeEnd::Failed(PeerFetchError::Io(e))),
             }

@@ -182,9 +182,8 @@ impl UtpStream {
             };
             let dgram = t.to_vec();
             // SAFETY: `dgram` is a live buffer of its length; `fd` is our connected socket.
-            let n = unsafe {
-                libc::send(fd, dgram.as_ptr().cast(), dgram.len(), libc::MSG_DONTWAIT)
-            };
+            let n =
+                unsafe { libc::send(fd, dgram.as_ptr().cast(), dgram.len(), libc::MSG_DONTWAIT) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 match e.kind() {
@@ -206,7 +205,12 @@ impl UtpStream {
         for _ in 0..DRAIN_DATAGRAMS_MAX {
             // SAFETY: `buf` has `capacity()` writable bytes; `fd` is our socket.
             let n = unsafe {
-                libc::recv(fd, buf.as_mut_ptr().cast(), buf.capacity(), libc::MSG_DONTWAIT)
+                libc::recv(
+                    fd,
+                    buf.as_mut_ptr().cast(),
+                    buf.capacity(),
+                    libc::MSG_DONTWAIT,
+                )
             };
             if n < 0 {
                 let e = io::Error::last_os_error();

@@ -257,7 +257,8 @@ impl<C: Chunk> Connection<C> {
     fn new(cfg: Config, side: Side, recv_id: u16, send_id: u16, seq_nr: u16, now: Instant) -> Self {
         let cc = Ledbat::new(
             cfg.payload_bytes_max,
-            cfg.initial_window_packets.clamp(1, cfg.packets_in_flight_max.max(1)),
+            cfg.initial_window_packets
+                .clamp(1, cfg.packets_in_flight_max.max(1)),
             cfg.packets_in_flight_max * cfg.payload_bytes_max,
             cfg.target_delay,
         );

@@ -458,7 +458,10 @@ fn peer_that_never_acks_times_out_after_bounded_retransmits() {
     assert_eq!(timeouts, cfg.retransmits_max + 1);
     // One packet per timeout (the window is one packet after a timeout).
     assert_eq!(c.stats().retransmits, u64::from(cfg.retransmits_max));
-    assert_eq!(datagrams, cfg.initial_window_packets + cfg.retransmits_max as usize);
+    assert_eq!(
+        datagrams,
+        cfg.initial_window_packets + cfg.retransmits_max as usize
+    );
     // Back-off from 1 s (no RTT sample yet), doubling: 1 + 2 + 4 + 8 + 16.
     assert_eq!(now - start, Duration::from_secs(31));
 }
