@@ -230,12 +230,8 @@ pub fn req2_hash(key: &[u8; 20]) -> [u8; 20] {
 /// has exactly one leading zero byte (two, one in 65 536, would be 65 536 candidates:
 /// left to the peer's reconnect).
 pub(crate) fn libtorrent_req3_masks(s: &[u8; DH_KEY_BYTES]) -> impl Iterator<Item = [u8; 20]> + '_ {
-    let candidates = if s[0] == 0 && s[1] != 0 {
-        0..=255u8
-    } else {
-        1..=0
-    };
-    candidates.map(move |x| sha1_of(&[b"req3", &s[1..], &[x]]))
+    let candidates: u16 = if s[0] == 0 && s[1] != 0 { 256 } else { 0 };
+    (0..candidates).map(move |x| sha1_of(&[b"req3", &s[1..], &[x as u8]]))
 }
 
 /// SHA-1 of the concatenation of `parts`.
