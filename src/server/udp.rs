@@ -165,6 +165,11 @@ struct TxBatch {
     cmsgs: [[u64; 4]; SEND_MSGS_MAX],
     /// The open message: its peer, its segment size and packets so far (GSO only).
     open: Option<OpenMsg>,
+    /// Iovecs of each packet (its header and payload slices), for `ungroup`.
+    packet_iovs: [u8; SEND_PACKETS_MAX],
+    /// The first packet's peer, and whether another peer's packets joined the batch.
+    first_to: *const u8,
+    several_peers: bool,
     packets: usize,
     iov_used: usize,
     len: usize,
@@ -195,6 +200,9 @@ impl TxBatch {
             msgs: unsafe { std::mem::zeroed() },
             cmsgs: [[0; 4]; SEND_MSGS_MAX],
             open: None,
+            packet_iovs: [0; SEND_PACKETS_MAX],
+            first_to: std::ptr::null(),
+            several_peers: false,
             packets: 0,
             iov_used: 0,
             len: 0,
@@ -237,6 +245,13 @@ impl TxBatch {
             };
         }
         self.iov_used += 1 + t.payload_slices;
+        self.packet_iovs[p] = (1 + t.payload_slices) as u8;
+        let to_ptr = to.as_ptr().cast::<u8>();
+        if p == 0 {
+            self.first_to = to_ptr;
+        } else if !std::ptr::eq(self.first_to, to_ptr) {
+            self.several_peers = true;
+        }
         self.packets += 1;
         if self.joins(to, bytes) {
             let m = self.open.as_mut().expect("joins checked it");
@@ -301,10 +316,37 @@ impl TxBatch {
         total.div_ceil(segment) as u64
     }
 
+    /// Undoes the GSO grouping of a batch that holds one peer's packets only: one message
+    /// per packet again. A core with one peer's burst in a turn is not busy, and the burst
+    /// as separate datagrams reaches the peer sooner: on loopback a GSO burst is delivered
+    /// whole, separate datagrams one by one while the rest are sent, and one fetch alone
+    /// measured ~15 % slower with GSO (BENCHMARKS.md "uTP cost"). Batches with several
+    /// peers, the busy case, keep GSO and its saving per packet.
+    fn ungroup_single_peer(&mut self) {
+        if self.several_peers || self.len == self.packets || self.packets > SEND_MSGS_MAX {
+            return;
+        }
+        let name = self.msgs[0].msg_hdr.msg_name;
+        let namelen = self.msgs[0].msg_hdr.msg_namelen;
+        let mut iov = 0;
+        for p in 0..self.packets {
+            let m = &mut self.msgs[p].msg_hdr;
+            m.msg_name = name;
+            m.msg_namelen = namelen;
+            m.msg_iov = self.iovecs[iov..].as_mut_ptr();
+            m.msg_iovlen = self.packet_iovs[p] as _;
+            m.msg_control = std::ptr::null_mut();
+            m.msg_controllen = 0;
+            iov += self.packet_iovs[p] as usize;
+        }
+        self.len = self.packets;
+    }
+
     /// Sends the batch (packets the kernel refuses are lost: uTP retransmits them).
     /// Returns false when the kernel refused GSO itself (EIO: a device without checksum
     /// offload, or a kernel without UDP_SEGMENT): the caller turns GSO off.
     fn send(&mut self, fd: RawFd, stats: &crate::server::stats::CoreStats) -> bool {
+        self.ungroup_single_peer();
         let mut sent = 0;
         let mut gso_ok = true;
         while sent < self.len {
@@ -348,6 +390,7 @@ impl TxBatch {
         self.packets = 0;
         self.iov_used = 0;
         self.open = None;
+        self.several_peers = false;
         gso_ok
     }
 }
@@ -1154,21 +1197,41 @@ mod tests {
         let payloads: Vec<Vec<u8>> = (0..10u8)
             .map(|i| vec![i; if i == 9 { 100 } else { 1400 }])
             .collect();
-        let mut tx = TxBatch::new(true);
-        for (i, p) in payloads.iter().enumerate() {
-            tx.push(&to, &transmit(i as u16, p));
-        }
-        assert_eq!(tx.len, 1, "one GSO message");
-        let stats = crate::server::stats::CoreStats::default();
-        assert!(tx.send(tx_sock.as_raw_fd(), &stats), "the kernel took GSO");
-        assert_eq!(stats.utp_datagrams_sent.get(), 10);
-        assert_eq!(stats.utp_gso_sends.get(), 1);
-        let mut buf = [0u8; 4096];
-        for (i, p) in payloads.iter().enumerate() {
-            let n = rx.recv(&mut buf).expect("each packet arrives on its own");
-            assert_eq!(n, utp::HEADER_LEN + p.len(), "datagram {i}");
-            assert_eq!(u16::from_be_bytes([buf[0], buf[1]]), i as u16);
-            assert!(buf[utp::HEADER_LEN..n].iter().all(|&b| b == i as u8));
+        // A second peer in the batch: the core is busy, the burst keeps GSO.
+        let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        other
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let to_other = socket2::SockAddr::from(other.local_addr().unwrap());
+        for several_peers in [true, false] {
+            let mut tx = TxBatch::new(true);
+            for (i, p) in payloads.iter().enumerate() {
+                tx.push(&to, &transmit(i as u16, p));
+            }
+            assert_eq!(tx.len, 1, "one GSO message");
+            if several_peers {
+                tx.push(&to_other, &transmit(77, &payloads[0]));
+            }
+            let stats = crate::server::stats::CoreStats::default();
+            assert!(tx.send(tx_sock.as_raw_fd(), &stats), "the kernel took GSO");
+            assert_eq!(
+                stats.utp_datagrams_sent.get(),
+                10 + u64::from(several_peers)
+            );
+            // One peer's burst alone goes as separate datagrams (`ungroup_single_peer`).
+            assert_eq!(stats.utp_gso_sends.get(), u64::from(several_peers));
+            let mut buf = [0u8; 4096];
+            for (i, p) in payloads.iter().enumerate() {
+                let n = rx.recv(&mut buf).expect("each packet arrives on its own");
+                assert_eq!(n, utp::HEADER_LEN + p.len(), "datagram {i}");
+                assert_eq!(u16::from_be_bytes([buf[0], buf[1]]), i as u16);
+                assert!(buf[utp::HEADER_LEN..n].iter().all(|&b| b == i as u8));
+            }
+            if several_peers {
+                let n = other.recv(&mut buf).unwrap();
+                assert_eq!(u16::from_be_bytes([buf[0], buf[1]]), 77);
+                assert_eq!(n, utp::HEADER_LEN + 1400);
+            }
         }
     }
 
