@@ -19,10 +19,20 @@ fn hash_of(stem: &str) -> [u8; 20] {
     hex::decode(v1.unwrap()).unwrap().try_into().unwrap()
 }
 
-/// A magnetar holding v1_single (public) and v1_multi (private), serving on
-/// 127.0.0.1 (`ServerProc`'s listener and P) and [::1]:P, its DHT node on UDP port D of every address, with no announces
-/// and a bootstrap that answers nothing (nothing but the test talks to it).
-fn magnetar_node(data: &Path) -> (ServerProc, u16) {
+/// Where the node under test has its DHT.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum DhtAt {
+    /// The default: the serving port, beside uTP.
+    Serving,
+    /// `--dht-socket own --dht-port D`.
+    Own,
+}
+
+/// A magnetar holding v1_single (public) and v1_multi (private), serving on 127.0.0.1
+/// (`ServerProc`'s listener and P) and [::1]:P, its DHT node on P (`DhtAt::Serving`) or on
+/// a UDP port D of every address (`DhtAt::Own`), with no announces and a bootstrap that
+/// answers nothing (nothing but the test talks to it). Returns the DHT node's port.
+fn magnetar_node(data: &Path, at: DhtAt) -> (ServerProc, u16) {
     let fixtures = repo_path("tests/fixtures/torrents");
     run_ok(
         Command::new(magnetar_bin())
@@ -35,21 +45,20 @@ fn magnetar_node(data: &Path) -> (ServerProc, u16) {
     let listen4 = format!("127.0.0.1:{port}");
     let listen6 = format!("[::1]:{port}");
     let dht = dht_port.to_string();
-    let server = ServerProc::start(
-        data,
-        &[
-            "--listen",
-            &listen4,
-            "--listen",
-            &listen6,
-            "--dht-port",
-            &dht,
-            "--dht-bootstrap",
-            "127.0.0.1:9",
-            "--no-dht-announce",
-        ],
-    );
-    (server, dht_port)
+    let mut args = vec![
+        "--listen",
+        &listen4,
+        "--listen",
+        &listen6,
+        "--dht-bootstrap",
+        "127.0.0.1:9",
+        "--no-dht-announce",
+    ];
+    if at == DhtAt::Own {
+        args.extend(["--dht-socket", "own", "--dht-port", &dht]);
+    }
+    let server = ServerProc::start(data, &args);
+    (server, if at == DhtAt::Own { dht_port } else { port })
 }
 
 fn free_udp_port() -> u16 {
@@ -114,8 +123,14 @@ fn hash_arg(key: &str, h: &[u8; 20]) -> Vec<u8> {
 /// public hash only; unknown methods get 204. On 127.0.0.1 and ::1.
 #[test]
 fn raw_krpc_is_answered_on_both_families() {
+    for at in [DhtAt::Serving, DhtAt::Own] {
+        raw_krpc_is_answered(at);
+    }
+}
+
+fn raw_krpc_is_answered(at: DhtAt) {
     let tmp = tempfile::tempdir().unwrap();
-    let (server, dht_port) = magnetar_node(&tmp.path().join("data"));
+    let (server, dht_port) = magnetar_node(&tmp.path().join("data"), at);
     let (public, private) = (hash_of("v1_single"), hash_of("v1_multi"));
     for ip in ["127.0.0.1", "::1"] {
         let node = SocketAddr::new(ip.parse().unwrap(), dht_port);
@@ -213,7 +228,7 @@ fn lt_dht(args: &[&str]) -> serde_json::Value {
 fn libtorrent_keeps_magnetar_in_its_table_and_finds_it_there() {
     require_libtorrent();
     let tmp = tempfile::tempdir().unwrap();
-    let (server, dht_port) = magnetar_node(&tmp.path().join("data"));
+    let (server, dht_port) = magnetar_node(&tmp.path().join("data"), DhtAt::Serving);
     let public = hex::encode(hash_of("v1_single"));
     for ip in ["127.0.0.1", "::1"] {
         let node = SocketAddr::new(ip.parse().unwrap(), dht_port).to_string();
@@ -248,7 +263,7 @@ fn libtorrent_keeps_magnetar_in_its_table_and_finds_it_there() {
 fn dht_only_libtorrent_on_ipv6_gets_metadata_from_magnetar() {
     require_libtorrent();
     let tmp = tempfile::tempdir().unwrap();
-    let (server, dht_port) = magnetar_node(&tmp.path().join("data"));
+    let (server, dht_port) = magnetar_node(&tmp.path().join("data"), DhtAt::Serving);
     let node = format!("[::1]:{dht_port}");
     let magnet = format!("magnet:?xt=urn:btih:{}", hex::encode(hash_of("v1_single")));
     let out = tmp.path().join("got.info");
@@ -282,22 +297,103 @@ fn dht_only_libtorrent_on_ipv6_gets_metadata_from_magnetar() {
     eprintln!("libtorrent DHT-only on ::1: metadata in {} s", r["seconds"]);
 }
 
+/// The DHT and uTP on one serving port P (the default): a DHT-only libtorrent client that
+/// speaks uTP only (no TCP), given magnetar's node at P, finds magnetar through it and
+/// fetches the metadata over uTP from P, on 127.0.0.1 and on ::1, while raw KRPC pings to
+/// P from another socket are all answered. Run on both drivers (MAGNETAR_DRIVER=epoll).
+#[test]
+fn utp_fetches_and_dht_queries_share_the_serving_port() {
+    require_libtorrent();
+    let tmp = tempfile::tempdir().unwrap();
+    let (server, port) = magnetar_node(&tmp.path().join("data"), DhtAt::Serving);
+    let magnet = format!("magnet:?xt=urn:btih:{}", hex::encode(hash_of("v1_single")));
+    let torrent = fixture("v1_single.torrent");
+    for ip in ["127.0.0.1", "::1"] {
+        let at = SocketAddr::new(ip.parse().unwrap(), port);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pinger = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut answered = 0u32;
+                // Bounded: the fetch's own timeout is 60 s.
+                for i in 0..2000u32 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let reply = ask(at, &query(&i.to_be_bytes(), "ping", b"", b""));
+                    assert_eq!(krpc::decode(&reply).unwrap().t, i.to_be_bytes());
+                    answered += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                answered
+            })
+        };
+        let out = tmp
+            .path()
+            .join(format!("got-{}.info", ip.replace(':', "_")));
+        let r = lt_dht(&[
+            "fetch",
+            &at.to_string(),
+            &magnet,
+            out.to_str().unwrap(),
+            "--listen",
+            ip,
+            "--timeout",
+            "60",
+            "--utp-only",
+        ]);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let pings = pinger.join().expect("every ping answered during the fetch");
+        assert_eq!(r["ok"], true, "{ip}: {r}");
+        // libtorrent prints an IPv6 peer as "::1:P".
+        let listed = |p: &serde_json::Value| {
+            let p = p.as_str().unwrap_or("");
+            let (host, port) = p.rsplit_once(':').unwrap_or(("", ""));
+            let addr = format!(
+                "{}:{port}",
+                if host.contains(':') {
+                    format!("[{host}]")
+                } else {
+                    host.to_string()
+                }
+            );
+            addr.parse::<SocketAddr>()
+                .is_ok_and(|a| server.addrs.contains(&a) && host == ip)
+        };
+        assert!(
+            r["peers"].as_array().unwrap().iter().any(listed),
+            "{ip}: {r}"
+        );
+        let info = std::fs::read(&out).unwrap();
+        assert!(torrent.windows(info.len()).any(|w| w == info), "{ip}");
+        assert!(pings >= 1, "{ip}");
+        eprintln!(
+            "{ip}: uTP-only DHT fetch in {} s, {pings} pings answered meanwhile",
+            r["seconds"]
+        );
+    }
+    let m = kit::metrics(&server);
+    assert!(
+        m["magnetar_utp_connections_established_total"] >= 2.0,
+        "both fetches over uTP: {m:?}"
+    );
+    assert!(m["magnetar_hits_total"] >= 2.0, "{m:?}");
+    assert_eq!(m["magnetar_dht_inbox_dropped_total"], 0.0, "{m:?}");
+}
+
 /// `--dht-incoming-queries-per-ip-per-second-max` reaches the node: of 20 pings sent at
 /// once from one address, no more than the budget (5) are answered; the rest are dropped.
 /// (With the default budget of 100 all 20 would be.)
 #[test]
 fn incoming_queries_past_the_per_address_budget_are_dropped() {
     let tmp = tempfile::tempdir().unwrap();
-    let (port, dht_port) = (free_port(), free_udp_port());
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let dht = dht_port.to_string();
     let _server = ServerProc::start(
         &tmp.path().join("d"),
         &[
             "--listen",
             &listen,
-            "--dht-port",
-            &dht,
             "--dht-bootstrap",
             "127.0.0.1:9",
             "--no-dht-announce",
@@ -305,7 +401,7 @@ fn incoming_queries_past_the_per_address_budget_are_dropped() {
             "5",
         ],
     );
-    let to: SocketAddr = format!("127.0.0.1:{dht_port}").parse().unwrap();
+    let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     // The node is up once it answers (that answer spends one of the 5).
     ask(to, &query(b"up", "ping", b"", b""));
     std::thread::sleep(Duration::from_millis(1100));

@@ -167,6 +167,10 @@ pub struct Node {
     external: [Option<IpAddr>; 2],
     last_refresh: Option<Instant>,
     outbox: Vec<(SocketAddr, Vec<u8>)>,
+    /// The port our queries leave from when it is also the port we announce (the DHT on
+    /// the serving port): announces of it say `implied_port`, so a node behind a NAT is
+    /// stored at the port its NAT maps, which is where peers reach it.
+    implied_port: Option<u16>,
     /// Answers per source address per second.
     queries_per_ip: PerKeyWindow<IpAddr>,
     pub counters: Arc<NodeCounters>,
@@ -202,6 +206,7 @@ impl Node {
             // The driver starts the first refresh (the bootstrap) itself, with a sink.
             last_refresh: Some(now),
             outbox: Vec::new(),
+            implied_port: None,
             queries_per_ip: PerKeyWindow::new(
                 queries_per_ip,
                 std::time::Duration::from_secs(1),
@@ -231,6 +236,22 @@ impl Node {
     }
 
     /// Where lookups start when the table is (almost) empty.
+    /// The families we have sockets for, once known (the DHT on the serving port learns them
+    /// when the server has bound its sockets, after the node was made).
+    pub fn set_families(&mut self, families: Want) {
+        self.cfg.families = families;
+    }
+
+    /// Announces of `port` are sent with `implied_port` = 1 from now on: `port` is the one
+    /// our queries leave from (see the field).
+    pub fn set_implied_port(&mut self, port: Option<u16>) {
+        self.implied_port = port;
+    }
+
+    pub fn bootstrap(&self) -> &[SocketAddr] {
+        &self.cfg.bootstrap
+    }
+
     pub fn set_bootstrap(&mut self, bootstrap: Vec<SocketAddr>) {
         self.cfg.bootstrap = bootstrap;
     }
@@ -749,11 +770,13 @@ impl Node {
             .collect();
         let info_hash = l.target;
         l.phase = Phase::Announcing { pending: 0, ok: 0 };
+        let implied_port = self.implied_port == Some(port);
         let mut sent = 0;
         for (addr, token) in targets {
             let q = OutQuery::AnnouncePeer {
                 info_hash: &info_hash,
                 port,
+                implied_port,
                 token: &token,
             };
             if self.send_query(now, addr, &q, Purpose::Announce(lid)) {
@@ -1003,6 +1026,7 @@ mod tests {
             &OutQuery::AnnouncePeer {
                 info_hash: &ih,
                 port: 1234,
+                implied_port: false,
                 token: b"forged",
             },
         );
@@ -1022,6 +1046,7 @@ mod tests {
             &OutQuery::AnnouncePeer {
                 info_hash: &ih,
                 port: 1234,
+                implied_port: false,
                 token: &token,
             },
         );
@@ -1054,9 +1079,18 @@ mod tests {
     /// Two nodes wired to each other: a lookup, an announce and the peer found again.
     #[test]
     fn lookup_and_announce_between_two_nodes() {
+        // With a DHT port of its own, the announced port is said outright.
+        announce_between_two_nodes(None, "10.0.0.1:6881");
+        // On the serving port (6881 = the port our queries leave from, as seen through a
+        // NAT as port 1): implied_port, and b stores the port it saw.
+        announce_between_two_nodes(Some(6881), "10.0.0.1:1");
+    }
+
+    fn announce_between_two_nodes(implied_port: Option<u16>, stored: &str) {
         let (a_addr, b_addr) = (addr("10.0.0.1:1"), addr("10.0.0.2:2"));
         let mut a = node(Arc::new(NoHoldings));
         let mut b = node(Arc::new(NoHoldings));
+        a.set_implied_port(implied_port);
         a.cfg.bootstrap = vec![b_addr];
         let now = Instant::now();
         let done = Arc::new(Mutex::new(None));
@@ -1093,10 +1127,7 @@ mod tests {
         assert_eq!(*done.lock().unwrap(), Some(1));
         assert_eq!(a.table_len(), (1, 0));
         assert_eq!(b.table_len(), (1, 0), "b pinged a back and took it");
-        assert_eq!(
-            b.values_for(&ih, &addr("10.9.9.9:1"), None),
-            [addr("10.0.0.1:6881")]
-        );
+        assert_eq!(b.values_for(&ih, &addr("10.9.9.9:1"), None), [addr(stored)]);
     }
 
     /// A querier is pinged before it enters the table, unless it is read-only (BEP 43); an
