@@ -430,3 +430,183 @@ fn incoming_queries_past_the_per_address_budget_are_dropped() {
         "{answered} of 20 pings answered with a budget of 5 a second"
     );
 }
+
+/// Whether this test may make network namespaces (root, and `ip netns` works); a clear
+/// skip message otherwise. CI runs as root, where this is always true.
+fn netns_available(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP {test}: needs root to make a network namespace (CI runs as root)");
+        return false;
+    }
+    let ok = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIP {test}: no network namespace support (`ip netns list` failed)");
+    }
+    ok
+}
+
+/// Transmission 3 (jech/dht) in a network namespace of its own (its DHT drops 127.0.0.0/8
+/// and ::1 as martian, so magnetar is on the host end of a veth pair, 10.77.X.1), on its
+/// default settings but for `dht.bootstrap` (magnetar's node, the serving port) and no
+/// LPD/port mapping, with a magnet that has no tracker: it pings magnetar's node, learns
+/// the other nodes from it (a 10-node testnet on the same address: jech's DHT searches only
+/// once it has 4 good and 9 known nodes), searches the DHT for the hash, magnetar's node
+/// lists magnetar (announces off), and Transmission gets the metadata from it, over the
+/// same port. Bounded by `TR_DHT_FETCH_TIMEOUT`.
+#[test]
+fn transmission_finds_magnetar_through_its_dht_node_and_gets_metadata() {
+    const TEST: &str = "transmission_finds_magnetar_through_its_dht_node_and_gets_metadata";
+    const TR_DHT_FETCH_TIMEOUT: Duration = Duration::from_secs(240);
+    if !netns_available(TEST) {
+        return;
+    }
+    assert!(
+        Path::new("/usr/bin/transmission-cli").exists(),
+        "transmission-cli is missing: run `bash scripts/test.sh`, which installs it"
+    );
+    let ns = Netns::create();
+    let host = ns.host_ip;
+    let testnet = mainline::Testnet::builder(10)
+        .bind_address(host)
+        .build()
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    run_ok(
+        Command::new(magnetar_bin())
+            .args(["import", "--data-dir"])
+            .arg(&data)
+            .arg(repo_path("tests/fixtures/torrents/v1_single.torrent")),
+    );
+    let port = std::net::TcpListener::bind((host, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("{host}:{port}");
+    let mut args = vec!["--listen", &listen, "--no-dht-announce"];
+    for b in &testnet.bootstrap {
+        args.extend(["--dht-bootstrap", b]);
+    }
+    // Transmission before 4.1 reads the extension handshake only when more bytes follow
+    // it (tests/interop_transmission.rs): a keep-alive a second later.
+    args.extend(["--keepalive-interval-ms", "1000"]);
+    let server = ServerProc::start(&data, &args);
+
+    let config = tmp.path().join("tr/config");
+    let download = tmp.path().join("tr/download");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::create_dir_all(&download).unwrap();
+    std::fs::write(
+        config.join("settings.json"),
+        r#"{ "lpd-enabled": false, "port-forwarding-enabled": false }"#,
+    )
+    .unwrap();
+    std::fs::write(config.join("dht.bootstrap"), format!("{host} {port}\n")).unwrap();
+    let log = tmp.path().join("tr/log");
+    let v1 = hex::encode(hash_of("v1_single"));
+    let magnet = format!("magnet:?xt=urn:btih:{v1}");
+    let out = std::fs::File::create(&log).unwrap();
+    /// Killed on drop, panics included.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let start = Instant::now();
+    let mut tr = Kill(
+        ns.command("transmission-cli")
+            .arg("-g")
+            .arg(&config)
+            .arg("-w")
+            .arg(&download)
+            .arg(&magnet)
+            .env("TR_DHT_VERBOSE", "1")
+            .env("TR_DEBUG_FD", "2")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawning transmission-cli in the namespace"),
+    );
+    let read_log =
+        || String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+    let info = loop {
+        if let Some(info) = written_info(&config) {
+            break info;
+        }
+        if let Some(status) = tr.0.try_wait().unwrap() {
+            panic!(
+                "transmission-cli exited ({status}) without the metadata:\n{}",
+                read_log()
+            );
+        }
+        if start.elapsed() > TR_DHT_FETCH_TIMEOUT {
+            let text = read_log();
+            let dht: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("bandwidth.c") && !l.contains("peer-io.c"))
+                .rev()
+                .take(80)
+                .collect();
+            let m = kit::metrics(&server);
+            panic!(
+                "Transmission had no metadata after {TR_DHT_FETCH_TIMEOUT:?}; magnetar's DHT \
+                 node: {} queries, {} answered, {} self-listed; Transmission's log, last lines \
+                 first:\n{}",
+                m["magnetar_dht_node_queries_received_total"],
+                m["magnetar_dht_node_responses_sent_total"],
+                m["magnetar_dht_node_self_listed_total"],
+                dht.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    drop(tr);
+    let torrent = fixture("v1_single.torrent");
+    assert!(
+        torrent.windows(info.len()).any(|w| w == info),
+        "the info dict Transmission wrote is the fixture's"
+    );
+    let m = kit::metrics(&server);
+    assert!(m["magnetar_dht_node_self_listed_total"] >= 1.0, "{m:?}");
+    let text = read_log();
+    let tag = format!("[{host}]:{port}");
+    let dialled: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(&tag) && l.contains("Starting an OUTGOING"))
+        .collect();
+    assert!(
+        !dialled.is_empty(),
+        "Transmission dialled magnetar at {tag} (found through the DHT)"
+    );
+    eprintln!(
+        "Transmission (jech/dht) found magnetar through its DHT node and had the metadata in \
+         {seconds:.1} s; magnetar's node: {} queries received, {} answered, {} self-listed; \
+         dialled: {}",
+        m["magnetar_dht_node_queries_received_total"],
+        m["magnetar_dht_node_responses_sent_total"],
+        m["magnetar_dht_node_self_listed_total"],
+        dialled.join(" | ")
+    );
+}
+
+/// The info dict of the .torrent Transmission writes into `config/torrents` once it has
+/// the metadata (before that, the file it keeps for a magnet has no `info`).
+fn written_info(config: &Path) -> Option<Vec<u8>> {
+    let dir = std::fs::read_dir(config.join("torrents")).ok()?;
+    for entry in dir.flatten() {
+        let bytes = std::fs::read(entry.path()).ok()?;
+        if let Ok(span) = magnetar::metainfo::info_span(&bytes) {
+            return Some(bytes[span].to_vec());
+        }
+    }
+    None
+}
