@@ -381,54 +381,68 @@ fn utp_fetches_and_dht_queries_share_the_serving_port() {
     assert_eq!(m["magnetar_dht_inbox_dropped_total"], 0.0, "{m:?}");
 }
 
-/// `--dht-incoming-queries-per-ip-per-second-max` reaches the node: of 20 pings sent at
-/// once from one address, no more than the budget (5) are answered; the rest are dropped.
-/// (With the default budget of 100 all 20 would be.)
+/// `--dht-incoming-queries-per-ip-per-second-max` and `--dht-incoming-queries-per-second-max`
+/// reach the node: of 20 pings sent at once from one address, no more than the budget (5)
+/// are answered; the rest are dropped and counted under the budget that refused them.
+/// (With the default budgets of 100 and 1 000 all 20 would be.)
 #[test]
-fn incoming_queries_past_the_per_address_budget_are_dropped() {
-    let tmp = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let _server = ServerProc::start(
-        &tmp.path().join("d"),
-        &[
-            "--listen",
-            &listen,
-            "--dht-bootstrap",
-            "127.0.0.1:9",
-            "--no-dht-announce",
+fn incoming_queries_past_the_budgets_are_dropped() {
+    for (flag, counter) in [
+        (
             "--dht-incoming-queries-per-ip-per-second-max",
-            "5",
-        ],
-    );
-    let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    // The node is up once it answers (that answer spends one of the 5).
-    ask(to, &query(b"up", "ping", b"", b""));
-    std::thread::sleep(Duration::from_millis(1100));
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    for i in 0..20u8 {
-        s.send_to(&query(&[b'p', i], "ping", b"", b""), to).unwrap();
-    }
-    let mut answered = 0;
-    let mut buf = [0u8; 4096];
-    let until = Instant::now() + Duration::from_millis(1500);
-    while Instant::now() < until {
-        let Ok((n, _)) = s.recv_from(&mut buf) else {
-            continue;
-        };
-        if matches!(
-            krpc::decode(&buf[..n]).map(|m| m.body),
-            Ok(Body::Response { .. })
-        ) {
-            answered += 1;
+            "magnetar_dht_node_queries_rate_limited_total",
+        ),
+        (
+            "--dht-incoming-queries-per-second-max",
+            "magnetar_dht_node_queries_rate_limited_global_total",
+        ),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let server = ServerProc::start(
+            &tmp.path().join("d"),
+            &[
+                "--listen",
+                &listen,
+                "--dht-bootstrap",
+                "127.0.0.1:9",
+                "--no-dht-announce",
+                flag,
+                "5",
+            ],
+        );
+        let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        // The node is up once it answers (that answer spends one of the 5).
+        ask(to, &query(b"up", "ping", b"", b""));
+        std::thread::sleep(Duration::from_millis(1100));
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        for i in 0..20u8 {
+            s.send_to(&query(&[b'p', i], "ping", b"", b""), to).unwrap();
         }
+        let mut answered = 0;
+        let mut buf = [0u8; 4096];
+        let until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < until {
+            let Ok((n, _)) = s.recv_from(&mut buf) else {
+                continue;
+            };
+            if matches!(
+                krpc::decode(&buf[..n]).map(|m| m.body),
+                Ok(Body::Response { .. })
+            ) {
+                answered += 1;
+            }
+        }
+        assert!(
+            (1..=5).contains(&answered),
+            "{flag}: {answered} of 20 pings answered with a budget of 5 a second"
+        );
+        let m = kit::metrics(&server);
+        assert!(m[counter] >= 15.0, "{flag}: {m:?}");
     }
-    assert!(
-        (1..=5).contains(&answered),
-        "{answered} of 20 pings answered with a budget of 5 a second"
-    );
 }
 
 /// Whether this test may make network namespaces (root, and `ip netns` works); a clear

@@ -83,6 +83,8 @@ pub struct NodeCounters {
     pub announces_stored: AtomicU64,
     /// Queries dropped: their source spent `QUERIES_PER_IP_PER_SECOND_MAX`.
     pub queries_rate_limited: AtomicU64,
+    /// Queries dropped: all sources together spent `QUERIES_PER_SECOND_MAX`.
+    pub queries_rate_limited_global: AtomicU64,
     pub queries_sent: AtomicU64,
     pub queries_timed_out: AtomicU64,
 }
@@ -99,6 +101,9 @@ pub struct NodeConfig {
     /// Queries answered per source address per second (`QUERIES_PER_IP_PER_SECOND_MAX`
     /// says why a budget; `--dht-incoming-queries-per-ip-per-second-max` sets it).
     pub queries_per_ip_per_second_max: u32,
+    /// Queries answered per second over all sources (`QUERIES_PER_SECOND_MAX` says why;
+    /// `--dht-incoming-queries-per-second-max` sets it).
+    pub queries_per_second_max: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,6 +178,8 @@ pub struct Node {
     implied_port: Option<u16>,
     /// Answers per source address per second.
     queries_per_ip: PerKeyWindow<IpAddr>,
+    /// Answers over all sources in the current one-second window: (its start, count).
+    queries_window: (Instant, u32),
     pub counters: Arc<NodeCounters>,
 }
 
@@ -212,8 +219,30 @@ impl Node {
                 std::time::Duration::from_secs(1),
                 QUERY_LIMITER_IPS_MAX,
             ),
+            queries_window: (now, 0),
             counters: Arc::default(),
         }
+    }
+
+    /// Whether a query from `ip` may be answered now: within its source's budget
+    /// (`QUERIES_PER_IP_PER_SECOND_MAX`), then within everyone's (`QUERIES_PER_SECOND_MAX`,
+    /// a fixed one-second window). A refusal is counted under the budget that refused.
+    fn admit_query(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if !self.queries_per_ip.try_hit_at(&ip, now) {
+            bump(&self.counters.queries_rate_limited);
+            return false;
+        }
+        let (start, count) = &mut self.queries_window;
+        if now.saturating_duration_since(*start) >= std::time::Duration::from_secs(1) {
+            *start = now;
+            *count = 0;
+        }
+        if *count >= self.cfg.queries_per_second_max.max(1) {
+            bump(&self.counters.queries_rate_limited_global);
+            return false;
+        }
+        *count += 1;
+        true
     }
 
     pub fn id(&self) -> NodeId {
@@ -354,12 +383,7 @@ impl Node {
         }
         let msg = match krpc::decode(datagram) {
             Ok(m) => m,
-            Err(DecodeError::BadQuery { .. })
-                if !self.queries_per_ip.try_hit_at(&from.ip(), now) =>
-            {
-                bump(&self.counters.queries_rate_limited);
-                return;
-            }
+            Err(DecodeError::BadQuery { .. }) if !self.admit_query(from.ip(), now) => return,
             Err(DecodeError::BadQuery { t, reason }) => {
                 bump(&self.counters.queries_received);
                 self.send_error(&from, &t, krpc::ERROR_PROTOCOL, reason);
@@ -392,8 +416,7 @@ impl Node {
         read_only: bool,
         query: Query<'_>,
     ) {
-        if !self.queries_per_ip.try_hit_at(&from.ip(), now) {
-            bump(&self.counters.queries_rate_limited);
+        if !self.admit_query(from.ip(), now) {
             return;
         }
         bump(&self.counters.queries_received);
@@ -932,6 +955,7 @@ mod tests {
                 families: Want { v4: true, v6: true },
                 bootstrap: Vec::new(),
                 queries_per_ip_per_second_max: QUERIES_PER_IP_PER_SECOND_MAX,
+                queries_per_second_max: QUERIES_PER_SECOND_MAX,
             },
             holdings,
             Instant::now(),
@@ -1186,6 +1210,26 @@ mod tests {
             q,
         );
         assert_eq!(n.take_outbox().len(), 2);
+    }
+
+    /// Many sources, each within its own budget: past `queries_per_second_max` in all, the
+    /// rest of the second is dropped (and counted apart); the next second is answered.
+    #[test]
+    fn queries_beyond_the_global_budget_are_dropped() {
+        let mut n = node(Arc::new(NoHoldings));
+        n.cfg.queries_per_second_max = 50;
+        let now = Instant::now();
+        let q = b"d1:ad2:id20:abcdefghij0123456789e1:q4:ping2:roi1e1:t1:a1:y1:qe";
+        for i in 0..80u8 {
+            n.on_datagram(now, addr(&format!("10.0.{i}.1:1")), None, q);
+        }
+        assert_eq!(n.take_outbox().len(), 50);
+        let c = &n.counters;
+        assert_eq!(c.queries_rate_limited_global.load(Ordering::Relaxed), 30);
+        assert_eq!(c.queries_rate_limited.load(Ordering::Relaxed), 0);
+        let later = now + std::time::Duration::from_secs(1);
+        n.on_datagram(later, addr("10.0.200.1:1"), None, q);
+        assert_eq!(n.take_outbox().len(), 1);
     }
 
     #[test]

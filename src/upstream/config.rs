@@ -77,6 +77,11 @@ pub struct UpstreamConfig {
     #[arg(long, default_value_t = crate::dht::QUERIES_PER_IP_PER_SECOND_MAX)]
     pub dht_incoming_queries_per_ip_per_second_max: u32,
 
+    /// DHT queries answered per second over all sources; more are dropped (bounds what a
+    /// spoofer cycling through many source addresses can make the node reflect).
+    #[arg(long, default_value_t = crate::dht::QUERIES_PER_SECOND_MAX)]
+    pub dht_incoming_queries_per_second_max: u32,
+
     /// Misses (new upstream fetches) one client IP may cause per minute.
     #[arg(long, default_value_t = 30)]
     pub misses_per_ip_per_minute_max: u32,
@@ -129,6 +134,7 @@ impl Default for UpstreamConfig {
             peers_per_fetch_max: 8,
             dht_queries_per_second_max: 20,
             dht_incoming_queries_per_ip_per_second_max: crate::dht::QUERIES_PER_IP_PER_SECOND_MAX,
+            dht_incoming_queries_per_second_max: crate::dht::QUERIES_PER_SECOND_MAX,
             misses_per_ip_per_minute_max: 30,
             misses_per_second_max: 100,
             metadata_bytes_max: crate::limits::METADATA_BYTES_MAX,

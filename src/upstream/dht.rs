@@ -568,6 +568,7 @@ fn new_node(cfg: &UpstreamConfig, families: Want, bootstrap: Vec<SocketAddr>) ->
             families,
             bootstrap,
             queries_per_ip_per_second_max: cfg.dht_incoming_queries_per_ip_per_second_max,
+            queries_per_second_max: cfg.dht_incoming_queries_per_second_max,
         },
         Arc::new(NoHoldings),
         Instant::now(),
@@ -1044,6 +1045,11 @@ pub fn write_node_metrics(dht: &DhtNode, out: &mut String) {
             "queries_rate_limited",
             "KRPC queries dropped: their source address spent its budget per second.",
             &c.queries_rate_limited,
+        ),
+        (
+            "queries_rate_limited_global",
+            "KRPC queries dropped: all sources together spent the node's budget per second.",
+            &c.queries_rate_limited_global,
         ),
         ("queries_sent", "KRPC queries we sent.", &c.queries_sent),
         (
