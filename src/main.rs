@@ -250,7 +250,9 @@ fn serve(args: ServeArgs, cli_log: Option<String>) -> anyhow::Result<()> {
     } else {
         None
     };
-    upstream.start_dht().context("starting the DHT node")?;
+    upstream
+        .start_dht(cfg.utp)
+        .context("starting the DHT node")?;
     let server = magnetar::server::start(
         cfg,
         store.clone(),

@@ -417,10 +417,12 @@ pub enum OutQuery<'a> {
         info_hash: &'a NodeId,
         want: Want,
     },
-    /// Always with `implied_port` = 0: the port is our serving port, not the DHT's.
+    /// `implied_port` = 1 only when `port` is also the port the query leaves from (the DHT
+    /// on the serving port); with a DHT port of its own, the serving port is said outright.
     AnnouncePeer {
         info_hash: &'a NodeId,
         port: u16,
+        implied_port: bool,
         token: &'a [u8],
     },
 }
@@ -444,9 +446,14 @@ pub fn write_query(out: &mut Vec<u8>, t: &[u8], id: &NodeId, q: &OutQuery<'_>) {
         OutQuery::AnnouncePeer {
             info_hash,
             port,
+            implied_port,
             token,
         } => {
-            out.extend_from_slice(b"12:implied_porti0e9:info_hash");
+            out.extend_from_slice(if *implied_port {
+                b"12:implied_porti1e9:info_hash"
+            } else {
+                b"12:implied_porti0e9:info_hash"
+            });
             push_bytes(out, &info_hash[..]);
             out.extend_from_slice(b"4:port");
             push_int(out, u64::from(*port));
@@ -546,12 +553,27 @@ mod tests {
                 OutQuery::AnnouncePeer {
                     info_hash: &ih,
                     port: 6881,
+                    implied_port: false,
                     token: tok,
                 },
                 Query::AnnouncePeer {
                     info_hash: ih,
                     port: 6881,
                     implied_port: false,
+                    token: tok,
+                },
+            ),
+            (
+                OutQuery::AnnouncePeer {
+                    info_hash: &ih,
+                    port: 6881,
+                    implied_port: true,
+                    token: tok,
+                },
+                Query::AnnouncePeer {
+                    info_hash: ih,
+                    port: 6881,
+                    implied_port: true,
                     token: tok,
                 },
             ),

@@ -95,6 +95,15 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5 * 60);
 /// crawler's BEP 51 sweep asks often.
 pub const QUERIES_PER_IP_PER_SECOND_MAX: u32 = 100;
 
+/// Queries answered per second over all sources; more are dropped unanswered. The
+/// per-address budget alone lets a spoofer who cycles through many source addresses draw
+/// 100 answers a second from each (up to ~1.4 KB per ~100-byte query): this bounds what
+/// our node can be made to reflect in all, to ~1.4 MB/s at the default. A busy node on the
+/// public DHT receives tens to a few hundred queries a second, so real traffic stays well
+/// under it; an operator with a node that many more clients use can raise it
+/// (`--dht-incoming-queries-per-second-max`).
+pub const QUERIES_PER_SECOND_MAX: u32 = 1000;
+
 /// Source addresses the per-address query budget tracks at once (bounded memory; see
 /// `upstream::ratelimit::PerKeyWindow` for what happens when it is full of live ones).
 pub const QUERY_LIMITER_IPS_MAX: usize = 65_536;

@@ -83,6 +83,8 @@ pub struct NodeCounters {
     pub announces_stored: AtomicU64,
     /// Queries dropped: their source spent `QUERIES_PER_IP_PER_SECOND_MAX`.
     pub queries_rate_limited: AtomicU64,
+    /// Queries dropped: all sources together spent `QUERIES_PER_SECOND_MAX`.
+    pub queries_rate_limited_global: AtomicU64,
     pub queries_sent: AtomicU64,
     pub queries_timed_out: AtomicU64,
 }
@@ -99,6 +101,9 @@ pub struct NodeConfig {
     /// Queries answered per source address per second (`QUERIES_PER_IP_PER_SECOND_MAX`
     /// says why a budget; `--dht-incoming-queries-per-ip-per-second-max` sets it).
     pub queries_per_ip_per_second_max: u32,
+    /// Queries answered per second over all sources (`QUERIES_PER_SECOND_MAX` says why;
+    /// `--dht-incoming-queries-per-second-max` sets it).
+    pub queries_per_second_max: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -167,8 +172,14 @@ pub struct Node {
     external: [Option<IpAddr>; 2],
     last_refresh: Option<Instant>,
     outbox: Vec<(SocketAddr, Vec<u8>)>,
+    /// The port our queries leave from when it is also the port we announce (the DHT on
+    /// the serving port): announces of it say `implied_port`, so a node behind a NAT is
+    /// stored at the port its NAT maps, which is where peers reach it.
+    implied_port: Option<u16>,
     /// Answers per source address per second.
     queries_per_ip: PerKeyWindow<IpAddr>,
+    /// Answers over all sources in the current one-second window: (its start, count).
+    queries_window: (Instant, u32),
     pub counters: Arc<NodeCounters>,
 }
 
@@ -202,13 +213,36 @@ impl Node {
             // The driver starts the first refresh (the bootstrap) itself, with a sink.
             last_refresh: Some(now),
             outbox: Vec::new(),
+            implied_port: None,
             queries_per_ip: PerKeyWindow::new(
                 queries_per_ip,
                 std::time::Duration::from_secs(1),
                 QUERY_LIMITER_IPS_MAX,
             ),
+            queries_window: (now, 0),
             counters: Arc::default(),
         }
+    }
+
+    /// Whether a query from `ip` may be answered now: within its source's budget
+    /// (`QUERIES_PER_IP_PER_SECOND_MAX`), then within everyone's (`QUERIES_PER_SECOND_MAX`,
+    /// a fixed one-second window). A refusal is counted under the budget that refused.
+    fn admit_query(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if !self.queries_per_ip.try_hit_at(&ip, now) {
+            bump(&self.counters.queries_rate_limited);
+            return false;
+        }
+        let (start, count) = &mut self.queries_window;
+        if now.saturating_duration_since(*start) >= std::time::Duration::from_secs(1) {
+            *start = now;
+            *count = 0;
+        }
+        if *count >= self.cfg.queries_per_second_max.max(1) {
+            bump(&self.counters.queries_rate_limited_global);
+            return false;
+        }
+        *count += 1;
+        true
     }
 
     pub fn id(&self) -> NodeId {
@@ -231,6 +265,22 @@ impl Node {
     }
 
     /// Where lookups start when the table is (almost) empty.
+    /// The families we have sockets for, once known (the DHT on the serving port learns them
+    /// when the server has bound its sockets, after the node was made).
+    pub fn set_families(&mut self, families: Want) {
+        self.cfg.families = families;
+    }
+
+    /// Announces of `port` are sent with `implied_port` = 1 from now on: `port` is the one
+    /// our queries leave from (see the field).
+    pub fn set_implied_port(&mut self, port: Option<u16>) {
+        self.implied_port = port;
+    }
+
+    pub fn bootstrap(&self) -> &[SocketAddr] {
+        &self.cfg.bootstrap
+    }
+
     pub fn set_bootstrap(&mut self, bootstrap: Vec<SocketAddr>) {
         self.cfg.bootstrap = bootstrap;
     }
@@ -333,12 +383,7 @@ impl Node {
         }
         let msg = match krpc::decode(datagram) {
             Ok(m) => m,
-            Err(DecodeError::BadQuery { .. })
-                if !self.queries_per_ip.try_hit_at(&from.ip(), now) =>
-            {
-                bump(&self.counters.queries_rate_limited);
-                return;
-            }
+            Err(DecodeError::BadQuery { .. }) if !self.admit_query(from.ip(), now) => return,
             Err(DecodeError::BadQuery { t, reason }) => {
                 bump(&self.counters.queries_received);
                 self.send_error(&from, &t, krpc::ERROR_PROTOCOL, reason);
@@ -371,8 +416,7 @@ impl Node {
         read_only: bool,
         query: Query<'_>,
     ) {
-        if !self.queries_per_ip.try_hit_at(&from.ip(), now) {
-            bump(&self.counters.queries_rate_limited);
+        if !self.admit_query(from.ip(), now) {
             return;
         }
         bump(&self.counters.queries_received);
@@ -749,11 +793,13 @@ impl Node {
             .collect();
         let info_hash = l.target;
         l.phase = Phase::Announcing { pending: 0, ok: 0 };
+        let implied_port = self.implied_port == Some(port);
         let mut sent = 0;
         for (addr, token) in targets {
             let q = OutQuery::AnnouncePeer {
                 info_hash: &info_hash,
                 port,
+                implied_port,
                 token: &token,
             };
             if self.send_query(now, addr, &q, Purpose::Announce(lid)) {
@@ -909,6 +955,7 @@ mod tests {
                 families: Want { v4: true, v6: true },
                 bootstrap: Vec::new(),
                 queries_per_ip_per_second_max: QUERIES_PER_IP_PER_SECOND_MAX,
+                queries_per_second_max: QUERIES_PER_SECOND_MAX,
             },
             holdings,
             Instant::now(),
@@ -1003,6 +1050,7 @@ mod tests {
             &OutQuery::AnnouncePeer {
                 info_hash: &ih,
                 port: 1234,
+                implied_port: false,
                 token: b"forged",
             },
         );
@@ -1022,6 +1070,7 @@ mod tests {
             &OutQuery::AnnouncePeer {
                 info_hash: &ih,
                 port: 1234,
+                implied_port: false,
                 token: &token,
             },
         );
@@ -1054,9 +1103,18 @@ mod tests {
     /// Two nodes wired to each other: a lookup, an announce and the peer found again.
     #[test]
     fn lookup_and_announce_between_two_nodes() {
+        // With a DHT port of its own, the announced port is said outright.
+        announce_between_two_nodes(None, "10.0.0.1:6881");
+        // On the serving port (6881 = the port our queries leave from, as seen through a
+        // NAT as port 1): implied_port, and b stores the port it saw.
+        announce_between_two_nodes(Some(6881), "10.0.0.1:1");
+    }
+
+    fn announce_between_two_nodes(implied_port: Option<u16>, stored: &str) {
         let (a_addr, b_addr) = (addr("10.0.0.1:1"), addr("10.0.0.2:2"));
         let mut a = node(Arc::new(NoHoldings));
         let mut b = node(Arc::new(NoHoldings));
+        a.set_implied_port(implied_port);
         a.cfg.bootstrap = vec![b_addr];
         let now = Instant::now();
         let done = Arc::new(Mutex::new(None));
@@ -1093,10 +1151,7 @@ mod tests {
         assert_eq!(*done.lock().unwrap(), Some(1));
         assert_eq!(a.table_len(), (1, 0));
         assert_eq!(b.table_len(), (1, 0), "b pinged a back and took it");
-        assert_eq!(
-            b.values_for(&ih, &addr("10.9.9.9:1"), None),
-            [addr("10.0.0.1:6881")]
-        );
+        assert_eq!(b.values_for(&ih, &addr("10.9.9.9:1"), None), [addr(stored)]);
     }
 
     /// A querier is pinged before it enters the table, unless it is read-only (BEP 43); an
@@ -1155,6 +1210,26 @@ mod tests {
             q,
         );
         assert_eq!(n.take_outbox().len(), 2);
+    }
+
+    /// Many sources, each within its own budget: past `queries_per_second_max` in all, the
+    /// rest of the second is dropped (and counted apart); the next second is answered.
+    #[test]
+    fn queries_beyond_the_global_budget_are_dropped() {
+        let mut n = node(Arc::new(NoHoldings));
+        n.cfg.queries_per_second_max = 50;
+        let now = Instant::now();
+        let q = b"d1:ad2:id20:abcdefghij0123456789e1:q4:ping2:roi1e1:t1:a1:y1:qe";
+        for i in 0..80u8 {
+            n.on_datagram(now, addr(&format!("10.0.{i}.1:1")), None, q);
+        }
+        assert_eq!(n.take_outbox().len(), 50);
+        let c = &n.counters;
+        assert_eq!(c.queries_rate_limited_global.load(Ordering::Relaxed), 30);
+        assert_eq!(c.queries_rate_limited.load(Ordering::Relaxed), 0);
+        let later = now + std::time::Duration::from_secs(1);
+        n.on_datagram(later, addr("10.0.200.1:1"), None, q);
+        assert_eq!(n.take_outbox().len(), 1);
     }
 
     #[test]

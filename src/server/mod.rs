@@ -170,6 +170,12 @@ pub fn start(
         .context("binding listeners")?
     };
     let local_addrs = sockets.local_addrs.clone();
+    // --dht-socket serving: the DHT node sends through the serving UDP sockets (one
+    // worker's per address), before any worker's uTP endpoint asks it for an inlet.
+    if let (Some(dht), Some(udp)) = (upstream.dht(), sockets.udp_per_worker.first()) {
+        dht.attach_serving(udp)
+            .context("handing the serving UDP sockets to the DHT node")?;
+    }
     // The HTTP sockets systemd passed (`magnetar-http.socket`, FileDescriptorName=http),
     // else our own SO_REUSEPORT ones for `--http`; no UDP beside them either way.
     let http_sockets = if inherited.http.is_empty() {

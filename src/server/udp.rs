@@ -499,6 +499,8 @@ pub struct Endpoint {
     isn_key: RandomState,
     /// SYNs answered so far: each ISN hashes a fresh count, so none repeats a pattern.
     isn_count: Cell<u64>,
+    /// Where this socket's KRPC datagrams go (`--dht-socket serving`), see `to_dht`.
+    dht: Option<crate::upstream::dht::DhtInlet>,
 }
 
 impl Endpoint {
@@ -510,6 +512,10 @@ impl Endpoint {
         open: Rc<Cell<usize>>,
     ) -> io::Result<Rc<Endpoint>> {
         let fd = socket.as_raw_fd();
+        let dht = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| ctx.upstream.dht()?.inlet_for(a));
         let socket = monoio::net::udp::UdpSocket::from_std(socket)?;
         let gso = settings.gso;
         Ok(Rc::new(Endpoint {
@@ -528,6 +534,7 @@ impl Endpoint {
             ring_touched: RefCell::new(Vec::new()),
             isn_key: RandomState::new(),
             isn_count: Cell::new(0),
+            dht,
         }))
     }
 
@@ -675,7 +682,10 @@ impl Endpoint {
         let pkt = match utp::decode(bytes) {
             Ok(p) => p,
             Err(_) => {
-                // Not uTP (a DHT query sent to the wrong port, noise): ignore silently.
+                if self.to_dht(bytes, from) {
+                    return;
+                }
+                // Not uTP (noise, a DHT query with the DHT elsewhere): ignore silently.
                 stats.utp_datagrams_invalid.inc();
                 return;
             }
@@ -716,6 +726,19 @@ impl Endpoint {
                 utp::reset_for(&pkt.header, &mut reset);
                 self.send_bytes(&socket2::SockAddr::from(from), &reset);
             }
+        }
+    }
+
+    /// The DHT on the serving port, demultiplexed as libtorrent's `on_udp_packet` does:
+    /// only a datagram uTP refused, and only one that looks like KRPC, goes to the DHT
+    /// node's thread (a copy into its inbox; never waits). True when handed over.
+    fn to_dht(&self, bytes: &[u8], from: SocketAddr) -> bool {
+        match &self.dht {
+            Some(inlet) if crate::upstream::dht::looks_like_krpc(bytes) => {
+                inlet.deliver(from, bytes);
+                true
+            }
+            _ => false,
         }
     }
 

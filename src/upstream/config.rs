@@ -5,6 +5,16 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Where the DHT node's datagrams go in and out (`--dht-socket`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DhtSocket {
+    /// The serving UDP port, demultiplexed from uTP.
+    Serving,
+    /// A socket of its own on `--dht-port`.
+    Own,
+}
+
 /// How misses are filled and how much upstream work they may cause.
 #[derive(clap::Args, Deserialize, Clone, Debug, PartialEq)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -21,7 +31,14 @@ pub struct UpstreamConfig {
     #[arg(long = "dht-bootstrap", value_name = "HOST:PORT")]
     pub dht_bootstrap: Vec<String>,
 
-    /// UDP port of our DHT node (0: any free port).
+    /// Where our DHT node receives and sends: `serving` (the serving port, beside uTP, as
+    /// libtorrent does: one firewall rule, one port mapping, and `implied_port` announces
+    /// work behind a NAT) or `own` (a UDP port of its own, `--dht-port`). `serving` needs
+    /// uTP on (without it the node falls back to `own`).
+    #[arg(long, value_enum, default_value_t = DhtSocket::Serving)]
+    pub dht_socket: DhtSocket,
+
+    /// UDP port of our DHT node with `--dht-socket own` (0: any free port).
     #[arg(long, default_value_t = 0, value_name = "PORT")]
     pub dht_port: u16,
 
@@ -59,6 +76,11 @@ pub struct UpstreamConfig {
     /// answer can be ~14x its query, so a spoofed source must not draw them without bound).
     #[arg(long, default_value_t = crate::dht::QUERIES_PER_IP_PER_SECOND_MAX)]
     pub dht_incoming_queries_per_ip_per_second_max: u32,
+
+    /// DHT queries answered per second over all sources; more are dropped (bounds what a
+    /// spoofer cycling through many source addresses can make the node reflect).
+    #[arg(long, default_value_t = crate::dht::QUERIES_PER_SECOND_MAX)]
+    pub dht_incoming_queries_per_second_max: u32,
 
     /// Misses (new upstream fetches) one client IP may cause per minute.
     #[arg(long, default_value_t = 30)]
@@ -102,6 +124,7 @@ impl Default for UpstreamConfig {
             trackers: Vec::new(),
             no_dht: false,
             dht_bootstrap: Vec::new(),
+            dht_socket: DhtSocket::Serving,
             dht_port: 0,
             parents: Vec::new(),
             handshake_hold_ms: 1500,
@@ -111,6 +134,7 @@ impl Default for UpstreamConfig {
             peers_per_fetch_max: 8,
             dht_queries_per_second_max: 20,
             dht_incoming_queries_per_ip_per_second_max: crate::dht::QUERIES_PER_IP_PER_SECOND_MAX,
+            dht_incoming_queries_per_second_max: crate::dht::QUERIES_PER_SECOND_MAX,
             misses_per_ip_per_minute_max: 30,
             misses_per_second_max: 100,
             metadata_bytes_max: crate::limits::METADATA_BYTES_MAX,

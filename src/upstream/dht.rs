@@ -14,6 +14,14 @@
 //! `get_peers` for a hash we hold is answered with our serving port at that address, the
 //! one the asker can reach us at.
 //!
+//! On the serving port (`--dht-socket serving`, the default with uTP on) the node has no
+//! socket of its own: the serving cores hand it the datagrams that are not uTP and look
+//! like KRPC ([`DhtInlet`], as libtorrent's `session_impl::on_udp_packet` demultiplexes),
+//! through a bounded channel one thread reads; it answers and queries through duplicates
+//! of the serving sockets' descriptors (the same sockets, not more members of their
+//! SO_REUSEPORT group, which would be handed a share of the uTP datagrams), so everything
+//! leaves from the serving port. Nothing DHT runs on a serving core but the hand-over.
+//!
 //! BEP 27: the caller never looks up or announces a private torrent here, and the node
 //! never lists one ([`StoreHoldings::serving_port`]).
 
@@ -22,7 +30,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::dht::krpc::Want;
@@ -41,6 +49,16 @@ pub const DHT_LOOKUPS_RUNNING_MAX: usize = 256;
 /// Distinct peers passed on from one lookup. Each responding node returns up to ~50 peers;
 /// a fetch needs a handful that answer.
 pub const DHT_PEERS_PER_LOOKUP_MAX: usize = 500;
+
+/// KRPC datagrams the serving cores may have queued for the node's thread: a core never
+/// waits for the DHT, so past this many (the thread is behind by ~a second of a busy
+/// node's traffic) a datagram is dropped and counted, as a full socket buffer would.
+pub const DHT_INBOX_DATAGRAMS_MAX: usize = 1024;
+
+/// Peer addresses whose route (the local address our answer leaves from) is remembered,
+/// on the serving port's wildcard sockets: a query's destination address is not reported
+/// there, and this is the address the asker reaches us at. Cleared when full.
+const ROUTE_CACHE_ENTRIES_MAX: usize = 4096;
 
 /// The receiving threads wake this often without traffic to run the node's timers (query
 /// timeouts are 2 s; a tenth of a second of lateness is noise against them).
@@ -75,13 +93,75 @@ pub struct DhtCounters {
     pub peers_found: AtomicU64,
     pub announces_started: AtomicU64,
     pub announces_rate_limited: AtomicU64,
+    /// KRPC datagrams from the serving port dropped: the node's inbox was full.
+    pub inbox_dropped: AtomicU64,
+}
+
+/// A datagram a serving core handed over: from `from`, on serving socket `via`.
+struct Inbound {
+    via: usize,
+    from: SocketAddr,
+    bytes: Vec<u8>,
+}
+
+/// One listen address's serving UDP socket, as the node sends through it: a duplicate of
+/// one worker's descriptor (the same socket; non-blocking, so a full buffer is a loss).
+struct ServingSocket {
+    local: SocketAddr,
+    socket: UdpSocket,
+}
+
+/// Where the node's datagrams come in and go out.
+enum Sockets {
+    /// `--dht-socket own`: one socket per family, read by a thread each.
+    Own {
+        v4: Option<UdpSocket>,
+        v6: Option<UdpSocket>,
+    },
+    /// `--dht-socket serving`: the serving sockets, once the server has bound them
+    /// ([`DhtNode::attach_serving`]); datagrams in through the inbox.
+    Serving {
+        sockets: OnceLock<Vec<ServingSocket>>,
+        inbox: flume::Sender<Inbound>,
+    },
+}
+
+/// Where a serving core sends the KRPC datagrams of one serving socket
+/// ([`DhtNode::inlet_for`]).
+#[derive(Clone)]
+pub struct DhtInlet {
+    tx: flume::Sender<Inbound>,
+    via: usize,
+    counters: Arc<DhtCounters>,
+}
+
+/// libtorrent's test for a datagram that is not uTP (`session_impl::on_udp_packet`): a
+/// bencoded dictionary starts with `d` and ends with `e`, and no KRPC message is 20
+/// bytes or shorter. Asked only of datagrams uTP refused: a `d` first byte is uTP type 6,
+/// which does not exist.
+pub fn looks_like_krpc(datagram: &[u8]) -> bool {
+    datagram.len() > 20 && datagram.first() == Some(&b'd') && datagram.last() == Some(&b'e')
+}
+
+impl DhtInlet {
+    /// Hands `datagram` from `from` to the node's thread; never waits (a full inbox drops
+    /// it, counted in `magnetar_dht_inbox_dropped_total`).
+    pub fn deliver(&self, from: SocketAddr, datagram: &[u8]) {
+        let inbound = Inbound {
+            via: self.via,
+            from,
+            bytes: datagram.to_vec(),
+        };
+        if self.tx.try_send(inbound).is_err() {
+            self.counters.inbox_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What the threads share.
 struct Shared {
     node: Mutex<Node>,
-    v4: Option<UdpSocket>,
-    v6: Option<UdpSocket>,
+    sockets: Sockets,
     stop: AtomicBool,
     /// Set when the first bootstrap lookup has ended.
     booted: Mutex<bool>,
@@ -93,11 +173,25 @@ impl Shared {
         self.node.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends what the node produced. A failed send is like a lost datagram: the query
-    /// times out, an answer is asked again.
-    fn flush(&self, node: &mut Node) {
+    /// Sends what the node produced; on the serving port through serving socket `via`
+    /// (the one the datagram being handled came in on, so the answer leaves from the port
+    /// the asker sent to) when it is of `to`'s family, else [`pick_serving`]'s. A failed
+    /// send is like a lost datagram: the query times out, an answer is asked again.
+    fn flush(&self, node: &mut Node, via: Option<usize>) {
         for (to, datagram) in node.take_outbox() {
-            let socket = if to.is_ipv4() { &self.v4 } else { &self.v6 };
+            let socket = match &self.sockets {
+                Sockets::Own { v4, v6 } => {
+                    if to.is_ipv4() {
+                        v4.as_ref()
+                    } else {
+                        v6.as_ref()
+                    }
+                }
+                Sockets::Serving { sockets, .. } => sockets
+                    .get()
+                    .and_then(|list| pick_serving(list, via, &to))
+                    .map(|s| &s.socket),
+            };
             if let Some(s) = socket {
                 if let Err(e) = s.send_to(&datagram, to) {
                     tracing::trace!(%to, "dht send failed: {e}");
@@ -107,10 +201,66 @@ impl Shared {
     }
 }
 
+/// The serving socket a datagram to `to` leaves through: `via` when of `to`'s family; else
+/// the first of the family bound to every address, or to a loopback address exactly when
+/// `to` is one (a socket on 127.0.0.1 cannot reach other hosts), or any of the family.
+fn pick_serving<'a>(
+    list: &'a [ServingSocket],
+    via: Option<usize>,
+    to: &SocketAddr,
+) -> Option<&'a ServingSocket> {
+    let family = |s: &&ServingSocket| s.local.is_ipv4() == to.is_ipv4();
+    if let Some(s) = via.and_then(|i| list.get(i)).filter(|s| family(s)) {
+        return Some(s);
+    }
+    let fits = |s: &&ServingSocket| {
+        s.local.ip().is_unspecified() || s.local.ip().is_loopback() == to.ip().is_loopback()
+    };
+    list.iter()
+        .filter(family)
+        .find(fits)
+        .or_else(|| list.iter().find(family))
+}
+
+/// The local address our datagrams to a peer leave from (the kernel's route to it), for
+/// the serving port's wildcard sockets, which do not report a datagram's destination.
+/// A connected UDP socket per family asks the kernel (no datagram is sent).
+#[derive(Default)]
+struct Routes {
+    cache: std::collections::HashMap<IpAddr, IpAddr>,
+    probes: [Option<UdpSocket>; 2],
+}
+
+impl Routes {
+    fn source_for(&mut self, peer: IpAddr) -> Option<IpAddr> {
+        if let Some(&ip) = self.cache.get(&peer) {
+            return Some(ip);
+        }
+        let slot = usize::from(peer.is_ipv6());
+        if self.probes[slot].is_none() {
+            let any = if peer.is_ipv6() {
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+            } else {
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+            };
+            self.probes[slot] = UdpSocket::bind(any).ok();
+        }
+        let probe = self.probes[slot].as_ref()?;
+        probe.connect(SocketAddr::new(peer, 9)).ok()?;
+        let ip = probe.local_addr().ok()?.ip();
+        if self.cache.len() >= ROUTE_CACHE_ENTRIES_MAX {
+            self.cache.clear();
+        }
+        self.cache.insert(peer, ip);
+        Some(ip)
+    }
+}
+
 pub struct DhtNode {
     shared: Arc<Shared>,
-    local_v4: Option<SocketAddr>,
-    local_v6: Option<SocketAddr>,
+    /// Our node's UDP addresses (IPv4, IPv6): its own sockets', or on the serving port the
+    /// first serving socket of each family, once attached.
+    local: OnceLock<(Option<SocketAddr>, Option<SocketAddr>)>,
     lookups: TokenBucket,
     announces: TokenBucket,
     lookups_running: Arc<AtomicUsize>,
@@ -224,7 +374,10 @@ fn recv_with_dst(s: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr
 }
 
 fn receive_loop(shared: Arc<Shared>, v6: bool) {
-    let socket = if v6 { &shared.v6 } else { &shared.v4 };
+    let Sockets::Own { v4: s4, v6: s6 } = &shared.sockets else {
+        return;
+    };
+    let socket = if v6 { s6 } else { s4 };
     let Some(socket) = socket else { return };
     let mut buf = vec![0u8; DATAGRAM_BYTES_MAX + 1];
     let mut last_tick = Instant::now();
@@ -255,7 +408,40 @@ fn receive_loop(shared: Arc<Shared>, v6: bool) {
             last_tick = now;
             node.tick(now);
         }
-        shared.flush(&mut node);
+        shared.flush(&mut node, None);
+    }
+}
+
+/// The node's thread on the serving port: what the cores handed over, and the timers.
+fn inbox_loop(shared: Arc<Shared>, inbox: flume::Receiver<Inbound>) {
+    let mut routes = Routes::default();
+    let mut last_tick = Instant::now();
+    while !shared.stop.load(Ordering::Relaxed) {
+        let got = inbox.recv_timeout(TICK).ok();
+        let now = Instant::now();
+        // The address the datagram reached: its socket's, or for a wildcard socket the
+        // one our answer leaves from (looked up before the lock).
+        let local = got.as_ref().and_then(|g| {
+            let Sockets::Serving { sockets, .. } = &shared.sockets else {
+                return None;
+            };
+            let ip = sockets.get()?.get(g.via)?.local.ip();
+            if ip.is_unspecified() {
+                routes.source_for(g.from.ip())
+            } else {
+                Some(ip)
+            }
+        });
+        let mut node = shared.lock();
+        if let Some(g) = &got {
+            node.on_datagram(now, g.from, local, &g.bytes);
+            shared.flush(&mut node, Some(g.via));
+        }
+        if now.duration_since(last_tick) >= TICK {
+            last_tick = now;
+            node.tick(now);
+        }
+        shared.flush(&mut node, None);
     }
 }
 
@@ -312,53 +498,96 @@ pub fn start(cfg: &UpstreamConfig) -> io::Result<DhtNode> {
         v4: v4.is_some(),
         v6: v6.is_some(),
     };
-    let configured = !cfg.dht_bootstrap.is_empty();
-    let bootstrap = if configured {
-        let addrs = resolve(&cfg.dht_bootstrap, families);
-        if addrs.is_empty() {
-            // An operator's list where none resolves is a configuration error worth
-            // failing start-up for.
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "no dht bootstrap node resolves to an address of a family we have \
-                     (IPv4 {}, IPv6 {}): {:?}",
-                    families.v4, families.v6, cfg.dht_bootstrap
-                ),
-            ));
-        }
-        addrs
-    } else {
-        Vec::new()
-    };
-    let now = Instant::now();
-    let node = Node::new(
-        NodeConfig {
-            families,
-            bootstrap,
-            queries_per_ip_per_second_max: cfg.dht_incoming_queries_per_ip_per_second_max,
-        },
-        Arc::new(NoHoldings),
-        now,
-    );
-    let node_counters = node.counters.clone();
+    let bootstrap = configured_bootstrap(cfg, families)?;
     let local_v4 = v4.as_ref().and_then(|s| s.local_addr().ok());
     let local_v6 = v6.as_ref().and_then(|s| s.local_addr().ok());
-    let shared = Arc::new(Shared {
-        node: Mutex::new(node),
-        v4,
-        v6,
-        stop: AtomicBool::new(false),
-        booted: Mutex::new(false),
-        booted_cv: Condvar::new(),
-    });
+    let node = new_node(cfg, families, bootstrap.clone().unwrap_or_default());
+    let shared = shared_of(node, Sockets::Own { v4, v6 });
     for v6 in [false, true] {
         let sh = shared.clone();
         std::thread::Builder::new()
             .name(if v6 { "dht-recv6" } else { "dht-recv4" }.into())
             .spawn(move || receive_loop(sh, v6))?;
     }
-    // The bootstrap: resolving the public routers may wait on DNS, so not on the caller.
+    spawn_bootstrap(&shared, bootstrap.is_some(), families)?;
+    tracing::info!(v4 = ?local_v4, v6 = ?local_v6, "dht node started");
+    Ok(dht_node(cfg, shared, local_v4, local_v6))
+}
+
+/// Starts our DHT node on the serving port (`--dht-socket serving`): no socket of its
+/// own; it talks once the server hands it its sockets ([`DhtNode::attach_serving`]), and
+/// the serving cores hand it the KRPC datagrams they receive ([`DhtNode::inlet_for`]).
+/// Fails like [`start`] on a bootstrap list where nothing resolves.
+pub fn start_serving(cfg: &UpstreamConfig) -> io::Result<DhtNode> {
+    // The families are the serving sockets', known at attach time; until then both.
+    let both = Want { v4: true, v6: true };
+    let bootstrap = configured_bootstrap(cfg, both)?;
+    let node = new_node(cfg, both, bootstrap.unwrap_or_default());
+    let (tx, rx) = flume::bounded(DHT_INBOX_DATAGRAMS_MAX);
+    let shared = shared_of(
+        node,
+        Sockets::Serving {
+            sockets: OnceLock::new(),
+            inbox: tx,
+        },
+    );
+    let sh = shared.clone();
+    std::thread::Builder::new()
+        .name("dht-inbox".into())
+        .spawn(move || inbox_loop(sh, rx))?;
+    Ok(dht_node(cfg, shared, None, None))
+}
+
+/// The resolved `--dht-bootstrap` list (None when not given: the public routers, resolved
+/// later); a list where none resolves to a family we have fails start-up, as an
+/// operator's configuration error.
+fn configured_bootstrap(
+    cfg: &UpstreamConfig,
+    families: Want,
+) -> io::Result<Option<Vec<SocketAddr>>> {
+    if cfg.dht_bootstrap.is_empty() {
+        return Ok(None);
+    }
+    let addrs = resolve(&cfg.dht_bootstrap, families);
+    if addrs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "no dht bootstrap node resolves to an address of a family we have \
+                 (IPv4 {}, IPv6 {}): {:?}",
+                families.v4, families.v6, cfg.dht_bootstrap
+            ),
+        ));
+    }
+    Ok(Some(addrs))
+}
+
+fn new_node(cfg: &UpstreamConfig, families: Want, bootstrap: Vec<SocketAddr>) -> Node {
+    Node::new(
+        NodeConfig {
+            families,
+            bootstrap,
+            queries_per_ip_per_second_max: cfg.dht_incoming_queries_per_ip_per_second_max,
+            queries_per_second_max: cfg.dht_incoming_queries_per_second_max,
+        },
+        Arc::new(NoHoldings),
+        Instant::now(),
+    )
+}
+
+fn shared_of(node: Node, sockets: Sockets) -> Arc<Shared> {
+    Arc::new(Shared {
+        node: Mutex::new(node),
+        sockets,
+        stop: AtomicBool::new(false),
+        booted: Mutex::new(false),
+        booted_cv: Condvar::new(),
+    })
+}
+
+/// The bootstrap lookup, on a thread of its own: resolving the public routers (when no
+/// `--dht-bootstrap` was `configured`) may wait on DNS, so not on the caller.
+fn spawn_bootstrap(shared: &Arc<Shared>, configured: bool, families: Want) -> io::Result<()> {
     let sh = shared.clone();
     std::thread::Builder::new()
         .name("dht-bootstrap".into())
@@ -379,13 +608,21 @@ pub fn start(cfg: &UpstreamConfig) -> io::Result<DhtNode> {
                     true
                 }),
             );
-            sh.flush(&mut node);
+            sh.flush(&mut node, None);
         })?;
-    tracing::info!(v4 = ?local_v4, v6 = ?local_v6, "dht node started");
-    Ok(DhtNode {
+    Ok(())
+}
+
+fn dht_node(
+    cfg: &UpstreamConfig,
+    shared: Arc<Shared>,
+    local_v4: Option<SocketAddr>,
+    local_v6: Option<SocketAddr>,
+) -> DhtNode {
+    let node_counters = shared.lock().counters.clone();
+    DhtNode {
         shared,
-        local_v4,
-        local_v6,
+        local: OnceLock::new(),
         lookups: TokenBucket::new(
             cfg.dht_queries_per_second_max,
             cfg.dht_queries_per_second_max,
@@ -397,7 +634,8 @@ pub fn start(cfg: &UpstreamConfig) -> io::Result<DhtNode> {
         lookups_running: Arc::new(AtomicUsize::new(0)),
         counters: Arc::new(DhtCounters::default()),
         node_counters,
-    })
+    }
+    .with_local(local_v4, local_v6)
 }
 
 /// Decrements the running-lookups count when a lookup ends, however it ends (its sink is
@@ -411,6 +649,90 @@ impl Drop for RunningLookup {
 }
 
 impl DhtNode {
+    fn with_local(self, v4: Option<SocketAddr>, v6: Option<SocketAddr>) -> DhtNode {
+        if v4.is_some() || v6.is_some() {
+            let _ = self.local.set((v4, v6));
+        }
+        self
+    }
+
+    /// On the serving port: the server's UDP sockets, one per listen address (one worker's;
+    /// every worker's socket of an address has the same port). The node sends through
+    /// duplicates of them from now on and bootstraps. Once; a node with sockets of its
+    /// own ignores it. Without any socket the node stays silent (said in the log).
+    pub fn attach_serving(&self, sockets: &[UdpSocket]) -> io::Result<()> {
+        let Sockets::Serving { sockets: slot, .. } = &self.shared.sockets else {
+            return Ok(());
+        };
+        let mut list = Vec::with_capacity(sockets.len());
+        for s in sockets {
+            list.push(ServingSocket {
+                local: s.local_addr()?,
+                socket: s.try_clone()?,
+            });
+        }
+        if list.is_empty() {
+            tracing::warn!("dht: no serving UDP socket (uTP off?): the node stays silent");
+        }
+        let first = |v4: bool| list.iter().map(|s| s.local).find(|a| a.is_ipv4() == v4);
+        let (v4, v6) = (first(true), first(false));
+        let families = Want {
+            v4: v4.is_some(),
+            v6: v6.is_some(),
+        };
+        if slot.set(list).is_err() {
+            return Ok(()); // attached before
+        }
+        let _ = self.local.set((v4, v6));
+        let configured = {
+            let mut node = self.shared.lock();
+            node.set_families(families);
+            // Our queries leave from the serving port, which is the port we announce
+            // unless --public-addr says otherwise (then the announce names its port).
+            // Only when every serving socket has that port: an announce may leave from
+            // any of them.
+            let port = v4.or(v6).map(|a| a.port());
+            let one_port = slot
+                .get()
+                .into_iter()
+                .flatten()
+                .all(|s| Some(s.local.port()) == port);
+            node.set_implied_port(port.filter(|_| one_port));
+            let bootstrap: Vec<SocketAddr> = node
+                .bootstrap()
+                .iter()
+                .copied()
+                .filter(|a| {
+                    if a.is_ipv4() {
+                        families.v4
+                    } else {
+                        families.v6
+                    }
+                })
+                .collect();
+            let configured = !bootstrap.is_empty();
+            node.set_bootstrap(bootstrap);
+            configured
+        };
+        spawn_bootstrap(&self.shared, configured, families)?;
+        tracing::info!(v4 = ?v4, v6 = ?v6, "dht node started on the serving port");
+        Ok(())
+    }
+
+    /// Where a serving core hands the KRPC datagrams its socket on `local` receives; None
+    /// when the node has sockets of its own, or none on that address.
+    pub fn inlet_for(&self, local: SocketAddr) -> Option<DhtInlet> {
+        let Sockets::Serving { sockets, inbox } = &self.shared.sockets else {
+            return None;
+        };
+        let via = sockets.get()?.iter().position(|s| s.local == local)?;
+        Some(DhtInlet {
+            tx: inbox.clone(),
+            via,
+            counters: self.counters.clone(),
+        })
+    }
+
     /// Starts a `get_peers` lookup of `info_hash` and returns at once. Peers are sent to
     /// `tx` as nodes answer (usable, deduplicated, at most `DHT_PEERS_PER_LOOKUP_MAX`),
     /// tagged `PeerSource::Dht`, until the lookup ends, `deadline` passes or `tx`'s receiver
@@ -467,7 +789,7 @@ impl DhtNode {
         let now = Instant::now();
         let mut node = self.shared.lock();
         node.start_lookup(info_hash, true, None, deadline, sink, now);
-        self.shared.flush(&mut node);
+        self.shared.flush(&mut node, None);
         Ok(())
     }
 
@@ -510,7 +832,7 @@ impl DhtNode {
             sink,
             now,
         );
-        self.shared.flush(&mut node);
+        self.shared.flush(&mut node, None);
         drop(node);
         Ok(async move {
             match rx.await {
@@ -526,16 +848,18 @@ impl DhtNode {
         self.lookups_running.load(Ordering::Relaxed)
     }
 
-    /// The UDP address our node listens on: the IPv4 socket's, else the IPv6 one's.
+    /// The UDP address our node listens on: the IPv4 socket's, else the IPv6 one's
+    /// (0.0.0.0:0 on the serving port before the server attached its sockets).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_v4
-            .or(self.local_v6)
-            .expect("start() refuses a node without a socket")
+        self.local
+            .get()
+            .and_then(|(v4, v6)| v4.or(*v6))
+            .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
     }
 
     /// The IPv6 socket's address, when the host has IPv6.
     pub fn local_addr_v6(&self) -> Option<SocketAddr> {
-        self.local_v6
+        self.local.get().and_then(|l| l.1)
     }
 
     /// Our node id (BEP 42 once the external address is known).
@@ -722,6 +1046,11 @@ pub fn write_node_metrics(dht: &DhtNode, out: &mut String) {
             "KRPC queries dropped: their source address spent its budget per second.",
             &c.queries_rate_limited,
         ),
+        (
+            "queries_rate_limited_global",
+            "KRPC queries dropped: all sources together spent the node's budget per second.",
+            &c.queries_rate_limited_global,
+        ),
         ("queries_sent", "KRPC queries we sent.", &c.queries_sent),
         (
             "queries_timed_out",
@@ -736,6 +1065,12 @@ pub fn write_node_metrics(dht: &DhtNode, out: &mut String) {
             get(v),
         );
     }
+    write_counter(
+        out,
+        "magnetar_dht_inbox_dropped_total",
+        "KRPC datagrams from the serving port dropped: the DHT node's inbox was full.",
+        get(&dht.counters.inbox_dropped),
+    );
     let (n4, n6) = dht.table_len();
     write_gauge(
         out,

@@ -137,12 +137,33 @@ impl Upstream {
 
     /// Starts the DHT node (unless disabled) and the announcer of stored info-hashes to the
     /// DHT (unless `no_dht_announce`) and to the `--announce-tracker`s (see
-    /// `upstream::announce`). Called once by the server.
-    pub fn start_dht(self: &Arc<Self>) -> std::io::Result<()> {
+    /// `upstream::announce`). Called once by the server. `serving_udp`: the server serves
+    /// uTP, so the node can be on the serving port (`--dht-socket serving`).
+    pub fn start_dht(self: &Arc<Self>, serving_udp: bool) -> std::io::Result<()> {
+        use crate::upstream::config::DhtSocket;
+        if self.cfg.dht_socket == DhtSocket::Serving && self.cfg.dht_port != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "--dht-port is the port of --dht-socket own; the DHT is on the serving port \
+                 by default (--dht-socket serving): drop --dht-port or add --dht-socket own",
+            ));
+        }
         let node = if self.cfg.no_dht {
             None
         } else {
-            let node = crate::upstream::dht::start(&self.cfg)?;
+            let node = match self.cfg.dht_socket {
+                DhtSocket::Serving if serving_udp => {
+                    crate::upstream::dht::start_serving(&self.cfg)?
+                }
+                DhtSocket::Serving => {
+                    tracing::warn!(
+                        "dht: --dht-socket serving needs uTP on (no UDP on the serving port); \
+                         the node gets a port of its own (--dht-port)"
+                    );
+                    crate::upstream::dht::start(&self.cfg)?
+                }
+                DhtSocket::Own => crate::upstream::dht::start(&self.cfg)?,
+            };
             node.set_holdings(crate::upstream::dht::StoreHoldings::start(Arc::downgrade(
                 self,
             ))?);

@@ -119,8 +119,12 @@ def probe(node, info_hash, listen_ip, timeout):
     return 0
 
 
-def fetch(node, magnet, out, listen_ip, timeout):
+def fetch(node, magnet, out, listen_ip, timeout, utp_only=False):
     ses = session(listen_ip)
+    if utp_only:
+        # Peers over uTP only (libtorrent's default tries both): the fetch then shares
+        # the serving UDP port with the DHT queries.
+        ses.apply_settings({"enable_outgoing_tcp": False, "enable_incoming_tcp": False})
     ep = endpoint(node)
     give_up = time.monotonic() + timeout
     ses.add_dht_node(ep)
@@ -166,9 +170,11 @@ def main():
     f.add_argument("out")
     f.add_argument("--listen", default="127.0.0.1")
     f.add_argument("--timeout", type=float, default=60.0)
+    f.add_argument("--utp-only", action="store_true")
     args = ap.parse_args()
     if args.cmd == "fetch":
-        return fetch(args.node, args.magnet, args.out, args.listen, args.timeout)
+        return fetch(args.node, args.magnet, args.out, args.listen, args.timeout,
+                     args.utp_only)
     if args.cmd == "probe":
         return probe(args.node, args.info_hash, args.listen, args.timeout)
     return 2
