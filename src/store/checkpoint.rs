@@ -33,7 +33,9 @@ use super::index::INDEX_SHARDS;
 
 pub(crate) const CHECKPOINT_FILE: &str = "index.ckpt";
 const MAGIC: [u8; 4] = *b"MGIX";
-const VERSION: u32 = 1;
+/// 2: the index hashes keys with SipHash-1-3 (1: SipHash-2-4), so version-1 tags are
+/// not where version 2 looks; a version-1 checkpoint is refused (one full scan).
+const VERSION: u32 = 2;
 
 /// A segment modified this close before the checkpoint was written is scanned anyway: Linux
 /// file times advance by the coarse clock (a jiffy, 1–10 ms), so a write just after the

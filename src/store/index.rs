@@ -24,7 +24,7 @@
 //! (`HashMap<[u8; 20], RecordRef>` and `HashMap<[u8; 20], [u8; 20]>`). Deletion shifts the
 //! following entries back (no tombstones), so a table never fills with dead slots.
 //!
-//! The hash is SipHash-2-4 under 128 random bits per store (persisted with the index
+//! The hash is SipHash-1-3 under 128 random bits per store (persisted with the index
 //! checkpoint, `recovery::Checkpoint`): the keys are hashes of content an outsider chooses,
 //! and unkeyed bits would let them fill one stretch of a table with crafted dicts.
 //!
@@ -41,8 +41,8 @@
 //! when its last entry goes (eviction, deletes), so the index, like the `RecordRef`s it
 //! replaced, holds a segment mapped exactly while it names records in it.
 
-use std::hash::Hasher;
-use std::sync::atomic::Ordering;
+use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::limits::{INDEX_SEGMENT_BYTES_MAX, INDEX_SEGMENT_SLOTS};
@@ -105,13 +105,52 @@ impl KeyHasher {
     }
 
     fn hash(&self, key: &[u8; 20]) -> u64 {
-        // std's SipHasher is deprecated only in favour of the unkeyable DefaultHasher; it is
-        // the one keyed SipHash in std, and we need the key to persist the tables.
-        #[allow(deprecated)]
-        let mut h = std::hash::SipHasher::new_with_keys(self.seed[0], self.seed[1]);
-        h.write(key);
-        h.finish()
+        siphash_20::<1, 3>(self.seed, key)
     }
+}
+
+/// SipHash-c-d of exactly 20 bytes (a handshake key or a req2 hash), unrolled: std's
+/// `SipHasher` is 2-4 and goes through the generic byte-stream `Hasher::write`; the index
+/// hashes once per lookup, so it uses SipHash-1-3 (what std's `HashMap` uses, and what the
+/// hashbrown maps this index replaced used) on the fixed-size key. The `<2, 4>` instance
+/// is checked against std's `SipHasher` in the tests.
+#[inline]
+fn siphash_20<const C: usize, const D: usize>(seed: [u64; 2], key: &[u8; 20]) -> u64 {
+    let [k0, k1] = seed;
+    let mut v = [
+        k0 ^ 0x736f_6d65_7073_6575,
+        k1 ^ 0x646f_7261_6e64_6f6d,
+        k0 ^ 0x6c79_6765_6e65_7261,
+        k1 ^ 0x7465_6462_7974_6573,
+    ];
+    #[inline(always)]
+    fn round(v: &mut [u64; 4]) {
+        v[0] = v[0].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(13) ^ v[0];
+        v[0] = v[0].rotate_left(32);
+        v[2] = v[2].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(16) ^ v[2];
+        v[0] = v[0].wrapping_add(v[3]);
+        v[3] = v[3].rotate_left(21) ^ v[0];
+        v[2] = v[2].wrapping_add(v[1]);
+        v[1] = v[1].rotate_left(17) ^ v[2];
+        v[2] = v[2].rotate_left(32);
+    }
+    let word = |i: usize| u64::from_le_bytes(key[i..i + 8].try_into().expect("8 bytes"));
+    // The last block: the 4 remaining bytes, and the message length (20) in the top byte.
+    let tail = u64::from(u32::from_le_bytes(key[16..20].try_into().expect("4 bytes"))) | (20 << 56);
+    for m in [word(0), word(8), tail] {
+        v[3] ^= m;
+        for _ in 0..C {
+            round(&mut v);
+        }
+        v[0] ^= m;
+    }
+    v[2] ^= 0xff;
+    for _ in 0..D {
+        round(&mut v);
+    }
+    v[0] ^ v[1] ^ v[2] ^ v[3]
 }
 
 fn stripe_of(h: u64) -> usize {
@@ -252,8 +291,16 @@ impl Table {
 }
 
 /// The segments index entries name, by slot. Slot 0 is never used.
+///
+/// Readers take no lock here and touch no reference count until they return a record: a
+/// slot holds `Arc::into_raw` of its segment (null when free), and a reader only looks up a
+/// slot named by an entry it found in a table it holds locked (a stripe read lock). That
+/// entry is counted in the slot's `refs`, and the slot is freed only when the last entry
+/// naming it is removed, which takes that stripe's write lock and releases the slot before
+/// unlocking. So for as long as the reader holds its stripe lock, the slot keeps its
+/// segment and the pointer stays valid (the rule every `segment_named` call site states).
 struct SegmentSlots {
-    segments: Box<[RwLock<Option<Arc<Segment>>>]>,
+    segments: Box<[AtomicPtr<Segment>]>,
     state: Mutex<SlotState>,
 }
 
@@ -278,7 +325,7 @@ impl SegmentSlots {
     fn new() -> Self {
         SegmentSlots {
             segments: (0..INDEX_SEGMENT_SLOTS)
-                .map(|_| RwLock::new(None))
+                .map(|_| AtomicPtr::new(std::ptr::null_mut()))
                 .collect(),
             state: Mutex::new(SlotState {
                 refs: vec![0; INDEX_SEGMENT_SLOTS],
@@ -290,12 +337,27 @@ impl SegmentSlots {
         }
     }
 
-    fn get(&self, slot: usize) -> Option<Arc<Segment>> {
-        self.segments
-            .get(slot)?
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// The segment in `slot`, borrowed (no reference count touched).
+    ///
+    /// # Safety
+    /// The caller holds locked a table with an entry naming `slot` (or the slot mutex while
+    /// `refs[slot] > 0`) for as long as it uses the result: see the type's doc.
+    unsafe fn segment_named(&self, slot: usize) -> Option<ManuallyDrop<Arc<Segment>>> {
+        let p = self.segments.get(slot)?.load(Ordering::Acquire);
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: `p` came from `Arc::into_raw` in `set` and, per the caller's lock, the
+        // slot still owns that reference; `ManuallyDrop` keeps us from releasing it.
+        Some(ManuallyDrop::new(unsafe { Arc::from_raw(p) }))
+    }
+
+    /// Put `segment` in the free `slot` (slot mutex held).
+    fn set(&self, slot: usize, segment: &Arc<Segment>) {
+        let old =
+            self.segments[slot].swap(Arc::into_raw(segment.clone()).cast_mut(), Ordering::Release);
+        debug_assert!(old.is_null(), "slot {slot} taken twice");
+        segment.index_slot.store(slot as u32, Ordering::Relaxed);
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
@@ -319,28 +381,39 @@ impl SegmentSlots {
                 }
                 None => return Err(SlotsFull),
             };
-            *self.segments[slot]
-                .write()
-                .unwrap_or_else(|p| p.into_inner()) = Some(segment.clone());
-            segment.index_slot.store(slot as u32, Ordering::Relaxed);
+            self.set(slot, segment);
         }
         st.refs[slot] += n;
         Ok(slot)
     }
 
     /// One entry fewer names `slot`; the last one frees it (and drops the index's hold on
-    /// the mapping).
+    /// the mapping). The caller holds the write lock of the table the entry left.
     fn release(&self, st: &mut SlotState, slot: usize) {
         st.refs[slot] -= 1;
         if st.refs[slot] == 0 {
-            let seg = self.segments[slot]
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-            if let Some(seg) = seg {
+            let p = self.segments[slot].swap(std::ptr::null_mut(), Ordering::AcqRel);
+            if !p.is_null() {
+                // SAFETY: the slot owned this reference (`set`); no reader can be using it:
+                // readers only use a slot while holding a table with an entry naming it,
+                // and the last such entry was just removed under its table's write lock.
+                let seg = unsafe { Arc::from_raw(p) };
                 seg.index_slot.store(0, Ordering::Relaxed);
             }
             st.free.push(slot);
+        }
+    }
+}
+
+impl Drop for SegmentSlots {
+    fn drop(&mut self) {
+        for p in self.segments.iter_mut() {
+            let p = std::mem::replace(p.get_mut(), std::ptr::null_mut());
+            if !p.is_null() {
+                // SAFETY: the slot's own reference from `set`; `&mut self`: no reader left.
+                let seg = unsafe { Arc::from_raw(p) };
+                seg.index_slot.store(0, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -396,10 +469,12 @@ impl Index {
         }
     }
 
-    /// The record an entry names, if its header carries a key `accept` takes.
+    /// The record an entry names, if its header carries a key `accept` takes. The caller
+    /// holds locked the table `e` is in (`segment_named`'s rule).
     fn resolve(&self, e: u64, accept: impl Fn(&[u8]) -> bool) -> Option<RecordRef> {
         let (slot, at) = entry_location(e);
-        let segment = self.segments.get(slot)?;
+        // SAFETY: `e` is in a table the caller holds locked.
+        let segment = unsafe { self.segments.segment_named(slot) }?;
         let header = segment.bytes(at, HEADER_BYTES);
         // Trusted from a checkpoint and not read since: the bytes may have rotted on disk
         // since they were verified. The header CRC first (the payload is re-hashed by the
@@ -409,7 +484,8 @@ impl Index {
         }
         let (v1, v2) = header_keys(header);
         if v1.is_some_and(&accept) || v2.is_some_and(&accept) {
-            Some(RecordRef::from_header_at(segment, at))
+            // The one reference count a hit costs: the record holds its segment mapped.
+            Some(RecordRef::from_header(Arc::clone(&segment), at, header))
         } else {
             None
         }
@@ -422,7 +498,8 @@ impl Index {
         let mut found = None;
         table.find(tag_of(h), |e| {
             let (slot, at) = entry_location(e);
-            let Some(segment) = self.segments.get(slot) else {
+            // SAFETY: `e` is in `table`, which we hold read-locked.
+            let Some(segment) = (unsafe { self.segments.segment_named(slot) }) else {
                 return false;
             };
             let (v1, v2) = header_keys(segment.bytes(at, HEADER_BYTES));
@@ -450,9 +527,8 @@ impl Index {
             .chain(self.req2.iter())
             .map(|s| read(s).slots.capacity() * 8)
             .sum();
-        tables
-            + INDEX_SEGMENT_SLOTS
-                * (std::mem::size_of::<RwLock<Option<Arc<Segment>>>>() + std::mem::size_of::<u32>())
+        tables + INDEX_SEGMENT_SLOTS * (std::mem::size_of::<AtomicPtr<Segment>>() + 4 + 8 + 8)
+        // refs, records, bytes
     }
 
     pub fn get(&self, key: &[u8; 20]) -> Option<RecordRef> {
@@ -642,7 +718,8 @@ impl Index {
             let table = read(stripe);
             for &e in table.slots.iter().filter(|&&e| e != 0) {
                 let (slot, at) = entry_location(e);
-                let Some(segment) = self.segments.get(slot) else {
+                // SAFETY: `e` is in `table`, which we hold read-locked.
+                let Some(segment) = (unsafe { self.segments.segment_named(slot) }) else {
                     continue;
                 };
                 let (v1, v2) = header_keys(segment.bytes(at, HEADER_BYTES));
@@ -654,7 +731,7 @@ impl Index {
                     (stripe_of(h) == s && tag_of(h) == entry_tag(e)).then_some(k)
                 });
                 if let Some(key) = key {
-                    f(&key, &RecordRef::from_header_at(segment, at));
+                    f(&key, &RecordRef::from_header_at(Arc::clone(&segment), at));
                 }
             }
         }
@@ -671,7 +748,8 @@ impl Index {
             .filter_map(|s| {
                 Some(SlotInfo {
                     slot: s,
-                    segment: self.segments.get(s)?,
+                    // SAFETY: the slot mutex is held and `refs[s] > 0`.
+                    segment: Arc::clone(&*unsafe { self.segments.segment_named(s) }?),
                     refs: st.refs[s],
                     records: st.records[s],
                     bytes: st.bytes[s],
@@ -697,10 +775,14 @@ impl Index {
                 if s.slot == 0 || s.slot >= INDEX_SEGMENT_SLOTS {
                     return Err(SlotsFull);
                 }
-                *index.segments.segments[s.slot]
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(s.segment.clone());
-                s.segment.index_slot.store(s.slot as u32, Ordering::Relaxed);
+                if !index.segments.segments[s.slot]
+                    .load(Ordering::Relaxed)
+                    .is_null()
+                {
+                    // Two segments in one slot: not a checkpoint we wrote.
+                    return Err(SlotsFull);
+                }
+                index.segments.set(s.slot, &s.segment);
                 st.refs[s.slot] = s.refs;
                 st.records[s.slot] = s.records;
                 st.bytes[s.slot] = s.bytes;
@@ -801,6 +883,34 @@ mod tests {
             .collect();
         v.sort_unstable();
         v
+    }
+
+    #[test]
+    fn siphash_20_is_siphash() {
+        use std::hash::Hasher;
+        for (seed, key) in [
+            ([0, 0], [0u8; 20]),
+            ([1, 2], [0xA5; 20]),
+            (
+                [0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908],
+                std::array::from_fn(|i| i as u8),
+            ),
+        ] {
+            #[allow(deprecated)]
+            let mut std24 = std::hash::SipHasher::new_with_keys(seed[0], seed[1]);
+            std24.write(&key);
+            assert_eq!(siphash_20::<2, 4>(seed, &key), std24.finish());
+        }
+        // The 1-3 variant differs from 2-4 and depends on every byte and the key.
+        let key = [7u8; 20];
+        let h = siphash_20::<1, 3>([1, 2], &key);
+        assert_ne!(h, siphash_20::<2, 4>([1, 2], &key));
+        assert_ne!(h, siphash_20::<1, 3>([1, 3], &key));
+        for i in 0..20 {
+            let mut k = key;
+            k[i] ^= 1;
+            assert_ne!(h, siphash_20::<1, 3>([1, 2], &k), "byte {i}");
+        }
     }
 
     #[test]

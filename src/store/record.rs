@@ -211,6 +211,22 @@ impl RecordRef {
     /// bytes never change), so the CRC is not checked again on every lookup.
     pub(crate) fn from_header_at(segment: Arc<Segment>, header_at: usize) -> Self {
         let b = segment.bytes(header_at, HEADER_BYTES);
+        let (len, flags) = (
+            u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
+            b[6],
+        );
+        RecordRef {
+            segment,
+            offset: header_at + HEADER_BYTES,
+            len,
+            flags,
+        }
+    }
+
+    /// `from_header_at` with the header bytes already in hand (`b`: the 80 bytes at
+    /// `header_at` of `segment`).
+    #[inline]
+    pub(crate) fn from_header(segment: Arc<Segment>, header_at: usize, b: &[u8]) -> Self {
         let len = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
         let flags = b[6];
         RecordRef {
