@@ -10,7 +10,9 @@
 #   libtorrent-utp  the libtorrent seed again, loaded over uTP
 #   floor-utp       benches/floor/floor_utp.c: the UDP floor (recvmmsg, GSO sendmmsg,
 #                   precomputed answers, no congestion control), loaded over uTP
-#   gso-utp         magnetar io_uring over uTP with --utp-gso on (UDP GSO reply bursts)
+#   gso-utp         magnetar io_uring over uTP with --utp-gso on (UDP GSO reply bursts; the
+#                   default since 2026-12-07, so the same as uring-utp unless changed)
+#   nogso-utp       magnetar io_uring over uTP with --utp-gso off
 #   base-utp        another magnetar binary over uTP, io_uring (BASE_M=path: the build
 #                   before a change, for before/after in one run; BASE_ARGS=flags adds
 #                   server flags, e.g. BASE_M=target/release/magnetar
@@ -121,10 +123,11 @@ start_server() {
   case $which in
     floor) taskset -c "$SERVER_CPU" "$OUT/floor" "$DATA/floor.bin" 127.0.0.1 0 >"$log" 2>&1 & ;;
     floor-utp) taskset -c "$SERVER_CPU" "$OUT/floor_utp" "$DATA/floor.bin" 127.0.0.1 0 >"$log" 2>&1 & ;;
-    uring|epoll|uring-utp|epoll-utp|gso-utp|base-utp)
+    uring|epoll|uring-utp|epoll-utp|gso-utp|nogso-utp|base-utp)
       local driver=io-uring; case $which in epoll*) driver=epoll ;; esac
       local bin=$M extra=""
       [ "$which" = gso-utp ] && extra="--utp-gso on"
+      [ "$which" = nogso-utp ] && extra="--utp-gso off"
       if [ "$which" = base-utp ]; then
         [ -x "${BASE_M:-}" ] || { echo "base-utp: set BASE_M to a magnetar binary"; return 1; }
         bin=$BASE_M extra=${BASE_ARGS:-}
@@ -139,7 +142,7 @@ start_server() {
       # (BENCHMARKS.md "Scale"); metadata-only serves the same metadata at once.
       LT_SEED_MODE=${LT_SEED_MODE:-metadata-only} taskset -c "$SERVER_CPU" $PY benches/lt_seed.py \
         "$DATA/torrents" 127.0.0.1 "$port" >"$log" 2>&1 & ;;
-    *) echo "unknown server $which (-s takes: floor uring epoll libtorrent uring-utp epoll-utp libtorrent-utp floor-utp gso-utp base-utp)"
+    *) echo "unknown server $which (-s takes: floor uring epoll libtorrent uring-utp epoll-utp libtorrent-utp floor-utp gso-utp nogso-utp base-utp)"
        return 1 ;;
   esac
   SERVER_PID=$!
