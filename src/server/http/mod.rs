@@ -20,8 +20,10 @@
 
 pub mod codec;
 mod conn;
+mod stop;
 
 use std::cell::Cell;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
@@ -48,6 +50,8 @@ pub struct HttpShared {
     wrap_tag: u32,
     miss_wait: Duration,
     request_timeout: Duration,
+    /// Fired when the worker's HTTP listeners stop: idle connections close at once.
+    stop: stop::StopSignal,
 }
 
 /// The byte after the info dict: the end of the .torrent's top-level dict.
@@ -64,23 +68,37 @@ impl HttpShared {
             prefix,
             miss_wait: cfg.http_miss_wait,
             request_timeout: cfg.http_request_timeout,
+            stop: stop::StopSignal::default(),
         }
     }
 
-    /// The ETag of `record`'s .torrent: its hash and the wrapping's tag.
-    fn etag(&self, record: &RecordRef) -> String {
-        format!("\"{}-{:08x}\"", hash_hex(record), self.wrap_tag)
+    /// The ETag of `record`'s .torrent, `"<hash hex>-<wrapping tag>"`, written into `buf`
+    /// (no String per answer).
+    fn etag<'a>(&self, hex: &str, buf: &'a mut [u8; ETAG_BYTES_MAX]) -> &'a str {
+        let mut w = &mut buf[..];
+        let _ = write!(w, "\"{hex}-{:08x}\"", self.wrap_tag);
+        let len = ETAG_BYTES_MAX - w.len();
+        std::str::from_utf8(&buf[..len]).expect("ASCII")
     }
 }
 
-/// The record's v1 hash in hex, or its v2 hash for a v2-only torrent.
-fn hash_hex(record: &RecordRef) -> String {
+/// Longest hash in hex (v2: 32 bytes).
+const HASH_HEX_BYTES_MAX: usize = 64;
+/// Longest ETag: quotes, the hash in hex, `-`, the wrapping tag (8 hex).
+const ETAG_BYTES_MAX: usize = HASH_HEX_BYTES_MAX + 11;
+/// Longest default file name: the hash in hex and `.torrent`.
+const DEFAULT_NAME_BYTES_MAX: usize = HASH_HEX_BYTES_MAX + 8;
+
+/// The record's v1 hash in hex, or its v2 hash for a v2-only torrent, written into `buf`.
+fn hash_hex<'a>(record: &RecordRef, buf: &'a mut [u8; HASH_HEX_BYTES_MAX]) -> &'a str {
     let hashes = record.hashes();
-    match (hashes.v1, hashes.v2) {
-        (Some(v1), _) => hex::encode(v1),
-        (None, Some(v2)) => hex::encode(v2),
-        (None, None) => String::new(),
+    let len = match (hashes.v1, hashes.v2) {
+        (Some(v1), _) => hex::encode_to_slice(v1, &mut buf[..40]).map(|()| 40),
+        (None, Some(v2)) => hex::encode_to_slice(v2, &mut buf[..64]).map(|()| 64),
+        (None, None) => Ok(0),
     }
+    .expect("the buffer fits the hash");
+    std::str::from_utf8(&buf[..len]).expect("hex is ASCII")
 }
 
 /// Accepts HTTP connections on one worker until the server stops.
@@ -107,27 +125,22 @@ pub async fn accept_loop(
         ctx.stats.http_connections_accepted.inc();
         let _ = stream.set_nodelay(true);
         let (ctx, http, open) = (ctx.clone(), http.clone(), OpenSession::new(open.clone()));
-        let stop_conn = stop.clone();
         monoio::spawn(async move {
             let _open = open;
             let _permit = permit;
-            serve(stream, peer, &ctx, &http, &stop_conn).await;
+            serve(stream, peer, &ctx, &http).await;
             ctx.stats.http_connections_closed.inc();
         });
     }
+    // `accept_admitted` ends only at the stop.
+    http.stop.fire();
 }
 
 /// One connection: request heads, answers, until the client closes, asks to close, or
-/// stalls past a deadline. At shutdown (`stop` disconnected) a connection waiting for its
+/// stalls past a deadline. At shutdown (`http.stop` fired) a connection waiting for its
 /// next request closes at once; one in the middle of a request finishes it first (within
 /// the shutdown grace time).
-async fn serve(
-    stream: TcpStream,
-    peer: SocketAddr,
-    ctx: &WorkerCtx,
-    http: &HttpShared,
-    stop: &flume::Receiver<()>,
-) {
+async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx, http: &HttpShared) {
     let Ok(mut io) = Conn::new(stream) else {
         return;
     };
@@ -154,7 +167,7 @@ async fn serve(
                     // the connection).
                     monoio::select! {
                         w = read => Some(w),
-                        _ = stop.recv_async() => None,
+                        _ = http.stop.stopped() => None,
                     }
                 } else {
                     Some(read.await)
@@ -324,22 +337,30 @@ fn put_torrent(
     http: &HttpShared,
     out: &mut Vec<u8>,
 ) -> Option<RecordRef> {
-    let etag = http.etag(&record);
+    let mut hex_buf = [0u8; HASH_HEX_BYTES_MAX];
+    let hex = hash_hex(&record, &mut hex_buf);
+    let mut etag_buf = [0u8; ETAG_BYTES_MAX];
+    let etag = http.etag(hex, &mut etag_buf);
     if req
         .if_none_match
         .as_deref()
-        .is_some_and(|v| codec::etag_matches(v, &etag))
+        .is_some_and(|v| codec::etag_matches(v, etag))
     {
         ctx.stats.http_not_modified.inc();
-        codec::not_modified_head(out, keep_alive, &etag);
+        codec::not_modified_head(out, keep_alive, etag);
         return None;
     }
+    let mut name_buf = [0u8; DEFAULT_NAME_BYTES_MAX];
     let file_name = match title {
-        Some(t) => t.to_owned(),
-        None => format!("{}.torrent", hash_hex(&record)),
+        Some(t) => t,
+        None => {
+            name_buf[..hex.len()].copy_from_slice(hex.as_bytes());
+            name_buf[hex.len()..hex.len() + 8].copy_from_slice(b".torrent");
+            std::str::from_utf8(&name_buf[..hex.len() + 8]).expect("ASCII")
+        }
     };
     let body_len = http.prefix.len() + record.len() + SUFFIX.len();
-    codec::torrent_head(out, keep_alive, &etag, &file_name, body_len);
+    codec::torrent_head(out, keep_alive, etag, file_name, body_len);
     ctx.stats.http_torrents_served.inc();
     if req.method == Method::Head {
         return None;
