@@ -311,7 +311,10 @@ fn large_torrent_to_a_slow_reader_resumes_at_the_right_byte() {
     let info = v1_info("big.iso", 150_000); // a 3 MB dict
     let data = import_all(tmp.path(), &[("big", &info)]);
     let server = ServerProc::start(&data, &["--http", "127.0.0.1:0", "--tracker", TRACKER]);
-    let path = format!("/torrent/{}.torrent", hex::encode(Torrent::v1(info.clone()).key));
+    let path = format!(
+        "/torrent/{}.torrent",
+        hex::encode(Torrent::v1(info.clone()).key)
+    );
     let expected = magnetar::metainfo::build_torrent(&info, &[TRACKER.to_owned()]);
 
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();

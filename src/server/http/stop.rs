@@ -94,7 +94,11 @@ mod tests {
             assert!(early.as_mut().poll(&mut cx).is_pending());
             assert_eq!(signal.waiting.borrow().len(), 1);
         }
-        assert_eq!(signal.waiting.borrow().len(), 0, "dropped wait keeps its slot");
+        assert_eq!(
+            signal.waiting.borrow().len(),
+            0,
+            "dropped wait keeps its slot"
+        );
         let mut pending = std::pin::pin!(signal.stopped());
         assert!(pending.as_mut().poll(&mut cx).is_pending());
         signal.fire();
