@@ -300,6 +300,54 @@ fn head_etag_preflight_and_keep_alive_on_one_connection() {
     assert_eq!(again.body.len(), len);
 }
 
+/// A .torrent far larger than the socket buffers, to a client that does not read for a
+/// while and then reads slowly, twice on one connection (the second request pipelined):
+/// the server's send stops on a full socket many times (in the head, the sendfile of the
+/// dict, or before the closing byte) and resumes at the right byte each time; both bodies
+/// arrive byte-exact and in order.
+#[test]
+fn large_torrent_to_a_slow_reader_resumes_at_the_right_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let info = v1_info("big.iso", 150_000); // a 3 MB dict
+    let data = import_all(tmp.path(), &[("big", &info)]);
+    let server = ServerProc::start(&data, &["--http", "127.0.0.1:0", "--tracker", TRACKER]);
+    let path = format!(
+        "/torrent/{}.torrent",
+        hex::encode(Torrent::v1(info.clone()).key)
+    );
+    let expected = magnetar::metainfo::build_torrent(&info, &[TRACKER.to_owned()]);
+
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    // A small receive window (set before connecting): the server's sends fill up early.
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&http_addr(&server).into()).unwrap();
+    let mut c = Conn {
+        stream: sock.into(),
+        buf: Vec::new(),
+    };
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    c.send(&format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\n\r\nGET {path} HTTP/1.1\r\nHost: x\r\n\r\n"
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    // Slow reads for a while (small chunks), then the rest at full speed.
+    let mut chunk = [0u8; 2048];
+    for _ in 0..50 {
+        let n = c.stream.read(&mut chunk).unwrap();
+        assert!(n > 0);
+        c.buf.extend_from_slice(&chunk[..n]);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for round in 0..2 {
+        let r = c.read(false);
+        assert_eq!(r.status, 200, "answer {round}");
+        assert_eq!(r.body.len(), expected.len(), "answer {round}: length");
+        assert!(r.body == expected, "answer {round}: bytes differ");
+    }
+}
+
 /// Bad input: 400 for a hash that is not one, 405 for another method, 413 for a body,
 /// 414 for a long target, 431 for a huge head (the last three close the connection), and
 /// a client that never finishes its head is closed at the request timeout.

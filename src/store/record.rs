@@ -242,6 +242,15 @@ impl RecordRef {
         self.segment.bytes(self.offset, self.len as usize)
     }
 
+    /// Where the info dict lies in its segment file: the file and the dict's byte offset.
+    /// For `sendfile(2)`: the kernel sends the page-cache pages that `info` maps, without
+    /// copying them into socket buffers (a writev from the mapping copies). Published bytes
+    /// never change, so the file range holds exactly `info()`.
+    pub fn info_in_file(&self) -> (std::os::fd::BorrowedFd<'_>, u64) {
+        use std::os::fd::AsFd;
+        (self.segment.file().as_fd(), self.offset as u64)
+    }
+
     /// Length of the info dict in bytes (BEP 9 `metadata_size`).
     pub fn len(&self) -> usize {
         self.len as usize

@@ -281,6 +281,11 @@ impl Segment {
         let _ = self.map.advise(memmap2::Advice::Normal);
     }
 
+    /// The segment file, for `RecordRef::info_in_file` (sendfile of a record's bytes).
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     pub(crate) fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
     }

@@ -296,24 +296,30 @@ pub fn torrent_head(
     body_len: usize,
 ) {
     start(out, Status::Ok, keep_alive);
-    let ascii: String = file_name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || " ._-()[]".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    // Written straight into `out` (no String per answer): the ASCII fallback name, then
+    // the RFC 5987 form (UTF-8, everything but RFC 3986 unreserved percent-encoded).
+    out.extend_from_slice(
+        b"Content-Type: application/x-bittorrent\r\nContent-Disposition: attachment; filename=\"",
+    );
+    out.extend(file_name.chars().map(|c| {
+        if c.is_ascii_alphanumeric() || " ._-()[]".contains(c) {
+            c as u8
+        } else {
+            b'_'
+        }
+    }));
+    out.extend_from_slice(b"\"; filename*=UTF-8''");
+    for &b in file_name.as_bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b);
+        } else {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+        }
+    }
     let _ = write!(
         out,
-        "Content-Type: application/x-bittorrent\r\n\
-         Content-Disposition: attachment; filename=\"{ascii}\"; filename*=UTF-8''{}\r\n\
-         ETag: {etag}\r\n\
-         Cache-Control: {CACHE_OK}\r\n\
-         Content-Length: {body_len}\r\n\r\n",
-        crate::magnet::percent_encode(file_name),
+        "\r\nETag: {etag}\r\nCache-Control: {CACHE_OK}\r\nContent-Length: {body_len}\r\n\r\n"
     );
 }
 
@@ -371,7 +377,9 @@ pub fn text(
 /// Whether an `If-None-Match` value matches `etag` (weak comparison, RFC 9110 §13.1.2:
 /// `*`, or any listed tag equal once a `W/` prefix is dropped).
 pub fn etag_matches(if_none_match: &str, etag: &str) -> bool {
-    let strip = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+    fn strip(t: &str) -> &str {
+        t.trim().trim_start_matches("W/")
+    }
     let ours = strip(etag);
     if_none_match
         .split(',')

@@ -6,8 +6,9 @@
 //! the store's mmap. The body is the stored info dict byte-exactly, wrapped like the admin
 //! plane's (`metainfo::build_torrent`: `announce`/`announce-list` of the configured
 //! trackers, then `info`): the wrapping's bytes before and after the dict are made once
-//! per worker, and a response goes out as one writev of head + wrapper, the mapped dict,
-//! and the closing `e`, so no metadata byte is copied in user space.
+//! per worker, and a response goes out as head + wrapper (one send), the dict by
+//! sendfile(2) from the segment file, and the closing `e` (`conn`): no metadata byte is
+//! copied, in user space or into socket buffers.
 //!
 //! An unknown hash takes the miss path a BitTorrent handshake takes (`Upstream::submit`:
 //! one fetch per hash however many wait, the per-IP and global miss budgets) and waits at
@@ -15,10 +16,14 @@
 //! `Retry-After` when a budget refused it.
 //!
 //! - `codec`: request heads in, answers out (no I/O)
+//! - `conn`: a connection's reads and non-blocking sends (sendfile of the dict)
 
 pub mod codec;
+mod conn;
+mod stop;
 
 use std::cell::Cell;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
@@ -30,13 +35,12 @@ use monoio::time::Instant;
 
 use crate::limits;
 use crate::server::limiter::ConnectionLimiter;
-use crate::server::send::OutBatch;
-use crate::server::session::{ReadOutcome, Transport, Wake, WorkerCtx};
-use crate::server::tcp::TcpTransport;
+use crate::server::session::{ReadOutcome, WorkerCtx};
 use crate::server::worker::{self, OpenSession};
 use crate::store::RecordRef;
 use crate::upstream::shard::{FetchFailure, FetchOutcome, Hints};
 use codec::{HeadError, Method, Request, Status, Target};
+use conn::{Conn, FileRange};
 
 /// What every connection of one worker shares: the .torrent wrapping and the timings.
 pub struct HttpShared {
@@ -46,6 +50,8 @@ pub struct HttpShared {
     wrap_tag: u32,
     miss_wait: Duration,
     request_timeout: Duration,
+    /// Fired when the worker's HTTP listeners stop: idle connections close at once.
+    stop: stop::StopSignal,
 }
 
 /// The byte after the info dict: the end of the .torrent's top-level dict.
@@ -62,23 +68,37 @@ impl HttpShared {
             prefix,
             miss_wait: cfg.http_miss_wait,
             request_timeout: cfg.http_request_timeout,
+            stop: stop::StopSignal::default(),
         }
     }
 
-    /// The ETag of `record`'s .torrent: its hash and the wrapping's tag.
-    fn etag(&self, record: &RecordRef) -> String {
-        format!("\"{}-{:08x}\"", hash_hex(record), self.wrap_tag)
+    /// The ETag of `record`'s .torrent, `"<hash hex>-<wrapping tag>"`, written into `buf`
+    /// (no String per answer).
+    fn etag<'a>(&self, hex: &str, buf: &'a mut [u8; ETAG_BYTES_MAX]) -> &'a str {
+        let mut w = &mut buf[..];
+        let _ = write!(w, "\"{hex}-{:08x}\"", self.wrap_tag);
+        let len = ETAG_BYTES_MAX - w.len();
+        std::str::from_utf8(&buf[..len]).expect("ASCII")
     }
 }
 
-/// The record's v1 hash in hex, or its v2 hash for a v2-only torrent.
-fn hash_hex(record: &RecordRef) -> String {
+/// Longest hash in hex (v2: 32 bytes).
+const HASH_HEX_BYTES_MAX: usize = 64;
+/// Longest ETag: quotes, the hash in hex, `-`, the wrapping tag (8 hex).
+const ETAG_BYTES_MAX: usize = HASH_HEX_BYTES_MAX + 11;
+/// Longest default file name: the hash in hex and `.torrent`.
+const DEFAULT_NAME_BYTES_MAX: usize = HASH_HEX_BYTES_MAX + 8;
+
+/// The record's v1 hash in hex, or its v2 hash for a v2-only torrent, written into `buf`.
+fn hash_hex<'a>(record: &RecordRef, buf: &'a mut [u8; HASH_HEX_BYTES_MAX]) -> &'a str {
     let hashes = record.hashes();
-    match (hashes.v1, hashes.v2) {
-        (Some(v1), _) => hex::encode(v1),
-        (None, Some(v2)) => hex::encode(v2),
-        (None, None) => String::new(),
+    let len = match (hashes.v1, hashes.v2) {
+        (Some(v1), _) => hex::encode_to_slice(v1, &mut buf[..40]).map(|()| 40),
+        (None, Some(v2)) => hex::encode_to_slice(v2, &mut buf[..64]).map(|()| 64),
+        (None, None) => Ok(0),
     }
+    .expect("the buffer fits the hash");
+    std::str::from_utf8(&buf[..len]).expect("hex is ASCII")
 }
 
 /// Accepts HTTP connections on one worker until the server stops.
@@ -105,30 +125,28 @@ pub async fn accept_loop(
         ctx.stats.http_connections_accepted.inc();
         let _ = stream.set_nodelay(true);
         let (ctx, http, open) = (ctx.clone(), http.clone(), OpenSession::new(open.clone()));
-        let stop_conn = stop.clone();
         monoio::spawn(async move {
             let _open = open;
             let _permit = permit;
-            serve(stream, peer, &ctx, &http, &stop_conn).await;
+            serve(stream, peer, &ctx, &http).await;
             ctx.stats.http_connections_closed.inc();
         });
     }
+    // `accept_admitted` ends only at the stop.
+    http.stop.fire();
 }
 
 /// One connection: request heads, answers, until the client closes, asks to close, or
-/// stalls past a deadline. At shutdown (`stop` disconnected) a connection waiting for its
+/// stalls past a deadline. At shutdown (`http.stop` fired) a connection waiting for its
 /// next request closes at once; one in the middle of a request finishes it first (within
 /// the shutdown grace time).
-async fn serve(
-    stream: TcpStream,
-    peer: SocketAddr,
-    ctx: &WorkerCtx,
-    http: &HttpShared,
-    stop: &flume::Receiver<()>,
-) {
-    let mut io = TcpTransport::new(stream);
+async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx, http: &HttpShared) {
+    let Ok(mut io) = Conn::new(stream) else {
+        return;
+    };
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    let mut out = OutBatch::new();
+    // The answer's head (and the .torrent's bytes before the dict); reused.
+    let mut out: Vec<u8> = Vec::with_capacity(1024);
     let mut served: u32 = 0;
     // When the head being read started (accept, or its first byte): slowloris bound.
     let mut head_since = Some(Instant::now());
@@ -143,13 +161,13 @@ async fn serve(
                 };
                 // No byte of a request yet: between requests, or right after accept.
                 let idle = buf.is_empty();
-                let read = io.read_or_wake(&mut buf, deadline, 1024, None);
+                let read = io.read(&mut buf, deadline, 1024);
                 let woke = if idle {
                     // Idle: the stop may end the wait (the pending read is cancelled with
                     // the connection).
                     monoio::select! {
                         w = read => Some(w),
-                        _ = stop.recv_async() => None,
+                        _ = http.stop.stopped() => None,
                     }
                 } else {
                     Some(read.await)
@@ -158,11 +176,11 @@ async fn serve(
                     return;
                 };
                 match woke {
-                    Wake::Read(ReadOutcome::Data { .. }) => {
+                    ReadOutcome::Data { .. } => {
                         head_since.get_or_insert_with(Instant::now);
                         continue;
                     }
-                    Wake::Read(ReadOutcome::Deadline) => {
+                    ReadOutcome::Deadline => {
                         if head_since.is_some() && !buf.is_empty() {
                             ctx.stats.http_request_timeouts.inc();
                         }
@@ -173,15 +191,9 @@ async fn serve(
             }
             Err(e) => {
                 ctx.stats.http_bad_requests.inc();
-                codec::text(
-                    out.head(),
-                    e.status(),
-                    false,
-                    head_error_text(e),
-                    false,
-                    None,
-                );
-                if send(&mut io, &mut out).await.is_ok() {
+                out.clear();
+                codec::text(&mut out, e.status(), false, head_error_text(e), false, None);
+                if io.send(&out, None, b"").await.is_ok() {
                     linger(&mut io, &mut buf).await;
                 }
                 return;
@@ -191,8 +203,21 @@ async fn serve(
         served += 1;
         ctx.stats.http_requests.inc();
         let keep_alive = req.keep_alive && served < limits::HTTP_REQUESTS_PER_CONNECTION_MAX;
-        answer(&req, keep_alive, peer, ctx, http, &mut out).await;
-        if send(&mut io, &mut out).await.is_err() || !keep_alive {
+        out.clear();
+        let body = answer(&req, keep_alive, peer, ctx, http, &mut out).await;
+        let sent = match &body {
+            Some(record) => {
+                let (file, offset) = record.info_in_file();
+                let dict = FileRange {
+                    file,
+                    offset,
+                    len: record.len(),
+                };
+                io.send(&out, Some(dict), SUFFIX).await
+            }
+            None => io.send(&out, None, b"").await,
+        };
+        if sent.is_err() || !keep_alive {
             return;
         }
         head_since = (!buf.is_empty()).then(Instant::now);
@@ -202,23 +227,16 @@ async fn serve(
 /// Reads and drops what the client still sends (the rest of a refused request) until it
 /// closes, or for `HTTP_LINGER_MS` / `HTTP_LINGER_BYTES_MAX`, so that our close does not
 /// reset the connection before the client has read the answer.
-async fn linger(io: &mut TcpTransport, buf: &mut Vec<u8>) {
+async fn linger(io: &mut Conn, buf: &mut Vec<u8>) {
     let deadline = Instant::now() + Duration::from_millis(limits::HTTP_LINGER_MS);
     let mut dropped = 0;
     while dropped < limits::HTTP_LINGER_BYTES_MAX {
         buf.clear();
-        match io.read_or_wake(buf, deadline, 4096, None).await {
-            Wake::Read(ReadOutcome::Data { .. }) => dropped += buf.len(),
+        match io.read(buf, deadline, 4096).await {
+            ReadOutcome::Data { .. } => dropped += buf.len(),
             _ => return,
         }
     }
-}
-
-async fn send(io: &mut TcpTransport, out: &mut OutBatch) -> std::io::Result<()> {
-    let deadline = Instant::now() + Duration::from_millis(limits::HTTP_WRITE_TIMEOUT_MS);
-    let (res, batch) = io.write_before(std::mem::take(out), deadline).await;
-    *out = batch;
-    res
 }
 
 fn head_error_text(e: HeadError) -> &'static str {
@@ -230,23 +248,26 @@ fn head_error_text(e: HeadError) -> &'static str {
     }
 }
 
-/// Puts the answer to `req` into `out`.
+/// Puts the answer to `req` into `out`; returns the record whose info dict follows it
+/// (then `out` ends with the .torrent's bytes before the dict, and `SUFFIX` follows it).
 async fn answer(
     req: &Request,
     keep_alive: bool,
     peer: SocketAddr,
     ctx: &WorkerCtx,
     http: &HttpShared,
-    out: &mut OutBatch,
-) {
+    out: &mut Vec<u8>,
+) -> Option<RecordRef> {
     let head_only = req.method == Method::Head;
-    let text = |out: &mut OutBatch, status, body: &str| {
-        codec::text(out.head(), status, keep_alive, body, head_only, None)
+    let text = |out: &mut Vec<u8>, status, body: &str| {
+        codec::text(out, status, keep_alive, body, head_only, None);
+        None
     };
     match req.method {
         Method::Options => {
             ctx.stats.http_preflights.inc();
-            return codec::preflight(out.head(), keep_alive, req.preflight_headers.as_deref());
+            codec::preflight(out, keep_alive, req.preflight_headers.as_deref());
+            return None;
         }
         Method::Other => {
             ctx.stats.http_bad_requests.inc();
@@ -287,57 +308,66 @@ async fn answer(
             }
             Err(MissEnd::Refused) => {
                 ctx.stats.http_misses_refused.inc();
-                return codec::text(
-                    out.head(),
+                codec::text(
+                    out,
                     Status::TooManyRequests,
                     keep_alive,
                     "too many unknown info-hashes asked for; retry later",
                     head_only,
                     Some(limits::HTTP_RETRY_AFTER_S),
                 );
+                return None;
             }
             Err(MissEnd::ShuttingDown) => {
                 return text(out, Status::ServiceUnavailable, "shutting down");
             }
         },
     };
-    put_torrent(req, keep_alive, &record, title.as_deref(), ctx, http, out);
+    put_torrent(req, keep_alive, record, title.as_deref(), ctx, http, out)
 }
 
-/// The .torrent of `record` (or a 304 when the client's copy is current) into `out`.
+/// The .torrent of `record` (or a 304 when the client's copy is current) into `out`;
+/// returns the record when its dict is to follow.
 fn put_torrent(
     req: &Request,
     keep_alive: bool,
-    record: &RecordRef,
+    record: RecordRef,
     title: Option<&str>,
     ctx: &WorkerCtx,
     http: &HttpShared,
-    out: &mut OutBatch,
-) {
-    let etag = http.etag(record);
+    out: &mut Vec<u8>,
+) -> Option<RecordRef> {
+    let mut hex_buf = [0u8; HASH_HEX_BYTES_MAX];
+    let hex = hash_hex(&record, &mut hex_buf);
+    let mut etag_buf = [0u8; ETAG_BYTES_MAX];
+    let etag = http.etag(hex, &mut etag_buf);
     if req
         .if_none_match
         .as_deref()
-        .is_some_and(|v| codec::etag_matches(v, &etag))
+        .is_some_and(|v| codec::etag_matches(v, etag))
     {
         ctx.stats.http_not_modified.inc();
-        return codec::not_modified_head(out.head(), keep_alive, &etag);
+        codec::not_modified_head(out, keep_alive, etag);
+        return None;
     }
-    let info = record.info();
+    let mut name_buf = [0u8; DEFAULT_NAME_BYTES_MAX];
     let file_name = match title {
-        Some(t) => t.to_owned(),
-        None => format!("{}.torrent", hash_hex(record)),
+        Some(t) => t,
+        None => {
+            name_buf[..hex.len()].copy_from_slice(hex.as_bytes());
+            name_buf[hex.len()..hex.len() + 8].copy_from_slice(b".torrent");
+            std::str::from_utf8(&name_buf[..hex.len() + 8]).expect("ASCII")
+        }
     };
-    let body_len = http.prefix.len() + info.len() + SUFFIX.len();
-    codec::torrent_head(out.head(), keep_alive, &etag, &file_name, body_len);
+    let body_len = http.prefix.len() + record.len() + SUFFIX.len();
+    codec::torrent_head(out, keep_alive, etag, file_name, body_len);
     ctx.stats.http_torrents_served.inc();
     if req.method == Method::Head {
-        return;
+        return None;
     }
-    // Head + wrapper in the head buffer, the dict from the mmap, then the closing byte.
-    out.head().extend_from_slice(&http.prefix);
-    out.push_payload(record, 0..info.len());
-    out.head().extend_from_slice(SUFFIX);
+    // Head + wrapper here; the dict goes from the segment file (sendfile), then SUFFIX.
+    out.extend_from_slice(&http.prefix);
+    Some(record)
 }
 
 enum Found {
