@@ -22,9 +22,11 @@ use monoio::time::Instant;
 
 use crate::utp::{decode, CloseReason, Config, Connection, State};
 
-/// One datagram: our 1400-byte payload plus headers, or anything an MTU-sized peer sends
-/// (libtorrent probes up to its path MTU, at most 1500 minus IP/UDP headers).
-const DATAGRAM_BYTES_MAX: usize = 2048;
+/// One datagram: the largest payload a magnetar server may be set to send
+/// (`--utp-payload-bytes` up to `PAYLOAD_BYTES_MAX`, for jumbo frames and loopback) plus
+/// headers; covers anything an MTU-sized peer sends (libtorrent probes up to its path
+/// MTU). One such buffer per connection.
+const DATAGRAM_BYTES_MAX: usize = crate::utp::PAYLOAD_BYTES_MAX + crate::utp::HEADER_BYTES_MAX;
 
 /// Datagrams handed to the connection in one drain before its acks go out: bounds the
 /// time between a datagram's arrival and its ack on a flooded socket (64 × 1.4 KB ≈ one
