@@ -123,8 +123,9 @@ def fetch(node, magnet, out, listen_ip, timeout, utp_only=False):
     ses = session(listen_ip)
     if utp_only:
         # Peers over uTP only (libtorrent's default tries both): the fetch then shares
-        # the serving UDP port with the DHT queries.
-        ses.apply_settings({"enable_outgoing_tcp": False, "enable_incoming_tcp": False})
+        # the serving UDP port with the DHT queries. Only the shared-port test passes
+        # --utp-only; the DHT-only fetch test (dht_only_libtorrent_on_ipv6...) runs the defaults.
+        ses.apply_settings({"enable_outgoing_tcp": False, "enable_incoming_tcp": False})  # default-off: proves the metadata came over uTP on the port the DHT shares; with TCP allowed libtorrent may take TCP and the test would not show the shared port works
     ep = endpoint(node)
     give_up = time.monotonic() + timeout
     ses.add_dht_node(ep)
