@@ -550,3 +550,64 @@ fn the_old_scheme_search_finds_its_seed() {
     // Seeds that differ only in the low bit are one seed (the scheme took `seed | 1`).
     assert_eq!(old_scheme_seed(&isns).map(|s| s | 1), Some(seed | 1));
 }
+
+/// Answers a core owes several peers in one turn leave together: sixteen clients whose
+/// requests reach a one-thread server in one receive batch (the server is stopped while
+/// they are sent) get their first bursts from a few `sendmmsg` calls, not one or more per
+/// session (each session's write used to send on the spot: ~3.5 calls per fetch, the
+/// largest system-call count of a uTP fetch). Counted, not timed.
+#[test]
+fn answers_of_sessions_woken_together_leave_in_few_sends() {
+    const CLIENTS: u16 = 16;
+    let fx = fixture();
+    let server = ServerProc::start(&fx.data, &["--log", "error", "--threads", "1"]);
+    let conns: Vec<_> = (0..CLIENTS)
+        .map(|i| open(server.addr, src(40 + i as u8), 9000 + 2 * i))
+        .collect();
+    let before = metrics(&server);
+    let pid = server.child.id() as libc::pid_t;
+    // SAFETY: signalling our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    for (s, send_id, seq, their_seq) in &conns {
+        let h = Hdr {
+            ty: ST_DATA,
+            conn_id: *send_id,
+            wnd: 1 << 20,
+            seq: *seq,
+            ack: their_seq.wrapping_sub(1),
+        };
+        s.send_to(
+            &packet(h, None, &bt_opening(&fx.normal.key, 3)),
+            server.addr,
+        )
+        .unwrap();
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    // Every client gets DATA (its first burst); nobody acks, so nothing more is sent
+    // until retransmission timers (a second away) fire: count before they can.
+    let deadline = Instant::now() + Duration::from_millis(900);
+    let mut buf = [0u8; 65536];
+    for (i, (s, ..)) in conns.iter().enumerate() {
+        let got_data = loop {
+            assert!(Instant::now() < deadline, "client {i} got no DATA in time");
+            if let Ok((n, _)) = s.recv_from(&mut buf) {
+                if parse(&buf[..n]).is_some_and(|(h, _)| h.ty == ST_DATA) {
+                    break true;
+                }
+            }
+        };
+        assert!(got_data);
+    }
+    let after = metrics(&server);
+    let calls = get(&after, "magnetar_utp_send_calls_total")
+        - get(&before, "magnetar_utp_send_calls_total");
+    let datagrams = get(&after, "magnetar_utp_datagrams_sent_total")
+        - get(&before, "magnetar_utp_datagrams_sent_total");
+    println!("{CLIENTS} answers: {datagrams} datagrams in {calls} sendmmsg calls");
+    assert!(datagrams >= CLIENTS as u64, "{datagrams} datagrams");
+    assert!(
+        calls <= CLIENTS as u64 / 4,
+        "{calls} sendmmsg calls for {CLIENTS} sessions answered in one turn"
+    );
+}

@@ -283,6 +283,9 @@ core_stats! {
     utp_datagrams_sent,
     /// uTP: UDP GSO sends (each carried two or more of `utp_datagrams_sent`).
     utp_gso_sends,
+    /// uTP: `sendmmsg` calls of the endpoints' send batches (datagrams sent per call shows
+    /// how well a turn's answers are gathered: one call per turn of a busy core).
+    utp_send_calls,
     /// uTP: sendmsg failures (socket buffer full: the datagram is lost and retransmitted).
     utp_send_errors,
     /// uTP: recvfrom failures.

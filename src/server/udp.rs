@@ -20,9 +20,12 @@
 //! one `sendmsg` of [uTP header, slices of the batch], and a retransmission points at the
 //! same slices again. No metadata byte is copied in user space.
 //!
-//! Sends are synchronous `sendmmsg` calls on the non-blocking socket, once per receive
-//! batch, timer or session write: a datagram either goes into the socket buffer at once
-//! or is dropped (EAGAIN, counted), which uTP treats as loss. Nothing on this path waits
+//! Sends are synchronous `sendmmsg` calls on the non-blocking socket, once per turn of
+//! the runtime: receive batches, timers and session writes queue their datagrams in the
+//! endpoint's `TxBatch`, and `send_loop`, woken by the first of them, sends it after the
+//! tasks already woken in this turn have run (so the answers of every session a receive
+//! batch woke leave together). A datagram either goes into the socket buffer at once or
+//! is dropped (EAGAIN, counted), which uTP treats as loss. Nothing on this path waits
 //! for the kernel. Runs of equal packets to one peer (a reply burst) go as one UDP GSO
 //! send (`TxBatch`). An ack for bytes the session is waiting for is held until the
 //! session has answered them, so it rides on the answer (`after_event`).
@@ -148,7 +151,9 @@ fn recv_now(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<(usize, SocketAddr)> {
 /// uTP packets gathered for one `sendmmsg`: the uTP headers copied in, the payload iovecs
 /// pointing into the connections' chunks (the batch's `OutBatch`es, i.e. the mmap).
 /// Those stay valid until the batch is sent: a connection drops a chunk only when an
-/// ack arrives or it is removed, and `Endpoint::remove` sends the batch first.
+/// ack arrives (`Endpoint::on_datagram` sends a non-empty batch before it hands a packet
+/// to a connection) or when the connection itself goes (`Endpoint::remove` keeps it in
+/// `retired` until the batch is sent).
 ///
 /// With UDP GSO (`gso`), consecutive packets to one peer of one size go out as one
 /// message with a `UDP_SEGMENT` control message: the kernel passes the run through the
@@ -213,6 +218,10 @@ impl TxBatch {
     /// No room for one more packet in a new message.
     fn is_full(&self) -> bool {
         self.len == SEND_MSGS_MAX || self.packets == SEND_PACKETS_MAX
+    }
+
+    fn is_empty(&self) -> bool {
+        self.packets == 0
     }
 
     /// Whether `t` (of `bytes`) can join the open message to `to`: same peer, the open
@@ -361,6 +370,7 @@ impl TxBatch {
                     libc::MSG_DONTWAIT,
                 )
             };
+            stats.utp_send_calls.inc();
             if n <= 0 {
                 // The first unsent message is refused (a full socket buffer, or an
                 // error about its destination): count its packets and go on.
@@ -485,6 +495,11 @@ pub struct Endpoint {
     open: Rc<Cell<usize>>,
     conns: RefCell<HashMap<ConnKey, Rc<Shared>>>,
     tx: RefCell<TxBatch>,
+    /// Wakes `send_loop`: the batch holds datagrams to send at the end of this turn.
+    tx_queued: Notify,
+    /// Connections removed while the batch still pointed into their chunks: kept alive
+    /// until it is sent.
+    retired: RefCell<Vec<Rc<Shared>>>,
     /// Connections' deadlines; the live entry of one is its `scheduled`.
     timers: RefCell<Deadlines<Instant, ConnKey>>,
     timer_changed: Notify,
@@ -527,6 +542,8 @@ impl Endpoint {
             open,
             conns: RefCell::new(HashMap::new()),
             tx: RefCell::new(TxBatch::new(gso)),
+            tx_queued: Notify::default(),
+            retired: RefCell::new(Vec::new()),
             timers: RefCell::new(Deadlines::with_capacity(0)),
             timer_changed: Notify::default(),
             half_open: Cell::new(0),
@@ -583,7 +600,7 @@ impl Endpoint {
                 sh.touched.set(false);
                 self.after_event(&sh, now);
             }
-            self.send_now();
+            self.send_soon();
             buf.clear();
         }
     }
@@ -624,7 +641,17 @@ impl Endpoint {
             sh.touched.set(false);
             self.after_event(sh, now);
         }
-        self.send_now();
+        self.send_soon();
+    }
+
+    /// Sends the batch whenever `send_soon` asked for it: once per turn of the runtime,
+    /// after the tasks woken before it (the sessions a receive batch woke) have queued
+    /// their answers too.
+    async fn send_loop(self: Rc<Self>) {
+        loop {
+            self.tx_queued.notified().await;
+            self.send_now();
+        }
     }
 
     /// Services connection timers for as long as the runtime runs.
@@ -648,7 +675,8 @@ impl Endpoint {
                         sh.conn.borrow_mut().on_timeout(now);
                     }
                     self.after_event(&sh, now);
-                    self.send_now();
+                    // Every timer due now queues its datagrams; one send takes them all.
+                    self.send_soon();
                 }
                 continue;
             }
@@ -690,6 +718,8 @@ impl Endpoint {
                 return;
             }
         };
+        // A packet may ack, and so free, chunks the queued batch points into.
+        self.send_queued();
         let id = pkt.header.connection_id;
         let existing = self.conns.borrow().get(&(from, id)).cloned();
         if let Some(sh) = existing {
@@ -841,8 +871,11 @@ impl Endpoint {
         if self.conns.borrow_mut().remove(&sh.key).is_none() {
             return;
         }
-        // Queued datagrams may point into this connection's chunks, which go with it.
-        self.send_now();
+        // Queued datagrams may point into this connection's chunks and address, which go
+        // with it: it lives until they are sent.
+        if !self.tx.borrow().is_empty() {
+            self.retired.borrow_mut().push(sh.clone());
+        }
         if sh.session.get() == SessionState::NotStarted {
             self.half_open.set(self.half_open.get() - 1);
             self.ctx.stats.utp_connect_timeouts.inc();
@@ -877,9 +910,24 @@ impl Endpoint {
         }
     }
 
-    /// Sends the queued datagrams.
+    /// Sends the queued datagrams now.
     fn send_now(&self) {
         self.send_batch(&mut self.tx.borrow_mut());
+    }
+
+    /// Sends the queued datagrams, if any, now.
+    fn send_queued(&self) {
+        let queued = !self.tx.borrow().is_empty();
+        if queued {
+            self.send_now();
+        }
+    }
+
+    /// Sends the queued datagrams at the end of this turn (`send_loop`).
+    fn send_soon(&self) {
+        if !self.tx.borrow().is_empty() {
+            self.tx_queued.notify();
+        }
     }
 
     fn send_batch(&self, tx: &mut TxBatch) {
@@ -890,6 +938,9 @@ impl Endpoint {
                  larger than the path MTU); sending one datagram per packet from now on"
             );
         }
+        // Nothing points into the removed connections any more.
+        let retired = std::mem::take(&mut *self.retired.borrow_mut());
+        drop(retired);
     }
 
     fn send_bytes(&self, to: &socket2::SockAddr, bytes: &[u8]) {
@@ -939,7 +990,7 @@ impl UtpTransport {
         };
         if held {
             self.ep.after_event(&self.sh, Instant::now());
-            self.ep.send_now();
+            self.ep.send_soon();
         }
     }
 
@@ -1033,7 +1084,7 @@ impl Transport for UtpTransport {
             conn.hold_ack(false);
         }
         self.ep.after_event(&self.sh, Instant::now());
-        self.ep.send_now();
+        self.ep.send_soon();
         let sh = self.sh.clone();
         let drained = poll_fn(|cx| {
             let conn = sh.conn.borrow();
@@ -1070,7 +1121,7 @@ impl Drop for UtpTransport {
         }
         self.sh.reading.set(false);
         self.ep.after_event(&self.sh, now);
-        self.ep.send_now();
+        self.ep.send_soon();
     }
 }
 
@@ -1083,6 +1134,7 @@ pub fn spawn_endpoint(ep: Rc<Endpoint>, stop: flume::Receiver<()>, on_ring: bool
         monoio::spawn(ep.clone().recv_loop());
     }
     monoio::spawn(ep.clone().timer_loop());
+    monoio::spawn(ep.clone().send_loop());
     monoio::spawn(async move {
         let _ = stop.recv_async().await;
         ep.accepting.set(false);
