@@ -692,7 +692,14 @@ impl Drop for Core<'_> {
     }
 }
 
-/// Yields to the runtime's other ready tasks once.
+/// Yields to every task already queued on the runtime, then resumes.
+///
+/// A task that wakes itself while it is being polled is put back at the FRONT of
+/// monoio's run queue (its harness treats that as a `yield_now`), so the obvious
+/// `wake_by_ref(); Pending` would run the ring again before anything else: while
+/// completions kept coming, uTP sessions, their sends, fetch waiters and HTTP tasks
+/// would wait for the ring to run dry. A wake from another task queues it at the back: a
+/// one-shot task, itself queued behind everything ready now, wakes the ring.
 async fn yield_now() {
     let mut yielded = false;
     std::future::poll_fn(|cx| {
@@ -700,9 +707,48 @@ async fn yield_now() {
             Poll::Ready(())
         } else {
             yielded = true;
-            cx.waker().wake_by_ref();
+            let waker = cx.waker().clone();
+            monoio::spawn(async move { waker.wake() });
             Poll::Pending
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    /// A busy ring yields to what is queued: a task woken before the ring's yield runs
+    /// before the ring's next turn (with a self-wake it ran only after every turn).
+    #[test]
+    fn yield_now_lets_every_queued_task_run_first() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("a monoio runtime");
+        let order = rt.block_on(async {
+            let log = Rc::new(std::cell::RefCell::new(Vec::new()));
+            let other_ran = Rc::new(Cell::new(false));
+            let (l, o) = (log.clone(), other_ran.clone());
+            let ring = monoio::spawn(async move {
+                for turn in 0..3 {
+                    l.borrow_mut().push(format!("turn {turn}"));
+                    super::yield_now().await;
+                }
+            });
+            let l = log.clone();
+            let other = monoio::spawn(async move {
+                l.borrow_mut().push("other".to_string());
+                o.set(true);
+            });
+            ring.await;
+            other.await;
+            assert!(other_ran.get());
+            let order = log.borrow().clone();
+            order
+        });
+        assert_eq!(order, ["turn 0", "other", "turn 1", "turn 2"]);
+    }
 }
