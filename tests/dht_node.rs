@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::transmission::{require_transmission, Transmission};
 use common::*;
 use magnetar::dht::krpc::{self, Body};
 
@@ -478,10 +479,7 @@ fn transmission_finds_magnetar_through_its_dht_node_and_gets_metadata() {
     if !netns_available(TEST) {
         return;
     }
-    assert!(
-        Path::new("/usr/bin/transmission-cli").exists(),
-        "transmission-cli is missing: run `bash scripts/test.sh`, which installs it"
-    );
+    require_transmission();
     let ns = Netns::create();
     let host = ns.host_ip;
     let testnet = mainline::Testnet::builder(10)
@@ -511,58 +509,31 @@ fn transmission_finds_magnetar_through_its_dht_node_and_gets_metadata() {
     args.extend(["--keepalive-interval-ms", "1000"]);
     let server = ServerProc::start(&data, &args);
 
-    let config = tmp.path().join("tr/config");
-    let download = tmp.path().join("tr/download");
-    std::fs::create_dir_all(&config).unwrap();
-    std::fs::create_dir_all(&download).unwrap();
-    std::fs::write(
-        config.join("settings.json"),
-        r#"{ "lpd-enabled": false, "port-forwarding-enabled": false }"#,
-    )
-    .unwrap();
-    std::fs::write(config.join("dht.bootstrap"), format!("{host} {port}\n")).unwrap();
-    let log = tmp.path().join("tr/log");
     let v1 = hex::encode(hash_of("v1_single"));
     let magnet = format!("magnet:?xt=urn:btih:{v1}");
-    let out = std::fs::File::create(&log).unwrap();
-    /// Killed on drop, panics included.
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let start = Instant::now();
-    let mut tr = Kill(
-        ns.command("transmission-cli")
-            .arg("-g")
-            .arg(&config)
-            .arg("-w")
-            .arg(&download)
-            .arg(&magnet)
-            .env("TR_DHT_VERBOSE", "1")
-            .env("TR_DEBUG_FD", "2")
-            .stdin(std::process::Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawning transmission-cli in the namespace"),
+    let bootstrap = format!("{host} {port}\n");
+    let mut tr = Transmission::start(
+        &ns,
+        &tmp.path().join("tr"),
+        &magnet,
+        r#"{ "lpd-enabled": false, "port-forwarding-enabled": false }"#,
+        &[("dht.bootstrap", &bootstrap)],
+        &[("TR_DHT_VERBOSE", "1")],
     );
-    let read_log =
-        || String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+    let read_log = |tr: &Transmission| tr.read_log();
     let info = loop {
-        if let Some(info) = written_info(&config) {
+        if let Some(info) = tr.written_info() {
             break info;
         }
-        if let Some(status) = tr.0.try_wait().unwrap() {
+        if let Some(status) = tr.child.try_wait().unwrap() {
             panic!(
                 "transmission-cli exited ({status}) without the metadata:\n{}",
-                read_log()
+                read_log(&tr)
             );
         }
         if start.elapsed() > TR_DHT_FETCH_TIMEOUT {
-            let text = read_log();
+            let text = read_log(&tr);
             let dht: Vec<&str> = text
                 .lines()
                 .filter(|l| !l.contains("bandwidth.c") && !l.contains("peer-io.c"))
@@ -583,6 +554,7 @@ fn transmission_finds_magnetar_through_its_dht_node_and_gets_metadata() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let seconds = start.elapsed().as_secs_f64();
+    let text = read_log(&tr);
     drop(tr);
     let torrent = fixture("v1_single.torrent");
     assert!(
@@ -591,7 +563,6 @@ fn transmission_finds_magnetar_through_its_dht_node_and_gets_metadata() {
     );
     let m = kit::metrics(&server);
     assert!(m["magnetar_dht_node_self_listed_total"] >= 1.0, "{m:?}");
-    let text = read_log();
     let tag = format!("[{host}]:{port}");
     let dialled: Vec<&str> = text
         .lines()
@@ -610,17 +581,4 @@ fn transmission_finds_magnetar_through_its_dht_node_and_gets_metadata() {
         m["magnetar_dht_node_self_listed_total"],
         dialled.join(" | ")
     );
-}
-
-/// The info dict of the .torrent Transmission writes into `config/torrents` once it has
-/// the metadata (before that, the file it keeps for a magnet has no `info`).
-fn written_info(config: &Path) -> Option<Vec<u8>> {
-    let dir = std::fs::read_dir(config.join("torrents")).ok()?;
-    for entry in dir.flatten() {
-        let bytes = std::fs::read(entry.path()).ok()?;
-        if let Ok(span) = magnetar::metainfo::info_span(&bytes) {
-            return Some(bytes[span].to_vec());
-        }
-    }
-    None
 }

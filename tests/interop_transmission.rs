@@ -25,12 +25,12 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::kit::{metrics, Metrics};
 use common::tracker::{wait_announced_by_magnetar, wait_listed};
+use common::transmission::{require_transmission, Transmission};
 use common::*;
 
 /// How long one Transmission fetch may take: the stall described above lasts until the
@@ -47,27 +47,6 @@ fn metric(m: &Metrics, name: &str) -> Option<f64> {
     m.get(name.trim_end()).copied()
 }
 
-fn require_transmission() {
-    assert!(
-        Path::new("/usr/bin/transmission-cli").exists(),
-        "transmission-cli is missing: run `bash scripts/test.sh`, which installs it"
-    );
-}
-
-/// A `transmission-cli` inside the namespace; killed on drop (panics included).
-struct Transmission {
-    child: Child,
-    config: PathBuf,
-    log: PathBuf,
-}
-
-impl Drop for Transmission {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The settings a user would have, but for what keeps traffic on this machine: no DHT,
 /// no local peer discovery, no UPnP/NAT-PMP (the namespace routes nowhere anyway).
 /// Encryption ("preferred": MSE first), uTP, PEX: Transmission's defaults, untouched.
@@ -76,45 +55,6 @@ const SETTINGS: &str = r#"{
     "lpd-enabled": false,
     "port-forwarding-enabled": false
 }"#;
-
-/// Starts `transmission-cli -g DIR/config -w DIR/download MAGNET` inside `ns`; its output
-/// (with libtransmission's deep log, TR_DEBUG_FD) goes to `DIR/log`.
-fn start_transmission(ns: &Netns, dir: &Path, magnet: &str) -> Transmission {
-    let config = dir.join("config");
-    let download = dir.join("download");
-    std::fs::create_dir_all(&config).unwrap();
-    std::fs::create_dir_all(&download).unwrap();
-    std::fs::write(config.join("settings.json"), SETTINGS).unwrap();
-    let log = dir.join("log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = ns
-        .command("transmission-cli")
-        .arg("-g")
-        .arg(&config)
-        .arg("-w")
-        .arg(&download)
-        .arg(magnet)
-        .env("TR_DEBUG_FD", "2")
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("spawning transmission-cli in the namespace");
-    Transmission { child, config, log }
-}
-
-/// The info dict of the .torrent Transmission writes into `config/torrents` once it has
-/// the metadata (before that, the file it keeps for a magnet has no `info`).
-fn written_info(config: &Path) -> Option<Vec<u8>> {
-    let dir = std::fs::read_dir(config.join("torrents")).ok()?;
-    for entry in dir.flatten() {
-        let bytes = std::fs::read(entry.path()).ok()?;
-        if let Ok(span) = magnetar::metainfo::info_span(&bytes) {
-            return Some(bytes[span].to_vec());
-        }
-    }
-    None
-}
 
 /// What one Transmission fetch gave.
 struct TrFetch {
@@ -173,12 +113,10 @@ impl TrFetch {
 /// Transmission fetches `magnet`'s metadata: the info dict it wrote, when, and its log.
 fn transmission_fetch(ns: &Netns, dir: &Path, magnet: &str) -> TrFetch {
     let start = Instant::now();
-    let mut tr = start_transmission(ns, dir, magnet);
-    let log = |tr: &Transmission| {
-        String::from_utf8_lossy(&std::fs::read(&tr.log).unwrap_or_default()).into_owned()
-    };
+    let mut tr = Transmission::start(ns, dir, magnet, SETTINGS, &[], &[]);
+    let log = |tr: &Transmission| tr.read_log();
     loop {
-        if let Some(info) = written_info(&tr.config) {
+        if let Some(info) = tr.written_info() {
             let seconds = start.elapsed().as_secs_f64();
             let _ = tr.child.kill();
             let _ = tr.child.wait();

@@ -9,6 +9,7 @@ pub mod kit;
 pub mod peer;
 pub mod relay;
 pub mod tracker;
+pub mod transmission;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
