@@ -204,6 +204,11 @@ pub struct Connection<C: Chunk> {
     acked_seq_nr: u16,
     /// `out[i]` has sequence number `acked_seq_nr + 1 + i`.
     out: VecDeque<Outgoing>,
+    /// Every `out[i]` with `i` below this is sent and not declared lost: `next_send`
+    /// looks for queued or lost packets from here, not from the front (a burst of n
+    /// packets would otherwise scan n²/2 entries). Lowered wherever a packet is queued
+    /// unsent or declared lost, shifted when the front is acked.
+    unsent_or_lost_from: usize,
     in_flight_bytes: usize,
     /// Written chunks with the stream offset of their first byte; dropped once acked.
     chunks: VecDeque<(u64, C)>,
@@ -273,6 +278,7 @@ impl<C: Chunk> Connection<C> {
             seq_nr,
             acked_seq_nr: seq_nr.wrapping_sub(1),
             out: VecDeque::new(),
+            unsent_or_lost_from: 0,
             in_flight_bytes: 0,
             chunks: VecDeque::new(),
             written: 0,
@@ -521,6 +527,7 @@ impl<C: Chunk> Connection<C> {
         self.cc.on_timeout();
         // Packets sent before now were all lost with this timeout: no further cuts for them.
         self.loss_seq = self.seq_nr.wrapping_sub(1);
+        self.unsent_or_lost_from = 0;
         for o in self.out.iter_mut() {
             if o.transmissions > 0 && !o.sacked {
                 o.need_resend = true;
@@ -653,6 +660,7 @@ impl<C: Chunk> Connection<C> {
     }
 
     fn mark_lost(&mut self, idx: usize, now_fast: bool) {
+        self.unsent_or_lost_from = self.unsent_or_lost_from.min(idx);
         let o = &mut self.out[idx];
         if o.in_flight() {
             self.in_flight_bytes -= o.payload_len();
@@ -690,6 +698,7 @@ impl<C: Chunk> Connection<C> {
                 }
                 fin_acked |= o.kind == Kind::Fin;
             }
+            self.unsent_or_lost_from = self.unsent_or_lost_from.saturating_sub(newly as usize);
             self.acked_seq_nr = ack_nr;
             self.dup_acks = 0;
             progress = true;
@@ -962,11 +971,18 @@ impl<C: Chunk> Connection<C> {
         }
         // Queued SYN/FIN and lost packets, oldest first.
         let wnd = self.window();
-        if let Some(idx) = self
+        let from = self.unsent_or_lost_from.min(self.out.len());
+        debug_assert!(self
             .out
-            .iter()
+            .range(..from)
+            .all(|o| o.transmissions > 0 && !o.need_resend));
+        let found = self
+            .out
+            .range(from..)
             .position(|o| o.transmissions == 0 || o.need_resend)
-        {
+            .map(|p| from + p);
+        self.unsent_or_lost_from = found.unwrap_or(self.out.len());
+        if let Some(idx) = found {
             let o = self.out[idx];
             let len = o.payload_len();
             let fits = o.transmissions == 0
@@ -1037,6 +1053,7 @@ impl<C: Chunk> Connection<C> {
     }
 
     fn push_out(&mut self, kind: Kind) {
+        self.unsent_or_lost_from = self.unsent_or_lost_from.min(self.out.len());
         self.out.push_back(Outgoing {
             kind,
             transmissions: 0,
