@@ -195,7 +195,9 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx, http: &Http
                 ctx.stats.http_bad_requests.inc();
                 out.clear();
                 codec::text(&mut out, e.status(), false, head_error_text(e), false, None);
-                if io.send(&out, None, b"").await.is_ok() && io.flush().is_ok() {
+                // The answer and the FIN go out together; then the client's rest is read
+                // until it closes too.
+                if io.send(&out, None, b"").await.is_ok() && io.finish().is_ok() {
                     linger(&mut io, &mut buf).await;
                 }
                 return;
@@ -219,8 +221,15 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx, http: &Http
             }
             None => io.send(&out, None, b"").await,
         };
-        // A closing connection leaves the answer corked: the close sends it with the FIN.
-        if sent.is_err() || !keep_alive || io.flush().is_err() {
+        if sent.is_err() {
+            return;
+        }
+        if !keep_alive {
+            // The answer and the FIN in one segment.
+            let _ = io.finish();
+            return;
+        }
+        if io.flush().is_err() {
             return;
         }
         head_since = (!buf.is_empty()).then(Instant::now);
