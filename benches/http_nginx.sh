@@ -8,7 +8,10 @@
 #   flock /work/bench.lock bash benches/http_nginx.sh [OUT_DIR]
 #
 # Env: ROUNDS (3), SECONDS_PER_RUN (5), PIECES (2000: a 40 KiB info dict, the size of a
-# typical torrent's; the .torrent is ~40 KiB).
+# typical torrent's; the .torrent is ~40 KiB), MAGNETAR (the binary; target/release's by
+# default), BEFORE (optional: a baseline binary, e.g. main's, served the same way and
+# measured in the same rounds as server "before"), MAGNETAR_DRIVER (passed to both
+# magnetar servers: epoll measures the fallback driver).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:-$ROOT/benches/results/http-nginx}
@@ -18,12 +21,14 @@ PIECES=${PIECES:-2000}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 ulimit -n "$(ulimit -Hn)"
-M=$ROOT/target/release/magnetar
+M=${MAGNETAR:-$ROOT/target/release/magnetar}
 [ -x "$M" ] || cargo build --release -q --bin magnetar
+B=${BEFORE:-}
 W=$(mktemp -d /tmp/http-nginx.XXXXXX)
 chmod 755 "$W"
 cleanup() {
   [ -n "${MPID:-}" ] && kill "$MPID" 2>/dev/null || true
+  [ -n "${BPID:-}" ] && kill "$BPID" 2>/dev/null || true
   [ -f "$W/nginx.pid" ] && kill "$(cat "$W/nginx.pid")" 2>/dev/null || true
   sleep 0.3
   rm -rf "$W"
@@ -52,6 +57,19 @@ taskset -c 0 "$M" --log error serve --data-dir "$W/data" --listen 127.0.0.1:0 --
 MPID=$!
 for _ in $(seq 100); do grep -q '^ready' "$W/magnetar.out" && break; sleep 0.1; done
 grep -q '^ready' "$W/magnetar.out" || { echo "magnetar did not start"; exit 1; }
+
+SERVERS="magnetar nginx"
+if [ -n "$B" ]; then
+  BPORT=18382
+  "$B" --log error import --data-dir "$W/data-before" "$W/torrents" >/dev/null
+  taskset -c 0 "$B" --log error serve --data-dir "$W/data-before" --listen 127.0.0.1:0 \
+    --utp off --admin off --no-dht --threads 1 --http "127.0.0.1:$BPORT" \
+    --connections-per-ip-max 100000 > "$W/before.out" &
+  BPID=$!
+  for _ in $(seq 100); do grep -q '^ready' "$W/before.out" && break; sleep 0.1; done
+  grep -q '^ready' "$W/before.out" || { echo "the BEFORE magnetar did not start"; exit 1; }
+  SERVERS="magnetar before nginx"
+fi
 
 mkdir -p "$W/www/torrent"
 curl -sf "http://127.0.0.1:$MPORT/torrent/$HEX.torrent" -o "$W/www/torrent/$HEX.torrent"
@@ -94,13 +112,18 @@ ticks() {
 }
 
 RES=$OUT/runs.tsv
+echo "start $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg) driver ${MAGNETAR_DRIVER:-default}" > "$OUT/load.txt"
 echo -e "round\tserver\tmode\tconns\treq_per_s\tp50_ms\tp99_ms\tcpu_us_per_req" > "$RES"
 HZ=$(getconf CLK_TCK)
 for round in $(seq "$ROUNDS"); do
   for conns in 1 64 256; do
     for mode in keepalive close; do
-      for server in magnetar nginx; do
-        if [ $server = magnetar ]; then port=$MPORT; pid=$MPID; else port=$NPORT; pid=$NPID; fi
+      for server in $SERVERS; do
+        case $server in
+          magnetar) port=$MPORT; pid=$MPID ;;
+          before) port=$BPORT; pid=$BPID ;;
+          *) port=$NPORT; pid=$NPID ;;
+        esac
         hdr=(); [ $mode = close ] && hdr=(-H "Connection: close")
         before=$(ticks "$pid")
         out=$(taskset -c 1 wrk -t1 -c"$conns" -d"${SECS}s" --latency "${hdr[@]}" \
@@ -130,13 +153,21 @@ python3 - "$RES" > "$OUT/summary.md" <<'EOF'
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 med = lambda k, f: statistics.median(float(r[f]) for r in rows if (r["server"], r["mode"], r["conns"]) == k)
-print("| mode | conns | magnetar req/s | nginx req/s | ratio | magnetar p50/p99 ms | nginx p50/p99 ms | magnetar CPU µs/req | nginx CPU µs/req |")
-print("|---|---|---|---|---|---|---|---|---|")
+before = any(r["server"] == "before" for r in rows)
+print("| mode | conns | magnetar req/s | nginx req/s | ratio | magnetar p50/p99 ms | nginx p50/p99 ms | magnetar CPU µs/req | nginx CPU µs/req | CPU ratio |"
+      + (" before req/s | before ratio | before p50/p99 ms | before CPU µs/req | before CPU ratio |" if before else ""))
+print("|---" * (10 + 5 * before) + "|")
 for mode in ("keepalive", "close"):
     for conns in ("1", "64", "256"):
-        m, n = ("magnetar", mode, conns), ("nginx", mode, conns)
-        print(f"| {mode} | {conns} | {med(m,'req_per_s'):.0f} | {med(n,'req_per_s'):.0f} | {med(m,'req_per_s')/med(n,'req_per_s'):.2f} "
-              f"| {med(m,'p50_ms'):.3f} / {med(m,'p99_ms'):.3f} | {med(n,'p50_ms'):.3f} / {med(n,'p99_ms'):.3f} "
-              f"| {med(m,'cpu_us_per_req'):.1f} | {med(n,'cpu_us_per_req'):.1f} |")
+        m, n, b = ("magnetar", mode, conns), ("nginx", mode, conns), ("before", mode, conns)
+        line = (f"| {mode} | {conns} | {med(m,'req_per_s'):.0f} | {med(n,'req_per_s'):.0f} | {med(m,'req_per_s')/med(n,'req_per_s'):.2f} "
+                f"| {med(m,'p50_ms'):.3f} / {med(m,'p99_ms'):.3f} | {med(n,'p50_ms'):.3f} / {med(n,'p99_ms'):.3f} "
+                f"| {med(m,'cpu_us_per_req'):.1f} | {med(n,'cpu_us_per_req'):.1f} | {med(m,'cpu_us_per_req')/med(n,'cpu_us_per_req'):.2f} |")
+        if before:
+            line += (f" {med(b,'req_per_s'):.0f} | {med(b,'req_per_s')/med(n,'req_per_s'):.2f} "
+                     f"| {med(b,'p50_ms'):.3f} / {med(b,'p99_ms'):.3f} | {med(b,'cpu_us_per_req'):.1f} "
+                     f"| {med(b,'cpu_us_per_req')/med(n,'cpu_us_per_req'):.2f} |")
+        print(line)
 EOF
-cat "$OUT/summary.md"
+echo "end $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/load.txt"
+cat "$OUT/load.txt" "$OUT/summary.md"

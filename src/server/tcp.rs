@@ -1,6 +1,7 @@
 //! The TCP transport under a session: cancelable reads (bytes that race with a deadline
 //! or a fetch outcome stay in the buffer) and the writev loop that resumes short writes.
 
+use std::future::Future;
 use std::io;
 use std::pin::pin;
 
@@ -39,57 +40,26 @@ impl Transport for TcpTransport {
         spare_min: usize,
         waiter: Option<&flume::Receiver<FetchOutcome>>,
     ) -> Wake {
-        let mut owned = std::mem::take(buf);
-        if owned.capacity() - owned.len() < spare_min {
-            owned.reserve(spare_min);
-        }
-        let len = owned.len();
-        let spare = owned.capacity() - len;
-        let handle = self.canceller.handle();
-        let mut read = pin!(self.stream.cancelable_read(owned.slice_mut(len..), handle));
         let fetch = async {
             match waiter {
                 Some(w) => w.recv_async().await.ok(),
                 None => std::future::pending().await,
             }
         };
-        enum First<R> {
-            Read(R),
-            Deadline,
-            Fetch(Option<FetchOutcome>),
-        }
-        let first = monoio::select! {
-            r = &mut read => First::Read(r),
-            _ = monoio::time::sleep_until(deadline) => First::Deadline,
-            f = fetch => First::Fetch(f),
-        };
-        // A cancelled read still completes (with its bytes, if they won the race): wait
-        // for it so that the buffer comes back.
-        let (cancelled, (res, slice), fetched) = match first {
-            First::Read(r) => (false, r, None),
-            First::Deadline => {
-                let canceller = std::mem::take(&mut self.canceller);
-                self.canceller = canceller.cancel();
-                (true, read.await, None)
-            }
-            First::Fetch(f) => {
-                let canceller = std::mem::take(&mut self.canceller);
-                self.canceller = canceller.cancel();
-                (true, read.await, Some(f))
-            }
-        };
-        *buf = slice.into_inner();
-        let outcome = match res {
-            Ok(0) => ReadOutcome::Eof,
-            Ok(n) => ReadOutcome::Data { filled: n == spare },
-            Err(_) if cancelled => ReadOutcome::Deadline,
-            Err(e) => ReadOutcome::Failed(e),
-        };
-        match (fetched, outcome) {
+        let woke = read_or(
+            &mut self.stream,
+            &mut self.canceller,
+            buf,
+            deadline,
+            spare_min,
+            fetch,
+        )
+        .await;
+        match woke {
+            ReadOr::Read(o) => Wake::Read(o),
             // Bytes (or EOF) that arrived with the fetch outcome stay in `buf` and are seen
             // on the next round; the outcome goes first.
-            (Some(f), _) => Wake::Fetch(f),
-            (None, o) => Wake::Read(o),
+            ReadOr::Other(f) => Wake::Fetch(f),
         }
     }
 
@@ -134,4 +104,70 @@ impl Transport for TcpTransport {
         batch.clear();
         (Ok(()), batch)
     }
+}
+
+/// What ended a `read_or`.
+pub(crate) enum ReadOr<T> {
+    /// The read ended (with bytes, EOF, an error) or the deadline passed first.
+    Read(ReadOutcome),
+    /// The other future finished first; bytes that raced with it are in the buffer.
+    Other(T),
+}
+
+/// Appends received bytes to `buf` (first making `spare_min` bytes of room), unless
+/// `deadline` passes or `other` finishes first: then the read is cancelled, and bytes
+/// that won the race with the cancellation are kept in `buf` (nothing is lost). Shared by
+/// the peer sessions (`other`: the fetch they wait for) and the HTTP connections (`other`:
+/// never, `pending()`). `canceller` lives as long as the connection: a read
+/// registers with it and deregisters when it completes (no allocation per read); only a
+/// cancelled one replaces it.
+pub(crate) async fn read_or<F: Future>(
+    stream: &mut TcpStream,
+    canceller: &mut Canceller,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+    spare_min: usize,
+    other: F,
+) -> ReadOr<F::Output> {
+    let mut owned = std::mem::take(buf);
+    if owned.capacity() - owned.len() < spare_min {
+        owned.reserve(spare_min);
+    }
+    let len = owned.len();
+    let spare = owned.capacity() - len;
+    let handle = canceller.handle();
+    let mut read = pin!(stream.cancelable_read(owned.slice_mut(len..), handle));
+    enum First<R, T> {
+        Read(R),
+        Deadline,
+        Other(T),
+    }
+    let first = monoio::select! {
+        r = &mut read => First::Read(r),
+        _ = monoio::time::sleep_until(deadline) => First::Deadline,
+        o = other => First::Other(o),
+    };
+    // A cancelled read still completes (with its bytes, if they won the race): wait for it
+    // so that the buffer comes back.
+    let (cancelled, (res, slice), other) = match first {
+        First::Read(r) => (false, r, None),
+        First::Deadline => {
+            *canceller = std::mem::take(canceller).cancel();
+            (true, read.await, None)
+        }
+        First::Other(o) => {
+            *canceller = std::mem::take(canceller).cancel();
+            (true, read.await, Some(o))
+        }
+    };
+    *buf = slice.into_inner();
+    if let Some(o) = other {
+        return ReadOr::Other(o);
+    }
+    ReadOr::Read(match res {
+        Ok(0) => ReadOutcome::Eof,
+        Ok(n) => ReadOutcome::Data { filled: n == spare },
+        Err(_) if cancelled => ReadOutcome::Deadline,
+        Err(e) => ReadOutcome::Failed(e),
+    })
 }

@@ -1,30 +1,40 @@
 //! One HTTP connection's I/O. Reads go through monoio (io_uring or epoll) like the
-//! BitTorrent sessions'; answers go out as non-blocking syscalls made right away, and only
-//! a full socket buffer waits (for writability, through the runtime).
+//! BitTorrent sessions' (`server::tcp::read_or`); answers go out as non-blocking syscalls
+//! made right away, and only a full socket buffer waits (for writability, through the
+//! runtime).
 //!
 //! Why not monoio's writev: a .torrent is a ~40 KiB info dict, and a writev from the store's
 //! mapping makes the kernel copy all of it into socket buffers (28 % of the server's time in
 //! the profile, see BENCHMARKS.md). `sendfile(2)` from the segment file attaches the
 //! page-cache pages instead, as nginx does. monoio has no sendfile operation, so the socket
 //! is made non-blocking (under io_uring monoio leaves it blocking; its recv operations do
-//! not depend on the flag) and the syscalls are made here: the head with `MSG_MORE` (it
-//! waits in the socket for the dict's pages, so head and dict leave in one segment train),
-//! then sendfile of the dict, then the closing byte. A small answer fits the socket buffer
-//! almost always, so the common path is two or three syscalls and no runtime operation, no
-//! timer.
+//! not depend on the flag) and the syscalls are made here.
+//!
+//! One TCP segment per answer: the socket is corked (`TCP_CORK`) for its whole life, so
+//! the head, the dict's pages and the closing byte queue up into one segment, and `flush`
+//! sends them (setting `TCP_NODELAY` flushes a corked socket, tcp(7); the next send starts
+//! a new segment and the cork holds again). Without it the closing byte left as a segment
+//! of its own after sendfile's (sendfile cannot say "more follows"): twice the segments,
+//! wakeups of the client and ACKs per answer (4 vs nginx's 2 on loopback, `nstat`). A
+//! connection that closes after its answer ends with `finish` instead: shutdown(2) sends
+//! the queued bytes with the FIN in the same segment, at once (monoio's close under
+//! io_uring is an operation that waits for the ring's next submission, and the corked
+//! answer would wait with it). A small answer fits the socket buffer almost always, so
+//! the common path is four syscalls (head, sendfile, tail, flush or finish), no runtime
+//! operation, no timer.
 
+use std::convert::Infallible;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::pin::pin;
 use std::time::Duration;
 
-use monoio::buf::IoBufMut;
-use monoio::io::{CancelableAsyncReadRent, Canceller};
+use monoio::io::Canceller;
 use monoio::net::TcpStream;
 use monoio::time::Instant;
 
 use crate::limits;
 use crate::server::session::ReadOutcome;
+use crate::server::tcp::{self, ReadOr};
 
 /// A byte range of a file, sent with sendfile(2).
 pub struct FileRange<'a> {
@@ -49,6 +59,8 @@ impl Conn {
         if unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
             return Err(io::Error::last_os_error());
         }
+        // Corked for good: answers leave at `flush` or close (see the module doc).
+        set_tcp_option(fd, libc::TCP_CORK)?;
         Ok(Conn {
             stream,
             fd,
@@ -57,46 +69,31 @@ impl Conn {
     }
 
     /// Appends received bytes to `buf` (first making `spare_min` bytes of room), or ends
-    /// at `deadline`. Bytes that race with the deadline are kept.
+    /// at `deadline`. Bytes that race with the deadline are kept (`tcp::read_or`).
     pub async fn read(
         &mut self,
         buf: &mut Vec<u8>,
         deadline: Instant,
         spare_min: usize,
     ) -> ReadOutcome {
-        let mut owned = std::mem::take(buf);
-        if owned.capacity() - owned.len() < spare_min {
-            owned.reserve(spare_min);
-        }
-        let len = owned.len();
-        let spare = owned.capacity() - len;
-        let handle = self.canceller.handle();
-        let mut read = pin!(self.stream.cancelable_read(owned.slice_mut(len..), handle));
-        let first = monoio::select! {
-            r = &mut read => Some(r),
-            _ = monoio::time::sleep_until(deadline) => None,
-        };
-        // A cancelled read still completes (with its bytes, if they won the race): wait
-        // for it so that the buffer comes back.
-        let (cancelled, (res, slice)) = match first {
-            Some(r) => (false, r),
-            None => {
-                let canceller = std::mem::take(&mut self.canceller);
-                self.canceller = canceller.cancel();
-                (true, read.await)
-            }
-        };
-        *buf = slice.into_inner();
-        match res {
-            Ok(0) => ReadOutcome::Eof,
-            Ok(n) => ReadOutcome::Data { filled: n == spare },
-            Err(_) if cancelled => ReadOutcome::Deadline,
-            Err(e) => ReadOutcome::Failed(e),
+        let never = std::future::pending::<Infallible>();
+        let read = tcp::read_or(
+            &mut self.stream,
+            &mut self.canceller,
+            buf,
+            deadline,
+            spare_min,
+            never,
+        );
+        match read.await {
+            ReadOr::Read(o) => o,
+            ReadOr::Other(never) => match never {},
         }
     }
 
-    /// Sends `head`, then `body` (from its file, never through user space), then `tail`;
-    /// fails if the socket stays full for `HTTP_WRITE_TIMEOUT_MS`.
+    /// Queues `head`, then `body` (from its file, never through user space), then `tail`
+    /// behind the cork (`flush` sends them, or the close); fails if the socket stays full
+    /// for `HTTP_WRITE_TIMEOUT_MS`.
     pub async fn send(
         &mut self,
         head: &[u8],
@@ -109,18 +106,12 @@ impl Conn {
         let mut deadline = None;
         loop {
             let step = if head_at < head.len() {
-                // More follows: keep the head in the socket until the dict joins it.
-                let more = if body_left + tail.len() > 0 {
-                    libc::MSG_MORE
-                } else {
-                    0
-                };
-                send(self.fd, &head[head_at..], more).map(|n| head_at += n)
+                send(self.fd, &head[head_at..]).map(|n| head_at += n)
             } else if body_left > 0 {
                 let file = body.as_ref().expect("body_left > 0 implies a body").file;
                 sendfile(self.fd, file, &mut body_off, body_left).map(|n| body_left -= n)
             } else if tail_at < tail.len() {
-                send(self.fd, &tail[tail_at..], 0).map(|n| tail_at += n)
+                send(self.fd, &tail[tail_at..]).map(|n| tail_at += n)
             } else {
                 return Ok(());
             };
@@ -147,10 +138,45 @@ impl Conn {
             }
         }
     }
+
+    /// Sends what the cork holds, now (one segment, if it fits one).
+    pub fn flush(&self) -> io::Result<()> {
+        set_tcp_option(self.fd, libc::TCP_NODELAY)
+    }
+
+    /// Sends what the cork holds and the FIN with it, now: the last answer is out before
+    /// the connection's close is even submitted.
+    pub fn finish(&self) -> io::Result<()> {
+        // SAFETY: shutdown of a socket we own; reading stays open (a lingering read may
+        // follow).
+        if unsafe { libc::shutdown(self.fd, libc::SHUT_WR) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Turns a TCP option of the socket on.
+fn set_tcp_option(fd: RawFd, option: libc::c_int) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a live c_int and its size is passed with it.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            option,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// One non-blocking send(2); `Ok(n)` with n > 0.
-fn send(fd: RawFd, bytes: &[u8], flags: libc::c_int) -> io::Result<usize> {
+fn send(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
     // SAFETY: `bytes` is a live slice; MSG_NOSIGNAL: a closed peer is an EPIPE, not a
     // signal.
     let n = unsafe {
@@ -158,7 +184,7 @@ fn send(fd: RawFd, bytes: &[u8], flags: libc::c_int) -> io::Result<usize> {
             fd,
             bytes.as_ptr().cast(),
             bytes.len(),
-            flags | libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
         )
     };
     match n {
