@@ -36,6 +36,9 @@ pub enum Step {
     /// Store this verified info dict off the core (`Upstream::store_off_core`); feed the
     /// result to `on_stored`. Nothing is handled until then.
     Store(Vec<u8>),
+    /// Read the record of this key into the page cache off the core (`PageIn::page_in`);
+    /// feed the result to `on_paged_in`. Nothing is handled until then.
+    PageIn([u8; 20]),
     /// Close the connection; with `flush`, after sending the lent batch (our last MSE
     /// bytes, which tell the peer why). Counted already.
     Close { end: SessionEnd, flush: bool },
@@ -53,6 +56,9 @@ pub enum State {
     Sending { blocks: u32, payload_bytes: u32 },
     /// A store runs off the core (`Step::Store`) until `on_stored`: bytes and events wait.
     Storing,
+    /// A cold record is read in off the core (`Step::PageIn`) since `since`, until
+    /// `on_paged_in`: bytes and events wait.
+    PagingIn { since: Instant },
     /// Ended (counted once); the adapter closes and frees.
     Closed,
 }
@@ -112,6 +118,8 @@ pub struct Pump<'a> {
     /// it is `Ready` (a fetch outcome while a reply was out, a due deadline).
     parked_fetch: Option<Box<Option<FetchOutcome>>>,
     stored: Option<Box<Result<RecordRef, StoreError>>>,
+    /// The outcome of `Step::PageIn` and how long it took.
+    paged_in: Option<Box<(Option<RecordRef>, std::time::Duration)>>,
     deadline_due: bool,
 }
 
@@ -127,12 +135,18 @@ impl<'a> Pump<'a> {
             reply_is_handshake: false,
             parked_fetch: None,
             stored: None,
+            paged_in: None,
             deadline_due: false,
         }
     }
 
     pub fn peer(&self) -> SocketAddr {
         self.conn.peer()
+    }
+
+    /// What every session on this worker shares.
+    pub fn ctx(&self) -> &'a WorkerCtx {
+        self.conn.ctx()
     }
 
     pub fn state(&self) -> State {
@@ -224,6 +238,7 @@ impl<'a> Pump<'a> {
             && out.is_empty()
             && self.parked_fetch.is_none()
             && self.stored.is_none()
+            && self.paged_in.is_none()
             && !self.deadline_due
     }
 
@@ -239,6 +254,14 @@ impl<'a> Pump<'a> {
         if self.state == State::Storing {
             self.state = State::Ready;
             self.stored = Some(Box::new(stored));
+        }
+    }
+
+    /// The result of `Step::PageIn` (`None`: not stored after all), at `now`.
+    pub fn on_paged_in(&mut self, record: Option<RecordRef>, now: Instant) {
+        if let State::PagingIn { since } = self.state {
+            self.state = State::Ready;
+            self.paged_in = Some(Box::new((record, now.saturating_duration_since(since))));
         }
     }
 
@@ -293,10 +316,20 @@ impl<'a> Pump<'a> {
                         self.state = State::Storing;
                         Step::Store(info)
                     }
+                    Effect::PageIn(key) => {
+                        self.state = State::PagingIn { since: now };
+                        Step::PageIn(key)
+                    }
                     Effect::Close(end) => self.close(end, false),
                 };
             }
             // 2. Events that waited for `Ready`.
+            if let Some(paged_in) = self.paged_in.take() {
+                let (record, waited) = *paged_in;
+                self.conn.on_paged_in(record, waited, now, out);
+                idle = false;
+                continue;
+            }
             if let Some(stored) = self.stored.take() {
                 self.conn.on_stored(*stored, out);
                 idle = false;
