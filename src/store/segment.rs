@@ -371,6 +371,25 @@ impl Segment {
         true
     }
 
+    /// Drops the pages of this segment's file from the page cache (our mapping's page-table
+    /// entries first: a mapped page is not dropped). True if the kernel did (not on tmpfs).
+    #[cfg(test)]
+    pub(crate) fn evict_for_test(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        self.sync_data().unwrap();
+        // SAFETY: our own mapping; MADV_DONTNEED on a shared file mapping only drops the
+        // page-table entries (the bytes stay in the file and the page cache).
+        unsafe {
+            libc::madvise(
+                self.map.as_ptr() as *mut libc::c_void,
+                self.map.len(),
+                libc::MADV_DONTNEED,
+            );
+            libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+        !self.mincore(0..1)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -477,6 +496,39 @@ mod tests {
         assert_eq!(seg.bytes(0, 5), b"hello");
         seg.write_all_at(b"world", 8192).unwrap();
         assert_eq!(seg.bytes(8192, 5), b"world");
+    }
+
+    #[test]
+    fn residency_bits_skip_mincore_age_out_and_page_in_reads_the_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = Segment::create(dir.path(), 0, 0, 1 << 20, false).unwrap();
+        seg.write_all_at(&[7u8; 3 * PAGE_BYTES], 0).unwrap();
+        // Just written: in the page cache; the bits of pages 0 and 1 are set by the check.
+        assert!(seg.is_resident(100, PAGE_BYTES, 1));
+        assert!(seg.residency.pages[0].load(Ordering::Relaxed) & 0b11 == 0b11);
+        if !seg.evict_for_test() {
+            eprintln!(
+                "the page cache of {} cannot be dropped (tmpfs?): skipped",
+                dir.path().display()
+            );
+            return;
+        }
+        // Same period: the bits are trusted (no mincore), by design.
+        assert!(seg.is_resident(100, PAGE_BYTES, 1));
+        // Page 2 was never seen: asked about, and gone.
+        assert!(!seg.is_resident(2 * PAGE_BYTES, 10, 1));
+        // A new period forgets the bits: the evicted pages are seen as cold.
+        assert!(!seg.is_resident(100, 10, 2));
+        assert_eq!(seg.residency.pages[0].load(Ordering::Relaxed), 0);
+        // A page-in reads exactly the record's pages and marks them.
+        seg.page_in(100, PAGE_BYTES);
+        assert!(seg.mincore(0..2), "the kernel holds pages 0 and 1 again");
+        assert!(seg.is_resident(100, PAGE_BYTES, 2));
+        // And they stay resident for a fresh period's mincore.
+        assert!(seg.is_resident(100, PAGE_BYTES, 3));
+        // Outside the reservation: never resident, never touched.
+        assert!(!seg.is_resident((1 << 20) - 10, 20, 3));
+        seg.page_in((1 << 20) - 10, 20);
     }
 
     #[test]
