@@ -802,8 +802,15 @@ impl Store {
     /// Reads the record for `key` into the page cache and returns it, as `lookup`
     /// (blocking on the disk: for a page-in thread, after `lookup_resident` said `Cold`).
     pub fn page_in(&self, key: &[u8; 20]) -> Option<RecordRef> {
-        // The lookup faults the candidates' header pages in (here, off the worker).
-        let record = self.index.get(key)?;
+        // Each candidate's header page is read in exactly (no fault read-around, which
+        // can be megabytes: `read_ahead_kb`) before the lookup reads the header.
+        let record = self
+            .index
+            .get_if(key, |seg, at| {
+                seg.page_in(at, HEADER_BYTES);
+                true
+            })
+            .ok()??;
         let (seg, at) = (record.segment(), record.header_offset());
         seg.page_in(at, record_bytes(record.len()));
         let record = self.checked(record)?;
