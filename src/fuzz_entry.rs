@@ -932,7 +932,7 @@ fn pump_serve(
                     "a page-in for a torrent the handshake did not prove"
                 );
                 let record = pump.ctx().store.page_in(&k);
-                pump.on_paged_in(record, now);
+                pump.on_paged_in(record);
             }
             Step::Wait => return true,
         }

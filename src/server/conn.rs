@@ -172,8 +172,9 @@ enum Phase {
     /// Waiting for the 48 bytes that name the info-hash.
     Handshake { deadline: Instant },
     /// The handshake named a record that is not in the page cache: it is read in off the
-    /// core (`Effect::PageIn`) before we answer. `fast`: the peer set the Fast bit.
-    PagingIn { fast: bool },
+    /// core (`Effect::PageIn`) before we answer. `fast`: the peer set the Fast bit;
+    /// `since`: when the page-in began.
+    PagingIn { fast: bool, since: Instant },
     /// A miss: the fetch runs.
     Waiting(Waiting),
     /// The metadata is stored: requests are answered from the mmap. Our extension
@@ -562,6 +563,7 @@ impl<'a> Conn<'a> {
                 stats.cold_lookups.inc();
                 self.phase = Phase::PagingIn {
                     fast: head.reserved.fast(),
+                    since: now,
                 };
                 self.effects.push_back(Effect::PageIn(self.key));
                 return;
@@ -572,19 +574,13 @@ impl<'a> Conn<'a> {
 
     /// The record of a cold handshake is in the page cache now (`None`: it is not
     /// stored, deleted meanwhile say): the handshake is answered as a hit or a miss.
-    /// `waited`: how long the page-in took.
-    pub fn on_paged_in(
-        &mut self,
-        record: Option<RecordRef>,
-        waited: Duration,
-        now: Instant,
-        out: &mut OutBatch,
-    ) {
-        let Phase::PagingIn { fast } = self.phase else {
+    pub fn on_paged_in(&mut self, record: Option<RecordRef>, now: Instant, out: &mut OutBatch) {
+        let Phase::PagingIn { fast, since } = self.phase else {
             return;
         };
         let stats = &self.ctx.stats;
         stats.page_ins.inc();
+        let waited = now.saturating_duration_since(since);
         stats.page_in_wait_us.add(waited.as_micros() as u64);
         if self.end.is_some() {
             return;

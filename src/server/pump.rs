@@ -24,6 +24,12 @@ use crate::server::send::OutBatch;
 use crate::store::{RecordRef, StoreError};
 use crate::upstream::shard::{FetchOutcome, ShardCmd};
 
+/// What came back from work done off the core.
+enum OffCore {
+    Stored(Result<RecordRef, StoreError>),
+    PagedIn(Option<RecordRef>),
+}
+
 /// What the adapter must do next.
 pub enum Step {
     /// Send the lent batch as it is (sealed); call `on_sent` once all of it is written.
@@ -56,9 +62,9 @@ pub enum State {
     Sending { blocks: u32, payload_bytes: u32 },
     /// A store runs off the core (`Step::Store`) until `on_stored`: bytes and events wait.
     Storing,
-    /// A cold record is read in off the core (`Step::PageIn`) since `since`, until
-    /// `on_paged_in`: bytes and events wait.
-    PagingIn { since: Instant },
+    /// A cold record is read in off the core (`Step::PageIn`) until `on_paged_in`: bytes
+    /// and events wait.
+    PagingIn,
     /// Ended (counted once); the adapter closes and frees.
     Closed,
 }
@@ -117,9 +123,9 @@ pub struct Pump<'a> {
     /// Events that came while the connection could not take them, applied in order once
     /// it is `Ready` (a fetch outcome while a reply was out, a due deadline).
     parked_fetch: Option<Box<Option<FetchOutcome>>>,
-    stored: Option<Box<Result<RecordRef, StoreError>>>,
-    /// The outcome of `Step::PageIn` and how long it took.
-    paged_in: Option<Box<(Option<RecordRef>, std::time::Duration)>>,
+    /// The result of `Step::Store` or `Step::PageIn` (one field: one at a time, and the
+    /// size of every connection stays as it was).
+    finished: Option<Box<OffCore>>,
     deadline_due: bool,
 }
 
@@ -134,8 +140,7 @@ impl<'a> Pump<'a> {
             news: ReadNews::Nothing,
             reply_is_handshake: false,
             parked_fetch: None,
-            stored: None,
-            paged_in: None,
+            finished: None,
             deadline_due: false,
         }
     }
@@ -237,8 +242,7 @@ impl<'a> Pump<'a> {
             && self.input.is_empty()
             && out.is_empty()
             && self.parked_fetch.is_none()
-            && self.stored.is_none()
-            && self.paged_in.is_none()
+            && self.finished.is_none()
             && !self.deadline_due
     }
 
@@ -253,15 +257,15 @@ impl<'a> Pump<'a> {
     pub fn on_stored(&mut self, stored: Result<RecordRef, StoreError>) {
         if self.state == State::Storing {
             self.state = State::Ready;
-            self.stored = Some(Box::new(stored));
+            self.finished = Some(Box::new(OffCore::Stored(stored)));
         }
     }
 
-    /// The result of `Step::PageIn` (`None`: not stored after all), at `now`.
-    pub fn on_paged_in(&mut self, record: Option<RecordRef>, now: Instant) {
-        if let State::PagingIn { since } = self.state {
+    /// The result of `Step::PageIn` (`None`: not stored after all).
+    pub fn on_paged_in(&mut self, record: Option<RecordRef>) {
+        if self.state == State::PagingIn {
             self.state = State::Ready;
-            self.paged_in = Some(Box::new((record, now.saturating_duration_since(since))));
+            self.finished = Some(Box::new(OffCore::PagedIn(record)));
         }
     }
 
@@ -317,21 +321,18 @@ impl<'a> Pump<'a> {
                         Step::Store(info)
                     }
                     Effect::PageIn(key) => {
-                        self.state = State::PagingIn { since: now };
+                        self.state = State::PagingIn;
                         Step::PageIn(key)
                     }
                     Effect::Close(end) => self.close(end, false),
                 };
             }
             // 2. Events that waited for `Ready`.
-            if let Some(paged_in) = self.paged_in.take() {
-                let (record, waited) = *paged_in;
-                self.conn.on_paged_in(record, waited, now, out);
-                idle = false;
-                continue;
-            }
-            if let Some(stored) = self.stored.take() {
-                self.conn.on_stored(*stored, out);
+            if let Some(finished) = self.finished.take() {
+                match *finished {
+                    OffCore::Stored(stored) => self.conn.on_stored(stored, out),
+                    OffCore::PagedIn(record) => self.conn.on_paged_in(record, now, out),
+                }
                 idle = false;
                 continue;
             }

@@ -86,7 +86,7 @@ async fn drive<T: Transport>(mut io: T, peer: SocketAddr, ctx: &WorkerCtx) -> Se
             Step::PageIn(key) => {
                 // Awaited on this core's runtime: its other connections go on meanwhile.
                 let record = ctx.page_in.page_in(key).await;
-                pump.on_paged_in(record, Instant::now());
+                pump.on_paged_in(record);
             }
             Step::Send => {
                 let deadline = pump.write_deadline(Instant::now());

@@ -4,6 +4,7 @@
 # hashes of all 10M. Derived from benches/results/store-10m/cgroup.sh (same load), plus the
 # admin plane for the cold-read counters. Run under `flock /work/bench.lock`.
 #   BIN=magnetar L=magnetar-loadgen D=<dir with store/ and hashes.txt> OUT=<dir> cgroup.sh
+# SERVER_DRIVER=epoll runs the server on the epoll driver (the load generator stays as is).
 set -u
 : "${BIN:?}" "${L:?}" "${D:?}" "${OUT:?}"
 mkdir -p "$OUT"
@@ -16,7 +17,7 @@ echo 0 > $CG/memory.failcnt 2>/dev/null
 sync; echo 3 > /proc/sys/vm/drop_caches
 PORT=$((20000 + RANDOM % 20000)); APORT=$((PORT + 1))
 t0=$(date +%s.%N)
-( echo $BASHPID > $CG/cgroup.procs; exec taskset -c 0 "$BIN" serve --data-dir "$D/store" --listen 127.0.0.1:$PORT --no-dht --admin 127.0.0.1:$APORT --threads 1 --connections-per-ip-max 4096 --shutdown-grace-ms 500 ) > "$OUT/stdout.log" 2> "$OUT/server.log" &
+( echo $BASHPID > $CG/cgroup.procs; exec taskset -c 0 "$BIN" serve --data-dir "$D/store" --listen 127.0.0.1:$PORT --no-dht --admin 127.0.0.1:$APORT --threads 1 --connections-per-ip-max 4096 --shutdown-grace-ms 500 ${SERVER_DRIVER:+--driver $SERVER_DRIVER} ) > "$OUT/stdout.log" 2> "$OUT/server.log" &
 SP=$!
 for i in $(seq 1200); do
   grep -q "^ready" "$OUT/stdout.log" 2>/dev/null && break

@@ -577,7 +577,7 @@ impl<'c> Core<'c> {
                 match event {
                     Event::Fetch(outcome) => link.pump.on_fetch(outcome),
                     Event::Stored(stored) => link.pump.on_stored(stored),
-                    Event::PagedIn(record) => link.pump.on_paged_in(record, Instant::now()),
+                    Event::PagedIn(record) => link.pump.on_paged_in(record),
                 }
                 let step = core.poll_link(key);
                 core.run_steps(key, step);
