@@ -7,7 +7,7 @@
 //! so every connection shares its thread. Slow disk, made deterministic:
 //! `MAGNETAR_PAGE_IN_DELAY_MS` holds each page-in for a while (the hook the server has for
 //! this), and where the test runs as root with cgroup v1 blkio, the server's reads from the
-//! store's disk are also throttled to a few per second, so a read on the worker thread (as
+//! store's disk are also throttled to a few per second (after its first fetch), so a read on the worker thread (as
 //! before this change) would hold every connection of the core for that long.
 //!
 //! Runs on the driver `MAGNETAR_DRIVER` names (io_uring by default; `epoll` too).
@@ -22,8 +22,11 @@ use magnetar::store::{AppendOptions, Store, StoreOptions};
 
 use common::info::{v1_info, Torrent};
 use common::kit::{get, metrics};
-use common::peer::{fetch_all, open};
+use common::peer::{
+    ext_handshake, fetch_all, fetch_all_on, handshake, open, reserved, Peer, PROMPT,
+};
 use common::ServerProc;
+use magnetar::wire::{ExtHandshake, Frame};
 
 /// How long each page-in is held (the cold fetch's floor).
 const PAGE_IN_DELAY: Duration = Duration::from_millis(1500);
@@ -102,10 +105,11 @@ impl Throttle {
         let dir = root.join(format!("magnetar-cold-reads-{}", std::process::id()));
         std::fs::create_dir(&dir).ok()?;
         let t = Throttle(dir);
-        // Two reads a second: a fault on the worker would hold it ~0.5 s per read.
+        // Four reads a second: a fault on the worker would hold it ~0.25 s per read (and
+        // a fault's read-around is several reads).
         std::fs::write(
             t.0.join("blkio.throttle.read_iops_device"),
-            format!("{major}:{minor} 2"),
+            format!("{major}:{minor} 4"),
         )
         .ok()?;
         std::fs::write(t.0.join("cgroup.procs"), server.to_string()).ok()?;
@@ -118,6 +122,30 @@ impl Drop for Throttle {
         // The server is gone by now (dropped first): the group is empty.
         let _ = std::fs::remove_dir(&self.0);
     }
+}
+
+/// `fetch_all` of `t`, waiting up to `answer_within` for the server's first answer (a
+/// cold record's page-in on a throttled disk takes longer than `PROMPT`).
+fn fetch_waiting(addr: std::net::SocketAddr, t: &Torrent, answer_within: Duration) {
+    let mut peer = Peer::connect(addr);
+    let mut first = handshake(reserved(false), &t.key);
+    first.extend(ext_handshake(Some(OUR_ID)));
+    peer.send(&first);
+    assert_eq!(
+        peer.fill(Instant::now() + answer_within),
+        Ok(true),
+        "the server answered the handshake"
+    );
+    let _ = peer.read_exact(68, PROMPT, "server handshake");
+    let m = peer.msg("extension handshake");
+    let Frame::Extended { id: 0, payload } = m.frame() else {
+        panic!("the extension handshake first, got {m:?}");
+    };
+    let server_id = ExtHandshake::decode(payload)
+        .expect("extension handshake")
+        .ut_metadata
+        .expect("ut_metadata");
+    fetch_all_on(&mut peer, server_id, t, OUR_ID);
 }
 
 #[test]
@@ -153,16 +181,6 @@ fn a_hot_fetch_completes_while_a_cold_one_on_the_same_core_waits_for_the_disk() 
         PAGE_IN_DELAY.as_millis().to_string(),
     );
     let server = ServerProc::spawn(cmd);
-    let throttle = Throttle::new(server.child.id(), &data);
-    eprintln!(
-        "driver {}, blkio read throttle: {}",
-        server.driver,
-        if throttle.is_some() {
-            "on"
-        } else {
-            "off (not root or no cgroup v1 blkio)"
-        }
-    );
     let (resident, pages) = segment_files(&data)
         .iter()
         .map(|p| resident_pages(p))
@@ -174,19 +192,27 @@ fn a_hot_fetch_completes_while_a_cold_one_on_the_same_core_waits_for_the_disk() 
 
     // The hot record's first fetch is cold too: paged in, then served.
     let t = Instant::now();
-    fetch_all(&mut open(server.addr, &hot.key, OUR_ID), &hot, OUR_ID);
+    fetch_waiting(server.addr, &hot, Duration::from_secs(30));
     let first_took = t.elapsed();
+    // From here on the disk is slow for the server (its code paths for this have run, so
+    // the reads throttled are the store's).
+    let throttle = Throttle::new(server.child.id(), &data);
+    eprintln!(
+        "driver {}, blkio read throttle: {}",
+        server.driver,
+        if throttle.is_some() {
+            "on"
+        } else {
+            "off (not root or no cgroup v1 blkio)"
+        }
+    );
 
     // The cold fetch starts, and waits for its page-in...
     let (done_tx, done_rx) = mpsc::channel();
     let (addr, cold_torrent) = (server.addr, cold.clone());
     let cold_fetch = std::thread::spawn(move || {
         let t = Instant::now();
-        fetch_all(
-            &mut open(addr, &cold_torrent.key, OUR_ID),
-            &cold_torrent,
-            OUR_ID,
-        );
+        fetch_waiting(addr, &cold_torrent, Duration::from_secs(30));
         let _ = done_tx.send(());
         t.elapsed()
     });
