@@ -4,6 +4,8 @@
 # hashes of all 10M. Derived from benches/results/store-10m/cgroup.sh (same load), plus the
 # admin plane for the cold-read counters. Run under `flock /work/bench.lock`.
 #   BIN=magnetar L=magnetar-loadgen D=<dir with store/ and hashes.txt> OUT=<dir> cgroup.sh
+# COLD_HASHES=<file> replaces the random-of-all-10M load (a control: a second, resident
+# hot set shows what 16 busy connections cost the hot set on one core without the disk).
 # SERVER_DRIVER=epoll runs the server on the epoll driver (the load generator stays as is).
 set -u
 : "${BIN:?}" "${L:?}" "${D:?}" "${OUT:?}"
@@ -31,7 +33,7 @@ echo "hot alone:" | tee -a "$OUT/summary.txt"
 run "$D/hot.txt" 4 5s > /dev/null   # warm the hot set
 run "$D/hot.txt" 4 10s | tee -a "$OUT/summary.txt"
 echo "hot under cold load:" | tee -a "$OUT/summary.txt"
-run "$D/hashes.txt" 16 14s > "$OUT/cold.json" &
+run "${COLD_HASHES:-$D/hashes.txt}" 16 14s > "$OUT/cold.json" &
 CP=$!
 sleep 2
 run "$D/hot.txt" 4 10s | tee -a "$OUT/summary.txt"
