@@ -91,7 +91,10 @@ fn evict(data: &Path) -> bool {
 
 /// A cgroup v1 blkio group throttling the reads of `server` from the disk holding `data`,
 /// removed on drop; `None` where that cannot be made (not root, no cgroup v1 blkio).
-struct Throttle(PathBuf);
+struct Throttle {
+    dir: PathBuf,
+    server: u32,
+}
 
 impl Throttle {
     fn new(server: u32, data: &Path) -> Option<Throttle> {
@@ -104,23 +107,26 @@ impl Throttle {
         let (major, minor) = (libc::major(dev), libc::minor(dev));
         let dir = root.join(format!("magnetar-cold-reads-{}", std::process::id()));
         std::fs::create_dir(&dir).ok()?;
-        let t = Throttle(dir);
+        let t = Throttle { dir, server };
         // Four reads a second: a fault on the worker would hold it ~0.25 s per read (and
         // a fault's read-around is several reads).
         std::fs::write(
-            t.0.join("blkio.throttle.read_iops_device"),
+            t.dir.join("blkio.throttle.read_iops_device"),
             format!("{major}:{minor} 4"),
         )
         .ok()?;
-        std::fs::write(t.0.join("cgroup.procs"), server.to_string()).ok()?;
+        std::fs::write(t.dir.join("cgroup.procs"), server.to_string()).ok()?;
         Some(t)
     }
 }
 
 impl Drop for Throttle {
     fn drop(&mut self) {
-        // The server is gone by now (dropped first): the group is empty.
-        let _ = std::fs::remove_dir(&self.0);
+        // The server back to the root group (it may still run: a failed assertion drops
+        // this first), then the group, now empty, goes.
+        let root = self.dir.parent().expect("under the blkio root");
+        let _ = std::fs::write(root.join("cgroup.procs"), self.server.to_string());
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
