@@ -37,6 +37,17 @@ fn store(c: &mut Criterion) {
             store.lookup(black_box(&keys[i])).unwrap()
         })
     });
+    // What a worker's handshake does (`Store::lookup_resident`): the lookup plus the
+    // residency check of the header and record pages (bits known resident: no mincore).
+    g.bench_function("lookup_resident_hit_100k", |b| {
+        b.iter(|| {
+            i = (i + 7919) % keys.len();
+            match store.lookup_resident(black_box(&keys[i])) {
+                magnetar::store::Resident::Hit(r) => r,
+                other => panic!("a resident record: {other:?}"),
+            }
+        })
+    });
     // What a hit is for: the record's bytes go out next (the kernel copies them from the
     // mapping into the socket). Measured with the lookup so that the cost of reaching the
     // record's page is counted once, wherever the index reaches it first.

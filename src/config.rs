@@ -124,6 +124,12 @@ pub struct ServeSettings {
     #[arg(long, default_value_t = 0, value_name = "BYTES")]
     pub send_zc_min_bytes: usize,
 
+    /// Threads that read records not in the page cache (a store larger than memory) off
+    /// the workers, so a cold read never stalls a core's other connections. Each waits on
+    /// one disk read at a time: more keep more reads in flight. At most 256.
+    #[arg(long, default_value_t = limits::PAGE_IN_THREADS_DEFAULT, value_name = "N")]
+    pub page_in_threads: usize,
+
     /// Worker threads (one io runtime each). Default: one per CPU.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
@@ -349,6 +355,13 @@ impl ServeSettings {
         }
         cfg.utp_half_open_per_core_max = self.utp_half_open_per_core_max;
         cfg.send_zc_min_bytes = self.send_zc_min_bytes;
+        if self.page_in_threads == 0 || self.page_in_threads > limits::PAGE_IN_THREADS_MAX {
+            bail!(
+                "page-in-threads must be between 1 and {}",
+                limits::PAGE_IN_THREADS_MAX
+            );
+        }
+        cfg.page_in_threads = self.page_in_threads;
         cfg.mse_handshakes_per_ip_per_second_max = self.mse_handshakes_per_ip_per_second_max;
         cfg.mse_handshakes_per_core_per_second_max = self.mse_handshakes_per_core_per_second_max;
         cfg.shutdown_grace = Duration::from_millis(self.shutdown_grace_ms);
@@ -643,6 +656,8 @@ pub struct ServeConfig {
     /// io_uring path: zero-copy send for replies with at least this many payload bytes
     /// (0 = never).
     pub send_zc_min_bytes: usize,
+    /// Threads of the page-in pool (`server/pagein.rs`).
+    pub page_in_threads: usize,
     /// MSE handshakes one address may start per second on a core.
     pub mse_handshakes_per_ip_per_second_max: u32,
     /// MSE handshakes one core may start per second from all addresses.
@@ -682,6 +697,7 @@ impl ServeConfig {
             utp_gso: true,
             utp_half_open_per_core_max: limits::UTP_HALF_OPEN_PER_CORE_MAX_DEFAULT,
             send_zc_min_bytes: 0,
+            page_in_threads: limits::PAGE_IN_THREADS_DEFAULT,
             mse_handshakes_per_ip_per_second_max:
                 limits::MSE_HANDSHAKES_PER_IP_PER_SECOND_MAX_DEFAULT,
             mse_handshakes_per_core_per_second_max:

@@ -738,12 +738,17 @@ fn session_kit() -> SessionKit {
     cfg.mse_handshakes_per_ip_per_second_max = 1_000_000_000;
     cfg.mse_handshakes_per_core_per_second_max = 1_000_000_000;
     let (upstream, mailboxes) = Upstream::new(UpstreamConfig::default(), store.clone(), 1);
+    let page_in = Arc::new(
+        crate::server::pagein::PageIn::start(store.clone(), 1, std::time::Duration::ZERO)
+            .expect("page-in thread"),
+    );
     let ctx = crate::server::conn::WorkerCtx::new(
         store,
         Arc::new(cfg),
         Arc::new(CoreStats::default()),
         *b"-MG0001-fuzzsession0",
         upstream,
+        page_in,
     );
     SessionKit {
         ctx,
@@ -921,6 +926,14 @@ fn pump_serve(
                 );
             }
             Step::Store(_) => panic!("a store started from an encrypted peer of a stored torrent"),
+            Step::PageIn(k) => {
+                assert_eq!(
+                    &k, key,
+                    "a page-in for a torrent the handshake did not prove"
+                );
+                let record = pump.ctx().store.page_in(&k);
+                pump.on_paged_in(record);
+            }
             Step::Wait => return true,
         }
         step = pump.poll(now, out);

@@ -241,3 +241,19 @@ pub const HTTP_RETRY_AFTER_S: u64 = 60;
 /// the answer before the client reads it (nginx's `lingering_close`, 5 s / unbounded).
 pub const HTTP_LINGER_MS: u64 = 1_000;
 pub const HTTP_LINGER_BYTES_MAX: usize = 64 * 1024;
+
+/// Default of `--page-in-threads`: threads reading records that are not in the page cache
+/// (`server/pagein.rs`). Each blocks on one fault (one random read) at a time, so this is
+/// the number of cold reads in flight: 16 keeps an SSD's queue busy (most reach full
+/// random-read throughput at a queue depth of 8–32) while costing only 16 mostly-sleeping
+/// threads (their stacks are reserved, not resident). One pool serves every core.
+pub const PAGE_IN_THREADS_DEFAULT: usize = 16;
+
+/// Most page-in threads `--page-in-threads` accepts: beyond a deep NVMe queue more
+/// threads add no reads in flight, only stacks and scheduling.
+pub const PAGE_IN_THREADS_MAX: usize = 256;
+
+/// Cold lookups waiting for a page-in thread; past it a connection's task waits for room
+/// on its own core's runtime (the core goes on serving). Sized so a burst of cold
+/// handshakes from every core queues without waiting: 4096 × ~40 B.
+pub const PAGE_IN_QUEUE_MAX: usize = 4096;

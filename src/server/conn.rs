@@ -39,7 +39,7 @@ use crate::config::ServeConfig;
 use crate::limits;
 use crate::server::send::OutBatch;
 use crate::server::stats::{CoreStats, Counter};
-use crate::store::{RecordRef, Store, StoreError};
+use crate::store::{RecordRef, Resident, Store, StoreError};
 use crate::upstream::assemble::{MetadataAssembler, Progress};
 use crate::upstream::ratelimit::PerKeyWindow;
 use crate::upstream::shard::{FetchOutcome, ShardCmd, Upstream};
@@ -78,6 +78,8 @@ pub struct WorkerCtx {
     pub stats: Arc<CoreStats>,
     pub peer_id: [u8; 20],
     pub upstream: Arc<Upstream>,
+    /// Reads records that are not in the page cache off this core (`Effect::PageIn`).
+    pub page_in: Arc<crate::server::pagein::PageIn>,
     /// MSE handshakes started per peer address (per-/64) in the last second on this core:
     /// each costs a DH modular exponentiation (`server/mse.rs`).
     pub mse_handshakes: PerKeyWindow<std::net::IpAddr>,
@@ -92,6 +94,7 @@ impl WorkerCtx {
         stats: Arc<CoreStats>,
         peer_id: [u8; 20],
         upstream: Arc<Upstream>,
+        page_in: Arc<crate::server::pagein::PageIn>,
     ) -> WorkerCtx {
         let mse_handshakes = PerKeyWindow::new(
             cfg.mse_handshakes_per_ip_per_second_max,
@@ -105,6 +108,7 @@ impl WorkerCtx {
             stats,
             peer_id,
             upstream,
+            page_in,
             mse_handshakes,
             mse_dh_budget: crate::upstream::ratelimit::TokenBucket::new(per_core, per_core),
         }
@@ -155,6 +159,10 @@ pub enum Effect {
     /// The client gave us this info dict and it verified: store it off the core
     /// (`Upstream::store_off_core`) and feed the result to `Conn::on_stored`.
     Store(Vec<u8>),
+    /// The record for this key is not in the page cache: look it up and read it in off
+    /// the core (`PageIn::page_in`) and feed the result to `Conn::on_paged_in`. Nothing
+    /// else is handled until then (our handshake's reserved bits depend on the record).
+    PageIn([u8; 20]),
     /// Close the connection without writing what is queued.
     Close(SessionEnd),
 }
@@ -163,6 +171,10 @@ pub enum Effect {
 enum Phase {
     /// Waiting for the 48 bytes that name the info-hash.
     Handshake { deadline: Instant },
+    /// The handshake named a record that is not in the page cache: it is read in off the
+    /// core (`Effect::PageIn`) before we answer. `fast`: the peer set the Fast bit;
+    /// `since`: when the page-in began.
+    PagingIn { fast: bool, since: Instant },
     /// A miss: the fetch runs.
     Waiting(Waiting),
     /// The metadata is stored: requests are answered from the mmap. Our extension
@@ -373,6 +385,10 @@ impl<'a> Conn<'a> {
         if self.end.is_some() {
             return 0;
         }
+        if let Phase::PagingIn { .. } = self.phase {
+            // Kept by the driver until the record is here (`on_paged_in`).
+            return 0;
+        }
         if let Phase::Handshake { .. } = self.phase {
             return match decode_handshake_head(buf) {
                 Ok(Decoded::Done(head, _)) => {
@@ -510,7 +526,7 @@ impl<'a> Conn<'a> {
 
     fn ext_sent(&self) -> bool {
         match &self.phase {
-            Phase::Handshake { .. } => false,
+            Phase::Handshake { .. } | Phase::PagingIn { .. } => false,
             Phase::Waiting(w) => w.hold_until.is_none(),
             Phase::Serving(_) => true,
         }
@@ -539,7 +555,50 @@ impl<'a> Conn<'a> {
             stats.blocked.inc();
             return self.close(SessionEnd::MissRefused);
         }
-        let record = ctx.store.lookup(&self.key);
+        let record = match ctx.store.lookup_resident(&self.key) {
+            Resident::Hit(record) => Some(record),
+            Resident::Miss => None,
+            Resident::Cold => {
+                // Reading it here would stall every connection of this core on the disk.
+                stats.cold_lookups.inc();
+                self.phase = Phase::PagingIn {
+                    fast: head.reserved.fast(),
+                    since: now,
+                };
+                self.effects.push_back(Effect::PageIn(self.key));
+                return;
+            }
+        };
+        self.answer_handshake(record, head.reserved.fast(), now, out);
+    }
+
+    /// The record of a cold handshake is in the page cache now (`None`: it is not
+    /// stored, deleted meanwhile say): the handshake is answered as a hit or a miss.
+    pub fn on_paged_in(&mut self, record: Option<RecordRef>, now: Instant, out: &mut OutBatch) {
+        let Phase::PagingIn { fast, since } = self.phase else {
+            return;
+        };
+        let stats = &self.ctx.stats;
+        stats.page_ins.inc();
+        let waited = now.saturating_duration_since(since);
+        stats.page_in_wait_us.add(waited.as_micros() as u64);
+        if self.end.is_some() {
+            return;
+        }
+        self.answer_handshake(record, fast, now, out);
+    }
+
+    /// Our handshake for the looked-up `record` (a hit) or none (a miss: the fetch
+    /// starts). `peer_fast`: the peer set the Fast bit.
+    fn answer_handshake(
+        &mut self,
+        record: Option<RecordRef>,
+        peer_fast: bool,
+        now: Instant,
+        out: &mut OutBatch,
+    ) {
+        let ctx = self.ctx;
+        let stats = &ctx.stats;
         match &record {
             Some(_) => stats.hits.inc(),
             None => {
@@ -555,7 +614,7 @@ impl<'a> Conn<'a> {
         let v2 = record.as_ref().is_some_and(|r| r.has_v2());
         let ours = Reserved::ours(true, false, v2);
         encode_handshake(out.head(), ours, &self.key, &ctx.peer_id);
-        self.fast = head.reserved.fast() && ours.fast();
+        self.fast = peer_fast && ours.fast();
         self.last_rx = now;
         let hold = Duration::from_millis(ctx.upstream.cfg.handshake_hold_ms);
         self.phase = Phase::Waiting(Waiting {
@@ -818,7 +877,7 @@ impl<'a> Conn<'a> {
                 }
                 return;
             }
-            Phase::Handshake { .. } => return,
+            Phase::Handshake { .. } | Phase::PagingIn { .. } => return,
         };
         let total = record.len();
         match metadata_piece_range(total, piece) {
@@ -870,12 +929,16 @@ pub(crate) mod tests {
             ..UpstreamConfig::default()
         };
         let (upstream, mailboxes) = Upstream::new(upstream_cfg, store.clone(), 1);
+        let page_in = Arc::new(
+            crate::server::pagein::PageIn::start(store.clone(), 1, Duration::ZERO).unwrap(),
+        );
         let ctx = WorkerCtx::new(
             store,
             Arc::new(cfg),
             Arc::new(CoreStats::default()),
             PEER_ID,
             upstream,
+            page_in,
         );
         Kit {
             ctx,

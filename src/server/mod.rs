@@ -28,6 +28,7 @@ pub mod lifecycle;
 pub mod limiter;
 pub mod listener;
 pub mod mse;
+pub mod pagein;
 pub mod pump;
 pub mod send;
 pub mod session;
@@ -188,6 +189,15 @@ pub fn start(
     let http_addrs = http_sockets.local_addrs.clone();
     let limiter = limiter::ConnectionLimiter::new(cfg.connections_max, cfg.connections_per_ip_max);
 
+    let page_in = Arc::new(
+        pagein::PageIn::start(
+            store.clone(),
+            cfg.page_in_threads,
+            pagein::PageIn::delay_from_env(),
+        )
+        .context("starting the page-in threads")?,
+    );
+
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<&'static str>>();
     let mut threads = Vec::new();
     let mut stats = Vec::new();
@@ -219,6 +229,7 @@ pub fn start(
             udp,
             http,
             upstream: upstream.clone(),
+            page_in: page_in.clone(),
             shard_mailbox,
             stop: stop_rx,
         };

@@ -24,6 +24,12 @@ use crate::server::send::OutBatch;
 use crate::store::{RecordRef, StoreError};
 use crate::upstream::shard::{FetchOutcome, ShardCmd};
 
+/// What came back from work done off the core.
+enum OffCore {
+    Stored(Result<RecordRef, StoreError>),
+    PagedIn(Option<RecordRef>),
+}
+
 /// What the adapter must do next.
 pub enum Step {
     /// Send the lent batch as it is (sealed); call `on_sent` once all of it is written.
@@ -36,6 +42,9 @@ pub enum Step {
     /// Store this verified info dict off the core (`Upstream::store_off_core`); feed the
     /// result to `on_stored`. Nothing is handled until then.
     Store(Vec<u8>),
+    /// Read the record of this key into the page cache off the core (`PageIn::page_in`);
+    /// feed the result to `on_paged_in`. Nothing is handled until then.
+    PageIn([u8; 20]),
     /// Close the connection; with `flush`, after sending the lent batch (our last MSE
     /// bytes, which tell the peer why). Counted already.
     Close { end: SessionEnd, flush: bool },
@@ -53,6 +62,9 @@ pub enum State {
     Sending { blocks: u32, payload_bytes: u32 },
     /// A store runs off the core (`Step::Store`) until `on_stored`: bytes and events wait.
     Storing,
+    /// A cold record is read in off the core (`Step::PageIn`) until `on_paged_in`: bytes
+    /// and events wait.
+    PagingIn,
     /// Ended (counted once); the adapter closes and frees.
     Closed,
 }
@@ -111,7 +123,9 @@ pub struct Pump<'a> {
     /// Events that came while the connection could not take them, applied in order once
     /// it is `Ready` (a fetch outcome while a reply was out, a due deadline).
     parked_fetch: Option<Box<Option<FetchOutcome>>>,
-    stored: Option<Box<Result<RecordRef, StoreError>>>,
+    /// The result of `Step::Store` or `Step::PageIn` (one field: one at a time, and the
+    /// size of every connection stays as it was).
+    finished: Option<Box<OffCore>>,
     deadline_due: bool,
 }
 
@@ -126,13 +140,18 @@ impl<'a> Pump<'a> {
             news: ReadNews::Nothing,
             reply_is_handshake: false,
             parked_fetch: None,
-            stored: None,
+            finished: None,
             deadline_due: false,
         }
     }
 
     pub fn peer(&self) -> SocketAddr {
         self.conn.peer()
+    }
+
+    /// What every session on this worker shares.
+    pub fn ctx(&self) -> &'a WorkerCtx {
+        self.conn.ctx()
     }
 
     pub fn state(&self) -> State {
@@ -223,7 +242,7 @@ impl<'a> Pump<'a> {
             && self.input.is_empty()
             && out.is_empty()
             && self.parked_fetch.is_none()
-            && self.stored.is_none()
+            && self.finished.is_none()
             && !self.deadline_due
     }
 
@@ -238,7 +257,15 @@ impl<'a> Pump<'a> {
     pub fn on_stored(&mut self, stored: Result<RecordRef, StoreError>) {
         if self.state == State::Storing {
             self.state = State::Ready;
-            self.stored = Some(Box::new(stored));
+            self.finished = Some(Box::new(OffCore::Stored(stored)));
+        }
+    }
+
+    /// The result of `Step::PageIn` (`None`: not stored after all).
+    pub fn on_paged_in(&mut self, record: Option<RecordRef>) {
+        if self.state == State::PagingIn {
+            self.state = State::Ready;
+            self.finished = Some(Box::new(OffCore::PagedIn(record)));
         }
     }
 
@@ -293,12 +320,19 @@ impl<'a> Pump<'a> {
                         self.state = State::Storing;
                         Step::Store(info)
                     }
+                    Effect::PageIn(key) => {
+                        self.state = State::PagingIn;
+                        Step::PageIn(key)
+                    }
                     Effect::Close(end) => self.close(end, false),
                 };
             }
             // 2. Events that waited for `Ready`.
-            if let Some(stored) = self.stored.take() {
-                self.conn.on_stored(*stored, out);
+            if let Some(finished) = self.finished.take() {
+                match *finished {
+                    OffCore::Stored(stored) => self.conn.on_stored(stored, out),
+                    OffCore::PagedIn(record) => self.conn.on_paged_in(record, now, out),
+                }
                 idle = false;
                 continue;
             }

@@ -83,6 +83,11 @@ async fn drive<T: Transport>(mut io: T, peer: SocketAddr, ctx: &WorkerCtx) -> Se
                 let stored = ctx.upstream.store_off_core(info).await;
                 pump.on_stored(stored);
             }
+            Step::PageIn(key) => {
+                // Awaited on this core's runtime: its other connections go on meanwhile.
+                let record = ctx.page_in.page_in(key).await;
+                pump.on_paged_in(record);
+            }
             Step::Send => {
                 let deadline = pump.write_deadline(Instant::now());
                 let (res, batch) = io.write_before(std::mem::take(&mut out), deadline).await;

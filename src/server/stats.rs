@@ -160,6 +160,13 @@ core_stats! {
     hits,
     /// Handshakes for an unknown info-hash (closed until the miss path exists).
     misses,
+    /// Handshake lookups that would have read a record (or a candidate header) not in the
+    /// page cache: looked up on a page-in thread instead of the worker (`server/pagein.rs`).
+    cold_lookups,
+    /// Page-ins done for them (the connection went on; hit or, if deleted meanwhile, miss).
+    page_ins,
+    /// Microseconds connections waited for their page-ins, summed (mean = this / page_ins).
+    page_in_wait_us,
     /// Peers without the BEP 10 bit: they cannot ask for metadata, so we close.
     peers_without_extensions,
     /// ut_metadata data messages sent.

@@ -43,6 +43,8 @@ pub struct WorkerSpec {
     /// Public HTTP listeners, one per `--http` address (empty: off).
     pub http: Vec<std::net::TcpListener>,
     pub upstream: Arc<Upstream>,
+    /// The process's page-in pool (cold records are read there, not on the worker).
+    pub page_in: Arc<crate::server::pagein::PageIn>,
     /// This worker's shard of the miss path.
     pub shard_mailbox: flume::Receiver<ShardCmd>,
     /// Disconnected when the server shuts down.
@@ -111,6 +113,7 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         udp,
         http,
         upstream,
+        page_in,
         shard_mailbox,
         stop,
     } = spec;
@@ -155,7 +158,9 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         }
         let peer_id = crate::upstream::peer_id(index as u64);
         monoio::spawn(shard::run_shard(index, shard_mailbox, upstream.clone()));
-        let ctx = Rc::new(WorkerCtx::new(store, cfg, stats, peer_id, upstream));
+        let ctx = Rc::new(WorkerCtx::new(
+            store, cfg, stats, peer_id, upstream, page_in,
+        ));
         let grace = ctx.cfg.shutdown_grace;
         let stats = ctx.stats.clone();
         let open = Rc::new(Cell::new(0usize));

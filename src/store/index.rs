@@ -455,6 +455,11 @@ fn header_keys(header: &[u8]) -> (Option<&[u8]>, Option<&[u8]>) {
     )
 }
 
+/// A lookup stopped before reading a record header the caller could not read without
+/// waiting (`Index::get_if`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotReadable;
+
 impl Index {
     pub fn new(hasher: KeyHasher) -> Self {
         Index {
@@ -540,6 +545,38 @@ impl Index {
             found.is_some()
         })?;
         found
+    }
+
+    /// `get`, but a candidate whose header page `readable` refuses (not in the page cache)
+    /// is not read: `Err(NotReadable)` instead, before the mapping is touched. So a lookup
+    /// on a worker thread never waits for the disk (`Store::lookup_resident`).
+    pub fn get_if(
+        &self,
+        key: &[u8; 20],
+        mut readable: impl FnMut(&Segment, usize) -> bool,
+    ) -> Result<Option<RecordRef>, NotReadable> {
+        let h = self.hasher.hash(key);
+        let table = read(&self.shards[stripe_of(h)]);
+        let mut found = None;
+        let mut refused = false;
+        table.find(tag_of(h), |e| {
+            let (slot, at) = entry_location(e);
+            // SAFETY: `e` is in `table`, which we hold read-locked.
+            let Some(segment) = (unsafe { self.segments.segment_named(slot) }) else {
+                return false;
+            };
+            if !readable(&segment, at) {
+                refused = true;
+                return true;
+            }
+            found = self.resolve(e, |k| k == key);
+            found.is_some()
+        });
+        if refused {
+            Err(NotReadable)
+        } else {
+            Ok(found)
+        }
     }
 
     /// The record already filed under any of these hashes' keys.

@@ -76,6 +76,17 @@ use segment::SEGMENTS_DIR;
 /// only make sense in tests.
 const SEGMENT_BYTES_MIN: u64 = 4096;
 
+/// What `Store::lookup_resident` found.
+#[derive(Debug)]
+pub enum Resident {
+    /// Stored, and readable without waiting for the disk.
+    Hit(RecordRef),
+    /// Not stored (or dropped as damaged).
+    Miss,
+    /// Maybe stored, but reading it now would wait for the disk: `Store::page_in` it.
+    Cold,
+}
+
 #[derive(thiserror::Error, Debug)]
 pub enum StoreError {
     #[error("{}: {source}", path.display())]
@@ -754,6 +765,55 @@ impl Store {
     /// Marks the record referenced for the eviction policy (a relaxed load, usually).
     pub fn lookup(&self, key: &[u8; 20]) -> Option<RecordRef> {
         let record = self.checked(self.index.get(key)?)?;
+        record.touch();
+        Some(record)
+    }
+
+    /// `lookup` for a thread that must not wait for the disk (a worker's event loop): the
+    /// record only if its header and bytes are in the page cache (`Segment::is_resident`:
+    /// an atomic load per page, `mincore` for pages not seen this period), `Cold` if
+    /// reading it would fault to the disk: then `page_in` it off the thread and look again.
+    /// Headers of other candidates (a false tag match) are checked the same way first.
+    pub fn lookup_resident(&self, key: &[u8; 20]) -> Resident {
+        let period = segment::residency_period();
+        let found = self
+            .index
+            .get_if(key, |seg, at| seg.is_resident(at, HEADER_BYTES, period));
+        let record = match found {
+            Ok(Some(record)) => record,
+            Ok(None) => return Resident::Miss,
+            Err(_) => return Resident::Cold,
+        };
+        let (seg, at) = (record.segment(), record.header_offset());
+        // The padding too: a record restored from a checkpoint is verified (padding
+        // included) on first serve, and sends read the payload.
+        if !seg.is_resident(at, record_bytes(record.len()), period) {
+            return Resident::Cold;
+        }
+        match self.checked(record) {
+            Some(record) => {
+                record.touch();
+                Resident::Hit(record)
+            }
+            None => Resident::Miss,
+        }
+    }
+
+    /// Reads the record for `key` into the page cache and returns it, as `lookup`
+    /// (blocking on the disk: for a page-in thread, after `lookup_resident` said `Cold`).
+    pub fn page_in(&self, key: &[u8; 20]) -> Option<RecordRef> {
+        // Each candidate's header page is read in exactly (no fault read-around, which
+        // can be megabytes: `read_ahead_kb`) before the lookup reads the header.
+        let record = self
+            .index
+            .get_if(key, |seg, at| {
+                seg.page_in(at, HEADER_BYTES);
+                true
+            })
+            .ok()??;
+        let (seg, at) = (record.segment(), record.header_offset());
+        seg.page_in(at, record_bytes(record.len()));
+        let record = self.checked(record)?;
         record.touch();
         Some(record)
     }

@@ -69,6 +69,47 @@ pub struct Segment {
     /// records below `below` are each verified the first time they are read (see
     /// `Store::lookup`), one bit per `HEADER_BYTES` slot, set once verified.
     unverified: OnceLock<Unverified>,
+    /// Pages of the mapping known to be in the page cache (`Residency`): serving reads a
+    /// record from the mapping on the worker thread only when they are.
+    residency: Residency,
+}
+
+/// Which 4 KiB pages of a segment were seen in the page cache, one bit per page of the
+/// reservation (4 KiB of bits per 128 MiB segment). A set bit lets a lookup skip the
+/// `mincore` call; the bits are cleared once per `RESIDENCY_AGE` (by the first reader of a
+/// new period), so a page the kernel evicted since is asked about again, and a fault on
+/// the worker thread stays possible only for a page evicted within the current period.
+struct Residency {
+    pages: Box<[AtomicU64]>,
+    /// The period (`residency_period`) the bits were last cleared in.
+    period: AtomicU64,
+}
+
+/// Page size the residency bits and `mincore` count in. Linux on x86-64 and most arm64
+/// kernels; a larger real page only makes a bit cover part of one page (still correct:
+/// `mincore` is asked per 4 KiB address, and answers for the page holding it).
+pub(crate) const PAGE_BYTES: usize = 4096;
+
+/// How long a "resident" bit is trusted before the page is asked about again: long enough
+/// that a hot record costs one `mincore` per period (not per lookup), short enough that a
+/// page evicted under memory pressure is noticed before many lookups fault on it.
+pub(crate) const RESIDENCY_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The kernel's page size (a power of two).
+fn system_page_bytes() -> usize {
+    static SIZE: OnceLock<usize> = OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *SIZE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 && (n as usize).is_power_of_two() => n as usize,
+        _ => PAGE_BYTES,
+    })
+}
+
+/// The current residency period: `RESIDENCY_AGE`s since the first call in this process.
+pub(crate) fn residency_period() -> u64 {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    (start.elapsed().as_millis() / RESIDENCY_AGE.as_millis()) as u64
 }
 
 struct Unverified {
@@ -142,6 +183,12 @@ impl Segment {
             uses: (0..words).map(|_| AtomicU64::new(0)).collect(),
             index_slot: AtomicU32::new(0),
             unverified: OnceLock::new(),
+            residency: Residency {
+                pages: (0..reserved.div_ceil(PAGE_BYTES).div_ceil(64))
+                    .map(|_| AtomicU64::new(0))
+                    .collect(),
+                period: AtomicU64::new(0),
+            },
         })
     }
 
@@ -227,6 +274,120 @@ impl Segment {
             word.fetch_and(!(3 << shift), Ordering::Relaxed);
             word.fetch_or(n << shift, Ordering::Relaxed);
         }
+    }
+
+    /// Whether every page holding `[offset, offset + len)` is in the page cache, so that
+    /// reading it through the mapping costs at most a minor fault (no disk). Known pages
+    /// cost one atomic load each; unknown ones one `mincore` for the whole range. `period`
+    /// is `residency_period()` (a parameter so tests can age the bits).
+    pub(crate) fn is_resident(&self, offset: usize, len: usize, period: u64) -> bool {
+        let r = &self.residency;
+        let seen = r.period.load(Ordering::Relaxed);
+        if seen != period
+            && r.period
+                .compare_exchange(seen, period, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            // A new period: forget what was seen, so evicted pages are asked about again.
+            for w in r.pages.iter() {
+                w.store(0, Ordering::Relaxed);
+            }
+        }
+        let Some(pages) = self.page_range(offset, len) else {
+            return false;
+        };
+        let known = pages
+            .clone()
+            .all(|p| r.pages[p / 64].load(Ordering::Relaxed) & (1 << (p % 64)) != 0);
+        if known {
+            return true;
+        }
+        if !self.mincore(pages.clone()) {
+            return false;
+        }
+        self.mark_pages_resident(pages);
+        true
+    }
+
+    /// Brings `[offset, offset + len)` into the page cache (blocking: a page-in thread,
+    /// never a worker): asks the kernel to read exactly those pages (one request for the
+    /// range, no read-around of a fault), then reads one byte of each, which waits for the
+    /// reads. The pages are then known resident.
+    pub(crate) fn page_in(&self, offset: usize, len: usize) {
+        let Some(pages) = self.page_range(offset, len) else {
+            return;
+        };
+        let (from, to) = (pages.start * PAGE_BYTES, pages.end * PAGE_BYTES);
+        // Only a hint: the touch below reads the pages either way.
+        let _ = self
+            .map
+            .advise_range(memmap2::Advice::WillNeed, from, to - from);
+        for p in pages.clone() {
+            // SAFETY: the page lies in our mapping (page_range checked the reservation) and
+            // holds bytes of a published record (the caller's range), so it is backed by
+            // the file. A volatile read so the touch is not optimised away.
+            unsafe { std::ptr::read_volatile(self.map.as_ptr().add(p * PAGE_BYTES)) };
+        }
+        self.mark_pages_resident(pages);
+    }
+
+    /// The pages holding `[offset, offset + len)`, if inside the reservation.
+    fn page_range(&self, offset: usize, len: usize) -> Option<Range<usize>> {
+        let end = offset.checked_add(len.max(1))?;
+        (end <= self.map.len()).then(|| offset / PAGE_BYTES..end.div_ceil(PAGE_BYTES))
+    }
+
+    fn mark_pages_resident(&self, pages: Range<usize>) {
+        for p in pages {
+            let w = &self.residency.pages[p / 64];
+            if w.load(Ordering::Relaxed) & (1 << (p % 64)) == 0 {
+                w.fetch_or(1 << (p % 64), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// `mincore(2)` of these pages: all in the page cache? An error (none expected for a
+    /// range inside our mapping) counts as not resident: the page-in path is always safe.
+    fn mincore(&self, pages: Range<usize>) -> bool {
+        // The kernel's page may be larger than ours (arm64 with 16/64 KiB pages): align to it.
+        let sys = system_page_bytes();
+        let base = self.map.as_ptr() as usize;
+        let mut at = (base + pages.start * PAGE_BYTES) & !(sys - 1);
+        let end = base + pages.end * PAGE_BYTES;
+        // A record is at most METADATA_BYTES_MAX + header: a few hundred pages at most;
+        // look at them in chunks of a stack buffer.
+        let mut vec = [0u8; 64];
+        while at < end {
+            let n = (end - at).div_ceil(sys).min(vec.len());
+            // SAFETY: `at` is aligned to the system page and lies inside our mapping (or in
+            // its first page, which the mapping starts at); `vec` has room for one byte per
+            // page asked about.
+            let rc = unsafe { libc::mincore(at as *mut libc::c_void, n * sys, vec.as_mut_ptr()) };
+            if rc != 0 || vec[..n].iter().any(|b| b & 1 == 0) {
+                return false;
+            }
+            at += n * sys;
+        }
+        true
+    }
+
+    /// Drops the pages of this segment's file from the page cache (our mapping's page-table
+    /// entries first: a mapped page is not dropped). True if the kernel did (not on tmpfs).
+    #[cfg(test)]
+    pub(crate) fn evict_for_test(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        self.sync_data().unwrap();
+        // SAFETY: our own mapping; MADV_DONTNEED on a shared file mapping only drops the
+        // page-table entries (the bytes stay in the file and the page cache).
+        unsafe {
+            libc::madvise(
+                self.map.as_ptr() as *mut libc::c_void,
+                self.map.len(),
+                libc::MADV_DONTNEED,
+            );
+            libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+        !self.mincore(0..1)
     }
 
     pub fn path(&self) -> &Path {
@@ -335,6 +496,39 @@ mod tests {
         assert_eq!(seg.bytes(0, 5), b"hello");
         seg.write_all_at(b"world", 8192).unwrap();
         assert_eq!(seg.bytes(8192, 5), b"world");
+    }
+
+    #[test]
+    fn residency_bits_skip_mincore_age_out_and_page_in_reads_the_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = Segment::create(dir.path(), 0, 0, 1 << 20, false).unwrap();
+        seg.write_all_at(&[7u8; 3 * PAGE_BYTES], 0).unwrap();
+        // Just written: in the page cache; the bits of pages 0 and 1 are set by the check.
+        assert!(seg.is_resident(100, PAGE_BYTES, 1));
+        assert!(seg.residency.pages[0].load(Ordering::Relaxed) & 0b11 == 0b11);
+        if !seg.evict_for_test() {
+            eprintln!(
+                "the page cache of {} cannot be dropped (tmpfs?): skipped",
+                dir.path().display()
+            );
+            return;
+        }
+        // Same period: the bits are trusted (no mincore), by design.
+        assert!(seg.is_resident(100, PAGE_BYTES, 1));
+        // Page 2 was never seen: asked about, and gone.
+        assert!(!seg.is_resident(2 * PAGE_BYTES, 10, 1));
+        // A new period forgets the bits: the evicted pages are seen as cold.
+        assert!(!seg.is_resident(100, 10, 2));
+        assert_eq!(seg.residency.pages[0].load(Ordering::Relaxed), 0);
+        // A page-in reads exactly the record's pages and marks them.
+        seg.page_in(100, PAGE_BYTES);
+        assert!(seg.mincore(0..2), "the kernel holds pages 0 and 1 again");
+        assert!(seg.is_resident(100, PAGE_BYTES, 2));
+        // And they stay resident for a fresh period's mincore.
+        assert!(seg.is_resident(100, PAGE_BYTES, 3));
+        // Outside the reservation: never resident, never touched.
+        assert!(!seg.is_resident((1 << 20) - 10, 20, 3));
+        seg.page_in((1 << 20) - 10, 20);
     }
 
     #[test]

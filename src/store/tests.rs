@@ -982,3 +982,39 @@ fn a_damaged_checkpoint_means_a_full_scan() {
         assert_eq!(store.lookup(&v1_key(d)).unwrap().info(), &d[..]);
     }
 }
+
+/// A record whose pages left the page cache is `Cold` for `lookup_resident` (which reads
+/// nothing of it), and a hit again once `page_in` read it in.
+#[test]
+fn cold_records_are_reported_cold_until_paged_in() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two records of several pages each, so they share no page.
+    let (other, cold) = (synthetic_v1(1, 9000), synthetic_v1(2, 9000));
+    {
+        let (store, _) = open(dir.path(), opts(1, 1 << 20));
+        for info in [&other, &cold] {
+            stored(store.append(info, AppendOptions::default()).unwrap());
+        }
+    }
+    let (store, _) = open(dir.path(), opts(1, 1 << 20));
+    let record = store.lookup(&v1_key(&other)).unwrap();
+    // Drops the whole file from the page cache (the open may have read it).
+    if !record.segment().evict_for_test() {
+        eprintln!("the page cache cannot be dropped here (tmpfs?): skipped");
+        return;
+    }
+    drop(record);
+    assert!(matches!(
+        store.lookup_resident(&v1_key(&cold)),
+        Resident::Cold
+    ));
+    assert!(matches!(store.lookup_resident(&[9; 20]), Resident::Miss));
+    // The page-in thread's side: reads it in, returns the record.
+    let paged = store.page_in(&v1_key(&cold)).expect("stored");
+    assert_eq!(paged.info(), &cold[..]);
+    match store.lookup_resident(&v1_key(&cold)) {
+        Resident::Hit(r) => assert!(r.same_record(&paged)),
+        other => panic!("paged in, yet {other:?}"),
+    }
+    assert!(store.page_in(&[9; 20]).is_none());
+}

@@ -167,6 +167,8 @@ fn untag(user_data: u64) -> (Option<Op>, u32, usize) {
 enum Event {
     Fetch(Option<FetchOutcome>),
     Stored(Result<RecordRef, StoreError>),
+    /// The outcome of `Step::PageIn`.
+    PagedIn(Option<RecordRef>),
 }
 
 /// Events from the core's helper tasks, and the waker of the ring task.
@@ -575,6 +577,7 @@ impl<'c> Core<'c> {
                 match event {
                     Event::Fetch(outcome) => link.pump.on_fetch(outcome),
                     Event::Stored(stored) => link.pump.on_stored(stored),
+                    Event::PagedIn(record) => link.pump.on_paged_in(record),
                 }
                 let step = core.poll_link(key);
                 core.run_steps(key, step);

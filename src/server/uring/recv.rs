@@ -112,6 +112,14 @@ impl<'c> Core<'c> {
                         mailbox.post(key, gen, Event::Stored(stored));
                     });
                 }
+                Step::PageIn(info_hash) => {
+                    let (mailbox, gen, page_in) =
+                        (self.mailbox.clone(), link.gen, ctx.page_in.clone());
+                    monoio::spawn(async move {
+                        let record = page_in.page_in(info_hash).await;
+                        mailbox.post(key, gen, Event::PagedIn(record));
+                    });
+                }
             }
             step = self.poll_link(key);
         }
