@@ -8,6 +8,12 @@ DIR holds hashes.txt (all K v1 info-hashes), sample.txt (the S probed), store/ (
 data dir) and torrents/ (libtorrent's .torrent files). The caller pins this process to the
 load CPU (taskset); the server is started pinned to --server-cpu. Prints one JSON line.
 
+magnetar-cold is magnetar after the page cache was dropped (sync; echo 3 >
+/proc/sys/vm/drop_caches: a cold restart, needs root); magnetar-cgroup the same with the
+server in a memory cgroup (v1, /sys/fs/cgroup/memory/magnetar-scale) limited to --cgroup-mb
+(its page cache and anonymous memory both count): cgroup_max_usage_kb, cgroup_failcnt and
+oom_kills of the run are reported.
+
 Definitions (times from just before the server process is spawned, t0):
   ready_s     the server's "ready" line on stdout (magnetar: store recovered and listening;
               lt_seed.py: every torrent added and listening);
@@ -204,6 +210,26 @@ def cpu_seconds(pid):
         return None
 
 
+CGROUP = "/sys/fs/cgroup/memory/magnetar-scale"
+
+
+def cg_write(cgroup, name, value):
+    with open(os.path.join(cgroup, name), "w") as f:
+        f.write(value)
+
+
+def cg_read(cgroup, name):
+    with open(os.path.join(cgroup, name)) as f:
+        return f.read().strip()
+
+
+def cg_oom_kills(cgroup):
+    for line in cg_read(cgroup, "memory.oom_control").splitlines():
+        if line.startswith("oom_kill "):
+            return int(line.split()[1])
+    return 0
+
+
 def free_port():
     """A port free on 127.0.0.1 for TCP and UDP (both servers also listen on uTP)."""
     for _ in range(50):
@@ -241,7 +267,8 @@ def loadgen(args, port, seconds, json_out):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--server", required=True,
-                    choices=["magnetar", "libtorrent", "libtorrent-seedmode"])
+                    choices=["magnetar", "magnetar-cold", "magnetar-cgroup", "libtorrent",
+                             "libtorrent-seedmode"])
     ap.add_argument("--data", required=True)
     ap.add_argument("--k", type=int, required=True)
     ap.add_argument("--run", type=int, default=1)
@@ -254,13 +281,30 @@ def main():
     ap.add_argument("--loadgen", required=True)
     ap.add_argument("--log", required=True)
     ap.add_argument("--rss-max-mb", type=float, default=6144)
+    ap.add_argument("--cgroup-mb", type=int, default=1024)
     args = ap.parse_args()
+    magnetar = args.server.startswith("magnetar")
 
     keys = [bytes.fromhex(line.strip()) for line in open(os.path.join(args.data, "sample.txt"))
             if line.strip()]
     port = free_port()
     env = dict(os.environ)
-    if args.server == "magnetar":
+    preexec, cgroup = None, None
+    if args.server in ("magnetar-cold", "magnetar-cgroup"):
+        subprocess.run(["sync"], check=True)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    if args.server == "magnetar-cgroup":
+        cgroup = CGROUP
+        os.makedirs(cgroup, exist_ok=True)
+        cg_write(cgroup, "memory.limit_in_bytes", str(args.cgroup_mb << 20))
+        cg_write(cgroup, "memory.max_usage_in_bytes", "0")
+        cg_write(cgroup, "memory.failcnt", "0")
+        oom_before = cg_oom_kills(cgroup)
+
+        def preexec():
+            cg_write(cgroup, "cgroup.procs", str(os.getpid()))
+    if magnetar:
         cmd = [args.magnetar, "serve", "--data-dir", os.path.join(args.data, "store"),
                "--listen", "127.0.0.1:%d" % port, "--no-dht", "--admin", "off", "--threads", "1",
                "--connections-per-ip-max", "4096", "--shutdown-grace-ms", "500"]
@@ -272,8 +316,8 @@ def main():
     log = open(args.log, "w")
     t0 = time.monotonic()
     proc = subprocess.Popen(["taskset", "-c", args.server_cpu] + cmd, stdout=subprocess.PIPE,
-                            stderr=log, env=env, text=True, bufsize=1)
-    state = {"ready_s": None, "added": 0 if args.server != "magnetar" else None,
+                            stderr=log, env=env, text=True, bufsize=1, preexec_fn=preexec)
+    state = {"ready_s": None, "added": 0 if not magnetar else None,
              "added_at_s": None}
     added_re = re.compile(r"^added (\d+) of (\d+)")
 
@@ -284,7 +328,7 @@ def main():
             log.flush()
             if line.startswith("ready ") and state["ready_s"] is None:
                 m = re.search(r"torrents=(\d+)", line)
-                if args.server != "magnetar" and m:
+                if not magnetar and m:
                     state["added"], state["added_at_s"] = int(m.group(1)), t
                     if int(m.group(1)) == args.k:
                         state["ready_s"] = t
@@ -357,7 +401,7 @@ def main():
         "stopped_at_s": round(t_end, 3),
         "stopped_rss_over_max_at_s": guard["rss_over"], "rss_max_mb": args.rss_max_mb,
         "server_exited": not alive and guard["rss_over"] is None,
-        "torrents_added": state["added"] if args.server != "magnetar" else args.k,
+        "torrents_added": state["added"] if not magnetar else args.k,
         "torrents_added_at_s": state["added_at_s"],
         "torrents_queued": state.get("queued"),
         "server_cpu_s": cpu_at_served,
@@ -394,10 +438,15 @@ def main():
             proc.wait(10)
     reader.join(5)
     r["ready_s"] = state["ready_s"]
-    r["torrents_added"] = state["added"] if args.server != "magnetar" else args.k
-    if guard["rss_over"] is not None and args.server != "magnetar":
+    r["torrents_added"] = state["added"] if not magnetar else args.k
+    if guard["rss_over"] is not None and not magnetar:
         r["torrents_added"] = guard["added"]
     r["torrents_added_at_s"] = state["added_at_s"]
+    if cgroup:
+        r.update(cgroup_mb=args.cgroup_mb,
+                 cgroup_max_usage_kb=int(cg_read(cgroup, "memory.max_usage_in_bytes")) // 1024,
+                 cgroup_failcnt=int(cg_read(cgroup, "memory.failcnt")),
+                 cgroup_oom_kills=cg_oom_kills(cgroup) - oom_before)
     log.close()
     for k in ("ready_s", "serving_s", "first_answer_s", "torrents_added_at_s", "server_cpu_s"):
         if r.get(k) is not None:
