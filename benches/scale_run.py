@@ -8,7 +8,9 @@ DIR holds hashes.txt (all K v1 info-hashes), sample.txt (the S probed), store/ (
 data dir) and torrents/ (libtorrent's .torrent files). The caller pins this process to the
 load CPU (taskset); the server is started pinned to --server-cpu. Prints one JSON line.
 
-magnetar-cold is magnetar after the page cache was dropped (sync; echo 3 >
+magnetar reads the store's index.ckpt into the page cache before t0 (a warm restart: the
+checkpoint the last stop wrote is in memory), reporting how much of it was resident before
+(checkpoint_resident_before_warming). magnetar-cold is magnetar after the page cache was dropped (sync; echo 3 >
 /proc/sys/vm/drop_caches: a cold restart, needs root); magnetar-cgroup the same with the
 server in a memory cgroup (v1, /sys/fs/cgroup/memory/magnetar-scale) limited to --cgroup-mb
 (its page cache and anonymous memory both count): cgroup_max_usage_kb, cgroup_failcnt and
@@ -213,6 +215,25 @@ def cpu_seconds(pid):
 CGROUP = "/sys/fs/cgroup/memory/magnetar-scale"
 
 
+def warm_checkpoint(store):
+    """Reads D/index.ckpt (if any) into the page cache; returns the share of it that was
+    resident before (fincore), or None."""
+    path = os.path.join(store, "index.ckpt")
+    if not os.path.exists(path):
+        return None
+    resident = None
+    try:
+        out = subprocess.run(["fincore", "-b", "-n", "-o", "RES,SIZE", path], capture_output=True,
+                             text=True, timeout=30).stdout.split()
+        resident = round(int(out[0]) / max(1, int(out[1])), 3)
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        pass
+    with open(path, "rb") as f:
+        while f.read(1 << 20):
+            pass
+    return resident
+
+
 def cg_write(cgroup, name, value):
     with open(os.path.join(cgroup, name), "w") as f:
         f.write(value)
@@ -304,6 +325,11 @@ def main():
 
         def preexec():
             cg_write(cgroup, "cgroup.procs", str(os.getpid()))
+    if args.server == "magnetar":
+        # Warm means what a restart on the same machine finds: the checkpoint the last stop
+        # wrote, in the page cache. A run after a magnetar-cgroup run would otherwise find it
+        # partly evicted (written inside the cgroup's limit) and read it from disk.
+        warm_resident_before = warm_checkpoint(os.path.join(args.data, "store"))
     if magnetar:
         cmd = [args.magnetar, "serve", "--data-dir", os.path.join(args.data, "store"),
                "--listen", "127.0.0.1:%d" % port, "--no-dht", "--admin", "off", "--threads", "1",
@@ -442,6 +468,8 @@ def main():
     if guard["rss_over"] is not None and not magnetar:
         r["torrents_added"] = guard["added"]
     r["torrents_added_at_s"] = state["added_at_s"]
+    if args.server == "magnetar":
+        r["checkpoint_resident_before_warming"] = warm_resident_before
     if cgroup:
         r.update(cgroup_mb=args.cgroup_mb,
                  cgroup_max_usage_kb=int(cg_read(cgroup, "memory.max_usage_in_bytes")) // 1024,
