@@ -6,6 +6,10 @@
 #                        K .torrent files added without seed mode (content absent)
 #   libtorrent-seedmode  benches/lt_seed.py as benches/compare.sh runs it (seed mode,
 #                        content absent): reproduces its slow start; not in the default set
+#   magnetar-cold        magnetar after `sync; echo 3 > /proc/sys/vm/drop_caches` (a cold
+#                        restart; root), not in the default set
+#   magnetar-cgroup      magnetar-cold with the server in a CGROUP_MB memory cgroup (v1;
+#                        root), not in the default set
 # at each K of -k (synthetic v1 dicts from magnetar-loadgen gen-store, -z bytes each).
 # Each server is pinned to CPU 0 (SERVER_CPU), the probe and magnetar-loadgen to CPU 1
 # (LOADGEN_CPU). Per run (benches/scale_run.py), times from just before the server is spawned:
@@ -30,11 +34,16 @@
 #   -r  runs per server and K (default 3; medians reported)
 #   -d  churn run length, seconds (default 5; after a 2 s warm-up)
 #   -z  info dict size in bytes (default 8192: one BEP 9 piece; 1M of them is an 8 GB store)
-#   -s  servers (default "magnetar libtorrent")
+#   -s  servers (default "magnetar libtorrent"; also magnetar-cold, magnetar-cgroup,
+#       libtorrent-seedmode)
 #   -o  output directory (default target/scale)
 #   -q  quick check: K=1000, 1 run, 2 s churn, 60 s bound, no waiting for a quiet machine
 # Environment: RSS_MAX_MB (6144), REPEAT_MAX_S (120), BUSY_MAX (0.25), WAIT_MAX_S (900),
-# SERVER_CPU (0), LOADGEN_CPU (1), KEEP_DATA (0: data of K >= 100000 is deleted after use).
+# SERVER_CPU (0), LOADGEN_CPU (1), KEEP_DATA (0: data of K >= 100000 is deleted after use),
+# CGROUP_MB (1024: the magnetar-cgroup limit).
+# The 10M/30M store run of BENCHMARKS.md ("Store at 10M and 30M records"):
+#   benches/scale.sh -k "1000 1000000 10000000 30000000" -z 300 -r 3 -t 600 \
+#     -s "magnetar magnetar-cold magnetar-cgroup"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -43,7 +52,7 @@ source "$ROOT/benches/lib.sh"
 
 KS="1000 10000 100000 1000000" BOUND=300 RUNS=3 CHURN_S=5 SIZE=8192 OUT=target/scale QUICK=0
 SERVERS="magnetar libtorrent"
-usage() { sed -n '2,37p' "$0"; exit 2; }
+usage() { sed -n '2,46p' "$0"; exit 2; }
 while getopts "k:t:r:d:z:s:o:qh" opt; do
   case $opt in
     k) KS=$OPTARG ;; t) BOUND=$OPTARG ;; r) RUNS=$OPTARG ;; d) CHURN_S=$OPTARG ;;
@@ -54,7 +63,8 @@ done
 [ "$#" -ge "$OPTIND" ] && usage
 if [ "$QUICK" = 1 ]; then KS=1000 RUNS=1 CHURN_S=2 BOUND=60; fi
 for s in $SERVERS; do
-  case $s in magnetar|libtorrent|libtorrent-seedmode) ;; *) echo "unknown server $s"; usage ;; esac
+  case $s in magnetar|magnetar-cold|magnetar-cgroup|libtorrent|libtorrent-seedmode) ;;
+    *) echo "unknown server $s"; usage ;; esac
 done
 for n in $KS $BOUND $RUNS $SIZE; do
   if ! [[ $n =~ ^[1-9][0-9]*$ ]]; then echo "not a positive integer: $n"; usage; fi
@@ -69,6 +79,7 @@ WAITED_S=0
 SERVER_CPU=${SERVER_CPU:-0}
 LOADGEN_CPU=${LOADGEN_CPU:-1}
 KEEP_DATA=${KEEP_DATA:-0}
+CGROUP_MB=${CGROUP_MB:-1024}
 PY=/usr/bin/python3
 STARTED=$(date +%s)
 
@@ -120,7 +131,7 @@ print('\n'.join(random.Random($k).sample(h, min($k, 1000))))" >"$d/sample.txt"
   touch "$d/$what.done"
 }
 
-data_of() { [ "$1" = magnetar ] && echo store || echo torrents; }
+data_of() { case $1 in magnetar*) echo store ;; *) echo torrents ;; esac; }
 
 # skip SERVER K REASON: a results line for a run not made.
 skip() {
@@ -137,7 +148,7 @@ skip() {
   echo "kernel: $(uname -r)"
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) CPUs, $(awk '/MemTotal/ { printf "%.1f GB", $2 / 1e6 }' /proc/meminfo) RAM"
   case " $SERVERS " in *" libtorrent"*) echo "libtorrent: $($PY -c 'import libtorrent; print(libtorrent.__version__)')" ;; esac
-  echo "k=\"$KS\" size=$SIZE bound=${BOUND}s runs=$RUNS churn=${CHURN_S}s servers=\"$SERVERS\" server_cpu=$SERVER_CPU loadgen_cpu=$LOADGEN_CPU rss_max_mb=$RSS_MAX_MB repeat_max_s=$REPEAT_MAX_S wait_max_s=$WAIT_MAX_S busy_max=$BUSY_MAX quick=$QUICK"
+  echo "cgroup_mb=$CGROUP_MB k=\"$KS\" size=$SIZE bound=${BOUND}s runs=$RUNS churn=${CHURN_S}s servers=\"$SERVERS\" server_cpu=$SERVER_CPU loadgen_cpu=$LOADGEN_CPU rss_max_mb=$RSS_MAX_MB repeat_max_s=$REPEAT_MAX_S wait_max_s=$WAIT_MAX_S busy_max=$BUSY_MAX quick=$QUICK"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt"
 
@@ -160,7 +171,7 @@ for k in $KS; do
       load=$(cut -d' ' -f1 /proc/loadavg); busy_at=$(busy)
       line=$(taskset -c "$LOADGEN_CPU" $PY benches/scale_run.py --server "$s" --k "$k" --run "$run" \
         --data "$OUT/data-k$k" --bound "$BOUND" --server-cpu "$SERVER_CPU" --churn-s "$CHURN_S" \
-        --magnetar "$M" --loadgen "$L" --rss-max-mb "$RSS_MAX_MB" --log "$OUT/server-$s-k$k-run$run.log")
+        --magnetar "$M" --loadgen "$L" --rss-max-mb "$RSS_MAX_MB" --cgroup-mb "$CGROUP_MB" --log "$OUT/server-$s-k$k-run$run.log")
       line=$(echo "$line" | $PY -c "
 import json, sys
 r = json.load(sys.stdin)

@@ -8,6 +8,14 @@ DIR holds hashes.txt (all K v1 info-hashes), sample.txt (the S probed), store/ (
 data dir) and torrents/ (libtorrent's .torrent files). The caller pins this process to the
 load CPU (taskset); the server is started pinned to --server-cpu. Prints one JSON line.
 
+magnetar reads the store's index.ckpt into the page cache before t0 (a warm restart: the
+checkpoint the last stop wrote is in memory), reporting how much of it was resident before
+(checkpoint_resident_before_warming). magnetar-cold is magnetar after the page cache was dropped (sync; echo 3 >
+/proc/sys/vm/drop_caches: a cold restart, needs root); magnetar-cgroup the same with the
+server in a memory cgroup (v1, /sys/fs/cgroup/memory/magnetar-scale) limited to --cgroup-mb
+(its page cache and anonymous memory both count): cgroup_max_usage_kb, cgroup_failcnt and
+oom_kills of the run are reported.
+
 Definitions (times from just before the server process is spawned, t0):
   ready_s     the server's "ready" line on stdout (magnetar: store recovered and listening;
               lt_seed.py: every torrent added and listening);
@@ -204,6 +212,45 @@ def cpu_seconds(pid):
         return None
 
 
+CGROUP = "/sys/fs/cgroup/memory/magnetar-scale"
+
+
+def warm_checkpoint(store):
+    """Reads D/index.ckpt (if any) into the page cache; returns the share of it that was
+    resident before (fincore), or None."""
+    path = os.path.join(store, "index.ckpt")
+    if not os.path.exists(path):
+        return None
+    resident = None
+    try:
+        out = subprocess.run(["fincore", "-b", "-n", "-o", "RES,SIZE", path], capture_output=True,
+                             text=True, timeout=30).stdout.split()
+        resident = round(int(out[0]) / max(1, int(out[1])), 3)
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        pass
+    with open(path, "rb") as f:
+        while f.read(1 << 20):
+            pass
+    return resident
+
+
+def cg_write(cgroup, name, value):
+    with open(os.path.join(cgroup, name), "w") as f:
+        f.write(value)
+
+
+def cg_read(cgroup, name):
+    with open(os.path.join(cgroup, name)) as f:
+        return f.read().strip()
+
+
+def cg_oom_kills(cgroup):
+    for line in cg_read(cgroup, "memory.oom_control").splitlines():
+        if line.startswith("oom_kill "):
+            return int(line.split()[1])
+    return 0
+
+
 def free_port():
     """A port free on 127.0.0.1 for TCP and UDP (both servers also listen on uTP)."""
     for _ in range(50):
@@ -241,7 +288,8 @@ def loadgen(args, port, seconds, json_out):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--server", required=True,
-                    choices=["magnetar", "libtorrent", "libtorrent-seedmode"])
+                    choices=["magnetar", "magnetar-cold", "magnetar-cgroup", "libtorrent",
+                             "libtorrent-seedmode"])
     ap.add_argument("--data", required=True)
     ap.add_argument("--k", type=int, required=True)
     ap.add_argument("--run", type=int, default=1)
@@ -254,13 +302,35 @@ def main():
     ap.add_argument("--loadgen", required=True)
     ap.add_argument("--log", required=True)
     ap.add_argument("--rss-max-mb", type=float, default=6144)
+    ap.add_argument("--cgroup-mb", type=int, default=1024)
     args = ap.parse_args()
+    magnetar = args.server.startswith("magnetar")
 
     keys = [bytes.fromhex(line.strip()) for line in open(os.path.join(args.data, "sample.txt"))
             if line.strip()]
     port = free_port()
     env = dict(os.environ)
+    preexec, cgroup = None, None
+    if args.server in ("magnetar-cold", "magnetar-cgroup"):
+        subprocess.run(["sync"], check=True)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    if args.server == "magnetar-cgroup":
+        cgroup = CGROUP
+        os.makedirs(cgroup, exist_ok=True)
+        cg_write(cgroup, "memory.limit_in_bytes", str(args.cgroup_mb << 20))
+        cg_write(cgroup, "memory.max_usage_in_bytes", "0")
+        cg_write(cgroup, "memory.failcnt", "0")
+        oom_before = cg_oom_kills(cgroup)
+
+        def preexec():
+            cg_write(cgroup, "cgroup.procs", str(os.getpid()))
     if args.server == "magnetar":
+        # Warm means what a restart on the same machine finds: the checkpoint the last stop
+        # wrote, in the page cache. A run after a magnetar-cgroup run would otherwise find it
+        # partly evicted (written inside the cgroup's limit) and read it from disk.
+        warm_resident_before = warm_checkpoint(os.path.join(args.data, "store"))
+    if magnetar:
         cmd = [args.magnetar, "serve", "--data-dir", os.path.join(args.data, "store"),
                "--listen", "127.0.0.1:%d" % port, "--no-dht", "--admin", "off", "--threads", "1",
                "--connections-per-ip-max", "4096", "--shutdown-grace-ms", "500"]
@@ -272,8 +342,8 @@ def main():
     log = open(args.log, "w")
     t0 = time.monotonic()
     proc = subprocess.Popen(["taskset", "-c", args.server_cpu] + cmd, stdout=subprocess.PIPE,
-                            stderr=log, env=env, text=True, bufsize=1)
-    state = {"ready_s": None, "added": 0 if args.server != "magnetar" else None,
+                            stderr=log, env=env, text=True, bufsize=1, preexec_fn=preexec)
+    state = {"ready_s": None, "added": 0 if not magnetar else None,
              "added_at_s": None}
     added_re = re.compile(r"^added (\d+) of (\d+)")
 
@@ -284,7 +354,7 @@ def main():
             log.flush()
             if line.startswith("ready ") and state["ready_s"] is None:
                 m = re.search(r"torrents=(\d+)", line)
-                if args.server != "magnetar" and m:
+                if not magnetar and m:
                     state["added"], state["added_at_s"] = int(m.group(1)), t
                     if int(m.group(1)) == args.k:
                         state["ready_s"] = t
@@ -357,7 +427,7 @@ def main():
         "stopped_at_s": round(t_end, 3),
         "stopped_rss_over_max_at_s": guard["rss_over"], "rss_max_mb": args.rss_max_mb,
         "server_exited": not alive and guard["rss_over"] is None,
-        "torrents_added": state["added"] if args.server != "magnetar" else args.k,
+        "torrents_added": state["added"] if not magnetar else args.k,
         "torrents_added_at_s": state["added_at_s"],
         "torrents_queued": state.get("queued"),
         "server_cpu_s": cpu_at_served,
@@ -394,10 +464,17 @@ def main():
             proc.wait(10)
     reader.join(5)
     r["ready_s"] = state["ready_s"]
-    r["torrents_added"] = state["added"] if args.server != "magnetar" else args.k
-    if guard["rss_over"] is not None and args.server != "magnetar":
+    r["torrents_added"] = state["added"] if not magnetar else args.k
+    if guard["rss_over"] is not None and not magnetar:
         r["torrents_added"] = guard["added"]
     r["torrents_added_at_s"] = state["added_at_s"]
+    if args.server == "magnetar":
+        r["checkpoint_resident_before_warming"] = warm_resident_before
+    if cgroup:
+        r.update(cgroup_mb=args.cgroup_mb,
+                 cgroup_max_usage_kb=int(cg_read(cgroup, "memory.max_usage_in_bytes")) // 1024,
+                 cgroup_failcnt=int(cg_read(cgroup, "memory.failcnt")),
+                 cgroup_oom_kills=cg_oom_kills(cgroup) - oom_before)
     log.close()
     for k in ("ready_s", "serving_s", "first_answer_s", "torrents_added_at_s", "server_cpu_s"):
         if r.get(k) is not None:

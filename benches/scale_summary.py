@@ -9,13 +9,15 @@ import os
 import statistics
 import sys
 
-ORDER = ["magnetar", "libtorrent", "libtorrent-seedmode"]
+ORDER = ["magnetar", "magnetar-cold", "magnetar-cgroup", "libtorrent", "libtorrent-seedmode"]
 LABEL = {
     "magnetar": "magnetar",
+    "magnetar-cold": "magnetar, page cache dropped",
+    "magnetar-cgroup": "magnetar, cache dropped, 1 GiB cgroup",
     "libtorrent": "libtorrent 2.0 (python), metadata only",
     "libtorrent-seedmode": "libtorrent 2.0 (python), seed mode",
 }
-COLOR = {"magnetar": "#1f77b4", "libtorrent": "#d62728", "libtorrent-seedmode": "#ff7f0e"}
+COLOR = {"magnetar": "#1f77b4", "magnetar-cold": "#17becf", "magnetar-cgroup": "#9467bd", "libtorrent": "#d62728", "libtorrent-seedmode": "#ff7f0e"}
 
 
 def load(path):
@@ -82,6 +84,9 @@ def cells(rows):
             churn_cpu=med([r.get("churn_server_cpu") for r in ok]),
             churn_errors=sum(r.get("churn_errors") or 0 for r in ok),
             cpu=med([r.get("server_cpu_s") for r in ok]),
+            cg_usage=med([r.get("cgroup_max_usage_kb") for r in ok + c["fail"]]),
+            cg_oom=sum(r.get("cgroup_oom_kills") or 0 for r in ok + c["fail"]),
+            cg_mb=next((r["cgroup_mb"] for r in ok + c["fail"] if "cgroup_mb" in r), None),
             flagged=sum(1 for r in ok + c["fail"] if r.get("busy_flagged")),
         )
     return out
@@ -122,6 +127,25 @@ def summary(out):
                 LABEL[s], fmt_k(k), len(x["ok"]) + len(x["fail"]), fmt_s(x["ready"]), serving,
                 fmt_mb(x["rss"]), fmt_mb(x["anon"]), fps,
                 "—" if x["churn_cpu"] is None else "%.2f" % x["churn_cpu"]))
+    per = per_torrent(servers, ks, c)
+    if per:
+        lines.append("")
+        lines.append("| server | K | RssAnon MB | fixed (smallest K) MB | anon bytes per torrent "
+                     "beyond the fixed cost |")
+        lines.append("|---|---:|---:|---:|---:|")
+        for s, k, anon, fixed, b in per:
+            lines.append("| %s | %s | %.0f | %.0f | %.1f |" % (LABEL[s], fmt_k(k), anon / 1024,
+                                                              fixed / 1024, b))
+    cg = [(s, k, x) for (s, k), x in sorted(c.items()) if x.get("cg_usage") is not None]
+    if cg:
+        lines.append("")
+        lines.append("| cgroup run | K | limit MB | ready | serving | max usage MB (anon + page "
+                     "cache) | OOM kills |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        for s, k, x in cg:
+            lines.append("| %s | %s | %s | %s | %s | %.0f | %d |" % (
+                LABEL[s], fmt_k(k), x["cg_mb"], fmt_s(x["ready"]), fmt_s(x["serving"]),
+                x["cg_usage"] / 1024, x["cg_oom"]))
     lines.append("")
     lines.append("S = min(K, 1000) sampled hashes%s. Medians over the runs that got to serving "
                  "(runs column: runs made). Times from process start." % (
@@ -144,6 +168,25 @@ def summary(out):
             lines.append("| %s | %d | %s | %s | %s |" % (fmt_k(k), size, f("store"),
                                                         f("torrents"), g))
     return servers, ks, c, "\n".join(lines) + "\n"
+
+
+def per_torrent(servers, ks, c):
+    """(server, K, anon KB, fixed KB, anon bytes per torrent beyond the fixed cost) for each
+    magnetar K above its smallest: the fixed cost is RssAnon at the smallest K served (rings,
+    buffer pools, per-core state: what the server holds at any size)."""
+    out = []
+    for s in servers:
+        if not s.startswith("magnetar"):
+            continue
+        served = [k for k in ks if (s, k) in c and c[(s, k)]["ok"] and c[(s, k)]["anon"]]
+        if len(served) < 2:
+            continue
+        k0 = served[0]
+        fixed = c[(s, k0)]["anon"]
+        for k in served[1:]:
+            anon = c[(s, k)]["anon"]
+            out.append((s, k, anon, fixed, (anon - fixed) * 1024 / (k - k0)))
+    return out
 
 
 def svg(servers, ks, c):
@@ -183,7 +226,7 @@ def svg(servers, ks, c):
         while e <= math.log10(kmax) + 1e-9:
             x = X(10 ** e)
             out.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#eee"/>' % (x, top, x, top + ph))
-            lab = {3: "1k", 4: "10k", 5: "100k", 6: "1M", 7: "10M", 2: "100"}.get(round(e), "1e%d" % e)
+            lab = {3: "1k", 4: "10k", 5: "100k", 6: "1M", 7: "10M", 8: "100M", 2: "100"}.get(round(e), "1e%d" % e)
             out.append('<text x="%.1f" y="%d" text-anchor="middle">%s</text>' % (x, top + ph + 16, lab))
             e += 1
         out.append('<text x="%.0f" y="%d" text-anchor="middle">K torrents (log)</text>'

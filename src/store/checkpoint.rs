@@ -188,8 +188,21 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The checkpoint in `dir`, if there is a valid one.
-pub(crate) fn read(dir: &Path) -> Option<Checkpoint> {
+/// How many table entries are read (and CRC'd and tallied) at a time: 256 KiB, so each run
+/// is still in the CPU's cache when it is checked. One pass over the tables' memory in all.
+const TABLE_READ_ENTRIES: usize = 32 * 1024;
+
+/// A checkpoint read up to its tables: what planning needs (`head`: everything but the
+/// tables, which are left empty), and the open file, positioned at the tables, which
+/// `read_tables` reads, checks and CRCs in one pass.
+pub(crate) struct Pending {
+    pub head: Checkpoint,
+    input: Input,
+}
+
+/// The checkpoint in `dir`, read up to its tables, if there is one that parses so far.
+/// Nothing in it is trusted before `Pending::read_tables` has checked the CRC.
+pub(crate) fn read(dir: &Path) -> Option<Pending> {
     let path = dir.join(CHECKPOINT_FILE);
     let file = match std::fs::File::open(&path) {
         Ok(f) => f,
@@ -199,7 +212,7 @@ pub(crate) fn read(dir: &Path) -> Option<Checkpoint> {
             return None;
         }
     };
-    match read_from(file) {
+    match read_head(file) {
         Ok(c) => Some(c),
         Err(why) => {
             tracing::warn!(file = %path.display(), "index checkpoint ignored ({why}); full scan");
@@ -208,14 +221,12 @@ pub(crate) fn read(dir: &Path) -> Option<Checkpoint> {
     }
 }
 
-/// Decode a checkpoint from a file without holding its bytes twice (the tables are most of
-/// it: a 10M-record store's are ~250 MB): everything but the tables through `decode`'s
-/// reader, the tables straight into their vectors, the CRC computed as it goes.
-fn read_from(file: std::fs::File) -> Result<Checkpoint, String> {
-    use std::io::Read;
+/// Decode a checkpoint's head (all but the tables) from a file, CRC-ing as it goes.
+fn read_head(file: std::fs::File) -> Result<Pending, String> {
     let len = file.metadata().map_err(|e| e.to_string())?.len();
     let mut f = Input {
-        f: std::io::BufReader::with_capacity(1 << 20, file),
+        // Small: the tables are read in runs larger than this, which then bypass it.
+        f: std::io::BufReader::with_capacity(64 << 10, file),
         crc: crc32fast::Hasher::new(),
         left: len.checked_sub(4).ok_or("shorter than its CRC")?,
     };
@@ -272,39 +283,66 @@ fn read_from(file: std::fs::File) -> Result<Checkpoint, String> {
             (k, u64::from_le_bytes(c[20..].try_into().expect("8 bytes")))
         })
         .collect();
-    let mut tables = Vec::with_capacity(2 * INDEX_SHARDS);
-    for _ in 0..2 * INDEX_SHARDS {
-        f.take(&mut word)?;
-        let n = u64::from_le_bytes(word);
-        if n.saturating_mul(8) > f.left {
-            return Err("count past the end".into());
-        }
-        let mut t = vec![0u64; n as usize];
-        f.take(u64s_as_bytes(&mut t))?;
-        if cfg!(target_endian = "big") {
-            for x in t.iter_mut() {
-                *x = u64::from_le(*x);
-            }
-        }
-        tables.push(t);
-    }
-    if f.left != 0 {
-        return Err("trailing bytes".into());
-    }
-    let mut stored = [0u8; 4];
-    f.f.read_exact(&mut stored).map_err(|e| e.to_string())?;
-    if f.crc.finalize() != u32::from_le_bytes(stored) {
-        return Err("CRC mismatch".into());
-    }
-    let req2 = tables.split_off(INDEX_SHARDS);
-    Ok(Checkpoint {
-        written_ns,
-        seed,
-        segments,
-        tombstones,
-        main: tables,
-        req2,
+    Ok(Pending {
+        head: Checkpoint {
+            written_ns,
+            seed,
+            segments,
+            tombstones,
+            main: Vec::new(),
+            req2: Vec::new(),
+        },
+        input: f,
     })
+}
+
+impl Pending {
+    /// Read the tables straight into their vectors (the checkpoint's bytes are never held
+    /// twice: a 10M-record store's tables are ~210 MB), `TABLE_READ_ENTRIES` at a time,
+    /// each run CRC'd and handed to `check(table, entries)` while it is in cache (table:
+    /// 0..INDEX_SHARDS main, then req2). The first error of `check` stops the read. Then
+    /// the CRC is checked: only then is anything read trusted.
+    pub fn read_tables(
+        self,
+        mut check: impl FnMut(usize, &[u64]) -> Result<(), &'static str>,
+    ) -> Result<Checkpoint, String> {
+        use std::io::Read;
+        let Pending {
+            mut head,
+            input: mut f,
+        } = self;
+        let mut word = [0u8; 8];
+        let mut tables = Vec::with_capacity(2 * INDEX_SHARDS);
+        for i in 0..2 * INDEX_SHARDS {
+            f.take(&mut word)?;
+            let n = u64::from_le_bytes(word);
+            if n.saturating_mul(8) > f.left {
+                return Err("count past the end".into());
+            }
+            let mut t = vec![0u64; n as usize];
+            for run in t.chunks_mut(TABLE_READ_ENTRIES) {
+                f.take(u64s_as_bytes(run))?;
+                if cfg!(target_endian = "big") {
+                    for x in run.iter_mut() {
+                        *x = u64::from_le(*x);
+                    }
+                }
+                check(i, run)?;
+            }
+            tables.push(t);
+        }
+        if f.left != 0 {
+            return Err("trailing bytes".into());
+        }
+        let mut stored = [0u8; 4];
+        f.f.read_exact(&mut stored).map_err(|e| e.to_string())?;
+        if f.crc.finalize() != u32::from_le_bytes(stored) {
+            return Err("CRC mismatch".into());
+        }
+        head.req2 = tables.split_off(INDEX_SHARDS);
+        head.main = tables;
+        Ok(head)
+    }
 }
 
 /// The bytes of `v`, to read a table straight into (the tables are most of the file).
@@ -379,7 +417,7 @@ mod tests {
     fn decode(dir: &Path, bytes: &[u8]) -> Result<Checkpoint, String> {
         let path = dir.join("c");
         std::fs::write(&path, bytes).unwrap();
-        read_from(std::fs::File::open(&path).unwrap())
+        read_head(std::fs::File::open(&path).unwrap())?.read_tables(|_, _| Ok(()))
     }
 
     #[test]
@@ -389,7 +427,11 @@ mod tests {
         let b = c.encode();
         assert_eq!(decode(dir.path(), &b).unwrap(), c);
         write(dir.path(), &c).unwrap();
-        assert_eq!(read(dir.path()).unwrap(), c);
+        let read_back = read(dir.path())
+            .unwrap()
+            .read_tables(|_, _| Ok(()))
+            .unwrap();
+        assert_eq!(read_back, c);
         for i in (0..b.len()).step_by(7) {
             let mut bad = b.clone();
             bad[i] ^= 0x10;

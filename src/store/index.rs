@@ -189,8 +189,9 @@ pub(crate) struct Table {
 }
 
 impl Table {
-    fn with_slots(slots: Vec<u64>) -> Self {
-        let len = slots.iter().filter(|&&e| e != 0).count();
+    /// A table restored from a checkpoint: `len` is its count of entries, tallied as the
+    /// entries were read (`tally_entries`), so restoring makes no pass of its own.
+    fn with_slots(slots: Vec<u64>, len: usize) -> Self {
         Table { slots, len }
     }
 
@@ -797,14 +798,27 @@ impl Index {
             seed: self.hasher.seed(),
             main: main.iter().map(|t| t.slots.clone()).collect(),
             req2: req2.iter().map(|t| t.slots.clone()).collect(),
+            tallies: main
+                .iter()
+                .chain(&req2)
+                .map(|t| TableTally {
+                    kept: t.len,
+                    dropped: 0,
+                })
+                .collect(),
             slots,
         }
     }
 
     /// The index a checkpoint describes: `tables` as saved, `slots` naming the segments
     /// opened again (a slot whose segment is gone must have been dropped from the tables by
-    /// the caller, `IndexSnapshot::retain`).
+    /// the caller, `IndexSnapshot::drop_untrusted`), each table's entry count from `tallies`.
     pub fn restore(snapshot: IndexSnapshot) -> Result<Index, SlotsFull> {
+        if snapshot.tallies.len() != 2 * INDEX_SHARDS
+            || snapshot.tallies.iter().any(|t| t.dropped > 0)
+        {
+            return Err(SlotsFull);
+        }
         let index = Index::new(KeyHasher::new(snapshot.seed));
         {
             let mut st = index.segments.state();
@@ -827,11 +841,10 @@ impl Index {
             }
             st.free = (1..st.next).filter(|&s| st.refs[s] == 0).collect();
         }
-        for (stripe, slots) in index.shards.iter().zip(snapshot.main) {
-            *write(stripe) = Table::with_slots(slots);
-        }
-        for (stripe, slots) in index.req2.iter().zip(snapshot.req2) {
-            *write(stripe) = Table::with_slots(slots);
+        let stripes = index.shards.iter().chain(index.req2.iter());
+        let tables = snapshot.main.into_iter().chain(snapshot.req2);
+        for ((stripe, slots), tally) in stripes.zip(tables).zip(&snapshot.tallies) {
+            *write(stripe) = Table::with_slots(slots, tally.kept);
         }
         Ok(index)
     }
@@ -843,6 +856,8 @@ pub(crate) struct IndexSnapshot {
     /// `INDEX_SHARDS` tables each.
     pub main: Vec<Vec<u64>>,
     pub req2: Vec<Vec<u64>>,
+    /// Each table's entries (main, then req2), as `tally_entries` counted them.
+    pub tallies: Vec<TableTally>,
     pub slots: Vec<SlotInfo>,
 }
 
@@ -856,13 +871,55 @@ pub(crate) struct SlotInfo {
     pub bytes: u64,
 }
 
+/// What one pass over a checkpoint table's entries found (`tally_entries`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct TableTally {
+    /// Entries naming a segment taken from the checkpoint.
+    pub kept: usize,
+    /// Entries naming a segment that is not (changed or gone since): dropped at restore.
+    pub dropped: usize,
+}
+
+/// For each segment slot, how many bytes of its segment the checkpoint vouches for (0: the
+/// slot's segment is not taken from the checkpoint).
+pub(crate) type TrustedLens = [u32; INDEX_SEGMENT_SLOTS];
+
+/// Tally a run of a checkpoint table's entries, as they are read (so a restore touches each
+/// entry once, while it is in cache). False when an entry's header lies past the length
+/// `trusted` gives its segment: a checkpoint that passes never makes the index read past the
+/// end of a file (which would be SIGBUS through the mapping).
+pub(crate) fn tally_entries(
+    entries: &[u64],
+    trusted: &TrustedLens,
+    tally: &mut TableTally,
+) -> bool {
+    for &e in entries {
+        if e == 0 {
+            continue;
+        }
+        let (slot, at) = entry_location(e);
+        // In bounds: `slot` has SLOT_BITS bits and `trusted` INDEX_SEGMENT_SLOTS entries.
+        let len = trusted[slot] as usize;
+        if len == 0 {
+            tally.dropped += 1;
+        } else if at + HEADER_BYTES <= len {
+            tally.kept += 1;
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
 impl IndexSnapshot {
-    /// Drop every entry naming a slot `keep` refuses (a segment gone or changed since the
-    /// checkpoint), rebuilding the tables that had one. Returns the entries dropped.
-    pub fn retain_slots(&mut self, keep: impl Fn(usize) -> bool) -> usize {
+    /// Drop the entries naming a segment `trusted` does not vouch for (gone or changed
+    /// since the checkpoint): only the tables whose tally counted some are rebuilt. Returns
+    /// the entries dropped.
+    pub fn drop_untrusted(&mut self, trusted: &TrustedLens) -> usize {
         let mut dropped = 0;
-        for slots in self.main.iter_mut().chain(self.req2.iter_mut()) {
-            if slots.iter().all(|&e| e == 0 || keep(entry_location(e).0)) {
+        let tables = self.main.iter_mut().chain(self.req2.iter_mut());
+        for (slots, tally) in tables.zip(self.tallies.iter_mut()) {
+            if tally.dropped == 0 {
                 continue;
             }
             let mut table = Table {
@@ -870,32 +927,20 @@ impl IndexSnapshot {
                 len: 0,
             };
             for &e in slots.iter().filter(|&&e| e != 0) {
-                if keep(entry_location(e).0) {
+                if trusted[entry_location(e).0] != 0 {
                     table.place(e);
-                } else {
-                    dropped += 1;
                 }
             }
+            dropped += tally.dropped;
+            *tally = TableTally {
+                kept: table.len,
+                dropped: 0,
+            };
             *slots = table.slots;
         }
-        self.slots.retain(|s| keep(s.slot));
+        self.slots
+            .retain(|s| trusted.get(s.slot).is_some_and(|&n| n != 0));
         dropped
-    }
-
-    /// Whether every entry's header lies below `len_of(its slot)` (`None`: a slot the
-    /// checkpoint does not name): a checkpoint that passes never makes the index read past
-    /// the end of a file (which would be SIGBUS through the mapping).
-    pub fn check(&self, len_of: impl Fn(usize) -> Option<u64>) -> bool {
-        for slots in self.main.iter().chain(self.req2.iter()) {
-            for &e in slots.iter().filter(|&&e| e != 0) {
-                let (slot, at) = entry_location(e);
-                match len_of(slot) {
-                    Some(len) if (at + HEADER_BYTES) as u64 <= len => {}
-                    _ => return false,
-                }
-            }
-        }
-        true
     }
 }
 
@@ -1006,5 +1051,77 @@ mod tests {
         }
         // Right after the last growth the load was LOAD_AFTER_GROW_PERCENT; never below.
         assert!(t.len() * 100 / t.slots.len() >= LOAD_AFTER_GROW_PERCENT - 1);
+    }
+
+    #[test]
+    fn restore_tallies_in_one_pass_and_rebuilds_only_tables_with_dropped_entries() {
+        let mut trusted: Box<TrustedLens> = vec![0u32; INDEX_SEGMENT_SLOTS]
+            .into_boxed_slice()
+            .try_into()
+            .unwrap();
+        trusted[1] = 4096; // taken from the checkpoint, 4096 bytes vouched for
+        trusted[2] = 0; // changed or gone since
+                        // Entries of slot 1 (kept) and 2 (dropped), mixed in one table.
+        let t = table_with(&[5, 6, 7]);
+        let mut other = t.clone();
+        other.insert(make_entry(9, 2, 64));
+        let mixed = other.slots.clone();
+        let mut tally = TableTally::default();
+        // Fed in runs, as the checkpoint reader does.
+        for run in mixed.chunks(3) {
+            assert!(tally_entries(run, &trusted, &mut tally));
+        }
+        assert_eq!(
+            tally,
+            TableTally {
+                kept: 3,
+                dropped: 1
+            }
+        );
+        let mut clean = TableTally::default();
+        assert!(tally_entries(&t.slots, &trusted, &mut clean));
+        assert_eq!(
+            clean,
+            TableTally {
+                kept: 3,
+                dropped: 0
+            }
+        );
+        // A header past the vouched-for length refuses the whole checkpoint.
+        let past = [make_entry(3, 1, 4096 - HEADER_BYTES + RECORD_ALIGN)];
+        assert!(!tally_entries(&past, &trusted, &mut TableTally::default()));
+        let at_end = [make_entry(3, 1, 4096 - HEADER_BYTES)];
+        assert!(tally_entries(&at_end, &trusted, &mut TableTally::default()));
+
+        let mut snap = IndexSnapshot {
+            seed: [1, 2],
+            main: vec![mixed.clone(), t.slots.clone()],
+            req2: Vec::new(),
+            tallies: vec![tally, clean],
+            slots: Vec::new(),
+        };
+        assert_eq!(snap.drop_untrusted(&trusted), 1);
+        assert_eq!(
+            snap.tallies,
+            vec![
+                TableTally {
+                    kept: 3,
+                    dropped: 0
+                };
+                2
+            ]
+        );
+        // The clean table is left as it was; the other lost only slot 2's entry, and what
+        // is left is still found from its home.
+        assert_eq!(snap.main[1], t.slots);
+        let rebuilt = Table::with_slots(snap.main[0].clone(), 3);
+        assert!(rebuilt
+            .slots
+            .iter()
+            .all(|&e| e == 0 || entry_location(e).0 == 1));
+        for tag in [5, 6, 7] {
+            assert!(rebuilt.find(tag, |_| true).is_some(), "tag {tag}");
+        }
+        assert!(rebuilt.find(9, |_| true).is_none());
     }
 }

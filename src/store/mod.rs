@@ -476,53 +476,115 @@ pub fn shard_of(key: &[u8; 20], shards: usize) -> usize {
     (word % shards.max(1) as u64) as usize
 }
 
+/// A checkpoint whose tables were read and checked against the plan (`read_checkpoint`).
+struct CheckpointRead {
+    ckpt: checkpoint::Checkpoint,
+    /// Bytes of each slot's segment the plan takes from the checkpoint (0: none).
+    trusted: Box<index::TrustedLens>,
+    tallies: Vec<index::TableTally>,
+}
+
+/// Read the checkpoint's tables, checking each entry against `planned` as it is read (one
+/// pass over the tables: count, which to drop, none past its segment's trusted length),
+/// then its CRC. Done before any segment is scanned: the plan comes from the checkpoint's
+/// head, and a scan truncates torn tails, so only a checkpoint whose CRC held may steer it.
+fn read_checkpoint(
+    pending: checkpoint::Pending,
+    planned: &[(recovery::SegmentFile, recovery::ScanFrom)],
+) -> Result<CheckpointRead, String> {
+    let from: HashMap<(usize, u64), u64> = planned
+        .iter()
+        .filter_map(|((shard, seq, _), from)| match *from {
+            recovery::ScanFrom::Trusted(n) | recovery::ScanFrom::After(n) => {
+                Some(((*shard, *seq), n))
+            }
+            recovery::ScanFrom::Start => None,
+        })
+        .collect();
+    let mut trusted: Box<index::TrustedLens> = vec![0u32; INDEX_SEGMENT_SLOTS]
+        .into_boxed_slice()
+        .try_into()
+        .expect("INDEX_SEGMENT_SLOTS entries");
+    for c in pending.head.segments.iter().filter(|c| c.slot != 0) {
+        let Some(&n) = from.get(&(c.shard as usize, c.seq)) else {
+            continue;
+        };
+        let Some(t) = trusted.get_mut(c.slot as usize) else {
+            return Err("bad segment slot".into());
+        };
+        // Offsets in the index are below INDEX_SEGMENT_BYTES_MAX, so capping at u32::MAX
+        // lets through no entry that the full length would refuse.
+        *t = u32::try_from(n).unwrap_or(u32::MAX);
+    }
+    let mut tallies = vec![index::TableTally::default(); 2 * index::INDEX_SHARDS];
+    let ckpt = pending.read_tables(|table, entries| {
+        if index::tally_entries(entries, &trusted, &mut tallies[table]) {
+            Ok(())
+        } else {
+            Err("an entry points past its segment")
+        }
+    })?;
+    Ok(CheckpointRead {
+        ckpt,
+        trusted,
+        tallies,
+    })
+}
+
 /// The index a checkpoint describes, restricted to the segments `scanned` took from it
 /// (the rest lose their entries and were scanned in full), and its tombstone map.
 fn restore_checkpoint(
-    ckpt: checkpoint::Checkpoint,
+    read: CheckpointRead,
     scanned: &[recovery::ScannedSegment],
 ) -> Result<(Index, checkpoint::Tombstones), &'static str> {
+    let CheckpointRead {
+        ckpt,
+        trusted,
+        tallies,
+    } = read;
     let by_name: HashMap<(usize, u64), &recovery::ScannedSegment> = scanned
         .iter()
         .filter(|s| s.trusted_below > 0)
         .map(|s| ((s.segment.shard(), s.segment.seq()), s))
         .collect();
     let mut slots = Vec::new();
-    // By slot (a Vec: `check` looks every entry's slot up).
-    let mut trusted_len: Vec<Option<u64>> = vec![None; INDEX_SEGMENT_SLOTS];
     for c in ckpt.segments.iter().filter(|c| c.slot != 0) {
-        if let Some(s) = by_name.get(&(c.shard as usize, c.seq)) {
-            let Some(t) = trusted_len.get_mut(c.slot as usize) else {
-                return Err("bad segment slot");
-            };
-            *t = Some(s.trusted_below);
-            slots.push(index::SlotInfo {
-                slot: c.slot as usize,
-                segment: s.segment.clone(),
-                refs: c.refs,
-                records: c.records,
-                bytes: c.bytes,
-            });
+        let want = trusted.get(c.slot as usize).copied().unwrap_or(0);
+        if want == 0 {
+            continue;
         }
+        // The scan opened it with the length the plan vouched for (less only if the file
+        // shrank between the plan's stat and the open).
+        let Some(s) = by_name.get(&(c.shard as usize, c.seq)) else {
+            return Err("a segment changed while opening");
+        };
+        if s.trusted_below.min(u32::MAX as u64) != want as u64 {
+            return Err("a segment changed while opening");
+        }
+        slots.push(index::SlotInfo {
+            slot: c.slot as usize,
+            segment: s.segment.clone(),
+            refs: c.refs,
+            records: c.records,
+            bytes: c.bytes,
+        });
     }
     let mut snapshot = index::IndexSnapshot {
         seed: ckpt.seed,
         main: ckpt.main,
         req2: ckpt.req2,
+        tallies,
         slots,
     };
     if snapshot.main.len() != index::INDEX_SHARDS || snapshot.req2.len() != index::INDEX_SHARDS {
         return Err("table count differs");
     }
-    let dropped = snapshot.retain_slots(|slot| trusted_len.get(slot).is_some_and(Option::is_some));
+    let dropped = snapshot.drop_untrusted(&trusted);
     if dropped > 0 {
         tracing::info!(
             entries = dropped,
             "checkpoint entries of segments changed or gone since dropped"
         );
-    }
-    if !snapshot.check(|slot| trusted_len.get(slot).copied().flatten()) {
-        return Err("an entry points past its segment");
     }
     let index = Index::restore(snapshot).map_err(|_| "bad segment slot")?;
     Ok((index, ckpt.tombstones))
@@ -601,12 +663,20 @@ impl Store {
         let files = recovery::list_segments(&segments_dir)?;
         let mut ckpt = checkpoint::read(dir);
         let (scanned, index, restored) = loop {
-            let planned = recovery::plan(files.clone(), ckpt.as_ref());
+            let planned = recovery::plan(files.clone(), ckpt.as_ref().map(|p| &p.head));
+            let from_ckpt = match ckpt.take().map(|p| read_checkpoint(p, &planned)) {
+                None => None,
+                Some(Ok(read)) => Some(read),
+                Some(Err(why)) => {
+                    tracing::warn!("index checkpoint ignored ({why}); full scan");
+                    continue;
+                }
+            };
             let scanned =
                 recovery::scan_all(&planned, reserved, available_cores(), access, track_refs)?;
-            match ckpt.take() {
+            match from_ckpt {
                 None => break (scanned, Index::new(KeyHasher::random()), None),
-                Some(c) => match restore_checkpoint(c, &scanned) {
+                Some(read) => match restore_checkpoint(read, &scanned) {
                     Ok((index, tombs)) => break (scanned, index, Some(tombs)),
                     Err(why) => {
                         tracing::warn!("index checkpoint not usable ({why}); full scan");

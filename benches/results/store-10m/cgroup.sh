@@ -18,7 +18,10 @@ t0=$(date +%s.%N)
 ( echo $BASHPID > $CG/cgroup.procs; exec taskset -c 0 $BIN serve --data-dir $D/store --listen 127.0.0.1:$PORT --no-dht --admin off --threads 1 --connections-per-ip-max 4096 --shutdown-grace-ms 500 ) > $OUT/stdout.log 2> $OUT/server.log &
 SP=$!
 for i in $(seq 600); do
-  grep -q "^\[.*ready" $OUT/stdout.log 2>/dev/null && break
+  # The server's stdout line itself ("ready listen=..."); until 2026-12-07 this looked for
+  # "[...] ready" (scale_run.py's log prefix), never matched, and the loop ran out its 600
+  # rounds: the "ready after 65 s" it printed was the loop's bound, not the server.
+  grep -q "^ready " $OUT/stdout.log 2>/dev/null && break
   kill -0 $SP 2>/dev/null || break
   sleep 0.1
 done
