@@ -51,12 +51,7 @@ fn import_reports_each_bad_file_and_keeps_the_rest() {
 fn import_refuses_a_data_dir_held_by_a_running_server() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    run_ok(
-        Command::new(magnetar_bin())
-            .args(["import", "--data-dir"])
-            .arg(&data)
-            .arg(fixture_path("v1_single.torrent")),
-    );
+    import(&data, &[&fixture_path("v1_single.torrent")]);
     let _server = ServerProc::start(&data, &["--threads", "1"]);
     let out = magnetar(
         &data,
@@ -82,12 +77,7 @@ fn import_refuses_a_data_dir_held_by_a_running_server() {
 fn magnet_for_v1_v2_and_hybrid_records() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    run_ok(
-        Command::new(magnetar_bin())
-            .args(["import", "--data-dir"])
-            .arg(&data)
-            .arg(repo_path("tests/fixtures/torrents")),
-    );
+    import(&data, &[&repo_path("tests/fixtures/torrents")]);
 
     for name in ["v1_single", "v2_multi", "hybrid_single"] {
         let (v1, v2) = fixture_hashes(name);

@@ -35,12 +35,12 @@ enum DhtAt {
 /// answers nothing (nothing but the test talks to it). Returns the DHT node's port.
 fn magnetar_node(data: &Path, at: DhtAt) -> (ServerProc, u16) {
     let fixtures = repo_path("tests/fixtures/torrents");
-    run_ok(
-        Command::new(magnetar_bin())
-            .args(["import", "--data-dir"])
-            .arg(data)
-            .arg(fixtures.join("v1_single.torrent"))
-            .arg(fixtures.join("v1_multi.torrent")),
+    import(
+        data,
+        &[
+            &fixtures.join("v1_single.torrent"),
+            &fixtures.join("v1_multi.torrent"),
+        ],
     );
     let (port, dht_port) = (free_port(), free_udp_port());
     let listen4 = format!("127.0.0.1:{port}");
@@ -488,12 +488,7 @@ fn transmission_finds_magnetar_through_its_dht_node_and_gets_metadata() {
         .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    run_ok(
-        Command::new(magnetar_bin())
-            .args(["import", "--data-dir"])
-            .arg(&data)
-            .arg(repo_path("tests/fixtures/torrents/v1_single.torrent")),
-    );
+    import(&data, &[&fixture_path("v1_single.torrent")]);
     let port = std::net::TcpListener::bind((host, 0))
         .unwrap()
         .local_addr()
@@ -521,7 +516,6 @@ fn transmission_finds_magnetar_through_its_dht_node_and_gets_metadata() {
         &[("dht.bootstrap", &bootstrap)],
         &[("TR_DHT_VERBOSE", "1")],
     );
-    let read_log = |tr: &Transmission| tr.read_log();
     let info = loop {
         if let Some(info) = tr.written_info() {
             break info;
@@ -529,17 +523,10 @@ fn transmission_finds_magnetar_through_its_dht_node_and_gets_metadata() {
         if let Some(status) = tr.child.try_wait().unwrap() {
             panic!(
                 "transmission-cli exited ({status}) without the metadata:\n{}",
-                read_log(&tr)
+                tr.read_log()
             );
         }
         if start.elapsed() > TR_DHT_FETCH_TIMEOUT {
-            let text = read_log(&tr);
-            let dht: Vec<&str> = text
-                .lines()
-                .filter(|l| !l.contains("bandwidth.c") && !l.contains("peer-io.c"))
-                .rev()
-                .take(80)
-                .collect();
             let m = kit::metrics(&server);
             panic!(
                 "Transmission had no metadata after {TR_DHT_FETCH_TIMEOUT:?}; magnetar's DHT \
@@ -548,13 +535,13 @@ fn transmission_finds_magnetar_through_its_dht_node_and_gets_metadata() {
                 m["magnetar_dht_node_queries_received_total"],
                 m["magnetar_dht_node_responses_sent_total"],
                 m["magnetar_dht_node_self_listed_total"],
-                dht.join("\n")
+                tr.log_tail(80)
             );
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     let seconds = start.elapsed().as_secs_f64();
-    let text = read_log(&tr);
+    let text = tr.read_log();
     drop(tr);
     let torrent = fixture("v1_single.torrent");
     assert!(

@@ -20,15 +20,6 @@ fn content_dir(torrents_dir: &Path) -> PathBuf {
     torrents_dir.join("content")
 }
 
-fn import(data: &Path, torrents: &[&Path]) {
-    run_ok(
-        Command::new(magnetar_bin())
-            .args(["import", "--data-dir"])
-            .arg(data)
-            .args(torrents),
-    );
-}
-
 use common::kit::{metrics, Metrics};
 
 /// The value of a metric (name and labels, as `/metrics` writes them).

@@ -114,7 +114,6 @@ impl TrFetch {
 fn transmission_fetch(ns: &Netns, dir: &Path, magnet: &str) -> TrFetch {
     let start = Instant::now();
     let mut tr = Transmission::start(ns, dir, magnet, SETTINGS, &[], &[]);
-    let log = |tr: &Transmission| tr.read_log();
     loop {
         if let Some(info) = tr.written_info() {
             let seconds = start.elapsed().as_secs_f64();
@@ -123,29 +122,22 @@ fn transmission_fetch(ns: &Netns, dir: &Path, magnet: &str) -> TrFetch {
             return TrFetch {
                 info,
                 seconds,
-                log: log(&tr),
+                log: tr.read_log(),
             };
         }
         if let Some(status) = tr.child.try_wait().unwrap() {
             panic!(
                 "transmission-cli exited ({status}) without the metadata:\n{}",
-                log(&tr)
+                tr.read_log()
             );
         }
         if start.elapsed() > FETCH_TIMEOUT {
             let _ = tr.child.kill();
             let _ = tr.child.wait();
-            let text = log(&tr);
-            let tail: Vec<&str> = text
-                .lines()
-                .filter(|l| !l.contains("bandwidth.c") && !l.contains("peer-io.c"))
-                .rev()
-                .take(60)
-                .collect();
             panic!(
                 "Transmission had no metadata after {FETCH_TIMEOUT:?}; its log (without I/O \
                  accounting), last lines first:\n{}",
-                tail.join("\n")
+                tr.log_tail(60)
             );
         }
         std::thread::sleep(Duration::from_millis(20));

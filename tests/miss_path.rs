@@ -336,12 +336,12 @@ fn stored_hashes_are_announced_to_the_dht_but_private_ones_are_not() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let fixtures = repo_path("tests/fixtures/torrents");
-    run_ok(
-        std::process::Command::new(magnetar_bin())
-            .args(["import", "--data-dir"])
-            .arg(&data)
-            .arg(fixtures.join("v1_single.torrent"))
-            .arg(fixtures.join("v1_multi.torrent")),
+    import(
+        &data,
+        &[
+            &fixtures.join("v1_single.torrent"),
+            &fixtures.join("v1_multi.torrent"),
+        ],
     );
     let hash = |name: &str| -> [u8; 20] {
         let text = std::fs::read_to_string(fixtures.join(format!("{name}.hashes"))).unwrap();

@@ -332,12 +332,7 @@ fn magnetar_serves_15_pieces_over_lossy_utp() {
     let tmp = tempfile::tempdir().unwrap();
     let t = fifteen_piece_torrent(tmp.path());
     let data = tmp.path().join("data");
-    run_ok(
-        Command::new(magnetar_bin())
-            .args(["import", "--data-dir"])
-            .arg(&data)
-            .arg(&t.path),
-    );
+    import(&data, &[&t.path]);
     let server = ServerProc::start(&data, &["--threads", "2"]);
     // uTP shares the TCP port number.
     let relay = lossy_relay_to(server.addr);

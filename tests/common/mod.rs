@@ -244,6 +244,16 @@ pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::
     }
 }
 
+/// `magnetar import --data-dir DATA FILES...`, which must succeed.
+pub fn import(data: &Path, torrents: &[&Path]) {
+    run_ok(
+        Command::new(magnetar_bin())
+            .args(["import", "--data-dir"])
+            .arg(data)
+            .args(torrents),
+    );
+}
+
 /// A file of tests/fixtures/torrents.
 pub fn fixture_path(name: &str) -> PathBuf {
     repo_path("tests/fixtures/torrents").join(name)

@@ -73,6 +73,19 @@ impl Transmission {
         String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
     }
 
+    /// The last `lines` lines of its output without libtransmission's I/O accounting
+    /// (bandwidth.c, peer-io.c), last line first: what a failure message shows.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = self.read_log();
+        let tail: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.contains("bandwidth.c") && !l.contains("peer-io.c"))
+            .rev()
+            .take(lines)
+            .collect();
+        tail.join("\n")
+    }
+
     /// The info dict of the .torrent it writes into `config/torrents` once it has the
     /// metadata (before that, the file it keeps for a magnet has no `info`).
     pub fn written_info(&self) -> Option<Vec<u8>> {
