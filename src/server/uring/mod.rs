@@ -179,6 +179,22 @@ struct Mailbox {
 }
 
 impl Mailbox {
+    /// Runs `work` (a fetch, a store, a page-in: work off the link's path) as a task on the
+    /// core's runtime and posts its event for link `key` when it ends; a stale generation
+    /// is dropped on delivery, as for every event.
+    fn post_when_done(
+        self: &Rc<Self>,
+        key: usize,
+        gen: u32,
+        work: impl std::future::Future<Output = Event> + 'static,
+    ) {
+        let mailbox = self.clone();
+        monoio::spawn(async move {
+            let event = work.await;
+            mailbox.post(key, gen, event);
+        });
+    }
+
     fn post(&self, key: usize, gen: u32, event: Event) {
         self.queue.borrow_mut().push((key, gen, event));
         if let Some(w) = self.waker.take() {

@@ -94,10 +94,8 @@ impl<'c> Core<'c> {
                 }
                 Step::Fetch(info_hash) => {
                     let waiter = ctx.upstream.submit(info_hash, Hints::default());
-                    let (mailbox, gen) = (self.mailbox.clone(), link.gen);
-                    monoio::spawn(async move {
-                        let outcome = waiter.recv_async().await.ok();
-                        mailbox.post(key, gen, Event::Fetch(outcome));
+                    self.mailbox.post_when_done(key, link.gen, async move {
+                        Event::Fetch(waiter.recv_async().await.ok())
                     });
                 }
                 Step::Shard {
@@ -105,19 +103,15 @@ impl<'c> Core<'c> {
                     cmd,
                 } => ctx.upstream.send(&info_hash, cmd),
                 Step::Store(info) => {
-                    let (mailbox, gen, upstream) =
-                        (self.mailbox.clone(), link.gen, ctx.upstream.clone());
-                    monoio::spawn(async move {
-                        let stored = upstream.store_off_core(info).await;
-                        mailbox.post(key, gen, Event::Stored(stored));
+                    let upstream = ctx.upstream.clone();
+                    self.mailbox.post_when_done(key, link.gen, async move {
+                        Event::Stored(upstream.store_off_core(info).await)
                     });
                 }
                 Step::PageIn(info_hash) => {
-                    let (mailbox, gen, page_in) =
-                        (self.mailbox.clone(), link.gen, ctx.page_in.clone());
-                    monoio::spawn(async move {
-                        let record = page_in.page_in(info_hash).await;
-                        mailbox.post(key, gen, Event::PagedIn(record));
+                    let page_in = ctx.page_in.clone();
+                    self.mailbox.post_when_done(key, link.gen, async move {
+                        Event::PagedIn(page_in.page_in(info_hash).await)
                     });
                 }
             }
