@@ -155,6 +155,15 @@ pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// hundred KiB at most in practice; a peer slower than this is dropped for the next one.
 pub const PEER_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Longest a peer may send nothing while our metadata requests are outstanding before the
+/// connection is given up and the peer gets one fresh connection. libtorrent's uTP ends a
+/// connection silently (no RESET) once one packet has gone out `utp_num_resends` = 3 times
+/// unacked; on a path with 5 % loss that ends about one exchange in 25, and without this
+/// the exchange would wait for `PEER_EXCHANGE_TIMEOUT`. A live libtorrent answers a request
+/// at once or at its next one-second tick, and its retransmissions (RTO ≥ 500 ms, then
+/// +1 s, +2 s) all fall well inside this.
+pub const PEER_STALL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Longest a tracker announce may take within a fetch (BEP 15's retry schedule reaches
 /// 15 s after 3 sends); never longer than the fetch itself.
 pub const TRACKER_ANNOUNCE_TIMEOUT_MAX: Duration = Duration::from_secs(15);
@@ -176,6 +185,7 @@ impl UpstreamConfig {
             peers_max: self.peers_per_fetch_max.max(1),
             connect_timeout: PEER_CONNECT_TIMEOUT,
             peer_timeout: PEER_EXCHANGE_TIMEOUT,
+            stall_timeout: PEER_STALL_TIMEOUT,
             deadline,
         }
     }

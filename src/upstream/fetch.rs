@@ -43,6 +43,8 @@ pub struct FetchSpec {
     pub connect_timeout: Duration,
     /// One peer's whole exchange, connect included.
     pub peer_timeout: Duration,
+    /// Silence with requests outstanding that ends a connection (`PEER_STALL_TIMEOUT`).
+    pub stall_timeout: Duration,
     /// The whole fetch (std `Instant`, so callers need no runtime to compute it).
     pub deadline: Instant,
 }
@@ -129,6 +131,7 @@ pub async fn fetch(
         metadata_bytes_max: spec.metadata_bytes_max,
         connect_timeout: spec.connect_timeout,
         peer_timeout: spec.peer_timeout,
+        stall_timeout: spec.stall_timeout,
         v2_bit: false,
     });
     let emit = |ev: FetchEvent| {

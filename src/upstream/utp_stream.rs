@@ -172,6 +172,13 @@ impl UtpStream {
         let _ = self.flush().await;
     }
 
+    /// Ends the connection at once with a RESET (one datagram, not waited on): for a peer
+    /// we give up on, whose side may still be open.
+    pub async fn abort(mut self) {
+        self.conn.abort();
+        let _ = self.flush().await;
+    }
+
     /// Sends everything the connection has to send: a plain non-blocking `send` per
     /// datagram (a UDP send does not wait for the peer; a ring round trip per ack costs more
     /// than the syscall it replaces).

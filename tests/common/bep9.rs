@@ -154,6 +154,13 @@ pub enum SeedBehaviour {
     NoSize,
     /// Reads the handshake and never says a word.
     Silent,
+    /// Every connection answers the first request it reads, then reads on and never answers
+    /// again.
+    Stalls,
+    /// Its first connection answers the first request it reads, then reads on and never
+    /// answers again (a peer whose side died without a RESET); later connections are
+    /// honest.
+    StallsFirstConnection,
 }
 
 impl SeedBehaviour {
@@ -190,7 +197,11 @@ impl FakeSeed {
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { break };
-                count.fetch_add(1, Ordering::SeqCst);
+                let nth = count.fetch_add(1, Ordering::SeqCst);
+                let behaviour = match behaviour {
+                    SeedBehaviour::StallsFirstConnection if nth > 0 => SeedBehaviour::HONEST,
+                    b => b,
+                };
                 let (dicts, tx) = (dicts.clone(), tx.clone());
                 std::thread::spawn(move || {
                     let _ = serve_one(stream, &dicts, behaviour);
@@ -278,6 +289,7 @@ fn serve_one(
     }
     s.write_all(&out)?;
     let mut size_changed = false;
+    let mut answered = 0usize;
     loop {
         let mut pos = 0;
         let mut out = Vec::new();
@@ -306,7 +318,9 @@ fn serve_one(
             let Ok((MetadataMsg::Request { piece }, _)) = decode_metadata(payload) else {
                 continue;
             };
+            answered += 1;
             match b {
+                SeedBehaviour::Stalls | SeedBehaviour::StallsFirstConnection if answered > 1 => {}
                 SeedBehaviour::SizeChangesAfterRequests if !size_changed => {
                     size_changed = true;
                     seed_ext_handshake(&mut out, Some(info.len() as u64 + 16 * 1024));

@@ -955,6 +955,7 @@ pub fn upstream_peer_cfg(key: [u8; 20]) -> magnetar::upstream::peer::PeerFetchCo
         metadata_bytes_max: magnetar::limits::METADATA_BYTES_MAX,
         connect_timeout: Duration::from_secs(5),
         peer_timeout: Duration::from_secs(20),
+        stall_timeout: magnetar::upstream::config::PEER_STALL_TIMEOUT,
         v2_bit: false,
     }
 }
