@@ -11,10 +11,13 @@
 //! between calls, which is fine for a client that only waits inside them.
 
 use std::collections::hash_map::RandomState;
+use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
 use std::time::Duration;
 
 use monoio::net::udp::UdpSocket;
@@ -41,11 +44,17 @@ pub const SEND_BACKLOG_BYTES_MAX: usize = 256 * 1024;
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 pub struct UtpStream {
-    sock: UdpSocket,
+    sock: Rc<UdpSocket>,
     conn: Connection<Vec<u8>>,
-    /// Receive buffer; replaced when a timer wins over a pending receive.
+    /// Receive buffer, when no receive holds it.
     rbuf: Vec<u8>,
+    /// The receive a timer won over, still in flight: it is polled again at the next
+    /// wait rather than dropped, because on io_uring a receive that completes as it is
+    /// cancelled takes its datagram with it (a loss the peer must time out on).
+    pending: Option<PendingRecv>,
 }
+
+type PendingRecv = Pin<Box<dyn Future<Output = (io::Result<usize>, Vec<u8>)>>>;
 
 enum Event {
     Datagram(io::Result<usize>, Vec<u8>),
@@ -98,9 +107,10 @@ impl UtpStream {
             Instant::now().into_std(),
         );
         let mut s = UtpStream {
-            sock,
+            sock: Rc::new(sock),
             conn,
             rbuf: Vec::with_capacity(DATAGRAM_BYTES_MAX),
+            pending: None,
         };
         while s.conn.state() == State::SynSent {
             s.step(deadline).await?;
@@ -248,18 +258,23 @@ impl UtpStream {
             Some(t) => Instant::from_std(t).min(deadline),
             None => deadline,
         };
-        let mut buf = std::mem::take(&mut self.rbuf);
-        buf.clear();
-        if buf.capacity() < DATAGRAM_BYTES_MAX {
-            buf.reserve(DATAGRAM_BYTES_MAX);
-        }
+        let recv = self.pending.get_or_insert_with(|| {
+            let mut buf = std::mem::take(&mut self.rbuf);
+            buf.clear();
+            if buf.capacity() < DATAGRAM_BYTES_MAX {
+                buf.reserve(DATAGRAM_BYTES_MAX);
+            }
+            let sock = self.sock.clone();
+            Box::pin(async move { sock.recv(buf).await })
+        });
         let event = monoio::select! {
-            (res, buf) = self.sock.recv(buf) => Event::Datagram(res, buf),
+            (res, buf) = recv.as_mut() => Event::Datagram(res, buf),
             _ = monoio::time::sleep_until(wake) => Event::Timer,
         };
         let now = Instant::now().into_std();
         match event {
             Event::Datagram(res, buf) => {
+                self.pending = None;
                 let n = res?;
                 if let Ok(pkt) = decode(&buf[..n]) {
                     self.conn.on_packet(&pkt, now);
@@ -269,7 +284,7 @@ impl UtpStream {
                 self.rbuf = buf;
                 drained?;
             }
-            // The pending receive was dropped with its buffer (monoio cancels it).
+            // The receive stays in flight (`pending`).
             Event::Timer => self.conn.on_timeout(now),
         }
         self.flush().await
