@@ -10,17 +10,14 @@
 //! is made non-blocking (under io_uring monoio leaves it blocking; its recv operations do
 //! not depend on the flag) and the syscalls are made here.
 //!
-//! One TCP segment per answer: the socket is corked (`TCP_CORK`) for its whole life, so
-//! the head, the dict's pages and the closing byte queue up into one segment, and `flush`
-//! sends them (setting `TCP_NODELAY` flushes a corked socket, tcp(7); the next send starts
-//! a new segment and the cork holds again). Without it the closing byte left as a segment
-//! of its own after sendfile's (sendfile cannot say "more follows"): twice the segments,
-//! wakeups of the client and ACKs per answer (4 vs nginx's 2 on loopback, `nstat`). A
-//! connection that closes after its answer ends with `finish` instead: shutdown(2) sends
-//! the queued bytes with the FIN in the same segment, at once (monoio's close under
-//! io_uring is an operation that waits for the ring's next submission, and the corked
-//! answer would wait with it). A small answer fits the socket buffer almost always, so
-//! the common path is four syscalls (head, sendfile, tail, flush or finish), no runtime
+//! One TCP segment per answer, no cork: an answer is one sendfile(2) of a whole cached
+//! answer (`cache`), or a head sent with MSG_MORE ("more follows": the kernel holds it)
+//! and the body by sendfile, whose last chunk pushes head and body out together. Only an
+//! answer whose .torrent is not cached (too large, cache off) has a third part, the closing
+//! `e` after the dict, which leaves as a segment of its own. A connection that closes
+//! after its answer ends with `finish` (shutdown(2)): the FIN leaves at once, not when
+//! monoio's close operation is submitted at the ring's next enter. A small answer fits the
+//! socket buffer almost always, so the common path is one or two syscalls, no runtime
 //! operation, no timer.
 
 use std::convert::Infallible;
@@ -52,20 +49,15 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream) -> io::Result<Conn> {
+    /// `stream` must be non-blocking (`accept_nonblocking`): sendfile has no per-call
+    /// "don't wait" flag.
+    pub fn new(stream: TcpStream) -> Conn {
         let fd = stream.as_raw_fd();
-        // SAFETY: fcntl on a socket we own; F_SETFL with O_NONBLOCK only changes the
-        // blocking mode (a fresh accepted socket has no other status flags to keep).
-        if unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // Corked for good: answers leave at `flush` or close (see the module doc).
-        set_tcp_option(fd, libc::TCP_CORK)?;
-        Ok(Conn {
+        Conn {
             stream,
             fd,
             canceller: Canceller::new(),
-        })
+        }
     }
 
     /// Appends received bytes to `buf` (first making `spare_min` bytes of room), or ends
@@ -91,9 +83,9 @@ impl Conn {
         }
     }
 
-    /// Queues `head`, then `body` (from its file, never through user space), then `tail`
-    /// behind the cork (`flush` sends them, or the close); fails if the socket stays full
-    /// for `HTTP_WRITE_TIMEOUT_MS`.
+    /// Sends `head` (held back by MSG_MORE when more follows), then `body` (from its file,
+    /// never through user space), then `tail`; fails if the socket stays full for
+    /// `HTTP_WRITE_TIMEOUT_MS`.
     pub async fn send(
         &mut self,
         head: &[u8],
@@ -106,12 +98,13 @@ impl Conn {
         let mut deadline = None;
         loop {
             let step = if head_at < head.len() {
-                send(self.fd, &head[head_at..]).map(|n| head_at += n)
+                let more = body_left > 0 || !tail.is_empty();
+                send(self.fd, &head[head_at..], more).map(|n| head_at += n)
             } else if body_left > 0 {
                 let file = body.as_ref().expect("body_left > 0 implies a body").file;
                 sendfile(self.fd, file, &mut body_off, body_left).map(|n| body_left -= n)
             } else if tail_at < tail.len() {
-                send(self.fd, &tail[tail_at..]).map(|n| tail_at += n)
+                send(self.fd, &tail[tail_at..], false).map(|n| tail_at += n)
             } else {
                 return Ok(());
             };
@@ -139,13 +132,8 @@ impl Conn {
         }
     }
 
-    /// Sends what the cork holds, now (one segment, if it fits one).
-    pub fn flush(&self) -> io::Result<()> {
-        set_tcp_option(self.fd, libc::TCP_NODELAY)
-    }
-
-    /// Sends what the cork holds and the FIN with it, now: the last answer is out before
-    /// the connection's close is even submitted.
+    /// Sends the FIN now: the client sees the end before the connection's close is even
+    /// submitted.
     pub fn finish(&self) -> io::Result<()> {
         // SAFETY: shutdown of a socket we own; reading stays open (a lingering read may
         // follow).
@@ -156,37 +144,12 @@ impl Conn {
     }
 }
 
-/// Turns a TCP option of the socket on.
-fn set_tcp_option(fd: RawFd, option: libc::c_int) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: `on` is a live c_int and its size is passed with it.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            option,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// One non-blocking send(2); `Ok(n)` with n > 0.
-fn send(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
+/// One non-blocking send(2), with MSG_MORE when `more` follows; `Ok(n)` with n > 0.
+fn send(fd: RawFd, bytes: &[u8], more: bool) -> io::Result<usize> {
+    let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | if more { libc::MSG_MORE } else { 0 };
     // SAFETY: `bytes` is a live slice; MSG_NOSIGNAL: a closed peer is an EPIPE, not a
     // signal.
-    let n = unsafe {
-        libc::send(
-            fd,
-            bytes.as_ptr().cast(),
-            bytes.len(),
-            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-        )
-    };
+    let n = unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), flags) };
     match n {
         n if n > 0 => Ok(n as usize),
         0 => Err(io::ErrorKind::WriteZero.into()),
