@@ -176,7 +176,8 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
             )));
         }
         if !http.is_empty() {
-            let shared = Rc::new(crate::server::http::HttpShared::new(&ctx.cfg));
+            let uring = runtime_name == "io_uring";
+            let shared = Rc::new(crate::server::http::HttpShared::new(&ctx.cfg, uring));
             for l in http {
                 let listener = match TcpListener::from_std(l) {
                     Ok(l) => l,

@@ -46,17 +46,24 @@ pub struct Conn {
     /// One canceller for the connection's life (see `server::tcp`): only a cancelled read
     /// replaces it.
     canceller: Canceller,
+    /// Reads are our own recv(2) after a readiness wait (io_uring), not monoio's read
+    /// operation (see `read`).
+    own_reads: bool,
+    /// No read yet: the first one tries the socket before waiting.
+    fresh: bool,
 }
 
 impl Conn {
     /// `stream` must be non-blocking (`accept_nonblocking`): sendfile has no per-call
     /// "don't wait" flag.
-    pub fn new(stream: TcpStream) -> Conn {
+    pub fn new(stream: TcpStream, own_reads: bool) -> Conn {
         let fd = stream.as_raw_fd();
         Conn {
             stream,
             fd,
             canceller: Canceller::new(),
+            own_reads,
+            fresh: true,
         }
     }
 
@@ -68,6 +75,9 @@ impl Conn {
         deadline: Instant,
         spare_min: usize,
     ) -> ReadOutcome {
+        if self.own_reads {
+            return self.read_when_ready(buf, deadline, spare_min).await;
+        }
         let never = std::future::pending::<Infallible>();
         let read = tcp::read_or(
             &mut self.stream,
@@ -132,6 +142,75 @@ impl Conn {
         }
     }
 
+    /// A read for io_uring: wait for readability (a poll operation), then recv(2) here.
+    ///
+    /// Why not monoio's recv operation: its completion runs as task work the moment the
+    /// client's bytes land, inside whatever syscall the worker is in (monoio's ring has no
+    /// DEFER_TASKRUN), and locks the socket while the client's CPU is still in the receive
+    /// path for it: 15-17 % of the server spun in `__pv_queued_spin_lock_slowpath` under
+    /// `io_req_task_submit` at c=64 (perf, BENCHMARKS.md). A poll completion takes no
+    /// socket lock; our recv runs later, when the lock is free. The first read of a
+    /// connection tries the socket first: the request is usually there by the time we
+    /// accept it (a client sends it right behind its handshake). Later reads follow our own
+    /// answer, and the next request cannot be there yet: they wait first. Bytes that race
+    /// with the deadline stay in the socket; the connection closes at a deadline anyway.
+    async fn read_when_ready(
+        &mut self,
+        buf: &mut Vec<u8>,
+        deadline: Instant,
+        spare_min: usize,
+    ) -> ReadOutcome {
+        if buf.capacity() - buf.len() < spare_min {
+            buf.reserve(spare_min);
+        }
+        let mut wait = !std::mem::take(&mut self.fresh);
+        loop {
+            if wait {
+                let ready = monoio::select! {
+                    r = self.stream.readable(false) => Some(r),
+                    _ = monoio::time::sleep_until(deadline) => None,
+                };
+                match ready {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => return ReadOutcome::Failed(e),
+                    None => return ReadOutcome::Deadline,
+                }
+            }
+            match recv_now(self.fd, buf) {
+                Ok(0) => return ReadOutcome::Eof,
+                Ok(_) => {
+                    return ReadOutcome::Data {
+                        filled: buf.len() == buf.capacity(),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait = true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => wait = false,
+                Err(e) => return ReadOutcome::Failed(e),
+            }
+        }
+    }
+
+    /// Holds what is sent next until `finish`, so that the last answer and the FIN leave in
+    /// one segment (TCP_CORK; without it the body's sendfile pushes the answer out and the
+    /// FIN follows alone, one more segment and one more ACK per connection).
+    pub fn cork(&self) -> io::Result<()> {
+        let on: libc::c_int = 1;
+        // SAFETY: `on` is a live c_int and its size is passed with it.
+        let r = unsafe {
+            libc::setsockopt(
+                self.fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_CORK,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Sends the FIN now: the client sees the end before the connection's close is even
     /// submitted.
     pub fn finish(&self) -> io::Result<()> {
@@ -155,6 +234,20 @@ fn send(fd: RawFd, bytes: &[u8], more: bool) -> io::Result<usize> {
         0 => Err(io::ErrorKind::WriteZero.into()),
         _ => Err(io::Error::last_os_error()),
     }
+}
+
+/// One non-blocking recv(2) into `buf`'s spare capacity, which it extends by what came.
+fn recv_now(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: the kernel writes at most `spare.len()` bytes into the spare capacity.
+    let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 /// One non-blocking sendfile(2) of at most `len` bytes from `*offset`, which it advances.

@@ -59,13 +59,16 @@ pub struct HttpShared {
     stop: stop::StopSignal,
     /// Whole answers by info-hash (borrowed only between awaits).
     cache: RefCell<AnswerCache>,
+    /// The worker's monoio runtime is on io_uring: connections read on readiness
+    /// (`conn::Conn::read`).
+    uring: bool,
 }
 
 /// The byte after the info dict: the end of the .torrent's top-level dict.
 const SUFFIX: &[u8] = b"e";
 
 impl HttpShared {
-    pub fn new(cfg: &crate::config::ServeConfig) -> HttpShared {
+    pub fn new(cfg: &crate::config::ServeConfig, uring: bool) -> HttpShared {
         // `build_torrent` of an empty dict is exactly the wrapping around it.
         let mut prefix = crate::metainfo::build_torrent(b"", &cfg.torrent_trackers);
         let last = prefix.pop();
@@ -77,6 +80,7 @@ impl HttpShared {
             request_timeout: cfg.http_request_timeout,
             stop: stop::StopSignal::default(),
             cache: RefCell::new(AnswerCache::new(cfg.http_cache_bytes)),
+            uring: uring && !std::env::var("MAGNETAR_HTTP_READ").is_ok_and(|v| v == "op"),
         }
     }
 
@@ -216,7 +220,7 @@ fn set_nonblocking(fd: std::os::fd::RawFd) -> io::Result<()> {
 /// next request closes at once; one in the middle of a request finishes it first (within
 /// the shutdown grace time).
 async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx, http: &HttpShared) {
-    let mut io = Conn::new(stream);
+    let mut io = Conn::new(stream, http.uring);
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     // The answer's head (and the .torrent's bytes before the dict); reused.
     let mut out: Vec<u8> = Vec::with_capacity(1024);
@@ -283,6 +287,9 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx, http: &Http
         let keep_alive = req.keep_alive && served < limits::HTTP_REQUESTS_PER_CONNECTION_MAX;
         out.clear();
         let body = answer(&req, keep_alive, peer, ctx, http, &mut out).await;
+        if !keep_alive && !matches!(body, Body::None) && io.cork().is_err() {
+            return;
+        }
         let sent = match &body {
             Body::None => io.send(&out, None, b"").await,
             Body::Cached(entry, range) => {
@@ -308,7 +315,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx, http: &Http
             return;
         }
         if !keep_alive {
-            // The FIN right behind the answer.
+            // The FIN right behind the answer (corked: in its last segment).
             let _ = io.finish();
             return;
         }
