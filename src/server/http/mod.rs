@@ -79,7 +79,11 @@ impl HttpShared {
             miss_wait: cfg.http_miss_wait,
             request_timeout: cfg.http_request_timeout,
             stop: stop::StopSignal::default(),
-            cache: RefCell::new(AnswerCache::new(cfg.http_cache_bytes)),
+            cache: RefCell::new(AnswerCache::new(
+                cfg.http_cache_bytes,
+                (!std::env::var("MAGNETAR_HTTP_CACHE").is_ok_and(|v| v == "memfd"))
+                    .then_some(cfg.data_dir.as_path()),
+            )),
             uring: uring && !std::env::var("MAGNETAR_HTTP_READ").is_ok_and(|v| v == "op"),
         }
     }
