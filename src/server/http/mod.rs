@@ -79,12 +79,8 @@ impl HttpShared {
             miss_wait: cfg.http_miss_wait,
             request_timeout: cfg.http_request_timeout,
             stop: stop::StopSignal::default(),
-            cache: RefCell::new(AnswerCache::new(
-                cfg.http_cache_bytes,
-                (!std::env::var("MAGNETAR_HTTP_CACHE").is_ok_and(|v| v == "memfd"))
-                    .then_some(cfg.data_dir.as_path()),
-            )),
-            uring: uring && !std::env::var("MAGNETAR_HTTP_READ").is_ok_and(|v| v == "op"),
+            cache: RefCell::new(AnswerCache::new(cfg.http_cache_bytes, Some(&cfg.data_dir))),
+            uring,
         }
     }
 
@@ -134,18 +130,9 @@ pub async fn accept_loop(
         http.stop.fire();
         return;
     }
-    let knob_op = std::env::var("MAGNETAR_HTTP_ACCEPT").is_ok_and(|v| v == "op");
     while let Some((stream, peer, permit)) = worker::accept_admitted(
         &listener,
-        async |l: &TcpListener| {
-            if knob_op {
-                let (s, a) = l.accept().await?;
-                set_nonblocking(s.as_raw_fd())?;
-                Ok((s, a))
-            } else {
-                accept_nonblocking(l).await
-            }
-        },
+        async |l: &TcpListener| accept_nonblocking(l).await,
         &mut stopped,
         &mut backoff,
         &ctx,
