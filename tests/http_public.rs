@@ -369,6 +369,28 @@ fn slow_reader(extra: &[&str]) {
     }
 }
 
+/// A request head larger than one read (a 6 KiB cookie, sent in one write): the reads
+/// that fill the buffer leave bytes in the socket, and the next read must take them at
+/// once (under io_uring the readiness is edge-triggered: no new edge comes for bytes
+/// already queued). Then a second such request on the same connection.
+#[test]
+fn request_head_larger_than_one_read_is_answered() {
+    let s = stored_server(&["--http-request-timeout-ms", "3000"]);
+    let path = format!("/torrent/{}.torrent", hex::encode(s.t.key));
+    let cookie = format!("Cookie: c={}\r\n", "x".repeat(6000));
+    let mut c = Conn::open(s.http);
+    for round in 0..2 {
+        let started = Instant::now();
+        let r = c.request("GET", &path, &cookie);
+        assert_eq!(r.status, 200, "round {round}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "round {round} took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 /// A hash served (so in the worker's answer cache) and then deleted on the admin plane
 /// (tombstone + blocklist) is a 404 on the same connection right after: the cache never
 /// answers for a hash the store no longer serves. One worker, so the second request meets

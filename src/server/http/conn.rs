@@ -23,6 +23,7 @@
 use std::convert::Infallible;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::rc::Rc;
 use std::time::Duration;
 
 use monoio::io::Canceller;
@@ -32,6 +33,7 @@ use monoio::time::Instant;
 use crate::limits;
 use crate::server::session::ReadOutcome;
 use crate::server::tcp::{self, ReadOr};
+use super::ready::{Reactor, Token};
 
 /// A byte range of a file, sent with sendfile(2).
 pub struct FileRange<'a> {
@@ -46,9 +48,9 @@ pub struct Conn {
     /// One canceller for the connection's life (see `server::tcp`): only a cancelled read
     /// replaces it.
     canceller: Canceller,
-    /// Reads are our own recv(2) after a readiness wait (io_uring), not monoio's read
-    /// operation (see `read`).
-    own_reads: bool,
+    /// Under io_uring: reads are our own recv(2) on the worker's epoll readiness
+    /// (`ready`), not monoio's read operation (see `read_when_ready`).
+    ready: Option<(Rc<Reactor>, Token)>,
     /// No read yet: the first one tries the socket before waiting.
     fresh: bool,
 }
@@ -56,13 +58,21 @@ pub struct Conn {
 impl Conn {
     /// `stream` must be non-blocking (`accept_nonblocking`): sendfile has no per-call
     /// "don't wait" flag.
-    pub fn new(stream: TcpStream, own_reads: bool) -> Conn {
+    pub fn new(stream: TcpStream, reactor: Option<&Rc<Reactor>>) -> Conn {
         let fd = stream.as_raw_fd();
+        let ready = reactor.and_then(|r| match r.add(fd) {
+            Ok(token) => Some((r.clone(), token)),
+            Err(e) => {
+                // Read through monoio instead.
+                tracing::debug!("HTTP: epoll_ctl: {e}");
+                None
+            }
+        });
         Conn {
             stream,
             fd,
             canceller: Canceller::new(),
-            own_reads,
+            ready,
             fresh: true,
         }
     }
@@ -75,7 +85,7 @@ impl Conn {
         deadline: Instant,
         spare_min: usize,
     ) -> ReadOutcome {
-        if self.own_reads {
+        if self.ready.is_some() {
             return self.read_when_ready(buf, deadline, spare_min).await;
         }
         let never = std::future::pending::<Infallible>();
@@ -142,49 +152,52 @@ impl Conn {
         }
     }
 
-    /// A read for io_uring: wait for readability (a poll operation), then recv(2) here.
+    /// A read for io_uring: recv(2) here when the worker's epoll said bytes came (or the
+    /// connection is fresh), else wait for that edge.
     ///
     /// Why not monoio's recv operation: its completion runs as task work the moment the
     /// client's bytes land, inside whatever syscall the worker is in (monoio's ring has no
     /// DEFER_TASKRUN), and locks the socket while the client's CPU is still in the receive
     /// path for it: 15-17 % of the server spun in `__pv_queued_spin_lock_slowpath` under
-    /// `io_req_task_submit` at c=64 (perf, BENCHMARKS.md). A poll completion takes no
-    /// socket lock; our recv runs later, when the lock is free. The first read of a
-    /// connection tries the socket first: the request is usually there by the time we
-    /// accept it (a client sends it right behind its handshake). Later reads follow our own
-    /// answer, and the next request cannot be there yet: they wait first. Bytes that race
-    /// with the deadline stay in the socket; the connection closes at a deadline anyway.
+    /// `io_req_task_submit` at c=64 (perf, BENCHMARKS.md). And a poll operation per wait
+    /// still arms and completes once per request; the epoll set is armed once per
+    /// connection (`ready`). The first read of a connection tries the socket first: the
+    /// request is usually there by the time we accept it (a client sends it right behind
+    /// its handshake). Bytes that race with the deadline stay in the socket; the
+    /// connection closes at a deadline anyway.
     async fn read_when_ready(
         &mut self,
         buf: &mut Vec<u8>,
         deadline: Instant,
         spare_min: usize,
     ) -> ReadOutcome {
+        let (reactor, token) = self.ready.as_ref().expect("called with a reactor");
         if buf.capacity() - buf.len() < spare_min {
             buf.reserve(spare_min);
         }
-        let mut wait = !std::mem::take(&mut self.fresh);
+        let mut try_now = std::mem::take(&mut self.fresh);
         loop {
-            if wait {
-                let ready = monoio::select! {
-                    r = self.stream.readable(false) => Some(r),
-                    _ = monoio::time::sleep_until(deadline) => None,
-                };
-                match ready {
-                    Some(Ok(())) => {}
-                    Some(Err(e)) => return ReadOutcome::Failed(e),
-                    None => return ReadOutcome::Deadline,
+            // Taken before the recv: an edge after an EAGAIN is kept for the wait.
+            if !reactor.take_ready(token) && !try_now {
+                monoio::select! {
+                    _ = reactor.ready(token) => {},
+                    _ = monoio::time::sleep_until(deadline) => return ReadOutcome::Deadline,
                 }
+                continue;
             }
+            try_now = false;
             match recv_now(self.fd, buf) {
                 Ok(0) => return ReadOutcome::Eof,
                 Ok(_) => {
-                    return ReadOutcome::Data {
-                        filled: buf.len() == buf.capacity(),
+                    let filled = buf.len() == buf.capacity();
+                    if filled {
+                        // More may be queued: the next read tries at once.
+                        reactor.set_ready(token);
                     }
+                    return ReadOutcome::Data { filled };
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait = true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => wait = false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => try_now = true,
                 Err(e) => return ReadOutcome::Failed(e),
             }
         }
@@ -233,6 +246,14 @@ fn send(fd: RawFd, bytes: &[u8], more: bool) -> io::Result<usize> {
         n if n > 0 => Ok(n as usize),
         0 => Err(io::ErrorKind::WriteZero.into()),
         _ => Err(io::Error::last_os_error()),
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some((reactor, token)) = &self.ready {
+            reactor.remove(token);
+        }
     }
 }
 

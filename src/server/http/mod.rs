@@ -23,6 +23,7 @@
 mod cache;
 pub mod codec;
 mod conn;
+mod ready;
 mod stop;
 
 use std::cell::{Cell, RefCell};
@@ -59,16 +60,31 @@ pub struct HttpShared {
     stop: stop::StopSignal,
     /// Whole answers by info-hash (borrowed only between awaits).
     cache: RefCell<AnswerCache>,
-    /// The worker's monoio runtime is on io_uring: connections read on readiness
-    /// (`conn::Conn::read`).
-    uring: bool,
+    /// The worker's monoio runtime is on io_uring: connections read on the readiness
+    /// of this epoll set (`ready`).
+    reactor: Option<Rc<ready::Reactor>>,
 }
 
 /// The byte after the info dict: the end of the .torrent's top-level dict.
 const SUFFIX: &[u8] = b"e";
 
 impl HttpShared {
+    /// Inside the worker's runtime: under io_uring (`uring`) it spawns the readiness loop.
     pub fn new(cfg: &crate::config::ServeConfig, uring: bool) -> HttpShared {
+        let reactor = if uring {
+            match ready::Reactor::new() {
+                Ok(r) => {
+                    monoio::spawn(r.clone().run());
+                    Some(r)
+                }
+                Err(e) => {
+                    tracing::warn!("HTTP: no epoll set ({e}); reading through io_uring");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         // `build_torrent` of an empty dict is exactly the wrapping around it.
         let mut prefix = crate::metainfo::build_torrent(b"", &cfg.torrent_trackers);
         let last = prefix.pop();
@@ -80,7 +96,7 @@ impl HttpShared {
             request_timeout: cfg.http_request_timeout,
             stop: stop::StopSignal::default(),
             cache: RefCell::new(AnswerCache::new(cfg.http_cache_bytes, Some(&cfg.data_dir))),
-            uring,
+            reactor,
         }
     }
 
@@ -211,7 +227,7 @@ fn set_nonblocking(fd: std::os::fd::RawFd) -> io::Result<()> {
 /// next request closes at once; one in the middle of a request finishes it first (within
 /// the shutdown grace time).
 async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx, http: &HttpShared) {
-    let mut io = Conn::new(stream, http.uring);
+    let mut io = Conn::new(stream, http.reactor.as_ref());
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     // The answer's head (and the .torrent's bytes before the dict); reused.
     let mut out: Vec<u8> = Vec::with_capacity(1024);
