@@ -372,13 +372,16 @@ fn slow_reader(extra: &[&str]) {
 /// A request head larger than one read (a 6 KiB cookie, sent in one write): the reads
 /// that fill the buffer leave bytes in the socket, and the next read must take them at
 /// once (under io_uring the readiness is edge-triggered: no new edge comes for bytes
-/// already queued). Then a second such request on the same connection.
+/// already queued). After a small request, so that the connection waits on readiness;
+/// twice on the same connection.
 #[test]
 fn request_head_larger_than_one_read_is_answered() {
     let s = stored_server(&["--http-request-timeout-ms", "3000"]);
     let path = format!("/torrent/{}.torrent", hex::encode(s.t.key));
     let cookie = format!("Cookie: c={}\r\n", "x".repeat(6000));
     let mut c = Conn::open(s.http);
+    // A small request first: the connection then waits for the next one on readiness.
+    assert_eq!(c.request("GET", &path, "").status, 200);
     for round in 0..2 {
         let started = Instant::now();
         let r = c.request("GET", &path, &cookie);

@@ -50,7 +50,10 @@ pub struct Conn {
     canceller: Canceller,
     /// Under io_uring: reads are our own recv(2) on the worker's epoll readiness
     /// (`ready`), not monoio's read operation (see `read_when_ready`).
-    ready: Option<(Rc<Reactor>, Token)>,
+    reactor: Option<Rc<Reactor>>,
+    /// The connection's place in the epoll set, taken at its first empty read (a
+    /// connection whose only request was there at accept never needs one).
+    token: Option<Token>,
     /// No read yet: the first one tries the socket before waiting.
     fresh: bool,
 }
@@ -60,19 +63,12 @@ impl Conn {
     /// "don't wait" flag.
     pub fn new(stream: TcpStream, reactor: Option<&Rc<Reactor>>) -> Conn {
         let fd = stream.as_raw_fd();
-        let ready = reactor.and_then(|r| match r.add(fd) {
-            Ok(token) => Some((r.clone(), token)),
-            Err(e) => {
-                // Read through monoio instead.
-                tracing::debug!("HTTP: epoll_ctl: {e}");
-                None
-            }
-        });
         Conn {
             stream,
             fd,
             canceller: Canceller::new(),
-            ready,
+            reactor: reactor.cloned(),
+            token: None,
             fresh: true,
         }
     }
@@ -85,7 +81,7 @@ impl Conn {
         deadline: Instant,
         spare_min: usize,
     ) -> ReadOutcome {
-        if self.ready.is_some() {
+        if self.reactor.is_some() {
             return self.read_when_ready(buf, deadline, spare_min).await;
         }
         let never = std::future::pending::<Infallible>();
@@ -171,14 +167,17 @@ impl Conn {
         deadline: Instant,
         spare_min: usize,
     ) -> ReadOutcome {
-        let (reactor, token) = self.ready.as_ref().expect("called with a reactor");
+        let reactor = self.reactor.clone().expect("called with a reactor");
         if buf.capacity() - buf.len() < spare_min {
             buf.reserve(spare_min);
         }
         let mut try_now = std::mem::take(&mut self.fresh);
         loop {
-            // Taken before the recv: an edge after an EAGAIN is kept for the wait.
-            if !reactor.take_ready(token) && !try_now {
+            // Taken before the recv: an edge after an EAGAIN is kept for the wait. Not in
+            // the set yet: try the socket.
+            let ready = self.token.as_ref().is_none_or(|t| reactor.take_ready(t));
+            if !ready && !try_now {
+                let token = self.token.as_ref().expect("not ready implies a token");
                 monoio::select! {
                     _ = reactor.ready(token) => {},
                     _ = monoio::time::sleep_until(deadline) => return ReadOutcome::Deadline,
@@ -190,11 +189,19 @@ impl Conn {
                 Ok(0) => return ReadOutcome::Eof,
                 Ok(_) => {
                     let filled = buf.len() == buf.capacity();
-                    if filled {
+                    if let (true, Some(t)) = (filled, &self.token) {
                         // More may be queued: the next read tries at once.
-                        reactor.set_ready(token);
+                        reactor.set_ready(t);
                     }
                     return ReadOutcome::Data { filled };
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.token.is_none() => {
+                    // Into the set now; bytes that came since are reported at once
+                    // (epoll checks a socket's readiness when it is added).
+                    match reactor.add(self.fd) {
+                        Ok(t) => self.token = Some(t),
+                        Err(e) => return ReadOutcome::Failed(e),
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => try_now = true,
@@ -251,7 +258,7 @@ fn send(fd: RawFd, bytes: &[u8], more: bool) -> io::Result<usize> {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        if let Some((reactor, token)) = &self.ready {
+        if let (Some(reactor), Some(token)) = (&self.reactor, &self.token) {
             reactor.remove(token);
         }
     }

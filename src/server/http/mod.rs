@@ -63,6 +63,8 @@ pub struct HttpShared {
     /// The worker's monoio runtime is on io_uring: connections read on the readiness
     /// of this epoll set (`ready`).
     reactor: Option<Rc<ready::Reactor>>,
+    /// The worker's monoio runtime is on io_uring (its accept makes blocking sockets).
+    uring: bool,
 }
 
 /// The byte after the info dict: the end of the .torrent's top-level dict.
@@ -97,6 +99,7 @@ impl HttpShared {
             stop: stop::StopSignal::default(),
             cache: RefCell::new(AnswerCache::new(cfg.http_cache_bytes, Some(&cfg.data_dir))),
             reactor,
+            uring,
         }
     }
 
@@ -140,6 +143,7 @@ pub async fn accept_loop(
 ) {
     let mut backoff = worker::ACCEPT_BACKOFF_MIN;
     let mut stopped = pin!(stop.recv_async());
+    let uring = http.uring;
     // Our accept4 waits for readiness when the queue is empty, never in the syscall.
     if let Err(e) = set_nonblocking(listener.as_raw_fd()) {
         tracing::error!("HTTP listener: {e}; not serving HTTP on this core");
@@ -148,7 +152,15 @@ pub async fn accept_loop(
     }
     while let Some((stream, peer, permit)) = worker::accept_admitted(
         &listener,
-        async |l: &TcpListener| accept_nonblocking(l).await,
+        async |l: &TcpListener| {
+            if uring {
+                accept_nonblocking(l).await
+            } else {
+                // monoio's epoll driver accepts with accept4(SOCK_NONBLOCK) itself, and
+                // waits without the poll(2) that `readable` adds there.
+                l.accept().await
+            }
+        },
         &mut stopped,
         &mut backoff,
         &ctx,
