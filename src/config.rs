@@ -222,8 +222,9 @@ pub struct ServeSettings {
     #[arg(long, default_value_t = limits::HTTP_REQUEST_TIMEOUT_MS_DEFAULT, value_name = "MS")]
     pub http_request_timeout_ms: u64,
 
-    /// Memory each worker core keeps whole .torrent answers of the public HTTP listener in
-    /// (a memfd; an answer is then one sendfile). 0: off.
+    /// Bytes (MiB) each worker core keeps whole .torrent answers of the public HTTP listener
+    /// in (an unnamed file on the data dir's filesystem, else a memfd; an answer is then one
+    /// sendfile). 0: off.
     #[arg(long, default_value_t = limits::HTTP_CACHE_MIB_DEFAULT, value_name = "MIB")]
     pub http_cache_mib: u64,
 
