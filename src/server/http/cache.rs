@@ -13,13 +13,13 @@
 //! before the cache is.
 //!
 //! Which file: an unnamed one (O_TMPFILE) on the data dir's filesystem, else a memfd.
-//! The page cache of a disk filesystem such as ext4 or XFS holds large folios (16-64 KiB
-//! and more); shmem (memfd) holds 4 KiB pages unless huge pages are enabled for it, and
-//! sendfile pays per page: releasing, confirming and looking up each one (`perf`: those
-//! were 17 % of the server with a memfd against 11 % for nginx's file at keep-alive/64).
-//! Entries start at `ENTRY_ALIGN` so that the kernel can give them large folios (a
-//! folio's size is bounded by the alignment of its index). The file's pages are ordinary
-//! page cache: written back once, reclaimable under memory pressure, gone with the file.
+//! sendfile from shmem (memfd) looks up and locks every page on its own
+//! (`shmem_get_folio_gfp`, `filemap_get_entry`, `folio_unlock`: 6.8 % of the server at
+//! keep-alive/64 in `perf`), from a disk filesystem's page cache it takes them in batches
+//! (`filemap_get_read_batch`: 3.2 %). Entries start at `ENTRY_ALIGN`, which lets a
+//! filesystem with large folios (ext4, XFS) give an entry a few folios rather than ten
+//! pages (not measured on its own). The file's pages are ordinary page cache: written back
+//! once, reclaimable under memory pressure, gone with the file.
 //!
 //! Bounded: at most `capacity` bytes per worker (`--http-cache-mib`), alignment included.
 //! When the next entry does not fit, the cache starts a new generation: a new file, an
