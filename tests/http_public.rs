@@ -321,7 +321,14 @@ fn slow_reader(extra: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let info = v1_info("big.iso", 150_000); // a 3 MB dict
     let data = import_all(tmp.path(), &[("big", &info)]);
-    let mut args = vec!["--http", "127.0.0.1:0", "--tracker", TRACKER, "--threads", "1"];
+    let mut args = vec![
+        "--http",
+        "127.0.0.1:0",
+        "--tracker",
+        TRACKER,
+        "--threads",
+        "1",
+    ];
     args.extend_from_slice(extra);
     let server = ServerProc::start(&data, &args);
     let path = format!(
@@ -406,7 +413,10 @@ fn deleted_hash_is_not_served_from_the_answer_cache() {
     let first = c.request("GET", &path, "");
     assert_eq!(first.status, 200);
     let again = c.request("GET", &path, "");
-    assert!(again.body == first.body, "the cached answer differs from the first");
+    assert!(
+        again.body == first.body,
+        "the cached answer differs from the first"
+    );
     let url = s.server.url(&format!("/torrents/{}", hex::encode(s.t.key)));
     let deleted = http::delete(&url, Some(TOKEN));
     assert!(deleted.status < 300, "admin DELETE: {}", deleted.status);

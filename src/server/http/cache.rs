@@ -280,7 +280,11 @@ mod tests {
             assert!(n < 200, "the cache never rotated");
             c.insert(key(n), &[b"h", &big], 1).unwrap().unwrap();
         }
-        assert_eq!(c.len(), 1, "a new generation holds only the entry that started it");
+        assert_eq!(
+            c.len(),
+            1,
+            "a new generation holds only the entry that started it"
+        );
         assert!(!Rc::ptr_eq(&first.file, &c.get(&key(n)).unwrap().file));
         // A send still holding the old entry reads its bytes unchanged.
         let (_, len) = first.answer();

@@ -30,10 +30,10 @@ use monoio::io::Canceller;
 use monoio::net::TcpStream;
 use monoio::time::Instant;
 
+use super::ready::{Reactor, Token};
 use crate::limits;
 use crate::server::session::ReadOutcome;
 use crate::server::tcp::{self, ReadOr};
-use super::ready::{Reactor, Token};
 
 /// A byte range of a file, sent with sendfile(2).
 pub struct FileRange<'a> {
@@ -268,7 +268,14 @@ impl Drop for Conn {
 fn recv_now(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
     let spare = buf.spare_capacity_mut();
     // SAFETY: the kernel writes at most `spare.len()` bytes into the spare capacity.
-    let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
+    let n = unsafe {
+        libc::recv(
+            fd,
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }

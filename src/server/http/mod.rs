@@ -28,8 +28,8 @@ mod stop;
 
 use std::cell::{Cell, RefCell};
 use std::io::{self, Write as _};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -482,7 +482,13 @@ fn put_torrent(
     let mut name_buf = [0u8; DEFAULT_NAME_BYTES_MAX];
     let default_name = default_name(hex, &mut name_buf);
     if req.method == Method::Head {
-        codec::torrent_head(out, keep_alive, etag, title.unwrap_or(default_name), body_len);
+        codec::torrent_head(
+            out,
+            keep_alive,
+            etag,
+            title.unwrap_or(default_name),
+            body_len,
+        );
         return Body::None;
     }
     match cached(http, &record, etag, default_name, body_len) {
@@ -492,12 +498,24 @@ fn put_torrent(
             Body::Cached(entry, whole)
         }
         Some(entry) => {
-            codec::torrent_head(out, keep_alive, etag, title.unwrap_or(default_name), body_len);
+            codec::torrent_head(
+                out,
+                keep_alive,
+                etag,
+                title.unwrap_or(default_name),
+                body_len,
+            );
             let body = entry.body();
             Body::Cached(entry, body)
         }
         None => {
-            codec::torrent_head(out, keep_alive, etag, title.unwrap_or(default_name), body_len);
+            codec::torrent_head(
+                out,
+                keep_alive,
+                etag,
+                title.unwrap_or(default_name),
+                body_len,
+            );
             // The wrapping here; the dict goes from the segment file (sendfile), then SUFFIX.
             out.extend_from_slice(&http.prefix);
             Body::Dict(record)
