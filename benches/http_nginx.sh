@@ -11,7 +11,8 @@
 # typical torrent's; the .torrent is ~40 KiB), MAGNETAR (the binary; target/release's by
 # default), BEFORE (optional: a baseline binary, e.g. main's, served the same way and
 # measured in the same rounds as server "before"), MAGNETAR_DRIVER (passed to both
-# magnetar servers: epoll measures the fallback driver).
+# magnetar servers: epoll measures the fallback driver), BEFORE_ENV (optional: VAR=value
+# words set for the BEFORE server only, e.g. to measure a variant of the same binary).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:-$ROOT/benches/results/http-nginx}
@@ -62,7 +63,8 @@ SERVERS="magnetar nginx"
 if [ -n "$B" ]; then
   BPORT=18382
   "$B" --log error import --data-dir "$W/data-before" "$W/torrents" >/dev/null
-  taskset -c 0 "$B" --log error serve --data-dir "$W/data-before" --listen 127.0.0.1:0 \
+  # shellcheck disable=SC2086
+  env ${BEFORE_ENV:-} taskset -c 0 "$B" --log error serve --data-dir "$W/data-before" --listen 127.0.0.1:0 \
     --utp off --admin off --no-dht --threads 1 --http "127.0.0.1:$BPORT" \
     --connections-per-ip-max 100000 > "$W/before.out" &
   BPID=$!
@@ -112,7 +114,7 @@ ticks() {
 }
 
 RES=$OUT/runs.tsv
-echo "start $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg) driver ${MAGNETAR_DRIVER:-default}" > "$OUT/load.txt"
+echo "start $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg) driver ${MAGNETAR_DRIVER:-default} before_env ${BEFORE_ENV:-none}" > "$OUT/load.txt"
 echo -e "round\tserver\tmode\tconns\treq_per_s\tp50_ms\tp99_ms\tcpu_us_per_req" > "$RES"
 HZ=$(getconf CLK_TCK)
 for round in $(seq "$ROUNDS"); do

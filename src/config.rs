@@ -222,6 +222,12 @@ pub struct ServeSettings {
     #[arg(long, default_value_t = limits::HTTP_REQUEST_TIMEOUT_MS_DEFAULT, value_name = "MS")]
     pub http_request_timeout_ms: u64,
 
+    /// Bytes (MiB) each worker core keeps whole .torrent answers of the public HTTP listener
+    /// in (an unnamed file on the data dir's filesystem, else a memfd; an answer is then one
+    /// sendfile). 0: off.
+    #[arg(long, default_value_t = limits::HTTP_CACHE_MIB_DEFAULT, value_name = "MIB")]
+    pub http_cache_mib: u64,
+
     /// The URL the public HTTP listener is reached at (e.g. https://cache.example.org/);
     /// magnets from `magnetar magnet` and the admin plane then carry
     /// `xs=<url>/torrent/<HEX>.torrent` (webtorrent and BiglyBT fetch it).
@@ -372,6 +378,7 @@ impl ServeSettings {
         }
         cfg.http_miss_wait = Duration::from_millis(self.http_miss_wait_ms);
         cfg.http_request_timeout = Duration::from_millis(self.http_request_timeout_ms);
+        cfg.http_cache_bytes = self.http_cache_mib.saturating_mul(1 << 20);
         cfg.torrent_trackers = self.torrent_trackers();
         Ok(cfg)
     }
@@ -670,6 +677,8 @@ pub struct ServeConfig {
     pub http_miss_wait: Duration,
     /// Time an HTTP client has to send a whole request head.
     pub http_request_timeout: Duration,
+    /// Bytes of .torrent answers each worker caches in a memfd (0: off).
+    pub http_cache_bytes: u64,
     /// announce-list of the .torrent files the public HTTP listener serves.
     pub torrent_trackers: Vec<String>,
 }
@@ -706,6 +715,7 @@ impl ServeConfig {
             http: Vec::new(),
             http_miss_wait: Duration::from_millis(limits::HTTP_MISS_WAIT_MS_DEFAULT),
             http_request_timeout: Duration::from_millis(limits::HTTP_REQUEST_TIMEOUT_MS_DEFAULT),
+            http_cache_bytes: limits::HTTP_CACHE_MIB_DEFAULT << 20,
             torrent_trackers: Vec::new(),
         }
     }

@@ -242,6 +242,17 @@ pub const HTTP_RETRY_AFTER_S: u64 = 60;
 pub const HTTP_LINGER_MS: u64 = 1_000;
 pub const HTTP_LINGER_BYTES_MAX: usize = 64 * 1024;
 
+/// Default of `--http-cache-mib`: the file each worker keeps whole .torrent answers in
+/// (server/http/cache.rs), so an answer is one sendfile. 64 MiB holds ~1 300 answers of a
+/// typical 40 KiB .torrent per worker (16 KiB-aligned: the popular set); it is page cache of
+/// an unnamed file on the data dir's filesystem (written back once, reclaimable), or shmem
+/// where O_TMPFILE is missing. 0 turns the cache off (answers come from the segment files).
+pub const HTTP_CACHE_MIB_DEFAULT: u64 = 64;
+
+/// An answer larger than the cache's size / this is not cached: one huge .torrent (the
+/// store takes info dicts of up to several MiB) must not flush the whole cache.
+pub const HTTP_CACHE_ENTRY_FRACTION: u64 = 16;
+
 /// Default of `--page-in-threads`: threads reading records that are not in the page cache
 /// (`server/pagein.rs`). Each blocks on one fault (one random read) at a time, so this is
 /// the number of cold reads in flight: 16 keeps an SSD's queue busy (most reach full

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use common::bep9::{FakeSeed, SeedBehaviour};
 use common::info::{import_all, v1_info, v1_key, Torrent};
-use common::{http, require_libtorrent, require_webtorrent, run_ok, wt_fetch, ServerProc, PYTHON};
+use common::{
+    http, require_libtorrent, require_webtorrent, run_ok, wt_fetch, ServerProc, PYTHON, TOKEN,
+};
 
 /// A tracker URL on a closed loopback port: it goes into the served .torrent files, and
 /// no test here makes the server reach it for a hit.
@@ -186,14 +188,10 @@ fn stored_server(extra: &[&str]) -> Stored {
     let tmp = tempfile::tempdir().unwrap();
     let info = v1_info("film.mkv", 2000); // 3 metadata pieces: a 40 KiB+ body
     let data = import_all(tmp.path(), &[("film", &info)]);
-    let mut args = vec![
-        "--threads",
-        "2",
-        "--http",
-        "127.0.0.1:0",
-        "--tracker",
-        TRACKER,
-    ];
+    let mut args = vec!["--http", "127.0.0.1:0", "--tracker", TRACKER];
+    if !extra.contains(&"--threads") {
+        args.extend_from_slice(&["--threads", "2"]);
+    }
     args.extend_from_slice(extra);
     let server = ServerProc::start(&data, &args);
     Stored {
@@ -303,14 +301,36 @@ fn head_etag_preflight_and_keep_alive_on_one_connection() {
 /// A .torrent far larger than the socket buffers, to a client that does not read for a
 /// while and then reads slowly, twice on one connection (the second request pipelined):
 /// the server's send stops on a full socket many times (in the head, the sendfile of the
-/// dict, or before the closing byte) and resumes at the right byte each time; both bodies
-/// arrive byte-exact and in order.
+/// body, or before the closing byte) and resumes at the right byte each time; both bodies
+/// arrive byte-exact and in order. Meanwhile another client on the same (only) worker is
+/// answered at once: a full socket waits in the runtime, never in a blocking syscall
+/// (the accepted sockets are non-blocking from accept4). Once from the answer cache (one
+/// sendfile of head and body from its memfd), once with the cache off (head, dict from the
+/// segment file, closing byte).
 #[test]
 fn large_torrent_to_a_slow_reader_resumes_at_the_right_byte() {
+    slow_reader(&[]);
+}
+
+#[test]
+fn large_torrent_to_a_slow_reader_without_the_answer_cache() {
+    slow_reader(&["--http-cache-mib", "0"]);
+}
+
+fn slow_reader(extra: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let info = v1_info("big.iso", 150_000); // a 3 MB dict
     let data = import_all(tmp.path(), &[("big", &info)]);
-    let server = ServerProc::start(&data, &["--http", "127.0.0.1:0", "--tracker", TRACKER]);
+    let mut args = vec![
+        "--http",
+        "127.0.0.1:0",
+        "--tracker",
+        TRACKER,
+        "--threads",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    let server = ServerProc::start(&data, &args);
     let path = format!(
         "/torrent/{}.torrent",
         hex::encode(Torrent::v1(info.clone()).key)
@@ -332,6 +352,14 @@ fn large_torrent_to_a_slow_reader_resumes_at_the_right_byte() {
         "GET {path} HTTP/1.1\r\nHost: x\r\n\r\nGET {path} HTTP/1.1\r\nHost: x\r\n\r\n"
     ));
     std::thread::sleep(Duration::from_millis(300));
+    // The slow client's answer is stuck on its full socket; the worker serves others.
+    let (other, took) = timed_get(http_addr(&server), &path);
+    assert_eq!(other.status, 200);
+    assert!(other.body == expected, "the other client's bytes differ");
+    assert!(
+        took < Duration::from_secs(3),
+        "another client waited {took:?} behind a full socket"
+    );
     // Slow reads for a while (small chunks), then the rest at full speed.
     let mut chunk = [0u8; 2048];
     for _ in 0..50 {
@@ -346,6 +374,54 @@ fn large_torrent_to_a_slow_reader_resumes_at_the_right_byte() {
         assert_eq!(r.body.len(), expected.len(), "answer {round}: length");
         assert!(r.body == expected, "answer {round}: bytes differ");
     }
+}
+
+/// A request head larger than one read (a 6 KiB cookie, sent in one write): the reads
+/// that fill the buffer leave bytes in the socket, and the next read must take them at
+/// once (under io_uring the readiness is edge-triggered: no new edge comes for bytes
+/// already queued). After a small request, so that the connection waits on readiness;
+/// twice on the same connection.
+#[test]
+fn request_head_larger_than_one_read_is_answered() {
+    let s = stored_server(&["--http-request-timeout-ms", "3000"]);
+    let path = format!("/torrent/{}.torrent", hex::encode(s.t.key));
+    let cookie = format!("Cookie: c={}\r\n", "x".repeat(6000));
+    let mut c = Conn::open(s.http);
+    // A small request first: the connection then waits for the next one on readiness.
+    assert_eq!(c.request("GET", &path, "").status, 200);
+    for round in 0..2 {
+        let started = Instant::now();
+        let r = c.request("GET", &path, &cookie);
+        assert_eq!(r.status, 200, "round {round}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "round {round} took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// A hash served (so in the worker's answer cache) and then deleted on the admin plane
+/// (tombstone + blocklist) is a 404 on the same connection right after: the cache never
+/// answers for a hash the store no longer serves. One worker, so the second request meets
+/// the entry the first one made.
+#[test]
+fn deleted_hash_is_not_served_from_the_answer_cache() {
+    let s = stored_server(&["--threads", "1"]);
+    let path = format!("/torrent/{}.torrent", hex::encode(s.t.key));
+    let mut c = Conn::open(s.http);
+    let first = c.request("GET", &path, "");
+    assert_eq!(first.status, 200);
+    let again = c.request("GET", &path, "");
+    assert!(
+        again.body == first.body,
+        "the cached answer differs from the first"
+    );
+    let url = s.server.url(&format!("/torrents/{}", hex::encode(s.t.key)));
+    let deleted = http::delete(&url, Some(TOKEN));
+    assert!(deleted.status < 300, "admin DELETE: {}", deleted.status);
+    let after = c.request("GET", &path, "");
+    assert_eq!(after.status, 404, "{}", after.text());
 }
 
 /// Bad input: 400 for a hash that is not one, 405 for another method, 413 for a body,

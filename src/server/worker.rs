@@ -10,6 +10,7 @@
 
 use std::cell::Cell;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::rc::Rc;
@@ -175,7 +176,8 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
             )));
         }
         if !http.is_empty() {
-            let shared = Rc::new(crate::server::http::HttpShared::new(&ctx.cfg));
+            let uring = runtime_name == "io_uring";
+            let shared = Rc::new(crate::server::http::HttpShared::new(&ctx.cfg, uring));
             for l in http {
                 let listener = match TcpListener::from_std(l) {
                     Ok(l) => l,
@@ -368,6 +370,7 @@ async fn accept_loop(
     // None: shutdown; the listener closes here.
     while let Some((stream, peer, permit)) = accept_admitted(
         &listener,
+        async |l: &TcpListener| l.accept().await,
         &mut stopped,
         &mut backoff,
         &ctx,
@@ -393,8 +396,8 @@ pub(crate) const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 /// Longest wait between accepts that fail.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// The next connection on `listener` that the connection caps admit (refusals are counted
-/// and closed), or `None` once `stopped` resolves. Shared by the BitTorrent and the HTTP
+/// The next connection that `accept` takes from `listener` and the connection caps admit
+/// (refusals are counted and closed), or `None` once `stopped` resolves. Shared by the BitTorrent and the HTTP
 /// listeners: one budget per IP over both.
 ///
 /// When accept fails (EMFILE, ENFILE, ENOBUFS) it backs off instead of retrying at once,
@@ -402,6 +405,7 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// `ACCEPT_BACKOFF_MIN` up to 1 s and is reset by the next success.
 pub(crate) async fn accept_admitted<S: Future + Unpin>(
     listener: &TcpListener,
+    accept: impl AsyncFn(&TcpListener) -> io::Result<(monoio::net::TcpStream, SocketAddr)>,
     stopped: &mut S,
     backoff: &mut Duration,
     ctx: &WorkerCtx,
@@ -410,7 +414,7 @@ pub(crate) async fn accept_admitted<S: Future + Unpin>(
 ) -> Option<(monoio::net::TcpStream, SocketAddr, ConnectionPermit)> {
     loop {
         let accepted = monoio::select! {
-            r = listener.accept() => r,
+            r = accept(listener) => r,
             _ = &mut *stopped => return None,
         };
         let (stream, peer) = match accepted {

@@ -10,28 +10,27 @@
 //! is made non-blocking (under io_uring monoio leaves it blocking; its recv operations do
 //! not depend on the flag) and the syscalls are made here.
 //!
-//! One TCP segment per answer: the socket is corked (`TCP_CORK`) for its whole life, so
-//! the head, the dict's pages and the closing byte queue up into one segment, and `flush`
-//! sends them (setting `TCP_NODELAY` flushes a corked socket, tcp(7); the next send starts
-//! a new segment and the cork holds again). Without it the closing byte left as a segment
-//! of its own after sendfile's (sendfile cannot say "more follows"): twice the segments,
-//! wakeups of the client and ACKs per answer (4 vs nginx's 2 on loopback, `nstat`). A
-//! connection that closes after its answer ends with `finish` instead: shutdown(2) sends
-//! the queued bytes with the FIN in the same segment, at once (monoio's close under
-//! io_uring is an operation that waits for the ring's next submission, and the corked
-//! answer would wait with it). A small answer fits the socket buffer almost always, so
-//! the common path is four syscalls (head, sendfile, tail, flush or finish), no runtime
+//! One TCP segment per answer, no cork: an answer is one sendfile(2) of a whole cached
+//! answer (`cache`), or a head sent with MSG_MORE ("more follows": the kernel holds it)
+//! and the body by sendfile, whose last chunk pushes head and body out together. Only an
+//! answer whose .torrent is not cached (too large, cache off) has a third part, the closing
+//! `e` after the dict, which leaves as a segment of its own. A connection that closes
+//! after its answer ends with `finish` (shutdown(2)): the FIN leaves at once, not when
+//! monoio's close operation is submitted at the ring's next enter. A small answer fits the
+//! socket buffer almost always, so the common path is one or two syscalls, no runtime
 //! operation, no timer.
 
 use std::convert::Infallible;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::rc::Rc;
 use std::time::Duration;
 
 use monoio::io::Canceller;
 use monoio::net::TcpStream;
 use monoio::time::Instant;
 
+use super::ready::{Reactor, Token};
 use crate::limits;
 use crate::server::session::ReadOutcome;
 use crate::server::tcp::{self, ReadOr};
@@ -49,23 +48,29 @@ pub struct Conn {
     /// One canceller for the connection's life (see `server::tcp`): only a cancelled read
     /// replaces it.
     canceller: Canceller,
+    /// Under io_uring: reads are our own recv(2) on the worker's epoll readiness
+    /// (`ready`), not monoio's read operation (see `read_when_ready`).
+    reactor: Option<Rc<Reactor>>,
+    /// The connection's place in the epoll set, taken at its first empty read (a
+    /// connection whose only request was there at accept never needs one).
+    token: Option<Token>,
+    /// No read yet: the first one tries the socket before waiting.
+    fresh: bool,
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream) -> io::Result<Conn> {
+    /// `stream` must be non-blocking (`accept_nonblocking`): sendfile has no per-call
+    /// "don't wait" flag.
+    pub fn new(stream: TcpStream, reactor: Option<&Rc<Reactor>>) -> Conn {
         let fd = stream.as_raw_fd();
-        // SAFETY: fcntl on a socket we own; F_SETFL with O_NONBLOCK only changes the
-        // blocking mode (a fresh accepted socket has no other status flags to keep).
-        if unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // Corked for good: answers leave at `flush` or close (see the module doc).
-        set_tcp_option(fd, libc::TCP_CORK)?;
-        Ok(Conn {
+        Conn {
             stream,
             fd,
             canceller: Canceller::new(),
-        })
+            reactor: reactor.cloned(),
+            token: None,
+            fresh: true,
+        }
     }
 
     /// Appends received bytes to `buf` (first making `spare_min` bytes of room), or ends
@@ -76,6 +81,9 @@ impl Conn {
         deadline: Instant,
         spare_min: usize,
     ) -> ReadOutcome {
+        if self.reactor.is_some() {
+            return self.read_when_ready(buf, deadline, spare_min).await;
+        }
         let never = std::future::pending::<Infallible>();
         let read = tcp::read_or(
             &mut self.stream,
@@ -91,9 +99,9 @@ impl Conn {
         }
     }
 
-    /// Queues `head`, then `body` (from its file, never through user space), then `tail`
-    /// behind the cork (`flush` sends them, or the close); fails if the socket stays full
-    /// for `HTTP_WRITE_TIMEOUT_MS`.
+    /// Sends `head` (held back by MSG_MORE when more follows), then `body` (from its file,
+    /// never through user space), then `tail`; fails if the socket stays full for
+    /// `HTTP_WRITE_TIMEOUT_MS`.
     pub async fn send(
         &mut self,
         head: &[u8],
@@ -106,12 +114,13 @@ impl Conn {
         let mut deadline = None;
         loop {
             let step = if head_at < head.len() {
-                send(self.fd, &head[head_at..]).map(|n| head_at += n)
+                let more = body_left > 0 || !tail.is_empty();
+                send(self.fd, &head[head_at..], more).map(|n| head_at += n)
             } else if body_left > 0 {
                 let file = body.as_ref().expect("body_left > 0 implies a body").file;
                 sendfile(self.fd, file, &mut body_off, body_left).map(|n| body_left -= n)
             } else if tail_at < tail.len() {
-                send(self.fd, &tail[tail_at..]).map(|n| tail_at += n)
+                send(self.fd, &tail[tail_at..], false).map(|n| tail_at += n)
             } else {
                 return Ok(());
             };
@@ -139,13 +148,91 @@ impl Conn {
         }
     }
 
-    /// Sends what the cork holds, now (one segment, if it fits one).
-    pub fn flush(&self) -> io::Result<()> {
-        set_tcp_option(self.fd, libc::TCP_NODELAY)
+    /// A read for io_uring: recv(2) here when the worker's epoll said bytes came (or the
+    /// connection is fresh), else wait for that edge.
+    ///
+    /// Why not monoio's recv operation: its completion runs as task work the moment the
+    /// client's bytes land, inside whatever syscall the worker is in (monoio's ring has no
+    /// DEFER_TASKRUN), and locks the socket while the client's CPU is still in the receive
+    /// path for it: 15-17 % of the server spun in `__pv_queued_spin_lock_slowpath` under
+    /// `io_req_task_submit` at c=64 (perf, BENCHMARKS.md). And a poll operation per wait
+    /// still arms and completes once per request; the epoll set is armed once per
+    /// connection (`ready`). The first read of a connection tries the socket first: the
+    /// request is usually there by the time we accept it (a client sends it right behind
+    /// its handshake). Bytes that race with the deadline stay in the socket; the
+    /// connection closes at a deadline anyway.
+    async fn read_when_ready(
+        &mut self,
+        buf: &mut Vec<u8>,
+        deadline: Instant,
+        spare_min: usize,
+    ) -> ReadOutcome {
+        let reactor = self.reactor.clone().expect("called with a reactor");
+        if buf.capacity() - buf.len() < spare_min {
+            buf.reserve(spare_min);
+        }
+        let mut try_now = std::mem::take(&mut self.fresh);
+        loop {
+            // Taken before the recv: an edge after an EAGAIN is kept for the wait. Not in
+            // the set yet: try the socket.
+            let ready = self.token.as_ref().is_none_or(|t| reactor.take_ready(t));
+            if !ready && !try_now {
+                let token = self.token.as_ref().expect("not ready implies a token");
+                monoio::select! {
+                    _ = reactor.ready(token) => {},
+                    _ = monoio::time::sleep_until(deadline) => return ReadOutcome::Deadline,
+                }
+                continue;
+            }
+            try_now = false;
+            match recv_now(self.fd, buf) {
+                Ok(0) => return ReadOutcome::Eof,
+                Ok(_) => {
+                    let filled = buf.len() == buf.capacity();
+                    if let (true, Some(t)) = (filled, &self.token) {
+                        // More may be queued: the next read tries at once.
+                        reactor.set_ready(t);
+                    }
+                    return ReadOutcome::Data { filled };
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.token.is_none() => {
+                    // Into the set now; bytes that came since are reported at once
+                    // (epoll checks a socket's readiness when it is added).
+                    match reactor.add(self.fd) {
+                        Ok(t) => self.token = Some(t),
+                        Err(e) => return ReadOutcome::Failed(e),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => try_now = true,
+                Err(e) => return ReadOutcome::Failed(e),
+            }
+        }
     }
 
-    /// Sends what the cork holds and the FIN with it, now: the last answer is out before
-    /// the connection's close is even submitted.
+    /// Holds what is sent next until `finish`, so that the last answer and the FIN leave in
+    /// one segment (TCP_CORK; without it the body's sendfile pushes the answer out and the
+    /// FIN follows alone, one more segment and one more ACK per connection).
+    pub fn cork(&self) -> io::Result<()> {
+        let on: libc::c_int = 1;
+        // SAFETY: `on` is a live c_int and its size is passed with it.
+        let r = unsafe {
+            libc::setsockopt(
+                self.fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_CORK,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Sends the FIN now: the client sees the end before the connection's close is even
+    /// submitted.
     pub fn finish(&self) -> io::Result<()> {
         // SAFETY: shutdown of a socket we own; reading stays open (a lingering read may
         // follow).
@@ -156,42 +243,46 @@ impl Conn {
     }
 }
 
-/// Turns a TCP option of the socket on.
-fn set_tcp_option(fd: RawFd, option: libc::c_int) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: `on` is a live c_int and its size is passed with it.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            option,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// One non-blocking send(2); `Ok(n)` with n > 0.
-fn send(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
+/// One non-blocking send(2), with MSG_MORE when `more` follows; `Ok(n)` with n > 0.
+fn send(fd: RawFd, bytes: &[u8], more: bool) -> io::Result<usize> {
+    let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | if more { libc::MSG_MORE } else { 0 };
     // SAFETY: `bytes` is a live slice; MSG_NOSIGNAL: a closed peer is an EPIPE, not a
     // signal.
-    let n = unsafe {
-        libc::send(
-            fd,
-            bytes.as_ptr().cast(),
-            bytes.len(),
-            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-        )
-    };
+    let n = unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), flags) };
     match n {
         n if n > 0 => Ok(n as usize),
         0 => Err(io::ErrorKind::WriteZero.into()),
         _ => Err(io::Error::last_os_error()),
     }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let (Some(reactor), Some(token)) = (&self.reactor, &self.token) {
+            reactor.remove(token);
+        }
+    }
+}
+
+/// One non-blocking recv(2) into `buf`'s spare capacity, which it extends by what came.
+fn recv_now(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: the kernel writes at most `spare.len()` bytes into the spare capacity.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 /// One non-blocking sendfile(2) of at most `len` bytes from `*offset`, which it advances.

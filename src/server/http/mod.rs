@@ -6,9 +6,10 @@
 //! the store's mmap. The body is the stored info dict byte-exactly, wrapped like the admin
 //! plane's (`metainfo::build_torrent`: `announce`/`announce-list` of the configured
 //! trackers, then `info`): the wrapping's bytes before and after the dict are made once
-//! per worker, and a response goes out as head + wrapper (one send), the dict by
-//! sendfile(2) from the segment file, and the closing `e` (`conn`): no metadata byte is
-//! copied, in user space or into socket buffers.
+//! per worker. Each worker keeps whole answers (head, wrapping, dict, `e`) in a memfd
+//! (`cache`), so the common answer is one sendfile(2) and any other one a head and a
+//! sendfile: no metadata byte is copied into socket buffers (the pages are attached), and
+//! the dict is copied once per hash and worker, into the cache.
 //!
 //! An unknown hash takes the miss path a BitTorrent handshake takes (`Upstream::submit`:
 //! one fetch per hash however many wait, the per-IP and global miss budgets) and waits at
@@ -17,14 +18,18 @@
 //!
 //! - `codec`: request heads in, answers out (no I/O)
 //! - `conn`: a connection's reads and non-blocking sends (sendfile of the dict)
+//! - `cache`: a worker's whole answers in a memfd, by info-hash
 
+mod cache;
 pub mod codec;
 mod conn;
+mod ready;
 mod stop;
 
-use std::cell::Cell;
-use std::io::Write as _;
+use std::cell::{Cell, RefCell};
+use std::io::{self, Write as _};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -39,6 +44,7 @@ use crate::server::session::{ReadOutcome, WorkerCtx};
 use crate::server::worker::{self, OpenSession};
 use crate::store::RecordRef;
 use crate::upstream::shard::{FetchFailure, FetchOutcome, Hints};
+use cache::{AnswerCache, Entry};
 use codec::{HeadError, Method, Request, Status, Target};
 use conn::{Conn, FileRange};
 
@@ -52,13 +58,35 @@ pub struct HttpShared {
     request_timeout: Duration,
     /// Fired when the worker's HTTP listeners stop: idle connections close at once.
     stop: stop::StopSignal,
+    /// Whole answers by info-hash (borrowed only between awaits).
+    cache: RefCell<AnswerCache>,
+    /// The worker's monoio runtime is on io_uring: connections read on the readiness
+    /// of this epoll set (`ready`).
+    reactor: Option<Rc<ready::Reactor>>,
+    /// The worker's monoio runtime is on io_uring (its accept makes blocking sockets).
+    uring: bool,
 }
 
 /// The byte after the info dict: the end of the .torrent's top-level dict.
 const SUFFIX: &[u8] = b"e";
 
 impl HttpShared {
-    pub fn new(cfg: &crate::config::ServeConfig) -> HttpShared {
+    /// Inside the worker's runtime: under io_uring (`uring`) it spawns the readiness loop.
+    pub fn new(cfg: &crate::config::ServeConfig, uring: bool) -> HttpShared {
+        let reactor = if uring {
+            match ready::Reactor::new() {
+                Ok(r) => {
+                    monoio::spawn(r.clone().run());
+                    Some(r)
+                }
+                Err(e) => {
+                    tracing::warn!("HTTP: no epoll set ({e}); reading through io_uring");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         // `build_torrent` of an empty dict is exactly the wrapping around it.
         let mut prefix = crate::metainfo::build_torrent(b"", &cfg.torrent_trackers);
         let last = prefix.pop();
@@ -69,6 +97,9 @@ impl HttpShared {
             miss_wait: cfg.http_miss_wait,
             request_timeout: cfg.http_request_timeout,
             stop: stop::StopSignal::default(),
+            cache: RefCell::new(AnswerCache::new(cfg.http_cache_bytes, Some(&cfg.data_dir))),
+            reactor,
+            uring,
         }
     }
 
@@ -112,8 +143,24 @@ pub async fn accept_loop(
 ) {
     let mut backoff = worker::ACCEPT_BACKOFF_MIN;
     let mut stopped = pin!(stop.recv_async());
+    let uring = http.uring;
+    // Our accept4 waits for readiness when the queue is empty, never in the syscall.
+    if let Err(e) = set_nonblocking(listener.as_raw_fd()) {
+        tracing::error!("HTTP listener: {e}; not serving HTTP on this core");
+        http.stop.fire();
+        return;
+    }
     while let Some((stream, peer, permit)) = worker::accept_admitted(
         &listener,
+        async |l: &TcpListener| {
+            if uring {
+                accept_nonblocking(l).await
+            } else {
+                // monoio's epoll driver accepts with accept4(SOCK_NONBLOCK) itself, and
+                // waits without the poll(2) that `readable` adds there.
+                l.accept().await
+            }
+        },
         &mut stopped,
         &mut backoff,
         &ctx,
@@ -135,14 +182,64 @@ pub async fn accept_loop(
     http.stop.fire();
 }
 
+/// The next connection, non-blocking from birth (accept4 with SOCK_NONBLOCK): no fcntl per
+/// connection (monoio's io_uring accept operation makes a blocking socket, and sendfile
+/// has no per-call "don't wait" flag). Connections that are queued are taken one syscall
+/// each; only an empty queue waits, for readiness (io_uring: one poll operation for a
+/// burst of connections, where monoio's accept is one operation per connection).
+async fn accept_nonblocking(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+    loop {
+        // SAFETY: `try_init` hands a live storage and its length to fill; accept4 writes
+        // at most that many bytes and the length it wrote.
+        let accepted = unsafe {
+            socket2::SockAddr::try_init(|addr, len| {
+                let fd = libc::accept4(
+                    listener.as_raw_fd(),
+                    addr.cast(),
+                    len,
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                );
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // A fresh descriptor that nothing else owns.
+                Ok(OwnedFd::from_raw_fd(fd))
+            })
+        };
+        let e = match accepted {
+            Ok((owned, addr)) => {
+                let peer = addr
+                    .as_socket()
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IP peer"))?;
+                let stream = TcpStream::from_std(std::net::TcpStream::from(owned))?;
+                return Ok((stream, peer));
+            }
+            Err(e) => e,
+        };
+        match e.kind() {
+            io::ErrorKind::WouldBlock => listener.readable(false).await?,
+            // The client gave up while queued (ECONNABORTED), or a signal: take the next.
+            io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted => {}
+            _ => return Err(e),
+        }
+    }
+}
+
+fn set_nonblocking(fd: std::os::fd::RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we hold; only O_NONBLOCK is added to its flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// One connection: request heads, answers, until the client closes, asks to close, or
 /// stalls past a deadline. At shutdown (`http.stop` fired) a connection waiting for its
 /// next request closes at once; one in the middle of a request finishes it first (within
 /// the shutdown grace time).
 async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx, http: &HttpShared) {
-    let Ok(mut io) = Conn::new(stream) else {
-        return;
-    };
+    let mut io = Conn::new(stream, http.reactor.as_ref());
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     // The answer's head (and the .torrent's bytes before the dict); reused.
     let mut out: Vec<u8> = Vec::with_capacity(1024);
@@ -209,8 +306,21 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx, http: &Http
         let keep_alive = req.keep_alive && served < limits::HTTP_REQUESTS_PER_CONNECTION_MAX;
         out.clear();
         let body = answer(&req, keep_alive, peer, ctx, http, &mut out).await;
+        if !keep_alive && !matches!(body, Body::None) && io.cork().is_err() {
+            return;
+        }
         let sent = match &body {
-            Some(record) => {
+            Body::None => io.send(&out, None, b"").await,
+            Body::Cached(entry, range) => {
+                let (offset, len) = *range;
+                let whole = FileRange {
+                    file: entry.file(),
+                    offset,
+                    len,
+                };
+                io.send(&out, Some(whole), b"").await
+            }
+            Body::Dict(record) => {
                 let (file, offset) = record.info_in_file();
                 let dict = FileRange {
                     file,
@@ -219,17 +329,13 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx, http: &Http
                 };
                 io.send(&out, Some(dict), SUFFIX).await
             }
-            None => io.send(&out, None, b"").await,
         };
         if sent.is_err() {
             return;
         }
         if !keep_alive {
-            // The answer and the FIN in one segment.
+            // The FIN right behind the answer (corked: in its last segment).
             let _ = io.finish();
-            return;
-        }
-        if io.flush().is_err() {
             return;
         }
         head_since = (!buf.is_empty()).then(Instant::now);
@@ -260,8 +366,17 @@ fn head_error_text(e: HeadError) -> &'static str {
     }
 }
 
-/// Puts the answer to `req` into `out`; returns the record whose info dict follows it
-/// (then `out` ends with the .torrent's bytes before the dict, and `SUFFIX` follows it).
+/// What follows the bytes an answer put into `out`.
+enum Body {
+    None,
+    /// This byte range of a cache entry's file (`out` is empty for a whole cached answer).
+    Cached(Entry, (u64, usize)),
+    /// The record's info dict from its segment file, then `SUFFIX` (`out` ends with the
+    /// .torrent's bytes before the dict): an answer the cache does not take.
+    Dict(RecordRef),
+}
+
+/// Puts the answer to `req` into `out`; returns what follows it.
 async fn answer(
     req: &Request,
     keep_alive: bool,
@@ -269,17 +384,17 @@ async fn answer(
     ctx: &WorkerCtx,
     http: &HttpShared,
     out: &mut Vec<u8>,
-) -> Option<RecordRef> {
+) -> Body {
     let head_only = req.method == Method::Head;
     let text = |out: &mut Vec<u8>, status, body: &str| {
         codec::text(out, status, keep_alive, body, head_only, None);
-        None
+        Body::None
     };
     match req.method {
         Method::Options => {
             ctx.stats.http_preflights.inc();
             codec::preflight(out, keep_alive, req.preflight_headers.as_deref());
-            return None;
+            return Body::None;
         }
         Method::Other => {
             ctx.stats.http_bad_requests.inc();
@@ -328,7 +443,7 @@ async fn answer(
                     head_only,
                     Some(limits::HTTP_RETRY_AFTER_S),
                 );
-                return None;
+                return Body::None;
             }
             Err(MissEnd::ShuttingDown) => {
                 return text(out, Status::ServiceUnavailable, "shutting down");
@@ -338,8 +453,8 @@ async fn answer(
     put_torrent(req, keep_alive, record, title.as_deref(), ctx, http, out)
 }
 
-/// The .torrent of `record` (or a 304 when the client's copy is current) into `out`;
-/// returns the record when its dict is to follow.
+/// The .torrent of `record` (or a 304 when the client's copy is current): its head into
+/// `out` (none for a whole cached answer) and what follows.
 fn put_torrent(
     req: &Request,
     keep_alive: bool,
@@ -348,7 +463,7 @@ fn put_torrent(
     ctx: &WorkerCtx,
     http: &HttpShared,
     out: &mut Vec<u8>,
-) -> Option<RecordRef> {
+) -> Body {
     let mut hex_buf = [0u8; HASH_HEX_BYTES_MAX];
     let hex = hash_hex(&record, &mut hex_buf);
     let mut etag_buf = [0u8; ETAG_BYTES_MAX];
@@ -360,26 +475,89 @@ fn put_torrent(
     {
         ctx.stats.http_not_modified.inc();
         codec::not_modified_head(out, keep_alive, etag);
-        return None;
+        return Body::None;
     }
-    let mut name_buf = [0u8; DEFAULT_NAME_BYTES_MAX];
-    let file_name = match title {
-        Some(t) => t,
-        None => {
-            name_buf[..hex.len()].copy_from_slice(hex.as_bytes());
-            name_buf[hex.len()..hex.len() + 8].copy_from_slice(b".torrent");
-            std::str::from_utf8(&name_buf[..hex.len() + 8]).expect("ASCII")
-        }
-    };
-    let body_len = http.prefix.len() + record.len() + SUFFIX.len();
-    codec::torrent_head(out, keep_alive, etag, file_name, body_len);
     ctx.stats.http_torrents_served.inc();
+    let body_len = http.prefix.len() + record.len() + SUFFIX.len();
+    let mut name_buf = [0u8; DEFAULT_NAME_BYTES_MAX];
+    let default_name = default_name(hex, &mut name_buf);
     if req.method == Method::Head {
+        codec::torrent_head(
+            out,
+            keep_alive,
+            etag,
+            title.unwrap_or(default_name),
+            body_len,
+        );
+        return Body::None;
+    }
+    match cached(http, &record, etag, default_name, body_len) {
+        // The common answer, head and all, is the entry itself.
+        Some(entry) if keep_alive && title.is_none() => {
+            let whole = entry.answer();
+            Body::Cached(entry, whole)
+        }
+        Some(entry) => {
+            codec::torrent_head(
+                out,
+                keep_alive,
+                etag,
+                title.unwrap_or(default_name),
+                body_len,
+            );
+            let body = entry.body();
+            Body::Cached(entry, body)
+        }
+        None => {
+            codec::torrent_head(
+                out,
+                keep_alive,
+                etag,
+                title.unwrap_or(default_name),
+                body_len,
+            );
+            // The wrapping here; the dict goes from the segment file (sendfile), then SUFFIX.
+            out.extend_from_slice(&http.prefix);
+            Body::Dict(record)
+        }
+    }
+}
+
+/// `<hash hex>.torrent`, written into `buf`.
+fn default_name<'a>(hex: &str, buf: &'a mut [u8; DEFAULT_NAME_BYTES_MAX]) -> &'a str {
+    buf[..hex.len()].copy_from_slice(hex.as_bytes());
+    buf[hex.len()..hex.len() + 8].copy_from_slice(b".torrent");
+    std::str::from_utf8(&buf[..hex.len() + 8]).expect("ASCII")
+}
+
+/// `record`'s cache entry, made now if it has none (the keep-alive head under the default
+/// name, then the body of `body_len` bytes); `None` when the cache does not take it.
+fn cached(
+    http: &HttpShared,
+    record: &RecordRef,
+    etag: &str,
+    default_name: &str,
+    body_len: usize,
+) -> Option<Entry> {
+    let key = record.hashes();
+    let mut cache = http.cache.borrow_mut();
+    if let Some(entry) = cache.get(&key) {
+        return Some(entry.clone());
+    }
+    if !cache.takes(body_len) {
         return None;
     }
-    // Head + wrapper here; the dict goes from the segment file (sendfile), then SUFFIX.
-    out.extend_from_slice(&http.prefix);
-    Some(record)
+    let mut head = Vec::with_capacity(512);
+    codec::torrent_head(&mut head, true, etag, default_name, body_len);
+    let parts: [&[u8]; 4] = [&head, &http.prefix, record.info(), SUFFIX];
+    match cache.insert(key, &parts, head.len()) {
+        Ok(entry) => entry,
+        Err(e) => {
+            // No memory for the memfd: served from the segment file instead.
+            tracing::debug!("HTTP answer cache: {e}");
+            None
+        }
+    }
 }
 
 enum Found {
