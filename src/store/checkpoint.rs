@@ -161,10 +161,7 @@ impl CheckpointRef<'_> {
             if cfg!(target_endian = "little") {
                 // SAFETY: the same memory as bytes (u8: alignment 1, no invalid values).
                 w.write_all(unsafe {
-                    std::slice::from_raw_parts(
-                        t.as_ptr().cast::<u8>(),
-                        std::mem::size_of_val(&t[..]),
-                    )
+                    std::slice::from_raw_parts(t.as_ptr().cast::<u8>(), std::mem::size_of_val(t))
                 })?;
             } else {
                 for part in t.chunks(8192) {
