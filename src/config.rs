@@ -130,6 +130,11 @@ pub struct ServeSettings {
     #[arg(long, default_value_t = limits::PAGE_IN_THREADS_DEFAULT, value_name = "N")]
     pub page_in_threads: usize,
 
+    /// Nice levels below the workers that the page-in threads run at (0 = the same), so
+    /// the CPU they spend for cold records yields to the workers' resident connections.
+    #[arg(long, default_value_t = limits::PAGE_IN_NICE_DEFAULT, value_name = "N")]
+    pub page_in_nice: i32,
+
     /// Worker threads (one io runtime each). Default: one per CPU.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
@@ -368,6 +373,13 @@ impl ServeSettings {
             );
         }
         cfg.page_in_threads = self.page_in_threads;
+        if !(0..=limits::PAGE_IN_NICE_MAX).contains(&self.page_in_nice) {
+            bail!(
+                "page-in-nice must be between 0 and {}",
+                limits::PAGE_IN_NICE_MAX
+            );
+        }
+        cfg.page_in_nice = self.page_in_nice;
         cfg.mse_handshakes_per_ip_per_second_max = self.mse_handshakes_per_ip_per_second_max;
         cfg.mse_handshakes_per_core_per_second_max = self.mse_handshakes_per_core_per_second_max;
         cfg.shutdown_grace = Duration::from_millis(self.shutdown_grace_ms);
@@ -665,6 +677,8 @@ pub struct ServeConfig {
     pub send_zc_min_bytes: usize,
     /// Threads of the page-in pool (`server/pagein.rs`).
     pub page_in_threads: usize,
+    /// Nice levels below the workers that the page-in threads run at.
+    pub page_in_nice: i32,
     /// MSE handshakes one address may start per second on a core.
     pub mse_handshakes_per_ip_per_second_max: u32,
     /// MSE handshakes one core may start per second from all addresses.
@@ -707,6 +721,7 @@ impl ServeConfig {
             utp_half_open_per_core_max: limits::UTP_HALF_OPEN_PER_CORE_MAX_DEFAULT,
             send_zc_min_bytes: 0,
             page_in_threads: limits::PAGE_IN_THREADS_DEFAULT,
+            page_in_nice: limits::PAGE_IN_NICE_DEFAULT,
             mse_handshakes_per_ip_per_second_max:
                 limits::MSE_HANDSHAKES_PER_IP_PER_SECOND_MAX_DEFAULT,
             mse_handshakes_per_core_per_second_max:

@@ -264,6 +264,18 @@ pub const PAGE_IN_THREADS_DEFAULT: usize = 16;
 /// threads add no reads in flight, only stacks and scheduling.
 pub const PAGE_IN_THREADS_MAX: usize = 256;
 
+/// Default of `--page-in-nice`: how many nice levels below the workers the page-in threads
+/// run. They share the cores with the workers (a 1-core server shares its one core), and
+/// their CPU (madvise, the faults, the first-serve hash of a checkpointed record, the
+/// wake-ups) is spent for connections that already wait for the disk, while a worker's CPU
+/// serves every resident connection of its core: when both are runnable the worker goes
+/// first. 10 levels is a weight of about 1/10 (the kernel's nice table), so under a full
+/// core the pool still gets a tenth of it and cold fetches slow down rather than stop.
+pub const PAGE_IN_NICE_DEFAULT: i32 = 10;
+
+/// Most `--page-in-nice` accepts: the lowest priority Linux has is nice 19.
+pub const PAGE_IN_NICE_MAX: i32 = 19;
+
 /// Cold lookups waiting for a page-in thread; past it a connection's task waits for room
 /// on its own core's runtime (the core goes on serving). Sized so a burst of cold
 /// handshakes from every core queues without waiting: 4096 × ~40 B.

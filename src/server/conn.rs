@@ -930,7 +930,7 @@ pub(crate) mod tests {
         };
         let (upstream, mailboxes) = Upstream::new(upstream_cfg, store.clone(), 1);
         let page_in = Arc::new(
-            crate::server::pagein::PageIn::start(store.clone(), 1, Duration::ZERO).unwrap(),
+            crate::server::pagein::PageIn::start(store.clone(), 1, 0, Duration::ZERO).unwrap(),
         );
         let ctx = WorkerCtx::new(
             store,

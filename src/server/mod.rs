@@ -193,6 +193,7 @@ pub fn start(
         pagein::PageIn::start(
             store.clone(),
             cfg.page_in_threads,
+            cfg.page_in_nice,
             pagein::PageIn::delay_from_env(),
         )
         .context("starting the page-in threads")?,

@@ -32,10 +32,17 @@ pub struct PageIn {
 
 impl PageIn {
     /// Starts `threads` page-in threads for `store` (clamped to
-    /// `1..=limits::PAGE_IN_THREADS_MAX`). `delay`: a pause before each page-in, zero but
-    /// in tests that need a page-in to last (a disk slower than the test machine's).
-    /// The threads end once every `PageIn` handle is dropped.
-    pub fn start(store: Arc<Store>, threads: usize, delay: Duration) -> std::io::Result<PageIn> {
+    /// `1..=limits::PAGE_IN_THREADS_MAX`), each `nice` levels below the calling thread's
+    /// priority (`limits::PAGE_IN_NICE_DEFAULT` says why). `delay`: a pause before each
+    /// page-in, zero but in tests that need a page-in to last (a disk slower than the test
+    /// machine's). The threads end once every `PageIn` handle is dropped.
+    pub fn start(
+        store: Arc<Store>,
+        threads: usize,
+        nice: i32,
+        delay: Duration,
+    ) -> std::io::Result<PageIn> {
+        let base = thread_nice();
         let (jobs, rx) = flume::bounded::<Job>(limits::PAGE_IN_QUEUE_MAX);
         // Weak: the pool never keeps the store open (its drop writes the checkpoint).
         let store = Arc::downgrade(&store);
@@ -44,6 +51,7 @@ impl PageIn {
             std::thread::Builder::new()
                 .name(format!("magnetar-pagein-{i}"))
                 .spawn(move || {
+                    set_thread_nice(base.saturating_add(nice));
                     while let Ok(job) = rx.recv() {
                         if !delay.is_zero() {
                             std::thread::sleep(delay);
@@ -75,6 +83,35 @@ impl PageIn {
     }
 }
 
+/// The calling thread's nice value (Linux keeps one per thread; 0 if it cannot be read).
+fn thread_nice() -> i32 {
+    // SAFETY: plain syscalls about the calling thread; errno is reset first because -1 is
+    // also a valid priority.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        *libc::__errno_location() = 0;
+        let n = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if n == -1 && *libc::__errno_location() != 0 {
+            0
+        } else {
+            n
+        }
+    }
+}
+
+/// Sets the calling thread's nice value (clamped to 19). Best effort: a thread left at its
+/// priority still pages in, only without yielding to the workers first.
+fn set_thread_nice(n: i32) {
+    // SAFETY: a plain syscall about the calling thread.
+    let tid = unsafe { libc::gettid() } as libc::id_t;
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, n.min(limits::PAGE_IN_NICE_MAX)) } != 0 {
+        tracing::debug!(
+            "page-in thread priority not lowered: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,7 +125,7 @@ mod tests {
         let info = crate::metainfo::synthetic_v1_info(3000);
         let record = store.append(&info, AppendOptions::default()).unwrap();
         let key = record.record().hashes().v1.unwrap();
-        let pool = PageIn::start(store.clone(), 2, Duration::ZERO).unwrap();
+        let pool = PageIn::start(store.clone(), 2, 0, Duration::ZERO).unwrap();
         let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .build()
             .unwrap()
@@ -99,5 +136,35 @@ mod tests {
                 )
             });
         assert_eq!(rt, (Some(info), true));
+    }
+
+    #[test]
+    fn page_in_threads_run_below_the_workers_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let store = Arc::new(store);
+        let base = thread_nice();
+        let pool = PageIn::start(store, 1, 5, Duration::ZERO).unwrap();
+        // One page-in: the thread has set its priority before taking its first job.
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .unwrap()
+            .block_on(pool.page_in([7; 20]));
+        let mut niced = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap() {
+            let task = task.unwrap().path();
+            let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+            if comm.starts_with("magnetar-pagein") {
+                let tid: libc::id_t = task.file_name().unwrap().to_str().unwrap().parse().unwrap();
+                // SAFETY: a plain syscall; the thread is alive while `pool` is.
+                niced.push(unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) });
+            }
+        }
+        assert_eq!(niced, vec![(base + 5).min(limits::PAGE_IN_NICE_MAX)]);
+        assert_eq!(
+            thread_nice(),
+            base,
+            "the caller's own priority is left alone"
+        );
     }
 }

@@ -93,6 +93,39 @@ impl Checkpoint {
         b
     }
 
+    /// Write the checkpoint to `out`, its CRC last (tests; the store writes a
+    /// `CheckpointRef`).
+    #[cfg(test)]
+    pub fn encode_to(&self, out: &mut impl Write) -> std::io::Result<()> {
+        self.borrowed().encode_to(out)
+    }
+
+    /// The same checkpoint, its tables borrowed.
+    #[cfg(test)]
+    pub fn borrowed(&self) -> CheckpointRef<'_> {
+        CheckpointRef {
+            written_ns: self.written_ns,
+            seed: self.seed,
+            segments: &self.segments,
+            tombstones: &self.tombstones,
+            tables: self.main.iter().chain(&self.req2).map(|t| &t[..]).collect(),
+        }
+    }
+}
+
+/// A checkpoint whose tables are borrowed: what `Store::checkpoint` writes straight from
+/// the index's locked tables (`Index::with_tables`), so a clean stop does not need a second
+/// copy of the index in memory (at 30M records the copy alone is 629 MB).
+pub(crate) struct CheckpointRef<'a> {
+    pub written_ns: i64,
+    pub seed: [u64; 2],
+    pub segments: &'a [SegmentState],
+    pub tombstones: &'a Tombstones,
+    /// `INDEX_SHARDS` main tables, then as many req2 tables.
+    pub tables: Vec<&'a [u64]>,
+}
+
+impl CheckpointRef<'_> {
     /// Write the checkpoint to `out`, its CRC last.
     pub fn encode_to(&self, out: &mut impl Write) -> std::io::Result<()> {
         let mut w = CrcWriter {
@@ -106,7 +139,7 @@ impl Checkpoint {
         b.extend_from_slice(&self.seed[0].to_le_bytes());
         b.extend_from_slice(&self.seed[1].to_le_bytes());
         b.extend_from_slice(&(self.segments.len() as u64).to_le_bytes());
-        for s in &self.segments {
+        for s in self.segments {
             b.extend_from_slice(&s.shard.to_le_bytes());
             b.extend_from_slice(&s.seq.to_le_bytes());
             b.extend_from_slice(&s.len.to_le_bytes());
@@ -118,20 +151,17 @@ impl Checkpoint {
             b.extend_from_slice(&s.bytes.to_le_bytes());
         }
         b.extend_from_slice(&(self.tombstones.len() as u64).to_le_bytes());
-        for (k, t) in &self.tombstones {
+        for (k, t) in self.tombstones {
             b.extend_from_slice(k);
             b.extend_from_slice(&t.to_le_bytes());
         }
         w.write_all(&b)?;
-        for t in self.main.iter().chain(&self.req2) {
+        for &t in &self.tables {
             w.write_all(&(t.len() as u64).to_le_bytes())?;
             if cfg!(target_endian = "little") {
                 // SAFETY: the same memory as bytes (u8: alignment 1, no invalid values).
                 w.write_all(unsafe {
-                    std::slice::from_raw_parts(
-                        t.as_ptr().cast::<u8>(),
-                        std::mem::size_of_val(&t[..]),
-                    )
+                    std::slice::from_raw_parts(t.as_ptr().cast::<u8>(), std::mem::size_of_val(t))
                 })?;
             } else {
                 for part in t.chunks(8192) {
@@ -374,7 +404,7 @@ impl Input {
 
 /// Write `ckpt` durably: a temporary file, fsync'ed, renamed over the old one, the
 /// directory fsync'ed. A crash at any point leaves the old checkpoint or the new one.
-pub(crate) fn write(dir: &Path, ckpt: &Checkpoint) -> std::io::Result<()> {
+pub(crate) fn write(dir: &Path, ckpt: &CheckpointRef<'_>) -> std::io::Result<()> {
     let tmp = dir.join(format!("{CHECKPOINT_FILE}.tmp"));
     {
         let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
@@ -426,7 +456,7 @@ mod tests {
         let c = sample();
         let b = c.encode();
         assert_eq!(decode(dir.path(), &b).unwrap(), c);
-        write(dir.path(), &c).unwrap();
+        write(dir.path(), &c.borrowed()).unwrap();
         let read_back = read(dir.path())
             .unwrap()
             .read_tables(|_, _| Ok(()))

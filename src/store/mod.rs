@@ -1446,7 +1446,6 @@ impl Store {
         let written_ns = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i64);
-        let snapshot = self.index.snapshot();
         let tombstones: Vec<([u8; 20], u64)> = self
             .tombstones
             .lock()
@@ -1454,36 +1453,39 @@ impl Store {
             .iter()
             .map(|(k, t)| (*k, *t))
             .collect();
-        let mut states = Vec::with_capacity(segments.len());
-        for (segment, len) in &segments {
-            let meta = std::fs::metadata(segment.path()).map_err(io_at(segment.path()))?;
-            let (ino, mtime_ns, _) = checkpoint::file_identity(&meta);
-            let slot = snapshot
-                .slots
-                .iter()
-                .find(|s| Arc::ptr_eq(&s.segment, segment));
-            states.push(checkpoint::SegmentState {
-                shard: segment.shard() as u32,
-                seq: segment.seq(),
-                len: *len,
-                ino,
-                mtime_ns,
-                slot: slot.map_or(0, |s| s.slot as u32),
-                refs: slot.map_or(0, |s| s.refs),
-                records: slot.map_or(0, |s| s.records),
-                bytes: slot.map_or(0, |s| s.bytes),
-            });
-        }
+        // Written from the index's tables in place, under their read locks and with the
+        // writers held (appends wait for the write and its fsync; lookups do not): a copy
+        // of the tables, to write after releasing the writers, would need a second index's
+        // worth of memory at every stop.
+        let written = self.index.with_tables(|seed, slots, tables| {
+            let mut states = Vec::with_capacity(segments.len());
+            for (segment, len) in &segments {
+                let meta = std::fs::metadata(segment.path()).map_err(io_at(segment.path()))?;
+                let (ino, mtime_ns, _) = checkpoint::file_identity(&meta);
+                let slot = slots.iter().find(|s| Arc::ptr_eq(&s.segment, segment));
+                states.push(checkpoint::SegmentState {
+                    shard: segment.shard() as u32,
+                    seq: segment.seq(),
+                    len: *len,
+                    ino,
+                    mtime_ns,
+                    slot: slot.map_or(0, |s| s.slot as u32),
+                    refs: slot.map_or(0, |s| s.refs),
+                    records: slot.map_or(0, |s| s.records),
+                    bytes: slot.map_or(0, |s| s.bytes),
+                });
+            }
+            let ckpt = checkpoint::CheckpointRef {
+                written_ns,
+                seed,
+                segments: &states,
+                tombstones: &tombstones,
+                tables,
+            };
+            checkpoint::write(&dir, &ckpt).map_err(io_at(&dir))
+        });
         drop(writers);
-        let ckpt = checkpoint::Checkpoint {
-            written_ns,
-            seed: snapshot.seed,
-            segments: states,
-            tombstones,
-            main: snapshot.main,
-            req2: snapshot.req2,
-        };
-        checkpoint::write(&dir, &ckpt).map_err(io_at(&dir))
+        written
     }
 
     pub fn stats(&self) -> StoreStats {

@@ -18,5 +18,11 @@ for line in open(sys.argv[1]):
     if t and name:
         vals[name][side].append(float(t.group(1)) * unit[t.group(2)])
 for name, by in vals.items():
+    if not by["base"] or not by["new"]:
+        # A benchmark only one side has (added after the base commit).
+        for side, v in by.items():
+            if v:
+                print(f"{name}: {side} only, median {statistics.median(v):.1f} ns {v}")
+        continue
     b, n = statistics.median(by["base"]), statistics.median(by["new"])
     print(f"{name}: base median {b:.1f} ns {by['base']}, new median {n:.1f} ns {by['new']}, new/base {n / b:.2f}")
