@@ -1018,3 +1018,54 @@ fn cold_records_are_reported_cold_until_paged_in() {
     }
     assert!(store.page_in(&[9; 20]).is_none());
 }
+
+/// `a_tombstone_outlives_the_eviction_of_its_segment` with the reopen taking every mix of
+/// trusted and rescanned segments: the oldest ones aged past the checkpoint's mtime margin
+/// (as on a slow machine), the newest `keep_recent` rescanned. A deleted key stays deleted
+/// whichever segments the checkpoint vouches for.
+#[test]
+fn a_tombstone_holds_whichever_segments_the_checkpoint_vouches_for() {
+    const CAP: u64 = 32 * 1024;
+    for keep_recent in 0..12usize {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = synthetic_v1(1000, 900);
+        let key = v1_key(&victim);
+        {
+            let (store, _) = open(dir.path(), capped(1, CAP));
+            stored(store.append(&victim, AppendOptions::default()).unwrap());
+            for i in 0..40 {
+                store.lookup(&key).unwrap();
+                stored(
+                    store
+                        .append(&synthetic_v1(i, 900), AppendOptions::default())
+                        .unwrap(),
+                );
+            }
+            store.delete(&key, None, "test").unwrap();
+            for i in 40..120 {
+                stored(
+                    store
+                        .append(&synthetic_v1(i, 900), AppendOptions::default())
+                        .unwrap(),
+                );
+            }
+            assert!(store.lookup(&key).is_none());
+            let mut files = segment_files(dir.path());
+            files.sort();
+            let n = files.len();
+            let old = SystemTime::now() - Duration::from_secs(5);
+            for f in files.iter().take(n.saturating_sub(keep_recent)) {
+                set_mtime(f, old);
+            }
+        }
+        std::fs::remove_file(dir.path().join("blocklist")).unwrap();
+        let (store, report) = open(dir.path(), capped(1, CAP));
+        assert!(
+            store.lookup(&key).is_none(),
+            "keep_recent {keep_recent}: deleted key served after reopen; {report}"
+        );
+        if keep_recent == 0 {
+            assert!(report.segments_from_checkpoint > 0, "{report}");
+        }
+    }
+}
