@@ -659,39 +659,48 @@ fn capacity_sizes_segments_and_eviction_keeps_what_was_served() {
     }
 }
 
-#[test]
-fn a_tombstone_outlives_the_eviction_of_its_segment() {
-    const CAP: u64 = 32 * 1024;
-    let dir = tempfile::tempdir().unwrap();
+/// Capacity of the tombstone-eviction scenario: a few 900-byte records per segment.
+const TOMBSTONE_SCENARIO_CAP: u64 = 32 * 1024;
+
+/// A capped store in `dir` where a record is kept served through several evictions, then
+/// deleted, and the tombstone's own segment is evicted in turn. Returns the store (still
+/// open) and the deleted key.
+fn delete_then_evict_the_tombstone(dir: &Path) -> (Store, [u8; 20]) {
     let victim = synthetic_v1(1000, 900);
     let key = v1_key(&victim);
-    {
-        let (store, _) = open(dir.path(), capped(1, CAP));
-        stored(store.append(&victim, AppendOptions::default()).unwrap());
-        // Kept served, so its record outlives several evictions...
-        for i in 0..40 {
-            store.lookup(&key).unwrap();
-            stored(
-                store
-                    .append(&synthetic_v1(i, 900), AppendOptions::default())
-                    .unwrap(),
-            );
-        }
-        // ...then deleted; the tombstone's segment is evicted in turn.
-        store.delete(&key, None, "test").unwrap();
-        let evicted = store.stats().segments_evicted;
-        for i in 40..120 {
-            stored(
-                store
-                    .append(&synthetic_v1(i, 900), AppendOptions::default())
-                    .unwrap(),
-            );
-        }
-        assert!(store.stats().segments_evicted >= evicted + 4);
-        assert!(store.lookup(&key).is_none());
+    let (store, _) = open(dir, capped(1, TOMBSTONE_SCENARIO_CAP));
+    stored(store.append(&victim, AppendOptions::default()).unwrap());
+    // Kept served, so its record outlives several evictions...
+    for i in 0..40 {
+        store.lookup(&key).unwrap();
+        stored(
+            store
+                .append(&synthetic_v1(i, 900), AppendOptions::default())
+                .unwrap(),
+        );
     }
+    // ...then deleted; the tombstone's segment is evicted in turn.
+    store.delete(&key, None, "test").unwrap();
+    let evicted = store.stats().segments_evicted;
+    for i in 40..120 {
+        stored(
+            store
+                .append(&synthetic_v1(i, 900), AppendOptions::default())
+                .unwrap(),
+        );
+    }
+    assert!(store.stats().segments_evicted >= evicted + 4);
+    assert!(store.lookup(&key).is_none());
+    (store, key)
+}
+
+#[test]
+fn a_tombstone_outlives_the_eviction_of_its_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, key) = delete_then_evict_the_tombstone(dir.path());
+    drop(store);
     std::fs::remove_file(dir.path().join("blocklist")).unwrap();
-    let (store, report) = open(dir.path(), capped(1, CAP));
+    let (store, report) = open(dir.path(), capped(1, TOMBSTONE_SCENARIO_CAP));
     assert!(report.tombstones >= 1, "{report}");
     assert!(store.lookup(&key).is_none(), "deleted stays deleted");
 }
@@ -1025,41 +1034,19 @@ fn cold_records_are_reported_cold_until_paged_in() {
 /// whichever segments the checkpoint vouches for.
 #[test]
 fn a_tombstone_holds_whichever_segments_the_checkpoint_vouches_for() {
-    const CAP: u64 = 32 * 1024;
     for keep_recent in 0..12usize {
         let dir = tempfile::tempdir().unwrap();
-        let victim = synthetic_v1(1000, 900);
-        let key = v1_key(&victim);
-        {
-            let (store, _) = open(dir.path(), capped(1, CAP));
-            stored(store.append(&victim, AppendOptions::default()).unwrap());
-            for i in 0..40 {
-                store.lookup(&key).unwrap();
-                stored(
-                    store
-                        .append(&synthetic_v1(i, 900), AppendOptions::default())
-                        .unwrap(),
-                );
-            }
-            store.delete(&key, None, "test").unwrap();
-            for i in 40..120 {
-                stored(
-                    store
-                        .append(&synthetic_v1(i, 900), AppendOptions::default())
-                        .unwrap(),
-                );
-            }
-            assert!(store.lookup(&key).is_none());
-            let mut files = segment_files(dir.path());
-            files.sort();
-            let n = files.len();
-            let old = SystemTime::now() - Duration::from_secs(5);
-            for f in files.iter().take(n.saturating_sub(keep_recent)) {
-                set_mtime(f, old);
-            }
+        let (store, key) = delete_then_evict_the_tombstone(dir.path());
+        let mut files = segment_files(dir.path());
+        files.sort();
+        let old = SystemTime::now() - Duration::from_secs(5);
+        for f in files.iter().take(files.len().saturating_sub(keep_recent)) {
+            set_mtime(f, old);
         }
+        // The checkpoint written at this drop records the aged mtimes.
+        drop(store);
         std::fs::remove_file(dir.path().join("blocklist")).unwrap();
-        let (store, report) = open(dir.path(), capped(1, CAP));
+        let (store, report) = open(dir.path(), capped(1, TOMBSTONE_SCENARIO_CAP));
         assert!(
             store.lookup(&key).is_none(),
             "keep_recent {keep_recent}: deleted key served after reopen; {report}"
