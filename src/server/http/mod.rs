@@ -481,41 +481,29 @@ fn put_torrent(
     let body_len = http.prefix.len() + record.len() + SUFFIX.len();
     let mut name_buf = [0u8; DEFAULT_NAME_BYTES_MAX];
     let default_name = default_name(hex, &mut name_buf);
-    if req.method == Method::Head {
-        codec::torrent_head(
-            out,
-            keep_alive,
-            etag,
-            title.unwrap_or(default_name),
-            body_len,
-        );
-        return Body::None;
-    }
-    match cached(http, &record, etag, default_name, body_len) {
-        // The common answer, head and all, is the entry itself.
-        Some(entry) if keep_alive && title.is_none() => {
+    let entry = match req.method {
+        Method::Head => None,
+        _ => cached(http, &record, etag, default_name, body_len),
+    };
+    let name = title.unwrap_or(default_name);
+    let head = |out: &mut Vec<u8>| codec::torrent_head(out, keep_alive, etag, name, body_len);
+    match (req.method, entry) {
+        (Method::Head, _) => {
+            head(out);
+            Body::None
+        }
+        // The common answer, head and all, is the cache entry itself.
+        (_, Some(entry)) if keep_alive && title.is_none() => {
             let whole = entry.answer();
             Body::Cached(entry, whole)
         }
-        Some(entry) => {
-            codec::torrent_head(
-                out,
-                keep_alive,
-                etag,
-                title.unwrap_or(default_name),
-                body_len,
-            );
+        (_, Some(entry)) => {
+            head(out);
             let body = entry.body();
             Body::Cached(entry, body)
         }
-        None => {
-            codec::torrent_head(
-                out,
-                keep_alive,
-                etag,
-                title.unwrap_or(default_name),
-                body_len,
-            );
+        (_, None) => {
+            head(out);
             // The wrapping here; the dict goes from the segment file (sendfile), then SUFFIX.
             out.extend_from_slice(&http.prefix);
             Body::Dict(record)
