@@ -32,6 +32,22 @@ impl<T: Ord + Copy, K: Ord + Copy> Deadlines<T, K> {
         self.heap.peek().map(|Reverse((at, _))| *at)
     }
 
+    /// Entries held, stale ones included.
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+
+    /// Drops every stale entry (`current(key) != Some(at)`) in one pass. A caller whose
+    /// owners go away long before their deadlines (a uTP connection closes in
+    /// milliseconds, its 5 s connect or 10 s FIN-wait entry stays) calls this when the
+    /// heap has grown well past its live owners: every push and pop is a walk of
+    /// log2(len) levels, and tens of thousands of dead entries made the heap the largest
+    /// user-space cost of a uTP fetch after the send path (BENCHMARKS.md "uTP cost").
+    pub fn retain_current(&mut self, mut current: impl FnMut(K) -> Option<T>) {
+        self.heap
+            .retain(|Reverse((at, key))| current(*key) == Some(*at));
+    }
+
     /// The next entry due by `now` whose deadline is still the one its owner holds
     /// (`current(key) == Some(at)`); stale entries before it are dropped.
     pub fn pop_due(&mut self, now: T, mut current: impl FnMut(K) -> Option<T>) -> Option<K> {
@@ -68,5 +84,25 @@ mod tests {
         assert_eq!(d.pop_due(20, current), Some(1));
         assert_eq!(d.pop_due(20, current), None); // the stale 10 was dropped
         assert_eq!(d.next(), None);
+    }
+
+    #[test]
+    fn retain_current_drops_only_stale_entries() {
+        let mut d = Deadlines::with_capacity(8);
+        for (at, key) in [(10u64, 1u32), (7, 1), (20, 2), (30, 3), (5, 4)] {
+            d.schedule(at, key);
+        }
+        // key 1 now holds 7 (10 is stale), key 3 is gone, key 4 moved to 50.
+        let current = |k: u32| match k {
+            1 => Some(7),
+            2 => Some(20),
+            4 => Some(50),
+            _ => None,
+        };
+        d.retain_current(current);
+        assert_eq!(d.len(), 2);
+        assert_eq!(d.pop_due(100, current), Some(1));
+        assert_eq!(d.pop_due(100, current), Some(2));
+        assert_eq!(d.pop_due(100, current), None);
     }
 }

@@ -73,6 +73,11 @@ const GSO_SEGMENTS_MAX: usize = 64;
 /// (65 535 minus the UDP and IPv4 headers).
 const GSO_BYTES_MAX: usize = 65_507;
 
+/// Timer-heap entries allowed beyond two per open connection before the stale ones are
+/// swept: small enough that the heap stays a few levels deep, large enough that an
+/// endpoint with few connections never sweeps.
+const TIMER_ENTRIES_SLACK: usize = 256;
+
 /// A peer's address and the connection id its packets carry for us.
 type ConnKey = (SocketAddr, u16);
 
@@ -509,6 +514,8 @@ pub struct Endpoint {
     /// Connections touched by the datagrams of the batch the worker's ring is handing
     /// over (`on_ring_datagram` .. `end_ring_batch`).
     ring_touched: RefCell<Vec<Rc<Shared>>>,
+    /// The clock read at the first datagram of that batch, for all of them.
+    ring_batch_now: Cell<Option<Instant>>,
     /// Keys our initial sequence numbers (`initial_seq_nr`): SipHash with a 128-bit key
     /// that std draws from the OS's random source, never derived from time or pid.
     isn_key: RandomState,
@@ -549,6 +556,7 @@ impl Endpoint {
             half_open: Cell::new(0),
             accepting: Cell::new(true),
             ring_touched: RefCell::new(Vec::new()),
+            ring_batch_now: Cell::new(None),
             isn_key: RandomState::new(),
             isn_count: Cell::new(0),
             dht,
@@ -581,12 +589,13 @@ impl Endpoint {
         loop {
             let (res, b) = self.socket.recv_from(buf).await;
             buf = b;
+            let now = Instant::now();
             drain_batch(
                 &mut buf,
                 res,
                 |b| recv_now(self.fd, b),
                 |got| match got {
-                    Ok((bytes, from)) => self.on_datagram(bytes, from, &mut touched),
+                    Ok((bytes, from)) => self.on_datagram(bytes, from, now, &mut touched),
                     Err(e) => {
                         // ICMP errors (ECONNREFUSED for a peer that went away) surface here on
                         // some kernels; they concern one peer, not the socket.
@@ -595,7 +604,6 @@ impl Endpoint {
                     }
                 },
             );
-            let now = Instant::now();
             for sh in touched.drain(..) {
                 sh.touched.set(false);
                 self.after_event(&sh, now);
@@ -613,8 +621,16 @@ impl Endpoint {
     /// One datagram received by the worker's ring: demultiplexed as `recv_loop` does;
     /// the connections it touched transmit at `end_ring_batch`.
     pub(crate) fn on_ring_datagram(self: &Rc<Self>, bytes: &[u8], from: SocketAddr) {
+        let now = match self.ring_batch_now.get() {
+            Some(t) => t,
+            None => {
+                let t = Instant::now();
+                self.ring_batch_now.set(Some(t));
+                t
+            }
+        };
         let mut touched = std::mem::take(&mut *self.ring_touched.borrow_mut());
-        self.on_datagram(bytes, from, &mut touched);
+        self.on_datagram(bytes, from, now, &mut touched);
         let mut kept = self.ring_touched.borrow_mut();
         if kept.is_empty() {
             *kept = touched;
@@ -632,11 +648,12 @@ impl Endpoint {
     /// The end of a batch of ring datagrams: every touched connection answers at once,
     /// one ack per batch of its packets, and the datagrams leave in `sendmmsg` calls.
     pub(crate) fn end_ring_batch(self: &Rc<Self>) {
+        let batch_now = self.ring_batch_now.take();
         let touched = std::mem::take(&mut *self.ring_touched.borrow_mut());
         if touched.is_empty() {
             return;
         }
-        let now = Instant::now();
+        let now = batch_now.unwrap_or_else(Instant::now);
         for sh in &touched {
             sh.touched.set(false);
             self.after_event(sh, now);
@@ -694,10 +711,13 @@ impl Endpoint {
         }
     }
 
+    /// `now`: when the batch the datagram came in was read (one clock read per batch; the
+    /// datagrams of a batch were all waiting in the socket by then).
     fn on_datagram(
         self: &Rc<Self>,
         bytes: &[u8],
         mut from: SocketAddr,
+        now: Instant,
         touched: &mut Vec<Rc<Shared>>,
     ) {
         let stats = &self.ctx.stats;
@@ -706,7 +726,6 @@ impl Endpoint {
             v6.set_flowinfo(0);
         }
         stats.utp_datagrams_received.inc();
-        let now = Instant::now();
         let pkt = match utp::decode(bytes) {
             Ok(p) => p,
             Err(_) => {
@@ -860,9 +879,17 @@ impl Endpoint {
         if let Some(t) = next {
             if sh.scheduled.get().is_none_or(|s| t < s) {
                 sh.scheduled.set(Some(t));
-                if self.timers.borrow_mut().schedule(t, sh.key) {
+                let mut timers = self.timers.borrow_mut();
+                if timers.schedule(t, sh.key) {
                     self.timer_changed.notify();
                 }
+                let conns = self.conns.borrow();
+                if timers.len() > 2 * conns.len() + TIMER_ENTRIES_SLACK {
+                    // Most entries belong to connections long gone (see `retain_current`);
+                    // at least half go, so the pass costs O(1) per push over time.
+                    timers.retain_current(|key| conns.get(&key).and_then(|c| c.scheduled.get()));
+                }
+                debug_assert!(timers.len() <= 2 * conns.len() + TIMER_ENTRIES_SLACK);
             }
         }
     }
