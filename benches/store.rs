@@ -61,6 +61,22 @@ fn store(c: &mut Criterion) {
             black_box(&out[..info.len()]);
         })
     });
+    // The serving path of today's worker end to end: the resident lookup of the handshake,
+    // then the bytes a piece request sends from the mapping. To compare with
+    // `lookup_hit_copy_100k` of a build before the compact index (whose handshake used
+    // `lookup`, its keys in RAM, and first touched the mapping at the send).
+    g.bench_function("lookup_resident_hit_copy_100k", |b| {
+        b.iter(|| {
+            i = (i + 7919) % keys.len();
+            let r = match store.lookup_resident(black_box(&keys[i])) {
+                magnetar::store::Resident::Hit(r) => r,
+                other => panic!("a resident record: {other:?}"),
+            };
+            let info = r.info();
+            out[..info.len()].copy_from_slice(info);
+            black_box(&out[..info.len()]);
+        })
+    });
     g.bench_function("lookup_miss_100k", |b| {
         b.iter(|| store.lookup(black_box(&[0xA5; 20])).is_none())
     });

@@ -3,7 +3,9 @@
 # BASE / NEW: the `store` criterion bench binaries of the two commits (cargo bench --bench
 # store --no-run prints their paths). ROUNDS rounds of base, new, new, base (ABBA, so a
 # drift in machine load hits both sides alike). Output: one line per result.
-# Usage: BASE=... NEW=... ROUNDS=3 flock /work/bench.lock sh run.sh > raw.txt
+# NEW2 (optional): a third binary (a variant of new); then each round is base, new, new2,
+# new2, new, base.
+# Usage: BASE=... NEW=... [NEW2=...] ROUNDS=3 flock /work/bench.lock sh run.sh > raw.txt
 set -eu
 ROUNDS=${ROUNDS:-3}
 run() {
@@ -12,5 +14,9 @@ run() {
         | grep -E "^store/|time:"
 }
 for r in $(seq "$ROUNDS"); do
-    run base "$BASE"; run new "$NEW"; run new "$NEW"; run base "$BASE"
+    if [ -n "${NEW2:-}" ]; then
+        run base "$BASE"; run new "$NEW"; run new2 "$NEW2"; run new2 "$NEW2"; run new "$NEW"; run base "$BASE"
+    else
+        run base "$BASE"; run new "$NEW"; run new "$NEW"; run base "$BASE"
+    fi
 done
