@@ -22,7 +22,8 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -43,7 +44,8 @@ pub struct FileRange<'a> {
 }
 
 pub struct Conn {
-    stream: TcpStream,
+    /// Dropped in `Drop`: closed by close(2) there, or by monoio (see `Drop`).
+    stream: ManuallyDrop<TcpStream>,
     fd: RawFd,
     /// One canceller for the connection's life (see `server::tcp`): only a cancelled read
     /// replaces it.
@@ -56,6 +58,9 @@ pub struct Conn {
     token: Option<Token>,
     /// No read yet: the first one tries the socket before waiting.
     fresh: bool,
+    /// A monoio operation (the wait for writability) was started on the socket: one that
+    /// was dropped unfinished still holds the descriptor, so monoio closes it.
+    runtime_op: bool,
 }
 
 impl Conn {
@@ -64,12 +69,13 @@ impl Conn {
     pub fn new(stream: TcpStream, reactor: Option<&Rc<Reactor>>) -> Conn {
         let fd = stream.as_raw_fd();
         Conn {
-            stream,
+            stream: ManuallyDrop::new(stream),
             fd,
             canceller: Canceller::new(),
             reactor: reactor.cloned(),
             token: None,
             fresh: true,
+            runtime_op: false,
         }
     }
 
@@ -131,6 +137,7 @@ impl Conn {
                     let deadline = *deadline.get_or_insert_with(|| {
                         Instant::now() + Duration::from_millis(limits::HTTP_WRITE_TIMEOUT_MS)
                     });
+                    self.runtime_op = true;
                     let writable = monoio::select! {
                         w = self.stream.writable(false) => Some(w),
                         _ = monoio::time::sleep_until(deadline) => None,
@@ -257,9 +264,25 @@ fn send(fd: RawFd, bytes: &[u8], more: bool) -> io::Result<usize> {
 }
 
 impl Drop for Conn {
+    /// Under io_uring (`reactor`) the socket is closed here by close(2), not by monoio's
+    /// close operation: that one completes at once inside the ring's next enter, which
+    /// then returns for that completion alone and enters again to wait (two
+    /// io_uring_enter per `Connection: close` request where one wait is needed; strace,
+    /// BENCHMARKS.md). Only a socket that no monoio operation ever held: an unfinished
+    /// one that was dropped still holds the descriptor until it completes.
     fn drop(&mut self) {
         if let (Some(reactor), Some(token)) = (&self.reactor, &self.token) {
             reactor.remove(token);
+        }
+        // SAFETY: `stream` is taken or dropped exactly once, here, and never used again.
+        let stream = unsafe { ManuallyDrop::take(&mut self.stream) };
+        if self.reactor.is_some() && !self.runtime_op {
+            // No operation holds the descriptor (see `runtime_op`), so monoio hands it
+            // over; the OwnedFd's drop is the close(2).
+            // SAFETY: a descriptor we now own alone.
+            drop(unsafe { OwnedFd::from_raw_fd(stream.into_raw_fd()) });
+        } else {
+            drop(stream);
         }
     }
 }
