@@ -15,8 +15,9 @@
 //! and the body by sendfile, whose last chunk pushes head and body out together. Only an
 //! answer whose .torrent is not cached (too large, cache off) has a third part, the closing
 //! `e` after the dict, which leaves as a segment of its own. A connection that closes
-//! after its answer ends with `finish` (shutdown(2)): the FIN leaves at once, not when
-//! monoio's close operation is submitted at the ring's next enter. A small answer fits the
+//! after its answer ends with `close_after_answer`: the FIN leaves with the answer at the
+//! close(2) (or at a shutdown(2) first when the close would wait for the ring's next enter,
+//! or bytes past the request would turn the close into a reset). A small answer fits the
 //! socket buffer almost always, so the common path is one or two syscalls, no runtime
 //! operation, no timer.
 
@@ -61,12 +62,15 @@ pub struct Conn {
     /// A monoio operation (the wait for writability) was started on the socket: one that
     /// was dropped unfinished still holds the descriptor, so monoio closes it.
     runtime_op: bool,
+    /// The worker's runtime is on io_uring (there monoio closes a socket with a ring
+    /// operation, submitted at the ring's next enter; under epoll with close(2)).
+    uring: bool,
 }
 
 impl Conn {
     /// `stream` must be non-blocking (`accept_nonblocking`): sendfile has no per-call
     /// "don't wait" flag.
-    pub fn new(stream: TcpStream, reactor: Option<&Rc<Reactor>>) -> Conn {
+    pub fn new(stream: TcpStream, reactor: Option<&Rc<Reactor>>, uring: bool) -> Conn {
         let fd = stream.as_raw_fd();
         Conn {
             stream: ManuallyDrop::new(stream),
@@ -76,6 +80,7 @@ impl Conn {
             token: None,
             fresh: true,
             runtime_op: false,
+            uring,
         }
     }
 
@@ -236,6 +241,20 @@ impl Conn {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Ends the connection after its last answer (sent corked): the answer and the FIN
+    /// leave together. When the close is a close(2) right here (`Drop`) that close sends
+    /// them, as nginx's close does: no shutdown(2). With `pipelined` (the client sent bytes
+    /// after the request it asked to close with) the FIN is sent first by shutdown: a
+    /// close with unread bytes in the socket resets the connection and drops what the cork
+    /// still holds, the answer with it. When the close is monoio's ring operation it is
+    /// sent first too: the ring's next enter can be later.
+    pub fn close_after_answer(self, pipelined: bool) {
+        let closes_now = !self.uring || (self.reactor.is_some() && !self.runtime_op);
+        if pipelined || !closes_now {
+            let _ = self.finish();
+        }
     }
 
     /// Sends the FIN now: the client sees the end before the connection's close is even
