@@ -63,6 +63,13 @@ d=open('$W/torrents/in.torrent','rb').read()
 print(hashlib.sha1(d[7:-1]).hexdigest().upper())")
 
 MPORT=18380; NPORT=18381
+# A server left on these ports would take part of the connections (SO_REUSEPORT) and
+# falsify both servers' numbers: refuse to run.
+for port in $MPORT $NPORT 18382; do
+  if [ -n "$(ss -Hltn "sport = :$port")" ]; then
+    echo "port $port is in use (a stale server?): not measuring"; exit 1
+  fi
+done
 taskset -c 0 "$M" --log error serve --data-dir "$W/data" --listen 127.0.0.1:0 --utp off \
   --admin off --no-dht --threads 1 --http "127.0.0.1:$MPORT" \
   --connections-per-ip-max 100000 > "$W/magnetar.out" &
