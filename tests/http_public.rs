@@ -776,7 +776,10 @@ fn answer_before_close_survives_bytes_sent_after_the_close_request() {
         ));
         let r = c.read(false);
         assert_eq!(r.status, 200, "round {round}");
-        assert!(r.body == whole.body, "round {round}: the answer's body differs");
+        assert!(
+            r.body == whole.body,
+            "round {round}: the answer's body differs"
+        );
         assert!(
             c.closed_within(Duration::from_secs(5)),
             "round {round}: not closed"
