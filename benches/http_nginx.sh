@@ -12,10 +12,21 @@
 # default), BEFORE (optional: a baseline binary, e.g. main's, served the same way and
 # measured in the same rounds as server "before"), MAGNETAR_DRIVER (passed to both
 # magnetar servers: epoll measures the fallback driver), BEFORE_ENV (optional: VAR=value
-# words set for the BEFORE server only, e.g. to measure a variant of the same binary).
+# words set for the BEFORE server only, e.g. to measure a variant of the same binary),
+# DRIVERS (optional, e.g. "io-uring epoll": one whole run per driver, one after the
+# other, into OUT_DIR/<driver>; each sets MAGNETAR_DRIVER for both magnetar servers).
+#
+# The full comparison, both drivers, in one command:
+#   flock /work/bench.lock env ROUNDS=5 DRIVERS="io-uring epoll" bash benches/http_nginx.sh DIR
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:-$ROOT/benches/results/http-nginx}
+if [ -n "${DRIVERS:-}" ]; then
+  for driver in $DRIVERS; do
+    DRIVERS= MAGNETAR_DRIVER=$driver bash "$0" "$OUT/$driver"
+  done
+  exit 0
+fi
 ROUNDS=${ROUNDS:-3}
 SECS=${SECONDS_PER_RUN:-5}
 PIECES=${PIECES:-2000}
@@ -52,6 +63,13 @@ d=open('$W/torrents/in.torrent','rb').read()
 print(hashlib.sha1(d[7:-1]).hexdigest().upper())")
 
 MPORT=18380; NPORT=18381
+# A server left on these ports would take part of the connections (SO_REUSEPORT) and
+# falsify both servers' numbers: refuse to run.
+for port in $MPORT $NPORT 18382; do
+  if [ -n "$(ss -Hltn "sport = :$port")" ]; then
+    echo "port $port is in use (a stale server?): not measuring"; exit 1
+  fi
+done
 taskset -c 0 "$M" --log error serve --data-dir "$W/data" --listen 127.0.0.1:0 --utp off \
   --admin off --no-dht --threads 1 --http "127.0.0.1:$MPORT" \
   --connections-per-ip-max 100000 > "$W/magnetar.out" &

@@ -755,3 +755,34 @@ fn preflights(server: &ServerProc) -> f64 {
         })
         .expect("magnetar_http_preflights_total on /metrics")
 }
+
+/// A client that sends more after a `Connection: close` request (a pipelined request with
+/// a head larger than one read, so bytes stay unread in the server's socket) still gets
+/// the whole first answer, then the close: the FIN goes out with the answer before the
+/// close, which (with unread bytes) resets the connection and would drop an answer still
+/// held by the cork.
+#[test]
+fn answer_before_close_survives_bytes_sent_after_the_close_request() {
+    let s = stored_server(&["--threads", "1"]);
+    let path = format!("/torrent/{}.torrent", hex::encode(s.t.key));
+    let whole = get(s.http, &path);
+    assert_eq!(whole.status, 200);
+    for round in 0..3 {
+        let mut c = Conn::open(s.http);
+        let cookie = "x".repeat(16 * 1024);
+        c.send(&format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n\
+             GET {path} HTTP/1.1\r\nHost: x\r\nCookie: c={cookie}\r\n\r\n"
+        ));
+        let r = c.read(false);
+        assert_eq!(r.status, 200, "round {round}");
+        assert!(
+            r.body == whole.body,
+            "round {round}: the answer's body differs"
+        );
+        assert!(
+            c.closed_within(Duration::from_secs(5)),
+            "round {round}: not closed"
+        );
+    }
+}

@@ -15,14 +15,16 @@
 //! and the body by sendfile, whose last chunk pushes head and body out together. Only an
 //! answer whose .torrent is not cached (too large, cache off) has a third part, the closing
 //! `e` after the dict, which leaves as a segment of its own. A connection that closes
-//! after its answer ends with `finish` (shutdown(2)): the FIN leaves at once, not when
-//! monoio's close operation is submitted at the ring's next enter. A small answer fits the
+//! after its answer ends with `close_after_answer`: the FIN leaves with the answer at the
+//! close(2) (or at a shutdown(2) first when the close would wait for the ring's next enter,
+//! or bytes past the request would turn the close into a reset). A small answer fits the
 //! socket buffer almost always, so the common path is one or two syscalls, no runtime
 //! operation, no timer.
 
 use std::convert::Infallible;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -43,7 +45,8 @@ pub struct FileRange<'a> {
 }
 
 pub struct Conn {
-    stream: TcpStream,
+    /// Dropped in `Drop`: closed by close(2) there, or by monoio (see `Drop`).
+    stream: ManuallyDrop<TcpStream>,
     fd: RawFd,
     /// One canceller for the connection's life (see `server::tcp`): only a cancelled read
     /// replaces it.
@@ -56,20 +59,28 @@ pub struct Conn {
     token: Option<Token>,
     /// No read yet: the first one tries the socket before waiting.
     fresh: bool,
+    /// A monoio operation (the wait for writability) was started on the socket: one that
+    /// was dropped unfinished still holds the descriptor, so monoio closes it.
+    runtime_op: bool,
+    /// The worker's runtime is on io_uring (there monoio closes a socket with a ring
+    /// operation, submitted at the ring's next enter; under epoll with close(2)).
+    uring: bool,
 }
 
 impl Conn {
     /// `stream` must be non-blocking (`accept_nonblocking`): sendfile has no per-call
     /// "don't wait" flag.
-    pub fn new(stream: TcpStream, reactor: Option<&Rc<Reactor>>) -> Conn {
+    pub fn new(stream: TcpStream, reactor: Option<&Rc<Reactor>>, uring: bool) -> Conn {
         let fd = stream.as_raw_fd();
         Conn {
-            stream,
+            stream: ManuallyDrop::new(stream),
             fd,
             canceller: Canceller::new(),
             reactor: reactor.cloned(),
             token: None,
             fresh: true,
+            runtime_op: false,
+            uring,
         }
     }
 
@@ -131,6 +142,7 @@ impl Conn {
                     let deadline = *deadline.get_or_insert_with(|| {
                         Instant::now() + Duration::from_millis(limits::HTTP_WRITE_TIMEOUT_MS)
                     });
+                    self.runtime_op = true;
                     let writable = monoio::select! {
                         w = self.stream.writable(false) => Some(w),
                         _ = monoio::time::sleep_until(deadline) => None,
@@ -231,6 +243,20 @@ impl Conn {
         Ok(())
     }
 
+    /// Ends the connection after its last answer (sent corked): the answer and the FIN
+    /// leave together. When the close is a close(2) right here (`Drop`) that close sends
+    /// them, as nginx's close does: no shutdown(2). With `pipelined` (the client sent bytes
+    /// after the request it asked to close with) the FIN is sent first by shutdown: a
+    /// close with unread bytes in the socket resets the connection and drops what the cork
+    /// still holds, the answer with it. When the close is monoio's ring operation it is
+    /// sent first too: the ring's next enter can be later.
+    pub fn close_after_answer(self, pipelined: bool) {
+        let closes_now = !self.uring || (self.reactor.is_some() && !self.runtime_op);
+        if pipelined || !closes_now {
+            let _ = self.finish();
+        }
+    }
+
     /// Sends the FIN now: the client sees the end before the connection's close is even
     /// submitted.
     pub fn finish(&self) -> io::Result<()> {
@@ -257,9 +283,25 @@ fn send(fd: RawFd, bytes: &[u8], more: bool) -> io::Result<usize> {
 }
 
 impl Drop for Conn {
+    /// Under io_uring (`reactor`) the socket is closed here by close(2), not by monoio's
+    /// close operation: that one completes at once inside the ring's next enter, which
+    /// then returns for that completion alone and enters again to wait (two
+    /// io_uring_enter per `Connection: close` request where one wait is needed; strace,
+    /// BENCHMARKS.md). Only a socket that no monoio operation ever held: an unfinished
+    /// one that was dropped still holds the descriptor until it completes.
     fn drop(&mut self) {
         if let (Some(reactor), Some(token)) = (&self.reactor, &self.token) {
             reactor.remove(token);
+        }
+        // SAFETY: `stream` is taken or dropped exactly once, here, and never used again.
+        let stream = unsafe { ManuallyDrop::take(&mut self.stream) };
+        if self.reactor.is_some() && !self.runtime_op {
+            // No operation holds the descriptor (see `runtime_op`), so monoio hands it
+            // over; the OwnedFd's drop is the close(2).
+            // SAFETY: a descriptor we now own alone.
+            drop(unsafe { OwnedFd::from_raw_fd(stream.into_raw_fd()) });
+        } else {
+            drop(stream);
         }
     }
 }

@@ -239,7 +239,7 @@ fn set_nonblocking(fd: std::os::fd::RawFd) -> io::Result<()> {
 /// next request closes at once; one in the middle of a request finishes it first (within
 /// the shutdown grace time).
 async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx, http: &HttpShared) {
-    let mut io = Conn::new(stream, http.reactor.as_ref());
+    let mut io = Conn::new(stream, http.reactor.as_ref(), http.uring);
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     // The answer's head (and the .torrent's bytes before the dict); reused.
     let mut out: Vec<u8> = Vec::with_capacity(1024);
@@ -334,8 +334,9 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx, http: &Http
             return;
         }
         if !keep_alive {
-            // The FIN right behind the answer (corked: in its last segment).
-            let _ = io.finish();
+            // The FIN right behind the answer (corked: in its last segment). Bytes read
+            // past the request mean the client sent more.
+            io.close_after_answer(!buf.is_empty());
             return;
         }
         head_since = (!buf.is_empty()).then(Instant::now);
