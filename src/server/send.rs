@@ -426,11 +426,36 @@ mod tests {
         assert_eq!(walked, flat);
         assert_eq!(from_mmap, info.len());
 
+        // Offsets out of order (a retransmission goes back; the lookup hint must not
+        // answer for the wrong run): every answer is still the rest of its part.
+        for offset in (0..flat.len()).rev().step_by(7).chain((0..flat.len()).step_by(13)) {
+            let run = batch.contiguous_at(offset);
+            let end = *ends.iter().find(|&&e| e > offset).unwrap();
+            assert_eq!(run, &flat[offset..end], "offset {offset}");
+        }
+
         // A short writev moves the write cursor, not the sealed view.
         batch.consume(5);
         assert_eq!(batch.contiguous_at(0), &flat[..ends[0]]);
         assert_eq!(batch.sealed_len(), flat.len());
         assert_eq!(batch.len(), flat.len() - 5);
+
+        // Written to after seal: unsealed until the next seal (its runs may point into a
+        // head that moves), never a stale view.
+        batch.head().extend_from_slice(&[b'x'; 4096]);
+        assert_eq!(batch.sealed_len(), 0);
+        assert!(batch.contiguous_at(0).is_empty());
+        batch.seal();
+        assert_eq!(batch.sealed_len(), flat.len() + 4096);
+        let (mut offset, mut walked) = (0, Vec::new());
+        while offset < batch.sealed_len() {
+            let run = batch.contiguous_at(offset);
+            walked.extend_from_slice(run);
+            offset += run.len();
+        }
+        assert_eq!(&walked[..flat.len()], &flat[..]);
+        assert!(walked[flat.len()..].iter().all(|&b| b == b'x'));
+
         batch.clear();
         assert_eq!(batch.sealed_len(), 0);
         assert!(batch.contiguous_at(0).is_empty());
