@@ -37,6 +37,10 @@ impl<T: Ord + Copy, K: Ord + Copy> Deadlines<T, K> {
         self.heap.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.heap.is_empty()
+    }
+
     /// Drops every stale entry (`current(key) != Some(at)`) in one pass. A caller whose
     /// owners go away long before their deadlines (a uTP connection closes in
     /// milliseconds, its 5 s connect or 10 s FIN-wait entry stays) calls this when the

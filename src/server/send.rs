@@ -428,7 +428,11 @@ mod tests {
 
         // Offsets out of order (a retransmission goes back; the lookup hint must not
         // answer for the wrong run): every answer is still the rest of its part.
-        for offset in (0..flat.len()).rev().step_by(7).chain((0..flat.len()).step_by(13)) {
+        for offset in (0..flat.len())
+            .rev()
+            .step_by(7)
+            .chain((0..flat.len()).step_by(13))
+        {
             let run = batch.contiguous_at(offset);
             let end = *ends.iter().find(|&&e| e > offset).unwrap();
             assert_eq!(run, &flat[offset..end], "offset {offset}");
