@@ -14,7 +14,8 @@
 # magnetar servers: epoll measures the fallback driver), BEFORE_ENV (optional: VAR=value
 # words set for the BEFORE server only, e.g. to measure a variant of the same binary),
 # DRIVERS (optional, e.g. "io-uring epoll": one whole run per driver, one after the
-# other, into OUT_DIR/<driver>; each sets MAGNETAR_DRIVER for both magnetar servers).
+# other, into OUT_DIR/<driver>; each sets MAGNETAR_DRIVER for both magnetar servers),
+# PERF_CELL (optional, e.g. "close 1": profile each server over that one cell instead).
 #
 # The full comparison, both drivers, in one command:
 #   flock /work/bench.lock env ROUNDS=5 DRIVERS="io-uring epoll" bash benches/http_nginx.sh DIR
@@ -130,6 +131,36 @@ ticks() {
   done
   echo "$total"
 }
+
+# PERF_CELL="MODE CONNS" (e.g. "close 1"): no rounds; instead each server is profiled
+# (`perf record -g`, 4 kHz) over one wrk run of that cell, and OUT/perf-SERVER.txt gets the
+# server's CPU per request by DSO and its top symbols (µs per request).
+if [ -n "${PERF_CELL:-}" ]; then
+  read -r mode conns <<< "$PERF_CELL"
+  for server in $SERVERS; do
+    case $server in
+      magnetar) port=$MPORT; pid=$MPID ;;
+      before) port=$BPORT; pid=$BPID ;;
+      *) port=$NPORT; pid=$(pgrep -P "$NPID" | tail -1) ;;
+    esac
+    hdr=(); [ "$mode" = close ] && hdr=(-H "Connection: close")
+    perf record -F 4000 -g -p "$pid" -o "$W/perf-$server.data" -- sleep "$SECS" > /dev/null 2>&1 &
+    pp=$!
+    out=$(taskset -c 1 wrk -t1 -c"$conns" -d"${SECS}s" --latency "${hdr[@]}" \
+      "http://127.0.0.1:$port/torrent/$HEX.torrent")
+    wait $pp
+    reqs=$(echo "$out" | sed -nE 's/^ *([0-9]+) requests in.*/\1/p')
+    {
+      echo "$server $PERF_CELL: $reqs requests in ${SECS} s (1 sample = 250 us)"
+      perf report -i "$W/perf-$server.data" --no-children --sort dso --stdio -n 2>/dev/null \
+        | awk -v r="$reqs" '/^ +[0-9]/ { printf "  %7.2f us/req  %s\n", $2 * 250 / r, $3 }'
+      perf report -i "$W/perf-$server.data" --no-children --sort sym --stdio -n 2>/dev/null \
+        | awk -v r="$reqs" '/^ +[0-9]/ && k++ < 40 { $1 = ""; n = $2; $2 = ""; printf "  %7.2f us/req %s\n", n * 250 / r, $0 }'
+    } > "$OUT/perf-$server.txt"
+    sed -n '1,8p' "$OUT/perf-$server.txt"
+  done
+  exit 0
+fi
 
 RES=$OUT/runs.tsv
 echo "start $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg) driver ${MAGNETAR_DRIVER:-default} before_env ${BEFORE_ENV:-none}" > "$OUT/load.txt"
