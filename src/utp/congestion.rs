@@ -34,7 +34,9 @@ impl RttEstimator {
     /// A sample from a packet that was sent exactly once (Karn: a retransmitted packet's
     /// ack cannot tell which copy it answers).
     pub fn on_sample(&mut self, rtt: Duration) {
-        let sample = rtt.as_micros() as f64;
+        // Through u64: a u128 → f64 conversion is a libcall (`__floattidf`, per ack in the
+        // profile); no RTT is 2^64 µs.
+        let sample = rtt.as_micros() as u64 as f64;
         match self.srtt_us {
             None => {
                 self.srtt_us = Some(sample);
@@ -180,7 +182,7 @@ impl Ledbat {
         if let Some(rtt) = min_rtt {
             delay = delay.min(rtt);
         }
-        let delay_us = delay.as_micros() as f64;
+        let delay_us = delay.as_micros() as u64 as f64;
         if delay_us >= self.target_us && self.slow_start {
             self.ssthresh = self.cwnd / 2.0;
             self.slow_start = false;
