@@ -2,6 +2,17 @@
 //! new entry and leaves the old one, which is dropped when it comes up because its owner
 //! no longer names that time. Re-arming costs a push, never a search. Used by the uTP
 //! endpoint (`udp.rs`) and the io_uring path (`uring/`).
+//!
+//! An owner that goes away long before its deadline (a uTP connection closes in
+//! milliseconds, its 5 s connect or 10 s FIN-wait entry stays; a TCP link's idle deadline
+//! outlives the link) would leave its entries until they come due: tens of thousands at a
+//! few thousand connections per second, every push and pop walking them (~2 % of a uTP
+//! fetch's server CPU, BENCHMARKS.md "uTP cost", fifth pass). So `schedule` sweeps the
+//! stale entries once they outnumber the live owners' (amortised O(1) per push).
+
+/// Entries allowed beyond two per live owner before `schedule` sweeps the stale ones: the
+/// heap stays a few levels deep, and a core with few connections never sweeps.
+pub const STALE_ENTRIES_SLACK: usize = 256;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -19,9 +30,22 @@ impl<T: Ord + Copy, K: Ord + Copy> Deadlines<T, K> {
         }
     }
 
-    /// Adds `key`'s deadline `at`; true if it is now the earliest (a sleeper on `next`
-    /// must wake sooner).
-    pub fn schedule(&mut self, at: T, key: K) -> bool {
+    /// Adds `key`'s deadline `at` (its owner already holds `at`); true if it is now the
+    /// earliest (a sleeper on `next` must wake sooner). `live` owners exist now and
+    /// `current` names each one's deadline (as for `pop_due`): when the heap holds more
+    /// than `2 * live + STALE_ENTRIES_SLACK` entries, the stale ones are dropped first;
+    /// at least half go each time.
+    pub fn schedule(
+        &mut self,
+        at: T,
+        key: K,
+        live: usize,
+        mut current: impl FnMut(K) -> Option<T>,
+    ) -> bool {
+        if self.heap.len() >= 2 * live + STALE_ENTRIES_SLACK {
+            self.heap
+                .retain(|Reverse((at, key))| current(*key) == Some(*at));
+        }
         let earliest = self.next().is_none_or(|e| at < e);
         self.heap.push(Reverse((at, key)));
         earliest
@@ -30,26 +54,6 @@ impl<T: Ord + Copy, K: Ord + Copy> Deadlines<T, K> {
     /// The earliest entry's time (possibly a stale one: waking for it costs one turn).
     pub fn next(&self) -> Option<T> {
         self.heap.peek().map(|Reverse((at, _))| *at)
-    }
-
-    /// Entries held, stale ones included.
-    pub fn len(&self) -> usize {
-        self.heap.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.heap.is_empty()
-    }
-
-    /// Drops every stale entry (`current(key) != Some(at)`) in one pass. A caller whose
-    /// owners go away long before their deadlines (a uTP connection closes in
-    /// milliseconds, its 5 s connect or 10 s FIN-wait entry stays) calls this when the
-    /// heap has grown well past its live owners: every push and pop is a walk of
-    /// log2(len) levels, and tens of thousands of dead entries made the heap the largest
-    /// user-space cost of a uTP fetch after the send path (BENCHMARKS.md "uTP cost").
-    pub fn retain_current(&mut self, mut current: impl FnMut(K) -> Option<T>) {
-        self.heap
-            .retain(|Reverse((at, key))| current(*key) == Some(*at));
     }
 
     /// The next entry due by `now` whose deadline is still the one its owner holds
@@ -75,14 +79,14 @@ mod tests {
     #[test]
     fn stale_entries_are_skipped_and_due_ones_come_in_order() {
         let mut d = Deadlines::with_capacity(4);
-        assert!(d.schedule(10u64, 1u32));
-        assert!(d.schedule(5, 2));
-        assert!(!d.schedule(7, 1)); // key 1 moved to 7: its entry at 10 is stale
         let current = |k: u32| match k {
             1 => Some(7),
             2 => Some(5),
             _ => None,
         };
+        assert!(d.schedule(10u64, 1u32, 2, current));
+        assert!(d.schedule(5, 2, 2, current));
+        assert!(!d.schedule(7, 1, 2, current)); // key 1 moved to 7: its entry at 10 is stale
         assert_eq!(d.pop_due(4, current), None);
         assert_eq!(d.pop_due(20, current), Some(2));
         assert_eq!(d.pop_due(20, current), Some(1));
@@ -90,23 +94,24 @@ mod tests {
         assert_eq!(d.next(), None);
     }
 
+    /// Owners that come and go far faster than their deadlines: the heap stays within
+    /// the bound instead of holding every entry until it is due.
     #[test]
-    fn retain_current_drops_only_stale_entries() {
-        let mut d = Deadlines::with_capacity(8);
-        for (at, key) in [(10u64, 1u32), (7, 1), (20, 2), (30, 3), (5, 4)] {
-            d.schedule(at, key);
+    fn entries_of_owners_long_gone_are_swept_on_schedule() {
+        let mut d = Deadlines::with_capacity(0);
+        let live = 4u32;
+        for n in 0..10_000u32 {
+            // Owners n-3 ..= n exist, each holding its deadline 1 000 000 + itself.
+            let current = |k: u32| (k + live > n && k <= n).then_some(1_000_000 + u64::from(k));
+            d.schedule(1_000_000 + u64::from(n), n, live as usize, current);
+            assert!(
+                d.heap.len() <= 2 * live as usize + STALE_ENTRIES_SLACK + 1,
+                "at {n}"
+            );
         }
-        // key 1 now holds 7 (10 is stale), key 3 is gone, key 4 moved to 50.
-        let current = |k: u32| match k {
-            1 => Some(7),
-            2 => Some(20),
-            4 => Some(50),
-            _ => None,
-        };
-        d.retain_current(current);
-        assert_eq!(d.len(), 2);
-        assert_eq!(d.pop_due(100, current), Some(1));
-        assert_eq!(d.pop_due(100, current), Some(2));
-        assert_eq!(d.pop_due(100, current), None);
+        // The live owners' entries are all still there, in order.
+        let current = |k: u32| (k >= 10_000 - live).then_some(1_000_000 + u64::from(k));
+        let due: Vec<u32> = std::iter::from_fn(|| d.pop_due(u64::MAX, current)).collect();
+        assert_eq!(due, (10_000 - live..10_000).collect::<Vec<_>>());
     }
 }

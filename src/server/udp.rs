@@ -73,11 +73,6 @@ const GSO_SEGMENTS_MAX: usize = 64;
 /// (65 535 minus the UDP and IPv4 headers).
 const GSO_BYTES_MAX: usize = 65_507;
 
-/// Timer-heap entries allowed beyond two per open connection before the stale ones are
-/// swept: small enough that the heap stays a few levels deep, large enough that an
-/// endpoint with few connections never sweeps.
-const TIMER_ENTRIES_SLACK: usize = 256;
-
 /// A peer's address and the connection id its packets carry for us.
 type ConnKey = (SocketAddr, u16);
 
@@ -881,17 +876,16 @@ impl Endpoint {
         if let Some(t) = next {
             if sh.scheduled.get().is_none_or(|s| t < s) {
                 sh.scheduled.set(Some(t));
-                let mut timers = self.timers.borrow_mut();
-                if timers.schedule(t, sh.key) {
+                let conns = self.conns.borrow();
+                let earliest = self
+                    .timers
+                    .borrow_mut()
+                    .schedule(t, sh.key, conns.len(), |key| {
+                        conns.get(&key).and_then(|c| c.scheduled.get())
+                    });
+                if earliest {
                     self.timer_changed.notify();
                 }
-                let conns = self.conns.borrow();
-                if timers.len() > 2 * conns.len() + TIMER_ENTRIES_SLACK {
-                    // Most entries belong to connections long gone (see `retain_current`);
-                    // at least half go, so the pass costs O(1) per push over time.
-                    timers.retain_current(|key| conns.get(&key).and_then(|c| c.scheduled.get()));
-                }
-                debug_assert!(timers.len() <= 2 * conns.len() + TIMER_ENTRIES_SLACK);
             }
         }
     }

@@ -606,12 +606,7 @@ impl<'c> Core<'c> {
         let now = self.now_ns();
         loop {
             let links = &self.links;
-            let due = self.timers.pop_due(now, |(key, gen)| {
-                links
-                    .get(key as usize)
-                    .filter(|l| l.gen == gen)
-                    .map(|l| l.timer_at)
-            });
+            let due = self.timers.pop_due(now, |k| timer_of(links, k));
             let Some((key, gen)) = due else {
                 return;
             };
@@ -690,9 +685,21 @@ impl<'c> Core<'c> {
         let link = &mut self.links[key];
         if want < link.timer_at {
             link.timer_at = want;
-            self.timers.schedule(want, (key as u32, link.gen));
+            let gen = link.gen;
+            let links = &self.links;
+            self.timers
+                .schedule(want, (key as u32, gen), links.len(), |k| timer_of(links, k));
         }
     }
+}
+
+/// The deadline the link `(key, gen)` holds now; None once it is gone (its timer entries
+/// are stale).
+fn timer_of(links: &Slab<Link<'_>>, (key, gen): (u32, u32)) -> Option<u64> {
+    links
+        .get(key as usize)
+        .filter(|l| l.gen == gen)
+        .map(|l| l.timer_at)
 }
 
 impl Drop for Core<'_> {
