@@ -954,14 +954,8 @@ impl<C: Chunk> Connection<C> {
         f: impl FnOnce(&Transmit<'_>) -> R,
     ) -> Option<R> {
         let send = self.next_send(now)?;
-        let mut t = Transmit {
-            header: [0; HEADER_BYTES_MAX],
-            header_len: HEADER_LEN,
-            payload: [IoSlice::new(&[]); PACKET_SLICES_MAX],
-            payload_slices: 0,
-        };
-        let data = self.build_header(send, now, &mut t.header, &mut t.header_len);
-        self.fill_payload(data, &mut t);
+        let mut t = Transmit::empty();
+        self.build_into(send, now, &mut t);
         Some(f(&t))
     }
 
@@ -1088,22 +1082,19 @@ impl<C: Chunk> Connection<C> {
     }
 
     fn build(&mut self, send: Emit, now: Instant) -> Transmit<'_> {
-        let mut t = Transmit {
-            header: [0; HEADER_BYTES_MAX],
-            header_len: HEADER_LEN,
-            payload: [IoSlice::new(&[]); PACKET_SLICES_MAX],
-            payload_slices: 0,
-        };
-        let data = self.build_header(send, now, &mut t.header, &mut t.header_len);
-        self.fill_payload(data, &mut t);
+        let mut t = Transmit::empty();
+        self.build_into(send, now, &mut t);
         t
     }
 
-    /// Points the packet's payload slices at its stream bytes (no copy).
+    /// Builds the packet in `t` (where its reader will look at it): the header and its
+    /// bookkeeping, then the payload slices pointed at the stream bytes (no copy).
     #[inline]
-    fn fill_payload<'a>(&'a self, data: Option<(u64, usize)>, t: &mut Transmit<'a>) {
+    fn build_into<'a>(&'a mut self, send: Emit, now: Instant, t: &mut Transmit<'a>) {
+        let data = self.build_header(send, now, &mut t.header, &mut t.header_len);
         if let Some((start, len)) = data {
-            let (n, got) = self.fill_slices(start, len, &mut t.payload);
+            let this = &*self;
+            let (n, got) = this.fill_slices(start, len, &mut t.payload);
             debug_assert_eq!(got, len, "a packet's bytes stay pinned until acked");
             t.payload_slices = n;
         }

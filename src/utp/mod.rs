@@ -83,6 +83,16 @@ pub struct Transmit<'a> {
 }
 
 impl Transmit<'_> {
+    /// A header-only packet with no bytes yet, for `Connection` to build into.
+    pub(crate) fn empty() -> Self {
+        Transmit {
+            header: [0; HEADER_BYTES_MAX],
+            header_len: HEADER_LEN,
+            payload: [IoSlice::new(&[]); PACKET_SLICES_MAX],
+            payload_slices: 0,
+        }
+    }
+
     /// Header + payload bytes.
     pub fn len(&self) -> usize {
         self.header_len + self.payload().iter().map(|s| s.len()).sum::<usize>()
