@@ -1,5 +1,6 @@
 #!/bin/bash
 # probe.sh WHICH [extra server args]: one server on CPU 0, loadgen uTP c=$C on CPU 1 for $D s;
+# FLOOR=<binary in $U19> runs a floor variant (e.g. built with another GSO_SEGMENTS_MAX).
 # prints fetches, server CPU-s, per-fetch syscalls by name and metrics deltas.
 set -u
 REPO=${REPO:-$(cd "$(dirname "$0")/../../../.." && pwd)}
@@ -9,7 +10,7 @@ M=${M:-${REPO:-.}/target/release/magnetar}; L=${L:-${REPO:-.}/target/release/mag
 cd ${U19:-/tmp/u19}
 ADMIN=127.0.0.1:17881
 case $W in
-  floor) taskset -c 0 ./floor_utp data/floor.bin 127.0.0.1 0 > srv.log 2>&1 & ;;
+  floor) taskset -c 0 ./${FLOOR:-floor_utp} data/floor.bin 127.0.0.1 0 > srv.log 2>&1 & ;;
   mag) taskset -c 0 $M serve "$@" --data-dir data/store --listen 127.0.0.1:0 --admin $ADMIN --threads 1 --connections-max 1000000 --connections-per-ip-max 1000000 > srv.log 2>&1 & ;;
 esac
 PID=$!
