@@ -1,7 +1,7 @@
 #!/bin/bash
 # probe.sh WHICH [extra server args]: one server on CPU 0, loadgen uTP c=$C on CPU 1 for $D s;
-# FLOOR=<binary in $U19> runs a floor variant (e.g. built with another GSO_SEGMENTS_MAX).
 # prints fetches, server CPU-s, per-fetch syscalls by name and metrics deltas.
+# FLOOR=<binary in $U19> runs a floor variant (e.g. built with another GSO_SEGMENTS_MAX).
 set -u
 REPO=${REPO:-$(cd "$(dirname "$0")/../../../.." && pwd)}
 W=$1; shift
