@@ -32,6 +32,7 @@ pub mod pagein;
 pub mod pump;
 pub mod send;
 pub mod session;
+pub(crate) mod signal;
 pub mod stats;
 pub mod tcp;
 pub mod udp;

@@ -205,7 +205,7 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
                     return;
                 }
             };
-        let cut = Rc::new(Cell::new(false));
+        let cut = Rc::new(crate::server::signal::StopSignal::default());
         let ring_task = own_ring.map(|parts| {
             monoio::spawn(uring::run(
                 parts,
@@ -225,7 +225,7 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         if let Some(task) = ring_task {
             // The ring's connections are closed and its operations drained before the
             // runtime (and the memory the kernel may still read) goes.
-            cut.set(true);
+            cut.fire();
             task.await;
         }
         tracing::debug!(worker = index, sessions_cut = left, "worker stopped");

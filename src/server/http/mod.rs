@@ -24,7 +24,6 @@ mod cache;
 pub mod codec;
 mod conn;
 mod ready;
-mod stop;
 
 use std::cell::{Cell, RefCell};
 use std::io::{self, Write as _};
@@ -57,7 +56,7 @@ pub struct HttpShared {
     miss_wait: Duration,
     request_timeout: Duration,
     /// Fired when the worker's HTTP listeners stop: idle connections close at once.
-    stop: stop::StopSignal,
+    stop: crate::server::signal::StopSignal,
     /// Whole answers by info-hash (borrowed only between awaits).
     cache: RefCell<AnswerCache>,
     /// The worker's monoio runtime is on io_uring: connections read on the readiness
@@ -96,7 +95,7 @@ impl HttpShared {
             prefix,
             miss_wait: cfg.http_miss_wait,
             request_timeout: cfg.http_request_timeout,
-            stop: stop::StopSignal::default(),
+            stop: crate::server::signal::StopSignal::default(),
             cache: RefCell::new(AnswerCache::new(cfg.http_cache_bytes, Some(&cfg.data_dir))),
             reactor,
             uring,

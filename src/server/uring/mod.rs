@@ -45,6 +45,7 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
+use crate::server::signal::StopSignal;
 use io_uring::{cqueue, opcode, squeue, types};
 use monoio::time::Instant;
 use slab::Slab;
@@ -323,7 +324,7 @@ pub async fn run(
     limiter: Arc<ConnectionLimiter>,
     stop: flume::Receiver<()>,
     open: Rc<Cell<usize>>,
-    cut: Rc<Cell<bool>>,
+    cut: Rc<StopSignal>,
 ) {
     let mut core = Core::new(parts, endpoints, &ctx, limiter, open);
     core.serve(stop, cut).await;
@@ -408,7 +409,7 @@ impl<'c> Core<'c> {
 
     /// The loop: a turn (submit, completions, mailbox, timers), then either another turn
     /// (after letting the runtime's other tasks run) or a wait for the next event.
-    async fn serve(&mut self, stop: flume::Receiver<()>, cut: Rc<Cell<bool>>) {
+    async fn serve(&mut self, stop: flume::Receiver<()>, cut: Rc<StopSignal>) {
         // The eventfd, waited on through monoio (a PollAdd on its ring). The std type is
         // only a holder for a duplicate of the descriptor, which monoio closes.
         // SAFETY: `dup` returns a fresh descriptor that nothing else owns.
@@ -427,7 +428,7 @@ impl<'c> Core<'c> {
         let mut cut_at = None;
         loop {
             let mut progress = self.turn();
-            if cut.get() && cut_at.is_none() {
+            if cut.is_fired() && cut_at.is_none() {
                 cut_at = Some(std::time::Instant::now());
                 self.cut_all();
                 progress = true;
@@ -453,11 +454,17 @@ impl<'c> Core<'c> {
                 yield_now().await;
                 continue;
             }
-            let next = self.next_wake();
+            // After the cut, wake in time to give up on what the kernel still holds.
+            let next = match cut_at {
+                Some(at) => self.next_wake().min(Instant::from_std(at + DRAIN_AT_EXIT)),
+                None => self.next_wake(),
+            };
             monoio::select! {
                 _ = efd.readable(true) => self.ring.clear_eventfd(),
                 _ = self.mailbox.wait() => {}
                 _ = monoio::time::sleep_until(next) => {}
+                // The worker's cut wakes the loop wherever it waits.
+                _ = cut.stopped(), if cut_at.is_none() => {}
                 _ = &mut stop, if !stopping => {
                     stopping = true;
                     self.stop_accepting();

@@ -1,5 +1,7 @@
-//! The worker's shutdown as its idle HTTP connections see it: a flag and the wakers of the
-//! connections waiting for their next request.
+//! A one-shot signal on one core: a flag and the wakers of the tasks waiting for it. The
+//! worker's shutdown as its idle HTTP connections see it, and the cut that tells the own
+//! ring to close what is left (a plain flag there was missed by a ring parked in its wait:
+//! the worker then hung until the process gave up on it).
 //!
 //! Every keep-alive connection waits for its next request and for the shutdown at once.
 //! Awaiting the server's flume stop channel there registered a hook (an `Arc`, the channel's
@@ -26,6 +28,10 @@ impl StopSignal {
         for waker in self.waiting.borrow_mut().drain() {
             waker.wake();
         }
+    }
+
+    pub fn is_fired(&self) -> bool {
+        self.stopped.get()
     }
 
     /// Resolves once `fire` has been called.
