@@ -10,6 +10,8 @@
 #   libtorrent-utp  the libtorrent seed again, loaded over uTP
 #   floor-utp       benches/floor/floor_utp.c: the UDP floor (recvmmsg, GSO sendmmsg,
 #                   precomputed answers, no congestion control), loaded over uTP
+#   floor-cc-utp    the UDP floor with a congestion window (FLOOR_CWND=10: slow start from
+#                   10 packets, as magnetar's default), to price congestion control alone
 #   gso-utp         magnetar io_uring over uTP with --utp-gso on (UDP GSO reply bursts; the
 #                   default since 2026-12-07, so the same as uring-utp unless changed)
 #   nogso-utp       magnetar io_uring over uTP with --utp-gso off
@@ -31,7 +33,7 @@
 #
 # Usage: benches/compare.sh [-k K] [-d SECONDS] [-r RUNS] [-c "1 8 64 256"] [-o OUT]
 #                           [-s "floor uring epoll libtorrent uring-utp epoll-utp libtorrent-utp"] [-q]
-#   (also: -s floor-utp gso-utp base-utp, see above; base-utp needs BASE_M)
+#   (also: -s floor-utp floor-cc-utp gso-utp base-utp, see above; base-utp needs BASE_M)
 #   -c  the concurrencies (connections), a space-separated list; "64" is the old single point
 #   -q  quick check: K=50, 2 s runs, 1 run, -c "1 8", no waiting for a quiet machine
 #       (an explicit -k, -d, -r or -c still wins)
@@ -123,6 +125,8 @@ start_server() {
   case $which in
     floor) taskset -c "$SERVER_CPU" "$OUT/floor" "$DATA/floor.bin" 127.0.0.1 0 >"$log" 2>&1 & ;;
     floor-utp) taskset -c "$SERVER_CPU" "$OUT/floor_utp" "$DATA/floor.bin" 127.0.0.1 0 >"$log" 2>&1 & ;;
+    floor-cc-utp) FLOOR_CWND=10 taskset -c "$SERVER_CPU" "$OUT/floor_utp" "$DATA/floor.bin" 127.0.0.1 0 \
+      >"$log" 2>&1 & ;;
     uring|epoll|uring-utp|epoll-utp|gso-utp|nogso-utp|base-utp)
       local driver=io-uring; case $which in epoll*) driver=epoll ;; esac
       local bin=$M extra=""
@@ -142,7 +146,7 @@ start_server() {
       # (BENCHMARKS.md "Scale"); metadata-only serves the same metadata at once.
       LT_SEED_MODE=${LT_SEED_MODE:-metadata-only} taskset -c "$SERVER_CPU" $PY benches/lt_seed.py \
         "$DATA/torrents" 127.0.0.1 "$port" >"$log" 2>&1 & ;;
-    *) echo "unknown server $which (-s takes: floor uring epoll libtorrent uring-utp epoll-utp libtorrent-utp floor-utp gso-utp nogso-utp base-utp)"
+    *) echo "unknown server $which (-s takes: floor uring epoll libtorrent uring-utp epoll-utp libtorrent-utp floor-utp floor-cc-utp gso-utp nogso-utp base-utp)"
        return 1 ;;
   esac
   SERVER_PID=$!

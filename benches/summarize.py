@@ -14,7 +14,7 @@ import os
 import statistics
 import sys
 
-ORDER = ["floor", "uring", "epoll", "libtorrent", "floor-utp", "uring-utp", "gso-utp", "nogso-utp", "base-utp",
+ORDER = ["floor", "uring", "epoll", "libtorrent", "floor-utp", "floor-cc-utp", "uring-utp", "gso-utp", "nogso-utp", "base-utp",
          "epoll-utp", "libtorrent-utp"]
 LABEL = {
     "floor": "kernel floor (C, epoll)",
@@ -25,20 +25,21 @@ LABEL = {
     "epoll-utp": "magnetar epoll, uTP",
     "libtorrent-utp": "libtorrent 2.0 (python), uTP",
     "floor-utp": "UDP floor (C, recvmmsg + GSO sendmmsg), uTP",
+    "floor-cc-utp": "UDP floor with a congestion window (FLOOR_CWND=10), uTP",
     "gso-utp": "magnetar io_uring, uTP, --utp-gso on",
     "nogso-utp": "magnetar io_uring, uTP, --utp-gso off",
     "base-utp": "magnetar io_uring, uTP, BASE_M (the build before)",
 }
 COLORS = {"floor": "#7f7f7f", "uring": "#1f77b4", "epoll": "#ff7f0e", "libtorrent": "#d62728",
           "uring-utp": "#1f77b4", "epoll-utp": "#ff7f0e", "libtorrent-utp": "#d62728",
-          "floor-utp": "#7f7f7f", "gso-utp": "#17becf", "nogso-utp": "#bcbd22", "base-utp": "#9467bd"}
+          "floor-utp": "#7f7f7f", "floor-cc-utp": "#c7c7c7", "gso-utp": "#17becf", "nogso-utp": "#bcbd22", "base-utp": "#9467bd"}
 TRANSPORTS = [("TCP", "tcp"), ("uTP", "utp")]
 # Ratio rows (numerator, denominator) of churn fetches/s and fetches per CPU-s per
 # concurrency; each is printed when both servers ran.
 RATIOS = [
     ("uring", "floor"), ("uring", "epoll"), ("uring", "libtorrent"),
     ("uring-utp", "epoll-utp"), ("uring-utp", "libtorrent-utp"), ("uring-utp", "uring"),
-    ("uring-utp", "floor-utp"), ("uring-utp", "base-utp"), ("uring-utp", "gso-utp"),
+    ("uring-utp", "floor-utp"), ("uring-utp", "floor-cc-utp"), ("floor-cc-utp", "floor-utp"), ("uring-utp", "base-utp"), ("uring-utp", "gso-utp"),
 ]
 
 

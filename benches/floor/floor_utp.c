@@ -23,6 +23,15 @@
  *
  * Usage: floor_utp FILE HOST PORT   (prints "ready listen=HOST:PORT" when bound)
  * FLOOR_GSO=0 sends one datagram per packet (sendmmsg only), to price GSO itself.
+ *
+ * FLOOR_CWND=N adds the one thing every uTP sender must do that the floor skips: a
+ * congestion window. An answer then leaves N packets at first (slow start from N, as
+ * magnetar's --utp-initial-window-packets), and each packet the client acks lets one
+ * more go on top of the one it frees (the window doubles per round trip, never shrinks:
+ * loopback loses nothing). The client's acks are read for their ack_nr and clock the
+ * rest of the answer out. This prices congestion control alone, on the floor's own
+ * costs: magnetar / floor-with-window is what the rest of magnetar (reliability, SACK,
+ * timers, validation, limits, the store) costs.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -53,7 +62,7 @@ enum { ST_DATA = 0, ST_FIN = 1, ST_STATE = 2, ST_RESET = 3, ST_SYN = 4 };
 #define GSO_SEGMENTS_MAX 44     /* 44 x 1420 < 65507, the largest UDP payload */
 #define OUT_PKTS 4096           /* packets queued per batch before a sendmmsg */
 #define OUT_MSGS 512
-#define RANGES 16               /* answer ranges per connection per batch */
+#define RANGES 64               /* answer ranges queued per connection */
 #define WINDOW (1u << 20)
 
 struct uconn {
@@ -66,9 +75,12 @@ struct uconn {
     struct torrent *t;
     uint8_t in[INBUF];
     size_t in_len;
-    /* answer ranges queued by floor_parse during this datagram */
+    /* answer ranges not sent yet: queued by floor_parse, sent as the window allows */
     struct iovec out[RANGES];
     int out_n;
+    /* FLOOR_CWND only: packets the window holds, and the client's last ack of ours */
+    uint32_t cwnd;
+    uint16_t their_ack;
 };
 
 #define TABLE (1u << 16)
@@ -95,6 +107,7 @@ static char cmsgs[OUT_MSGS][CMSG_SPACE(sizeof(uint16_t))];
 static struct sockaddr_in names[OUT_MSGS];
 static int npkts, niovs, nmsgs;
 static int sock, gso = 1;
+static uint32_t cwnd_initial; /* FLOOR_CWND; 0 = no window (everything at once) */
 static uint32_t now_us;
 static unsigned long long sent_datagrams, send_errors;
 
@@ -164,14 +177,26 @@ static void send_control(struct uconn *c, int type, uint16_t seq, uint32_t their
     m->msg_iovlen = 1;
 }
 
-/* The queued answer ranges as DATA packets of PAYLOAD bytes, GSO_SEGMENTS_MAX per send. */
+/* Packets in flight: sent and not acked yet. */
+static uint32_t in_flight(const struct uconn *c) {
+    return (uint16_t)(c->seq_nr - 1 - c->their_ack);
+}
+
+/* The queued answer ranges as DATA packets of PAYLOAD bytes, GSO_SEGMENTS_MAX per send;
+ * with a window, only as many packets as it has room for (the rest stays queued). */
 static void send_answer(struct uconn *c, uint32_t their_ts) {
     int r = 0;
     size_t off = 0;
-    while (r < c->out_n) {
+    uint32_t budget = UINT32_MAX;
+    if (cwnd_initial) {
+        uint32_t f = in_flight(c);
+        budget = c->cwnd > f ? c->cwnd - f : 0;
+    }
+    while (r < c->out_n && budget) {
         struct msghdr *m = begin_msg(c);
         int segs = 0;
-        while (r < c->out_n && segs < (gso ? GSO_SEGMENTS_MAX : 1)) {
+        while (r < c->out_n && budget && segs < (gso ? GSO_SEGMENTS_MAX : 1)) {
+            budget--;
             put_hdr(hdrs[npkts], ST_DATA, c, c->seq_nr++, their_ts);
             iovs[niovs].iov_base = hdrs[npkts++];
             iovs[niovs++].iov_len = HDR;
@@ -192,7 +217,22 @@ static void send_answer(struct uconn *c, uint32_t their_ts) {
         }
         set_gso(m, segs, HDR + PAYLOAD);
     }
-    c->out_n = 0;
+    /* What the window held back stays queued, from where this send stopped. */
+    if (r < c->out_n && off) {
+        c->out[r].iov_base = (uint8_t *)c->out[r].iov_base + off;
+        c->out[r].iov_len -= off;
+    }
+    memmove(c->out, c->out + r, (c->out_n - r) * sizeof c->out[0]);
+    c->out_n -= r;
+}
+
+/* FLOOR_CWND: the client's ack_nr acks our packets up to it; each one acked frees its
+ * place in the window and adds one (slow start). */
+static void on_ack(struct uconn *c, uint16_t ack) {
+    uint16_t acked = (uint16_t)(ack - c->their_ack);
+    if (!cwnd_initial || acked == 0 || acked > in_flight(c)) return; /* old or bogus */
+    c->their_ack = ack;
+    c->cwnd += acked;
 }
 
 static void queue_cb(void *cv, void *p, size_t n) {
@@ -234,12 +274,18 @@ static void on_datagram(const uint8_t *d, size_t n, const struct sockaddr_in *fr
             c->send_id = id;
             c->seq_nr = (uint16_t)random();
             c->ack_nr = seq;
+            c->cwnd = cwnd_initial;
+            c->their_ack = c->seq_nr - 1; /* nothing of ours in flight yet */
             *p = c;
         }
         send_control(c, ST_STATE, c->seq_nr, ts); /* the SYN-ACK: our first DATA's number */
         return;
     }
     struct uconn *c = *find(from, id);
+    if (c && cwnd_initial && type != ST_RESET) {
+        on_ack(c, d[18] << 8 | d[19]);
+        if (type == ST_STATE && c->out_n) send_answer(c, ts);
+    }
     if (!c || type == ST_STATE || type == ST_RESET) {
         if (c && type == ST_RESET) forget(c);
         return;
@@ -265,8 +311,11 @@ static void on_datagram(const uint8_t *d, size_t n, const struct sockaddr_in *fr
         forget(c);
         return;
     }
+    uint16_t before = c->seq_nr;
     if (c->out_n) send_answer(c, ts);
-    else send_control(c, ST_STATE, c->seq_nr, ts);
+    /* The ack goes with the answer's first packet; alone if there is none, or if the
+     * window held the whole answer back. */
+    if (c->seq_nr == before) send_control(c, ST_STATE, c->seq_nr, ts);
 }
 
 static void on_term(int sig) {
@@ -279,6 +328,8 @@ int main(int argc, char **argv) {
     if (argc != 4) { fprintf(stderr, "usage: floor_utp FILE HOST PORT\n"); return 2; }
     const char *g = getenv("FLOOR_GSO");
     if (g && strcmp(g, "0") == 0) gso = 0;
+    const char *w = getenv("FLOOR_CWND");
+    if (w) cwnd_initial = (uint32_t)atoi(w);
     signal(SIGTERM, on_term);
     load(argv[1]);
     srandom(getpid());
@@ -291,8 +342,8 @@ int main(int argc, char **argv) {
     if (bind(sock, (struct sockaddr *)&sa, sizeof sa)) { perror("bind"); return 2; }
     socklen_t sl = sizeof sa;
     getsockname(sock, (struct sockaddr *)&sa, &sl);
-    printf("ready listen=%s:%d driver=recvmmsg+%s torrents=%zu\n", argv[2], ntohs(sa.sin_port),
-           gso ? "gso" : "sendmmsg", ntorrents);
+    printf("ready listen=%s:%d driver=recvmmsg+%s torrents=%zu cwnd=%u\n", argv[2],
+           ntohs(sa.sin_port), gso ? "gso" : "sendmmsg", ntorrents, cwnd_initial);
     fflush(stdout);
     static uint8_t bufs[BATCH][DGRAM];
     static struct sockaddr_in froms[BATCH];
