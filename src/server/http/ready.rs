@@ -30,7 +30,7 @@ struct Slot {
 pub struct Reactor {
     epoll: OwnedFd,
     /// A duplicate of `epoll` that monoio polls (a std type as a holder, as for the own
-    /// ring's eventfd: monoio's poll operation only needs a descriptor).
+    /// ring's descriptor: monoio's poll operation only needs a descriptor).
     waitable: monoio::net::UnixStream,
     slots: RefCell<Slots>,
 }

@@ -22,7 +22,7 @@
 //! loop: completions, the mailbox, timers.
 //!
 //! The ring lives inside the worker's monoio runtime as one task, so uTP, the miss path
-//! and the timers stay where they are: the kernel signals the ring's eventfd and monoio
+//! and the timers stay where they are: monoio polls the ring's descriptor and
 //! wakes the task. The protocol is the same pump that `session.rs` drives for byte
 //! streams; only the I/O differs.
 
@@ -410,15 +410,16 @@ impl<'c> Core<'c> {
     /// The loop: a turn (submit, completions, mailbox, timers), then either another turn
     /// (after letting the runtime's other tasks run) or a wait for the next event.
     async fn serve(&mut self, stop: flume::Receiver<()>, cut: Rc<StopSignal>) {
-        // The eventfd, waited on through monoio (a PollAdd on its ring). The std type is
-        // only a holder for a duplicate of the descriptor, which monoio closes.
+        // The ring itself, waited on through monoio (a PollAdd on monoio's ring): readable
+        // while completions wait. The std type is only a holder for a duplicate of the
+        // descriptor, which monoio closes (the ring lives on in `self.ring`).
         // SAFETY: `dup` returns a fresh descriptor that nothing else owns.
-        let efd = monoio::net::UnixStream::from_std(unsafe {
+        let ring_fd = monoio::net::UnixStream::from_std(unsafe {
             <std::os::unix::net::UnixStream as std::os::fd::FromRawFd>::from_raw_fd(libc::dup(
-                self.ring.eventfd(),
+                self.ring.fd(),
             ))
         })
-        .expect("registering the ring's eventfd with monoio");
+        .expect("registering the ring's descriptor with monoio");
         let mut stop = pin!(stop.recv_async());
         let mut stopping = false;
         self.post_accepts();
@@ -460,7 +461,7 @@ impl<'c> Core<'c> {
                 None => self.next_wake(),
             };
             monoio::select! {
-                _ = efd.readable(true) => self.ring.clear_eventfd(),
+                _ = ring_fd.readable(true) => {}
                 _ = self.mailbox.wait() => {}
                 _ = monoio::time::sleep_until(next) => {}
                 // The worker's cut wakes the loop wherever it waits.

@@ -1,10 +1,10 @@
-//! The serving core's own io_uring: set-up, batched submission that never spins and never
-//! splits a linked chain, and the eventfd that tells the host runtime (monoio) when
-//! completions wait (docs/io-uring.md "Wake-up").
+//! The serving core's own io_uring: set-up, and batched submission that never spins and
+//! never splits a linked chain. The host runtime (monoio) learns that completions wait by
+//! polling the ring's own descriptor (docs/io-uring.md "Wake-up").
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{cqueue, squeue, IoUring};
 
@@ -53,9 +53,6 @@ pub struct Ring {
     pub flags: &'static str,
     /// The kernel reports pending completion work in the SQ flags (`TASKRUN_FLAG`).
     taskrun_flag: bool,
-    /// Signalled by the kernel when a completion is posted: the host runtime waits on it
-    /// instead of on the ring.
-    eventfd: OwnedFd,
     /// Chains (one entry, or a linked run) that did not fit the submission queue, in
     /// order; they go in whole at the next `submit`, before anything pushed later.
     backlog: VecDeque<Vec<squeue::Entry>>,
@@ -80,19 +77,10 @@ impl Ring {
             setup(&mut builder);
             match builder.build(sq_entries) {
                 Ok(ring) => {
-                    // SAFETY: eventfd(2) returns a new descriptor or -1.
-                    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-                    if fd < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    // SAFETY: `fd` is a fresh descriptor we own.
-                    let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
-                    ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
                     return Ok(Ring {
                         ring,
                         flags,
                         taskrun_flag: flags.contains("taskrun-flag"),
-                        eventfd,
                         backlog: VecDeque::new(),
                         counts: RingCounts::default(),
                         overflow_reported: 0,
@@ -108,15 +96,12 @@ impl Ring {
         self.ring.submitter()
     }
 
-    pub fn eventfd(&self) -> RawFd {
-        self.eventfd.as_raw_fd()
-    }
-
-    /// Resets the eventfd after a wake-up (it is non-blocking: a read of zero is fine).
-    pub fn clear_eventfd(&self) {
-        let mut count = 0u64;
-        // SAFETY: reads 8 bytes into `count`.
-        unsafe { libc::read(self.eventfd(), (&raw mut count).cast(), 8) };
+    /// The ring's descriptor, for the host runtime to poll: it is readable while
+    /// completions wait in the CQ. Unlike a registered eventfd, nothing is signalled per
+    /// completion while the loop is busy, a wait after a busy spell does not return at
+    /// once for completions already taken, and a wake-up costs no read(2) to reset it.
+    pub fn fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
     }
 
     /// Queues one submission (see `push_chain`).
