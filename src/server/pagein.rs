@@ -225,7 +225,10 @@ mod tests {
             a2 >= 2 * delay,
             "core a's second page-in ran beside its first: done after {a2:?}"
         );
-        assert!(b1 < a2, "core b waited for core a's cap: b {b1:?}, a's second {a2:?}");
+        assert!(
+            b1 < a2,
+            "core b waited for core a's cap: b {b1:?}, a's second {a2:?}"
+        );
     }
 
     #[test]

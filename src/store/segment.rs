@@ -112,10 +112,17 @@ fn system_page_bytes() -> usize {
 /// residency check cost on the hit path (issue 20: ~100 ns per lookup in
 /// `cargo bench --bench store`, not the ~7 ns the same call takes in a tight loop).
 pub(crate) fn residency_period(now: Instant) -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let since = now.saturating_duration_since(*EPOCH.get_or_init(Instant::now));
+    let since = now.saturating_duration_since(residency_epoch());
     // u64 arithmetic (`as_millis` is u128, a division by a library call).
     (since.as_secs() * 1000 + u64::from(since.subsec_millis())) / RESIDENCY_AGE_MS
+}
+
+/// Where periods count from: the first segment mapped in this process (`Segment::map`
+/// sets it), so it lies before any `now` a lookup of a record can bring (a `now` before it
+/// would count as period 0 until a whole `RESIDENCY_AGE` after the epoch).
+fn residency_epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 const RESIDENCY_AGE_MS: u64 = RESIDENCY_AGE.as_millis() as u64;
@@ -177,6 +184,7 @@ impl Segment {
     ) -> io::Result<Self> {
         // A zero-length mapping is an error; a segment always reserves room for something.
         let reserved = reserved.max(1);
+        residency_epoch();
         let map = MmapOptions::new().len(reserved).map_raw_read_only(&file)?;
         let words = if track_refs {
             (reserved / HEADER_BYTES).div_ceil(USES_PER_WORD)

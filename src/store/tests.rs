@@ -1029,7 +1029,10 @@ fn cold_records_are_reported_cold_until_paged_in() {
         store.lookup_resident(&v1_key(&cold), now),
         Resident::Cold
     ));
-    assert!(matches!(store.lookup_resident(&[9; 20], now), Resident::Miss));
+    assert!(matches!(
+        store.lookup_resident(&[9; 20], now),
+        Resident::Miss
+    ));
     // The page-in thread's side: reads it in, returns the record.
     let paged = store.page_in(&v1_key(&cold)).expect("stored");
     assert_eq!(paged.info(), &cold[..]);
