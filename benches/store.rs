@@ -29,6 +29,10 @@ fn store(c: &mut Criterion) {
             r.record().hashes().v1.unwrap()
         })
         .collect();
+    if let Ok(rounds) = std::env::var("STORE_BENCH_INTERLEAVED") {
+        interleaved(&store, &keys, rounds.parse().unwrap_or(200));
+        return;
+    }
     let mut g = c.benchmark_group("store");
     let mut i = 0usize;
     g.bench_function("lookup_hit_100k", |b| {
@@ -39,10 +43,15 @@ fn store(c: &mut Criterion) {
     });
     // What a worker's handshake does (`Store::lookup_resident`): the lookup plus the
     // residency check of the header and record pages (bits known resident: no mincore).
+    // `now` is the worker's time of the event (both drivers read it for every event, for
+    // their deadlines, before and after the residency check existed): here read once per
+    // `TURN` lookups, so the bits still age (and are asked about again with `mincore`)
+    // every `RESIDENCY_AGE` as in the server.
+    let mut clock = Turn::default();
     g.bench_function("lookup_resident_hit_100k", |b| {
         b.iter(|| {
             i = (i + 7919) % keys.len();
-            match store.lookup_resident(black_box(&keys[i])) {
+            match store.lookup_resident(black_box(&keys[i]), clock.now()) {
                 magnetar::store::Resident::Hit(r) => r,
                 other => panic!("a resident record: {other:?}"),
             }
@@ -68,7 +77,7 @@ fn store(c: &mut Criterion) {
     g.bench_function("lookup_resident_hit_copy_100k", |b| {
         b.iter(|| {
             i = (i + 7919) % keys.len();
-            let r = match store.lookup_resident(black_box(&keys[i])) {
+            let r = match store.lookup_resident(black_box(&keys[i]), clock.now()) {
                 magnetar::store::Resident::Hit(r) => r,
                 other => panic!("a resident record: {other:?}"),
             };
@@ -99,6 +108,118 @@ fn store(c: &mut Criterion) {
         );
     }
     g.finish();
+}
+
+/// `STORE_BENCH_INTERLEAVED=<rounds>`: the hit path's variants in batches of
+/// `STORE_BENCH_BATCH` lookups (default 10 000), one batch of each per round in a rotating
+/// order, so that a change in machine load (other jobs on a shared machine) hits every
+/// variant alike, where criterion measures one benchmark for seconds after another. Prints
+/// each variant's median and 10th percentile of ns per lookup over the rounds, and its
+/// median over `lookup`'s. `STORE_BENCH_FIXED_NOW=1`: the resident lookups get one fixed
+/// `now`, so the residency bits never age (no `mincore` after the first pass).
+fn interleaved(store: &Store, keys: &[[u8; 20]], rounds: usize) {
+    use magnetar::store::Resident;
+    let batch: usize = std::env::var("STORE_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let fixed = std::env::var_os("STORE_BENCH_FIXED_NOW").is_some();
+    let hit = |r: Resident| match r {
+        Resident::Hit(r) => r,
+        other => panic!("a resident record: {other:?}"),
+    };
+    let (mut out1, mut out2) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    // One clock for both resident variants: each `now` they pass is a real time.
+    let clock = std::cell::RefCell::new(Turn::default());
+    let start = std::time::Instant::now();
+    let now = || {
+        if fixed {
+            start
+        } else {
+            clock.borrow_mut().now()
+        }
+    };
+    type Variant<'a> = (&'static str, Box<dyn FnMut(&[u8; 20]) + 'a>);
+    let mut variants: Vec<Variant> = vec![
+        (
+            "lookup",
+            Box::new(|k: &[u8; 20]| drop(black_box(store.lookup(k).unwrap()))),
+        ),
+        (
+            "lookup_resident",
+            Box::new(|k: &[u8; 20]| drop(black_box(hit(store.lookup_resident(k, now()))))),
+        ),
+        (
+            "lookup + copy",
+            Box::new(|k: &[u8; 20]| {
+                let r = store.lookup(k).unwrap();
+                let info = r.info();
+                out1[..info.len()].copy_from_slice(info);
+                black_box(&out1[..info.len()]);
+            }),
+        ),
+        (
+            "lookup_resident + copy",
+            Box::new(|k: &[u8; 20]| {
+                let r = hit(store.lookup_resident(k, now()));
+                let info = r.info();
+                out2[..info.len()].copy_from_slice(info);
+                black_box(&out2[..info.len()]);
+            }),
+        ),
+    ];
+    let n = variants.len();
+    let mut times = vec![Vec::with_capacity(rounds); n];
+    // Each variant starts at its own place in the key cycle: variants that walked the
+    // same keys in turn would find the records the previous batch read still in cache.
+    let mut at: Vec<usize> = (0..n).map(|v| v * keys.len() / n).collect();
+    for round in 0..rounds {
+        for k in 0..n {
+            let v = (round + k) % n;
+            let f = &mut variants[v].1;
+            let started = std::time::Instant::now();
+            for _ in 0..batch {
+                at[v] = (at[v] + 7919) % keys.len();
+                f(black_box(&keys[at[v]]));
+            }
+            times[v].push(started.elapsed().as_nanos() as f64 / batch as f64);
+        }
+    }
+    let quantile = |t: &mut Vec<f64>, q: f64| {
+        t.sort_by(|a, b| a.total_cmp(b));
+        t[((t.len() - 1) as f64 * q) as usize]
+    };
+    let base = quantile(&mut times[0], 0.5);
+    println!("interleaved: {rounds} rounds of {batch} lookups per variant, fixed now: {fixed}");
+    for (v, t) in times.iter_mut().enumerate() {
+        let (p10, p50) = (quantile(t, 0.1), quantile(t, 0.5));
+        println!(
+            "{:<24} median {p50:7.1} ns  p10 {p10:7.1} ns  median/lookup {:.2}",
+            variants[v].0,
+            p50 / base
+        );
+    }
+}
+
+/// A worker's clock: read once per `TURN` calls (a turn of its event loop serves many).
+#[derive(Default)]
+struct Turn {
+    now: Option<std::time::Instant>,
+    calls: u32,
+}
+
+const TURN: u32 = 64;
+
+impl Turn {
+    #[inline]
+    fn now(&mut self) -> std::time::Instant {
+        self.calls += 1;
+        if self.calls == TURN || self.now.is_none() {
+            self.calls = 0;
+            self.now = Some(std::time::Instant::now());
+        }
+        self.now.expect("set")
+    }
 }
 
 criterion_group!(benches, store);

@@ -135,6 +135,11 @@ pub struct ServeSettings {
     #[arg(long, default_value_t = limits::PAGE_IN_NICE_DEFAULT, value_name = "N")]
     pub page_in_nice: i32,
 
+    /// Page-ins one core may have in flight; its further cold connections wait for one to
+    /// end, so a flood of cold fetches cannot take the core from its resident ones.
+    #[arg(long, default_value_t = limits::PAGE_IN_PER_CORE_DEFAULT, value_name = "N")]
+    pub page_in_per_core: usize,
+
     /// Worker threads (one io runtime each). Default: one per CPU.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
@@ -380,6 +385,13 @@ impl ServeSettings {
             );
         }
         cfg.page_in_nice = self.page_in_nice;
+        if self.page_in_per_core == 0 || self.page_in_per_core > limits::PAGE_IN_PER_CORE_MAX {
+            bail!(
+                "page-in-per-core must be between 1 and {}",
+                limits::PAGE_IN_PER_CORE_MAX
+            );
+        }
+        cfg.page_in_per_core = self.page_in_per_core;
         cfg.mse_handshakes_per_ip_per_second_max = self.mse_handshakes_per_ip_per_second_max;
         cfg.mse_handshakes_per_core_per_second_max = self.mse_handshakes_per_core_per_second_max;
         cfg.shutdown_grace = Duration::from_millis(self.shutdown_grace_ms);
@@ -679,6 +691,8 @@ pub struct ServeConfig {
     pub page_in_threads: usize,
     /// Nice levels below the workers that the page-in threads run at.
     pub page_in_nice: i32,
+    /// Page-ins one core may have in flight (`server/pagein.rs`).
+    pub page_in_per_core: usize,
     /// MSE handshakes one address may start per second on a core.
     pub mse_handshakes_per_ip_per_second_max: u32,
     /// MSE handshakes one core may start per second from all addresses.
@@ -722,6 +736,7 @@ impl ServeConfig {
             send_zc_min_bytes: 0,
             page_in_threads: limits::PAGE_IN_THREADS_DEFAULT,
             page_in_nice: limits::PAGE_IN_NICE_DEFAULT,
+            page_in_per_core: limits::PAGE_IN_PER_CORE_DEFAULT,
             mse_handshakes_per_ip_per_second_max:
                 limits::MSE_HANDSHAKES_PER_IP_PER_SECOND_MAX_DEFAULT,
             mse_handshakes_per_core_per_second_max:

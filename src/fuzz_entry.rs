@@ -739,7 +739,7 @@ fn session_kit() -> SessionKit {
     cfg.mse_handshakes_per_core_per_second_max = 1_000_000_000;
     let (upstream, mailboxes) = Upstream::new(UpstreamConfig::default(), store.clone(), 1);
     let page_in = Arc::new(
-        crate::server::pagein::PageIn::start(store.clone(), 1, 0, std::time::Duration::ZERO)
+        crate::server::pagein::PageIn::start(store.clone(), 1, 0, 1, std::time::Duration::ZERO)
             .expect("page-in thread"),
     );
     let ctx = crate::server::conn::WorkerCtx::new(

@@ -276,6 +276,19 @@ pub const PAGE_IN_NICE_DEFAULT: i32 = 10;
 /// Most `--page-in-nice` accepts: the lowest priority Linux has is nice 19.
 pub const PAGE_IN_NICE_MAX: i32 = 19;
 
+/// Default of `--page-in-per-core`: page-ins one core may have in flight at once; its
+/// further cold connections wait on the core for a permit (`server/pagein.rs`), so a core
+/// flooded with cold fetches cannot take more than this share of the pool, nor more of its
+/// own CPU for them (a `mincore`, a hand-off and a wake-up each). The default is the pool's
+/// default size: one core alone may still keep every page-in thread busy (the disk's
+/// queue). Lower it where a core is saturated by cold fetches: in issue 20's 10M-record
+/// cgroup run the worker core was not (51–63 % busy), and 1 or 4 showed no gain there.
+pub const PAGE_IN_PER_CORE_DEFAULT: usize = PAGE_IN_THREADS_DEFAULT;
+
+/// Most `--page-in-per-core` accepts: the pool's own most threads (more permits than
+/// threads only queue in the pool).
+pub const PAGE_IN_PER_CORE_MAX: usize = PAGE_IN_THREADS_MAX;
+
 /// Cold lookups waiting for a page-in thread; past it a connection's task waits for room
 /// on its own core's runtime (the core goes on serving). Sized so a burst of cold
 /// handshakes from every core queues without waiting: 4096 × ~40 B.

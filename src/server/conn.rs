@@ -555,7 +555,7 @@ impl<'a> Conn<'a> {
             stats.blocked.inc();
             return self.close(SessionEnd::MissRefused);
         }
-        let record = match ctx.store.lookup_resident(&self.key) {
+        let record = match ctx.store.lookup_resident(&self.key, now.into_std()) {
             Resident::Hit(record) => Some(record),
             Resident::Miss => None,
             Resident::Cold => {
@@ -930,7 +930,7 @@ pub(crate) mod tests {
         };
         let (upstream, mailboxes) = Upstream::new(upstream_cfg, store.clone(), 1);
         let page_in = Arc::new(
-            crate::server::pagein::PageIn::start(store.clone(), 1, 0, Duration::ZERO).unwrap(),
+            crate::server::pagein::PageIn::start(store.clone(), 1, 0, 1, Duration::ZERO).unwrap(),
         );
         let ctx = WorkerCtx::new(
             store,

@@ -195,6 +195,7 @@ pub fn start(
             store.clone(),
             cfg.page_in_threads,
             cfg.page_in_nice,
+            cfg.page_in_per_core,
             pagein::PageIn::delay_from_env(),
         )
         .context("starting the page-in threads")?,
@@ -231,7 +232,8 @@ pub fn start(
             udp,
             http,
             upstream: upstream.clone(),
-            page_in: page_in.clone(),
+            // Each core its own page-in permits (`--page-in-per-core`).
+            page_in: Arc::new(page_in.for_core()),
             shard_mailbox,
             stop: stop_rx,
         };

@@ -844,8 +844,11 @@ impl Store {
     /// an atomic load per page, `mincore` for pages not seen this period), `Cold` if
     /// reading it would fault to the disk: then `page_in` it off the thread and look again.
     /// Headers of other candidates (a false tag match) are checked the same way first.
-    pub fn lookup_resident(&self, key: &[u8; 20]) -> Resident {
-        let period = segment::residency_period();
+    /// `now`: the caller's current time (a worker's time of its turn), which ages the
+    /// residency bits (`RESIDENCY_AGE`): a page seen resident is asked about again once
+    /// `now` has moved into a new period.
+    pub fn lookup_resident(&self, key: &[u8; 20], now: Instant) -> Resident {
+        let period = segment::residency_period(now);
         let found = self
             .index
             .get_if(key, |seg, at| seg.is_resident(at, HEADER_BYTES, period));

@@ -25,6 +25,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::Instant;
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -105,22 +106,27 @@ fn system_page_bytes() -> usize {
     })
 }
 
-/// The current residency period: `RESIDENCY_AGE`s of the monotonic clock. Every serving
-/// lookup reads it, so it reads CLOCK_MONOTONIC_COARSE (the time of the last timer tick,
-/// through the vDSO without reading the clock source, where `Instant::now` reads it); its
-/// resolution of one tick (1–10 ms) is nothing against a period of a second.
-pub(crate) fn residency_period() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid place for the result; the clock exists on every Linux this
-    // server runs on (2.6.32 and later). On a failure `ts` stays zero: period 0, which only
-    // means the bits are never aged (mincore is still asked for unknown pages).
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    let ms = (ts.tv_sec as u64).saturating_mul(1000) + ts.tv_nsec as u64 / 1_000_000;
-    ms / RESIDENCY_AGE.as_millis() as u64
+/// The residency period of `now`: whole `RESIDENCY_AGE`s since the process first asked.
+/// `now` is the caller's reading of the clock: a worker reads it once per turn anyway (its
+/// deadlines), and a clock read of our own on every serving lookup was most of what the
+/// residency check cost on the hit path (issue 20: ~100 ns per lookup in
+/// `cargo bench --bench store`, not the ~7 ns the same call takes in a tight loop).
+pub(crate) fn residency_period(now: Instant) -> u64 {
+    let since = now.saturating_duration_since(residency_epoch());
+    // u64 arithmetic (`as_millis` is u128, a division by a library call).
+    (since.as_secs() * 1000 + u64::from(since.subsec_millis())) / RESIDENCY_AGE_MS
 }
+
+/// Where periods count from: the first segment mapped in this process (`Segment::map`
+/// sets it), so it lies before any `now` a lookup of a record can bring (a `now` before it
+/// would count as period 0 until a whole `RESIDENCY_AGE` after the epoch).
+fn residency_epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+const RESIDENCY_AGE_MS: u64 = RESIDENCY_AGE.as_millis() as u64;
+const _: () = assert!(RESIDENCY_AGE_MS > 0);
 
 struct Unverified {
     below: usize,
@@ -178,6 +184,7 @@ impl Segment {
     ) -> io::Result<Self> {
         // A zero-length mapping is an error; a segment always reserves room for something.
         let reserved = reserved.max(1);
+        residency_epoch();
         let map = MmapOptions::new().len(reserved).map_raw_read_only(&file)?;
         let words = if track_refs {
             (reserved / HEADER_BYTES).div_ceil(USES_PER_WORD)
@@ -289,7 +296,7 @@ impl Segment {
     /// Whether every page holding `[offset, offset + len)` is in the page cache, so that
     /// reading it through the mapping costs at most a minor fault (no disk). Known pages
     /// cost one atomic load each; unknown ones one `mincore` for the whole range. `period`
-    /// is `residency_period()` (a parameter so tests can age the bits).
+    /// is `residency_period(now)` (a parameter so tests can age the bits).
     pub(crate) fn is_resident(&self, offset: usize, len: usize, period: u64) -> bool {
         let r = &self.residency;
         let seen = r.period.load(Ordering::Relaxed);

@@ -1024,19 +1024,41 @@ fn cold_records_are_reported_cold_until_paged_in() {
         return;
     }
     drop(record);
+    let now = std::time::Instant::now();
     assert!(matches!(
-        store.lookup_resident(&v1_key(&cold)),
+        store.lookup_resident(&v1_key(&cold), now),
         Resident::Cold
     ));
-    assert!(matches!(store.lookup_resident(&[9; 20]), Resident::Miss));
+    assert!(matches!(
+        store.lookup_resident(&[9; 20], now),
+        Resident::Miss
+    ));
     // The page-in thread's side: reads it in, returns the record.
     let paged = store.page_in(&v1_key(&cold)).expect("stored");
     assert_eq!(paged.info(), &cold[..]);
-    match store.lookup_resident(&v1_key(&cold)) {
-        Resident::Hit(r) => assert!(r.same_record(&paged)),
+    match store.lookup_resident(&v1_key(&cold), now) {
+        Resident::Hit(r) => {
+            assert!(r.same_record(&paged));
+            drop(r);
+        }
         other => panic!("paged in, yet {other:?}"),
     }
     assert!(store.page_in(&[9; 20]).is_none());
+    // Evicted again: within the period of `now` the bits still say resident (the window
+    // the aging bounds; that read faults the pages back in), and once the caller's clock
+    // is a `RESIDENCY_AGE` later the record is asked about again and found cold.
+    let segment = paged.segment().clone();
+    drop(paged);
+    assert!(segment.evict_for_test());
+    assert!(matches!(
+        store.lookup_resident(&v1_key(&cold), now),
+        Resident::Hit(_)
+    ));
+    assert!(segment.evict_for_test());
+    assert!(matches!(
+        store.lookup_resident(&v1_key(&cold), now + segment::RESIDENCY_AGE),
+        Resident::Cold
+    ));
 }
 
 /// `a_tombstone_outlives_the_eviction_of_its_segment` with the reopen taking every mix of

@@ -37,7 +37,7 @@ for i in $(seq 1200); do
   sleep 0.1
 done
 t1=$(date +%s.%N)
-echo "prio ${PRIO:-0} hot_nice ${HOT_NICE:--} cold_nice ${COLD_NICE:--} pagein_renice ${PAGEIN_RENICE:--} driver ${SERVER_DRIVER:-io_uring} args ${SERVER_ARGS:--} load $(cut -d' ' -f1-3 /proc/loadavg)" > "$OUT/summary.txt"
+echo "prio ${PRIO:-0} hot_nice ${HOT_NICE:--} cold_nice ${COLD_NICE:--} cold_idle ${COLD_IDLE:--} pagein_idle ${PAGEIN_IDLE:--} pagein_renice ${PAGEIN_RENICE:--} driver ${SERVER_DRIVER:-io_uring} args ${SERVER_ARGS:--} load $(cut -d' ' -f1-3 /proc/loadavg)" > "$OUT/summary.txt"
 echo "ready after $(echo "$t1 - $t0" | bc) s (alive: $(kill -0 $SP 2>/dev/null && echo yes || echo no))" | tee -a "$OUT/summary.txt"
 kill -0 $SP 2>/dev/null || { echo "server gone:"; tail -5 "$OUT/server.log"; exit 1; }
 # PAGEIN_RENICE=<n>: the page-in threads set to that nice value once the server is up (an
@@ -45,7 +45,14 @@ kill -0 $SP 2>/dev/null || { echo "server gone:"; tail -5 "$OUT/server.log"; exi
 if [ -n "${PAGEIN_RENICE:-}" ]; then
   for t in /proc/$SP/task/*; do grep -q pagein $t/comm && renice -n "$PAGEIN_RENICE" -p "${t##*/}" > /dev/null; done
 fi
-run() { taskset -c 1 nice -n "${NICE:-${PRIO:-0}}" "$L" --target 127.0.0.1:$PORT --hashes "$1" --mode churn --connections "$2" --duration "$3" --threads 1 --timeout 10 --json 2>>"$OUT/loadgen.err" | tail -1; }
+# PAGEIN_IDLE=1: the page-in threads SCHED_IDLE once the server is up (a woken worker then
+# preempts them at once; at a nice value it may wait for their slice, up to a 4 ms tick).
+if [ -n "${PAGEIN_IDLE:-}" ]; then
+  for t in /proc/$SP/task/*; do grep -q pagein $t/comm && chrt -i -p 0 "${t##*/}"; done
+fi
+# COLD_IDLE=1: the cold-load generator SCHED_IDLE (the measuring client, which shares CPU 1
+# with it, then preempts it at once on every wake-up instead of waiting up to a tick).
+run() { taskset -c 1 ${IDLE:+chrt -i 0} nice -n "${NICE:-${PRIO:-0}}" "$L" --target 127.0.0.1:$PORT --hashes "$1" --mode churn --connections "$2" --duration "$3" --threads 1 --timeout 10 --json 2>>"$OUT/loadgen.err" | tail -1; }
 echo "hot alone:" | tee -a "$OUT/summary.txt"
 NICE=${HOT_NICE:-} run "$D/hot.txt" 4 5s > /dev/null   # warm the hot set
 NICE=${HOT_NICE:-} run "$D/hot.txt" 4 10s | tee -a "$OUT/summary.txt"
@@ -53,7 +60,7 @@ NICE=${HOT_NICE:-} run "$D/hot.txt" 4 10s | tee -a "$OUT/summary.txt"
 threads() { for t in /proc/$1/task/*; do echo "$(cat $t/comm 2>/dev/null | tr ' ' _) $(cat $t/schedstat 2>/dev/null) $(awk '{print $10, $12}' $t/stat 2>/dev/null)"; done; }
 cpus() { grep -E '^cpu[01] ' /proc/stat; }
 echo "hot under cold load:" | tee -a "$OUT/summary.txt"
-NICE=${COLD_NICE:-} run "${COLD_HASHES:-$D/hashes.txt}" 16 14s > "$OUT/cold.json" &
+IDLE=${COLD_IDLE:-} NICE=${COLD_NICE:-} run "${COLD_HASHES:-$D/hashes.txt}" 16 14s > "$OUT/cold.json" &
 CP=$!
 sleep 2
 { echo "== before (server $SP)"; threads $SP; cpus; } > "$OUT/sched.txt"
