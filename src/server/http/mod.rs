@@ -149,7 +149,7 @@ pub async fn accept_loop(
         http.stop.fire();
         return;
     }
-    if let Err(e) = defer_accept(listener.as_raw_fd()) {
+    if let Err(e) = defer_accept(listener.as_raw_fd(), limits::HTTP_DEFER_ACCEPT_S) {
         // Still correct without it: a connection's first read may then find nothing.
         tracing::warn!("HTTP listener: TCP_DEFER_ACCEPT: {e}");
     }
@@ -194,7 +194,8 @@ const ACCEPT_SINGLE_AFTER: u32 = 2;
 /// `ACCEPT_SINGLE_AFTER` bursts of one the loop waits right after each connection, and
 /// every `ACCEPT_PROBE_EVERY` connections asks the queue first: a second connection
 /// there means bursts again. A wait that finds the queue non-empty costs one readiness
-/// check (it completes at once), so a wrong guess is cheap either way.
+/// check (it completes at once), so a wrong guess is cheap either way. The mode also
+/// switches the listener's deferred accept (`set_single`).
 #[derive(Default)]
 struct AcceptPace {
     /// Connections come one per wait: wait before asking the queue.
@@ -203,6 +204,27 @@ struct AcceptPace {
     taken: Cell<u32>,
     /// Drain mode: bursts of one in a row. Single mode: connections since the last probe.
     count: Cell<u32>,
+}
+
+impl AcceptPace {
+    /// Switches mode, and with it the listener's deferred accept. When connections come
+    /// one per wait the worker is idle between them, and the request is almost always
+    /// there by the time it has woken and accepted (> 99.5 % at one client; BENCHMARKS.md):
+    /// deferring would only make the wake-up wait for the request instead of running
+    /// alongside it (+10-20 µs per request at one client). In bursts a deferred
+    /// connection saves an empty read, a registration and a wait.
+    fn set_single(&self, listener: &TcpListener, single: bool) {
+        self.single.set(single);
+        self.count.set(0);
+        let secs = if single {
+            0
+        } else {
+            limits::HTTP_DEFER_ACCEPT_S
+        };
+        if let Err(e) = defer_accept(listener.as_raw_fd(), secs) {
+            tracing::debug!("HTTP listener: TCP_DEFER_ACCEPT {secs}: {e}");
+        }
+    }
 }
 
 /// The next connection, non-blocking from birth (accept4 with SOCK_NONBLOCK): no fcntl per
@@ -247,8 +269,7 @@ async fn accept_nonblocking(
                 let taken = pace.taken.get();
                 if pace.single.get() && taken > 0 {
                     // A second connection without a wait: they come in bursts again.
-                    pace.single.set(false);
-                    pace.count.set(0);
+                    pace.set_single(listener, false);
                 }
                 pace.taken.set(taken + 1);
                 let peer = addr
@@ -269,8 +290,7 @@ async fn accept_nonblocking(
                     };
                     pace.count.set(ones);
                     if ones >= ACCEPT_SINGLE_AFTER {
-                        pace.single.set(true);
-                        pace.count.set(0);
+                        pace.set_single(listener, true);
                     }
                 }
                 wait_for_connection(listener, pace).await?
@@ -289,9 +309,9 @@ async fn wait_for_connection(listener: &TcpListener, pace: &AcceptPace) -> io::R
     listener.readable(false).await
 }
 
-/// Sets TCP_DEFER_ACCEPT (`limits::HTTP_DEFER_ACCEPT_S`) on the listener.
-fn defer_accept(fd: std::os::fd::RawFd) -> io::Result<()> {
-    let secs = limits::HTTP_DEFER_ACCEPT_S as libc::c_int;
+/// Sets TCP_DEFER_ACCEPT on the listener to `secs` (0: off).
+fn defer_accept(fd: std::os::fd::RawFd, secs: u32) -> io::Result<()> {
+    let secs = secs as libc::c_int;
     // SAFETY: `secs` is a live c_int and its size is passed with it.
     let r = unsafe {
         libc::setsockopt(
