@@ -211,6 +211,15 @@ pub const HTTP_HEADERS_MAX: usize = 32;
 /// 255-byte name percent-encoded (×3), is ~850 bytes; past this: 414 and close.
 pub const HTTP_TARGET_BYTES_MAX: usize = 2 * 1024;
 
+/// TCP_DEFER_ACCEPT on the HTTP listener while connections come in bursts, in seconds:
+/// the kernel hands a connection over when its first bytes (the request) arrive, so
+/// accepting it costs no empty read, no registration with a poller and no wait (at 64 and
+/// 256 `Connection: close` clients half the connections were accepted before their
+/// request came; BENCHMARKS.md). A client that sends nothing is handed over after this
+/// long anyway (at the SYN-ACK retransmission), and `HTTP_REQUEST_TIMEOUT_MS_DEFAULT`
+/// runs from then. Off while connections come one at a time (`server::http`).
+pub const HTTP_DEFER_ACCEPT_S: u32 = 1;
+
 /// Time a connection has to deliver a whole request head once it started one, or to
 /// send its first byte after accept (slowloris: a client trickling one byte at a time
 /// holds a connection and a buffer only this long). Default of `--http-request-timeout-ms`.

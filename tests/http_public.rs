@@ -786,3 +786,60 @@ fn answer_before_close_survives_bytes_sent_after_the_close_request() {
         );
     }
 }
+
+/// A `Connection: close` request that is not whole when the connection is handed over
+/// (the listener defers accept to the first bytes; the rest comes in pieces), and one
+/// whose client stays silent past the defer time (handed over with nothing to read): both
+/// are answered in full and closed. The first read finds the socket empty or the head
+/// incomplete, so the connection waits for readiness (under epoll: registered with the
+/// runtime only then). One worker, so every round meets the same loop.
+#[test]
+fn close_request_in_pieces_or_after_silence_is_answered() {
+    let s = stored_server(&["--threads", "1", "--http-request-timeout-ms", "5000"]);
+    let path = format!("/torrent/{}.torrent", hex::encode(s.t.key));
+    let whole = get(s.http, &path);
+    assert_eq!(whole.status, 200);
+    let pieces = [
+        "GET /torrent/".to_owned(),
+        format!("{}.torrent HTTP/1.1\r\nHost: x\r\n", hex::encode(s.t.key)),
+        "Connection: close\r\n\r\n".to_owned(),
+    ];
+    for silence_ms in [0, 1500] {
+        let mut c = Conn::open(s.http);
+        std::thread::sleep(Duration::from_millis(silence_ms));
+        for piece in &pieces {
+            c.send(piece);
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        let r = c.read(false);
+        assert_eq!(r.status, 200, "after {silence_ms} ms of silence");
+        assert_eq!(r.header("connection"), "close");
+        assert!(
+            r.body == whole.body,
+            "after {silence_ms} ms: the body differs"
+        );
+        assert!(
+            c.closed_within(Duration::from_secs(5)),
+            "after {silence_ms} ms: not closed"
+        );
+    }
+}
+
+/// A client that connects and never sends a byte is still closed by the request timeout
+/// (the listener's deferred accept hands it over after `HTTP_DEFER_ACCEPT_S`; the timeout
+/// runs from then), not kept forever.
+#[test]
+fn silent_connection_is_closed_at_the_request_timeout() {
+    let s = stored_server(&["--http-request-timeout-ms", "700"]);
+    let mut c = Conn::open(s.http);
+    let started = Instant::now();
+    assert!(
+        c.closed_within(Duration::from_secs(8)),
+        "silent connection not closed"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(600),
+        "closed too early: {took:?}"
+    );
+}

@@ -403,15 +403,15 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// When accept fails (EMFILE, ENFILE, ENOBUFS) it backs off instead of retrying at once,
 /// which would spin the core while nothing frees up; `backoff` doubles from
 /// `ACCEPT_BACKOFF_MIN` up to 1 s and is reset by the next success.
-pub(crate) async fn accept_admitted<S: Future + Unpin>(
+pub(crate) async fn accept_admitted<C, S: Future + Unpin>(
     listener: &TcpListener,
-    accept: impl AsyncFn(&TcpListener) -> io::Result<(monoio::net::TcpStream, SocketAddr)>,
+    accept: impl AsyncFn(&TcpListener) -> io::Result<(C, SocketAddr)>,
     stopped: &mut S,
     backoff: &mut Duration,
     ctx: &WorkerCtx,
     limiter: &Arc<ConnectionLimiter>,
     what: &str,
-) -> Option<(monoio::net::TcpStream, SocketAddr, ConnectionPermit)> {
+) -> Option<(C, SocketAddr, ConnectionPermit)> {
     loop {
         let accepted = monoio::select! {
             r = accept(listener) => r,

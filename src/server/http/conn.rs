@@ -1,7 +1,10 @@
-//! One HTTP connection's I/O. Reads go through monoio (io_uring or epoll) like the
-//! BitTorrent sessions' (`server::tcp::read_or`); answers go out as non-blocking syscalls
-//! made right away, and only a full socket buffer waits (for writability, through the
-//! runtime).
+//! One HTTP connection's I/O, as nginx does it: a non-blocking recv(2) when bytes are
+//! there (the first read of a connection tries at once: the listener's TCP_DEFER_ACCEPT
+//! hands a connection over with its request), answers as non-blocking syscalls made right
+//! away, and only an empty socket or a full socket buffer waits. Under io_uring a read
+//! waits on the worker's epoll set (`ready`); under epoll, through monoio
+//! (`server::tcp::read_or`), which registers the socket with its poller only then: a
+//! connection served without waiting costs no epoll_ctl.
 //!
 //! Why not monoio's writev: a .torrent is a ~40 KiB info dict, and a writev from the store's
 //! mapping makes the kernel copy all of it into socket buffers (28 % of the server's time in
@@ -23,8 +26,7 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::mem::ManuallyDrop;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -45,8 +47,10 @@ pub struct FileRange<'a> {
 }
 
 pub struct Conn {
-    /// Dropped in `Drop`: closed by close(2) there, or by monoio (see `Drop`).
-    stream: ManuallyDrop<TcpStream>,
+    /// The socket while no monoio type holds it: closed by close(2) in `Drop`.
+    raw: Option<OwnedFd>,
+    /// The socket once a wait needed the runtime (see `stream`): monoio closes it.
+    stream: Option<TcpStream>,
     fd: RawFd,
     /// One canceller for the connection's life (see `server::tcp`): only a cancelled read
     /// replaces it.
@@ -59,29 +63,43 @@ pub struct Conn {
     token: Option<Token>,
     /// No read yet: the first one tries the socket before waiting.
     fresh: bool,
-    /// A monoio operation (the wait for writability) was started on the socket: one that
-    /// was dropped unfinished still holds the descriptor, so monoio closes it.
-    runtime_op: bool,
     /// The worker's runtime is on io_uring (there monoio closes a socket with a ring
     /// operation, submitted at the ring's next enter; under epoll with close(2)).
     uring: bool,
 }
 
 impl Conn {
-    /// `stream` must be non-blocking (`accept_nonblocking`): sendfile has no per-call
-    /// "don't wait" flag.
-    pub fn new(stream: TcpStream, reactor: Option<&Rc<Reactor>>, uring: bool) -> Conn {
-        let fd = stream.as_raw_fd();
+    /// `fd` must be a non-blocking socket (`accept_nonblocking`): sendfile has no per-call
+    /// "don't wait" flag. It stays a plain descriptor until a read or a send has to wait:
+    /// a connection whose request is there at accept and whose answer fits the socket
+    /// buffer is served with syscalls alone, never registered with the runtime (under
+    /// epoll monoio registers every socket it holds: an epoll_ctl ADD, and a DEL before
+    /// the close).
+    pub fn new(fd: OwnedFd, reactor: Option<&Rc<Reactor>>, uring: bool) -> Conn {
         Conn {
-            stream: ManuallyDrop::new(stream),
-            fd,
+            fd: fd.as_raw_fd(),
+            raw: Some(fd),
+            stream: None,
             canceller: Canceller::new(),
             reactor: reactor.cloned(),
             token: None,
             fresh: true,
-            runtime_op: false,
             uring,
         }
+    }
+
+    /// The socket as monoio's, for a wait through the runtime: made at the first such
+    /// wait (under epoll that registers it with the runtime's poller).
+    fn stream(&mut self) -> io::Result<&mut TcpStream> {
+        if self.stream.is_none() {
+            let fd = self
+                .raw
+                .take()
+                .expect("the socket is raw until it is a stream");
+            // On an error monoio drops (closes) the socket: the connection ends.
+            self.stream = Some(TcpStream::from_std(std::net::TcpStream::from(fd))?);
+        }
+        Ok(self.stream.as_mut().expect("just made"))
     }
 
     /// Appends received bytes to `buf` (first making `spare_min` bytes of room), or ends
@@ -95,15 +113,32 @@ impl Conn {
         if self.reactor.is_some() {
             return self.read_when_ready(buf, deadline, spare_min).await;
         }
+        if std::mem::take(&mut self.fresh) && self.stream.is_none() {
+            // Under epoll: the request is usually there at accept; only an empty socket
+            // is registered with the runtime and waited for.
+            if buf.capacity() - buf.len() < spare_min {
+                buf.reserve(spare_min);
+            }
+            match recv_now(self.fd, buf) {
+                Ok(0) => return ReadOutcome::Eof,
+                Ok(_) => {
+                    let filled = buf.len() == buf.capacity();
+                    return ReadOutcome::Data { filled };
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return ReadOutcome::Failed(e),
+            }
+        }
+        if let Err(e) = self.stream() {
+            return ReadOutcome::Failed(e);
+        }
+        let stream = self.stream.as_mut().expect("made above");
         let never = std::future::pending::<Infallible>();
-        let read = tcp::read_or(
-            &mut self.stream,
-            &mut self.canceller,
-            buf,
-            deadline,
-            spare_min,
-            never,
-        );
+        let read = tcp::read_or(stream, &mut self.canceller, buf, deadline, spare_min, never);
         match read.await {
             ReadOr::Read(o) => o,
             ReadOr::Other(never) => match never {},
@@ -142,9 +177,9 @@ impl Conn {
                     let deadline = *deadline.get_or_insert_with(|| {
                         Instant::now() + Duration::from_millis(limits::HTTP_WRITE_TIMEOUT_MS)
                     });
-                    self.runtime_op = true;
+                    let stream = self.stream()?;
                     let writable = monoio::select! {
-                        w = self.stream.writable(false) => Some(w),
+                        w = stream.writable(false) => Some(w),
                         _ = monoio::time::sleep_until(deadline) => None,
                     };
                     match writable {
@@ -251,7 +286,7 @@ impl Conn {
     /// still holds, the answer with it. When the close is monoio's ring operation it is
     /// sent first too: the ring's next enter can be later.
     pub fn close_after_answer(self, pipelined: bool) {
-        let closes_now = !self.uring || (self.reactor.is_some() && !self.runtime_op);
+        let closes_now = !self.uring || self.stream.is_none();
         if pipelined || !closes_now {
             let _ = self.finish();
         }
@@ -283,26 +318,20 @@ fn send(fd: RawFd, bytes: &[u8], more: bool) -> io::Result<usize> {
 }
 
 impl Drop for Conn {
-    /// Under io_uring (`reactor`) the socket is closed here by close(2), not by monoio's
-    /// close operation: that one completes at once inside the ring's next enter, which
-    /// then returns for that completion alone and enters again to wait (two
+    /// A socket that no monoio type ever held (`raw`) is closed here by close(2): under
+    /// io_uring monoio's close operation completes at once inside the ring's next enter,
+    /// which then returns for that completion alone and enters again to wait (two
     /// io_uring_enter per `Connection: close` request where one wait is needed; strace,
-    /// BENCHMARKS.md). Only a socket that no monoio operation ever held: an unfinished
-    /// one that was dropped still holds the descriptor until it completes.
+    /// BENCHMARKS.md); under epoll monoio deregisters first (epoll_ctl DEL). Once monoio
+    /// holds it (`stream`) monoio closes it: a dropped unfinished operation still holds
+    /// the descriptor until it completes.
     fn drop(&mut self) {
         if let (Some(reactor), Some(token)) = (&self.reactor, &self.token) {
             reactor.remove(token);
         }
-        // SAFETY: `stream` is taken or dropped exactly once, here, and never used again.
-        let stream = unsafe { ManuallyDrop::take(&mut self.stream) };
-        if self.reactor.is_some() && !self.runtime_op {
-            // No operation holds the descriptor (see `runtime_op`), so monoio hands it
-            // over; the OwnedFd's drop is the close(2).
-            // SAFETY: a descriptor we now own alone.
-            drop(unsafe { OwnedFd::from_raw_fd(stream.into_raw_fd()) });
-        } else {
-            drop(stream);
-        }
+        // The field that is set closes the socket when dropped.
+        drop(self.stream.take());
+        drop(self.raw.take());
     }
 }
 

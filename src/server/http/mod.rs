@@ -34,7 +34,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use monoio::net::{TcpListener, TcpStream};
+use monoio::net::TcpListener;
 use monoio::time::Instant;
 
 use crate::limits;
@@ -62,7 +62,8 @@ pub struct HttpShared {
     /// The worker's monoio runtime is on io_uring: connections read on the readiness
     /// of this epoll set (`ready`).
     reactor: Option<Rc<ready::Reactor>>,
-    /// The worker's monoio runtime is on io_uring (its accept makes blocking sockets).
+    /// The worker's monoio runtime is on io_uring (there monoio closes a socket with a
+    /// ring operation: `conn`).
     uring: bool,
 }
 
@@ -142,24 +143,20 @@ pub async fn accept_loop(
 ) {
     let mut backoff = worker::ACCEPT_BACKOFF_MIN;
     let mut stopped = pin!(stop.recv_async());
-    let uring = http.uring;
     // Our accept4 waits for readiness when the queue is empty, never in the syscall.
     if let Err(e) = set_nonblocking(listener.as_raw_fd()) {
         tracing::error!("HTTP listener: {e}; not serving HTTP on this core");
         http.stop.fire();
         return;
     }
-    while let Some((stream, peer, permit)) = worker::accept_admitted(
+    if let Err(e) = defer_accept(listener.as_raw_fd(), limits::HTTP_DEFER_ACCEPT_S) {
+        // Still correct without it: a connection's first read may then find nothing.
+        tracing::warn!("HTTP listener: TCP_DEFER_ACCEPT: {e}");
+    }
+    let pace = AcceptPace::default();
+    while let Some((fd, peer, permit)) = worker::accept_admitted(
         &listener,
-        async |l: &TcpListener| {
-            if uring {
-                accept_nonblocking(l).await
-            } else {
-                // monoio's epoll driver accepts with accept4(SOCK_NONBLOCK) itself, and
-                // waits without the poll(2) that `readable` adds there.
-                l.accept().await
-            }
-        },
+        async |l: &TcpListener| accept_nonblocking(l, &pace).await,
         &mut stopped,
         &mut backoff,
         &ctx,
@@ -173,7 +170,7 @@ pub async fn accept_loop(
         monoio::spawn(async move {
             let _open = open;
             let _permit = permit;
-            serve(stream, peer, &ctx, &http).await;
+            serve(fd, peer, &ctx, &http).await;
             ctx.stats.http_connections_closed.inc();
         });
     }
@@ -181,12 +178,74 @@ pub async fn accept_loop(
     http.stop.fire();
 }
 
+/// After this many connections taken one per wait, the next one is looked for in the
+/// queue right away (one accept4 that may find nothing), to notice that connections come
+/// faster again.
+const ACCEPT_PROBE_EVERY: u32 = 16;
+
+/// Bursts of exactly one connection in a row after which connections are taken one per
+/// wait.
+const ACCEPT_SINGLE_AFTER: u32 = 2;
+
+/// How the accept loop looks for its next connection. Taking connections until accept4
+/// says EAGAIN serves bursts with one wait each; but when clients come one at a time
+/// (each wait finds one connection) that EAGAIN is a syscall per connection for nothing
+/// (nginx takes one connection per readiness event and never sees it). So after
+/// `ACCEPT_SINGLE_AFTER` bursts of one the loop waits right after each connection, and
+/// every `ACCEPT_PROBE_EVERY` connections asks the queue first: a second connection
+/// there means bursts again. A wait that finds the queue non-empty costs one readiness
+/// check (it completes at once), so a wrong guess is cheap either way. The mode also
+/// switches the listener's deferred accept (`set_single`).
+#[derive(Default)]
+struct AcceptPace {
+    /// Connections come one per wait: wait before asking the queue.
+    single: Cell<bool>,
+    /// Connections taken since the last wait.
+    taken: Cell<u32>,
+    /// Drain mode: bursts of one in a row. Single mode: connections since the last probe.
+    count: Cell<u32>,
+}
+
+impl AcceptPace {
+    /// Switches mode, and with it the listener's deferred accept. When connections come
+    /// one per wait the worker is idle between them, and the request is almost always
+    /// there by the time it has woken and accepted (> 99.5 % at one client; BENCHMARKS.md):
+    /// deferring would only make the wake-up wait for the request instead of running
+    /// alongside it (+10-20 µs per request at one client). In bursts a deferred
+    /// connection saves an empty read, a registration and a wait.
+    fn set_single(&self, listener: &TcpListener, single: bool) {
+        self.single.set(single);
+        self.count.set(0);
+        let secs = if single {
+            0
+        } else {
+            limits::HTTP_DEFER_ACCEPT_S
+        };
+        if let Err(e) = defer_accept(listener.as_raw_fd(), secs) {
+            tracing::debug!("HTTP listener: TCP_DEFER_ACCEPT {secs}: {e}");
+        }
+    }
+}
+
 /// The next connection, non-blocking from birth (accept4 with SOCK_NONBLOCK): no fcntl per
 /// connection (monoio's io_uring accept operation makes a blocking socket, and sendfile
-/// has no per-call "don't wait" flag). Connections that are queued are taken one syscall
-/// each; only an empty queue waits, for readiness (io_uring: one poll operation for a
-/// burst of connections, where monoio's accept is one operation per connection).
-async fn accept_nonblocking(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+/// has no per-call "don't wait" flag), and a plain descriptor that no runtime type
+/// registers (`Conn`). Only an empty queue waits, for readiness (io_uring: one poll
+/// operation for a burst of connections, where monoio's accept is one operation per
+/// connection); `pace` says when to wait without asking the queue first.
+async fn accept_nonblocking(
+    listener: &TcpListener,
+    pace: &AcceptPace,
+) -> io::Result<(OwnedFd, SocketAddr)> {
+    if pace.single.get() && pace.taken.get() > 0 {
+        let since_probe = pace.count.get() + 1;
+        if since_probe < ACCEPT_PROBE_EVERY {
+            pace.count.set(since_probe);
+            wait_for_connection(listener, pace).await?;
+        } else {
+            pace.count.set(0); // the probe: ask the queue first
+        }
+    }
     loop {
         // SAFETY: `try_init` hands a live storage and its length to fill; accept4 writes
         // at most that many bytes and the length it wrote.
@@ -207,21 +266,66 @@ async fn accept_nonblocking(listener: &TcpListener) -> io::Result<(TcpStream, So
         };
         let e = match accepted {
             Ok((owned, addr)) => {
+                let taken = pace.taken.get();
+                if pace.single.get() && taken > 0 {
+                    // A second connection without a wait: they come in bursts again.
+                    pace.set_single(listener, false);
+                }
+                pace.taken.set(taken + 1);
                 let peer = addr
                     .as_socket()
                     .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IP peer"))?;
-                let stream = TcpStream::from_std(std::net::TcpStream::from(owned))?;
-                return Ok((stream, peer));
+                return Ok((owned, peer));
             }
             Err(e) => e,
         };
         match e.kind() {
-            io::ErrorKind::WouldBlock => listener.readable(false).await?,
+            io::ErrorKind::WouldBlock => {
+                if !pace.single.get() {
+                    // A burst ended: was it one connection?
+                    let ones = if pace.taken.get() == 1 {
+                        pace.count.get() + 1
+                    } else {
+                        0
+                    };
+                    pace.count.set(ones);
+                    if ones >= ACCEPT_SINGLE_AFTER {
+                        pace.set_single(listener, true);
+                    }
+                }
+                wait_for_connection(listener, pace).await?
+            }
             // The client gave up while queued (ECONNABORTED), or a signal: take the next.
             io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted => {}
             _ => return Err(e),
         }
     }
+}
+
+/// Waits until the listener has a connection queued (under epoll monoio checks with a
+/// poll(2) first, and clears its readiness when there is none).
+async fn wait_for_connection(listener: &TcpListener, pace: &AcceptPace) -> io::Result<()> {
+    pace.taken.set(0);
+    listener.readable(false).await
+}
+
+/// Sets TCP_DEFER_ACCEPT on the listener to `secs` (0: off).
+fn defer_accept(fd: std::os::fd::RawFd, secs: u32) -> io::Result<()> {
+    let secs = secs as libc::c_int;
+    // SAFETY: `secs` is a live c_int and its size is passed with it.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn set_nonblocking(fd: std::os::fd::RawFd) -> io::Result<()> {
@@ -237,8 +341,8 @@ fn set_nonblocking(fd: std::os::fd::RawFd) -> io::Result<()> {
 /// stalls past a deadline. At shutdown (`http.stop` fired) a connection waiting for its
 /// next request closes at once; one in the middle of a request finishes it first (within
 /// the shutdown grace time).
-async fn serve(stream: TcpStream, peer: SocketAddr, ctx: &WorkerCtx, http: &HttpShared) {
-    let mut io = Conn::new(stream, http.reactor.as_ref(), http.uring);
+async fn serve(fd: OwnedFd, peer: SocketAddr, ctx: &WorkerCtx, http: &HttpShared) {
+    let mut io = Conn::new(fd, http.reactor.as_ref(), http.uring);
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     // The answer's head (and the .torrent's bytes before the dict); reused.
     let mut out: Vec<u8> = Vec::with_capacity(1024);
