@@ -69,16 +69,8 @@ fn set_udp_buffers(socket: &Socket, bytes: usize) {
     let short = |got: io::Result<usize>| got.map_or(true, |g| g / 2 < bytes);
     let force = |opt: libc::c_int| {
         let v = bytes.min(i32::MAX as usize) as libc::c_int;
-        // SAFETY: a plain int option on a socket we own.
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                &v as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        }
+        // Without CAP_NET_ADMIN this fails; what the kernel granted is checked below.
+        let _ = set_int_option(socket.as_raw_fd(), libc::SOL_SOCKET, opt, v);
     };
     if short(socket.recv_buffer_size()) {
         force(libc::SO_RCVBUFFORCE);
@@ -270,6 +262,30 @@ pub fn share_inherited(
         per_worker,
         udp_per_worker,
     })
+}
+
+/// setsockopt(2) of one `int` option on `fd` (the options socket2 has no setter for,
+/// and the FORCE variants of the buffer sizes).
+pub(crate) fn set_int_option(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `value` is a live c_int and its size is passed with it.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The IPv4 or IPv6 address the kernel wrote into a `sockaddr_storage` (accept, recvfrom,

@@ -290,19 +290,7 @@ fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
         s.set_only_v6(true)?;
         (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
     };
-    // SAFETY: a valid socket, a c_int option of its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            level,
-            name,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    crate::server::listener::set_int_option(s.as_raw_fd(), level, name, on)?;
     s.bind(&addr.into())?;
     let s: UdpSocket = s.into();
     s.set_read_timeout(Some(TICK))?;

@@ -30,6 +30,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
+use crate::server::listener::set_int_option;
+
 use monoio::io::Canceller;
 use monoio::net::TcpStream;
 use monoio::time::Instant;
@@ -261,21 +263,7 @@ impl Conn {
     /// one segment (TCP_CORK; without it the body's sendfile pushes the answer out and the
     /// FIN follows alone, one more segment and one more ACK per connection).
     pub fn cork(&self) -> io::Result<()> {
-        let on: libc::c_int = 1;
-        // SAFETY: `on` is a live c_int and its size is passed with it.
-        let r = unsafe {
-            libc::setsockopt(
-                self.fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_CORK,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        set_int_option(self.fd, libc::IPPROTO_TCP, libc::TCP_CORK, 1)
     }
 
     /// Ends the connection after its last answer (sent corked): the answer and the FIN

@@ -153,7 +153,7 @@ pub async fn accept_loop(
         // Still correct without it: a connection's first read may then find nothing.
         tracing::warn!("HTTP listener: TCP_DEFER_ACCEPT: {e}");
     }
-    let pace = AcceptPace::default();
+    let pace = AcceptPace::new();
     while let Some((fd, peer, permit)) = worker::accept_admitted(
         &listener,
         async |l: &TcpListener| accept_nonblocking(l, &pace).await,
@@ -195,32 +195,47 @@ const ACCEPT_SINGLE_AFTER: u32 = 2;
 /// every `ACCEPT_PROBE_EVERY` connections asks the queue first: a second connection
 /// there means bursts again. A wait that finds the queue non-empty costs one readiness
 /// check (it completes at once), so a wrong guess is cheap either way. The mode also
-/// switches the listener's deferred accept (`set_single`).
-#[derive(Default)]
+/// switches the listener's deferred accept (`set_mode`).
 struct AcceptPace {
-    /// Connections come one per wait: wait before asking the queue.
-    single: Cell<bool>,
+    mode: Cell<PaceMode>,
     /// Connections taken since the last wait.
     taken: Cell<u32>,
-    /// Drain mode: bursts of one in a row. Single mode: connections since the last probe.
-    count: Cell<u32>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum PaceMode {
+    /// Take connections until accept4 says EAGAIN; `ones`: bursts of exactly one in a row.
+    Drain { ones: u32 },
+    /// Wait right after each connection; `since_probe`: connections since the queue was
+    /// last asked before a wait.
+    Single { since_probe: u32 },
 }
 
 impl AcceptPace {
+    fn new() -> AcceptPace {
+        AcceptPace {
+            mode: Cell::new(PaceMode::Drain { ones: 0 }),
+            taken: Cell::new(0),
+        }
+    }
+
+    fn is_single(&self) -> bool {
+        matches!(self.mode.get(), PaceMode::Single { .. })
+    }
+
     /// Switches mode, and with it the listener's deferred accept. When connections come
     /// one per wait the worker is idle between them, and the request is almost always
     /// there by the time it has woken and accepted (> 99.5 % at one client; BENCHMARKS.md):
     /// deferring would only make the wake-up wait for the request instead of running
     /// alongside it (+10-20 µs per request at one client). In bursts a deferred
     /// connection saves an empty read, a registration and a wait.
-    fn set_single(&self, listener: &TcpListener, single: bool) {
-        self.single.set(single);
-        self.count.set(0);
-        let secs = if single {
-            0
+    fn set_mode(&self, listener: &TcpListener, single: bool) {
+        let (mode, secs) = if single {
+            (PaceMode::Single { since_probe: 0 }, 0)
         } else {
-            limits::HTTP_DEFER_ACCEPT_S
+            (PaceMode::Drain { ones: 0 }, limits::HTTP_DEFER_ACCEPT_S)
         };
+        self.mode.set(mode);
         if let Err(e) = defer_accept(listener.as_raw_fd(), secs) {
             tracing::debug!("HTTP listener: TCP_DEFER_ACCEPT {secs}: {e}");
         }
@@ -237,13 +252,16 @@ async fn accept_nonblocking(
     listener: &TcpListener,
     pace: &AcceptPace,
 ) -> io::Result<(OwnedFd, SocketAddr)> {
-    if pace.single.get() && pace.taken.get() > 0 {
-        let since_probe = pace.count.get() + 1;
-        if since_probe < ACCEPT_PROBE_EVERY {
-            pace.count.set(since_probe);
-            wait_for_connection(listener, pace).await?;
-        } else {
-            pace.count.set(0); // the probe: ask the queue first
+    if let PaceMode::Single { since_probe } = pace.mode.get() {
+        if pace.taken.get() > 0 {
+            let since_probe = since_probe + 1;
+            if since_probe < ACCEPT_PROBE_EVERY {
+                pace.mode.set(PaceMode::Single { since_probe });
+                wait_for_connection(listener, pace).await?;
+            } else {
+                // The probe: ask the queue first.
+                pace.mode.set(PaceMode::Single { since_probe: 0 });
+            }
         }
     }
     loop {
@@ -267,9 +285,9 @@ async fn accept_nonblocking(
         let e = match accepted {
             Ok((owned, addr)) => {
                 let taken = pace.taken.get();
-                if pace.single.get() && taken > 0 {
+                if pace.is_single() && taken > 0 {
                     // A second connection without a wait: they come in bursts again.
-                    pace.set_single(listener, false);
+                    pace.set_mode(listener, false);
                 }
                 pace.taken.set(taken + 1);
                 let peer = addr
@@ -281,16 +299,13 @@ async fn accept_nonblocking(
         };
         match e.kind() {
             io::ErrorKind::WouldBlock => {
-                if !pace.single.get() {
+                if let PaceMode::Drain { ones } = pace.mode.get() {
                     // A burst ended: was it one connection?
-                    let ones = if pace.taken.get() == 1 {
-                        pace.count.get() + 1
-                    } else {
-                        0
-                    };
-                    pace.count.set(ones);
+                    let ones = if pace.taken.get() == 1 { ones + 1 } else { 0 };
                     if ones >= ACCEPT_SINGLE_AFTER {
-                        pace.set_single(listener, true);
+                        pace.set_mode(listener, true);
+                    } else {
+                        pace.mode.set(PaceMode::Drain { ones });
                     }
                 }
                 wait_for_connection(listener, pace).await?
@@ -311,21 +326,8 @@ async fn wait_for_connection(listener: &TcpListener, pace: &AcceptPace) -> io::R
 
 /// Sets TCP_DEFER_ACCEPT on the listener to `secs` (0: off).
 fn defer_accept(fd: std::os::fd::RawFd, secs: u32) -> io::Result<()> {
-    let secs = secs as libc::c_int;
-    // SAFETY: `secs` is a live c_int and its size is passed with it.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&secs as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    let secs = secs.min(i32::MAX as u32) as libc::c_int;
+    crate::server::listener::set_int_option(fd, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, secs)
 }
 
 fn set_nonblocking(fd: std::os::fd::RawFd) -> io::Result<()> {
