@@ -106,11 +106,11 @@ fn system_page_bytes() -> usize {
     })
 }
 
-/// The residency period of `now`: whole `RESIDENCY_AGE`s since the process first asked.
-/// `now` is the caller's reading of the clock: a worker reads it once per turn anyway (its
-/// deadlines), and a clock read of our own on every serving lookup was most of what the
-/// residency check cost on the hit path (issue 20: ~100 ns per lookup in
-/// `cargo bench --bench store`, not the ~7 ns the same call takes in a tight loop).
+/// The residency period of `now`: whole `RESIDENCY_AGE`s since the first segment was
+/// mapped. `now` is the caller's reading of the clock: a worker reads it per event anyway
+/// (its deadlines), so the hit path needs no clock read of its own. That read (the coarse
+/// clock) cost ~5 ns; it was not the ~100 ns the residency check adds in
+/// `cargo bench --bench store`, which remains unexplained (BENCHMARKS.md, issue 20).
 pub(crate) fn residency_period(now: Instant) -> u64 {
     let since = now.saturating_duration_since(residency_epoch());
     // u64 arithmetic (`as_millis` is u128, a division by a library call).
