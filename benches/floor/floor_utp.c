@@ -242,6 +242,11 @@ static void queue_cb(void *cv, void *p, size_t n) {
     } else if (c->out_n < RANGES) {
         c->out[c->out_n].iov_base = p;
         c->out[c->out_n++].iov_len = n;
+    } else {
+        /* Dropping a range would truncate an answer and stall its client: a measurement
+         * that silently loses fetches. Stop instead (raise RANGES). */
+        fprintf(stderr, "floor_utp: more than %d answer ranges queued on one connection\n", RANGES);
+        exit(2);
     }
 }
 
