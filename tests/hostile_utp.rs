@@ -611,3 +611,73 @@ fn answers_of_sessions_woken_together_leave_in_few_sends() {
         "{calls} sendmmsg calls for {CLIENTS} sessions answered in one turn"
     );
 }
+
+/// The acks a fetch needs ride on the server's own packets: its answer to our opening
+/// (the first DATA, which also establishes the connection) carries the ack of it, and its
+/// FIN carries the ack of ours. A pure ST_STATE for either is one more datagram per fetch
+/// for both ends (a quarter of a small fetch's datagrams at 8 connections).
+#[test]
+fn the_answer_and_the_fin_carry_the_acks_of_what_asked_for_them() {
+    let fx = fixture();
+    let mut server = serve_utp(&fx, &[]);
+    let before = metrics(&server);
+    let (s, send_id, seq, their_seq) = open(server.addr, src(60), 7600);
+    let hdr = |ty, seq, ack| Hdr {
+        ty,
+        conn_id: send_id,
+        wnd: 1 << 20,
+        seq,
+        ack,
+    };
+    s.send_to(
+        &packet(
+            hdr(ST_DATA, seq, their_seq.wrapping_sub(1)),
+            None,
+            &bt_opening(&fx.small.key, 1),
+        ),
+        server.addr,
+    )
+    .unwrap();
+    // Everything the answer brings, each DATA acked as it comes.
+    let mut answer = Vec::new();
+    let mut last_data = None;
+    for d in drain(&s, Duration::from_millis(500)) {
+        let Some((h, _)) = parse(&d) else { continue };
+        if h.ty == ST_DATA {
+            last_data = Some(h.seq);
+            let ack = hdr(ST_STATE, seq.wrapping_add(1), h.seq);
+            s.send_to(&packet(ack, None, &[]), server.addr).unwrap();
+        }
+        answer.push(h);
+    }
+    let first = answer.first().expect("an answer to the opening");
+    assert_eq!(
+        (first.ty, first.ack),
+        (ST_DATA, seq),
+        "the first packet after the opening is the answer, acking it: {answer:?}"
+    );
+    assert!(
+        !answer.iter().any(|h| h.ty == ST_STATE),
+        "no pure ack of the opening: {answer:?}"
+    );
+    let last_data = last_data.expect("the answer is DATA");
+
+    // Our FIN: the server's session ends, and its FIN acks ours.
+    let fin_seq = seq.wrapping_add(1);
+    s.send_to(&packet(hdr(ST_FIN, fin_seq, last_data), None, &[]), server.addr)
+        .unwrap();
+    let closing: Vec<Hdr> = drain(&s, Duration::from_millis(500))
+        .iter()
+        .filter_map(|d| parse(d).map(|(h, _)| h))
+        .collect();
+    assert_eq!(
+        closing.first().map(|h| (h.ty, h.ack)),
+        Some((ST_FIN, fin_seq)),
+        "the server's FIN comes first and acks ours: {closing:?}"
+    );
+    assert!(
+        !closing.iter().any(|h| h.ty == ST_STATE && h.ack == fin_seq),
+        "no pure ack of our FIN: {closing:?}"
+    );
+    assert_healthy(&mut server, &before, &fx.small, "after a fetch with its acks riding");
+}

@@ -14,6 +14,9 @@ use monoio::buf::IoVecBuf;
 use crate::limits;
 use crate::store::RecordRef;
 
+/// Parts a batch makes room for at its first (see `OutBatch::reserve_parts`).
+const PARTS_INITIAL: usize = 16;
+
 enum Part {
     /// A range of `head`.
     Head(Range<usize>),
@@ -104,6 +107,7 @@ impl OutBatch {
 
     fn close_head(&mut self) {
         if self.head.len() > self.head_mark {
+            self.reserve_parts();
             self.parts.push(Part::Head(self.head_mark..self.head.len()));
             self.head_mark = self.head.len();
         }
@@ -121,7 +125,17 @@ impl OutBatch {
         }
         self.blocks += 1;
         self.payload_bytes += range.len();
+        self.reserve_parts();
         self.parts.push(Part::Payload(range));
+    }
+
+    /// A typical answer's parts at once (a fetch's opening answer is ~12: handshakes and
+    /// a header + block per piece): growing 4 → 8 → 16 was two reallocations per list
+    /// per batch, and a uTP session makes a fresh batch per write.
+    fn reserve_parts(&mut self) {
+        if self.parts.capacity() == 0 {
+            self.parts.reserve(PARTS_INITIAL);
+        }
     }
 
     /// Builds the iovec array; after this the batch is handed to the kernel as is.
@@ -132,6 +146,8 @@ impl OutBatch {
         self.iov_sent = 0;
         self.sealed_len = 0;
         self.run_hint.set(0);
+        self.iov.reserve(self.parts.len());
+        self.iov_starts.reserve(self.parts.len());
         for part in &self.parts {
             let bytes = part_bytes(&self.head, self.record.as_ref(), part);
             if bytes.is_empty() {

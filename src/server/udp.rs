@@ -838,12 +838,20 @@ impl Endpoint {
     /// session once established, wake its session, re-arm its timer, or let it go.
     /// Datagrams go into the endpoint's send batch; the caller sends it (`send_now`).
     fn after_event(self: &Rc<Self>, sh: &Rc<Shared>, now: Instant) {
-        if sh.reading.get() {
-            // Its session waits for these bytes and answers them before it waits again
-            // (`UtpTransport` lets the ack go at its next read or write): the answer's
-            // first DATA packet carries the ack, one datagram instead of two.
+        {
+            // A session that waits for these bytes, or one about to start with them (the
+            // peer's first DATA packet is what establishes the connection), answers them
+            // before it waits again (`UtpTransport` lets the ack go at its next read of
+            // nothing or at its write): the answer's first DATA packet carries the ack,
+            // one datagram instead of two. The peer's FIN wakes a waiting session to
+            // end at once, so our FIN carries its ack.
             let mut conn = sh.conn.borrow_mut();
-            if !conn.readable().is_empty() {
+            let starting = sh.session.get() == SessionState::NotStarted
+                && conn.is_established()
+                && !conn.is_closed();
+            if (sh.reading.get() || starting)
+                && (!conn.readable().is_empty() || (sh.reading.get() && conn.is_read_closed()))
+            {
                 conn.hold_ack(true);
             }
         }
@@ -1037,7 +1045,10 @@ impl Transport for UtpTransport {
         spare_min: usize,
         waiter: Option<&flume::Receiver<FetchOutcome>>,
     ) -> Wake {
-        self.release_ack();
+        // Bytes already here are read and answered now: their ack stays held for the answer.
+        if self.sh.conn.borrow().readable().is_empty() {
+            self.release_ack();
+        }
         let sh = self.sh.clone();
         let readable = poll_fn(|cx| {
             let mut conn = sh.conn.borrow_mut();
