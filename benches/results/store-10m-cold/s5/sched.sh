@@ -12,9 +12,9 @@ n=0
 for mode in ${MODES:-none both pagein cold}; do
   n=$((n + 1))
   case $mode in
-    none) extra=() ;;
+    none) extra=(COLD_IDLE=0) ;;
     both) extra=(PAGEIN_IDLE=1 COLD_IDLE=1) ;;
-    pagein) extra=(PAGEIN_IDLE=1) ;;
+    pagein) extra=(PAGEIN_IDLE=1 COLD_IDLE=0) ;;
     cold) extra=(COLD_IDLE=1) ;;
   esac
   env L="$L" BIN="$BIN" D="$D" PRIO=-20 "${extra[@]}" OUT="$OUT/c$n-idle-$mode" \
