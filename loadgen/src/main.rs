@@ -74,6 +74,11 @@ struct RunArgs {
     pin: bool,
     #[arg(long, value_enum, default_value = "auto")]
     driver: Driver,
+    /// io_uring without COOP_TASKRUN (the loadgen before 2026-12-07): every datagram or
+    /// segment arriving while a thread runs interrupts it, and on loopback the sender,
+    /// i.e. the server under test, pays for that interrupt. For comparing with old runs.
+    #[arg(long)]
+    uring_interrupting: bool,
     /// Run this long: seconds, or with a unit (`8s`, `500ms`, `2m`)...
     #[arg(long, default_value = "10", value_name = "DURATION", value_parser = parse_duration)]
     duration: Duration,
@@ -336,6 +341,7 @@ fn run_load(a: RunArgs) -> anyhow::Result<()> {
         timeout: a.timeout,
         sources,
         driver: a.driver,
+        uring_interrupting: a.uring_interrupting,
         pin: a.pin,
         seed: a.seed,
         ready_file: a.ready_file.clone(),

@@ -74,6 +74,8 @@ pub struct RunConfig {
     /// Local addresses to bind (round robin; TCP only); empty: let the kernel choose.
     pub sources: Vec<IpAddr>,
     pub driver: Driver,
+    /// The io_uring ring without COOP_TASKRUN (see `run_thread`).
+    pub uring_interrupting: bool,
     pub pin: bool,
     pub seed: u64,
     pub ready_file: Option<std::path::PathBuf>,
@@ -689,7 +691,18 @@ fn thread_main(
     };
     let local = if use_uring {
         let (fut, local) = body("io_uring");
+        // COOP_TASKRUN: a datagram or segment for this thread, arriving while it runs, is
+        // queued for its next entry into the kernel instead of interrupting it (an IPI
+        // per arrival otherwise; a thread asleep in the ring is woken as before). On
+        // loopback that interrupt is sent from inside the server's send: the server under
+        // test paid for interrupting its load generator, ~10 us per uTP fetch at 64
+        // connections (BENCHMARKS.md "uTP cost", sixth pass), which no remote client costs it.
+        let mut urb = monoio_io_uring::IoUring::builder();
+        if !shared.cfg.uring_interrupting {
+            urb.setup_coop_taskrun();
+        }
         RuntimeBuilder::<IoUringDriver>::new()
+            .uring_builder(urb)
             .with_entries(entries)
             .enable_timer()
             .build()?

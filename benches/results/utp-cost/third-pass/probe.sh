@@ -2,6 +2,7 @@
 # probe.sh WHICH [extra server args]: one server on CPU 0, loadgen uTP c=$C on CPU 1 for $D s;
 # prints fetches, server CPU-s, per-fetch syscalls by name and metrics deltas.
 # FLOOR=<binary in $U19> runs a floor variant (e.g. built with another GSO_SEGMENTS_MAX).
+# LGARGS=<loadgen flags> are added to the load generator (e.g. --uring-interrupting).
 set -u
 REPO=${REPO:-$(cd "$(dirname "$0")/../../../.." && pwd)}
 W=$1; shift
@@ -16,14 +17,14 @@ esac
 PID=$!
 for i in $(seq 100); do grep -q '^ready' srv.log && break; sleep 0.1; done
 PORT=$(grep '^ready ' srv.log | sed -E 's/.*listen=[^ ]*:([0-9]+).*/\1/')
-taskset -c 1 $L --target 127.0.0.1:$PORT --hashes data/hashes.txt --transport ${T:-utp} --connections $C --duration 2 --threads 1 >/dev/null 2>&1
+taskset -c 1 $L --target 127.0.0.1:$PORT --hashes data/hashes.txt --transport ${T:-utp} --connections $C --duration 2 --threads 1 ${LGARGS:-} >/dev/null 2>&1
 m0=$(curl -s http://$ADMIN/metrics 2>/dev/null | grep -E '^magnetar_utp_(datagrams|gso|packets|acks)' )
 c0=$(awk '{print $14+$15}' /proc/$PID/stat)
 if [ -n "${TRACE:-}" ]; then
   timeout -s INT $((D+1)) perf stat -e 'syscalls:sys_enter_*' -p $PID -o perf.txt 2>/dev/null &
   PP=$!
 fi
-out=$(taskset -c 1 $L --target 127.0.0.1:$PORT --hashes data/hashes.txt --transport ${T:-utp} --connections $C --duration $D --threads 1 --json 2>/dev/null | tail -1)
+out=$(taskset -c 1 $L --target 127.0.0.1:$PORT --hashes data/hashes.txt --transport ${T:-utp} --connections $C --duration $D --threads 1 ${LGARGS:-} --json 2>/dev/null | tail -1)
 c1=$(awk '{print $14+$15}' /proc/$PID/stat)
 [ -n "${TRACE:-}" ] && wait $PP
 m1=$(curl -s http://$ADMIN/metrics 2>/dev/null | grep -E '^magnetar_utp_(datagrams|gso|packets|acks)')
