@@ -846,12 +846,13 @@ impl Endpoint {
             // one datagram instead of two. The peer's FIN wakes a waiting session to
             // end at once, so our FIN carries its ack.
             let mut conn = sh.conn.borrow_mut();
+            let reading = sh.reading.get();
             let starting = sh.session.get() == SessionState::NotStarted
                 && conn.is_established()
                 && !conn.is_closed();
-            if (sh.reading.get() || starting)
-                && (!conn.readable().is_empty() || (sh.reading.get() && conn.is_read_closed()))
-            {
+            let unread = !conn.readable().is_empty();
+            let peer_closed = reading && conn.is_read_closed();
+            if ((reading || starting) && unread) || peer_closed {
                 conn.hold_ack(true);
             }
         }
