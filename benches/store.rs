@@ -117,6 +117,16 @@ fn store(c: &mut Criterion) {
 /// each variant's median and 10th percentile of ns per lookup over the rounds, and its
 /// median over `lookup`'s. `STORE_BENCH_FIXED_NOW=1`: the resident lookups get one fixed
 /// `now`, so the residency bits never age (no `mincore` after the first pass).
+///
+/// `STORE_BENCH_FENCE=1` (x86-64): an `lfence` after every lookup, so a lookup starts only
+/// when the previous one is done. Without it the core overlaps the next lookup's cache
+/// misses (key, hash, table entry) with the current one's (the header in the mapping), and
+/// the fewer instructions a variant runs per lookup, the more it overlaps: issue 20's
+/// session 6 found that this overlap, not the residency check, is what made
+/// `lookup_resident` 1.3× `lookup` here (fenced: 1.00–1.03×). A server never does two
+/// lookups back to back (a whole event's work lies between them), so the fenced numbers
+/// are the ones that model its hit path. `STORE_BENCH_SHIFT=k`: variant v starts at the
+/// key-cycle place of variant v + k (checks that where a variant walks does not matter).
 fn interleaved(store: &Store, keys: &[[u8; 20]], rounds: usize) {
     use magnetar::store::Resident;
     let batch: usize = std::env::var("STORE_BENCH_BATCH")
@@ -124,11 +134,14 @@ fn interleaved(store: &Store, keys: &[[u8; 20]], rounds: usize) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
     let fixed = std::env::var_os("STORE_BENCH_FIXED_NOW").is_some();
+    let fence = std::env::var_os("STORE_BENCH_FENCE").is_some();
     let hit = |r: Resident| match r {
         Resident::Hit(r) => r,
         other => panic!("a resident record: {other:?}"),
     };
-    let (mut out1, mut out2) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    // One send buffer for both copy variants: a buffer of its own each was one more
+    // difference between them (where the copy writes).
+    let out = std::cell::RefCell::new(vec![0u8; 64 * 1024]);
     // One clock for both resident variants: each `now` they pass is a real time.
     let clock = std::cell::RefCell::new(Turn::default());
     let start = std::time::Instant::now();
@@ -150,12 +163,22 @@ fn interleaved(store: &Store, keys: &[[u8; 20]], rounds: usize) {
             Box::new(|k: &[u8; 20]| drop(black_box(hit(store.lookup_resident(k, now()))))),
         ),
         (
+            // A control: the harness's clock alone (what the resident variants add to
+            // `lookup` outside the store).
+            "lookup + now()",
+            Box::new(|k: &[u8; 20]| {
+                black_box(now());
+                drop(black_box(store.lookup(k).unwrap()))
+            }),
+        ),
+        (
             "lookup + copy",
             Box::new(|k: &[u8; 20]| {
                 let r = store.lookup(k).unwrap();
                 let info = r.info();
-                out1[..info.len()].copy_from_slice(info);
-                black_box(&out1[..info.len()]);
+                let mut out = out.borrow_mut();
+                out[..info.len()].copy_from_slice(info);
+                black_box(&out[..info.len()]);
             }),
         ),
         (
@@ -163,8 +186,9 @@ fn interleaved(store: &Store, keys: &[[u8; 20]], rounds: usize) {
             Box::new(|k: &[u8; 20]| {
                 let r = hit(store.lookup_resident(k, now()));
                 let info = r.info();
-                out2[..info.len()].copy_from_slice(info);
-                black_box(&out2[..info.len()]);
+                let mut out = out.borrow_mut();
+                out[..info.len()].copy_from_slice(info);
+                black_box(&out[..info.len()]);
             }),
         ),
     ];
@@ -172,7 +196,11 @@ fn interleaved(store: &Store, keys: &[[u8; 20]], rounds: usize) {
     let mut times = vec![Vec::with_capacity(rounds); n];
     // Each variant starts at its own place in the key cycle: variants that walked the
     // same keys in turn would find the records the previous batch read still in cache.
-    let mut at: Vec<usize> = (0..n).map(|v| v * keys.len() / n).collect();
+    let shift: usize = std::env::var("STORE_BENCH_SHIFT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut at: Vec<usize> = (0..n).map(|v| ((v + shift) % n) * keys.len() / n).collect();
     for round in 0..rounds {
         for k in 0..n {
             let v = (round + k) % n;
@@ -181,6 +209,9 @@ fn interleaved(store: &Store, keys: &[[u8; 20]], rounds: usize) {
             for _ in 0..batch {
                 at[v] = (at[v] + 7919) % keys.len();
                 f(black_box(&keys[at[v]]));
+                if fence {
+                    serialize();
+                }
             }
             times[v].push(started.elapsed().as_nanos() as f64 / batch as f64);
         }
@@ -199,6 +230,19 @@ fn interleaved(store: &Store, keys: &[[u8; 20]], rounds: usize) {
             p50 / base
         );
     }
+}
+
+/// Wait until every earlier instruction is done before starting the next
+/// (`STORE_BENCH_FENCE`).
+#[inline(always)]
+fn serialize() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: lfence has no preconditions (SSE2 is part of x86-64).
+    unsafe {
+        std::arch::x86_64::_mm_lfence()
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    panic!("STORE_BENCH_FENCE is implemented for x86-64 only");
 }
 
 /// A worker's clock: read once per `TURN` calls (a turn of its event loop serves many).

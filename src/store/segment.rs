@@ -109,8 +109,9 @@ fn system_page_bytes() -> usize {
 /// The residency period of `now`: whole `RESIDENCY_AGE`s since the first segment was
 /// mapped. `now` is the caller's reading of the clock: a worker reads it per event anyway
 /// (its deadlines), so the hit path needs no clock read of its own. That read (the coarse
-/// clock) cost ~5 ns; it was not the ~100 ns the residency check adds in
-/// `cargo bench --bench store`, which remains unexplained (BENCHMARKS.md, issue 20).
+/// clock) cost ~5 ns. The residency check's apparent ~60–100 ns in `cargo bench --bench
+/// store` is lost overlap between back-to-back lookups, not this code: one lookup at a
+/// time (`STORE_BENCH_FENCE=1`) it costs 0–4 % (BENCHMARKS.md, issue 20 session 6).
 pub(crate) fn residency_period(now: Instant) -> u64 {
     let since = now.saturating_duration_since(residency_epoch());
     // u64 arithmetic (`as_millis` is u128, a division by a library call).
