@@ -2,9 +2,10 @@
 //! there (the first read of a connection tries at once: the listener's TCP_DEFER_ACCEPT
 //! hands a connection over with its request), answers as non-blocking syscalls made right
 //! away, and only an empty socket or a full socket buffer waits. Under io_uring a read
-//! waits on the worker's epoll set (`ready`); under epoll, through monoio
-//! (`server::tcp::read_or`), which registers the socket with its poller only then: a
-//! connection served without waiting costs no epoll_ctl.
+//! waits on the worker's epoll set (`ready`), or, when it is the worker's only waiting
+//! connection, on a poll of its own socket (`Reactor::claim_solo`); under epoll, through
+//! monoio (`server::tcp::read_or`), which registers the socket with its poller only then:
+//! a connection served without waiting costs no epoll_ctl.
 //!
 //! Why not monoio's writev: a .torrent is a ~40 KiB info dict, and a writev from the store's
 //! mapping makes the kernel copy all of it into socket buffers (28 % of the server's time in

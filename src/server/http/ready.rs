@@ -5,6 +5,8 @@
 //! poll operation per wait) arms the socket's wait queue, completes as task work and is
 //! re-armed for every request. This is nginx's loop (`epoll_wait`, then `recv` of the
 //! ready sockets) inside the io_uring runtime; the answers were already plain syscalls.
+//! A lone waiter is the exception (`Reactor::claim_solo`): with nobody else waiting there
+//! is no burst to share, and a poll of its own socket wakes the worker one level sooner.
 //!
 //! A connection's slot says whether an edge came since its last recv; the task that reads
 //! clears it before its recv, so an edge that lands after an EAGAIN is never lost. Slots
