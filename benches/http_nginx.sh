@@ -71,7 +71,14 @@ for port in $MPORT $NPORT 18382; do
     echo "port $port is in use (a stale server?): not measuring"; exit 1
   fi
 done
-taskset -c 0 "$M" --log error serve --data-dir "$W/data" --listen 127.0.0.1:0 --utp off \
+# Every server in a session of its own, as nginx's daemon is (`daemon on` calls setsid):
+# with autogroup scheduling (kernel.sched_autogroup_enabled, on by default) a session is
+# a task group, and a server left in this script's session shares one group with wrk,
+# whose busy CPU 1 takes most of the group's weight, so on CPU 0 the server got a
+# fraction of nginx's share against any other load (a compile): fewer req/s and
+# scheduler-sized p99s at the same CPU per request. setsid execs (a background job of a
+# script is no group leader), so $! is still the server.
+setsid taskset -c 0 "$M" --log error serve --data-dir "$W/data" --listen 127.0.0.1:0 --utp off \
   --admin off --no-dht --threads 1 --http "127.0.0.1:$MPORT" \
   --connections-per-ip-max 100000 > "$W/magnetar.out" &
 MPID=$!
@@ -83,7 +90,7 @@ if [ -n "$B" ]; then
   BPORT=18382
   "$B" --log error import --data-dir "$W/data-before" "$W/torrents" >/dev/null
   # shellcheck disable=SC2086
-  env ${BEFORE_ENV:-} taskset -c 0 "$B" --log error serve --data-dir "$W/data-before" --listen 127.0.0.1:0 \
+  setsid env ${BEFORE_ENV:-} taskset -c 0 "$B" --log error serve --data-dir "$W/data-before" --listen 127.0.0.1:0 \
     --utp off --admin off --no-dht --threads 1 --http "127.0.0.1:$BPORT" \
     --connections-per-ip-max 100000 > "$W/before.out" &
   BPID=$!
@@ -164,6 +171,9 @@ fi
 
 RES=$OUT/runs.tsv
 echo "start $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg) driver ${MAGNETAR_DRIVER:-default} before_env ${BEFORE_ENV:-none}" > "$OUT/load.txt"
+for p in $MPID ${BPID:-} $(pgrep -P "$NPID") $$; do
+  echo "autogroup $(cat "/proc/$p/comm") $(cat "/proc/$p/autogroup" 2>/dev/null)" >> "$OUT/load.txt"
+done
 echo -e "round\tserver\tmode\tconns\treq_per_s\tp50_ms\tp99_ms\tcpu_us_per_req" > "$RES"
 HZ=$(getconf CLK_TCK)
 for round in $(seq "$ROUNDS"); do

@@ -843,3 +843,40 @@ fn silent_connection_is_closed_at_the_request_timeout() {
         "closed too early: {took:?}"
     );
 }
+
+/// One worker, keep-alive connections that wait between requests: the first to wait waits
+/// alone (io_uring: a poll of its own socket), the second joins the worker's epoll set,
+/// and the first joins it too at its next wait; then the set empties and a new lone
+/// waiter takes the place. Every request on every connection is answered, byte-exact, in
+/// each of those states (under epoll the same requests go through monoio's poller).
+#[test]
+fn keep_alive_connections_moving_between_lone_wait_and_the_set_are_answered() {
+    let s = stored_server(&["--threads", "1"]);
+    let path = format!("/torrent/{}.torrent", hex::encode(s.t.key));
+    let whole = get(s.http, &path);
+    assert_eq!(whole.status, 200);
+    let check = |c: &mut Conn, what: &str| {
+        let r = c.request("GET", &path, "");
+        assert_eq!(r.status, 200, "{what}");
+        assert!(r.body == whole.body, "{what}: the body differs");
+    };
+    let settle = || std::thread::sleep(Duration::from_millis(100));
+    let mut a = Conn::open(s.http);
+    check(&mut a, "a, first request");
+    settle(); // a waits alone
+    let mut b = Conn::open(s.http);
+    check(&mut b, "b, first request");
+    settle(); // b waits in the set
+    check(&mut a, "a, woken from its lone wait");
+    settle(); // a waits in the set now
+    check(&mut b, "b, from the set");
+    check(&mut a, "a, from the set");
+    drop(b);
+    drop(a);
+    settle();
+    let mut c = Conn::open(s.http);
+    for i in 0..3 {
+        check(&mut c, &format!("c, request {i} after the others left"));
+        settle();
+    }
+}

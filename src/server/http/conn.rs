@@ -2,9 +2,10 @@
 //! there (the first read of a connection tries at once: the listener's TCP_DEFER_ACCEPT
 //! hands a connection over with its request), answers as non-blocking syscalls made right
 //! away, and only an empty socket or a full socket buffer waits. Under io_uring a read
-//! waits on the worker's epoll set (`ready`); under epoll, through monoio
-//! (`server::tcp::read_or`), which registers the socket with its poller only then: a
-//! connection served without waiting costs no epoll_ctl.
+//! waits on the worker's epoll set (`ready`), or, when it is the worker's only waiting
+//! connection, on a poll of its own socket (`Reactor::claim_solo`); under epoll, through
+//! monoio (`server::tcp::read_or`), which registers the socket with its poller only then:
+//! a connection served without waiting costs no epoll_ctl.
 //!
 //! Why not monoio's writev: a .torrent is a ~40 KiB info dict, and a writev from the store's
 //! mapping makes the kernel copy all of it into socket buffers (28 % of the server's time in
@@ -63,6 +64,9 @@ pub struct Conn {
     /// The connection's place in the epoll set, taken at its first empty read (a
     /// connection whose only request was there at accept never needs one).
     token: Option<Token>,
+    /// Waiting for bytes alone, on a poll operation of its own socket, outside the set
+    /// (`Reactor::claim_solo`): the worker's only waiting connection.
+    solo: bool,
     /// No read yet: the first one tries the socket before waiting.
     fresh: bool,
     /// The worker's runtime is on io_uring (there monoio closes a socket with a ring
@@ -85,6 +89,7 @@ impl Conn {
             canceller: Canceller::new(),
             reactor: reactor.cloned(),
             token: None,
+            solo: false,
             fresh: true,
             uring,
         }
@@ -222,9 +227,36 @@ impl Conn {
         }
         let mut try_now = std::mem::take(&mut self.fresh);
         loop {
+            if self.solo && reactor.solo_has_company() {
+                // Others wait in the set now: join them (bytes that came meanwhile are
+                // reported at the add).
+                reactor.release_solo();
+                self.solo = false;
+                match reactor.add(self.fd) {
+                    Ok(t) => self.token = Some(t),
+                    Err(e) => return ReadOutcome::Failed(e),
+                }
+            }
+            if self.solo && !try_now {
+                // A poll armed on a socket with bytes completes at once.
+                let stream = match self.stream() {
+                    Ok(s) => s,
+                    Err(e) => return ReadOutcome::Failed(e),
+                };
+                monoio::select! {
+                    r = stream.readable(false) => {
+                        if let Err(e) = r {
+                            return ReadOutcome::Failed(e);
+                        }
+                    },
+                    _ = monoio::time::sleep_until(deadline) => return ReadOutcome::Deadline,
+                }
+                try_now = true;
+                continue;
+            }
             // Taken before the recv: an edge after an EAGAIN is kept for the wait. Not in
             // the set yet: try the socket.
-            let ready = self.token.as_ref().is_none_or(|t| reactor.take_ready(t));
+            let ready = self.solo || self.token.as_ref().is_none_or(|t| reactor.take_ready(t));
             if !ready && !try_now {
                 let token = self.token.as_ref().expect("not ready implies a token");
                 monoio::select! {
@@ -244,7 +276,12 @@ impl Conn {
                     }
                     return ReadOutcome::Data { filled };
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.solo => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.token.is_none() => {
+                    if reactor.claim_solo() {
+                        self.solo = true;
+                        continue;
+                    }
                     // Into the set now; bytes that came since are reported at once
                     // (epoll checks a socket's readiness when it is added).
                     match reactor.add(self.fd) {
@@ -316,6 +353,9 @@ impl Drop for Conn {
     fn drop(&mut self) {
         if let (Some(reactor), Some(token)) = (&self.reactor, &self.token) {
             reactor.remove(token);
+        }
+        if let (Some(reactor), true) = (&self.reactor, self.solo) {
+            reactor.release_solo();
         }
         // The field that is set closes the socket when dropped.
         drop(self.stream.take());

@@ -5,13 +5,15 @@
 //! poll operation per wait) arms the socket's wait queue, completes as task work and is
 //! re-armed for every request. This is nginx's loop (`epoll_wait`, then `recv` of the
 //! ready sockets) inside the io_uring runtime; the answers were already plain syscalls.
+//! A lone waiter is the exception (`Reactor::claim_solo`): with nobody else waiting there
+//! is no burst to share, and a poll of its own socket wakes the worker one level sooner.
 //!
 //! A connection's slot says whether an edge came since its last recv; the task that reads
 //! clears it before its recv, so an edge that lands after an EAGAIN is never lost. Slots
 //! carry a generation: an event for a closed connection whose slot was reused (the close
 //! is asynchronous under io_uring, and epoll forgets the socket only then) is dropped.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -29,6 +31,11 @@ struct Slot {
 
 pub struct Reactor {
     epoll: OwnedFd,
+    /// One connection may wait alone, outside the set, on a poll operation of its own
+    /// socket (`claim_solo`): true while one does.
+    solo: Cell<bool>,
+    /// Connections in the set.
+    registered: Cell<usize>,
     /// A duplicate of `epoll` that monoio polls (a std type as a holder, as for the own
     /// ring's descriptor: monoio's poll operation only needs a descriptor).
     waitable: monoio::net::UnixStream,
@@ -65,6 +72,8 @@ impl Reactor {
         let holder = unsafe { std::os::unix::net::UnixStream::from_raw_fd(dup) };
         Ok(Rc::new(Reactor {
             epoll,
+            solo: Cell::new(false),
+            registered: Cell::new(0),
             waitable: monoio::net::UnixStream::from_std(holder)?,
             slots: RefCell::new(Slots::default()),
         }))
@@ -100,6 +109,7 @@ impl Reactor {
             slots.free.push(index);
             return Err(e);
         }
+        self.registered.set(self.registered.get() + 1);
         Ok(token)
     }
 
@@ -110,6 +120,35 @@ impl Reactor {
         slot.generation = slot.generation.wrapping_add(1);
         slot.waker = None;
         slots.free.push(token.index);
+        self.registered.set(self.registered.get() - 1);
+    }
+
+    /// Whether a connection with nothing to read may wait alone on a poll operation of its
+    /// own socket instead of joining the set: only while no other connection is waiting
+    /// (none in the set, none alone). One connection (a lone keep-alive client) then sleeps
+    /// on its socket directly: the client's bytes wake the worker through one poll, where
+    /// the set adds a second level (the socket wakes the epoll instance, whose poll
+    /// operation wakes the worker, which then asks the set with epoll_wait): one syscall
+    /// and one wake-up callback fewer per request. With company the set is cheaper (one
+    /// poll for a burst of connections, none re-armed per request). `release_solo` gives
+    /// the place back.
+    pub fn claim_solo(&self) -> bool {
+        if self.solo.get() || self.registered.get() > 0 {
+            return false;
+        }
+        self.solo.set(true);
+        true
+    }
+
+    /// Whether the connection waiting alone should join the set now: another connection
+    /// is in it (the company the set is for).
+    pub fn solo_has_company(&self) -> bool {
+        self.registered.get() > 0
+    }
+
+    /// The connection that waited alone (`claim_solo`) no longer does.
+    pub fn release_solo(&self) {
+        self.solo.set(false);
     }
 
     /// Takes the slot's edge: true when bytes (or the close) may have come since the last
@@ -189,5 +228,34 @@ impl Reactor {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The place to wait alone goes to one connection at a time, and only while the set
+    /// is empty; a connection joining the set is company for it, and the place frees up
+    /// again once the set is empty and the lone one left.
+    #[test]
+    fn one_connection_waits_alone_only_while_no_other_waits() {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .expect("runtime")
+            .block_on(async {
+                let reactor = Reactor::new().expect("reactor");
+                let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+                assert!(reactor.claim_solo(), "an idle worker's first waiter");
+                assert!(!reactor.claim_solo(), "a second lone waiter");
+                assert!(!reactor.solo_has_company());
+                let token = reactor.add(a.as_raw_fd()).expect("add");
+                assert!(reactor.solo_has_company(), "a connection joined the set");
+                reactor.release_solo();
+                assert!(!reactor.claim_solo(), "the set is not empty");
+                reactor.remove(&token);
+                assert!(!reactor.solo_has_company());
+                assert!(reactor.claim_solo(), "set empty, nobody alone");
+            });
     }
 }
