@@ -664,8 +664,11 @@ fn the_answer_and_the_fin_carry_the_acks_of_what_asked_for_them() {
 
     // Our FIN: the server's session ends, and its FIN acks ours.
     let fin_seq = seq.wrapping_add(1);
-    s.send_to(&packet(hdr(ST_FIN, fin_seq, last_data), None, &[]), server.addr)
-        .unwrap();
+    s.send_to(
+        &packet(hdr(ST_FIN, fin_seq, last_data), None, &[]),
+        server.addr,
+    )
+    .unwrap();
     let closing: Vec<Hdr> = drain(&s, Duration::from_millis(500))
         .iter()
         .filter_map(|d| parse(d).map(|(h, _)| h))
@@ -679,5 +682,10 @@ fn the_answer_and_the_fin_carry_the_acks_of_what_asked_for_them() {
         !closing.iter().any(|h| h.ty == ST_STATE && h.ack == fin_seq),
         "no pure ack of our FIN: {closing:?}"
     );
-    assert_healthy(&mut server, &before, &fx.small, "after a fetch with its acks riding");
+    assert_healthy(
+        &mut server,
+        &before,
+        &fx.small,
+        "after a fetch with its acks riding",
+    );
 }
