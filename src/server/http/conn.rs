@@ -99,14 +99,23 @@ impl Conn {
     /// wait (under epoll that registers it with the runtime's poller).
     fn stream(&mut self) -> io::Result<&mut TcpStream> {
         if self.stream.is_none() {
-            let fd = self
-                .raw
-                .take()
-                .expect("the socket is raw until it is a stream");
-            // On an error monoio drops (closes) the socket: the connection ends.
-            self.stream = Some(TcpStream::from_std(std::net::TcpStream::from(fd))?);
+            let Some(fd) = self.raw.take() else {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "the socket was closed by a failed registration",
+                ));
+            };
+            match TcpStream::from_std(std::net::TcpStream::from(fd)) {
+                Ok(stream) => self.stream = Some(stream),
+                Err(e) => {
+                    // monoio dropped (closed) the socket: its number may be reused by the
+                    // next accept, so no later syscall of this connection may name it.
+                    self.fd = -1;
+                    return Err(e);
+                }
+            }
         }
-        Ok(self.stream.as_mut().expect("just made"))
+        Ok(self.stream.as_mut().expect("set above"))
     }
 
     /// Appends received bytes to `buf` (first making `spare_min` bytes of room), or ends
@@ -117,32 +126,23 @@ impl Conn {
         deadline: Instant,
         spare_min: usize,
     ) -> ReadOutcome {
+        if buf.capacity() - buf.len() < spare_min {
+            buf.reserve(spare_min);
+        }
         if self.reactor.is_some() {
-            return self.read_when_ready(buf, deadline, spare_min).await;
+            return self.read_when_ready(buf, deadline).await;
         }
         if std::mem::take(&mut self.fresh) && self.stream.is_none() {
             // Under epoll: the request is usually there at accept; only an empty socket
             // is registered with the runtime and waited for.
-            if buf.capacity() - buf.len() < spare_min {
-                buf.reserve(spare_min);
-            }
-            match recv_now(self.fd, buf) {
-                Ok(0) => return ReadOutcome::Eof,
-                Ok(_) => {
-                    let filled = buf.len() == buf.capacity();
-                    return ReadOutcome::Data { filled };
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => return ReadOutcome::Failed(e),
+            if let Ok(outcome) = try_recv(self.fd, buf) {
+                return outcome;
             }
         }
         if let Err(e) = self.stream() {
             return ReadOutcome::Failed(e);
         }
+        // Borrowed again beside the canceller (`stream()` borrows all of `self`).
         let stream = self.stream.as_mut().expect("made above");
         let never = std::future::pending::<Infallible>();
         let read = tcp::read_or(stream, &mut self.canceller, buf, deadline, spare_min, never);
@@ -215,16 +215,8 @@ impl Conn {
     /// request is usually there by the time we accept it (a client sends it right behind
     /// its handshake). Bytes that race with the deadline stay in the socket; the
     /// connection closes at a deadline anyway.
-    async fn read_when_ready(
-        &mut self,
-        buf: &mut Vec<u8>,
-        deadline: Instant,
-        spare_min: usize,
-    ) -> ReadOutcome {
+    async fn read_when_ready(&mut self, buf: &mut Vec<u8>, deadline: Instant) -> ReadOutcome {
         let reactor = self.reactor.clone().expect("called with a reactor");
-        if buf.capacity() - buf.len() < spare_min {
-            buf.reserve(spare_min);
-        }
         let mut try_now = std::mem::take(&mut self.fresh);
         loop {
             if self.solo && reactor.solo_has_company() {
@@ -266,15 +258,13 @@ impl Conn {
                 continue;
             }
             try_now = false;
-            match recv_now(self.fd, buf) {
-                Ok(0) => return ReadOutcome::Eof,
-                Ok(_) => {
-                    let filled = buf.len() == buf.capacity();
-                    if let (true, Some(t)) = (filled, &self.token) {
+            match try_recv(self.fd, buf) {
+                Ok(outcome) => {
+                    if let (ReadOutcome::Data { filled: true }, Some(t)) = (&outcome, &self.token) {
                         // More may be queued: the next read tries at once.
                         reactor.set_ready(t);
                     }
-                    return ReadOutcome::Data { filled };
+                    return outcome;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.solo => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && self.token.is_none() => {
@@ -290,8 +280,8 @@ impl Conn {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => try_now = true,
-                Err(e) => return ReadOutcome::Failed(e),
+                // EINTR, the only other `Err` of `try_recv`.
+                Err(_) => try_now = true,
             }
         }
     }
@@ -354,12 +344,35 @@ impl Drop for Conn {
         if let (Some(reactor), Some(token)) = (&self.reactor, &self.token) {
             reactor.remove(token);
         }
-        if let (Some(reactor), true) = (&self.reactor, self.solo) {
-            reactor.release_solo();
+        if self.solo {
+            if let Some(reactor) = &self.reactor {
+                reactor.release_solo();
+            }
         }
         // The field that is set closes the socket when dropped.
         drop(self.stream.take());
         drop(self.raw.take());
+    }
+}
+
+/// One non-blocking recv(2) into `buf`'s spare room, as a read's outcome (`filled`: no room
+/// left, more may be queued); `Err` only when the socket has nothing now (EAGAIN) or a
+/// signal came (EINTR): the caller waits or tries again.
+fn try_recv(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<ReadOutcome> {
+    match recv_now(fd, buf) {
+        Ok(0) => Ok(ReadOutcome::Eof),
+        Ok(_) => Ok(ReadOutcome::Data {
+            filled: buf.len() == buf.capacity(),
+        }),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            Err(e)
+        }
+        Err(e) => Ok(ReadOutcome::Failed(e)),
     }
 }
 
