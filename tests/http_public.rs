@@ -184,6 +184,20 @@ struct Stored {
     t: Torrent,
 }
 
+impl Stored {
+    /// The public path of the stored torrent.
+    fn path(&self) -> String {
+        format!("/torrent/{}.torrent", hex::encode(self.t.key))
+    }
+
+    /// The .torrent as a fresh connection gets it (a 200), to compare other answers with.
+    fn whole(&self) -> Resp {
+        let whole = get(self.http, &self.path());
+        assert_eq!(whole.status, 200);
+        whole
+    }
+}
+
 fn stored_server(extra: &[&str]) -> Stored {
     let tmp = tempfile::tempdir().unwrap();
     let info = v1_info("film.mkv", 2000); // 3 metadata pieces: a 40 KiB+ body
@@ -250,7 +264,7 @@ fn get_serves_the_whole_torrent_byte_exactly() {
 #[test]
 fn head_etag_preflight_and_keep_alive_on_one_connection() {
     let s = stored_server(&[]);
-    let path = format!("/torrent/{}.torrent", hex::encode(s.t.key));
+    let path = s.path();
     let mut c = Conn::open(s.http);
     let head = c.request("HEAD", &path, "");
     assert_eq!(head.status, 200);
@@ -384,7 +398,7 @@ fn slow_reader(extra: &[&str]) {
 #[test]
 fn request_head_larger_than_one_read_is_answered() {
     let s = stored_server(&["--http-request-timeout-ms", "3000"]);
-    let path = format!("/torrent/{}.torrent", hex::encode(s.t.key));
+    let path = s.path();
     let cookie = format!("Cookie: c={}\r\n", "x".repeat(6000));
     let mut c = Conn::open(s.http);
     // A small request first: the connection then waits for the next one on readiness.
@@ -408,7 +422,7 @@ fn request_head_larger_than_one_read_is_answered() {
 #[test]
 fn deleted_hash_is_not_served_from_the_answer_cache() {
     let s = stored_server(&["--threads", "1"]);
-    let path = format!("/torrent/{}.torrent", hex::encode(s.t.key));
+    let path = s.path();
     let mut c = Conn::open(s.http);
     let first = c.request("GET", &path, "");
     assert_eq!(first.status, 200);
@@ -433,23 +447,11 @@ fn bad_requests_get_their_statuses_and_slow_ones_a_timeout() {
     let mut c = Conn::open(s.http);
     let bad = c.request("GET", "/torrent/not-a-hash.torrent", "");
     assert_eq!(bad.status, 400);
-    let post = c.request(
-        "DELETE",
-        &format!("/torrent/{}.torrent", hex::encode(s.t.key)),
-        "",
-    );
+    let post = c.request("DELETE", &s.path(), "");
     assert_eq!(post.status, 405);
     assert!(post.header("allow").contains("GET"));
     // Still open after those: a 200 follows.
-    assert_eq!(
-        c.request(
-            "GET",
-            &format!("/torrent/{}.torrent", hex::encode(s.t.key)),
-            ""
-        )
-        .status,
-        200
-    );
+    assert_eq!(c.request("GET", &s.path(), "").status, 200);
 
     let mut c = Conn::open(s.http);
     c.send("POST /torrent/x.torrent HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello");
@@ -606,7 +608,7 @@ fn admin_magnet_carries_xs_that_the_listener_serves() {
 fn shutdown_closes_idle_keep_alive_connections_at_once() {
     let mut s = stored_server(&["--shutdown-grace-ms", "20000"]);
     let mut c = Conn::open(s.http);
-    let path = format!("/torrent/{}.torrent", hex::encode(s.t.key));
+    let path = s.path();
     assert_eq!(c.request("GET", &path, "").status, 200);
     let metrics = http::get(&s.server.url("/metrics")).text();
     for (name, at_least) in [
@@ -764,9 +766,8 @@ fn preflights(server: &ServerProc) -> f64 {
 #[test]
 fn answer_before_close_survives_bytes_sent_after_the_close_request() {
     let s = stored_server(&["--threads", "1"]);
-    let path = format!("/torrent/{}.torrent", hex::encode(s.t.key));
-    let whole = get(s.http, &path);
-    assert_eq!(whole.status, 200);
+    let path = s.path();
+    let whole = s.whole();
     for round in 0..3 {
         let mut c = Conn::open(s.http);
         let cookie = "x".repeat(16 * 1024);
@@ -796,9 +797,7 @@ fn answer_before_close_survives_bytes_sent_after_the_close_request() {
 #[test]
 fn close_request_in_pieces_or_after_silence_is_answered() {
     let s = stored_server(&["--threads", "1", "--http-request-timeout-ms", "5000"]);
-    let path = format!("/torrent/{}.torrent", hex::encode(s.t.key));
-    let whole = get(s.http, &path);
-    assert_eq!(whole.status, 200);
+    let whole = s.whole();
     let pieces = [
         "GET /torrent/".to_owned(),
         format!("{}.torrent HTTP/1.1\r\nHost: x\r\n", hex::encode(s.t.key)),
@@ -852,9 +851,8 @@ fn silent_connection_is_closed_at_the_request_timeout() {
 #[test]
 fn keep_alive_connections_moving_between_lone_wait_and_the_set_are_answered() {
     let s = stored_server(&["--threads", "1"]);
-    let path = format!("/torrent/{}.torrent", hex::encode(s.t.key));
-    let whole = get(s.http, &path);
-    assert_eq!(whole.status, 200);
+    let path = s.path();
+    let whole = s.whole();
     let check = |c: &mut Conn, what: &str| {
         let r = c.request("GET", &path, "");
         assert_eq!(r.status, 200, "{what}");
