@@ -366,9 +366,18 @@ impl LtSeed {
                 }
             }
         });
-        let port = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("lt_client.py did not start listening");
+        let port = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(port) => port,
+            // Its stdout closed: it exited (a native crash prints nothing on stderr).
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
+                "lt_client.py exited before listening: {:?}",
+                child.wait().map(|s| s.to_string())
+            ),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!("lt_client.py did not start listening within 30 s")
+            }
+        };
         LtSeed { child, port }
     }
 
