@@ -298,6 +298,17 @@ fn relay_memory_is_bounded_and_shedding_is_counted() {
 /// The harness itself, with no magnetar in it: a libtorrent seed (defaults) behind the
 /// lossy relay, a libtorrent fetcher (defaults) given x.pe = the relay. Only uTP can pass
 /// (TCP to the relay's port is refused), and it must get through the loss.
+///
+/// A failed fetch is run once more (a fresh client through the same relay): two
+/// libtorrents (2.0.8) miss the 30 s by themselves in about 3 of 100 runs on a loaded
+/// 2-core machine (3 of 110 here, two loops at once beside the suite). Their peer logs
+/// (`LT_PEER_LOG=1`) show two ways: the seed's uTP times out in the middle of the answer
+/// while the client, with nothing of its own in flight, waits on (its peer timeout is
+/// 120 s); or the seed goes silent after the handshakes, the client's uTP times out and
+/// libtorrent's reconnect delay outlasts the fetch. Each time the relay had forwarded every
+/// packet it did not drop on purpose (nothing in flight, nothing shed; it prints its
+/// counters when a test fails). With magnetar at one end, the same loops passed 128 of 128
+/// fetches from a libtorrent seed and 40 of 40 by a libtorrent client.
 #[test]
 fn lossy_relay_carries_utp_between_two_libtorrents() {
     require_libtorrent();
@@ -305,7 +316,7 @@ fn lossy_relay_carries_utp_between_two_libtorrents() {
     let t = fifteen_piece_torrent(tmp.path());
     let seed = LtSeed::start(&[&t.path], &tmp.path().join("t/content"), &[]);
     let relay = lossy_relay_to(seed.addr());
-    let got = lt_fetch_with(
+    let got = lt_fetch_once_more(
         &t.magnet(relay.addr),
         &tmp.path().join("got.info"),
         FETCH_TIMEOUT_S,

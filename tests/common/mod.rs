@@ -538,7 +538,35 @@ pub fn lt_fetch_with(magnet: &str, out: &Path, timeout_s: u32, transport: Transp
 
 /// `lt_client.py fetch MAGNET OUT --timeout T EXTRA...`, its JSON report read back.
 pub fn lt_fetch_args(magnet: &str, out: &Path, timeout_s: u32, extra: &[&str]) -> LtFetch {
-    let fetch = || {
+    lt_fetch_report(
+        run_ok_unless_crashed(lt_fetch_command(magnet, out, timeout_s, extra)),
+        out,
+    )
+}
+
+/// `lt_fetch_with`, but a fetch that fails is run once more (`run_ok_once_more`), for
+/// tests whose both ends are libtorrent: what such a failure shows is libtorrent's, not
+/// ours (see the caller's comment); a second failure in a row fails.
+pub fn lt_fetch_once_more(
+    magnet: &str,
+    out: &Path,
+    timeout_s: u32,
+    transport: Transport,
+) -> LtFetch {
+    let extra = ["--transport", transport.arg()];
+    lt_fetch_report(
+        run_ok_once_more(lt_fetch_command(magnet, out, timeout_s, &extra)),
+        out,
+    )
+}
+
+fn lt_fetch_command<'a>(
+    magnet: &'a str,
+    out: &'a Path,
+    timeout_s: u32,
+    extra: &'a [&'a str],
+) -> impl Fn() -> Command + 'a {
+    move || {
         let mut cmd = Command::new(PYTHON);
         cmd.arg(repo_path("tests/interop/lt_client.py"))
             .arg("fetch")
@@ -547,8 +575,11 @@ pub fn lt_fetch_args(magnet: &str, out: &Path, timeout_s: u32, extra: &[&str]) -
             .args(["--timeout", &timeout_s.to_string()])
             .args(extra);
         cmd
-    };
-    let res = run_ok_unless_crashed(fetch);
+    }
+}
+
+/// The JSON report of a successful `lt_client.py fetch`, and the info dict it wrote.
+fn lt_fetch_report(res: Output, out: &Path) -> LtFetch {
     let stdout = String::from_utf8_lossy(&res.stdout);
     let line = stdout
         .lines()

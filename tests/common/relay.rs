@@ -413,6 +413,15 @@ impl LossyRelay {
 
 impl Drop for LossyRelay {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failed fetch through the relay: what the relay saw tells loss from a stall.
+            eprintln!(
+                "relay {} -> {} at the failure: {:?}",
+                self.addr,
+                self.target,
+                self.stats()
+            );
+        }
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.wake.notify_all();
         for t in self.threads.drain(..) {

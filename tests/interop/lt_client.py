@@ -35,6 +35,10 @@ Encryption: `default` leaves libtorrent's (MSE/PE enabled, plaintext accepted). 
 forced refuses plaintext BitTorrent connections both ways (an encryption-required peer, for
 the MSE tests); forced-rc4 also allows only RC4 after the MSE handshake.
 
+Diagnostics: LT_PEER_LOG=1 in the environment adds libtorrent's peer log (every message
+and socket event) to the alerts `seed` prints and to the ones `fetch` prints when it times
+out. Logging only: no setting of the session changes.
+
 Run with /usr/bin/python3: the pyenv python on PATH does not see Debian's libtorrent.
 """
 import argparse
@@ -46,6 +50,11 @@ import tempfile
 import time
 
 import libtorrent as lt
+
+# LT_PEER_LOG=1: the peer log too (see the module doc); alerts `fetch` keeps for its timeout report.
+PEER_LOG = bool(os.environ.get("LT_PEER_LOG"))
+PEER_LOG_MASK = lt.alert.category_t.peer_log_notification if PEER_LOG else 0
+TIMEOUT_REPORT_ALERTS = 400 if PEER_LOG else 30
 
 METADATA_PIECE = 16 * 1024
 
@@ -216,7 +225,8 @@ def fetch(magnet, out, timeout, transport, dht_bootstrap="", encryption="default
         | lt.alert.category_t.error_notification
         | lt.alert.category_t.peer_notification
         | lt.alert.category_t.connect_notification
-        | lt.alert.category_t.dht_notification,
+        | lt.alert.category_t.dht_notification
+        | PEER_LOG_MASK,
     }
     ses = lt.session(settings)
     log = []
@@ -257,8 +267,15 @@ def fetch(magnet, out, timeout, transport, dht_bootstrap="", encryption="default
                 os._exit(0)
             if isinstance(a, lt.metadata_failed_alert):
                 print("metadata_failed: " + a.message(), file=sys.stderr)
-    print("timed out after %ss waiting for metadata; alerts:\n  %s" % (timeout, "\n  ".join(log[-30:])),
+    print("timed out after %ss waiting for metadata; alerts:\n  %s" % (timeout, "\n  ".join(log[-TIMEOUT_REPORT_ALERTS:])),
           file=sys.stderr)
+    # The peers as libtorrent sees them: tells a connection that moved no bytes (a stall)
+    # from one that moved some (slow, or lossy beyond its retries).
+    for p in handle.get_peer_info():
+        print("  peer %s:%d %s flags=%#x down=%d up=%d last_active=%s last_request=%s" % (
+            p.ip[0], p.ip[1], "utp" if p.flags & PEER_FLAG_UTP_SOCKET else "tcp", p.flags,
+            p.total_download, p.total_upload, getattr(p, "last_active", "?"),
+            getattr(p, "last_request", "?")), file=sys.stderr)
     return 1
 
 
@@ -291,7 +308,8 @@ def seed(torrents, content_dir, port, trackers, dht_bootstrap, connect_peers, tr
         | lt.alert.category_t.error_notification
         | lt.alert.category_t.tracker_notification
         | lt.alert.category_t.dht_notification
-        | lt.alert.category_t.peer_notification,
+        | lt.alert.category_t.peer_notification
+        | PEER_LOG_MASK,
     }
     if dht:
         settings.update({
