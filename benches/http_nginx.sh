@@ -3,7 +3,10 @@
 # from disk with sendfile, same run: wrk at 1, 64 and 256 connections, keep-alive and
 # `Connection: close`, ROUNDS interleaved rounds; requests/s, p50, p99 and server CPU per
 # request (utime+stime of the server's processes / requests). Both servers have one
-# worker pinned to CPU 0, wrk runs pinned to CPU 1. Needs: wrk, nginx (Debian), python3.
+# worker pinned to CPU 0, wrk runs pinned to CPU 1. Needs: wrk, nginx, time (Debian),
+# python3. wrk's own CPU share is recorded too: a cell where wrk uses its whole CPU
+# (keep-alive at 64 and 256 here: it copies ~2.5 GB/s of answers) measures the client, and
+# there only CPU per request compares the servers.
 #
 #   flock /work/bench.lock bash benches/http_nginx.sh [OUT_DIR]
 #
@@ -15,7 +18,9 @@
 # words set for the BEFORE server only, e.g. to measure a variant of the same binary),
 # DRIVERS (optional, e.g. "io-uring epoll": one whole run per driver, one after the
 # other, into OUT_DIR/<driver>; each sets MAGNETAR_DRIVER for both magnetar servers),
-# PERF_CELL (optional, e.g. "close 1": profile each server over that one cell instead).
+# PERF_CELL (optional, e.g. "close 1": profile each server over that one cell instead),
+# CELLS (optional, e.g. "keepalive:1 close:1": measure only these cells, for a focused
+# A/B; the default is all six).
 #
 # The full comparison, both drivers, in one command:
 #   flock /work/bench.lock env ROUNDS=5 DRIVERS="io-uring epoll" bash benches/http_nginx.sh DIR
@@ -174,11 +179,12 @@ echo "start $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg) driver ${MA
 for p in $MPID ${BPID:-} $(pgrep -P "$NPID") $$; do
   echo "autogroup $(cat "/proc/$p/comm") $(cat "/proc/$p/autogroup" 2>/dev/null)" >> "$OUT/load.txt"
 done
-echo -e "round\tserver\tmode\tconns\treq_per_s\tp50_ms\tp99_ms\tcpu_us_per_req" > "$RES"
+echo -e "round\tserver\tmode\tconns\treq_per_s\tp50_ms\tp99_ms\tcpu_us_per_req\twrk_cpu" > "$RES"
 HZ=$(getconf CLK_TCK)
 for round in $(seq "$ROUNDS"); do
   for conns in 1 64 256; do
     for mode in keepalive close; do
+      case " ${CELLS:-$mode:$conns} " in *" $mode:$conns "*) ;; *) continue ;; esac
       for server in $SERVERS; do
         case $server in
           magnetar) port=$MPORT; pid=$MPID ;;
@@ -187,12 +193,13 @@ for round in $(seq "$ROUNDS"); do
         esac
         hdr=(); [ $mode = close ] && hdr=(-H "Connection: close")
         before=$(ticks "$pid")
-        out=$(taskset -c 1 wrk -t1 -c"$conns" -d"${SECS}s" --latency "${hdr[@]}" \
-          "http://127.0.0.1:$port/torrent/$HEX.torrent")
+        out=$(/usr/bin/time -f "%U %S" -o "$W/wrk.time" taskset -c 1 wrk -t1 -c"$conns" \
+          -d"${SECS}s" --latency "${hdr[@]}" "http://127.0.0.1:$port/torrent/$HEX.torrent")
         after=$(ticks "$pid")
-        python3 - "$round" "$server" "$mode" "$conns" "$((after - before))" "$HZ" "$out" >> "$RES" <<'EOF'
+        python3 - "$round" "$server" "$mode" "$conns" "$((after - before))" "$HZ" "$out" \
+          "$(cat "$W/wrk.time")" "$SECS" >> "$RES" <<'EOF'
 import re, sys
-rnd, server, mode, conns, dt, hz, out = sys.argv[1:]
+rnd, server, mode, conns, dt, hz, out, wrk_time, secs = sys.argv[1:]
 def ms(tag):
     m = re.search(r"^\s*%s\s+([\d.]+)(us|ms|s)\s*$" % re.escape(tag), out, re.M)
     v, u = float(m.group(1)), m.group(2)
@@ -202,7 +209,8 @@ reqs = int(re.search(r"(\d+) requests in", out).group(1))
 errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 assert not errs, f"{server}: non-2xx answers: {errs.group(1)}"
 cpu_us = int(dt) / int(hz) * 1e6 / max(reqs, 1)
-print(f"{rnd}\t{server}\t{mode}\t{conns}\t{rps:.0f}\t{ms('50%'):.3f}\t{ms('99%'):.3f}\t{cpu_us:.1f}")
+wrk_cpu = sum(float(x) for x in wrk_time.split()) / float(secs)
+print(f"{rnd}\t{server}\t{mode}\t{conns}\t{rps:.0f}\t{ms('50%'):.3f}\t{ms('99%'):.3f}\t{cpu_us:.1f}\t{wrk_cpu:.2f}")
 EOF
         tail -1 "$RES"
       done
@@ -221,6 +229,8 @@ print("|---" * (10 + 5 * before) + "|")
 for mode in ("keepalive", "close"):
     for conns in ("1", "64", "256"):
         m, n, b = ("magnetar", mode, conns), ("nginx", mode, conns), ("before", mode, conns)
+        if not any((r["server"], r["mode"], r["conns"]) == m for r in rows):
+            continue  # a cell left out by CELLS
         line = (f"| {mode} | {conns} | {med(m,'req_per_s'):.0f} | {med(n,'req_per_s'):.0f} | {med(m,'req_per_s')/med(n,'req_per_s'):.2f} "
                 f"| {med(m,'p50_ms'):.3f} / {med(m,'p99_ms'):.3f} | {med(n,'p50_ms'):.3f} / {med(n,'p99_ms'):.3f} "
                 f"| {med(m,'cpu_us_per_req'):.1f} | {med(n,'cpu_us_per_req'):.1f} | {med(m,'cpu_us_per_req')/med(n,'cpu_us_per_req'):.2f} |")
@@ -229,6 +239,30 @@ for mode in ("keepalive", "close"):
                      f"| {med(b,'p50_ms'):.3f} / {med(b,'p99_ms'):.3f} | {med(b,'cpu_us_per_req'):.1f} "
                      f"| {med(b,'cpu_us_per_req')/med(n,'cpu_us_per_req'):.2f} |")
         print(line)
+import collections
+# Paired ratios: each round measures magnetar and nginx back to back in the same cell, so a
+# ratio per round cancels what moved between rounds (load on the machine); the median of
+# those is the comparison least moved by the noise. Beside the ratio of medians above.
+by = collections.defaultdict(dict)
+for r in rows:
+    by[(r["mode"], r["conns"], r["round"])][r["server"]] = r
+print()
+print("Paired: the median over rounds of magnetar / nginx in the same round (rounds where magnetar does at least as well).")
+print()
+print("| mode | conns | req/s | CPU per request | p99 | wrk's CPU share, magnetar / nginx runs |")
+print("|---|---|---|---|---|---|")
+for mode in ("keepalive", "close"):
+    for conns in ("1", "64", "256"):
+        rs = [v for k, v in by.items() if k[:2] == (mode, conns) and "magnetar" in v and "nginx" in v]
+        if not rs:
+            continue
+        def cell(f, better):
+            ratios = [float(r["magnetar"][f]) / float(r["nginx"][f]) for r in rs]
+            wins = sum((x >= 1) if better == "higher" else (x <= 1) for x in ratios)
+            return f"{statistics.median(ratios):.2f} ({wins}/{len(rs)})"
+        wrk = lambda srv: statistics.median(float(r[srv]["wrk_cpu"]) for r in rs)
+        print(f"| {mode} | {conns} | {cell('req_per_s', 'higher')} | {cell('cpu_us_per_req', 'lower')} | {cell('p99_ms', 'lower')} "
+              f"| {wrk('magnetar'):.2f} / {wrk('nginx'):.2f} |")
 EOF
 echo "end $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/load.txt"
 cat "$OUT/load.txt" "$OUT/summary.md"
