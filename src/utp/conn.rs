@@ -173,6 +173,33 @@ impl Outgoing {
     }
 }
 
+/// What one incoming ack acknowledged, gathered while the send queue is walked and applied
+/// at the end (`Connection::settle_ack`).
+#[derive(Default)]
+struct AckTally {
+    /// Bytes in flight before the ack (the congestion controller's view of the window).
+    in_flight_before: usize,
+    /// Payload bytes newly acked, cumulatively or selectively.
+    acked_bytes: usize,
+    /// The smallest RTT sample of the ack (packets sent once only: Karn's rule).
+    min_rtt: Option<Duration>,
+    /// Something was acked: the retransmission timer restarts.
+    progress: bool,
+    fin_acked: bool,
+}
+
+impl AckTally {
+    /// `o` is newly acked: its bytes count, and its RTT if it was sent once.
+    fn acked(&mut self, o: &Outgoing, rtt: &mut RttEstimator, now: Instant) {
+        self.acked_bytes += o.payload_len();
+        if o.transmissions == 1 {
+            let r = now.saturating_duration_since(o.sent_at);
+            rtt.on_sample(r);
+            self.min_rtt = Some(self.min_rtt.map_or(r, |m| m.min(r)));
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Side {
     Connect,
@@ -209,6 +236,10 @@ pub struct Connection<C: Chunk> {
     /// packets would otherwise scan n²/2 entries). Lowered wherever a packet is queued
     /// unsent or declared lost, shifted when the front is acked.
     unsent_or_lost_from: usize,
+    /// How many `out` entries are selectively acked: with none, no packet can have
+    /// DUP_ACK_LIMIT sacked packets after it, and an ack skips the loss scan (an O(window)
+    /// walk per ack otherwise, on a path with no loss at all).
+    sacked_in_out: usize,
     in_flight_bytes: usize,
     /// Written chunks with the stream offset of their first byte; dropped once acked.
     chunks: VecDeque<(u64, C)>,
@@ -279,6 +310,7 @@ impl<C: Chunk> Connection<C> {
             acked_seq_nr: seq_nr.wrapping_sub(1),
             out: VecDeque::new(),
             unsent_or_lost_from: 0,
+            sacked_in_out: 0,
             in_flight_bytes: 0,
             chunks: VecDeque::new(),
             written: 0,
@@ -673,78 +705,92 @@ impl<C: Chunk> Connection<C> {
     }
 
     fn on_ack(&mut self, ack_nr: u16, ty: PacketType, sack: Option<&[u8]>, now: Instant) {
-        let in_flight_before = self.in_flight_bytes;
-        let mut acked_bytes = 0usize;
-        let mut min_rtt: Option<Duration> = None;
-        let mut progress = false;
-        let mut fin_acked = false;
-        let mut sample = |o: &Outgoing, rtt: &mut RttEstimator| {
-            if o.transmissions == 1 {
-                let r = now.saturating_duration_since(o.sent_at);
-                rtt.on_sample(r);
-                min_rtt = Some(min_rtt.map_or(r, |m: Duration| m.min(r)));
-            }
+        let mut tally = AckTally {
+            in_flight_before: self.in_flight_bytes,
+            ..AckTally::default()
         };
         let newly = seq_diff(ack_nr, self.acked_seq_nr);
         if newly > 0 {
-            for _ in 0..newly {
-                let o = self.out.pop_front().expect("ack_nr checked against seq_nr");
-                if o.in_flight() {
-                    self.in_flight_bytes -= o.payload_len();
-                }
-                if !o.sacked {
-                    acked_bytes += o.payload_len();
-                    sample(&o, &mut self.rtt);
-                }
-                fin_acked |= o.kind == Kind::Fin;
-            }
-            self.unsent_or_lost_from = self.unsent_or_lost_from.saturating_sub(newly as usize);
-            self.acked_seq_nr = ack_nr;
-            self.dup_acks = 0;
-            progress = true;
-            if seq_less(self.loss_seq, self.acked_seq_nr) {
-                self.loss_seq = self.acked_seq_nr;
-            }
-            self.release_acked_chunks();
+            self.take_cumulative_ack(ack_nr, newly as u16, &mut tally, now);
         } else if newly == 0 && ty == PacketType::State && self.out.iter().any(Outgoing::in_flight)
         {
             self.dup_acks += 1;
         }
         if let (Some(mask), true) = (sack, newly >= 0) {
-            // Bit i acks `ack_nr + 2 + i`, which is `out[i + 1]`. Bits past what we sent
-            // are ignored.
-            let bits = (mask.len() * 8).min(self.out.len().saturating_sub(1));
-            for i in 0..bits {
-                if mask[i / 8] & (1 << (i % 8)) == 0 {
-                    continue;
-                }
-                let o = &mut self.out[i + 1];
-                if o.sacked || o.transmissions == 0 {
-                    continue;
-                }
-                if o.in_flight() {
-                    self.in_flight_bytes -= o.payload_len();
-                }
-                o.sacked = true;
-                o.need_resend = false;
-                o.resend_now = false;
-                acked_bytes += o.payload_len();
-                let o = *o;
-                sample(&o, &mut self.rtt);
-                progress = true;
-            }
+            self.take_selective_ack(mask, &mut tally, now);
         }
-        // Loss: a packet with DUP_ACK_LIMIT later packets selectively acked, or the
-        // oldest after DUP_ACK_LIMIT duplicate acks.
-        let mut lost_first: Option<u16> = None;
-        let mut later = 0;
-        for idx in (0..self.out.len()).rev() {
-            let o = &self.out[idx];
+        debug_assert_eq!(
+            self.sacked_in_out,
+            self.out.iter().filter(|o| o.sacked).count()
+        );
+        self.detect_loss(now);
+        self.settle_ack(tally, now);
+    }
+
+    /// Every packet up to `ack_nr` (`newly` of them) is acked: off the send queue.
+    fn take_cumulative_ack(&mut self, ack_nr: u16, newly: u16, tally: &mut AckTally, now: Instant) {
+        for _ in 0..newly {
+            let o = self.out.pop_front().expect("ack_nr checked against seq_nr");
+            if o.in_flight() {
+                self.in_flight_bytes -= o.payload_len();
+            }
             if o.sacked {
-                later += 1;
-            } else if later >= DUP_ACK_LIMIT && o.in_flight() && !o.fast_resent {
-                self.mark_lost(idx, true);
-                lost_first = Some(self.acked_seq_nr.wrapping_add(1 + idx as u16));
+                self.sacked_in_out -= 1;
+            } else {
+                tally.acked(&o, &mut self.rtt, now);
+            }
+            tally.fin_acked |= o.kind == Kind::Fin;
+        }
+        self.unsent_or_lost_from = self.unsent_or_lost_from.saturating_sub(newly as usize);
+        self.acked_seq_nr = ack_nr;
+        self.dup_acks = 0;
+        tally.progress = true;
+        if seq_less(self.loss_seq, self.acked_seq_nr) {
+            self.loss_seq = self.acked_seq_nr;
+        }
+        self.release_acked_chunks();
+    }
+
+    /// The selective ack's bits: bit i acks `ack_nr + 2 + i`, which is `out[i + 1]`. Bits
+    /// past what we sent are ignored.
+    fn take_selective_ack(&mut self, mask: &[u8], tally: &mut AckTally, now: Instant) {
+        let bits = (mask.len() * 8).min(self.out.len().saturating_sub(1));
+        for i in 0..bits {
+            if mask[i / 8] & (1 << (i % 8)) == 0 {
+                continue;
+            }
+            let o = &mut self.out[i + 1];
+            if o.sacked || o.transmissions == 0 {
+                continue;
+            }
+            if o.in_flight() {
+                self.in_flight_bytes -= o.payload_len();
+            }
+            o.sacked = true;
+            o.need_resend = false;
+            o.resend_now = false;
+            let o = *o;
+            self.sacked_in_out += 1;
+            tally.acked(&o, &mut self.rtt, now);
+            tally.progress = true;
+        }
+    }
+
+    /// Loss: a packet with DUP_ACK_LIMIT later packets selectively acked, or the oldest
+    /// after DUP_ACK_LIMIT duplicate acks. The window is cut once per window: only a packet
+    /// sent after the last cut cuts again.
+    fn detect_loss(&mut self, now: Instant) {
+        let mut lost_first: Option<u16> = None;
+        if self.sacked_in_out >= DUP_ACK_LIMIT as usize {
+            let mut later = 0;
+            for idx in (0..self.out.len()).rev() {
+                let o = &self.out[idx];
+                if o.sacked {
+                    later += 1;
+                } else if later >= DUP_ACK_LIMIT && o.in_flight() && !o.fast_resent {
+                    self.mark_lost(idx, true);
+                    lost_first = Some(self.acked_seq_nr.wrapping_add(1 + idx as u16));
+                }
             }
         }
         if self.dup_acks >= DUP_ACK_LIMIT {
@@ -757,12 +803,16 @@ impl<C: Chunk> Connection<C> {
             self.dup_acks = 0;
         }
         if let Some(seq) = lost_first {
-            // Halve once per window: only a packet sent after the last cut cuts again.
             if seq_less(self.loss_seq, seq) && self.cc.on_loss(now) {
                 self.loss_seq = self.seq_nr.wrapping_sub(1);
             }
         }
-        if progress {
+    }
+
+    /// What an ack that moved something changes: the retransmission timer, the congestion
+    /// window, a graceful close.
+    fn settle_ack(&mut self, tally: AckTally, now: Instant) {
+        if tally.progress {
             self.consecutive_timeouts = 0;
             self.stats.rtt = self.rtt.smoothed();
             self.rto_deadline = self
@@ -771,11 +821,15 @@ impl<C: Chunk> Connection<C> {
                 .any(|o| o.transmissions > 0 && !o.sacked)
                 .then(|| now + self.rtt.rto(0));
         }
-        if acked_bytes > 0 {
-            self.cc
-                .on_ack(acked_bytes, in_flight_before, self.in_flight_bytes, min_rtt);
+        if tally.acked_bytes > 0 {
+            self.cc.on_ack(
+                tally.acked_bytes,
+                tally.in_flight_before,
+                self.in_flight_bytes,
+                tally.min_rtt,
+            );
         }
-        if fin_acked {
+        if tally.fin_acked {
             self.fin_acked_at = Some(now);
         }
         self.maybe_closed_gracefully();
