@@ -236,10 +236,6 @@ pub struct Connection<C: Chunk> {
     /// packets would otherwise scan n²/2 entries). Lowered wherever a packet is queued
     /// unsent or declared lost, shifted when the front is acked.
     unsent_or_lost_from: usize,
-    /// How many `out` entries are selectively acked: with none, no packet can have
-    /// DUP_ACK_LIMIT sacked packets after it, and an ack skips the loss scan (an O(window)
-    /// walk per ack otherwise, on a path with no loss at all).
-    sacked_in_out: usize,
     in_flight_bytes: usize,
     /// Written chunks with the stream offset of their first byte; dropped once acked.
     chunks: VecDeque<(u64, C)>,
@@ -310,7 +306,6 @@ impl<C: Chunk> Connection<C> {
             acked_seq_nr: seq_nr.wrapping_sub(1),
             out: VecDeque::new(),
             unsent_or_lost_from: 0,
-            sacked_in_out: 0,
             in_flight_bytes: 0,
             chunks: VecDeque::new(),
             written: 0,
@@ -719,10 +714,6 @@ impl<C: Chunk> Connection<C> {
         if let (Some(mask), true) = (sack, newly >= 0) {
             self.take_selective_ack(mask, &mut tally, now);
         }
-        debug_assert_eq!(
-            self.sacked_in_out,
-            self.out.iter().filter(|o| o.sacked).count()
-        );
         self.detect_loss(now);
         self.settle_ack(tally, now);
     }
@@ -734,9 +725,7 @@ impl<C: Chunk> Connection<C> {
             if o.in_flight() {
                 self.in_flight_bytes -= o.payload_len();
             }
-            if o.sacked {
-                self.sacked_in_out -= 1;
-            } else {
+            if !o.sacked {
                 tally.acked(&o, &mut self.rtt, now);
             }
             tally.fin_acked |= o.kind == Kind::Fin;
@@ -770,7 +759,6 @@ impl<C: Chunk> Connection<C> {
             o.need_resend = false;
             o.resend_now = false;
             let o = *o;
-            self.sacked_in_out += 1;
             tally.acked(&o, &mut self.rtt, now);
             tally.progress = true;
         }
@@ -781,16 +769,14 @@ impl<C: Chunk> Connection<C> {
     /// sent after the last cut cuts again.
     fn detect_loss(&mut self, now: Instant) {
         let mut lost_first: Option<u16> = None;
-        if self.sacked_in_out >= DUP_ACK_LIMIT as usize {
-            let mut later = 0;
-            for idx in (0..self.out.len()).rev() {
-                let o = &self.out[idx];
-                if o.sacked {
-                    later += 1;
-                } else if later >= DUP_ACK_LIMIT && o.in_flight() && !o.fast_resent {
-                    self.mark_lost(idx, true);
-                    lost_first = Some(self.acked_seq_nr.wrapping_add(1 + idx as u16));
-                }
+        let mut later = 0;
+        for idx in (0..self.out.len()).rev() {
+            let o = &self.out[idx];
+            if o.sacked {
+                later += 1;
+            } else if later >= DUP_ACK_LIMIT && o.in_flight() && !o.fast_resent {
+                self.mark_lost(idx, true);
+                lost_first = Some(self.acked_seq_nr.wrapping_add(1 + idx as u16));
             }
         }
         if self.dup_acks >= DUP_ACK_LIMIT {
