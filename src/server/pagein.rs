@@ -34,32 +34,15 @@ struct Job {
 
 pub struct PageIn {
     jobs: flume::Sender<Job>,
-    /// Page-ins this handle's core may have in flight (`per_core`): one token each, taken
-    /// for a page-in and given back when it ends (or its connection goes).
-    permits: (flume::Sender<()>, flume::Receiver<()>),
+    /// Page-ins this handle's core may have in flight (`per_core`): a permit each, held
+    /// for a page-in and given back when it ends (or its connection goes). tokio's
+    /// semaphore (runtime-agnostic) because it queues waiters FIFO and hands a released
+    /// permit to the oldest one. A flume channel of tokens did not: with more waiters than
+    /// tokens, a waiter woken for a token that a newer arrival took wakes itself again on
+    /// every poll and re-queues its hook each time (flume 0.12, zesterer/flume#182) — a
+    /// core spinning and growing without bound under 64 cold fetches at once.
+    permits: tokio::sync::Semaphore,
     per_core: usize,
-}
-
-/// `n` permits in a channel: taking one is `recv`, giving it back `send`. A flume channel
-/// because waiting for it is async and a waiter that goes away (its connection closed)
-/// passes its turn on.
-fn permits(n: usize) -> (flume::Sender<()>, flume::Receiver<()>) {
-    let (give, take) = flume::bounded(n);
-    for _ in 0..n {
-        give.try_send(()).expect("room for every permit");
-    }
-    (give, take)
-}
-
-/// A taken permit; gives it back when dropped.
-struct Permit<'a>(&'a flume::Sender<()>);
-
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        // Never full (at most `per_core` tokens exist) nor disconnected (the handle owns
-        // the receiver and outlives this borrow).
-        let _ = self.0.try_send(());
-    }
 }
 
 impl PageIn {
@@ -100,7 +83,7 @@ impl PageIn {
         }
         Ok(PageIn {
             jobs,
-            permits: permits(per_core),
+            permits: tokio::sync::Semaphore::new(per_core),
             per_core,
         })
     }
@@ -109,7 +92,7 @@ impl PageIn {
     pub fn for_core(&self) -> PageIn {
         PageIn {
             jobs: self.jobs.clone(),
-            permits: permits(self.per_core),
+            permits: tokio::sync::Semaphore::new(self.per_core),
             per_core: self.per_core,
         }
     }
@@ -127,9 +110,8 @@ impl PageIn {
     /// stored, or no page-in thread is left, which only happens at shutdown).
     /// Waits for one of this core's permits first (`--page-in-per-core`).
     pub async fn page_in(&self, key: [u8; 20]) -> Option<RecordRef> {
-        // Never disconnected: `self` holds the sender.
-        self.permits.1.recv_async().await.ok()?;
-        let _permit = Permit(&self.permits.0);
+        // Never closed: nothing calls `close` on it.
+        let _permit = self.permits.acquire().await.ok()?;
         let (reply, answer) = flume::bounded(1);
         self.jobs.send_async(Job { key, reply }).await.ok()?;
         answer.recv_async().await.ok().flatten()
@@ -191,6 +173,76 @@ mod tests {
         assert_eq!(rt, (Some(info), true));
     }
 
+    /// Counts wake-ups into a shared count.
+    struct Wake(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl std::task::Wake for Wake {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    type Wakes = Arc<std::sync::atomic::AtomicUsize>;
+
+    fn count(wakes: &Wakes) -> usize {
+        wakes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Polls `f` once with a new waker that counts into `wakes`: a new one each time, as
+    /// an executor may pass (monoio's task wakers compare unequal between polls).
+    fn poll_once<F: std::future::Future>(
+        f: std::pin::Pin<&mut F>,
+        wakes: &Wakes,
+    ) -> std::task::Poll<F::Output> {
+        let waker = std::task::Waker::from(Arc::new(Wake(wakes.clone())));
+        f.poll(&mut std::task::Context::from_waker(&waker))
+    }
+
+    /// More cold connections than permits on one core (the scale run's 64 cold fetches at
+    /// once): a waiter woken by a released permit that a newer page-in reaches first must
+    /// sleep on, not wake itself. With flume's token channel it woke itself on every poll
+    /// and queued its hook again each time: a core spinning and memory growing without
+    /// bound (zesterer/flume#182). Driven by hand, poll by poll, so the order is exact.
+    #[test]
+    fn a_page_in_waiting_for_a_permit_never_wakes_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        // Each page-in takes 200 ms: no answer arrives while a poll is being checked.
+        let pool = PageIn::start(Arc::new(store), 2, 0, 1, Duration::from_millis(200)).unwrap();
+        let (wa, ww, wn) = (Wakes::default(), Wakes::default(), Wakes::default());
+        let mut a = std::pin::pin!(pool.page_in([1; 20]));
+        let mut w = std::pin::pin!(pool.page_in([2; 20]));
+        let mut n = std::pin::pin!(pool.page_in([3; 20]));
+        assert!(
+            poll_once(a.as_mut(), &wa).is_pending(),
+            "a holds the permit"
+        );
+        assert!(poll_once(w.as_mut(), &ww).is_pending(), "w waits for it");
+        let give_up = std::time::Instant::now() + Duration::from_secs(30);
+        while poll_once(a.as_mut(), &wa).is_pending() {
+            assert!(
+                std::time::Instant::now() < give_up,
+                "a's page-in never ended"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // a gave the permit back, which woke w; n comes before w runs.
+        assert!(count(&ww) >= 1, "the released permit woke w");
+        assert!(poll_once(n.as_mut(), &wn).is_pending());
+        for _ in 0..3 {
+            let before = count(&ww);
+            assert!(
+                poll_once(w.as_mut(), &ww).is_pending(),
+                "w's page-in takes 200 ms"
+            );
+            assert_eq!(
+                count(&ww),
+                before,
+                "the waiting page-in woke itself: it spins"
+            );
+        }
+    }
+
     /// A core with `per_core` 1 runs its second page-in only after its first, while
     /// another core's page-in runs beside it: three threads, so without the cap all three
     /// would run at once and the second finish after one delay.
@@ -237,27 +289,43 @@ mod tests {
         let (store, _) = Store::open(dir.path(), StoreOptions::default()).unwrap();
         let store = Arc::new(store);
         let base = thread_nice();
+        // Pool threads of tests running beside this one (cargo test runs them in one
+        // process) are named alike: only threads started from here on are looked at.
+        let before = page_in_threads();
         let pool = PageIn::start(store, 1, 5, 4, Duration::ZERO).unwrap();
         // One page-in: the thread has set its priority before taking its first job.
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
             .build()
             .unwrap()
             .block_on(pool.page_in([7; 20]));
-        let mut niced = Vec::new();
-        for task in std::fs::read_dir("/proc/self/task").unwrap() {
-            let task = task.unwrap().path();
-            let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-            if comm.starts_with("magnetar-pagein") {
-                let tid: libc::id_t = task.file_name().unwrap().to_str().unwrap().parse().unwrap();
-                // SAFETY: a plain syscall; the thread is alive while `pool` is.
-                niced.push(unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) });
-            }
-        }
-        assert_eq!(niced, vec![(base + 5).min(limits::PAGE_IN_NICE_MAX)]);
+        let niced: Vec<i32> = page_in_threads()
+            .into_iter()
+            .filter(|tid| !before.contains(tid))
+            // SAFETY: a plain syscall; the thread is alive while `pool` is.
+            .map(|tid| unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) })
+            .collect();
+        assert!(
+            niced.contains(&(base + 5).min(limits::PAGE_IN_NICE_MAX)),
+            "no new page-in thread at nice {}: {niced:?}",
+            base + 5
+        );
         assert_eq!(
             thread_nice(),
             base,
             "the caller's own priority is left alone"
         );
+    }
+
+    /// The thread ids of this process's page-in threads.
+    fn page_in_threads() -> Vec<libc::id_t> {
+        let mut tids = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap() {
+            let task = task.unwrap().path();
+            let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+            if comm.starts_with("magnetar-pagein") {
+                tids.push(task.file_name().unwrap().to_str().unwrap().parse().unwrap());
+            }
+        }
+        tids
     }
 }

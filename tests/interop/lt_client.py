@@ -45,6 +45,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -243,7 +244,10 @@ def fetch(magnet, out, timeout, transport, dht_bootstrap="", encryption="default
                 log.append("%s: %s" % (type(a).__name__, a.message()))
                 booted = booted or isinstance(a, lt.dht_bootstrap_alert)
     params = lt.parse_magnet_uri(magnet)
-    params.save_path = tempfile.mkdtemp(prefix="lt-fetch-")
+    # Metadata only: nothing is downloaded into it, but libtorrent wants a save path.
+    # Removed before every exit (os._exit skips cleanup handlers).
+    save_path = tempfile.mkdtemp(prefix="lt-fetch-")
+    params.save_path = save_path
     # Time to metadata: from add_torrent to metadata_received_alert.
     start = time.monotonic()
     handle = ses.add_torrent(params)
@@ -264,6 +268,7 @@ def fetch(magnet, out, timeout, transport, dht_bootstrap="", encryption="default
                 # Leave without tearing the session down: python3-libtorrent 2.0.8 can
                 # crash (SIGSEGV) destroying a session with connections still open, which
                 # would lose the result we have.
+                shutil.rmtree(save_path, ignore_errors=True)
                 os._exit(0)
             if isinstance(a, lt.metadata_failed_alert):
                 print("metadata_failed: " + a.message(), file=sys.stderr)
@@ -276,6 +281,7 @@ def fetch(magnet, out, timeout, transport, dht_bootstrap="", encryption="default
             p.ip[0], p.ip[1], "utp" if p.flags & PEER_FLAG_UTP_SOCKET else "tcp", p.flags,
             p.total_download, p.total_upload, getattr(p, "last_active", "?"),
             getattr(p, "last_request", "?")), file=sys.stderr)
+    shutil.rmtree(save_path, ignore_errors=True)
     return 1
 
 

@@ -24,6 +24,7 @@
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -135,7 +136,10 @@ def fetch(node, magnet, out, listen_ip, timeout, utp_only=False):
             return 1
         time.sleep(0.5)
     params = lt.parse_magnet_uri(magnet)
-    params.save_path = tempfile.mkdtemp(prefix="lt-dht-fetch-")
+    # Metadata only: nothing is downloaded into it, but libtorrent wants a save path.
+    # Removed before every exit (os._exit skips cleanup handlers).
+    save_path = tempfile.mkdtemp(prefix="lt-dht-fetch-")
+    params.save_path = save_path
     start = time.monotonic()
     handle = ses.add_torrent(params)
     log = []
@@ -152,8 +156,10 @@ def fetch(node, magnet, out, listen_ip, timeout, utp_only=False):
                                   "peers": peers}), flush=True)
                 # python3-libtorrent 2.0.8 can crash tearing a session down with
                 # connections open; leave without it.
+                shutil.rmtree(save_path, ignore_errors=True)
                 os._exit(0)
     print("timed out waiting for metadata; alerts:\n  " + "\n  ".join(log[-30:]), file=sys.stderr)
+    shutil.rmtree(save_path, ignore_errors=True)
     return 1
 
 

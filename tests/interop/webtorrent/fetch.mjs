@@ -18,6 +18,8 @@ const timeoutS = Number(timeoutArg ?? 30)
 const client = new WebTorrent({ dht: false, lsd: false, natUpnp: false, natPmp: false })
 client.on('error', err => console.error('client error:', err.message))
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'wt-fetch-'))
+// Metadata only: nothing lands in it; removed on every exit so test runs leave no trace.
+process.on('exit', () => fs.rmSync(dir, { recursive: true, force: true }))
 const start = process.hrtime.bigint()
 const timer = setTimeout(() => {
   console.error(`timed out after ${timeoutS} s waiting for metadata`)
