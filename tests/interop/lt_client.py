@@ -245,8 +245,9 @@ def fetch(magnet, out, timeout, transport, dht_bootstrap="", encryption="default
                 booted = booted or isinstance(a, lt.dht_bootstrap_alert)
     params = lt.parse_magnet_uri(magnet)
     # Metadata only: nothing is downloaded into it, but libtorrent wants a save path.
-    # Removed before every exit (os._exit skips cleanup handlers).
-    save_path = tempfile.mkdtemp(prefix="lt-fetch-")
+    # Beside OUT (a test's own temporary directory, gone with it even when the test kills
+    # this process), and removed before every exit of ours (os._exit skips cleanups).
+    save_path = tempfile.mkdtemp(prefix="lt-fetch-", dir=os.path.dirname(os.path.abspath(out)))
     params.save_path = save_path
     # Time to metadata: from add_torrent to metadata_received_alert.
     start = time.monotonic()

@@ -137,8 +137,9 @@ def fetch(node, magnet, out, listen_ip, timeout, utp_only=False):
         time.sleep(0.5)
     params = lt.parse_magnet_uri(magnet)
     # Metadata only: nothing is downloaded into it, but libtorrent wants a save path.
-    # Removed before every exit (os._exit skips cleanup handlers).
-    save_path = tempfile.mkdtemp(prefix="lt-dht-fetch-")
+    # Beside OUT (a test's own temporary directory, gone with it even when the test kills
+    # this process), and removed before every exit of ours (os._exit skips cleanups).
+    save_path = tempfile.mkdtemp(prefix="lt-dht-fetch-", dir=os.path.dirname(os.path.abspath(out)))
     params.save_path = save_path
     start = time.monotonic()
     handle = ses.add_torrent(params)

@@ -5,7 +5,6 @@
 // Writes the info dict webtorrent received to OUT and prints one JSON line
 // {"ok":true,"seconds":..,"info_len":..,"wires":[{"addr":..,"type":..}]}; exit 1 on timeout.
 import fs from 'node:fs'
-import os from 'node:os'
 import path from 'node:path'
 import WebTorrent from 'webtorrent'
 
@@ -17,8 +16,9 @@ if (!magnet || !out) {
 const timeoutS = Number(timeoutArg ?? 30)
 const client = new WebTorrent({ dht: false, lsd: false, natUpnp: false, natPmp: false })
 client.on('error', err => console.error('client error:', err.message))
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'wt-fetch-'))
-// Metadata only: nothing lands in it; removed on every exit so test runs leave no trace.
+// Metadata only: nothing lands in it. Beside OUT (the test's own temporary directory, gone
+// with it even when the test kills this process), and removed on every exit of ours.
+const dir = fs.mkdtempSync(path.join(path.dirname(path.resolve(out)), 'wt-fetch-'))
 process.on('exit', () => fs.rmSync(dir, { recursive: true, force: true }))
 const start = process.hrtime.bigint()
 const timer = setTimeout(() => {
