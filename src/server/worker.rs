@@ -147,16 +147,6 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         "worker started"
     );
     rt.block_on(async move {
-        let mut monoio_listeners = Vec::new();
-        for l in listeners {
-            match TcpListener::from_std(l) {
-                Ok(l) => monoio_listeners.push(l),
-                Err(e) => {
-                    let _ = ready.send(Err(anyhow::anyhow!("worker {index}: listener: {e}")));
-                    return;
-                }
-            }
-        }
         let peer_id = crate::upstream::peer_id(index as u64);
         monoio::spawn(shard::run_shard(index, shard_mailbox, upstream.clone()));
         let ctx = Rc::new(WorkerCtx::new(
@@ -165,38 +155,22 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         let grace = ctx.cfg.shutdown_grace;
         let stats = ctx.stats.clone();
         let open = Rc::new(Cell::new(0usize));
-        let mut accepts = Vec::new();
-        for listener in monoio_listeners {
-            accepts.push(monoio::spawn(accept_loop(
-                listener,
-                ctx.clone(),
-                limiter.clone(),
-                stop.clone(),
-                open.clone(),
-            )));
-        }
-        if !http.is_empty() {
-            let uring = runtime_name == "io_uring";
-            let shared = Rc::new(crate::server::http::HttpShared::new(&ctx.cfg, uring));
-            for l in http {
-                let listener = match TcpListener::from_std(l) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ =
-                            ready.send(Err(anyhow::anyhow!("worker {index}: http listener: {e}")));
-                        return;
-                    }
-                };
-                accepts.push(monoio::spawn(crate::server::http::accept_loop(
-                    listener,
-                    ctx.clone(),
-                    shared.clone(),
-                    limiter.clone(),
-                    stop.clone(),
-                    open.clone(),
-                )));
+        let uring_runtime = runtime_name == "io_uring";
+        let accepts = match spawn_accept_loops(
+            listeners,
+            http,
+            uring_runtime,
+            &ctx,
+            &limiter,
+            &stop,
+            &open,
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = ready.send(Err(e.context(format!("worker {index}"))));
+                return;
             }
-        }
+        };
         let endpoints =
             match start_utp(udp, index, &ctx, &limiter, &open, &stop, own_ring.is_some()) {
                 Ok(e) => e,
@@ -231,6 +205,50 @@ pub fn run(spec: WorkerSpec, ready: Sender<anyhow::Result<&'static str>>) {
         tracing::debug!(worker = index, sessions_cut = left, "worker stopped");
         // Returning drops the runtime and with it every session still open.
     });
+}
+
+/// Spawns an accept loop per listener left to monoio: the BitTorrent ones (`listeners`),
+/// then the public HTTP ones (`http`), which share one `HttpShared`.
+fn spawn_accept_loops(
+    listeners: Vec<std::net::TcpListener>,
+    http: Vec<std::net::TcpListener>,
+    uring_runtime: bool,
+    ctx: &Rc<WorkerCtx>,
+    limiter: &Arc<ConnectionLimiter>,
+    stop: &flume::Receiver<()>,
+    open: &Rc<Cell<usize>>,
+) -> anyhow::Result<Vec<monoio::task::JoinHandle<()>>> {
+    let mut accepts = Vec::new();
+    for l in listeners {
+        let listener = TcpListener::from_std(l).map_err(|e| anyhow::anyhow!("listener: {e}"))?;
+        accepts.push(monoio::spawn(accept_loop(
+            listener,
+            ctx.clone(),
+            limiter.clone(),
+            stop.clone(),
+            open.clone(),
+        )));
+    }
+    if http.is_empty() {
+        return Ok(accepts);
+    }
+    let shared = Rc::new(crate::server::http::HttpShared::new(
+        &ctx.cfg,
+        uring_runtime,
+    ));
+    for l in http {
+        let listener =
+            TcpListener::from_std(l).map_err(|e| anyhow::anyhow!("http listener: {e}"))?;
+        accepts.push(monoio::spawn(crate::server::http::accept_loop(
+            listener,
+            ctx.clone(),
+            shared.clone(),
+            limiter.clone(),
+            stop.clone(),
+            open.clone(),
+        )));
+    }
+    Ok(accepts)
 }
 
 /// What serves TCP: the worker's own ring (`server/uring`), unless the driver is epoll or
