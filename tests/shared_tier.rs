@@ -456,6 +456,41 @@ fn delete_on_a_stops_b_within_the_poll_bound() {
         "a deleted hash is never fetched again"
     );
     assert_eq!(seed.connections(), 0, "the swarm was never asked");
+
+    // `import --from` into a new disk applies the fleet's tombstones (the signed ones; the
+    // forgery is counted as ignored): the hash is blocked there before the node ever runs,
+    // so a seed that has it is never asked either.
+    let d_dir = tmp.path().join("d");
+    let mut import = std::process::Command::new(magnetar_bin());
+    import
+        .args(["import", "--data-dir"])
+        .arg(&d_dir)
+        .args(["--from", &cluster.url("del")])
+        .env("MAGNETAR_SHARED_FLEET_KEY", FLEET_KEY);
+    for (k, v) in cluster.env(2) {
+        import.env(k, v);
+    }
+    let report = String::from_utf8_lossy(&run_ok(&mut import).stderr).into_owned();
+    let count = |what: &str| -> u64 {
+        let at = report
+            .find(what)
+            .unwrap_or_else(|| panic!("no '{what}' in the import report: {report}"));
+        let before = report[..at].trim_end();
+        before[before
+            .rfind(|c: char| !c.is_ascii_digit())
+            .map_or(0, |i| i + 1)..]
+            .parse()
+            .unwrap_or_else(|_| panic!("no count before '{what}': {report}"))
+    };
+    assert!(count("tombstones applied") >= 1, "import --from: {report}");
+    assert!(count("ignored (not signed") >= 1, "the forgery: {report}");
+    let seed_asked = seed.connections();
+    let d = ServerProc::start(&d_dir, &["--parent", &seed.addr.to_string()]);
+    assert!(
+        fetch(&d, &t.key).is_err() && fetch(&d, &v2).is_err(),
+        "imported tombstones block both hashes"
+    );
+    assert_eq!(seed.connections(), seed_asked, "the swarm was never asked");
 }
 
 /// Read-your-writes across the fleet. A client waits on node B for a hash nobody has yet:
