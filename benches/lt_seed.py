@@ -25,6 +25,8 @@ seconds (default 120), whichever is first; its torrents= field is the number add
 Run with /usr/bin/python3: the pyenv python on PATH does not see Debian's libtorrent.
 """
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -66,6 +68,14 @@ def main():
     }
     ses = lt.session(settings)
     save = tempfile.mkdtemp(prefix="lt-seed-")
+
+    # The benches stop this server with SIGTERM: take the (empty) save dir along, and leave
+    # without tearing the session down (python3-libtorrent 2.0.8 can crash doing that).
+    def stop(_sig, _frame):
+        shutil.rmtree(save, ignore_errors=True)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     seed_mode = os.environ.get("LT_SEED_MODE", "seed") != "metadata-only"
     names = sorted(n for n in os.listdir(tdir) if n.endswith(".torrent"))
     next_progress = time.time() + 1
