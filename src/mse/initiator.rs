@@ -6,7 +6,7 @@ use rc4::{Rc4, StreamCipher};
 
 use super::dh::{KeyPair, DH_KEY_BYTES};
 use super::{
-    be_u16, be_u32, find, push_padding, rc4_for, req2_hash, sha1_of, Crypto, CryptoPolicy,
+    be_u32, find, push_padding, rc4_for, read_pad_len, req2_hash, sha1_of, Crypto, CryptoPolicy,
     MseError, Rc4Pair, CRYPTO_PLAINTEXT, CRYPTO_RC4, VC,
 };
 use crate::limits::{MSE_IA_BYTES_MAX, MSE_PAD_BYTES_MAX, MSE_VC_SYNC_BYTES_MAX};
@@ -205,14 +205,7 @@ impl Initiator {
                     if selected & self.policy.bits() == 0 {
                         return Err(MseError::BadCryptoSelect { selected });
                     }
-                    let pad_d = be_u16(&head[4..]);
-                    if pad_d > MSE_PAD_BYTES_MAX {
-                        return Err(MseError::PadTooLong {
-                            what: "PadD",
-                            len: pad_d,
-                            max: MSE_PAD_BYTES_MAX,
-                        });
-                    }
+                    let pad_d = read_pad_len("PadD", &head[4..])?;
                     self.state = State::PadD(k, crypto, pad_d);
                 }
                 State::PadD(mut k, crypto, pad_d) => {

@@ -328,6 +328,20 @@ pub(crate) fn be_u32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
+/// A padding length (`what`: "PadC", "PadD"): the big-endian u16 at the front of `b`,
+/// refused past `MSE_PAD_BYTES_MAX` (BEP 8's 512).
+pub(crate) fn read_pad_len(what: &'static str, b: &[u8]) -> Result<usize, MseError> {
+    let len = be_u16(b);
+    if len > MSE_PAD_BYTES_MAX {
+        return Err(MseError::PadTooLong {
+            what,
+            len,
+            max: MSE_PAD_BYTES_MAX,
+        });
+    }
+    Ok(len)
+}
+
 /// Position of `needle` in `hay`.
 pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)

@@ -6,8 +6,8 @@ use rc4::{Rc4, StreamCipher};
 
 use super::dh::{KeyPair, DH_KEY_BYTES};
 use super::{
-    be_u16, be_u32, find, push_padding, rc4_for, sha1_of, Crypto, CryptoPolicy, MseError, Rc4Pair,
-    VC,
+    be_u16, be_u32, find, push_padding, rc4_for, read_pad_len, sha1_of, Crypto, CryptoPolicy,
+    MseError, Rc4Pair, VC,
 };
 use crate::limits::{
     MSE_HANDSHAKE_BYTES_MAX, MSE_IA_BYTES_MAX, MSE_PAD_BYTES_MAX, MSE_REQ1_SYNC_BYTES_MAX,
@@ -149,11 +149,24 @@ impl Responder {
                     pos += used;
                     self.state = state;
                 }
-                Progress::Done(used, mut done) => {
-                    if let ResponderStep::Done { consumed, .. } = &mut done {
-                        *consumed = pos + used;
-                    }
-                    return Ok(done);
+                Progress::Done {
+                    used,
+                    keyed,
+                    crypto,
+                    initial_payload,
+                } => {
+                    let Keyed {
+                        info_hash,
+                        incoming,
+                        outgoing,
+                    } = *keyed;
+                    return Ok(ResponderStep::Done {
+                        consumed: pos + used,
+                        info_hash,
+                        crypto,
+                        cipher: (crypto == Crypto::Rc4).then(|| Rc4Pair::new(incoming, outgoing)),
+                        initial_payload,
+                    });
                 }
             }
         }
@@ -187,14 +200,7 @@ impl Responder {
             .policy
             .select(provided)
             .ok_or(MseError::CryptoNotOffered { provided })?;
-        let pad_c = be_u16(&head[12..14]);
-        if pad_c > MSE_PAD_BYTES_MAX {
-            return Err(MseError::PadTooLong {
-                what: "PadC",
-                len: pad_c,
-                max: MSE_PAD_BYTES_MAX,
-            });
-        }
+        let pad_c = read_pad_len("PadC", &head[12..14])?;
         Ok(Progress::Next(14, State::PadC(k, crypto, pad_c)))
     }
 }
@@ -205,8 +211,14 @@ enum Progress {
     NeedMore(State),
     /// Consumed this many bytes; go on in the next state.
     Next(usize, State),
-    /// Consumed this many bytes and finished (`consumed` is filled in by `step`).
-    Done(usize, ResponderStep),
+    /// Consumed `used` bytes and finished: the torrent, its ciphers, the crypto selected
+    /// and the peer's IA.
+    Done {
+        used: usize,
+        keyed: Box<Keyed>,
+        crypto: Crypto,
+        initial_payload: Vec<u8>,
+    },
 }
 
 /// Searching for `HASH('req1', S)`, within `MSE_REQ1_SYNC_BYTES_MAX` bytes after Ya.
@@ -298,19 +310,10 @@ fn on_ia(
     out.extend_from_slice(&crypto.bit().to_be_bytes());
     out.extend_from_slice(&0u16.to_be_bytes());
     k.outgoing.apply_keystream(&mut out[start..]);
-    let Keyed {
-        info_hash,
-        incoming,
-        outgoing,
-    } = *k;
-    Progress::Done(
-        ia_len,
-        ResponderStep::Done {
-            consumed: 0,
-            info_hash,
-            crypto,
-            cipher: (crypto == Crypto::Rc4).then(|| Rc4Pair::new(incoming, outgoing)),
-            initial_payload,
-        },
-    )
+    Progress::Done {
+        used: ia_len,
+        keyed: k,
+        crypto,
+        initial_payload,
+    }
 }
