@@ -173,16 +173,17 @@ mod tests {
         assert_eq!(rt, (Some(info), true));
     }
 
-    /// Counts wake-ups into a shared count.
-    struct Wake(Arc<std::sync::atomic::AtomicUsize>);
+    /// Wake-ups of one future, counted over every waker it was polled with.
+    type Wakes = Arc<std::sync::atomic::AtomicUsize>;
+
+    /// A waker that adds to its `Wakes`.
+    struct Wake(Wakes);
 
     impl std::task::Wake for Wake {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
-
-    type Wakes = Arc<std::sync::atomic::AtomicUsize>;
 
     fn count(wakes: &Wakes) -> usize {
         wakes.load(std::sync::atomic::Ordering::SeqCst)
@@ -207,19 +208,19 @@ mod tests {
     fn a_page_in_waiting_for_a_permit_never_wakes_itself() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path(), StoreOptions::default()).unwrap();
-        // Each page-in takes 200 ms: no answer arrives while a poll is being checked.
-        let pool = PageIn::start(Arc::new(store), 2, 0, 1, Duration::from_millis(200)).unwrap();
-        let (wa, ww, wn) = (Wakes::default(), Wakes::default(), Wakes::default());
+        // Each page-in takes a second: no answer arrives while w's polls are checked, even
+        // on a loaded machine.
+        let pool = PageIn::start(Arc::new(store), 2, 0, 1, Duration::from_secs(1)).unwrap();
+        // Only w's wake-ups are checked; a and n share one count.
+        let (ww, others) = (Wakes::default(), Wakes::default());
+        let (wa, wn) = (&others, &others);
         let mut a = std::pin::pin!(pool.page_in([1; 20]));
         let mut w = std::pin::pin!(pool.page_in([2; 20]));
         let mut n = std::pin::pin!(pool.page_in([3; 20]));
-        assert!(
-            poll_once(a.as_mut(), &wa).is_pending(),
-            "a holds the permit"
-        );
+        assert!(poll_once(a.as_mut(), wa).is_pending(), "a holds the permit");
         assert!(poll_once(w.as_mut(), &ww).is_pending(), "w waits for it");
         let give_up = std::time::Instant::now() + Duration::from_secs(30);
-        while poll_once(a.as_mut(), &wa).is_pending() {
+        while poll_once(a.as_mut(), wa).is_pending() {
             assert!(
                 std::time::Instant::now() < give_up,
                 "a's page-in never ended"
@@ -228,12 +229,12 @@ mod tests {
         }
         // a gave the permit back, which woke w; n comes before w runs.
         assert!(count(&ww) >= 1, "the released permit woke w");
-        assert!(poll_once(n.as_mut(), &wn).is_pending());
+        assert!(poll_once(n.as_mut(), wn).is_pending());
         for _ in 0..3 {
             let before = count(&ww);
             assert!(
                 poll_once(w.as_mut(), &ww).is_pending(),
-                "w's page-in takes 200 ms"
+                "w's page-in takes a second"
             );
             assert_eq!(
                 count(&ww),
