@@ -47,6 +47,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -186,14 +187,21 @@ def records(path, upto=None):
     return out
 
 
-def segments(data):
+SEGMENT_NAME = re.compile(r"^seg-(\d+)-(\d+)\.mseg$")  # segment::parse_segment_file_name
+
+
+def segment_files(data):
+    """[(shard, sequence number, path)] of the store's segment files, in name order."""
     d = os.path.join(data, "segments")
-    names = sorted(os.listdir(d))
+    return [(int(m.group(1)), int(m.group(2)), os.path.join(d, n))
+            for n in sorted(os.listdir(d)) for m in [SEGMENT_NAME.match(n)] if m]
+
+
+def segments(data):
+    """{shard: [segment paths, oldest first]}."""
     by_shard = {}
-    for n in names:
-        m = re.match(r"^seg-(\d+)-(\d+)\.mseg$", n)  # segment::parse_segment_file_name
-        if m:
-            by_shard.setdefault(int(m.group(1)), []).append(os.path.join(d, n))
+    for shard, _, path in segment_files(data):
+        by_shard.setdefault(shard, []).append(path)
     return by_shard
 
 
@@ -208,39 +216,47 @@ def flip(path, at, keep_mtime):
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def client_fetch(cmd, out, key):
+    """Runs one client's fetch, `cmd` naming `out` as where it writes the dict: (its last
+    stdout line, True when it wrote a dict that hashes to `key`)."""
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    ok = p.returncode == 0 and os.path.exists(out) and \
+        hashlib.sha1(open(out, "rb").read()).digest() == key
+    lines = p.stdout.strip().splitlines()
+    return (lines[-1] if lines else ""), ok
+
+
 def clients(s, wt_key, lt_key):
     """webtorrent (MSE first) and libtorrent (uTP first), each on its defaults, fetch one old
     record from a magnet with only x.pe; MSE handshakes are counted by the server."""
     interop = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "interop")
     out = {}
-    mse_before = s.metric("magnetar_mse_handshakes_done_total") or 0
-    wt = os.path.join(interop, "webtorrent")
     magnet = "magnet:?xt=urn:btih:%s&x.pe=127.0.0.1:%d"
-    if os.path.isdir(os.path.join(wt, "node_modules")):
-        p = subprocess.run(["node", os.path.join(wt, "fetch.mjs"), magnet % (wt_key.hex(), s.port),
-                            "/tmp/crash_scale_wt.info", "60"], capture_output=True, text=True,
-                           timeout=120)
-        ok = p.returncode == 0 and hashlib.sha1(open("/tmp/crash_scale_wt.info", "rb").read())\
-            .digest() == wt_key
-        mse = (s.metric("magnetar_mse_handshakes_done_total") or 0) - mse_before
-        out["webtorrent"] = {"ok": ok, "mse_handshakes": mse, "out": p.stdout.strip()[-300:]}
-        check(ok and mse >= 1, "webtorrent (MSE first) fetched an old record through the req2 "
-              "lookup (%d MSE handshakes)" % mse)
-    else:
-        out["webtorrent"] = "skipped: npm ci in tests/interop/webtorrent first"
-    try:
-        import libtorrent  # noqa: F401
-        p = subprocess.run([sys.executable, os.path.join(interop, "lt_client.py"), "fetch",
-                            magnet % (lt_key.hex(), s.port), "/tmp/crash_scale_lt.info",
-                            "--timeout", "60"], capture_output=True, text=True, timeout=120)
-        line = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else "{}"
-        r = json.loads(line)
-        ok = r.get("ok") and hashlib.sha1(open("/tmp/crash_scale_lt.info", "rb").read())\
-            .digest() == lt_key
+    with tempfile.TemporaryDirectory(prefix="crash-scale-") as tmp:
+        wt = os.path.join(interop, "webtorrent")
+        if os.path.isdir(os.path.join(wt, "node_modules")):
+            mse_before = s.metric("magnetar_mse_handshakes_done_total") or 0
+            info = os.path.join(tmp, "wt.info")
+            last, ok = client_fetch(["node", os.path.join(wt, "fetch.mjs"),
+                                     magnet % (wt_key.hex(), s.port), info, "60"], info, wt_key)
+            mse = (s.metric("magnetar_mse_handshakes_done_total") or 0) - mse_before
+            out["webtorrent"] = {"ok": ok, "mse_handshakes": mse, "out": last[-300:]}
+            check(ok and mse >= 1, "webtorrent (MSE first) fetched an old record through the "
+                  "req2 lookup (%d MSE handshakes)" % mse)
+        else:
+            out["webtorrent"] = "skipped: npm ci in tests/interop/webtorrent first"
+        try:
+            import libtorrent  # noqa: F401
+        except ImportError:
+            out["libtorrent"] = "skipped: python3-libtorrent missing (run with /usr/bin/python3)"
+            return out
+        info = os.path.join(tmp, "lt.info")
+        last, ok = client_fetch([sys.executable, os.path.join(interop, "lt_client.py"), "fetch",
+                                 magnet % (lt_key.hex(), s.port), info, "--timeout", "60"],
+                                info, lt_key)
+        r = json.loads(last) if last.startswith("{") else {"out": last[-300:]}
         out["libtorrent"] = r
-        check(bool(ok), "libtorrent (defaults) fetched an old record, peers %s" % r.get("peers"))
-    except ImportError:
-        out["libtorrent"] = "skipped: python3-libtorrent missing"
+        check(ok, "libtorrent (defaults) fetched an old record, peers %s" % r.get("peers"))
     return out
 
 
@@ -390,11 +406,9 @@ def main():
     check(not got[dead], "tombstone: still refused after a restart (%.2f s)" % s.ready_s)
     s.stop()
 
-    segs = sorted((int(m.group(2)), os.path.join(args.data, "segments", n))
-                  for n in os.listdir(os.path.join(args.data, "segments"))
-                  for m in [re.match(r"^seg-(\d+)-(\d+)\.mseg$", n)] if m)
-    total = sum(os.path.getsize(p) for _, p in segs)
-    oldest = segs[0][1]
+    segs = segment_files(args.data)
+    total = sum(os.path.getsize(path) for _, _, path in segs)
+    oldest = min(segs, key=lambda seg: seg[1])[2]  # eviction order: sequence numbers
     in_oldest = [r[2] for r in records(oldest)]
     recs = [k for k in in_oldest if k not in damaged]
     served, unserved, others = recs[0], recs[1], recs[2:][:50]
