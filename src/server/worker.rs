@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use monoio::net::TcpListener;
 use monoio::{FusionDriver, IoUringDriver, LegacyDriver, RuntimeBuilder};
 
@@ -220,7 +221,7 @@ fn spawn_accept_loops(
 ) -> anyhow::Result<Vec<monoio::task::JoinHandle<()>>> {
     let mut accepts = Vec::new();
     for l in listeners {
-        let listener = TcpListener::from_std(l).map_err(|e| anyhow::anyhow!("listener: {e}"))?;
+        let listener = TcpListener::from_std(l).context("listener")?;
         accepts.push(monoio::spawn(accept_loop(
             listener,
             ctx.clone(),
@@ -237,8 +238,7 @@ fn spawn_accept_loops(
         uring_runtime,
     ));
     for l in http {
-        let listener =
-            TcpListener::from_std(l).map_err(|e| anyhow::anyhow!("http listener: {e}"))?;
+        let listener = TcpListener::from_std(l).context("http listener")?;
         accepts.push(monoio::spawn(crate::server::http::accept_loop(
             listener,
             ctx.clone(),
