@@ -544,9 +544,8 @@ impl Drop for ScratchDir {
 
 /// Datagrams from a hostile peer, fed to an accepted uTP connection with a virtual clock.
 /// The input is a sequence of records: one control byte (low 5 bits: milliseconds to
-/// advance; bit 5: fire timers; bit 6: the application reads everything; bit 7: the owner
-/// holds pure acks back, as the server does for a session about to answer,
-/// `Connection::hold_ack`) and a length byte, then that many bytes of datagram.
+/// advance; bit 5: fire timers; bit 6: the application reads everything; bit 7: unused, it
+/// once held pure acks back) and a length byte, then that many bytes of datagram.
 ///
 /// Invariants: never a panic; before the peer has acked our SYN-ACK the connection has sent
 /// no more bytes than it received (no amplifier); only a datagram that acks our SYN-ACK's
@@ -554,8 +553,7 @@ impl Drop for ScratchDir {
 /// send) establishes the connection, so a blind spoofer must guess it (the endpoint draws
 /// it from a keyed hash, SECURITY.md); every datagram fits the largest header plus one
 /// payload; what is readable never exceeds the reassembly cap; the connection never asks
-/// for a timer in the past once its timers have fired; while acks are held, no lone
-/// ST_STATE leaves. (The server's GSO sends group these same datagrams without changing
+/// for a timer in the past once its timers have fired. (The server's GSO sends group these same datagrams without changing
 /// one byte: `server::udp` tests.)
 pub fn utp_connection(data: &[u8]) {
     use crate::utp::{self, Connection, Header, PacketType};
@@ -588,8 +586,6 @@ pub fn utp_connection(data: &[u8]) {
         let dgram = &rest[2..(2 + len).min(rest.len())];
         rest = &rest[(2 + len).min(rest.len())..];
         now += Duration::from_millis(u64::from(ctl & 0x1f));
-        let held = ctl & 0x80 != 0;
-        conn.hold_ack(held);
         if let Ok(pkt) = utp::decode(dgram) {
             bytes_in += dgram.len();
             let was_established = conn.is_established();
@@ -624,18 +620,11 @@ pub fn utp_connection(data: &[u8]) {
             "readable past the reassembly cap"
         );
         let established = conn.is_established();
-        // Established and not closed: the SYN-ACK and a closed connection's last ack are
-        // never held.
-        let open = established && !conn.is_closed();
         while let Some(t) = conn.poll_transmit(now) {
             assert!(
                 t.len() <= utp::HEADER_BYTES_MAX + cfg.payload_bytes_max,
                 "a datagram over the MTU budget"
             );
-            if held && open {
-                let lone_state = t.header[0] >> 4 == PacketType::State.to_wire();
-                assert!(!lone_state, "a lone ST_STATE while acks are held");
-            }
             bytes_out += t.len();
         }
         if !established && !conn.is_established() {

@@ -947,6 +947,13 @@ pub(crate) mod tests {
         }
     }
 
+    impl Kit {
+        /// The context on its own, for an adapter that owns it, and what must outlive it.
+        pub(crate) fn into_parts(self) -> (WorkerCtx, impl Sized) {
+            (self.ctx, (self._mailboxes, self._dir))
+        }
+    }
+
     pub(crate) fn store(kit: &Kit, info: &[u8]) -> RecordRef {
         let appended = kit.ctx.store.append(info, AppendOptions::default());
         appended.unwrap().record().clone()

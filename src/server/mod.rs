@@ -10,11 +10,12 @@
 //!   session (`conn`) and its effects; every driver below is a thin adapter around it
 //! - `conn`:     the peer protocol (handshake, BEP 10, BEP 9) as a sans-IO state machine
 //! - `mse`:      MSE/PE for the pump: first bytes, the responder handshake, RC4 out
-//! - `session`:  the stream adapter: a `Transport` (monoio TCP, uTP) ↔ the pump
+//! - `session`:  the stream adapter: a `Transport` (monoio TCP on epoll) ↔ the pump
 //! - `uring`:    the io_uring adapter: TCP on the worker's own ring ↔ the pump
 //! - `tcp`:      the TCP `Transport` (cancelable reads, the writev loop)
-//! - `udp`:      uTP on the same port: per-core datagram demultiplexing, timers, and the
-//!   uTP `Transport` (docs/transports.md)
+//! - `udp`:      uTP on the same port: per-core datagram demultiplexing, timers, sends
+//!   (docs/transports.md)
+//! - `utp_session`: the uTP adapter: each connection's pump driven in place, no task
 //! - `send`:     zero-copy vectored replies (headers + mmap slices)
 //! - `http`:     the public read-only HTTP listener (`--http`): .torrent by info-hash
 //! - `limiter`:  global and per-IP connection caps
@@ -37,6 +38,7 @@ pub mod stats;
 pub mod tcp;
 pub mod udp;
 pub mod uring;
+pub(crate) mod utp_session;
 pub mod worker;
 
 use std::net::SocketAddr;

@@ -1,5 +1,5 @@
-//! The stream adapter: moves bytes between a `Transport` (TCP on monoio in `tcp.rs`, uTP
-//! in `udp.rs`) and the sans-IO pump (`pump.rs`: MSE gate, protocol, effects), and
+//! The stream adapter: moves bytes between a `Transport` (TCP on monoio in `tcp.rs`, the
+//! epoll driver's path) and the sans-IO pump (`pump.rs`: MSE gate, protocol, effects), and
 //! carries out its steps (send, fetch, store, shard messages, close) by awaiting them.
 //! Read → pump → step; no protocol here.
 
@@ -37,7 +37,8 @@ pub enum Wake {
     Fetch(Option<FetchOutcome>),
 }
 
-/// A reliable byte stream to one peer (TCP, or uTP over the worker's UDP socket).
+/// A reliable byte stream to one peer (TCP; uTP drives the pump without a task instead,
+/// `utp_session.rs`).
 // Sessions run on one core's runtime and are never sent between threads, so the futures
 // need no `Send` bound (which is what the lint warns about).
 #[allow(async_fn_in_trait)]

@@ -11,9 +11,10 @@
 //!   TCP plus a per-core cap on connections not yet established (SYN floods);
 //! - `timer_loop`: one timer for all connections of the endpoint (retransmissions,
 //!   delayed acks, connect and FIN timeouts), a heap of deadlines;
-//! - a session task per established connection runs the same BEP 3/10/9 session as TCP
-//!   (`session::run`) over `UtpTransport`, which only moves bytes: stream bytes in from
-//!   the connection's reassembly, `OutBatch`es out into the connection's send queue.
+//! - each established connection's session (the same BEP 3/10/9 pump as TCP) runs in place,
+//!   without a task (`utp_session.rs`): the datagrams that carry a request are answered
+//!   from the call that handled them, stream bytes in from the connection's reassembly,
+//!   `OutBatch`es out into its send queue.
 //!
 //! Zero copy: a sealed `OutBatch` (headers + iovecs into the store's mmap) is handed to the
 //! connection as a whole and kept until the peer acks its last byte; each DATA packet is
@@ -27,8 +28,8 @@
 //! batch woke leave together). A datagram either goes into the socket buffer at once or
 //! is dropped (EAGAIN, counted), which uTP treats as loss. Nothing on this path waits
 //! for the kernel. Runs of equal packets to one peer (a reply burst) go as one UDP GSO
-//! send (`TxBatch`). An ack for bytes the session is waiting for is held until the
-//! session has answered them, so it rides on the answer (`after_event`).
+//! send (`TxBatch`). The session answers a request before the connection's ack of it is
+//! built, so the answer's first DATA packet carries the ack.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -42,13 +43,12 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Instant;
 
-use crate::limits;
 use crate::server::deadlines::Deadlines;
 use crate::server::limiter::{ConnectionLimiter, ConnectionPermit};
 use crate::server::send::OutBatch;
-use crate::server::session::{ReadOutcome, Transport, Wake, WorkerCtx};
-use crate::server::worker::{spawn_session, OpenSession};
-use crate::upstream::shard::FetchOutcome;
+use crate::server::session::{SessionEnd, WorkerCtx};
+use crate::server::utp_session::{self, OffCore, UtpSession};
+use crate::server::worker::OpenSession;
 use crate::utp::{self, Connection, PacketType};
 
 /// A datagram buffer that holds any UDP datagram: a truncated one would be read as a
@@ -410,42 +410,30 @@ impl TxBatch {
 /// Where a connection's session is.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum SessionState {
-    /// Not established yet (the peer has not acked our SYN-ACK): no task, no buffers.
+    /// Not established yet (the peer has not acked our SYN-ACK): no session, no buffers.
     NotStarted,
     Running,
     /// The session has ended; the connection finishes its FIN exchange and goes.
     Gone,
 }
 
-/// One uTP connection, shared by the endpoint's loops and its session task (all on one
-/// thread; no borrow is held across an await).
+/// One uTP connection, shared by the endpoint's loops and its session's off-core work (all
+/// on one thread; no borrow is held across an await).
 struct Shared {
     key: ConnKey,
     conn: RefCell<Connection<OutBatch>>,
     /// The peer's address in the form sendmsg wants, made once.
     to: socket2::SockAddr,
-    /// The session task waiting on this connection (bytes, acks, close).
-    waker: Cell<Option<Waker>>,
     /// The deadline this connection has in the endpoint's timer heap (entries with any
     /// other deadline are stale and skipped).
     scheduled: Cell<Option<Instant>>,
-    session: Cell<SessionState>,
+    state: Cell<SessionState>,
+    /// The session while `Running`.
+    session: RefCell<Option<Box<UtpSession>>>,
     /// In the receive loop's list of connections to let transmit after the batch.
     touched: Cell<bool>,
-    /// The session waits in `read_or_wake` for stream bytes: bytes that arrive now are
-    /// answered by it within this turn of the runtime, so the ack waits for the answer
-    /// (`after_event`, `Connection::hold_ack`).
-    reading: Cell<bool>,
     /// Its slot in the global and per-IP budgets, given back when the entry goes.
     _permit: ConnectionPermit,
-}
-
-impl Shared {
-    fn wake_session(&self) {
-        if let Some(w) = self.waker.take() {
-            w.wake();
-        }
-    }
 }
 
 /// Wakes the timer loop when a deadline earlier than the one it sleeps on is scheduled.
@@ -688,6 +676,15 @@ impl Endpoint {
                     if due {
                         sh.conn.borrow_mut().on_timeout(now);
                     }
+                    // So may the session's (a request moved its idle clock).
+                    let session_due = sh
+                        .session
+                        .borrow()
+                        .as_ref()
+                        .is_some_and(|s| s.deadline().into_std() <= now);
+                    if session_due {
+                        self.drive_session(&sh, now, |s, at| s.on_deadline(at));
+                    }
                     self.after_event(&sh, now);
                     // Every timer due now queues its datagrams; one send takes them all.
                     self.send_soon();
@@ -821,11 +818,10 @@ impl Endpoint {
             key,
             conn: RefCell::new(conn),
             to: socket2::SockAddr::from(key.0),
-            waker: Cell::new(None),
             scheduled: Cell::new(None),
-            session: Cell::new(SessionState::NotStarted),
+            state: Cell::new(SessionState::NotStarted),
+            session: RefCell::new(None),
             touched: Cell::new(false),
-            reading: Cell::new(false),
             _permit: permit,
         });
         self.conns.borrow_mut().insert(key, sh.clone());
@@ -834,53 +830,43 @@ impl Endpoint {
         Some(sh)
     }
 
-    /// After anything happened to a connection: send what it wants sent, start its
-    /// session once established, wake its session, re-arm its timer, or let it go.
-    /// Datagrams go into the endpoint's send batch; the caller sends it (`send_now`).
+    /// After anything happened to a connection: start its session once established, let
+    /// the session handle what arrived (its answer goes into the send queue before the
+    /// ack of the request is built, so the answer carries it), queue what the connection
+    /// wants sent, re-arm its timer, or let it go. Datagrams go into the endpoint's send
+    /// batch; the caller sends it (`send_soon`).
     fn after_event(self: &Rc<Self>, sh: &Rc<Shared>, now: Instant) {
-        {
-            // A session that waits for these bytes, or one about to start with them (the
-            // peer's first DATA packet is what establishes the connection), answers them
-            // before it waits again (`UtpTransport` lets the ack go at its next read of
-            // nothing or at its write): the answer's first DATA packet carries the ack,
-            // one datagram instead of two. The peer's FIN wakes a waiting session to
-            // end at once, so our FIN carries its ack.
-            let mut conn = sh.conn.borrow_mut();
-            let reading = sh.reading.get();
-            let starting = sh.session.get() == SessionState::NotStarted
-                && conn.is_established()
-                && !conn.is_closed();
-            let unread = !conn.readable().is_empty();
-            let peer_closed = reading && conn.is_read_closed();
-            if ((reading || starting) && unread) || peer_closed {
-                conn.hold_ack(true);
+        if sh.state.get() == SessionState::NotStarted {
+            let ready = {
+                let c = sh.conn.borrow();
+                c.is_established() && !c.is_closed()
+            };
+            if ready {
+                self.start_session(sh);
+            }
+        }
+        if sh.state.get() == SessionState::Running {
+            let news = {
+                let session = sh.session.borrow();
+                let conn = sh.conn.borrow();
+                session.as_ref().is_some_and(|s| s.has_news(&conn))
+            };
+            if news {
+                self.drive_session(sh, now, |_, _| true);
             }
         }
         self.flush(sh, now);
-        let (established, closed, next) = {
+        let (closed, mut next) = {
             let c = sh.conn.borrow();
-            (c.is_established(), c.is_closed(), c.next_timeout())
+            (c.is_closed(), c.next_timeout())
         };
-        if sh.session.get() == SessionState::NotStarted && established && !closed {
-            self.half_open.set(self.half_open.get() - 1);
-            sh.session.set(SessionState::Running);
-            self.ctx.stats.utp_connections_established.inc();
-            let utp = UtpTransport {
-                ep: self.clone(),
-                sh: sh.clone(),
-            };
-            spawn_session(
-                utp,
-                sh.key.0,
-                self.ctx.clone(),
-                OpenSession::new(self.open.clone()),
-                (),
-            );
-        }
-        sh.wake_session();
-        if closed && sh.session.get() != SessionState::Running {
+        if closed && sh.state.get() != SessionState::Running {
             self.remove(sh);
             return;
+        }
+        if let Some(s) = sh.session.borrow().as_ref() {
+            let at = s.deadline().into_std();
+            next = Some(next.map_or(at, |t| t.min(at)));
         }
         if let Some(t) = next {
             if sh.scheduled.get().is_none_or(|s| t < s) {
@@ -899,6 +885,67 @@ impl Endpoint {
         }
     }
 
+    /// The peer acked our SYN-ACK: the connection leaves the half-open count and gets its
+    /// session.
+    fn start_session(&self, sh: &Shared) {
+        self.half_open.set(self.half_open.get() - 1);
+        self.ctx.stats.utp_connections_established.inc();
+        let open = OpenSession::new(self.open.clone());
+        *sh.session.borrow_mut() = Some(UtpSession::new(self.ctx.clone(), sh.key.0, open));
+        sh.state.set(SessionState::Running);
+    }
+
+    /// Applies `event` to the connection's session and drives it (`UtpSession::drive`). A
+    /// session that ends (or panics: a bug, counted, that closes this connection only) is
+    /// dropped and the connection closed: our FIN follows whatever is still queued, and the
+    /// endpoint keeps the connection until the FIN is acked or its retransmissions run out.
+    fn drive_session(
+        self: &Rc<Self>,
+        sh: &Rc<Shared>,
+        now: Instant,
+        event: impl FnOnce(&mut UtpSession, monoio::time::Instant) -> bool,
+    ) {
+        let mut slot = sh.session.borrow_mut();
+        let Some(session) = slot.as_mut() else {
+            return;
+        };
+        let mut conn = sh.conn.borrow_mut();
+        let at = monoio::time::Instant::from_std(now);
+        let stats = &self.ctx.stats;
+        let running = crate::server::contain_panic(stats, "session", || {
+            event(session, at) && session.drive(&mut conn, at, |work| self.off_core(sh, work))
+        });
+        if running == Some(true) {
+            return;
+        }
+        if running.is_none() {
+            session.end(SessionEnd::ProtocolError);
+        }
+        *slot = None;
+        sh.state.set(SessionState::Gone);
+        stats.connections_closed.inc();
+        conn.close(now);
+    }
+
+    /// Runs a session's work off the core as a task; its result drives the session again.
+    fn off_core(self: &Rc<Self>, sh: &Rc<Shared>, work: OffCore) {
+        let ep = self.clone();
+        let sh = sh.clone();
+        monoio::spawn(async move {
+            let finished = utp_session::run_off_core(&ep.ctx, work).await;
+            if sh.state.get() != SessionState::Running {
+                return; // ended meanwhile
+            }
+            let now = Instant::now();
+            ep.drive_session(&sh, now, |s, _| {
+                s.on_off_core(finished);
+                true
+            });
+            ep.after_event(&sh, now);
+            ep.send_soon();
+        });
+    }
+
     fn remove(&self, sh: &Rc<Shared>) {
         if self.conns.borrow_mut().remove(&sh.key).is_none() {
             return;
@@ -908,7 +955,7 @@ impl Endpoint {
         if !self.tx.borrow().is_empty() {
             self.retired.borrow_mut().push(sh.clone());
         }
-        if sh.session.get() == SessionState::NotStarted {
+        if sh.state.get() == SessionState::NotStarted {
             self.half_open.set(self.half_open.get() - 1);
             self.ctx.stats.utp_connect_timeouts.inc();
         }
@@ -1004,162 +1051,6 @@ impl Endpoint {
         } else {
             self.ctx.stats.utp_datagrams_sent.inc();
         }
-    }
-}
-
-/// The session's view of one uTP connection: a byte stream.
-pub struct UtpTransport {
-    ep: Rc<Endpoint>,
-    sh: Rc<Shared>,
-}
-
-impl UtpTransport {
-    /// Lets go of an ack `after_event` held for this session's answer, before the session
-    /// waits for anything else (its answer, if any, is written by now).
-    fn release_ack(&self) {
-        let held = {
-            let mut conn = self.sh.conn.borrow_mut();
-            let held = conn.is_ack_held();
-            conn.hold_ack(false);
-            held
-        };
-        if held {
-            self.ep.after_event(&self.sh, Instant::now());
-            self.ep.send_soon();
-        }
-    }
-
-    fn closed_error(&self) -> io::Error {
-        let state = self.sh.conn.borrow().state();
-        io::Error::new(
-            io::ErrorKind::ConnectionAborted,
-            format!("uTP connection closed: {state:?}"),
-        )
-    }
-}
-
-impl Transport for UtpTransport {
-    async fn read_or_wake(
-        &mut self,
-        buf: &mut Vec<u8>,
-        deadline: monoio::time::Instant,
-        spare_min: usize,
-        waiter: Option<&flume::Receiver<FetchOutcome>>,
-    ) -> Wake {
-        // Bytes already here are read and answered now: their ack stays held for the answer.
-        if self.sh.conn.borrow().readable().is_empty() {
-            self.release_ack();
-        }
-        let sh = self.sh.clone();
-        let readable = poll_fn(|cx| {
-            let mut conn = sh.conn.borrow_mut();
-            let avail = conn.readable();
-            if !avail.is_empty() {
-                if buf.capacity() - buf.len() < spare_min {
-                    buf.reserve(spare_min);
-                }
-                let n = avail.len().min(buf.capacity() - buf.len());
-                buf.extend_from_slice(&avail[..n]);
-                conn.consume(n);
-                // More stream bytes than room: the peer's burst goes on (the session's
-                // request cap counts a burst over such reads, as on TCP).
-                let filled = !conn.readable().is_empty();
-                return Poll::Ready(ReadOutcome::Data { filled });
-            }
-            if conn.is_read_closed() {
-                return Poll::Ready(ReadOutcome::Eof);
-            }
-            if conn.is_closed() {
-                return Poll::Ready(ReadOutcome::Failed(io::Error::new(
-                    io::ErrorKind::ConnectionReset,
-                    format!("uTP connection closed: {:?}", conn.state()),
-                )));
-            }
-            sh.waker.set(Some(cx.waker().clone()));
-            sh.reading.set(true);
-            Poll::Pending
-        });
-        let fetch = async {
-            match waiter {
-                Some(w) => w.recv_async().await.ok(),
-                None => std::future::pending().await,
-            }
-        };
-        let wake = monoio::select! {
-            r = readable => Wake::Read(r),
-            _ = monoio::time::sleep_until(deadline) => Wake::Read(ReadOutcome::Deadline),
-            f = fetch => Wake::Fetch(f),
-        };
-        self.sh.waker.set(None);
-        self.sh.reading.set(false);
-        // Reading freed receive window, which the connection may want to say: it says so
-        // with the ack of these bytes, at the next read or write (`release_ack`).
-        wake
-    }
-
-    async fn write_before(
-        &mut self,
-        mut batch: OutBatch,
-        deadline: monoio::time::Instant,
-    ) -> (io::Result<()>, OutBatch) {
-        batch.seal();
-        if batch.sealed_len() == 0 {
-            batch.clear();
-            self.release_ack();
-            return (Ok(()), batch);
-        }
-        if self.sh.conn.borrow().is_closed() {
-            batch.clear();
-            self.release_ack();
-            return (Err(self.closed_error()), batch);
-        }
-        // The batch goes into the send queue as it is (its iovecs point into the mmap)
-        // and stays there until acked; the session gets a fresh one. Its first packet
-        // carries the ack held for it, or the ack goes alone if the window holds it back.
-        {
-            let mut conn = self.sh.conn.borrow_mut();
-            conn.write(batch);
-            conn.hold_ack(false);
-        }
-        self.ep.after_event(&self.sh, Instant::now());
-        self.ep.send_soon();
-        let sh = self.sh.clone();
-        let drained = poll_fn(|cx| {
-            let conn = sh.conn.borrow();
-            if conn.is_closed() {
-                return Poll::Ready(false);
-            }
-            if conn.send_backlog_bytes() <= limits::UTP_SEND_BACKLOG_BYTES_MAX {
-                return Poll::Ready(true);
-            }
-            sh.waker.set(Some(cx.waker().clone()));
-            Poll::Pending
-        });
-        let res = monoio::select! {
-            ok = drained => if ok { Ok(()) } else { Err(self.closed_error()) },
-            _ = monoio::time::sleep_until(deadline) => {
-                Err(io::Error::new(io::ErrorKind::TimedOut, "uTP write deadline"))
-            }
-        };
-        self.sh.waker.set(None);
-        (res, OutBatch::new())
-    }
-}
-
-impl Drop for UtpTransport {
-    fn drop(&mut self) {
-        // The session is over: FIN after whatever is still queued; the endpoint keeps the
-        // connection until the FIN is acked or its retransmissions run out.
-        self.sh.session.set(SessionState::Gone);
-        let now = Instant::now();
-        {
-            let mut conn = self.sh.conn.borrow_mut();
-            conn.hold_ack(false);
-            conn.close(now);
-        }
-        self.sh.reading.set(false);
-        self.ep.after_event(&self.sh, now);
-        self.ep.send_soon();
     }
 }
 

@@ -273,8 +273,6 @@ pub struct Connection<C: Chunk> {
     /// Our clock minus the peer's timestamp of its last packet (BEP 29 `reply_micro`).
     reply_micro: u32,
     ack_pending: bool,
-    /// A pure ack is held back (`hold_ack`): the answer about to be written carries it.
-    ack_held: bool,
     syn_ack_pending: bool,
     reset_pending: bool,
     last_wnd_sent: u32,
@@ -333,7 +331,6 @@ impl<C: Chunk> Connection<C> {
             read_closed: false,
             reply_micro: 0,
             ack_pending: false,
-            ack_held: false,
             syn_ack_pending: false,
             reset_pending: false,
             last_wnd_sent: 0,
@@ -449,23 +446,6 @@ impl<C: Chunk> Connection<C> {
         self.chunks.push_back((self.written, chunk));
         self.written += len;
     }
-
-    /// Holds back (`true`) or lets go (`false`) an ack that would leave alone, as an
-    /// ST_STATE without data. The owner holds it when the application is about to answer
-    /// the bytes that asked for it: the answer's first DATA packet carries the ack, so the
-    /// peer gets one datagram instead of two (libtorrent defers its acks the same way, to
-    /// the end of its socket's batch). DATA, FIN, SYN-ACK and RESET are never held, and
-    /// neither is the last ack of a closed connection; the owner must let go before it
-    /// waits for anything but the answer, or the peer waits for its RTO.
-    pub fn hold_ack(&mut self, held: bool) {
-        self.ack_held = held;
-    }
-
-    /// A pure ack is held back and pending (`hold_ack`).
-    pub fn is_ack_held(&self) -> bool {
-        self.ack_held && self.ack_pending
-    }
-
     /// Our FIN was acked: the peer has everything we wrote.
     pub fn is_fin_acked(&self) -> bool {
         self.fin_acked_at.is_some()
@@ -1103,8 +1083,7 @@ impl<C: Chunk> Connection<C> {
         } else {
             2 + SACK_BYTES_MAX
         };
-        (self.ack_pending && !self.ack_held && self.may_send(HEADER_LEN + sack_len))
-            .then_some(Emit::State)
+        (self.ack_pending && self.may_send(HEADER_LEN + sack_len)).then_some(Emit::State)
     }
 
     fn push_out(&mut self, kind: Kind) {
