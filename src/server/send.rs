@@ -7,6 +7,7 @@
 //! The batch holds a `RecordRef`, which keeps the segment mapping alive until the kernel
 //! has taken the bytes.
 
+use std::cell::RefCell;
 use std::ops::Range;
 
 use monoio::buf::IoVecBuf;
@@ -22,6 +23,29 @@ enum Part {
     Head(Range<usize>),
     /// A range of the record's info dict, in the mmap.
     Payload(Range<usize>),
+}
+
+/// The buffers of dropped batches, kept for the next `OutBatch::new` on this thread. A uTP
+/// reply's batch is handed to its connection whole and dropped when acked, so each reply
+/// took a fresh batch: about a dozen allocations as its vectors grew, per reply.
+struct Spare {
+    head: Vec<u8>,
+    parts: Vec<Part>,
+    iov: Vec<libc::iovec>,
+    iov_starts: Vec<usize>,
+    runs: Vec<libc::iovec>,
+}
+
+/// Spare batches kept per thread: more than the replies a core's uTP connections get
+/// acked between two of its new replies in a burst.
+const SPARE_BATCHES_MAX: usize = 64;
+
+/// A dropped batch whose buffers hold more than this goes back to the allocator (a rare
+/// huge reply must not pin its memory in the spares).
+const SPARE_BATCH_BYTES_MAX: usize = 64 * 1024;
+
+thread_local! {
+    static SPARES: RefCell<Vec<Spare>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Reused across batches of one connection, so steady-state serving allocates nothing.
@@ -59,13 +83,24 @@ impl Default for OutBatch {
 
 impl OutBatch {
     pub fn new() -> OutBatch {
+        let spare = SPARES
+            .try_with(|s| s.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| Spare {
+                head: Vec::with_capacity(512),
+                parts: Vec::new(),
+                iov: Vec::new(),
+                iov_starts: Vec::new(),
+                runs: Vec::new(),
+            });
         OutBatch {
-            head: Vec::with_capacity(512),
+            head: spare.head,
             head_mark: 0,
-            parts: Vec::new(),
-            iov: Vec::new(),
-            iov_starts: Vec::new(),
-            runs: Vec::new(),
+            parts: spare.parts,
+            iov: spare.iov,
+            iov_starts: spare.iov_starts,
+            runs: spare.runs,
             run_hint: std::cell::Cell::new(0),
             sealed_len: 0,
             iov_sent: 0,
@@ -255,6 +290,34 @@ impl OutBatch {
         self.record = None;
         self.blocks = 0;
         self.payload_bytes = 0;
+    }
+}
+
+impl Drop for OutBatch {
+    /// Keeps the buffers for the next batch on this thread (`SPARES`).
+    fn drop(&mut self) {
+        let bytes = self.head.capacity()
+            + self.parts.capacity() * std::mem::size_of::<Part>()
+            + (self.iov.capacity() + self.runs.capacity()) * std::mem::size_of::<libc::iovec>()
+            + self.iov_starts.capacity() * std::mem::size_of::<usize>();
+        if self.head.capacity() == 0 || bytes > SPARE_BATCH_BYTES_MAX {
+            return;
+        }
+        self.clear();
+        let spare = Spare {
+            head: std::mem::take(&mut self.head),
+            parts: std::mem::take(&mut self.parts),
+            iov: std::mem::take(&mut self.iov),
+            iov_starts: std::mem::take(&mut self.iov_starts),
+            runs: std::mem::take(&mut self.runs),
+        };
+        // After the thread's spares are gone (thread exit), the buffers are just freed.
+        let _ = SPARES.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARE_BATCHES_MAX {
+                s.push(spare);
+            }
+        });
     }
 }
 

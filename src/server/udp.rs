@@ -428,8 +428,9 @@ struct Shared {
     /// other deadline are stale and skipped).
     scheduled: Cell<Option<Instant>>,
     state: Cell<SessionState>,
-    /// The session while `Running`.
-    session: RefCell<Option<Box<UtpSession>>>,
+    /// The session while `Running` (in the connection's allocation: every datagram's
+    /// handling looks at it).
+    session: RefCell<Option<UtpSession>>,
     /// In the receive loop's list of connections to let transmit after the batch.
     touched: Cell<bool>,
     /// Its slot in the global and per-IP budgets, given back when the entry goes.
@@ -483,8 +484,11 @@ pub struct Endpoint {
     settings: UtpSettings,
     /// Sessions open on this worker (TCP and uTP): shutdown waits for them.
     open: Rc<Cell<usize>>,
-    conns: RefCell<HashMap<ConnKey, Rc<Shared>>>,
+    /// Keyed by a per-process random seed (foldhash): the key is the peer's to choose.
+    conns: RefCell<HashMap<ConnKey, Rc<Shared>, foldhash::fast::RandomState>>,
     tx: RefCell<TxBatch>,
+    /// Stream bytes on their way from a connection to its session (`UtpSession::drive`).
+    scratch: RefCell<Vec<u8>>,
     /// Wakes `send_loop`: the batch holds datagrams to send at the end of this turn.
     tx_queued: Notify,
     /// Connections removed while the batch still pointed into their chunks: kept alive
@@ -532,8 +536,9 @@ impl Endpoint {
             limiter,
             settings,
             open,
-            conns: RefCell::new(HashMap::new()),
+            conns: RefCell::new(HashMap::default()),
             tx: RefCell::new(TxBatch::new(gso)),
+            scratch: RefCell::new(Vec::new()),
             tx_queued: Notify::default(),
             retired: RefCell::new(Vec::new()),
             timers: RefCell::new(Deadlines::with_capacity(0)),
@@ -912,8 +917,10 @@ impl Endpoint {
         let mut conn = sh.conn.borrow_mut();
         let at = monoio::time::Instant::from_std(now);
         let stats = &self.ctx.stats;
+        let mut scratch = self.scratch.borrow_mut();
         let running = crate::server::contain_panic(stats, "session", || {
-            event(session, at) && session.drive(&mut conn, at, |work| self.off_core(sh, work))
+            event(session, at)
+                && session.drive(&mut conn, &mut scratch, at, |work| self.off_core(sh, work))
         });
         if running == Some(true) {
             return;

@@ -49,8 +49,6 @@ pub(super) struct UtpSession {
     /// A reply beyond the backlog cap waits for acks until this deadline; the pump hears
     /// `on_sent` once acks bring the backlog under the cap.
     write_deadline: Option<Instant>,
-    /// Received bytes on their way to the pump (RC4 decrypts them in place).
-    scratch: Vec<u8>,
     /// Counts this session open until it ends (shutdown waits for it).
     _open: OpenSession,
     /// The context `pump` borrows. Declared after it, so dropped after it.
@@ -58,19 +56,18 @@ pub(super) struct UtpSession {
 }
 
 impl UtpSession {
-    pub(super) fn new(ctx: Rc<WorkerCtx>, peer: SocketAddr, open: OpenSession) -> Box<Self> {
+    pub(super) fn new(ctx: Rc<WorkerCtx>, peer: SocketAddr, open: OpenSession) -> Self {
         // SAFETY: the pump borrows the WorkerCtx behind `ctx`, an `Rc` this struct owns and
         // drops after `pump` (field order); the reference is used only through the pump
         // and the struct, never stored elsewhere, so it cannot outlive the context.
         let borrowed: &'static WorkerCtx = unsafe { &*Rc::as_ptr(&ctx) };
-        Box::new(UtpSession {
+        UtpSession {
             pump: Pump::new(borrowed, peer, Instant::now()),
             out: OutBatch::new(),
             write_deadline: None,
-            scratch: Vec::new(),
             _open: open,
             ctx,
-        })
+        }
     }
 
     /// When the session must be looked at without an event: a reply's write deadline, or
@@ -122,12 +119,14 @@ impl UtpSession {
     }
 
     /// Runs the pump as far as it goes: replies into the connection's send queue, the
-    /// connection's stream bytes into the pump while it is `Ready`, work off the core to
-    /// `off_core`. False when the session has ended (counted by the pump); the caller
-    /// closes the connection.
+    /// connection's stream bytes into the pump while it is `Ready` (through `scratch`,
+    /// the endpoint's: RC4 decrypts them in place), work off the core to `off_core`.
+    /// False when the session has ended (counted by the pump); the caller closes the
+    /// connection.
     pub(super) fn drive(
         &mut self,
         conn: &mut Connection<OutBatch>,
+        scratch: &mut Vec<u8>,
         now: Instant,
         mut off_core: impl FnMut(OffCore),
     ) -> bool {
@@ -161,12 +160,10 @@ impl UtpSession {
                     }
                     // All the connection holds at once: its reassembly is bounded by the
                     // receive window, and the pump caps what it keeps unhandled.
-                    self.scratch.clear();
-                    self.scratch.extend_from_slice(avail);
-                    conn.consume(self.scratch.len());
-                    step = self
-                        .pump
-                        .on_bytes(&mut self.scratch, false, now, &mut self.out);
+                    scratch.clear();
+                    scratch.extend_from_slice(avail);
+                    conn.consume(scratch.len());
+                    step = self.pump.on_bytes(scratch, false, now, &mut self.out);
                     continue;
                 }
                 Step::Send => {
@@ -304,7 +301,7 @@ mod tests {
         let mut session = UtpSession::new(Rc::new(ctx), peer, OpenSession::new(open.clone()));
         assert_eq!(open.get(), 1);
         assert!(session.has_news(&conn));
-        let running = session.drive(&mut conn, at, |_| {
+        let running = session.drive(&mut conn, &mut Vec::new(), at, |_| {
             panic!("a hit needs nothing off the core")
         });
         assert!(running);
@@ -330,7 +327,9 @@ mod tests {
         let fin = dgram(hdr(PacketType::Fin, 101, 502, 7000), None, &[]);
         conn.on_packet(&utp::decode(&fin).unwrap(), now);
         assert!(session.has_news(&conn));
-        assert!(!session.drive(&mut conn, at, |_| panic!("nothing off the core")));
+        assert!(!session.drive(&mut conn, &mut Vec::new(), at, |_| panic!(
+            "nothing off the core"
+        )));
         drop(session);
         assert_eq!(open.get(), 0);
     }
@@ -355,7 +354,11 @@ mod tests {
         let peer = PEER.parse().unwrap();
         let mut session = UtpSession::new(Rc::new(ctx), peer, OpenSession::new(open.clone()));
         let mut handed = Vec::new();
-        assert!(session.drive(&mut conn, Instant::from_std(now), |w| handed.push(w)));
+        assert!(
+            session.drive(&mut conn, &mut Vec::new(), Instant::from_std(now), |w| {
+                handed.push(w)
+            })
+        );
         assert!(
             matches!(handed.as_slice(), [OffCore::Fetch(_)]),
             "one fetch"

@@ -223,6 +223,9 @@ pub struct Connection<C: Chunk> {
     send_id: u16,
     epoch: Instant,
     created: Instant,
+    /// The last clock reading turned into a timestamp, and the timestamp: a burst's packets
+    /// share one `now`, so each packet after the first skips the conversion.
+    clock: (Instant, u32),
 
     // Send side.
     /// Next sequence number to assign.
@@ -250,6 +253,9 @@ pub struct Connection<C: Chunk> {
     /// When our FIN was acked (we wait for the peer's until `FIN_WAIT_MAX` after).
     fin_acked_at: Option<Instant>,
     dup_acks: u32,
+    /// Packets in `out` selectively acked: below `DUP_ACK_LIMIT`, no packet can count as
+    /// lost by SACK, and an ack skips the walk over the send queue (`detect_loss`).
+    sacked_packets: u32,
     /// A loss of a packet up to this number does not cut the window again.
     loss_seq: u16,
     peer_wnd: usize,
@@ -299,6 +305,8 @@ impl<C: Chunk> Connection<C> {
             recv_id,
             send_id,
             epoch: now,
+            // `now` is the epoch: timestamp 1 (0 would mean "none").
+            clock: (now, 1),
             created: now,
             seq_nr,
             acked_seq_nr: seq_nr.wrapping_sub(1),
@@ -313,6 +321,7 @@ impl<C: Chunk> Connection<C> {
             fin_queued: false,
             fin_acked_at: None,
             dup_acks: 0,
+            sacked_packets: 0,
             loss_seq: seq_nr.wrapping_sub(1),
             // Unknown until the peer's first packet after its SYN (libtorrent's SYN says
             // 0): the congestion window bounds us meanwhile.
@@ -557,9 +566,15 @@ impl<C: Chunk> Connection<C> {
         }
     }
 
-    fn now_us(&self, now: Instant) -> u32 {
+    fn now_us(&mut self, now: Instant) -> u32 {
+        let (at, us) = self.clock;
+        if at == now {
+            return us;
+        }
         // 0 means "no timestamp" to libtorrent.
-        (now.saturating_duration_since(self.epoch).as_micros() as u32).max(1)
+        let us = (now.saturating_duration_since(self.epoch).as_micros() as u32).max(1);
+        self.clock = (now, us);
+        us
     }
 
     fn note_timestamp(&mut self, h: &Header, now: Instant) {
@@ -705,7 +720,9 @@ impl<C: Chunk> Connection<C> {
             if o.in_flight() {
                 self.in_flight_bytes -= o.payload_len();
             }
-            if !o.sacked {
+            if o.sacked {
+                self.sacked_packets -= 1;
+            } else {
                 tally.acked(&o, &mut self.rtt, now);
             }
             tally.fin_acked |= o.kind == Kind::Fin;
@@ -736,6 +753,7 @@ impl<C: Chunk> Connection<C> {
                 self.in_flight_bytes -= o.payload_len();
             }
             o.sacked = true;
+            self.sacked_packets += 1;
             o.need_resend = false;
             o.resend_now = false;
             let o = *o;
@@ -749,14 +767,20 @@ impl<C: Chunk> Connection<C> {
     /// sent after the last cut cuts again.
     fn detect_loss(&mut self, now: Instant) {
         let mut lost_first: Option<u16> = None;
-        let mut later = 0;
-        for idx in (0..self.out.len()).rev() {
-            let o = &self.out[idx];
-            if o.sacked {
-                later += 1;
-            } else if later >= DUP_ACK_LIMIT && o.in_flight() && !o.fast_resent {
-                self.mark_lost(idx, true);
-                lost_first = Some(self.acked_seq_nr.wrapping_add(1 + idx as u16));
+        debug_assert_eq!(
+            self.sacked_packets as usize,
+            self.out.iter().filter(|o| o.sacked).count()
+        );
+        if self.sacked_packets >= DUP_ACK_LIMIT {
+            let mut later = 0;
+            for idx in (0..self.out.len()).rev() {
+                let o = &self.out[idx];
+                if o.sacked {
+                    later += 1;
+                } else if later >= DUP_ACK_LIMIT && o.in_flight() && !o.fast_resent {
+                    self.mark_lost(idx, true);
+                    lost_first = Some(self.acked_seq_nr.wrapping_add(1 + idx as u16));
+                }
             }
         }
         if self.dup_acks >= DUP_ACK_LIMIT {
