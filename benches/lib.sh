@@ -10,9 +10,11 @@ bench_setup() {
   OUT=$(cd "$OUT" && pwd)
   echo "== build"
   cargo build --release -q -p magnetar -p magnetar-loadgen
-  M=$ROOT/target/release/magnetar
+  # Where cargo put them (CARGO_TARGET_DIR, as cargo reads it, else the repository's target/).
+  local target=${CARGO_TARGET_DIR:-$ROOT/target}
+  M=$target/release/magnetar
   # LOADGEN=path measures with another load generator build (before/after of the client).
-  L=${LOADGEN:-$ROOT/target/release/magnetar-loadgen}
+  L=${LOADGEN:-$target/release/magnetar-loadgen}
 }
 
 # Share of all CPUs busy over 2 s (everything: other users and anything left of ours).
