@@ -207,7 +207,7 @@ impl UtpSession {
             self.out.clear();
             return false;
         }
-        conn.write(std::mem::replace(&mut self.out, OutBatch::new()));
+        conn.write(std::mem::take(&mut self.out));
         true
     }
 }
@@ -266,6 +266,19 @@ mod tests {
             seq = last;
         }
         panic!("the answer never ended");
+    }
+
+    /// A connection accepted from a SYN (id 100, seq 500, our seq 7000) whose peer's first
+    /// DATA packet (seq 501) acks our SYN-ACK and carries `opening`.
+    fn opened(opening: &[u8], now: std::time::Instant) -> Connection<OutBatch> {
+        let syn = dgram(hdr(PacketType::Syn, 100, 500, 0), None, &[]);
+        let syn = utp::decode(&syn).unwrap();
+        let mut conn = Connection::<OutBatch>::accept(utp::Config::default(), &syn, 7000, now);
+        while conn.poll_transmit(now).is_some() {}
+        let request = dgram(hdr(PacketType::Data, 101, 501, 7000), None, opening);
+        conn.on_packet(&utp::decode(&request).unwrap(), now);
+        assert!(conn.is_established());
+        conn
     }
 
     /// No task between the request and the answer: the call that hands the session its
@@ -372,5 +385,54 @@ mod tests {
         );
         assert_eq!(stream.len(), HANDSHAKE_LEN);
         assert!(!session.has_news(&conn));
+    }
+
+    /// A reply past `UTP_SEND_BACKLOG_BYTES_MAX` waits in the connection for acks: the pump
+    /// hears `on_sent` once acks bring the backlog under the cap. With no acks, the write
+    /// deadline ends the session.
+    #[test]
+    fn a_reply_past_the_backlog_cap_waits_for_acks_or_its_write_deadline() {
+        let kit = kit(250, 0);
+        // 400 metadata pieces: 250 requests are 4 096 000 bytes of blocks plus headers.
+        let info = crate::metainfo::synthetic_v1_info(400 * 16384 / 20);
+        let key = key_of(&info);
+        store(&kit, &info);
+        let (ctx, _keep) = kit.into_parts();
+        let ctx = Rc::new(ctx);
+        let open = Rc::new(Cell::new(0));
+        let now = std::time::Instant::now();
+        let at = Instant::from_std(now);
+        let mut opening = client_handshake(&key, Reserved::ours(false, false, false));
+        opening.extend(client_ext(CLIENT_UT, None));
+        opening.extend(requests(0..250));
+        let peer = PEER.parse().unwrap();
+
+        for acked in [true, false] {
+            let mut conn = opened(&opening, now);
+            let mut session = UtpSession::new(ctx.clone(), peer, OpenSession::new(open.clone()));
+            assert!(session.drive(&mut conn, &mut Vec::new(), at, |_| panic!("a hit")));
+            assert!(conn.send_backlog_bytes() > limits::UTP_SEND_BACKLOG_BYTES_MAX);
+            assert!(!session.has_news(&conn), "waiting for acks");
+            let write_deadline = session.deadline();
+            assert!(write_deadline > at);
+            if acked {
+                let (heads, _) = sent(&mut conn, now);
+                ack_all(&mut conn, heads.last().unwrap().1, now);
+                assert!(conn.send_backlog_bytes() <= limits::UTP_SEND_BACKLOG_BYTES_MAX);
+                assert!(session.has_news(&conn), "acked: the reply counts as sent");
+                assert!(session.drive(&mut conn, &mut Vec::new(), at, |_| panic!("a hit")));
+                assert!(!session.has_news(&conn));
+                assert!(
+                    session.deadline() != write_deadline,
+                    "the pump's clocks again"
+                );
+            } else {
+                assert!(session.on_deadline(write_deadline - std::time::Duration::from_millis(1)));
+                assert!(
+                    !session.on_deadline(write_deadline),
+                    "ended at its write deadline"
+                );
+            }
+        }
     }
 }
