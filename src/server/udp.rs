@@ -408,13 +408,22 @@ impl TxBatch {
 }
 
 /// Where a connection's session is.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum SessionState {
+// The session lives inline on purpose: boxed, reaching it was a cache miss per datagram
+// (BENCHMARKS.md "uTP cost", ninth pass); a connection without one wastes its size.
+#[allow(clippy::large_enum_variant)]
+enum Session {
     /// Not established yet (the peer has not acked our SYN-ACK): no session, no buffers.
     NotStarted,
-    Running,
+    /// The session, in the connection's allocation: every datagram's handling looks at it.
+    Running(UtpSession),
     /// The session has ended; the connection finishes its FIN exchange and goes.
     Gone,
+}
+
+impl Session {
+    fn is_running(&self) -> bool {
+        matches!(self, Session::Running(_))
+    }
 }
 
 /// One uTP connection, shared by the endpoint's loops and its session's off-core work (all
@@ -427,10 +436,7 @@ struct Shared {
     /// The deadline this connection has in the endpoint's timer heap (entries with any
     /// other deadline are stale and skipped).
     scheduled: Cell<Option<Instant>>,
-    state: Cell<SessionState>,
-    /// The session while `Running` (in the connection's allocation: every datagram's
-    /// handling looks at it).
-    session: RefCell<Option<UtpSession>>,
+    session: RefCell<Session>,
     /// In the receive loop's list of connections to let transmit after the batch.
     touched: Cell<bool>,
     /// Its slot in the global and per-IP budgets, given back when the entry goes.
@@ -681,15 +687,8 @@ impl Endpoint {
                     if due {
                         sh.conn.borrow_mut().on_timeout(now);
                     }
-                    // So may the session's (a request moved its idle clock).
-                    let session_due = sh
-                        .session
-                        .borrow()
-                        .as_ref()
-                        .is_some_and(|s| s.deadline().into_std() <= now);
-                    if session_due {
-                        self.drive_session(&sh, now, |s, at| s.on_deadline(at));
-                    }
+                    // So may the session's (a request moved its idle clock): it looks.
+                    self.drive_session(&sh, now, |s, at| s.on_deadline(at));
                     self.after_event(&sh, now);
                     // Every timer due now queues its datagrams; one send takes them all.
                     self.send_soon();
@@ -824,8 +823,7 @@ impl Endpoint {
             conn: RefCell::new(conn),
             to: socket2::SockAddr::from(key.0),
             scheduled: Cell::new(None),
-            state: Cell::new(SessionState::NotStarted),
-            session: RefCell::new(None),
+            session: RefCell::new(Session::NotStarted),
             touched: Cell::new(false),
             _permit: permit,
         });
@@ -841,7 +839,7 @@ impl Endpoint {
     /// wants sent, re-arm its timer, or let it go. Datagrams go into the endpoint's send
     /// batch; the caller sends it (`send_soon`).
     fn after_event(self: &Rc<Self>, sh: &Rc<Shared>, now: Instant) {
-        if sh.state.get() == SessionState::NotStarted {
+        if matches!(*sh.session.borrow(), Session::NotStarted) {
             let ready = {
                 let c = sh.conn.borrow();
                 c.is_established() && !c.is_closed()
@@ -850,26 +848,23 @@ impl Endpoint {
                 self.start_session(sh);
             }
         }
-        if sh.state.get() == SessionState::Running {
-            let news = {
-                let session = sh.session.borrow();
-                let conn = sh.conn.borrow();
-                session.as_ref().is_some_and(|s| s.has_news(&conn))
-            };
-            if news {
-                self.drive_session(sh, now, |_, _| true);
-            }
+        let news = match &*sh.session.borrow() {
+            Session::Running(s) => s.has_news(&sh.conn.borrow()),
+            _ => false,
+        };
+        if news {
+            self.drive_session(sh, now, |_, _| true);
         }
         self.flush(sh, now);
         let (closed, mut next) = {
             let c = sh.conn.borrow();
             (c.is_closed(), c.next_timeout())
         };
-        if closed && sh.state.get() != SessionState::Running {
+        if closed && !sh.session.borrow().is_running() {
             self.remove(sh);
             return;
         }
-        if let Some(s) = sh.session.borrow().as_ref() {
+        if let Session::Running(s) = &*sh.session.borrow() {
             let at = s.deadline().into_std();
             next = Some(next.map_or(at, |t| t.min(at)));
         }
@@ -896,8 +891,8 @@ impl Endpoint {
         self.half_open.set(self.half_open.get() - 1);
         self.ctx.stats.utp_connections_established.inc();
         let open = OpenSession::new(self.open.clone());
-        *sh.session.borrow_mut() = Some(UtpSession::new(self.ctx.clone(), sh.key.0, open));
-        sh.state.set(SessionState::Running);
+        *sh.session.borrow_mut() =
+            Session::Running(UtpSession::new(self.ctx.clone(), sh.key.0, open));
     }
 
     /// Applies `event` to the connection's session and drives it (`UtpSession::drive`). A
@@ -911,7 +906,7 @@ impl Endpoint {
         event: impl FnOnce(&mut UtpSession, monoio::time::Instant) -> bool,
     ) {
         let mut slot = sh.session.borrow_mut();
-        let Some(session) = slot.as_mut() else {
+        let Session::Running(session) = &mut *slot else {
             return;
         };
         let mut conn = sh.conn.borrow_mut();
@@ -928,8 +923,7 @@ impl Endpoint {
         if running.is_none() {
             session.end(SessionEnd::ProtocolError);
         }
-        *slot = None;
-        sh.state.set(SessionState::Gone);
+        *slot = Session::Gone;
         stats.connections_closed.inc();
         conn.close(now);
     }
@@ -940,7 +934,7 @@ impl Endpoint {
         let sh = sh.clone();
         monoio::spawn(async move {
             let finished = utp_session::run_off_core(&ep.ctx, work).await;
-            if sh.state.get() != SessionState::Running {
+            if !sh.session.borrow().is_running() {
                 return; // ended meanwhile
             }
             let now = Instant::now();
@@ -962,7 +956,7 @@ impl Endpoint {
         if !self.tx.borrow().is_empty() {
             self.retired.borrow_mut().push(sh.clone());
         }
-        if sh.state.get() == SessionState::NotStarted {
+        if matches!(*sh.session.borrow(), Session::NotStarted) {
             self.half_open.set(self.half_open.get() - 1);
             self.ctx.stats.utp_connect_timeouts.inc();
         }
