@@ -981,6 +981,14 @@ pub(crate) mod tests {
         v
     }
 
+    /// What a client sends first: handshake, extension handshake, and requests.
+    pub(crate) fn opening(key: &[u8; 20], pieces: impl IntoIterator<Item = u32>) -> Vec<u8> {
+        let mut v = client_handshake(key, Reserved::ours(false, false, false));
+        v.extend(client_ext(CLIENT_UT, None));
+        v.extend(requests(pieces));
+        v
+    }
+
     pub(crate) fn requests(pieces: impl IntoIterator<Item = u32>) -> Vec<u8> {
         let mut v = Vec::new();
         for piece in pieces {

@@ -500,18 +500,10 @@ mod tests {
 
     use super::*;
     use crate::server::conn::tests::*;
-    use crate::wire::{Reserved, HANDSHAKE_LEN};
+    use crate::wire::HANDSHAKE_LEN;
 
     fn peer() -> SocketAddr {
         PEER.parse().unwrap()
-    }
-
-    /// What a client sends first: handshake, extension handshake, and requests.
-    fn opening(key: &[u8; 20], pieces: impl IntoIterator<Item = u32>) -> Vec<u8> {
-        let mut v = client_handshake(key, Reserved::ours(false, false, false));
-        v.extend(client_ext(CLIENT_UT, None));
-        v.extend(requests(pieces));
-        v
     }
 
     /// The batch of a `Step::Send` as the peer receives it, then `on_sent`.

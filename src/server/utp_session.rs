@@ -230,7 +230,7 @@ mod tests {
     use crate::server::conn::tests::*;
     use crate::utp::sim_tests::{dgram, hdr};
     use crate::utp::{self, PacketType};
-    use crate::wire::{Reserved, HANDSHAKE_LEN};
+    use crate::wire::HANDSHAKE_LEN;
 
     /// What left the connection: each datagram's (type, seq, ack), and the stream bytes
     /// of its DATA packets in order.
@@ -296,19 +296,7 @@ mod tests {
         let open = Rc::new(Cell::new(0));
         let now = std::time::Instant::now();
         let at = Instant::from_std(now);
-
-        // A SYN (id 100, seq 500) accepted with our seq 7000; the peer's first DATA
-        // packet acks our SYN-ACK and carries its opening.
-        let syn = dgram(hdr(PacketType::Syn, 100, 500, 0), None, &[]);
-        let syn = utp::decode(&syn).unwrap();
-        let mut conn = Connection::<OutBatch>::accept(utp::Config::default(), &syn, 7000, now);
-        while conn.poll_transmit(now).is_some() {}
-        let mut opening = client_handshake(&key, Reserved::ours(false, false, false));
-        opening.extend(client_ext(CLIENT_UT, None));
-        opening.extend(requests([1]));
-        let request = dgram(hdr(PacketType::Data, 101, 501, 7000), None, &opening);
-        conn.on_packet(&utp::decode(&request).unwrap(), now);
-        assert!(conn.is_established());
+        let mut conn = opened(&opening(&key, [1]), now);
 
         let peer = PEER.parse().unwrap();
         let mut session = UtpSession::new(Rc::new(ctx), peer, OpenSession::new(open.clone()));
@@ -356,13 +344,7 @@ mod tests {
         let (ctx, _keep) = kit.into_parts();
         let open = Rc::new(Cell::new(0));
         let now = std::time::Instant::now();
-        let syn = dgram(hdr(PacketType::Syn, 100, 500, 0), None, &[]);
-        let syn = utp::decode(&syn).unwrap();
-        let mut conn = Connection::<OutBatch>::accept(utp::Config::default(), &syn, 7000, now);
-        while conn.poll_transmit(now).is_some() {}
-        let opening = client_handshake(&key, Reserved::ours(false, false, false));
-        let request = dgram(hdr(PacketType::Data, 101, 501, 7000), None, &opening);
-        conn.on_packet(&utp::decode(&request).unwrap(), now);
+        let mut conn = opened(&opening(&key, []), now);
 
         let peer = PEER.parse().unwrap();
         let mut session = UtpSession::new(Rc::new(ctx), peer, OpenSession::new(open.clone()));
@@ -402,13 +384,11 @@ mod tests {
         let open = Rc::new(Cell::new(0));
         let now = std::time::Instant::now();
         let at = Instant::from_std(now);
-        let mut opening = client_handshake(&key, Reserved::ours(false, false, false));
-        opening.extend(client_ext(CLIENT_UT, None));
-        opening.extend(requests(0..250));
+        let first = opening(&key, 0..250);
         let peer = PEER.parse().unwrap();
 
         for acked in [true, false] {
-            let mut conn = opened(&opening, now);
+            let mut conn = opened(&first, now);
             let mut session = UtpSession::new(ctx.clone(), peer, OpenSession::new(open.clone()));
             assert!(session.drive(&mut conn, &mut Vec::new(), at, |_| panic!("a hit")));
             assert!(conn.send_backlog_bytes() > limits::UTP_SEND_BACKLOG_BYTES_MAX);
