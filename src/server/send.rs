@@ -300,7 +300,7 @@ impl Drop for OutBatch {
             + self.parts.capacity() * std::mem::size_of::<Part>()
             + (self.iov.capacity() + self.runs.capacity()) * std::mem::size_of::<libc::iovec>()
             + self.iov_starts.capacity() * std::mem::size_of::<usize>();
-        if self.head.capacity() == 0 || bytes > SPARE_BATCH_BYTES_MAX {
+        if bytes > SPARE_BATCH_BYTES_MAX {
             return;
         }
         self.clear();
@@ -438,6 +438,55 @@ mod tests {
 
         batch.clear();
         assert!(batch.is_empty());
+    }
+
+    /// A dropped batch's buffers serve the next `OutBatch::new` on the thread, which starts
+    /// as empty as a fresh batch: no head bytes, parts, iovecs, record or sealed view of
+    /// the last reply (a stale one would send the last torrent's bytes to the next peer). A
+    /// batch past `SPARE_BATCH_BYTES_MAX` is freed, and at most `SPARE_BATCHES_MAX` wait.
+    #[test]
+    fn a_dropped_batch_is_reused_empty_and_the_spares_are_bounded() {
+        let spares = || SPARES.with(|s| s.borrow().len());
+        SPARES.with(|s| s.borrow_mut().clear());
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let info = crate::metainfo::synthetic_v1_info(2000);
+        let record = store
+            .append(&info, AppendOptions::default())
+            .unwrap()
+            .record()
+            .clone();
+        let mut batch = OutBatch::new();
+        batch.head().extend_from_slice(b"the last reply");
+        let range = metadata_piece_range(record.len(), 0).unwrap();
+        encode_metadata_data_header(batch.head(), 7, 0, record.len() as u64, range.len());
+        batch.push_payload(&record, range);
+        batch.seal();
+        let head = batch.head().as_ptr();
+        drop(batch);
+        assert_eq!(spares(), 1);
+
+        let mut reused = OutBatch::new();
+        assert_eq!(spares(), 0);
+        assert_eq!(reused.head().as_ptr(), head, "the dropped batch's buffer");
+        assert!(reused.is_empty() && reused.head().is_empty());
+        assert!(reused.record.is_none(), "no record kept alive");
+        assert_eq!((reused.len(), reused.sealed_len()), (0, 0));
+        reused.seal();
+        assert_eq!(reused.iovecs().len(), 0);
+        assert!(reused.contiguous_at(0).is_empty());
+
+        reused
+            .head()
+            .extend(std::iter::repeat_n(0u8, SPARE_BATCH_BYTES_MAX + 1));
+        drop(reused);
+        assert_eq!(spares(), 0, "a huge batch goes back to the allocator");
+
+        let many: Vec<OutBatch> = (0..SPARE_BATCHES_MAX + 10)
+            .map(|_| OutBatch::new())
+            .collect();
+        drop(many);
+        assert_eq!(spares(), SPARE_BATCHES_MAX);
     }
 
     /// `contiguous_at` walks the sealed batch like a datagram transport would: from any

@@ -455,6 +455,7 @@ impl<C: Chunk> Connection<C> {
         self.chunks.push_back((self.written, chunk));
         self.written += len;
     }
+
     /// Our FIN was acked: the peer has everything we wrote.
     pub fn is_fin_acked(&self) -> bool {
         self.fin_acked_at.is_some()
