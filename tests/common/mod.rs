@@ -347,8 +347,25 @@ impl LtSeed {
         LtSeed::spawn(&args)
     }
 
-    /// Runs `lt_client.py ARGS` and waits for its `listening PORT` line.
+    /// Runs `lt_client.py ARGS` and waits for its `listening PORT` line. A start killed by a
+    /// signal (python3-libtorrent 2.0.8's own SIGSEGV, as in `run_ok_unless_crashed`) is
+    /// tried once more; a second crash, or any other failure, fails the test.
     fn spawn(args: &[std::ffi::OsString]) -> LtSeed {
+        use std::os::unix::process::ExitStatusExt;
+        match LtSeed::try_spawn(args) {
+            Ok(seed) => seed,
+            Err(status) if status.signal().is_some() => {
+                eprintln!("lt_client.py died of {status} before listening; starting it once more");
+                LtSeed::try_spawn(args).unwrap_or_else(|status| {
+                    panic!("lt_client.py exited before listening, twice: {status}")
+                })
+            }
+            Err(status) => panic!("lt_client.py exited before listening: {status}"),
+        }
+    }
+
+    /// One start of `lt_client.py ARGS`: the seed once it listens, or how it exited before.
+    fn try_spawn(args: &[std::ffi::OsString]) -> Result<LtSeed, std::process::ExitStatus> {
         let mut child = Command::new(PYTHON)
             .arg(repo_path("tests/interop/lt_client.py"))
             .args(args)
@@ -366,19 +383,17 @@ impl LtSeed {
                 }
             }
         });
-        let port = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(port) => port,
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(port) => Ok(LtSeed { child, port }),
             // Its stdout closed: it exited (a native crash prints nothing on stderr).
-            Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
-                "lt_client.py exited before listening: {:?}",
-                child.wait().map(|s| s.to_string())
-            ),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(child.wait().expect("waiting for lt_client.py"))
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
                 panic!("lt_client.py did not start listening within 30 s")
             }
-        };
-        LtSeed { child, port }
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
